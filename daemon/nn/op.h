@@ -1,0 +1,149 @@
+/*
+ * The op descriptor: what a backend executes.
+ *
+ * ops.c (the typed wrappers of include/kasmina/ops.h) validates every argument, normalises the
+ * tensors (sources of elementwise ops are expanded to the destination's shape, stride 0 where
+ * broadcast) and fills one struct ksm_op, which the stream copies. Backends may therefore rely
+ * on the invariants listed per op below and must not re-validate user input. This header is
+ * also compiled as C++ by the CUDA plugin.
+ *
+ * Unless stated otherwise: float tensors are F32, dst is contiguous, and an absent optional
+ * source has data == NULL.
+ */
+#pragma once
+
+#include "kasmina/tensor.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KSM_OP_MAX_SRC 5
+#define KSM_SDPA_MAX_HEAD_DIM 256
+
+enum ksm_op_type {
+    /* dst <- src0, same shape, src0 any strides. Converts F32/F16/BF16 among themselves and
+     * I64/I32 between themselves; otherwise dtypes are equal. */
+    KSM_OP_COPY = 0,
+    /* dst <- p.fill.value (any dtype). */
+    KSM_OP_FILL,
+    /* dst <- f(src0); src0 expanded to dst's shape (any strides). */
+    KSM_OP_UNARY,
+    /* dst <- src0 (fn) src1; both expanded to dst's shape (any strides, 0 = broadcast). */
+    KSM_OP_BINARY,
+    /* dst <- lerp(src0, src1, src2) with PyTorch's two-branch formula (ksm_lerp in kmath.h);
+     * all three expanded to dst's shape. The weight is used as given (no clamp). */
+    KSM_OP_LERP,
+    /* dst[b] <- alpha * op(src0[b]) @ op(src1[b]) + beta * dst[b]. All three have ndim 2 or 3
+     * (same ndim); matrices have stride 1 in the last dim and row stride >= the row length;
+     * batch stride of src0/src1 may be 0 (broadcast). op() transposes when trans_a/trans_b.
+     * dst is [.., M, N] with stride 1 in its last dim (row stride may exceed N). */
+    KSM_OP_GEMM,
+    /* dst[M,N] <- src0[M,K] @ src1[N,K]^T + src2[N] (src2 optional). src0/dst contiguous,
+     * flattened over leading dims: M = numel / K. src1 contiguous. */
+    KSM_OP_LINEAR,
+    /* dst[N,Co,Ho,Wo] <- conv(src0[N,Ci,H,W], src1[Co,Ci/g,kh,kw]) + src2[Co] (optional).
+     * Stride 1, dilation 1, zero padding pad_h/pad_w, groups g. Ho = H + 2 pad_h - kh + 1.
+     * All contiguous. ws/ws_bytes: scratch of at least ksm_op_conv2d_workspace_size(). */
+    KSM_OP_CONV2D,
+    /* Eval-mode BatchNorm over dim 1 of src0[N,C,...]: src1 running_mean[C], src2
+     * running_var[C], src3 weight[C], src4 bias[C]; y = (x - m) / sqrt(v + eps) * w + b. */
+    KSM_OP_BATCHNORM,
+    /* GroupNorm of src0[N,C,...] with p.norm.groups groups; src1 weight[C], src2 bias[C]
+     * (both optional: absent = 1 and 0). Biased variance, eps inside the sqrt. */
+    KSM_OP_GROUPNORM,
+    /* LayerNorm over the last dim D of src0[..., D]; src1 weight[D], src2 bias[D]
+     * (optional). */
+    KSM_OP_LAYERNORM,
+    /* Softmax over the last dim of src0 (contiguous). */
+    KSM_OP_SOFTMAX,
+    /* Scaled dot-product attention. src0 q[B,H,Tq,hd], src1 k[B,H,Tk,hd], src2 v[B,H,Tk,hd],
+     * dst [B,H,Tq,hd]; all four may have any strides with stride 1 in the last dim (so q/k/v
+     * can be views into a fused qkv projection and dst a view into [B,T,H,hd]).
+     * hd <= KSM_SDPA_MAX_HEAD_DIM. causal: query i attends keys j <= i (+ Tk - Tq offset: 0
+     * when Tq == Tk, as in PyTorch's is_causal with equal lengths). scale > 0. */
+    KSM_OP_SDPA,
+    /* dst[..., D] <- src0[V, D][src1[...]]; src1 I64 or I32 indices. An index outside [0, V)
+     * writes NaN for its row: callers validate token ids before they upload them. */
+    KSM_OP_EMBEDDING,
+    /* Mean of contiguous src0 over dims [dim_begin, dim_end): src0 viewed as
+     * [outer, reduce, inner]; dst (contiguous) holds outer * inner elements. */
+    KSM_OP_MEAN,
+    /* 2x2 max pool with stride 2 of src0[N,C,H,W] -> dst[N,C,H/2,W/2] (floor). NaN wins, as in
+     * PyTorch. */
+    KSM_OP_MAXPOOL2,
+    /* Per-row cross-entropy: dst[N] F32 <- logsumexp(src0[N,C]) - src0[n, src1[n]]; src1 [N]
+     * I64 labels. A label equal to p.xent.ignore_index gives 0; any other label outside [0, C)
+     * gives NaN. */
+    KSM_OP_CROSS_ENTROPY,
+    /* dst[N] I64 <- index of the first maximum of each row of src0[N,C] (NaN counts as the
+     * maximum, as in PyTorch). */
+    KSM_OP_ARGMAX,
+    KSM_OP_COUNT
+};
+
+enum ksm_unary_fn {
+    KSM_UNARY_RELU = 0,
+    KSM_UNARY_GELU,    /* exact erf form */
+    KSM_UNARY_SIGMOID,
+    KSM_UNARY_TANH,
+    KSM_UNARY_CLAMP01, /* min(max(x, 0), 1); NaN stays NaN */
+    KSM_UNARY_AFFINE,  /* a * x + b */
+    KSM_UNARY_COUNT
+};
+
+enum ksm_binary_fn {
+    KSM_BINARY_ADD = 0,
+    KSM_BINARY_SUB,
+    KSM_BINARY_MUL,
+    KSM_BINARY_COUNT
+};
+
+struct ksm_op {
+    enum ksm_op_type type;
+    int n_src;
+    ksm_tensor dst;
+    ksm_tensor src[KSM_OP_MAX_SRC];
+    void *ws; /* device scratch (only KSM_OP_CONV2D uses it) */
+    size_t ws_bytes;
+    union {
+        struct {
+            enum ksm_unary_fn fn;
+            float a, b;
+        } unary;
+        struct {
+            enum ksm_binary_fn fn;
+        } binary;
+        struct {
+            int trans_a, trans_b;
+            float alpha, beta;
+        } gemm;
+        struct {
+            int pad_h, pad_w, groups;
+        } conv2d;
+        struct {
+            float eps;
+            int groups;
+        } norm;
+        struct {
+            int causal;
+            float scale;
+        } sdpa;
+        struct {
+            int dim_begin, dim_end;
+        } mean;
+        struct {
+            int64_t ignore_index;
+        } xent;
+        struct {
+            double value;
+        } fill;
+    } p;
+};
+
+/* Name of an op type ("conv2d"), for logs and conformance reports. */
+const char *ksm_op_name(enum ksm_op_type type);
+
+#ifdef __cplusplus
+}
+#endif
