@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs exactly what kasmina's build and tests need from Debian 12's archive. Idempotent:
+# when everything is present it only checks (no apt-get update).
+set -euo pipefail
+
+PKGS=(
+  build-essential cmake pkg-config          # toolchain
+  libuv1-dev                                # event loop
+  libjansson-dev                            # safetensors JSON header
+  libopenblas-dev                           # CPU backend GEMM
+  libcriterion-dev                          # tests
+)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all ${#PKGS[@]} packages present"
+  exit 0
+fi
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+echo "install-deps: installing ${missing[*]}"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
