@@ -24,6 +24,7 @@ fi
 echo "== build (RelWithDebInfo) =="
 cmake -S . -B build -DKASMINA_WERROR=ON "${CUDA_ARGS[@]}"
 cmake --build build -j"$JOBS"
+ln -sf build/compile_commands.json compile_commands.json   # for clangd and clang-tidy
 if [ -n "$NVCC" ] && [ ! -f build/libkasmina_cuda.so ]; then
   echo "test.sh: the CUDA plugin was not built" >&2; exit 1
 fi
