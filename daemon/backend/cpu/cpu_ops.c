@@ -1,0 +1,784 @@
+/*
+ * CPU op kernels (the reference implementation; the GPU conformance suite's oracle).
+ *
+ * Every kernel runs on the calling thread (a stream worker) on host memory and trusts the
+ * invariants ops.c established (see nn/op.h). F32 math; per-element functions come from
+ * nn/kmath.h so that the CUDA plugin computes the same functions. Reductions (norm statistics,
+ * softmax sums, means, attention) accumulate in double. GEMM, linear layers and convolutions go
+ * through OpenBLAS' cblas_sgemm, which threads on its own; everything else is single-threaded
+ * with contiguous inner loops.
+ */
+#include <cblas.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "backend/cpu/cpu_ops.h"
+#include "kasmina/errors.h"
+#include "nn/kmath.h"
+
+static int64_t numel_of(const ksm_tensor *t)
+{
+    int64_t n = 1;
+    for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
+    return n;
+}
+
+static size_t esize(enum ksm_dtype dt)
+{
+    switch (dt) {
+    case KSM_DTYPE_F32: return 4;
+    case KSM_DTYPE_F16: return 2;
+    case KSM_DTYPE_BF16: return 2;
+    case KSM_DTYPE_I64: return 8;
+    case KSM_DTYPE_I32: return 4;
+    default: return 0;
+    }
+}
+
+/* ---- Strided elementwise iteration ----
+ *
+ * dst (contiguous) and up to three sources expanded to dst's shape. Size-1 dims are dropped and
+ * adjacent dims merged wherever every tensor is linear across them, so the common cases
+ * (everything contiguous; a per-sample or per-channel broadcast) become one or two loops. The
+ * row function then sees n elements with one element stride per tensor; dst's is always 1.
+ */
+
+#define EW_MAX 4
+
+struct ew_iter {
+    int nd, nt;
+    int64_t shape[KSM_MAX_DIMS];
+    int64_t st[EW_MAX][KSM_MAX_DIMS]; /* element strides; [0] is dst */
+    char *base[EW_MAX];
+    size_t esz[EW_MAX];
+};
+
+typedef void (*ew_row_fn)(const struct ksm_op *op, int64_t n, char *const p[EW_MAX],
+                          const int64_t st[EW_MAX]);
+
+static void ew_init(struct ew_iter *it, const struct ksm_op *op, int n_src)
+{
+    const ksm_tensor *t[EW_MAX] = {&op->dst, &op->src[0], &op->src[1], &op->src[2]};
+    it->nt = 1 + n_src;
+    it->nd = 0;
+    for (int k = 0; k < it->nt; k++) {
+        it->base[k] = (char *)t[k]->data;
+        it->esz[k] = esize(t[k]->dtype);
+    }
+    for (int d = 0; d < op->dst.ndim; d++) {
+        if (op->dst.shape[d] == 1) continue;
+        int j = it->nd;
+        if (j > 0) {
+            /* merge into the previous (outer) dim when linear for every tensor */
+            bool linear = true;
+            for (int k = 0; k < it->nt; k++)
+                if (it->st[k][j - 1] != t[k]->stride[d] * op->dst.shape[d]) linear = false;
+            if (linear) {
+                it->shape[j - 1] *= op->dst.shape[d];
+                for (int k = 0; k < it->nt; k++) it->st[k][j - 1] = t[k]->stride[d];
+                continue;
+            }
+        }
+        it->shape[j] = op->dst.shape[d];
+        for (int k = 0; k < it->nt; k++) it->st[k][j] = t[k]->stride[d];
+        it->nd++;
+    }
+}
+
+static void ew_run(const struct ew_iter *it, const struct ksm_op *op, ew_row_fn fn)
+{
+    char *p[EW_MAX] = {0};
+    int64_t st[EW_MAX] = {0};
+    if (it->nd == 0) { /* a single element (scalar, or all dims of size 1) */
+        for (int k = 0; k < it->nt; k++) p[k] = it->base[k];
+        fn(op, 1, p, st);
+        return;
+    }
+    for (int d = 0; d < it->nd; d++)
+        if (it->shape[d] == 0) return;
+    int nd = it->nd;
+    int64_t n = it->shape[nd - 1];
+    for (int k = 0; k < it->nt; k++) st[k] = it->st[k][nd - 1];
+    int64_t outer = 1;
+    for (int d = 0; d < nd - 1; d++) outer *= it->shape[d];
+    int64_t idx[KSM_MAX_DIMS] = {0};
+    int64_t off[EW_MAX] = {0}; /* element offsets of the current row */
+    for (int64_t o = 0; o < outer; o++) {
+        for (int k = 0; k < it->nt; k++) p[k] = it->base[k] + off[k] * (int64_t)it->esz[k];
+        fn(op, n, p, st);
+        for (int d = nd - 2; d >= 0; d--) {
+            for (int k = 0; k < it->nt; k++) off[k] += it->st[k][d];
+            if (++idx[d] < it->shape[d]) break;
+            for (int k = 0; k < it->nt; k++) off[k] -= it->st[k][d] * it->shape[d];
+            idx[d] = 0;
+        }
+    }
+}
+
+static void ew_exec(const struct ksm_op *op, int n_src, ew_row_fn fn)
+{
+    struct ew_iter it;
+    ew_init(&it, op, n_src);
+    ew_run(&it, op, fn);
+}
+
+/* Loops with a unit-stride specialisation so the common case vectorises. */
+#define EW_LOOP1(N, SX, BODY)                                                                      \
+    do {                                                                                           \
+        if ((SX) == 1) {                                                                           \
+            for (int64_t i = 0; i < (N); i++) { const int64_t ix = i; BODY; }                      \
+        } else {                                                                                   \
+            for (int64_t i = 0; i < (N); i++) { const int64_t ix = i * (SX); BODY; }               \
+        }                                                                                          \
+    } while (0)
+
+static void row_unary(const struct ksm_op *op, int64_t n, char *const p[EW_MAX],
+                      const int64_t st[EW_MAX])
+{
+    float *y = (float *)p[0]; /* may alias x exactly (in place) */
+    const float *x = (const float *)p[1];
+    const int64_t sx = st[1];
+    switch (op->p.unary.fn) {
+    case KSM_UNARY_RELU: EW_LOOP1(n, sx, y[i] = ksm_relu(x[ix])); break;
+    case KSM_UNARY_GELU: EW_LOOP1(n, sx, y[i] = ksm_gelu(x[ix])); break;
+    case KSM_UNARY_SIGMOID: EW_LOOP1(n, sx, y[i] = ksm_sigmoid(x[ix])); break;
+    case KSM_UNARY_TANH: EW_LOOP1(n, sx, y[i] = ksm_tanh(x[ix])); break;
+    case KSM_UNARY_CLAMP01: EW_LOOP1(n, sx, y[i] = ksm_clamp01(x[ix])); break;
+    case KSM_UNARY_AFFINE: {
+        const float a = op->p.unary.a, b = op->p.unary.b;
+        EW_LOOP1(n, sx, y[i] = a * x[ix] + b);
+        break;
+    }
+    default: break;
+    }
+}
+
+static void row_binary(const struct ksm_op *op, int64_t n, char *const p[EW_MAX],
+                       const int64_t st[EW_MAX])
+{
+    float *y = (float *)p[0];
+    const float *a = (const float *)p[1], *b = (const float *)p[2];
+    const int64_t sa = st[1], sb = st[2];
+    if (sa == 1 && sb == 1) {
+        switch (op->p.binary.fn) {
+        case KSM_BINARY_ADD: for (int64_t i = 0; i < n; i++) y[i] = a[i] + b[i]; break;
+        case KSM_BINARY_SUB: for (int64_t i = 0; i < n; i++) y[i] = a[i] - b[i]; break;
+        case KSM_BINARY_MUL: for (int64_t i = 0; i < n; i++) y[i] = a[i] * b[i]; break;
+        default: break;
+        }
+        return;
+    }
+    switch (op->p.binary.fn) {
+    case KSM_BINARY_ADD: for (int64_t i = 0; i < n; i++) y[i] = a[i * sa] + b[i * sb]; break;
+    case KSM_BINARY_SUB: for (int64_t i = 0; i < n; i++) y[i] = a[i * sa] - b[i * sb]; break;
+    case KSM_BINARY_MUL: for (int64_t i = 0; i < n; i++) y[i] = a[i * sa] * b[i * sb]; break;
+    default: break;
+    }
+}
+
+static void row_lerp(const struct ksm_op *op, int64_t n, char *const p[EW_MAX],
+                     const int64_t st[EW_MAX])
+{
+    float *y = (float *)p[0];
+    const float *a = (const float *)p[1], *b = (const float *)p[2], *w = (const float *)p[3];
+    const int64_t sa = st[1], sb = st[2], sw = st[3];
+    if (sa == 1 && sb == 1 && sw == 0) {
+        const float wv = w[0];
+        for (int64_t i = 0; i < n; i++) y[i] = ksm_lerp(a[i], b[i], wv);
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) y[i] = ksm_lerp(a[i * sa], b[i * sb], w[i * sw]);
+}
+
+/* ---- Copy (with conversions) and fill ---- */
+
+static float load_float(const char *p, enum ksm_dtype dt)
+{
+    uint16_t h;
+    float f;
+    switch (dt) {
+    case KSM_DTYPE_F16: memcpy(&h, p, 2); return ksm_f16_to_f32(h);
+    case KSM_DTYPE_BF16: memcpy(&h, p, 2); return ksm_bf16_to_f32(h);
+    default: memcpy(&f, p, 4); return f;
+    }
+}
+
+static void store_float(char *p, enum ksm_dtype dt, float f)
+{
+    uint16_t h;
+    switch (dt) {
+    case KSM_DTYPE_F16: h = ksm_f32_to_f16(f); memcpy(p, &h, 2); break;
+    case KSM_DTYPE_BF16: h = ksm_f32_to_bf16(f); memcpy(p, &h, 2); break;
+    default: memcpy(p, &f, 4); break;
+    }
+}
+
+static int64_t load_int(const char *p, enum ksm_dtype dt)
+{
+    if (dt == KSM_DTYPE_I32) {
+        int32_t v;
+        memcpy(&v, p, 4);
+        return v;
+    }
+    int64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+static void store_int(char *p, enum ksm_dtype dt, int64_t v)
+{
+    if (dt == KSM_DTYPE_I32) {
+        int32_t w = (int32_t)(uint32_t)(uint64_t)v; /* wraps, as torch's .to(int32) */
+        memcpy(p, &w, 4);
+    } else {
+        memcpy(p, &v, 8);
+    }
+}
+
+static void row_copy(const struct ksm_op *op, int64_t n, char *const p[EW_MAX],
+                     const int64_t st[EW_MAX])
+{
+    enum ksm_dtype dd = op->dst.dtype, sd = op->src[0].dtype;
+    char *y = p[0];
+    const char *x = p[1];
+    size_t dz = esize(dd), sz = esize(sd);
+    int64_t sx = st[1] * (int64_t)sz; /* byte stride of the source */
+    if (dd == sd) {
+        if (st[1] == 1) {
+            if (y != x) memcpy(y, x, (size_t)n * dz);
+        } else {
+            for (int64_t i = 0; i < n; i++) memcpy(y + i * (int64_t)dz, x + i * sx, dz);
+        }
+    } else if (dd == KSM_DTYPE_I64 || dd == KSM_DTYPE_I32) {
+        for (int64_t i = 0; i < n; i++) store_int(y + i * (int64_t)dz, dd, load_int(x + i * sx, sd));
+    } else {
+        for (int64_t i = 0; i < n; i++)
+            store_float(y + i * (int64_t)dz, dd, load_float(x + i * sx, sd));
+    }
+}
+
+static int exec_fill(const struct ksm_op *op)
+{
+    int64_t n = numel_of(&op->dst);
+    double v = op->p.fill.value;
+    switch (op->dst.dtype) {
+    case KSM_DTYPE_F32: {
+        float *y = (float *)op->dst.data;
+        const float f = (float)v;
+        for (int64_t i = 0; i < n; i++) y[i] = f;
+        break;
+    }
+    case KSM_DTYPE_F16:
+    case KSM_DTYPE_BF16: {
+        uint16_t *y = (uint16_t *)op->dst.data;
+        const uint16_t h = op->dst.dtype == KSM_DTYPE_F16 ? ksm_f32_to_f16((float)v)
+                                                          : ksm_f32_to_bf16((float)v);
+        for (int64_t i = 0; i < n; i++) y[i] = h;
+        break;
+    }
+    case KSM_DTYPE_I64: {
+        int64_t *y = (int64_t *)op->dst.data;
+        const int64_t k = (int64_t)v;
+        for (int64_t i = 0; i < n; i++) y[i] = k;
+        break;
+    }
+    case KSM_DTYPE_I32: {
+        int32_t *y = (int32_t *)op->dst.data;
+        const int32_t k = (int32_t)v;
+        for (int64_t i = 0; i < n; i++) y[i] = k;
+        break;
+    }
+    default: return KSM_EUNSUPPORTED;
+    }
+    return 0;
+}
+
+/* ---- GEMM, linear, convolution ---- */
+
+/* c[M,N] (row stride ldc) <- beta * c, with beta == 0 writing zeros (NaN in c ignored), as
+ * BLAS does. */
+static void scale_rows(float *c, int64_t m, int64_t n, int64_t ldc, float beta)
+{
+    for (int64_t i = 0; i < m; i++) {
+        float *r = c + i * ldc;
+        if (beta == 0.0f)
+            for (int64_t j = 0; j < n; j++) r[j] = 0.0f;
+        else if (beta != 1.0f)
+            for (int64_t j = 0; j < n; j++) r[j] *= beta;
+    }
+}
+
+static int exec_gemm(const struct ksm_op *op)
+{
+    const ksm_tensor *c = &op->dst, *a = &op->src[0], *b = &op->src[1];
+    int nd = c->ndim;
+    int ta = op->p.gemm.trans_a, tb = op->p.gemm.trans_b;
+    int64_t batch = nd == 3 ? c->shape[0] : 1;
+    int64_t m = c->shape[nd - 2], n = c->shape[nd - 1];
+    int64_t k = ta ? a->shape[nd - 2] : a->shape[nd - 1];
+    int64_t lda = a->stride[nd - 2], ldb = b->stride[nd - 2], ldc = c->stride[nd - 2];
+    int64_t sa = nd == 3 ? a->stride[0] : 0, sb = nd == 3 ? b->stride[0] : 0;
+    int64_t sc = nd == 3 ? c->stride[0] : 0;
+    if (m == 0 || n == 0) return 0;
+    for (int64_t i = 0; i < batch; i++) {
+        const float *pa = (const float *)a->data + i * sa;
+        const float *pb = (const float *)b->data + i * sb;
+        float *pc = (float *)c->data + i * sc;
+        if (k == 0 || op->p.gemm.alpha == 0.0f) {
+            scale_rows(pc, m, n, ldc, op->p.gemm.beta);
+            continue;
+        }
+        cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
+                    (int)m, (int)n, (int)k, op->p.gemm.alpha, pa, (int)lda, pb, (int)ldb,
+                    op->p.gemm.beta, pc, (int)ldc);
+    }
+    return 0;
+}
+
+/* y[M,N] rows <- bias (or 0), so the GEMM can accumulate with beta = 1. */
+static void fill_rows_bias(float *y, int64_t m, int64_t n, const float *bias)
+{
+    for (int64_t i = 0; i < m; i++) {
+        if (bias)
+            memcpy(y + i * n, bias, (size_t)n * sizeof(float));
+        else
+            memset(y + i * n, 0, (size_t)n * sizeof(float));
+    }
+}
+
+static int exec_linear(const struct ksm_op *op)
+{
+    const ksm_tensor *x = &op->src[0], *w = &op->src[1];
+    const float *bias = (const float *)op->src[2].data;
+    int64_t n = w->shape[0], k = w->shape[1];
+    int64_t m = 1;
+    for (int i = 0; i < x->ndim - 1; i++) m *= x->shape[i];
+    float *y = (float *)op->dst.data;
+    if (m == 0 || n == 0) return 0;
+    if (bias || k == 0) fill_rows_bias(y, m, n, bias);
+    if (k == 0) return 0;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)m, (int)n, (int)k, 1.0f,
+                (const float *)x->data, (int)k, (const float *)w->data, (int)k,
+                bias ? 1.0f : 0.0f, y, (int)n);
+    return 0;
+}
+
+/* Columns [lo, hi) of an output row read input columns lo + off .. hi + off - 1 that exist. */
+static void valid_cols(int64_t out_w, int64_t in_w, int64_t off, int64_t *lo, int64_t *hi)
+{
+    int64_t l = -off > 0 ? -off : 0;
+    int64_t h = in_w - off < out_w ? in_w - off : out_w;
+    if (h < l) h = l;
+    *lo = l;
+    *hi = h;
+}
+
+/* Unrolls channels [0, cin) of one image's group into col[cin*kh*kw, ho*wo]. */
+static void im2col(const float *x, int64_t cin, int64_t h, int64_t w, int64_t kh, int64_t kw,
+                   int64_t ph, int64_t pw, int64_t ho, int64_t wo, float *col)
+{
+    for (int64_t c = 0; c < cin; c++)
+        for (int64_t ki = 0; ki < kh; ki++)
+            for (int64_t kj = 0; kj < kw; kj++) {
+                float *row = col + ((c * kh + ki) * kw + kj) * ho * wo;
+                int64_t lo, hi, off = kj - pw;
+                valid_cols(wo, w, off, &lo, &hi);
+                for (int64_t oh = 0; oh < ho; oh++) {
+                    float *r = row + oh * wo;
+                    int64_t ih = oh + ki - ph;
+                    if (ih < 0 || ih >= h) {
+                        memset(r, 0, (size_t)wo * sizeof(float));
+                        continue;
+                    }
+                    const float *xr = x + (c * h + ih) * w + off;
+                    for (int64_t ow = 0; ow < lo; ow++) r[ow] = 0.0f;
+                    if (hi > lo) memcpy(r + lo, xr + lo, (size_t)(hi - lo) * sizeof(float));
+                    for (int64_t ow = hi; ow < wo; ow++) r[ow] = 0.0f;
+                }
+            }
+}
+
+static int exec_conv2d(const struct ksm_op *op)
+{
+    const ksm_tensor *xt = &op->src[0], *wt = &op->src[1];
+    const float *x = (const float *)xt->data, *w = (const float *)wt->data;
+    const float *bias = (const float *)op->src[2].data;
+    float *y = (float *)op->dst.data;
+    int64_t nb = xt->shape[0], ci = xt->shape[1], h = xt->shape[2], wd = xt->shape[3];
+    int64_t co = wt->shape[0], kh = wt->shape[2], kw = wt->shape[3];
+    int64_t ph = op->p.conv2d.pad_h, pw = op->p.conv2d.pad_w, g = op->p.conv2d.groups;
+    int64_t ho = op->dst.shape[2], wo = op->dst.shape[3];
+    int64_t cig = ci / g, cog = co / g, hw = h * wd, howo = ho * wo;
+    if (nb == 0 || co == 0 || howo == 0) return 0;
+
+    if (g == ci && g == co) { /* depthwise: direct kernel, no workspace */
+        for (int64_t n = 0; n < nb; n++)
+            for (int64_t c = 0; c < co; c++) {
+                const float *xp = x + (n * ci + c) * hw;
+                float *yp = y + (n * co + c) * howo;
+                const float b0 = bias ? bias[c] : 0.0f;
+                for (int64_t i = 0; i < howo; i++) yp[i] = b0;
+                for (int64_t ki = 0; ki < kh; ki++)
+                    for (int64_t kj = 0; kj < kw; kj++) {
+                        const float wv = w[(c * kh + ki) * kw + kj];
+                        int64_t lo, hi, off = kj - pw;
+                        valid_cols(wo, wd, off, &lo, &hi);
+                        for (int64_t oh = 0; oh < ho; oh++) {
+                            int64_t ih = oh + ki - ph;
+                            if (ih < 0 || ih >= h) continue;
+                            const float *xr = xp + ih * wd + off;
+                            float *yr = yp + oh * wo;
+                            for (int64_t ow = lo; ow < hi; ow++) yr[ow] += wv * xr[ow];
+                        }
+                    }
+            }
+        return 0;
+    }
+
+    bool direct = kh == 1 && kw == 1 && ph == 0 && pw == 0;
+    int64_t kdim = cig * kh * kw;
+    float *col = (float *)op->ws;
+    if (!direct && (col == NULL || op->ws_bytes < (size_t)(kdim * howo) * sizeof(float)))
+        return KSM_EINTERNAL; /* ops.c guarantees the workspace */
+    for (int64_t n = 0; n < nb; n++) {
+        float *yn = y + n * co * howo;
+        if (bias) {
+            for (int64_t c = 0; c < co; c++)
+                for (int64_t i = 0; i < howo; i++) yn[c * howo + i] = bias[c];
+        }
+        for (int64_t gi = 0; gi < g; gi++) {
+            const float *xg = x + (n * ci + gi * cig) * hw;
+            const float *bmat = xg;
+            if (!direct) {
+                im2col(xg, cig, h, wd, kh, kw, ph, pw, ho, wo, col);
+                bmat = col;
+            }
+            if (kdim == 0) {
+                if (!bias) memset(yn + gi * cog * howo, 0, (size_t)(cog * howo) * sizeof(float));
+                continue;
+            }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)cog, (int)howo,
+                        (int)kdim, 1.0f, w + gi * cog * kdim, (int)kdim, bmat, (int)howo,
+                        bias ? 1.0f : 0.0f, yn + gi * cog * howo, (int)howo);
+        }
+    }
+    return 0;
+}
+
+/* ---- Normalisation and softmax ---- */
+
+static int exec_batchnorm(const struct ksm_op *op)
+{
+    const ksm_tensor *xt = &op->src[0];
+    const float *x = (const float *)xt->data;
+    const float *mean = (const float *)op->src[1].data, *var = (const float *)op->src[2].data;
+    const float *wt = (const float *)op->src[3].data, *bs = (const float *)op->src[4].data;
+    float *y = (float *)op->dst.data;
+    int64_t nb = xt->shape[0], c = xt->shape[1];
+    int64_t inner = 1;
+    for (int i = 2; i < xt->ndim; i++) inner *= xt->shape[i];
+    for (int64_t ch = 0; ch < c; ch++) {
+        const float a = (float)((double)wt[ch] / sqrt((double)var[ch] + (double)op->p.norm.eps));
+        const float m = mean[ch], b = bs[ch];
+        for (int64_t n = 0; n < nb; n++) {
+            const float *xp = x + (n * c + ch) * inner;
+            float *yp = y + (n * c + ch) * inner;
+            for (int64_t i = 0; i < inner; i++) yp[i] = (xp[i] - m) * a + b;
+        }
+    }
+    return 0;
+}
+
+/* Mean and 1/sqrt(biased variance + eps) of n contiguous floats, two passes in double. */
+static void moments(const float *x, int64_t n, double eps, float *mean_out, float *rstd_out)
+{
+    double s = 0.0;
+    for (int64_t i = 0; i < n; i++) s += x[i];
+    double mean = n > 0 ? s / (double)n : 0.0;
+    double ss = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        double d = (double)x[i] - mean;
+        ss += d * d;
+    }
+    double var = n > 0 ? ss / (double)n : 0.0;
+    *mean_out = (float)mean;
+    *rstd_out = (float)(1.0 / sqrt(var + eps));
+}
+
+static int exec_groupnorm(const struct ksm_op *op)
+{
+    const ksm_tensor *xt = &op->src[0];
+    const float *x = (const float *)xt->data;
+    const float *wt = (const float *)op->src[1].data, *bs = (const float *)op->src[2].data;
+    float *y = (float *)op->dst.data;
+    int64_t nb = xt->shape[0], c = xt->shape[1], g = op->p.norm.groups, cg = c / g;
+    int64_t inner = 1;
+    for (int i = 2; i < xt->ndim; i++) inner *= xt->shape[i];
+    for (int64_t n = 0; n < nb; n++)
+        for (int64_t gi = 0; gi < g; gi++) {
+            const float *xp = x + (n * c + gi * cg) * inner;
+            float *yp = y + (n * c + gi * cg) * inner;
+            float mean, rstd;
+            moments(xp, cg * inner, op->p.norm.eps, &mean, &rstd);
+            for (int64_t cc = 0; cc < cg; cc++) {
+                int64_t ch = gi * cg + cc;
+                const float a = rstd * (wt ? wt[ch] : 1.0f), b = bs ? bs[ch] : 0.0f;
+                const float *xr = xp + cc * inner;
+                float *yr = yp + cc * inner;
+                for (int64_t i = 0; i < inner; i++) yr[i] = (xr[i] - mean) * a + b;
+            }
+        }
+    return 0;
+}
+
+static int exec_layernorm(const struct ksm_op *op)
+{
+    const ksm_tensor *xt = &op->src[0];
+    const float *x = (const float *)xt->data;
+    const float *wt = (const float *)op->src[1].data, *bs = (const float *)op->src[2].data;
+    float *y = (float *)op->dst.data;
+    int64_t d = xt->shape[xt->ndim - 1];
+    if (d == 0) return 0;
+    int64_t rows = numel_of(xt) / d;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * d;
+        float *yr = y + r * d;
+        float mean, rstd;
+        moments(xr, d, op->p.norm.eps, &mean, &rstd);
+        if (wt && bs)
+            for (int64_t i = 0; i < d; i++) yr[i] = (xr[i] - mean) * rstd * wt[i] + bs[i];
+        else
+            for (int64_t i = 0; i < d; i++)
+                yr[i] = (xr[i] - mean) * rstd * (wt ? wt[i] : 1.0f) + (bs ? bs[i] : 0.0f);
+    }
+    return 0;
+}
+
+/* Maximum of a row with NaN winning (so a NaN row poisons its softmax, as in PyTorch). */
+static float row_max(const float *x, int64_t n)
+{
+    float m = -INFINITY;
+    for (int64_t i = 0; i < n; i++) {
+        if (x[i] != x[i]) return x[i];
+        if (x[i] > m) m = x[i];
+    }
+    return m;
+}
+
+static int exec_softmax(const struct ksm_op *op)
+{
+    const ksm_tensor *xt = &op->src[0];
+    int64_t d = xt->shape[xt->ndim - 1];
+    if (d == 0) return 0;
+    int64_t rows = numel_of(xt) / d;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = (const float *)xt->data + r * d;
+        float *yr = (float *)op->dst.data + r * d;
+        const float m = row_max(xr, d);
+        double s = 0.0;
+        for (int64_t i = 0; i < d; i++) {
+            float e = expf(xr[i] - m);
+            yr[i] = e;
+            s += e;
+        }
+        const float inv = (float)(1.0 / s);
+        for (int64_t i = 0; i < d; i++) yr[i] *= inv;
+    }
+    return 0;
+}
+
+/* ---- Attention ----
+ *
+ * One query row at a time with an online softmax (running max m, running sum l, rescaled
+ * accumulator), so no T x T score matrix and no workspace. Accumulates in double.
+ */
+static int exec_sdpa(const struct ksm_op *op)
+{
+    const ksm_tensor *q = &op->src[0], *k = &op->src[1], *v = &op->src[2], *o = &op->dst;
+    int64_t nb = q->shape[0], nh = q->shape[1], tq = q->shape[2], hd = q->shape[3];
+    int64_t tk = k->shape[2];
+    const double scale = op->p.sdpa.scale;
+    const int causal = op->p.sdpa.causal;
+    double acc[KSM_SDPA_MAX_HEAD_DIM];
+    for (int64_t b = 0; b < nb; b++)
+        for (int64_t h = 0; h < nh; h++) {
+            const float *qb = (const float *)q->data + b * q->stride[0] + h * q->stride[1];
+            const float *kb = (const float *)k->data + b * k->stride[0] + h * k->stride[1];
+            const float *vb = (const float *)v->data + b * v->stride[0] + h * v->stride[1];
+            float *ob = (float *)o->data + b * o->stride[0] + h * o->stride[1];
+            for (int64_t i = 0; i < tq; i++) {
+                const float *qr = qb + i * q->stride[2];
+                int64_t jend = causal ? i + (tk - tq) + 1 : tk;
+                if (jend > tk) jend = tk;
+                double m = -INFINITY, l = 0.0;
+                for (int64_t d = 0; d < hd; d++) acc[d] = 0.0;
+                for (int64_t j = 0; j < jend; j++) {
+                    const float *kr = kb + j * k->stride[2];
+                    const float *vr = vb + j * v->stride[2];
+                    double dot = 0.0;
+                    for (int64_t d = 0; d < hd; d++) dot += (double)qr[d] * (double)kr[d];
+                    const double sc = dot * scale;
+                    if (sc > m) {
+                        const double corr = exp(m - sc); /* 0 on the first key */
+                        l *= corr;
+                        for (int64_t d = 0; d < hd; d++) acc[d] *= corr;
+                        m = sc;
+                    }
+                    const double p = exp(sc - m); /* NaN scores propagate through p */
+                    l += p;
+                    for (int64_t d = 0; d < hd; d++) acc[d] += p * (double)vr[d];
+                }
+                float *orow = ob + i * o->stride[2];
+                const double inv = 1.0 / l;
+                for (int64_t d = 0; d < hd; d++) orow[d] = (float)(acc[d] * inv);
+            }
+        }
+    return 0;
+}
+
+/* ---- Embedding, reductions, pooling, losses ---- */
+
+static int exec_embedding(const struct ksm_op *op)
+{
+    const ksm_tensor *wt = &op->src[0], *it = &op->src[1];
+    int64_t vocab = wt->shape[0], d = wt->shape[1];
+    int64_t rows = numel_of(it);
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t id = it->dtype == KSM_DTYPE_I32 ? ((const int32_t *)it->data)[r]
+                                                : ((const int64_t *)it->data)[r];
+        float *yr = (float *)op->dst.data + r * d;
+        if (id >= 0 && id < vocab)
+            memcpy(yr, (const float *)wt->data + id * d, (size_t)d * sizeof(float));
+        else
+            for (int64_t i = 0; i < d; i++) yr[i] = NAN;
+    }
+    return 0;
+}
+
+static int exec_mean(const struct ksm_op *op)
+{
+    const ksm_tensor *xt = &op->src[0];
+    int64_t outer = 1, red = 1, inner = 1;
+    for (int i = 0; i < xt->ndim; i++) {
+        if (i < op->p.mean.dim_begin) outer *= xt->shape[i];
+        else if (i < op->p.mean.dim_end) red *= xt->shape[i];
+        else inner *= xt->shape[i];
+    }
+    const float *x = (const float *)xt->data;
+    float *y = (float *)op->dst.data;
+    enum { CHUNK = 256 };
+    double acc[CHUNK];
+    for (int64_t o = 0; o < outer; o++)
+        for (int64_t i0 = 0; i0 < inner; i0 += CHUNK) {
+            int64_t len = inner - i0 < CHUNK ? inner - i0 : CHUNK;
+            for (int64_t i = 0; i < len; i++) acc[i] = 0.0;
+            for (int64_t r = 0; r < red; r++) {
+                const float *xr = x + (o * red + r) * inner + i0;
+                for (int64_t i = 0; i < len; i++) acc[i] += xr[i];
+            }
+            for (int64_t i = 0; i < len; i++)
+                y[o * inner + i0 + i] = (float)(acc[i] / (double)red); /* red 0: NaN */
+        }
+    return 0;
+}
+
+static int exec_maxpool2(const struct ksm_op *op)
+{
+    const ksm_tensor *xt = &op->src[0];
+    int64_t planes = xt->shape[0] * xt->shape[1], h = xt->shape[2], w = xt->shape[3];
+    int64_t ho = op->dst.shape[2], wo = op->dst.shape[3];
+    for (int64_t p = 0; p < planes; p++) {
+        const float *xp = (const float *)xt->data + p * h * w;
+        float *yp = (float *)op->dst.data + p * ho * wo;
+        for (int64_t oh = 0; oh < ho; oh++) {
+            const float *r0 = xp + 2 * oh * w, *r1 = r0 + w;
+            for (int64_t ow = 0; ow < wo; ow++) {
+                const float v[4] = {r0[2 * ow], r0[2 * ow + 1], r1[2 * ow], r1[2 * ow + 1]};
+                float m = v[0];
+                for (int k = 1; k < 4; k++)
+                    if (v[k] > m || v[k] != v[k]) m = v[k]; /* NaN wins (PyTorch) */
+                yp[oh * wo + ow] = m;
+            }
+        }
+    }
+    return 0;
+}
+
+static int exec_cross_entropy(const struct ksm_op *op)
+{
+    const ksm_tensor *lt = &op->src[0];
+    int64_t n = lt->shape[0], c = lt->shape[1];
+    const int64_t *labels = (const int64_t *)op->src[1].data;
+    float *loss = (float *)op->dst.data;
+    for (int64_t r = 0; r < n; r++) {
+        const float *x = (const float *)lt->data + r * c;
+        int64_t lab = labels[r];
+        if (lab == op->p.xent.ignore_index) {
+            loss[r] = 0.0f;
+            continue;
+        }
+        if (lab < 0 || lab >= c) {
+            loss[r] = NAN;
+            continue;
+        }
+        const double m = row_max(x, c);
+        double s = 0.0;
+        for (int64_t i = 0; i < c; i++) s += exp((double)x[i] - m);
+        loss[r] = (float)(m + log(s) - (double)x[lab]);
+    }
+    return 0;
+}
+
+static int exec_argmax(const struct ksm_op *op)
+{
+    const ksm_tensor *xt = &op->src[0];
+    int64_t n = xt->shape[0], c = xt->shape[1];
+    int64_t *out = (int64_t *)op->dst.data;
+    for (int64_t r = 0; r < n; r++) {
+        const float *x = (const float *)xt->data + r * c;
+        int64_t best = 0;
+        float bv = x[0];
+        if (bv == bv) {
+            for (int64_t i = 1; i < c; i++) {
+                if (x[i] != x[i]) { /* the first NaN is the maximum */
+                    best = i;
+                    break;
+                }
+                if (x[i] > bv) {
+                    bv = x[i];
+                    best = i;
+                }
+            }
+        }
+        out[r] = best;
+    }
+    return 0;
+}
+
+/* ---- Dispatch ---- */
+
+int ksm_cpu_op_exec(const struct ksm_op *op)
+{
+    switch (op->type) {
+    case KSM_OP_COPY: ew_exec(op, 1, row_copy); return 0;
+    case KSM_OP_FILL: return exec_fill(op);
+    case KSM_OP_UNARY: ew_exec(op, 1, row_unary); return 0;
+    case KSM_OP_BINARY: ew_exec(op, 2, row_binary); return 0;
+    case KSM_OP_LERP: ew_exec(op, 3, row_lerp); return 0;
+    case KSM_OP_GEMM: return exec_gemm(op);
+    case KSM_OP_LINEAR: return exec_linear(op);
+    case KSM_OP_CONV2D: return exec_conv2d(op);
+    case KSM_OP_BATCHNORM: return exec_batchnorm(op);
+    case KSM_OP_GROUPNORM: return exec_groupnorm(op);
+    case KSM_OP_LAYERNORM: return exec_layernorm(op);
+    case KSM_OP_SOFTMAX: return exec_softmax(op);
+    case KSM_OP_SDPA: return exec_sdpa(op);
+    case KSM_OP_EMBEDDING: return exec_embedding(op);
+    case KSM_OP_MEAN: return exec_mean(op);
+    case KSM_OP_MAXPOOL2: return exec_maxpool2(op);
+    case KSM_OP_CROSS_ENTROPY: return exec_cross_entropy(op);
+    case KSM_OP_ARGMAX: return exec_argmax(op);
+    default: return KSM_EUNSUPPORTED;
+    }
+}
