@@ -161,6 +161,7 @@ static int op_copy(stream_ctx *sc, const struct ksm_op *op)
                     : sd == KSM_DTYPE_I64                        ? 8
                                                                  : 2;
         if (lin) {
+            if (dst->data == src->data) return 0; /* in place: nothing to do */
             KSM_CUDA_TRY(sc, cudaMemcpyAsync(dst->data, src->data, (size_t)n * es,
                                              cudaMemcpyDeviceToDevice, sc->stream));
             return 0;
@@ -381,8 +382,9 @@ __global__ void batchnorm_k(float *dst, const float *x, view xv, int64_t C, int6
          i += (int64_t)gridDim.x * blockDim.x) {
         int64_t c = (i / inner) % C;
         float v = x[LIN ? i : xv.offset(i)];
-        dst[i] = (v - p.mean[c * p.sm]) / sqrtf(p.var[c * p.sv] + eps) * p.weight[c * p.sw] +
-                 p.bias[c * p.sb];
+        /* Same structure as the CPU oracle: a = w / sqrt(var + eps); y = (x - m) * a + b. */
+        const float a = p.weight[c * p.sw] / sqrtf(p.var[c * p.sv] + eps);
+        dst[i] = (v - p.mean[c * p.sm]) * a + p.bias[c * p.sb];
     }
 }
 
