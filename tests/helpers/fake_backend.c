@@ -46,7 +46,10 @@ struct fake_event {
 
 static const struct ksm_stream_i fake_stream_iface;
 
-static struct fake_device *fdev(ksm_device *d) { return (struct fake_device *)d; }
+static struct fake_device *fdev(ksm_device *d)
+{
+    return (struct fake_device *)d;
+}
 
 static int sticky_of(ksm_device *d)
 {
@@ -187,7 +190,10 @@ static const struct ksm_device_i fake_device_iface = {
 
 // ---- Streams ----
 
-static ksm_stream *inner_of(ksm_stream *s) { return ((struct fake_stream *)s)->inner; }
+static ksm_stream *inner_of(ksm_stream *s)
+{
+    return ((struct fake_stream *)s)->inner;
+}
 
 static void fake_stream_free(ksm_stream *s)
 {
@@ -208,8 +214,7 @@ static int fake_stream_query(ksm_stream *s)
     return err != 0 ? err : ksm_stream_query(inner_of(s));
 }
 
-static int fake_memcpy(ksm_stream *s, void *dst, const void *src, size_t n,
-                       enum ksm_copy_kind kind)
+static int fake_memcpy(ksm_stream *s, void *dst, const void *src, size_t n, enum ksm_copy_kind kind)
 {
     int err = sticky_of(s->dev);
     return err != 0 ? err : ksm_stream_memcpy_async(inner_of(s), dst, src, n, kind);

@@ -6,10 +6,10 @@
  * is host memory from posix_memalign, kept mapped until the caching allocator gives it back.
  * See cpu_backend_impl.h for the event and sticky-error model.
  *
- * Locks: stream->mu and event->mu are leaf locks except that an enqueue of a record or wait
- * takes stream->mu then event->mu (never the reverse); a worker never holds its stream's lock
- * while it runs a task. device->mu guards the device's list of live streams and their
- * dev_refs (how many device synchronizations are using a stream right now).
+ * Locks: event->mu is a leaf lock; stream->mu may be held while taking it (an enqueue of a
+ * record or wait, and a worker completing a record), never the reverse. A worker never holds its
+ * stream's lock while it runs any other task. device->mu guards the device's list of live
+ * streams and their dev_refs (how many device synchronizations are using a stream right now).
  */
 #include <inttypes.h>
 #include <pthread.h>
@@ -21,10 +21,10 @@
 #include "backend/cpu/cpu_backend_impl.h"
 #include "backend/cpu/cpu_ops.h"
 
-#define CPU_MAX_DEVICES 64
+#define CPU_MAX_DEVICES  64
 #define CPU_RING_INITIAL 16
-#define CPU_ALIGN_SMALL 256
-#define CPU_ALIGN_PAGE 4096
+#define CPU_ALIGN_SMALL  256
+#define CPU_ALIGN_PAGE   4096
 
 // ---- Objects ----
 
@@ -116,9 +116,18 @@ struct cpu_backend {
 static const struct ksm_stream_i cpu_stream_iface;
 static const struct ksm_event_i cpu_event_iface;
 
-static struct cpu_stream *to_stream(ksm_stream *s) { return (struct cpu_stream *)s; }
-static struct cpu_event *to_event(ksm_event *e) { return (struct cpu_event *)e; }
-static struct cpu_device *to_device(ksm_device *d) { return (struct cpu_device *)d; }
+static struct cpu_stream *to_stream(ksm_stream *s)
+{
+    return (struct cpu_stream *)s;
+}
+static struct cpu_event *to_event(ksm_event *e)
+{
+    return (struct cpu_event *)e;
+}
+static struct cpu_device *to_device(ksm_device *d)
+{
+    return (struct cpu_device *)d;
+}
 
 // ---- Events ----
 
@@ -156,7 +165,10 @@ static int cpu_event_new(ksm_device *d, ksm_event **out)
 }
 
 /* Queued record tasks hold references, so the memory lives until they have run. */
-static void cpu_event_free(ksm_event *e) { event_unref(to_event(e)); }
+static void cpu_event_free(ksm_event *e)
+{
+    event_unref(to_event(e));
+}
 
 static int cpu_event_query(ksm_event *e)
 {
@@ -235,15 +247,8 @@ static int task_run(struct cpu_task *t, int sticky)
     case TASK_OP:
         if (sticky != 0) return 0;
         return ksm_cpu_op_exec(&t->u.op);
-    case TASK_RECORD: {
-        struct cpu_event *ev = t->u.event.ev;
-        pthread_mutex_lock(&ev->mu);
-        if (ev->completed < t->u.event.seq) ev->completed = t->u.event.seq;
-        pthread_cond_broadcast(&ev->cv);
-        pthread_mutex_unlock(&ev->mu);
-        event_unref(ev);
-        return 0;
-    }
+    case TASK_RECORD: /* run by stream_worker itself */
+        return KSM_EINTERNAL;
     case TASK_WAIT: {
         struct cpu_event *ev = t->u.event.ev;
         pthread_mutex_lock(&ev->mu);
@@ -267,6 +272,23 @@ static void *stream_worker(void *arg)
         while (s->count == 0 && !s->stop) pthread_cond_wait(&s->work_cv, &s->mu);
         if (s->count == 0) break; /* stop requested and the queue is drained */
         const struct cpu_task *src = &s->ring[s->head];
+        if (src->kind == TASK_RECORD) {
+            /* Run records under the stream lock (order: stream, then event), so that once an
+             * event is complete, a query of the stream that recorded it last sees the record
+             * counted too. */
+            struct cpu_event *ev = src->u.event.ev;
+            uint64_t seq = src->u.event.seq;
+            s->head = (s->head + 1) % s->cap;
+            s->count--;
+            s->completed++;
+            pthread_cond_broadcast(&s->done_cv);
+            pthread_mutex_lock(&ev->mu);
+            if (ev->completed < seq) ev->completed = seq;
+            pthread_cond_broadcast(&ev->cv);
+            pthread_mutex_unlock(&ev->mu);
+            event_unref(ev);
+            continue;
+        }
         if (src->kind == TASK_OP) {
             t = *src;
         } else {
@@ -345,8 +367,10 @@ static void cpu_stream_free(ksm_stream *st)
     struct cpu_device *cd = s->cdev;
 
     pthread_mutex_lock(&cd->mu);
-    if (s->prev != NULL) s->prev->next = s->next;
-    else cd->streams = s->next;
+    if (s->prev != NULL)
+        s->prev->next = s->next;
+    else
+        cd->streams = s->next;
     if (s->next != NULL) s->next->prev = s->prev;
     cd->n_streams--;
     while (s->dev_refs > 0) pthread_cond_wait(&cd->cv, &cd->mu);
@@ -475,7 +499,10 @@ static int cpu_event_record(ksm_event *e, ksm_stream *st)
     return rc;
 }
 
-bool ksm_cpu_stream_is_cpu(const ksm_stream *s) { return s != NULL && s->iface == &cpu_stream_iface; }
+bool ksm_cpu_stream_is_cpu(const ksm_stream *s)
+{
+    return s != NULL && s->iface == &cpu_stream_iface;
+}
 
 int ksm_cpu_stream_inject_error(ksm_stream *st, int err)
 {
@@ -515,7 +542,10 @@ static int cpu_device_malloc(ksm_device *d, size_t size, void **out)
     return 0;
 }
 
-static void cpu_device_free(ksm_device *d, void *ptr) { free(ptr); }
+static void cpu_device_free(ksm_device *d, void *ptr)
+{
+    free(ptr);
+}
 
 /* Reads "<key>: <n> kB" from /proc/meminfo. Returns 0 when found. */
 static int meminfo_read(const char *key, size_t *out)
@@ -615,8 +645,8 @@ static void cpu_backend_free(ksm_backend *b)
         int left = cd->n_streams;
         pthread_mutex_unlock(&cd->mu);
         if (left != 0)
-            KSM_LOGE("backend", "%s freed with %d live stream(s); they are leaked",
-                     cd->base.name, left);
+            KSM_LOGE("backend", "%s freed with %d live stream(s); they are leaked", cd->base.name,
+                     left);
         else {
             pthread_cond_destroy(&cd->cv);
             pthread_mutex_destroy(&cd->mu);
