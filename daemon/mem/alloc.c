@@ -98,8 +98,10 @@ struct ksm_allocator {
 static void stat_update(struct ksm_stat *s, int64_t delta)
 {
     if (delta == 0) return;
-    if (delta > 0) s->allocated += delta;
-    else s->freed += -delta;
+    if (delta > 0)
+        s->allocated += delta;
+    else
+        s->freed += -delta;
     s->current += delta;
     if (s->current > s->peak) s->peak = s->current;
 }
@@ -131,8 +133,10 @@ static size_t set_lower_bound(const struct free_set *fs, uint64_t sid, size_t si
     size_t lo = 0, hi = fs->n;
     while (lo < hi) {
         size_t mid = lo + (hi - lo) / 2;
-        if (key_cmp(fs->v[mid], sid, size, ptr) < 0) lo = mid + 1;
-        else hi = mid;
+        if (key_cmp(fs->v[mid], sid, size, ptr) < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
     }
     return lo;
 }
@@ -300,7 +304,10 @@ static void event_put(ksm_allocator *a, ksm_event *ev)
 
 // ---- Core operations (mutex held) ----
 
-static bool block_is_split(const struct block *b) { return b->prev != NULL || b->next != NULL; }
+static bool block_is_split(const struct block *b)
+{
+    return b->prev != NULL || b->next != NULL;
+}
 
 /* Returns an ALLOCATED or PENDING block to its pool, merging it with free neighbours. */
 static void free_block(ksm_allocator *a, struct block *b)
@@ -384,8 +391,10 @@ static void release_segment(ksm_allocator *a, struct segment *seg)
     a->stats.num_device_free++;
     STAT(a, seg->pool, segment, -1);
     STAT(a, seg->pool, reserved_bytes, -(int64_t)seg->size);
-    if (seg->prev != NULL) seg->prev->next = seg->next;
-    else a->segments = seg->next;
+    if (seg->prev != NULL)
+        seg->prev->next = seg->next;
+    else
+        a->segments = seg->next;
     if (seg->next != NULL) seg->next->prev = seg->prev;
     free(seg);
 }
@@ -561,7 +570,10 @@ void ksm_allocator_free(ksm_allocator *a)
     free(a);
 }
 
-ksm_device *ksm_allocator_device(const ksm_allocator *a) { return a ? a->dev : NULL; }
+ksm_device *ksm_allocator_device(const ksm_allocator *a)
+{
+    return a ? a->dev : NULL;
+}
 
 static size_t segment_size_for(size_t size)
 {
@@ -612,9 +624,10 @@ int ksm_alloc_malloc(ksm_allocator *a, size_t size, ksm_stream *stream, void **o
         if (b == NULL) {
             if (rc == KSM_EDEVMEM) {
                 a->stats.num_ooms++;
-                KSM_LOGW("alloc", "%s: out of memory allocating %zu bytes (reserved %" PRId64
-                         ", cap %zu)", a->dev->name, rsize,
-                         a->stats.pool[KSM_POOL_ALL].reserved_bytes.current, a->cap);
+                KSM_LOGW("alloc",
+                         "%s: out of memory allocating %zu bytes (reserved %" PRId64 ", cap %zu)",
+                         a->dev->name, rsize, a->stats.pool[KSM_POOL_ALL].reserved_bytes.current,
+                         a->cap);
             }
             goto out_unlock;
         }

@@ -51,7 +51,7 @@ static struct ksm_mem_stats stats(void)
     return s;
 }
 
-#define ALL(s, field) ((s).pool[KSM_POOL_ALL].field)
+#define ALL(s, field)   ((s).pool[KSM_POOL_ALL].field)
 #define SMALL(s, field) ((s).pool[KSM_POOL_SMALL].field)
 #define LARGE(s, field) ((s).pool[KSM_POOL_LARGE].field)
 
@@ -64,7 +64,10 @@ static void *xmalloc(size_t n, ksm_stream *s)
     return p;
 }
 
-static void xfree(void *p) { cr_assert_eq(ksm_alloc_free(al, p), 0); }
+static void xfree(void *p)
+{
+    cr_assert_eq(ksm_alloc_free(al, p), 0);
+}
 
 /* current == allocated - freed, 0 <= current <= peak, all == small + large, for every stat. */
 static void check_consistent(const struct ksm_mem_stats *s)
@@ -116,21 +119,21 @@ Test(alloc, rounds_requests_up_to_512_bytes, .init = setup, .fini = teardown)
 
 Test(alloc, sizes_segments_by_pool, .init = setup, .fini = teardown)
 {
-    void *small = xmalloc(MiB, sa);          /* largest small request: a 2 MiB segment */
+    void *small = xmalloc(MiB, sa); /* largest small request: a 2 MiB segment */
     struct ksm_mem_stats s = stats();
     cr_expect_eq(SMALL(s, reserved_bytes.current), 2 * MiB);
     cr_expect_eq(SMALL(s, segment.current), 1);
     cr_expect_eq(LARGE(s, segment.current), 0);
 
-    void *big = xmalloc(10 * MiB, sa);       /* at 10 MiB: its own segment, 2 MiB-rounded */
-    void *odd = xmalloc(11 * MiB + 1, sa);   /* -> a 12 MiB segment; the rest is too small */
+    void *big = xmalloc(10 * MiB, sa);     /* at 10 MiB: its own segment, 2 MiB-rounded */
+    void *odd = xmalloc(11 * MiB + 1, sa); /* -> a 12 MiB segment; the rest is too small */
     cr_expect_eq(ksm_alloc_block_size(al, big), 10 * MiB);
     cr_expect_eq(ksm_alloc_block_size(al, odd), 12 * MiB);
     s = stats();
     cr_expect_eq(LARGE(s, segment.current), 2);
     cr_expect_eq(LARGE(s, reserved_bytes.current), (10 + 12) * MiB);
 
-    void *mid = xmalloc(MiB + 1, sa);        /* large pool, below 10 MiB: a 20 MiB segment */
+    void *mid = xmalloc(MiB + 1, sa); /* large pool, below 10 MiB: a 20 MiB segment */
     cr_expect_eq(ksm_alloc_block_size(al, mid), MiB + 512);
     s = stats();
     cr_expect_eq(LARGE(s, segment.current), 3);
@@ -424,7 +427,7 @@ Test(alloc, stats_stay_consistent_over_random_operations, .init = setup, .fini =
             live[i] = NULL;
         } else {
             int kind = rand_r(&seed) % 10;
-            size_t n = kind < 7 ? (size_t)(rand_r(&seed) % (int)MiB) + 1
+            size_t n = kind < 7   ? (size_t)(rand_r(&seed) % (int)MiB) + 1
                        : kind < 9 ? MiB + (size_t)(rand_r(&seed) % (int)(9 * MiB))
                                   : 10 * MiB + (size_t)(rand_r(&seed) % (int)(6 * MiB));
             live[i] = xmalloc(n, rand_r(&seed) % 2 ? sa : sb);
@@ -512,8 +515,8 @@ static void reader_fn(void *arg)
         if (r->buf[i] != 0xa5) r->saw_pattern = 0;
 }
 
-Test(alloc, a_block_used_by_another_stream_is_not_reused_until_that_stream_is_done,
-     .init = setup, .fini = teardown)
+Test(alloc, a_block_used_by_another_stream_is_not_reused_until_that_stream_is_done, .init = setup,
+     .fini = teardown)
 {
     enum { N = 64 * 1024 };
     unsigned char *p = xmalloc(N, sa);
@@ -550,8 +553,7 @@ Test(alloc, a_block_used_by_another_stream_is_not_reused_until_that_stream_is_do
     xfree(r);
 }
 
-Test(alloc, record_stream_on_the_allocating_stream_defers_nothing, .init = setup,
-     .fini = teardown)
+Test(alloc, record_stream_on_the_allocating_stream_defers_nothing, .init = setup, .fini = teardown)
 {
     void *p = xmalloc(4096, sa);
     cr_assert_eq(ksm_alloc_record_stream(al, p, sa), 0);
@@ -562,8 +564,7 @@ Test(alloc, record_stream_on_the_allocating_stream_defers_nothing, .init = setup
     xfree(q);
 }
 
-Test(alloc, pending_blocks_keep_their_segment_through_empty_cache, .init = setup,
-     .fini = teardown)
+Test(alloc, pending_blocks_keep_their_segment_through_empty_cache, .init = setup, .fini = teardown)
 {
     void *p = xmalloc(4096, sa);
     struct gate g;
@@ -601,7 +602,7 @@ Test(alloc, retry_after_oom_waits_for_deferred_frees, .init = setup, .fini = tea
     cr_assert_eq(ksm_alloc_set_memory_cap(al, 2 * MiB), 0);
     void *p = xmalloc(MiB, sa);
     void *q = xmalloc(MiB, sa); /* the one 2 MiB segment is full */
-    struct slow w = {150};
+    struct slow w = {500};      /* long enough that B is still busy when the malloc starts */
     cr_assert_eq(ksm_stream_launch_host_fn(sb, slow_fn, &w), 0);
     cr_assert_eq(ksm_alloc_record_stream(al, p, sb), 0);
     xfree(p);
@@ -730,8 +731,8 @@ Test(alloc, a_failed_device_malloc_is_retried_once, .init = setup_fake, .fini = 
     ksm_alloc_free(al, r);
 }
 
-Test(alloc, device_oom_after_the_retry_is_edevmem_and_the_next_request_works,
-     .init = setup_fake, .fini = teardown_fake)
+Test(alloc, device_oom_after_the_retry_is_edevmem_and_the_next_request_works, .init = setup_fake,
+     .fini = teardown_fake)
 {
     ksm_fake_set_mem_limit(fdev, 8 * MiB);
     void *p = NULL, *q = NULL, *r = NULL;
