@@ -87,8 +87,8 @@ KSM_HD uint16_t ksm_f32_to_f16(float f)
         uint32_t r = m >> (shift - 0u);
         /* round to nearest even on the bits shifted out */
         uint32_t rem = m & ((1u << shift) - 1u);
-        uint32_t half = 1u << (shift - 1u);
-        if (rem > half || (rem == half && (r & 1u))) r++;
+        uint32_t halfway = 1u << (shift - 1u);
+        if (rem > halfway || (rem == halfway && (r & 1u))) r++;
         return (uint16_t)(sign | r);
     }
     uint32_t r = absx - 0x38000000u; /* rebias exponent 127 -> 15 */
