@@ -183,6 +183,7 @@ static void row_lerp(const struct ksm_op *op, int64_t n, char *const p[EW_MAX],
     float *y = (float *)p[0];
     const float *a = (const float *)p[1], *b = (const float *)p[2], *w = (const float *)p[3];
     const int64_t sa = st[1], sb = st[2], sw = st[3];
+    (void)op;
     if (sa == 1 && sb == 1 && sw == 0) {
         const float wv = w[0];
         for (int64_t i = 0; i < n; i++) y[i] = ksm_lerp(a[i], b[i], wv);
@@ -468,6 +469,40 @@ static int exec_conv2d(const struct ksm_op *op)
 
 /* ---- Normalisation and softmax ---- */
 
+/* Mean and 1/sqrt(biased variance + eps) of n contiguous floats: two passes in double, each
+ * with eight partial sums (independent chains; fixed-width blocks vectorise at -O2). */
+static void moments(const float *KSM_RESTRICT x, int64_t n, double eps, float *mean_out,
+                    float *rstd_out)
+{
+    double s8[8] = {0}, s = 0.0;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) s8[k] += x[i + k];
+    for (; i < n; i++) s += x[i];
+    for (int k = 0; k < 8; k++) s += s8[k];
+    const double mean = n > 0 ? s / (double)n : 0.0;
+    double q8[8] = {0}, ss = 0.0;
+    for (i = 0; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) {
+            const double d = (double)x[i + k] - mean;
+            q8[k] += d * d;
+        }
+    for (; i < n; i++) ss += ((double)x[i] - mean) * ((double)x[i] - mean);
+    for (int k = 0; k < 8; k++) ss += q8[k];
+    const double var = n > 0 ? ss / (double)n : 0.0;
+    *mean_out = (float)mean;
+    *rstd_out = (float)(1.0 / sqrt(var + eps));
+}
+
+/* y[i] <- (x[i] - m) * a + b; y may equal x. */
+static void shift_scale(float *y, const float *x, int64_t n, float m, float a, float b)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) y[i + k] = (x[i + k] - m) * a + b;
+    for (; i < n; i++) y[i] = (x[i] - m) * a + b;
+}
+
 static int exec_batchnorm(const struct ksm_op *op)
 {
     const ksm_tensor *xt = &op->src[0];
@@ -484,26 +519,10 @@ static int exec_batchnorm(const struct ksm_op *op)
         for (int64_t n = 0; n < nb; n++) {
             const float *xp = x + (n * c + ch) * inner;
             float *yp = y + (n * c + ch) * inner;
-            for (int64_t i = 0; i < inner; i++) yp[i] = (xp[i] - m) * a + b;
+            shift_scale(yp, xp, inner, m, a, b);
         }
     }
     return 0;
-}
-
-/* Mean and 1/sqrt(biased variance + eps) of n contiguous floats, two passes in double. */
-static void moments(const float *x, int64_t n, double eps, float *mean_out, float *rstd_out)
-{
-    double s = 0.0;
-    for (int64_t i = 0; i < n; i++) s += x[i];
-    double mean = n > 0 ? s / (double)n : 0.0;
-    double ss = 0.0;
-    for (int64_t i = 0; i < n; i++) {
-        double d = (double)x[i] - mean;
-        ss += d * d;
-    }
-    double var = n > 0 ? ss / (double)n : 0.0;
-    *mean_out = (float)mean;
-    *rstd_out = (float)(1.0 / sqrt(var + eps));
 }
 
 static int exec_groupnorm(const struct ksm_op *op)
@@ -524,9 +543,7 @@ static int exec_groupnorm(const struct ksm_op *op)
             for (int64_t cc = 0; cc < cg; cc++) {
                 int64_t ch = gi * cg + cc;
                 const float a = rstd * (wt ? wt[ch] : 1.0f), b = bs ? bs[ch] : 0.0f;
-                const float *xr = xp + cc * inner;
-                float *yr = yp + cc * inner;
-                for (int64_t i = 0; i < inner; i++) yr[i] = (xr[i] - mean) * a + b;
+                shift_scale(yp + cc * inner, xp + cc * inner, inner, mean, a, b);
             }
         }
     return 0;
@@ -546,11 +563,16 @@ static int exec_layernorm(const struct ksm_op *op)
         float *yr = y + r * d;
         float mean, rstd;
         moments(xr, d, op->p.norm.eps, &mean, &rstd);
-        if (wt && bs)
-            for (int64_t i = 0; i < d; i++) yr[i] = (xr[i] - mean) * rstd * wt[i] + bs[i];
-        else
+        if (wt && bs) {
+            int64_t i = 0;
+            for (; i + 8 <= d; i += 8)
+                for (int k = 0; k < 8; k++)
+                    yr[i + k] = (xr[i + k] - mean) * rstd * wt[i + k] + bs[i + k];
+            for (; i < d; i++) yr[i] = (xr[i] - mean) * rstd * wt[i] + bs[i];
+        } else {
             for (int64_t i = 0; i < d; i++)
                 yr[i] = (xr[i] - mean) * rstd * (wt ? wt[i] : 1.0f) + (bs ? bs[i] : 0.0f);
+        }
     }
     return 0;
 }
@@ -590,17 +612,64 @@ static int exec_softmax(const struct ksm_op *op)
 
 /* ---- Attention ----
  *
- * One query row at a time with an online softmax (running max m, running sum l, rescaled
- * accumulator), so no T x T score matrix and no workspace. Accumulates in double.
+ * One query row at a time with an online softmax over blocks of keys (flash-style): scores of a
+ * block, the block maximum, one rescale of the running sum l and accumulator per block, then
+ * the block's weighted values. No T x T score matrix and no workspace. Dot products use eight
+ * partial sums (vectorisable without reassociation); the running sum is kept in double.
  */
+enum { SDPA_KEY_BLOCK = 64 };
+
+static float dot_f32(const float *KSM_RESTRICT a, const float *KSM_RESTRICT b, int64_t n)
+{
+    float s[8] = {0};
+    int64_t d = 0;
+    for (; d + 8 <= n; d += 8)
+        for (int k = 0; k < 8; k++) s[k] += a[d + k] * b[d + k];
+    float r = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+    for (; d < n; d++) r += a[d] * b[d];
+    return r;
+}
+
+static void sdpa_row(const float *KSM_RESTRICT qr, const float *kb, int64_t ks, const float *vb,
+                     int64_t vs, int64_t nkeys, int64_t hd, float scale, float *KSM_RESTRICT out)
+{
+    float acc[KSM_SDPA_MAX_HEAD_DIM];
+    float sc[SDPA_KEY_BLOCK];
+    float m = -INFINITY;
+    double l = 0.0;
+    for (int64_t d = 0; d < hd; d++) acc[d] = 0.0f;
+    for (int64_t j0 = 0; j0 < nkeys; j0 += SDPA_KEY_BLOCK) {
+        int64_t nb = nkeys - j0 < SDPA_KEY_BLOCK ? nkeys - j0 : SDPA_KEY_BLOCK;
+        float bm = -INFINITY;
+        for (int64_t j = 0; j < nb; j++) {
+            sc[j] = dot_f32(qr, kb + (j0 + j) * ks, hd) * scale;
+            if (sc[j] > bm) bm = sc[j]; /* a NaN score never wins here but poisons its p below */
+        }
+        if (bm > m) { /* rescale what was accumulated under the old maximum (0 at first) */
+            const float corr = expf(m - bm);
+            l *= corr;
+            for (int64_t d = 0; d < hd; d++) acc[d] *= corr;
+            m = bm;
+        }
+        for (int64_t j = 0; j < nb; j++) {
+            const float p = expf(sc[j] - m);
+            const float *KSM_RESTRICT vr = vb + (j0 + j) * vs;
+            int64_t d = 0;
+            l += p;
+            for (; d + 8 <= hd; d += 8) /* fixed-width blocks vectorise at -O2 */
+                for (int k = 0; k < 8; k++) acc[d + k] += p * vr[d + k];
+            for (; d < hd; d++) acc[d] += p * vr[d];
+        }
+    }
+    const float inv = (float)(1.0 / l);
+    for (int64_t d = 0; d < hd; d++) out[d] = acc[d] * inv;
+}
+
 static int exec_sdpa(const struct ksm_op *op)
 {
     const ksm_tensor *q = &op->src[0], *k = &op->src[1], *v = &op->src[2], *o = &op->dst;
     int64_t nb = q->shape[0], nh = q->shape[1], tq = q->shape[2], hd = q->shape[3];
     int64_t tk = k->shape[2];
-    const double scale = op->p.sdpa.scale;
-    const int causal = op->p.sdpa.causal;
-    double acc[KSM_SDPA_MAX_HEAD_DIM];
     for (int64_t b = 0; b < nb; b++)
         for (int64_t h = 0; h < nh; h++) {
             const float *qb = (const float *)q->data + b * q->stride[0] + h * q->stride[1];
@@ -608,30 +677,10 @@ static int exec_sdpa(const struct ksm_op *op)
             const float *vb = (const float *)v->data + b * v->stride[0] + h * v->stride[1];
             float *ob = (float *)o->data + b * o->stride[0] + h * o->stride[1];
             for (int64_t i = 0; i < tq; i++) {
-                const float *qr = qb + i * q->stride[2];
-                int64_t jend = causal ? i + (tk - tq) + 1 : tk;
-                if (jend > tk) jend = tk;
-                double m = -INFINITY, l = 0.0;
-                for (int64_t d = 0; d < hd; d++) acc[d] = 0.0;
-                for (int64_t j = 0; j < jend; j++) {
-                    const float *kr = kb + j * k->stride[2];
-                    const float *vr = vb + j * v->stride[2];
-                    double dot = 0.0;
-                    for (int64_t d = 0; d < hd; d++) dot += (double)qr[d] * (double)kr[d];
-                    const double sc = dot * scale;
-                    if (sc > m) {
-                        const double corr = exp(m - sc); /* 0 on the first key */
-                        l *= corr;
-                        for (int64_t d = 0; d < hd; d++) acc[d] *= corr;
-                        m = sc;
-                    }
-                    const double p = exp(sc - m); /* NaN scores propagate through p */
-                    l += p;
-                    for (int64_t d = 0; d < hd; d++) acc[d] += p * (double)vr[d];
-                }
-                float *orow = ob + i * o->stride[2];
-                const double inv = 1.0 / l;
-                for (int64_t d = 0; d < hd; d++) orow[d] = (float)(acc[d] * inv);
+                int64_t nkeys = op->p.sdpa.causal ? i + (tk - tq) + 1 : tk;
+                if (nkeys > tk) nkeys = tk;
+                sdpa_row(qb + i * q->stride[2], kb, k->stride[2], vb, v->stride[2], nkeys, hd,
+                         op->p.sdpa.scale, ob + i * o->stride[2]);
             }
         }
     return 0;
