@@ -217,6 +217,17 @@ def attn_fixture():
         v = v.view(b, t, nh, hd).transpose(1, 2)
         y = sdpa_ref(q, k, v, causal, 1.0 / math.sqrt(hd)).transpose(1, 2).contiguous()
         fx.case(name, "sdpa_fused", {"qkv": qkv, "y": y}, causal=int(causal), heads=nh)
+    # Longer sequences: more than one 64-key block of the CPU kernel's online softmax, with
+    # sharp scores so the running maximum moves between blocks. Own generator, so the cases
+    # above and the other fixtures keep their values.
+    g = torch.Generator().manual_seed(150)
+    for name, b, h, tq, tk, hd, causal, amp in [("sdpa_causal_t150_hd16", 1, 2, 150, 150, 16, True, 2.0),
+                                               ("sdpa_t70_tk200_hd8", 1, 1, 70, 200, 8, False, 3.0)]:
+        q = torch.randn(b, h, tq, hd, generator=g) * amp
+        k = torch.randn(b, h, tk, hd, generator=g)
+        v = torch.randn(b, h, tk, hd, generator=g)
+        y = sdpa_ref(q, k, v, causal, 1.0 / math.sqrt(hd))
+        fx.case(name, "sdpa", {"q": q, "k": k, "v": v, "y": y}, causal=int(causal), scale="0.0")
     return fx
 
 
