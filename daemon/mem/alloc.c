@@ -399,13 +399,35 @@ static void release_segment(ksm_allocator *a, struct segment *seg)
     free(seg);
 }
 
-/* Gives every completely free segment back to the device. */
-static void release_cached(ksm_allocator *a)
+static bool segment_unused(const struct segment *seg)
 {
+    return seg->first->state == BLOCK_FREE && seg->first->next == NULL;
+}
+
+/* Synchronizes the device (and counts it). A FREE block may still be used by work queued on its
+ * stream before it was freed (stream-ordered reuse needs no event): its memory can go back to
+ * the device only once that work has run. The CPU backend's device free does not synchronize as
+ * cudaFree does, so the allocator does. */
+static void sync_device(ksm_allocator *a)
+{
+    a->stats.num_sync_all_streams++;
+    (void)ksm_device_synchronize(a->dev);
+}
+
+/* Gives every completely free segment back to the device, after synchronizing it unless the
+ * caller just did (synced). */
+static void release_cached(ksm_allocator *a, bool synced)
+{
+    if (!synced) {
+        struct segment *seg = a->segments;
+        while (seg != NULL && !segment_unused(seg)) seg = seg->next;
+        if (seg == NULL) return; /* nothing to give back: no need to wait */
+        sync_device(a);
+    }
     struct segment *seg = a->segments;
     while (seg != NULL) {
         struct segment *next = seg->next;
-        if (seg->first->state == BLOCK_FREE && seg->first->next == NULL) release_segment(a, seg);
+        if (segment_unused(seg)) release_segment(a, seg);
         seg = next;
     }
 }
@@ -535,6 +557,8 @@ void ksm_allocator_free(ksm_allocator *a)
         }
         free_block(a, b);
     }
+    /* Freed blocks may still be used by work queued on their streams. */
+    if (a->segments != NULL) sync_device(a);
     size_t leaked = 0, leaked_bytes = 0;
     while (a->segments != NULL) {
         struct segment *seg = a->segments;
@@ -613,10 +637,9 @@ int ksm_alloc_malloc(ksm_allocator *a, size_t size, ksm_stream *stream, void **o
             /* Flush and retry once: wait for every stream so that all deferred frees complete,
              * then give the cached segments back and try again. */
             a->stats.num_alloc_retries++;
-            a->stats.num_sync_all_streams++;
-            (void)ksm_device_synchronize(a->dev);
+            sync_device(a);
             process_events(a);
-            release_cached(a);
+            release_cached(a, true);
             b = set_best_fit(fs, sid, rsize);
             pooled = b != NULL;
             if (b == NULL) rc = alloc_segment(a, pool, sid, seg_size, &b);
@@ -728,7 +751,7 @@ int ksm_alloc_empty_cache(ksm_allocator *a)
     if (a == NULL) return KSM_EINVAL;
     pthread_mutex_lock(&a->mu);
     process_events(a);
-    release_cached(a);
+    release_cached(a, false);
     pthread_mutex_unlock(&a->mu);
     return 0;
 }
@@ -741,7 +764,7 @@ int ksm_alloc_set_memory_cap(ksm_allocator *a, size_t cap)
     /* Above the new cap: give back what is cached now; in-use segments stay until freed. */
     if (cap != 0 && (uint64_t)a->stats.pool[KSM_POOL_ALL].reserved_bytes.current > cap) {
         process_events(a);
-        release_cached(a);
+        release_cached(a, false);
     }
     pthread_mutex_unlock(&a->mu);
     return 0;

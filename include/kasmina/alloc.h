@@ -77,7 +77,7 @@ struct ksm_alloc_config {
 /* Creates the allocator of dev. cfg may be NULL (defaults). Returns 0, KSM_EINVAL, KSM_ENOMEM.
  */
 int ksm_allocator_new(ksm_device *dev, const struct ksm_alloc_config *cfg, ksm_allocator **out);
-/* Waits for pending deferred frees, returns every segment to the device and frees the
+/* Waits for pending deferred frees and for the device, returns every segment to it and frees the
  * allocator. Blocks still allocated are leaked to the device free (a bug in the caller: logged).
  * NULL is a no-op. */
 void ksm_allocator_free(ksm_allocator *a);
@@ -96,9 +96,12 @@ int ksm_alloc_record_stream(ksm_allocator *a, void *ptr, ksm_stream *stream);
 size_t ksm_alloc_block_size(ksm_allocator *a, const void *ptr);
 
 /* Returns every unused cached segment to the device (after processing completed deferred
- * frees). Allocated blocks are untouched. */
+ * frees). Allocated blocks are untouched. When there is a segment to give back, the device is
+ * synchronized first (counted in num_sync_all_streams): a freed block may still be in use by work
+ * queued on its stream before the free. */
 int ksm_alloc_empty_cache(ksm_allocator *a);
-/* Changes the memory cap (0 = none). Returns 0 or KSM_EINVAL. */
+/* Changes the memory cap (0 = none). Below the reserved bytes, gives the unused cached segments
+ * back as ksm_alloc_empty_cache() does. Returns 0 or KSM_EINVAL. */
 int ksm_alloc_set_memory_cap(ksm_allocator *a, size_t cap);
 
 void ksm_alloc_get_stats(ksm_allocator *a, struct ksm_mem_stats *out);

@@ -632,6 +632,53 @@ Test(alloc, allocator_free_waits_for_pending_frees, .init = setup)
     ksm_backend_free(cpu);
 }
 
+/* The usual stream-ordered pattern: work on a block is enqueued, then the block is freed at
+ * once (no record_stream). It is FREE in its stream's pool while that stream still runs, so
+ * giving its segment back to the device must wait for the work: on the CPU backend the device
+ * free is free(), which (unlike cudaFree) does not synchronize. */
+static unsigned char *free_under_running_work(struct slow *w)
+{
+    enum { N = 4096 };
+    unsigned char *p = xmalloc(N, sa);
+    cr_assert_eq(ksm_stream_launch_host_fn(sa, slow_fn, w), 0);
+    cr_assert_eq(ksm_stream_memset_async(sa, p, 0x5a, N), 0);
+    xfree(p);
+    cr_assert_eq(ksm_stream_query(sa), KSM_ENOTREADY, "sa finished early: the test proves nothing");
+    return p;
+}
+
+Test(alloc, empty_cache_waits_for_work_on_freed_blocks, .init = setup, .fini = teardown)
+{
+    struct slow w = {300};
+    free_under_running_work(&w);
+    cr_assert_eq(ksm_alloc_empty_cache(al), 0);
+    struct ksm_mem_stats s = stats();
+    cr_expect_eq(ALL(s, segment.current), 0);
+    cr_expect_eq(ksm_stream_query(sa), 0, "gave a segment back while its stream still used it");
+    check_consistent(&s);
+}
+
+Test(alloc, lowering_the_cap_waits_for_work_on_freed_blocks, .init = setup, .fini = teardown)
+{
+    struct slow w = {300};
+    free_under_running_work(&w);
+    cr_assert_eq(ksm_alloc_set_memory_cap(al, 1), 0);
+    struct ksm_mem_stats s = stats();
+    cr_expect_eq(ALL(s, segment.current), 0);
+    cr_expect_eq(ksm_stream_query(sa), 0, "gave a segment back while its stream still used it");
+}
+
+Test(alloc, allocator_free_waits_for_work_on_freed_blocks, .init = setup)
+{
+    struct slow w = {300};
+    free_under_running_work(&w);
+    ksm_allocator_free(al); /* must not give the segment back under sa */
+    cr_expect_eq(ksm_stream_query(sa), 0, "gave a segment back while its stream still used it");
+    ksm_stream_free(sa);
+    ksm_stream_free(sb);
+    ksm_backend_free(cpu);
+}
+
 // ---- Threads ----
 
 struct worker {
