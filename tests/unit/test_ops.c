@@ -715,6 +715,34 @@ Test(ops, out_of_range_labels_and_ids_give_nan)
     env_fini(&e);
 }
 
+Test(ops, conv2d_without_input_channels_gives_the_bias)
+{
+    /* Ci = 0 with a 3x3 kernel and padding: the wrappers accept it with no workspace (its size is
+     * 0), so the kernel must not fail for want of one; PyTorch gives the bias (or zeros). */
+    struct env e;
+    env_init(&e);
+    int64_t sx[4] = {1, 0, 4, 4}, sw[4] = {2, 0, 3, 3}, sy[4] = {1, 2, 4, 4}, s2[1] = {2};
+    const float hb[2] = {1.5f, -2.0f};
+    ksm_tensor x = dev_empty(&e, KSM_DTYPE_F32, 4, sx);
+    ksm_tensor w = dev_empty(&e, KSM_DTYPE_F32, 4, sw);
+    ksm_tensor b = dev_upload_raw(&e, KSM_DTYPE_F32, 1, s2, hb);
+    ksm_tensor y = dev_empty(&e, KSM_DTYPE_F32, 4, sy);
+    for (int groups = 1; groups <= 2; groups++) {
+        cr_assert_eq(ksm_op_conv2d_workspace_size(&x, &w, 1, 1, groups), 0);
+        cr_assert_eq(ksm_op_conv2d(e.s, &y, &x, &w, &b, 1, 1, groups, NULL, 0), 0);
+        cr_assert_eq(ksm_stream_synchronize(e.s), 0, "groups %d: the kernel failed", groups);
+        float *out = download(&e, &y);
+        for (int i = 0; i < 32; i++) cr_expect_eq(out[i], hb[i / 16], "groups %d: y[%d]", groups, i);
+        free(out);
+    }
+    cr_assert_eq(ksm_op_conv2d(e.s, &y, &x, &w, NULL, 1, 1, 1, NULL, 0), 0);
+    cr_assert_eq(ksm_stream_synchronize(e.s), 0, "no bias: the kernel failed");
+    float *out = download(&e, &y);
+    for (int i = 0; i < 32; i++) cr_expect_eq(out[i], 0.0f, "no bias: y[%d]", i);
+    free(out);
+    env_fini(&e);
+}
+
 Test(ops, op_names_cover_every_type)
 {
     for (int t = 0; t < KSM_OP_COUNT; t++)

@@ -440,8 +440,10 @@ static int exec_conv2d(const struct ksm_op *op)
     bool direct = kh == 1 && kw == 1 && ph == 0 && pw == 0;
     int64_t kdim = cig * kh * kw;
     float *col = (float *)op->ws;
-    if (!direct && (col == NULL || op->ws_bytes < (size_t)(kdim * howo) * sizeof(float)))
-        return KSM_EINTERNAL; /* ops.c guarantees the workspace */
+    /* ops.c guarantees the workspace; with no input channels (kdim 0) its size is 0 */
+    if (!direct && kdim > 0 &&
+        (col == NULL || op->ws_bytes < (size_t)(kdim * howo) * sizeof(float)))
+        return KSM_EINTERNAL;
     for (int64_t n = 0; n < nb; n++) {
         float *yn = y + n * co * howo;
         if (bias) {
@@ -449,15 +451,15 @@ static int exec_conv2d(const struct ksm_op *op)
                 for (int64_t i = 0; i < howo; i++) yn[c * howo + i] = bias[c];
         }
         for (int64_t gi = 0; gi < g; gi++) {
+            if (kdim == 0) {
+                if (!bias) memset(yn + gi * cog * howo, 0, (size_t)(cog * howo) * sizeof(float));
+                continue;
+            }
             const float *xg = x + (n * ci + gi * cig) * hw;
             const float *bmat = xg;
             if (!direct) {
                 im2col(xg, cig, h, wd, kh, kw, ph, pw, ho, wo, col);
                 bmat = col;
-            }
-            if (kdim == 0) {
-                if (!bias) memset(yn + gi * cog * howo, 0, (size_t)(cog * howo) * sizeof(float));
-                continue;
             }
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)cog, (int)howo,
                         (int)kdim, 1.0f, w + gi * cog * kdim, (int)kdim, bmat, (int)howo,
