@@ -385,6 +385,44 @@ Test(stream, wait_captures_the_record_at_wait_time, .init = setup_cpu, .fini = t
     ksm_stream_free(c);
 }
 
+static void mark_fn(void *arg)
+{
+    atomic_store((atomic_int *)arg, 1);
+}
+
+Test(stream, a_later_record_completing_first_does_not_release_an_earlier_capture,
+     .init = setup_cpu, .fini = teardown_cpu)
+{
+    /* B waits on record #1 (A, blocked); record #2 on idle C completes first. B must still wait
+     * for A's work, and so must a host synchronize that captured #1. */
+    ksm_stream *a, *b, *c;
+    ksm_event *ev;
+    cr_assert_eq(ksm_stream_new(dev, &a), 0);
+    cr_assert_eq(ksm_stream_new(dev, &b), 0);
+    cr_assert_eq(ksm_stream_new(dev, &c), 0);
+    cr_assert_eq(ksm_event_new(dev, &ev), 0);
+    struct gate g;
+    gate_init(&g);
+    atomic_int b_ran = 0;
+    cr_assert_eq(ksm_stream_launch_host_fn(a, gate_fn, &g), 0);
+    cr_assert_eq(ksm_event_record(ev, a), 0);      /* #1: blocked behind the gate */
+    cr_assert_eq(ksm_stream_wait_event(b, ev), 0); /* captures #1 */
+    cr_assert_eq(ksm_stream_launch_host_fn(b, mark_fn, &b_ran), 0);
+    cr_assert_eq(ksm_event_record(ev, c), 0); /* #2: nothing before it */
+    cr_assert_eq(ksm_stream_synchronize(c), 0);
+    cr_expect_eq(ksm_event_query(ev), 0, "the latest capture (#2) is complete");
+    sleep_ms(50);
+    cr_expect_eq(atomic_load(&b_ran), 0, "B ran before the record it waits on (#1) completed");
+    cr_expect_eq(ksm_stream_query(b), KSM_ENOTREADY);
+    gate_open(&g);
+    cr_assert_eq(ksm_stream_synchronize(b), 0);
+    cr_expect_eq(atomic_load(&b_ran), 1);
+    ksm_event_free(ev);
+    ksm_stream_free(a);
+    ksm_stream_free(b);
+    ksm_stream_free(c);
+}
+
 Test(stream, event_query_reports_progress, .init = setup_cpu, .fini = teardown_cpu)
 {
     ksm_stream *s;

@@ -32,9 +32,13 @@ struct cpu_event {
     struct ksm_event base;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    uint64_t recorded;  /* sequence number of the last record */
-    uint64_t completed; /* highest sequence number whose record task has run */
-    int refs;           /* 1 for the owner (until ksm_event_free) + 1 per queued task */
+    uint64_t recorded; /* sequence number of the last record */
+    /* Sequence numbers of records whose task has not run yet. Records on different streams
+     * complete in any order, so "#n has completed" is "n is not pending", not "a record >= n
+     * has completed". */
+    uint64_t *pending;
+    size_t n_pending, cap_pending;
+    int refs; /* 1 for the owner (until ksm_event_free) + 1 per queued task */
 };
 
 enum cpu_task_kind {
@@ -131,6 +135,26 @@ static struct cpu_device *to_device(ksm_device *d)
 
 // ---- Events ----
 
+/* True when record #seq has not completed yet (#0, "never recorded", never is). Caller holds
+ * ev->mu. */
+static bool event_pending(const struct cpu_event *ev, uint64_t seq)
+{
+    for (size_t i = 0; i < ev->n_pending; i++)
+        if (ev->pending[i] == seq) return true;
+    return false;
+}
+
+/* Marks record #seq complete. Caller holds ev->mu. */
+static void event_complete(struct cpu_event *ev, uint64_t seq)
+{
+    for (size_t i = 0; i < ev->n_pending; i++)
+        if (ev->pending[i] == seq) {
+            ev->pending[i] = ev->pending[--ev->n_pending];
+            break;
+        }
+    pthread_cond_broadcast(&ev->cv);
+}
+
 static void event_unref(struct cpu_event *ev)
 {
     pthread_mutex_lock(&ev->mu);
@@ -139,6 +163,7 @@ static void event_unref(struct cpu_event *ev)
     if (left == 0) {
         pthread_cond_destroy(&ev->cv);
         pthread_mutex_destroy(&ev->mu);
+        free(ev->pending);
         free(ev);
     }
 }
@@ -174,7 +199,7 @@ static int cpu_event_query(ksm_event *e)
 {
     struct cpu_event *ev = to_event(e);
     pthread_mutex_lock(&ev->mu);
-    int rc = ev->completed >= ev->recorded ? 0 : KSM_ENOTREADY;
+    int rc = event_pending(ev, ev->recorded) ? KSM_ENOTREADY : 0;
     pthread_mutex_unlock(&ev->mu);
     return rc;
 }
@@ -184,7 +209,7 @@ static int cpu_event_synchronize(ksm_event *e)
     struct cpu_event *ev = to_event(e);
     pthread_mutex_lock(&ev->mu);
     uint64_t target = ev->recorded;
-    while (ev->completed < target) pthread_cond_wait(&ev->cv, &ev->mu);
+    while (event_pending(ev, target)) pthread_cond_wait(&ev->cv, &ev->mu);
     pthread_mutex_unlock(&ev->mu);
     return 0;
 }
@@ -252,7 +277,7 @@ static int task_run(struct cpu_task *t, int sticky)
     case TASK_WAIT: {
         struct cpu_event *ev = t->u.event.ev;
         pthread_mutex_lock(&ev->mu);
-        while (ev->completed < t->u.event.seq) pthread_cond_wait(&ev->cv, &ev->mu);
+        while (event_pending(ev, t->u.event.seq)) pthread_cond_wait(&ev->cv, &ev->mu);
         pthread_mutex_unlock(&ev->mu);
         event_unref(ev);
         return 0;
@@ -283,8 +308,7 @@ static void *stream_worker(void *arg)
             s->completed++;
             pthread_cond_broadcast(&s->done_cv);
             pthread_mutex_lock(&ev->mu);
-            if (ev->completed < seq) ev->completed = seq;
-            pthread_cond_broadcast(&ev->cv);
+            event_complete(ev, seq);
             pthread_mutex_unlock(&ev->mu);
             event_unref(ev);
             continue;
@@ -464,7 +488,7 @@ static int cpu_stream_wait_event(ksm_stream *st, ksm_event *e)
     if (rc == 0) {
         pthread_mutex_lock(&ev->mu);
         uint64_t seq = ev->recorded;
-        bool needed = ev->completed < seq; /* never recorded, or complete: a no-op */
+        bool needed = event_pending(ev, seq); /* never recorded, or complete: a no-op */
         if (needed) ev->refs++;
         pthread_mutex_unlock(&ev->mu);
         if (needed) {
@@ -487,13 +511,29 @@ static int cpu_event_record(ksm_event *e, ksm_stream *st)
     int rc = stream_reserve(s);
     if (rc == 0) {
         pthread_mutex_lock(&ev->mu);
-        uint64_t seq = ++ev->recorded;
-        ev->refs++;
+        if (ev->n_pending == ev->cap_pending) {
+            size_t ncap = ev->cap_pending ? ev->cap_pending * 2 : 4;
+            uint64_t *v = realloc(ev->pending, ncap * sizeof *v);
+            if (v == NULL) {
+                rc = KSM_ENOMEM;
+            } else {
+                ev->pending = v;
+                ev->cap_pending = ncap;
+            }
+        }
+        uint64_t seq = 0;
+        if (rc == 0) {
+            seq = ++ev->recorded;
+            ev->pending[ev->n_pending++] = seq;
+            ev->refs++;
+        }
         pthread_mutex_unlock(&ev->mu);
-        struct cpu_task t = {.kind = TASK_RECORD};
-        t.u.event.ev = ev;
-        t.u.event.seq = seq;
-        stream_push_reserved(s, &t);
+        if (rc == 0) {
+            struct cpu_task t = {.kind = TASK_RECORD};
+            t.u.event.ev = ev;
+            t.u.event.seq = seq;
+            stream_push_reserved(s, &t);
+        }
     }
     pthread_mutex_unlock(&s->mu);
     return rc;

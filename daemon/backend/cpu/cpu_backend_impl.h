@@ -2,10 +2,10 @@
  * CPU backend internals that tests (and the fault-injecting fake backend) may use.
  *
  * The CPU backend runs each stream as an in-order task queue drained by one worker thread.
- * Events carry two sequence numbers: `recorded` (bumped by each record) and `completed` (the
- * highest record whose task has run). A record enqueues a task that raises `completed`; a wait
- * enqueues a task that blocks the worker until `completed` reaches the value captured when the
- * wait was enqueued.
+ * Events number their records: `recorded` is bumped by each record, whose sequence number stays
+ * in the event's pending set until its task has run. A wait enqueues a task that blocks the
+ * worker until the record captured when the wait was enqueued has left the pending set (records
+ * on different streams complete in any order, so a later one completing first releases nothing).
  *
  * Sticky errors: the first failing task (an op whose kernel returns nonzero, or an injected
  * failure) sets the stream's sticky error. From then on every enqueue and every synchronize or
