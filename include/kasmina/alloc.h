@@ -16,7 +16,9 @@
  *   memory pressure: on failure (device OOM or the memory cap), the allocator synchronizes the
  *   device, frees every cached unused segment and retries once; then returns KSM_EDEVMEM.
  *
- * All functions are thread-safe.
+ * All functions are thread-safe. The allocator may synchronize streams and the device while it
+ * holds its lock, so a host function (ksm_stream_launch_host_fn) running on a stream of the
+ * device must not call into the allocator of that device.
  */
 #pragma once
 
@@ -90,7 +92,8 @@ int ksm_alloc_malloc(ksm_allocator *a, size_t size, ksm_stream *stream, void **o
  * this allocator did not hand out (nothing is changed then). NULL is a no-op returning 0. */
 int ksm_alloc_free(ksm_allocator *a, void *ptr);
 /* Marks ptr as used by stream (in addition to its allocation stream). Returns 0 or KSM_EINVAL.
- */
+ * The allocator keeps the stream pointer until ksm_alloc_free(ptr), which records an event on
+ * it: the stream must not be freed before ptr is. */
 int ksm_alloc_record_stream(ksm_allocator *a, void *ptr, ksm_stream *stream);
 /* Rounded size of the block holding ptr, or 0 if unknown. */
 size_t ksm_alloc_block_size(ksm_allocator *a, const void *ptr);
