@@ -178,6 +178,11 @@ static int add_allocators(struct daemon *d, ksm_backend *b)
     struct ksm_alloc_config cfg = {.memory_cap = d->opts.memory_cap};
     for (int i = 0; i < ksm_backend_device_count(b); i++) {
         ksm_device *dev = ksm_backend_device(b, i);
+        if (d->n_alloc == (int)(sizeof d->alloc / sizeof d->alloc[0])) {
+            KSM_LOGW("main", "more than %d devices: %s and later ones are not used", d->n_alloc,
+                     ksm_device_name(dev));
+            return 0;
+        }
         int rc = ksm_allocator_new(dev, &cfg, &d->alloc[d->n_alloc]);
         if (rc != 0) {
             KSM_LOGE("main", "allocator for %s: %s", ksm_device_name(dev), ksm_strerror(rc));

@@ -541,6 +541,9 @@ int ksm_op_conv2d(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_t
         !fits_int(x->shape[2] * x->shape[3]))
         return KSM_EINVAL;
     size_t need = ksm_op_conv2d_workspace_size(x, w, pad_h, pad_w, groups);
+    /* A workspace size that overflowed reads as 0: such a convolution cannot be addressed. */
+    if (need == 0 && ci > 0 && conv_needs_im2col(ci, co, kh, kw, pad_h, pad_w, groups))
+        return KSM_EINVAL;
     if (ws_bytes < need || (need > 0 && ws == NULL)) return KSM_EINVAL;
     struct ksm_op op;
     memset(&op, 0, sizeof op);
