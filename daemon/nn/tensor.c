@@ -15,6 +15,9 @@ static const struct {
 
 static bool dtype_valid(enum ksm_dtype d) { return (unsigned)d < KSM_DTYPE_COUNT; }
 
+/* A hand-made tensor may carry any ndim: views check it before indexing the arrays. */
+static bool ndim_valid(const ksm_tensor *t) { return t->ndim >= 0 && t->ndim <= KSM_MAX_DIMS; }
+
 size_t ksm_dtype_size(enum ksm_dtype dtype)
 {
     return dtype_valid(dtype) ? dtype_table[dtype].size : 0;
@@ -111,7 +114,7 @@ bool ksm_tensor_same_shape(const ksm_tensor *a, const ksm_tensor *b)
 
 int ksm_tensor_reshape(ksm_tensor *out, const ksm_tensor *t, int ndim, const int64_t *shape)
 {
-    if (out == NULL || t == NULL) return KSM_EINVAL;
+    if (out == NULL || t == NULL || !ndim_valid(t)) return KSM_EINVAL;
     int rc = check_shape(ndim, shape, t->dtype);
     if (rc != 0) return rc;
     if (!ksm_tensor_is_contiguous(t)) return KSM_EINVAL;
@@ -129,7 +132,8 @@ int ksm_tensor_reshape(ksm_tensor *out, const ksm_tensor *t, int ndim, const int
 
 int ksm_tensor_permute(ksm_tensor *out, const ksm_tensor *t, const int *perm)
 {
-    if (out == NULL || t == NULL || (t->ndim > 0 && perm == NULL)) return KSM_EINVAL;
+    if (out == NULL || t == NULL || !ndim_valid(t) || (t->ndim > 0 && perm == NULL))
+        return KSM_EINVAL;
     bool seen[KSM_MAX_DIMS] = {false};
     for (int i = 0; i < t->ndim; i++) {
         if (perm[i] < 0 || perm[i] >= t->ndim || seen[perm[i]]) return KSM_EINVAL;
@@ -146,7 +150,7 @@ int ksm_tensor_permute(ksm_tensor *out, const ksm_tensor *t, const int *perm)
 
 int ksm_tensor_narrow(ksm_tensor *out, const ksm_tensor *t, int dim, int64_t start, int64_t len)
 {
-    if (out == NULL || t == NULL || dim < 0 || dim >= t->ndim) return KSM_EINVAL;
+    if (out == NULL || t == NULL || !ndim_valid(t) || dim < 0 || dim >= t->ndim) return KSM_EINVAL;
     if (start < 0 || len < 0 || start > t->shape[dim] || len > t->shape[dim] - start)
         return KSM_EINVAL;
     ksm_tensor r = *t;
@@ -159,7 +163,8 @@ int ksm_tensor_narrow(ksm_tensor *out, const ksm_tensor *t, int dim, int64_t sta
 
 int ksm_tensor_expand(ksm_tensor *out, const ksm_tensor *t, int ndim, const int64_t *shape)
 {
-    if (out == NULL || t == NULL || ndim < t->ndim || ndim > KSM_MAX_DIMS) return KSM_EINVAL;
+    if (out == NULL || t == NULL || !ndim_valid(t) || ndim < t->ndim || ndim > KSM_MAX_DIMS)
+        return KSM_EINVAL;
     int rc = check_shape(ndim, shape, t->dtype);
     if (rc != 0) return rc;
     ksm_tensor r = *t;
@@ -188,8 +193,8 @@ int ksm_tensor_expand(ksm_tensor *out, const ksm_tensor *t, int ndim, const int6
 char *ksm_tensor_describe(const ksm_tensor *t, char *buf, size_t len)
 {
     if (buf == NULL || len == 0) return buf;
-    if (t == NULL) {
-        snprintf(buf, len, "(null)");
+    if (t == NULL || !ndim_valid(t)) {
+        snprintf(buf, len, t == NULL ? "(null)" : "(bad ndim)");
         return buf;
     }
     const char *dn = ksm_dtype_name(t->dtype);

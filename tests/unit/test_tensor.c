@@ -107,3 +107,18 @@ Test(tensor, expand_broadcasts_with_zero_strides)
     char desc[64];
     cr_expect_str_eq(ksm_tensor_describe(&t, desc, sizeof desc), "F32[3,1]");
 }
+
+Test(tensor, views_reject_a_hand_made_tensor_with_a_bad_ndim)
+{
+    ksm_tensor t, out;
+    memset(&t, 0, sizeof t);
+    t.ndim = 9;
+    int64_t shape[] = {1};
+    int perm[] = {0};
+    cr_expect_eq(ksm_tensor_reshape(&out, &t, 1, shape), KSM_EINVAL);
+    cr_expect_eq(ksm_tensor_permute(&out, &t, perm), KSM_EINVAL);
+    cr_expect_eq(ksm_tensor_narrow(&out, &t, 0, 0, 1), KSM_EINVAL);
+    cr_expect_eq(ksm_tensor_expand(&out, &t, 6, shape), KSM_EINVAL);
+    char desc[32];
+    cr_expect_str_eq(ksm_tensor_describe(&t, desc, sizeof desc), "(bad ndim)");
+}
