@@ -5,8 +5,9 @@
  * invariants ops.c established (see nn/op.h). F32 math; per-element functions come from
  * nn/kmath.h so that the CUDA plugin computes the same functions. Reductions (norm statistics,
  * softmax sums, means, attention) accumulate in double. GEMM, linear layers and convolutions go
- * through OpenBLAS' cblas_sgemm, which threads on its own; everything else is single-threaded
- * with contiguous inner loops.
+ * through OpenBLAS' cblas_sgemm, which threads on its own; everything else splits its rows,
+ * planes or groups over the backend's compute pool (cpu_pool.h) with contiguous inner loops.
+ * Each range writes disjoint outputs, so results do not depend on the number of threads.
  */
 #include <cblas.h>
 #include <math.h>
@@ -14,6 +15,7 @@
 #include <string.h>
 
 #include "backend/cpu/cpu_ops.h"
+#include "backend/cpu/cpu_pool.h"
 #include "kasmina/errors.h"
 #include "nn/kmath.h"
 
@@ -22,6 +24,15 @@ static int64_t numel_of(const ksm_tensor *t)
     int64_t n = 1;
     for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
     return n;
+}
+
+/* Elements of work per parallel range below which a thread hand-off costs more than it saves. */
+enum { PAR_GRAIN = 16384 };
+
+/* Ranges of `items` items of `per_item` elements each, at least PAR_GRAIN elements per range. */
+static int64_t grain_for(int64_t per_item)
+{
+    return per_item >= PAR_GRAIN ? 1 : PAR_GRAIN / (per_item > 0 ? per_item : 1);
 }
 
 static size_t esize(enum ksm_dtype dt)
@@ -86,27 +97,33 @@ static void ew_init(struct ew_iter *it, const struct ksm_op *op, int n_src)
     }
 }
 
-static void ew_run(const struct ew_iter *it, const struct ksm_op *op, ew_row_fn fn)
+struct ew_job {
+    const struct ew_iter *it;
+    const struct ksm_op *op;
+    ew_row_fn fn;
+};
+
+/* Rows [b, e) of the outer dims (all dims but the innermost), each a call of fn. */
+static void ew_rows(void *ctx, int64_t b, int64_t e)
 {
+    const struct ew_job *j = ctx;
+    const struct ew_iter *it = j->it;
+    const int nd = it->nd;
     char *p[EW_MAX] = {0};
     int64_t st[EW_MAX] = {0};
-    if (it->nd == 0) { /* a single element (scalar, or all dims of size 1) */
-        for (int k = 0; k < it->nt; k++) p[k] = it->base[k];
-        fn(op, 1, p, st);
-        return;
-    }
-    for (int d = 0; d < it->nd; d++)
-        if (it->shape[d] == 0) return;
-    int nd = it->nd;
-    int64_t n = it->shape[nd - 1];
+    const int64_t n = it->shape[nd - 1];
     for (int k = 0; k < it->nt; k++) st[k] = it->st[k][nd - 1];
-    int64_t outer = 1;
-    for (int d = 0; d < nd - 1; d++) outer *= it->shape[d];
     int64_t idx[KSM_MAX_DIMS] = {0};
     int64_t off[EW_MAX] = {0}; /* element offsets of the current row */
-    for (int64_t o = 0; o < outer; o++) {
+    int64_t r = b;
+    for (int d = nd - 2; d >= 0; d--) {
+        idx[d] = r % it->shape[d];
+        r /= it->shape[d];
+        for (int k = 0; k < it->nt; k++) off[k] += idx[d] * it->st[k][d];
+    }
+    for (int64_t o = b; o < e; o++) {
         for (int k = 0; k < it->nt; k++) p[k] = it->base[k] + off[k] * (int64_t)it->esz[k];
-        fn(op, n, p, st);
+        j->fn(j->op, n, p, st);
         for (int d = nd - 2; d >= 0; d--) {
             for (int k = 0; k < it->nt; k++) off[k] += it->st[k][d];
             if (++idx[d] < it->shape[d]) break;
@@ -114,6 +131,42 @@ static void ew_run(const struct ew_iter *it, const struct ksm_op *op, ew_row_fn 
             idx[d] = 0;
         }
     }
+}
+
+/* Elements [b, e) of a single merged dim. */
+static void ew_span(void *ctx, int64_t b, int64_t e)
+{
+    const struct ew_job *j = ctx;
+    const struct ew_iter *it = j->it;
+    char *p[EW_MAX] = {0};
+    int64_t st[EW_MAX] = {0};
+    for (int k = 0; k < it->nt; k++) {
+        st[k] = it->st[k][0];
+        p[k] = it->base[k] + b * st[k] * (int64_t)it->esz[k];
+    }
+    j->fn(j->op, e - b, p, st);
+}
+
+static void ew_run(const struct ew_iter *it, const struct ksm_op *op, ew_row_fn fn)
+{
+    if (it->nd == 0) { /* a single element (scalar, or all dims of size 1) */
+        char *p[EW_MAX] = {0};
+        int64_t st[EW_MAX] = {0};
+        for (int k = 0; k < it->nt; k++) p[k] = it->base[k];
+        fn(op, 1, p, st);
+        return;
+    }
+    for (int d = 0; d < it->nd; d++)
+        if (it->shape[d] == 0) return;
+    struct ew_job job = {it, op, fn};
+    const int64_t n = it->shape[it->nd - 1];
+    if (it->nd == 1) {
+        ksm_cpu_parallel_for(n, PAR_GRAIN, ew_span, &job);
+        return;
+    }
+    int64_t outer = 1;
+    for (int d = 0; d < it->nd - 1; d++) outer *= it->shape[d];
+    ksm_cpu_parallel_for(outer, grain_for(n), ew_rows, &job);
 }
 
 static void ew_exec(const struct ksm_op *op, int n_src, ew_row_fn fn)
@@ -375,14 +428,24 @@ static void valid_cols(int64_t out_w, int64_t in_w, int64_t off, int64_t *lo, in
     *hi = h;
 }
 
-/* Unrolls channels [0, cin) of one image's group into col[cin*kh*kw, ho*wo]. */
-static void im2col(const float *x, int64_t cin, int64_t h, int64_t w, int64_t kh, int64_t kw,
-                   int64_t ph, int64_t pw, int64_t ho, int64_t wo, float *col)
+struct im2col_job {
+    const float *x;
+    int64_t h, w, kh, kw, ph, pw, ho, wo;
+    float *col;
+};
+
+/* Rows [b, e) of col, row (c, ki, kj) = (c * kh + ki) * kw + kj. */
+static void im2col_rows(void *ctx, int64_t b, int64_t e)
 {
-    for (int64_t c = 0; c < cin; c++)
-        for (int64_t ki = 0; ki < kh; ki++)
-            for (int64_t kj = 0; kj < kw; kj++) {
-                float *row = col + ((c * kh + ki) * kw + kj) * ho * wo;
+    const struct im2col_job *j = ctx;
+    const float *x = j->x;
+    const int64_t h = j->h, w = j->w, kh = j->kh, kw = j->kw, ph = j->ph, pw = j->pw;
+    const int64_t ho = j->ho, wo = j->wo;
+    for (int64_t rr = b; rr < e; rr++) {
+        const int64_t c = rr / (kh * kw), ki = rr / kw % kh, kj = rr % kw;
+        {
+            {
+                float *row = j->col + rr * ho * wo;
                 int64_t lo, hi, off = kj - pw;
                 valid_cols(wo, w, off, &lo, &hi);
                 for (int64_t oh = 0; oh < ho; oh++) {
@@ -398,6 +461,50 @@ static void im2col(const float *x, int64_t cin, int64_t h, int64_t w, int64_t kh
                     for (int64_t ow = hi; ow < wo; ow++) r[ow] = 0.0f;
                 }
             }
+        }
+    }
+}
+
+/* Unrolls channels [0, cin) of one image's group into col[cin*kh*kw, ho*wo]. */
+static void im2col(const float *x, int64_t cin, int64_t h, int64_t w, int64_t kh, int64_t kw,
+                   int64_t ph, int64_t pw, int64_t ho, int64_t wo, float *col)
+{
+    struct im2col_job job = {x, h, w, kh, kw, ph, pw, ho, wo, col};
+    ksm_cpu_parallel_for(cin * kh * kw, grain_for(ho * wo), im2col_rows, &job);
+}
+
+struct dw_job {
+    const float *x, *w, *bias;
+    float *y;
+    int64_t c, h, wd, kh, kw, ph, pw, ho, wo;
+};
+
+/* Depthwise planes [b, e), plane p = n * C + c. */
+static void depthwise_planes(void *ctx, int64_t b, int64_t e)
+{
+    const struct dw_job *j = ctx;
+    const int64_t h = j->h, wd = j->wd, kh = j->kh, kw = j->kw, ph = j->ph, pw = j->pw;
+    const int64_t ho = j->ho, wo = j->wo, howo = ho * wo, hw = h * wd;
+    for (int64_t pl = b; pl < e; pl++) {
+        const int64_t c = pl % j->c;
+        const float *xp = j->x + pl * hw;
+        float *yp = j->y + pl * howo;
+        const float b0 = j->bias ? j->bias[c] : 0.0f;
+        for (int64_t i = 0; i < howo; i++) yp[i] = b0;
+        for (int64_t ki = 0; ki < kh; ki++)
+            for (int64_t kj = 0; kj < kw; kj++) {
+                const float wv = j->w[(c * kh + ki) * kw + kj];
+                int64_t lo, hi, off = kj - pw;
+                valid_cols(wo, wd, off, &lo, &hi);
+                for (int64_t oh = 0; oh < ho; oh++) {
+                    int64_t ih = oh + ki - ph;
+                    if (ih < 0 || ih >= h) continue;
+                    const float *xr = xp + ih * wd + off;
+                    float *yr = yp + oh * wo;
+                    for (int64_t ow = lo; ow < hi; ow++) yr[ow] += wv * xr[ow];
+                }
+            }
+    }
 }
 
 static int exec_conv2d(const struct ksm_op *op)
@@ -414,26 +521,8 @@ static int exec_conv2d(const struct ksm_op *op)
     if (nb == 0 || co == 0 || howo == 0) return 0;
 
     if (g == ci && g == co) { /* depthwise: direct kernel, no workspace */
-        for (int64_t n = 0; n < nb; n++)
-            for (int64_t c = 0; c < co; c++) {
-                const float *xp = x + (n * ci + c) * hw;
-                float *yp = y + (n * co + c) * howo;
-                const float b0 = bias ? bias[c] : 0.0f;
-                for (int64_t i = 0; i < howo; i++) yp[i] = b0;
-                for (int64_t ki = 0; ki < kh; ki++)
-                    for (int64_t kj = 0; kj < kw; kj++) {
-                        const float wv = w[(c * kh + ki) * kw + kj];
-                        int64_t lo, hi, off = kj - pw;
-                        valid_cols(wo, wd, off, &lo, &hi);
-                        for (int64_t oh = 0; oh < ho; oh++) {
-                            int64_t ih = oh + ki - ph;
-                            if (ih < 0 || ih >= h) continue;
-                            const float *xr = xp + ih * wd + off;
-                            float *yr = yp + oh * wo;
-                            for (int64_t ow = lo; ow < hi; ow++) yr[ow] += wv * xr[ow];
-                        }
-                    }
-            }
+        struct dw_job job = {x, w, bias, y, co, h, wd, kh, kw, ph, pw, ho, wo};
+        ksm_cpu_parallel_for(nb * co, grain_for(howo * kh * kw), depthwise_planes, &job);
         return 0;
     }
 
@@ -505,62 +594,71 @@ static void shift_scale(float *y, const float *x, int64_t n, float m, float a, f
     for (; i < n; i++) y[i] = (x[i] - m) * a + b;
 }
 
+/* Plane p = n * C + c of an [N, C, inner] tensor: y = (x - mean) * a + b per channel. */
+static void batchnorm_planes(void *ctx, int64_t b, int64_t e)
+{
+    const struct ksm_op *op = ctx;
+    const ksm_tensor *xt = &op->src[0];
+    const float *mean = (const float *)op->src[1].data, *var = (const float *)op->src[2].data;
+    const float *wt = (const float *)op->src[3].data, *bs = (const float *)op->src[4].data;
+    const int64_t c = xt->shape[1], inner = numel_of(xt) / (xt->shape[0] * c);
+    for (int64_t pl = b; pl < e; pl++) {
+        const int64_t ch = pl % c;
+        const float a = (float)((double)wt[ch] / sqrt((double)var[ch] + (double)op->p.norm.eps));
+        shift_scale((float *)op->dst.data + pl * inner, (const float *)xt->data + pl * inner,
+                    inner, mean[ch], a, bs[ch]);
+    }
+}
+
 static int exec_batchnorm(const struct ksm_op *op)
 {
     const ksm_tensor *xt = &op->src[0];
-    const float *x = (const float *)xt->data;
-    const float *mean = (const float *)op->src[1].data, *var = (const float *)op->src[2].data;
-    const float *wt = (const float *)op->src[3].data, *bs = (const float *)op->src[4].data;
-    float *y = (float *)op->dst.data;
-    int64_t nb = xt->shape[0], c = xt->shape[1];
-    int64_t inner = 1;
-    for (int i = 2; i < xt->ndim; i++) inner *= xt->shape[i];
-    for (int64_t ch = 0; ch < c; ch++) {
-        const float a = (float)((double)wt[ch] / sqrt((double)var[ch] + (double)op->p.norm.eps));
-        const float m = mean[ch], b = bs[ch];
-        for (int64_t n = 0; n < nb; n++) {
-            const float *xp = x + (n * c + ch) * inner;
-            float *yp = y + (n * c + ch) * inner;
-            shift_scale(yp, xp, inner, m, a, b);
+    int64_t planes = xt->shape[0] * xt->shape[1];
+    if (planes == 0) return 0;
+    ksm_cpu_parallel_for(planes, grain_for(numel_of(xt) / planes), batchnorm_planes, (void *)op);
+    return 0;
+}
+
+/* Groups [b, e), group q = n * G + g. */
+static void groupnorm_groups(void *ctx, int64_t b, int64_t e)
+{
+    const struct ksm_op *op = ctx;
+    const ksm_tensor *xt = &op->src[0];
+    const float *wt = (const float *)op->src[1].data, *bs = (const float *)op->src[2].data;
+    const int64_t c = xt->shape[1], g = op->p.norm.groups, cg = c / g;
+    const int64_t inner = numel_of(xt) / (xt->shape[0] * c);
+    for (int64_t q = b; q < e; q++) {
+        const int64_t gi = q % g;
+        const float *xp = (const float *)xt->data + q * cg * inner;
+        float *yp = (float *)op->dst.data + q * cg * inner;
+        float mean, rstd;
+        moments(xp, cg * inner, op->p.norm.eps, &mean, &rstd);
+        for (int64_t cc = 0; cc < cg; cc++) {
+            const int64_t ch = gi * cg + cc;
+            const float a = rstd * (wt ? wt[ch] : 1.0f), bb = bs ? bs[ch] : 0.0f;
+            shift_scale(yp + cc * inner, xp + cc * inner, inner, mean, a, bb);
         }
     }
-    return 0;
 }
 
 static int exec_groupnorm(const struct ksm_op *op)
 {
     const ksm_tensor *xt = &op->src[0];
-    const float *x = (const float *)xt->data;
-    const float *wt = (const float *)op->src[1].data, *bs = (const float *)op->src[2].data;
-    float *y = (float *)op->dst.data;
-    int64_t nb = xt->shape[0], c = xt->shape[1], g = op->p.norm.groups, cg = c / g;
-    int64_t inner = 1;
-    for (int i = 2; i < xt->ndim; i++) inner *= xt->shape[i];
-    for (int64_t n = 0; n < nb; n++)
-        for (int64_t gi = 0; gi < g; gi++) {
-            const float *xp = x + (n * c + gi * cg) * inner;
-            float *yp = y + (n * c + gi * cg) * inner;
-            float mean, rstd;
-            moments(xp, cg * inner, op->p.norm.eps, &mean, &rstd);
-            for (int64_t cc = 0; cc < cg; cc++) {
-                int64_t ch = gi * cg + cc;
-                const float a = rstd * (wt ? wt[ch] : 1.0f), b = bs ? bs[ch] : 0.0f;
-                shift_scale(yp + cc * inner, xp + cc * inner, inner, mean, a, b);
-            }
-        }
+    const int64_t groups = xt->shape[0] * op->p.norm.groups;
+    if (groups == 0 || numel_of(xt) == 0) return 0;
+    ksm_cpu_parallel_for(groups, grain_for(numel_of(xt) / groups), groupnorm_groups, (void *)op);
     return 0;
 }
 
-static int exec_layernorm(const struct ksm_op *op)
+static void layernorm_rows(void *ctx, int64_t b, int64_t e)
 {
+    const struct ksm_op *op = ctx;
     const ksm_tensor *xt = &op->src[0];
     const float *x = (const float *)xt->data;
     const float *wt = (const float *)op->src[1].data, *bs = (const float *)op->src[2].data;
     float *y = (float *)op->dst.data;
-    int64_t d = xt->shape[xt->ndim - 1];
-    if (d == 0) return 0;
-    int64_t rows = numel_of(xt) / d;
-    for (int64_t r = 0; r < rows; r++) {
+    const int64_t d = xt->shape[xt->ndim - 1];
+    for (int64_t r = b; r < e; r++) {
         const float *xr = x + r * d;
         float *yr = y + r * d;
         float mean, rstd;
@@ -576,6 +674,14 @@ static int exec_layernorm(const struct ksm_op *op)
                 yr[i] = (xr[i] - mean) * rstd * (wt ? wt[i] : 1.0f) + (bs ? bs[i] : 0.0f);
         }
     }
+}
+
+static int exec_layernorm(const struct ksm_op *op)
+{
+    const ksm_tensor *xt = &op->src[0];
+    int64_t d = xt->shape[xt->ndim - 1];
+    if (d == 0) return 0;
+    ksm_cpu_parallel_for(numel_of(xt) / d, grain_for(d), layernorm_rows, (void *)op);
     return 0;
 }
 
@@ -590,25 +696,32 @@ static float row_max(const float *x, int64_t n)
     return m;
 }
 
-static int exec_softmax(const struct ksm_op *op)
+static void softmax_rows(void *ctx, int64_t b, int64_t e)
 {
+    const struct ksm_op *op = ctx;
     const ksm_tensor *xt = &op->src[0];
-    int64_t d = xt->shape[xt->ndim - 1];
-    if (d == 0) return 0;
-    int64_t rows = numel_of(xt) / d;
-    for (int64_t r = 0; r < rows; r++) {
+    const int64_t d = xt->shape[xt->ndim - 1];
+    for (int64_t r = b; r < e; r++) {
         const float *xr = (const float *)xt->data + r * d;
         float *yr = (float *)op->dst.data + r * d;
         const float m = row_max(xr, d);
         double s = 0.0;
         for (int64_t i = 0; i < d; i++) {
-            float e = expf(xr[i] - m);
-            yr[i] = e;
-            s += e;
+            float ex = expf(xr[i] - m);
+            yr[i] = ex;
+            s += ex;
         }
         const float inv = (float)(1.0 / s);
         for (int64_t i = 0; i < d; i++) yr[i] *= inv;
     }
+}
+
+static int exec_softmax(const struct ksm_op *op)
+{
+    const ksm_tensor *xt = &op->src[0];
+    int64_t d = xt->shape[xt->ndim - 1];
+    if (d == 0) return 0;
+    ksm_cpu_parallel_for(numel_of(xt) / d, grain_for(d), softmax_rows, (void *)op);
     return 0;
 }
 
@@ -667,35 +780,41 @@ static void sdpa_row(const float *KSM_RESTRICT qr, const float *kb, int64_t ks, 
     for (int64_t d = 0; d < hd; d++) out[d] = acc[d] * inv;
 }
 
+/* Query rows [b, e) of all (batch, head) pairs, row r = (b * H + h) * Tq + i. */
+static void sdpa_rows(void *ctx, int64_t b, int64_t e)
+{
+    const struct ksm_op *op = ctx;
+    const ksm_tensor *q = &op->src[0], *k = &op->src[1], *v = &op->src[2], *o = &op->dst;
+    const int64_t nh = q->shape[1], tq = q->shape[2], hd = q->shape[3], tk = k->shape[2];
+    for (int64_t r = b; r < e; r++) {
+        const int64_t i = r % tq, h = r / tq % nh, bi = r / tq / nh;
+        const float *qb = (const float *)q->data + bi * q->stride[0] + h * q->stride[1];
+        const float *kb = (const float *)k->data + bi * k->stride[0] + h * k->stride[1];
+        const float *vb = (const float *)v->data + bi * v->stride[0] + h * v->stride[1];
+        float *ob = (float *)o->data + bi * o->stride[0] + h * o->stride[1];
+        int64_t nkeys = op->p.sdpa.causal ? i + (tk - tq) + 1 : tk;
+        if (nkeys > tk) nkeys = tk;
+        sdpa_row(qb + i * q->stride[2], kb, k->stride[2], vb, v->stride[2], nkeys, hd,
+                 op->p.sdpa.scale, ob + i * o->stride[2]);
+    }
+}
+
 static int exec_sdpa(const struct ksm_op *op)
 {
-    const ksm_tensor *q = &op->src[0], *k = &op->src[1], *v = &op->src[2], *o = &op->dst;
-    int64_t nb = q->shape[0], nh = q->shape[1], tq = q->shape[2], hd = q->shape[3];
-    int64_t tk = k->shape[2];
-    for (int64_t b = 0; b < nb; b++)
-        for (int64_t h = 0; h < nh; h++) {
-            const float *qb = (const float *)q->data + b * q->stride[0] + h * q->stride[1];
-            const float *kb = (const float *)k->data + b * k->stride[0] + h * k->stride[1];
-            const float *vb = (const float *)v->data + b * v->stride[0] + h * v->stride[1];
-            float *ob = (float *)o->data + b * o->stride[0] + h * o->stride[1];
-            for (int64_t i = 0; i < tq; i++) {
-                int64_t nkeys = op->p.sdpa.causal ? i + (tk - tq) + 1 : tk;
-                if (nkeys > tk) nkeys = tk;
-                sdpa_row(qb + i * q->stride[2], kb, k->stride[2], vb, v->stride[2], nkeys, hd,
-                         op->p.sdpa.scale, ob + i * o->stride[2]);
-            }
-        }
+    const ksm_tensor *q = &op->src[0], *k = &op->src[1];
+    const int64_t rows = q->shape[0] * q->shape[1] * q->shape[2];
+    ksm_cpu_parallel_for(rows, grain_for(2 * k->shape[2] * q->shape[3]), sdpa_rows, (void *)op);
     return 0;
 }
 
 /* ---- Embedding, reductions, pooling, losses ---- */
 
-static int exec_embedding(const struct ksm_op *op)
+static void embedding_rows(void *ctx, int64_t b, int64_t e)
 {
+    const struct ksm_op *op = ctx;
     const ksm_tensor *wt = &op->src[0], *it = &op->src[1];
-    int64_t vocab = wt->shape[0], d = wt->shape[1];
-    int64_t rows = numel_of(it);
-    for (int64_t r = 0; r < rows; r++) {
+    const int64_t vocab = wt->shape[0], d = wt->shape[1];
+    for (int64_t r = b; r < e; r++) {
         int64_t id = it->dtype == KSM_DTYPE_I32 ? ((const int32_t *)it->data)[r]
                                                 : ((const int64_t *)it->data)[r];
         float *yr = (float *)op->dst.data + r * d;
@@ -704,42 +823,67 @@ static int exec_embedding(const struct ksm_op *op)
         else
             for (int64_t i = 0; i < d; i++) yr[i] = NAN;
     }
+}
+
+static int exec_embedding(const struct ksm_op *op)
+{
+    ksm_cpu_parallel_for(numel_of(&op->src[1]), grain_for(op->src[0].shape[1]), embedding_rows,
+                         (void *)op);
     return 0;
+}
+
+struct mean_job {
+    const struct ksm_op *op;
+    int64_t outer, red, inner;
+};
+
+/* Outputs [b, e) in chunks of the inner dim: task t = o * nchunks + chunk. */
+enum { MEAN_CHUNK = 256 };
+
+static void mean_tasks(void *ctx, int64_t b, int64_t e)
+{
+    const struct mean_job *j = ctx;
+    const float *x = (const float *)j->op->src[0].data;
+    float *y = (float *)j->op->dst.data;
+    const int64_t red = j->red, inner = j->inner;
+    const int64_t nchunks = (inner + MEAN_CHUNK - 1) / MEAN_CHUNK;
+    double acc[MEAN_CHUNK];
+    for (int64_t t = b; t < e; t++) {
+        const int64_t o = t / nchunks, i0 = t % nchunks * MEAN_CHUNK;
+        const int64_t len = inner - i0 < MEAN_CHUNK ? inner - i0 : MEAN_CHUNK;
+        for (int64_t i = 0; i < len; i++) acc[i] = 0.0;
+        for (int64_t r = 0; r < red; r++) {
+            const float *xr = x + (o * red + r) * inner + i0;
+            for (int64_t i = 0; i < len; i++) acc[i] += xr[i];
+        }
+        for (int64_t i = 0; i < len; i++)
+            y[o * inner + i0 + i] = (float)(acc[i] / (double)red); /* red 0: NaN */
+    }
 }
 
 static int exec_mean(const struct ksm_op *op)
 {
     const ksm_tensor *xt = &op->src[0];
-    int64_t outer = 1, red = 1, inner = 1;
+    struct mean_job j = {op, 1, 1, 1};
     for (int i = 0; i < xt->ndim; i++) {
-        if (i < op->p.mean.dim_begin) outer *= xt->shape[i];
-        else if (i < op->p.mean.dim_end) red *= xt->shape[i];
-        else inner *= xt->shape[i];
+        if (i < op->p.mean.dim_begin) j.outer *= xt->shape[i];
+        else if (i < op->p.mean.dim_end) j.red *= xt->shape[i];
+        else j.inner *= xt->shape[i];
     }
-    const float *x = (const float *)xt->data;
-    float *y = (float *)op->dst.data;
-    enum { CHUNK = 256 };
-    double acc[CHUNK];
-    for (int64_t o = 0; o < outer; o++)
-        for (int64_t i0 = 0; i0 < inner; i0 += CHUNK) {
-            int64_t len = inner - i0 < CHUNK ? inner - i0 : CHUNK;
-            for (int64_t i = 0; i < len; i++) acc[i] = 0.0;
-            for (int64_t r = 0; r < red; r++) {
-                const float *xr = x + (o * red + r) * inner + i0;
-                for (int64_t i = 0; i < len; i++) acc[i] += xr[i];
-            }
-            for (int64_t i = 0; i < len; i++)
-                y[o * inner + i0 + i] = (float)(acc[i] / (double)red); /* red 0: NaN */
-        }
+    if (j.outer == 0 || j.inner == 0) return 0;
+    const int64_t nchunks = (j.inner + MEAN_CHUNK - 1) / MEAN_CHUNK;
+    const int64_t per = j.red * (j.inner < MEAN_CHUNK ? j.inner : MEAN_CHUNK);
+    ksm_cpu_parallel_for(j.outer * nchunks, grain_for(per), mean_tasks, &j);
     return 0;
 }
 
-static int exec_maxpool2(const struct ksm_op *op)
+static void maxpool_planes(void *ctx, int64_t b, int64_t e)
 {
+    const struct ksm_op *op = ctx;
     const ksm_tensor *xt = &op->src[0];
-    int64_t planes = xt->shape[0] * xt->shape[1], h = xt->shape[2], w = xt->shape[3];
-    int64_t ho = op->dst.shape[2], wo = op->dst.shape[3];
-    for (int64_t p = 0; p < planes; p++) {
+    const int64_t h = xt->shape[2], w = xt->shape[3];
+    const int64_t ho = op->dst.shape[2], wo = op->dst.shape[3];
+    for (int64_t p = b; p < e; p++) {
         const float *xp = (const float *)xt->data + p * h * w;
         float *yp = (float *)op->dst.data + p * ho * wo;
         for (int64_t oh = 0; oh < ho; oh++) {
@@ -753,16 +897,25 @@ static int exec_maxpool2(const struct ksm_op *op)
             }
         }
     }
+}
+
+static int exec_maxpool2(const struct ksm_op *op)
+{
+    const ksm_tensor *xt = &op->src[0];
+    const int64_t planes = xt->shape[0] * xt->shape[1];
+    ksm_cpu_parallel_for(planes, grain_for(xt->shape[2] * xt->shape[3]), maxpool_planes,
+                         (void *)op);
     return 0;
 }
 
-static int exec_cross_entropy(const struct ksm_op *op)
+static void cross_entropy_rows(void *ctx, int64_t b, int64_t e)
 {
+    const struct ksm_op *op = ctx;
     const ksm_tensor *lt = &op->src[0];
-    int64_t n = lt->shape[0], c = lt->shape[1];
+    const int64_t c = lt->shape[1];
     const int64_t *labels = (const int64_t *)op->src[1].data;
     float *loss = (float *)op->dst.data;
-    for (int64_t r = 0; r < n; r++) {
+    for (int64_t r = b; r < e; r++) {
         const float *x = (const float *)lt->data + r * c;
         int64_t lab = labels[r];
         if (lab == op->p.xent.ignore_index) {
@@ -778,15 +931,23 @@ static int exec_cross_entropy(const struct ksm_op *op)
         for (int64_t i = 0; i < c; i++) s += exp((double)x[i] - m);
         loss[r] = (float)(m + log(s) - (double)x[lab]);
     }
+}
+
+static int exec_cross_entropy(const struct ksm_op *op)
+{
+    const ksm_tensor *lt = &op->src[0];
+    ksm_cpu_parallel_for(lt->shape[0], grain_for(4 * lt->shape[1]), cross_entropy_rows,
+                         (void *)op);
     return 0;
 }
 
-static int exec_argmax(const struct ksm_op *op)
+static void argmax_rows(void *ctx, int64_t b, int64_t e)
 {
+    const struct ksm_op *op = ctx;
     const ksm_tensor *xt = &op->src[0];
-    int64_t n = xt->shape[0], c = xt->shape[1];
+    const int64_t c = xt->shape[1];
     int64_t *out = (int64_t *)op->dst.data;
-    for (int64_t r = 0; r < n; r++) {
+    for (int64_t r = b; r < e; r++) {
         const float *x = (const float *)xt->data + r * c;
         int64_t best = 0;
         float bv = x[0];
@@ -804,6 +965,12 @@ static int exec_argmax(const struct ksm_op *op)
         }
         out[r] = best;
     }
+}
+
+static int exec_argmax(const struct ksm_op *op)
+{
+    const ksm_tensor *xt = &op->src[0];
+    ksm_cpu_parallel_for(xt->shape[0], grain_for(xt->shape[1]), argmax_rows, (void *)op);
     return 0;
 }
 
