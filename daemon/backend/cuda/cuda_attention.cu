@@ -82,20 +82,27 @@ __global__ void __launch_bounds__(SDPA_WARPS * 32) sdpa_k(sdpa_args a)
             __syncthreads();
             if (!active || t0 > lim) continue; /* warp-uniform; no barrier below */
 
-            const int64_t key = t0 + lane;
+            /* Keys t0 .. t0 + nvis - 1 of this tile are visible to this query (nvis >= 1
+             * here: t0 <= lim <= Tk - 1). The others must not be touched at all: 0 * V of a
+             * masked key is NaN when V holds Inf/NaN there, and the CPU never reads it. */
+            const int64_t vis = lim - t0 + 1;
+            const int nvis = vis < a.kt ? (int)vis : a.kt;
+            const bool valid = lane < nvis;
             float s = -INFINITY;
-            if (lane < a.kt && key < a.Tk && key <= lim) {
+            if (valid) {
                 const float *kr = ks + lane * a.hdp;
                 const float *qr = qs + warp * hd;
                 float dot = 0.0f;
                 for (int d = 0; d < hd; ++d) dot += qr[d] * kr[d];
                 s = dot * a.scale;
             }
+            /* No "all -inf: skip the tile" shortcut: fmaxf drops NaN, so a tile whose visible
+             * scores are all NaN would be skipped, while on the CPU a NaN score poisons the
+             * row (here: p = NaN, or corr = NaN when m and tmax are both -inf). */
             const float tmax = warp_max(s);
-            if (tmax == -INFINITY) continue; /* warp-uniform */
             const float mn = fmaxf(m, tmax);
             const float corr = expf(m - mn); /* m = -inf on the first tile: 0 */
-            const float p = s == -INFINITY ? 0.0f : expf(s - mn);
+            const float p = valid ? expf(s - mn) : 0.0f;
             l = l * corr + warp_sum(p);
             ps[warp * 32 + lane] = p;
             __syncwarp();
@@ -105,7 +112,7 @@ __global__ void __launch_bounds__(SDPA_WARPS * 32) sdpa_k(sdpa_args a)
                 const int d = lane + 32 * t;
                 if (d < hd) {
                     float o = acc[t] * corr;
-                    for (int jj = 0; jj < a.kt; ++jj) o += pw[jj] * vs[jj * hd + d];
+                    for (int jj = 0; jj < nvis; ++jj) o += pw[jj] * vs[jj * hd + d];
                     acc[t] = o;
                 }
             }
