@@ -79,7 +79,9 @@ static int gemm_prepare(gemm_args *g)
 static int gemm_run(stream_ctx *sc, cublasHandle_t h, const gemm_args &g)
 {
     if (g.M == 0 || g.N == 0 || g.batch == 0) return 0;
-    if (g.K == 0) {
+    /* K == 0, or alpha == 0: C <- beta * C without reading A or B (BLAS semantics, as the
+     * CPU oracle; cuBLAS would still form 0 * A @ B, turning Inf/NaN in A or B into NaN). */
+    if (g.K == 0 || g.alpha == 0.0f) {
         int64_t n = g.batch * g.M * g.N;
         scale_k<<<grid_for(n, GM_BLOCK), GM_BLOCK, 0, sc->stream>>>(g.C, g.ldc, g.sC, g.M, g.N,
                                                                      g.beta, n);
@@ -271,7 +273,9 @@ static int op_conv2d(stream_ctx *sc, const struct ksm_op *op)
     int64_t Kdim = s.Cig * s.kh * s.kw;
     int64_t col_elems = Kdim * HoWo; /* one image, one group */
     int64_t chunk = s.N;
-    if (!pointwise) {
+    /* No input channels (Kdim 0): the GEMMs only zero y (K == 0) and ops.c passes no
+     * workspace, so neither im2col nor ws is needed (and col_bytes would divide by 0). */
+    if (!pointwise && col_elems > 0) {
         size_t col_bytes = (size_t)col_elems * sizeof(float);
         if (op->ws == nullptr || op->ws_bytes < col_bytes) return KSM_EINVAL;
         chunk = (int64_t)(op->ws_bytes / col_bytes);
@@ -315,9 +319,11 @@ static int op_conv2d(stream_ctx *sc, const struct ksm_op *op)
             for (int64_t n0 = 0; n0 < s.N; n0 += chunk) {
                 int64_t nb = s.N - n0 < chunk ? s.N - n0 : chunk;
                 int64_t ncol = nb * col_elems;
-                im2col_k<<<grid_for(ncol, GM_BLOCK), GM_BLOCK, 0, sc->stream>>>(
-                    (float *)op->ws, xd, s, n0, gi, ncol);
-                KSM_CUDA_LAUNCH_CHECK(sc, "im2col");
+                if (ncol > 0) {
+                    im2col_k<<<grid_for(ncol, GM_BLOCK), GM_BLOCK, 0, sc->stream>>>(
+                        (float *)op->ws, xd, s, n0, gi, ncol);
+                    KSM_CUDA_LAUNCH_CHECK(sc, "im2col");
+                }
                 g.B = (const float *)op->ws;
                 g.C = yd + n0 * s.Co * HoWo + gi * s.Cog * HoWo;
                 g.batch = nb;
