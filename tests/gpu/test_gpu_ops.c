@@ -398,6 +398,9 @@ Test(gpu_ops, fill_matches_cpu)
                                   KSM_DTYPE_I32};
     for (size_t d = 0; d < sizeof dts / sizeof dts[0]; d++)
         for (size_t v = 0; v < sizeof vals / sizeof vals[0]; v++) {
+            /* ksm_op_fill rejects a non-integral value for an integer dtype (KSM_EINVAL). */
+            bool is_int = dts[d] == KSM_DTYPE_I64 || dts[d] == KSM_DTYPE_I32;
+            if (is_int && vals[v] != floor(vals[v])) continue;
             tpair y = tp_out(dts[d], 2, SHAPE(37, 29));
             BOTH(ksm_op_fill(S, T(y), vals[v]));
             char what[64];
@@ -547,6 +550,17 @@ Test(gpu_ops, gemm_matches_cpu)
     tpair bbt = tp_rand(3, SHAPE(Bt, N, K), -1.0f, 1.0f);
     BOTH(ksm_op_gemm(S, T(cb), T(ab), T(bbt), false, true, 1.0f, 0.0f));
     expect_close(cb, TOL, "gemm batched, B transposed");
+    /* alpha = 0: C <- beta * C, A and B are not read (BLAS), so Inf/NaN in them do not
+     * show. */
+    float *hna = frand(M * K, -1.0f, 1.0f);
+    hna[0] = NAN;
+    hna[5] = INFINITY;
+    tpair na = tp_new(KSM_DTYPE_F32, 2, SHAPE(M, K), hna);
+    free(hna);
+    tpair nb = tp_rand(2, SHAPE(K, N), -1.0f, 1.0f);
+    tpair nc = tp_rand(2, SHAPE(M, N), -1.0f, 1.0f);
+    BOTH(ksm_op_gemm(S, T(nc), T(na), T(nb), false, false, 0.0f, 0.5f));
+    expect_close(nc, TOL, "gemm alpha=0 with Inf/NaN in A");
     /* Larger square case. */
     tpair la = tp_rand(2, SHAPE(256, 512), -1.0f, 1.0f);
     tpair lb = tp_rand(2, SHAPE(512, 320), -1.0f, 1.0f);
@@ -597,6 +611,9 @@ Test(gpu_ops, conv2d_matches_cpu)
         {3, 4, 6, 6, 5, 3, 3, 1, 1, 1, 1, 2, "workspace for two images (chunks 2+1)"},
         {5, 4, 6, 6, 6, 3, 3, 1, 1, 2, 1, 8, "workspace for all images, 2 groups"},
         {2, 16, 16, 16, 32, 3, 3, 1, 1, 1, 1, 1, "16->32 channels 16x16"},
+        /* Ci = 0: no workspace (its size is 0), y is the bias or zeros. */
+        {2, 0, 5, 5, 4, 3, 3, 1, 1, 2, 1, 1, "no input channels, 2 groups"},
+        {1, 0, 4, 4, 3, 3, 3, 1, 1, 1, 0, 1, "no input channels, no bias"},
     };
     for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
         const struct conv_case *cc = &cases[k];
@@ -762,6 +779,39 @@ Test(gpu_ops, sdpa_matches_cpu)
         tpair o = tp_view(obuf, 0, 4, sh, ost);
         BOTH(ksm_op_sdpa(S, T(o), T(q), T(kk), T(v), causal, 0.0f));
         expect_close(obuf, TOL, causal ? "sdpa strided qkv causal" : "sdpa strided qkv");
+    }
+}
+
+Test(gpu_ops, sdpa_nonfinite_matches_cpu)
+{
+    gpu_begin(22);
+    /* Causal: V of key 13 is NaN. Queries 0..12 never see it and must stay finite, although
+     * they share a key tile (and a block) with it; queries 13.. are NaN on both devices. */
+    {
+        const int64_t Tn = 20, hd = 16;
+        tpair q = tp_rand(4, SHAPE(1, 1, Tn, hd), -1.0f, 1.0f);
+        tpair kk = tp_rand(4, SHAPE(1, 1, Tn, hd), -1.0f, 1.0f);
+        float *hv = frand(Tn * hd, -1.0f, 1.0f);
+        for (int64_t d = 0; d < hd; d++) hv[13 * hd + d] = NAN;
+        tpair v = tp_new(KSM_DTYPE_F32, 4, SHAPE(1, 1, Tn, hd), hv);
+        free(hv);
+        tpair o = tp_out(KSM_DTYPE_F32, 4, SHAPE(1, 1, Tn, hd));
+        BOTH(ksm_op_sdpa(S, T(o), T(q), T(kk), T(v), true, 0.0f));
+        expect_close(o, TOL, "sdpa causal, NaN values at masked keys");
+    }
+    /* Non-causal, 33 keys: the last key tile holds only key 32, whose K row is NaN. Its NaN
+     * score poisons every row (as on the CPU), not skipped as an all -inf tile. */
+    {
+        const int64_t Tq = 3, Tk = 33, hd = 16;
+        tpair q = tp_rand(4, SHAPE(1, 1, Tq, hd), -1.0f, 1.0f);
+        float *hk = frand(Tk * hd, -1.0f, 1.0f);
+        for (int64_t d = 0; d < hd; d++) hk[32 * hd + d] = NAN;
+        tpair kk = tp_new(KSM_DTYPE_F32, 4, SHAPE(1, 1, Tk, hd), hk);
+        free(hk);
+        tpair v = tp_rand(4, SHAPE(1, 1, Tk, hd), -1.0f, 1.0f);
+        tpair o = tp_out(KSM_DTYPE_F32, 4, SHAPE(1, 1, Tq, hd));
+        BOTH(ksm_op_sdpa(S, T(o), T(q), T(kk), T(v), false, 0.0f));
+        expect_close(o, TOL, "sdpa, a key tile of NaN scores only");
     }
 }
 
