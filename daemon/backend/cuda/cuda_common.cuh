@@ -215,6 +215,20 @@ __device__ __forceinline__ float block_sum(float v, float *sh)
     return warp_sum(v);
 }
 
+/* block_sum in double (the CPU oracle accumulates norm statistics in double; float sums of
+ * values far from 0, e.g. LayerNorm rows around 100, lose ~1e-5 of the mean). */
+__device__ __forceinline__ double block_sum_d(double v, double *sh)
+{
+    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads(); /* sh may still be read by a previous call */
+    if (lane == 0) sh[wid] = v;
+    __syncthreads();
+    v = lane < nw ? sh[lane] : 0.0;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
 __device__ __forceinline__ float block_max(float v, float *sh)
 {
     int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;

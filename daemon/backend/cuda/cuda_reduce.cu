@@ -32,20 +32,22 @@ static unsigned row_grid(int64_t rows)
 __global__ void layernorm_k(float *y, const float *x, view xv, int64_t D, int64_t rows,
                             const float *w, int64_t ws, const float *b, int64_t bs, float eps)
 {
-    __shared__ float sh[32];
+    __shared__ double sh[32];
     const int64_t step = xv.ndim > 0 ? xv.stride[xv.ndim - 1] : 1;
     for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
         const float *xr = x + xv.offset(r * D);
-        float s = 0.0f;
+        /* Two passes in double, as the CPU oracle's moments(). */
+        double s = 0.0;
         for (int64_t j = threadIdx.x; j < D; j += blockDim.x) s += xr[j * step];
-        const float mean = block_sum(s, sh) / (float)D;
-        float q = 0.0f;
+        const double meand = block_sum_d(s, sh) / (double)D;
+        double q = 0.0;
         for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-            float d = xr[j * step] - mean;
+            double d = (double)xr[j * step] - meand;
             q += d * d;
         }
-        const float var = block_sum(q, sh) / (float)D;
-        const float rstd = 1.0f / sqrtf(var + eps);
+        const double var = block_sum_d(q, sh) / (double)D;
+        const float mean = (float)meand;
+        const float rstd = (float)(1.0 / sqrt(var + (double)eps));
         float *yr = y + r * D;
         for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
             float v = (xr[j * step] - mean) * rstd;
@@ -78,28 +80,30 @@ __global__ void groupnorm_k(float *y, const float *x, view xv, int64_t C, int64_
                             int64_t G, int64_t ngroups, const float *w, int64_t ws,
                             const float *b, int64_t bs, float eps)
 {
-    __shared__ float sh[32];
+    __shared__ double sh[32];
     const int64_t cpg = C / G, cnt = cpg * inner;
     for (int64_t grp = blockIdx.x; grp < ngroups; grp += gridDim.x) {
         const int64_t n = grp / G, g = grp - n * G;
         const int64_t base = (n * C + g * cpg) * inner;
-        float s = 0.0f;
+        /* Two passes in double, as the CPU oracle's moments(). */
+        double s = 0.0;
         for (int64_t j = threadIdx.x; j < cnt; j += blockDim.x)
             s += x[LIN ? base + j : xv.offset(base + j)];
-        const float mean = block_sum(s, sh) / (float)cnt;
-        float q = 0.0f;
+        const double meand = block_sum_d(s, sh) / (double)cnt;
+        double q = 0.0;
         for (int64_t j = threadIdx.x; j < cnt; j += blockDim.x) {
-            float d = x[LIN ? base + j : xv.offset(base + j)] - mean;
+            double d = (double)x[LIN ? base + j : xv.offset(base + j)] - meand;
             q += d * d;
         }
-        const float var = block_sum(q, sh) / (float)cnt;
-        const float rstd = 1.0f / sqrtf(var + eps);
+        const double var = block_sum_d(q, sh) / (double)cnt;
+        const float mean = (float)meand;
+        const float rstd = (float)(1.0 / sqrt(var + (double)eps));
         for (int64_t j = threadIdx.x; j < cnt; j += blockDim.x) {
             const int64_t c = g * cpg + j / inner;
-            float v = (x[LIN ? base + j : xv.offset(base + j)] - mean) * rstd;
-            if (w != nullptr) v = v * w[c * ws];
-            if (b != nullptr) v = v + b[c * bs];
-            y[base + j] = v;
+            /* Same structure as the CPU: a = rstd * w; y = (x - mean) * a + b. */
+            const float a = rstd * (w != nullptr ? w[c * ws] : 1.0f);
+            const float bb = b != nullptr ? b[c * bs] : 0.0f;
+            y[base + j] = (x[LIN ? base + j : xv.offset(base + j)] - mean) * a + bb;
         }
     }
 }
