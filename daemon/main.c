@@ -49,16 +49,15 @@ struct daemon {
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: kasminad [options]\n"
-            "  --cpu-devices N     logical CPU devices cpu:0..cpu:N-1 (1..64, default 1)\n"
-            "  --no-cuda           do not load the CUDA backend plugin\n"
-            "  --memory-cap BYTES  per-device allocator cap (0 = none, default 0)\n"
-            "  --log-level LEVEL   error|warn|info|debug (default info)\n"
-            "  --log-file PATH     append log lines to PATH (SIGHUP reopens it)\n"
-            "  --demo              accepted for the quick start (demo model: gRPC stage)\n"
-            "  --version           print the version and exit\n"
-            "  --help              this text\n");
+    fprintf(f, "usage: kasminad [options]\n"
+               "  --cpu-devices N     logical CPU devices cpu:0..cpu:N-1 (1..64, default 1)\n"
+               "  --no-cuda           do not load the CUDA backend plugin\n"
+               "  --memory-cap BYTES  per-device allocator cap (0 = none, default 0)\n"
+               "  --log-level LEVEL   error|warn|info|debug (default info)\n"
+               "  --log-file PATH     append log lines to PATH (SIGHUP reopens it)\n"
+               "  --demo              accepted for the quick start (demo model: gRPC stage)\n"
+               "  --version           print the version and exit\n"
+               "  --help              this text\n");
 }
 
 /* Parses an integer option in [lo, hi]; on failure prints one sentence naming the option. */
@@ -96,8 +95,8 @@ static int parse_args(int argc, char **argv, struct daemon_opts *o)
     o->log_level = KSM_LOG_INFO;
     const char *env = getenv("KASMINA_CPU_DEVICES");
     long long v;
-    if (env != NULL && parse_int_opt("cpu-devices (KASMINA_CPU_DEVICES)", env, 1, MAX_DEVICES,
-                                     &v) == 0)
+    if (env != NULL &&
+        parse_int_opt("cpu-devices (KASMINA_CPU_DEVICES)", env, 1, MAX_DEVICES, &v) == 0)
         o->cpu_devices = (int)v;
     else if (env != NULL)
         return 2;
@@ -108,9 +107,7 @@ static int parse_args(int argc, char **argv, struct daemon_opts *o)
             if (parse_int_opt("cpu-devices", optarg, 1, MAX_DEVICES, &v) != 0) return 2;
             o->cpu_devices = (int)v;
             break;
-        case OPT_NOCUDA:
-            o->use_cuda = 0;
-            break;
+        case OPT_NOCUDA: o->use_cuda = 0; break;
         case OPT_CAP:
             if (parse_int_opt("memory-cap", optarg, 0, LLONG_MAX, &v) != 0) return 2;
             o->memory_cap = (size_t)v;
@@ -124,20 +121,11 @@ static int parse_args(int argc, char **argv, struct daemon_opts *o)
                 return 2;
             }
             break;
-        case OPT_LOGFILE:
-            o->log_file = optarg;
-            break;
-        case OPT_DEMO:
-            break;
-        case OPT_VERSION:
-            printf("kasminad %s\n", KSM_VERSION);
-            return 1;
-        case 'h':
-            usage(stdout);
-            return 1;
-        default:
-            usage(stderr);
-            return 2;
+        case OPT_LOGFILE: o->log_file = optarg; break;
+        case OPT_DEMO: break;
+        case OPT_VERSION: printf("kasminad %s\n", KSM_VERSION); return 1;
+        case 'h': usage(stdout); return 1;
+        default: usage(stderr); return 2;
         }
     }
     if (optind < argc) {
@@ -152,8 +140,10 @@ static void on_signal(uv_signal_t *h, int signum)
     struct daemon *d = h->data;
     if (signum == SIGHUP) {
         int rc = ksm_log_reopen();
-        if (rc != 0) KSM_LOGW("main", "log reopen failed: %s", ksm_strerror(rc));
-        else KSM_LOGI("main", "log reopened");
+        if (rc != 0)
+            KSM_LOGW("main", "log reopen failed: %s", ksm_strerror(rc));
+        else
+            KSM_LOGI("main", "log reopened");
         return;
     }
     d->signals++;
@@ -210,8 +200,8 @@ int main(int argc, char **argv)
     if (d.opts.log_file != NULL) {
         int rc = ksm_log_open_file(d.opts.log_file);
         if (rc != 0) {
-            fprintf(stderr, "kasminad: option --log-file: cannot open '%s': %s\n",
-                    d.opts.log_file, ksm_strerror(rc));
+            fprintf(stderr, "kasminad: option --log-file: cannot open '%s': %s\n", d.opts.log_file,
+                    ksm_strerror(rc));
             return 2;
         }
     }
@@ -226,8 +216,7 @@ int main(int argc, char **argv)
                      ksm_err_name(rc), why);
             d.cuda = NULL;
         } else {
-            KSM_LOGI("main", "CUDA backend loaded: %d device(s)",
-                     ksm_backend_device_count(d.cuda));
+            KSM_LOGI("main", "CUDA backend loaded: %d device(s)", ksm_backend_device_count(d.cuda));
         }
     } else {
         KSM_LOGI("main", "CUDA backend disabled (--no-cuda); using the CPU backend");

@@ -14,10 +14,7 @@
 
 static atomic_uint_fast64_t next_stream_id = 1;
 
-uint64_t ksm_backend_next_stream_id(void)
-{
-    return (uint64_t)atomic_fetch_add(&next_stream_id, 1);
-}
+uint64_t ksm_backend_next_stream_id(void) { return (uint64_t)atomic_fetch_add(&next_stream_id, 1); }
 
 /* ---- Backends ---- */
 

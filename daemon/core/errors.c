@@ -6,30 +6,24 @@
 const char *ksm_strerror(int err)
 {
     switch (err) {
-    case 0:
-        return "success";
+    case 0: return "success";
 #define KSM_XX_STR(name, val, msg)                                                                 \
-    case KSM_##name:                                                                               \
-        return msg;
+    case KSM_##name: return msg;
         KSM_ERRNO_MAP(KSM_XX_STR)
 #undef KSM_XX_STR
-    default:
-        return "unknown error";
+    default: return "unknown error";
     }
 }
 
 const char *ksm_err_name(int err)
 {
     switch (err) {
-    case 0:
-        return "KSM_OK";
+    case 0: return "KSM_OK";
 #define KSM_XX_NAME(name, val, msg)                                                                \
-    case KSM_##name:                                                                               \
-        return "KSM_" #name;
+    case KSM_##name: return "KSM_" #name;
         KSM_ERRNO_MAP(KSM_XX_NAME)
 #undef KSM_XX_NAME
-    default:
-        return "KSM_EUNKNOWN";
+    default: return "KSM_EUNKNOWN";
     }
 }
 

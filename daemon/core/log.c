@@ -16,7 +16,7 @@ static atomic_int log_level = KSM_LOG_INFO;
 static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
 static ksm_log_sink_cb log_sink;
 static void *log_sink_data;
-static FILE *log_file;    /* NULL = stderr */
+static FILE *log_file; /* NULL = stderr */
 static char *log_path;
 
 void ksm_log_set_level(enum ksm_log_level level)

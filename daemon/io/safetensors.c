@@ -57,15 +57,15 @@
 #define ST_NAME_SHOWN 200        /* longest name quoted in a message */
 
 struct ksm_st_file {
-    void *mem;                   /* owns the image (plus alignment slack) */
-    const uint8_t *data;         /* start of the data section */
+    void *mem;           /* owns the image (plus alignment slack) */
+    const uint8_t *data; /* start of the data section */
     size_t data_len;
     struct ksm_st_tensor *tensors; /* data-offset order */
     size_t n;
     const struct ksm_st_tensor **by_name; /* sorted by name, for ksm_st_find */
-    const char **meta;           /* n_meta (key, value) pairs sorted by key */
+    const char **meta;                    /* n_meta (key, value) pairs sorted by key */
     size_t n_meta;
-    char *strings;               /* arena holding names, metadata keys and values */
+    char *strings; /* arena holding names, metadata keys and values */
 };
 
 // ---- Small helpers ----
@@ -200,8 +200,8 @@ static bool json_uint(const json_t *v, uint64_t *out)
     return true;
 }
 
-static int parse_tensor(const char *name, const json_t *entry, uint64_t data_len,
-                        struct st_rec *r, char *errbuf, size_t errlen)
+static int parse_tensor(const char *name, const json_t *entry, uint64_t data_len, struct st_rec *r,
+                        char *errbuf, size_t errlen)
 {
     const int nl = ST_NAME_SHOWN;
     if (name[0] == '\0') return fail(errbuf, errlen, KSM_EFORMAT, "a tensor has an empty name");
@@ -211,7 +211,8 @@ static int parse_tensor(const char *name, const json_t *entry, uint64_t data_len
 
     const char *key;
     json_t *val;
-    json_object_foreach((json_t *)entry, key, val) {
+    json_object_foreach((json_t *)entry, key, val)
+    {
         if (strcmp(key, "dtype") != 0 && strcmp(key, "shape") != 0 &&
             strcmp(key, "data_offsets") != 0)
             return fail(errbuf, errlen, KSM_EFORMAT, "tensor '%.*s': unknown field '%.*s'", nl,
@@ -293,7 +294,8 @@ static int parse_metadata(const json_t *m, size_t *n_meta, size_t *str_bytes, ch
         return fail(errbuf, errlen, KSM_EFORMAT, "__metadata__ is not a JSON object");
     const char *key;
     json_t *val;
-    json_object_foreach((json_t *)m, key, val) {
+    json_object_foreach((json_t *)m, key, val)
+    {
         if (!json_is_string(val))
             return fail(errbuf, errlen, KSM_EFORMAT, "__metadata__ value of '%.*s' is not a string",
                         ST_NAME_SHOWN, key);
@@ -304,17 +306,15 @@ static int parse_metadata(const json_t *m, size_t *n_meta, size_t *str_bytes, ch
 }
 
 /* Parses the image f->mem holds at [img, img + len) and fills f. */
-static int parse_image(ksm_st_file *f, const uint8_t *img, size_t len, char *errbuf,
-                       size_t errlen)
+static int parse_image(ksm_st_file *f, const uint8_t *img, size_t len, char *errbuf, size_t errlen)
 {
     if (len < 8)
         return fail(errbuf, errlen, KSM_EFORMAT,
                     "file is %zu bytes, too short for the 8-byte header length", len);
     uint64_t hlen = load_le64(img);
     if (hlen > ST_HEADER_MAX)
-        return fail(errbuf, errlen, KSM_EFORMAT,
-                    "header length %llu exceeds the limit of %u bytes", (unsigned long long)hlen,
-                    ST_HEADER_MAX);
+        return fail(errbuf, errlen, KSM_EFORMAT, "header length %llu exceeds the limit of %u bytes",
+                    (unsigned long long)hlen, ST_HEADER_MAX);
     if (hlen > len - 8)
         return fail(errbuf, errlen, KSM_EFORMAT,
                     "header length %llu exceeds the %zu bytes that follow it (truncated file?)",
@@ -348,7 +348,8 @@ static int parse_image(ksm_st_file *f, const uint8_t *img, size_t len, char *err
     size_t n = 0, n_meta = 0, str_bytes = 0;
     const char *key;
     json_t *val;
-    json_object_foreach(root, key, val) {
+    json_object_foreach(root, key, val)
+    {
         if (strcmp(key, "__metadata__") == 0) {
             meta = val;
             rc = parse_metadata(val, &n_meta, &str_bytes, errbuf, errlen);
@@ -367,11 +368,11 @@ static int parse_image(ksm_st_file *f, const uint8_t *img, size_t len, char *err
     for (size_t i = 0; i < n; i++) {
         const struct st_rec *r = &recs[i];
         if (r->begin < pos) {
-            rc = fail(errbuf, errlen, KSM_EFORMAT,
-                      "tensor '%.*s': data_offsets [%llu,%llu] overlap tensor '%.*s' ending at %llu",
-                      ST_NAME_SHOWN, r->t.name, (unsigned long long)r->begin,
-                      (unsigned long long)r->end, ST_NAME_SHOWN, recs[i - 1].t.name,
-                      (unsigned long long)pos);
+            rc = fail(
+                errbuf, errlen, KSM_EFORMAT,
+                "tensor '%.*s': data_offsets [%llu,%llu] overlap tensor '%.*s' ending at %llu",
+                ST_NAME_SHOWN, r->t.name, (unsigned long long)r->begin, (unsigned long long)r->end,
+                ST_NAME_SHOWN, recs[i - 1].t.name, (unsigned long long)pos);
             goto out_free_recs;
         }
         if (r->begin > pos) {
@@ -419,7 +420,8 @@ static int parse_image(ksm_st_file *f, const uint8_t *img, size_t len, char *err
     qsort(f->by_name, n, sizeof *f->by_name, cmp_tensor_name);
     if (meta != NULL && json_is_object(meta)) {
         size_t i = 0;
-        json_object_foreach((json_t *)meta, key, val) {
+        json_object_foreach((json_t *)meta, key, val)
+        {
             size_t kl = strlen(key) + 1, vl = json_string_length(val) + 1;
             f->meta[2 * i] = memcpy(s, key, kl);
             s += kl;
@@ -540,8 +542,8 @@ int ksm_st_open(const char *path, ksm_st_file **out, char *errbuf, size_t errlen
     f = calloc(1, sizeof *f);
     uint8_t *img = f ? alloc_image(f, size, prefix, (size_t)np) : NULL;
     if (img == NULL) {
-        rc = fail(errbuf, errlen, KSM_ENOMEM, "out of memory for the %zu bytes of '%s'", size,
-                  path);
+        rc =
+            fail(errbuf, errlen, KSM_ENOMEM, "out of memory for the %zu bytes of '%s'", size, path);
         goto out_free;
     }
     // A file that shrank since fstat is parsed as read (and then fails as truncated).
@@ -579,10 +581,7 @@ void ksm_st_close(ksm_st_file *f)
     free(f);
 }
 
-size_t ksm_st_count(const ksm_st_file *f)
-{
-    return f ? f->n : 0;
-}
+size_t ksm_st_count(const ksm_st_file *f) { return f ? f->n : 0; }
 
 const struct ksm_st_tensor *ksm_st_get(const ksm_st_file *f, size_t i)
 {
@@ -672,9 +671,9 @@ static int build_header(const struct ksm_st_tensor *tensors, size_t n, const cha
             goto out_free_json;
         }
         json_t *shape = json_array();
-        json_t *e = json_pack("{s:s, s:o, s:[I,I]}", "dtype", ksm_dtype_name(t->dtype), "shape",
-                              shape, "data_offsets", (json_int_t)off,
-                              (json_int_t)(off + t->nbytes));
+        json_t *e =
+            json_pack("{s:s, s:o, s:[I,I]}", "dtype", ksm_dtype_name(t->dtype), "shape", shape,
+                      "data_offsets", (json_int_t)off, (json_int_t)(off + t->nbytes));
         if (e == NULL || json_object_set_new(root, t->name, e) != 0) goto out_free_json;
         for (int d = 0; d < t->ndim; d++)
             if (json_array_append_new(shape, json_integer(t->shape[d])) != 0) goto out_free_json;
@@ -802,8 +801,7 @@ int ksm_st_write(const char *path, const struct ksm_st_tensor *tensors, size_t n
     }
     int fd = -1;
     for (int attempt = 0; attempt < 100; attempt++) {
-        snprintf(tmp, tl, "%s.tmp.%ld.%u", path, (long)getpid(),
-                 atomic_fetch_add(&counter, 1u));
+        snprintf(tmp, tl, "%s.tmp.%ld.%u", path, (long)getpid(), atomic_fetch_add(&counter, 1u));
         fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
         if (fd >= 0 || errno != EEXIST) break;
     }
@@ -813,7 +811,8 @@ int ksm_st_write(const char *path, const struct ksm_st_tensor *tensors, size_t n
     }
 
     rc = write_all(fd, hdr, hl);
-    for (size_t i = 0; rc == 0 && i < n; i++) rc = write_all(fd, tensors[i].data, tensors[i].nbytes);
+    for (size_t i = 0; rc == 0 && i < n; i++)
+        rc = write_all(fd, tensors[i].data, tensors[i].nbytes);
     if (rc == 0 && fsync(fd) != 0) rc = -errno;
     if (close(fd) != 0 && rc == 0) rc = -errno; // no retry: the descriptor is gone either way
     if (rc == 0 && rename(tmp, path) != 0) rc = -errno;

@@ -304,10 +304,7 @@ static void event_put(ksm_allocator *a, ksm_event *ev)
 
 // ---- Core operations (mutex held) ----
 
-static bool block_is_split(const struct block *b)
-{
-    return b->prev != NULL || b->next != NULL;
-}
+static bool block_is_split(const struct block *b) { return b->prev != NULL || b->next != NULL; }
 
 /* Returns an ALLOCATED or PENDING block to its pool, merging it with free neighbours. */
 static void free_block(ksm_allocator *a, struct block *b)
@@ -594,10 +591,7 @@ void ksm_allocator_free(ksm_allocator *a)
     free(a);
 }
 
-ksm_device *ksm_allocator_device(const ksm_allocator *a)
-{
-    return a ? a->dev : NULL;
-}
+ksm_device *ksm_allocator_device(const ksm_allocator *a) { return a ? a->dev : NULL; }
 
 static size_t segment_size_for(size_t size)
 {

@@ -77,10 +77,10 @@ KSM_HD uint16_t ksm_f32_to_f16(float f)
     uint32_t x = ksm_f32_bits(f);
     uint32_t sign = (x >> 16) & 0x8000u;
     uint32_t absx = x & 0x7fffffffu;
-    if (absx > 0x7f800000u) return (uint16_t)(sign | 0x7e00u); /* NaN */
+    if (absx > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);  /* NaN */
     if (absx >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* overflow (rounds) -> inf */
-    if (absx < 0x38800000u) {                                  /* subnormal or zero */
-        if (absx < 0x33000000u) return (uint16_t)sign;         /* < 2^-25: rounds to 0 */
+    if (absx < 0x38800000u) {                                   /* subnormal or zero */
+        if (absx < 0x33000000u) return (uint16_t)sign;          /* < 2^-25: rounds to 0 */
         uint32_t e = absx >> 23;
         uint32_t m = (absx & 0x7fffffu) | 0x800000u;
         uint32_t shift = 126u - e; /* 14 + (112 - e) + 1 ... shift into place */

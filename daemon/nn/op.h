@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-#define KSM_OP_MAX_SRC 5
+#define KSM_OP_MAX_SRC        5
 #define KSM_SDPA_MAX_HEAD_DIM 256
 
 enum ksm_op_type {
@@ -84,7 +84,7 @@ enum ksm_op_type {
 
 enum ksm_unary_fn {
     KSM_UNARY_RELU = 0,
-    KSM_UNARY_GELU,    /* exact erf form */
+    KSM_UNARY_GELU, /* exact erf form */
     KSM_UNARY_SIGMOID,
     KSM_UNARY_TANH,
     KSM_UNARY_CLAMP01, /* min(max(x, 0), 1); NaN stays NaN */
@@ -92,12 +92,7 @@ enum ksm_unary_fn {
     KSM_UNARY_COUNT
 };
 
-enum ksm_binary_fn {
-    KSM_BINARY_ADD = 0,
-    KSM_BINARY_SUB,
-    KSM_BINARY_MUL,
-    KSM_BINARY_COUNT
-};
+enum ksm_binary_fn { KSM_BINARY_ADD = 0, KSM_BINARY_SUB, KSM_BINARY_MUL, KSM_BINARY_COUNT };
 
 struct ksm_op {
     enum ksm_op_type type;

@@ -245,8 +245,7 @@ int ksm_op_fill(ksm_stream *s, ksm_tensor *dst, double value)
             value != floor(value))
             return KSM_EINVAL;
     } else if (dst->dtype == KSM_DTYPE_I32) {
-        if (!(value >= INT32_MIN && value <= INT32_MAX) || value != floor(value))
-            return KSM_EINVAL;
+        if (!(value >= INT32_MIN && value <= INT32_MAX) || value != floor(value)) return KSM_EINVAL;
     }
     struct ksm_op op;
     memset(&op, 0, sizeof op);
@@ -286,8 +285,8 @@ static int prep_elementwise(ksm_stream *s, struct ksm_op *op, enum ksm_op_type t
     return 0;
 }
 
-static int unary(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, enum ksm_unary_fn fn,
-                 float a, float b)
+static int unary(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, enum ksm_unary_fn fn, float a,
+                 float b)
 {
     struct ksm_op op;
     const ksm_tensor *srcs[1] = {x};
@@ -395,9 +394,17 @@ int ksm_op_gemm(ksm_stream *s, ksm_tensor *c, const ksm_tensor *a, const ksm_ten
     if ((nd != 2 && nd != 3) || a->ndim != nd || b->ndim != nd) return KSM_ESHAPE;
     int64_t M = c->shape[nd - 2], N = c->shape[nd - 1];
     int64_t am = a->shape[nd - 2], ak = a->shape[nd - 1];
-    if (trans_a) { int64_t t = am; am = ak; ak = t; }
+    if (trans_a) {
+        int64_t t = am;
+        am = ak;
+        ak = t;
+    }
     int64_t bk = b->shape[nd - 2], bn = b->shape[nd - 1];
-    if (trans_b) { int64_t t = bk; bk = bn; bn = t; }
+    if (trans_b) {
+        int64_t t = bk;
+        bk = bn;
+        bn = t;
+    }
     if (am != M || bn != N || ak != bk) return KSM_ESHAPE;
     int64_t batch = nd == 3 ? c->shape[0] : 1;
     if (nd == 3) {
@@ -423,9 +430,9 @@ int ksm_op_gemm(ksm_stream *s, ksm_tensor *c, const ksm_tensor *a, const ksm_ten
                 op.src[i].shape[0] = batch;
                 op.src[i].stride[0] = 0;
             }
-        if (batch <= 1) op.dst.stride[0] = 0;
-        else if (M > 0 && N > 0 &&
-                 op.dst.stride[0] < (M - 1) * op.dst.stride[1] + N)
+        if (batch <= 1)
+            op.dst.stride[0] = 0;
+        else if (M > 0 && N > 0 && op.dst.stride[0] < (M - 1) * op.dst.stride[1] + N)
             return KSM_EINVAL; /* batches of c would overlap */
     }
     if (overlaps(&op.dst, &op.src[0]) || overlaps(&op.dst, &op.src[1])) return KSM_EINVAL;
@@ -484,16 +491,16 @@ int ksm_op_linear(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_t
  * 1x1 kernels without padding (the image itself is the matrix) and depthwise convolutions
  * (groups == Ci == Co, a direct kernel). Invalid arguments give 0 (ksm_op_conv2d rejects them).
  */
-static bool conv_needs_im2col(int64_t ci, int64_t co, int64_t kh, int64_t kw, int pad_h,
-                              int pad_w, int groups)
+static bool conv_needs_im2col(int64_t ci, int64_t co, int64_t kh, int64_t kw, int pad_h, int pad_w,
+                              int groups)
 {
     if (kh == 1 && kw == 1 && pad_h == 0 && pad_w == 0) return false;
     if (groups == ci && groups == co) return false;
     return true;
 }
 
-size_t ksm_op_conv2d_workspace_size(const ksm_tensor *x, const ksm_tensor *w, int pad_h,
-                                    int pad_w, int groups)
+size_t ksm_op_conv2d_workspace_size(const ksm_tensor *x, const ksm_tensor *w, int pad_h, int pad_w,
+                                    int groups)
 {
     if (x == NULL || w == NULL || x->ndim != 4 || w->ndim != 4) return 0;
     if (groups < 1 || pad_h < 0 || pad_w < 0) return 0;
@@ -727,8 +734,7 @@ int ksm_op_sdpa(ksm_stream *s, ksm_tensor *out, const ksm_tensor *q, const ksm_t
 
 /* ---- Embedding, reductions, pooling, losses ---- */
 
-int ksm_op_embedding(ksm_stream *s, ksm_tensor *y, const ksm_tensor *weight,
-                     const ksm_tensor *idx)
+int ksm_op_embedding(ksm_stream *s, ksm_tensor *y, const ksm_tensor *weight, const ksm_tensor *idx)
 {
     int rc;
     if (s == NULL) return KSM_EINVAL;

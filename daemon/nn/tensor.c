@@ -200,8 +200,8 @@ char *ksm_tensor_describe(const ksm_tensor *t, char *buf, size_t len)
     const char *dn = ksm_dtype_name(t->dtype);
     size_t used = (size_t)snprintf(buf, len, "%s[", dn ? dn : "?");
     for (int i = 0; i < t->ndim && used < len; i++)
-        used += (size_t)snprintf(buf + used, len - used, i ? ",%lld" : "%lld",
-                                 (long long)t->shape[i]);
+        used +=
+            (size_t)snprintf(buf + used, len - used, i ? ",%lld" : "%lld", (long long)t->shape[i]);
     if (used < len) snprintf(buf + used, len - used, "]");
     return buf;
 }

@@ -33,12 +33,12 @@ extern "C" {
 
 typedef struct ksm_allocator ksm_allocator;
 
-#define KSM_ALLOC_ROUND 512u
-#define KSM_ALLOC_SMALL_SIZE (1u << 20)       /* largest small-pool request */
-#define KSM_ALLOC_SMALL_SEGMENT (2u << 20)    /* small-pool segment */
-#define KSM_ALLOC_LARGE_SEGMENT (20u << 20)   /* large-pool segment for requests < 10 MiB */
+#define KSM_ALLOC_ROUND           512u
+#define KSM_ALLOC_SMALL_SIZE      (1u << 20)  /* largest small-pool request */
+#define KSM_ALLOC_SMALL_SEGMENT   (2u << 20)  /* small-pool segment */
+#define KSM_ALLOC_LARGE_SEGMENT   (20u << 20) /* large-pool segment for requests < 10 MiB */
 #define KSM_ALLOC_MIN_LARGE_ALLOC (10u << 20) /* at or above: own segment rounded to 2 MiB */
-#define KSM_ALLOC_ROUND_LARGE (2u << 20)
+#define KSM_ALLOC_ROUND_LARGE     (2u << 20)
 
 /* One statistic in torch.cuda.memory_stats() vocabulary. current = allocated - freed; peak is
  * the high-water mark of current since creation or the last reset. */
@@ -61,15 +61,15 @@ struct ksm_pool_stats {
 
 struct ksm_mem_stats {
     struct ksm_pool_stats pool[KSM_POOL_COUNT]; /* all, small, large */
-    uint64_t num_alloc_retries;    /* flush-and-retry cycles */
-    uint64_t num_ooms;             /* requests that failed with KSM_EDEVMEM */
-    uint64_t num_device_alloc;     /* ksm_device_malloc calls that succeeded */
-    uint64_t num_device_free;      /* ksm_device_free calls */
-    uint64_t num_sync_all_streams; /* device synchronizations done by the allocator */
-    uint64_t cache_hits;           /* requests served without a device allocation */
-    uint64_t deferred_frees;       /* frees that had to wait for other streams' events */
-    uint64_t memory_cap_bytes;     /* 0 = no cap */
-    uint64_t total_bytes;          /* device memory (ksm_device_mem_info) */
+    uint64_t num_alloc_retries;                 /* flush-and-retry cycles */
+    uint64_t num_ooms;                          /* requests that failed with KSM_EDEVMEM */
+    uint64_t num_device_alloc;                  /* ksm_device_malloc calls that succeeded */
+    uint64_t num_device_free;                   /* ksm_device_free calls */
+    uint64_t num_sync_all_streams;              /* device synchronizations done by the allocator */
+    uint64_t cache_hits;                        /* requests served without a device allocation */
+    uint64_t deferred_frees;   /* frees that had to wait for other streams' events */
+    uint64_t memory_cap_bytes; /* 0 = no cap */
+    uint64_t total_bytes;      /* device memory (ksm_device_mem_info) */
 };
 
 struct ksm_alloc_config {

@@ -81,14 +81,14 @@ int ksm_cuda_backend_load(const char *path, ksm_backend **out, char *errbuf, siz
  * NULL is a no-op. */
 void ksm_backend_free(ksm_backend *b);
 
-const char *ksm_backend_name(const ksm_backend *b);   /* "cpu", "cuda" */
+const char *ksm_backend_name(const ksm_backend *b); /* "cpu", "cuda" */
 int ksm_backend_device_count(const ksm_backend *b);
 /* Borrowed; lives as long as the backend. NULL when i is out of range. */
 ksm_device *ksm_backend_device(const ksm_backend *b, int i);
 
 /* ---- Devices ---- */
 
-const char *ksm_device_name(const ksm_device *d);     /* "cpu:0", "cuda:1" */
+const char *ksm_device_name(const ksm_device *d); /* "cpu:0", "cuda:1" */
 enum ksm_device_kind ksm_device_kind(const ksm_device *d);
 int ksm_device_index(const ksm_device *d);
 /* True when device memory is directly readable by the host (the CPU backend). */

@@ -53,12 +53,14 @@ extern "C" {
     XX(ENOPLUGIN, -4016, "backend plugin unavailable")                                             \
     XX(EINTERNAL, -4017, "internal error")
 
+/* clang-format off */
 enum ksm_errno {
 #define KSM_XX_ENUM(name, val, msg) KSM_##name = (val),
     KSM_ERRNO_MAP(KSM_XX_ENUM)
 #undef KSM_XX_ENUM
     KSM_OK = 0
 };
+/* clang-format on */
 
 /* A static one-sentence description of err (0 gives "success"). Never NULL. Thread-safe. */
 const char *ksm_strerror(int err);

@@ -56,7 +56,8 @@ void ksm_log_write(enum ksm_log_level level, const char *module, const char *fmt
 
 #define KSM_LOG(level, module, ...)                                                                \
     do {                                                                                           \
-        if ((int)(level) <= (int)ksm_log_get_level()) ksm_log_write((level), (module), __VA_ARGS__); \
+        if ((int)(level) <= (int)ksm_log_get_level())                                              \
+            ksm_log_write((level), (module), __VA_ARGS__);                                         \
     } while (0)
 
 #define KSM_LOGE(module, ...) KSM_LOG(KSM_LOG_ERROR, module, __VA_ARGS__)

@@ -58,8 +58,8 @@ int ksm_op_linear(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_t
 
 /* Bytes of scratch ksm_op_conv2d needs for these arguments (0 for 1x1 without padding and for
  * depthwise convolutions). */
-size_t ksm_op_conv2d_workspace_size(const ksm_tensor *x, const ksm_tensor *w, int pad_h,
-                                    int pad_w, int groups);
+size_t ksm_op_conv2d_workspace_size(const ksm_tensor *x, const ksm_tensor *w, int pad_h, int pad_w,
+                                    int groups);
 /* y[N,Co,Ho,Wo] <- conv2d(x[N,Ci,H,W], w[Co,Ci/groups,kh,kw]) + bias[Co] (bias may be NULL);
  * stride 1, zero padding. ws: device scratch of at least the workspace size (may be NULL when
  * that is 0). */
@@ -87,8 +87,7 @@ int ksm_op_sdpa(ksm_stream *s, ksm_tensor *out, const ksm_tensor *q, const ksm_t
 
 /* y[..., D] <- weight[V, D][idx[...]]; idx I64 or I32. Out-of-range indices give NaN rows:
  * validate ids on the host first. */
-int ksm_op_embedding(ksm_stream *s, ksm_tensor *y, const ksm_tensor *weight,
-                     const ksm_tensor *idx);
+int ksm_op_embedding(ksm_stream *s, ksm_tensor *y, const ksm_tensor *weight, const ksm_tensor *idx);
 /* Mean over dims [dim_begin, dim_end) of contiguous x: [N,C,H,W] over (2,4) gives [N,C];
  * [B,T,D] over (1,2) gives [B,D]. y holds the remaining dims (contiguous). */
 int ksm_op_mean(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, int dim_begin, int dim_end);

@@ -30,10 +30,10 @@ enum ksm_dtype {
 };
 
 typedef struct ksm_tensor {
-    void *data;          /* first element, on dev (already offset into its buffer) */
-    ksm_device *dev;     /* where data lives; NULL for host memory in tests and io */
+    void *data;      /* first element, on dev (already offset into its buffer) */
+    ksm_device *dev; /* where data lives; NULL for host memory in tests and io */
     enum ksm_dtype dtype;
-    int ndim;            /* 0..KSM_MAX_DIMS; 0 = scalar */
+    int ndim; /* 0..KSM_MAX_DIMS; 0 = scalar */
     int64_t shape[KSM_MAX_DIMS];
     int64_t stride[KSM_MAX_DIMS]; /* in elements */
 } ksm_tensor;

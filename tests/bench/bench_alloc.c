@@ -22,7 +22,7 @@
     do {                                                                                           \
         int rc_ = (x);                                                                             \
         if (rc_ != 0) {                                                                            \
-            fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #x, ksm_strerror(rc_)); \
+            fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #x, ksm_strerror(rc_));  \
             exit(1);                                                                               \
         }                                                                                          \
     } while (0)

@@ -19,7 +19,7 @@
     do {                                                                                           \
         int rc_ = (x);                                                                             \
         if (rc_ != 0) {                                                                            \
-            fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #x, ksm_strerror(rc_)); \
+            fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #x, ksm_strerror(rc_));  \
             exit(1);                                                                               \
         }                                                                                          \
     } while (0)
@@ -32,7 +32,8 @@ static ksm_tensor make(int ndim, const int64_t *shape, uint64_t seed, enum ksm_d
     ksm_tensor t;
     CHECK(ksm_tensor_init(&t, dev, NULL, dt, ndim, shape));
     CHECK(ksm_device_malloc(dev, ksm_tensor_nbytes(&t) + 64, &t.data));
-    if (dt == KSM_DTYPE_F32) bench_fill(t.data, (size_t)ksm_tensor_numel(&t), seed);
+    if (dt == KSM_DTYPE_F32)
+        bench_fill(t.data, (size_t)ksm_tensor_numel(&t), seed);
     else
         for (int64_t i = 0; i < ksm_tensor_numel(&t); i++) ((int64_t *)t.data)[i] = i % 50257;
     return t;
@@ -81,7 +82,10 @@ static int r_bn(struct args *g)
 {
     return ksm_op_batchnorm(st, &g->y, &g->a, &g->b, &g->c, &g->d, &g->e, 1e-5f);
 }
-static int r_gn(struct args *g) { return ksm_op_groupnorm(st, &g->y, &g->a, 2, &g->b, &g->c, 1e-5f); }
+static int r_gn(struct args *g)
+{
+    return ksm_op_groupnorm(st, &g->y, &g->a, 2, &g->b, &g->c, 1e-5f);
+}
 static int r_relu(struct args *g) { return ksm_op_relu(st, &g->y, &g->a); }
 static int r_pool(struct args *g) { return ksm_op_maxpool2(st, &g->y, &g->a); }
 static int r_lerp(struct args *g) { return ksm_op_lerp(st, &g->y, &g->a, &g->b, &g->c); }

@@ -26,7 +26,7 @@
 #endif
 
 #define PLUGIN_PATH KSM_BUILD_DIR "/libkasmina_cuda.so"
-#define TOL 1e-5
+#define TOL         1e-5
 
 // ---- Fixture ----
 
@@ -204,14 +204,14 @@ static tpair tp_view(tpair base, int64_t offset, int ndim, const int64_t *shape,
 
 /* Runs expr once per device: S is the stream, T(p) the side's tensor, W(c, g) the side's
  * pointer. */
-#define T(p) (side_ ? &(p).g : &(p).c)
+#define T(p)      (side_ ? &(p).g : &(p).c)
 #define W(pc, pg) (side_ ? (pg) : (pc))
 #define BOTH(expr)                                                                                 \
     do {                                                                                           \
         for (int side_ = 0; side_ < 2; side_++) {                                                  \
             ksm_stream *S = side_ ? E.sg : E.sc;                                                   \
             int rc_ = (expr);                                                                      \
-            cr_assert_eq(rc_, 0, "%s: %s returned %s", side_ ? "cuda" : "cpu", #expr,             \
+            cr_assert_eq(rc_, 0, "%s: %s returned %s", side_ ? "cuda" : "cpu", #expr,              \
                          ksm_err_name(rc_));                                                       \
         }                                                                                          \
     } while (0)
@@ -265,8 +265,8 @@ static void expect_close(tpair t, double tol, const char *what)
                  (long long)nan_bad, (long long)first_nan_bad,
                  first_nan_bad >= 0 ? c[first_nan_bad] : 0.0,
                  first_nan_bad >= 0 ? g[first_nan_bad] : 0.0);
-    cr_expect_leq(rel, tol, "%s: max|d|/max|ref| = %.3g > %.1g (at %lld: cpu %.9g cuda %.9g)",
-                  what, rel, tol, (long long)at, at >= 0 ? c[at] : 0.0, at >= 0 ? g[at] : 0.0);
+    cr_expect_leq(rel, tol, "%s: max|d|/max|ref| = %.3g > %.1g (at %lld: cpu %.9g cuda %.9g)", what,
+                  rel, tol, (long long)at, at >= 0 ? c[at] : 0.0, at >= 0 ? g[at] : 0.0);
     free(vc);
     free(vg);
 }
@@ -291,8 +291,8 @@ static void expect_exact(tpair t, const char *what)
             uint16_t a, b;
             memcpy(&a, pc, 2);
             memcpy(&b, pg, 2);
-            both_nan = t.c.dtype == KSM_DTYPE_F16 ? f16_nan(a) && f16_nan(b)
-                                                  : bf16_nan(a) && bf16_nan(b);
+            both_nan =
+                t.c.dtype == KSM_DTYPE_F16 ? f16_nan(a) && f16_nan(b) : bf16_nan(a) && bf16_nan(b);
         }
         if (!both_nan && bad++ == 0) first = i;
     }
@@ -347,9 +347,9 @@ Test(gpu_ops, copy_matches_cpu)
     expect_exact(ye, "copy broadcast");
 
     /* Conversions from strided sources; values include ties, tiny and huge numbers. */
-    float special[16] = {0.0f, -0.0f, 1.0f, -1.5f, 65504.0f, 70000.0f, 1e-8f, 6.1e-5f,
-                         3.0e-7f, 1.00048828125f, 1.0009765625f, 3.4e38f, -2.5e-6f, 0.1f,
-                         NAN, INFINITY};
+    float special[16] = {0.0f,     -0.0f,   1.0f,    -1.5f,          65504.0f,      70000.0f,
+                         1e-8f,    6.1e-5f, 3.0e-7f, 1.00048828125f, 1.0009765625f, 3.4e38f,
+                         -2.5e-6f, 0.1f,    NAN,     INFINITY};
     tpair sp = tp_new(KSM_DTYPE_F32, 2, SHAPE(4, 4), special);
     tpair spt = tp_permute(sp, (const int[]){1, 0});
     tpair h16 = tp_out(KSM_DTYPE_F16, 2, SHAPE(4, 4));
@@ -375,8 +375,9 @@ Test(gpu_ops, copy_matches_cpu)
     BOTH(ksm_op_copy(S, T(bf), T(hb16)));
     expect_exact(bf, "copy bf16->f32");
 
-    int64_t iv[12] = {0, 1, -1, 2147483647, 2147483648ll, -2147483649ll, 4294967296ll + 5,
-                      INT64_MAX, INT64_MIN, 42, -42, 123456789012ll};
+    int64_t iv[12] = {
+        0,         1,         -1, 2147483647, 2147483648ll,  -2147483649ll, 4294967296ll + 5,
+        INT64_MAX, INT64_MIN, 42, -42,        123456789012ll};
     tpair i64 = tp_new(KSM_DTYPE_I64, 2, SHAPE(3, 4), iv);
     tpair i64t = tp_permute(i64, (const int[]){1, 0});
     tpair i32 = tp_out(KSM_DTYPE_I32, 2, SHAPE(4, 3));
@@ -424,8 +425,8 @@ static int affine_op(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x)
 Test(gpu_ops, unary_matches_cpu)
 {
     gpu_begin(3);
-    const unary_op_fn fns[] = {ksm_op_relu, ksm_op_gelu, ksm_op_sigmoid, ksm_op_tanh,
-                               ksm_op_clamp01, affine_op};
+    const unary_op_fn fns[] = {ksm_op_relu, ksm_op_gelu,    ksm_op_sigmoid,
+                               ksm_op_tanh, ksm_op_clamp01, affine_op};
     const char *names[] = {"relu", "gelu", "sigmoid", "tanh", "clamp01", "affine"};
     tpair x = tp_rand(3, SHAPE(3, 5, 7), -4.0f, 4.0f);
     tpair xp = tp_permute(tp_rand(3, SHAPE(7, 3, 5), -4.0f, 4.0f), (const int[]){1, 2, 0});
@@ -628,8 +629,8 @@ Test(gpu_ops, conv2d_matches_cpu)
         size_t ws_bytes = need_c * (size_t)cc->ws_mult;
         void *wsc = ws_bytes ? dalloc(E.dc, ws_bytes) : NULL;
         void *wsg = ws_bytes ? dalloc(E.dg, ws_bytes) : NULL;
-        BOTH(ksm_op_conv2d(S, T(y), T(x), T(w), cc->bias ? T(b) : NULL, cc->ph, cc->pw,
-                           cc->groups, W(wsc, wsg), ws_bytes));
+        BOTH(ksm_op_conv2d(S, T(y), T(x), T(w), cc->bias ? T(b) : NULL, cc->ph, cc->pw, cc->groups,
+                           W(wsc, wsg), ws_bytes));
         char what[128];
         snprintf(what, sizeof what, "conv2d %s", cc->what);
         expect_close(y, TOL, what);
@@ -693,7 +694,7 @@ Test(gpu_ops, layernorm_matches_cpu)
         float lo, hi;
         int affine;
     } cases[] = {{42, 96, -1.0f, 1.0f, 1}, {4, 1000, -1.0f, 1.0f, 0}, {3, 5000, 9.0f, 11.0f, 1},
-                 {17, 7, -3.0f, 3.0f, 1}, {1, 1, -1.0f, 1.0f, 1}, {64, 768, 99.0f, 101.0f, 1}};
+                 {17, 7, -3.0f, 3.0f, 1},  {1, 1, -1.0f, 1.0f, 1},    {64, 768, 99.0f, 101.0f, 1}};
     for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
         tpair x = tp_rand(2, SHAPE(cases[k].rows, cases[k].d), cases[k].lo, cases[k].hi);
         tpair w = tp_rand(1, SHAPE(cases[k].d), 0.5f, 1.5f);

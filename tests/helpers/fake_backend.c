@@ -46,10 +46,7 @@ struct fake_event {
 
 static const struct ksm_stream_i fake_stream_iface;
 
-static struct fake_device *fdev(ksm_device *d)
-{
-    return (struct fake_device *)d;
-}
+static struct fake_device *fdev(ksm_device *d) { return (struct fake_device *)d; }
 
 static int sticky_of(ksm_device *d)
 {
@@ -190,10 +187,7 @@ static const struct ksm_device_i fake_device_iface = {
 
 // ---- Streams ----
 
-static ksm_stream *inner_of(ksm_stream *s)
-{
-    return ((struct fake_stream *)s)->inner;
-}
+static ksm_stream *inner_of(ksm_stream *s) { return ((struct fake_stream *)s)->inner; }
 
 static void fake_stream_free(ksm_stream *s)
 {

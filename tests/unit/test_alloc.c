@@ -64,10 +64,7 @@ static void *xmalloc(size_t n, ksm_stream *s)
     return p;
 }
 
-static void xfree(void *p)
-{
-    cr_assert_eq(ksm_alloc_free(al, p), 0);
-}
+static void xfree(void *p) { cr_assert_eq(ksm_alloc_free(al, p), 0); }
 
 /* current == allocated - freed, 0 <= current <= peak, all == small + large, for every stat. */
 static void check_consistent(const struct ksm_mem_stats *s)

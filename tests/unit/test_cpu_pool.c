@@ -150,8 +150,10 @@ static ksm_tensor make(enum ksm_dtype dt, int ndim, const int64_t *shape, unsign
     for (int64_t i = 0; i < n; i++) {
         x ^= x >> 12, x ^= x << 25, x ^= x >> 27;
         uint64_t r = x * 0x2545F4914F6CDD1Dull;
-        if (dt == KSM_DTYPE_F32) ((float *)t.data)[i] = (float)((double)(r >> 11) / 9007199254740992.0) * 4 - 2;
-        else ((int64_t *)t.data)[i] = (int64_t)(r >> 33) % 97;
+        if (dt == KSM_DTYPE_F32)
+            ((float *)t.data)[i] = (float)((double)(r >> 11) / 9007199254740992.0) * 4 - 2;
+        else
+            ((int64_t *)t.data)[i] = (int64_t)(r >> 33) % 97;
     }
     return t;
 }
@@ -205,7 +207,10 @@ Test(cpu_pool, elementwise_ops_parallel_equal_serial, .init = setup, .fini = tea
 static void *ws;
 static size_t ws_bytes;
 static int run_dw(ksm_tensor *o) { return ksm_op_conv2d(st, o, &A, &W, &B, 1, 1, 64, NULL, 0); }
-static int run_conv(ksm_tensor *o) { return ksm_op_conv2d(st, o, &A, &W, NULL, 1, 1, 1, ws, ws_bytes); }
+static int run_conv(ksm_tensor *o)
+{
+    return ksm_op_conv2d(st, o, &A, &W, NULL, 1, 1, 1, ws, ws_bytes);
+}
 static int run_bn(ksm_tensor *o) { return ksm_op_batchnorm(st, o, &A, &B, &X, &Y, &Z, 1e-5f); }
 static int run_gn(ksm_tensor *o) { return ksm_op_groupnorm(st, o, &A, 4, &B, &X, 1e-5f); }
 static int run_maxpool(ksm_tensor *o) { return ksm_op_maxpool2(st, o, &A); }
@@ -230,7 +235,8 @@ Test(cpu_pool, cnn_ops_parallel_equal_serial, .init = setup, .fini = teardown)
     X = make(KSM_DTYPE_F32, 1, sc, 16);
     Y = make(KSM_DTYPE_F32, 1, sc, 17);
     Z = make(KSM_DTYPE_F32, 1, sc, 18);
-    for (int i = 0; i < 64; i++) ((float *)X.data)[i] = ((float *)X.data)[i] * ((float *)X.data)[i] + 0.5f;
+    for (int i = 0; i < 64; i++)
+        ((float *)X.data)[i] = ((float *)X.data)[i] * ((float *)X.data)[i] + 0.5f;
     expect_same("batchnorm", &o, run_bn);
     expect_same("groupnorm", &o, run_gn);
 

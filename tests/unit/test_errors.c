@@ -16,8 +16,8 @@ Test(errors, os_codes_pass_through_as_negative_errno)
 
 Test(errors, domain_codes_live_in_the_reserved_range)
 {
-    int codes[] = {KSM_EDEVMEM, KSM_ENOMODEL, KSM_EUNSUPPORTED, KSM_EDEVICE, KSM_ESHUTDOWN,
-                   KSM_EFORMAT, KSM_ENOPLUGIN, KSM_EINTERNAL};
+    int codes[] = {KSM_EDEVMEM,   KSM_ENOMODEL, KSM_EUNSUPPORTED, KSM_EDEVICE,
+                   KSM_ESHUTDOWN, KSM_EFORMAT,  KSM_ENOPLUGIN,    KSM_EINTERNAL};
     for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++) {
         cr_expect(codes[i] <= -4000 && codes[i] > -4100, "code %d outside -4000..-4099", codes[i]);
     }

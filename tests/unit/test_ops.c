@@ -313,7 +313,8 @@ static void run_case(struct env *e, ksm_st_file *f, const char *cs, const char *
         cr_expect_eq(ws_bytes == 0, is_1x1 || is_dw, "%s: workspace %zu", cs, ws_bytes);
         if (ws_bytes)
             cr_expect_eq(ws_bytes, (size_t)(x.shape[1] / groups * w.shape[2] * w.shape[3] *
-                                            y.shape[2] * y.shape[3]) * sizeof(float));
+                                            y.shape[2] * y.shape[3]) *
+                                       sizeof(float));
         rc = ksm_op_conv2d(e->s, &y, &x, &w, hb ? &b : NULL, pad, pad, groups, ws, ws_bytes);
     } else if (strcmp(op, "batchnorm") == 0) {
         x = dev_upload(e, need(f, cs, "x"));
@@ -382,10 +383,14 @@ static void run_case(struct env *e, ksm_st_file *f, const char *cs, const char *
         a = dev_upload(e, need(f, cs, "a"));
         b = dev_upload(e, need(f, cs, "b"));
         cr_assert_not_null(param(desc, "fn", buf, sizeof buf));
-        if (strcmp(buf, "add") == 0) rc = ksm_op_add(e->s, &y, &a, &b);
-        else if (strcmp(buf, "sub") == 0) rc = ksm_op_sub(e->s, &y, &a, &b);
-        else if (strcmp(buf, "mul") == 0) rc = ksm_op_mul(e->s, &y, &a, &b);
-        else cr_assert_fail("unknown binary fn %s", buf);
+        if (strcmp(buf, "add") == 0)
+            rc = ksm_op_add(e->s, &y, &a, &b);
+        else if (strcmp(buf, "sub") == 0)
+            rc = ksm_op_sub(e->s, &y, &a, &b);
+        else if (strcmp(buf, "mul") == 0)
+            rc = ksm_op_mul(e->s, &y, &a, &b);
+        else
+            cr_assert_fail("unknown binary fn %s", buf);
     } else if (strcmp(op, "lerp") == 0) {
         a = dev_upload(e, need(f, cs, "a"));
         b = dev_upload(e, need(f, cs, "b"));
@@ -468,7 +473,10 @@ Test(ops_golden, sdpa_on_fused_qkv_views_matches_pytorch)
     run_fixture("ops_attn.safetensors", "sdpa_fused", 2);
 }
 Test(ops_golden, unary_matches_pytorch) { run_fixture("ops_elem.safetensors", "unary", 7); }
-Test(ops_golden, binary_broadcast_matches_pytorch) { run_fixture("ops_elem.safetensors", "binary", 6); }
+Test(ops_golden, binary_broadcast_matches_pytorch)
+{
+    run_fixture("ops_elem.safetensors", "binary", 6);
+}
 Test(ops_golden, lerp_matches_pytorch) { run_fixture("ops_elem.safetensors", "lerp", 5); }
 Test(ops_golden, casts_match_numpy_bit_exactly) { run_fixture("ops_elem.safetensors", "copy", 7); }
 Test(ops_golden, gemm_matches_pytorch) { run_fixture("ops_misc.safetensors", "gemm", 6); }
@@ -610,7 +618,8 @@ Test(ops, elementwise_on_strided_and_in_place_operands)
     cr_assert_eq(ksm_op_add(e.s, &y, &y, &r), 0); /* y += r (broadcast over rows) */
     out = download(&e, &y);
     for (int i = 0; i < 4; i++)
-        for (int j = 0; j < 3; j++) cr_expect_eq(out[i * 3 + j], fmaxf(hx[j * 4 + i], 0.0f) + hr[j]);
+        for (int j = 0; j < 3; j++)
+            cr_expect_eq(out[i * 3 + j], fmaxf(hx[j * 4 + i], 0.0f) + hr[j]);
     free(out);
     env_fini(&e);
 }
@@ -639,7 +648,7 @@ Test(ops, fill_writes_every_dtype)
     int32_t *i32 = download(&e, &ti32);
     for (int i = 0; i < 15; i++) {
         cr_expect_eq(f[i], -1.5f);
-        cr_expect_eq(h[i], 0xbe00); /* -1.5 in binary16 */
+        cr_expect_eq(h[i], 0xbe00);  /* -1.5 in binary16 */
         cr_expect_eq(hb[i], 0xbfc0); /* -1.5 in bfloat16 */
         cr_expect_eq(i64[i], -7);
         cr_expect_eq(i32[i], 123);
@@ -657,7 +666,7 @@ Test(ops, gemm_beta_zero_ignores_nan_in_c_and_handles_row_strides)
     struct env e;
     env_init(&e);
     /* c is a [2,3] view with row stride 5 into a [2,5] NaN-filled buffer. */
-    const float ha[4] = {1, 2, 3, 4};          /* [2,2] */
+    const float ha[4] = {1, 2, 3, 4};           /* [2,2] */
     const float hb[6] = {1, 0, -1, 2, 1, 0.5f}; /* [2,3] */
     int64_t s22[2] = {2, 2}, s23[2] = {2, 3}, s25[2] = {2, 5};
     ksm_tensor a = dev_upload_raw(&e, KSM_DTYPE_F32, 2, s22, ha);
@@ -669,7 +678,8 @@ Test(ops, gemm_beta_zero_ignores_nan_in_c_and_handles_row_strides)
     float *out = download(&e, &cbuf);
     const float want[2][3] = {{5, 2, 0}, {11, 4, -1}};
     for (int i = 0; i < 2; i++) {
-        cr_expect(isnan(out[i * 5]) && isnan(out[i * 5 + 4]), "row %d: outside the view changed", i);
+        cr_expect(isnan(out[i * 5]) && isnan(out[i * 5 + 4]), "row %d: outside the view changed",
+                  i);
         for (int j = 0; j < 3; j++) cr_expect_eq(out[i * 5 + 1 + j], want[i][j]);
     }
     free(out);
@@ -732,7 +742,8 @@ Test(ops, conv2d_without_input_channels_gives_the_bias)
         cr_assert_eq(ksm_op_conv2d(e.s, &y, &x, &w, &b, 1, 1, groups, NULL, 0), 0);
         cr_assert_eq(ksm_stream_synchronize(e.s), 0, "groups %d: the kernel failed", groups);
         float *out = download(&e, &y);
-        for (int i = 0; i < 32; i++) cr_expect_eq(out[i], hb[i / 16], "groups %d: y[%d]", groups, i);
+        for (int i = 0; i < 32; i++)
+            cr_expect_eq(out[i], hb[i / 16], "groups %d: y[%d]", groups, i);
         free(out);
     }
     cr_assert_eq(ksm_op_conv2d(e.s, &y, &x, &w, NULL, 1, 1, 1, NULL, 0), 0);
@@ -791,8 +802,8 @@ static ksm_tensor T(enum ksm_dtype dt, int ndim, ...)
     return t;
 }
 
-#define F32 KSM_DTYPE_F32
-#define I64 KSM_DTYPE_I64
+#define F32    KSM_DTYPE_F32
+#define I64    KSM_DTYPE_I64
 #define D(...) ((int64_t)(__VA_ARGS__))
 
 /* Runs call; checks the code and that nothing (on failure) / exactly one op (on success) was
@@ -801,9 +812,9 @@ static ksm_tensor T(enum ksm_dtype dt, int ndim, ...)
     do {                                                                                           \
         uint64_t before_ = g_launches;                                                             \
         int rc_ = (call);                                                                          \
-        cr_expect_eq(rc_, (want), "%s: got %s, want %s", #call, ksm_err_name(rc_),                \
+        cr_expect_eq(rc_, (want), "%s: got %s, want %s", #call, ksm_err_name(rc_),                 \
                      ksm_err_name(want));                                                          \
-        cr_expect_eq(g_launches - before_, (want) == 0 ? 1u : 0u, "%s: %llu ops enqueued", #call, \
+        cr_expect_eq(g_launches - before_, (want) == 0 ? 1u : 0u, "%s: %llu ops enqueued", #call,  \
                      (unsigned long long)(g_launches - before_));                                  \
     } while (0)
 

@@ -140,8 +140,8 @@ static size_t sample(struct ksm_st_tensor *t)
     return n;
 }
 
-static const char *const sample_meta[] = {"format", "pt", "seed_slots.r0c0._extra_state",
-                                          "{\"_extra_state_version\": 1}", "empty", ""};
+static const char *const sample_meta[] = {
+    "format", "pt", "seed_slots.r0c0._extra_state", "{\"_extra_state_version\": 1}", "empty", ""};
 
 static void check_same(const struct ksm_st_tensor *want, const struct ksm_st_tensor *got)
 {
@@ -268,13 +268,13 @@ Test(safetensors, reads_a_file_written_by_python)
 {
     char err[256];
     ksm_st_file *f = NULL;
-    cr_assert_eq(ksm_st_open(DATA_DIR "/python_written.safetensors", &f, err, sizeof err), 0,
-                 "%s", err);
+    cr_assert_eq(ksm_st_open(DATA_DIR "/python_written.safetensors", &f, err, sizeof err), 0, "%s",
+                 err);
     cr_expect_str_eq(ksm_st_metadata(f, "format"), "pt");
     cr_expect_str_eq(ksm_st_metadata(f, "note"), "written by gen_safetensors_corpus.py");
 
     // Data-offset order (the Python writer sorts by alignment, then name).
-    static const char *const order[] = {"idx.i64", "empty", "idx.i32", "scalar",
+    static const char *const order[] = {"idx.i64", "empty",  "idx.i32", "scalar",
                                         "w.f32",   "w.bf16", "w.f16"};
     cr_assert_eq(ksm_st_count(f), 7);
     const uint8_t *prev_end = NULL;
@@ -422,8 +422,7 @@ Test(safetensors, rejects_every_malformed_file_with_its_code_and_a_message)
     for (size_t i = 0; i < N_BAD; i++) {
         char path[512];
         snprintf(path, sizeof path, DATA_DIR "/%s.safetensors", bad_corpus[i].file);
-        cr_assert_eq(access(path, R_OK), 0, "%s is missing (run gen_safetensors_corpus.py)",
-                     path);
+        cr_assert_eq(access(path, R_OK), 0, "%s is missing (run gen_safetensors_corpus.py)", path);
 
         char err[512] = "";
         ksm_st_file *f = (ksm_st_file *)&err; // must be reset to NULL

@@ -102,10 +102,7 @@ static void setup_cpu(void)
     cr_assert_not_null(dev);
 }
 
-static void teardown_cpu(void)
-{
-    ksm_backend_free(cpu);
-}
+static void teardown_cpu(void) { ksm_backend_free(cpu); }
 
 // ---- Backend and devices ----
 
@@ -385,13 +382,10 @@ Test(stream, wait_captures_the_record_at_wait_time, .init = setup_cpu, .fini = t
     ksm_stream_free(c);
 }
 
-static void mark_fn(void *arg)
-{
-    atomic_store((atomic_int *)arg, 1);
-}
+static void mark_fn(void *arg) { atomic_store((atomic_int *)arg, 1); }
 
-Test(stream, a_later_record_completing_first_does_not_release_an_earlier_capture,
-     .init = setup_cpu, .fini = teardown_cpu)
+Test(stream, a_later_record_completing_first_does_not_release_an_earlier_capture, .init = setup_cpu,
+     .fini = teardown_cpu)
 {
     /* B waits on record #1 (A, blocked); record #2 on idle C completes first. B must still wait
      * for A's work, and so must a host synchronize that captured #1. */
@@ -523,10 +517,7 @@ static void barrier_fn(void *arg)
     pthread_mutex_unlock(b->mu);
 }
 
-static void bump(void *arg)
-{
-    (*(int *)arg)++;
-}
+static void bump(void *arg) { (*(int *)arg)++; }
 
 Test(stream, many_streams_run_concurrently_and_chain_through_events, .init = setup_cpu,
      .fini = teardown_cpu)

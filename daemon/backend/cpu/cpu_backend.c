@@ -120,18 +120,9 @@ struct cpu_backend {
 static const struct ksm_stream_i cpu_stream_iface;
 static const struct ksm_event_i cpu_event_iface;
 
-static struct cpu_stream *to_stream(ksm_stream *s)
-{
-    return (struct cpu_stream *)s;
-}
-static struct cpu_event *to_event(ksm_event *e)
-{
-    return (struct cpu_event *)e;
-}
-static struct cpu_device *to_device(ksm_device *d)
-{
-    return (struct cpu_device *)d;
-}
+static struct cpu_stream *to_stream(ksm_stream *s) { return (struct cpu_stream *)s; }
+static struct cpu_event *to_event(ksm_event *e) { return (struct cpu_event *)e; }
+static struct cpu_device *to_device(ksm_device *d) { return (struct cpu_device *)d; }
 
 // ---- Events ----
 
@@ -190,10 +181,7 @@ static int cpu_event_new(ksm_device *d, ksm_event **out)
 }
 
 /* Queued record tasks hold references, so the memory lives until they have run. */
-static void cpu_event_free(ksm_event *e)
-{
-    event_unref(to_event(e));
-}
+static void cpu_event_free(ksm_event *e) { event_unref(to_event(e)); }
 
 static int cpu_event_query(ksm_event *e)
 {
@@ -266,14 +254,11 @@ static int task_run(struct cpu_task *t, int sticky)
     case TASK_MEMSET:
         if (sticky == 0) memset(t->u.set.dst, t->u.set.value, t->u.set.n);
         return 0;
-    case TASK_HOST_FN:
-        t->u.host.fn(t->u.host.arg);
-        return 0;
+    case TASK_HOST_FN: t->u.host.fn(t->u.host.arg); return 0;
     case TASK_OP:
         if (sticky != 0) return 0;
         return ksm_cpu_op_exec(&t->u.op);
-    case TASK_RECORD: /* run by stream_worker itself */
-        return KSM_EINTERNAL;
+    case TASK_RECORD: /* run by stream_worker itself */ return KSM_EINTERNAL;
     case TASK_WAIT: {
         struct cpu_event *ev = t->u.event.ev;
         pthread_mutex_lock(&ev->mu);
@@ -282,8 +267,7 @@ static int task_run(struct cpu_task *t, int sticky)
         event_unref(ev);
         return 0;
     }
-    case TASK_FAIL:
-        return t->u.err;
+    case TASK_FAIL: return t->u.err;
     }
     return KSM_EINTERNAL;
 }
@@ -582,10 +566,7 @@ static int cpu_device_malloc(ksm_device *d, size_t size, void **out)
     return 0;
 }
 
-static void cpu_device_free(ksm_device *d, void *ptr)
-{
-    free(ptr);
-}
+static void cpu_device_free(ksm_device *d, void *ptr) { free(ptr); }
 
 /* Reads "<key>: <n> kB" from /proc/meminfo. Returns 0 when found. */
 static int meminfo_read(const char *key, size_t *out)

@@ -180,9 +180,15 @@ static void ew_exec(const struct ksm_op *op, int n_src, ew_row_fn fn)
 #define EW_LOOP1(N, SX, BODY)                                                                      \
     do {                                                                                           \
         if ((SX) == 1) {                                                                           \
-            for (int64_t i = 0; i < (N); i++) { const int64_t ix = i; BODY; }                      \
+            for (int64_t i = 0; i < (N); i++) {                                                    \
+                const int64_t ix = i;                                                              \
+                BODY;                                                                              \
+            }                                                                                      \
         } else {                                                                                   \
-            for (int64_t i = 0; i < (N); i++) { const int64_t ix = i * (SX); BODY; }               \
+            for (int64_t i = 0; i < (N); i++) {                                                    \
+                const int64_t ix = i * (SX);                                                       \
+                BODY;                                                                              \
+            }                                                                                      \
         }                                                                                          \
     } while (0)
 
@@ -215,17 +221,29 @@ static void row_binary(const struct ksm_op *op, int64_t n, char *const p[EW_MAX]
     const int64_t sa = st[1], sb = st[2];
     if (sa == 1 && sb == 1) {
         switch (op->p.binary.fn) {
-        case KSM_BINARY_ADD: for (int64_t i = 0; i < n; i++) y[i] = a[i] + b[i]; break;
-        case KSM_BINARY_SUB: for (int64_t i = 0; i < n; i++) y[i] = a[i] - b[i]; break;
-        case KSM_BINARY_MUL: for (int64_t i = 0; i < n; i++) y[i] = a[i] * b[i]; break;
+        case KSM_BINARY_ADD:
+            for (int64_t i = 0; i < n; i++) y[i] = a[i] + b[i];
+            break;
+        case KSM_BINARY_SUB:
+            for (int64_t i = 0; i < n; i++) y[i] = a[i] - b[i];
+            break;
+        case KSM_BINARY_MUL:
+            for (int64_t i = 0; i < n; i++) y[i] = a[i] * b[i];
+            break;
         default: break;
         }
         return;
     }
     switch (op->p.binary.fn) {
-    case KSM_BINARY_ADD: for (int64_t i = 0; i < n; i++) y[i] = a[i * sa] + b[i * sb]; break;
-    case KSM_BINARY_SUB: for (int64_t i = 0; i < n; i++) y[i] = a[i * sa] - b[i * sb]; break;
-    case KSM_BINARY_MUL: for (int64_t i = 0; i < n; i++) y[i] = a[i * sa] * b[i * sb]; break;
+    case KSM_BINARY_ADD:
+        for (int64_t i = 0; i < n; i++) y[i] = a[i * sa] + b[i * sb];
+        break;
+    case KSM_BINARY_SUB:
+        for (int64_t i = 0; i < n; i++) y[i] = a[i * sa] - b[i * sb];
+        break;
+    case KSM_BINARY_MUL:
+        for (int64_t i = 0; i < n; i++) y[i] = a[i * sa] * b[i * sb];
+        break;
     default: break;
     }
 }
@@ -262,8 +280,14 @@ static void store_float(char *p, enum ksm_dtype dt, float f)
 {
     uint16_t h;
     switch (dt) {
-    case KSM_DTYPE_F16: h = ksm_f32_to_f16(f); memcpy(p, &h, 2); break;
-    case KSM_DTYPE_BF16: h = ksm_f32_to_bf16(f); memcpy(p, &h, 2); break;
+    case KSM_DTYPE_F16:
+        h = ksm_f32_to_f16(f);
+        memcpy(p, &h, 2);
+        break;
+    case KSM_DTYPE_BF16:
+        h = ksm_f32_to_bf16(f);
+        memcpy(p, &h, 2);
+        break;
     default: memcpy(p, &f, 4); break;
     }
 }
@@ -305,7 +329,8 @@ static void row_copy(const struct ksm_op *op, int64_t n, char *const p[EW_MAX],
             for (int64_t i = 0; i < n; i++) memcpy(y + i * (int64_t)dz, x + i * sx, dz);
         }
     } else if (dd == KSM_DTYPE_I64 || dd == KSM_DTYPE_I32) {
-        for (int64_t i = 0; i < n; i++) store_int(y + i * (int64_t)dz, dd, load_int(x + i * sx, sd));
+        for (int64_t i = 0; i < n; i++)
+            store_int(y + i * (int64_t)dz, dd, load_int(x + i * sx, sd));
     } else {
         for (int64_t i = 0; i < n; i++)
             store_float(y + i * (int64_t)dz, dd, load_float(x + i * sx, sd));
@@ -326,8 +351,8 @@ static int exec_fill(const struct ksm_op *op)
     case KSM_DTYPE_F16:
     case KSM_DTYPE_BF16: {
         uint16_t *y = (uint16_t *)op->dst.data;
-        const uint16_t h = op->dst.dtype == KSM_DTYPE_F16 ? ksm_f32_to_f16((float)v)
-                                                          : ksm_f32_to_bf16((float)v);
+        const uint16_t h =
+            op->dst.dtype == KSM_DTYPE_F16 ? ksm_f32_to_f16((float)v) : ksm_f32_to_bf16((float)v);
         for (int64_t i = 0; i < n; i++) y[i] = h;
         break;
     }
@@ -413,8 +438,8 @@ static int exec_linear(const struct ksm_op *op)
     if (bias || k == 0) fill_rows_bias(y, m, n, bias);
     if (k == 0) return 0;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)m, (int)n, (int)k, 1.0f,
-                (const float *)x->data, (int)k, (const float *)w->data, (int)k,
-                bias ? 1.0f : 0.0f, y, (int)n);
+                (const float *)x->data, (int)k, (const float *)w->data, (int)k, bias ? 1.0f : 0.0f,
+                y, (int)n);
     return 0;
 }
 
@@ -550,9 +575,9 @@ static int exec_conv2d(const struct ksm_op *op)
                 im2col(xg, cig, h, wd, kh, kw, ph, pw, ho, wo, col);
                 bmat = col;
             }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)cog, (int)howo,
-                        (int)kdim, 1.0f, w + gi * cog * kdim, (int)kdim, bmat, (int)howo,
-                        bias ? 1.0f : 0.0f, yn + gi * cog * howo, (int)howo);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)cog, (int)howo, (int)kdim,
+                        1.0f, w + gi * cog * kdim, (int)kdim, bmat, (int)howo, bias ? 1.0f : 0.0f,
+                        yn + gi * cog * howo, (int)howo);
         }
     }
     return 0;
@@ -605,8 +630,8 @@ static void batchnorm_planes(void *ctx, int64_t b, int64_t e)
     for (int64_t pl = b; pl < e; pl++) {
         const int64_t ch = pl % c;
         const float a = (float)((double)wt[ch] / sqrt((double)var[ch] + (double)op->p.norm.eps));
-        shift_scale((float *)op->dst.data + pl * inner, (const float *)xt->data + pl * inner,
-                    inner, mean[ch], a, bs[ch]);
+        shift_scale((float *)op->dst.data + pl * inner, (const float *)xt->data + pl * inner, inner,
+                    mean[ch], a, bs[ch]);
     }
 }
 
@@ -866,9 +891,12 @@ static int exec_mean(const struct ksm_op *op)
     const ksm_tensor *xt = &op->src[0];
     struct mean_job j = {op, 1, 1, 1};
     for (int i = 0; i < xt->ndim; i++) {
-        if (i < op->p.mean.dim_begin) j.outer *= xt->shape[i];
-        else if (i < op->p.mean.dim_end) j.red *= xt->shape[i];
-        else j.inner *= xt->shape[i];
+        if (i < op->p.mean.dim_begin)
+            j.outer *= xt->shape[i];
+        else if (i < op->p.mean.dim_end)
+            j.red *= xt->shape[i];
+        else
+            j.inner *= xt->shape[i];
     }
     if (j.outer == 0 || j.inner == 0) return 0;
     const int64_t nchunks = (j.inner + MEAN_CHUNK - 1) / MEAN_CHUNK;
@@ -936,8 +964,7 @@ static void cross_entropy_rows(void *ctx, int64_t b, int64_t e)
 static int exec_cross_entropy(const struct ksm_op *op)
 {
     const ksm_tensor *lt = &op->src[0];
-    ksm_cpu_parallel_for(lt->shape[0], grain_for(4 * lt->shape[1]), cross_entropy_rows,
-                         (void *)op);
+    ksm_cpu_parallel_for(lt->shape[0], grain_for(4 * lt->shape[1]), cross_entropy_rows, (void *)op);
     return 0;
 }
 

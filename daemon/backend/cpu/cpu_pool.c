@@ -82,8 +82,10 @@ static void pool_init(void)
     if (env != NULL && env[0] != '\0') {
         char *end = NULL;
         long v = strtol(env, &end, 10);
-        if (end != env && *end == '\0' && v >= 1 && v <= 1024) n = (int)v;
-        else KSM_LOGW("cpu", "KASMINA_CPU_THREADS must be an integer in [1, 1024]; using %d", n);
+        if (end != env && *end == '\0' && v >= 1 && v <= 1024)
+            n = (int)v;
+        else
+            KSM_LOGW("cpu", "KASMINA_CPU_THREADS must be an integer in [1, 1024]; using %d", n);
     }
     pthread_mutex_init(&pool.mu, NULL);
     pthread_cond_init(&pool.work_cv, NULL);
@@ -98,8 +100,8 @@ static void pool_init(void)
     for (int i = 1; i < n; i++) {
         pthread_t t;
         if (pthread_create(&t, &attr, worker_main, NULL) != 0) {
-            KSM_LOGW("cpu", "compute pool: only %d of %d threads could be started",
-                     pool.nthreads, n);
+            KSM_LOGW("cpu", "compute pool: only %d of %d threads could be started", pool.nthreads,
+                     n);
             break;
         }
         pool.nthreads++;
@@ -113,10 +115,7 @@ int ksm_cpu_pool_threads(void)
     return pool.nthreads;
 }
 
-int ksm_cpu_pool_set_max_threads(int n)
-{
-    return atomic_exchange(&max_threads, n < 1 ? 1 : n);
-}
+int ksm_cpu_pool_set_max_threads(int n) { return atomic_exchange(&max_threads, n < 1 ? 1 : n); }
 
 void ksm_cpu_parallel_for(int64_t n, int64_t grain, ksm_cpu_range_fn fn, void *ctx)
 {

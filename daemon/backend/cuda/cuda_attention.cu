@@ -15,7 +15,8 @@
  */
 #include "cuda_common.cuh"
 
-namespace ksm_cuda {
+namespace ksm_cuda
+{
 
 static constexpr int SDPA_WARPS = 8;
 static constexpr int SDPA_MAX_PER_LANE = KSM_SDPA_MAX_HEAD_DIM / 32;
@@ -32,10 +33,10 @@ struct sdpa_args {
 __global__ void __launch_bounds__(SDPA_WARPS * 32) sdpa_k(sdpa_args a)
 {
     extern __shared__ float smem[];
-    float *ks = smem;                          /* [kt][hdp] (padded: conflict-free dots) */
-    float *vs = ks + a.kt * a.hdp;             /* [kt][hd] */
-    float *qs = vs + a.kt * a.hd;              /* [SDPA_WARPS][hd] */
-    float *ps = qs + SDPA_WARPS * a.hd;        /* [SDPA_WARPS][32] */
+    float *ks = smem;                   /* [kt][hdp] (padded: conflict-free dots) */
+    float *vs = ks + a.kt * a.hdp;      /* [kt][hd] */
+    float *qs = vs + a.kt * a.hd;       /* [SDPA_WARPS][hd] */
+    float *ps = qs + SDPA_WARPS * a.hd; /* [SDPA_WARPS][32] */
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int hd = a.hd;
     const int64_t qblocks = (a.Tq + SDPA_WARPS - 1) / SDPA_WARPS;

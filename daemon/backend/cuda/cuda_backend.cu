@@ -17,7 +17,8 @@
  */
 #include "cuda_common.cuh"
 
-namespace ksm_cuda {
+namespace ksm_cuda
+{
 
 const struct ksm_host_api *g_host = nullptr;
 
@@ -48,10 +49,8 @@ static bool is_sticky_error(cudaError_t e)
     case cudaErrorInvalidPc:
     case cudaErrorLaunchTimeout:
     case cudaErrorECCUncorrectable:
-    case cudaErrorAssert:
-        return true;
-    default:
-        return false;
+    case cudaErrorAssert: return true;
+    default: return false;
     }
 }
 
@@ -82,13 +81,11 @@ int check_cublas(cublasStatus_t st, device_ctx *dctx, int ordinal, const char *f
                  const char *stmt, const char *file, int line)
 {
     switch (st) {
-    case CUBLAS_STATUS_SUCCESS:
-        return 0;
+    case CUBLAS_STATUS_SUCCESS: return 0;
     case CUBLAS_STATUS_ALLOC_FAILED:
         log_msg(KSM_LOG_DEBUG, "cuda:%d: %s: %s: cuBLAS could not allocate", ordinal, func, stmt);
         return KSM_EDEVMEM;
-    default:
-        break;
+    default: break;
     }
     /* An execution failure usually comes with a sticky CUDA error; surface it if so. */
     cudaError_t ce = cudaPeekAtLastError();
@@ -150,9 +147,7 @@ int op_supported(const struct ksm_op *op)
         ok = (is_float(op->dst.dtype) && is_float(s[0].dtype)) ||
              (is_int(op->dst.dtype) && is_int(s[0].dtype));
         break;
-    case KSM_OP_FILL:
-        ok = (int)op->dst.dtype >= 0 && op->dst.dtype < KSM_DTYPE_COUNT;
-        break;
+    case KSM_OP_FILL: ok = (int)op->dst.dtype >= 0 && op->dst.dtype < KSM_DTYPE_COUNT; break;
     case KSM_OP_UNARY:
         ok = op->dst.dtype == F32 && s[0].dtype == F32 && (int)op->p.unary.fn >= 0 &&
              op->p.unary.fn < KSM_UNARY_COUNT;
@@ -167,9 +162,7 @@ int op_supported(const struct ksm_op *op)
         if (op->type == KSM_OP_SDPA)
             ok = ok && op->dst.ndim == 4 && s[0].shape[3] <= KSM_SDPA_MAX_HEAD_DIM;
         break;
-    case KSM_OP_GEMM:
-        ok = op->dst.dtype == F32 && s[0].dtype == F32 && s[1].dtype == F32;
-        break;
+    case KSM_OP_GEMM: ok = op->dst.dtype == F32 && s[0].dtype == F32 && s[1].dtype == F32; break;
     case KSM_OP_LINEAR:
     case KSM_OP_CONV2D:
     case KSM_OP_GROUPNORM:
@@ -184,19 +177,13 @@ int op_supported(const struct ksm_op *op)
         break;
     case KSM_OP_SOFTMAX:
     case KSM_OP_MEAN:
-    case KSM_OP_MAXPOOL2:
-        ok = op->dst.dtype == F32 && s[0].dtype == F32;
-        break;
+    case KSM_OP_MAXPOOL2: ok = op->dst.dtype == F32 && s[0].dtype == F32; break;
     case KSM_OP_EMBEDDING:
     case KSM_OP_CROSS_ENTROPY:
         ok = op->dst.dtype == F32 && s[0].dtype == F32 && is_int(s[1].dtype);
         break;
-    case KSM_OP_ARGMAX:
-        ok = op->dst.dtype == KSM_DTYPE_I64 && s[0].dtype == F32;
-        break;
-    default:
-        ok = false;
-        break;
+    case KSM_OP_ARGMAX: ok = op->dst.dtype == KSM_DTYPE_I64 && s[0].dtype == F32; break;
+    default: ok = false; break;
     }
     return ok ? 0 : KSM_EUNSUPPORTED;
 }
@@ -205,8 +192,8 @@ int op_supported(const struct ksm_op *op)
 
 #define KSM_CUDA_TRY_E(ec, expr)                                                                   \
     do {                                                                                           \
-        int ksm_rc_ = check_cuda((expr), (ec)->dctx, (ec)->ordinal, __func__, #expr, __FILE__,     \
-                                 __LINE__);                                                        \
+        int ksm_rc_ =                                                                              \
+            check_cuda((expr), (ec)->dctx, (ec)->ordinal, __func__, #expr, __FILE__, __LINE__);    \
         if (ksm_rc_ != 0) return ksm_rc_;                                                          \
     } while (0)
 
@@ -347,29 +334,19 @@ static int st_launch(ksm_stream *s, const struct ksm_op *op)
     case KSM_OP_BINARY:
     case KSM_OP_LERP:
     case KSM_OP_EMBEDDING:
-    case KSM_OP_BATCHNORM:
-        rc = launch_elementwise(sc, op);
-        break;
+    case KSM_OP_BATCHNORM: rc = launch_elementwise(sc, op); break;
     case KSM_OP_GEMM:
     case KSM_OP_LINEAR:
-    case KSM_OP_CONV2D:
-        rc = launch_gemm(sc, op);
-        break;
+    case KSM_OP_CONV2D: rc = launch_gemm(sc, op); break;
     case KSM_OP_GROUPNORM:
     case KSM_OP_LAYERNORM:
     case KSM_OP_SOFTMAX:
     case KSM_OP_MEAN:
     case KSM_OP_MAXPOOL2:
     case KSM_OP_CROSS_ENTROPY:
-    case KSM_OP_ARGMAX:
-        rc = launch_reduce(sc, op);
-        break;
-    case KSM_OP_SDPA:
-        rc = launch_attention(sc, op);
-        break;
-    default:
-        rc = KSM_EUNSUPPORTED;
-        break;
+    case KSM_OP_ARGMAX: rc = launch_reduce(sc, op); break;
+    case KSM_OP_SDPA: rc = launch_attention(sc, op); break;
+    default: rc = KSM_EUNSUPPORTED; break;
     }
     return stream_leave(sc, rc);
 }
@@ -419,8 +396,8 @@ static void dev_free(ksm_device *d, void *ptr)
 {
     device_ctx *dc = (device_ctx *)d->ctx;
     if (ptr == nullptr) return;
-    if (check_cuda(cudaSetDevice(dc->ordinal), dc, dc->ordinal, __func__, "cudaSetDevice",
-                   __FILE__, __LINE__) != 0)
+    if (check_cuda(cudaSetDevice(dc->ordinal), dc, dc->ordinal, __func__, "cudaSetDevice", __FILE__,
+                   __LINE__) != 0)
         return;
     (void)check_cuda(cudaFree(ptr), dc, dc->ordinal, __func__, "cudaFree(ptr)", __FILE__, __LINE__);
 }
@@ -475,7 +452,7 @@ static int dev_stream_new(ksm_device *d, ksm_stream **out)
     s->ctx = sc;
     s->dev = d;
     s->id = (g_host != nullptr && g_host->next_stream_id != nullptr) ? g_host->next_stream_id()
-                                                                      : g_local_stream_id++;
+                                                                     : g_local_stream_id++;
     *out = s;
     return 0;
 }
@@ -574,8 +551,8 @@ static int plugin_init(const struct ksm_host_api *host, ksm_backend **out, char 
     cudaError_t err = cudaGetDeviceCount(&count);
     if (err != cudaSuccess) {
         (void)cudaGetLastError();
-        set_err(errbuf, errlen, "cudaGetDeviceCount failed: %s (%s).",
-                cudaGetErrorString(err), cudaGetErrorName(err));
+        set_err(errbuf, errlen, "cudaGetDeviceCount failed: %s (%s).", cudaGetErrorString(err),
+                cudaGetErrorName(err));
         return KSM_ENODEVICE;
     }
     if (count <= 0) {
@@ -653,9 +630,8 @@ static int plugin_init(const struct ksm_host_api *host, ksm_backend **out, char 
         snprintf(d->name, sizeof d->name, "cuda:%d", idx);
         devs[idx] = d;
         b->n_devices = idx + 1;
-        log_msg(KSM_LOG_INFO,
-                "%s: %s (CUDA device %d), compute capability %d.%d, %d SMs, %.1f GiB", d->name,
-                prop.name, ord, prop.major, prop.minor, prop.multiProcessorCount,
+        log_msg(KSM_LOG_INFO, "%s: %s (CUDA device %d), compute capability %d.%d, %d SMs, %.1f GiB",
+                d->name, prop.name, ord, prop.major, prop.minor, prop.multiProcessorCount,
                 (double)prop.totalGlobalMem / (1024.0 * 1024.0 * 1024.0));
     }
     if (b->n_devices == 0) {

@@ -42,7 +42,8 @@
 #include "nn/kmath.h"
 #include "nn/op.h"
 
-namespace ksm_cuda {
+namespace ksm_cuda
+{
 
 /* ---- Logging (through the host's sink) ---- */
 
@@ -58,20 +59,20 @@ void log_msg(enum ksm_log_level level, const char *fmt, ...)
 /* ---- Objects ---- */
 
 struct device_ctx {
-    int ordinal;                   /* CUDA device ordinal */
-    std::atomic<int> first_error;  /* first sticky error of any stream of the device (or 0) */
-    std::atomic<bool> failed;      /* a context-corrupting error was seen */
+    int ordinal;                  /* CUDA device ordinal */
+    std::atomic<int> first_error; /* first sticky error of any stream of the device (or 0) */
+    std::atomic<bool> failed;     /* a context-corrupting error was seen */
     int sm_count;
-    size_t max_smem_optin;         /* cudaDevAttrMaxSharedMemoryPerBlockOptin */
+    size_t max_smem_optin; /* cudaDevAttrMaxSharedMemoryPerBlockOptin */
 };
 
 struct stream_ctx {
     cudaStream_t stream;
     int ordinal;
     device_ctx *dctx;
-    std::atomic<int> sticky;       /* first failure of an enqueued operation (or 0) */
-    std::mutex blas_mu;            /* guards the lazily created handle and its use */
-    cublasHandle_t blas;           /* NULL until the first GEMM-based op */
+    std::atomic<int> sticky; /* first failure of an enqueued operation (or 0) */
+    std::mutex blas_mu;      /* guards the lazily created handle and its use */
+    cublasHandle_t blas;     /* NULL until the first GEMM-based op */
 };
 
 struct event_ctx {

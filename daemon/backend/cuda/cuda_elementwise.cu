@@ -9,7 +9,8 @@
  */
 #include "cuda_common.cuh"
 
-namespace ksm_cuda {
+namespace ksm_cuda
+{
 
 static constexpr int EW_BLOCK = 256;
 
@@ -125,8 +126,8 @@ __global__ void copy_cast_k(DT *dst, const ST *src, view sv, int64_t n)
 }
 
 template <int SD, int DD>
-static void launch_copy_float(stream_ctx *sc, void *dst, const void *src, const view &sv,
-                              int64_t n, bool lin)
+static void launch_copy_float(stream_ctx *sc, void *dst, const void *src, const view &sv, int64_t n,
+                              bool lin)
 {
     unsigned g = grid_for(n, EW_BLOCK);
     if (lin)
@@ -136,8 +137,8 @@ static void launch_copy_float(stream_ctx *sc, void *dst, const void *src, const 
 }
 
 template <typename ST, typename DT>
-static void launch_copy_cast(stream_ctx *sc, void *dst, const void *src, const view &sv,
-                             int64_t n, bool lin)
+static void launch_copy_cast(stream_ctx *sc, void *dst, const void *src, const view &sv, int64_t n,
+                             bool lin)
 {
     unsigned g = grid_for(n, EW_BLOCK);
     if (lin)
@@ -157,9 +158,7 @@ static int op_copy(stream_ctx *sc, const struct ksm_op *op)
     bool lin = linear(vs[1]);
     enum ksm_dtype sd = src->dtype, dd = dst->dtype;
     if (sd == dd) {
-        size_t es = sd == KSM_DTYPE_F32 || sd == KSM_DTYPE_I32   ? 4
-                    : sd == KSM_DTYPE_I64                        ? 8
-                                                                 : 2;
+        size_t es = sd == KSM_DTYPE_F32 || sd == KSM_DTYPE_I32 ? 4 : sd == KSM_DTYPE_I64 ? 8 : 2;
         if (lin) {
             if (dst->data == src->data) return 0; /* in place: nothing to do */
             KSM_CUDA_TRY(sc, cudaMemcpyAsync(dst->data, src->data, (size_t)n * es,
@@ -229,8 +228,8 @@ static int op_fill(stream_ctx *sc, const struct ksm_op *op)
         break;
     }
     case KSM_DTYPE_F16:
-        fill_k<uint16_t>
-            <<<g, EW_BLOCK, 0, sc->stream>>>((uint16_t *)dst->data, ksm_f32_to_f16((float)value), n);
+        fill_k<uint16_t><<<g, EW_BLOCK, 0, sc->stream>>>((uint16_t *)dst->data,
+                                                         ksm_f32_to_f16((float)value), n);
         break;
     case KSM_DTYPE_BF16:
         fill_k<uint16_t><<<g, EW_BLOCK, 0, sc->stream>>>((uint16_t *)dst->data,
@@ -238,14 +237,14 @@ static int op_fill(stream_ctx *sc, const struct ksm_op *op)
         break;
     case KSM_DTYPE_I64:
         fill_k<int64_t><<<g, EW_BLOCK, 0, sc->stream>>>(
-            (int64_t *)dst->data, to_int<int64_t>(value, -9223372036854775808.0, 9223372036854774784.0), n);
+            (int64_t *)dst->data,
+            to_int<int64_t>(value, -9223372036854775808.0, 9223372036854774784.0), n);
         break;
     case KSM_DTYPE_I32:
         fill_k<int32_t><<<g, EW_BLOCK, 0, sc->stream>>>(
             (int32_t *)dst->data, to_int<int32_t>(value, -2147483648.0, 2147483647.0), n);
         break;
-    default:
-        return KSM_EUNSUPPORTED;
+    default: return KSM_EUNSUPPORTED;
     }
     KSM_CUDA_LAUNCH_CHECK(sc, "fill");
     return 0;
@@ -323,11 +322,11 @@ template <int NS, class F> static int launch_ew(stream_ctx *sc, const struct ksm
     view v1 = vs[1], v2 = NS > 1 ? vs[2] : vs[1], v3 = NS > 2 ? vs[3] : vs[1];
     unsigned g = grid_for(n, EW_BLOCK);
     if (lin)
-        ew_k<NS, true, F><<<g, EW_BLOCK, 0, sc->stream>>>((float *)dst->data, s0, s1, s2, v1, v2,
-                                                           v3, n, f);
+        ew_k<NS, true, F>
+            <<<g, EW_BLOCK, 0, sc->stream>>>((float *)dst->data, s0, s1, s2, v1, v2, v3, n, f);
     else
-        ew_k<NS, false, F><<<g, EW_BLOCK, 0, sc->stream>>>((float *)dst->data, s0, s1, s2, v1,
-                                                            v2, v3, n, f);
+        ew_k<NS, false, F>
+            <<<g, EW_BLOCK, 0, sc->stream>>>((float *)dst->data, s0, s1, s2, v1, v2, v3, n, f);
     KSM_CUDA_LAUNCH_CHECK(sc, "elementwise");
     return 0;
 }
@@ -408,13 +407,11 @@ static int op_batchnorm(stream_ctx *sc, const struct ksm_op *op)
     bool lin = is_contiguous(x);
     unsigned g = grid_for(n, EW_BLOCK);
     if (lin)
-        batchnorm_k<true><<<g, EW_BLOCK, 0, sc->stream>>>((float *)dst->data,
-                                                          (const float *)x->data, xv, C, inner, p,
-                                                          op->p.norm.eps, n);
+        batchnorm_k<true><<<g, EW_BLOCK, 0, sc->stream>>>(
+            (float *)dst->data, (const float *)x->data, xv, C, inner, p, op->p.norm.eps, n);
     else
-        batchnorm_k<false><<<g, EW_BLOCK, 0, sc->stream>>>((float *)dst->data,
-                                                           (const float *)x->data, xv, C, inner,
-                                                           p, op->p.norm.eps, n);
+        batchnorm_k<false><<<g, EW_BLOCK, 0, sc->stream>>>(
+            (float *)dst->data, (const float *)x->data, xv, C, inner, p, op->p.norm.eps, n);
     KSM_CUDA_LAUNCH_CHECK(sc, "batchnorm");
     return 0;
 }
@@ -422,10 +419,8 @@ static int op_batchnorm(stream_ctx *sc, const struct ksm_op *op)
 int launch_elementwise(stream_ctx *sc, const struct ksm_op *op)
 {
     switch (op->type) {
-    case KSM_OP_COPY:
-        return op_copy(sc, op);
-    case KSM_OP_FILL:
-        return op_fill(sc, op);
+    case KSM_OP_COPY: return op_copy(sc, op);
+    case KSM_OP_FILL: return op_fill(sc, op);
     case KSM_OP_UNARY: {
         unary_f f{(int)op->p.unary.fn, op->p.unary.a, op->p.unary.b};
         return launch_ew<1>(sc, op, f);
@@ -434,14 +429,10 @@ int launch_elementwise(stream_ctx *sc, const struct ksm_op *op)
         binary_f f{(int)op->p.binary.fn};
         return launch_ew<2>(sc, op, f);
     }
-    case KSM_OP_LERP:
-        return launch_ew<3>(sc, op, lerp_f{});
-    case KSM_OP_EMBEDDING:
-        return op_embedding(sc, op);
-    case KSM_OP_BATCHNORM:
-        return op_batchnorm(sc, op);
-    default:
-        return KSM_EUNSUPPORTED;
+    case KSM_OP_LERP: return launch_ew<3>(sc, op, lerp_f{});
+    case KSM_OP_EMBEDDING: return op_embedding(sc, op);
+    case KSM_OP_BATCHNORM: return op_batchnorm(sc, op);
+    default: return KSM_EUNSUPPORTED;
     }
 }
 

@@ -17,7 +17,8 @@
 
 #include <limits.h>
 
-namespace ksm_cuda {
+namespace ksm_cuda
+{
 
 static constexpr int GM_BLOCK = 256;
 
@@ -84,7 +85,7 @@ static int gemm_run(stream_ctx *sc, cublasHandle_t h, const gemm_args &g)
     if (g.K == 0 || g.alpha == 0.0f) {
         int64_t n = g.batch * g.M * g.N;
         scale_k<<<grid_for(n, GM_BLOCK), GM_BLOCK, 0, sc->stream>>>(g.C, g.ldc, g.sC, g.M, g.N,
-                                                                     g.beta, n);
+                                                                    g.beta, n);
         KSM_CUDA_LAUNCH_CHECK(sc, "scale");
         return 0;
     }
@@ -94,10 +95,10 @@ static int gemm_run(stream_ctx *sc, cublasHandle_t h, const gemm_args &g)
         KSM_CUBLAS_TRY(sc, cublasSgemm(h, opB, opA, (int)g.N, (int)g.M, (int)g.K, &g.alpha, g.B,
                                        (int)g.ldb, g.A, (int)g.lda, &g.beta, g.C, (int)g.ldc));
     } else {
-        KSM_CUBLAS_TRY(sc, cublasSgemmStridedBatched(
-                               h, opB, opA, (int)g.N, (int)g.M, (int)g.K, &g.alpha, g.B,
-                               (int)g.ldb, (long long)g.sB, g.A, (int)g.lda, (long long)g.sA,
-                               &g.beta, g.C, (int)g.ldc, (long long)g.sC, (int)g.batch));
+        KSM_CUBLAS_TRY(sc, cublasSgemmStridedBatched(h, opB, opA, (int)g.N, (int)g.M, (int)g.K,
+                                                     &g.alpha, g.B, (int)g.ldb, (long long)g.sB,
+                                                     g.A, (int)g.lda, (long long)g.sA, &g.beta, g.C,
+                                                     (int)g.ldc, (long long)g.sC, (int)g.batch));
     }
     return 0;
 }
@@ -107,8 +108,8 @@ static int add_bias(stream_ctx *sc, float *y, const ksm_tensor *bias, int64_t in
 {
     if (bias->data == nullptr || n == 0) return 0;
     int64_t bs = bias->ndim > 0 ? bias->stride[0] : 0;
-    add_bias_k<<<grid_for(n, GM_BLOCK), GM_BLOCK, 0, sc->stream>>>(
-        y, (const float *)bias->data, bs, inner, C, n);
+    add_bias_k<<<grid_for(n, GM_BLOCK), GM_BLOCK, 0, sc->stream>>>(y, (const float *)bias->data, bs,
+                                                                   inner, C, n);
     KSM_CUDA_LAUNCH_CHECK(sc, "bias");
     return 0;
 }
@@ -195,10 +196,14 @@ __global__ void im2col_k(float *col, const float *x, conv_shape s, int64_t n0, i
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
         int64_t t = i;
-        int64_t ow = t % s.Wo; t /= s.Wo;
-        int64_t oh = t % s.Ho; t /= s.Ho;
-        int64_t kj = t % s.kw; t /= s.kw;
-        int64_t ki = t % s.kh; t /= s.kh;
+        int64_t ow = t % s.Wo;
+        t /= s.Wo;
+        int64_t oh = t % s.Ho;
+        t /= s.Ho;
+        int64_t kj = t % s.kw;
+        t /= s.kw;
+        int64_t ki = t % s.kh;
+        t /= s.kh;
         int64_t c = t % s.Cig;
         int64_t nn = t / s.Cig;
         int64_t ih = oh + ki - s.ph, iw = ow + kj - s.pw;
@@ -216,8 +221,10 @@ __global__ void conv_direct_k(float *y, const float *x, const float *w, const fl
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
         int64_t t = i;
-        int64_t ow = t % s.Wo; t /= s.Wo;
-        int64_t oh = t % s.Ho; t /= s.Ho;
+        int64_t ow = t % s.Wo;
+        t /= s.Wo;
+        int64_t oh = t % s.Ho;
+        t /= s.Ho;
         int64_t co = t % s.Co;
         int64_t nn = t / s.Co;
         int64_t ci = co / s.Cog; /* the group's only input channel */
@@ -338,14 +345,10 @@ static int op_conv2d(stream_ctx *sc, const struct ksm_op *op)
 int launch_gemm(stream_ctx *sc, const struct ksm_op *op)
 {
     switch (op->type) {
-    case KSM_OP_GEMM:
-        return op_gemm(sc, op);
-    case KSM_OP_LINEAR:
-        return op_linear(sc, op);
-    case KSM_OP_CONV2D:
-        return op_conv2d(sc, op);
-    default:
-        return KSM_EUNSUPPORTED;
+    case KSM_OP_GEMM: return op_gemm(sc, op);
+    case KSM_OP_LINEAR: return op_linear(sc, op);
+    case KSM_OP_CONV2D: return op_conv2d(sc, op);
+    default: return KSM_EUNSUPPORTED;
     }
 }
 

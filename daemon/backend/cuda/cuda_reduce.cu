@@ -10,7 +10,8 @@
  */
 #include "cuda_common.cuh"
 
-namespace ksm_cuda {
+namespace ksm_cuda
+{
 
 static int row_block(int64_t D)
 {
@@ -76,9 +77,9 @@ static int op_layernorm(stream_ctx *sc, const struct ksm_op *op)
 /* ---- GROUPNORM ---- */
 
 template <bool LIN>
-__global__ void groupnorm_k(float *y, const float *x, view xv, int64_t C, int64_t inner,
-                            int64_t G, int64_t ngroups, const float *w, int64_t ws,
-                            const float *b, int64_t bs, float eps)
+__global__ void groupnorm_k(float *y, const float *x, view xv, int64_t C, int64_t inner, int64_t G,
+                            int64_t ngroups, const float *w, int64_t ws, const float *b, int64_t bs,
+                            float eps)
 {
     __shared__ double sh[32];
     const int64_t cpg = C / G, cnt = cpg * inner;
@@ -122,12 +123,12 @@ static int op_groupnorm(stream_ctx *sc, const struct ksm_op *op)
     int64_t wst = w->ndim > 0 ? w->stride[0] : 0, bst = b->ndim > 0 ? b->stride[0] : 0;
     if (is_contiguous(x))
         groupnorm_k<true><<<row_grid(ngroups), bs, 0, sc->stream>>>(
-            (float *)op->dst.data, (const float *)x->data, make_view(x), C, inner, G, ngroups,
-            wd, wst, bd, bst, op->p.norm.eps);
+            (float *)op->dst.data, (const float *)x->data, make_view(x), C, inner, G, ngroups, wd,
+            wst, bd, bst, op->p.norm.eps);
     else
         groupnorm_k<false><<<row_grid(ngroups), bs, 0, sc->stream>>>(
-            (float *)op->dst.data, (const float *)x->data, make_view(x), C, inner, G, ngroups,
-            wd, wst, bd, bst, op->p.norm.eps);
+            (float *)op->dst.data, (const float *)x->data, make_view(x), C, inner, G, ngroups, wd,
+            wst, bd, bst, op->p.norm.eps);
     KSM_CUDA_LAUNCH_CHECK(sc, "groupnorm");
     return 0;
 }
@@ -197,33 +198,38 @@ static int op_mean(stream_ctx *sc, const struct ksm_op *op)
     int db = op->p.mean.dim_begin, de = op->p.mean.dim_end;
     int64_t outer = 1, R = 1, inner = 1;
     for (int d = 0; d < x->ndim; ++d) {
-        if (d < db) outer *= x->shape[d];
-        else if (d < de) R *= x->shape[d];
-        else inner *= x->shape[d];
+        if (d < db)
+            outer *= x->shape[d];
+        else if (d < de)
+            R *= x->shape[d];
+        else
+            inner *= x->shape[d];
     }
     int64_t n = outer * inner;
     float *y = (float *)op->dst.data;
     /* R == 0 gives 0/0 = NaN, as torch.mean of an empty dimension. */
     if (inner == 1)
-        mean_rows_k<<<row_grid(outer), row_block(R), 0, sc->stream>>>(
-            y, (const float *)x->data, R, outer);
+        mean_rows_k<<<row_grid(outer), row_block(R), 0, sc->stream>>>(y, (const float *)x->data, R,
+                                                                      outer);
     else
-        mean_cols_k<<<grid_for(n, 256), 256, 0, sc->stream>>>(y, (const float *)x->data, R,
-                                                               inner, n);
+        mean_cols_k<<<grid_for(n, 256), 256, 0, sc->stream>>>(y, (const float *)x->data, R, inner,
+                                                              n);
     KSM_CUDA_LAUNCH_CHECK(sc, "mean");
     return 0;
 }
 
 /* ---- MAXPOOL2 ---- */
 
-__global__ void maxpool2_k(float *y, const float *x, int64_t C, int64_t Ho, int64_t Wo,
-                           int64_t s0, int64_t s1, int64_t s2, int64_t s3, int64_t n)
+__global__ void maxpool2_k(float *y, const float *x, int64_t C, int64_t Ho, int64_t Wo, int64_t s0,
+                           int64_t s1, int64_t s2, int64_t s3, int64_t n)
 {
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
         int64_t t = i;
-        int64_t ow = t % Wo; t /= Wo;
-        int64_t oh = t % Ho; t /= Ho;
+        int64_t ow = t % Wo;
+        t /= Wo;
+        int64_t oh = t % Ho;
+        t /= Ho;
         int64_t c = t % C;
         int64_t nn = t / C;
         const float *xp = x + nn * s0 + c * s1 + (2 * oh) * s2 + (2 * ow) * s3;
@@ -251,8 +257,7 @@ static int op_maxpool2(stream_ctx *sc, const struct ksm_op *op)
 /* ---- CROSS_ENTROPY ---- */
 
 __global__ void xent_k(float *y, const float *x, int64_t xs0, int64_t xs1, int64_t C,
-                       const void *labels, int labels_i64, int64_t ls, int64_t ignore,
-                       int64_t rows)
+                       const void *labels, int labels_i64, int64_t ls, int64_t ignore, int64_t rows)
 {
     __shared__ float sh[32];
     for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
@@ -283,8 +288,7 @@ static int op_cross_entropy(stream_ctx *sc, const struct ksm_op *op)
     int64_t rows = x->shape[0], C = x->shape[1];
     xent_k<<<row_grid(rows), row_block(C), 0, sc->stream>>>(
         (float *)op->dst.data, (const float *)x->data, x->stride[0], x->stride[1], C, l->data,
-        l->dtype == KSM_DTYPE_I64, l->ndim > 0 ? l->stride[0] : 0, op->p.xent.ignore_index,
-        rows);
+        l->dtype == KSM_DTYPE_I64, l->ndim > 0 ? l->stride[0] : 0, op->p.xent.ignore_index, rows);
     KSM_CUDA_LAUNCH_CHECK(sc, "cross_entropy");
     return 0;
 }
@@ -368,22 +372,14 @@ static int op_argmax(stream_ctx *sc, const struct ksm_op *op)
 int launch_reduce(stream_ctx *sc, const struct ksm_op *op)
 {
     switch (op->type) {
-    case KSM_OP_LAYERNORM:
-        return op_layernorm(sc, op);
-    case KSM_OP_GROUPNORM:
-        return op_groupnorm(sc, op);
-    case KSM_OP_SOFTMAX:
-        return op_softmax(sc, op);
-    case KSM_OP_MEAN:
-        return op_mean(sc, op);
-    case KSM_OP_MAXPOOL2:
-        return op_maxpool2(sc, op);
-    case KSM_OP_CROSS_ENTROPY:
-        return op_cross_entropy(sc, op);
-    case KSM_OP_ARGMAX:
-        return op_argmax(sc, op);
-    default:
-        return KSM_EUNSUPPORTED;
+    case KSM_OP_LAYERNORM: return op_layernorm(sc, op);
+    case KSM_OP_GROUPNORM: return op_groupnorm(sc, op);
+    case KSM_OP_SOFTMAX: return op_softmax(sc, op);
+    case KSM_OP_MEAN: return op_mean(sc, op);
+    case KSM_OP_MAXPOOL2: return op_maxpool2(sc, op);
+    case KSM_OP_CROSS_ENTROPY: return op_cross_entropy(sc, op);
+    case KSM_OP_ARGMAX: return op_argmax(sc, op);
+    default: return KSM_EUNSUPPORTED;
     }
 }
 
