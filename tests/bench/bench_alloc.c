@@ -18,15 +18,6 @@
 #include "kasmina/errors.h"
 #include "kasmina/ops.h"
 
-#define CHECK(x)                                                                                   \
-    do {                                                                                           \
-        int rc_ = (x);                                                                             \
-        if (rc_ != 0) {                                                                            \
-            fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #x, ksm_strerror(rc_));  \
-            exit(1);                                                                               \
-        }                                                                                          \
-    } while (0)
-
 struct ctx {
     ksm_device *dev;
     ksm_allocator *al;

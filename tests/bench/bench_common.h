@@ -2,8 +2,21 @@
 #pragma once
 
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
+
+#include "kasmina/errors.h"
+
+/* Benchmarks stop at the first failure, naming the call. */
+#define CHECK(x)                                                                                   \
+    do {                                                                                           \
+        int rc_ = (x);                                                                             \
+        if (rc_ != 0) {                                                                            \
+            fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #x, ksm_strerror(rc_)); \
+            exit(1);                                                                               \
+        }                                                                                          \
+    } while (0)
 
 static inline double bench_now(void)
 {

@@ -13,15 +13,6 @@
 #include "kasmina/errors.h"
 #include "kasmina/ops.h"
 
-#define CHECK(x)                                                                                   \
-    do {                                                                                           \
-        int rc_ = (x);                                                                             \
-        if (rc_ != 0) {                                                                            \
-            fprintf(stderr, "%s failed: %s\n", #x, ksm_strerror(rc_));                             \
-            exit(1);                                                                               \
-        }                                                                                          \
-    } while (0)
-
 int main(int argc, char **argv)
 {
     int reps = argc > 1 ? atoi(argv[1]) : 7;

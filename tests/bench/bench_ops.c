@@ -15,15 +15,6 @@
 #include "kasmina/errors.h"
 #include "kasmina/ops.h"
 
-#define CHECK(x)                                                                                   \
-    do {                                                                                           \
-        int rc_ = (x);                                                                             \
-        if (rc_ != 0) {                                                                            \
-            fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #x, ksm_strerror(rc_));  \
-            exit(1);                                                                               \
-        }                                                                                          \
-    } while (0)
-
 static ksm_device *dev;
 static ksm_stream *st;
 
