@@ -34,18 +34,6 @@ static int64_t numel_of(const ksm_tensor *t)
     return n;
 }
 
-static size_t esize(enum ksm_dtype dt)
-{
-    switch (dt) {
-    case KSM_DTYPE_F32: return 4;
-    case KSM_DTYPE_F16: return 2;
-    case KSM_DTYPE_BF16: return 2;
-    case KSM_DTYPE_I64: return 8;
-    case KSM_DTYPE_I32: return 4;
-    default: return 0;
-    }
-}
-
 static bool is_float(enum ksm_dtype dt)
 {
     return dt == KSM_DTYPE_F32 || dt == KSM_DTYPE_F16 || dt == KSM_DTYPE_BF16;
@@ -85,7 +73,7 @@ static void byte_range(const ksm_tensor *t, uintptr_t *lo, uintptr_t *hi)
     int64_t last = 0;
     for (int i = 0; i < t->ndim; i++) last += (t->shape[i] - 1) * t->stride[i];
     *lo = (uintptr_t)t->data;
-    *hi = *lo + (uintptr_t)(last + 1) * esize(t->dtype);
+    *hi = *lo + (uintptr_t)(last + 1) * ksm_dtype_size(t->dtype);
 }
 
 static bool overlaps(const ksm_tensor *a, const ksm_tensor *b)
@@ -102,7 +90,8 @@ static bool overlaps(const ksm_tensor *a, const ksm_tensor *b)
 static bool aliases_ok(const ksm_tensor *dst, const ksm_tensor *src)
 {
     if (!overlaps(dst, src)) return true;
-    if (src->data != dst->data || esize(src->dtype) != esize(dst->dtype)) return false;
+    if (src->data != dst->data || ksm_dtype_size(src->dtype) != ksm_dtype_size(dst->dtype))
+        return false;
     for (int i = 0; i < dst->ndim; i++)
         if (dst->shape[i] > 1 && src->stride[i] != dst->stride[i]) return false;
     return true;
