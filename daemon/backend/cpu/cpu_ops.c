@@ -47,18 +47,6 @@ static int64_t grain_for(int64_t per_item)
     return per_item >= PAR_GRAIN ? 1 : PAR_GRAIN / (per_item > 0 ? per_item : 1);
 }
 
-static size_t esize(enum ksm_dtype dt)
-{
-    switch (dt) {
-    case KSM_DTYPE_F32: return 4;
-    case KSM_DTYPE_F16: return 2;
-    case KSM_DTYPE_BF16: return 2;
-    case KSM_DTYPE_I64: return 8;
-    case KSM_DTYPE_I32: return 4;
-    default: return 0;
-    }
-}
-
 /* ---- Strided elementwise iteration ----
  *
  * dst (contiguous) and up to three sources expanded to dst's shape. Size-1 dims are dropped and
@@ -87,7 +75,7 @@ static void ew_init(struct ew_iter *it, const struct ksm_op *op, int n_src)
     it->nd = 0;
     for (int k = 0; k < it->nt; k++) {
         it->base[k] = (char *)t[k]->data;
-        it->esz[k] = esize(t[k]->dtype);
+        it->esz[k] = ksm_dtype_size(t[k]->dtype);
     }
     for (int d = 0; d < op->dst.ndim; d++) {
         if (op->dst.shape[d] == 1) continue;
@@ -333,7 +321,7 @@ static void row_copy(const struct ksm_op *op, int64_t n, char *const p[EW_MAX],
     enum ksm_dtype dd = op->dst.dtype, sd = op->src[0].dtype;
     char *y = p[0];
     const char *x = p[1];
-    size_t dz = esize(dd), sz = esize(sd);
+    size_t dz = ksm_dtype_size(dd), sz = ksm_dtype_size(sd);
     int64_t sx = st[1] * (int64_t)sz; /* byte stride of the source */
     if (dd == sd) {
         if (st[1] == 1) {
