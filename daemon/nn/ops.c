@@ -198,6 +198,28 @@ static bool eps_ok(float eps) { return isfinite(eps) && eps > 0.0f; }
 
 static int launch(ksm_stream *s, struct ksm_op *op) { return ksm_stream_launch(s, op); }
 
+/* Fills *op after the checks: type, the n sources (NULL ones stay absent), dst and sources with
+ * canonical strides (all are contiguous here), and refuses a dst that overlaps a source. With
+ * alias0, dst may equal src0 exactly (row-wise ops read each row completely before they write
+ * it); the other sources must never overlap dst. */
+static int pack_op(struct ksm_op *op, enum ksm_op_type type, ksm_tensor *y,
+                   const ksm_tensor *const *srcs, int n, bool alias0)
+{
+    memset(op, 0, sizeof *op);
+    op->type = type;
+    op->n_src = n;
+    op->dst = *y;
+    canon_strides(&op->dst);
+    for (int i = 0; i < n; i++) {
+        if (srcs[i] == NULL) continue;
+        op->src[i] = *srcs[i];
+        canon_strides(&op->src[i]);
+        if (i == 0 && alias0 ? !aliases_ok(&op->dst, &op->src[0]) : overlaps(&op->dst, &op->src[i]))
+            return KSM_EINVAL;
+    }
+    return 0;
+}
+
 /* ---- Copy and fill ---- */
 
 int ksm_op_copy(ksm_stream *s, ksm_tensor *dst, const ksm_tensor *src)
@@ -454,19 +476,8 @@ int ksm_op_linear(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_t
     for (int i = 0; i < x->ndim - 1; i++) M *= x->shape[i];
     if (!fits_int(M) || !fits_int(N) || !fits_int(K)) return KSM_EINVAL;
     struct ksm_op op;
-    memset(&op, 0, sizeof op);
-    op.type = KSM_OP_LINEAR;
-    op.n_src = 3;
-    op.dst = *y;
-    op.src[0] = *x;
-    op.src[1] = *w;
-    if (bias) op.src[2] = *bias;
-    canon_strides(&op.dst);
-    canon_strides(&op.src[0]);
-    canon_strides(&op.src[1]);
-    if (bias) canon_strides(&op.src[2]);
-    for (int i = 0; i < 3; i++)
-        if (op.src[i].data && overlaps(&op.dst, &op.src[i])) return KSM_EINVAL;
+    const ksm_tensor *srcs[] = {x, w, bias};
+    if ((rc = pack_op(&op, KSM_OP_LINEAR, y, srcs, 3, false))) return rc;
     return launch(s, &op);
 }
 
@@ -542,19 +553,8 @@ int ksm_op_conv2d(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_t
         return KSM_EINVAL;
     if (ws_bytes < need || (need > 0 && ws == NULL)) return KSM_EINVAL;
     struct ksm_op op;
-    memset(&op, 0, sizeof op);
-    op.type = KSM_OP_CONV2D;
-    op.n_src = 3;
-    op.dst = *y;
-    op.src[0] = *x;
-    op.src[1] = *w;
-    if (bias) op.src[2] = *bias;
-    canon_strides(&op.dst);
-    canon_strides(&op.src[0]);
-    canon_strides(&op.src[1]);
-    if (bias) canon_strides(&op.src[2]);
-    for (int i = 0; i < 3; i++)
-        if (op.src[i].data && overlaps(&op.dst, &op.src[i])) return KSM_EINVAL;
+    const ksm_tensor *srcs[] = {x, w, bias};
+    if ((rc = pack_op(&op, KSM_OP_CONV2D, y, srcs, 3, false))) return rc;
     if (need > 0) {
         uintptr_t lo = (uintptr_t)ws, hi = lo + need;
         for (int i = -1; i < 3; i++) {
@@ -588,27 +588,6 @@ static int check_same_f32(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, int
     return 0;
 }
 
-/* Fills the op after the checks: dst/src0 canonical, sources copied, overlap checked. dst may
- * equal src0 exactly for the row-wise ops (each row is read completely before it is written),
- * but the parameters must not overlap dst. */
-static int fill_norm(struct ksm_op *op, enum ksm_op_type type, ksm_tensor *y,
-                     const ksm_tensor *const *srcs, int n)
-{
-    memset(op, 0, sizeof *op);
-    op->type = type;
-    op->n_src = n;
-    op->dst = *y;
-    canon_strides(&op->dst);
-    for (int i = 0; i < n; i++) {
-        if (srcs[i] == NULL) continue;
-        op->src[i] = *srcs[i];
-        canon_strides(&op->src[i]);
-        if (i == 0 ? !aliases_ok(&op->dst, &op->src[0]) : overlaps(&op->dst, &op->src[i]))
-            return KSM_EINVAL;
-    }
-    return 0;
-}
-
 int ksm_op_batchnorm(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_tensor *mean,
                      const ksm_tensor *var, const ksm_tensor *weight, const ksm_tensor *bias,
                      float eps)
@@ -623,7 +602,7 @@ int ksm_op_batchnorm(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ks
     if (!eps_ok(eps)) return KSM_EINVAL;
     struct ksm_op op;
     const ksm_tensor *srcs[5] = {x, mean, var, weight, bias};
-    if ((rc = fill_norm(&op, KSM_OP_BATCHNORM, y, srcs, 5))) return rc;
+    if ((rc = pack_op(&op, KSM_OP_BATCHNORM, y, srcs, 5, true))) return rc;
     op.p.norm.eps = eps;
     return launch(s, &op);
 }
@@ -640,7 +619,7 @@ int ksm_op_groupnorm(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, int grou
     if (groups < 1 || c % groups != 0 || !eps_ok(eps)) return KSM_EINVAL;
     struct ksm_op op;
     const ksm_tensor *srcs[3] = {x, weight, bias};
-    if ((rc = fill_norm(&op, KSM_OP_GROUPNORM, y, srcs, 3))) return rc;
+    if ((rc = pack_op(&op, KSM_OP_GROUPNORM, y, srcs, 3, true))) return rc;
     op.p.norm.eps = eps;
     op.p.norm.groups = groups;
     return launch(s, &op);
@@ -658,7 +637,7 @@ int ksm_op_layernorm(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ks
     if (!eps_ok(eps)) return KSM_EINVAL;
     struct ksm_op op;
     const ksm_tensor *srcs[3] = {x, weight, bias};
-    if ((rc = fill_norm(&op, KSM_OP_LAYERNORM, y, srcs, 3))) return rc;
+    if ((rc = pack_op(&op, KSM_OP_LAYERNORM, y, srcs, 3, true))) return rc;
     op.p.norm.eps = eps;
     return launch(s, &op);
 }
@@ -670,7 +649,7 @@ int ksm_op_softmax(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x)
     if ((rc = check_same_f32(s, y, x, 1))) return rc;
     struct ksm_op op;
     const ksm_tensor *srcs[1] = {x};
-    if ((rc = fill_norm(&op, KSM_OP_SOFTMAX, y, srcs, 1))) return rc;
+    if ((rc = pack_op(&op, KSM_OP_SOFTMAX, y, srcs, 1, true))) return rc;
     return launch(s, &op);
 }
 
@@ -737,16 +716,8 @@ int ksm_op_embedding(ksm_stream *s, ksm_tensor *y, const ksm_tensor *weight, con
     if (y->shape[y->ndim - 1] != weight->shape[1]) return KSM_ESHAPE;
     if (!contiguous(y) || !contiguous(weight) || !contiguous(idx)) return KSM_EINVAL;
     struct ksm_op op;
-    memset(&op, 0, sizeof op);
-    op.type = KSM_OP_EMBEDDING;
-    op.n_src = 2;
-    op.dst = *y;
-    op.src[0] = *weight;
-    op.src[1] = *idx;
-    canon_strides(&op.dst);
-    canon_strides(&op.src[0]);
-    canon_strides(&op.src[1]);
-    if (overlaps(&op.dst, &op.src[0]) || overlaps(&op.dst, &op.src[1])) return KSM_EINVAL;
+    const ksm_tensor *srcs[] = {weight, idx};
+    if ((rc = pack_op(&op, KSM_OP_EMBEDDING, y, srcs, 2, false))) return rc;
     return launch(s, &op);
 }
 
@@ -774,14 +745,8 @@ int ksm_op_mean(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, int dim_begin
     }
     if (!contiguous(y) || !contiguous(x)) return KSM_EINVAL;
     struct ksm_op op;
-    memset(&op, 0, sizeof op);
-    op.type = KSM_OP_MEAN;
-    op.n_src = 1;
-    op.dst = *y;
-    op.src[0] = *x;
-    canon_strides(&op.dst);
-    canon_strides(&op.src[0]);
-    if (overlaps(&op.dst, &op.src[0])) return KSM_EINVAL;
+    const ksm_tensor *srcs[] = {x};
+    if ((rc = pack_op(&op, KSM_OP_MEAN, y, srcs, 1, false))) return rc;
     op.p.mean.dim_begin = dim_begin;
     op.p.mean.dim_end = dim_end;
     return launch(s, &op);
@@ -799,14 +764,8 @@ int ksm_op_maxpool2(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x)
         return KSM_ESHAPE;
     if (!contiguous(y) || !contiguous(x)) return KSM_EINVAL;
     struct ksm_op op;
-    memset(&op, 0, sizeof op);
-    op.type = KSM_OP_MAXPOOL2;
-    op.n_src = 1;
-    op.dst = *y;
-    op.src[0] = *x;
-    canon_strides(&op.dst);
-    canon_strides(&op.src[0]);
-    if (overlaps(&op.dst, &op.src[0])) return KSM_EINVAL;
+    const ksm_tensor *srcs[] = {x};
+    if ((rc = pack_op(&op, KSM_OP_MAXPOOL2, y, srcs, 1, false))) return rc;
     return launch(s, &op);
 }
 
@@ -826,16 +785,8 @@ int ksm_op_cross_entropy(ksm_stream *s, ksm_tensor *loss, const ksm_tensor *logi
     if (labels->shape[0] != n || loss->shape[0] != n || logits->shape[1] < 1) return KSM_ESHAPE;
     if (!contiguous(loss) || !contiguous(logits) || !contiguous(labels)) return KSM_EINVAL;
     struct ksm_op op;
-    memset(&op, 0, sizeof op);
-    op.type = KSM_OP_CROSS_ENTROPY;
-    op.n_src = 2;
-    op.dst = *loss;
-    op.src[0] = *logits;
-    op.src[1] = *labels;
-    canon_strides(&op.dst);
-    canon_strides(&op.src[0]);
-    canon_strides(&op.src[1]);
-    if (overlaps(&op.dst, &op.src[0]) || overlaps(&op.dst, &op.src[1])) return KSM_EINVAL;
+    const ksm_tensor *srcs[] = {logits, labels};
+    if ((rc = pack_op(&op, KSM_OP_CROSS_ENTROPY, loss, srcs, 2, false))) return rc;
     op.p.xent.ignore_index = ignore_index;
     return launch(s, &op);
 }
@@ -850,14 +801,8 @@ int ksm_op_argmax(ksm_stream *s, ksm_tensor *idx, const ksm_tensor *x)
     if (idx->shape[0] != x->shape[0] || x->shape[1] < 1) return KSM_ESHAPE;
     if (!contiguous(idx) || !contiguous(x)) return KSM_EINVAL;
     struct ksm_op op;
-    memset(&op, 0, sizeof op);
-    op.type = KSM_OP_ARGMAX;
-    op.n_src = 1;
-    op.dst = *idx;
-    op.src[0] = *x;
-    canon_strides(&op.dst);
-    canon_strides(&op.src[0]);
-    if (overlaps(&op.dst, &op.src[0])) return KSM_EINVAL;
+    const ksm_tensor *srcs[] = {x};
+    if ((rc = pack_op(&op, KSM_OP_ARGMAX, idx, srcs, 1, false))) return rc;
     return launch(s, &op);
 }
 
