@@ -1,0 +1,130 @@
+/*
+ * Seed slots and their lifecycle (§1): stages, transitions, quality gates G0-G5 in strict and
+ * permissive modes with esper's check strings, germinate / advance / prune / schedule_prune /
+ * set_alpha_target / set_alpha / step_epoch / record metrics, lifecycle events (§7.1) and
+ * reports (§7.2), and the slot's extra state (esper-state-dict.md §6) as JSON.
+ *
+ * The slot layer owns no device memory. Everything that touches modules goes through the
+ * callbacks in struct ksm_slot_env, provided by the model (model.c):
+ *   - free_seed: release the seed module and its caches (prune, RESETTING cleanup);
+ *   - create_gate / drop_gate: the GatedBlend module (entering BLENDING with "gated", switching
+ *     algorithm in set_alpha_target, prune);
+ *   - alpha_changed: the slot's alpha changed (the model bumps its alpha-scalar generation).
+ * Every operation validates completely (including creating a gate it will need, the only step
+ * that can fail for lack of memory) before it mutates anything or emits an event.
+ */
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "kasmina/kasmina.h"
+
+struct ksm_slot;
+
+struct ksm_slot_env {
+    void *ud;
+    bool permissive;          /* QualityGates(permissive=...) */
+    unsigned auto_forward;    /* bits (1 << KSM_GATE_Gn) */
+    enum ksm_topology topology;
+    void (*emit)(void *ud, struct ksm_slot *s, struct ksm_lifecycle_event *ev);
+    void (*free_seed)(void *ud, struct ksm_slot *s);
+    int (*create_gate)(void *ud, struct ksm_slot *s, uint32_t total_steps);
+    void (*drop_gate)(void *ud, struct ksm_slot *s);
+    void (*alpha_changed)(void *ud, struct ksm_slot *s);
+};
+
+#define KSM_STAGE_HISTORY_MAX 100
+
+/* SeedState (§1.2, §7.2). */
+struct ksm_seed_state {
+    char seed_id[KSM_SEED_ID_MAX];
+    char blueprint_id[KSM_NAME_MAX];
+    enum ksm_stage stage, previous_stage;
+    uint32_t previous_epochs_in_stage;
+    int64_t stage_entered_at_ns;
+    double alpha; /* runtime source of truth; == controller.alpha */
+    struct ksm_alpha_controller controller;
+    enum ksm_alpha_algorithm alpha_algorithm;
+    uint32_t blend_tempo_epochs;
+    struct ksm_seed_metrics metrics;
+    struct ksm_seed_telemetry telemetry;
+    bool is_healthy, is_paused;
+    /* stage_history ring (bounded deque maxlen 100) */
+    struct {
+        enum ksm_stage stage;
+        int64_t at_ns;
+    } history[KSM_STAGE_HISTORY_MAX];
+    int history_len, history_head;
+};
+
+struct ksm_slot {
+    char id[KSM_SLOT_ID_MAX];
+    int channels;
+    const struct ksm_slot_env *env;
+
+    bool occupied; /* state != None */
+    struct ksm_seed_state st;
+
+    /* slot settings (germinate) */
+    char blend_algorithm_id[16]; /* "" = None */
+    bool has_blend_tempo;
+    uint32_t blend_tempo_epochs;
+    bool has_blend_alpha_target;
+    double blend_alpha_target;
+    bool isolate_gradients;
+    bool has_resolved_topology;
+
+    /* modules, owned by the model layer (opaque here; non-NULL = exists) */
+    void *seed;
+    void *gate;
+    uint32_t gate_total_steps, gate_current_step;
+
+    bool blend_out_freeze;
+    char pending_prune_reason[KSM_REASON_MAX];
+    char pending_prune_initiator[KSM_NAME_MAX];
+};
+
+void ksm_slot_init(struct ksm_slot *s, const char *id, int channels, const struct ksm_slot_env *env);
+
+/* Germination in two phases so the model can build the seed in between:
+ * check validates args against the slot (availability, alpha_target range, gated <=> GATE,
+ * blend id) without mutating; commit takes ownership of `seed` (non-NULL) and records
+ * everything (§1.4 germinate steps 1, 8-12). seed_params/host_params: trainable counts. */
+int ksm_slot_germinate_check(const struct ksm_slot *s, const struct ksm_germinate_args *a,
+                             char *err, size_t errlen);
+int ksm_slot_germinate_commit(struct ksm_slot *s, const struct ksm_germinate_args *a, void *seed,
+                              uint64_t seed_params, uint64_t host_params, int64_t now_ns);
+
+int ksm_slot_advance(struct ksm_slot *s, enum ksm_stage target, struct ksm_gate_result *gate,
+                     int64_t now_ns, char *err, size_t errlen);
+int ksm_slot_prune(struct ksm_slot *s, const char *reason, const char *initiator, bool *accepted,
+                   int64_t now_ns);
+int ksm_slot_schedule_prune(struct ksm_slot *s, uint32_t steps, enum ksm_alpha_curve curve,
+                            double steepness, const char *reason, const char *initiator,
+                            bool *accepted, int64_t now_ns, char *err, size_t errlen);
+int ksm_slot_set_alpha_target(struct ksm_slot *s, double target, uint32_t steps,
+                              enum ksm_alpha_curve curve, double steepness,
+                              enum ksm_alpha_algorithm algorithm, int64_t now_ns, char *err,
+                              size_t errlen);
+/* set_alpha (§1.4): clamps; no-op without state. NaN is KSM_EINVAL. */
+int ksm_slot_set_alpha(struct ksm_slot *s, double alpha, char *err, size_t errlen);
+int ksm_slot_step_epoch(struct ksm_slot *s, int64_t now_ns);
+int ksm_slot_record_metrics(struct ksm_slot *s, const struct ksm_metrics_update *u, char *err,
+                            size_t errlen);
+
+/* Stage active in the forward (TRAINING, BLENDING, HOLDING, FOSSILIZED) with a seed. */
+bool ksm_slot_runs_seed(const struct ksm_slot *s);
+void ksm_slot_report(const struct ksm_slot *s, struct ksm_slot_report *r);
+
+/* Gate evaluation alone (tests). */
+void ksm_slot_check_gate(const struct ksm_slot *s, enum ksm_stage target,
+                         struct ksm_gate_result *r);
+
+/* The slot's extra state (esper-state-dict.md §6, schema version 1) as a JSON string
+ * (malloc'd) / parsed into a fresh slot value. from_json validates everything and fills *out
+ * (a copy of s with the parsed state; s itself is not touched); needs_seed/needs_gate tell the
+ * model which modules the state requires. */
+char *ksm_slot_extra_state_json(const struct ksm_slot *s);
+int ksm_slot_extra_state_parse(const struct ksm_slot *s, const char *json, struct ksm_slot *out,
+                               bool *needs_seed, bool *needs_gate, char *err, size_t errlen);
