@@ -9,6 +9,11 @@ PKGS=(
   libjansson-dev                            # safetensors JSON header
   libopenblas-dev                           # CPU backend GEMM
   libcriterion-dev                          # tests
+  libgrpc-dev                               # gRPC C core (server and client)
+  libprotobuf-c-dev protobuf-c-compiler     # protobuf-c runtime and protoc-c
+  protobuf-compiler protobuf-compiler-grpc  # protoc + grpc_python_plugin (Python stubs)
+  python3-grpcio python3-protobuf           # rpc tests and the Python client (/usr/bin/python3)
+  python3-numpy                             # the Python client's array wrapper
 )
 
 missing=()
