@@ -1,0 +1,415 @@
+/* Load and export weights by esper state_dict names (esper-state-dict.md), atomically. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kasmina/errors.h"
+#include "kasmina/model_impl.h"
+#include "kasmina/safetensors.h"
+
+void ksm_load_result_free(struct ksm_load_result *r)
+{
+    if (r == NULL) return;
+    for (size_t i = 0; i < r->n_loaded; i++) free(r->loaded[i]);
+    for (size_t i = 0; i < r->n_missing; i++) free(r->missing[i]);
+    for (size_t i = 0; i < r->n_unexpected; i++) free(r->unexpected[i]);
+    free(r->loaded);
+    free(r->missing);
+    free(r->unexpected);
+    memset(r, 0, sizeof *r);
+}
+
+static int push(char ***v, size_t *n, const char *s)
+{
+    char **nv = realloc(*v, (*n + 1) * sizeof **v);
+    if (nv == NULL) return KSM_ENOMEM;
+    *v = nv;
+    if ((nv[*n] = strdup(s)) == NULL) return KSM_ENOMEM;
+    (*n)++;
+    return 0;
+}
+
+/* One module's parameters with the prefix of their full names. */
+struct modset {
+    struct ksm_params *ps;
+    char prefix[64];
+};
+
+static int collect(ksm_model *m, struct modset *sets, int cap, ksm_seed *const *seeds,
+                   ksm_gate *const *gates)
+{
+    int n = 0;
+    sets[n].ps = ksm_host_params(m->host);
+    snprintf(sets[n++].prefix, sizeof sets[0].prefix, "host.");
+    for (int i = 0; i < m->n_slots && n + 2 <= cap; i++) {
+        const char *id = m->slots[i].s.id;
+        if (seeds[i]) {
+            sets[n].ps = ksm_seed_params(seeds[i]);
+            snprintf(sets[n++].prefix, sizeof sets[0].prefix, "seed_slots.%s.seed.", id);
+        }
+        if (gates[i]) {
+            sets[n].ps = ksm_gate_params(gates[i]);
+            snprintf(sets[n++].prefix, sizeof sets[0].prefix, "seed_slots.%s.alpha_schedule.", id);
+        }
+    }
+    return n;
+}
+
+/* ---- export ---- */
+
+int ksm_model_export_weights(ksm_model *m, void **buf, size_t *len, char *err, size_t errlen)
+{
+    pthread_mutex_lock(&m->lock);
+    ksm_seed *seeds[KSM_MAX_SLOTS];
+    ksm_gate *gates[KSM_MAX_SLOTS];
+    for (int i = 0; i < m->n_slots; i++) {
+        seeds[i] = m->slots[i].s.seed;
+        gates[i] = m->slots[i].s.gate;
+    }
+    struct modset sets[2 * KSM_MAX_SLOTS + 1];
+    int ns = collect(m, sets, 2 * KSM_MAX_SLOTS + 1, seeds, gates);
+    size_t nt = 0, total = 0;
+    for (int k = 0; k < ns; k++)
+        for (int i = 0; i < sets[k].ps->n; i++) {
+            nt++;
+            total += ksm_tensor_nbytes(&sets[k].ps->p[i].t);
+        }
+    struct ksm_st_tensor *ts = calloc(nt ? nt : 1, sizeof *ts);
+    char(*names)[160] = calloc(nt ? nt : 1, sizeof *names);
+    char *host = malloc(total ? total : 1);
+    const char **meta = calloc((size_t)(2 * m->n_slots + 1), sizeof *meta);
+    char **json = calloc((size_t)(m->n_slots + 1), sizeof *json);
+    char(*mkeys)[96] = calloc((size_t)(m->n_slots + 1), sizeof *mkeys);
+    int rc = 0;
+    if (!ts || !names || !host || !meta || !json || !mkeys) {
+        rc = KSM_ENOMEM;
+        goto out;
+    }
+    struct ksm_stream_ctx *ctx;
+    if ((rc = ksm_model_stream(m, "", &ctx)) < 0) goto out;
+    /* Order: host.*, then each slot's seed.* and alpha_schedule.* (registration order). */
+    size_t t = 0, off = 0;
+    for (int k = 0; k < ns; k++) {
+        struct ksm_params *ps = sets[k].ps;
+        for (int i = 0; i < ps->n; i++) {
+            const ksm_tensor *src = ksm_params_tensor(ps, i);
+            size_t nb = ksm_tensor_nbytes(src);
+            snprintf(names[t], sizeof names[t], "%s%s", sets[k].prefix, ps->p[i].name);
+            ts[t].name = names[t];
+            ts[t].dtype = src->dtype;
+            ts[t].ndim = src->ndim;
+            memcpy(ts[t].shape, src->shape, sizeof ts[t].shape);
+            ts[t].data = host + off;
+            ts[t].nbytes = nb;
+            if (nb && (rc = ksm_stream_memcpy_async(ctx->stream, host + off, src->data, nb,
+                                                    KSM_COPY_D2H)) < 0)
+                goto out;
+            off += nb;
+            t++;
+        }
+    }
+    if ((rc = ksm_stream_synchronize(ctx->stream)) < 0) goto out;
+    for (int i = 0; i < m->n_slots; i++) {
+        json[i] = ksm_slot_extra_state_json(&m->slots[i].s);
+        if (json[i] == NULL) {
+            rc = KSM_ENOMEM;
+            goto out;
+        }
+        snprintf(mkeys[i], sizeof mkeys[i], "seed_slots.%s._extra_state", m->slots[i].s.id);
+        meta[2 * i] = mkeys[i];
+        meta[2 * i + 1] = json[i];
+    }
+    rc = ksm_st_serialize(ts, nt, meta, (size_t)(2 * m->n_slots), buf, len);
+out:
+    pthread_mutex_unlock(&m->lock);
+    if (rc < 0) KSM_ERR(err, errlen, "could not export model \"%s\": %s", m->id, ksm_strerror(rc));
+    if (json)
+        for (int i = 0; i < m->n_slots; i++) free(json[i]);
+    free(json);
+    free(mkeys);
+    free(meta);
+    free(host);
+    free(names);
+    free(ts);
+    return rc;
+}
+
+/* ---- load ---- */
+
+struct pending {
+    struct ksm_param *p; /* destination declaration */
+    const struct ksm_st_tensor *src;
+    void *buf; /* new device memory */
+};
+
+static bool shape_eq(const ksm_tensor *t, const struct ksm_st_tensor *s)
+{
+    if (t->ndim != s->ndim) return false;
+    for (int i = 0; i < t->ndim; i++)
+        if (t->shape[i] != s->shape[i]) return false;
+    return true;
+}
+
+static void describe_shape(char *b, size_t n, int ndim, const int64_t *shape)
+{
+    size_t k = (size_t)snprintf(b, n, "[");
+    for (int i = 0; i < ndim && k < n; i++)
+        k += (size_t)snprintf(b + k, n - k, "%s%lld", i ? ", " : "", (long long)shape[i]);
+    if (k < n) snprintf(b + k, n - k, "]");
+}
+
+int ksm_model_load_weights(ksm_model *m, const void *blob, size_t len, bool strict,
+                           struct ksm_load_result *res, char *err, size_t errlen)
+{
+    struct ksm_load_result r = {0};
+    ksm_st_file *f = NULL;
+    char why[256];
+    int rc = ksm_st_parse(blob, len, &f, why, sizeof why);
+    if (rc < 0) {
+        KSM_ERR(err, errlen, "safetensors is not a valid safetensors file: %s", why);
+        return rc == KSM_EDTYPE ? KSM_EDTYPE : KSM_EFORMAT;
+    }
+    pthread_mutex_lock(&m->lock);
+    struct ksm_slot *newst = calloc((size_t)KSM_MAX_SLOTS, sizeof *newst);
+    bool has_state[KSM_MAX_SLOTS] = {0};
+    ksm_seed *seeds[KSM_MAX_SLOTS] = {0};
+    ksm_gate *gates[KSM_MAX_SLOTS] = {0};
+    bool new_seed[KSM_MAX_SLOTS] = {0}, new_gate[KSM_MAX_SLOTS] = {0};
+    struct pending *pend = NULL;
+    bool *used = calloc(ksm_st_count(f) + 1, sizeof *used);
+    size_t n_pend = 0;
+    struct ksm_stream_ctx *ctx = NULL;
+    if (newst == NULL || used == NULL) {
+        rc = KSM_ENOMEM;
+        goto fail;
+    }
+    if (m->deleted) {
+        KSM_ERR(err, errlen, "model \"%s\" was deleted", m->id);
+        rc = KSM_ENOMODEL;
+        goto fail;
+    }
+    if ((rc = ksm_model_stream(m, "", &ctx)) < 0) goto fail;
+
+    /* 1. Slot states from __metadata__, and the modules they require. */
+    for (int i = 0; i < m->n_slots; i++) {
+        struct ksm_model_slot *ms = &m->slots[i];
+        seeds[i] = ms->s.seed;
+        gates[i] = ms->s.gate;
+        char key[96];
+        snprintf(key, sizeof key, "seed_slots.%s._extra_state", ms->s.id);
+        const char *js = ksm_st_metadata(f, key);
+        if (js == NULL) continue;
+        bool need_seed = false, need_gate = false;
+        rc = ksm_slot_extra_state_parse(&ms->s, js, &newst[i], &need_seed, &need_gate, why,
+                                        sizeof why);
+        if (rc < 0) {
+            KSM_ERR(err, errlen, "__metadata__ %s is invalid: %s", key, why);
+            goto fail;
+        }
+        has_state[i] = true;
+        seeds[i] = NULL;
+        gates[i] = NULL;
+        if (need_seed) {
+            const struct ksm_blueprint *bp =
+                ksm_blueprint_find(m->spec.topology, newst[i].st.blueprint_id);
+            if (bp == NULL) {
+                KSM_ERR(err, errlen,
+                        "__metadata__ %s names blueprint \"%s\", which is not a %s "
+                        "blueprint",
+                        key, newst[i].st.blueprint_id, ksm_topology_name(m->spec.topology));
+                rc = KSM_ENOBLUEPRINT;
+                goto fail;
+            }
+            if ((rc = ksm_seed_new(bp, ms->s.channels, &seeds[i], why, sizeof why)) < 0) {
+                KSM_ERR(err, errlen, "slot %s: %s", ms->s.id, why);
+                goto fail;
+            }
+            new_seed[i] = true;
+        }
+        if (need_gate) {
+            if ((rc = ksm_gate_new(ms->s.channels, m->spec.topology, &gates[i], why, sizeof why)) <
+                0) {
+                KSM_ERR(err, errlen, "slot %s: %s", ms->s.id, why);
+                goto fail;
+            }
+            new_gate[i] = true;
+        }
+    }
+
+    /* 2. Match names: every declared tensor of the resulting model against the file. */
+    struct modset sets[2 * KSM_MAX_SLOTS + 1];
+    int ns = collect(m, sets, 2 * KSM_MAX_SLOTS + 1, seeds, gates);
+    size_t n_decl = 0;
+    for (int k = 0; k < ns; k++) n_decl += (size_t)sets[k].ps->n;
+    pend = calloc(n_decl + 1, sizeof *pend);
+    if (pend == NULL) {
+        rc = KSM_ENOMEM;
+        goto fail;
+    }
+    char full[192];
+    for (int k = 0; k < ns; k++) {
+        struct ksm_params *ps = sets[k].ps;
+        for (int i = 0; i < ps->n; i++) {
+            struct ksm_param *p = &ps->p[i];
+            snprintf(full, sizeof full, "%s%s", sets[k].prefix, p->name);
+            const struct ksm_st_tensor *st = ksm_st_find(f, full);
+            if (p->tied_to >= 0) {
+                /* An alias (host.head.weight): optional; loads the target when the target's
+                 * own name is absent, and must agree in shape when present. */
+                if (st == NULL) continue;
+                used[st - ksm_st_get(f, 0)] = true;
+                char tname[192];
+                snprintf(tname, sizeof tname, "%s%s", sets[k].prefix, ps->p[p->tied_to].name);
+                if (ksm_st_find(f, tname) != NULL) continue;
+                p = &ps->p[p->tied_to];
+            }
+            if (st == NULL) {
+                if ((rc = push(&r.missing, &r.n_missing, full)) < 0) goto fail;
+                continue;
+            }
+            used[st - ksm_st_get(f, 0)] = true;
+            if (st->dtype != p->t.dtype) {
+                KSM_ERR(err, errlen, "tensor %s has dtype %s; expected %s", full,
+                        ksm_dtype_name(st->dtype), ksm_dtype_name(p->t.dtype));
+                rc = KSM_EDTYPE;
+                goto fail;
+            }
+            if (!shape_eq(&p->t, st)) {
+                char a[64], b[64];
+                describe_shape(a, sizeof a, st->ndim, st->shape);
+                describe_shape(b, sizeof b, p->t.ndim, p->t.shape);
+                KSM_ERR(err, errlen, "tensor %s has shape %s; expected %s", full, a, b);
+                rc = KSM_ESHAPE;
+                goto fail;
+            }
+            pend[n_pend].p = p;
+            pend[n_pend].src = st;
+            n_pend++;
+            if ((rc = push(&r.loaded, &r.n_loaded, full)) < 0) goto fail;
+        }
+    }
+    for (size_t i = 0; i < ksm_st_count(f); i++)
+        if (!used[i] && (rc = push(&r.unexpected, &r.n_unexpected, ksm_st_get(f, i)->name)) < 0)
+            goto fail;
+    /* New modules must be complete: a seed without its weights cannot run. */
+    for (size_t i = 0; i < r.n_missing; i++) {
+        if (strict || strncmp(r.missing[i], "seed_slots.", 11) == 0) {
+            KSM_ERR(err, errlen, "tensor %s is missing%s (%zu missing in all)", r.missing[i],
+                    strict ? " and the load is strict" : " and its seed or gate is restored",
+                    r.n_missing);
+            rc = KSM_EINVAL;
+            goto fail;
+        }
+    }
+    if (strict && r.n_unexpected > 0) {
+        KSM_ERR(err, errlen,
+                "tensor %s is not a tensor of this model and the load is strict "
+                "(%zu unexpected in all)",
+                r.unexpected[0], r.n_unexpected);
+        rc = KSM_EINVAL;
+        goto fail;
+    }
+
+    /* 3. Upload into fresh device memory; nothing of the model changes until all succeeded. */
+    for (size_t i = 0; i < n_pend; i++) {
+        size_t nb = pend[i].src->nbytes;
+        if ((rc = ksm_alloc_malloc(m->alloc, nb ? nb : 1, ctx->stream, &pend[i].buf)) < 0) break;
+        if (nb && (rc = ksm_stream_memcpy_async(ctx->stream, pend[i].buf, pend[i].src->data, nb,
+                                                KSM_COPY_H2D)) < 0)
+            break;
+    }
+    int rc2 = ksm_stream_synchronize(ctx->stream);
+    if (rc == 0) rc = rc2;
+    if (rc < 0) {
+        KSM_ERR(err, errlen, "could not upload the weights to %s: %s", ksm_device_name(m->dev),
+                ksm_strerror(rc));
+        goto fail;
+    }
+    /* New modules not covered by the file (non-strict) would be uninitialised: materialise
+     * them first (deterministic init), then overwrite what the file has. */
+    for (int i = 0; i < m->n_slots; i++) {
+        char prefix[64];
+        if (new_seed[i]) {
+            snprintf(prefix, sizeof prefix, "seed_slots.%s.seed.", m->slots[i].s.id);
+            if ((rc = ksm_params_materialise(ksm_seed_params(seeds[i]), m->alloc, ctx->stream, 0,
+                                             prefix)) < 0)
+                break;
+        }
+        if (new_gate[i]) {
+            snprintf(prefix, sizeof prefix, "seed_slots.%s.alpha_schedule.", m->slots[i].s.id);
+            if ((rc = ksm_params_materialise(ksm_gate_params(gates[i]), m->alloc, ctx->stream, 0,
+                                             prefix)) < 0)
+                break;
+        }
+    }
+    if (rc < 0) {
+        KSM_ERR(err, errlen, "could not allocate restored seeds: %s", ksm_strerror(rc));
+        goto fail;
+    }
+
+    /* 4. Commit: swap buffers, install slot states and modules. */
+    ksm_stream *users[KSM_MAX_STREAMS_PER_MODEL];
+    int nu = ksm_model_users(m, users, KSM_MAX_STREAMS_PER_MODEL);
+    for (size_t i = 0; i < n_pend; i++) {
+        struct ksm_param *p = pend[i].p;
+        if (p->t.data) {
+            for (int u = 0; u < nu; u++) ksm_alloc_record_stream(m->alloc, p->t.data, users[u]);
+            ksm_alloc_free(m->alloc, p->t.data);
+        }
+        p->t.data = pend[i].buf;
+        p->t.dev = m->dev;
+        pend[i].buf = NULL;
+    }
+    for (int k = 0; k < ns; k++) /* refresh aliases */
+        for (int i = 0; i < sets[k].ps->n; i++)
+            if (sets[k].ps->p[i].tied_to >= 0)
+                sets[k].ps->p[i].t = sets[k].ps->p[sets[k].ps->p[i].tied_to].t;
+    for (int i = 0; i < m->n_slots; i++) {
+        if (!has_state[i]) continue;
+        struct ksm_model_slot *ms = &m->slots[i];
+        ksm_model_free_gate(m, ms);
+        ksm_model_free_seed(m, ms);
+        const struct ksm_slot_env *env = ms->s.env;
+        ms->s = newst[i];
+        ms->s.env = env;
+        ms->s.seed = seeds[i];
+        ms->s.gate = gates[i];
+        ms->alpha_gen++;
+        ms->alpha_stat.invalidations++;
+    }
+    m->topo_gen++;
+    m->generation++;
+    ksm_model_touch(m);
+    pthread_mutex_unlock(&m->lock);
+    free(pend);
+    free(used);
+    free(newst);
+    ksm_st_close(f);
+    if (res)
+        *res = r;
+    else
+        ksm_load_result_free(&r);
+    return 0;
+
+fail:
+    if (pend)
+        for (size_t i = 0; i < n_pend; i++)
+            if (pend[i].buf) ksm_alloc_free(m->alloc, pend[i].buf);
+    for (int i = 0; i < m->n_slots; i++) {
+        if (new_seed[i] && seeds[i]) {
+            ksm_params_release(ksm_seed_params(seeds[i]), m->alloc, NULL, 0);
+            ksm_seed_free(seeds[i]);
+        }
+        if (new_gate[i] && gates[i]) {
+            ksm_params_release(ksm_gate_params(gates[i]), m->alloc, NULL, 0);
+            ksm_gate_free(gates[i]);
+        }
+    }
+    pthread_mutex_unlock(&m->lock);
+    free(pend);
+    free(used);
+    free(newst);
+    ksm_st_close(f);
+    ksm_load_result_free(&r);
+    return rc;
+}
