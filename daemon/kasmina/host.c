@@ -468,8 +468,8 @@ int ksm_host_check_input(const ksm_host *h, const ksm_tensor *x, char *err, size
                 (long long)x->shape[1], h->tf.block_size);
         return KSM_ESHAPE;
     }
-    if (x->data == NULL) {
-        set_err(err, errlen, "the input token ids have no data.");
+    if (x->data == NULL || (x->dev != NULL && !ksm_device_is_host(x->dev))) {
+        set_err(err, errlen, "the input token ids must be in host memory to be checked.");
         return KSM_EINVAL;
     }
     for (int64_t b = 0; b < x->shape[0]; b++)
@@ -527,6 +527,7 @@ static int bpos(const ksm_host *h, int k)
 void ksm_host_boundary_shape(const ksm_host *h, const ksm_tensor *x, int k, int *ndim,
                              int64_t *shape)
 {
+    if (k >= h->n_inj) k = h->n_inj - 1; /* not a boundary: the caller's bug; stay in range */
     if (h->topology == KSM_TOPOLOGY_CNN) {
         *ndim = 4;
         for (int i = 0; i < 4; i++) shape[i] = x->shape[i];

@@ -786,6 +786,14 @@ Test(host_route, backwards_same_and_unknown_boundaries_are_errors)
                      "(%d, %d)", bad[i][0], bad[i][1]);
     cr_expect_eq(ksm_host_forward_from(h, &ex, 6, &x, &y), KSM_EINVAL);
     cr_expect_eq(ksm_host_forward_from(h, &ex, -2, &x, &y), KSM_EINVAL);
+    /* a real pass before the parameters exist */
+    ksm_host *bare = cnn_host(&s, false);
+    ksm_exec_init(&ex, e.s, false, (void *)64, 1 << 20);
+    cr_expect_eq(ksm_host_forward_to(bare, &ex, -1, 0, &x, &y), KSM_ENOTREADY);
+    cr_expect_eq(ksm_host_forward_from(bare, &ex, -1, &x, &y), KSM_ENOTREADY);
+    cr_expect_eq(ex.off, 0);
+    ksm_host_free(bare);
+    ksm_exec_init(&ex, e.s, true, NULL, 0);
     /* features of the wrong shape for the boundary */
     cr_expect_eq(ksm_host_forward_to(h, &ex, 0, 2, &x, &y), KSM_ESHAPE);
     cr_expect_eq(ksm_host_forward_to(h, &ex, -1, 0, &x, &y), 0);
