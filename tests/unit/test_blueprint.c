@@ -890,7 +890,7 @@ Test(blueprint_shapes, cnn_seeds_preserve_shape_for_odd_channels_and_any_resolut
             ksm_seed *s = make_seed(&e, KSM_TOPOLOGY_CNN, l[b]->name, cs[ci], false);
             randomise_params(&e, ksm_seed_params(s), 3);
             for (int h = 1; h <= 9; h++)
-                for (int w = 1; w <= 9; w += (h % 3) + 1) {
+                for (int w = 1; w <= 9; w++) {
                     int64_t shape[4] = {2, cs[ci], h, w};
                     int64_t m = numel(4, shape);
                     float *x = malloc((size_t)m * 4);
