@@ -119,7 +119,7 @@ int ksm_model_export_weights(ksm_model *m, void **buf, size_t *len, char *err, s
         meta[2 * i] = mkeys[i];
         meta[2 * i + 1] = json[i];
     }
-    rc = ksm_st_serialize(ts, nt, meta, (size_t)(2 * m->n_slots), buf, len);
+    rc = ksm_st_serialize(ts, nt, meta, (size_t)m->n_slots, buf, len);
 out:
     pthread_mutex_unlock(&m->lock);
     if (rc < 0) KSM_ERR(err, errlen, "could not export model \"%s\": %s", m->id, ksm_strerror(rc));
