@@ -12,6 +12,18 @@
  *   - alpha_changed: the slot's alpha changed (the model bumps its alpha-scalar generation).
  * Every operation validates completely (including creating a gate it will need, the only step
  * that can fail for lack of memory) before it mutates anything or emits an event.
+ *
+ * Callback contract (all optional; env and any slot may be NULL):
+ *   - free_seed frees s->seed; the slot layer then sets s->seed = NULL.
+ *   - create_gate builds a fresh GatedBlend and stores it in s->gate, replacing (and freeing)
+ *     any gate already there only once the new one exists; on failure it returns a negative
+ *     KSM_E* code and leaves s->gate as it was. The slot layer then sets gate_total_steps and
+ *     gate_current_step = 0.
+ *   - drop_gate frees s->gate; the slot layer then sets s->gate = NULL.
+ *   - emit receives each lifecycle event (model_id is left empty for the model to fill).
+ *   - alpha_changed is called after st.alpha took a new value.
+ * Reports leave blueprint_index = -1, seed_params = the seed's count and model_generation = 0
+ * for the model to complete.
  */
 #pragma once
 
@@ -24,8 +36,8 @@ struct ksm_slot;
 
 struct ksm_slot_env {
     void *ud;
-    bool permissive;          /* QualityGates(permissive=...) */
-    unsigned auto_forward;    /* bits (1 << KSM_GATE_Gn) */
+    bool permissive;       /* QualityGates(permissive=...) */
+    unsigned auto_forward; /* bits (1 << KSM_GATE_Gn) */
     enum ksm_topology topology;
     void (*emit)(void *ud, struct ksm_slot *s, struct ksm_lifecycle_event *ev);
     void (*free_seed)(void *ud, struct ksm_slot *s);
@@ -35,6 +47,27 @@ struct ksm_slot_env {
 };
 
 #define KSM_STAGE_HISTORY_MAX 100
+
+/* The rest of esper's SeedTelemetry (§7.3), as last copied by sync_telemetry (record_metrics);
+ * the gradient fields and epoch/max_epochs are in struct ksm_seed_telemetry. Persisted in the
+ * extra state's seed_state.telemetry. */
+struct ksm_telemetry_sync {
+    char seed_id[KSM_SEED_ID_MAX];
+    char blueprint_id[KSM_NAME_MAX];
+    char layer_id[KSM_NAME_MAX];
+    double accuracy, accuracy_delta;
+    uint32_t epochs_in_stage;
+    int stage; /* SeedStage value, 1 (DORMANT) until the first sync */
+    double alpha, alpha_target;
+    int alpha_mode;
+    uint32_t alpha_steps_total, alpha_steps_done, time_to_target;
+    double alpha_velocity;
+    int alpha_algorithm;
+    int64_t captured_at_ns;
+    uint32_t blend_tempo_epochs;
+    double blending_velocity;
+    char alpha_curve[16]; /* "LINEAR" unless restored otherwise */
+};
 
 /* SeedState (§1.2, §7.2). */
 struct ksm_seed_state {
@@ -55,7 +88,8 @@ struct ksm_seed_state {
         enum ksm_stage stage;
         int64_t at_ns;
     } history[KSM_STAGE_HISTORY_MAX];
-    int history_len, history_head;
+    int history_len, history_head; /* oldest first from history[0]; head is always 0 */
+    struct ksm_telemetry_sync tel_sync;
 };
 
 struct ksm_slot {
@@ -85,7 +119,8 @@ struct ksm_slot {
     char pending_prune_initiator[KSM_NAME_MAX];
 };
 
-void ksm_slot_init(struct ksm_slot *s, const char *id, int channels, const struct ksm_slot_env *env);
+void ksm_slot_init(struct ksm_slot *s, const char *id, int channels,
+                   const struct ksm_slot_env *env);
 
 /* Germination in two phases so the model can build the seed in between:
  * check validates args against the slot (availability, alpha_target range, gated <=> GATE,

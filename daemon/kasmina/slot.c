@@ -1,0 +1,1238 @@
+/*
+ * Seed slot lifecycle (§1, esper K/slot.py SeedSlot / SeedState / SeedMetrics / QualityGates):
+ * stages and transitions, quality gates, slot operations, step_epoch, metrics, events, reports.
+ * The extra-state JSON is in slot_json.c.
+ *
+ * Where esper mutates before it validates (germinate steps 1-3 and 7, prune of a cooling-down
+ * slot raising auto_pruned) the daemon is atomic instead: a refused call changes nothing and
+ * emits nothing.
+ */
+#include "kasmina/slot.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include "kasmina/alpha.h"
+#include "kasmina/errors.h"
+
+/* QualityGates thresholds (§1.3, L/__init__.py). */
+#define MIN_TRAINING_IMPROVEMENT  0.5
+#define MIN_BLENDING_EPOCHS       10u
+#define MIN_GRADIENT_HEALTH       0.7
+#define GRADIENT_RATIO_THRESHOLD  0.10
+#define MIN_FOSSILIZE_CONTRIB     1.0
+#define EMBARGO_EPOCHS            5u
+#define DEFAULT_BLENDING_STEPS    5u
+#define DEFAULT_TELEMETRY_MAX_EPO 25u
+
+/* ---- small helpers ---- */
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (!err || errlen == 0) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+static void copy_str(char *dst, size_t cap, const char *src)
+{
+    snprintf(dst, cap, "%s", src ? src : "");
+}
+
+static bool is_failure_stage(enum ksm_stage s)
+{
+    return s == KSM_STAGE_PRUNED || s == KSM_STAGE_EMBARGOED || s == KSM_STAGE_RESETTING;
+}
+
+static bool is_active_stage(enum ksm_stage s)
+{
+    return s == KSM_STAGE_TRAINING || s == KSM_STAGE_BLENDING || s == KSM_STAGE_HOLDING ||
+           s == KSM_STAGE_FOSSILIZED;
+}
+
+/* VALID_TRANSITIONS (§1.2), in order. */
+static int valid_transitions(enum ksm_stage from, enum ksm_stage out[3])
+{
+    switch (from) {
+    case KSM_STAGE_UNKNOWN: out[0] = KSM_STAGE_DORMANT; return 1;
+    case KSM_STAGE_DORMANT: out[0] = KSM_STAGE_GERMINATED; return 1;
+    case KSM_STAGE_GERMINATED:
+        out[0] = KSM_STAGE_TRAINING;
+        out[1] = KSM_STAGE_PRUNED;
+        return 2;
+    case KSM_STAGE_TRAINING:
+        out[0] = KSM_STAGE_BLENDING;
+        out[1] = KSM_STAGE_PRUNED;
+        return 2;
+    case KSM_STAGE_BLENDING:
+        out[0] = KSM_STAGE_HOLDING;
+        out[1] = KSM_STAGE_PRUNED;
+        return 2;
+    case KSM_STAGE_HOLDING:
+        out[0] = KSM_STAGE_FOSSILIZED;
+        out[1] = KSM_STAGE_BLENDING;
+        out[2] = KSM_STAGE_PRUNED;
+        return 3;
+    case KSM_STAGE_FOSSILIZED: return 0;
+    case KSM_STAGE_PRUNED: out[0] = KSM_STAGE_EMBARGOED; return 1;
+    case KSM_STAGE_EMBARGOED: out[0] = KSM_STAGE_RESETTING; return 1;
+    case KSM_STAGE_RESETTING: out[0] = KSM_STAGE_DORMANT; return 1;
+    }
+    return 0;
+}
+
+static bool is_valid_transition(enum ksm_stage from, enum ksm_stage to)
+{
+    enum ksm_stage t[3];
+    int n = valid_transitions(from, t);
+    for (int i = 0; i < n; i++)
+        if (t[i] == to) return true;
+    return false;
+}
+
+static bool auto_forward(const struct ksm_slot *s, enum ksm_gate_level g)
+{
+    return s->env && (s->env->auto_forward & (1u << g));
+}
+
+static bool permissive(const struct ksm_slot *s) { return s->env && s->env->permissive; }
+
+static enum ksm_topology slot_topology(const struct ksm_slot *s)
+{
+    return s->env ? s->env->topology : KSM_TOPOLOGY_CNN;
+}
+
+static int64_t wall_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* ---- metrics (SeedMetrics, §1.7) ---- */
+
+static double total_improvement(const struct ksm_seed_metrics *m)
+{
+    return m->current_val_accuracy - m->initial_val_accuracy;
+}
+
+static double improvement_since_stage_start(const struct ksm_seed_metrics *m)
+{
+    return m->current_val_accuracy - m->accuracy_at_stage_start;
+}
+
+static double blending_delta(const struct ksm_seed_metrics *m)
+{
+    return m->blending_started ? m->current_val_accuracy - m->accuracy_at_blending_start : 0.0;
+}
+
+static void record_accuracy(struct ksm_seed_metrics *m, double acc)
+{
+    if (m->epochs_total == 0) {
+        m->initial_val_accuracy = acc;
+        m->accuracy_at_stage_start = acc;
+    }
+    m->current_val_accuracy = acc;
+    m->best_val_accuracy = fmax(m->best_val_accuracy, acc);
+    m->epochs_total++;
+    m->epochs_in_current_stage++;
+}
+
+/* ---- SeedState.transition (§1.2) ---- */
+
+static void history_push(struct ksm_seed_state *st, enum ksm_stage stage, int64_t at)
+{
+    /* deque(maxlen=100): drop the oldest. Kept in order from index 0 (history_head stays 0) so
+     * equal histories are equal bytes. */
+    if (st->history_len == KSM_STAGE_HISTORY_MAX) {
+        memmove(&st->history[0], &st->history[1],
+                (KSM_STAGE_HISTORY_MAX - 1) * sizeof st->history[0]);
+        st->history_len--;
+    }
+    st->history[st->history_len].stage = stage;
+    st->history[st->history_len].at_ns = at;
+    st->history_len++;
+    st->history_head = 0;
+}
+
+static bool state_transition(struct ksm_seed_state *st, enum ksm_stage to, int64_t now)
+{
+    if (!is_valid_transition(st->stage, to)) return false;
+    st->previous_stage = st->stage;
+    st->previous_epochs_in_stage = st->metrics.epochs_in_current_stage;
+    st->stage = to;
+    st->stage_entered_at_ns = now;
+    history_push(st, to, now);
+    st->metrics.accuracy_at_stage_start = st->metrics.current_val_accuracy;
+    st->metrics.epochs_in_current_stage = 0;
+    return true;
+}
+
+/* ---- module callbacks ---- */
+
+static void free_seed(struct ksm_slot *s)
+{
+    if (!s->seed) return;
+    if (s->env && s->env->free_seed) s->env->free_seed(s->env->ud, s);
+    s->seed = NULL;
+}
+
+static void drop_gate(struct ksm_slot *s)
+{
+    if (!s->gate) return;
+    if (s->env && s->env->drop_gate) s->env->drop_gate(s->env->ud, s);
+    s->gate = NULL;
+    s->gate_total_steps = s->gate_current_step = 0;
+}
+
+static int create_gate(struct ksm_slot *s, uint32_t total_steps)
+{
+    if (s->env && s->env->create_gate) {
+        int rc = s->env->create_gate(s->env->ud, s, total_steps);
+        if (rc < 0) return rc;
+    }
+    s->gate_total_steps = total_steps;
+    s->gate_current_step = 0;
+    return 0;
+}
+
+/* set_alpha (§1.4) on an occupied slot; value already finite or +-Inf. */
+static void apply_alpha(struct ksm_slot *s, double value)
+{
+    double a = fmax(0.0, fmin(1.0, value));
+    bool changed = s->st.alpha != a;
+    s->st.alpha = a;
+    s->st.controller.alpha = a;
+    s->st.metrics.current_alpha = a;
+    if (changed && s->env && s->env->alpha_changed) s->env->alpha_changed(s->env->ud, s);
+}
+
+/* ---- events (§7.1) ---- */
+
+static void ev_init(const struct ksm_slot *s, struct ksm_lifecycle_event *ev,
+                    enum ksm_event_type type, int64_t now)
+{
+    memset(ev, 0, sizeof *ev);
+    ev->type = type;
+    copy_str(ev->slot_id, sizeof ev->slot_id, s->id);
+    copy_str(ev->seed_id, sizeof ev->seed_id, s->st.seed_id);
+    copy_str(ev->blueprint_id, sizeof ev->blueprint_id, s->st.blueprint_id);
+    ev->timestamp_ns = now;
+    ev->alpha = s->st.alpha;
+    copy_str(ev->alpha_curve, sizeof ev->alpha_curve, ksm_alpha_curve_name(s->st.controller.curve));
+}
+
+static void ev_value(struct ksm_lifecycle_event *ev, const char *key, double v)
+{
+    int cap = (int)(sizeof ev->values / sizeof ev->values[0]);
+    if (ev->n_values >= cap) return;
+    ev->values[ev->n_values].key = key;
+    ev->values[ev->n_values].value = v;
+    ev->n_values++;
+}
+
+static void emit(struct ksm_slot *s, struct ksm_lifecycle_event *ev)
+{
+    if (s->env && s->env->emit) s->env->emit(s->env->ud, s, ev);
+}
+
+/* _telemetry_grad_ratio and the payload flags: 0 / False until telemetry has an epoch > 0. */
+static double tel_grad_ratio(const struct ksm_seed_state *st)
+{
+    if (st->telemetry.epoch == 0 || !st->metrics.has_grad_ratio) return 0.0;
+    return st->metrics.seed_gradient_norm_ratio;
+}
+
+static double tel_flag(const struct ksm_seed_state *st, bool has, bool v)
+{
+    return (st->telemetry.epoch > 0 && has && v) ? 1.0 : 0.0;
+}
+
+/* Captured health fields of a SEED_STAGE_CHANGED payload. */
+struct grad_snap {
+    double ratio, vanishing, exploding;
+};
+
+static struct grad_snap grad_snapshot(const struct ksm_seed_state *st)
+{
+    return (struct grad_snap){
+        .ratio = tel_grad_ratio(st),
+        .vanishing = tel_flag(st, st->telemetry.has_vanishing_flag, st->telemetry.has_vanishing),
+        .exploding = tel_flag(st, st->telemetry.has_exploding_flag, st->telemetry.has_exploding),
+    };
+}
+
+static void emit_stage_changed(struct ksm_slot *s, enum ksm_stage from, enum ksm_stage to,
+                               double alpha, double accuracy_delta, uint32_t epochs_in_stage,
+                               const struct grad_snap *g, int64_t now)
+{
+    struct ksm_lifecycle_event ev;
+    ev_init(s, &ev, KSM_EV_SEED_STAGE_CHANGED, now);
+    ev.from_stage = from;
+    ev.to_stage = to;
+    ev.alpha = alpha;
+    ev_value(&ev, "accuracy_delta", accuracy_delta);
+    ev_value(&ev, "epochs_in_stage", (double)epochs_in_stage);
+    ev_value(&ev, "grad_ratio", g->ratio);
+    ev_value(&ev, "has_vanishing", g->vanishing);
+    ev_value(&ev, "has_exploding", g->exploding);
+    emit(s, &ev);
+}
+
+/* ---- quality gates (§1.3, K/slot.py QualityGates) ---- */
+
+static void gate_init(struct ksm_gate_result *r, enum ksm_gate_level g)
+{
+    memset(r, 0, sizeof *r);
+    r->gate = g;
+}
+
+static void check_add(char (*list)[KSM_CHECK_MAX], int *n, const char *fmt, ...)
+{
+    if (*n >= KSM_GATE_MAX_CHECKS) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(list[*n], KSM_CHECK_MAX, fmt, ap);
+    va_end(ap);
+    (*n)++;
+}
+
+#define PASS(r, ...) check_add((r)->checks_passed, &(r)->n_passed, __VA_ARGS__)
+#define FAIL(r, ...) check_add((r)->checks_failed, &(r)->n_failed, __VA_ARGS__)
+
+/* Check strings are esper's f-strings; Python's "{x:.2f}" and C's "%.2f" both round the exact
+ * binary value half-to-even, so they agree digit for digit. */
+
+static void gate_g0(const struct ksm_seed_state *st, struct ksm_gate_result *r)
+{
+    gate_init(r, KSM_GATE_G0);
+    if (st->seed_id[0])
+        PASS(r, "seed_id_present");
+    else
+        FAIL(r, "seed_id_missing");
+    if (st->blueprint_id[0])
+        PASS(r, "blueprint_id_present");
+    else
+        FAIL(r, "blueprint_id_missing");
+    r->passed = r->n_failed == 0;
+    r->score = r->passed ? 1.0 : 0.0;
+    copy_str(r->message, sizeof r->message,
+             r->passed ? "Germination gate" : "Missing required fields");
+}
+
+static void gate_g1(const struct ksm_seed_state *st, struct ksm_gate_result *r)
+{
+    gate_init(r, KSM_GATE_G1);
+    r->passed = st->stage == KSM_STAGE_GERMINATED;
+    r->score = r->passed ? 1.0 : 0.0;
+    if (r->passed)
+        PASS(r, "germinated");
+    else
+        FAIL(r, "not_germinated");
+    copy_str(r->message, sizeof r->message, r->passed ? "Ready for training" : "Not germinated");
+}
+
+static void gate_g2(const struct ksm_seed_state *st, bool perm, struct ksm_gate_result *r)
+{
+    gate_init(r, KSM_GATE_G2);
+    const struct ksm_seed_metrics *m = &st->metrics;
+    double improvement = improvement_since_stage_start(m);
+    r->score = improvement > 0 ? fmin(1.0, improvement / 5.0) : 0.0;
+
+    if (perm) {
+        bool epochs_ok = m->epochs_in_current_stage >= MIN_BLENDING_EPOCHS;
+        if (epochs_ok)
+            PASS(r, "trained_%u_epochs", m->epochs_in_current_stage);
+        else
+            FAIL(r, "insufficient_training_%u_of_%u", m->epochs_in_current_stage,
+                 MIN_BLENDING_EPOCHS);
+        /* KTS-001: unmeasured gradient health is not healthy. */
+        bool safe_ok = false;
+        const struct ksm_seed_telemetry *t = &st->telemetry;
+        if (!t->has_gradient_health) {
+            FAIL(r, "gradient_health_not_measured");
+        } else if (t->has_exploding_flag && t->has_exploding) {
+            FAIL(r, "exploding_gradients");
+        } else {
+            PASS(r, "no_exploding_gradients");
+            if (t->gradient_health >= MIN_GRADIENT_HEALTH) {
+                PASS(r, "gradient_health_%.2f", t->gradient_health);
+                safe_ok = true;
+            } else {
+                FAIL(r, "gradient_health_low_%.2f_need_%.2f", t->gradient_health,
+                     MIN_GRADIENT_HEALTH);
+            }
+        }
+        r->passed = epochs_ok && safe_ok;
+        snprintf(r->message, sizeof r->message, "Permissive G2 Safety: %s",
+                 r->passed ? "PASS" : "FAIL");
+        return;
+    }
+
+    bool perf_ok = improvement >= MIN_TRAINING_IMPROVEMENT;
+    if (perf_ok)
+        PASS(r, "global_improvement_%.2f%%", improvement);
+    else
+        FAIL(r, "global_improvement_insufficient_%.2f%%", improvement);
+    bool seed_ok = m->epochs_in_current_stage >= MIN_BLENDING_EPOCHS;
+    if (seed_ok)
+        PASS(r, "seed_ready");
+    else
+        FAIL(r, "seed_not_ready");
+    bool grad_ok = false;
+    if (!m->has_grad_ratio) {
+        FAIL(r, "gradient_stats_never_measured");
+    } else if (m->seed_gradient_norm_ratio >= GRADIENT_RATIO_THRESHOLD) {
+        PASS(r, "seed_gradient_active_%.2f", m->seed_gradient_norm_ratio);
+        grad_ok = true;
+    } else {
+        FAIL(r, "seed_gradient_low_%.2f", m->seed_gradient_norm_ratio);
+    }
+    r->passed = perf_ok && seed_ok && grad_ok;
+    snprintf(r->message, sizeof r->message, "Improvement: %.2f%%", improvement);
+}
+
+static void gate_g3(const struct ksm_seed_state *st, bool perm, struct ksm_gate_result *r)
+{
+    gate_init(r, KSM_GATE_G3);
+    const struct ksm_alpha_controller *c = &st->controller;
+    const double eps = KSM_ALPHA_EPS;
+    r->score = c->alpha;
+    bool target_ok = c->alpha_target >= 1.0 - eps;
+    if (target_ok)
+        PASS(r, "alpha_target_full");
+    else
+        FAIL(r, "alpha_target_not_full_%.2f", c->alpha_target);
+    bool reached_ok = c->mode == KSM_ALPHA_HOLD && fabs(c->alpha - c->alpha_target) <= eps;
+    if (reached_ok)
+        PASS(r, "alpha_target_reached");
+    else
+        FAIL(r, "alpha_not_at_target_%.2f_target_%.2f_mode_%s", c->alpha, c->alpha_target,
+             ksm_alpha_mode_name(c->mode));
+    if (perm) {
+        r->passed = target_ok && reached_ok;
+        copy_str(r->message, sizeof r->message, "Permissive G3: alpha completion only");
+        return;
+    }
+    if (st->metrics.epochs_in_current_stage >= MIN_BLENDING_EPOCHS)
+        PASS(r, "blending_complete");
+    else
+        FAIL(r, "blending_incomplete_%u", st->metrics.epochs_in_current_stage);
+    r->passed = r->n_failed == 0;
+}
+
+static void gate_g5(const struct ksm_seed_state *st, bool perm, struct ksm_gate_result *r)
+{
+    gate_init(r, KSM_GATE_G5);
+    if (!st->metrics.has_counterfactual) {
+        FAIL(r, "counterfactual_not_available");
+        return;
+    }
+    double c = st->metrics.counterfactual_contribution;
+    r->score = c > 0 ? fmin(1.0, c / 10.0) : 0.0;
+    PASS(r, "counterfactual_available_%.2f%%", c);
+    bool health_ok = st->is_healthy;
+    if (health_ok)
+        PASS(r, "healthy");
+    else
+        FAIL(r, "unhealthy");
+    if (perm) {
+        r->passed = health_ok;
+        snprintf(r->message, sizeof r->message, "Permissive G5: %.2f%% contribution (no threshold)",
+                 c);
+        return;
+    }
+    /* f"..._below_{DEFAULT_MIN_FOSSILIZE_CONTRIBUTION}%": Python prints the float 1.0 as "1.0". */
+    if (c >= MIN_FOSSILIZE_CONTRIB)
+        PASS(r, "sufficient_contribution_%.2f%%", c);
+    else
+        FAIL(r, "insufficient_contribution_%.2f%%_below_1.0%%", c);
+    r->passed = r->n_failed == 0;
+}
+
+static bool gate_for_target(enum ksm_stage target, enum ksm_gate_level *g)
+{
+    switch (target) {
+    case KSM_STAGE_GERMINATED: *g = KSM_GATE_G0; return true;
+    case KSM_STAGE_TRAINING: *g = KSM_GATE_G1; return true;
+    case KSM_STAGE_BLENDING: *g = KSM_GATE_G2; return true;
+    case KSM_STAGE_HOLDING: *g = KSM_GATE_G3; return true;
+    case KSM_STAGE_FOSSILIZED: *g = KSM_GATE_G5; return true;
+    default: return false;
+    }
+}
+
+void ksm_slot_check_gate(const struct ksm_slot *s, enum ksm_stage target, struct ksm_gate_result *r)
+{
+    enum ksm_gate_level g;
+    if (!s->occupied || !gate_for_target(target, &g)) {
+        /* esper raises "No gate defined for target stage ..."; this test helper says so. */
+        gate_init(r, KSM_GATE_G0);
+        FAIL(r, s->occupied ? "no_gate_for_target" : "no_active_seed");
+        return;
+    }
+    bool perm = permissive(s);
+    switch (g) {
+    case KSM_GATE_G0: gate_g0(&s->st, r); break;
+    case KSM_GATE_G1: gate_g1(&s->st, r); break;
+    case KSM_GATE_G2: gate_g2(&s->st, perm, r); break;
+    case KSM_GATE_G3: gate_g3(&s->st, perm, r); break;
+    case KSM_GATE_G5: gate_g5(&s->st, perm, r); break;
+    }
+}
+
+/* ---- slot ---- */
+
+void ksm_slot_init(struct ksm_slot *s, const char *id, int channels, const struct ksm_slot_env *env)
+{
+    memset(s, 0, sizeof *s);
+    copy_str(s->id, sizeof s->id, id);
+    s->channels = channels;
+    s->env = env;
+}
+
+bool ksm_slot_runs_seed(const struct ksm_slot *s)
+{
+    return s->occupied && s->seed && is_active_stage(s->st.stage);
+}
+
+static bool slot_is_active(const struct ksm_slot *s) { return s->occupied && s->seed; }
+
+static void set_blend_out_freeze(struct ksm_slot *s)
+{
+    s->blend_out_freeze = s->occupied && s->st.controller.mode == KSM_ALPHA_DOWN;
+}
+
+/* The blend curve of a blend algorithm id (start_blending). */
+static bool blend_curve(const char *id, enum ksm_alpha_curve *curve)
+{
+    if (!strcmp(id, "linear"))
+        *curve = KSM_CURVE_LINEAR;
+    else if (!strcmp(id, "sigmoid"))
+        *curve = KSM_CURVE_SIGMOID;
+    else if (!strcmp(id, "gated"))
+        *curve = KSM_CURVE_LINEAR; /* no "double dynamics" */
+    else
+        return false;
+    return true;
+}
+
+static const char *blend_id(const struct ksm_slot *s)
+{
+    return s->blend_algorithm_id[0] ? s->blend_algorithm_id : "sigmoid";
+}
+
+static uint32_t blend_steps(const struct ksm_slot *s)
+{
+    return s->has_blend_tempo ? s->blend_tempo_epochs : DEFAULT_BLENDING_STEPS;
+}
+
+/* Does entering `target` from the current stage need a new gate module? */
+static bool entry_needs_gate(const struct ksm_slot *s, enum ksm_stage target)
+{
+    return target == KSM_STAGE_BLENDING && s->st.stage == KSM_STAGE_TRAINING &&
+           !strcmp(blend_id(s), "gated");
+}
+
+/* start_blending(total_steps) minus the gate creation (done beforehand by the caller). */
+static void start_blending(struct ksm_slot *s, uint32_t total_steps)
+{
+    const char *id = blend_id(s);
+    enum ksm_alpha_curve curve = KSM_CURVE_SIGMOID;
+    blend_curve(id, &curve);
+    if (!strcmp(id, "gated"))
+        s->st.alpha_algorithm = KSM_ALGO_GATE;
+    else
+        drop_gate(s);
+    double target = s->has_blend_alpha_target ? s->blend_alpha_target : 1.0;
+    ksm_alpha_init(&s->st.controller, s->st.alpha);
+    ksm_alpha_retarget(&s->st.controller, target, (long)total_steps, curve, KSM_DEFAULT_STEEPNESS);
+    /* A 0-step tempo jumps at once; keep state.alpha == controller.alpha (§2.2). */
+    if (s->st.controller.alpha != s->st.alpha) apply_alpha(s, s->st.controller.alpha);
+}
+
+static void on_blending_complete(struct ksm_slot *s)
+{
+    if (s->st.alpha_algorithm != KSM_ALGO_GATE) drop_gate(s);
+    apply_alpha(s, 1.0);
+    struct ksm_alpha_controller *c = &s->st.controller;
+    c->alpha_start = 1.0;
+    c->alpha_target = 1.0;
+    c->mode = KSM_ALPHA_HOLD;
+    c->steps_done = c->steps_total;
+}
+
+/* _on_enter_stage (§1.5). */
+static void on_enter_stage(struct ksm_slot *s, enum ksm_stage to, enum ksm_stage from)
+{
+    if (to == KSM_STAGE_TRAINING && from == KSM_STAGE_GERMINATED) {
+        s->isolate_gradients = true;
+    } else if (to == KSM_STAGE_BLENDING && from == KSM_STAGE_TRAINING) {
+        s->isolate_gradients = slot_topology(s) == KSM_TOPOLOGY_CNN;
+        s->st.metrics.accuracy_at_blending_start = s->st.metrics.current_val_accuracy;
+        s->st.metrics.blending_started = true;
+        start_blending(s, blend_steps(s));
+    } else if (to == KSM_STAGE_HOLDING && from == KSM_STAGE_BLENDING) {
+        on_blending_complete(s);
+    }
+}
+
+/* ---- germinate (§1.4) ---- */
+
+static bool valid_blend_id(const char *id)
+{
+    enum ksm_alpha_curve c;
+    return blend_curve(id, &c);
+}
+
+int ksm_slot_germinate_check(const struct ksm_slot *s, const struct ksm_germinate_args *a,
+                             char *err, size_t errlen)
+{
+    if (!a) {
+        set_err(err, errlen, "germinate needs arguments");
+        return KSM_EINVAL;
+    }
+    if (!a->blueprint_id || !a->blueprint_id[0]) {
+        set_err(err, errlen, "blueprint_id is required");
+        return KSM_EINVAL;
+    }
+    if (strlen(a->blueprint_id) >= KSM_NAME_MAX) {
+        set_err(err, errlen, "blueprint_id is longer than %d characters", KSM_NAME_MAX - 1);
+        return KSM_EINVAL;
+    }
+    if (a->seed_id && strlen(a->seed_id) >= KSM_SEED_ID_MAX) {
+        set_err(err, errlen, "seed_id is longer than %d characters", KSM_SEED_ID_MAX - 1);
+        return KSM_EINVAL;
+    }
+    if (a->has_alpha_target && !(a->alpha_target > 0.0 && a->alpha_target <= 1.0)) {
+        set_err(err, errlen, "alpha_target must be within (0, 1], got %g", a->alpha_target);
+        return KSM_EINVAL;
+    }
+    const char *bid =
+        (a->blend_algorithm_id && a->blend_algorithm_id[0]) ? a->blend_algorithm_id : "sigmoid";
+    if (!valid_blend_id(bid)) {
+        set_err(err, errlen,
+                "unknown blend_algorithm_id '%.32s'; valid options: linear, sigmoid, gated", bid);
+        return KSM_EINVAL;
+    }
+    if ((unsigned)a->alpha_algorithm > KSM_ALGO_GATE) {
+        set_err(err, errlen, "unknown alpha_algorithm %d", (int)a->alpha_algorithm);
+        return KSM_EINVAL;
+    }
+    bool gated = !strcmp(bid, "gated");
+    if (gated && a->alpha_algorithm != KSM_ALGO_GATE) {
+        set_err(err, errlen, "blend_algorithm_id 'gated' requires alpha_algorithm GATE");
+        return KSM_EINVAL;
+    }
+    if (!gated && a->alpha_algorithm == KSM_ALGO_GATE) {
+        set_err(err, errlen, "alpha_algorithm GATE requires blend_algorithm_id 'gated'");
+        return KSM_EINVAL;
+    }
+    if (s->occupied || s->seed) {
+        set_err(err, errlen, "slot %s is unavailable for germination (stage=%s)", s->id,
+                s->occupied ? ksm_stage_name(s->st.stage) : "UNKNOWN");
+        return KSM_ESTAGE;
+    }
+    return 0;
+}
+
+static void telemetry_defaults(struct ksm_seed_state *st, int64_t now)
+{
+    memset(&st->telemetry, 0, sizeof st->telemetry);
+    st->telemetry.max_epochs = DEFAULT_TELEMETRY_MAX_EPO;
+    struct ksm_telemetry_sync *t = &st->tel_sync;
+    memset(t, 0, sizeof *t);
+    copy_str(t->seed_id, sizeof t->seed_id, st->seed_id);
+    copy_str(t->blueprint_id, sizeof t->blueprint_id, st->blueprint_id);
+    t->stage = KSM_STAGE_DORMANT;
+    t->alpha_algorithm = KSM_ALGO_ADD;
+    t->captured_at_ns = now;
+    t->blend_tempo_epochs = 5;
+    copy_str(t->alpha_curve, sizeof t->alpha_curve, "LINEAR");
+}
+
+int ksm_slot_germinate_commit(struct ksm_slot *s, const struct ksm_germinate_args *a, void *seed,
+                              uint64_t seed_params, uint64_t host_params, int64_t now_ns)
+{
+    if (!seed || ksm_slot_germinate_check(s, a, NULL, 0) < 0) return KSM_EINVAL;
+
+    const char *bid =
+        (a->blend_algorithm_id && a->blend_algorithm_id[0]) ? a->blend_algorithm_id : "sigmoid";
+    uint32_t tempo = a->blend_tempo_epochs ? a->blend_tempo_epochs : 5;
+
+    /* Slot settings (step 1). */
+    copy_str(s->blend_algorithm_id, sizeof s->blend_algorithm_id, bid);
+    s->has_blend_tempo = true;
+    s->blend_tempo_epochs = tempo;
+    s->has_blend_alpha_target = true;
+    s->blend_alpha_target = a->has_alpha_target ? a->alpha_target : 1.0;
+    s->has_resolved_topology = true;
+    s->pending_prune_reason[0] = s->pending_prune_initiator[0] = '\0';
+    s->blend_out_freeze = false;
+
+    /* SeedState(stage=DORMANT) (step 8-9). */
+    struct ksm_seed_state *st = &s->st;
+    memset(st, 0, sizeof *st);
+    if (a->seed_id && a->seed_id[0])
+        copy_str(st->seed_id, sizeof st->seed_id, a->seed_id);
+    else
+        snprintf(st->seed_id, sizeof st->seed_id, "%s-%s", s->id, a->blueprint_id);
+    copy_str(st->blueprint_id, sizeof st->blueprint_id, a->blueprint_id);
+    st->stage = KSM_STAGE_DORMANT;
+    st->previous_stage = KSM_STAGE_UNKNOWN;
+    st->stage_entered_at_ns = now_ns;
+    st->alpha = 0.0;
+    ksm_alpha_init(&st->controller, 0.0);
+    st->alpha_algorithm = a->alpha_algorithm ? a->alpha_algorithm : KSM_ALGO_ADD;
+    st->blend_tempo_epochs = tempo;
+    st->is_healthy = true;
+    st->metrics.seed_param_count = seed_params;
+    st->metrics.host_param_count = host_params;
+    telemetry_defaults(st, now_ns);
+
+    /* G0 and DORMANT -> GERMINATED (step 10); check() guaranteed both ids. */
+    state_transition(st, KSM_STAGE_GERMINATED, now_ns);
+    s->occupied = true;
+    s->seed = seed;
+
+    /* Step 12: SEED_GERMINATED, no STAGE_CHANGED. */
+    struct ksm_lifecycle_event ev;
+    ev_init(s, &ev, KSM_EV_SEED_GERMINATED, now_ns);
+    ev.to_stage = KSM_STAGE_GERMINATED;
+    ev_value(&ev, "params", (double)seed_params);
+    ev_value(&ev, "blend_tempo_epochs", (double)tempo);
+    ev_value(&ev, "grad_ratio", 0.0);
+    ev_value(&ev, "has_vanishing", 0.0);
+    ev_value(&ev, "has_exploding", 0.0);
+    ev_value(&ev, "epochs_in_stage", 0.0);
+    emit(s, &ev);
+    return 0;
+}
+
+/* ---- advance_stage (§1.4) ---- */
+
+/* Evaluate, emit GATE_EVALUATED, and on a pass transition + entry hook + STAGE_CHANGED (+
+ * FOSSILIZED). target is a legal transition from the current stage of an active slot. */
+static int advance_to(struct ksm_slot *s, enum ksm_stage target, struct ksm_gate_result *out,
+                      int64_t now)
+{
+    struct ksm_gate_result r;
+    ksm_slot_check_gate(s, target, &r);
+
+    /* The only fallible step (device memory) comes before anything is emitted. */
+    bool new_gate = r.passed && entry_needs_gate(s, target);
+    if (new_gate) {
+        int rc = create_gate(s, blend_steps(s));
+        if (rc < 0) return rc;
+    }
+
+    struct ksm_lifecycle_event ev;
+    ev_init(s, &ev, KSM_EV_SEED_GATE_EVALUATED, now);
+    ev.target_stage = target;
+    ev.gate = r;
+    emit(s, &ev);
+
+    if (r.passed) {
+        struct ksm_seed_state *st = &s->st;
+        enum ksm_stage old = st->stage;
+        double improvement = total_improvement(&st->metrics);
+        bool has_cf = st->metrics.has_counterfactual;
+        double cf = st->metrics.counterfactual_contribution;
+        double bdelta = blending_delta(&st->metrics);
+        uint32_t epochs_total = st->metrics.epochs_total;
+        uint32_t epochs_in_stage = st->metrics.epochs_in_current_stage;
+
+        state_transition(st, target, now); /* legal: checked by the caller */
+        on_enter_stage(s, target, old);
+        struct grad_snap g = grad_snapshot(st);
+        emit_stage_changed(s, old, target, st->alpha, improvement, epochs_in_stage, &g, now);
+
+        if (target == KSM_STAGE_FOSSILIZED) {
+            ev_init(s, &ev, KSM_EV_SEED_FOSSILIZED, now);
+            ev.from_stage = old;
+            ev.to_stage = target;
+            ev_value(&ev, "improvement", improvement);
+            ev_value(&ev, "params_added", s->seed ? (double)st->metrics.seed_param_count : 0.0);
+            ev_value(&ev, "epochs_total", (double)epochs_total);
+            if (has_cf) ev_value(&ev, "counterfactual", cf);
+            ev_value(&ev, "blending_delta", bdelta);
+            emit(s, &ev);
+        }
+    }
+    if (out) *out = r;
+    return 0;
+}
+
+int ksm_slot_advance(struct ksm_slot *s, enum ksm_stage target, struct ksm_gate_result *gate,
+                     int64_t now_ns, char *err, size_t errlen)
+{
+    if (target != KSM_STAGE_UNKNOWN && !ksm_stage_valid((int)target)) {
+        set_err(err, errlen, "advance_stage() target %d is not a stage", (int)target);
+        return KSM_EINVAL;
+    }
+    if (is_failure_stage(target)) {
+        set_err(err, errlen,
+                "advance_stage() cannot target failure stage %s; use prune() and the cooldown "
+                "pipeline instead",
+                ksm_stage_name(target));
+        return KSM_EINVAL;
+    }
+    struct ksm_gate_result r;
+    if (!slot_is_active(s)) {
+        gate_init(&r, KSM_GATE_G0);
+        FAIL(&r, "no_active_seed");
+        if (gate) *gate = r;
+        return 0;
+    }
+    if (target == KSM_STAGE_UNKNOWN) {
+        enum ksm_stage t[3];
+        int n = valid_transitions(s->st.stage, t);
+        for (int i = 0; i < n && target == KSM_STAGE_UNKNOWN; i++)
+            if (!is_failure_stage(t[i])) target = t[i];
+        if (target == KSM_STAGE_UNKNOWN) {
+            gate_init(&r, KSM_GATE_G0);
+            FAIL(&r, "no_valid_transition");
+            if (gate) *gate = r;
+            return 0;
+        }
+    } else if (!is_valid_transition(s->st.stage, target)) {
+        set_err(err, errlen, "slot %s cannot go from %s to %s", s->id, ksm_stage_name(s->st.stage),
+                ksm_stage_name(target));
+        return KSM_ESTAGE;
+    }
+    int rc = advance_to(s, target, &r, now_ns);
+    if (rc < 0) {
+        set_err(err, errlen, "slot %s: cannot create the gate module for BLENDING (%s)", s->id,
+                ksm_strerror(rc));
+        return rc;
+    }
+    if (gate) *gate = r;
+    return 0;
+}
+
+/* ---- prune (§1.4) ---- */
+
+static bool is_auto_prune_reason(const char *reason)
+{
+    static const char *const reasons[] = {"governor_nan", "governor_lobotomy",
+                                          "governor_divergence", "governor_rollback"};
+    for (size_t i = 0; i < sizeof reasons / sizeof reasons[0]; i++)
+        if (!strcmp(reason, reasons[i])) return true;
+    return false;
+}
+
+/* PRUNE_INSTANT on a slot whose stage can go to PRUNED. */
+static void prune_now(struct ksm_slot *s, const char *reason, const char *initiator, int64_t now)
+{
+    struct ksm_seed_state *st = &s->st;
+    reason = reason ? reason : "";
+    initiator = (initiator && initiator[0]) ? initiator : "policy";
+
+    double improvement = total_improvement(&st->metrics);
+    bool has_cf = st->metrics.has_counterfactual;
+    double cf = st->metrics.counterfactual_contribution;
+    double bdelta = blending_delta(&st->metrics);
+    uint32_t epochs_total = st->metrics.epochs_total;
+    uint32_t epochs_in_stage = st->metrics.epochs_in_current_stage;
+
+    bool auto_pruned = is_auto_prune_reason(reason);
+    st->metrics.auto_pruned = auto_pruned;
+    copy_str(st->metrics.auto_prune_reason, sizeof st->metrics.auto_prune_reason,
+             auto_pruned ? reason : "");
+
+    enum ksm_stage old = st->stage;
+    state_transition(st, KSM_STAGE_PRUNED, now);
+    double alpha = st->alpha;
+    struct grad_snap g = grad_snapshot(st);
+
+    free_seed(s); /* memory first */
+
+    emit_stage_changed(s, old, KSM_STAGE_PRUNED, alpha, improvement, epochs_in_stage, &g, now);
+    struct ksm_lifecycle_event ev;
+    ev_init(s, &ev, KSM_EV_SEED_PRUNED, now);
+    ev.from_stage = old;
+    ev.to_stage = KSM_STAGE_PRUNED;
+    ev.alpha = alpha;
+    copy_str(ev.reason, sizeof ev.reason, reason);
+    copy_str(ev.initiator, sizeof ev.initiator, initiator);
+    ev_value(&ev, "improvement", improvement);
+    ev_value(&ev, "auto_pruned", auto_pruned ? 1.0 : 0.0);
+    ev_value(&ev, "epochs_total", (double)epochs_total);
+    if (has_cf) ev_value(&ev, "counterfactual", cf);
+    ev_value(&ev, "blending_delta", bdelta);
+    emit(s, &ev);
+
+    apply_alpha(s, 0.0);
+    struct ksm_alpha_controller *c = &st->controller;
+    c->alpha_start = c->alpha_target = 0.0;
+    c->steps_total = c->steps_done = 0;
+    c->mode = KSM_ALPHA_HOLD;
+    drop_gate(s);
+    s->isolate_gradients = false;
+    s->blend_out_freeze = false;
+    s->pending_prune_reason[0] = s->pending_prune_initiator[0] = '\0';
+}
+
+int ksm_slot_prune(struct ksm_slot *s, const char *reason, const char *initiator, bool *accepted,
+                   int64_t now_ns)
+{
+    bool ok = s->occupied && is_valid_transition(s->st.stage, KSM_STAGE_PRUNED);
+    if (ok)
+        prune_now(s, reason, initiator, now_ns);
+    else if (!s->occupied || s->st.stage == KSM_STAGE_FOSSILIZED)
+        s->pending_prune_reason[0] = s->pending_prune_initiator[0] = '\0';
+    if (accepted) *accepted = ok;
+    return 0;
+}
+
+/* ---- schedule_prune / set_alpha_target ---- */
+
+static int check_ramp_args(enum ksm_alpha_curve curve, double steepness, char *err, size_t errlen)
+{
+    if ((unsigned)curve > KSM_CURVE_SIGMOID) {
+        set_err(err, errlen, "unknown alpha curve %d", (int)curve);
+        return KSM_EINVAL;
+    }
+    if (!isfinite(steepness) || steepness <= 0.0) {
+        set_err(err, errlen, "steepness must be a finite number > 0, got %g", steepness);
+        return KSM_EINVAL;
+    }
+    return 0;
+}
+
+/* HOLDING -> BLENDING for a scheduled prune or partial re-target (no entry side effects). */
+static void reenter_blending(struct ksm_slot *s, int64_t now)
+{
+    struct ksm_seed_state *st = &s->st;
+    uint32_t epochs_in_stage = st->metrics.epochs_in_current_stage;
+    double improvement = total_improvement(&st->metrics);
+    state_transition(st, KSM_STAGE_BLENDING, now);
+    on_enter_stage(s, KSM_STAGE_BLENDING, KSM_STAGE_HOLDING);
+    struct grad_snap g = grad_snapshot(st);
+    emit_stage_changed(s, KSM_STAGE_HOLDING, KSM_STAGE_BLENDING, st->alpha, improvement,
+                       epochs_in_stage, &g, now);
+}
+
+int ksm_slot_schedule_prune(struct ksm_slot *s, uint32_t steps, enum ksm_alpha_curve curve,
+                            double steepness, const char *reason, const char *initiator,
+                            bool *accepted, int64_t now_ns, char *err, size_t errlen)
+{
+    int rc = check_ramp_args(curve, steepness, err, errlen);
+    if (rc < 0) return rc;
+    if (accepted) *accepted = false;
+    if (!s->occupied || s->st.stage == KSM_STAGE_FOSSILIZED) return 0;
+    if (steps == 0 || s->st.alpha <= 0.0)
+        return ksm_slot_prune(s, reason, initiator, accepted, now_ns);
+    if (s->st.controller.mode != KSM_ALPHA_HOLD) return 0;
+    if (s->st.stage == KSM_STAGE_HOLDING)
+        reenter_blending(s, now_ns);
+    else if (s->st.stage != KSM_STAGE_BLENDING)
+        return ksm_slot_prune(s, reason, initiator, accepted, now_ns);
+
+    copy_str(s->pending_prune_reason, sizeof s->pending_prune_reason, reason);
+    copy_str(s->pending_prune_initiator, sizeof s->pending_prune_initiator,
+             (initiator && initiator[0]) ? initiator : "policy");
+    ksm_alpha_retarget(&s->st.controller, 0.0, (long)steps, curve, steepness);
+    set_blend_out_freeze(s);
+    if (accepted) *accepted = true;
+    return 0;
+}
+
+int ksm_slot_set_alpha_target(struct ksm_slot *s, double target, uint32_t steps,
+                              enum ksm_alpha_curve curve, double steepness,
+                              enum ksm_alpha_algorithm algorithm, int64_t now_ns, char *err,
+                              size_t errlen)
+{
+    if (!(target > 0.0 && target <= 1.0)) {
+        set_err(err, errlen,
+                "alpha_target must be within (0, 1] (use prune for a zero target), got %g", target);
+        return KSM_EINVAL;
+    }
+    int rc = check_ramp_args(curve, steepness, err, errlen);
+    if (rc < 0) return rc;
+    if ((unsigned)algorithm > KSM_ALGO_GATE) {
+        set_err(err, errlen, "unknown alpha_algorithm %d", (int)algorithm);
+        return KSM_EINVAL;
+    }
+    if (!s->occupied) {
+        set_err(err, errlen, "slot %s has no seed", s->id);
+        return KSM_ESTAGE;
+    }
+    struct ksm_seed_state *st = &s->st;
+    if (st->stage != KSM_STAGE_BLENDING && st->stage != KSM_STAGE_HOLDING) {
+        set_err(err, errlen, "slot %s is in %s; alpha targets apply in BLENDING or HOLDING only",
+                s->id, ksm_stage_name(st->stage));
+        return KSM_ESTAGE;
+    }
+    if (st->controller.mode != KSM_ALPHA_HOLD) {
+        set_err(err, errlen, "slot %s is ramping alpha (mode %s); retarget only from HOLD", s->id,
+                ksm_alpha_mode_name(st->controller.mode));
+        return KSM_ESTAGE;
+    }
+
+    bool switch_algo = algorithm != KSM_ALGO_UNSPECIFIED && algorithm != st->alpha_algorithm;
+    if (switch_algo && algorithm == KSM_ALGO_GATE && !s->gate) {
+        rc = create_gate(s, steps > 0 ? steps : 1);
+        if (rc < 0) {
+            set_err(err, errlen, "slot %s: cannot create the gate module (%s)", s->id,
+                    ksm_strerror(rc));
+            return rc;
+        }
+    }
+
+    if (st->stage == KSM_STAGE_HOLDING && target < 1.0 - KSM_ALPHA_EPS) reenter_blending(s, now_ns);
+    if (switch_algo) {
+        if (algorithm != KSM_ALGO_GATE) drop_gate(s);
+        st->alpha_algorithm = algorithm;
+    }
+    ksm_alpha_retarget(&st->controller, target, (long)steps, curve, steepness);
+    /* An INSTANT retarget moves the controller at once; keep state.alpha in step (§2.2). */
+    if (st->controller.alpha != st->alpha) apply_alpha(s, st->controller.alpha);
+    set_blend_out_freeze(s);
+    return 0;
+}
+
+int ksm_slot_set_alpha(struct ksm_slot *s, double alpha, char *err, size_t errlen)
+{
+    if (isnan(alpha)) {
+        set_err(err, errlen, "alpha must be a number");
+        return KSM_EINVAL;
+    }
+    if (s->occupied) apply_alpha(s, alpha);
+    return 0;
+}
+
+/* ---- step_epoch (§1.4, §1.6) ---- */
+
+static void cooldown_changed(struct ksm_slot *s, enum ksm_stage from, enum ksm_stage to,
+                             uint32_t epochs_in_stage, int64_t now)
+{
+    struct grad_snap g = grad_snapshot(&s->st);
+    emit_stage_changed(s, from, to, s->st.alpha, 0.0, epochs_in_stage, &g, now);
+}
+
+int ksm_slot_step_epoch(struct ksm_slot *s, int64_t now_ns)
+{
+    if (!s->occupied) return 0;
+    struct ksm_seed_state *st = &s->st;
+    set_blend_out_freeze(s);
+
+    switch (st->stage) {
+    case KSM_STAGE_GERMINATED:
+        if (auto_forward(s, KSM_GATE_G1) && slot_is_active(s))
+            return advance_to(s, KSM_STAGE_TRAINING, NULL, now_ns);
+        return 0;
+    case KSM_STAGE_TRAINING:
+        if (auto_forward(s, KSM_GATE_G2) && slot_is_active(s) &&
+            st->metrics.epochs_in_current_stage >= MIN_BLENDING_EPOCHS)
+            return advance_to(s, KSM_STAGE_BLENDING, NULL, now_ns);
+        return 0;
+    case KSM_STAGE_BLENDING: {
+        struct ksm_alpha_controller *c = &st->controller;
+        bool reached = ksm_alpha_step(c);
+        apply_alpha(s, c->alpha);
+        st->metrics.alpha_ramp_step = c->steps_done;
+        bool target_reached = reached || (c->mode == KSM_ALPHA_HOLD &&
+                                          fabs(c->alpha - c->alpha_target) <= KSM_ALPHA_EPS);
+        if (!target_reached) return 0;
+        if (c->alpha_target <= KSM_ALPHA_EPS) {
+            /* Scheduled-prune completion. */
+            char reason[KSM_REASON_MAX], initiator[KSM_NAME_MAX];
+            copy_str(reason, sizeof reason,
+                     s->pending_prune_reason[0] ? s->pending_prune_reason : "scheduled_prune");
+            copy_str(initiator, sizeof initiator,
+                     s->pending_prune_initiator[0] ? s->pending_prune_initiator : "policy");
+            prune_now(s, reason, initiator, now_ns);
+            return 0;
+        }
+        if (auto_forward(s, KSM_GATE_G3) && slot_is_active(s) &&
+            (permissive(s) || st->metrics.epochs_in_current_stage >= MIN_BLENDING_EPOCHS))
+            return advance_to(s, KSM_STAGE_HOLDING, NULL, now_ns);
+        return 0;
+    }
+    case KSM_STAGE_PRUNED: {
+        uint32_t e = st->metrics.epochs_in_current_stage;
+        state_transition(st, KSM_STAGE_EMBARGOED, now_ns);
+        cooldown_changed(s, KSM_STAGE_PRUNED, KSM_STAGE_EMBARGOED, e, now_ns);
+        return 0;
+    }
+    case KSM_STAGE_EMBARGOED: {
+        st->metrics.epochs_total++;
+        st->metrics.epochs_in_current_stage++;
+        if (st->metrics.epochs_in_current_stage < EMBARGO_EPOCHS) return 0;
+        uint32_t e = st->metrics.epochs_in_current_stage;
+        state_transition(st, KSM_STAGE_RESETTING, now_ns);
+        cooldown_changed(s, KSM_STAGE_EMBARGOED, KSM_STAGE_RESETTING, e, now_ns);
+        return 0;
+    }
+    case KSM_STAGE_RESETTING: {
+        st->metrics.epochs_total++;
+        st->metrics.epochs_in_current_stage++;
+        cooldown_changed(s, KSM_STAGE_RESETTING, KSM_STAGE_DORMANT,
+                         st->metrics.epochs_in_current_stage, now_ns);
+        /* Back to DORMANT: physically empty (BUG-ROLLBACK-ORPHAN), state cleared. */
+        free_seed(s);
+        drop_gate(s);
+        s->blend_out_freeze = false;
+        s->occupied = false;
+        memset(st, 0, sizeof *st);
+        return 0;
+    }
+    default: return 0; /* HOLDING, FOSSILIZED: nothing */
+    }
+}
+
+/* ---- metrics (§1.7, §6.4, §7.3) ---- */
+
+static bool finite_nonneg(double v) { return isfinite(v) && v >= 0.0; }
+
+/* sync_telemetry's copy of metrics and controller state. */
+static void sync_telemetry(struct ksm_seed_state *st, int64_t now)
+{
+    struct ksm_telemetry_sync *t = &st->tel_sync;
+    const struct ksm_alpha_controller *c = &st->controller;
+    t->accuracy = st->metrics.current_val_accuracy;
+    if (st->stage == KSM_STAGE_TRAINING || st->stage == KSM_STAGE_GERMINATED ||
+        st->stage == KSM_STAGE_DORMANT)
+        t->accuracy_delta = 0.0;
+    else
+        t->accuracy_delta = improvement_since_stage_start(&st->metrics);
+    t->epochs_in_stage = st->metrics.epochs_in_current_stage;
+    t->stage = (int)st->stage;
+    t->alpha = st->alpha;
+    t->alpha_target = c->alpha_target;
+    t->alpha_mode = (int)c->mode;
+    t->alpha_steps_total = c->steps_total;
+    t->alpha_steps_done = c->steps_done;
+    t->time_to_target = c->steps_total > c->steps_done ? c->steps_total - c->steps_done : 0;
+    t->alpha_velocity = (c->mode == KSM_ALPHA_HOLD || c->steps_total == 0)
+                            ? 0.0
+                            : (c->alpha_target - c->alpha_start) / c->steps_total;
+    t->alpha_algorithm = (int)st->alpha_algorithm;
+    t->captured_at_ns = now;
+    t->blend_tempo_epochs = st->blend_tempo_epochs;
+    if (st->stage == KSM_STAGE_BLENDING && st->metrics.epochs_in_current_stage > 0)
+        t->blending_velocity = st->alpha / st->metrics.epochs_in_current_stage;
+    else
+        t->blending_velocity = 0.0;
+}
+
+int ksm_slot_record_metrics(struct ksm_slot *s, const struct ksm_metrics_update *u, char *err,
+                            size_t errlen)
+{
+    if (!u) {
+        set_err(err, errlen, "record_metrics needs an update");
+        return KSM_EINVAL;
+    }
+    if (u->has_val_accuracy &&
+        !(isfinite(u->val_accuracy) && u->val_accuracy >= 0.0 && u->val_accuracy <= 100.0)) {
+        set_err(err, errlen, "val_accuracy must be a percentage in [0, 100], got %g",
+                u->val_accuracy);
+        return KSM_EINVAL;
+    }
+    if (u->has_counterfactual && !isfinite(u->counterfactual)) {
+        set_err(err, errlen, "counterfactual must be finite, got %g", u->counterfactual);
+        return KSM_EINVAL;
+    }
+    if (u->has_gradient_health && !(u->gradient_health >= 0.0 && u->gradient_health <= 1.0)) {
+        set_err(err, errlen, "gradient_health must be within [0, 1], got %g", u->gradient_health);
+        return KSM_EINVAL;
+    }
+    if (u->has_gradient_norm && !finite_nonneg(u->gradient_norm)) {
+        set_err(err, errlen, "gradient_norm must be finite and >= 0, got %g", u->gradient_norm);
+        return KSM_EINVAL;
+    }
+    if (u->has_grad_ratio && !finite_nonneg(u->seed_gradient_norm_ratio)) {
+        set_err(err, errlen, "seed_gradient_norm_ratio must be finite and >= 0, got %g",
+                u->seed_gradient_norm_ratio);
+        return KSM_EINVAL;
+    }
+    if (!s->occupied) {
+        set_err(err, errlen, "slot %s has no seed", s->id);
+        return KSM_ENOSEED;
+    }
+
+    struct ksm_seed_state *st = &s->st;
+    struct ksm_seed_metrics *m = &st->metrics;
+    if (u->has_val_accuracy) record_accuracy(m, u->val_accuracy);
+    if (u->has_counterfactual) {
+        double v = u->counterfactual;
+        if (m->has_prev_contribution)
+            m->contribution_velocity =
+                0.7 * m->contribution_velocity + 0.3 * (v - m->prev_contribution);
+        m->has_prev_contribution = true;
+        m->prev_contribution = v;
+        m->has_counterfactual = true;
+        m->counterfactual_contribution = v;
+    }
+    /* Gradient fields are updated only when given, never reset (KTS-001). */
+    struct ksm_seed_telemetry *t = &st->telemetry;
+    if (u->has_gradient_norm) {
+        t->has_gradient_norm = true;
+        t->gradient_norm = u->gradient_norm;
+    }
+    if (u->has_gradient_health) {
+        t->has_gradient_health = true;
+        t->gradient_health = u->gradient_health;
+    }
+    if (u->has_vanishing) {
+        t->has_vanishing_flag = true;
+        t->has_vanishing = u->vanishing;
+    }
+    if (u->has_exploding) {
+        t->has_exploding_flag = true;
+        t->has_exploding = u->exploding;
+    }
+    if (u->has_grad_ratio) {
+        m->has_grad_ratio = true;
+        m->seed_gradient_norm_ratio = u->seed_gradient_norm_ratio;
+    }
+    if (u->has_epoch) t->epoch = u->epoch;
+    if (u->has_max_epochs) t->max_epochs = u->max_epochs;
+    int64_t now = wall_now_ns();
+    sync_telemetry(st, now - now % 1000); /* captured_at persists microseconds */
+    return 0;
+}
+
+/* ---- report (§7.2) ---- */
+
+void ksm_slot_report(const struct ksm_slot *s, struct ksm_slot_report *r)
+{
+    memset(r, 0, sizeof *r);
+    copy_str(r->slot_id, sizeof r->slot_id, s->id);
+    r->blueprint_index = -1;
+    if (!s->occupied) return;
+    const struct ksm_seed_state *st = &s->st;
+    const struct ksm_alpha_controller *c = &st->controller;
+    r->occupied = true;
+    copy_str(r->seed_id, sizeof r->seed_id, st->seed_id);
+    copy_str(r->blueprint_id, sizeof r->blueprint_id, st->blueprint_id);
+    r->stage = st->stage;
+    r->previous_stage = st->previous_stage;
+    r->previous_epochs_in_stage = st->previous_epochs_in_stage;
+    r->stage_entered_at_ns = st->stage_entered_at_ns;
+    r->alpha_algorithm = st->alpha_algorithm;
+    r->controller = *c;
+    r->time_to_target = c->steps_total > c->steps_done ? c->steps_total - c->steps_done : 0;
+    r->alpha_velocity = (c->mode == KSM_ALPHA_HOLD || c->steps_total == 0)
+                            ? 0.0
+                            : (c->alpha_target - c->alpha_start) / c->steps_total;
+    r->blend_tempo_epochs = st->blend_tempo_epochs;
+    copy_str(r->blend_algorithm_id, sizeof r->blend_algorithm_id, s->blend_algorithm_id);
+    r->blend_alpha_target = s->has_blend_alpha_target ? s->blend_alpha_target : 0.0;
+    r->metrics = st->metrics;
+    r->total_improvement = total_improvement(&st->metrics);
+    r->improvement_since_stage_start = improvement_since_stage_start(&st->metrics);
+    r->telemetry = st->telemetry;
+    r->isolate_gradients = s->isolate_gradients;
+    r->is_healthy = st->is_healthy;
+    r->is_improving = r->improvement_since_stage_start > 0;
+    r->needs_attention = !st->is_healthy;
+    r->has_gate = s->gate != NULL;
+    r->seed_params = s->seed ? st->metrics.seed_param_count : 0;
+}
