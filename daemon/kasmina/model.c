@@ -485,6 +485,7 @@ static void report_locked(ksm_model *m, struct ksm_model_slot *ms, struct ksm_sl
 {
     if (r == NULL) return;
     ksm_slot_report(&ms->s, r);
+    r->blueprint_index = r->occupied ? ksm_blueprint_index(r->blueprint_id) : -1;
     r->seed_params = 0;
     if (ms->s.seed) r->seed_params += (uint64_t)ksm_params_count(ksm_seed_params(ms->s.seed));
     if (ms->s.gate) r->seed_params += (uint64_t)ksm_params_count(ksm_gate_params(ms->s.gate));
