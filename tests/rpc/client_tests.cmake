@@ -1,0 +1,13 @@
+# Client tests, included from client/CMakeLists.txt (the targets they need live there).
+# No-server tests carry the label unit; tests against a real kasminad carry rpc.
+
+ksm_add_test(unit_test_ctl SOURCES ${CMAKE_SOURCE_DIR}/tests/rpc/test_ctl.c LABELS unit TIMEOUT 60)
+target_link_libraries(unit_test_ctl PRIVATE kasminactl_core kasmina_client)
+
+# Tensor <-> numpy of the Python wrapper (Debian's /usr/bin/python3: python3-grpcio, -numpy).
+if(KSM_HAVE_PYTHON_STUBS AND EXISTS /usr/bin/python3)
+  add_test(NAME unit_python_tensor
+    COMMAND /usr/bin/python3 ${CMAKE_SOURCE_DIR}/tests/rpc/test_python_tensor.py)
+  set_tests_properties(unit_python_tensor PROPERTIES LABELS unit TIMEOUT 60
+    ENVIRONMENT "PYTHONPATH=${KSM_PY_DIR}")
+endif()
