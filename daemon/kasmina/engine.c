@@ -124,19 +124,28 @@ void ksm_engine_set_event_sink(ksm_engine *e, ksm_event_cb cb, void *ud)
     pthread_mutex_unlock(&e->lock);
 }
 
+static const char *bp_lists[3][16];
+static int bp_counts[3];
+static pthread_once_t bp_once = PTHREAD_ONCE_INIT;
+
+static void bp_init(void)
+{
+    for (int t = KSM_TOPOLOGY_CNN; t <= KSM_TOPOLOGY_TRANSFORMER; t++) {
+        int k;
+        const struct ksm_blueprint *const *l = ksm_blueprint_list((enum ksm_topology)t, &k);
+        for (int i = 0; i < k && i < 16; i++)
+            bp_lists[t][i] = l[i]->name;
+        bp_counts[t] = k < 16 ? k : 16;
+    }
+}
+
 int ksm_engine_blueprints(enum ksm_topology t, const char *const **names, int *n)
 {
-    static const char *lists[3][16];
-    static int counts[3];
-    if (t != KSM_TOPOLOGY_CNN && t != KSM_TOPOLOGY_TRANSFORMER) return KSM_EINVAL;
-    if (counts[t] == 0) {
-        int k;
-        const struct ksm_blueprint *const *l = ksm_blueprint_list(t, &k);
-        for (int i = 0; i < k && i < 16; i++) lists[t][i] = l[i]->name;
-        counts[t] = k < 16 ? k : 16;
-    }
-    *names = lists[t];
-    *n = counts[t];
+    if (t != KSM_TOPOLOGY_CNN && t != KSM_TOPOLOGY_TRANSFORMER)
+        return KSM_EINVAL;
+    pthread_once(&bp_once, bp_init);
+    *names = bp_lists[t];
+    *n = bp_counts[t];
     return 0;
 }
 
