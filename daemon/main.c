@@ -1,138 +1,56 @@
 /*
  * kasminad: the kasmina daemon.
  *
- * This stage brings up the device runtime: it loads the CUDA backend plugin if it can (any
- * failure means the CPU backend, with one log line saying why), creates a caching allocator per
- * device, logs the devices and waits on a libuv loop for SIGTERM/SIGINT (SIGHUP reopens the log
- * file). The gRPC service is added on top of this loop.
+ * Reads its configuration (core/config: file, KASMINA_* environment, flags), starts the engine
+ * (the CUDA backend plugin if it can, else the CPU backend, with one log line saying why),
+ * optionally creates the demo model, serves kasmina.v1 and grpc.health.v1 over gRPC (rpc/server)
+ * and waits on a libuv loop for signals:
+ *   SIGTERM/SIGINT  health NOT_SERVING, new calls UNAVAILABLE, calls in flight finish until
+ *                   drain-timeout, then the rest are cancelled and kasminad exits 0;
+ *   a second one    exits at once (status 1);
+ *   SIGHUP          reopens the log file.
  */
-#include <errno.h>
-#include <getopt.h>
 #include <signal.h>
-#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include <uv.h>
 
+#include "core/config.h"
 #include "kasmina/alloc.h"
 #include "kasmina/backend.h"
 #include "kasmina/errors.h"
+#include "kasmina/kasmina.h"
 #include "kasmina/log.h"
+#include "rpc/server.h"
 
 #ifndef KSM_VERSION
 #define KSM_VERSION "0.0.0"
 #endif
 
-#define MAX_DEVICES 64
-
-struct daemon_opts {
-    int cpu_devices;
-    int use_cuda; /* 1 auto, 0 off */
-    const char *log_file;
-    enum ksm_log_level log_level;
-    size_t memory_cap;
-};
-
 struct daemon {
-    struct daemon_opts opts;
-    ksm_backend *cuda;
-    ksm_backend *cpu;
-    ksm_backend *primary; /* the backend models go to by default */
-    int n_alloc;
-    ksm_allocator *alloc[MAX_DEVICES * 2];
+    struct ksm_config cfg;
+    ksm_engine *engine;
+    ksm_rpc_server *rpc;
     uv_loop_t loop;
     uv_signal_t sig_term, sig_int, sig_hup;
+    uv_timer_t drain_timer;
+    uint64_t drain_deadline_ms;
     int signals;
 };
 
-static void usage(FILE *f)
+static void on_drain_tick(uv_timer_t *t)
 {
-    fprintf(f, "usage: kasminad [options]\n"
-               "  --cpu-devices N     logical CPU devices cpu:0..cpu:N-1 (1..64, default 1)\n"
-               "  --no-cuda           do not load the CUDA backend plugin\n"
-               "  --memory-cap BYTES  per-device allocator cap (0 = none, default 0)\n"
-               "  --log-level LEVEL   error|warn|info|debug (default info)\n"
-               "  --log-file PATH     append log lines to PATH (SIGHUP reopens it)\n"
-               "  --demo              accepted for the quick start (demo model: gRPC stage)\n"
-               "  --version           print the version and exit\n"
-               "  --help              this text\n");
-}
-
-/* Parses an integer option in [lo, hi]; on failure prints one sentence naming the option. */
-static int parse_int_opt(const char *name, const char *arg, long long lo, long long hi,
-                         long long *out)
-{
-    char *end = NULL;
-    errno = 0;
-    long long v = strtoll(arg, &end, 10);
-    if (errno != 0 || end == arg || *end != '\0' || v < lo || v > hi) {
-        fprintf(stderr, "kasminad: option --%s must be an integer in [%lld, %lld], got '%s'\n",
-                name, lo, hi, arg);
-        return KSM_EINVAL;
+    struct daemon *d = t->data;
+    int n = ksm_rpc_server_inflight(d->rpc);
+    if (n == 0) {
+        KSM_LOGI("main", "drained: no call in flight");
+        uv_stop(&d->loop);
+    } else if (uv_now(&d->loop) >= d->drain_deadline_ms) {
+        KSM_LOGW("main", "drain timeout: cancelling %d call(s) still in flight", n);
+        uv_stop(&d->loop);
     }
-    *out = v;
-    return 0;
-}
-
-static int parse_args(int argc, char **argv, struct daemon_opts *o)
-{
-    enum { OPT_CPU = 1000, OPT_NOCUDA, OPT_CAP, OPT_LEVEL, OPT_LOGFILE, OPT_DEMO, OPT_VERSION };
-    static const struct option longopts[] = {
-        {"cpu-devices", required_argument, NULL, OPT_CPU},
-        {"no-cuda", no_argument, NULL, OPT_NOCUDA},
-        {"memory-cap", required_argument, NULL, OPT_CAP},
-        {"log-level", required_argument, NULL, OPT_LEVEL},
-        {"log-file", required_argument, NULL, OPT_LOGFILE},
-        {"demo", no_argument, NULL, OPT_DEMO},
-        {"version", no_argument, NULL, OPT_VERSION},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
-    };
-    o->cpu_devices = 1;
-    o->use_cuda = 1;
-    o->log_level = KSM_LOG_INFO;
-    const char *env = getenv("KASMINA_CPU_DEVICES");
-    long long v;
-    if (env != NULL &&
-        parse_int_opt("cpu-devices (KASMINA_CPU_DEVICES)", env, 1, MAX_DEVICES, &v) == 0)
-        o->cpu_devices = (int)v;
-    else if (env != NULL)
-        return 2;
-    int c;
-    while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
-        switch (c) {
-        case OPT_CPU:
-            if (parse_int_opt("cpu-devices", optarg, 1, MAX_DEVICES, &v) != 0) return 2;
-            o->cpu_devices = (int)v;
-            break;
-        case OPT_NOCUDA: o->use_cuda = 0; break;
-        case OPT_CAP:
-            if (parse_int_opt("memory-cap", optarg, 0, LLONG_MAX, &v) != 0) return 2;
-            o->memory_cap = (size_t)v;
-            break;
-        case OPT_LEVEL:
-            if (ksm_log_level_parse(optarg, &o->log_level) != 0) {
-                fprintf(stderr,
-                        "kasminad: option --log-level must be one of error|warn|info|debug, "
-                        "got '%s'\n",
-                        optarg);
-                return 2;
-            }
-            break;
-        case OPT_LOGFILE: o->log_file = optarg; break;
-        case OPT_DEMO: break;
-        case OPT_VERSION: printf("kasminad %s\n", KSM_VERSION); return 1;
-        case 'h': usage(stdout); return 1;
-        default: usage(stderr); return 2;
-        }
-    }
-    if (optind < argc) {
-        fprintf(stderr, "kasminad: unexpected argument '%s'\n", argv[optind]);
-        return 2;
-    }
-    return 0;
 }
 
 static void on_signal(uv_signal_t *h, int signum)
@@ -146,42 +64,72 @@ static void on_signal(uv_signal_t *h, int signum)
             KSM_LOGI("main", "log reopened");
         return;
     }
-    d->signals++;
-    KSM_LOGI("main", "received %s, shutting down", signum == SIGTERM ? "SIGTERM" : "SIGINT");
-    /* Nothing is in flight at this stage: stop the loop at once. */
-    uv_stop(&d->loop);
-}
-
-static void log_device(ksm_device *dev, ksm_allocator *a)
-{
-    size_t free_b = 0, total_b = 0;
-    ksm_device_mem_info(dev, &free_b, &total_b);
-    struct ksm_mem_stats st;
-    ksm_alloc_get_stats(a, &st);
-    KSM_LOGI("main", "device %s: %.1f GiB total, %.1f GiB free, allocator cap %s",
-             ksm_device_name(dev), (double)total_b / (1u << 30), (double)free_b / (1u << 30),
-             st.memory_cap_bytes ? "set" : "none");
-}
-
-static int add_allocators(struct daemon *d, ksm_backend *b)
-{
-    struct ksm_alloc_config cfg = {.memory_cap = d->opts.memory_cap};
-    for (int i = 0; i < ksm_backend_device_count(b); i++) {
-        ksm_device *dev = ksm_backend_device(b, i);
-        if (d->n_alloc == (int)(sizeof d->alloc / sizeof d->alloc[0])) {
-            KSM_LOGW("main", "more than %d devices: %s and later ones are not used", d->n_alloc,
-                     ksm_device_name(dev));
-            return 0;
-        }
-        int rc = ksm_allocator_new(dev, &cfg, &d->alloc[d->n_alloc]);
-        if (rc != 0) {
-            KSM_LOGE("main", "allocator for %s: %s", ksm_device_name(dev), ksm_strerror(rc));
-            return rc;
-        }
-        log_device(dev, d->alloc[d->n_alloc]);
-        d->n_alloc++;
+    const char *name = signum == SIGTERM ? "SIGTERM" : "SIGINT";
+    if (d->signals++ > 0) {
+        KSM_LOGW("main", "received %s again: exiting at once", name);
+        _exit(1);
     }
+    KSM_LOGI("main", "received %s, shutting down (drain up to %.1f s)", name, d->cfg.drain_timeout);
+    ksm_rpc_server_drain_begin(d->rpc);
+    d->drain_deadline_ms = uv_now(&d->loop) + (uint64_t)(d->cfg.drain_timeout * 1000.0);
+    uv_timer_start(&d->drain_timer, on_drain_tick, 0, 20);
+}
+
+static void log_devices(ksm_engine *e, bool cuda_wanted)
+{
+    int n = ksm_engine_device_count(e);
+    bool have_cuda = false;
+    for (int i = 0; i < n; i++) {
+        ksm_device *dev = ksm_engine_device(e, i);
+        size_t free_b = 0, total_b = 0;
+        ksm_device_mem_info(dev, &free_b, &total_b);
+        struct ksm_mem_stats st = {0};
+        ksm_allocator *a = ksm_engine_allocator(e, dev);
+        if (a != NULL) ksm_alloc_get_stats(a, &st);
+        if (ksm_device_kind(dev) == KSM_DEVICE_CUDA) have_cuda = true;
+        KSM_LOGI("main", "device %s: %.1f GiB total, %.1f GiB free, allocator cap %s",
+                 ksm_device_name(dev), (double)total_b / (1u << 30), (double)free_b / (1u << 30),
+                 st.memory_cap_bytes ? "set" : "none");
+    }
+    if (!have_cuda && cuda_wanted)
+        KSM_LOGW("main", "no CUDA device: falling back to the CPU backend");
+    else if (!cuda_wanted)
+        KSM_LOGI("main", "CUDA backend disabled (--no-cuda); using the CPU backend");
+    ksm_device *def = ksm_engine_default_device(e);
+    KSM_LOGI("main", "primary backend: %s (default device %s)",
+             ksm_device_kind(def) == KSM_DEVICE_CUDA ? "cuda" : "cpu", ksm_device_name(def));
+}
+
+static int create_demo(ksm_engine *e)
+{
+    static const char *const slots[] = {"r0c0", "r0c1", "r0c2"};
+    struct ksm_model_spec spec = {.topology = KSM_TOPOLOGY_CNN, .slots = slots, .n_slots = 3};
+    spec.cnn.pool_layers = -1;
+    ksm_model *m;
+    char err[256] = "";
+    int rc = ksm_engine_model_create(e, "demo", &spec, &m, err, sizeof err);
+    if (rc != 0) {
+        KSM_LOGE("main", "--demo: cannot create model \"demo\": %s (%s)", err, ksm_err_name(rc));
+        return rc;
+    }
+    ksm_model_unref(m);
+    KSM_LOGI("main", "demo model \"demo\" created (CNN host, slots r0c0 r0c1 r0c2)");
     return 0;
+}
+
+/* The default listener: $XDG_RUNTIME_DIR/kasmina/kasminad.sock, /run/kasmina/kasminad.sock as
+ * root, else /tmp/kasmina-UID/kasminad.sock. */
+static char *default_listen(void)
+{
+    char buf[512];
+    const char *xdg = getenv("XDG_RUNTIME_DIR");
+    if (geteuid() == 0 && (xdg == NULL || xdg[0] == '\0'))
+        snprintf(buf, sizeof buf, "unix:/run/kasmina/kasminad.sock");
+    else if (xdg != NULL && xdg[0] == '/')
+        snprintf(buf, sizeof buf, "unix:%s/kasmina/kasminad.sock", xdg);
+    else
+        snprintf(buf, sizeof buf, "unix:/tmp/kasmina-%d/kasminad.sock", (int)geteuid());
+    return strdup(buf);
 }
 
 static void close_walk_cb(uv_handle_t *h, void *arg)
@@ -193,43 +141,58 @@ static void close_walk_cb(uv_handle_t *h, void *arg)
 int main(int argc, char **argv)
 {
     static struct daemon d;
-    int prc = parse_args(argc, argv, &d.opts);
-    if (prc == 1) return 0;
-    if (prc != 0) return 2;
-    ksm_log_set_level(d.opts.log_level);
-    if (d.opts.log_file != NULL) {
-        int rc = ksm_log_open_file(d.opts.log_file);
-        if (rc != 0) {
-            fprintf(stderr, "kasminad: option --log-file: cannot open '%s': %s\n", d.opts.log_file,
-                    ksm_strerror(rc));
-            return 2;
-        }
+    int rc = ksm_config_load(&d.cfg, argc, argv, KSM_VERSION);
+    if (rc == 1) return 0;
+    if (rc != 0) return 2;
+    enum ksm_log_level level = KSM_LOG_INFO;
+    ksm_log_level_parse(d.cfg.log_level, &level);
+    ksm_log_set_level(level);
+    if (d.cfg.log_file != NULL && (rc = ksm_log_open_file(d.cfg.log_file)) != 0) {
+        fprintf(stderr, "kasminad: option --log-file: cannot open '%s': %s\n", d.cfg.log_file,
+                ksm_strerror(rc));
+        ksm_config_fini(&d.cfg);
+        return 2;
     }
+    if (d.cfg.n_listen == 0) d.cfg.listen[d.cfg.n_listen++] = default_listen();
     KSM_LOGI("main", "kasminad %s starting (pid %d)", KSM_VERSION, (int)getpid());
+    if (d.cfg.state_dir != NULL)
+        KSM_LOGI("main", "state-dir %s noted; persistence is not implemented yet", d.cfg.state_dir);
+    if (d.cfg.metrics_listen != NULL)
+        KSM_LOGI("main", "metrics-listen %s noted; the exporter is not implemented yet",
+                 d.cfg.metrics_listen);
 
-    int rc = 0;
-    if (d.opts.use_cuda) {
-        char why[512];
-        rc = ksm_cuda_backend_load(NULL, &d.cuda, why, sizeof why);
-        if (rc != 0) {
-            KSM_LOGW("main", "CUDA backend unavailable (%s): %s; falling back to the CPU backend",
-                     ksm_err_name(rc), why);
-            d.cuda = NULL;
-        } else {
-            KSM_LOGI("main", "CUDA backend loaded: %d device(s)", ksm_backend_device_count(d.cuda));
-        }
-    } else {
-        KSM_LOGI("main", "CUDA backend disabled (--no-cuda); using the CPU backend");
-    }
-    rc = ksm_cpu_backend_new(d.opts.cpu_devices, &d.cpu);
+    int exit_code = 1;
+    char err[512] = "";
+    struct ksm_engine_config ec = {
+        .cpu_devices = d.cfg.cpu_devices,
+        .enable_cuda = !d.cfg.no_cuda,
+        .memory_cap = d.cfg.memory_cap,
+    };
+    rc = ksm_engine_new(&ec, &d.engine, err, sizeof err);
     if (rc != 0) {
-        KSM_LOGE("main", "CPU backend: %s", ksm_strerror(rc));
-        goto out_free_cuda;
+        KSM_LOGE("main", "engine: %s (%s)", err, ksm_err_name(rc));
+        goto out_config;
     }
-    d.primary = d.cuda != NULL ? d.cuda : d.cpu;
-    KSM_LOGI("main", "primary backend: %s", ksm_backend_name(d.primary));
-    if (d.cuda != NULL && (rc = add_allocators(&d, d.cuda)) != 0) goto out_free_allocators;
-    if ((rc = add_allocators(&d, d.cpu)) != 0) goto out_free_allocators;
+    log_devices(d.engine, !d.cfg.no_cuda);
+    if (d.cfg.demo && create_demo(d.engine) != 0) goto out_engine;
+
+    struct ksm_rpc_server_config rc_cfg = {
+        .listen = (const char *const *)d.cfg.listen,
+        .n_listen = d.cfg.n_listen,
+        .allow_remote_tcp = d.cfg.allow_remote_tcp,
+        .max_message_bytes = d.cfg.max_message_bytes,
+        .workers = d.cfg.workers,
+        .max_concurrent_calls = d.cfg.max_concurrent_calls,
+        .event_ring = d.cfg.event_ring,
+        .subscriber_buffer = d.cfg.subscriber_buffer,
+        .version = KSM_VERSION,
+    };
+    rc = ksm_rpc_server_start(d.engine, &rc_cfg, &d.rpc, err, sizeof err);
+    if (rc != 0) {
+        KSM_LOGE("main", "%s", err);
+        fprintf(stderr, "kasminad: %s\n", err);
+        goto out_engine;
+    }
 
     uv_loop_init(&d.loop);
     uv_signal_t *sigs[] = {&d.sig_term, &d.sig_int, &d.sig_hup};
@@ -239,20 +202,22 @@ int main(int argc, char **argv)
         sigs[i]->data = &d;
         uv_signal_start(sigs[i], on_signal, signums[i]);
     }
+    uv_timer_init(&d.loop, &d.drain_timer);
+    d.drain_timer.data = &d;
     KSM_LOGI("main", "kasminad ready");
     uv_run(&d.loop, UV_RUN_DEFAULT);
 
+    ksm_rpc_server_free(d.rpc);
     uv_walk(&d.loop, close_walk_cb, NULL);
     uv_run(&d.loop, UV_RUN_DEFAULT);
     if (uv_loop_close(&d.loop) != 0) KSM_LOGW("main", "event loop closed with live handles");
-    KSM_LOGI("main", "kasminad stopped");
-    rc = 0;
+    exit_code = 0;
 
-out_free_allocators:
-    for (int i = d.n_alloc - 1; i >= 0; i--) ksm_allocator_free(d.alloc[i]);
-    ksm_backend_free(d.cpu);
-out_free_cuda:
-    ksm_backend_free(d.cuda);
+out_engine:
+    ksm_engine_free(d.engine);
+    if (exit_code == 0) KSM_LOGI("main", "kasminad stopped");
+out_config:
+    ksm_config_fini(&d.cfg);
     ksm_log_open_file(NULL);
-    return rc == 0 ? 0 : 1;
+    return exit_code;
 }

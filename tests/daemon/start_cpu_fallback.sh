@@ -49,6 +49,6 @@ kill -INT $PID; wait $PID; RC=$?
 # 4. Bad options fail start-up with exit 2 and name the option and its range.
 "$BIN" --cpu-devices 0 >"$TMP/log" 2>&1; RC=$?
 [ $RC -eq 2 ] || fail "--cpu-devices 0 gave exit $RC, expected 2"
-grep -q -- "--cpu-devices must be an integer in \[1, 64\]" "$TMP/log" || fail "bad option message"
+grep -q -- "--cpu-devices must be an integer in \[1, 16\]" "$TMP/log" || fail "bad option message"
 
 echo "start_cpu_fallback: 4 checks passed"

@@ -1,0 +1,647 @@
+/*
+ * rpc/calls: one handler per kasmina.v1.Kasmina method. Each runs on a worker thread with the
+ * decoded request, translates it (rpc/convert), calls the engine and fills the reply in the
+ * call's arena. Returns 0 or a KSM_E* code with one sentence in cx->err. Nothing here decides
+ * anything the engine decides.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kasmina/errors.h"
+#include "kasmina/log.h"
+#include "rpc/server_impl.h"
+
+#define ERR cx->err, sizeof cx->err
+#define TRY(expr)                                                                                  \
+    do {                                                                                           \
+        int rc_ = (expr);                                                                          \
+        if (rc_ != 0) return rc_;                                                                  \
+    } while (0)
+#define ALLOC(var, type, init)                                                                     \
+    type *var = ksm_pb_arena_alloc(&cx->arena, sizeof(type));                                      \
+    if (var == NULL) return KSM_ENOMEM;                                                            \
+    init(var)
+
+static void unref_model(void *p) { ksm_model_unref(p); }
+static void free_tensor(void *p) { ksm_host_tensor_free(p); }
+static void free_eval(void *p) { ksm_evaluate_result_free(p); }
+static void free_load(void *p) { ksm_load_result_free(p); }
+
+/* A reference to the model (released after the reply is sent). */
+static int get_model(ksm_rpc_server *s, const char *id, struct rpc_ctx *cx, ksm_model **out)
+{
+    TRY(ksm_conv_check_model_id(id, "model_id", true, ERR));
+    int rc = ksm_engine_model_get(s->engine, id, out);
+    if (rc == KSM_ENOMODEL) {
+        snprintf(cx->err, sizeof cx->err, "model_id '%s' does not exist.", id);
+        return rc;
+    }
+    if (rc != 0) return rc;
+    rpc_defer(cx, unref_model, *out);
+    return 0;
+}
+
+static int model_reply(ksm_model *m, struct rpc_ctx *cx, ProtobufCMessage **reply)
+{
+    struct ksm_model_info *info = ksm_pb_arena_alloc(&cx->arena, sizeof *info);
+    if (info == NULL) return KSM_ENOMEM;
+    TRY(ksm_model_get_info(m, info));
+    ALLOC(out, Kasmina__V1__Model, kasmina__v1__model__init);
+    TRY(ksm_conv_model_to_pb(info, &cx->arena, out));
+    *reply = &out->base;
+    return 0;
+}
+
+static int slot_report_reply(const char *model_id, const struct ksm_slot_report *r,
+                             struct rpc_ctx *cx, Kasmina__V1__SlotReport **out)
+{
+    Kasmina__V1__SlotReport *pb = ksm_pb_arena_alloc(&cx->arena, sizeof *pb);
+    if (pb == NULL) return KSM_ENOMEM;
+    TRY(ksm_conv_slot_report_to_pb(model_id, r, &cx->arena, pb));
+    *out = pb;
+    return 0;
+}
+
+static struct ksm_slot_report *new_report(struct rpc_ctx *cx)
+{
+    return ksm_pb_arena_alloc(&cx->arena, sizeof(struct ksm_slot_report));
+}
+
+/* ---- server ---- */
+
+static int h_get_server_info(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                             ProtobufCMessage **reply)
+{
+    static char *extensions[] = {"seed_lifecycle", "fused_forward", "counterfactual_evaluate",
+                                 "watch_events",   "weights_esper", "memory_stats",
+                                 "cache_stats",    "grpc_health_v1"};
+    ALLOC(out, Kasmina__V1__ServerInfo, kasmina__v1__server_info__init);
+    out->name = "kasminad";
+    out->version = (char *)s->cfg.version;
+    out->extensions = extensions;
+    out->n_extensions = sizeof extensions / sizeof extensions[0];
+    int n = ksm_engine_device_count(s->engine);
+    if (n > 0) {
+        out->devices = ksm_pb_arena_alloc(&cx->arena, (size_t)n * sizeof *out->devices);
+        Kasmina__V1__Device *d = ksm_pb_arena_alloc(&cx->arena, (size_t)n * sizeof *d);
+        if (out->devices == NULL || d == NULL) return KSM_ENOMEM;
+        for (int i = 0; i < n; i++) {
+            ksm_device *dev = ksm_engine_device(s->engine, i);
+            kasmina__v1__device__init(&d[i]);
+            d[i].name = (char *)ksm_device_name(dev);
+            bool cuda = ksm_device_kind(dev) == KSM_DEVICE_CUDA;
+            d[i].kind = cuda ? "cuda" : "cpu";
+            d[i].description = cuda ? "CUDA device" : "CPU (reference backend, OpenBLAS GEMM)";
+            size_t fb = 0, tb = 0;
+            ksm_device_mem_info(dev, &fb, &tb);
+            d[i].total_bytes = tb;
+            ksm_allocator *a = ksm_engine_allocator(s->engine, dev);
+            if (a != NULL) {
+                struct ksm_mem_stats st;
+                ksm_alloc_get_stats(a, &st);
+                d[i].memory_cap_bytes = st.memory_cap_bytes;
+            }
+            out->devices[i] = &d[i];
+        }
+        out->n_devices = (size_t)n;
+    }
+    const char *const *names;
+    int nb;
+    if (ksm_engine_blueprints(KSM_TOPOLOGY_CNN, &names, &nb) == 0) {
+        out->cnn_blueprints = (char **)names;
+        out->n_cnn_blueprints = (size_t)nb;
+    }
+    if (ksm_engine_blueprints(KSM_TOPOLOGY_TRANSFORMER, &names, &nb) == 0) {
+        out->transformer_blueprints = (char **)names;
+        out->n_transformer_blueprints = (size_t)nb;
+    }
+    out->ready = rpc_health_status(s, "") ==
+                 GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
+    *reply = &out->base;
+    return 0;
+}
+
+/* ---- models ---- */
+
+static int h_create_model(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                          ProtobufCMessage **reply)
+{
+    const Kasmina__V1__CreateModelRequest *r = (const void *)req;
+    struct ksm_model_spec spec;
+    TRY(ksm_conv_model_spec_from_pb(r, &spec, ERR));
+    ksm_model *m;
+    TRY(ksm_engine_model_create(s->engine, r->model_id, &spec, &m, ERR));
+    rpc_defer(cx, unref_model, m);
+    return model_reply(m, cx, reply);
+}
+
+static int h_get_model(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                       ProtobufCMessage **reply)
+{
+    const Kasmina__V1__GetModelRequest *r = (const void *)req;
+    ksm_model *m;
+    TRY(get_model(s, r->model_id, cx, &m));
+    return model_reply(m, cx, reply);
+}
+
+static void free_model_list(void *p) { free(p); /* references were released already */ }
+
+static int h_list_models(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                         ProtobufCMessage **reply)
+{
+    ksm_model **list = NULL;
+    size_t n = 0;
+    TRY(ksm_engine_model_list(s->engine, &list, &n));
+    rpc_defer(cx, free_model_list, list);
+    ALLOC(out, Kasmina__V1__ListModelsResponse, kasmina__v1__list_models_response__init);
+    out->models = ksm_pb_arena_alloc(&cx->arena, n * sizeof *out->models);
+    int rc = out->models == NULL ? KSM_ENOMEM : 0;
+    for (size_t i = 0; i < n; i++) {
+        if (rc == 0) {
+            struct ksm_model_info *info = ksm_pb_arena_alloc(&cx->arena, sizeof *info);
+            Kasmina__V1__Model *pb = ksm_pb_arena_alloc(&cx->arena, sizeof *pb);
+            if (info == NULL || pb == NULL)
+                rc = KSM_ENOMEM;
+            else if ((rc = ksm_model_get_info(list[i], info)) == 0 &&
+                     (rc = ksm_conv_model_to_pb(info, &cx->arena, pb)) == 0)
+                out->models[out->n_models++] = pb;
+        }
+        ksm_model_unref(list[i]);
+    }
+    if (rc != 0) return rc;
+    *reply = &out->base;
+    return 0;
+}
+
+static int h_delete_model(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                          ProtobufCMessage **reply)
+{
+    const Kasmina__V1__DeleteModelRequest *r = (const void *)req;
+    TRY(ksm_conv_check_model_id(r->model_id, "model_id", true, ERR));
+    uint64_t freed = 0;
+    int rc = ksm_engine_model_delete(s->engine, r->model_id, &freed);
+    if (rc == KSM_ENOMODEL)
+        snprintf(cx->err, sizeof cx->err, "model_id '%s' does not exist.", r->model_id);
+    if (rc != 0) return rc;
+    ALLOC(out, Kasmina__V1__DeleteModelResponse, kasmina__v1__delete_model_response__init);
+    out->freed_bytes = freed;
+    *reply = &out->base;
+    return 0;
+}
+
+static int h_load_weights(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                          ProtobufCMessage **reply)
+{
+    const Kasmina__V1__LoadWeightsRequest *r = (const void *)req;
+    ksm_model *m;
+    TRY(get_model(s, r->model_id, cx, &m));
+    if (r->safetensors.len == 0) {
+        snprintf(cx->err, sizeof cx->err, "safetensors must not be empty.");
+        return KSM_EINVAL;
+    }
+    struct ksm_load_result *lr = ksm_pb_arena_alloc(&cx->arena, sizeof *lr);
+    if (lr == NULL) return KSM_ENOMEM;
+    TRY(ksm_model_load_weights(m, r->safetensors.data, r->safetensors.len, r->strict, lr, ERR));
+    rpc_defer(cx, free_load, lr);
+    ALLOC(out, Kasmina__V1__LoadWeightsResponse, kasmina__v1__load_weights_response__init);
+    TRY(ksm_conv_load_result_to_pb(lr, &cx->arena, out));
+    *reply = &out->base;
+    return 0;
+}
+
+static int h_export_weights(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                            ProtobufCMessage **reply)
+{
+    const Kasmina__V1__ExportWeightsRequest *r = (const void *)req;
+    ksm_model *m;
+    TRY(get_model(s, r->model_id, cx, &m));
+    void *buf = NULL;
+    size_t len = 0;
+    TRY(ksm_model_export_weights(m, &buf, &len, ERR));
+    rpc_defer(cx, free, buf);
+    ALLOC(out, Kasmina__V1__ExportWeightsResponse, kasmina__v1__export_weights_response__init);
+    out->safetensors.data = buf;
+    out->safetensors.len = len;
+    *reply = &out->base;
+    return 0;
+}
+
+static int h_move_model(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                        ProtobufCMessage **reply)
+{
+    const Kasmina__V1__MoveModelRequest *r = (const void *)req;
+    ksm_model *m;
+    TRY(get_model(s, r->model_id, cx, &m));
+    TRY(ksm_conv_check_string(r->device, "device", false, 31, ERR));
+    int dtype = -1;
+    if (r->dtype != KASMINA__V1__DTYPE__DTYPE_UNSPECIFIED) {
+        enum ksm_dtype d;
+        TRY(ksm_conv_dtype_from_pb((int)r->dtype, "dtype", &d, ERR));
+        dtype = (int)d;
+    }
+    TRY(ksm_model_move(m, r->device, dtype, ERR));
+    return model_reply(m, cx, reply);
+}
+
+/* ---- lifecycle ---- */
+
+static int h_germinate(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                       ProtobufCMessage **reply)
+{
+    const Kasmina__V1__GerminateRequest *r = (const void *)req;
+    struct ksm_germinate_args g;
+    TRY(ksm_conv_germinate_from_pb(r, &g, ERR));
+    ksm_model *m;
+    TRY(get_model(s, r->model_id, cx, &m));
+    struct ksm_slot_report *rep = new_report(cx);
+    if (rep == NULL) return KSM_ENOMEM;
+    TRY(ksm_model_germinate(m, r->slot_id, &g, rep, ERR));
+    Kasmina__V1__SlotReport *out;
+    TRY(slot_report_reply(r->model_id, rep, cx, &out));
+    *reply = &out->base;
+    return 0;
+}
+
+static int h_advance(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                     ProtobufCMessage **reply)
+{
+    const Kasmina__V1__AdvanceStageRequest *r = (const void *)req;
+    struct ksm_lifecycle_args l;
+    TRY(ksm_conv_advance_from_pb(r, &l, ERR));
+    ksm_model *m;
+    TRY(get_model(s, r->model_id, cx, &m));
+    struct ksm_slot_report *rep = new_report(cx);
+    struct ksm_gate_result *gate = ksm_pb_arena_alloc(&cx->arena, sizeof *gate);
+    if (rep == NULL || gate == NULL) return KSM_ENOMEM;
+    TRY(ksm_model_advance(m, l.slot_id, l.target, gate, rep, ERR));
+    ALLOC(out, Kasmina__V1__AdvanceStageResponse, kasmina__v1__advance_stage_response__init);
+    out->gate = ksm_pb_arena_alloc(&cx->arena, sizeof *out->gate);
+    if (out->gate == NULL) return KSM_ENOMEM;
+    TRY(ksm_conv_gate_to_pb(gate, &cx->arena, out->gate));
+    TRY(slot_report_reply(r->model_id, rep, cx, &out->slot));
+    *reply = &out->base;
+    return 0;
+}
+
+static int prune_reply(const char *model_id, bool accepted, const struct ksm_slot_report *rep,
+                       struct rpc_ctx *cx, ProtobufCMessage **reply)
+{
+    ALLOC(out, Kasmina__V1__PruneResponse, kasmina__v1__prune_response__init);
+    out->accepted = accepted;
+    TRY(slot_report_reply(model_id, rep, cx, &out->slot));
+    *reply = &out->base;
+    return 0;
+}
+
+static int h_prune(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                   ProtobufCMessage **reply)
+{
+    const Kasmina__V1__PruneRequest *r = (const void *)req;
+    struct ksm_lifecycle_args l;
+    TRY(ksm_conv_prune_from_pb(r, &l, ERR));
+    ksm_model *m;
+    TRY(get_model(s, r->model_id, cx, &m));
+    struct ksm_slot_report *rep = new_report(cx);
+    if (rep == NULL) return KSM_ENOMEM;
+    bool accepted = false;
+    TRY(ksm_model_prune(m, l.slot_id, l.reason, l.initiator, &accepted, rep, ERR));
+    return prune_reply(r->model_id, accepted, rep, cx, reply);
+}
+
+static int h_schedule_prune(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                            ProtobufCMessage **reply)
+{
+    const Kasmina__V1__SchedulePruneRequest *r = (const void *)req;
+    struct ksm_lifecycle_args l;
+    TRY(ksm_conv_schedule_prune_from_pb(r, &l, ERR));
+    ksm_model *m;
+    TRY(get_model(s, r->model_id, cx, &m));
+    struct ksm_slot_report *rep = new_report(cx);
+    if (rep == NULL) return KSM_ENOMEM;
+    bool accepted = false;
+    TRY(ksm_model_schedule_prune(m, l.slot_id, l.steps, l.curve, l.has_steepness, l.steepness,
+                                 l.reason, l.initiator, &accepted, rep, ERR));
+    return prune_reply(r->model_id, accepted, rep, cx, reply);
+}
+
+static int h_set_alpha_target(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                              ProtobufCMessage **reply)
+{
+    const Kasmina__V1__SetAlphaTargetRequest *r = (const void *)req;
+    struct ksm_lifecycle_args l;
+    TRY(ksm_conv_set_alpha_target_from_pb(r, &l, ERR));
+    ksm_model *m;
+    TRY(get_model(s, r->model_id, cx, &m));
+    struct ksm_slot_report *rep = new_report(cx);
+    if (rep == NULL) return KSM_ENOMEM;
+    TRY(ksm_model_set_alpha_target(m, l.slot_id, l.alpha, l.steps, l.curve, l.has_steepness,
+                                   l.steepness, l.algorithm, rep, ERR));
+    ALLOC(out, Kasmina__V1__SetAlphaTargetResponse, kasmina__v1__set_alpha_target_response__init);
+    out->accepted = true;
+    TRY(slot_report_reply(r->model_id, rep, cx, &out->slot));
+    *reply = &out->base;
+    return 0;
+}
+
+static int h_set_alpha(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                       ProtobufCMessage **reply)
+{
+    const Kasmina__V1__SetAlphaRequest *r = (const void *)req;
+    struct ksm_lifecycle_args l;
+    TRY(ksm_conv_set_alpha_from_pb(r, &l, ERR));
+    ksm_model *m;
+    TRY(get_model(s, r->model_id, cx, &m));
+    struct ksm_slot_report *rep = new_report(cx);
+    if (rep == NULL) return KSM_ENOMEM;
+    TRY(ksm_model_set_alpha(m, l.slot_id, l.alpha, rep, ERR));
+    Kasmina__V1__SlotReport *out;
+    TRY(slot_report_reply(r->model_id, rep, cx, &out));
+    *reply = &out->base;
+    return 0;
+}
+
+static int reports_reply(const char *model_id, const struct ksm_slot_report *reps, size_t n,
+                         struct rpc_ctx *cx, Kasmina__V1__SlotReport ***slots, size_t *n_slots)
+{
+    *slots = ksm_pb_arena_alloc(&cx->arena, n * sizeof **slots);
+    if (*slots == NULL) return KSM_ENOMEM;
+    for (size_t i = 0; i < n; i++) TRY(slot_report_reply(model_id, &reps[i], cx, &(*slots)[i]));
+    *n_slots = n;
+    return 0;
+}
+
+static int h_step_epoch(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                        ProtobufCMessage **reply)
+{
+    const Kasmina__V1__StepEpochRequest *r = (const void *)req;
+    TRY(ksm_conv_check_slot_id(r->slot_id, "slot_id", false, ERR));
+    ksm_model *m;
+    TRY(get_model(s, r->model_id, cx, &m));
+    struct ksm_slot_report *reps =
+        ksm_pb_arena_alloc(&cx->arena, KSM_MAX_SLOTS * sizeof(struct ksm_slot_report));
+    if (reps == NULL) return KSM_ENOMEM;
+    size_t n = 0;
+    TRY(ksm_model_step_epoch(m, r->slot_id, reps, KSM_MAX_SLOTS, &n, ERR));
+    if (n > KSM_MAX_SLOTS) n = KSM_MAX_SLOTS;
+    ALLOC(out, Kasmina__V1__StepEpochResponse, kasmina__v1__step_epoch_response__init);
+    TRY(reports_reply(r->model_id, reps, n, cx, &out->slots, &out->n_slots));
+    *reply = &out->base;
+    return 0;
+}
+
+static int h_record_metrics(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                            ProtobufCMessage **reply)
+{
+    const Kasmina__V1__RecordMetricsRequest *r = (const void *)req;
+    struct ksm_metrics_update u;
+    TRY(ksm_conv_metrics_from_pb(r, &u, ERR));
+    ksm_model *m;
+    TRY(get_model(s, r->model_id, cx, &m));
+    struct ksm_slot_report *rep = new_report(cx);
+    if (rep == NULL) return KSM_ENOMEM;
+    TRY(ksm_model_record_metrics(m, r->slot_id, &u, rep, ERR));
+    Kasmina__V1__SlotReport *out;
+    TRY(slot_report_reply(r->model_id, rep, cx, &out));
+    *reply = &out->base;
+    return 0;
+}
+
+static int h_get_slot_reports(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                              ProtobufCMessage **reply)
+{
+    const Kasmina__V1__GetSlotReportsRequest *r = (const void *)req;
+    TRY(ksm_conv_check_slot_id(r->slot_id, "slot_id", false, ERR));
+    ksm_model *m;
+    TRY(get_model(s, r->model_id, cx, &m));
+    struct ksm_slot_report *reps =
+        ksm_pb_arena_alloc(&cx->arena, KSM_MAX_SLOTS * sizeof(struct ksm_slot_report));
+    if (reps == NULL) return KSM_ENOMEM;
+    size_t n = 0;
+    TRY(ksm_model_slot_reports(m, r->slot_id, reps, KSM_MAX_SLOTS, &n, ERR));
+    if (n > KSM_MAX_SLOTS) n = KSM_MAX_SLOTS;
+    ALLOC(out, Kasmina__V1__SlotReports, kasmina__v1__slot_reports__init);
+    TRY(reports_reply(r->model_id, reps, n, cx, &out->slots, &out->n_slots));
+    *reply = &out->base;
+    return 0;
+}
+
+/* ---- compute ---- */
+
+static int forward_common(ksm_rpc_server *s, const char *model_id,
+                          const struct ksm_forward_args *fa, int out_dtype, struct rpc_ctx *cx,
+                          ProtobufCMessage **reply)
+{
+    ksm_model *m;
+    TRY(get_model(s, model_id, cx, &m));
+    struct ksm_forward_result *res = ksm_pb_arena_alloc(&cx->arena, sizeof *res);
+    if (res == NULL) return KSM_ENOMEM;
+    TRY(ksm_model_forward(m, fa, res, ERR));
+    rpc_defer(cx, free_tensor, &res->output);
+    ALLOC(out, Kasmina__V1__ForwardResponse, kasmina__v1__forward_response__init);
+    TRY(ksm_conv_forward_result_to_pb(res, out_dtype, &cx->arena, out, ERR));
+    *reply = &out->base;
+    return 0;
+}
+
+static int h_forward(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                     ProtobufCMessage **reply)
+{
+    const Kasmina__V1__ForwardRequest *r = (const void *)req;
+    struct ksm_forward_args fa;
+    int od;
+    TRY(ksm_conv_forward_from_pb(r, &cx->arena, &fa, &od, ERR));
+    return forward_common(s, r->model_id, &fa, od, cx, reply);
+}
+
+static int h_fused_forward(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                           ProtobufCMessage **reply)
+{
+    const Kasmina__V1__FusedForwardRequest *r = (const void *)req;
+    struct ksm_forward_args fa;
+    int od;
+    TRY(ksm_conv_fused_forward_from_pb(r, &cx->arena, &fa, &od, ERR));
+    return forward_common(s, r->model_id, &fa, od, cx, reply);
+}
+
+static int h_evaluate(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                      ProtobufCMessage **reply)
+{
+    const Kasmina__V1__EvaluateRequest *r = (const void *)req;
+    struct ksm_evaluate_args ea;
+    TRY(ksm_conv_evaluate_from_pb(r, &cx->arena, &ea, ERR));
+    ksm_model *m;
+    TRY(get_model(s, r->model_id, cx, &m));
+    struct ksm_evaluate_result *res = ksm_pb_arena_alloc(&cx->arena, sizeof *res);
+    if (res == NULL) return KSM_ENOMEM;
+    TRY(ksm_model_evaluate(m, &ea, res, ERR));
+    rpc_defer(cx, free_eval, res);
+    ALLOC(out, Kasmina__V1__EvaluateResponse, kasmina__v1__evaluate_response__init);
+    TRY(ksm_conv_evaluate_result_to_pb(res, &cx->arena, out));
+    *reply = &out->base;
+    return 0;
+}
+
+/* ---- statistics ---- */
+
+static int memory_stats(ksm_rpc_server *s, const char *device, bool empty, struct rpc_ctx *cx,
+                        ProtobufCMessage **reply)
+{
+    TRY(ksm_conv_check_string(device, "device", false, 31, ERR));
+    if (device != NULL && device[0] != '\0' && ksm_engine_find_device(s->engine, device) == NULL) {
+        snprintf(cx->err, sizeof cx->err, "device '%s' does not exist.", device);
+        return KSM_ENODEVICE;
+    }
+    /* Per-model resident bytes, grouped by device below. */
+    ksm_model **list = NULL;
+    size_t nm = 0;
+    TRY(ksm_engine_model_list(s->engine, &list, &nm));
+    struct ksm_model_info *infos = ksm_pb_arena_alloc(&cx->arena, nm * sizeof *infos);
+    for (size_t i = 0; i < nm; i++) {
+        if (infos != NULL && ksm_model_get_info(list[i], &infos[i]) != 0) infos[i].device[0] = 0;
+        ksm_model_unref(list[i]);
+    }
+    free(list);
+    if (infos == NULL) return KSM_ENOMEM;
+    int n = ksm_engine_device_count(s->engine);
+    ALLOC(out, Kasmina__V1__MemoryStats, kasmina__v1__memory_stats__init);
+    out->devices = ksm_pb_arena_alloc(&cx->arena, (size_t)n * sizeof *out->devices);
+    const char **ids = ksm_pb_arena_alloc(&cx->arena, nm * sizeof *ids);
+    uint64_t *bytes = ksm_pb_arena_alloc(&cx->arena, nm * sizeof *bytes);
+    if (out->devices == NULL || ids == NULL || bytes == NULL) return KSM_ENOMEM;
+    for (int i = 0; i < n; i++) {
+        ksm_device *dev = ksm_engine_device(s->engine, i);
+        const char *name = ksm_device_name(dev);
+        if (device != NULL && device[0] != '\0' && strcmp(device, name) != 0) continue;
+        ksm_allocator *a = ksm_engine_allocator(s->engine, dev);
+        if (a == NULL) continue;
+        if (empty) TRY(ksm_alloc_empty_cache(a));
+        struct ksm_mem_stats st;
+        ksm_alloc_get_stats(a, &st);
+        size_t k = 0;
+        for (size_t j = 0; j < nm; j++)
+            if (strcmp(infos[j].device, name) == 0) {
+                ids[k] = infos[j].model_id;
+                bytes[k] = infos[j].resident_bytes;
+                k++;
+            }
+        Kasmina__V1__DeviceMemoryStats *pb = ksm_pb_arena_alloc(&cx->arena, sizeof *pb);
+        if (pb == NULL) return KSM_ENOMEM;
+        const char **idc = ksm_pb_arena_alloc(&cx->arena, k * sizeof *idc);
+        uint64_t *bc = ksm_pb_arena_alloc(&cx->arena, k * sizeof *bc);
+        if (idc == NULL || bc == NULL) return KSM_ENOMEM;
+        memcpy(idc, ids, k * sizeof *idc);
+        memcpy(bc, bytes, k * sizeof *bc);
+        TRY(ksm_conv_mem_stats_to_pb(name, &st, idc, bc, k, &cx->arena, pb));
+        out->devices[out->n_devices++] = pb;
+    }
+    *reply = &out->base;
+    return 0;
+}
+
+static int h_get_memory_stats(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                              ProtobufCMessage **reply)
+{
+    return memory_stats(s, ((const Kasmina__V1__GetMemoryStatsRequest *)req)->device, false, cx,
+                        reply);
+}
+
+static int h_empty_cache(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                         ProtobufCMessage **reply)
+{
+    return memory_stats(s, ((const Kasmina__V1__EmptyCacheRequest *)req)->device, true, cx, reply);
+}
+
+static int cache_stats_of(ksm_model *m, struct rpc_ctx *cx, Kasmina__V1__CacheStats *out,
+                          size_t *cap)
+{
+    struct ksm_cache_counters tmp[64];
+    size_t n = 0;
+    TRY(ksm_model_cache_stats(m, tmp, 64, &n));
+    if (n > 64) n = 64;
+    if (out->n_caches + n > *cap) {
+        size_t ncap = (*cap + n) * 2;
+        Kasmina__V1__CacheCounters **nv = ksm_pb_arena_alloc(&cx->arena, ncap * sizeof *nv);
+        if (nv == NULL) return KSM_ENOMEM;
+        if (out->n_caches > 0) memcpy(nv, out->caches, out->n_caches * sizeof *nv);
+        out->caches = nv;
+        *cap = ncap;
+    }
+    struct ksm_cache_counters *cc = ksm_pb_arena_alloc(&cx->arena, n * sizeof *cc);
+    char *id = ksm_pb_arena_strdup(&cx->arena, ksm_model_id(m));
+    if (cc == NULL || id == NULL) return KSM_ENOMEM;
+    memcpy(cc, tmp, n * sizeof *cc);
+    for (size_t i = 0; i < n; i++) {
+        Kasmina__V1__CacheCounters *pb = ksm_pb_arena_alloc(&cx->arena, sizeof *pb);
+        if (pb == NULL) return KSM_ENOMEM;
+        TRY(ksm_conv_cache_counters_to_pb(id, &cc[i], &cx->arena, pb));
+        out->caches[out->n_caches++] = pb;
+    }
+    return 0;
+}
+
+static int h_get_cache_stats(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                             ProtobufCMessage **reply)
+{
+    const Kasmina__V1__GetCacheStatsRequest *r = (const void *)req;
+    ALLOC(out, Kasmina__V1__CacheStats, kasmina__v1__cache_stats__init);
+    size_t cap = 0;
+    if (r->model_id != NULL && r->model_id[0] != '\0') {
+        ksm_model *m;
+        TRY(get_model(s, r->model_id, cx, &m));
+        TRY(cache_stats_of(m, cx, out, &cap));
+    } else {
+        ksm_model **list = NULL;
+        size_t n = 0;
+        TRY(ksm_engine_model_list(s->engine, &list, &n));
+        int rc = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (rc == 0) rc = cache_stats_of(list[i], cx, out, &cap);
+            ksm_model_unref(list[i]);
+        }
+        free(list);
+        if (rc != 0) return rc;
+    }
+    *reply = &out->base;
+    return 0;
+}
+
+/* ---- the method table ---- */
+
+#define K(name, desc, fn)                                                                          \
+    {                                                                                              \
+        "/kasmina.v1.Kasmina/" name, RPC_UNARY, &kasmina__v1__##desc##__descriptor, fn, NULL       \
+    }
+
+struct rpc_method rpc_methods[] = {
+    K("GetServerInfo", get_server_info_request, h_get_server_info),
+    K("CreateModel", create_model_request, h_create_model),
+    K("GetModel", get_model_request, h_get_model),
+    K("ListModels", list_models_request, h_list_models),
+    K("DeleteModel", delete_model_request, h_delete_model),
+    K("LoadWeights", load_weights_request, h_load_weights),
+    K("ExportWeights", export_weights_request, h_export_weights),
+    K("MoveModel", move_model_request, h_move_model),
+    K("Germinate", germinate_request, h_germinate),
+    K("AdvanceStage", advance_stage_request, h_advance),
+    K("Prune", prune_request, h_prune),
+    K("SchedulePrune", schedule_prune_request, h_schedule_prune),
+    K("SetAlphaTarget", set_alpha_target_request, h_set_alpha_target),
+    K("SetAlpha", set_alpha_request, h_set_alpha),
+    K("StepEpoch", step_epoch_request, h_step_epoch),
+    K("RecordMetrics", record_metrics_request, h_record_metrics),
+    K("GetSlotReports", get_slot_reports_request, h_get_slot_reports),
+    {"/kasmina.v1.Kasmina/WatchEvents", RPC_EVENTS, &kasmina__v1__watch_events_request__descriptor,
+     NULL, NULL},
+    K("Forward", forward_request, h_forward),
+    K("FusedForward", fused_forward_request, h_fused_forward),
+    K("Evaluate", evaluate_request, h_evaluate),
+    K("GetMemoryStats", get_memory_stats_request, h_get_memory_stats),
+    K("GetCacheStats", get_cache_stats_request, h_get_cache_stats),
+    K("EmptyCache", empty_cache_request, h_empty_cache),
+    {"/grpc.health.v1.Health/Check", RPC_HEALTH_CHECK,
+     &grpc__health__v1__health_check_request__descriptor, NULL, NULL},
+    {"/grpc.health.v1.Health/Watch", RPC_HEALTH_WATCH,
+     &grpc__health__v1__health_check_request__descriptor, NULL, NULL},
+};
+const size_t rpc_n_methods = sizeof rpc_methods / sizeof rpc_methods[0];

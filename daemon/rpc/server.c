@@ -1,0 +1,736 @@
+/*
+ * rpc/server: completion queue, the per-call state machine, the worker pool and the listeners.
+ *
+ * A call's life: a request slot is posted per method (and one catch-all for unknown methods).
+ * When a call arrives (request_tag), the slot is re-posted, a RECV_CLOSE_ON_SERVER batch is
+ * started (close_tag: it completes when the call is over, early when the client cancels), and
+ * the call is dispatched: unary Kasmina calls go to the workers (decode, validate, engine call,
+ * encode, one send batch on send_tag), health checks and unknown methods are answered on the CQ
+ * thread, streams go to the event hub. A call holds one reference for its handling and one for
+ * its close batch; the last one frees it.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc_security.h>
+#include <grpc/slice.h>
+#include <grpc/support/alloc.h>
+#include <grpc/support/time.h>
+
+#include "kasmina/errors.h"
+#include "kasmina/log.h"
+#include "rpc/server_impl.h"
+#include "rpc/status.h"
+
+#define container_of(p, type, member) ((type *)((char *)(p)-offsetof(type, member)))
+
+static void on_request(struct rpc_tag *t, bool ok);
+static void on_close(struct rpc_tag *t, bool ok);
+static void on_send(struct rpc_tag *t, bool ok);
+
+/* ---- Calls ---- */
+
+static void call_free(struct rpc_call *c)
+{
+    ksm_rpc_server *s = c->srv;
+    if (c->gc != NULL) grpc_call_unref(c->gc);
+    grpc_metadata_array_destroy(&c->md);
+    if (c->m == NULL) grpc_call_details_destroy(&c->details);
+    if (c->payload != NULL) grpc_byte_buffer_destroy(c->payload);
+    if (c->reply != NULL) grpc_byte_buffer_destroy(c->reply);
+    if (c->have_details) grpc_slice_unref(c->status_details);
+    free(c);
+    pthread_mutex_lock(&s->lock);
+    atomic_fetch_sub(&s->live_calls, 1);
+    pthread_cond_broadcast(&s->cond);
+    pthread_mutex_unlock(&s->lock);
+}
+
+void rpc_call_unref(struct rpc_call *c)
+{
+    if (atomic_fetch_sub(&c->refs, 1) == 1) call_free(c);
+}
+
+static int post_request(ksm_rpc_server *s, struct rpc_method *m)
+{
+    struct rpc_call *c = calloc(1, sizeof *c);
+    if (c == NULL) return KSM_ENOMEM;
+    c->srv = s;
+    c->m = m;
+    c->request_tag.done = on_request;
+    c->close_tag.done = on_close;
+    c->send_tag.done = on_send;
+    c->health_sent = -1;
+    grpc_metadata_array_init(&c->md);
+    atomic_fetch_add(&s->live_calls, 1);
+    grpc_call_error e;
+    if (m == NULL) {
+        grpc_call_details_init(&c->details);
+        e = grpc_server_request_call(s->server, &c->gc, &c->details, &c->md, s->cq, s->cq,
+                                     &c->request_tag);
+    } else {
+        e = grpc_server_request_registered_call(s->server, m->handle, &c->gc, &c->deadline, &c->md,
+                                                &c->payload, s->cq, s->cq, &c->request_tag);
+    }
+    if (e != GRPC_CALL_OK) {
+        KSM_LOGE("rpc", "cannot post a call slot for %s: error %d", m ? m->path : "*", (int)e);
+        c->gc = NULL;
+        call_free(c);
+        return KSM_EINTERNAL;
+    }
+    return 0;
+}
+
+bool rpc_deadline_passed(const struct rpc_call *c)
+{
+    if (c->m == NULL) return false;
+    gpr_timespec now = gpr_now(c->deadline.clock_type);
+    return gpr_time_cmp(c->deadline, now) <= 0;
+}
+
+grpc_byte_buffer *rpc_pack(const ProtobufCMessage *msg)
+{
+    size_t n = protobuf_c_message_get_packed_size(msg);
+    uint8_t *buf = malloc(n > 0 ? n : 1);
+    if (buf == NULL) return NULL;
+    protobuf_c_message_pack(msg, buf);
+    grpc_slice sl = grpc_slice_new(buf, n, free);
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&sl, 1);
+    grpc_slice_unref(sl);
+    return bb;
+}
+
+void rpc_call_finish(struct rpc_call *c, const ProtobufCMessage *reply, int err, const char *errmsg,
+                     grpc_status_code code_override)
+{
+    grpc_op ops[3];
+    memset(ops, 0, sizeof ops);
+    size_t n = 0;
+    grpc_status_code code =
+        code_override != GRPC_STATUS_OK ? code_override : ksm_rpc_status_from_err(err);
+    if (!c->started) {
+        ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
+        n++;
+        c->started = true;
+    }
+    if (code == GRPC_STATUS_OK && reply != NULL) {
+        c->reply = rpc_pack(reply);
+        if (c->reply == NULL) {
+            code = GRPC_STATUS_RESOURCE_EXHAUSTED;
+            err = KSM_ENOMEM;
+            errmsg = "The reply could not be encoded: out of host memory.";
+        } else {
+            ops[n].op = GRPC_OP_SEND_MESSAGE;
+            ops[n].data.send_message.send_message = c->reply;
+            n++;
+        }
+    }
+    ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    ops[n].data.send_status_from_server.status = code;
+    if (code != GRPC_STATUS_OK) {
+        char msg[320];
+        ksm_rpc_status_message(err, errmsg, msg, sizeof msg);
+        c->status_details = grpc_slice_from_copied_string(msg);
+        c->have_details = true;
+        ops[n].data.send_status_from_server.status_details = &c->status_details;
+        if (err != 0) {
+            c->trailing.key = grpc_slice_from_static_string(KSM_RPC_ERROR_MD);
+            c->trailing.value = grpc_slice_from_static_string(ksm_err_name(err));
+            ops[n].data.send_status_from_server.trailing_metadata = &c->trailing;
+            ops[n].data.send_status_from_server.trailing_metadata_count = 1;
+        }
+    }
+    n++;
+    grpc_call_error e = grpc_call_start_batch(c->gc, ops, n, &c->send_tag, NULL);
+    if (e != GRPC_CALL_OK) {
+        KSM_LOGW("rpc", "%s: cannot send the status: error %d", c->m ? c->m->path : "*", (int)e);
+        c->send_tag.done(&c->send_tag, false);
+    }
+}
+
+/* Reads the request message; NULL with *why set when it is missing or malformed. */
+static ProtobufCMessage *decode(struct rpc_call *c, const ProtobufCMessageDescriptor *d, char *why,
+                                size_t whylen)
+{
+    if (c->payload == NULL) {
+        snprintf(why, whylen, "The request carries no %s message.", d->name);
+        return NULL;
+    }
+    grpc_byte_buffer_reader r;
+    if (!grpc_byte_buffer_reader_init(&r, c->payload)) {
+        snprintf(why, whylen, "The request could not be read (bad compression?).");
+        return NULL;
+    }
+    grpc_slice all = grpc_byte_buffer_reader_readall(&r);
+    grpc_byte_buffer_reader_destroy(&r);
+    ProtobufCMessage *msg =
+        protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(all), GRPC_SLICE_START_PTR(all));
+    grpc_slice_unref(all);
+    if (msg == NULL) snprintf(why, whylen, "The request is not a valid %s message.", d->name);
+    return msg;
+}
+
+void rpc_defer(struct rpc_ctx *cx, void (*fn)(void *), void *p)
+{
+    if (cx->n_defer < (int)(sizeof cx->defer / sizeof cx->defer[0])) {
+        cx->defer[cx->n_defer].fn = fn;
+        cx->defer[cx->n_defer].p = p;
+        cx->n_defer++;
+    } else {
+        KSM_ASSERT(!"rpc_defer: too many deferred frees");
+    }
+}
+
+/* Worker: the whole unary call. */
+static void run_unary(ksm_rpc_server *s, struct rpc_call *c)
+{
+    if (atomic_load(&c->closed)) {
+        rpc_call_finish(c, NULL, KSM_ECANCELED, "The client cancelled the call.", 0);
+        return;
+    }
+    if (rpc_deadline_passed(c)) {
+        rpc_call_finish(c, NULL, KSM_ETIMEDOUT, "The call's deadline passed before it ran.", 0);
+        return;
+    }
+    if (s->workers_stop) {
+        rpc_call_finish(c, NULL, KSM_ESHUTDOWN, "The server is shutting down.", 0);
+        return;
+    }
+    char why[192];
+    ProtobufCMessage *req = decode(c, c->m->req, why, sizeof why);
+    if (req == NULL) {
+        rpc_call_finish(c, NULL, KSM_EINVAL, why, 0);
+        return;
+    }
+    struct rpc_ctx cx;
+    memset(&cx, 0, sizeof cx);
+    ksm_pb_arena_init(&cx.arena);
+    ProtobufCMessage *reply = NULL;
+    int rc = c->m->fn(s, req, &cx, &reply);
+    if (rc == 0 && atomic_load(&c->closed))
+        KSM_LOGI("rpc", "%s: the client cancelled the call while it ran", c->m->path);
+    rpc_call_finish(c, rc == 0 ? reply : NULL, rc, cx.err, 0);
+    for (int i = cx.n_defer - 1; i >= 0; i--) cx.defer[i].fn(cx.defer[i].p);
+    ksm_pb_arena_fini(&cx.arena);
+    protobuf_c_message_free_unpacked(req, NULL);
+}
+
+static void *worker_main(void *arg)
+{
+    ksm_rpc_server *s = arg;
+    pthread_mutex_lock(&s->lock);
+    for (;;) {
+        while (s->q_head == NULL && !s->workers_stop) pthread_cond_wait(&s->cond, &s->lock);
+        struct rpc_call *c = s->q_head;
+        if (c == NULL) break; /* stopping and nothing left */
+        s->q_head = c->next;
+        if (s->q_head == NULL) s->q_tail = NULL;
+        pthread_mutex_unlock(&s->lock);
+        run_unary(s, c);
+        pthread_mutex_lock(&s->lock);
+    }
+    pthread_mutex_unlock(&s->lock);
+    return NULL;
+}
+
+static void enqueue(ksm_rpc_server *s, struct rpc_call *c)
+{
+    pthread_mutex_lock(&s->lock);
+    c->next = NULL;
+    if (s->q_tail != NULL)
+        s->q_tail->next = c;
+    else
+        s->q_head = c;
+    s->q_tail = c;
+    pthread_cond_signal(&s->cond);
+    pthread_mutex_unlock(&s->lock);
+}
+
+int rpc_health_status(ksm_rpc_server *s, const char *service)
+{
+    if (service != NULL && service[0] != '\0' && strcmp(service, "kasmina.v1.Kasmina") != 0)
+        return -1;
+    return atomic_load(&s->serving) && !atomic_load(&s->draining)
+               ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
+               : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
+}
+
+static void health_check(ksm_rpc_server *s, struct rpc_call *c)
+{
+    char why[192];
+    ProtobufCMessage *req =
+        decode(c, &grpc__health__v1__health_check_request__descriptor, why, sizeof why);
+    if (req == NULL) {
+        rpc_call_finish(c, NULL, KSM_EINVAL, why, 0);
+        return;
+    }
+    const char *svc = ((Grpc__Health__V1__HealthCheckRequest *)req)->service;
+    int st = rpc_health_status(s, svc);
+    if (st < 0) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "The service '%.100s' is not known to this server.", svc);
+        rpc_call_finish(c, NULL, KSM_ENOENT, msg, GRPC_STATUS_NOT_FOUND);
+    } else {
+        Grpc__Health__V1__HealthCheckResponse r = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
+        r.status = (Grpc__Health__V1__HealthCheckResponse__ServingStatus)st;
+        rpc_call_finish(c, &r.base, 0, NULL, 0);
+    }
+    protobuf_c_message_free_unpacked(req, NULL);
+}
+
+static void on_request(struct rpc_tag *t, bool ok)
+{
+    struct rpc_call *c = container_of(t, struct rpc_call, request_tag);
+    ksm_rpc_server *s = c->srv;
+    if (!ok) { /* the server is shutting down: the slot was never used */
+        if (c->gc != NULL) {
+            grpc_call_unref(c->gc);
+            c->gc = NULL;
+        }
+        call_free(c);
+        return;
+    }
+    if (!atomic_load(&s->shutting_down)) post_request(s, c->m);
+    atomic_store(&c->refs, 2); /* handling + close batch */
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    op.data.recv_close_on_server.cancelled = &c->cancelled;
+    if (grpc_call_start_batch(c->gc, &op, 1, &c->close_tag, NULL) != GRPC_CALL_OK) {
+        atomic_store(&c->closed, true);
+        atomic_fetch_sub(&c->refs, 1);
+    }
+    if (c->m == NULL) {
+        char *method = grpc_slice_to_c_string(c->details.method);
+        char msg[256];
+        snprintf(msg, sizeof msg, "The method %.200s is not implemented by kasminad.", method);
+        gpr_free(method);
+        rpc_call_finish(c, NULL, KSM_ENOSYS, msg, GRPC_STATUS_UNIMPLEMENTED);
+        return;
+    }
+    switch (c->m->kind) {
+    case RPC_HEALTH_CHECK: health_check(s, c); return;
+    case RPC_EVENTS:
+    case RPC_HEALTH_WATCH: {
+        char why[192];
+        ProtobufCMessage *req = decode(c, c->m->req, why, sizeof why);
+        if (req == NULL) {
+            rpc_call_finish(c, NULL, KSM_EINVAL, why, 0);
+            return;
+        }
+        if (c->m->kind == RPC_EVENTS && atomic_load(&s->draining))
+            rpc_call_finish(c, NULL, KSM_ESHUTDOWN, "The server is draining for shutdown.", 0);
+        else if (c->m->kind == RPC_EVENTS)
+            rpc_hub_watch_events(s, c, req);
+        else
+            rpc_hub_watch_health(s, c, req);
+        protobuf_c_message_free_unpacked(req, NULL);
+        return;
+    }
+    default: break;
+    }
+    if (atomic_load(&s->draining)) {
+        rpc_call_finish(c, NULL, KSM_ESHUTDOWN, "The server is draining for shutdown.", 0);
+        return;
+    }
+    if (rpc_deadline_passed(c)) {
+        rpc_call_finish(c, NULL, KSM_ETIMEDOUT, "The call's deadline had passed on arrival.", 0);
+        return;
+    }
+    if (atomic_fetch_add(&s->inflight, 1) >= s->cfg.max_concurrent_calls) {
+        atomic_fetch_sub(&s->inflight, 1);
+        rpc_call_finish(c, NULL, KSM_ELIMIT,
+                        "Too many concurrent calls (max_concurrent_calls); retry later.", 0);
+        return;
+    }
+    c->counted = true;
+    enqueue(s, c);
+}
+
+static void on_close(struct rpc_tag *t, bool ok)
+{
+    struct rpc_call *c = container_of(t, struct rpc_call, close_tag);
+    atomic_store(&c->closed, true);
+    if (c->m != NULL && (c->m->kind == RPC_EVENTS || c->m->kind == RPC_HEALTH_WATCH))
+        rpc_hub_stream_closed(c);
+    rpc_call_unref(c);
+}
+
+static void on_send(struct rpc_tag *t, bool ok)
+{
+    struct rpc_call *c = container_of(t, struct rpc_call, send_tag);
+    if (c->m != NULL && (c->m->kind == RPC_EVENTS || c->m->kind == RPC_HEALTH_WATCH)) {
+        rpc_hub_stream_sent(c, ok);
+        return;
+    }
+    if (c->counted) {
+        c->counted = false;
+        atomic_fetch_sub(&c->srv->inflight, 1);
+    }
+    rpc_call_unref(c);
+}
+
+static void on_shutdown(struct rpc_tag *t, bool ok)
+{
+    ksm_rpc_server *s = container_of(t, ksm_rpc_server, shutdown_tag);
+    pthread_mutex_lock(&s->lock);
+    atomic_store(&s->shutdown_seen, true);
+    pthread_cond_broadcast(&s->cond);
+    pthread_mutex_unlock(&s->lock);
+}
+
+static void *cq_main(void *arg)
+{
+    ksm_rpc_server *s = arg;
+    for (;;) {
+        grpc_event ev =
+            grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+        if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
+        if (ev.type != GRPC_OP_COMPLETE) continue;
+        struct rpc_tag *t = ev.tag;
+        t->done(t, ev.success != 0);
+    }
+    return NULL;
+}
+
+/* ---- Listeners ---- */
+
+static int mkdir_p(const char *dir, mode_t mode)
+{
+    char tmp[PATH_MAX];
+    if (snprintf(tmp, sizeof tmp, "%s", dir) >= (int)sizeof tmp) return -ENAMETOOLONG;
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = '\0';
+        if (mkdir(tmp, mode) != 0 && errno != EEXIST) return -errno;
+        *p = '/';
+    }
+    if (mkdir(tmp, mode) != 0 && errno != EEXIST) return -errno;
+    return 0;
+}
+
+static int prepare_unix(ksm_rpc_server *s, const char *path, char *err, size_t errlen)
+{
+    struct sockaddr_un sun;
+    if (path[0] != '/' || strlen(path) >= sizeof sun.sun_path) {
+        snprintf(err, errlen,
+                 "listen address unix:%s must be an absolute path shorter than %zu bytes", path,
+                 sizeof sun.sun_path);
+        return KSM_EINVAL;
+    }
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash != NULL && slash != dir) {
+        *slash = '\0';
+        int rc = mkdir_p(dir, 0700);
+        if (rc != 0) {
+            snprintf(err, errlen, "cannot create the socket directory %s: %s", dir, strerror(-rc));
+            return KSM_EIO;
+        }
+    }
+    char lockpath[PATH_MAX];
+    snprintf(lockpath, sizeof lockpath, "%s.lock", path);
+    int fd = open(lockpath, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        snprintf(err, errlen, "cannot open the lock file %s: %s", lockpath, strerror(errno));
+        return KSM_EIO;
+    }
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        int e = errno;
+        char pid[32] = "";
+        ssize_t n = pread(fd, pid, sizeof pid - 1, 0);
+        if (n > 0) pid[n] = '\0';
+        pid[strcspn(pid, "\n")] = '\0';
+        close(fd);
+        if (e == EWOULDBLOCK) {
+            snprintf(err, errlen,
+                     "another kasminad%s%s is already serving on %s (lock %s is held); refusing "
+                     "to start",
+                     pid[0] ? " pid " : "", pid, path, lockpath);
+            return KSM_EBUSY;
+        }
+        snprintf(err, errlen, "cannot lock %s: %s", lockpath, strerror(e));
+        return KSM_EIO;
+    }
+    if (ftruncate(fd, 0) == 0) dprintf(fd, "%d\n", (int)getpid());
+    /* The lock is ours: a socket file left there is stale. */
+    struct stat st;
+    if (lstat(path, &st) == 0) {
+        if (!S_ISSOCK(st.st_mode)) {
+            close(fd);
+            snprintf(err, errlen, "%s exists and is not a socket; refusing to replace it", path);
+            return KSM_EEXIST;
+        }
+        unlink(path);
+    }
+    s->unix_paths[s->n_unix] = strdup(path);
+    s->lock_fds[s->n_unix] = fd;
+    s->n_unix++;
+    return 0;
+}
+
+static bool loopback_host(const char *addr)
+{
+    return strncmp(addr, "127.", 4) == 0 || strncmp(addr, "localhost:", 10) == 0 ||
+           strncmp(addr, "[::1]:", 6) == 0;
+}
+
+static int add_listener(ksm_rpc_server *s, const char *addr, char *err, size_t errlen)
+{
+    char target[PATH_MAX + 16];
+    bool is_unix = strncmp(addr, "unix:", 5) == 0;
+    if (is_unix) {
+        const char *path = addr + 5;
+        if (strncmp(path, "//", 2) == 0) path += 2;
+        int rc = prepare_unix(s, path, err, errlen);
+        if (rc != 0) return rc;
+        snprintf(target, sizeof target, "unix:%s", path);
+    } else {
+        const char *hp = addr;
+        if (strncmp(hp, "tcp://", 6) == 0)
+            hp += 6;
+        else if (strncmp(hp, "tcp:", 4) == 0)
+            hp += 4;
+        const char *colon = strrchr(hp, ':');
+        if (colon == NULL || colon[1] == '\0') {
+            snprintf(err, errlen, "listen address '%s' must be unix:/path or host:port", addr);
+            return KSM_EINVAL;
+        }
+        char *end;
+        long port = strtol(colon + 1, &end, 10);
+        if (*end != '\0' || port < 0 || port > 65535) {
+            snprintf(err, errlen, "listen address '%s' has a bad port (0..65535)", addr);
+            return KSM_EINVAL;
+        }
+        if (colon == hp)
+            snprintf(target, sizeof target, "127.0.0.1%s", colon);
+        else
+            snprintf(target, sizeof target, "%s", hp);
+        if (!loopback_host(target) && !s->cfg.allow_remote_tcp) {
+            snprintf(err, errlen,
+                     "listen address '%s' is not a loopback address; TLS is not implemented yet, "
+                     "so a remote TCP listener needs allow-remote-tcp",
+                     addr);
+            return KSM_EINVAL;
+        }
+    }
+    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+    mode_t old = umask(0177);
+    int port = grpc_server_add_http2_port(s->server, target, creds);
+    umask(old);
+    grpc_server_credentials_release(creds);
+    if (port == 0) {
+        snprintf(err, errlen, "cannot listen on %s (address in use or not permitted)", target);
+        return KSM_EIO;
+    }
+    if (is_unix) chmod(target + 5, 0600);
+    KSM_LOGI("rpc", "listening on %s", target);
+    return 0;
+}
+
+/* ---- Server ---- */
+
+void ksm_rpc_server_set_serving(ksm_rpc_server *s, bool serving)
+{
+    atomic_store(&s->serving, serving);
+    if (s->hub != NULL) rpc_hub_kick(s->hub);
+}
+
+void ksm_rpc_server_drain_begin(ksm_rpc_server *s)
+{
+    if (atomic_exchange(&s->draining, true)) return;
+    KSM_LOGI("rpc", "draining: health NOT_SERVING, %d call(s) in flight",
+             atomic_load(&s->inflight));
+    if (s->hub != NULL) rpc_hub_kick(s->hub);
+}
+
+int ksm_rpc_server_inflight(ksm_rpc_server *s) { return atomic_load(&s->inflight); }
+
+int ksm_rpc_server_start(ksm_engine *e, const struct ksm_rpc_server_config *cfg,
+                         ksm_rpc_server **out, char *err, size_t errlen)
+{
+    char dummy[8];
+    if (err == NULL || errlen == 0) {
+        err = dummy;
+        errlen = sizeof dummy;
+    }
+    err[0] = '\0';
+    if (cfg->n_listen == 0) {
+        snprintf(err, errlen, "at least one listen address is needed");
+        return KSM_EINVAL;
+    }
+    ksm_rpc_server *s = calloc(1, sizeof *s);
+    if (s == NULL) return KSM_ENOMEM;
+    s->engine = e;
+    s->cfg = *cfg;
+    if (s->cfg.max_message_bytes == 0) s->cfg.max_message_bytes = 64u << 20;
+    if (s->cfg.max_message_bytes > INT_MAX) s->cfg.max_message_bytes = INT_MAX;
+    if (s->cfg.workers <= 0) s->cfg.workers = 4;
+    if (s->cfg.max_concurrent_calls <= 0) s->cfg.max_concurrent_calls = 256;
+    if (s->cfg.event_ring == 0) s->cfg.event_ring = 4096;
+    if (s->cfg.subscriber_buffer == 0) s->cfg.subscriber_buffer = 1024;
+    if (s->cfg.subscriber_buffer > s->cfg.event_ring) s->cfg.subscriber_buffer = s->cfg.event_ring;
+    if (s->cfg.version == NULL) s->cfg.version = "0.0.0";
+    pthread_mutex_init(&s->lock, NULL);
+    pthread_cond_init(&s->cond, NULL);
+    atomic_store(&s->serving, true);
+    s->shutdown_tag.done = on_shutdown;
+    s->unix_paths = calloc(cfg->n_listen, sizeof *s->unix_paths);
+    s->lock_fds = calloc(cfg->n_listen, sizeof *s->lock_fds);
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    s->started_ns = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+    int rc = KSM_ENOMEM;
+    if (s->unix_paths == NULL || s->lock_fds == NULL) goto out_free;
+
+    grpc_init();
+    grpc_arg args[3];
+    memset(args, 0, sizeof args);
+    args[0].type = GRPC_ARG_INTEGER;
+    args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
+    args[0].value.integer = (int)s->cfg.max_message_bytes;
+    args[1].type = GRPC_ARG_INTEGER;
+    args[1].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
+    args[1].value.integer = -1;
+    args[2].type = GRPC_ARG_INTEGER;
+    args[2].key = GRPC_ARG_ALLOW_REUSEPORT; /* a second daemon must not share a TCP port */
+    args[2].value.integer = 0;
+    grpc_channel_args ca = {.num_args = 3, .args = args};
+    s->server = grpc_server_create(&ca, NULL);
+    s->cq = grpc_completion_queue_create_for_next(NULL);
+    grpc_server_register_completion_queue(s->server, s->cq, NULL);
+    for (size_t i = 0; i < rpc_n_methods; i++) {
+        rpc_methods[i].handle = grpc_server_register_method(
+            s->server, rpc_methods[i].path, NULL, GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
+        if (rpc_methods[i].handle == NULL) {
+            snprintf(err, errlen, "cannot register %s", rpc_methods[i].path);
+            rc = KSM_EINTERNAL;
+            goto out_grpc;
+        }
+    }
+    for (size_t i = 0; i < cfg->n_listen; i++)
+        if ((rc = add_listener(s, cfg->listen[i], err, errlen)) != 0) goto out_grpc;
+    if ((rc = rpc_hub_new(s, &s->hub)) != 0) {
+        snprintf(err, errlen, "cannot start the event hub: %s", ksm_strerror(rc));
+        goto out_grpc;
+    }
+    grpc_server_start(s->server);
+    if (pthread_create(&s->cq_thread, NULL, cq_main, s) != 0) {
+        rc = KSM_ENOMEM;
+        snprintf(err, errlen, "cannot start the completion-queue thread");
+        goto out_started;
+    }
+    s->cq_started = true;
+    s->workers = calloc((size_t)s->cfg.workers, sizeof *s->workers);
+    for (int i = 0; s->workers != NULL && i < s->cfg.workers; i++) {
+        if (pthread_create(&s->workers[i], NULL, worker_main, s) != 0) break;
+        s->n_workers++;
+    }
+    if (s->n_workers == 0) {
+        rc = KSM_ENOMEM;
+        snprintf(err, errlen, "cannot start the worker threads");
+        goto out_started;
+    }
+    for (size_t i = 0; i < rpc_n_methods; i++)
+        for (int k = 0; k < 2; k++) post_request(s, &rpc_methods[i]);
+    post_request(s, NULL);
+    ksm_engine_set_event_sink(e, rpc_hub_engine_event, s->hub);
+    *out = s;
+    return 0;
+
+out_started:
+    ksm_rpc_server_free(s);
+    return rc;
+out_grpc:
+    rpc_hub_free(s->hub);
+    grpc_server_shutdown_and_notify(s->server, s->cq, &s->shutdown_tag);
+    grpc_server_cancel_all_calls(s->server);
+    grpc_completion_queue_shutdown(s->cq);
+    while (grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
+           GRPC_QUEUE_SHUTDOWN) {
+    }
+    grpc_server_destroy(s->server);
+    grpc_completion_queue_destroy(s->cq);
+    grpc_shutdown();
+out_free:
+    for (size_t i = 0; i < s->n_unix; i++) {
+        close(s->lock_fds[i]);
+        free(s->unix_paths[i]);
+    }
+    free(s->unix_paths);
+    free(s->lock_fds);
+    pthread_cond_destroy(&s->cond);
+    pthread_mutex_destroy(&s->lock);
+    free(s);
+    return rc;
+}
+
+void ksm_rpc_server_free(ksm_rpc_server *s)
+{
+    if (s == NULL) return;
+    ksm_engine_set_event_sink(s->engine, NULL, NULL);
+    atomic_store(&s->draining, true);
+    atomic_store(&s->serving, false);
+    if (s->hub != NULL) {
+        rpc_hub_end_all(s->hub);
+        if (!rpc_hub_wait_empty(s->hub, 1000))
+            KSM_LOGW("rpc", "shutdown: streams still open after 1 s are cancelled");
+    }
+    atomic_store(&s->shutting_down, true);
+    grpc_server_shutdown_and_notify(s->server, s->cq, &s->shutdown_tag);
+    grpc_server_cancel_all_calls(s->server);
+
+    pthread_mutex_lock(&s->lock);
+    s->workers_stop = true;
+    pthread_cond_broadcast(&s->cond);
+    pthread_mutex_unlock(&s->lock);
+    for (int i = 0; i < s->n_workers; i++) pthread_join(s->workers[i], NULL);
+    free(s->workers);
+
+    if (s->cq_started) {
+        pthread_mutex_lock(&s->lock);
+        while (!atomic_load(&s->shutdown_seen) || atomic_load(&s->live_calls) > 0) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_sec += 5;
+            if (pthread_cond_timedwait(&s->cond, &s->lock, &ts) != 0)
+                KSM_LOGW("rpc", "shutdown: waiting for %d call(s) to end",
+                         atomic_load(&s->live_calls));
+        }
+        pthread_mutex_unlock(&s->lock);
+    }
+    rpc_hub_free(s->hub);
+    grpc_completion_queue_shutdown(s->cq);
+    if (s->cq_started)
+        pthread_join(s->cq_thread, NULL);
+    else
+        while (grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
+               GRPC_QUEUE_SHUTDOWN) {
+        }
+    grpc_server_destroy(s->server);
+    grpc_completion_queue_destroy(s->cq);
+    grpc_shutdown();
+    for (size_t i = 0; i < s->n_unix; i++) {
+        unlink(s->unix_paths[i]); /* ours: we hold its lock */
+        close(s->lock_fds[i]);
+        free(s->unix_paths[i]);
+    }
+    free(s->unix_paths);
+    free(s->lock_fds);
+    pthread_cond_destroy(&s->cond);
+    pthread_mutex_destroy(&s->lock);
+    free(s);
+}
