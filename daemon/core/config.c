@@ -214,7 +214,7 @@ static int load_file(struct ksm_config *c, const char *path)
         while (isspace((unsigned char)*p)) p++;
         const struct cfg_option *o = find(name);
         char origin[512];
-        snprintf(origin, sizeof origin, "%s (%s:%d)", name, path, lineno);
+        snprintf(origin, sizeof origin, "%.64s (%.400s:%d)", name, path, lineno);
         if (o == NULL || (o->type == T_STRING && o->offset == OFF(config_file))) {
             fprintf(stderr, "kasminad: %s:%d: unknown option '%s'\n", path, lineno, name);
             rc = KSM_EINVAL;
