@@ -418,7 +418,7 @@ def concurrency(d, slot, bp, threads=16, seconds=3.0):
     check(not errors, "16 threads of mixed RPCs without errors: %s" % errors[:3])
     deadline = time.time() + 5
     want = threads
-    while time.time() < deadline and len({e.model_id for e in events if e.event_type == "SEED_STAGE_CHANGED" and e.to_stage == pb.STAGE_PRUNED}) < want:
+    while time.time() < deadline and len({e.model_id for e in events if e.event_type == "SEED_STAGE_CHANGED" and e.to_stage == pb.STAGE_PRUNED and e.model_id.startswith("c")}) < want:
         time.sleep(0.05)
     wcall.cancel()
     for t in range(threads):
