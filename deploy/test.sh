@@ -38,6 +38,7 @@ if [ "${KASMINA_SKIP_ASAN:-0}" != "1" ]; then
         -DKASMINA_BUILD_BENCH=OFF -DCMAKE_BUILD_TYPE=Debug
   cmake --build build-asan -j"$JOBS"
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
+  LSAN_OPTIONS=suppressions="$PWD/tests/lsan.supp" \
     ctest --test-dir build-asan --output-on-failure -j"$JOBS" -L 'unit|engine|daemon' --timeout 900
 fi
 echo "test.sh: all suites passed"
