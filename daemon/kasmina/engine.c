@@ -51,6 +51,7 @@ int ksm_engine_new(const struct ksm_engine_config *cfg, ksm_engine **out, char *
         KSM_ERR(err, errlen, "the CPU backend failed to start: %s", ksm_strerror(rc));
         goto fail;
     }
+    if (c.backend && (rc = add_devices(e, c.backend, c.memory_cap)) < 0) goto fail_dev;
     if (e->cuda && (rc = add_devices(e, e->cuda, c.memory_cap)) < 0) goto fail_dev;
     if ((rc = add_devices(e, e->cpu, c.memory_cap)) < 0) goto fail_dev;
     e->default_device = e->devices[0];
@@ -90,6 +91,26 @@ void ksm_engine_free(ksm_engine *e)
     ksm_backend_free(e->cuda);
     pthread_mutex_destroy(&e->lock);
     free(e);
+}
+
+int ksm_engine_health(ksm_engine *e, char *why, size_t whylen)
+{
+    if (!atomic_load(&e->failed)) return 0;
+    pthread_mutex_lock(&e->lock);
+    KSM_ERR(why, whylen, "%s", e->failed_why);
+    pthread_mutex_unlock(&e->lock);
+    return KSM_EDEVICE;
+}
+
+void ksm_engine_mark_failed(ksm_engine *e, const char *why)
+{
+    pthread_mutex_lock(&e->lock);
+    if (!atomic_load(&e->failed)) {
+        snprintf(e->failed_why, sizeof e->failed_why, "%s", why ? why : "device failure");
+        atomic_store(&e->failed, true);
+        KSM_LOGE("engine", "device failure: %s", e->failed_why);
+    }
+    pthread_mutex_unlock(&e->lock);
 }
 
 int ksm_engine_device_count(const ksm_engine *e) { return e->n_devices; }
@@ -133,16 +154,14 @@ static void bp_init(void)
     for (int t = KSM_TOPOLOGY_CNN; t <= KSM_TOPOLOGY_TRANSFORMER; t++) {
         int k;
         const struct ksm_blueprint *const *l = ksm_blueprint_list((enum ksm_topology)t, &k);
-        for (int i = 0; i < k && i < 16; i++)
-            bp_lists[t][i] = l[i]->name;
+        for (int i = 0; i < k && i < 16; i++) bp_lists[t][i] = l[i]->name;
         bp_counts[t] = k < 16 ? k : 16;
     }
 }
 
 int ksm_engine_blueprints(enum ksm_topology t, const char *const **names, int *n)
 {
-    if (t != KSM_TOPOLOGY_CNN && t != KSM_TOPOLOGY_TRANSFORMER)
-        return KSM_EINVAL;
+    if (t != KSM_TOPOLOGY_CNN && t != KSM_TOPOLOGY_TRANSFORMER) return KSM_EINVAL;
     pthread_once(&bp_once, bp_init);
     *names = bp_lists[t];
     *n = bp_counts[t];

@@ -263,9 +263,16 @@ static int forward_body(struct fwd *f, void *argp)
 
 /* Called without the model lock: the reference taken under it keeps ctx alive. Returns the
  * stream's sticky error, if any. */
-static int sync_ctx(struct ksm_stream_ctx *ctx)
+static int sync_ctx(ksm_model *m, struct ksm_stream_ctx *ctx)
 {
     int rc = ksm_stream_synchronize(ctx->stream);
+    if (rc < 0) {
+        char why[200];
+        snprintf(why, sizeof why, "stream \"%s\" of model \"%s\" on %s failed: %s", ctx->key, m->id,
+                 ksm_device_name(ksm_stream_device(ctx->stream)), ksm_strerror(rc));
+        ksm_engine_mark_failed(m->engine, why);
+        rc = KSM_EDEVICE;
+    }
     ksm_stream_ctx_unref(ctx);
     return rc;
 }
@@ -389,8 +396,10 @@ int ksm_model_forward(ksm_model *m, const struct ksm_forward_args *a, struct ksm
     atomic_fetch_add(&ctx->refs, 1);
     pthread_mutex_unlock(&m->lock);
     /* The model's memory stays valid: frees are ordered after this stream's work. */
-    int rc2 = sync_ctx(ctx);
+    int rc2 = sync_ctx(m, ctx);
     if (rc == 0) rc = rc2;
+    if (rc == KSM_EDEVICE)
+        ksm_engine_mark_failed(m->engine, "a forward found its device in an error state");
     if (rc < 0) {
         free(fa.out_host);
         KSM_ERR(err, errlen, "forward failed: %s", ksm_strerror(rc));
@@ -721,8 +730,10 @@ int ksm_model_evaluate(ksm_model *m, const struct ksm_evaluate_args *a,
     r->model_generation = m->generation;
     atomic_fetch_add(&ctx->refs, 1);
     pthread_mutex_unlock(&m->lock);
-    int rc2 = sync_ctx(ctx);
+    int rc2 = sync_ctx(m, ctx);
     if (rc == 0) rc = rc2;
+    if (rc == KSM_EDEVICE)
+        ksm_engine_mark_failed(m->engine, "an evaluate found its device in an error state");
     if (rc < 0) {
         KSM_ERR(err, errlen, "evaluate failed: %s", ksm_strerror(rc));
         goto out;

@@ -35,6 +35,9 @@ struct ksm_engine {
 
     ksm_event_cb event_cb;
     void *event_ud;
+
+    atomic_bool failed; /* a device reported an asynchronous error */
+    char failed_why[256];
 };
 
 /* An execution plan: the arena of every temporary of one forward shape (exec.h). */

@@ -237,6 +237,9 @@ struct ksm_engine_config {
     size_t memory_cap;        /* per-device allocator cap, 0 = none */
     const char *default_device; /* NULL = cuda:0 if loaded, else cpu:0 */
     uint32_t max_models;      /* 0 = 1024 */
+    ksm_backend *backend;     /* optional extra backend (borrowed, must outlive the engine): its
+                               * devices come first and the first is the default. Tests use it
+                               * for fault injection; embedders for their own devices. */
 };
 
 int ksm_engine_new(const struct ksm_engine_config *cfg, ksm_engine **out, char *err, size_t errlen);
@@ -253,6 +256,12 @@ ksm_allocator *ksm_engine_allocator(const ksm_engine *e, const ksm_device *d);
  * that made the mutation, while that model's lock is held: it must be quick and must not call
  * back into the model. NULL disables. */
 void ksm_engine_set_event_sink(ksm_engine *e, ksm_event_cb cb, void *ud);
+
+/* 0 while every device works; KSM_EDEVICE (with the first failure in why) once a stream reported
+ * an asynchronous device error: the daemon then reports NOT_SERVING. */
+int ksm_engine_health(ksm_engine *e, char *why, size_t whylen);
+/* Marks the engine failed (the first reason is kept). */
+void ksm_engine_mark_failed(ksm_engine *e, const char *why);
 
 /* Blueprint names of a topology in esper's registry order ((param estimate, name)). */
 int ksm_engine_blueprints(enum ksm_topology t, const char *const **names, int *n);
