@@ -35,8 +35,9 @@ struct daemon {
     ksm_rpc_server *rpc;
     uv_loop_t loop;
     uv_signal_t sig_term, sig_int, sig_hup;
-    uv_timer_t drain_timer;
+    uv_timer_t drain_timer, health_timer;
     uint64_t drain_deadline_ms;
+    bool device_failed;
     int signals;
 };
 
@@ -50,6 +51,19 @@ static void on_drain_tick(uv_timer_t *t)
     } else if (uv_now(&d->loop) >= d->drain_deadline_ms) {
         KSM_LOGW("main", "drain timeout: cancelling %d call(s) still in flight", n);
         uv_stop(&d->loop);
+    }
+}
+
+/* A device that reported an asynchronous error makes the daemon NOT_SERVING (health Check and
+ * Watch); lifecycle state stays readable. */
+static void on_health_tick(uv_timer_t *t)
+{
+    struct daemon *d = t->data;
+    char why[256];
+    if (!d->device_failed && ksm_engine_health(d->engine, why, sizeof why) != 0) {
+        d->device_failed = true;
+        KSM_LOGE("main", "health NOT_SERVING: %s", why);
+        ksm_rpc_server_set_serving(d->rpc, false);
     }
 }
 
@@ -204,6 +218,9 @@ int main(int argc, char **argv)
     }
     uv_timer_init(&d.loop, &d.drain_timer);
     d.drain_timer.data = &d;
+    uv_timer_init(&d.loop, &d.health_timer);
+    d.health_timer.data = &d;
+    uv_timer_start(&d.health_timer, on_health_tick, 250, 250);
     KSM_LOGI("main", "kasminad ready");
     uv_run(&d.loop, UV_RUN_DEFAULT);
 

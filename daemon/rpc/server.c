@@ -262,7 +262,8 @@ int rpc_health_status(ksm_rpc_server *s, const char *service)
 {
     if (service != NULL && service[0] != '\0' && strcmp(service, "kasmina.v1.Kasmina") != 0)
         return -1;
-    return atomic_load(&s->serving) && !atomic_load(&s->draining)
+    return atomic_load(&s->serving) && !atomic_load(&s->draining) &&
+                   ksm_engine_health(s->engine, NULL, 0) == 0
                ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
                : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
 }
