@@ -74,17 +74,22 @@ void ctl_table_print(const struct ctl_table *t, FILE *f)
             if (l > w[c]) w[c] = l;
         }
     for (size_t r = 0; r < t->nrows; r++) {
+        /* Cells after the last non-empty one are not padded: no trailing blanks. */
+        int last = 0;
         for (int c = 0; c < t->ncols; c++) {
             const char *s = t->cells[r * (size_t)t->ncols + (size_t)c];
+            if (s && *s) last = c;
+        }
+        for (int c = 0; c <= last; c++) {
+            const char *s = t->cells[r * (size_t)t->ncols + (size_t)c];
             if (!s) s = "";
-            bool last = c == t->ncols - 1;
             if (t->right[c] && r > 0)
                 fprintf(f, "%*s", (int)w[c], s);
-            else if (last)
+            else if (c == last)
                 fputs(s, f);
             else
                 fprintf(f, "%-*s", (int)w[c], s);
-            if (!last) fputs("  ", f);
+            if (c != last) fputs("  ", f);
         }
         fputc('\n', f);
     }

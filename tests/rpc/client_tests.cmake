@@ -11,3 +11,10 @@ if(KSM_HAVE_PYTHON_STUBS AND EXISTS /usr/bin/python3)
   set_tests_properties(unit_python_tensor PROPERTIES LABELS unit TIMEOUT 60
     ENVIRONMENT "PYTHONPATH=${KSM_PY_DIR}")
 endif()
+
+# ---- Against a real kasminad on a temporary Unix socket (label rpc) ----
+add_executable(rpc_test_client ${CMAKE_SOURCE_DIR}/tests/rpc/test_client.c)
+target_compile_options(rpc_test_client PRIVATE ${KSM_C_WARNINGS} -Wno-missing-prototypes)
+target_link_libraries(rpc_test_client PRIVATE ksm_test_helpers kasmina_client Threads::Threads)
+target_compile_definitions(rpc_test_client PRIVATE KSM_KASMINAD="$<TARGET_FILE:kasminad>")
+add_dependencies(rpc_test_client kasminad kasminactl)

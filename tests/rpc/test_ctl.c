@@ -249,7 +249,7 @@ Test(ctl, slot_report_table_row)
     cr_expect(strstr(buf, "0.2500") != NULL, "%s", buf);
     cr_expect(strstr(buf, "1/4") != NULL, "%s", buf);
     cr_expect(strstr(buf, "61.50") != NULL, "%s", buf);
-    cr_expect(strstr(buf, "r0c2  -                -           EMPTY") != NULL, "%s", buf);
+    cr_expect(strstr(buf, "r0c2  -                -           EMPTY\n") != NULL, "%s", buf);
     free(buf);
 }
 
