@@ -18,3 +18,22 @@ target_compile_options(rpc_test_client PRIVATE ${KSM_C_WARNINGS} -Wno-missing-pr
 target_link_libraries(rpc_test_client PRIVATE ksm_test_helpers kasmina_client Threads::Threads)
 target_compile_definitions(rpc_test_client PRIVATE KSM_KASMINAD="$<TARGET_FILE:kasminad>")
 add_dependencies(rpc_test_client kasminad kasminactl)
+add_test(NAME rpc_client COMMAND rpc_test_client --jobs=1)
+set_tests_properties(rpc_client PROPERTIES LABELS rpc TIMEOUT 300)
+
+# kasminactl: every subcommand (tables and --json), --help everywhere, exit code classes.
+if(EXISTS /usr/bin/python3)
+  add_test(NAME rpc_kasminactl
+    COMMAND bash ${CMAKE_SOURCE_DIR}/tests/rpc/kasminactl_test.sh
+            $<TARGET_FILE:kasminad> $<TARGET_FILE:kasminactl>)
+  set_tests_properties(rpc_kasminactl PROPERTIES LABELS rpc TIMEOUT 300)
+endif()
+
+# The Python client: a full lifecycle whose results equal the C client's.
+if(KSM_HAVE_PYTHON_STUBS AND EXISTS /usr/bin/python3)
+  add_test(NAME rpc_python_client
+    COMMAND /usr/bin/python3 ${CMAKE_SOURCE_DIR}/tests/rpc/test_python_client.py
+            $<TARGET_FILE:kasminad> $<TARGET_FILE:kasminactl>)
+  set_tests_properties(rpc_python_client PROPERTIES LABELS rpc TIMEOUT 300
+    ENVIRONMENT "PYTHONPATH=${KSM_PY_DIR}")
+endif()
