@@ -7,6 +7,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "kasmina/client.h"
 #include "kasmina/safetensors.h"
@@ -333,6 +334,19 @@ Test(client, errors_come_back_as_ksm_codes_with_the_servers_sentence)
     cr_expect_eq(e.grpc_status, 14);
     ksm_client_close(far);
     cr_expect_eq(ksm_client_connect("", NULL, &far, &e), KSM_EINVAL);
+    /* wait_for_ready waits for the server up to the deadline, which ksm_client_set_deadline
+     * shortens: DEADLINE_EXCEEDED comes back as KSM_ETIMEDOUT. */
+    struct ksm_client_options w = {.deadline_ms = 20000, .wait_for_ready = true};
+    OK(ksm_client_connect("unix:/nonexistent/kasminad.sock", &w, &far, &e));
+    ksm_client_set_deadline(far, 300);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    cr_expect_eq(ksm_client_health(far, "", &hs, &e), KSM_ETIMEDOUT, "%s", e.message);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    cr_expect_eq(e.grpc_status, 4);
+    double secs = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9;
+    cr_expect(secs >= 0.25 && secs < 5.0, "waited %.3f s for a 300 ms deadline", secs);
+    ksm_client_close(far);
 
     free(mi);
     ksm_client_close(c);
