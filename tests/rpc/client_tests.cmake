@@ -37,3 +37,8 @@ if(KSM_HAVE_PYTHON_STUBS AND EXISTS /usr/bin/python3)
   set_tests_properties(rpc_python_client PROPERTIES LABELS rpc TIMEOUT 300
     ENVIRONMENT "PYTHONPATH=${KSM_PY_DIR}")
 endif()
+
+# The README's kasminactl walkthrough, run as written.
+add_test(NAME rpc_readme_walkthrough
+  COMMAND bash ${CMAKE_SOURCE_DIR}/tests/rpc/readme_walkthrough.sh ${CMAKE_SOURCE_DIR} ${CMAKE_BINARY_DIR})
+set_tests_properties(rpc_readme_walkthrough PROPERTIES LABELS rpc TIMEOUT 120)
