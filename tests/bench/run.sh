@@ -1,23 +1,142 @@
 #!/usr/bin/env bash
-# Runs the device-runtime benchmarks with PyTorch as the reference in the same invocation,
-# alternating the two sides (the VM's speed drifts), and prints a table of medians and ratios.
-#   tests/bench/run.sh [build dir]     (default: build; built with the benchmarks if needed)
+# Runs the benchmarks with PyTorch as the reference in the same invocation, alternating the two
+# sides (the VM's speed drifts), and prints a table of medians and ratios.
+#   tests/bench/run.sh [build dir]         device runtime: GEMM, ops, allocator
+#   tests/bench/run.sh model [build dir]   engine: blended forward and Evaluate (bench_model.c
+#                                          against torch_model.py, same weights and inputs)
+# (build dir default: build; built with the benchmarks if needed; use a Release build.)
 # PyTorch gets its best configuration on this machine: threads = cores for torch and OpenBLAS,
-# and glibc told to keep big temporaries mapped.
+# and glibc told to keep big temporaries mapped. The model mode also runs PyTorch as shipped.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-BUILD=${1:-build}
-ROUNDS=${ROUNDS:-3}
-NPROC=$(nproc)
-if [ ! -x "$BUILD/tests/bench_gemm" ]; then
-  cmake -S . -B "$BUILD" -DKASMINA_BUILD_BENCH=ON >/dev/null
+MODE=runtime
+if [ "${1:-}" = model ]; then
+  MODE=model
+  shift
 fi
-cmake --build "$BUILD" -j"$NPROC" --target bench_gemm bench_alloc bench_ops >/dev/null
+BUILD=${1:-build}
+NPROC=$(nproc)
+if [ ! -f "$BUILD/CMakeCache.txt" ]; then
+  cmake -S . -B "$BUILD" -DKASMINA_BUILD_BENCH=ON -DCMAKE_BUILD_TYPE=Release >/dev/null
+fi
 export OPENBLAS_NUM_THREADS=$NPROC
 TUNED=(env MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=1073741824
        TORCH_THREADS=$NPROC)
 OUT=$(mktemp -d)
-trap 'rm -rf "$OUT"' EXIT
+# KEEP=<dir>: copy the raw result lines (*.txt) there before the temporary directory goes.
+trap 'if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$OUT"/*.txt "$KEEP"/; fi; rm -rf "$OUT"' EXIT
+# Median over rounds of the per-round medians, for one key in one file.
+med() { { grep "$1" "$2" || true; } | sed "s/.*$3=//; s/ .*//" | sort -g | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }
+machine() {
+  echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u +%F)"
+}
+
+if [ "$MODE" = model ]; then
+  # One long-lived server per side (bench_model serve, torch_model.py: models built and weights
+  # loaded once), driven call by call: every row is warmed up once on each side, then each
+  # round runs, per row, kasmina then torch (best) then, every SHIP_EVERY-th round, torch as
+  # shipped, each the median of REPS calls (CNN_REPS for the CNN rows, TF_REPS for the
+  # transformer), with a short pause before each so the other side's spinning threads sleep.
+  ROUNDS=${ROUNDS:-4}
+  CNN_REPS=${CNN_REPS:-2}
+  TF_REPS=${TF_REPS:-1}
+  SHIP_EVERY=${SHIP_EVERY:-4}
+  ROWS="cnn_forward cnn_eval_k8 cnn_eval_k8_seq tf_forward tf_eval_k2"
+  cmake --build "$BUILD" -j"$NPROC" --target bench_model >/dev/null
+  KSM=$BUILD/tests/bench_model
+  # As shipped: torch's default threads, OpenBLAS's default, glibc's default malloc.
+  SHIPPED=(env -u OPENBLAS_NUM_THREADS -u TORCH_THREADS -u MALLOC_MMAP_MAX_
+           -u MALLOC_TRIM_THRESHOLD_ -u MALLOC_TOP_PAD_)
+  T0=$(date +%s)
+  "$KSM" export "$OUT" >/dev/null
+  for side in k t s; do mkfifo "$OUT/$side.in" "$OUT/$side.out"; done
+  "$KSM" serve "$OUT" <"$OUT/k.in" >"$OUT/k.out" &
+  exec 3>"$OUT/k.in" 4<"$OUT/k.out"
+  "${TUNED[@]}" /usr/bin/python3 tests/bench/torch_model.py "$OUT" <"$OUT/t.in" >"$OUT/t.out" &
+  exec 5>"$OUT/t.in" 6<"$OUT/t.out"
+  "${SHIPPED[@]}" /usr/bin/python3 tests/bench/torch_model.py "$OUT" <"$OUT/s.in" \
+    >"$OUT/s.out" &
+  exec 7>"$OUT/s.in" 8<"$OUT/s.out"
+  # ask <side> <command>: send one command, log the answer lines up to its last one.
+  ask() {
+    local fin fout line
+    case $1 in k) fin=3 fout=4 ;; t) fin=5 fout=6 ;; *) fin=7 fout=8 ;; esac
+    [ -n "$2" ] && echo "$2" >&"$fin"
+    while true; do
+      if ! read -r line <&"$fout"; then
+        echo "run.sh: the $1 server died (see above)" >&2
+        exit 1
+      fi
+      echo "$line" >>"$OUT/$1.txt"
+      case $line in row* | ok* | skip* | ready) return ;; esac
+    done
+  }
+  for side in k t s; do ask $side ""; done # "ready"
+  for w in $ROWS; do
+    for side in k t s; do ask $side "$w 0"; done
+  done
+  for r in $(seq 1 "$ROUNDS"); do
+    for w in $ROWS; do
+      reps=$CNN_REPS
+      case $w in tf_*) reps=$TF_REPS ;; esac
+      sides="k t"
+      [ $(( (r - 1) % SHIP_EVERY )) = 0 ] && sides="k t s"
+      for side in $sides; do
+        sleep 0.2
+        ask $side "$w $reps"
+      done
+    done
+  done
+  for fd in 3 5 7; do echo quit >&$fd; done
+  wait
+  machine
+  echo "kasmina: CPU backend, $NPROC pool threads, OPENBLAS_NUM_THREADS=$NPROC, glibc malloc defaults"
+  echo "torch best: $(grep -m1 '^info' "$OUT/t.txt" | cut -d' ' -f2-), OPENBLAS_NUM_THREADS=$NPROC," \
+    "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=16GiB MALLOC_TOP_PAD_=1GiB"
+  echo "torch as shipped: $(grep -m1 '^info' "$OUT/s.txt" | cut -d' ' -f2-), no env"
+  echo "rounds: $ROUNDS (as shipped: every $SHIP_EVERY), median of $CNN_REPS calls (CNN)" \
+    "/ $TF_REPS (TF) per round after one warm-up call; wall $(( $(date +%s) - T0 )) s"
+  echo
+  # Medians over rounds (mean of the middle two for an even count).
+  mid() { sort -g | awk '{a[NR]=$1} END{if (NR==0) print "-"; else if (NR%2) print a[(NR+1)/2];
+                                     else printf "%.6g\n", (a[NR/2]+a[NR/2+1])/2}'; }
+  col() { { grep "name=$2 " "$OUT/$1.txt" || true; } | sed "s/.*$3=//; s/ .*//"; }
+  printf '%-35s %-6s %9s %9s %9s %16s %8s\n' "row (throughput, median of rounds)" "unit" \
+    "kasmina" "torch" "shipped" "k/torch (range)" "k/ship"
+  while IFS='|' read -r label krow trow; do
+    k=$(col k "$krow" per_s | mid)
+    t=$(col t "$trow" per_s | mid)
+    s=$(col s "$trow" per_s | mid)
+    u=$(grep -m1 "name=$krow " "$OUT/k.txt" | sed 's/.*unit=//')
+    # ratios of the calls made side by side in each round, then their median and range
+    ratios=$(paste <(col k "$krow" per_s) <(col t "$trow" per_s) | awk '{print $1 / $2}')
+    rm_=$(echo "$ratios" | mid)
+    lo=$(echo "$ratios" | sort -g | head -1)
+    hi=$(echo "$ratios" | sort -g | tail -1)
+    printf '%-35s %-6s %9s %9s %9s %16s %8s\n' "$label" "$u" "$k" "$t" "$s" \
+      "$(awk -v m="$rm_" -v l="$lo" -v h="$hi" 'BEGIN{printf "%.2f (%.2f-%.2f)", m, l, h}')" \
+      "$(awk -v k="$k" -v t="$s" 'BEGIN{printf "%.2f", k/t}')"
+  done <<'TABLE'
+a. CNN forward b128|cnn_forward|cnn_forward
+b. CNN Evaluate K=8 vs torch fused|cnn_eval_k8|cnn_eval_k8
+b. CNN Evaluate K=8 vs 8 seq. fwds|cnn_eval_k8|cnn_eval_k8_seq
+c. TF forward 8x256|tf_forward|tf_forward
+c. TF Evaluate K=2 vs torch fused|tf_eval_k2|tf_eval_k2
+TABLE
+  echo
+  echo "median ms per call (kasmina / torch best / as shipped):"
+  for n in $ROWS; do
+    printf '  %-16s %10s %10s %10s\n' "$n" "$(col k "$n" ms | mid)" "$(col t "$n" ms | mid)" \
+      "$(col s "$n" ms | mid)"
+  done
+  echo
+  echo "numerics (torch best vs kasmina; max|torch-kasmina|/max|torch|, accuracy in points):"
+  grep '^check' "$OUT/t.txt" | sed 's/^check name=/  /'
+  exit 0
+fi
+
+ROUNDS=${ROUNDS:-3}
+cmake --build "$BUILD" -j"$NPROC" --target bench_gemm bench_alloc bench_ops >/dev/null
 SIZES="256 512 1024 2048"
 for r in $(seq 1 "$ROUNDS"); do
   "$BUILD/tests/bench_gemm" 5 $SIZES >>"$OUT/ksm.txt"
@@ -25,9 +144,7 @@ for r in $(seq 1 "$ROUNDS"); do
   "$BUILD/tests/bench_ops" 5 >>"$OUT/ksm_ops.txt"
   "${TUNED[@]}" /usr/bin/python3 tests/bench/torch_ops.py 5 >>"$OUT/torch_ops.txt"
 done
-# Median over rounds of the per-round medians, for one key in one file.
-med() { grep "$1" "$2" | sed "s/.*$3=//" | sort -g | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u +%F)"
+machine
 echo "torch $(/usr/bin/python3 -c 'import torch;print(torch.__version__)') threads=$NPROC, OPENBLAS_NUM_THREADS=$NPROC, MALLOC_MMAP_MAX_=0"
 printf '%-10s %14s %14s %10s\n' "gemm n" "kasmina GF/s" "torch GF/s" "ratio"
 for n in $SIZES; do
