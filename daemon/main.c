@@ -9,6 +9,8 @@
  *                   drain-timeout, then the rest are cancelled and kasminad exits 0;
  *   a second one    exits at once (status 1);
  *   SIGHUP          reopens the log file.
+ * Under systemd (Type=notify) it sends READY=1 once it accepts calls, STOPPING=1 at drain start
+ * and WATCHDOG=1 every WATCHDOG_USEC/2 (notify/notify.h; no-ops without libsystemd).
  */
 #include <signal.h>
 #include <stdio.h>
@@ -23,6 +25,7 @@
 #include "kasmina/errors.h"
 #include "kasmina/kasmina.h"
 #include "kasmina/log.h"
+#include "notify/notify.h"
 #include "rpc/server.h"
 
 #ifndef KSM_VERSION
@@ -35,7 +38,7 @@ struct daemon {
     ksm_rpc_server *rpc;
     uv_loop_t loop;
     uv_signal_t sig_term, sig_int, sig_hup;
-    uv_timer_t drain_timer, health_timer;
+    uv_timer_t drain_timer, health_timer, watchdog_timer;
     uint64_t drain_deadline_ms;
     bool device_failed;
     int signals;
@@ -67,6 +70,12 @@ static void on_health_tick(uv_timer_t *t)
     }
 }
 
+static void on_watchdog_tick(uv_timer_t *t)
+{
+    (void)t;
+    ksm_notify_watchdog();
+}
+
 static void on_signal(uv_signal_t *h, int signum)
 {
     struct daemon *d = h->data;
@@ -84,6 +93,7 @@ static void on_signal(uv_signal_t *h, int signum)
         _exit(1);
     }
     KSM_LOGI("main", "received %s, shutting down (drain up to %.1f s)", name, d->cfg.drain_timeout);
+    ksm_notify_stopping();
     ksm_rpc_server_drain_begin(d->rpc);
     d->drain_deadline_ms = uv_now(&d->loop) + (uint64_t)(d->cfg.drain_timeout * 1000.0);
     uv_timer_start(&d->drain_timer, on_drain_tick, 0, 20);
@@ -221,7 +231,16 @@ int main(int argc, char **argv)
     uv_timer_init(&d.loop, &d.health_timer);
     d.health_timer.data = &d;
     uv_timer_start(&d.health_timer, on_health_tick, 250, 250);
+    uint64_t wd_usec = ksm_notify_watchdog_usec();
+    uv_timer_init(&d.loop, &d.watchdog_timer);
+    if (wd_usec > 0) {
+        uint64_t every_ms = wd_usec / 2000 > 0 ? wd_usec / 2000 : 1;
+        uv_timer_start(&d.watchdog_timer, on_watchdog_tick, 0, every_ms);
+        KSM_LOGI("main", "systemd watchdog: WATCHDOG=1 every %llu ms",
+                 (unsigned long long)every_ms);
+    }
     KSM_LOGI("main", "kasminad ready");
+    ksm_notify_ready("serving");
     uv_run(&d.loop, UV_RUN_DEFAULT);
 
     ksm_rpc_server_free(d.rpc);

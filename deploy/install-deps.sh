@@ -6,6 +6,7 @@ set -euo pipefail
 PKGS=(
   build-essential cmake pkg-config          # toolchain
   libuv1-dev                                # event loop
+  libsystemd-dev                            # sd_notify: Type=notify, watchdog (optional at build)
   libjansson-dev                            # safetensors JSON header
   libopenblas-dev                           # CPU backend GEMM
   libcriterion-dev                          # tests
@@ -14,6 +15,7 @@ PKGS=(
   protobuf-compiler protobuf-compiler-grpc  # protoc + grpc_python_plugin (Python stubs)
   python3-grpcio python3-protobuf           # rpc tests and the Python client (/usr/bin/python3)
   python3-numpy                             # the Python client's array wrapper
+  python3-yaml                              # deploy tests parse the Kubernetes/Prometheus YAML
 )
 
 missing=()
