@@ -1338,5 +1338,10 @@ const struct ctl_cmd ctl_cmds[] = {
      "  --follow      keep waiting for new events (until interrupted)\n"
      "  --idle MS     without --follow: stop after MS without an event (default 500)\n"
      "  --count N     stop after N events"},
+    {"top", ctl_cmd_top, "live view: memory, caches, models and slots, refreshed in place",
+     "top [--interval SECONDS] [--once] [--count N]\n"
+     "  --interval S   seconds between frames (default 2, 0.1..3600)\n"
+     "  --once         print one plain-text frame and exit (for scripts)\n"
+     "  --count N      stop after N frames (default: until Ctrl-C)"},
 };
 const size_t ctl_n_cmds = sizeof ctl_cmds / sizeof ctl_cmds[0];

@@ -29,6 +29,9 @@ struct ctl_cmd {
 };
 
 extern const struct ctl_cmd ctl_cmds[];
+
+/* kasminactl top (top.c): the live terminal view. */
+int ctl_cmd_top(struct ctl *x, int argc, char **argv);
 extern const size_t ctl_n_cmds;
 
 /* Common options every subcommand accepts (--json, --help, --socket, --addr, --deadline, --token,

@@ -1,0 +1,409 @@
+/*
+ * kasminactl top: a live terminal view of one kasminad: memory per device, cache hit rates,
+ * models, and every slot's stage, alpha and generation. Each frame is a handful of unary calls
+ * (GetServerInfo, health Check, GetMemoryStats, GetCacheStats, ListModels, GetSlotReports per
+ * model), rendered into a buffer and written at once.
+ *
+ * Live mode (the default on a terminal) draws on the alternate screen and redraws in place every
+ * --interval seconds with ANSI escape sequences (cursor home, clear to end of line/screen), cut
+ * to the terminal's size; Ctrl-C (or SIGTERM) restores the screen. Between frames the rate
+ * columns (cache hits/s, allocations/s) are the differences over the interval. A failed call is
+ * shown in the frame and retried at the next one.
+ *
+ * --once prints a single frame as plain text (no escape sequences) and exits with the exit code
+ * of the first failed call, so scripts and tests can read it.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cmds.h"
+
+#define TOP_MAX_PREV 4096
+
+static volatile sig_atomic_t top_stop;
+
+static void top_on_signal(int sig)
+{
+    (void)sig;
+    top_stop = 1;
+}
+
+/* Counters of the previous frame, for the per-second rates. */
+struct top_prev_cache {
+    char key[KSM_ID_MAX + KSM_SLOT_ID_MAX + 24];
+    uint64_t hits, misses;
+};
+
+struct top_prev_dev {
+    char device[32];
+    uint64_t allocs, ooms;
+};
+
+struct top_state {
+    double interval;
+    struct timespec last;
+    bool have_last;
+    struct top_prev_cache *cache;
+    size_t n_cache;
+    struct top_prev_dev dev[64];
+    size_t n_dev;
+};
+
+static double top_now_diff(const struct timespec *a, const struct timespec *b)
+{
+    return (double)(b->tv_sec - a->tv_sec) + (double)(b->tv_nsec - a->tv_nsec) * 1e-9;
+}
+
+static const char *top_pct(uint64_t hits, uint64_t misses, char *buf, size_t len)
+{
+    if (hits + misses == 0)
+        snprintf(buf, len, "-");
+    else
+        snprintf(buf, len, "%.1f%%", 100.0 * (double)hits / (double)(hits + misses));
+    return buf;
+}
+
+/* A rate over dt seconds, or "-" on the first frame. */
+static const char *top_rate(bool have, uint64_t now, uint64_t before, double dt, char *buf,
+                            size_t len)
+{
+    if (!have || dt <= 0 || now < before)
+        snprintf(buf, len, "-");
+    else
+        snprintf(buf, len, "%.1f", (double)(now - before) / dt);
+    return buf;
+}
+
+/* One failed call: a line in the frame; the first one's exit code is kept. */
+static void top_fail(struct ctl *x, FILE *f, const char *what, int *exit_code)
+{
+    fprintf(f, "%s: %s (%s)\n", what, x->err.message,
+            ksm_client_grpc_status_name(x->err.grpc_status));
+    if (*exit_code == 0) {
+        int rc = ctl_exit_code(x->err.grpc_status);
+        *exit_code = rc == CTL_EXIT_OK ? CTL_EXIT_OTHER : rc;
+    }
+}
+
+static void top_memory(struct ctl *x, struct top_state *s, double dt, FILE *f, int *exit_code)
+{
+    struct ksm_client_memory_stats ms = {0};
+    fprintf(f, "\nMEMORY\n");
+    if (ksm_client_memory_stats(x->client, NULL, &ms, &x->err) != 0) {
+        top_fail(x, f, "GetMemoryStats", exit_code);
+        return;
+    }
+    static const char *const h[] = {"DEVICE", "ALLOCATED", "PEAK",      "RESERVED", "PEAK",
+                                    "ACTIVE", "TOTAL",     "CAP",       "BLOCKS",   "ALLOCS/S",
+                                    "OOMS",   "RETRIES",   "CACHE-HITS"};
+    struct ctl_table *t = ctl_table_new(13, h);
+    for (int c = 1; c < 13; c++) ctl_table_right(t, c);
+    struct top_prev_dev next[64];
+    size_t n_next = 0;
+    for (size_t i = 0; i < ms.n; i++) {
+        const struct ksm_client_device_memory *d = &ms.devices[i];
+        const struct ksm_pool_stats *p = &d->stats.pool[KSM_POOL_ALL];
+        char b[9][32];
+        uint64_t allocs = (uint64_t)p->allocation.allocated;
+        const struct top_prev_dev *prev = NULL;
+        for (size_t k = 0; k < s->n_dev; k++)
+            if (!strcmp(s->dev[k].device, d->device)) prev = &s->dev[k];
+        ctl_table_row(t);
+        ctl_table_cell(t, "%s", d->device);
+        ctl_table_cell(t, "%s", ctl_bytes((uint64_t)p->allocated_bytes.current, b[0], 32));
+        ctl_table_cell(t, "%s", ctl_bytes((uint64_t)p->allocated_bytes.peak, b[1], 32));
+        ctl_table_cell(t, "%s", ctl_bytes((uint64_t)p->reserved_bytes.current, b[2], 32));
+        ctl_table_cell(t, "%s", ctl_bytes((uint64_t)p->reserved_bytes.peak, b[3], 32));
+        ctl_table_cell(t, "%s", ctl_bytes((uint64_t)p->active_bytes.current, b[4], 32));
+        ctl_table_cell(t, "%s", ctl_bytes(d->stats.total_bytes, b[5], 32));
+        if (d->stats.memory_cap_bytes)
+            ctl_table_cell(t, "%s", ctl_bytes(d->stats.memory_cap_bytes, b[6], 32));
+        else
+            ctl_table_cell(t, "none");
+        ctl_table_cell(t, "%" PRId64, p->allocation.current);
+        ctl_table_cell(t, "%s",
+                       top_rate(prev != NULL, allocs, prev ? prev->allocs : 0, dt, b[7], 32));
+        ctl_table_cell(t, "%" PRIu64, d->stats.num_ooms);
+        ctl_table_cell(t, "%" PRIu64, d->stats.num_alloc_retries);
+        ctl_table_cell(t, "%" PRIu64, d->stats.cache_hits);
+        if (n_next < 64) {
+            snprintf(next[n_next].device, sizeof next[n_next].device, "%s", d->device);
+            next[n_next].allocs = allocs;
+            next[n_next].ooms = d->stats.num_ooms;
+            n_next++;
+        }
+    }
+    ctl_table_print(t, f);
+    ctl_table_free(t);
+    memcpy(s->dev, next, n_next * sizeof next[0]);
+    s->n_dev = n_next;
+    ksm_client_memory_stats_free(&ms);
+}
+
+static void top_caches(struct ctl *x, struct top_state *s, double dt, FILE *f, int *exit_code)
+{
+    struct ksm_client_cache_counters *cc = NULL;
+    size_t n = 0;
+    fprintf(f, "\nCACHES\n");
+    if (ksm_client_cache_stats(x->client, NULL, &cc, &n, &x->err) != 0) {
+        top_fail(x, f, "GetCacheStats", exit_code);
+        return;
+    }
+    if (n == 0) {
+        fprintf(f, "(no model)\n");
+        free(cc);
+        return;
+    }
+    static const char *const h[] = {"MODEL",  "SLOT",    "CACHE", "HITS",    "MISSES",    "HIT%",
+                                    "HITS/S", "ENTRIES", "BYTES", "EVICTED", "RECOMPILES"};
+    struct ctl_table *t = ctl_table_new(11, h);
+    for (int c = 3; c < 11; c++) ctl_table_right(t, c);
+    size_t cap = n < TOP_MAX_PREV ? n : TOP_MAX_PREV;
+    struct top_prev_cache *next = calloc(cap, sizeof *next);
+    for (size_t i = 0; i < n; i++) {
+        const struct ksm_cache_counters *c = &cc[i].c;
+        char key[sizeof next[0].key], b[3][32];
+        snprintf(key, sizeof key, "%s/%s/%s", cc[i].model_id, c->slot_id, c->cache);
+        const struct top_prev_cache *prev = NULL;
+        for (size_t k = 0; k < s->n_cache; k++)
+            if (!strcmp(s->cache[k].key, key)) prev = &s->cache[k];
+        ctl_table_row(t);
+        ctl_table_cell(t, "%s", cc[i].model_id);
+        ctl_table_cell(t, "%s", c->slot_id[0] ? c->slot_id : "-");
+        ctl_table_cell(t, "%s", c->cache);
+        ctl_table_cell(t, "%" PRIu64, c->hits);
+        ctl_table_cell(t, "%" PRIu64, c->misses);
+        ctl_table_cell(t, "%s", top_pct(c->hits, c->misses, b[0], 32));
+        ctl_table_cell(t, "%s",
+                       top_rate(prev != NULL, c->hits, prev ? prev->hits : 0, dt, b[1], 32));
+        ctl_table_cell(t, "%" PRIu64 "/%" PRIu64, c->entries, c->capacity);
+        ctl_table_cell(t, "%s", ctl_bytes(c->bytes, b[2], 32));
+        ctl_table_cell(t, "%" PRIu64, c->evictions);
+        ctl_table_cell(t, "%" PRIu64, c->recompiles);
+        if (next != NULL && i < cap) {
+            snprintf(next[i].key, sizeof next[i].key, "%s", key);
+            next[i].hits = c->hits;
+            next[i].misses = c->misses;
+        }
+    }
+    ctl_table_print(t, f);
+    ctl_table_free(t);
+    free(s->cache);
+    s->cache = next;
+    s->n_cache = next != NULL ? cap : 0;
+    free(cc);
+}
+
+static void top_models(struct ctl *x, FILE *f, int *exit_code)
+{
+    struct ksm_model_info *m = NULL;
+    size_t n = 0;
+    fprintf(f, "\nMODELS\n");
+    if (ksm_client_model_list(x->client, &m, &n, &x->err) != 0) {
+        top_fail(x, f, "ListModels", exit_code);
+        return;
+    }
+    if (n == 0) {
+        fprintf(f, "(no model)\n");
+        free(m);
+        return;
+    }
+    ctl_print_models(m, n, f);
+
+    fprintf(f, "\nSLOTS\n");
+    struct ksm_slot_report *r = calloc(KSM_MAX_SLOTS, sizeof *r);
+    if (r == NULL) {
+        free(m);
+        return;
+    }
+    static const char *const h[] = {"MODEL", "SLOT",  "STAGE",      "ALPHA",     "TARGET",
+                                    "MODE",  "EPOCH", "GENERATION", "BLUEPRINT", "SEED"};
+    struct ctl_table *t = ctl_table_new(10, h);
+    for (int c = 3; c < 8; c++) ctl_table_right(t, c);
+    for (size_t i = 0; i < n; i++) {
+        size_t nr = 0;
+        if (ksm_client_slot_reports(x->client, m[i].model_id, NULL, r, KSM_MAX_SLOTS, &nr,
+                                    &x->err) != 0) {
+            /* A model deleted between ListModels and here is not an error worth a line. */
+            if (x->err.code != KSM_ENOMODEL) top_fail(x, f, "GetSlotReports", exit_code);
+            continue;
+        }
+        if (nr > KSM_MAX_SLOTS) nr = KSM_MAX_SLOTS;
+        for (size_t k = 0; k < nr; k++) {
+            ctl_table_row(t);
+            ctl_table_cell(t, "%s", m[i].model_id);
+            ctl_table_cell(t, "%s", r[k].slot_id);
+            if (!r[k].occupied) {
+                ctl_table_cell(t, "(empty)");
+                continue;
+            }
+            ctl_table_cell(t, "%s", ksm_stage_name(r[k].stage));
+            ctl_table_cell(t, "%.4f", r[k].controller.alpha);
+            ctl_table_cell(t, "%.4f", r[k].controller.alpha_target);
+            ctl_table_cell(t, "%s", ksm_alpha_mode_name(r[k].controller.mode));
+            ctl_table_cell(t, "%" PRIu32, r[k].metrics.epochs_in_current_stage);
+            ctl_table_cell(t, "%" PRIu64, r[k].model_generation);
+            ctl_table_cell(t, "%s", r[k].blueprint_id);
+            ctl_table_cell(t, "%s", r[k].seed_id);
+        }
+    }
+    ctl_table_print(t, f);
+    ctl_table_free(t);
+    free(r);
+    free(m);
+}
+
+/* Renders one frame into f; returns 0 or the exit code of the first failed call. */
+static int top_frame(struct ctl *x, struct top_state *s, FILE *f)
+{
+    int exit_code = 0;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    double dt = s->have_last ? top_now_diff(&s->last, &now) : 0;
+
+    char when[32] = "";
+    time_t wall = time(NULL);
+    struct tm tm;
+    if (localtime_r(&wall, &tm) != NULL) strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", &tm);
+
+    struct ksm_client_server_info info = {0};
+    enum ksm_health_status hs = KSM_HEALTH_UNKNOWN;
+    bool have_info = ksm_client_server_info(x->client, &info, &x->err) == 0;
+    if (!have_info) {
+        fprintf(f, "kasminactl top  %s  %s\n", x->target, when);
+        top_fail(x, f, "GetServerInfo", &exit_code);
+        s->have_last = false; /* rates restart after an outage */
+        return exit_code;
+    }
+    if (ksm_client_health(x->client, "", &hs, &x->err) != 0) hs = KSM_HEALTH_UNKNOWN;
+    fprintf(f, "%s %s  %s  %s  %s", info.name, info.version, x->target, ksm_health_status_name(hs),
+            when);
+    if (s->interval > 0) fprintf(f, "  every %.1f s", s->interval);
+    fputc('\n', f);
+    ksm_client_server_info_free(&info);
+
+    top_memory(x, s, dt, f, &exit_code);
+    top_caches(x, s, dt, f, &exit_code);
+    top_models(x, f, &exit_code);
+    s->last = now;
+    s->have_last = true;
+    return exit_code;
+}
+
+/* Writes a frame in place: cursor home, each line cut to cols and ended by clear-to-EOL, at most
+ * rows lines, then clear to the end of the screen. */
+static void top_draw(const char *buf, size_t len, int rows, int cols)
+{
+    FILE *o = stdout;
+    fputs("\x1b[H", o);
+    int line = 0;
+    size_t i = 0;
+    while (i < len && line < rows) {
+        size_t e = i;
+        while (e < len && buf[e] != '\n') e++;
+        size_t w = e - i;
+        if (cols > 0 && w > (size_t)cols) w = (size_t)cols;
+        fwrite(buf + i, 1, w, o);
+        fputs("\x1b[K", o);
+        line++;
+        if (line < rows) fputs("\r\n", o);
+        i = e < len ? e + 1 : e;
+    }
+    fputs("\x1b[J", o);
+    fflush(o);
+}
+
+static void top_sleep(double seconds)
+{
+    struct timespec ts = {.tv_sec = (time_t)seconds,
+                          .tv_nsec = (long)((seconds - floor(seconds)) * 1e9)};
+    while (!top_stop && nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+}
+
+int ctl_cmd_top(struct ctl *x, int argc, char **argv)
+{
+    static const struct option o[] = {{"once", no_argument, NULL, 'o'},
+                                      {"interval", required_argument, NULL, 'i'},
+                                      {"count", required_argument, NULL, 'n'},
+                                      {0}};
+    bool once = false;
+    double interval = 2.0;
+    uint64_t count = 0;
+    char e[256];
+    int opt, ec = 0;
+    while ((opt = ctl_next_opt(x, argc, argv, o, &ec)) != -1) {
+        switch (opt) {
+        case CTL_OPT_EXIT: return ec;
+        case 1: return ctl_usage_error(x, "unexpected argument '%s'", optarg);
+        case 'o': once = true; break;
+        case 'i':
+            if (ctl_parse_double("--interval", optarg, &interval, e, sizeof e) != 0)
+                return ctl_usage_error(x, "%s", e);
+            if (interval < 0.1 || interval > 3600)
+                return ctl_usage_error(x, "--interval must be in [0.1, 3600] seconds, got '%s'",
+                                       optarg);
+            break;
+        case 'n':
+            if (ctl_parse_u64("--count", optarg, &count, e, sizeof e) != 0)
+                return ctl_usage_error(x, "%s", e);
+            break;
+        default: return ctl_usage_error(x, "bad option");
+        }
+    }
+    int rc;
+    if (x->json) return ctl_usage_error(x, "--json is not supported by top (use stats, slots)");
+    rc = ctl_connect(x);
+    if (rc) return rc;
+
+    struct top_state s = {.interval = once ? 0 : interval};
+    if (once) {
+        rc = top_frame(x, &s, stdout);
+        free(s.cache);
+        return rc;
+    }
+
+    /* Live: the alternate screen, cursor hidden, restored on Ctrl-C/SIGTERM. */
+    struct sigaction sa = {.sa_handler = top_on_signal};
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    bool tty = isatty(STDOUT_FILENO);
+    if (tty) fputs("\x1b[?1049h\x1b[?25l\x1b[2J", stdout);
+    for (uint64_t frame = 0; !top_stop && (count == 0 || frame < count); frame++) {
+        char *buf = NULL;
+        size_t len = 0;
+        FILE *m = open_memstream(&buf, &len);
+        if (m == NULL) break;
+        /* Each frame's calls get a deadline of their own: a hung daemon shows up as an error
+         * line, not as a frozen screen. */
+        ksm_client_set_deadline(x->client,
+                                (uint32_t)(interval * 1000 > 2000 ? interval * 1000 : 2000));
+        top_frame(x, &s, m);
+        fclose(m);
+        int rows = 10000, cols = 0;
+        struct winsize ws;
+        if (tty && ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_row > 0) {
+            rows = ws.ws_row;
+            cols = ws.ws_col;
+        }
+        top_draw(buf, len, rows, cols);
+        free(buf);
+        if (count == 0 || frame + 1 < count) top_sleep(interval);
+    }
+    if (tty)
+        fputs("\x1b[?25h\x1b[?1049l", stdout);
+    else
+        fputc('\n', stdout);
+    fflush(stdout);
+    free(s.cache);
+    return 0;
+}
