@@ -474,6 +474,83 @@ def graceful_shutdown(tmp):
     d.ch.close()
 
 
+def slow_subscriber(tmp):
+    """A subscriber that stops reading is ended with RESOURCE_EXHAUSTED once it falls more than
+    subscriber-buffer events behind; the mutations never wait for it. A subscriber that is ended
+    resumes with after_sequence and misses nothing."""
+    d = Daemon(tmp, "slow", "--subscriber-buffer", "64")
+    try:
+        rpc(d, "CreateModel", pb.CreateModelRequest(model_id="s", cnn=SMALL_CNN, slots=["r0c1"]))
+        rpc(d, "Germinate", pb.GerminateRequest(model_id="s", slot_id="r0c1",
+                                                blueprint_id="conv_small"))
+        rpc(d, "AdvanceStage", pb.AdvanceStageRequest(model_id="s", slot_id="r0c1"))
+        # Never read until the end, on its own channel without BDP probing so that HTTP/2 flow
+        # control (a 64 KiB window) pushes back on the server quickly.
+        sch = grpc.insecure_channel("unix:" + d.sock, options=[("grpc.http2.bdp_probe", 0)])
+        stalled = sch.unary_stream("/kasmina.v1.Kasmina/WatchEvents",
+                                   request_serializer=pb.WatchEventsRequest.SerializeToString,
+                                   response_deserializer=pb.LifecycleEvent.FromString)(
+            pb.WatchEventsRequest(model_id="s"))
+        stalled.initial_metadata()
+        seen = set()
+        state = {"resumes": 0, "done": False}
+
+        def reader():
+            after = 0
+            deadline = time.time() + 60
+            while not state["done"] and time.time() < deadline:
+                call = watch(d, "s", after)
+                try:
+                    for ev in call:
+                        seen.add(ev.sequence)
+                        after = max(after, ev.sequence)
+                        if state["done"] and after >= state.get("last", 1 << 62):
+                            call.cancel()
+                            return
+                except grpc.RpcError as e:
+                    if e.code() == SC.CANCELLED:
+                        return
+                    state["resumes"] += 1
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        n = 3000                           # each strict G2 refusal emits SEED_GATE_EVALUATED
+        t0 = time.time()
+        last = 0
+        for _ in range(n):
+            rpc(d, "AdvanceStage", pb.AdvanceStageRequest(model_id="s", slot_id="r0c1"))
+        elapsed = time.time() - t0
+        state["last"] = 3 + n              # GERMINATED, GATE, STAGE_CHANGED, then n gate events
+        state["done"] = True
+        t.join(timeout=60)
+        missing = [q for q in range(1, 3 + n + 1) if q not in seen]
+        check(not missing, "a resuming subscriber saw every event (%d missing, %d resumes)"
+              % (len(missing), state["resumes"]))
+        res = {}
+
+        def drain():
+            try:
+                for _ in stalled:
+                    pass
+                res["code"] = SC.OK
+            except grpc.RpcError as e:
+                res["code"] = e.code()
+
+        t2 = threading.Thread(target=drain, daemon=True)
+        t2.start()
+        t2.join(timeout=30)
+        check(res.get("code") == SC.RESOURCE_EXHAUSTED,
+              "stalled subscriber ended with RESOURCE_EXHAUSTED (got %s)" % res.get("code"))
+        print("slow subscriber: %d mutations in %.2f s beside a stalled subscriber; "
+              "reader resumed %d times" % (n, elapsed, state["resumes"]), flush=True)
+        stalled.cancel()
+        sch.close()
+        check(d.stop() == 0, "slow-subscriber daemon exits 0")
+    finally:
+        if d.p.poll() is None:
+            d.p.kill()
+
+
 def main():
     tmp = tempfile.mkdtemp(prefix="kasmina-rpc-")
     d = Daemon(tmp, "main", "--demo")
@@ -492,6 +569,7 @@ def main():
         if d.p.poll() is None:
             d.p.kill()
     graceful_shutdown(tmp)
+    slow_subscriber(tmp)
     if FAILS:
         print("--- kasminad log ---\n" + d.logtext()[-4000:])
         print("rpc_server: %d of %d checks failed" % (len(FAILS), CHECKS))
