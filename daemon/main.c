@@ -20,6 +20,7 @@
 #include <uv.h>
 
 #include "core/config.h"
+#include "io/persist.h"
 #include "kasmina/alloc.h"
 #include "kasmina/backend.h"
 #include "kasmina/errors.h"
@@ -36,6 +37,7 @@ struct daemon {
     struct ksm_config cfg;
     ksm_engine *engine;
     ksm_rpc_server *rpc;
+    ksm_persist *persist;
     uv_loop_t loop;
     uv_signal_t sig_term, sig_int, sig_hup;
     uv_timer_t drain_timer, health_timer, watchdog_timer;
@@ -124,16 +126,23 @@ static void log_devices(ksm_engine *e, bool cuda_wanted)
              ksm_device_kind(def) == KSM_DEVICE_CUDA ? "cuda" : "cpu", ksm_device_name(def));
 }
 
-static int create_demo(ksm_engine *e)
+static int create_demo(ksm_engine *e, ksm_persist *p)
 {
     static const char *const slots[] = {"r0c0", "r0c1", "r0c2"};
     struct ksm_model_spec spec = {.topology = KSM_TOPOLOGY_CNN, .slots = slots, .n_slots = 3};
     spec.cnn.pool_layers = -1;
-    ksm_model *m;
-    char err[256] = "";
+    ksm_model *m = NULL;
+    char err[512] = "";
+    if (ksm_engine_model_get(e, "demo", &m) == 0) { /* restored from the state directory */
+        ksm_model_unref(m);
+        return 0;
+    }
     int rc = ksm_engine_model_create(e, "demo", &spec, &m, err, sizeof err);
+    if (rc == 0 && (rc = ksm_persist_created(p, m, &spec, err, sizeof err)) != 0)
+        ksm_engine_model_delete(e, "demo", NULL);
     if (rc != 0) {
         KSM_LOGE("main", "--demo: cannot create model \"demo\": %s (%s)", err, ksm_err_name(rc));
+        if (m) ksm_model_unref(m);
         return rc;
     }
     ksm_model_unref(m);
@@ -154,6 +163,47 @@ static char *default_listen(void)
     else
         snprintf(buf, sizeof buf, "unix:/tmp/kasmina-%d/kasminad.sock", (int)geteuid());
     return strdup(buf);
+}
+
+/* The default state directory (DESIGN §7): $XDG_STATE_HOME/kasmina, /var/lib/kasmina as root,
+ * else ~/.local/state/kasmina. */
+static char *default_state_dir(void)
+{
+    char buf[4096];
+    const char *xdg = getenv("XDG_STATE_HOME"), *home = getenv("HOME");
+    if (xdg != NULL && xdg[0] == '/')
+        snprintf(buf, sizeof buf, "%s/kasmina", xdg);
+    else if (geteuid() == 0 || home == NULL || home[0] != '/')
+        snprintf(buf, sizeof buf, "/var/lib/kasmina");
+    else
+        snprintf(buf, sizeof buf, "%s/.local/state/kasmina", home);
+    return strdup(buf);
+}
+
+/* Locks the state directory and restores its models into the engine (before serving). */
+static int open_state(struct daemon *d)
+{
+    if (d->cfg.no_persist) {
+        KSM_LOGI("main", "--no-persist: no state is kept on disk");
+        return 0;
+    }
+    if (d->cfg.state_dir == NULL) d->cfg.state_dir = default_state_dir();
+    char err[1024] = "";
+    struct ksm_persist_config pc = {
+        .dir = d->cfg.state_dir,
+        .compact_records = (uint32_t)d->cfg.journal_records,
+        .compact_bytes = d->cfg.journal_bytes,
+    };
+    size_t n = 0;
+    int rc = ksm_persist_open(&pc, &d->persist, err, sizeof err);
+    if (rc == 0) rc = ksm_persist_restore(d->persist, d->engine, &n, err, sizeof err);
+    if (rc != 0) {
+        KSM_LOGE("main", "state: %s (%s)", err, ksm_err_name(rc));
+        fprintf(stderr, "kasminad: %s\n", err);
+        return rc;
+    }
+    KSM_LOGI("main", "state-dir %s: %zu model(s) restored", d->cfg.state_dir, n);
+    return 0;
 }
 
 static void close_walk_cb(uv_handle_t *h, void *arg)
@@ -179,8 +229,6 @@ int main(int argc, char **argv)
     }
     if (d.cfg.n_listen == 0) d.cfg.listen[d.cfg.n_listen++] = default_listen();
     KSM_LOGI("main", "kasminad %s starting (pid %d)", KSM_VERSION, (int)getpid());
-    if (d.cfg.state_dir != NULL)
-        KSM_LOGI("main", "state-dir %s noted; persistence is not implemented yet", d.cfg.state_dir);
     if (d.cfg.metrics_listen != NULL)
         KSM_LOGI("main", "metrics-listen %s noted; the exporter is not implemented yet",
                  d.cfg.metrics_listen);
@@ -198,7 +246,8 @@ int main(int argc, char **argv)
         goto out_config;
     }
     log_devices(d.engine, !d.cfg.no_cuda);
-    if (d.cfg.demo && create_demo(d.engine) != 0) goto out_engine;
+    if (open_state(&d) != 0) goto out_engine;
+    if (d.cfg.demo && create_demo(d.engine, d.persist) != 0) goto out_engine;
 
     struct ksm_rpc_server_config rc_cfg = {
         .listen = (const char *const *)d.cfg.listen,
@@ -210,6 +259,7 @@ int main(int argc, char **argv)
         .event_ring = d.cfg.event_ring,
         .subscriber_buffer = d.cfg.subscriber_buffer,
         .version = KSM_VERSION,
+        .persist = d.persist,
     };
     rc = ksm_rpc_server_start(d.engine, &rc_cfg, &d.rpc, err, sizeof err);
     if (rc != 0) {
@@ -251,6 +301,7 @@ int main(int argc, char **argv)
 
 out_engine:
     ksm_engine_free(d.engine);
+    ksm_persist_close(d.persist);
     if (exit_code == 0) KSM_LOGI("main", "kasminad stopped");
 out_config:
     ksm_config_fini(&d.cfg);

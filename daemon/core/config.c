@@ -38,10 +38,14 @@ static const struct cfg_option options[] = {
     {"allow-remote-tcp", T_BOOL, 0, 0, "false", NULL, OFF(allow_remote_tcp),
      "accept a non-loopback TCP listen address (plaintext: TLS is not implemented yet)"},
     {"state-dir", T_STRING, 0, 0, NULL, NULL, OFF(state_dir),
-     "state directory for persistence (accepted and stored; persistence arrives in a later "
-     "release)"},
+     "keep models (spec, snapshot, journal) in PATH and restore them at start (default "
+     "$XDG_STATE_HOME/kasmina, ~/.local/state/kasmina, or /var/lib/kasmina as root)"},
     {"no-persist", T_BOOL, 0, 0, "false", NULL, OFF(no_persist),
-     "keep no state on disk (today's behaviour in any case)"},
+     "keep no state on disk: models live only as long as the process"},
+    {"journal-records", T_INT, 1, 100000000, "1000", NULL, OFF(journal_records),
+     "journal records of a model before it is compacted into a new snapshot"},
+    {"journal-bytes", T_SIZE, 4096, 1e12, "64M", NULL, OFF(journal_bytes),
+     "journal bytes of a model before it is compacted into a new snapshot"},
     {"metrics-listen", T_STRING, 0, 0, NULL, NULL, OFF(metrics_listen),
      "Prometheus /metrics address (accepted and stored; the exporter arrives in a later "
      "release)"},

@@ -26,6 +26,8 @@ struct ksm_config {
     bool allow_remote_tcp;
     char *state_dir;
     bool no_persist;
+    int journal_records;
+    size_t journal_bytes;
     char *metrics_listen;
     int cpu_devices;
     bool no_cuda;

@@ -12,9 +12,11 @@
 
 int64_t ksm_now_ns(void)
 {
+    /* Microseconds: the precision the extra state keeps, so a restored slot reports the same
+     * instants as before the restart. */
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec / 1000 * 1000;
 }
 
 static struct ksm_model_slot *ms_of(struct ksm_slot *s)

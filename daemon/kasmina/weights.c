@@ -33,21 +33,25 @@ static int push(char ***v, size_t *n, const char *s)
 struct modset {
     struct ksm_params *ps;
     char prefix[64];
+    int slot; /* index into m->slots, -1 for the host */
 };
 
 static int collect(ksm_model *m, struct modset *sets, int cap, ksm_seed *const *seeds,
                    ksm_gate *const *gates)
 {
     int n = 0;
+    sets[n].slot = -1;
     sets[n].ps = ksm_host_params(m->host);
     snprintf(sets[n++].prefix, sizeof sets[0].prefix, "host.");
     for (int i = 0; i < m->n_slots && n + 2 <= cap; i++) {
         const char *id = m->slots[i].s.id;
         if (seeds[i]) {
+            sets[n].slot = i;
             sets[n].ps = ksm_seed_params(seeds[i]);
             snprintf(sets[n++].prefix, sizeof sets[0].prefix, "seed_slots.%s.seed.", id);
         }
         if (gates[i]) {
+            sets[n].slot = i;
             sets[n].ps = ksm_gate_params(gates[i]);
             snprintf(sets[n++].prefix, sizeof sets[0].prefix, "seed_slots.%s.alpha_schedule.", id);
         }
@@ -57,7 +61,10 @@ static int collect(ksm_model *m, struct modset *sets, int cap, ksm_seed *const *
 
 /* ---- export ---- */
 
-int ksm_model_export_weights(ksm_model *m, void **buf, size_t *len, char *err, size_t errlen)
+/* The export behind ksm_model_export_weights (want NULL: everything, no kasmina.* keys) and
+ * ksm_model_export_state (want[i]: slot i is exported; host tensors only when with_host). */
+static int export_common(ksm_model *m, const bool *want, bool with_host, void **buf, size_t *len,
+                         uint64_t *generation, char *err, size_t errlen)
 {
     pthread_mutex_lock(&m->lock);
     ksm_seed *seeds[KSM_MAX_SLOTS];
@@ -67,7 +74,14 @@ int ksm_model_export_weights(ksm_model *m, void **buf, size_t *len, char *err, s
         gates[i] = m->slots[i].s.gate;
     }
     struct modset sets[2 * KSM_MAX_SLOTS + 1];
-    int ns = collect(m, sets, 2 * KSM_MAX_SLOTS + 1, seeds, gates);
+    int ns0 = collect(m, sets, 2 * KSM_MAX_SLOTS + 1, seeds, gates), ns = 0;
+    for (int k = 0; k < ns0; k++) {
+        bool keep =
+            sets[k].slot < 0 ? (want == NULL || with_host) : (want == NULL || want[sets[k].slot]);
+        if (keep) sets[ns++] = sets[k];
+    }
+    char genbuf[32], devbuf[40];
+    uint64_t gen = m->generation;
     size_t nt = 0, total = 0;
     for (int k = 0; k < ns; k++)
         for (int i = 0; i < sets[k].ps->n; i++) {
@@ -77,7 +91,7 @@ int ksm_model_export_weights(ksm_model *m, void **buf, size_t *len, char *err, s
     struct ksm_st_tensor *ts = calloc(nt ? nt : 1, sizeof *ts);
     char(*names)[160] = calloc(nt ? nt : 1, sizeof *names);
     char *host = malloc(total ? total : 1);
-    const char **meta = calloc((size_t)(2 * m->n_slots + 1), sizeof *meta);
+    const char **meta = calloc((size_t)(2 * m->n_slots + 8), sizeof *meta);
     char **json = calloc((size_t)(m->n_slots + 1), sizeof *json);
     char(*mkeys)[96] = calloc((size_t)(m->n_slots + 1), sizeof *mkeys);
     int rc = 0;
@@ -109,17 +123,32 @@ int ksm_model_export_weights(ksm_model *m, void **buf, size_t *len, char *err, s
         }
     }
     if ((rc = ksm_stream_synchronize(ctx->stream)) < 0) goto out;
+    size_t nm = 0;
     for (int i = 0; i < m->n_slots; i++) {
+        if (want != NULL && !want[i]) continue;
         json[i] = ksm_slot_extra_state_json(&m->slots[i].s);
         if (json[i] == NULL) {
             rc = KSM_ENOMEM;
             goto out;
         }
         snprintf(mkeys[i], sizeof mkeys[i], "seed_slots.%s._extra_state", m->slots[i].s.id);
-        meta[2 * i] = mkeys[i];
-        meta[2 * i + 1] = json[i];
+        meta[2 * nm] = mkeys[i];
+        meta[2 * nm + 1] = json[i];
+        nm++;
     }
-    rc = ksm_st_serialize(ts, nt, meta, (size_t)m->n_slots, buf, len);
+    if (want != NULL) {
+        snprintf(genbuf, sizeof genbuf, "%llu", (unsigned long long)gen);
+        snprintf(devbuf, sizeof devbuf, "%s", ksm_device_name(m->dev));
+        meta[2 * nm] = "kasmina.generation";
+        meta[2 * nm + 1] = genbuf;
+        meta[2 * nm + 2] = "kasmina.kind";
+        meta[2 * nm + 3] = with_host ? "snapshot" : "slots";
+        meta[2 * nm + 4] = "kasmina.device";
+        meta[2 * nm + 5] = devbuf;
+        nm += 3;
+    }
+    rc = ksm_st_serialize(ts, nt, meta, nm, buf, len);
+    if (rc == 0 && generation != NULL) *generation = gen;
 out:
     pthread_mutex_unlock(&m->lock);
     if (rc < 0) KSM_ERR(err, errlen, "could not export model \"%s\": %s", m->id, ksm_strerror(rc));
@@ -132,6 +161,37 @@ out:
     free(names);
     free(ts);
     return rc;
+}
+
+int ksm_model_export_weights(ksm_model *m, void **buf, size_t *len, char *err, size_t errlen)
+{
+    return export_common(m, NULL, true, buf, len, NULL, err, errlen);
+}
+
+int ksm_model_export_state(ksm_model *m, const char *const *slot_ids, int n_slot_ids, void **buf,
+                           size_t *len, uint64_t *generation, char *err, size_t errlen)
+{
+    bool want[KSM_MAX_SLOTS] = {0};
+    pthread_mutex_lock(&m->lock);
+    int n_slots = m->n_slots;
+    int bad = -1;
+    for (int k = 0; slot_ids != NULL && k < n_slot_ids && bad < 0; k++) {
+        bad = k;
+        for (int i = 0; i < n_slots; i++)
+            if (slot_ids[k] != NULL && strcmp(m->slots[i].s.id, slot_ids[k]) == 0) {
+                want[i] = true;
+                bad = -1;
+            }
+    }
+    pthread_mutex_unlock(&m->lock);
+    if (bad >= 0) {
+        KSM_ERR(err, errlen, "slot \"%s\" is not a slot of model \"%s\"",
+                slot_ids[bad] ? slot_ids[bad] : "", m->id);
+        return KSM_ENOSLOT;
+    }
+    if (slot_ids == NULL)
+        for (int i = 0; i < n_slots; i++) want[i] = true;
+    return export_common(m, want, slot_ids == NULL, buf, len, generation, err, errlen);
 }
 
 /* ---- load ---- */
@@ -158,8 +218,10 @@ static void describe_shape(char *b, size_t n, int ndim, const int64_t *shape)
     if (k < n) snprintf(b + k, n - k, "]");
 }
 
-int ksm_model_load_weights(ksm_model *m, const void *blob, size_t len, bool strict,
-                           struct ksm_load_result *res, char *err, size_t errlen)
+/* restore: a blob of ksm_model_export_state. Slots without state in it keep their modules (and
+ * their tensors are not looked for), and the generation is the blob's kasmina.generation. */
+static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, bool restore,
+                       struct ksm_load_result *res, char *err, size_t errlen)
 {
     struct ksm_load_result r = {0};
     ksm_st_file *f = NULL;
@@ -168,6 +230,20 @@ int ksm_model_load_weights(ksm_model *m, const void *blob, size_t len, bool stri
     if (rc < 0) {
         KSM_ERR(err, errlen, "safetensors is not a valid safetensors file: %s", why);
         return rc == KSM_EDTYPE ? KSM_EDTYPE : KSM_EFORMAT;
+    }
+    uint64_t restored_gen = 0;
+    if (restore) {
+        const char *g = ksm_st_metadata(f, "kasmina.generation");
+        const char *kind = ksm_st_metadata(f, "kasmina.kind");
+        char *end = NULL;
+        if (g != NULL) restored_gen = strtoull(g, &end, 10);
+        if (g == NULL || end == g || *end != '\0' || restored_gen == 0 || kind == NULL ||
+            (strcmp(kind, "snapshot") != 0 && strcmp(kind, "slots") != 0)) {
+            KSM_ERR(err, errlen, "the state blob lacks a valid kasmina.generation or kasmina.kind");
+            ksm_st_close(f);
+            return KSM_EFORMAT;
+        }
+        strict = strcmp(kind, "snapshot") == 0;
     }
     pthread_mutex_lock(&m->lock);
     struct ksm_slot *newst = calloc((size_t)KSM_MAX_SLOTS, sizeof *newst);
@@ -249,6 +325,7 @@ int ksm_model_load_weights(ksm_model *m, const void *blob, size_t len, bool stri
     char full[192];
     for (int k = 0; k < ns; k++) {
         struct ksm_params *ps = sets[k].ps;
+        if (restore && sets[k].slot >= 0 && !has_state[sets[k].slot]) continue;
         for (int i = 0; i < ps->n; i++) {
             struct ksm_param *p = &ps->p[i];
             snprintf(full, sizeof full, "%s%s", sets[k].prefix, p->name);
@@ -378,7 +455,10 @@ int ksm_model_load_weights(ksm_model *m, const void *blob, size_t len, bool stri
         ms->alpha_stat.invalidations++;
     }
     m->topo_gen++;
-    m->generation++;
+    if (restore)
+        m->generation = restored_gen;
+    else
+        m->generation++;
     ksm_model_touch(m);
     pthread_mutex_unlock(&m->lock);
     free(pend);
@@ -412,4 +492,15 @@ fail:
     ksm_st_close(f);
     ksm_load_result_free(&r);
     return rc;
+}
+
+int ksm_model_load_weights(ksm_model *m, const void *blob, size_t len, bool strict,
+                           struct ksm_load_result *res, char *err, size_t errlen)
+{
+    return load_common(m, blob, len, strict, false, res, err, errlen);
+}
+
+int ksm_model_restore_state(ksm_model *m, const void *blob, size_t len, char *err, size_t errlen)
+{
+    return load_common(m, blob, len, false, true, NULL, err, errlen);
 }

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "io/persist.h"
 #include "kasmina/errors.h"
 #include "kasmina/log.h"
 #include "rpc/server_impl.h"
@@ -22,6 +23,23 @@
     type *var = ksm_pb_arena_alloc(&cx->arena, sizeof(type));                                      \
     if (var == NULL) return KSM_ENOMEM;                                                            \
     init(var)
+
+/* A mutation of model m whose new state must be durable before the reply (io/persist.h): the
+ * model's persist lock is held across the engine call and the journal write, so journal order
+ * is mutation order; the record is written only when the engine call succeeded (a failed call
+ * changed nothing). slot NULL/"" journals every slot; SNAPSHOT writes a whole new snapshot. */
+#define SNAPSHOT ((const char *)1)
+#define MUTATE(m, slot, expr)                                                                      \
+    do {                                                                                           \
+        ksm_persist_model *pm_ = NULL;                                                             \
+        TRY(ksm_persist_lock(s->cfg.persist, ksm_model_id(m), &pm_));                              \
+        int mrc_ = (expr);                                                                         \
+        if (mrc_ == 0)                                                                             \
+            mrc_ = (slot) == SNAPSHOT ? ksm_persist_log_snapshot(pm_, (m), ERR)                    \
+                                      : ksm_persist_log_slots(pm_, (m), (slot), ERR);              \
+        ksm_persist_unlock(pm_);                                                                   \
+        if (mrc_ != 0) return mrc_;                                                                \
+    } while (0)
 
 static void unref_model(void *p) { ksm_model_unref(p); }
 static void free_tensor(void *p) { ksm_host_tensor_free(p); }
@@ -131,7 +149,14 @@ static int h_create_model(ksm_rpc_server *s, const ProtobufCMessage *req, struct
     struct ksm_model_spec spec;
     TRY(ksm_conv_model_spec_from_pb(r, &spec, ERR));
     ksm_model *m;
-    TRY(ksm_engine_model_create(s->engine, r->model_id, &spec, &m, ERR));
+    ksm_persist_create_begin(s->cfg.persist);
+    int rc = ksm_engine_model_create(s->engine, r->model_id, &spec, &m, ERR);
+    if (rc == 0 && (rc = ksm_persist_created(s->cfg.persist, m, &spec, ERR)) != 0) {
+        ksm_engine_model_delete(s->engine, ksm_model_id(m), NULL);
+        ksm_model_unref(m);
+    }
+    ksm_persist_create_end(s->cfg.persist);
+    if (rc != 0) return rc;
     rpc_defer(cx, unref_model, m);
     return model_reply(m, cx, reply);
 }
@@ -180,7 +205,14 @@ static int h_delete_model(ksm_rpc_server *s, const ProtobufCMessage *req, struct
     const Kasmina__V1__DeleteModelRequest *r = (const void *)req;
     TRY(ksm_conv_check_model_id(r->model_id, "model_id", true, ERR));
     uint64_t freed = 0;
-    int rc = ksm_engine_model_delete(s->engine, r->model_id, &freed);
+    ksm_persist_model *pm = NULL;
+    TRY(ksm_persist_lock(s->cfg.persist, r->model_id, &pm));
+    int rc = ksm_persist_delete_begin(pm, ERR);
+    if (rc == 0) {
+        rc = ksm_engine_model_delete(s->engine, r->model_id, &freed);
+        ksm_persist_delete_end(pm, rc == 0);
+    }
+    ksm_persist_unlock(pm);
     if (rc == KSM_ENOMODEL)
         snprintf(cx->err, sizeof cx->err, "model_id '%s' does not exist.", r->model_id);
     if (rc != 0) return rc;
@@ -202,7 +234,8 @@ static int h_load_weights(ksm_rpc_server *s, const ProtobufCMessage *req, struct
     }
     struct ksm_load_result *lr = ksm_pb_arena_alloc(&cx->arena, sizeof *lr);
     if (lr == NULL) return KSM_ENOMEM;
-    TRY(ksm_model_load_weights(m, r->safetensors.data, r->safetensors.len, r->strict, lr, ERR));
+    MUTATE(m, SNAPSHOT,
+           ksm_model_load_weights(m, r->safetensors.data, r->safetensors.len, r->strict, lr, ERR));
     rpc_defer(cx, free_load, lr);
     ALLOC(out, Kasmina__V1__LoadWeightsResponse, kasmina__v1__load_weights_response__init);
     TRY(ksm_conv_load_result_to_pb(lr, &cx->arena, out));
@@ -240,7 +273,7 @@ static int h_move_model(ksm_rpc_server *s, const ProtobufCMessage *req, struct r
         TRY(ksm_conv_dtype_from_pb((int)r->dtype, "dtype", &d, ERR));
         dtype = (int)d;
     }
-    TRY(ksm_model_move(m, r->device, dtype, ERR));
+    MUTATE(m, SNAPSHOT, ksm_model_move(m, r->device, dtype, ERR));
     return model_reply(m, cx, reply);
 }
 
@@ -256,7 +289,7 @@ static int h_germinate(ksm_rpc_server *s, const ProtobufCMessage *req, struct rp
     TRY(get_model(s, r->model_id, cx, &m));
     struct ksm_slot_report *rep = new_report(cx);
     if (rep == NULL) return KSM_ENOMEM;
-    TRY(ksm_model_germinate(m, r->slot_id, &g, rep, ERR));
+    MUTATE(m, r->slot_id, ksm_model_germinate(m, r->slot_id, &g, rep, ERR));
     Kasmina__V1__SlotReport *out;
     TRY(slot_report_reply(r->model_id, rep, cx, &out));
     *reply = &out->base;
@@ -274,7 +307,7 @@ static int h_advance(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_
     struct ksm_slot_report *rep = new_report(cx);
     struct ksm_gate_result *gate = ksm_pb_arena_alloc(&cx->arena, sizeof *gate);
     if (rep == NULL || gate == NULL) return KSM_ENOMEM;
-    TRY(ksm_model_advance(m, l.slot_id, l.target, gate, rep, ERR));
+    MUTATE(m, l.slot_id, ksm_model_advance(m, l.slot_id, l.target, gate, rep, ERR));
     ALLOC(out, Kasmina__V1__AdvanceStageResponse, kasmina__v1__advance_stage_response__init);
     out->gate = ksm_pb_arena_alloc(&cx->arena, sizeof *out->gate);
     if (out->gate == NULL) return KSM_ENOMEM;
@@ -305,7 +338,7 @@ static int h_prune(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ct
     struct ksm_slot_report *rep = new_report(cx);
     if (rep == NULL) return KSM_ENOMEM;
     bool accepted = false;
-    TRY(ksm_model_prune(m, l.slot_id, l.reason, l.initiator, &accepted, rep, ERR));
+    MUTATE(m, l.slot_id, ksm_model_prune(m, l.slot_id, l.reason, l.initiator, &accepted, rep, ERR));
     return prune_reply(r->model_id, accepted, rep, cx, reply);
 }
 
@@ -320,8 +353,9 @@ static int h_schedule_prune(ksm_rpc_server *s, const ProtobufCMessage *req, stru
     struct ksm_slot_report *rep = new_report(cx);
     if (rep == NULL) return KSM_ENOMEM;
     bool accepted = false;
-    TRY(ksm_model_schedule_prune(m, l.slot_id, l.steps, l.curve, l.has_steepness, l.steepness,
-                                 l.reason, l.initiator, &accepted, rep, ERR));
+    MUTATE(m, l.slot_id,
+           ksm_model_schedule_prune(m, l.slot_id, l.steps, l.curve, l.has_steepness, l.steepness,
+                                    l.reason, l.initiator, &accepted, rep, ERR));
     return prune_reply(r->model_id, accepted, rep, cx, reply);
 }
 
@@ -335,8 +369,9 @@ static int h_set_alpha_target(ksm_rpc_server *s, const ProtobufCMessage *req, st
     TRY(get_model(s, r->model_id, cx, &m));
     struct ksm_slot_report *rep = new_report(cx);
     if (rep == NULL) return KSM_ENOMEM;
-    TRY(ksm_model_set_alpha_target(m, l.slot_id, l.alpha, l.steps, l.curve, l.has_steepness,
-                                   l.steepness, l.algorithm, rep, ERR));
+    MUTATE(m, l.slot_id,
+           ksm_model_set_alpha_target(m, l.slot_id, l.alpha, l.steps, l.curve, l.has_steepness,
+                                      l.steepness, l.algorithm, rep, ERR));
     ALLOC(out, Kasmina__V1__SetAlphaTargetResponse, kasmina__v1__set_alpha_target_response__init);
     out->accepted = true;
     TRY(slot_report_reply(r->model_id, rep, cx, &out->slot));
@@ -354,7 +389,7 @@ static int h_set_alpha(ksm_rpc_server *s, const ProtobufCMessage *req, struct rp
     TRY(get_model(s, r->model_id, cx, &m));
     struct ksm_slot_report *rep = new_report(cx);
     if (rep == NULL) return KSM_ENOMEM;
-    TRY(ksm_model_set_alpha(m, l.slot_id, l.alpha, rep, ERR));
+    MUTATE(m, l.slot_id, ksm_model_set_alpha(m, l.slot_id, l.alpha, rep, ERR));
     Kasmina__V1__SlotReport *out;
     TRY(slot_report_reply(r->model_id, rep, cx, &out));
     *reply = &out->base;
@@ -382,7 +417,7 @@ static int h_step_epoch(ksm_rpc_server *s, const ProtobufCMessage *req, struct r
         ksm_pb_arena_alloc(&cx->arena, KSM_MAX_SLOTS * sizeof(struct ksm_slot_report));
     if (reps == NULL) return KSM_ENOMEM;
     size_t n = 0;
-    TRY(ksm_model_step_epoch(m, r->slot_id, reps, KSM_MAX_SLOTS, &n, ERR));
+    MUTATE(m, r->slot_id, ksm_model_step_epoch(m, r->slot_id, reps, KSM_MAX_SLOTS, &n, ERR));
     if (n > KSM_MAX_SLOTS) n = KSM_MAX_SLOTS;
     ALLOC(out, Kasmina__V1__StepEpochResponse, kasmina__v1__step_epoch_response__init);
     TRY(reports_reply(r->model_id, reps, n, cx, &out->slots, &out->n_slots));
@@ -400,7 +435,7 @@ static int h_record_metrics(ksm_rpc_server *s, const ProtobufCMessage *req, stru
     TRY(get_model(s, r->model_id, cx, &m));
     struct ksm_slot_report *rep = new_report(cx);
     if (rep == NULL) return KSM_ENOMEM;
-    TRY(ksm_model_record_metrics(m, r->slot_id, &u, rep, ERR));
+    MUTATE(m, r->slot_id, ksm_model_record_metrics(m, r->slot_id, &u, rep, ERR));
     Kasmina__V1__SlotReport *out;
     TRY(slot_report_reply(r->model_id, rep, cx, &out));
     *reply = &out->base;

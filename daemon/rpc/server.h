@@ -31,17 +31,20 @@ extern "C" {
 #endif
 
 typedef struct ksm_rpc_server ksm_rpc_server;
+struct ksm_persist; /* io/persist.h */
 
 struct ksm_rpc_server_config {
     const char *const *listen; /* "unix:/path" or "host:port" (TCP); at least one */
     size_t n_listen;
-    bool allow_remote_tcp;    /* accept a non-loopback TCP address (no TLS yet) */
-    size_t max_message_bytes; /* largest request accepted (0 = 64 MiB) */
-    int workers;              /* worker threads for unary calls (0 = 4) */
-    int max_concurrent_calls; /* unary calls in flight before RESOURCE_EXHAUSTED (0 = 256) */
-    size_t event_ring;        /* events kept for WatchEvents resume (0 = 4096) */
-    size_t subscriber_buffer; /* events a subscriber may lag before it is ended (0 = 1024) */
-    const char *version;      /* ServerInfo.version */
+    bool allow_remote_tcp;       /* accept a non-loopback TCP address (no TLS yet) */
+    size_t max_message_bytes;    /* largest request accepted (0 = 64 MiB) */
+    int workers;                 /* worker threads for unary calls (0 = 4) */
+    int max_concurrent_calls;    /* unary calls in flight before RESOURCE_EXHAUSTED (0 = 256) */
+    size_t event_ring;           /* events kept for WatchEvents resume (0 = 4096) */
+    size_t subscriber_buffer;    /* events a subscriber may lag before it is ended (0 = 1024) */
+    const char *version;         /* ServerInfo.version */
+    struct ksm_persist *persist; /* NULL: no state on disk; else every mutation is journalled
+                                  * before its reply (borrowed, outlives the server) */
 };
 
 /* Binds every listener (a Unix socket path gets its directory created 0700, the socket 0600 and

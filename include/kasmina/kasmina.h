@@ -473,6 +473,21 @@ int ksm_model_load_weights(ksm_model *m, const void *buf, size_t len, bool stric
 /* *buf is malloc'd. */
 int ksm_model_export_weights(ksm_model *m, void **buf, size_t *len, char *err, size_t errlen);
 
+/* ---- persistence (daemon/io/persist.c) ----
+ *
+ * The state of a model as one safetensors blob that ksm_model_restore_state() installs
+ * atomically. slot_ids NULL: a snapshot (every host tensor, every slot's seed/gate tensors and
+ * _extra_state); else only the listed slots' _extra_state and seed/gate tensors. Both carry
+ * __metadata__ kasmina.generation (the model generation), kasmina.kind ("snapshot" | "slots")
+ * and kasmina.device. *buf is malloc'd; *generation (may be NULL) = the generation exported.
+ * KSM_ENOSLOT names an unknown slot. */
+int ksm_model_export_state(ksm_model *m, const char *const *slot_ids, int n_slot_ids, void **buf,
+                           size_t *len, uint64_t *generation, char *err, size_t errlen);
+/* Installs a blob of ksm_model_export_state (a snapshot strictly: every tensor is required):
+ * the slots it carries with their modules, host tensors when present, and the generation it
+ * names (not a bump). Slots it does not carry are untouched. Emits no events. */
+int ksm_model_restore_state(ksm_model *m, const void *buf, size_t len, char *err, size_t errlen);
+
 /* device NULL/"" = keep; dtype -1 = keep. Invalidates every cache of the model. */
 int ksm_model_move(ksm_model *m, const char *device, int dtype, char *err, size_t errlen);
 

@@ -22,6 +22,12 @@ if(KSM_RPC_PROTOC AND EXISTS ${KSM_RPC_PYTHON})
     COMMAND ${KSM_RPC_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/rpc/test_server.py
             $<TARGET_FILE:kasminad> ${py_out})
   set_tests_properties(rpc_server PROPERTIES LABELS rpc TIMEOUT 300)
+  # Crash-safe state: restart, state-dir lock, torn/damaged journals, kill -9 at 20 points of
+  # 1,000 random mutations (KASMINA_KILL_MUTATIONS / KASMINA_KILLS for longer runs).
+  add_test(NAME rpc_persist
+    COMMAND ${KSM_RPC_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/rpc/test_persist.py
+            $<TARGET_FILE:kasminad> ${py_out})
+  set_tests_properties(rpc_persist PROPERTIES LABELS rpc TIMEOUT 300)
 else()
   message(STATUS "kasmina: protoc or /usr/bin/python3 missing: rpc server tests not registered")
 endif()

@@ -43,7 +43,7 @@ class Daemon:
         self.sock = os.path.join(tmp, name, "k.sock")
         self.log = open(os.path.join(tmp, name + ".log"), "w+")
         self.p = subprocess.Popen([BIN, "--listen", "unix:" + self.sock, "--cpu-devices", "2",
-                                   "--no-cuda", "--max-message-bytes", "1M", *extra],
+                                   "--no-cuda", "--no-persist", "--max-message-bytes", "1M", *extra],
                                   stdout=self.log, stderr=subprocess.STDOUT)
         for _ in range(200):
             if os.path.exists(self.sock):
@@ -358,7 +358,8 @@ def unknown_method(d):
 
 
 def second_daemon(tmp, d):
-    p = subprocess.run([BIN, "--listen", "unix:" + d.sock, "--no-cuda"], capture_output=True,
+    p = subprocess.run([BIN, "--listen", "unix:" + d.sock, "--no-cuda", "--no-persist"],
+                       capture_output=True,
                        text=True, timeout=30)
     check(p.returncode != 0, "second daemon on the same socket exits non-zero")
     check("already serving" in p.stderr, "second daemon says why: %r" % p.stderr[-300:])

@@ -1,0 +1,908 @@
+/* io/persist: the state directory, model directories, journals and restore (see persist.h). */
+#include "io/persist.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "io/journal.h"
+#include "kasmina/errors.h"
+#include "kasmina/log.h"
+#include "kasmina/safetensors.h"
+
+/* Paths are bounded (the state directory at 3000 bytes, ids at 64) and every buffer has room for
+ * them; messages may be cut, which is harmless. */
+#pragma GCC diagnostic ignored "-Wformat-truncation"
+
+#define ERRF(...)                                                                                  \
+    do {                                                                                           \
+        if (err != NULL && errlen > 0) snprintf(err, errlen, __VA_ARGS__);                         \
+    } while (0)
+
+struct ksm_persist_model {
+    ksm_persist *p;
+    struct ksm_persist_model *next;
+    char id[KSM_ID_MAX + 1];
+    pthread_mutex_t mu; /* held across a mutation and its record */
+    int refs;           /* under p->mu */
+    bool exists;        /* has a directory <id>.d */
+    bool deleting;      /* renamed to .<id>.del, engine delete pending */
+    bool failed;        /* a failed write could not be rolled back: refuse mutations */
+    int jfd;
+    uint64_t jsize; /* valid end of the journal */
+    uint32_t jrecords;
+    uint64_t seq; /* creation order */
+};
+
+struct ksm_persist {
+    char *dir;
+    char models[4096];
+    int lock_fd;
+    uint32_t compact_records;
+    uint64_t compact_bytes;
+    pthread_mutex_t mu; /* the entry list, next_seq */
+    pthread_mutex_t create_mu;
+    struct ksm_persist_model *list;
+    uint64_t next_seq;
+    ksm_engine *engine; /* set by ksm_persist_restore */
+};
+
+/* ---- files ---- */
+
+static int write_all(int fd, const void *buf, size_t len)
+{
+    const char *q = buf;
+    while (len > 0) {
+        ssize_t w = write(fd, q, len);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            return -errno;
+        }
+        if (w == 0) return KSM_EIO;
+        q += w;
+        len -= (size_t)w;
+    }
+    return 0;
+}
+
+static int fsync_dir(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    int rc = fsync(fd) != 0 ? -errno : 0;
+    if (rc == KSM_EINVAL) rc = 0; /* a file system that cannot fsync a directory */
+    close(fd);
+    return rc;
+}
+
+/* Creates path with buf, fsynced (no rename: the caller commits the directory). */
+static int write_file(const char *path, const void *buf, size_t len)
+{
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) return -errno;
+    int rc = write_all(fd, buf, len);
+    if (rc == 0 && fsync(fd) != 0) rc = -errno;
+    close(fd);
+    return rc;
+}
+
+/* dir/name replaced atomically: dir/.name.tmp, fsync, rename, fsync dir. */
+static int replace_file(const char *dir, const char *name, const void *buf, size_t len)
+{
+    char tmp[4200], dst[4200];
+    snprintf(tmp, sizeof tmp, "%s/.%s.tmp", dir, name);
+    snprintf(dst, sizeof dst, "%s/%s", dir, name);
+    int rc = write_file(tmp, buf, len);
+    if (rc == 0 && rename(tmp, dst) != 0) rc = -errno;
+    if (rc == 0) rc = fsync_dir(dir);
+    if (rc != 0) unlink(tmp);
+    return rc;
+}
+
+static int read_file(const char *path, uint8_t **out, size_t *len)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        int rc = -errno;
+        close(fd);
+        return rc;
+    }
+    size_t n = (size_t)st.st_size, done = 0;
+    uint8_t *buf = malloc(n ? n : 1);
+    if (buf == NULL) {
+        close(fd);
+        return KSM_ENOMEM;
+    }
+    while (done < n) {
+        ssize_t r = read(fd, buf + done, n - done);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) break;
+        done += (size_t)r;
+    }
+    close(fd);
+    *out = buf;
+    *len = done;
+    return 0;
+}
+
+/* Removes a model directory (flat: files only). */
+static void remove_dir(const char *path)
+{
+    DIR *d = opendir(path);
+    if (d != NULL) {
+        struct dirent *de;
+        char f[4400];
+        while ((de = readdir(d)) != NULL) {
+            if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
+            snprintf(f, sizeof f, "%s/%s", path, de->d_name);
+            unlink(f);
+        }
+        closedir(d);
+    }
+    rmdir(path);
+}
+
+static int mkdir_p(const char *path)
+{
+    char buf[4096];
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char *s = buf + 1; *s; s++) {
+        if (*s != '/') continue;
+        *s = '\0';
+        if (mkdir(buf, 0700) != 0 && errno != EEXIST) return -errno;
+        *s = '/';
+    }
+    if (mkdir(buf, 0700) != 0 && errno != EEXIST) return -errno;
+    return 0;
+}
+
+static void model_dir(const ksm_persist *p, const char *id, char *buf, size_t n)
+{
+    snprintf(buf, n, "%s/%s.d", p->models, id);
+}
+
+/* ---- the spec file ---- */
+
+static char *spec_json(ksm_model *m, const struct ksm_model_spec *spec, uint64_t seq)
+{
+    struct ksm_model_info *info = malloc(sizeof *info);
+    if (info == NULL || ksm_model_get_info(m, info) != 0) {
+        free(info);
+        return NULL;
+    }
+    char seed[32];
+    snprintf(seed, sizeof seed, "%llu", (unsigned long long)spec->init_seed);
+    json_t *slots = json_array();
+    for (int i = 0; i < info->n_slots; i++)
+        json_array_append_new(slots, json_string(info->slots[i].slot_id));
+    json_t *o = json_pack(
+        "{s:i, s:s, s:I, s:s, s:{s:I, s:I, s:I, s:I, s:I, s:I}, s:{s:I, s:I, s:I, s:I, s:I, s:I}, "
+        "s:o, s:s, s:b, s:I}",
+        "version", 1, "model_id", info->model_id, "seq", (json_int_t)seq, "topology",
+        ksm_topology_name(info->topology), "cnn", "num_classes", (json_int_t)info->cnn.num_classes,
+        "n_blocks", (json_int_t)info->cnn.n_blocks, "base_channels",
+        (json_int_t)info->cnn.base_channels, "pool_layers", (json_int_t)info->cnn.pool_layers,
+        "kernel_size", (json_int_t)info->cnn.kernel_size, "in_channels",
+        (json_int_t)info->cnn.in_channels, "transformer", "vocab_size",
+        (json_int_t)info->transformer.vocab_size, "n_embd", (json_int_t)info->transformer.n_embd,
+        "n_head", (json_int_t)info->transformer.n_head, "n_layer",
+        (json_int_t)info->transformer.n_layer, "block_size",
+        (json_int_t)info->transformer.block_size, "num_segments",
+        (json_int_t)info->transformer.num_segments, "slots", slots, "init_seed", seed,
+        "permissive_gates", info->permissive_gates, "auto_forward_gates",
+        (json_int_t)info->auto_forward_gates);
+    free(info);
+    if (o == NULL) return NULL;
+    char *s = json_dumps(o, JSON_INDENT(1));
+    json_decref(o);
+    return s;
+}
+
+struct saved_spec {
+    struct ksm_model_spec spec;
+    char id[KSM_ID_MAX + 1];
+    char slots[KSM_MAX_SLOTS][KSM_SLOT_ID_MAX];
+    const char *slot_ptrs[KSM_MAX_SLOTS];
+    uint64_t seq;
+};
+
+static int spec_parse(const char *path, struct saved_spec *ss, char *err, size_t errlen)
+{
+    json_error_t je;
+    json_t *o = json_load_file(path, 0, &je);
+    if (o == NULL) {
+        ERRF("%s is not valid JSON: %s (line %d)", path, je.text, je.line);
+        return KSM_EFORMAT;
+    }
+    memset(ss, 0, sizeof *ss);
+    const char *id = NULL, *topo = NULL, *seed = NULL;
+    json_int_t ver = 0, seq = 0, c[6] = {0}, t[6] = {0}, afg = 0;
+    int perm = 0;
+    json_t *slots = NULL;
+    int rc = json_unpack_ex(
+        o, &je, JSON_STRICT,
+        "{s:I, s:s, s:I, s:s, s:{s:I, s:I, s:I, s:I, s:I, s:I}, s:{s:I, s:I, s:I, s:I, s:I, s:I}, "
+        "s:o, s:s, s:b, s:I}",
+        "version", &ver, "model_id", &id, "seq", &seq, "topology", &topo, "cnn", "num_classes",
+        &c[0], "n_blocks", &c[1], "base_channels", &c[2], "pool_layers", &c[3], "kernel_size",
+        &c[4], "in_channels", &c[5], "transformer", "vocab_size", &t[0], "n_embd", &t[1], "n_head",
+        &t[2], "n_layer", &t[3], "block_size", &t[4], "num_segments", &t[5], "slots", &slots,
+        "init_seed", &seed, "permissive_gates", &perm, "auto_forward_gates", &afg);
+    if (rc != 0 || ver != 1 || !json_is_array(slots) || json_array_size(slots) > KSM_MAX_SLOTS ||
+        strlen(id) > KSM_ID_MAX) {
+        ERRF("%s is not a kasmina model spec (version 1): %s", path, rc ? je.text : "bad value");
+        json_decref(o);
+        return KSM_EFORMAT;
+    }
+    snprintf(ss->id, sizeof ss->id, "%s", id);
+    ss->seq = (uint64_t)seq;
+    ss->spec.topology = !strcmp(topo, "transformer") ? KSM_TOPOLOGY_TRANSFORMER : KSM_TOPOLOGY_CNN;
+    ss->spec.cnn = (struct ksm_cnn_spec){(uint32_t)c[0], (uint32_t)c[1], (uint32_t)c[2],
+                                         (int32_t)c[3],  (uint32_t)c[4], (uint32_t)c[5]};
+    ss->spec.pool_layers_set = true;
+    ss->spec.transformer =
+        (struct ksm_transformer_spec){(uint32_t)t[0], (uint32_t)t[1], (uint32_t)t[2],
+                                      (uint32_t)t[3], (uint32_t)t[4], (uint32_t)t[5]};
+    for (size_t i = 0; i < json_array_size(slots); i++) {
+        const char *s = json_string_value(json_array_get(slots, i));
+        snprintf(ss->slots[i], sizeof ss->slots[i], "%s", s ? s : "");
+        ss->slot_ptrs[i] = ss->slots[i];
+    }
+    ss->spec.slots = ss->slot_ptrs;
+    ss->spec.n_slots = (int)json_array_size(slots);
+    ss->spec.dtype = KSM_DTYPE_F32;
+    ss->spec.init_seed = strtoull(seed, NULL, 10);
+    ss->spec.permissive_gates = perm != 0;
+    ss->spec.auto_forward_gates = (unsigned)afg;
+    json_decref(o);
+    return 0;
+}
+
+/* ---- entries ---- */
+
+static struct ksm_persist_model *entry_acquire(ksm_persist *p, const char *id)
+{
+    pthread_mutex_lock(&p->mu);
+    struct ksm_persist_model *e = p->list;
+    while (e != NULL && strcmp(e->id, id) != 0) e = e->next;
+    if (e == NULL && (e = calloc(1, sizeof *e)) != NULL) {
+        e->p = p;
+        snprintf(e->id, sizeof e->id, "%s", id);
+        pthread_mutex_init(&e->mu, NULL);
+        e->jfd = -1;
+        e->next = p->list;
+        p->list = e;
+    }
+    if (e != NULL) e->refs++;
+    pthread_mutex_unlock(&p->mu);
+    if (e != NULL) pthread_mutex_lock(&e->mu);
+    return e;
+}
+
+static bool entry_exists(ksm_persist *p, const char *id)
+{
+    pthread_mutex_lock(&p->mu);
+    struct ksm_persist_model *e = p->list;
+    while (e != NULL && strcmp(e->id, id) != 0) e = e->next;
+    bool ok = e != NULL && e->exists;
+    pthread_mutex_unlock(&p->mu);
+    return ok;
+}
+
+void ksm_persist_unlock(ksm_persist_model *pm)
+{
+    if (pm == NULL) return;
+    ksm_persist *p = pm->p;
+    bool gone = !pm->exists && !pm->deleting;
+    pthread_mutex_unlock(&pm->mu);
+    pthread_mutex_lock(&p->mu);
+    if (--pm->refs == 0 && gone && !pm->exists) {
+        struct ksm_persist_model **pp = &p->list;
+        while (*pp != pm) pp = &(*pp)->next;
+        *pp = pm->next;
+        if (pm->jfd >= 0) close(pm->jfd);
+        pthread_mutex_destroy(&pm->mu);
+        free(pm);
+    }
+    pthread_mutex_unlock(&p->mu);
+}
+
+int ksm_persist_lock(ksm_persist *p, const char *model_id, ksm_persist_model **out)
+{
+    *out = NULL;
+    if (p == NULL) return 0;
+    if (!entry_exists(p, model_id)) {
+        /* Possibly a model whose creation is being written: wait for it. */
+        pthread_mutex_lock(&p->create_mu);
+        pthread_mutex_unlock(&p->create_mu);
+    }
+    *out = entry_acquire(p, model_id);
+    return *out == NULL ? KSM_ENOMEM : 0;
+}
+
+/* ---- restore (start-up and rollback) ---- */
+
+struct replay_ctx {
+    ksm_model *m;
+    uint64_t snap_gen;
+    uint32_t applied;
+    char *err;
+    size_t errlen;
+    const char *path;
+};
+
+static int replay_record(void *ud, const struct ksm_journal_rec *rec)
+{
+    struct replay_ctx *c = ud;
+    if (rec->type != KSM_JREC_SLOTS) {
+        snprintf(c->err, c->errlen, "journal %s: record at byte %llu has unknown type %u", c->path,
+                 (unsigned long long)rec->offset, rec->type);
+        return KSM_EFORMAT;
+    }
+    if (rec->generation <= c->snap_gen) return 0; /* already in the snapshot */
+    char why[256];
+    int rc = ksm_model_restore_state(c->m, rec->payload, rec->len, why, sizeof why);
+    if (rc != 0) {
+        snprintf(c->err, c->errlen, "journal %s: record at byte %llu does not restore: %s", c->path,
+                 (unsigned long long)rec->offset, why);
+        return rc;
+    }
+    c->applied++;
+    return 0;
+}
+
+/* Installs the model's durable state (the snapshot blob, then the journal) into m, truncating a
+ * torn journal tail, and leaves pm->jfd open for appending. */
+static int replay(struct ksm_persist_model *pm, ksm_model *m, const uint8_t *snap, size_t snap_len,
+                  char *err, size_t errlen)
+{
+    char dir[4200], path[4300], why[256];
+    model_dir(pm->p, pm->id, dir, sizeof dir);
+    snprintf(path, sizeof path, "%s/snapshot.safetensors", dir);
+    ksm_st_file *f = NULL;
+    int rc = ksm_st_parse(snap, snap_len, &f, why, sizeof why);
+    const char *g = rc == 0 ? ksm_st_metadata(f, "kasmina.generation") : NULL;
+    if (g == NULL) {
+        ERRF("%s is not a kasmina snapshot: %s", path, rc ? why : "no kasmina.generation");
+        ksm_st_close(f);
+        return KSM_EFORMAT;
+    }
+    uint64_t snap_gen = strtoull(g, NULL, 10);
+    const char *dev = ksm_st_metadata(f, "kasmina.device");
+    struct ksm_model_info *info = malloc(sizeof *info);
+    if (info == NULL) {
+        ksm_st_close(f);
+        return KSM_ENOMEM;
+    }
+    rc = ksm_model_get_info(m, info);
+    /* A rolled-back MoveModel: back to the snapshot's device (when it still exists). */
+    if (rc == 0 && dev != NULL && strcmp(info->device, dev) != 0 && pm->p->engine != NULL &&
+        ksm_engine_find_device(pm->p->engine, dev) != NULL)
+        rc = ksm_model_move(m, dev, -1, why, sizeof why);
+    free(info);
+    ksm_st_close(f);
+    if (rc == 0) rc = ksm_model_restore_state(m, snap, snap_len, why, sizeof why);
+    if (rc != 0) {
+        ERRF("%s does not restore: %s", path, why);
+        return rc;
+    }
+
+    snprintf(path, sizeof path, "%s/journal", dir);
+    if (pm->jfd < 0 && (pm->jfd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600)) < 0) {
+        rc = -errno;
+        ERRF("cannot open %s: %s", path, strerror(-rc));
+        return rc;
+    }
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    if ((rc = read_file(path, &buf, &len)) != 0) {
+        ERRF("cannot read %s: %s", path, ksm_strerror(rc));
+        return rc;
+    }
+    struct replay_ctx c = {m, snap_gen, 0, err, errlen, path};
+    uint64_t end = 0, bad = UINT64_MAX;
+    rc = ksm_journal_scan(buf, len, replay_record, &c, &end, &bad);
+    free(buf);
+    if (rc == KSM_EFORMAT && bad != UINT64_MAX) {
+        ERRF("journal %s is damaged at byte %llu and a valid record follows: refusing to guess "
+             "(move the file away to start from the snapshot)",
+             path, (unsigned long long)bad);
+        return rc;
+    }
+    if (rc != 0) return rc;
+    if (end < len) {
+        KSM_LOGW("persist", "journal %s: dropped a torn tail at byte %llu (%llu bytes)", path,
+                 (unsigned long long)end, (unsigned long long)(len - end));
+        if (ftruncate(pm->jfd, (off_t)end) != 0 || fdatasync(pm->jfd) != 0) {
+            rc = -errno;
+            ERRF("cannot truncate %s: %s", path, strerror(errno));
+            return rc;
+        }
+    }
+    pm->jsize = end;
+    pm->jrecords = c.applied;
+    return 0;
+}
+
+static int reload(struct ksm_persist_model *pm, ksm_model *m, char *err, size_t errlen)
+{
+    char path[4300];
+    model_dir(pm->p, pm->id, path, sizeof path);
+    strncat(path, "/snapshot.safetensors", sizeof path - strlen(path) - 1);
+    uint8_t *snap = NULL;
+    size_t n = 0;
+    int rc = read_file(path, &snap, &n);
+    if (rc != 0) {
+        ERRF("cannot read %s: %s", path, ksm_strerror(rc));
+        return rc;
+    }
+    rc = replay(pm, m, snap, n, err, errlen);
+    free(snap);
+    return rc;
+}
+
+/* After a failed write: the journal back to its last good record, memory back to disk. */
+static void roll_back(struct ksm_persist_model *pm, ksm_model *m)
+{
+    char why[512] = "";
+    int rc = 0;
+    if (pm->jfd >= 0 && (ftruncate(pm->jfd, (off_t)pm->jsize) != 0 || fdatasync(pm->jfd) != 0))
+        rc = -errno;
+    if (rc == 0) rc = reload(pm, m, why, sizeof why);
+    if (rc != 0) {
+        pm->failed = true;
+        KSM_LOGE("persist",
+                 "model %s: rolling back a failed write failed too (%s %s): its mutations are "
+                 "refused until kasminad restarts",
+                 pm->id, ksm_err_name(rc), why);
+    } else {
+        KSM_LOGW("persist", "model %s: rolled back to its durable state (generation %llu)", pm->id,
+                 (unsigned long long)ksm_model_generation(m));
+    }
+}
+
+/* ---- open / restore / close ---- */
+
+int ksm_persist_open(const struct ksm_persist_config *cfg, ksm_persist **out, char *err,
+                     size_t errlen)
+{
+    *out = NULL;
+    if (cfg == NULL || cfg->dir == NULL || cfg->dir[0] == '\0' || strlen(cfg->dir) > 3000) {
+        ERRF("the state directory must be a path of at most 3000 bytes");
+        return KSM_EINVAL;
+    }
+    int rc = mkdir_p(cfg->dir);
+    if (rc != 0) {
+        ERRF("cannot create state directory %s: %s", cfg->dir, strerror(-rc));
+        return rc;
+    }
+    ksm_persist *p = calloc(1, sizeof *p);
+    if (p == NULL || (p->dir = strdup(cfg->dir)) == NULL) {
+        free(p);
+        return KSM_ENOMEM;
+    }
+    p->compact_records = cfg->compact_records ? cfg->compact_records : 1000;
+    p->compact_bytes = cfg->compact_bytes ? cfg->compact_bytes : (64ull << 20);
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_mutex_init(&p->create_mu, NULL);
+    p->next_seq = 1;
+    char path[4200];
+    snprintf(path, sizeof path, "%s/LOCK", p->dir);
+    p->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (p->lock_fd < 0) {
+        rc = -errno;
+        ERRF("cannot open %s: %s", path, strerror(errno));
+        goto fail;
+    }
+    if (flock(p->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+        rc = errno == EWOULDBLOCK ? KSM_EBUSY : -errno;
+        char pid[32] = "";
+        ssize_t r = pread(p->lock_fd, pid, sizeof pid - 1, 0);
+        if (r > 0) pid[strcspn(pid, "\n")] = '\0';
+        if (rc == KSM_EBUSY)
+            ERRF("state directory %s is in use by another kasminad (pid %s); use another "
+                 "--state-dir or --no-persist",
+                 p->dir, r > 0 ? pid : "unknown");
+        else
+            ERRF("cannot lock %s: %s", path, strerror(-rc));
+        goto fail;
+    }
+    char pid[32];
+    int n = snprintf(pid, sizeof pid, "%d\n", (int)getpid());
+    if (ftruncate(p->lock_fd, 0) != 0 || pwrite(p->lock_fd, pid, (size_t)n, 0) != n)
+        KSM_LOGW("persist", "cannot write the pid into %s: %s", path, strerror(errno));
+    snprintf(p->models, sizeof p->models, "%s/models", p->dir);
+    if (mkdir(p->models, 0700) != 0 && errno != EEXIST) {
+        rc = -errno;
+        ERRF("cannot create %s: %s", p->models, strerror(errno));
+        goto fail;
+    }
+    *out = p;
+    return 0;
+fail:
+    ksm_persist_close(p);
+    return rc;
+}
+
+const char *ksm_persist_dir(const ksm_persist *p) { return p ? p->dir : NULL; }
+
+void ksm_persist_close(ksm_persist *p)
+{
+    if (p == NULL) return;
+    while (p->list != NULL) {
+        struct ksm_persist_model *e = p->list;
+        p->list = e->next;
+        if (e->jfd >= 0) close(e->jfd);
+        pthread_mutex_destroy(&e->mu);
+        free(e);
+    }
+    if (p->lock_fd > 0) close(p->lock_fd); /* releases the flock */
+    pthread_mutex_destroy(&p->mu);
+    pthread_mutex_destroy(&p->create_mu);
+    free(p->dir);
+    free(p);
+}
+
+static int cmp_seq(const void *a, const void *b)
+{
+    const struct saved_spec *x = *(struct saved_spec *const *)a,
+                            *y = *(struct saved_spec *const *)b;
+    return x->seq < y->seq ? -1 : x->seq > y->seq;
+}
+
+static bool id_ok(const char *s, size_t n)
+{
+    if (n == 0 || n > KSM_ID_MAX) return false;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '.' || c == '_' || c == '-'))
+            return false;
+    }
+    return true;
+}
+
+static int restore_one(ksm_persist *p, ksm_engine *e, const struct saved_spec *ss, char *err,
+                       size_t errlen)
+{
+    char dir[4200], path[4300], why[256];
+    model_dir(p, ss->id, dir, sizeof dir);
+    snprintf(path, sizeof path, "%s/snapshot.safetensors", dir);
+    uint8_t *snap = NULL;
+    size_t n = 0;
+    int rc = read_file(path, &snap, &n);
+    if (rc != 0) {
+        ERRF("cannot read %s: %s", path, ksm_strerror(rc));
+        return rc;
+    }
+    struct ksm_model_spec spec = ss->spec;
+    ksm_st_file *f = NULL;
+    if (ksm_st_parse(snap, n, &f, NULL, 0) == 0) {
+        const char *dev = ksm_st_metadata(f, "kasmina.device");
+        if (dev != NULL && ksm_engine_find_device(e, dev) != NULL)
+            spec.device = dev;
+        else if (dev != NULL)
+            KSM_LOGW("persist", "model %s was on device %s, which is gone: restoring it on %s",
+                     ss->id, dev, ksm_device_name(ksm_engine_default_device(e)));
+    }
+    ksm_model *m = NULL;
+    rc = ksm_engine_model_create(e, ss->id, &spec, &m, why, sizeof why);
+    ksm_st_close(f);
+    if (rc != 0) {
+        ERRF("%s/spec.json does not create a model: %s", dir, why);
+        free(snap);
+        return rc;
+    }
+    struct ksm_persist_model *pm = entry_acquire(p, ss->id);
+    if (pm == NULL) {
+        rc = KSM_ENOMEM;
+    } else {
+        pm->seq = ss->seq;
+        rc = replay(pm, m, snap, n, err, errlen);
+        pm->exists = rc == 0;
+        if (rc == 0)
+            KSM_LOGI("persist", "model %s restored: generation %llu, %u journal record(s)", ss->id,
+                     (unsigned long long)ksm_model_generation(m), pm->jrecords);
+        ksm_persist_unlock(pm);
+    }
+    free(snap);
+    ksm_model_unref(m);
+    if (rc != 0) ksm_engine_model_delete(e, ss->id, NULL);
+    return rc;
+}
+
+int ksm_persist_restore(ksm_persist *p, ksm_engine *e, size_t *n_models, char *err, size_t errlen)
+{
+    if (n_models) *n_models = 0;
+    p->engine = e;
+    DIR *d = opendir(p->models);
+    if (d == NULL) {
+        ERRF("cannot read %s: %s", p->models, strerror(errno));
+        return -errno;
+    }
+    struct saved_spec **specs = NULL;
+    size_t n = 0, cap = 0;
+    int rc = 0;
+    struct dirent *de;
+    char path[4400];
+    while (rc == 0 && (de = readdir(d)) != NULL) {
+        const char *name = de->d_name;
+        size_t len = strlen(name);
+        if (!strcmp(name, ".") || !strcmp(name, "..")) continue;
+        snprintf(path, sizeof path, "%s/%s", p->models, name);
+        if (name[0] == '.') {
+            /* A creation or deletion that did not commit (.<id>.tmp) or did (.<id>.del). */
+            KSM_LOGI("persist", "removing %s (left by an interrupted create/delete)", path);
+            remove_dir(path);
+            continue;
+        }
+        if (len < 3 || strcmp(name + len - 2, ".d") != 0 || !id_ok(name, len - 2)) {
+            KSM_LOGW("persist", "ignoring %s: not a model directory", path);
+            continue;
+        }
+        if (n == cap) {
+            cap = cap ? 2 * cap : 16;
+            struct saved_spec **nv = realloc(specs, cap * sizeof *nv);
+            if (nv == NULL) {
+                rc = KSM_ENOMEM;
+                break;
+            }
+            specs = nv;
+        }
+        if ((specs[n] = malloc(sizeof **specs)) == NULL) {
+            rc = KSM_ENOMEM;
+            break;
+        }
+        strncat(path, "/spec.json", sizeof path - strlen(path) - 1);
+        rc = spec_parse(path, specs[n], err, errlen);
+        n++;
+        if (rc == 0 && (strlen(specs[n - 1]->id) != len - 2 ||
+                        strncmp(specs[n - 1]->id, name, len - 2) != 0)) {
+            ERRF("%s names model \"%s\", not the directory's", path, specs[n - 1]->id);
+            rc = KSM_EFORMAT;
+        }
+    }
+    closedir(d);
+    if (rc == 0) {
+        qsort(specs, n, sizeof *specs, cmp_seq);
+        for (size_t i = 0; i < n && rc == 0; i++) {
+            rc = restore_one(p, e, specs[i], err, errlen);
+            if (specs[i]->seq >= p->next_seq) p->next_seq = specs[i]->seq + 1;
+        }
+    }
+    for (size_t i = 0; i < n; i++) free(specs[i]);
+    free(specs);
+    if (rc == 0 && n_models) *n_models = n;
+    return rc;
+}
+
+/* ---- mutations ---- */
+
+void ksm_persist_create_begin(ksm_persist *p)
+{
+    if (p) pthread_mutex_lock(&p->create_mu);
+}
+
+void ksm_persist_create_end(ksm_persist *p)
+{
+    if (p) pthread_mutex_unlock(&p->create_mu);
+}
+
+int ksm_persist_created(ksm_persist *p, ksm_model *m, const struct ksm_model_spec *spec, char *err,
+                        size_t errlen)
+{
+    if (p == NULL) return 0;
+    const char *id = ksm_model_id(m);
+    char tmp[4200], dir[4200], path[4300], why[256];
+    snprintf(tmp, sizeof tmp, "%s/.%s.tmp", p->models, id);
+    model_dir(p, id, dir, sizeof dir);
+    remove_dir(tmp);
+    pthread_mutex_lock(&p->mu);
+    uint64_t seq = p->next_seq++;
+    pthread_mutex_unlock(&p->mu);
+    void *snap = NULL;
+    size_t n = 0;
+    char *js = spec_json(m, spec, seq);
+    int rc = js == NULL ? KSM_ENOMEM : 0;
+    if (rc == 0 && mkdir(tmp, 0700) != 0) rc = -errno;
+    if (rc == 0) {
+        snprintf(path, sizeof path, "%s/spec.json", tmp);
+        rc = write_file(path, js, strlen(js));
+    }
+    if (rc == 0 &&
+        (rc = ksm_model_export_state(m, NULL, 0, &snap, &n, NULL, why, sizeof why)) == 0) {
+        snprintf(path, sizeof path, "%s/snapshot.safetensors", tmp);
+        rc = write_file(path, snap, n);
+    }
+    if (rc == 0) {
+        snprintf(path, sizeof path, "%s/journal", tmp);
+        rc = write_file(path, "", 0);
+    }
+    if (rc == 0) rc = fsync_dir(tmp);
+    if (rc == 0 && rename(tmp, dir) != 0) rc = -errno;
+    if (rc == 0) rc = fsync_dir(p->models); /* the commit point */
+    free(js);
+    free(snap);
+    if (rc != 0) {
+        ERRF("could not write the state of model %s under %s: %s", id, p->models, ksm_strerror(rc));
+        KSM_LOGE("persist", "%s", err ? err : "create failed");
+        remove_dir(tmp);
+        return KSM_EIO;
+    }
+    struct ksm_persist_model *pm = entry_acquire(p, id);
+    if (pm == NULL) return KSM_ENOMEM;
+    snprintf(path, sizeof path, "%s/journal", dir);
+    if (pm->jfd >= 0) close(pm->jfd);
+    pm->jfd = open(path, O_RDWR | O_CLOEXEC);
+    pm->exists = pm->jfd >= 0;
+    pm->failed = false;
+    pm->jsize = 0;
+    pm->jrecords = 0;
+    pm->seq = seq;
+    ksm_persist_unlock(pm);
+    if (pm->jfd < 0) {
+        ERRF("cannot open %s: %s", path, strerror(errno));
+        return KSM_EIO;
+    }
+    return 0;
+}
+
+static int check_usable(struct ksm_persist_model *pm, char *err, size_t errlen)
+{
+    if (pm->failed) {
+        ERRF("model %s: an earlier write of its state failed and could not be rolled back; "
+             "restart kasminad to restore its durable state",
+             pm->id);
+        return KSM_EIO;
+    }
+    if (!pm->exists) {
+        ERRF("model %s has no persistent state", pm->id);
+        return KSM_EIO;
+    }
+    return 0;
+}
+
+/* A new snapshot of m, then an empty journal. Returns 0 or a code (err set). */
+static int snapshot(struct ksm_persist_model *pm, ksm_model *m, char *err, size_t errlen)
+{
+    void *blob = NULL;
+    size_t n = 0;
+    uint64_t gen = 0;
+    char dir[4200], why[256];
+    model_dir(pm->p, pm->id, dir, sizeof dir);
+    int rc = ksm_model_export_state(m, NULL, 0, &blob, &n, &gen, why, sizeof why);
+    if (rc != 0) {
+        ERRF("model %s: snapshot export failed: %s", pm->id, why);
+        return rc;
+    }
+    rc = replace_file(dir, "snapshot.safetensors", blob, n);
+    free(blob);
+    if (rc != 0) {
+        ERRF("model %s: cannot write %s/snapshot.safetensors: %s", pm->id, dir, ksm_strerror(rc));
+        return rc;
+    }
+    /* Committed. Records left in the journal (if this truncate fails or a crash comes first) all
+     * have generations <= gen and are skipped on restore. */
+    if (ftruncate(pm->jfd, 0) != 0 || fdatasync(pm->jfd) != 0) {
+        KSM_LOGW("persist", "model %s: cannot empty the journal after a snapshot: %s", pm->id,
+                 strerror(errno));
+        return 0;
+    }
+    pm->jsize = 0;
+    pm->jrecords = 0;
+    return 0;
+}
+
+int ksm_persist_log_slots(ksm_persist_model *pm, ksm_model *m, const char *slot_id, char *err,
+                          size_t errlen)
+{
+    if (pm == NULL) return 0;
+    int rc = check_usable(pm, err, errlen);
+    if (rc != 0) return rc;
+    const char *ids[KSM_MAX_SLOTS];
+    int n_ids = 0;
+    struct ksm_model_info *info = NULL;
+    if (slot_id != NULL && slot_id[0] != '\0') {
+        ids[n_ids++] = slot_id;
+    } else {
+        if ((info = malloc(sizeof *info)) == NULL || ksm_model_get_info(m, info) != 0) {
+            free(info);
+            info = NULL;
+            rc = KSM_ENOMEM;
+        } else {
+            for (int i = 0; i < info->n_slots; i++) ids[n_ids++] = info->slots[i].slot_id;
+        }
+    }
+    void *blob = NULL;
+    size_t len = 0;
+    uint64_t gen = 0;
+    char why[256] = "";
+    if (rc == 0) rc = ksm_model_export_state(m, ids, n_ids, &blob, &len, &gen, why, sizeof why);
+    free(info);
+    if (rc == 0) rc = ksm_journal_append(pm->jfd, pm->jsize, KSM_JREC_SLOTS, gen, blob, len);
+    free(blob);
+    if (rc != 0) {
+        KSM_LOGE("persist", "model %s: cannot journal a mutation (%s %s): rolling it back", pm->id,
+                 ksm_err_name(rc), why);
+        roll_back(pm, m);
+        ERRF("the state of model %s could not be written to disk (%s); the mutation was not "
+             "applied",
+             pm->id, ksm_strerror(rc));
+        return KSM_EIO;
+    }
+    pm->jsize += KSM_JOURNAL_HEADER + len;
+    pm->jrecords++;
+    if (pm->jrecords >= pm->p->compact_records || pm->jsize >= pm->p->compact_bytes) {
+        char e2[512];
+        if (snapshot(pm, m, e2, sizeof e2) != 0)
+            KSM_LOGW("persist", "compaction failed (the journal keeps growing): %s", e2);
+    }
+    return 0;
+}
+
+int ksm_persist_log_snapshot(ksm_persist_model *pm, ksm_model *m, char *err, size_t errlen)
+{
+    if (pm == NULL) return 0;
+    int rc = check_usable(pm, err, errlen);
+    if (rc != 0) return rc;
+    char why[512];
+    if ((rc = snapshot(pm, m, why, sizeof why)) != 0) {
+        KSM_LOGE("persist", "%s: rolling the change back", why);
+        roll_back(pm, m);
+        ERRF("the state of model %s could not be written to disk (%s); the change was not "
+             "applied",
+             pm->id, ksm_strerror(rc));
+        return KSM_EIO;
+    }
+    return 0;
+}
+
+int ksm_persist_delete_begin(ksm_persist_model *pm, char *err, size_t errlen)
+{
+    if (pm == NULL || !pm->exists) return 0;
+    char dir[4200], del[4200];
+    model_dir(pm->p, pm->id, dir, sizeof dir);
+    snprintf(del, sizeof del, "%s/.%s.del", pm->p->models, pm->id);
+    remove_dir(del);
+    int rc = rename(dir, del) != 0 ? -errno : 0;
+    if (rc == 0) rc = fsync_dir(pm->p->models);
+    if (rc != 0) {
+        if (access(del, F_OK) == 0) rename(del, dir);
+        ERRF("cannot delete the state of model %s (%s): the model was kept", pm->id,
+             ksm_strerror(rc));
+        return KSM_EIO;
+    }
+    pm->exists = false;
+    pm->deleting = true;
+    return 0;
+}
+
+void ksm_persist_delete_end(ksm_persist_model *pm, bool deleted)
+{
+    if (pm == NULL || !pm->deleting) return;
+    char dir[4200], del[4200];
+    model_dir(pm->p, pm->id, dir, sizeof dir);
+    snprintf(del, sizeof del, "%s/.%s.del", pm->p->models, pm->id);
+    pm->deleting = false;
+    if (deleted) {
+        if (pm->jfd >= 0) close(pm->jfd);
+        pm->jfd = -1;
+        remove_dir(del);
+        fsync_dir(pm->p->models);
+    } else if (rename(del, dir) == 0 && fsync_dir(pm->p->models) == 0) {
+        pm->exists = true;
+    } else {
+        KSM_LOGE("persist", "model %s: cannot restore its state directory after a refused delete",
+                 pm->id);
+    }
+}

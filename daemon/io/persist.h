@@ -1,0 +1,98 @@
+/*
+ * io/persist: kasminad's crash-safe state (DESIGN §7).
+ *
+ * Layout of the state directory:
+ *
+ *     DIR/LOCK                        flock'd by the daemon that owns DIR (holds its pid)
+ *     DIR/models/<id>.d/spec.json     how to rebuild the model (host spec, slots, init seed)
+ *     DIR/models/<id>.d/snapshot.safetensors
+ *                                     ksm_model_export_state(): every tensor, every slot's
+ *                                     _extra_state, kasmina.generation, kasmina.device
+ *     DIR/models/<id>.d/journal       records (io/journal.h) appended since the snapshot
+ *
+ * The journal is state-based, not a log of operations: each record holds the post-mutation
+ * state of the slots the mutation touched (their _extra_state and seed/gate tensors) and the
+ * model generation, and restores through the same atomic loader as the snapshot
+ * (ksm_model_restore_state). Replaying operations instead would not reproduce wall-clock
+ * timestamps nor depend only on what is on disk. Restoring = snapshot, then every record whose
+ * generation is above the snapshot's, in order; records at or below it are leftovers of a
+ * compaction that crashed before it emptied the journal, and are skipped.
+ *
+ * Model creation and deletion are directory operations, each committed by one rename: create
+ * builds models/.<id>.tmp (spec, snapshot, empty journal, all fsynced) and renames it to
+ * <id>.d; delete renames <id>.d to .<id>.del before the model leaves memory, then removes it.
+ * LoadWeights and MoveModel write a new snapshot (write temp, fsync, rename, fsync dir) and
+ * then empty the journal. Compaction does the same after compact_records records or
+ * compact_bytes bytes. A crash at any point leaves either the old or the new state.
+ *
+ * The rule between memory and disk: a mutation's reply is sent only after its record is
+ * durable (fdatasync). The rpc layer holds the model's persist lock (ksm_persist_lock) across
+ * the engine mutation and the write, so records are in mutation order. If the write fails, the
+ * journal is truncated back to its last good record and the model is reloaded from disk (its
+ * memory rolls back to the last acknowledged state); the call fails with KSM_EIO. If that
+ * rollback fails too, the model is marked failed: every later mutation of it is refused
+ * (KSM_EIO) until a restart restores the durable state, so memory is never served ahead of
+ * disk for more than the one failed call.
+ *
+ * Thread-safety: every function may be called from any thread; calls for one model serialise
+ * on its lock.
+ */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kasmina/kasmina.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct ksm_persist ksm_persist;
+typedef struct ksm_persist_model ksm_persist_model;
+
+struct ksm_persist_config {
+    const char *dir;          /* created (0700) if missing */
+    uint32_t compact_records; /* snapshot after this many journal records (0 = 1000) */
+    uint64_t compact_bytes;   /* ... or this many journal bytes (0 = 64 MiB) */
+};
+
+/* Creates/locks the state directory. KSM_EBUSY (with the other daemon's pid in err) when
+ * another process holds it; -errno for I/O. */
+int ksm_persist_open(const struct ksm_persist_config *cfg, ksm_persist **out, char *err,
+                     size_t errlen);
+/* Rebuilds every model of the directory into e (in creation order), dropping torn journal
+ * tails (logged with their byte offset). KSM_EFORMAT (err names the file) for damage it cannot
+ * repair. *n_models (may be NULL) = models restored. */
+int ksm_persist_restore(ksm_persist *p, ksm_engine *e, size_t *n_models, char *err, size_t errlen);
+/* Releases the lock. NULL is a no-op. */
+void ksm_persist_close(ksm_persist *p);
+const char *ksm_persist_dir(const ksm_persist *p);
+
+/* ---- the mutation protocol (p NULL: every call is a no-op returning 0) ---- */
+
+/* Creation: begin (serialises creations), engine create, created() writes the model's
+ * directory (on failure the caller deletes the model from the engine), end. */
+void ksm_persist_create_begin(ksm_persist *p);
+int ksm_persist_created(ksm_persist *p, ksm_model *m, const struct ksm_model_spec *spec, char *err,
+                        size_t errlen);
+void ksm_persist_create_end(ksm_persist *p);
+
+/* The model's lock (waits for a creation in progress). *out NULL when p is NULL. */
+int ksm_persist_lock(ksm_persist *p, const char *model_id, ksm_persist_model **out);
+void ksm_persist_unlock(ksm_persist_model *pm);
+
+/* After a successful engine mutation: journal slot_id's state (NULL/"" = every slot). */
+int ksm_persist_log_slots(ksm_persist_model *pm, ksm_model *m, const char *slot_id, char *err,
+                          size_t errlen);
+/* After LoadWeights / MoveModel: a new snapshot. */
+int ksm_persist_log_snapshot(ksm_persist_model *pm, ksm_model *m, char *err, size_t errlen);
+/* Deletion: delete_begin commits (rename) before the engine deletes; delete_end(ok) removes the
+ * files, or renames them back when the engine refused. */
+int ksm_persist_delete_begin(ksm_persist_model *pm, char *err, size_t errlen);
+void ksm_persist_delete_end(ksm_persist_model *pm, bool deleted);
+
+#ifdef __cplusplus
+}
+#endif
