@@ -134,6 +134,60 @@ static int model_forward(struct fwd *f, const ksm_tensor *x, ksm_tensor *logits)
     return ksm_host_forward_from(m->host, f->e, prev, &cur, logits);
 }
 
+/* Rows [0, B) of src repeated K times into a new [K*B, ...] arena tensor. */
+static int tile_rows(struct fwd *f, const ksm_tensor *src, int64_t K, ksm_tensor *dst)
+{
+    int64_t shape[KSM_MAX_DIMS];
+    memcpy(shape, src->shape, sizeof shape);
+    int64_t B = src->shape[0];
+    shape[0] = K * B;
+    KSM_TRY(ksm_exec_tensor(f->e, dst, src->dtype, src->ndim, shape));
+    for (int64_t k = 0; k < K; k++) {
+        ksm_tensor v;
+        KSM_TRY(ksm_tensor_narrow(&v, dst, 0, k * B, B));
+        KSM_EXEC(f->e, ksm_op_copy(f->e->stream, &v, src));
+    }
+    return 0;
+}
+
+/*
+ * The fused forward of K configs over one batch x of B rows, without tiling the input: every op
+ * is per-sample and no config differs before the first running slot that has an override, so
+ * that prefix runs once on B rows and only its output is tiled K times (exactly equal to the
+ * fully tiled pass). Overrides are [K*B] per-row alphas.
+ */
+static int model_forward_configs(struct fwd *f, const ksm_tensor *x, int64_t K, ksm_tensor *logits)
+{
+    ksm_model *m = f->m;
+    ksm_tensor cur = *x;
+    int prev = -1;
+    bool tiled = false;
+    for (int o = 0; o < m->n_slots; o++) {
+        int idx = m->exec_order[o];
+        int to = m->slots[idx].inj->exec_index;
+        ksm_tensor h, y;
+        KSM_TRY(ksm_host_forward_to(m->host, f->e, prev, to, &cur, &h));
+        if (!tiled && f->ov[idx] != NULL && ksm_slot_runs_seed(&m->slots[idx].s)) {
+            ksm_tensor ht;
+            KSM_TRY(tile_rows(f, &h, K, &ht));
+            h = ht;
+            tiled = true;
+        }
+        const ksm_tensor *saved = f->ov[idx];
+        if (!tiled)
+            f->ov[idx] = NULL; /* before the split an override is ignored (slot not running) */
+        int rc = slot_forward(f, idx, &h, &y);
+        f->ov[idx] = saved;
+        if (rc < 0) return rc;
+        cur = y;
+        prev = to;
+    }
+    if (tiled) return ksm_host_forward_from(m->host, f->e, prev, &cur, logits);
+    ksm_tensor l1;
+    KSM_TRY(ksm_host_forward_from(m->host, f->e, prev, &cur, &l1));
+    return tile_rows(f, &l1, K, logits); /* no config differs: K copies of one pass */
+}
+
 /* ---- plans ---- */
 
 struct plan_key {
@@ -497,25 +551,14 @@ static int eval_body(struct fwd *f, void *argp)
     struct eval_arg *a = argp;
     ksm_model *m = f->m;
     struct ksm_exec *e = f->e;
-    ksm_tensor x1, xt, lab1, labt;
+    ksm_tensor x1, lab1, labt;
     KSM_TRY(upload(f, a->x_host, &x1, a->x_host->dtype));
-    int64_t tshape[KSM_MAX_DIMS];
-    memcpy(tshape, a->x_host->shape, sizeof tshape);
-    tshape[0] = a->K * a->B;
-    KSM_TRY(ksm_exec_tensor(e, &xt, a->x_host->dtype, a->x_host->ndim, tshape));
     int64_t nl = a->B * a->per_row;
     ksm_tensor lh;
     ksm_tensor_init(&lh, NULL, (void *)a->labels_host, KSM_DTYPE_I64, 1, &nl);
     KSM_TRY(upload(f, &lh, &lab1, KSM_DTYPE_I64));
     int64_t ntot = a->K * nl;
-    KSM_TRY(ksm_exec_tensor(e, &labt, KSM_DTYPE_I64, 1, &ntot));
-    for (int64_t k = 0; k < a->K; k++) {
-        ksm_tensor xv, lv;
-        KSM_TRY(ksm_tensor_narrow(&xv, &xt, 0, k * a->B, a->B));
-        KSM_TRY(ksm_tensor_narrow(&lv, &labt, 0, k * nl, nl));
-        KSM_EXEC(e, ksm_op_copy(e->stream, &xv, &x1));
-        KSM_EXEC(e, ksm_op_copy(e->stream, &lv, &lab1));
-    }
+    KSM_TRY(tile_rows(f, &lab1, a->K, &labt));
     for (int i = 0; i < m->n_slots; i++) {
         if (a->ov_host[i] == NULL) continue;
         int64_t shp[4] = {a->K * a->B, 1, 1, 1};
@@ -525,7 +568,7 @@ static int eval_body(struct fwd *f, void *argp)
         KSM_TRY(upload(f, &hv, &a->ov_dev[i], KSM_DTYPE_F32));
         f->ov[i] = &a->ov_dev[i];
     }
-    KSM_TRY(model_forward(f, &xt, &a->logits));
+    KSM_TRY(model_forward_configs(f, &x1, a->K, &a->logits));
     int64_t C = a->logits.shape[a->logits.ndim - 1];
     int64_t s2[2] = {ntot, C};
     ksm_tensor l2, loss, lossk, amax;

@@ -506,3 +506,34 @@ Test(model, fused_equals_sequential_transformer)
     free(x.data);
     ksm_model_unref(m);
 }
+
+/* Evaluate shares the prefix before the first overridden running slot; when no overridden slot
+ * runs its seed, every config is the same single pass. */
+Test(model, evaluate_configs_on_inactive_slots_equal_main)
+{
+    ksm_model *m = small_cnn("evalin", false);
+    germinate(m, "r0c2", "conv_light", KSM_ALGO_ADD); /* GERMINATED: never runs */
+    ksm_tensor x = image_batch(3, 16, 8);
+    int64_t lab[3] = {0, 4, 9}, ls = 3;
+    ksm_tensor t;
+    ksm_tensor_init(&t, NULL, lab, KSM_DTYPE_I64, 1, &ls);
+    const char *ids[1] = {"r0c2"};
+    float one = 1.0f, zero = 0.0f;
+    struct ksm_alpha_config cfgs[3] = {
+        {"main", NULL, NULL, 0}, {"on", ids, &one, 1}, {"off", ids, &zero, 1}};
+    struct ksm_evaluate_args ea = {
+        .input = &x, .targets = &t, .configs = cfgs, .n_configs = 3, .return_logits = true};
+    struct ksm_evaluate_result er;
+    cr_assert_eq(ksm_model_evaluate(m, &ea, &er, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(er.n, 3);
+    float *y = forward(m, &x);
+    for (size_t c = 0; c < 3; c++) {
+        cr_expect_eq(memcmp(er.results[c].logits.data, y, 3 * 10 * sizeof(float)), 0,
+                     "config %zu differs from the forward", c);
+        cr_expect_float_eq(er.results[c].loss, er.results[0].loss, 0);
+    }
+    free(y);
+    ksm_evaluate_result_free(&er);
+    free(x.data);
+    ksm_model_unref(m);
+}
