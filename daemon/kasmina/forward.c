@@ -436,7 +436,9 @@ int ksm_model_forward(ksm_model *m, const struct ksm_forward_args *a, struct ksm
     ksm_host_output_shape(m->host, a->input, &ond, oshape);
     ksm_tensor out;
     ksm_tensor_init(&out, NULL, NULL, KSM_DTYPE_F32, ond, oshape);
-    fa.out_host = malloc(ksm_tensor_nbytes(&out) ? ksm_tensor_nbytes(&out) : 1);
+    bool own_out = a->output_buffer == NULL || a->output_capacity < ksm_tensor_nbytes(&out);
+    fa.out_host =
+        own_out ? malloc(ksm_tensor_nbytes(&out) ? ksm_tensor_nbytes(&out) : 1) : a->output_buffer;
     if (fa.out_host == NULL) {
         rc = KSM_ENOMEM;
         goto out;
@@ -455,7 +457,7 @@ int ksm_model_forward(ksm_model *m, const struct ksm_forward_args *a, struct ksm
     if (rc == KSM_EDEVICE)
         ksm_engine_mark_failed(m->engine, "a forward found its device in an error state");
     if (rc < 0) {
-        free(fa.out_host);
+        if (own_out) free(fa.out_host);
         KSM_ERR(err, errlen, "forward failed: %s", ksm_strerror(rc));
         return rc;
     }

@@ -407,13 +407,18 @@ struct ksm_forward_args {
     const struct ksm_alpha_override *overrides; /* fused forward when n_overrides > 0 */
     size_t n_overrides;
     bool fused;               /* validate as a fused forward even with no overrides */
+    void *output_buffer;      /* optional host buffer for the logits (reused across calls, so
+                               * a large output is not faulted in again): used when
+                               * output_capacity suffices; the engine never frees it */
+    size_t output_capacity;
 };
 
 /* A host tensor the engine allocated: free(t.data) (ksm_host_tensor_free). */
 void ksm_host_tensor_free(ksm_tensor *t);
 
 struct ksm_forward_result {
-    ksm_tensor output; /* host, malloc'd F32: CNN [B,classes]; transformer [B,T,V] */
+    ksm_tensor output; /* host F32: CNN [B,classes]; transformer [B,T,V]; malloc'd (free with
+                        * ksm_host_tensor_free) unless it is the caller's output_buffer */
     uint64_t model_generation;
     uint64_t compute_ns;
 };
