@@ -537,3 +537,25 @@ Test(model, evaluate_configs_on_inactive_slots_equal_main)
     free(x.data);
     ksm_model_unref(m);
 }
+
+Test(model, forward_into_caller_buffer)
+{
+    ksm_model *m = small_cnn("outbuf", false);
+    ksm_tensor x = image_batch(2, 16, 3);
+    float *ref = forward(m, &x);
+    float buf[20], small[5];
+    struct ksm_forward_result r;
+    struct ksm_forward_args a = {.input = &x, .output_buffer = buf, .output_capacity = sizeof buf};
+    cr_assert_eq(ksm_model_forward(m, &a, &r, err, sizeof err), 0, "%s", err);
+    cr_expect(r.output.data == (void *)buf);
+    cr_expect_eq(memcmp(buf, ref, sizeof buf), 0);
+    a.output_buffer = small; /* too small: the engine allocates */
+    a.output_capacity = sizeof small;
+    cr_assert_eq(ksm_model_forward(m, &a, &r, err, sizeof err), 0, "%s", err);
+    cr_expect(r.output.data != (void *)small);
+    cr_expect_eq(memcmp(r.output.data, ref, sizeof buf), 0);
+    ksm_host_tensor_free(&r.output);
+    free(ref);
+    free(x.data);
+    ksm_model_unref(m);
+}
