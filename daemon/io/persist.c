@@ -674,7 +674,7 @@ int ksm_persist_restore(ksm_persist *p, ksm_engine *e, size_t *n_models, char *e
     }
     closedir(d);
     if (rc == 0) {
-        qsort(specs, n, sizeof *specs, cmp_seq);
+        if (n > 0) qsort(specs, n, sizeof *specs, cmp_seq);
         for (size_t i = 0; i < n && rc == 0; i++) {
             rc = restore_one(p, e, specs[i], err, errlen);
             if (specs[i]->seq >= p->next_seq) p->next_seq = specs[i]->seq + 1;
