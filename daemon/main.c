@@ -239,6 +239,7 @@ int main(int argc, char **argv)
         .cpu_devices = d.cfg.cpu_devices,
         .enable_cuda = !d.cfg.no_cuda,
         .memory_cap = d.cfg.memory_cap,
+        .max_models = (uint32_t)d.cfg.max_models,
     };
     rc = ksm_engine_new(&ec, &d.engine, err, sizeof err);
     if (rc != 0) {
@@ -252,7 +253,6 @@ int main(int argc, char **argv)
     struct ksm_rpc_server_config rc_cfg = {
         .listen = (const char *const *)d.cfg.listen,
         .n_listen = d.cfg.n_listen,
-        .allow_remote_tcp = d.cfg.allow_remote_tcp,
         .max_message_bytes = d.cfg.max_message_bytes,
         .workers = d.cfg.workers,
         .max_concurrent_calls = d.cfg.max_concurrent_calls,
@@ -260,6 +260,17 @@ int main(int argc, char **argv)
         .subscriber_buffer = d.cfg.subscriber_buffer,
         .version = KSM_VERSION,
         .persist = d.persist,
+        .socket_group = d.cfg.socket_group,
+        .tls_cert_file = d.cfg.tls_cert,
+        .tls_key_file = d.cfg.tls_key,
+        .tls_client_ca_file = d.cfg.tls_client_ca,
+        .token_file = d.cfg.token_file,
+        .max_batch_rows = (uint32_t)d.cfg.max_batch_rows,
+        .max_sequence_length = (uint32_t)d.cfg.max_sequence_length,
+        .max_seeds_per_model = (uint32_t)d.cfg.max_seeds_per_model,
+        .max_queued_per_stream = (uint32_t)d.cfg.max_queued_per_stream,
+        .max_models = (uint32_t)d.cfg.max_models,
+        .memory_cap = d.cfg.memory_cap,
     };
     rc = ksm_rpc_server_start(d.engine, &rc_cfg, &d.rpc, err, sizeof err);
     if (rc != 0) {

@@ -16,6 +16,7 @@ PKGS=(
   python3-grpcio python3-protobuf           # rpc tests and the Python client (/usr/bin/python3)
   python3-numpy                             # the Python client's array wrapper
   python3-yaml                              # deploy tests parse the Kubernetes/Prometheus YAML
+  openssl                                   # rpc security tests make their certificates
 )
 
 missing=()

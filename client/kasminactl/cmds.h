@@ -19,6 +19,8 @@ struct ctl {
     struct ksm_client_options opts;
     ksm_client *client; /* connected by ctl_connect() */
     struct ksm_client_error err;
+    const char *token_file; /* --token-file: read at connect time */
+    char token[4096];
 };
 
 struct ctl_cmd {

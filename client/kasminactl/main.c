@@ -2,6 +2,8 @@
  * kasminactl: the command line of kasminad. Every RPC of kasmina.v1 is a subcommand; output is
  * an aligned table by default and JSON with --json; the exit code tells the status class.
  */
+#include <ctype.h>
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,7 +15,21 @@
 #define KSM_VERSION "0.0.0"
 #endif
 
-enum { O_JSON = 1000, O_HELP, O_SOCKET, O_ADDR, O_DEADLINE, O_TOKEN, O_WAIT, O_VERSION };
+enum {
+    O_JSON = 1000,
+    O_HELP,
+    O_SOCKET,
+    O_ADDR,
+    O_DEADLINE,
+    O_TOKEN,
+    O_WAIT,
+    O_VERSION,
+    O_TOKEN_FILE,
+    O_TLS,
+    O_TLS_CA,
+    O_TLS_CERT,
+    O_TLS_KEY
+};
 
 const struct option ctl_common_options[] = {
     {"json", no_argument, NULL, O_JSON},
@@ -22,6 +38,11 @@ const struct option ctl_common_options[] = {
     {"addr", required_argument, NULL, O_ADDR},
     {"deadline", required_argument, NULL, O_DEADLINE},
     {"token", required_argument, NULL, O_TOKEN},
+    {"token-file", required_argument, NULL, O_TOKEN_FILE},
+    {"tls", no_argument, NULL, O_TLS},
+    {"tls-ca", required_argument, NULL, O_TLS_CA},
+    {"tls-cert", required_argument, NULL, O_TLS_CERT},
+    {"tls-key", required_argument, NULL, O_TLS_KEY},
     {"wait", no_argument, NULL, O_WAIT},
     {"version", no_argument, NULL, O_VERSION},
     {NULL, 0, NULL, 0},
@@ -45,6 +66,11 @@ static void print_help(FILE *f)
                "                     unix:/run/kasmina/kasminad.sock for root\n"
                "  --deadline MS      per-call deadline in milliseconds (default 30000)\n"
                "  --token TOKEN      bearer token (env KASMINA_TOKEN)\n"
+               "  --token-file PATH  read the bearer token from PATH (env KASMINA_TOKEN_FILE)\n"
+               "  --tls              use TLS on a TCP target (gRPC's default roots)\n"
+               "  --tls-ca PATH      use TLS; trust the server certificate's CA in PATH (PEM)\n"
+               "  --tls-cert PATH    use TLS with this client certificate (PEM; with --tls-key)\n"
+               "  --tls-key PATH     the client certificate's private key (PEM)\n"
                "  --wait             wait for the daemon to come up (up to the deadline)\n"
                "  --json             JSON output for scripts (events: one object per line)\n"
                "  --help             this text; COMMAND --help: the command's\n"
@@ -81,6 +107,20 @@ int ctl_common_opt(struct ctl *x, int opt, const char *arg, int *exit_code)
     case O_SOCKET: x->socket = arg; return 1;
     case O_ADDR: x->addr = arg; return 1;
     case O_TOKEN: x->opts.bearer_token = arg; return 1;
+    case O_TOKEN_FILE: x->token_file = arg; return 1;
+    case O_TLS: x->opts.tls = true; return 1;
+    case O_TLS_CA:
+        x->opts.tls = true;
+        x->opts.tls_ca_file = arg;
+        return 1;
+    case O_TLS_CERT:
+        x->opts.tls = true;
+        x->opts.tls_cert_file = arg;
+        return 1;
+    case O_TLS_KEY:
+        x->opts.tls = true;
+        x->opts.tls_key_file = arg;
+        return 1;
     case O_WAIT: x->opts.wait_for_ready = true; return 1;
     case O_DEADLINE:
         if (ctl_parse_u32("--deadline", arg, &x->opts.deadline_ms, e, sizeof e) ||
@@ -126,9 +166,40 @@ int ctl_next_opt(struct ctl *x, int argc, char **argv, const struct option *cmd_
     }
 }
 
+/* The first line of a token file, without surrounding blanks. */
+static int read_token_file(struct ctl *x)
+{
+    FILE *f = fopen(x->token_file, "r");
+    if (!f) {
+        fprintf(stderr, "%s: --token-file: cannot open '%s': %s\n", x->prog, x->token_file,
+                strerror(errno));
+        return CTL_EXIT_USAGE;
+    }
+    size_t n = fread(x->token, 1, sizeof x->token - 1, f);
+    fclose(f);
+    x->token[n] = '\0';
+    x->token[strcspn(x->token, "\r\n")] = '\0';
+    n = strlen(x->token);
+    while (n > 0 && isspace((unsigned char)x->token[n - 1])) x->token[--n] = '\0';
+    if (n == 0) {
+        fprintf(stderr, "%s: --token-file: '%s' holds no token\n", x->prog, x->token_file);
+        return CTL_EXIT_USAGE;
+    }
+    x->opts.bearer_token = x->token;
+    return 0;
+}
+
 int ctl_connect(struct ctl *x)
 {
     if (x->client) return 0;
+    if (!x->opts.bearer_token && !x->token_file) {
+        const char *tf = getenv("KASMINA_TOKEN_FILE");
+        if (tf && *tf) x->token_file = tf;
+    }
+    if (!x->opts.bearer_token && x->token_file) {
+        int rc = read_token_file(x);
+        if (rc != 0) return rc;
+    }
     if (!x->opts.bearer_token) {
         const char *t = getenv("KASMINA_TOKEN");
         if (t && *t) x->opts.bearer_token = t;

@@ -35,8 +35,6 @@ static const struct cfg_option options[] = {
     {"listen", T_LIST, 0, 0, NULL, NULL, OFF(listen),
      "listen on ADDR: unix:/path or host:port (repeatable; default: a Unix socket at "
      "$XDG_RUNTIME_DIR/kasmina/kasminad.sock, or /run/kasmina/kasminad.sock as root)"},
-    {"allow-remote-tcp", T_BOOL, 0, 0, "false", NULL, OFF(allow_remote_tcp),
-     "accept a non-loopback TCP listen address (plaintext: TLS is not implemented yet)"},
     {"state-dir", T_STRING, 0, 0, NULL, NULL, OFF(state_dir),
      "keep models (spec, snapshot, journal) in PATH and restore them at start (default "
      "$XDG_STATE_HOME/kasmina, ~/.local/state/kasmina, or /var/lib/kasmina as root)"},
@@ -73,6 +71,28 @@ static const struct cfg_option options[] = {
      "events a WatchEvents subscriber may fall behind before it is ended (RESOURCE_EXHAUSTED)"},
     {"demo", T_BOOL, 0, 0, "false", NULL, OFF(demo),
      "create model \"demo\" (CNN host defaults, slots r0c0 r0c1 r0c2) at start-up"},
+    {"socket-group", T_STRING, 0, 0, NULL, NULL, OFF(socket_group),
+     "Unix sockets 0660 owned by this group (name or number), their directory 0750 (default: "
+     "socket 0600, directory 0700)"},
+    {"tls-cert", T_STRING, 0, 0, NULL, NULL, OFF(tls_cert),
+     "server certificate chain (PEM): TCP listeners use TLS (required off loopback)"},
+    {"tls-key", T_STRING, 0, 0, NULL, NULL, OFF(tls_key),
+     "private key of tls-cert (PEM)"},
+    {"tls-client-ca", T_STRING, 0, 0, NULL, NULL, OFF(tls_client_ca),
+     "require TCP clients to present a certificate signed by this CA (PEM; mTLS)"},
+    {"token-file", T_STRING, 0, 0, NULL, NULL, OFF(token_file),
+     "require \"authorization: Bearer <token>\" on every call but grpc.health.v1 (mode 0600 "
+     "file)"},
+    {"max-batch-rows", T_INT, 1, 1048576, "4096", NULL, OFF(max_batch_rows),
+     "input rows per Forward/FusedForward/Evaluate (RESOURCE_EXHAUSTED above)"},
+    {"max-sequence-length", T_INT, 1, 1048576, "8192", NULL, OFF(max_sequence_length),
+     "tokens per row of a transformer input (RESOURCE_EXHAUSTED above)"},
+    {"max-models", T_INT, 1, 100000, "1024", NULL, OFF(max_models),
+     "models held at once (CreateModel RESOURCE_EXHAUSTED above)"},
+    {"max-seeds-per-model", T_INT, 1, 64, "64", NULL, OFF(max_seeds_per_model),
+     "live seeds per model (Germinate RESOURCE_EXHAUSTED above)"},
+    {"max-queued-per-stream", T_INT, 1, 100000, "16", NULL, OFF(max_queued_per_stream),
+     "compute calls queued or running per model stream key (RESOURCE_EXHAUSTED above)"},
 };
 /* clang-format on */
 #define N_OPTIONS (sizeof options / sizeof options[0])
@@ -370,5 +390,10 @@ void ksm_config_fini(struct ksm_config *c)
     free(c->metrics_listen);
     free(c->log_level);
     free(c->log_file);
+    free(c->socket_group);
+    free(c->tls_cert);
+    free(c->tls_key);
+    free(c->tls_client_ca);
+    free(c->token_file);
     memset(c, 0, sizeof *c);
 }

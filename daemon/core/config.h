@@ -23,7 +23,6 @@ struct ksm_config {
     char *config_file;
     char *listen[KSM_CFG_MAX_LISTEN];
     size_t n_listen;
-    bool allow_remote_tcp;
     char *state_dir;
     bool no_persist;
     int journal_records;
@@ -41,6 +40,13 @@ struct ksm_config {
     size_t event_ring;
     size_t subscriber_buffer;
     bool demo;
+    /* security */
+    char *socket_group;
+    char *tls_cert, *tls_key, *tls_client_ca;
+    char *token_file;
+    /* limits */
+    int max_batch_rows, max_sequence_length, max_models, max_seeds_per_model;
+    int max_queued_per_stream;
 };
 
 /* Fills *c. Returns 0, 1 when --help or --version was printed (exit 0), or KSM_EINVAL after

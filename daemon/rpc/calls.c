@@ -289,7 +289,7 @@ static int h_germinate(ksm_rpc_server *s, const ProtobufCMessage *req, struct rp
     TRY(get_model(s, r->model_id, cx, &m));
     struct ksm_slot_report *rep = new_report(cx);
     if (rep == NULL) return KSM_ENOMEM;
-    MUTATE(m, r->slot_id, ksm_model_germinate(m, r->slot_id, &g, rep, ERR));
+    MUTATE(m, r->slot_id, rpc_germinate_limited(s, m, r->slot_id, &g, rep, cx));
     Kasmina__V1__SlotReport *out;
     TRY(slot_report_reply(r->model_id, rep, cx, &out));
     *reply = &out->base;
@@ -467,8 +467,10 @@ static int forward_common(ksm_rpc_server *s, const char *model_id,
                           const struct ksm_forward_args *fa, int out_dtype, struct rpc_ctx *cx,
                           ProtobufCMessage **reply)
 {
+    TRY(rpc_limit_input(s, fa->input, cx));
     ksm_model *m;
     TRY(get_model(s, model_id, cx, &m));
+    TRY(rpc_limit_stream_enter(s, model_id, fa->stream, cx));
     struct ksm_forward_result *res = ksm_pb_arena_alloc(&cx->arena, sizeof *res);
     if (res == NULL) return KSM_ENOMEM;
     TRY(ksm_model_forward(m, fa, res, ERR));
@@ -505,8 +507,10 @@ static int h_evaluate(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc
     const Kasmina__V1__EvaluateRequest *r = (const void *)req;
     struct ksm_evaluate_args ea;
     TRY(ksm_conv_evaluate_from_pb(r, &cx->arena, &ea, ERR));
+    TRY(rpc_limit_input(s, ea.input, cx));
     ksm_model *m;
     TRY(get_model(s, r->model_id, cx, &m));
+    TRY(rpc_limit_stream_enter(s, r->model_id, ea.stream, cx));
     struct ksm_evaluate_result *res = ksm_pb_arena_alloc(&cx->arena, sizeof *res);
     if (res == NULL) return KSM_ENOMEM;
     TRY(ksm_model_evaluate(m, &ea, res, ERR));

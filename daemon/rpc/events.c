@@ -158,8 +158,9 @@ static void feed_events(struct rpc_hub *h, struct rpc_call *c)
     if (c->next_seq < oldest_seq(h)) {
         char msg[160];
         snprintf(msg, sizeof msg,
-                 "The subscriber fell behind: event %llu was dropped before it was sent.",
-                 (unsigned long long)c->next_seq);
+                 "The subscriber fell behind: event %llu left the event-ring (%zu events) before "
+                 "it was sent.",
+                 (unsigned long long)c->next_seq, h->cap);
         end_stream(c, KSM_ELIMIT, GRPC_STATUS_RESOURCE_EXHAUSTED, msg, false);
         return;
     }
@@ -168,7 +169,9 @@ static void feed_events(struct rpc_hub *h, struct rpc_call *c)
     if (h->last_seq > base && h->last_seq - base > buf) {
         char msg[160];
         snprintf(msg, sizeof msg,
-                 "The subscriber fell more than %zu events behind and was disconnected.", buf);
+                 "The subscriber fell more than subscriber-buffer = %zu events behind and was "
+                 "disconnected.",
+                 buf);
         end_stream(c, KSM_ELIMIT, GRPC_STATUS_RESOURCE_EXHAUSTED, msg, false);
         return;
     }

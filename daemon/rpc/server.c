@@ -219,6 +219,7 @@ static void run_unary(ksm_rpc_server *s, struct rpc_call *c)
     ksm_pb_arena_init(&cx.arena);
     ProtobufCMessage *reply = NULL;
     int rc = c->m->fn(s, req, &cx, &reply);
+    if (rc != 0) rpc_limit_explain(s, rc, &cx);
     if (rc == 0 && atomic_load(&c->closed))
         KSM_LOGI("rpc", "%s: the client cancelled the call while it ran", c->m->path);
     rpc_call_finish(c, rc == 0 ? reply : NULL, rc, cx.err, 0);
@@ -313,6 +314,7 @@ static void on_request(struct rpc_tag *t, bool ok)
         atomic_store(&c->closed, true);
         atomic_fetch_sub(&c->refs, 1);
     }
+    if (!rpc_authorize(s, c)) return;
     if (c->m == NULL) {
         char *method = grpc_slice_to_c_string(c->details.method);
         char msg[256];
@@ -352,8 +354,11 @@ static void on_request(struct rpc_tag *t, bool ok)
     }
     if (atomic_fetch_add(&s->inflight, 1) >= s->cfg.max_concurrent_calls) {
         atomic_fetch_sub(&s->inflight, 1);
-        rpc_call_finish(c, NULL, KSM_ELIMIT,
-                        "Too many concurrent calls (max_concurrent_calls); retry later.", 0);
+        char msg[128];
+        snprintf(msg, sizeof msg,
+                 "Too many calls in flight: max-concurrent-calls = %d; retry later.",
+                 s->cfg.max_concurrent_calls);
+        rpc_call_finish(c, NULL, KSM_ELIMIT, msg, 0);
         return;
     }
     c->counted = true;
@@ -520,15 +525,10 @@ static int add_listener(ksm_rpc_server *s, const char *addr, char *err, size_t e
             snprintf(target, sizeof target, "127.0.0.1%s", colon);
         else
             snprintf(target, sizeof target, "%s", hp);
-        if (!loopback_host(target) && !s->cfg.allow_remote_tcp) {
-            snprintf(err, errlen,
-                     "listen address '%s' is not a loopback address; TLS is not implemented yet, "
-                     "so a remote TCP listener needs allow-remote-tcp",
-                     addr);
-            return KSM_EINVAL;
-        }
     }
-    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+    grpc_server_credentials *creds =
+        rpc_listener_creds(s, addr, !is_unix, !is_unix && loopback_host(target), err, errlen);
+    if (creds == NULL) return KSM_EINVAL;
     mode_t old = umask(0177);
     int port = grpc_server_add_http2_port(s->server, target, creds);
     umask(old);
@@ -537,8 +537,22 @@ static int add_listener(ksm_rpc_server *s, const char *addr, char *err, size_t e
         snprintf(err, errlen, "cannot listen on %s (address in use or not permitted)", target);
         return KSM_EIO;
     }
-    if (is_unix) chmod(target + 5, 0600);
-    KSM_LOGI("rpc", "listening on %s", target);
+    if (is_unix) {
+        int rc = rpc_socket_secure(s, target + 5, err, errlen);
+        if (rc != 0) return rc;
+        KSM_LOGI("rpc", "listening on %s (mode %s%s)", target,
+                 s->have_gid ? "0660, group " : "0600",
+                 s->cfg.socket_group != NULL ? s->cfg.socket_group : "");
+    } else {
+        /* The bound port (useful with port 0) and the transport security. */
+        char shown[PATH_MAX + 16];
+        const char *colon = strrchr(target, ':');
+        snprintf(shown, sizeof shown, "%.*s:%d", (int)(colon - target), target, port);
+        KSM_LOGI("rpc", "listening on %s (%s)", shown,
+                 s->tls_cert_pem == NULL ? "plaintext, loopback only"
+                 : s->tls_ca_pem != NULL ? "TLS, client certificates required"
+                                         : "TLS");
+    }
     return 0;
 }
 
@@ -586,6 +600,7 @@ int ksm_rpc_server_start(ksm_engine *e, const struct ksm_rpc_server_config *cfg,
     if (s->cfg.subscriber_buffer > s->cfg.event_ring) s->cfg.subscriber_buffer = s->cfg.event_ring;
     if (s->cfg.version == NULL) s->cfg.version = "0.0.0";
     pthread_mutex_init(&s->lock, NULL);
+    pthread_mutex_init(&s->limits_lock, NULL);
     pthread_cond_init(&s->cond, NULL);
     atomic_store(&s->serving, true);
     s->shutdown_tag.done = on_shutdown;
@@ -596,6 +611,7 @@ int ksm_rpc_server_start(ksm_engine *e, const struct ksm_rpc_server_config *cfg,
     s->started_ns = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
     int rc = KSM_ENOMEM;
     if (s->unix_paths == NULL || s->lock_fds == NULL) goto out_free;
+    if ((rc = rpc_security_init(s, err, errlen)) != 0) goto out_free;
 
     grpc_init();
     grpc_arg args[3];
@@ -673,7 +689,10 @@ out_free:
     }
     free(s->unix_paths);
     free(s->lock_fds);
+    rpc_security_fini(s);
+    rpc_limits_fini(s);
     pthread_cond_destroy(&s->cond);
+    pthread_mutex_destroy(&s->limits_lock);
     pthread_mutex_destroy(&s->lock);
     free(s);
     return rc;
@@ -731,7 +750,10 @@ void ksm_rpc_server_free(ksm_rpc_server *s)
     }
     free(s->unix_paths);
     free(s->lock_fds);
+    rpc_security_fini(s);
+    rpc_limits_fini(s);
     pthread_cond_destroy(&s->cond);
+    pthread_mutex_destroy(&s->limits_lock);
     pthread_mutex_destroy(&s->lock);
     free(s);
 }

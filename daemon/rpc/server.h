@@ -36,18 +36,38 @@ struct ksm_persist; /* io/persist.h */
 struct ksm_rpc_server_config {
     const char *const *listen; /* "unix:/path" or "host:port" (TCP); at least one */
     size_t n_listen;
-    bool allow_remote_tcp;       /* accept a non-loopback TCP address (no TLS yet) */
-    size_t max_message_bytes;    /* largest request accepted (0 = 64 MiB) */
-    int workers;                 /* worker threads for unary calls (0 = 4) */
-    int max_concurrent_calls;    /* unary calls in flight before RESOURCE_EXHAUSTED (0 = 256) */
-    size_t event_ring;           /* events kept for WatchEvents resume (0 = 4096) */
-    size_t subscriber_buffer;    /* events a subscriber may lag before it is ended (0 = 1024) */
-    const char *version;         /* ServerInfo.version */
+    bool allow_remote_tcp;    /* plaintext on a non-loopback TCP address without TLS (insecure) */
+    size_t max_message_bytes; /* largest request accepted (0 = 64 MiB) */
+    int workers;              /* worker threads for unary calls (0 = 4) */
+    int max_concurrent_calls; /* unary calls in flight before RESOURCE_EXHAUSTED (0 = 256) */
+    size_t event_ring;        /* events kept for WatchEvents resume (0 = 4096) */
+    size_t subscriber_buffer; /* events a subscriber may lag before it is ended (0 = 1024) */
+    const char *version;      /* ServerInfo.version */
     struct ksm_persist *persist; /* NULL: no state on disk; else every mutation is journalled
                                   * before its reply (borrowed, outlives the server) */
+    /* Security (rpc/security.c). A TCP listener on a non-loopback address needs TLS; with TLS
+     * configured every TCP listener uses it, Unix sockets stay plaintext (their mode guards
+     * them). */
+    const char *socket_group;       /* group name or number: sockets 0660 + chgrp, their
+                                     * directory 0750; NULL = sockets 0600 in a 0700 directory */
+    const char *tls_cert_file;      /* server certificate chain (PEM); with tls_key_file */
+    const char *tls_key_file;       /* its private key (PEM) */
+    const char *tls_client_ca_file; /* mTLS: require client certificates signed by this CA */
+    const char *token_file;         /* bearer token; the file must be private (no group/other
+                                     * bits). Every call but grpc.health.v1 then needs
+                                     * "authorization: Bearer <token>" or gets UNAUTHENTICATED */
+    /* Limits: exceeding one gives RESOURCE_EXHAUSTED naming the option and its value. 0 = none
+     * (rpc layer) or "not set" (engine limits, named in messages only). */
+    uint32_t max_batch_rows;        /* input rows of Forward/FusedForward/Evaluate */
+    uint32_t max_sequence_length;   /* T of a transformer input [B, T] */
+    uint32_t max_seeds_per_model;   /* live seeds (occupied, not pruned/embargoed/resetting) */
+    uint32_t max_queued_per_stream; /* compute calls queued or running per (model, stream) */
+    uint32_t max_models;            /* enforced by the engine (ksm_engine_config.max_models) */
+    size_t memory_cap;              /* enforced by the allocators (ksm_engine_config) */
 };
 
-/* Binds every listener (a Unix socket path gets its directory created 0700, the socket 0600 and
+/* Reads the token and TLS files, then binds every listener (a Unix socket path gets its
+ * directory created 0700, the socket 0600 (0660 and chgrp with socket_group) and
  * a lock file "<path>.lock" held with flock: a second daemon on the same path fails here with
  * KSM_EBUSY and a message naming the path), starts the threads and serves. The engine must
  * outlive the server. Returns 0, KSM_EINVAL (bad address), KSM_EBUSY, KSM_EIO or KSM_ENOMEM. */

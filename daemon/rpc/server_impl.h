@@ -10,6 +10,7 @@
 #include <stdbool.h>
 
 #include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
 
 #include "grpc/health/v1/health.pb-c.h"
 #include "kasmina/kasmina.h"
@@ -76,7 +77,8 @@ struct rpc_call {
     bool health_known; /* the watched service exists */
 };
 
-struct rpc_hub; /* events.c */
+struct rpc_hub;        /* events.c */
+struct rpc_stream_use; /* limits.c */
 
 struct ksm_rpc_server {
     ksm_engine *engine;
@@ -104,6 +106,15 @@ struct ksm_rpc_server {
     char **unix_paths;
     int *lock_fds;
     int64_t started_ns;
+    /* security.c: secrets read at start-up (wiped on free) */
+    char *token; /* "Bearer"-less token; NULL = no token required */
+    size_t token_len;
+    char *tls_cert_pem, *tls_key_pem, *tls_ca_pem;
+    bool have_gid;
+    unsigned sock_gid;
+    /* limits.c */
+    pthread_mutex_t limits_lock; /* stream uses, seeds per model */
+    struct rpc_stream_use *stream_uses;
 };
 
 /* server.c */
@@ -116,6 +127,36 @@ void rpc_call_finish(struct rpc_call *c, const ProtobufCMessage *reply, int err,
 /* Packs msg into a byte buffer (NULL on OOM). */
 grpc_byte_buffer *rpc_pack(const ProtobufCMessage *msg);
 bool rpc_deadline_passed(const struct rpc_call *c);
+
+/* security.c */
+/* Reads the token file and the TLS files named in s->cfg; one line in err naming the option. */
+int rpc_security_init(ksm_rpc_server *s, char *err, size_t errlen);
+void rpc_security_fini(ksm_rpc_server *s);
+/* Credentials for a listener: TLS (mTLS with a client CA) for TCP when configured, else
+ * insecure. NULL with err set when a non-loopback TCP address has no TLS. */
+grpc_server_credentials *rpc_listener_creds(ksm_rpc_server *s, const char *addr, bool tcp,
+                                            bool loopback, char *err, size_t errlen);
+/* Applies the socket mode (0600, or 0660 + chgrp) to a bound Unix socket and, with a group, to
+ * its directory (0750 + chgrp, when the daemon owns it). */
+int rpc_socket_secure(ksm_rpc_server *s, const char *path, char *err, size_t errlen);
+/* True when the call may proceed: grpc.health.v1 always may; with a token, everything else needs
+ * a matching "authorization: Bearer <token>" (compared in constant time). On false the call was
+ * answered with UNAUTHENTICATED. */
+bool rpc_authorize(ksm_rpc_server *s, struct rpc_call *c);
+
+/* limits.c (each returns 0 or KSM_ELIMIT with one sentence naming the option in cx->err) */
+int rpc_limit_input(ksm_rpc_server *s, const ksm_tensor *input, struct rpc_ctx *cx);
+/* Counts a compute call on (model, stream) until the reply is sent (deferred release). */
+int rpc_limit_stream_enter(ksm_rpc_server *s, const char *model_id, const char *stream,
+                           struct rpc_ctx *cx);
+/* Germinate with the live-seed limit: count and germinate under one lock. */
+int rpc_germinate_limited(ksm_rpc_server *s, ksm_model *m, const char *slot_id,
+                          const struct ksm_germinate_args *g, struct ksm_slot_report *rep,
+                          struct rpc_ctx *cx);
+/* Rewrites the message of an engine-enforced limit (max-models, memory-cap) to name the option
+ * and its value. */
+void rpc_limit_explain(ksm_rpc_server *s, int rc, struct rpc_ctx *cx);
+void rpc_limits_fini(ksm_rpc_server *s);
 
 /* calls.c */
 extern struct rpc_method rpc_methods[];

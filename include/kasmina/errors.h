@@ -51,7 +51,8 @@ extern "C" {
     XX(ENODEVICE, -4014, "no such device")                                                         \
     XX(ENOTREADY, -4015, "not ready")                                                              \
     XX(ENOPLUGIN, -4016, "backend plugin unavailable")                                             \
-    XX(EINTERNAL, -4017, "internal error")
+    XX(EINTERNAL, -4017, "internal error")                                                         \
+    XX(EAUTH, -4018, "authentication required")
 
 /* clang-format off */
 enum ksm_errno {

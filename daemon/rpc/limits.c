@@ -1,0 +1,166 @@
+/*
+ * rpc/limits: the per-request limits of kasminad (deploy/kasminad.conf documents each). A request
+ * over one gets RESOURCE_EXHAUSTED (KSM_ELIMIT) with one sentence naming the option and its value;
+ * nothing has changed and the daemon goes on serving the others. Limits whose state lives in the
+ * engine (max-models, memory-cap) are enforced there; rpc_limit_explain() names them.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kasmina/errors.h"
+#include "rpc/server_impl.h"
+
+/* One (model, stream) key with compute calls queued or running; freed at zero. */
+struct rpc_stream_use {
+    struct rpc_stream_use *next;
+    ksm_rpc_server *srv;
+    unsigned n;
+    size_t key_len;
+    char key[]; /* model_id '\0' stream */
+};
+
+int rpc_limit_input(ksm_rpc_server *s, const ksm_tensor *input, struct rpc_ctx *cx)
+{
+    if (input == NULL || input->ndim < 1) return 0; /* the engine names the problem */
+    uint32_t rows = s->cfg.max_batch_rows, seq = s->cfg.max_sequence_length;
+    if (rows != 0 && input->shape[0] > (int64_t)rows) {
+        snprintf(cx->err, sizeof cx->err, "input has %lld rows; max-batch-rows = %u.",
+                 (long long)input->shape[0], rows);
+        return KSM_ELIMIT;
+    }
+    /* Token ids [B, T] (a CNN input is [B, C, H, W]). */
+    if (seq != 0 && input->ndim == 2 && input->shape[1] > (int64_t)seq) {
+        snprintf(cx->err, sizeof cx->err,
+                 "input has sequence length %lld; max-sequence-length = %u.",
+                 (long long)input->shape[1], seq);
+        return KSM_ELIMIT;
+    }
+    return 0;
+}
+
+static void stream_leave(void *p)
+{
+    struct rpc_stream_use *u = p;
+    ksm_rpc_server *s = u->srv;
+    pthread_mutex_lock(&s->limits_lock);
+    if (--u->n == 0) {
+        for (struct rpc_stream_use **pp = &s->stream_uses; *pp; pp = &(*pp)->next)
+            if (*pp == u) {
+                *pp = u->next;
+                break;
+            }
+        free(u);
+    }
+    pthread_mutex_unlock(&s->limits_lock);
+}
+
+int rpc_limit_stream_enter(ksm_rpc_server *s, const char *model_id, const char *stream,
+                           struct rpc_ctx *cx)
+{
+    uint32_t max = s->cfg.max_queued_per_stream;
+    if (max == 0) return 0;
+    if (model_id == NULL) model_id = "";
+    if (stream == NULL) stream = "";
+    size_t ml = strlen(model_id), sl = strlen(stream), kl = ml + 1 + sl;
+    pthread_mutex_lock(&s->limits_lock);
+    struct rpc_stream_use *u = s->stream_uses;
+    while (u != NULL && !(u->key_len == kl && memcmp(u->key, model_id, ml + 1) == 0 &&
+                          memcmp(u->key + ml + 1, stream, sl) == 0))
+        u = u->next;
+    if (u != NULL && u->n >= max) {
+        pthread_mutex_unlock(&s->limits_lock);
+        snprintf(cx->err, sizeof cx->err,
+                 "model '%s' stream '%s' already has %u calls queued or running; "
+                 "max-queued-per-stream = %u.",
+                 model_id, stream[0] ? stream : "default", max, max);
+        return KSM_ELIMIT;
+    }
+    if (u == NULL) {
+        u = malloc(sizeof *u + kl + 1);
+        if (u == NULL) {
+            pthread_mutex_unlock(&s->limits_lock);
+            return KSM_ENOMEM;
+        }
+        u->srv = s;
+        u->n = 0;
+        u->key_len = kl;
+        memcpy(u->key, model_id, ml + 1);
+        memcpy(u->key + ml + 1, stream, sl + 1);
+        u->next = s->stream_uses;
+        s->stream_uses = u;
+    }
+    u->n++;
+    pthread_mutex_unlock(&s->limits_lock);
+    rpc_defer(cx, stream_leave, u);
+    return 0;
+}
+
+/* A seed that still counts: occupied and not on its way out. */
+static bool seed_live(const struct ksm_slot_report *r)
+{
+    return r->occupied && r->stage != KSM_STAGE_PRUNED && r->stage != KSM_STAGE_EMBARGOED &&
+           r->stage != KSM_STAGE_RESETTING;
+}
+
+int rpc_germinate_limited(ksm_rpc_server *s, ksm_model *m, const char *slot_id,
+                          const struct ksm_germinate_args *g, struct ksm_slot_report *rep,
+                          struct rpc_ctx *cx)
+{
+    uint32_t max = s->cfg.max_seeds_per_model;
+    if (max == 0 || max >= KSM_MAX_SLOTS)
+        return ksm_model_germinate(m, slot_id, g, rep, cx->err, sizeof cx->err);
+    struct ksm_slot_report *reps = ksm_pb_arena_alloc(&cx->arena, KSM_MAX_SLOTS * sizeof *reps);
+    if (reps == NULL) return KSM_ENOMEM;
+    /* Count and germinate under one lock so that concurrent germinations cannot overshoot. */
+    pthread_mutex_lock(&s->limits_lock);
+    size_t n = 0;
+    int rc = ksm_model_slot_reports(m, NULL, reps, KSM_MAX_SLOTS, &n, cx->err, sizeof cx->err);
+    if (rc == 0) {
+        if (n > KSM_MAX_SLOTS) n = KSM_MAX_SLOTS;
+        unsigned live = 0;
+        bool target_free = false;
+        for (size_t i = 0; i < n; i++) {
+            live += seed_live(&reps[i]);
+            if (slot_id != NULL && strcmp(reps[i].slot_id, slot_id) == 0)
+                target_free = !reps[i].occupied;
+        }
+        /* A bad or busy slot gets the engine's own answer. */
+        if (target_free && live >= max) {
+            snprintf(cx->err, sizeof cx->err,
+                     "model '%s' already has %u live seeds; max-seeds-per-model = %u.",
+                     ksm_model_id(m), live, max);
+            rc = KSM_ELIMIT;
+        } else {
+            rc = ksm_model_germinate(m, slot_id, g, rep, cx->err, sizeof cx->err);
+        }
+    }
+    pthread_mutex_unlock(&s->limits_lock);
+    return rc;
+}
+
+void rpc_limit_explain(ksm_rpc_server *s, int rc, struct rpc_ctx *cx)
+{
+    if (rc == KSM_ELIMIT && strstr(cx->err, "max_models") != NULL && s->cfg.max_models != 0) {
+        snprintf(cx->err, sizeof cx->err,
+                 "The daemon already holds max-models = %u models; delete one first.",
+                 s->cfg.max_models);
+    } else if (rc == KSM_EDEVMEM && s->cfg.memory_cap != 0) {
+        char was[sizeof cx->err];
+        snprintf(was, sizeof was, "%s", cx->err[0] ? cx->err : ksm_strerror(rc));
+        if (!cx->err[0] && was[0] >= 'a' && was[0] <= 'z') was[0] = (char)(was[0] - 'a' + 'A');
+        size_t n = strlen(was);
+        while (n > 0 && was[n - 1] == '.') was[--n] = '\0';
+        snprintf(cx->err, sizeof cx->err, "%s; memory-cap = %zu bytes per device.", was,
+                 s->cfg.memory_cap);
+    }
+}
+
+void rpc_limits_fini(ksm_rpc_server *s)
+{
+    while (s->stream_uses != NULL) {
+        struct rpc_stream_use *u = s->stream_uses;
+        s->stream_uses = u->next;
+        free(u);
+    }
+}
