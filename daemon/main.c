@@ -253,6 +253,7 @@ int main(int argc, char **argv)
     struct ksm_rpc_server_config rc_cfg = {
         .listen = (const char *const *)d.cfg.listen,
         .n_listen = d.cfg.n_listen,
+        .allow_remote_tcp = d.cfg.allow_remote_tcp,
         .max_message_bytes = d.cfg.max_message_bytes,
         .workers = d.cfg.workers,
         .max_concurrent_calls = d.cfg.max_concurrent_calls,

@@ -35,6 +35,9 @@ static const struct cfg_option options[] = {
     {"listen", T_LIST, 0, 0, NULL, NULL, OFF(listen),
      "listen on ADDR: unix:/path or host:port (repeatable; default: a Unix socket at "
      "$XDG_RUNTIME_DIR/kasmina/kasminad.sock, or /run/kasmina/kasminad.sock as root)"},
+    {"allow-remote-tcp", T_BOOL, 0, 0, "false", NULL, OFF(allow_remote_tcp),
+     "serve plaintext on a non-loopback TCP address (insecure: only behind a network policy, "
+     "e.g. for kubelet gRPC probes); otherwise such a listener needs TLS"},
     {"state-dir", T_STRING, 0, 0, NULL, NULL, OFF(state_dir),
      "keep models (spec, snapshot, journal) in PATH and restore them at start (default "
      "$XDG_STATE_HOME/kasmina, ~/.local/state/kasmina, or /var/lib/kasmina as root)"},

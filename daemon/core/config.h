@@ -23,6 +23,7 @@ struct ksm_config {
     char *config_file;
     char *listen[KSM_CFG_MAX_LISTEN];
     size_t n_listen;
+    bool allow_remote_tcp;
     char *state_dir;
     bool no_persist;
     int journal_records;

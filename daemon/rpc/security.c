@@ -4,7 +4,8 @@
  * - Unix sockets: mode 0600 in a 0700 directory; with socket-group, 0660 and the group, the
  *   directory 0750 and the group (only a directory the daemon owns and that is not shared, such
  *   as /tmp, is changed).
- * - TCP: plaintext only on loopback; a non-loopback address needs TLS (tls-cert + tls-key). With
+ * - TCP: plaintext only on loopback; a non-loopback address needs TLS (tls-cert + tls-key), or
+ *   the explicit insecure allow-remote-tcp (a pod network behind a policy: kubelet probes). With
  *   TLS configured, every TCP listener uses it; with tls-client-ca the server requires and
  *   verifies client certificates (mTLS). Unix sockets stay plaintext.
  * - Bearer token (token-file): every call except grpc.health.v1 (so that probes work) needs the
@@ -207,13 +208,19 @@ grpc_server_credentials *rpc_listener_creds(ksm_rpc_server *s, const char *addr,
                                             bool loopback, char *err, size_t errlen)
 {
     if (!tcp || s->tls_cert_pem == NULL) {
-        if (tcp && !loopback) {
+        if (tcp && !loopback && !s->cfg.allow_remote_tcp) {
             snprintf(err, errlen,
                      "listen address '%s' is not a loopback address: a remote TCP listener needs "
-                     "TLS (tls-cert and tls-key)",
+                     "TLS (tls-cert and tls-key), or allow-remote-tcp for plaintext behind a "
+                     "network policy",
                      addr);
             return NULL;
         }
+        if (tcp && !loopback)
+            KSM_LOGW("rpc",
+                     "%s serves plaintext off loopback (allow-remote-tcp): anyone who "
+                     "reaches it can drive kasminad%s",
+                     addr, s->token != NULL ? " with the token" : "");
         return grpc_insecure_server_credentials_create();
     }
     grpc_ssl_pem_key_cert_pair pair = {.private_key = s->tls_key_pem,

@@ -549,7 +549,8 @@ static int add_listener(ksm_rpc_server *s, const char *addr, char *err, size_t e
         const char *colon = strrchr(target, ':');
         snprintf(shown, sizeof shown, "%.*s:%d", (int)(colon - target), target, port);
         KSM_LOGI("rpc", "listening on %s (%s)", shown,
-                 s->tls_cert_pem == NULL ? "plaintext, loopback only"
+                 s->tls_cert_pem == NULL
+                     ? (loopback_host(target) ? "plaintext, loopback" : "plaintext")
                  : s->tls_ca_pem != NULL ? "TLS, client certificates required"
                                          : "TLS");
     }

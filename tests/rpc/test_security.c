@@ -155,6 +155,15 @@ Test(security, a_non_loopback_listener_needs_tls)
     cr_assert_eq(
         tcp_call(&d, "localhost", true, path_in(&d, "ca.pem"), NULL, NULL, NULL, msg, sizeof msg),
         0, "%s", msg);
+    kill(d.pid, SIGTERM);
+    cr_expect_eq(sec_wait_exit(&d), 0);
+    /* The explicit insecure exception (kubelet probes on a pod IP) is logged as such. */
+    const char *plain[] = {"--listen", "0.0.0.0:0", "--allow-remote-tcp", NULL};
+    sec_start(&d, plain);
+    cr_expect_not_null(strstr(sec_log(&d), "serves plaintext off loopback (allow-remote-tcp)"),
+                       "%s", sec_log(&d));
+    cr_assert_eq(tcp_call(&d, "127.0.0.1", false, NULL, NULL, NULL, NULL, msg, sizeof msg), 0, "%s",
+                 msg);
     cr_expect_eq(sec_stop(&d), 0);
 }
 
