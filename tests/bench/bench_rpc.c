@@ -2,9 +2,12 @@
  * Control-RPC latency and throughput over the Unix socket: SetAlpha and GetSlotReports through
  * the C client against a real kasminad (started here on a temporary socket).
  *
- *     bench_rpc <path/to/kasminad> [seconds per phase, default 3]
+ *     bench_rpc <path/to/kasminad> [seconds per phase, default 3] [python stubs dir]
  *
- * Prints p50/p99 latency at concurrency 1 and requests per second at concurrency 16.
+ * Prints p50/p99 latency at concurrency 1 and requests per second at concurrency 16. With the
+ * stubs directory (build/client/python) it also starts tests/bench/py_alpha_server.py, a grpcio
+ * server doing the same state update in Python, and measures it in the same invocation,
+ * alternating phase by phase, and prints the ratios.
  */
 #include <pthread.h>
 #include <signal.h>
@@ -19,6 +22,11 @@
 #include "kasmina/errors.h"
 
 static char target[300];
+static const char *model_id = "bench";
+
+struct result {
+    double p50, p99, rps;
+};
 static double phase_s = 3.0;
 
 static double now_s(void)
@@ -39,13 +47,13 @@ enum op { OP_SET_ALPHA, OP_REPORTS };
 static int call(ksm_client *c, enum op op, int i, struct ksm_client_error *err)
 {
     if (op == OP_SET_ALPHA)
-        return ksm_client_set_alpha(c, "bench", "r0c1", (i % 100) / 100.0, NULL, err);
+        return ksm_client_set_alpha(c, model_id, "r0c1", (i % 100) / 100.0, NULL, err);
     struct ksm_slot_report r[8];
     size_t n;
-    return ksm_client_slot_reports(c, "bench", "", r, 8, &n, err);
+    return ksm_client_slot_reports(c, model_id, "", r, 8, &n, err);
 }
 
-static void latency(enum op op, const char *name)
+static struct result latency(enum op op, const char *name)
 {
     ksm_client *c;
     struct ksm_client_error err;
@@ -67,10 +75,11 @@ static void latency(enum op op, const char *name)
         lat[n++] = now_s() - t0;
     }
     qsort(lat, n, sizeof *lat, cmp_double);
-    printf("%-16s concurrency 1:  n %7zu  p50 %7.1f us  p99 %7.1f us\n", name, n, lat[n / 2] * 1e6,
-           lat[(size_t)((double)n * 0.99)] * 1e6);
+    struct result res = {lat[n / 2] * 1e6, lat[(size_t)((double)n * 0.99)] * 1e6, 0};
+    printf("%-26s concurrency 1:  n %7zu  p50 %7.1f us  p99 %7.1f us\n", name, n, res.p50, res.p99);
     free(lat);
     ksm_client_close(c);
+    return res;
 }
 
 struct worker {
@@ -99,7 +108,7 @@ static void *work(void *p)
     return NULL;
 }
 
-static void throughput(enum op op, const char *name, int threads)
+static struct result throughput(enum op op, const char *name, int threads)
 {
     struct worker w[64];
     double t0 = now_s(), end = t0 + phase_s;
@@ -114,29 +123,46 @@ static void throughput(enum op op, const char *name, int threads)
         errors += w[i].errors;
     }
     double el = now_s() - t0;
-    printf("%-16s concurrency %d: %8.0f requests/s  (%ld requests, %ld errors)\n", name, threads,
+    printf("%-26s concurrency %d: %8.0f requests/s  (%ld requests, %ld errors)\n", name, threads,
            (double)total / el, total, errors);
+    return (struct result){0, 0, errors ? 0 : (double)total / el};
+}
+
+static pid_t spawn(char *const argv[])
+{
+    pid_t pid = fork();
+    if (pid == 0) {
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    return pid;
 }
 
 int main(int argc, char **argv)
 {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s <kasminad> [seconds]\n", argv[0]);
+        fprintf(stderr, "usage: %s <kasminad> [seconds] [python stubs dir]\n", argv[0]);
         return 2;
     }
     if (argc > 2) phase_s = atof(argv[2]);
+    const char *stubs = argc > 3 ? argv[3] : NULL;
     char dir[] = "/tmp/ksm-bench-XXXXXX";
     if (mkdtemp(dir) == NULL) return 1;
-    char sock[256], listen_arg[300];
+    char sock[256], listen_arg[300], ktarget[300], pysock[256], ptarget[300];
     snprintf(sock, sizeof sock, "%s/s.sock", dir);
+    snprintf(pysock, sizeof pysock, "%s/py.sock", dir);
     snprintf(listen_arg, sizeof listen_arg, "unix:%s", sock);
-    snprintf(target, sizeof target, "unix:%s", sock);
-    pid_t pid = fork();
-    if (pid == 0) {
-        execl(argv[1], argv[1], "--listen", listen_arg, "--no-persist", "--log-level", "warn",
-              (char *)NULL);
-        _exit(127);
+    snprintf(ktarget, sizeof ktarget, "unix:%s", sock);
+    snprintf(ptarget, sizeof ptarget, "unix:%s", pysock);
+    char *kargv[] = {argv[1], "--listen", listen_arg, "--no-persist", "--log-level", "warn", NULL};
+    pid_t pid = spawn(kargv), pypid = -1;
+    if (stubs) {
+        char script[512];
+        snprintf(script, sizeof script, "%s/tests/bench/py_alpha_server.py", KSM_SOURCE_DIR);
+        char *pargv[] = {"/usr/bin/python3", script, (char *)stubs, pysock, "16", NULL};
+        pypid = spawn(pargv);
     }
+    snprintf(target, sizeof target, "%s", ktarget);
     ksm_client *c;
     struct ksm_client_error err;
     struct ksm_client_options o = {.wait_for_ready = true, .deadline_ms = 20000};
@@ -152,12 +178,37 @@ int main(int argc, char **argv)
         return 1;
     }
     ksm_client_close(c);
-    printf("kasminad over %s, %.1f s per phase, %ld cores\n", target, phase_s,
+    if (stubs) { /* wait for the Python server */
+        snprintf(target, sizeof target, "%s", ptarget);
+        if (ksm_client_connect(target, &o, &c, &err) != 0 ||
+            ksm_client_set_alpha(c, "bench", "r0c1", 0.5, NULL, &err) != 0) {
+            fprintf(stderr, "python server: %s\n", err.message);
+            stubs = NULL;
+        }
+        ksm_client_close(c);
+    }
+    printf("over Unix sockets, %.1f s per phase, %ld cores\n", phase_s,
            sysconf(_SC_NPROCESSORS_ONLN));
-    latency(OP_SET_ALPHA, "SetAlpha");
-    latency(OP_REPORTS, "GetSlotReports");
-    throughput(OP_SET_ALPHA, "SetAlpha", 16);
-    throughput(OP_REPORTS, "GetSlotReports", 16);
+    struct result k[4], p[4];
+    for (int phase = 0; phase < 4; phase++) {
+        for (int side = 0; side < (stubs ? 2 : 1); side++) {
+            snprintf(target, sizeof target, "%s", side ? ptarget : ktarget);
+            const char *who = side ? "python-grpcio" : "kasminad";
+            char name[64];
+            struct result *r = side ? &p[phase] : &k[phase];
+            enum op op = phase % 2 ? OP_REPORTS : OP_SET_ALPHA;
+            snprintf(name, sizeof name, "%s %s", who, op == OP_SET_ALPHA ? "SetAlpha" : "Reports");
+            *r = phase < 2 ? latency(op, name) : throughput(op, name, 16);
+        }
+    }
+    if (stubs) {
+        printf("\nkasminad / python-grpcio: SetAlpha p50 %.2fx lower, throughput at 16 %.1fx; "
+               "GetSlotReports p50 %.2fx lower, throughput at 16 %.1fx\n",
+               p[0].p50 / k[0].p50, k[2].rps / p[2].rps, p[1].p50 / k[1].p50, k[3].rps / p[3].rps);
+        kill(pypid, SIGTERM);
+        waitpid(pypid, NULL, 0);
+        unlink(pysock);
+    }
     kill(pid, SIGTERM);
     int st;
     waitpid(pid, &st, 0);
