@@ -428,8 +428,15 @@ int main(int argc, char **argv)
         return 2;
     }
     ksm_engine *e;
-    struct ksm_engine_config cfg = {.cpu_devices = 1};
+    /* KASMINA_BENCH_DEVICE=cuda:0 (tests/bench/gpu.sh) runs the engine side on the GPU through
+     * the plugin at KASMINA_CUDA_PLUGIN. */
+    const char *dev = getenv("KASMINA_BENCH_DEVICE");
+    struct ksm_engine_config cfg = {.cpu_devices = 1,
+                                    .enable_cuda = dev && strncmp(dev, "cuda", 4) == 0,
+                                    .cuda_plugin = getenv("KASMINA_CUDA_PLUGIN"),
+                                    .default_device = dev};
     CHECKE(ksm_engine_new(&cfg, &e, err, sizeof err));
+    fprintf(stderr, "bench_model: engine on %s\n", ksm_device_name(ksm_engine_default_device(e)));
     if (strcmp(argv[1], "export") == 0)
         export(e, argv[2]);
     else

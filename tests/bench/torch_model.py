@@ -95,12 +95,22 @@ def build(topology, path):
     return model
 
 
+# TORCH_DEVICE=cuda runs the PyTorch side on the GPU (tests/bench/gpu.sh); default cpu.
+DEV = torch.device(os.environ.get("TORCH_DEVICE") or "cpu")
+
+
+def sync():
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def row(name, sec, items, unit):
     print("row name=%s ms=%.3f per_s=%.1f unit=%s" % (name, sec * 1e3, items / sec, unit),
           flush=True)
 
 
 def rel(a, ref):
+    a = a.cpu()
     return ((a - ref).abs().max() / ref.abs().max()).item()
 
 
@@ -129,7 +139,7 @@ def eval_fused(model, x, y, seeds, configs):
     xt = x.repeat((k,) + (1,) * (x.dim() - 1))
     yt = y.repeat((k,) + (1,) * (y.dim() - 1))
     extra = (1, 1, 1) if x.dim() == 4 else (1, 1)
-    ov = {s: torch.tensor([c[j] for c in configs for _ in range(b)]).view(-1, *extra)
+    ov = {s: torch.tensor([c[j] for c in configs for _ in range(b)]).view(-1, *extra).to(x.device)
           for j, s in enumerate(seeds)}
     logits = model(xt, ov)
     return (logits,) + loss_acc(logits, yt, k)
@@ -155,7 +165,9 @@ def main():
     io, _ = read_safetensors(os.path.join(d, "io.safetensors"))
     cnn = build("cnn", os.path.join(d, "cnn.safetensors"))
     tf = build("tf", os.path.join(d, "tf.safetensors"))
-    cx, cy, tx, ty = io["cnn.x"], io["cnn.y"], io["tf.x"], io["tf.y"]
+    cnn.to(DEV)
+    tf.to(DEV)
+    cx, cy, tx, ty = (io[k].to(DEV) for k in ("cnn.x", "cnn.y", "tf.x", "tf.y"))
     kc, kt = len(CNN_CONFIGS), len(TF_CONFIGS)
 
     def check_cnn_forward(out):
@@ -190,7 +202,7 @@ def main():
         "tf_eval_k2_seq": (lambda: eval_seq(tf, tx, ty, TF_SEEDS, TF_CONFIGS),
                            kt * tx.numel(), "tok/s", None),
     }
-    print("info torch=%s threads=%d" % (torch.__version__, torch.get_num_threads()))
+    print("info torch=%s threads=%d device=%s" % (torch.__version__, torch.get_num_threads(), DEV))
     print("ready", flush=True)
     for line in sys.stdin:
         if line.startswith("quit"):
@@ -204,6 +216,7 @@ def main():
         with torch.no_grad():
             if reps == 0:
                 out = fn()
+                sync()
                 if chk:
                     chk(out)
                 del out
@@ -213,6 +226,7 @@ def main():
             for _ in range(reps):
                 t0 = time.perf_counter()
                 fn()
+                sync()
                 s.append(time.perf_counter() - t0)
         row(name, statistics.median(s), items, unit)
 

@@ -496,7 +496,7 @@ class SeedSlot(nn.Module):
         if alpha_override is None and st["stage"] == TRAINING and st["alpha"] == 0.0:
             return h + (s - s.detach())  # STE: value == h
         a = alpha_override if alpha_override is not None else \
-            torch.tensor(st["alpha"], dtype=h.dtype)
+            torch.tensor(st["alpha"], dtype=h.dtype, device=h.device)
         alg = st["alpha_algorithm"]
         if alg == ADD:
             assert self.alpha_schedule is None
