@@ -157,6 +157,9 @@ int rpc_germinate_limited(ksm_rpc_server *s, ksm_model *m, const char *slot_id,
  * and its value. */
 void rpc_limit_explain(ksm_rpc_server *s, int rc, struct rpc_ctx *cx);
 void rpc_limits_fini(ksm_rpc_server *s);
+/* After DeleteModel: returns the allocators' cached segments (a deleted model's streams' cache
+ * is never reused otherwise). */
+void rpc_release_dead_stream_cache(ksm_rpc_server *s);
 
 /* calls.c */
 extern struct rpc_method rpc_methods[];

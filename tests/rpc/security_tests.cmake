@@ -15,3 +15,14 @@ foreach(t security limits)
   add_test(NAME rpc_${t} COMMAND rpc_test_${t} --jobs=1)
   set_tests_properties(rpc_${t} PROPERTIES LABELS rpc TIMEOUT 300)
 endforeach()
+
+# Soak: many clients mixing lifecycle, compute and statistics against one kasminad; 0 errors, RSS
+# plateau, allocator back to its post-warm-up value. Briefly here (20 s); on demand:
+#   build/client/soak --kasminad build/kasminad --duration 600 --threads 16
+add_executable(soak ${CMAKE_SOURCE_DIR}/tests/bench/soak.c)
+target_compile_options(soak PRIVATE ${KSM_C_WARNINGS} -Wno-missing-prototypes)
+target_compile_definitions(soak PRIVATE _GNU_SOURCE)
+target_link_libraries(soak PRIVATE kasmina_client Threads::Threads m)
+add_dependencies(soak kasminad)
+add_test(NAME rpc_soak COMMAND soak --kasminad $<TARGET_FILE:kasminad> --duration 20 --threads 8)
+set_tests_properties(rpc_soak PROPERTIES LABELS rpc TIMEOUT 120)
