@@ -246,6 +246,19 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
+/* Cheap calls with small replies that only take a model's lock briefly and never wait on a
+ * device or a disk run on the completion-queue thread: the two thread hand-offs through the
+ * worker pool are most of such a call's latency. Calls with bigger replies (slot reports,
+ * statistics) stay on the workers, where several encode in parallel. SetAlpha writes the journal
+ * (an fsync) when state persists, so it goes to the workers then. */
+static bool run_inline(const ksm_rpc_server *s, const struct rpc_method *m)
+{
+    if (strcmp(m->path, "/kasmina.v1.Kasmina/GetModel") == 0 ||
+        strcmp(m->path, "/kasmina.v1.Kasmina/GetServerInfo") == 0)
+        return true;
+    return s->cfg.persist == NULL && strcmp(m->path, "/kasmina.v1.Kasmina/SetAlpha") == 0;
+}
+
 static void enqueue(ksm_rpc_server *s, struct rpc_call *c)
 {
     pthread_mutex_lock(&s->lock);
@@ -362,6 +375,10 @@ static void on_request(struct rpc_tag *t, bool ok)
         return;
     }
     c->counted = true;
+    if (run_inline(s, c->m)) {
+        run_unary(s, c);
+        return;
+    }
     enqueue(s, c);
 }
 
