@@ -21,6 +21,34 @@ extern "C" {
 #define KSM_OP_MAX_SRC        5
 #define KSM_SDPA_MAX_HEAD_DIM 256
 
+/* Convolution workspace layout (a pure function of the shapes; ops.c sizes the workspace with
+ * it and the CPU backend slices it). The output pixels of each image are cut into column tiles
+ * of ksm_conv2d_tile_cols() pixels (several per image only for small batches, so batch 1 still
+ * has work for every thread); each tile is an im2col of its pixels into a slice of the
+ * workspace followed by one sgemm. ksm_conv2d_slices() threads (at most KSM_CPU_MAX_THREADS)
+ * each own one slice of kdim * tile_cols floats. The CUDA plugin only needs one image's
+ * kdim * Ho * Wo floats, which the workspace always holds. */
+#define KSM_CPU_MAX_THREADS 16
+
+static inline int64_t ksm_conv2d_tile_cols(int64_t n, int64_t howo)
+{
+    if (n < 1 || howo < 1) return howo > 0 ? howo : 1;
+    int64_t want = (2 * KSM_CPU_MAX_THREADS + n - 1) / n; /* tiles per image */
+    int64_t most = howo / 64;                             /* no tile under 64 pixels */
+    if (want > most) want = most;
+    if (want <= 1) return howo;
+    int64_t cols = (howo + want - 1) / want;
+    cols = (cols + 15) / 16 * 16;
+    return cols < howo ? cols : howo;
+}
+
+static inline int64_t ksm_conv2d_slices(int64_t n, int64_t howo)
+{
+    int64_t tc = ksm_conv2d_tile_cols(n, howo);
+    int64_t tiles = n * ((howo + tc - 1) / tc);
+    return tiles < KSM_CPU_MAX_THREADS ? (tiles > 0 ? tiles : 1) : KSM_CPU_MAX_THREADS;
+}
+
 enum ksm_op_type {
     /* dst <- src0, same shape, src0 any strides. Converts F32/F16/BF16 among themselves and
      * I64/I32 between themselves; otherwise dtypes are equal. */

@@ -484,10 +484,12 @@ int ksm_op_linear(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_t
 /* ---- Convolution ---- */
 
 /*
- * Workspace of KSM_OP_CONV2D, shared by the CPU backend and the CUDA plugin (both must use
- * exactly this size): the im2col matrix of ONE image and ONE group,
- *     (Ci / groups) * kh * kw * Ho * Wo floats,
- * which the kernels fill and multiply per image and group. It is 0 when no im2col is needed:
+ * Workspace of KSM_OP_CONV2D, shared by the CPU backend and the CUDA plugin: im2col columns of
+ * one group, kdim = (Ci / groups) * kh * kw rows, either
+ *     kdim * Ho * Wo floats (ONE image: what the CUDA plugin needs, always available), or
+ *     ksm_conv2d_slices() * kdim * ksm_conv2d_tile_cols() floats when that is more
+ * (one slice per CPU compute thread, each the columns of one tile of output pixels; see
+ * nn/op.h). A pure function of the shapes. It is 0 when no im2col is needed:
  * 1x1 kernels without padding (the image itself is the matrix) and depthwise convolutions
  * (groups == Ci == Co, a direct kernel). Invalid arguments give 0 (ksm_op_conv2d rejects them).
  */
@@ -510,11 +512,19 @@ size_t ksm_op_conv2d_workspace_size(const ksm_tensor *x, const ksm_tensor *w, in
     int64_t wo = x->shape[3] + 2 * (int64_t)pad_w - kw + 1;
     if (ho <= 0 || wo <= 0) return 0;
     if (!conv_needs_im2col(ci, co, kh, kw, pad_h, pad_w, groups)) return 0;
-    int64_t n;
-    if (__builtin_mul_overflow(ci / groups, kh * kw, &n) || __builtin_mul_overflow(n, ho, &n) ||
-        __builtin_mul_overflow(n, wo, &n) || __builtin_mul_overflow(n, (int64_t)sizeof(float), &n))
+    /* One image's columns (what the CUDA plugin needs), or one slice per CPU thread when
+     * that is more (see ksm_conv2d_tile_cols in nn/op.h). */
+    int64_t kdim, howo, one, slices, all;
+    if (__builtin_mul_overflow(ci / groups, kh * kw, &kdim) ||
+        __builtin_mul_overflow(ho, wo, &howo) || __builtin_mul_overflow(kdim, howo, &one))
         return 0;
-    return (size_t)n;
+    slices = ksm_conv2d_slices(x->shape[0], howo);
+    if (__builtin_mul_overflow(kdim, ksm_conv2d_tile_cols(x->shape[0], howo), &all) ||
+        __builtin_mul_overflow(all, slices, &all))
+        return 0;
+    if (all < one) all = one;
+    if (__builtin_mul_overflow(all, (int64_t)sizeof(float), &all)) return 0;
+    return (size_t)all;
 }
 
 int ksm_op_conv2d(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_tensor *w,

@@ -56,8 +56,9 @@ int ksm_op_gemm(ksm_stream *s, ksm_tensor *c, const ksm_tensor *a, const ksm_ten
 int ksm_op_linear(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_tensor *w,
                   const ksm_tensor *bias);
 
-/* Bytes of scratch ksm_op_conv2d needs for these arguments (0 for 1x1 without padding and for
- * depthwise convolutions). */
+/* Bytes of scratch ksm_op_conv2d needs for these arguments, a pure function of the shapes (0
+ * for 1x1 without padding and for depthwise convolutions): at least one image's im2col matrix,
+ * more for the CPU backend's per-thread column buffers. */
 size_t ksm_op_conv2d_workspace_size(const ksm_tensor *x, const ksm_tensor *w, int pad_h, int pad_w,
                                     int groups);
 /* y[N,Co,Ho,Wo] <- conv2d(x[N,Ci,H,W], w[Co,Ci/groups,kh,kw]) + bias[Co] (bias may be NULL);

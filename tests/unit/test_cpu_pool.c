@@ -4,7 +4,9 @@
  * gives bit-identical results in parallel and serially (the serial run is the oracle; the golden
  * suite checks the serial math against PyTorch).
  */
+#include <cblas.h>
 #include <criterion/criterion.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -117,6 +119,102 @@ Test(cpu_pool, a_limit_of_one_keeps_work_on_the_caller)
     for (int r = 0; r < 20 && atomic_load(&w.foreign) == 0; r++)
         ksm_cpu_parallel_for(1 << 22, 1, record_thread, &w);
     cr_expect_gt(atomic_load(&w.foreign), 0, "no worker ever joined a region");
+}
+
+/* ---- Slots: distinct among the threads of a region ---- */
+
+struct slots {
+    atomic_int owner[8];  /* 1 + thread number holding each slot, 0 when free */
+    atomic_int bad, used; /* a slot out of range or held by two threads at once; slots seen */
+};
+
+static void hold_slot(void *ctx, int slot, int64_t b, int64_t e)
+{
+    struct slots *s = ctx;
+    if (slot < 0 || slot >= 3) {
+        atomic_fetch_add(&s->bad, 1);
+        return;
+    }
+    atomic_fetch_or(&s->used, 1 << slot);
+    int expected = 0;
+    if (!atomic_compare_exchange_strong(&s->owner[slot], &expected, 1))
+        atomic_fetch_add(&s->bad, 1);
+    volatile double x = 0;
+    for (int64_t i = b; i < e; i++) x += (double)i;
+    atomic_store(&s->owner[slot], 0);
+}
+
+Test(cpu_pool, slots_are_distinct_and_bounded)
+{
+    struct slots s;
+    memset(&s, 0, sizeof s);
+    for (int r = 0; r < 200; r++) ksm_cpu_parallel_for_slots(1 << 16, 64, 3, hold_slot, &s);
+    cr_expect_eq(atomic_load(&s.bad), 0, "a slot out of [0, 3) or shared by two threads");
+    cr_expect_eq(atomic_load(&s.used) & ~7, 0);
+}
+
+/* ---- OpenBLAS, single-threaded, called from several threads at once ----
+ *
+ * The pool sets OpenBLAS to one thread and runs one sgemm per thread concurrently. Each thread
+ * here repeats sgemms of several shapes (small-matrix and blocked paths, both transposes) and
+ * compares them bit for bit with the same products computed before the threads started. */
+
+enum { SG_THREADS = 6, SG_SHAPES = 4, SG_REPS = 40 };
+static const int sg_shape[SG_SHAPES][3] = {
+    {32, 1024, 27}, {64, 256, 288}, {200, 300, 500}, {7, 1000, 96}};
+static float *sg_a[SG_SHAPES], *sg_b[SG_SHAPES], *sg_ref[SG_SHAPES];
+
+static void sg_run(int i, float *c)
+{
+    const int m = sg_shape[i][0], n = sg_shape[i][1], k = sg_shape[i][2];
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, i % 2 ? CblasTrans : CblasNoTrans, m, n, k, 1.0f,
+                sg_a[i], k, sg_b[i], i % 2 ? k : n, 0.0f, c, n);
+}
+
+static void *sg_thread(void *arg)
+{
+    int *ok = arg;
+    *ok = 1;
+    for (int r = 0; r < SG_REPS; r++) {
+        int i = r % SG_SHAPES;
+        size_t nc = (size_t)sg_shape[i][0] * (size_t)sg_shape[i][1];
+        float *c = malloc(nc * sizeof(float));
+        sg_run(i, c);
+        if (memcmp(c, sg_ref[i], nc * sizeof(float)) != 0) *ok = 0;
+        free(c);
+    }
+    return NULL;
+}
+
+Test(cpu_pool, concurrent_single_threaded_sgemm_is_safe)
+{
+    (void)ksm_cpu_pool_threads(); /* creates the pool: OpenBLAS now has one thread */
+    cr_assert_eq(openblas_get_num_threads(), 1);
+    unsigned x = 12345;
+    for (int i = 0; i < SG_SHAPES; i++) {
+        size_t na = (size_t)sg_shape[i][0] * sg_shape[i][2];
+        size_t nb = (size_t)sg_shape[i][1] * sg_shape[i][2];
+        sg_a[i] = malloc(na * sizeof(float));
+        sg_b[i] = malloc(nb * sizeof(float));
+        sg_ref[i] = malloc((size_t)sg_shape[i][0] * sg_shape[i][1] * sizeof(float));
+        for (size_t j = 0; j < na; j++)
+            sg_a[i][j] = (float)((x = x * 1103515245u + 12345u) >> 16) / 65536.0f - 0.5f;
+        for (size_t j = 0; j < nb; j++)
+            sg_b[i][j] = (float)((x = x * 1103515245u + 12345u) >> 16) / 65536.0f - 0.5f;
+        sg_run(i, sg_ref[i]);
+    }
+    pthread_t t[SG_THREADS];
+    int ok[SG_THREADS];
+    for (int i = 0; i < SG_THREADS; i++) pthread_create(&t[i], NULL, sg_thread, &ok[i]);
+    for (int i = 0; i < SG_THREADS; i++) {
+        pthread_join(t[i], NULL);
+        cr_expect_eq(ok[i], 1, "thread %d: a concurrent sgemm differs from the serial one", i);
+    }
+    for (int i = 0; i < SG_SHAPES; i++) {
+        free(sg_a[i]);
+        free(sg_b[i]);
+        free(sg_ref[i]);
+    }
 }
 
 /* ---- Ops: parallel == serial, bit for bit ---- */
@@ -290,4 +388,98 @@ Test(cpu_pool, transformer_ops_parallel_equal_serial, .init = setup, .fini = tea
     expect_same("cross entropy", &ol, run_xent);
     ksm_tensor oa = make(KSM_DTYPE_I64, 1, sn, 36);
     expect_same("argmax", &oa, run_argmax);
+}
+
+static int run_gemm_nt(ksm_tensor *o)
+{
+    return ksm_op_gemm(st, o, &A, &B, false, true, 1.0f, 0.0f);
+}
+static int run_gemm_tn(ksm_tensor *o) { return ksm_op_gemm(st, o, &X, &B, true, true, 0.5f, 0.0f); }
+static int run_linear(ksm_tensor *o) { return ksm_op_linear(st, o, &A, &W, &Z); }
+
+Test(cpu_pool, gemm_ops_parallel_equal_serial, .init = setup, .fini = teardown)
+{
+    /* big enough to be cut into tiles: rows (M >= N) and columns (N > M) */
+    int64_t sa[] = {1000, 96}, sb[] = {700, 96}, sc[] = {1000, 700};
+    A = make(KSM_DTYPE_F32, 2, sa, 41);
+    B = make(KSM_DTYPE_F32, 2, sb, 42);
+    ksm_tensor o = make(KSM_DTYPE_F32, 2, sc, 43);
+    expect_same("gemm rows", &o, run_gemm_nt);
+    int64_t sx[] = {96, 300}, sb2[] = {2000, 96}, sc2[] = {300, 2000};
+    X = make(KSM_DTYPE_F32, 2, sx, 44);
+    B = make(KSM_DTYPE_F32, 2, sb2, 45);
+    ksm_tensor o2 = make(KSM_DTYPE_F32, 2, sc2, 46);
+    expect_same("gemm columns, transposed", &o2, run_gemm_tn);
+    int64_t sw[] = {1500, 96}, sz[] = {1500}, sy[] = {1000, 1500};
+    W = make(KSM_DTYPE_F32, 2, sw, 47);
+    Z = make(KSM_DTYPE_F32, 1, sz, 48);
+    ksm_tensor o3 = make(KSM_DTYPE_F32, 2, sy, 49);
+    expect_same("linear with bias", &o3, run_linear);
+}
+
+/* y <- conv2d(x, w) + bias by the definition, in double. */
+static void conv_ref(double *y, const float *x, const float *w, const float *bias, int64_t n,
+                     int64_t ci, int64_t h, int64_t wd, int64_t co, int64_t kh, int64_t kw,
+                     int64_t ph, int64_t pw, int64_t g)
+{
+    const int64_t ho = h + 2 * ph - kh + 1, wo = wd + 2 * pw - kw + 1, cig = ci / g, cog = co / g;
+    for (int64_t b = 0; b < n; b++)
+        for (int64_t c = 0; c < co; c++)
+            for (int64_t oh = 0; oh < ho; oh++)
+                for (int64_t ow = 0; ow < wo; ow++) {
+                    double s = bias ? bias[c] : 0.0;
+                    const int64_t gi = c / cog;
+                    for (int64_t q = 0; q < cig; q++)
+                        for (int64_t i = 0; i < kh; i++)
+                            for (int64_t j = 0; j < kw; j++) {
+                                const int64_t ih = oh + i - ph, iw = ow + j - pw;
+                                if (ih < 0 || ih >= h || iw < 0 || iw >= wd) continue;
+                                s += (double)w[((c * cig + q) * kh + i) * kw + j] *
+                                     x[((b * ci + gi * cig + q) * h + ih) * wd + iw];
+                            }
+                    y[((b * co + c) * ho + oh) * wo + ow] = s;
+                }
+}
+
+static int64_t cv[11]; /* n, ci, h, w, co, kh, kw, ph, pw, g, has_bias */
+static int run_conv_cv(ksm_tensor *o)
+{
+    return ksm_op_conv2d(st, o, &A, &W, cv[10] ? &B : NULL, (int)cv[7], (int)cv[8], (int)cv[9], ws,
+                         ws_bytes);
+}
+
+Test(cpu_pool, conv_tiles_match_the_definition, .init = setup, .fini = teardown)
+{
+    /* batch 1 and 2 (several pixel tiles per image, tiles starting mid-row), a batch with one
+     * tile per image, padding wider than the kernel's half, groups, 1x1, a bias */
+    static const int64_t cases[][11] = {
+        {1, 3, 32, 32, 8, 3, 3, 1, 1, 1, 0}, {2, 4, 13, 11, 6, 5, 3, 2, 1, 2, 1},
+        {1, 5, 20, 19, 4, 1, 1, 0, 0, 1, 1}, {40, 3, 9, 9, 5, 3, 3, 1, 1, 1, 1},
+        {1, 2, 17, 23, 3, 3, 3, 3, 2, 1, 0}, {3, 6, 16, 16, 4, 1, 1, 1, 1, 2, 1},
+    };
+    for (size_t t = 0; t < sizeof cases / sizeof cases[0]; t++) {
+        memcpy(cv, cases[t], sizeof cv);
+        const int64_t ho = cv[2] + 2 * cv[7] - cv[5] + 1, wo = cv[3] + 2 * cv[8] - cv[6] + 1;
+        int64_t sx[] = {cv[0], cv[1], cv[2], cv[3]}, sw[] = {cv[4], cv[1] / cv[9], cv[5], cv[6]};
+        int64_t sb[] = {cv[4]}, sy[] = {cv[0], cv[4], ho, wo};
+        A = make(KSM_DTYPE_F32, 4, sx, 60 + (unsigned)t);
+        W = make(KSM_DTYPE_F32, 4, sw, 70 + (unsigned)t);
+        B = make(KSM_DTYPE_F32, 1, sb, 80 + (unsigned)t);
+        ksm_tensor o = make(KSM_DTYPE_F32, 4, sy, 90 + (unsigned)t);
+        ws_bytes = ksm_op_conv2d_workspace_size(&A, &W, (int)cv[7], (int)cv[8], (int)cv[9]);
+        ws = NULL;
+        if (ws_bytes) cr_assert_eq(ksm_device_malloc(dev, ws_bytes, &ws), 0);
+        expect_same("conv tiles", &o, run_conv_cv);
+        const int64_t ny = ksm_tensor_numel(&o);
+        double *ref = malloc((size_t)ny * sizeof(double));
+        conv_ref(ref, A.data, W.data, cv[10] ? B.data : NULL, cv[0], cv[1], cv[2], cv[3], cv[4],
+                 cv[5], cv[6], cv[7], cv[8], cv[9]);
+        double worst = 0;
+        for (int64_t i = 0; i < ny; i++) {
+            double d = fabs(ref[i] - ((float *)o.data)[i]) / (1.0 + fabs(ref[i]));
+            if (d > worst) worst = d;
+        }
+        cr_expect_lt(worst, 1e-5, "case %zu: conv differs from the definition by %g", t, worst);
+        free(ref);
+    }
 }

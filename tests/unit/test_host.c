@@ -841,7 +841,7 @@ Test(host_route, arena_peak_stays_near_a_few_activations)
     cr_assert_eq(ksm_host_forward_from(h, &ex, -1, &x, &y), 0);
     fprintf(stderr, "host_route arena %zu bytes: activations sum %zu, max %zu, conv ws %zu\n",
             ex.high, sum, maxact, ws);
-    cr_expect_lt(ex.high, sum);
+    cr_expect_lt(ex.high - ws, sum); /* ws: the convolution's per-thread im2col columns */
     /* two ping-pong activations, one conv workspace, the pooled features and the logits */
     cr_expect_leq(ex.high, 2 * maxact + ws + 4096);
     env_fini(&e);

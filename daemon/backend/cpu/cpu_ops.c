@@ -7,8 +7,9 @@
  * and sigmoid, which come from cpu_math.h's vectorisable versions (within 1 ulp of the true
  * value; CUDA's are within 2). Reductions (norm statistics, softmax sums, means, attention)
  * accumulate in double. GEMM, linear layers and convolutions go
- * through OpenBLAS' cblas_sgemm, which threads on its own; everything else splits its rows,
- * planes or groups over the backend's compute pool (cpu_pool.h) with contiguous inner loops.
+ * through OpenBLAS' cblas_sgemm, single-threaded, in tiles that the pool runs in parallel;
+ * everything else splits its rows, planes or groups over the backend's compute pool
+ * (cpu_pool.h) with contiguous inner loops.
  * Each range writes disjoint outputs, so results do not depend on the number of threads.
  */
 #include <cblas.h>
@@ -21,6 +22,7 @@
 #include "backend/cpu/cpu_pool.h"
 #include "kasmina/errors.h"
 #include "nn/kmath.h"
+#include "nn/op.h"
 
 /* Hot loops are compiled for AVX-512 and AVX2 as well as baseline x86-64, picked at load time.
  * The clones compute bit-identical results: no FMA contraction (ISO C build), no
@@ -374,7 +376,70 @@ static int exec_fill(const struct ksm_op *op)
     return 0;
 }
 
-/* ---- GEMM, linear, convolution ---- */
+/* ---- GEMM, linear, convolution ----
+ *
+ * OpenBLAS runs single-threaded (cpu_pool.c sets it); the parallelism is ours. A GEMM is cut
+ * into tiles of whole rows or whole columns of C, a pure function of the shapes (so results do
+ * not depend on the number of threads), and each tile is one single-threaded sgemm on a pool
+ * thread. Convolutions run one tile of output pixels of one image per task: an im2col of the
+ * tile's pixels into the thread's own slice of the workspace, then one sgemm.
+ */
+
+/* Floating-point operations below which a GEMM tile is not worth a thread hand-off. */
+#define GEMM_TILE_FLOPS (4.0 * 1024 * 1024)
+
+struct gemm_plan {
+    int64_t batch, m, n, k;
+    int64_t tile_m, tile_n; /* rows / columns of C per tile */
+    int64_t tiles_m, tiles_n;
+};
+
+/* Tiles of rows (when M >= N: each tile then re-reads all of B, the smaller operand) or of
+ * columns, at least 128 rows or 256 columns each (rounded to 16), and at most
+ * 2 * KSM_CPU_MAX_THREADS tiles in all. */
+static void plan_gemm(struct gemm_plan *p, int64_t batch, int64_t m, int64_t n, int64_t k)
+{
+    p->batch = batch;
+    p->m = m;
+    p->n = n;
+    p->k = k;
+    p->tile_m = m;
+    p->tile_n = n;
+    double flops = 2.0 * (double)m * (double)n * (double)(k > 0 ? k : 1) * (double)batch;
+    double want = flops / GEMM_TILE_FLOPS;
+    if (want > 2 * KSM_CPU_MAX_THREADS) want = 2 * KSM_CPU_MAX_THREADS;
+    int64_t per = (int64_t)(want / (double)batch); /* tiles per matrix */
+    if (per >= 2) {
+        const bool rows = m >= n;
+        const int64_t dim = rows ? m : n, least = rows ? 128 : 256;
+        int64_t t = (dim + per - 1) / per;
+        t = (t + 15) / 16 * 16;
+        if (t < least) t = least;
+        if (t < dim) {
+            if (rows)
+                p->tile_m = t;
+            else
+                p->tile_n = t;
+        }
+    }
+    p->tiles_m = p->tile_m > 0 ? (m + p->tile_m - 1) / p->tile_m : 1;
+    p->tiles_n = p->tile_n > 0 ? (n + p->tile_n - 1) / p->tile_n : 1;
+}
+
+static int64_t gemm_tiles(const struct gemm_plan *p) { return p->batch * p->tiles_m * p->tiles_n; }
+
+/* Tile t of plan p: batch index and the C block [i0, i1) x [j0, j1). */
+static void gemm_tile(const struct gemm_plan *p, int64_t t, int64_t *bi, int64_t *i0, int64_t *i1,
+                      int64_t *j0, int64_t *j1)
+{
+    const int64_t per = p->tiles_m * p->tiles_n;
+    *bi = t / per;
+    const int64_t r = t % per, tm = r / p->tiles_n, tn = r % p->tiles_n;
+    *i0 = tm * p->tile_m;
+    *i1 = *i0 + p->tile_m < p->m ? *i0 + p->tile_m : p->m;
+    *j0 = tn * p->tile_n;
+    *j1 = *j0 + p->tile_n < p->n ? *j0 + p->tile_n : p->n;
+}
 
 /* c[M,N] (row stride ldc) <- beta * c, with beta == 0 writing zeros (NaN in c ignored), as
  * BLAS does. */
@@ -389,58 +454,92 @@ static void scale_rows(float *c, int64_t m, int64_t n, int64_t ldc, float beta)
     }
 }
 
-static int exec_gemm(const struct ksm_op *op)
+struct gemm_job {
+    const struct ksm_op *op;
+    struct gemm_plan plan;
+};
+
+static void gemm_tiles_run(void *ctx, int64_t b, int64_t e)
 {
-    const ksm_tensor *c = &op->dst, *a = &op->src[0], *b = &op->src[1];
-    int nd = c->ndim;
-    int ta = op->p.gemm.trans_a, tb = op->p.gemm.trans_b;
-    int64_t batch = nd == 3 ? c->shape[0] : 1;
-    int64_t m = c->shape[nd - 2], n = c->shape[nd - 1];
-    int64_t k = ta ? a->shape[nd - 2] : a->shape[nd - 1];
-    int64_t lda = a->stride[nd - 2], ldb = b->stride[nd - 2], ldc = c->stride[nd - 2];
-    int64_t sa = nd == 3 ? a->stride[0] : 0, sb = nd == 3 ? b->stride[0] : 0;
-    int64_t sc = nd == 3 ? c->stride[0] : 0;
-    if (m == 0 || n == 0) return 0;
-    for (int64_t i = 0; i < batch; i++) {
-        const float *pa = (const float *)a->data + i * sa;
-        const float *pb = (const float *)b->data + i * sb;
-        float *pc = (float *)c->data + i * sc;
+    const struct gemm_job *j = ctx;
+    const struct ksm_op *op = j->op;
+    const ksm_tensor *c = &op->dst, *a = &op->src[0], *bt = &op->src[1];
+    const int nd = c->ndim;
+    const int ta = op->p.gemm.trans_a, tb = op->p.gemm.trans_b;
+    const int64_t lda = a->stride[nd - 2], ldb = bt->stride[nd - 2], ldc = c->stride[nd - 2];
+    const int64_t sa = nd == 3 ? a->stride[0] : 0, sb = nd == 3 ? bt->stride[0] : 0;
+    const int64_t sc = nd == 3 ? c->stride[0] : 0;
+    const int64_t k = j->plan.k;
+    for (int64_t t = b; t < e; t++) {
+        int64_t bi, i0, i1, j0, j1;
+        gemm_tile(&j->plan, t, &bi, &i0, &i1, &j0, &j1);
+        float *pc = (float *)c->data + bi * sc + i0 * ldc + j0;
         if (k == 0 || op->p.gemm.alpha == 0.0f) {
-            scale_rows(pc, m, n, ldc, op->p.gemm.beta);
+            scale_rows(pc, i1 - i0, j1 - j0, ldc, op->p.gemm.beta);
             continue;
         }
+        const float *pa = (const float *)a->data + bi * sa + (ta ? i0 : i0 * lda);
+        const float *pb = (const float *)bt->data + bi * sb + (tb ? j0 * ldb : j0);
         cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
-                    (int)m, (int)n, (int)k, op->p.gemm.alpha, pa, (int)lda, pb, (int)ldb,
-                    op->p.gemm.beta, pc, (int)ldc);
+                    (int)(i1 - i0), (int)(j1 - j0), (int)k, op->p.gemm.alpha, pa, (int)lda, pb,
+                    (int)ldb, op->p.gemm.beta, pc, (int)ldc);
     }
+}
+
+static int exec_gemm(const struct ksm_op *op)
+{
+    const ksm_tensor *c = &op->dst, *a = &op->src[0];
+    const int nd = c->ndim;
+    const int64_t m = c->shape[nd - 2], n = c->shape[nd - 1];
+    const int64_t k = op->p.gemm.trans_a ? a->shape[nd - 2] : a->shape[nd - 1];
+    if (m == 0 || n == 0 || (nd == 3 && c->shape[0] == 0)) return 0;
+    struct gemm_job j = {.op = op};
+    plan_gemm(&j.plan, nd == 3 ? c->shape[0] : 1, m, n, k);
+    ksm_cpu_parallel_for(gemm_tiles(&j.plan), 1, gemm_tiles_run, &j);
     return 0;
 }
 
-/* y[M,N] rows <- bias (or 0), so the GEMM can accumulate with beta = 1. */
-static void fill_rows_bias(float *y, int64_t m, int64_t n, const float *bias)
+/* Rows of y[.., ldy] restricted to columns [0, n) <- bias (or 0), so the GEMM can accumulate
+ * with beta = 1. */
+static void fill_rows_bias(float *y, int64_t m, int64_t n, int64_t ldy, const float *bias)
 {
     for (int64_t i = 0; i < m; i++) {
         if (bias)
-            memcpy(y + i * n, bias, (size_t)n * sizeof(float));
+            memcpy(y + i * ldy, bias, (size_t)n * sizeof(float));
         else
-            memset(y + i * n, 0, (size_t)n * sizeof(float));
+            memset(y + i * ldy, 0, (size_t)n * sizeof(float));
+    }
+}
+
+static void linear_tiles_run(void *ctx, int64_t b, int64_t e)
+{
+    const struct gemm_job *j = ctx;
+    const struct ksm_op *op = j->op;
+    const float *x = (const float *)op->src[0].data, *w = (const float *)op->src[1].data;
+    const float *bias = (const float *)op->src[2].data;
+    float *y = (float *)op->dst.data;
+    const int64_t n = j->plan.n, k = j->plan.k;
+    for (int64_t t = b; t < e; t++) {
+        int64_t bi, i0, i1, j0, j1;
+        gemm_tile(&j->plan, t, &bi, &i0, &i1, &j0, &j1);
+        float *yt = y + i0 * n + j0;
+        if (bias || k == 0) fill_rows_bias(yt, i1 - i0, j1 - j0, n, bias ? bias + j0 : NULL);
+        if (k == 0) continue;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)(i1 - i0), (int)(j1 - j0), (int)k,
+                    1.0f, x + i0 * k, (int)k, w + j0 * k, (int)k, bias ? 1.0f : 0.0f, yt, (int)n);
     }
 }
 
 static int exec_linear(const struct ksm_op *op)
 {
     const ksm_tensor *x = &op->src[0], *w = &op->src[1];
-    const float *bias = (const float *)op->src[2].data;
     int64_t n = w->shape[0], k = w->shape[1];
     int64_t m = 1;
     for (int i = 0; i < x->ndim - 1; i++) m *= x->shape[i];
-    float *y = (float *)op->dst.data;
     if (m == 0 || n == 0) return 0;
-    if (bias || k == 0) fill_rows_bias(y, m, n, bias);
-    if (k == 0) return 0;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)m, (int)n, (int)k, 1.0f,
-                (const float *)x->data, (int)k, (const float *)w->data, (int)k, bias ? 1.0f : 0.0f,
-                y, (int)n);
+    struct gemm_job j = {.op = op};
+    plan_gemm(&j.plan, 1, m, n, k);
+    ksm_cpu_parallel_for(gemm_tiles(&j.plan), 1, linear_tiles_run, &j);
     return 0;
 }
 
@@ -454,49 +553,34 @@ static void valid_cols(int64_t out_w, int64_t in_w, int64_t off, int64_t *lo, in
     *hi = h;
 }
 
-struct im2col_job {
-    const float *x;
-    int64_t h, w, kh, kw, ph, pw, ho, wo;
-    float *col;
-};
-
-/* Rows [b, e) of col, row (c, ki, kj) = (c * kh + ki) * kw + kj. */
-static void im2col_rows(void *ctx, int64_t b, int64_t e)
+/* Unrolls output pixels [p0, p1) of channels [0, cin) of one image's group into
+ * col[cin*kh*kw, p1 - p0]: row (c, ki, kj) = (c * kh + ki) * kw + kj. */
+static void im2col_tile(const float *x, int64_t cin, int64_t h, int64_t w, int64_t kh, int64_t kw,
+                        int64_t ph, int64_t pw, int64_t wo, int64_t p0, int64_t p1, float *col)
 {
-    const struct im2col_job *j = ctx;
-    const float *x = j->x;
-    const int64_t h = j->h, w = j->w, kh = j->kh, kw = j->kw, ph = j->ph, pw = j->pw;
-    const int64_t ho = j->ho, wo = j->wo;
-    for (int64_t rr = b; rr < e; rr++) {
+    const int64_t cols = p1 - p0;
+    for (int64_t rr = 0; rr < cin * kh * kw; rr++) {
         const int64_t c = rr / (kh * kw), ki = rr / kw % kh, kj = rr % kw;
-        {
-            {
-                float *row = j->col + rr * ho * wo;
-                int64_t lo, hi, off = kj - pw;
-                valid_cols(wo, w, off, &lo, &hi);
-                for (int64_t oh = 0; oh < ho; oh++) {
-                    float *r = row + oh * wo;
-                    int64_t ih = oh + ki - ph;
-                    if (ih < 0 || ih >= h) {
-                        memset(r, 0, (size_t)wo * sizeof(float));
-                        continue;
-                    }
-                    const float *xr = x + (c * h + ih) * w + off;
-                    for (int64_t ow = 0; ow < lo; ow++) r[ow] = 0.0f;
-                    if (hi > lo) memcpy(r + lo, xr + lo, (size_t)(hi - lo) * sizeof(float));
-                    for (int64_t ow = hi; ow < wo; ow++) r[ow] = 0.0f;
-                }
+        int64_t lo, hi, off = kj - pw;
+        valid_cols(wo, w, off, &lo, &hi);
+        for (int64_t oh = p0 / wo; oh * wo < p1; oh++) {
+            /* output columns [b, e) of row oh are in the tile; r[0] is pixel (oh, b) */
+            const int64_t b = oh * wo > p0 ? 0 : p0 - oh * wo;
+            const int64_t e = (oh + 1) * wo < p1 ? wo : p1 - oh * wo;
+            float *r = col + rr * cols + (oh * wo + b - p0);
+            const int64_t ih = oh + ki - ph;
+            if (ih < 0 || ih >= h) {
+                memset(r, 0, (size_t)(e - b) * sizeof(float));
+                continue;
             }
+            const int64_t l = lo < b ? b : (lo > e ? e : lo), u = hi < l ? l : (hi > e ? e : hi);
+            for (int64_t ow = b; ow < l; ow++) r[ow - b] = 0.0f;
+            if (u > l)
+                memcpy(r + (l - b), x + (c * h + ih) * w + (l + off),
+                       (size_t)(u - l) * sizeof(float));
+            for (int64_t ow = u; ow < e; ow++) r[ow - b] = 0.0f;
         }
     }
-}
-
-/* Unrolls channels [0, cin) of one image's group into col[cin*kh*kw, ho*wo]. */
-static void im2col(const float *x, int64_t cin, int64_t h, int64_t w, int64_t kh, int64_t kw,
-                   int64_t ph, int64_t pw, int64_t ho, int64_t wo, float *col)
-{
-    struct im2col_job job = {x, h, w, kh, kw, ph, pw, ho, wo, col};
-    ksm_cpu_parallel_for(cin * kh * kw, grain_for(ho * wo), im2col_rows, &job);
 }
 
 struct dw_job {
@@ -533,6 +617,50 @@ static void depthwise_planes(void *ctx, int64_t b, int64_t e)
     }
 }
 
+struct conv_job {
+    const float *x, *w, *bias;
+    float *y, *ws;
+    int64_t ci, h, wd, co, kh, kw, ph, pw, g, ho, wo;
+    int64_t cig, cog, kdim, howo;
+    int64_t tile_cols, tiles_per_image, slice; /* slice: floats per thread */
+    bool direct;                               /* 1x1 without padding: no im2col */
+};
+
+/* Tasks [b, e), task = image * tiles_per_image + tile: every group of the tile's pixels. */
+static void conv_tiles(void *ctx, int slot, int64_t b, int64_t e)
+{
+    const struct conv_job *j = ctx;
+    float *col = j->ws ? j->ws + slot * j->slice : NULL;
+    const int64_t howo = j->howo, kdim = j->kdim, cog = j->cog;
+    for (int64_t t = b; t < e; t++) {
+        const int64_t n = t / j->tiles_per_image, p0 = t % j->tiles_per_image * j->tile_cols;
+        const int64_t p1 = p0 + j->tile_cols < howo ? p0 + j->tile_cols : howo;
+        const int64_t cols = p1 - p0;
+        float *yn = j->y + n * j->co * howo + p0;
+        for (int64_t gi = 0; gi < j->g; gi++) {
+            float *yg = yn + gi * cog * howo;
+            if (j->bias || kdim == 0)
+                for (int64_t c = 0; c < cog; c++) {
+                    const float v = j->bias ? j->bias[gi * cog + c] : 0.0f;
+                    for (int64_t i = 0; i < cols; i++) yg[c * howo + i] = v;
+                }
+            if (kdim == 0) continue;
+            const float *xg = j->x + (n * j->ci + gi * j->cig) * j->h * j->wd;
+            const float *bmat = xg + p0;
+            int64_t ldb = howo;
+            if (!j->direct) {
+                im2col_tile(xg, j->cig, j->h, j->wd, j->kh, j->kw, j->ph, j->pw, j->wo, p0, p1,
+                            col);
+                bmat = col;
+                ldb = cols;
+            }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)cog, (int)cols, (int)kdim,
+                        1.0f, j->w + gi * cog * kdim, (int)kdim, bmat, (int)ldb,
+                        j->bias ? 1.0f : 0.0f, yg, (int)howo);
+        }
+    }
+}
+
 static int exec_conv2d(const struct ksm_op *op)
 {
     const ksm_tensor *xt = &op->src[0], *wt = &op->src[1];
@@ -543,7 +671,7 @@ static int exec_conv2d(const struct ksm_op *op)
     int64_t co = wt->shape[0], kh = wt->shape[2], kw = wt->shape[3];
     int64_t ph = op->p.conv2d.pad_h, pw = op->p.conv2d.pad_w, g = op->p.conv2d.groups;
     int64_t ho = op->dst.shape[2], wo = op->dst.shape[3];
-    int64_t cig = ci / g, cog = co / g, hw = h * wd, howo = ho * wo;
+    int64_t cig = ci / g, cog = co / g, howo = ho * wo;
     if (nb == 0 || co == 0 || howo == 0) return 0;
 
     if (g == ci && g == co) { /* depthwise: direct kernel, no workspace */
@@ -552,35 +680,42 @@ static int exec_conv2d(const struct ksm_op *op)
         return 0;
     }
 
-    bool direct = kh == 1 && kw == 1 && ph == 0 && pw == 0;
-    int64_t kdim = cig * kh * kw;
-    float *col = (float *)op->ws;
-    /* ops.c guarantees the workspace; with no input channels (kdim 0) its size is 0 */
-    if (!direct && kdim > 0 &&
-        (col == NULL || op->ws_bytes < (size_t)(kdim * howo) * sizeof(float)))
-        return KSM_EINTERNAL;
-    for (int64_t n = 0; n < nb; n++) {
-        float *yn = y + n * co * howo;
-        if (bias) {
-            for (int64_t c = 0; c < co; c++)
-                for (int64_t i = 0; i < howo; i++) yn[c * howo + i] = bias[c];
-        }
-        for (int64_t gi = 0; gi < g; gi++) {
-            if (kdim == 0) {
-                if (!bias) memset(yn + gi * cog * howo, 0, (size_t)(cog * howo) * sizeof(float));
-                continue;
-            }
-            const float *xg = x + (n * ci + gi * cig) * hw;
-            const float *bmat = xg;
-            if (!direct) {
-                im2col(xg, cig, h, wd, kh, kw, ph, pw, ho, wo, col);
-                bmat = col;
-            }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)cog, (int)howo, (int)kdim,
-                        1.0f, w + gi * cog * kdim, (int)kdim, bmat, (int)howo, bias ? 1.0f : 0.0f,
-                        yn + gi * cog * howo, (int)howo);
-        }
+    struct conv_job j = {.x = x,
+                         .w = w,
+                         .bias = bias,
+                         .y = y,
+                         .ci = ci,
+                         .h = h,
+                         .wd = wd,
+                         .co = co,
+                         .kh = kh,
+                         .kw = kw,
+                         .ph = ph,
+                         .pw = pw,
+                         .g = g,
+                         .ho = ho,
+                         .wo = wo,
+                         .cig = cig,
+                         .cog = cog,
+                         .kdim = cig * kh * kw,
+                         .howo = howo,
+                         .direct = kh == 1 && kw == 1 && ph == 0 && pw == 0};
+    j.tile_cols = ksm_conv2d_tile_cols(nb, howo);
+    j.tiles_per_image = (howo + j.tile_cols - 1) / j.tile_cols;
+    int slots = 1;
+    if (!j.direct && j.kdim > 0) {
+        /* ops.c sized the workspace for ksm_conv2d_slices() slices of one tile's columns; with
+         * no input channels (kdim 0) its size is 0 */
+        j.slice = j.kdim * j.tile_cols;
+        size_t slice_bytes = (size_t)j.slice * sizeof(float);
+        if (op->ws == NULL || op->ws_bytes < slice_bytes) return KSM_EINTERNAL;
+        j.ws = (float *)op->ws;
+        int64_t fit = (int64_t)(op->ws_bytes / slice_bytes);
+        slots = (int)(fit < KSM_CPU_MAX_THREADS ? fit : KSM_CPU_MAX_THREADS);
+    } else {
+        slots = KSM_CPU_MAX_THREADS;
     }
+    ksm_cpu_parallel_for_slots(nb * j.tiles_per_image, 1, slots, conv_tiles, &j);
     return 0;
 }
 
@@ -968,6 +1103,20 @@ static int exec_maxpool2(const struct ksm_op *op)
     return 0;
 }
 
+/* Sum of e^(x[i] - m) over a row in double: cpu_math.h's float exp (<= 1 ulp), sixteen
+ * partial sums (a fixed order, vectorisable). */
+KSM_VEC_CLONES
+static double sum_exp_shifted(const float *KSM_RESTRICT x, int64_t n, float m)
+{
+    double s16[16] = {0}, s = 0.0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int k = 0; k < 16; k++) s16[k] += (double)ksm_cpu_expf(x[i + k] - m);
+    for (; i < n; i++) s += (double)ksm_cpu_expf(x[i] - m);
+    for (int k = 0; k < 16; k++) s += s16[k];
+    return s;
+}
+
 static void cross_entropy_rows(void *ctx, int64_t b, int64_t e)
 {
     const struct ksm_op *op = ctx;
@@ -986,10 +1135,14 @@ static void cross_entropy_rows(void *ctx, int64_t b, int64_t e)
             loss[r] = NAN;
             continue;
         }
-        const double m = row_max(x, c);
-        double s = 0.0;
-        for (int64_t i = 0; i < c; i++) s += exp((double)x[i] - m);
-        loss[r] = (float)(m + log(s) - (double)x[lab]);
+        /* log-sum-exp shifted by the row maximum; a NaN or infinite maximum gives NaN (the
+         * maximum's own term would be e^(inf - inf)) */
+        const float m = row_max(x, c);
+        if (!(m > -INFINITY && m < INFINITY)) {
+            loss[r] = NAN;
+            continue;
+        }
+        loss[r] = (float)((double)m + log(sum_exp_shifted(x, c, m)) - (double)x[lab]);
     }
 }
 
@@ -1000,6 +1153,22 @@ static int exec_cross_entropy(const struct ksm_op *op)
     return 0;
 }
 
+/* Index of the first element of x[0, n) equal to v (v not NaN), or of the first NaN when v is
+ * NaN; n when none. Blocks of 16 are tested with a vectorisable any-of before the scan. */
+static int64_t first_index_of(const float *x, int64_t n, float v)
+{
+    const bool nan = v != v;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        int hit = 0;
+        for (int k = 0; k < 16; k++) hit |= nan ? x[i + k] != x[i + k] : x[i + k] == v;
+        if (hit) break;
+    }
+    for (; i < n; i++)
+        if (nan ? x[i] != x[i] : x[i] == v) return i;
+    return n;
+}
+
 static void argmax_rows(void *ctx, int64_t b, int64_t e)
 {
     const struct ksm_op *op = ctx;
@@ -1008,21 +1177,10 @@ static void argmax_rows(void *ctx, int64_t b, int64_t e)
     int64_t *out = (int64_t *)op->dst.data;
     for (int64_t r = b; r < e; r++) {
         const float *x = (const float *)xt->data + r * c;
-        int64_t best = 0;
-        float bv = x[0];
-        if (bv == bv) {
-            for (int64_t i = 1; i < c; i++) {
-                if (x[i] != x[i]) { /* the first NaN is the maximum */
-                    best = i;
-                    break;
-                }
-                if (x[i] > bv) {
-                    bv = x[i];
-                    best = i;
-                }
-            }
-        }
-        out[r] = best;
+        /* the maximum (the first NaN if any), then its first index: ties and -0 == +0 resolve
+         * to the first, as a serial scan with > does */
+        const int64_t i = first_index_of(x, c, row_max(x, c));
+        out[r] = i < c ? i : 0;
     }
 }
 

@@ -7,6 +7,7 @@
  * chunk is done and every joined worker has left, so the job's fields are never read by a
  * worker once the caller has returned.
  */
+#include <cblas.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -27,8 +28,10 @@ struct pool {
     uint64_t generation;
     bool open;
     int active;      /* workers inside the current job */
+    int joined;      /* workers that joined the current job (their slots are 1..joined) */
     int max_workers; /* workers allowed to join the current job */
     ksm_cpu_range_fn fn;
+    ksm_cpu_slot_fn sfn; /* instead of fn when set */
     void *ctx;
     int64_t n, chunk, nchunks;
     atomic_int_fast64_t next; /* next chunk to claim */
@@ -39,13 +42,17 @@ static struct pool pool;
 static atomic_int max_threads = 1 << 20;
 static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
 
-static void run_chunks(ksm_cpu_range_fn fn, void *ctx, int64_t n, int64_t chunk, int64_t nchunks)
+static void run_chunks(ksm_cpu_range_fn fn, ksm_cpu_slot_fn sfn, int slot, void *ctx, int64_t n,
+                       int64_t chunk, int64_t nchunks)
 {
     for (;;) {
         int64_t c = atomic_fetch_add_explicit(&pool.next, 1, memory_order_relaxed);
         if (c >= nchunks) return;
         int64_t b = c * chunk, e = b + chunk < n ? b + chunk : n;
-        fn(ctx, b, e);
+        if (sfn)
+            sfn(ctx, slot, b, e);
+        else
+            fn(ctx, b, e);
         atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
     }
 }
@@ -58,14 +65,16 @@ static void *worker_main(void *arg)
     for (;;) {
         while (!(pool.open && pool.generation != seen)) pthread_cond_wait(&pool.work_cv, &pool.mu);
         seen = pool.generation;
-        if (pool.active >= pool.max_workers) continue; /* the job has its threads */
+        if (pool.joined >= pool.max_workers) continue; /* the job has its threads */
         pool.active++;
+        const int slot = ++pool.joined;
         ksm_cpu_range_fn fn = pool.fn;
+        ksm_cpu_slot_fn sfn = pool.sfn;
         void *ctx = pool.ctx;
         int64_t n = pool.n, chunk = pool.chunk, nchunks = pool.nchunks;
         pthread_mutex_unlock(&pool.mu);
 
-        run_chunks(fn, ctx, n, chunk, nchunks);
+        run_chunks(fn, sfn, slot, ctx, n, chunk, nchunks);
 
         pthread_mutex_lock(&pool.mu);
         pool.active--;
@@ -87,6 +96,11 @@ static void pool_init(void)
         else
             KSM_LOGW("cpu", "KASMINA_CPU_THREADS must be an integer in [1, 1024]; using %d", n);
     }
+    /* One threading layer: OpenBLAS runs each sgemm on its caller (our kernels split the work
+     * over this pool), so its own threads never compete with ours for the cores. With one
+     * thread, the pthreads build of OpenBLAS runs concurrent calls from several threads
+     * independently (each with its own buffers); tests/unit/test_cpu_pool.c checks it. */
+    openblas_set_num_threads(1);
     pthread_mutex_init(&pool.mu, NULL);
     pthread_cond_init(&pool.work_cv, NULL);
     pthread_cond_init(&pool.done_cv, NULL);
@@ -117,17 +131,22 @@ int ksm_cpu_pool_threads(void)
 
 int ksm_cpu_pool_set_max_threads(int n) { return atomic_exchange(&max_threads, n < 1 ? 1 : n); }
 
-void ksm_cpu_parallel_for(int64_t n, int64_t grain, ksm_cpu_range_fn fn, void *ctx)
+static void parallel_region(int64_t n, int64_t grain, int max_slots, ksm_cpu_range_fn fn,
+                            ksm_cpu_slot_fn sfn, void *ctx)
 {
     if (n <= 0) return;
     if (grain < 1) grain = 1;
     int threads = ksm_cpu_pool_threads();
     int limit = atomic_load(&max_threads);
     if (limit < threads) threads = limit;
+    if (max_slots < threads) threads = max_slots;
     bool expected = false;
     if (threads <= 1 || n <= grain ||
         !atomic_compare_exchange_strong(&pool.busy, &expected, true)) {
-        fn(ctx, 0, n);
+        if (sfn)
+            sfn(ctx, 0, 0, n);
+        else
+            fn(ctx, 0, n);
         return;
     }
     /* About four chunks per thread for balance, none smaller than grain. */
@@ -137,7 +156,9 @@ void ksm_cpu_parallel_for(int64_t n, int64_t grain, ksm_cpu_range_fn fn, void *c
 
     pthread_mutex_lock(&pool.mu);
     pool.fn = fn;
+    pool.sfn = sfn;
     pool.ctx = ctx;
+    pool.joined = 0;
     pool.n = n;
     pool.chunk = chunk;
     pool.nchunks = nchunks;
@@ -149,7 +170,7 @@ void ksm_cpu_parallel_for(int64_t n, int64_t grain, ksm_cpu_range_fn fn, void *c
     pthread_cond_broadcast(&pool.work_cv);
     pthread_mutex_unlock(&pool.mu);
 
-    run_chunks(fn, ctx, n, chunk, nchunks);
+    run_chunks(fn, sfn, 0, ctx, n, chunk, nchunks);
 
     pthread_mutex_lock(&pool.mu);
     pool.open = false;
@@ -157,4 +178,15 @@ void ksm_cpu_parallel_for(int64_t n, int64_t grain, ksm_cpu_range_fn fn, void *c
         pthread_cond_wait(&pool.done_cv, &pool.mu);
     pthread_mutex_unlock(&pool.mu);
     atomic_store(&pool.busy, false);
+}
+
+void ksm_cpu_parallel_for(int64_t n, int64_t grain, ksm_cpu_range_fn fn, void *ctx)
+{
+    parallel_region(n, grain, 1 << 30, fn, NULL, ctx);
+}
+
+void ksm_cpu_parallel_for_slots(int64_t n, int64_t grain, int max_slots, ksm_cpu_slot_fn fn,
+                                void *ctx)
+{
+    parallel_region(n, grain, max_slots < 1 ? 1 : max_slots, NULL, fn, ctx);
 }

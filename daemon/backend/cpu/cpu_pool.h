@@ -9,7 +9,9 @@
  * never deadlock on the pool.
  *
  * The pool has $KASMINA_CPU_THREADS threads in all (default: the number of online cores;
- * 1 disables it), created on first use.
+ * 1 disables it), created on first use. It is the backend's only threading layer: creating it
+ * sets OpenBLAS to one thread (openblas_set_num_threads(1)), and the GEMM, linear and
+ * convolution kernels split their work into single-threaded sgemm calls run on the pool.
  */
 #pragma once
 
@@ -18,6 +20,14 @@
 typedef void (*ksm_cpu_range_fn)(void *ctx, int64_t begin, int64_t end);
 
 void ksm_cpu_parallel_for(int64_t n, int64_t grain, ksm_cpu_range_fn fn, void *ctx);
+
+/* Per-thread scratch: fn(ctx, slot, begin, end) as above, where slot in [0, max_slots) is
+ * distinct among the threads running the region at once (one thread's ranges all see the same
+ * slot), so each can use its own slice of a workspace. At most max_slots threads take part. */
+typedef void (*ksm_cpu_slot_fn)(void *ctx, int slot, int64_t begin, int64_t end);
+
+void ksm_cpu_parallel_for_slots(int64_t n, int64_t grain, int max_slots, ksm_cpu_slot_fn fn,
+                                void *ctx);
 
 /* Threads a parallel region may use (the caller included); >= 1. */
 int ksm_cpu_pool_threads(void);
