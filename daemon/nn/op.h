@@ -75,7 +75,8 @@ enum ksm_op_type {
      * All contiguous. ws/ws_bytes: scratch of at least ksm_op_conv2d_workspace_size(). */
     KSM_OP_CONV2D,
     /* Eval-mode BatchNorm over dim 1 of src0[N,C,...]: src1 running_mean[C], src2
-     * running_var[C], src3 weight[C], src4 bias[C]; y = (x - m) / sqrt(v + eps) * w + b. */
+     * running_var[C], src3 weight[C], src4 bias[C]; y = (x - m) / sqrt(v + eps) * w + b,
+     * followed by ksm_relu (kmath.h) when p.norm.relu is set. */
     KSM_OP_BATCHNORM,
     /* GroupNorm of src0[N,C,...] with p.norm.groups groups; src1 weight[C], src2 bias[C]
      * (both optional: absent = 1 and 0). Biased variance, eps inside the sqrt. */
@@ -147,6 +148,7 @@ struct ksm_op {
         struct {
             float eps;
             int groups;
+            int relu; /* BATCHNORM: ReLU epilogue */
         } norm;
         struct {
             int causal;

@@ -598,9 +598,9 @@ static int check_same_f32(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, int
     return 0;
 }
 
-int ksm_op_batchnorm(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_tensor *mean,
+static int batchnorm(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_tensor *mean,
                      const ksm_tensor *var, const ksm_tensor *weight, const ksm_tensor *bias,
-                     float eps)
+                     float eps, bool relu)
 {
     int rc;
     if (s == NULL) return KSM_EINVAL;
@@ -614,7 +614,22 @@ int ksm_op_batchnorm(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ks
     const ksm_tensor *srcs[5] = {x, mean, var, weight, bias};
     if ((rc = pack_op(&op, KSM_OP_BATCHNORM, y, srcs, 5, true))) return rc;
     op.p.norm.eps = eps;
+    op.p.norm.relu = relu;
     return launch(s, &op);
+}
+
+int ksm_op_batchnorm(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_tensor *mean,
+                     const ksm_tensor *var, const ksm_tensor *weight, const ksm_tensor *bias,
+                     float eps)
+{
+    return batchnorm(s, y, x, mean, var, weight, bias, eps, false);
+}
+
+int ksm_op_batchnorm_relu(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_tensor *mean,
+                          const ksm_tensor *var, const ksm_tensor *weight, const ksm_tensor *bias,
+                          float eps)
+{
+    return batchnorm(s, y, x, mean, var, weight, bias, eps, true);
 }
 
 int ksm_op_groupnorm(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, int groups,

@@ -72,6 +72,10 @@ int ksm_op_conv2d(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_t
 int ksm_op_batchnorm(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_tensor *mean,
                      const ksm_tensor *var, const ksm_tensor *weight, const ksm_tensor *bias,
                      float eps);
+/* relu(batchnorm(x)) in one pass: the same values as ksm_op_batchnorm then ksm_op_relu. */
+int ksm_op_batchnorm_relu(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_tensor *mean,
+                          const ksm_tensor *var, const ksm_tensor *weight, const ksm_tensor *bias,
+                          float eps);
 /* GroupNorm over dim 1 in groups; weight/bias may be NULL (1 and 0). */
 int ksm_op_groupnorm(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, int groups,
                      const ksm_tensor *weight, const ksm_tensor *bias, float eps);

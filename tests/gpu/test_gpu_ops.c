@@ -654,6 +654,9 @@ Test(gpu_ops, batchnorm_matches_cpu)
     tpair y2 = tp_out(KSM_DTYPE_F32, 2, SHAPE(9, 6));
     BOTH(ksm_op_batchnorm(S, T(y2), T(x2), T(mean), T(var), T(w), T(b), 1e-3f));
     expect_close(y2, TOL, "batchnorm 2d");
+    tpair y3 = tp_out(KSM_DTYPE_F32, 4, SHAPE(4, 6, 5, 5));
+    BOTH(ksm_op_batchnorm_relu(S, T(y3), T(x), T(mean), T(var), T(w), T(b), 1e-5f));
+    expect_close(y3, TOL, "batchnorm + relu");
 }
 
 Test(gpu_ops, groupnorm_matches_cpu)

@@ -691,6 +691,42 @@ Test(ops, gemm_beta_zero_ignores_nan_in_c_and_handles_row_strides)
     env_fini(&e);
 }
 
+/* The fused BatchNorm + ReLU equals BatchNorm then ReLU bit for bit (NaN and -0 included). */
+Test(ops, batchnorm_relu_equals_batchnorm_then_relu)
+{
+    struct env e;
+    env_init(&e);
+    enum { N = 3, C = 5, HW = 37 };
+    static float hx[N * C * HW];
+    for (int i = 0; i < N * C * HW; i++) hx[i] = (float)((i * 37) % 101 - 50) / 7.0f;
+    hx[3] = NAN;
+    hx[10] = -0.0f;
+    hx[11] = INFINITY;
+    const float hm[C] = {0.5f, -1, 0, 2, 0.25f}, hv[C] = {1, 0.5f, 2, 0.1f, 3};
+    const float hw[C] = {1, -2, 0.5f, 1.5f, -0.25f}, hb[C] = {0, 0.5f, -1, 0.1f, 2};
+    int64_t sx[3] = {N, C, HW}, sc[1] = {C};
+    ksm_tensor x = dev_upload_raw(&e, KSM_DTYPE_F32, 3, sx, hx);
+    ksm_tensor m = dev_upload_raw(&e, KSM_DTYPE_F32, 1, sc, hm);
+    ksm_tensor v = dev_upload_raw(&e, KSM_DTYPE_F32, 1, sc, hv);
+    ksm_tensor w = dev_upload_raw(&e, KSM_DTYPE_F32, 1, sc, hw);
+    ksm_tensor b = dev_upload_raw(&e, KSM_DTYPE_F32, 1, sc, hb);
+    ksm_tensor y1 = dev_empty(&e, KSM_DTYPE_F32, 3, sx), y2 = dev_empty(&e, KSM_DTYPE_F32, 3, sx);
+    cr_assert_eq(ksm_op_batchnorm(e.s, &y1, &x, &m, &v, &w, &b, 1e-5f), 0);
+    cr_assert_eq(ksm_op_relu(e.s, &y1, &y1), 0);
+    cr_assert_eq(ksm_op_batchnorm_relu(e.s, &y2, &x, &m, &v, &w, &b, 1e-5f), 0);
+    float *o1 = download(&e, &y1), *o2 = download(&e, &y2);
+    cr_expect_eq(memcmp(o1, o2, sizeof hx), 0);
+    cr_expect(isnan(o2[3]));
+    /* in place, as the CNN host runs it */
+    cr_assert_eq(ksm_op_batchnorm_relu(e.s, &x, &x, &m, &v, &w, &b, 1e-5f), 0);
+    float *o3 = download(&e, &x);
+    cr_expect_eq(memcmp(o1, o3, sizeof hx), 0);
+    free(o1);
+    free(o2);
+    free(o3);
+    env_fini(&e);
+}
+
 Test(ops, out_of_range_labels_and_ids_give_nan)
 {
     struct env e;

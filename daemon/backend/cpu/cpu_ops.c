@@ -755,6 +755,15 @@ static void shift_scale(float *y, const float *x, int64_t n, float m, float a, f
     for (; i < n; i++) y[i] = (x[i] - m) * a + b;
 }
 
+/* y[i] <- relu((x[i] - m) * a + b); y may equal x. */
+static void shift_scale_relu(float *y, const float *x, int64_t n, float m, float a, float b)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) y[i + k] = ksm_relu((x[i + k] - m) * a + b);
+    for (; i < n; i++) y[i] = ksm_relu((x[i] - m) * a + b);
+}
+
 /* Plane p = n * C + c of an [N, C, inner] tensor: y = (x - mean) * a + b per channel. */
 static void batchnorm_planes(void *ctx, int64_t b, int64_t e)
 {
@@ -766,8 +775,9 @@ static void batchnorm_planes(void *ctx, int64_t b, int64_t e)
     for (int64_t pl = b; pl < e; pl++) {
         const int64_t ch = pl % c;
         const float a = (float)((double)wt[ch] / sqrt((double)var[ch] + (double)op->p.norm.eps));
-        shift_scale((float *)op->dst.data + pl * inner, (const float *)xt->data + pl * inner, inner,
-                    mean[ch], a, bs[ch]);
+        (op->p.norm.relu ? shift_scale_relu : shift_scale)((float *)op->dst.data + pl * inner,
+                                                           (const float *)xt->data + pl * inner,
+                                                           inner, mean[ch], a, bs[ch]);
     }
 }
 

@@ -373,7 +373,7 @@ struct bn_params {
     int64_t sm, sv, sw, sb;
 };
 
-template <bool LIN>
+template <bool LIN, bool RELU>
 __global__ void batchnorm_k(float *dst, const float *x, view xv, int64_t C, int64_t inner,
                             bn_params p, float eps, int64_t n)
 {
@@ -383,7 +383,8 @@ __global__ void batchnorm_k(float *dst, const float *x, view xv, int64_t C, int6
         float v = x[LIN ? i : xv.offset(i)];
         /* Same structure as the CPU oracle: a = w / sqrt(var + eps); y = (x - m) * a + b. */
         const float a = p.weight[c * p.sw] / sqrtf(p.var[c * p.sv] + eps);
-        dst[i] = (v - p.mean[c * p.sm]) * a + p.bias[c * p.sb];
+        const float y = (v - p.mean[c * p.sm]) * a + p.bias[c * p.sb];
+        dst[i] = RELU ? ksm_relu(y) : y;
     }
 }
 
@@ -406,12 +407,24 @@ static int op_batchnorm(stream_ctx *sc, const struct ksm_op *op)
     view xv = make_view(x);
     bool lin = is_contiguous(x);
     unsigned g = grid_for(n, EW_BLOCK);
-    if (lin)
-        batchnorm_k<true><<<g, EW_BLOCK, 0, sc->stream>>>(
-            (float *)dst->data, (const float *)x->data, xv, C, inner, p, op->p.norm.eps, n);
-    else
-        batchnorm_k<false><<<g, EW_BLOCK, 0, sc->stream>>>(
-            (float *)dst->data, (const float *)x->data, xv, C, inner, p, op->p.norm.eps, n);
+    float *yd = (float *)dst->data;
+    const float *xd = (const float *)x->data;
+    const float eps = op->p.norm.eps;
+    if (op->p.norm.relu) {
+        if (lin)
+            batchnorm_k<true, true>
+                <<<g, EW_BLOCK, 0, sc->stream>>>(yd, xd, xv, C, inner, p, eps, n);
+        else
+            batchnorm_k<false, true>
+                <<<g, EW_BLOCK, 0, sc->stream>>>(yd, xd, xv, C, inner, p, eps, n);
+    } else {
+        if (lin)
+            batchnorm_k<true, false>
+                <<<g, EW_BLOCK, 0, sc->stream>>>(yd, xd, xv, C, inner, p, eps, n);
+        else
+            batchnorm_k<false, false>
+                <<<g, EW_BLOCK, 0, sc->stream>>>(yd, xd, xv, C, inner, p, eps, n);
+    }
     KSM_CUDA_LAUNCH_CHECK(sc, "batchnorm");
     return 0;
 }
