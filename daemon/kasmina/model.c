@@ -135,6 +135,7 @@ void ksm_stream_ctx_unref(struct ksm_stream_ctx *ctx)
     for (int i = 0; i < ctx->n_plans; i++)
         if (ctx->plans[i].arena) ksm_alloc_free(ctx->alloc, ctx->plans[i].arena);
     if (ctx->alpha_dev) ksm_alloc_free(ctx->alloc, ctx->alpha_dev);
+    ksm_alloc_release_stream(ctx->alloc, ctx->stream);
     ksm_stream_free(ctx->stream);
     free(ctx);
 }

@@ -66,6 +66,7 @@ struct segment {
     enum ksm_pool pool; /* KSM_POOL_SMALL or KSM_POOL_LARGE */
     struct block *first;
     struct segment *prev, *next;
+    bool orphan; /* its stream was released: give it back to the device once unused */
 };
 
 struct free_set {
@@ -306,6 +307,8 @@ static void event_put(ksm_allocator *a, ksm_event *ev)
 
 static bool block_is_split(const struct block *b) { return b->prev != NULL || b->next != NULL; }
 
+static void release_segment(ksm_allocator *a, struct segment *seg);
+
 /* Returns an ALLOCATED or PENDING block to its pool, merging it with free neighbours. */
 static void free_block(ksm_allocator *a, struct block *b)
 {
@@ -349,6 +352,9 @@ static void free_block(ksm_allocator *a, struct block *b)
     }
     STAT(a, pool, inactive_split_bytes, d_bytes);
     STAT(a, pool, inactive_split, d_count);
+    /* A segment whose stream is gone can never be reused: return it as soon as it is unused
+     * (its stream was synchronized before it was released, so no queued work can use it). */
+    if (b->seg->orphan && b->prev == NULL && b->next == NULL) release_segment(a, b->seg);
 }
 
 /* Moves deferred blocks whose events have all completed back to the free pools. */
@@ -738,6 +744,31 @@ size_t ksm_alloc_block_size(ksm_allocator *a, const void *ptr)
     size_t size = b != NULL ? b->size : 0;
     pthread_mutex_unlock(&a->mu);
     return size;
+}
+
+int ksm_alloc_release_stream(ksm_allocator *a, ksm_stream *stream)
+{
+    if (a == NULL || stream == NULL) return KSM_EINVAL;
+    uint64_t sid = ksm_stream_id(stream);
+    pthread_mutex_lock(&a->mu);
+    process_events(a);
+    bool any = false;
+    for (struct segment *seg = a->segments; seg != NULL; seg = seg->next) {
+        if (seg->first->stream_id != sid) continue;
+        seg->orphan = true;
+        any |= segment_unused(seg);
+    }
+    if (any) {
+        (void)ksm_stream_synchronize(stream); /* free blocks may back work still queued */
+        struct segment *seg = a->segments;
+        while (seg != NULL) {
+            struct segment *next = seg->next;
+            if (seg->orphan && segment_unused(seg)) release_segment(a, seg);
+            seg = next;
+        }
+    }
+    pthread_mutex_unlock(&a->mu);
+    return 0;
 }
 
 int ksm_alloc_empty_cache(ksm_allocator *a)

@@ -216,7 +216,6 @@ static int h_delete_model(ksm_rpc_server *s, const ProtobufCMessage *req, struct
     if (rc == KSM_ENOMODEL)
         snprintf(cx->err, sizeof cx->err, "model_id '%s' does not exist.", r->model_id);
     if (rc != 0) return rc;
-    rpc_release_dead_stream_cache(s);
     ALLOC(out, Kasmina__V1__DeleteModelResponse, kasmina__v1__delete_model_response__init);
     out->freed_bytes = freed;
     *reply = &out->base;

@@ -165,17 +165,3 @@ void rpc_limits_fini(ksm_rpc_server *s)
         free(u);
     }
 }
-
-void rpc_release_dead_stream_cache(ksm_rpc_server *s)
-{
-    /* The caching allocators keep freed blocks per stream (stream ids are never reused): the
-     * blocks a deleted model's streams cached would never be reused nor released, and a daemon
-     * that creates and deletes models grows without bound (tests/bench/soak found 6.9 GB
-     * reserved after 760 create/germinate/delete cycles). Until the allocator releases a dead
-     * stream's cache itself, hand every cached segment back after a deletion. */
-    int n = ksm_engine_device_count(s->engine);
-    for (int i = 0; i < n; i++) {
-        ksm_allocator *a = ksm_engine_allocator(s->engine, ksm_engine_device(s->engine, i));
-        if (a != NULL) ksm_alloc_empty_cache(a);
-    }
-}

@@ -159,7 +159,6 @@ void rpc_limit_explain(ksm_rpc_server *s, int rc, struct rpc_ctx *cx);
 void rpc_limits_fini(ksm_rpc_server *s);
 /* After DeleteModel: returns the allocators' cached segments (a deleted model's streams' cache
  * is never reused otherwise). */
-void rpc_release_dead_stream_cache(ksm_rpc_server *s);
 
 /* calls.c */
 extern struct rpc_method rpc_methods[];

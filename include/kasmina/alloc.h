@@ -103,6 +103,10 @@ size_t ksm_alloc_block_size(ksm_allocator *a, const void *ptr);
  * synchronized first (counted in num_sync_all_streams): a freed block may still be in use by work
  * queued on its stream before the free. */
 int ksm_alloc_empty_cache(ksm_allocator *a);
+/* The stream is about to be destroyed: blocks are cached per stream and its id is never used
+ * again, so its unused segments go back to the device now (after synchronizing the stream) and
+ * its other segments as soon as their last block is freed. Returns 0 or KSM_EINVAL. */
+int ksm_alloc_release_stream(ksm_allocator *a, ksm_stream *stream);
 /* Changes the memory cap (0 = none). Below the reserved bytes, gives the unused cached segments
  * back as ksm_alloc_empty_cache() does. Returns 0 or KSM_EINVAL. */
 int ksm_alloc_set_memory_cap(ksm_allocator *a, size_t cap);

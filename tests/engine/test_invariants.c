@@ -229,3 +229,33 @@ Test(invariants, germinate_prune_cycles_do_not_leak)
     free(x.data);
     ksm_model_unref(m);
 }
+
+/* Blocks are cached per stream and stream ids are never reused: deleting a model must give its
+ * streams' cached segments back, or a daemon that creates and deletes models grows forever. */
+Test(invariants, deleted_models_return_their_memory)
+{
+    ksm_allocator *al = ksm_engine_allocator(eng, ksm_engine_device(eng, 0));
+    ksm_tensor x = batch(2, 5);
+    struct ksm_mem_stats s;
+    int64_t reserved[12];
+    for (int i = 0; i < 12; i++) {
+        char id[16];
+        snprintf(id, sizeof id, "tmp%d", i);
+        ksm_model *m = cnn(id, (uint64_t)i);
+        germ(m, "r0c1", "conv_light", KSM_ALGO_ADD, 1);
+        to_training(m, "r0c1");
+        struct ksm_forward_result r;
+        struct ksm_forward_args a = {.input = &x, .stream = "env"};
+        cr_assert_eq(ksm_model_forward(m, &a, &r, err, sizeof err), 0, "%s", err);
+        ksm_host_tensor_free(&r.output);
+        ksm_model_unref(m);
+        cr_assert_eq(ksm_engine_model_delete(eng, id, NULL), 0);
+        ksm_alloc_get_stats(al, &s);
+        reserved[i] = s.pool[0].reserved_bytes.current;
+    }
+    cr_expect_eq(s.pool[0].allocated_bytes.current, 0, "%lld bytes still allocated",
+                 (long long)s.pool[0].allocated_bytes.current);
+    cr_expect_eq(reserved[11], reserved[2], "reserved grew from %lld to %lld bytes",
+                 (long long)reserved[2], (long long)reserved[11]);
+    free(x.data);
+}
