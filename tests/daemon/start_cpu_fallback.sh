@@ -16,7 +16,7 @@ if ldd "$BIN" | grep -Eq 'libcuda|libcudart|libcublas'; then
 fi
 
 # 2. Start with 2 CPU devices; the plugin (if built) is found next to the binary.
-"$BIN" --cpu-devices 2 --no-persist >"$TMP/log" 2>&1 &
+"$BIN" --cpu-devices 2 --no-persist --listen "unix:$TMP/s/k.sock" >"$TMP/log" 2>&1 &
 PID=$!
 for _ in $(seq 1 100); do
   grep -q "kasminad ready" "$TMP/log" && break
@@ -39,7 +39,7 @@ RC=$?
 grep -q "kasminad stopped" "$TMP/log" || fail "no clean stop line"
 
 # 3. A plugin path that does not exist: clean fallback with KSM_ENOPLUGIN.
-KASMINA_CUDA_PLUGIN=/nonexistent/libkasmina_cuda.so "$BIN" --no-persist >"$TMP/log" 2>&1 &
+KASMINA_CUDA_PLUGIN=/nonexistent/libkasmina_cuda.so "$BIN" --no-persist --listen "unix:$TMP/s/k.sock" >"$TMP/log" 2>&1 &
 PID=$!
 for _ in $(seq 1 100); do grep -q "kasminad ready" "$TMP/log" && break; sleep 0.1; done
 grep -q "KSM_ENOPLUGIN" "$TMP/log" || fail "missing plugin not reported as KSM_ENOPLUGIN"
