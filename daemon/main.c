@@ -240,6 +240,7 @@ int main(int argc, char **argv)
         .enable_cuda = !d.cfg.no_cuda,
         .memory_cap = d.cfg.memory_cap,
         .max_models = (uint32_t)d.cfg.max_models,
+        .fault_injection = d.cfg.fault_injection,
     };
     rc = ksm_engine_new(&ec, &d.engine, err, sizeof err);
     if (rc != 0) {

@@ -32,6 +32,7 @@ struct ksm_config {
     int cpu_devices;
     bool no_cuda;
     size_t memory_cap;
+    char *fault_injection; /* tests only */
     char *log_level;
     char *log_file;
     size_t max_message_bytes;

@@ -237,6 +237,9 @@ struct ksm_engine_config {
     size_t memory_cap;        /* per-device allocator cap, 0 = none */
     const char *default_device; /* NULL = cuda:0 if loaded, else cpu:0 */
     uint32_t max_models;      /* 0 = 1024 */
+    const char *fault_injection; /* tests only: "mem-limit=BYTES,fail-malloc-nth=N,
+                                  * sticky-after-launches=N" wraps cpu:0 in a fault-injecting
+                                  * device "fake:0" that becomes the default device */
     ksm_backend *backend;     /* optional extra backend (borrowed, must outlive the engine): its
                                * devices come first and the first is the default. Tests use it
                                * for fault injection; embedders for their own devices. */

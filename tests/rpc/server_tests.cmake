@@ -28,6 +28,11 @@ if(KSM_RPC_PROTOC AND EXISTS ${KSM_RPC_PYTHON})
     COMMAND ${KSM_RPC_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/rpc/test_persist.py
             $<TARGET_FILE:kasminad> ${py_out})
   set_tests_properties(rpc_persist PROPERTIES LABELS rpc TIMEOUT 300)
+  # Device faults through the daemon: OOM, a device that breaks while serving, restart.
+  add_test(NAME rpc_faults
+    COMMAND ${KSM_RPC_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/rpc/test_faults.py
+            $<TARGET_FILE:kasminad> ${py_out})
+  set_tests_properties(rpc_faults PROPERTIES LABELS rpc TIMEOUT 120)
 else()
   message(STATUS "kasmina: protoc or /usr/bin/python3 missing: rpc server tests not registered")
 endif()

@@ -1,7 +1,7 @@
 /*
  * The fault-injecting fake backend (see fake_backend.h).
  */
-#include "fake_backend.h"
+#include "backend/fake_backend.h"
 
 #include <pthread.h>
 #include <stdio.h>
@@ -24,6 +24,8 @@ struct fake_device {
     uint64_t fail_countdown; /* 0 = disarmed; 1 = the next malloc fails */
     size_t mem_limit;
     int sticky;
+    uint64_t sticky_countdown; /* 0 = disarmed; 1 = the next launch turns the device sticky */
+    int sticky_armed_err;
     struct ksm_fake_counters counters;
     struct fake_alloc *allocs;
 };
@@ -228,6 +230,10 @@ static int fake_host_fn(ksm_stream *s, ksm_host_fn fn, void *arg)
 
 static int fake_launch(ksm_stream *s, const struct ksm_op *op)
 {
+    struct fake_device *fd = fdev(s->dev);
+    pthread_mutex_lock(&fd->mu);
+    if (fd->sticky_countdown > 0 && --fd->sticky_countdown == 0) fd->sticky = fd->sticky_armed_err;
+    pthread_mutex_unlock(&fd->mu);
     int err = sticky_of(s->dev);
     return err != 0 ? err : ksm_stream_launch(inner_of(s), op);
 }
@@ -357,6 +363,15 @@ void ksm_fake_set_sticky_error(ksm_device *d, int err)
     struct fake_device *fd = fdev(d);
     pthread_mutex_lock(&fd->mu);
     fd->sticky = err;
+    pthread_mutex_unlock(&fd->mu);
+}
+
+void ksm_fake_set_sticky_after_launches(ksm_device *d, uint64_t n, int err)
+{
+    struct fake_device *fd = fdev(d);
+    pthread_mutex_lock(&fd->mu);
+    fd->sticky_countdown = n;
+    fd->sticky_armed_err = err;
     pthread_mutex_unlock(&fd->mu);
 }
 
