@@ -41,6 +41,7 @@ static uint64_t oldest_seq(const struct rpc_hub *h)
 void rpc_hub_engine_event(void *ud, const struct ksm_lifecycle_event *ev)
 {
     struct rpc_hub *h = ud;
+    rpc_stats_event(h->s, ev);
     pthread_mutex_lock(&h->lock);
     h->last_seq++;
     h->ring[(h->last_seq - 1) % h->cap] = *ev;

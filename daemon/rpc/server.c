@@ -137,6 +137,7 @@ void rpc_call_finish(struct rpc_call *c, const ProtobufCMessage *reply, int err,
             n++;
         }
     }
+    rpc_stats_call_end(c, code);
     ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
     ops[n].data.send_status_from_server.status = code;
     if (code != GRPC_STATUS_OK) {
@@ -317,6 +318,7 @@ static void on_request(struct rpc_tag *t, bool ok)
         call_free(c);
         return;
     }
+    rpc_stats_call_start(c);
     if (!atomic_load(&s->shutting_down)) post_request(s, c->m);
     atomic_store(&c->refs, 2); /* handling + close batch */
     grpc_op op;

@@ -17,6 +17,7 @@
 #include "kasmina/v1/kasmina.pb-c.h"
 #include "rpc/convert.h"
 #include "rpc/server.h"
+#include "rpc/stats.h"
 
 /* A completion-queue tag: every event calls done(tag, ok) on the CQ thread. */
 struct rpc_tag {
@@ -75,6 +76,15 @@ struct rpc_call {
     char model_filter[KSM_ID_MAX + 1];
     int health_sent;   /* last status sent on a Health/Watch, -1 none */
     bool health_known; /* the watched service exists */
+    int64_t start_ns;  /* CLOCK_MONOTONIC at arrival (rpc/stats) */
+};
+
+/* Call and event counters (stats.c), read by the metrics exporter through rpc/stats.h. */
+struct rpc_stats {
+    atomic_uint_least64_t calls[KSM_RPC_STATS_METHODS][KSM_RPC_CODES];
+    atomic_uint_least64_t buckets[KSM_RPC_STATS_METHODS][KSM_RPC_LATENCY_BUCKETS + 1];
+    atomic_uint_least64_t latency_sum_ns[KSM_RPC_STATS_METHODS];
+    atomic_uint_least64_t events[KSM_EV_COUNT];
 };
 
 struct rpc_hub;        /* events.c */
@@ -115,6 +125,7 @@ struct ksm_rpc_server {
     /* limits.c */
     pthread_mutex_t limits_lock; /* stream uses, seeds per model */
     struct rpc_stream_use *stream_uses;
+    struct rpc_stats stats;
 };
 
 /* server.c */
@@ -157,6 +168,10 @@ int rpc_germinate_limited(ksm_rpc_server *s, ksm_model *m, const char *slot_id,
  * and its value. */
 void rpc_limit_explain(ksm_rpc_server *s, int rc, struct rpc_ctx *cx);
 void rpc_limits_fini(ksm_rpc_server *s);
+/* stats.c: a call arrived / its status is being sent; an engine event was emitted. */
+void rpc_stats_call_start(struct rpc_call *c);
+void rpc_stats_call_end(struct rpc_call *c, grpc_status_code code);
+void rpc_stats_event(ksm_rpc_server *s, const struct ksm_lifecycle_event *ev);
 /* After DeleteModel: returns the allocators' cached segments (a deleted model's streams' cache
  * is never reused otherwise). */
 
