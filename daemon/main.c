@@ -26,6 +26,7 @@
 #include "kasmina/errors.h"
 #include "kasmina/kasmina.h"
 #include "kasmina/log.h"
+#include "metrics/metrics.h"
 #include "notify/notify.h"
 #include "rpc/server.h"
 
@@ -38,6 +39,7 @@ struct daemon {
     ksm_engine *engine;
     ksm_rpc_server *rpc;
     ksm_persist *persist;
+    ksm_metrics *metrics; /* NULL unless --metrics-listen */
     uv_loop_t loop;
     uv_signal_t sig_term, sig_int, sig_hup;
     uv_timer_t drain_timer, health_timer, watchdog_timer;
@@ -229,9 +231,6 @@ int main(int argc, char **argv)
     }
     if (d.cfg.n_listen == 0) d.cfg.listen[d.cfg.n_listen++] = default_listen();
     KSM_LOGI("main", "kasminad %s starting (pid %d)", KSM_VERSION, (int)getpid());
-    if (d.cfg.metrics_listen != NULL)
-        KSM_LOGI("main", "metrics-listen %s noted; the exporter is not implemented yet",
-                 d.cfg.metrics_listen);
 
     int exit_code = 1;
     char err[512] = "";
@@ -302,15 +301,26 @@ int main(int argc, char **argv)
         KSM_LOGI("main", "systemd watchdog: WATCHDOG=1 every %llu ms",
                  (unsigned long long)every_ms);
     }
-    KSM_LOGI("main", "kasminad ready");
-    ksm_notify_ready("serving");
-    uv_run(&d.loop, UV_RUN_DEFAULT);
+    if (d.cfg.metrics_listen != NULL) {
+        struct ksm_metrics_config mc = {.listen = d.cfg.metrics_listen, .version = KSM_VERSION};
+        rc = ksm_metrics_start(&d.loop, d.engine, d.rpc, &mc, &d.metrics, err, sizeof err);
+        if (rc != 0) {
+            KSM_LOGE("main", "%s", err);
+            fprintf(stderr, "kasminad: %s\n", err);
+        }
+    }
+    if (rc == 0) {
+        KSM_LOGI("main", "kasminad ready");
+        ksm_notify_ready("serving");
+        uv_run(&d.loop, UV_RUN_DEFAULT);
+    }
 
+    ksm_metrics_stop(d.metrics);
     ksm_rpc_server_free(d.rpc);
     uv_walk(&d.loop, close_walk_cb, NULL);
     uv_run(&d.loop, UV_RUN_DEFAULT);
     if (uv_loop_close(&d.loop) != 0) KSM_LOGW("main", "event loop closed with live handles");
-    exit_code = 0;
+    exit_code = rc == 0 ? 0 : 1;
 
 out_engine:
     ksm_engine_free(d.engine);

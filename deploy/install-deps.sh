@@ -17,6 +17,9 @@ PKGS=(
   python3-numpy                             # the Python client's array wrapper
   python3-yaml                              # deploy tests parse the Kubernetes/Prometheus YAML
   openssl                                   # rpc security tests make their certificates
+  libmicrohttpd-dev                         # metrics listener (/metrics, status page)
+  prometheus                                # integration test: a real Prometheus scrapes kasminad
+  chromium                                  # integration test: the status page in headless Chromium
 )
 
 missing=()

@@ -48,8 +48,8 @@ static const struct cfg_option options[] = {
     {"journal-bytes", T_SIZE, 4096, 1e12, "64M", NULL, OFF(journal_bytes),
      "journal bytes of a model before it is compacted into a new snapshot"},
     {"metrics-listen", T_STRING, 0, 0, NULL, NULL, OFF(metrics_listen),
-     "Prometheus /metrics address (accepted and stored; the exporter arrives in a later "
-     "release)"},
+     "HTTP listener host:port for Prometheus /metrics, /status.json and the status page "
+     "(default off)"},
     {"cpu-devices", T_INT, 1, 16, "1", NULL, OFF(cpu_devices),
      "logical CPU devices cpu:0..cpu:N-1"},
     {"no-cuda", T_BOOL, 0, 0, "false", NULL, OFF(no_cuda),
