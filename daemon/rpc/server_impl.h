@@ -172,9 +172,6 @@ void rpc_limits_fini(ksm_rpc_server *s);
 void rpc_stats_call_start(struct rpc_call *c);
 void rpc_stats_call_end(struct rpc_call *c, grpc_status_code code);
 void rpc_stats_event(ksm_rpc_server *s, const struct ksm_lifecycle_event *ev);
-/* After DeleteModel: returns the allocators' cached segments (a deleted model's streams' cache
- * is never reused otherwise). */
-
 /* calls.c */
 extern struct rpc_method rpc_methods[];
 extern const size_t rpc_n_methods;
