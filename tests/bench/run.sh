@@ -90,7 +90,7 @@ if [ "$MODE" = model ]; then
   for fd in 3 5 7; do echo quit >&$fd; done
   wait
   machine
-  echo "kasmina: CPU backend, $NPROC pool threads, OPENBLAS_NUM_THREADS=$NPROC, glibc malloc defaults"
+  echo "kasmina: CPU backend, $NPROC pool threads (OpenBLAS set to 1 thread: sgemm tiles run on the pool), glibc malloc defaults"
   echo "torch best: $(grep -m1 '^info' "$OUT/t.txt" | cut -d' ' -f2-), OPENBLAS_NUM_THREADS=$NPROC," \
     "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=16GiB MALLOC_TOP_PAD_=1GiB"
   echo "torch as shipped: $(grep -m1 '^info' "$OUT/s.txt" | cut -d' ' -f2-), no env"

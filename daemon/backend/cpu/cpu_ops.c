@@ -856,38 +856,44 @@ static int exec_layernorm(const struct ksm_op *op)
     return 0;
 }
 
-/* Maximum of a row with NaN winning (so a NaN row poisons its softmax, as in PyTorch): sixteen
- * running maxima (max is exact, so the order does not matter) and a NaN flag; the first NaN is
- * returned as a serial scan would. */
+/* Maximum of a row with NaN winning (so a NaN row poisons its softmax, as in PyTorch), in the
+ * integer domain so that it vectorises: the maximum of the floats' order keys (ksm_cm_key; max
+ * is exact, so the order does not matter; +0 ranks above -0, which every caller treats alike)
+ * and a NaN flag from the bits; the first NaN is returned as a serial scan would. */
+KSM_VEC_CLONES
 static float row_max(const float *x, int64_t n)
 {
-    float m16[16];
-    int nan16[16];
+    const int32_t lowest = ksm_cm_key(0xff800000u); /* -inf */
+    int32_t k16[16];
+    uint32_t nan16[16];
     for (int k = 0; k < 16; k++) {
-        m16[k] = -INFINITY;
+        k16[k] = lowest;
         nan16[k] = 0;
     }
     int64_t i = 0;
     for (; i + 16 <= n; i += 16)
         for (int k = 0; k < 16; k++) {
-            const float v = x[i + k];
-            m16[k] = v > m16[k] ? v : m16[k];
-            nan16[k] |= v != v;
+            const uint32_t b = ksm_cm_fbits(x[i + k]);
+            const int32_t key = ksm_cm_key(b);
+            k16[k] = key > k16[k] ? key : k16[k];
+            nan16[k] |= (uint32_t)((b & 0x7fffffffu) > 0x7f800000u);
         }
-    float m = -INFINITY;
-    int nan = 0;
+    int32_t m = lowest;
+    uint32_t nan = 0;
     for (int k = 0; k < 16; k++) {
-        m = m16[k] > m ? m16[k] : m;
+        m = k16[k] > m ? k16[k] : m;
         nan |= nan16[k];
     }
     for (; i < n; i++) {
-        m = x[i] > m ? x[i] : m;
-        nan |= x[i] != x[i];
+        const uint32_t b = ksm_cm_fbits(x[i]);
+        const int32_t key = ksm_cm_key(b);
+        m = key > m ? key : m;
+        nan |= (uint32_t)((b & 0x7fffffffu) > 0x7f800000u);
     }
     if (nan)
         for (i = 0; i < n; i++)
             if (x[i] != x[i]) return x[i];
-    return m;
+    return ksm_cm_bitsf((uint32_t)ksm_cm_key((uint32_t)m));
 }
 
 /* Sum of n floats in double, eight partial sums (a fixed order, vectorisable). */
@@ -1114,15 +1120,22 @@ static int exec_maxpool2(const struct ksm_op *op)
 }
 
 /* Sum of e^(x[i] - m) over a row in double: cpu_math.h's float exp (<= 1 ulp), sixteen
- * partial sums (a fixed order, vectorisable). */
+ * partial sums (a fixed order, vectorisable). m is the row's maximum, so the sum is >= 1 and a
+ * term below e^-80 (< 2e-35; all of them together < 1e-29) cannot change it: exponents are
+ * clamped at -80, which keeps every term a normal float. Subnormal results cost a microcode
+ * assist each (about 5x the time of the whole row on this machine's Xeon when most logits lie
+ * more than 87 below the maximum). */
+#define XENT_EXP_FLOOR (-80.0f)
+
 KSM_VEC_CLONES
 static double sum_exp_shifted(const float *KSM_RESTRICT x, int64_t n, float m)
 {
     double s16[16] = {0}, s = 0.0;
     int64_t i = 0;
     for (; i + 16 <= n; i += 16)
-        for (int k = 0; k < 16; k++) s16[k] += (double)ksm_cpu_expf(x[i + k] - m);
-    for (; i < n; i++) s += (double)ksm_cpu_expf(x[i] - m);
+        for (int k = 0; k < 16; k++)
+            s16[k] += (double)ksm_cpu_expf(ksm_cm_clampf(x[i + k] - m, XENT_EXP_FLOOR, 0.0f));
+    for (; i < n; i++) s += (double)ksm_cpu_expf(ksm_cm_clampf(x[i] - m, XENT_EXP_FLOOR, 0.0f));
     for (int k = 0; k < 16; k++) s += s16[k];
     return s;
 }
