@@ -115,6 +115,27 @@ grpc_byte_buffer *rpc_pack(const ProtobufCMessage *msg)
 void rpc_call_finish(struct rpc_call *c, const ProtobufCMessage *reply, int err, const char *errmsg,
                      grpc_status_code code_override)
 {
+    uint8_t *buf = NULL;
+    size_t n = 0;
+    grpc_status_code code =
+        code_override != GRPC_STATUS_OK ? code_override : ksm_rpc_status_from_err(err);
+    if (code == GRPC_STATUS_OK && reply != NULL) {
+        n = protobuf_c_message_get_packed_size(reply);
+        buf = malloc(n > 0 ? n : 1);
+        if (buf == NULL) {
+            err = KSM_ENOMEM;
+            code_override = GRPC_STATUS_RESOURCE_EXHAUSTED;
+            errmsg = "The reply could not be encoded: out of host memory.";
+        } else {
+            protobuf_c_message_pack(reply, buf);
+        }
+    }
+    rpc_call_finish_bytes(c, buf, n, err, errmsg, code_override);
+}
+
+void rpc_call_finish_bytes(struct rpc_call *c, uint8_t *buf, size_t len, int err,
+                           const char *errmsg, grpc_status_code code_override)
+{
     grpc_op ops[3];
     memset(ops, 0, sizeof ops);
     size_t n = 0;
@@ -125,8 +146,11 @@ void rpc_call_finish(struct rpc_call *c, const ProtobufCMessage *reply, int err,
         n++;
         c->started = true;
     }
-    if (code == GRPC_STATUS_OK && reply != NULL) {
-        c->reply = rpc_pack(reply);
+    if (code != GRPC_STATUS_OK) free(buf);
+    if (code == GRPC_STATUS_OK && buf != NULL) {
+        grpc_slice sl = grpc_slice_new(buf, len, free);
+        c->reply = grpc_raw_byte_buffer_create(&sl, 1);
+        grpc_slice_unref(sl);
         if (c->reply == NULL) {
             code = GRPC_STATUS_RESOURCE_EXHAUSTED;
             err = KSM_ENOMEM;
@@ -161,21 +185,31 @@ void rpc_call_finish(struct rpc_call *c, const ProtobufCMessage *reply, int err,
     }
 }
 
-/* Reads the request message; NULL with *why set when it is missing or malformed. */
-static ProtobufCMessage *decode(struct rpc_call *c, const ProtobufCMessageDescriptor *d, char *why,
-                                size_t whylen)
+/* Reads the request payload into *all (grpc_slice_unref it); false with *why set when it is
+ * missing or unreadable. */
+static bool read_payload(struct rpc_call *c, const ProtobufCMessageDescriptor *d, grpc_slice *all,
+                         char *why, size_t whylen)
 {
     if (c->payload == NULL) {
         snprintf(why, whylen, "The request carries no %s message.", d->name);
-        return NULL;
+        return false;
     }
     grpc_byte_buffer_reader r;
     if (!grpc_byte_buffer_reader_init(&r, c->payload)) {
         snprintf(why, whylen, "The request could not be read (bad compression?).");
-        return NULL;
+        return false;
     }
-    grpc_slice all = grpc_byte_buffer_reader_readall(&r);
+    *all = grpc_byte_buffer_reader_readall(&r);
     grpc_byte_buffer_reader_destroy(&r);
+    return true;
+}
+
+/* Reads the request message; NULL with *why set when it is missing or malformed. */
+static ProtobufCMessage *decode(struct rpc_call *c, const ProtobufCMessageDescriptor *d, char *why,
+                                size_t whylen)
+{
+    grpc_slice all;
+    if (!read_payload(c, d, &all, why, whylen)) return NULL;
     ProtobufCMessage *msg =
         protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(all), GRPC_SLICE_START_PTR(all));
     grpc_slice_unref(all);
@@ -209,24 +243,21 @@ static void run_unary(ksm_rpc_server *s, struct rpc_call *c)
         rpc_call_finish(c, NULL, KSM_ESHUTDOWN, "The server is shutting down.", 0);
         return;
     }
-    char why[192];
-    ProtobufCMessage *req = decode(c, c->m->req, why, sizeof why);
-    if (req == NULL) {
+    char why[256];
+    grpc_slice all;
+    if (!read_payload(c, c->m->req, &all, why, sizeof why)) {
         rpc_call_finish(c, NULL, KSM_EINVAL, why, 0);
         return;
     }
-    struct rpc_ctx cx;
-    memset(&cx, 0, sizeof cx);
-    ksm_pb_arena_init(&cx.arena);
-    ProtobufCMessage *reply = NULL;
-    int rc = c->m->fn(s, req, &cx, &reply);
-    if (rc != 0) rpc_limit_explain(s, rc, &cx);
+    /* The whole request path (unpack, convert, validate, engine, pack) is rpc/dispatch. */
+    uint8_t *reply = NULL;
+    size_t reply_len = 0;
+    int rc = rpc_dispatch_bytes(s, (size_t)(c->m - rpc_methods), GRPC_SLICE_START_PTR(all),
+                                GRPC_SLICE_LENGTH(all), &reply, &reply_len, why, sizeof why);
+    grpc_slice_unref(all);
     if (rc == 0 && atomic_load(&c->closed))
         KSM_LOGI("rpc", "%s: the client cancelled the call while it ran", c->m->path);
-    rpc_call_finish(c, rc == 0 ? reply : NULL, rc, cx.err, 0);
-    for (int i = cx.n_defer - 1; i >= 0; i--) cx.defer[i].fn(cx.defer[i].p);
-    ksm_pb_arena_fini(&cx.arena);
-    protobuf_c_message_free_unpacked(req, NULL);
+    rpc_call_finish_bytes(c, reply, reply_len, rc, why, 0);
 }
 
 static void *worker_main(void *arg)
@@ -594,6 +625,18 @@ void ksm_rpc_server_drain_begin(ksm_rpc_server *s)
 
 int ksm_rpc_server_inflight(ksm_rpc_server *s) { return atomic_load(&s->inflight); }
 
+void rpc_config_defaults(struct ksm_rpc_server_config *cfg)
+{
+    if (cfg->max_message_bytes == 0) cfg->max_message_bytes = 64u << 20;
+    if (cfg->max_message_bytes > INT_MAX) cfg->max_message_bytes = INT_MAX;
+    if (cfg->workers <= 0) cfg->workers = 4;
+    if (cfg->max_concurrent_calls <= 0) cfg->max_concurrent_calls = 256;
+    if (cfg->event_ring == 0) cfg->event_ring = 4096;
+    if (cfg->subscriber_buffer == 0) cfg->subscriber_buffer = 1024;
+    if (cfg->subscriber_buffer > cfg->event_ring) cfg->subscriber_buffer = cfg->event_ring;
+    if (cfg->version == NULL) cfg->version = "0.0.0";
+}
+
 int ksm_rpc_server_start(ksm_engine *e, const struct ksm_rpc_server_config *cfg,
                          ksm_rpc_server **out, char *err, size_t errlen)
 {
@@ -611,14 +654,7 @@ int ksm_rpc_server_start(ksm_engine *e, const struct ksm_rpc_server_config *cfg,
     if (s == NULL) return KSM_ENOMEM;
     s->engine = e;
     s->cfg = *cfg;
-    if (s->cfg.max_message_bytes == 0) s->cfg.max_message_bytes = 64u << 20;
-    if (s->cfg.max_message_bytes > INT_MAX) s->cfg.max_message_bytes = INT_MAX;
-    if (s->cfg.workers <= 0) s->cfg.workers = 4;
-    if (s->cfg.max_concurrent_calls <= 0) s->cfg.max_concurrent_calls = 256;
-    if (s->cfg.event_ring == 0) s->cfg.event_ring = 4096;
-    if (s->cfg.subscriber_buffer == 0) s->cfg.subscriber_buffer = 1024;
-    if (s->cfg.subscriber_buffer > s->cfg.event_ring) s->cfg.subscriber_buffer = s->cfg.event_ring;
-    if (s->cfg.version == NULL) s->cfg.version = "0.0.0";
+    rpc_config_defaults(&s->cfg);
     pthread_mutex_init(&s->lock, NULL);
     pthread_mutex_init(&s->limits_lock, NULL);
     pthread_cond_init(&s->cond, NULL);

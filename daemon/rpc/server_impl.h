@@ -172,9 +172,30 @@ void rpc_limits_fini(ksm_rpc_server *s);
 void rpc_stats_call_start(struct rpc_call *c);
 void rpc_stats_call_end(struct rpc_call *c, grpc_status_code code);
 void rpc_stats_event(ksm_rpc_server *s, const struct ksm_lifecycle_event *ev);
+/* Sends an already packed reply (buf malloc'd, owned from here on; NULL for none). */
+void rpc_call_finish_bytes(struct rpc_call *c, uint8_t *buf, size_t len, int err,
+                           const char *errmsg, grpc_status_code code_override);
+/* Fills the zero fields of cfg with the server's defaults (as ksm_rpc_server_start does). */
+void rpc_config_defaults(struct ksm_rpc_server_config *cfg);
+
 /* calls.c */
 extern struct rpc_method rpc_methods[];
 extern const size_t rpc_n_methods;
+
+/* dispatch.c: one unary call without the network (the workers and the fuzzers use it).
+ * Unpacks req as rpc_methods[method_index]'s request, runs its handler and packs the reply
+ * into *reply (malloc'd, free(); NULL with *reply_len 0 when the handler gave no message).
+ * Returns 0, or a KSM_E* code with one sentence in err (KSM_EINVAL for undecodable bytes,
+ * KSM_ENOSYS for an index that is not a unary Kasmina method). */
+int rpc_dispatch_bytes(ksm_rpc_server *s, size_t method_index, const uint8_t *req, size_t len,
+                       uint8_t **reply, size_t *reply_len, char *err, size_t errlen);
+/* Index of a method path in rpc_methods, or -1. */
+int rpc_method_index(const char *path);
+/* A server with no gRPC, no listener and no thread, serving e through rpc_dispatch_bytes only
+ * (fuzzers, tests). cfg may be NULL (defaults); its listen addresses are ignored. */
+int rpc_server_offline_new(ksm_engine *e, const struct ksm_rpc_server_config *cfg,
+                           ksm_rpc_server **out);
+void rpc_server_offline_free(ksm_rpc_server *s);
 
 /* events.c */
 int rpc_hub_new(ksm_rpc_server *s, struct rpc_hub **out);
