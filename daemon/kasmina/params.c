@@ -61,8 +61,8 @@ int ksm_params_add(struct ksm_params *ps, const char *name, enum ksm_dtype dtype
 int ksm_params_add_tied(struct ksm_params *ps, const char *name, int target)
 {
     if (target < 0 || target >= ps->n || ps->p[target].tied_to >= 0) return KSM_EINVAL;
-    const ksm_tensor *t = &ps->p[target].t;
-    int i = ksm_params_add(ps, name, t->dtype, t->ndim, t->shape, KSM_INIT_ZERO, 0, false);
+    const ksm_tensor t = ps->p[target].t; /* a copy: adding may move ps->p (realloc) */
+    int i = ksm_params_add(ps, name, t.dtype, t.ndim, t.shape, KSM_INIT_ZERO, 0, false);
     if (i < 0) return i;
     ps->p[i].tied_to = target;
     return i;
