@@ -317,7 +317,7 @@ int ksm_config_load(struct ksm_config *c, int argc, char **argv, const char *ver
     const char *file = getenv("KASMINA_CONFIG");
     int ch;
     opterr = 0;
-    optind = 1;
+    optind = 0; /* 0, not 1: GNU getopt then also forgets a cluster a previous parse left */
     while ((ch = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
         if (ch == OPT_VERSION) {
             printf("kasminad %s\n", version);
@@ -359,7 +359,7 @@ int ksm_config_load(struct ksm_config *c, int argc, char **argv, const char *ver
     /* Pass 2: the command line. Listen addresses given there replace the others. */
     bool cli_listen = false;
     opterr = 1;
-    optind = 1;
+    optind = 0; /* 0, not 1: GNU getopt then also forgets a cluster a previous parse left */
     while ((ch = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
         if (ch == '?' || ch == ':') {
             fprintf(stderr, "kasminad: try --help\n");
