@@ -20,6 +20,7 @@ PKGS=(
   libmicrohttpd-dev                         # metrics listener (/metrics, status page)
   prometheus                                # integration test: a real Prometheus scrapes kasminad
   chromium                                  # integration test: the status page in headless Chromium
+  clang                                     # libFuzzer targets (tests/fuzz), ASan/UBSan/TSan
 )
 
 missing=()

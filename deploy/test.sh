@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Installs what is needed, builds kasmina and runs every test suite:
 #   1. build/       the normal build (with the CUDA plugin when nvcc is present), all ctest suites
-#   2. build-asan/  CUDA off, AddressSanitizer + UndefinedBehaviorSanitizer, the unit suites
+#   2. build-asan/  CUDA off, AddressSanitizer + UndefinedBehaviorSanitizer + LeakSanitizer:
+#                   the unit, engine, daemon and rpc suites (kasminad itself runs sanitized)
+#   3. build-fuzz/  clang, libFuzzer + ASan + UBSan: each fuzz target for a bounded time
 # Usage: ./deploy/test.sh            (from anywhere)
-# Env:   JOBS (default nproc), KASMINA_SKIP_ASAN=1 to skip step 2.
+# Env:   JOBS (default nproc), KASMINA_SKIP_ASAN=1 to skip step 2, KASMINA_SKIP_FUZZ=1 to skip
+#        step 3, KASMINA_FUZZ_SECONDS (per target, default 25).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JOBS=${JOBS:-$(nproc)}
@@ -37,8 +40,32 @@ if [ "${KASMINA_SKIP_ASAN:-0}" != "1" ]; then
   cmake -S . -B build-asan -DKASMINA_CUDA=OFF -DKASMINA_SANITIZE=address,undefined \
         -DKASMINA_BUILD_BENCH=OFF -DCMAKE_BUILD_TYPE=Debug
   cmake --build build-asan -j"$JOBS"
-  ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
-  LSAN_OPTIONS=suppressions="$PWD/tests/lsan.supp" \
-    ctest --test-dir build-asan --output-on-failure -j"$JOBS" -L 'unit|engine|daemon' --timeout 900
+  # Reports of every process (kasminad started by the rpc tests included: it must exit with no
+  # leak) go to build-asan/sanitizer-logs/; any file there fails the run.
+  logs="$PWD/build-asan/sanitizer-logs"
+  rm -rf "$logs" && mkdir -p "$logs"
+  rc=0
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:log_path="$logs/asan" \
+  UBSAN_OPTIONS=print_stacktrace=1:log_path="$logs/ubsan" \
+  LSAN_OPTIONS=suppressions="$PWD/tests/lsan.supp":print_suppressions=0 \
+    ctest --test-dir build-asan --output-on-failure -j"$JOBS" -L 'unit|engine|daemon|rpc' \
+          --timeout 900 || rc=$?
+  if compgen -G "$logs/*" >/dev/null; then
+    echo "test.sh: sanitizer reports under ASan+UBSan:" >&2
+    head -n 60 "$logs"/* >&2
+    rc=1
+  fi
+  [ "$rc" -eq 0 ] || exit "$rc"
+fi
+if [ "${KASMINA_SKIP_FUZZ:-0}" != "1" ]; then
+  echo "== fuzz targets under ASan+UBSan (libFuzzer, tests/fuzz) =="
+  if command -v clang >/dev/null 2>&1; then
+    cmake -S . -B build-fuzz -DCMAKE_C_COMPILER=clang -DKASMINA_CUDA=OFF -DKASMINA_FUZZ=ON \
+          -DKASMINA_SANITIZE=address,undefined -DKASMINA_BUILD_TESTS=OFF -DKASMINA_BUILD_BENCH=OFF
+    cmake --build build-fuzz -j"$JOBS" --target fuzz_rpc fuzz_safetensors fuzz_config
+    ./tests/fuzz/run.sh build-fuzz "${KASMINA_FUZZ_SECONDS:-25}"
+  else
+    echo "test.sh: clang not found: the fuzz targets are skipped (deploy/install-deps.sh installs it)"
+  fi
 fi
 echo "test.sh: all suites passed"
