@@ -27,7 +27,10 @@
 /* Hot loops are compiled for AVX-512 and AVX2 as well as baseline x86-64, picked at load time.
  * The clones compute bit-identical results: no FMA contraction (ISO C build), no
  * reassociation, and cpu_math.h's functions use only IEEE-exact operations. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+/* Not under ThreadSanitizer: the clones' ifunc resolvers run during relocation, before the TSan
+ * runtime is up, and crash in their instrumentation. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) &&       \
+    !defined(__SANITIZE_THREAD__)
 #define KSM_VEC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define KSM_VEC_CLONES
