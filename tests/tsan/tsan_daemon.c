@@ -1,0 +1,186 @@
+/*
+ * kasminad under 16 concurrent clients: starts the kasminad given (the ThreadSanitizer build),
+ * drives it from 16 threads, each with its own libkasmina-client connection, mixing lifecycle
+ * mutations, forwards on per-thread stream keys, evaluate, statistics and model create/delete,
+ * plus one WatchEvents subscriber; then stops it with SIGTERM. The daemon must exit 0:
+ * ThreadSanitizer makes it exit 66 when it reported a race (its reports go to the daemon's
+ * stderr, or to TSAN_OPTIONS log_path).
+ *     tsan_daemon <kasminad> <scratch dir>
+ */
+#include <signal.h>
+#include <spawn.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kasmina/client.h"
+#include "kasmina/errors.h"
+#include "tsan_check.h"
+
+#define CLIENTS 16
+#define ROUNDS  12
+
+extern char **environ;
+static char target[300];
+static atomic_int calls, errors, events_seen;
+
+static bool expected(int rc)
+{
+    /* Lifecycle races between clients are legal outcomes, not failures. */
+    return rc == 0 || rc == KSM_ESTAGE || rc == KSM_ENOSEED || rc == KSM_EGATE ||
+           rc == KSM_EEXIST || rc == KSM_ENOMODEL || rc == KSM_EINVAL;
+}
+
+#define CALL(expr)                                                                                 \
+    do {                                                                                           \
+        int rc_ = (expr);                                                                          \
+        atomic_fetch_add(&calls, 1);                                                               \
+        if (!expected(rc_)) {                                                                      \
+            atomic_fetch_add(&errors, 1);                                                          \
+            fprintf(stderr, "tsan_daemon: %s: %s (%s)\n", #expr, ksm_err_name(rc_), e.message);    \
+        }                                                                                          \
+    } while (0)
+
+static void *client(void *p)
+{
+    int id = *(int *)p;
+    ksm_client *c;
+    struct ksm_client_error e;
+    CHECK_OK(ksm_client_connect(target, NULL, &c, &e));
+    char key[16], own[16];
+    snprintf(key, sizeof key, "env-%d", id);
+    snprintf(own, sizeof own, "own-%d", id);
+    float x[2 * 3 * 8 * 8];
+    for (size_t i = 0; i < sizeof x / sizeof x[0]; i++) x[i] = (float)((i + id) % 5) / 5.0f;
+    ksm_tensor in;
+    CHECK_OK(ksm_tensor_init(&in, NULL, x, KSM_DTYPE_F32, 4, (int64_t[]){2, 3, 8, 8}));
+    int64_t lab[2] = {1, 3};
+    ksm_tensor tg;
+    CHECK_OK(ksm_tensor_init(&tg, NULL, lab, KSM_DTYPE_I64, 1, (int64_t[]){2}));
+    const char *slot = id % 2 ? "r0c1" : "r0c2";
+    for (int r = 0; r < ROUNDS; r++) {
+        struct ksm_slot_report rep;
+        struct ksm_forward_result fr;
+        struct ksm_forward_args fa = {.input = &in, .stream = key};
+        int rc = ksm_client_forward(c, "shared", &fa, &fr, &e);
+        CALL(rc);
+        if (rc == 0) ksm_host_tensor_free(&fr.output);
+        switch ((id + r) % 6) {
+        case 0: {
+            struct ksm_germinate_args g = {.blueprint_id = "norm"};
+            CALL(ksm_client_germinate(c, "shared", slot, &g, &rep, &e));
+            break;
+        }
+        case 1:
+            CALL(ksm_client_advance(c, "shared", slot, KSM_STAGE_UNKNOWN, NULL, &rep, &e));
+            break;
+        case 2: CALL(ksm_client_set_alpha(c, "shared", slot, 0.5, &rep, &e)); break;
+        case 3: {
+            bool acc;
+            CALL(ksm_client_prune(c, "shared", slot, "tsan", NULL, &acc, &rep, &e));
+            break;
+        }
+        case 4: CALL(ksm_client_step_epoch(c, "shared", NULL, NULL, 0, NULL, &e)); break;
+        default: {
+            struct ksm_client_memory_stats ms;
+            rc = ksm_client_memory_stats(c, NULL, &ms, &e);
+            CALL(rc);
+            if (rc == 0) ksm_client_memory_stats_free(&ms);
+            struct ksm_client_cache_counters *cc;
+            size_t n;
+            rc = ksm_client_cache_stats(c, NULL, &cc, &n, &e);
+            CALL(rc);
+            if (rc == 0) free(cc);
+        }
+        }
+        if (r % 4 == 0) {
+            struct ksm_model_spec spec = {.topology = KSM_TOPOLOGY_CNN,
+                                          .cnn = {.base_channels = 4, .num_classes = 5}};
+            CALL(ksm_client_model_create(c, own, &spec, NULL, &e));
+            CALL(ksm_client_forward(c, own, &fa, &fr, &e) == 0
+                     ? (ksm_host_tensor_free(&fr.output), 0)
+                     : KSM_EINTERNAL);
+            CALL(ksm_client_model_delete(c, own, NULL, &e));
+        }
+        if (r % 5 == 0) {
+            struct ksm_evaluate_args ea = {.input = &in, .targets = &tg, .generate_standard = true};
+            struct ksm_evaluate_result er;
+            rc = ksm_client_evaluate(c, "shared", &ea, &er, &e);
+            CALL(rc);
+            if (rc == 0) ksm_evaluate_result_free(&er);
+        }
+    }
+    ksm_client_close(c);
+    return NULL;
+}
+
+static int on_event(void *ud, uint64_t seq, const struct ksm_lifecycle_event *ev)
+{
+    (void)ud;
+    (void)seq;
+    (void)ev;
+    atomic_fetch_add(&events_seen, 1);
+    return 0;
+}
+
+static void *watcher(void *p)
+{
+    (void)p;
+    ksm_client *c;
+    struct ksm_client_error e;
+    CHECK_OK(ksm_client_connect(target, NULL, &c, &e));
+    (void)ksm_client_watch_events(c, NULL, 0, 3000, on_event, NULL, &e);
+    ksm_client_close(c);
+    return NULL;
+}
+
+int main(int argc, char **argv)
+{
+    CHECK(argc == 3, "usage: tsan_daemon <kasminad> <scratch dir>");
+    mkdir(argv[2], 0700);
+    char sock[256];
+    snprintf(sock, sizeof sock, "%s/k.sock", argv[2]);
+    unlink(sock);
+    snprintf(target, sizeof target, "unix:%s", sock);
+    char *dargv[] = {argv[1],        "--listen",  target, "--no-cuda",   "--cpu-devices", "2",
+                     "--no-persist", "--workers", "8",    "--log-level", "warn",          NULL};
+    pid_t pid;
+    CHECK_OK(posix_spawn(&pid, argv[1], NULL, NULL, dargv, environ));
+    for (int i = 0; i < 600 && access(sock, F_OK) != 0; i++) {
+        int st;
+        CHECK(waitpid(pid, &st, WNOHANG) == 0, "kasminad exited early (status %d)", st);
+        nanosleep(&(struct timespec){0, 50 * 1000 * 1000}, NULL);
+    }
+    CHECK(access(sock, F_OK) == 0, "kasminad did not create %s", sock);
+
+    ksm_client *c;
+    struct ksm_client_error e;
+    struct ksm_client_options o = {.wait_for_ready = true, .deadline_ms = 30000};
+    CHECK_OK(ksm_client_connect(target, &o, &c, &e));
+    struct ksm_model_spec spec = {.topology = KSM_TOPOLOGY_CNN,
+                                  .cnn = {.base_channels = 4, .num_classes = 5}};
+    int rc = ksm_client_model_create(c, "shared", &spec, NULL, &e);
+    CHECK(rc == 0, "create: %s", e.message);
+    pthread_t w;
+    CHECK_OK(pthread_create(&w, NULL, watcher, NULL));
+    int ids[CLIENTS];
+    for (int i = 0; i < CLIENTS; i++) ids[i] = i;
+    run_threads(CLIENTS, client, ids, sizeof ids[0]);
+    CHECK_OK(pthread_join(w, NULL));
+    ksm_client_close(c);
+
+    kill(pid, SIGTERM);
+    int st = 0;
+    CHECK(waitpid(pid, &st, 0) == pid, "waitpid");
+    printf("tsan_daemon: %d calls from %d clients, %d unexpected errors, %d events; kasminad "
+           "exit status %d\n",
+           atomic_load(&calls), CLIENTS, atomic_load(&errors), atomic_load(&events_seen),
+           WIFEXITED(st) ? WEXITSTATUS(st) : -WTERMSIG(st));
+    CHECK(atomic_load(&errors) == 0, "unexpected errors");
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "kasminad did not exit 0 (66: a race report)");
+    return 0;
+}
