@@ -297,7 +297,16 @@ void ksm_config_usage(FILE *f)
                "wins over the environment, which wins over the file.\n");
 }
 
+static int config_load(struct ksm_config *c, int argc, char **argv, const char *version);
+
 int ksm_config_load(struct ksm_config *c, int argc, char **argv, const char *version)
+{
+    int rc = config_load(c, argc, argv, version);
+    if (rc != 0) ksm_config_fini(c); /* --help, --version or an error: nothing left to free */
+    return rc;
+}
+
+static int config_load(struct ksm_config *c, int argc, char **argv, const char *version)
 {
     memset(c, 0, sizeof *c);
     if (apply_defaults(c) != 0) return KSM_EINVAL;
@@ -394,6 +403,7 @@ void ksm_config_fini(struct ksm_config *c)
     free(c->config_file);
     free(c->state_dir);
     free(c->metrics_listen);
+    free(c->fault_injection);
     free(c->log_level);
     free(c->log_file);
     free(c->socket_group);

@@ -52,7 +52,7 @@ struct ksm_config {
 };
 
 /* Fills *c. Returns 0, 1 when --help or --version was printed (exit 0), or KSM_EINVAL after
- * printing one line to stderr (exit 2). */
+ * printing one line to stderr (exit 2). On a non-zero return *c holds nothing to free. */
 int ksm_config_load(struct ksm_config *c, int argc, char **argv, const char *version);
 void ksm_config_fini(struct ksm_config *c);
 /* The --help text, generated from the table. */

@@ -140,6 +140,7 @@ def config_seeds(out):
         "bad_range": b"cpu-devices 99\n",
         "bad_exclusive": b"\0--state-dir\0/tmp/s\0--no-persist",
         "help": b"\0--help",
+        "fault_injection": b"\0--fault-injection\0mem-limit=1048576",
         "version": b"\0--version",
     }
     for name, data in seeds.items():
