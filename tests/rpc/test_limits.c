@@ -323,67 +323,7 @@ Test(limits, message_size)
     cr_expect_eq(sec_stop(&d), 0);
 }
 
-/* A subscriber that stops reading: the first event blocks it for a while. */
-struct slow_watch {
-    const char *target;
-    atomic_bool producer_done;
-    int rc, grpc_status, events;
-    char message[512];
-};
-
-/* Stops reading after the first event until the producer is done (at most 30 s): the events
- * pile up behind flow control and the subscriber falls behind. */
-static int slow_cb(void *ud, uint64_t seq, const struct ksm_lifecycle_event *ev)
-{
-    (void)seq, (void)ev;
-    struct slow_watch *w = ud;
-    if (w->events++ == 0)
-        for (int i = 0; i < 600 && !atomic_load(&w->producer_done); i++) sec_sleep_ms(50);
-    return 0;
-}
-
-static void *watch_thread(void *arg)
-{
-    struct slow_watch *w = arg;
-    ksm_client *c = sec_connect(w->target, NULL);
-    struct ksm_client_error e;
-    w->rc = ksm_client_watch_events(c, "", 0, 5000, slow_cb, w, &e);
-    w->grpc_status = e.grpc_status;
-    snprintf(w->message, sizeof w->message, "%s", e.message);
-    ksm_client_close(c);
-    return NULL;
-}
-
-Test(limits, subscriber_buffer)
-{
-    struct sec_daemon d;
-    sec_dir(&d);
-    const char *args[] = {"--subscriber-buffer", "1", NULL};
-    sec_start(&d, args);
-    ksm_client *c = sec_connect(d.target, NULL);
-    struct ksm_client_error e;
-    struct ksm_model_info mi;
-    struct ksm_model_spec cnn = small_cnn(false);
-    OK(ksm_client_model_create(c, "m1", &cnn, &mi, &e));
-    struct slow_watch w = {.target = d.target};
-    pthread_t t;
-    pthread_create(&t, NULL, watch_thread, &w);
-    sec_sleep_ms(300);
-    /* Each advance of a seed in TRAINING without metrics fails its gate and emits an event; a
-     * germination emits a burst. */
-    struct ksm_germinate_args ga = {.blueprint_id = "conv_light"};
-    struct ksm_slot_report r;
-    struct ksm_gate_result g;
-    OK(ksm_client_germinate(c, "m1", mi.slots[0].slot_id, &ga, &r, &e));
-    for (int i = 0; i < 2000; i++)
-        OK(ksm_client_advance(c, "m1", mi.slots[0].slot_id, KSM_STAGE_UNKNOWN, &g, &r, &e));
-    atomic_store(&w.producer_done, true);
-    pthread_join(t, NULL);
-    cr_expect_eq(w.rc, KSM_ELIMIT, "%s: %s", ksm_err_name(w.rc), w.message);
-    cr_expect_eq(w.grpc_status, 8, "%s: %s (%d events)", ksm_err_name(w.rc), w.message, w.events);
-    cr_expect_not_null(strstr(w.message, "subscriber-buffer = 1"), "%s", w.message);
-    /* A fresh subscriber and the rest still work. */
-    OK(ksm_client_model_get(c, "m1", &mi, &e));
-    ksm_client_close(c);
-    cr_expect_eq(sec_stop(&d), 0);
-}
+/* subscriber-buffer is exercised by rpc_server (test_server.py, slow_subscriber): a stalled
+ * subscriber needs HTTP/2 flow control to push back, which that test arranges deterministically
+ * with a channel whose BDP probing is off; through the C client's default channel the window
+ * can grow past what a bounded test produces. */

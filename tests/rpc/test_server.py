@@ -536,12 +536,15 @@ def slow_subscriber(tmp):
                 res["code"] = SC.OK
             except grpc.RpcError as e:
                 res["code"] = e.code()
+                res["details"] = e.details()
 
         t2 = threading.Thread(target=drain, daemon=True)
         t2.start()
         t2.join(timeout=30)
         check(res.get("code") == SC.RESOURCE_EXHAUSTED,
               "stalled subscriber ended with RESOURCE_EXHAUSTED (got %s)" % res.get("code"))
+        check("subscriber-buffer = 64" in (res.get("details") or ""),
+              "the message names the limit: %s" % res.get("details"))
         print("slow subscriber: %d mutations in %.2f s beside a stalled subscriber; "
               "reader resumed %d times" % (n, elapsed, state["resumes"]), flush=True)
         stalled.cancel()
