@@ -219,6 +219,7 @@ static void row_unary(const struct ksm_op *op, int64_t n, char *const p[EW_MAX],
     }
 }
 
+KSM_VEC_CLONES
 static void row_binary(const struct ksm_op *op, int64_t n, char *const p[EW_MAX],
                        const int64_t st[EW_MAX])
 {
@@ -254,6 +255,7 @@ static void row_binary(const struct ksm_op *op, int64_t n, char *const p[EW_MAX]
     }
 }
 
+KSM_VEC_CLONES
 static void row_lerp(const struct ksm_op *op, int64_t n, char *const p[EW_MAX],
                      const int64_t st[EW_MAX])
 {
@@ -750,6 +752,7 @@ static void moments(const float *KSM_RESTRICT x, int64_t n, double eps, float *m
 }
 
 /* y[i] <- (x[i] - m) * a + b; y may equal x. */
+KSM_VEC_CLONES
 static void shift_scale(float *y, const float *x, int64_t n, float m, float a, float b)
 {
     int64_t i = 0;
@@ -759,6 +762,7 @@ static void shift_scale(float *y, const float *x, int64_t n, float m, float a, f
 }
 
 /* y[i] <- relu((x[i] - m) * a + b); y may equal x. */
+KSM_VEC_CLONES
 static void shift_scale_relu(float *y, const float *x, int64_t n, float m, float a, float b)
 {
     int64_t i = 0;
@@ -1051,6 +1055,7 @@ struct mean_job {
 /* Outputs [b, e) in chunks of the inner dim: task t = o * nchunks + chunk. */
 enum { MEAN_CHUNK = 256 };
 
+KSM_VEC_CLONES
 static void mean_tasks(void *ctx, int64_t b, int64_t e)
 {
     const struct mean_job *j = ctx;
@@ -1091,6 +1096,7 @@ static int exec_mean(const struct ksm_op *op)
     return 0;
 }
 
+KSM_VEC_CLONES
 static void maxpool_planes(void *ctx, int64_t b, int64_t e)
 {
     const struct ksm_op *op = ctx;
@@ -1105,8 +1111,8 @@ static void maxpool_planes(void *ctx, int64_t b, int64_t e)
             for (int64_t ow = 0; ow < wo; ow++) {
                 const float v[4] = {r0[2 * ow], r0[2 * ow + 1], r1[2 * ow], r1[2 * ow + 1]};
                 float m = v[0];
-                for (int k = 1; k < 4; k++)
-                    if (v[k] > m || v[k] != v[k]) m = v[k]; /* NaN wins (PyTorch) */
+                for (int k = 1; k < 4; k++) /* NaN wins (PyTorch) */
+                    m = (v[k] > m || v[k] != v[k]) ? v[k] : m;
                 yp[oh * wo + ow] = m;
             }
         }
