@@ -49,6 +49,50 @@ static inline int64_t ksm_conv2d_slices(int64_t n, int64_t howo)
     return tiles < KSM_CPU_MAX_THREADS ? (tiles > 0 ? tiles : 1) : KSM_CPU_MAX_THREADS;
 }
 
+/* 3x3 convolutions with padding 1, one group and at least KSM_WINO_MIN_CH input and output
+ * channels run on the CPU as Winograd F(2x2, 3x3): each 4x4 input tile and each 3x3 filter are
+ * transformed into 16 points, the channel reduction becomes 16 GEMMs [Co x Ci] x [Ci x tiles],
+ * and each 4x4 result is transformed back into a 2x2 output tile (2.25x fewer multiplications
+ * than the direct form; the transforms use only the constants 0, +-1 and 1/2, so rounding stays
+ * that of a short sum). Tiles are numbered across the whole batch (image, tile row, tile column)
+ * and cut into chunks of ksm_wino_chunk() tiles, a pure function of the shapes. The workspace
+ * holds the transformed filters (16 Co Ci floats) and one slice per thread of 16 (Ci + Co)
+ * chunk floats (transformed inputs, then the GEMM results). */
+#define KSM_WINO_MIN_CH 16
+
+static inline int ksm_conv2d_winograd(int64_t ci, int64_t co, int64_t kh, int64_t kw, int64_t ph,
+                                      int64_t pw, int64_t groups)
+{
+    return groups == 1 && kh == 3 && kw == 3 && ph == 1 && pw == 1 && ci >= KSM_WINO_MIN_CH &&
+           co >= KSM_WINO_MIN_CH;
+}
+
+/* Tiles per chunk: a chunk's transformed inputs and results (16 (Ci + Co) chunk floats) stay
+ * within about 1 MiB, so they are still in the core's L2 cache between the three stages. */
+static inline int64_t ksm_wino_chunk(int64_t ci, int64_t co)
+{
+    int64_t t = 16384 / (ci + co);
+    t = t / 16 * 16;
+    return t < 16 ? 16 : (t > 256 ? 256 : t);
+}
+
+/* Floats of workspace for n images of ho x wo outputs (0 on overflow). */
+static inline int64_t ksm_wino_workspace_floats(int64_t n, int64_t ci, int64_t co, int64_t ho,
+                                                int64_t wo)
+{
+    int64_t tiles, u, slice, chunks, all;
+    if (__builtin_mul_overflow(n, ((ho + 1) / 2) * ((wo + 1) / 2), &tiles) ||
+        __builtin_mul_overflow(16 * co, ci, &u) ||
+        __builtin_mul_overflow(16 * (ci + co), ksm_wino_chunk(ci, co), &slice))
+        return 0;
+    chunks = (tiles + ksm_wino_chunk(ci, co) - 1) / ksm_wino_chunk(ci, co);
+    if (chunks > KSM_CPU_MAX_THREADS) chunks = KSM_CPU_MAX_THREADS;
+    if (chunks < 1) chunks = 1;
+    if (__builtin_mul_overflow(slice, chunks, &all) || __builtin_add_overflow(all, u, &all))
+        return 0;
+    return all;
+}
+
 enum ksm_op_type {
     /* dst <- src0, same shape, src0 any strides. Converts F32/F16/BF16 among themselves and
      * I64/I32 between themselves; otherwise dtypes are equal. */

@@ -523,6 +523,11 @@ size_t ksm_op_conv2d_workspace_size(const ksm_tensor *x, const ksm_tensor *w, in
         __builtin_mul_overflow(all, slices, &all))
         return 0;
     if (all < one) all = one;
+    if (ksm_conv2d_winograd(ci, co, kh, kw, pad_h, pad_w, groups)) {
+        int64_t wino = ksm_wino_workspace_floats(x->shape[0], ci, co, ho, wo);
+        if (wino == 0) return 0;
+        if (all < wino) all = wino;
+    }
     if (__builtin_mul_overflow(all, (int64_t)sizeof(float), &all)) return 0;
     return (size_t)all;
 }

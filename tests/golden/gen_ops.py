@@ -116,6 +116,10 @@ def conv_fixture():
         ("conv3x3_pad1_dw_bias", 2, 16, 5, 8, 16, 3, 1, 16, True),
         ("conv3x3_pad0_dw", 1, 4, 6, 6, 4, 3, 0, 4, True),
         ("conv3x3_pad1_g4_mult2", 1, 4, 5, 5, 8, 3, 1, 4, True),  # groups == Ci, Co = 2 Ci
+        # Winograd on the CPU (>= 16 channels both sides): odd height and width (partial tiles)
+        # with a bias, and 320 tiles over 5 images (two chunks of 256, one spanning images).
+        ("conv3x3_pad1_wino_odd_bias", 3, 16, 7, 9, 24, 3, 1, 1, True),
+        ("conv3x3_pad1_wino_chunks", 5, 16, 16, 16, 32, 3, 1, 1, True),
     ]
     for name, n, ci, h, w, co, k, pad, g, bias in cases:
         x = randn(n, ci, h, w)

@@ -666,6 +666,279 @@ static void conv_tiles(void *ctx, int slot, int64_t b, int64_t e)
     }
 }
 
+/* ---- Winograd F(2x2, 3x3) (see ksm_conv2d_winograd in nn/op.h) ----
+ * With B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1]
+ * and A^T = [1 1 1 0; 0 1 -1 -1]: U = G g G^T, V = B^T d B, Y = A^T (sum_c U .* V) A. */
+struct wino_job {
+    const float *x, *w, *bias;
+    float *y, *u, *ws;
+    int64_t n, ci, co, h, wd, th, tw, tiles, chunk, slice;
+};
+
+/* Filters [b, e) of the Co x Ci pairs into U[16][Co][Ci]. */
+static void wino_filters(void *ctx, int64_t b, int64_t e)
+{
+    const struct wino_job *j = ctx;
+    const int64_t cc = j->co * j->ci;
+    for (int64_t p = b; p < e; p++) {
+        const float *g = j->w + p * 9;
+        float t[4][3]; /* G g */
+        for (int k = 0; k < 3; k++) {
+            const float g0 = g[k], g1 = g[3 + k], g2 = g[6 + k];
+            t[0][k] = g0;
+            t[1][k] = 0.5f * (g0 + g1 + g2);
+            t[2][k] = 0.5f * (g0 - g1 + g2);
+            t[3][k] = g2;
+        }
+        for (int r = 0; r < 4; r++) { /* (G g) G^T */
+            const float a = t[r][0], m = t[r][1], c = t[r][2];
+            j->u[(r * 4 + 0) * cc + p] = a;
+            j->u[(r * 4 + 1) * cc + p] = 0.5f * (a + m + c);
+            j->u[(r * 4 + 2) * cc + p] = 0.5f * (a - m + c);
+            j->u[(r * 4 + 3) * cc + p] = c;
+        }
+    }
+}
+
+/* V[16][Ci][chunk] of tiles [t0, t0 + nt), one tile at a time (rows wider than
+ * WINO_MAX_TW tiles). */
+static void wino_inputs_scalar(const struct wino_job *j, int64_t t0, int64_t nt, float *v)
+{
+    const int64_t h = j->h, wd = j->wd, per_img = j->th * j->tw, ci = j->ci, ch = j->chunk;
+    for (int64_t q = 0; q < nt; q++) {
+        const int64_t t = t0 + q, n = t / per_img, r = t % per_img;
+        const int64_t y0 = 2 * (r / j->tw) - 1, x0 = 2 * (r % j->tw) - 1;
+        const bool inside = y0 >= 0 && x0 >= 0 && y0 + 4 <= h && x0 + 4 <= wd;
+        const float *xn = j->x + n * ci * h * wd;
+        for (int64_t c = 0; c < ci; c++) {
+            const float *xc = xn + c * h * wd;
+            float d[4][4];
+            if (inside) {
+                for (int a = 0; a < 4; a++)
+                    for (int b = 0; b < 4; b++) d[a][b] = xc[(y0 + a) * wd + x0 + b];
+            } else {
+                for (int a = 0; a < 4; a++)
+                    for (int b = 0; b < 4; b++) {
+                        const int64_t yy = y0 + a, xx = x0 + b;
+                        d[a][b] =
+                            (yy >= 0 && yy < h && xx >= 0 && xx < wd) ? xc[yy * wd + xx] : 0.0f;
+                    }
+            }
+            float s[4][4]; /* B^T d */
+            for (int b = 0; b < 4; b++) {
+                s[0][b] = d[0][b] - d[2][b];
+                s[1][b] = d[1][b] + d[2][b];
+                s[2][b] = d[2][b] - d[1][b];
+                s[3][b] = d[1][b] - d[3][b];
+            }
+            float *vc = v + c * ch + q;
+            const int64_t ps = ci * ch;   /* stride between points */
+            for (int a = 0; a < 4; a++) { /* (B^T d) B */
+                vc[(a * 4 + 0) * ps] = s[a][0] - s[a][2];
+                vc[(a * 4 + 1) * ps] = s[a][1] + s[a][2];
+                vc[(a * 4 + 2) * ps] = s[a][2] - s[a][1];
+                vc[(a * 4 + 3) * ps] = s[a][1] - s[a][3];
+            }
+        }
+    }
+}
+
+/* Y tiles from M[16][Co][chunk] of tiles [t0, t0 + nt), one tile at a time. */
+static void wino_outputs_scalar(const struct wino_job *j, int64_t t0, int64_t nt, const float *m)
+{
+    const int64_t h = j->h, wd = j->wd, per_img = j->th * j->tw, co = j->co, ch = j->chunk;
+    const int64_t ps = co * ch;
+    for (int64_t q = 0; q < nt; q++) {
+        const int64_t t = t0 + q, n = t / per_img, r = t % per_img;
+        const int64_t y0 = 2 * (r / j->tw), x0 = 2 * (r % j->tw);
+        float *yn = j->y + n * co * h * wd;
+        for (int64_t o = 0; o < co; o++) {
+            const float *mo = m + o * ch + q;
+            float s[2][4]; /* A^T m */
+            for (int b = 0; b < 4; b++) {
+                const float m0 = mo[(0 * 4 + b) * ps], m1 = mo[(1 * 4 + b) * ps];
+                const float m2 = mo[(2 * 4 + b) * ps], m3 = mo[(3 * 4 + b) * ps];
+                s[0][b] = m0 + m1 + m2;
+                s[1][b] = m1 - m2 - m3;
+            }
+            const float bias = j->bias ? j->bias[o] : 0.0f;
+            float *yo = yn + o * h * wd;
+            for (int a = 0; a < 2; a++) { /* (A^T m) A */
+                if (y0 + a >= h) break;
+                const float v0 = s[a][0] + s[a][1] + s[a][2], v1 = s[a][1] - s[a][2] - s[a][3];
+                float *yr = yo + (y0 + a) * wd + x0;
+                yr[0] = j->bias ? v0 + bias : v0;
+                if (x0 + 1 < wd) yr[1] = j->bias ? v1 + bias : v1;
+            }
+        }
+    }
+}
+
+/* The vectorised transforms work on runs of tiles along one tile row, vectors across the run's
+ * tiles; rows of more than WINO_MAX_TW tiles take the scalar path. */
+#define WINO_MAX_TW 128
+
+/* Tiles [txa, txa + len) of tile row ty of image n, channel by channel, into v (the run's first
+ * tile's column of V; stride between points ps). */
+KSM_VEC_CLONES
+static void wino_input_run(const struct wino_job *j, int64_t n, int64_t ty, int64_t txa,
+                           int64_t len, float *v, int64_t ps)
+{
+    const int64_t h = j->h, wd = j->wd, ch = j->chunk;
+    float e[4][2 * WINO_MAX_TW + 4];        /* input rows 2ty-1 .. 2ty+2, e[i] = x[i - 1] */
+    float col[4][4][WINO_MAX_TW];           /* d B of each row: [row][point][tile] */
+    const int64_t ne = 2 * (txa + len) + 2; /* e indices used: 2 txa .. 2 (txa + len) + 1 */
+    for (int64_t c = 0; c < j->ci; c++) {
+        const float *xc = j->x + (n * j->ci + c) * h * wd;
+        for (int a = 0; a < 4; a++) {
+            const int64_t yy = 2 * ty - 1 + a;
+            float *ea = e[a];
+            if (yy < 0 || yy >= h) {
+                for (int64_t i = 2 * txa; i < ne; i++) ea[i] = 0.0f;
+            } else {
+                const float *row = xc + yy * wd;
+                for (int64_t i = 2 * txa; i < ne; i++)
+                    ea[i] = (i >= 1 && i <= wd) ? row[i - 1] : 0.0f;
+            }
+            const float *eb = ea + 2 * txa;
+            for (int64_t k = 0; k < len; k++) {
+                const float d0 = eb[2 * k], d1 = eb[2 * k + 1], d2 = eb[2 * k + 2],
+                            d3 = eb[2 * k + 3];
+                col[a][0][k] = d0 - d2;
+                col[a][1][k] = d1 + d2;
+                col[a][2][k] = d2 - d1;
+                col[a][3][k] = d1 - d3;
+            }
+        }
+        float *vc = v + c * ch;
+        for (int b = 0; b < 4; b++) {
+            float *v0 = vc + (0 + b) * ps, *v1 = vc + (4 + b) * ps;
+            float *v2 = vc + (8 + b) * ps, *v3 = vc + (12 + b) * ps;
+            for (int64_t k = 0; k < len; k++) {
+                v0[k] = col[0][b][k] - col[2][b][k];
+                v1[k] = col[1][b][k] + col[2][b][k];
+                v2[k] = col[2][b][k] - col[1][b][k];
+                v3[k] = col[1][b][k] - col[3][b][k];
+            }
+        }
+    }
+}
+
+static void wino_inputs(const struct wino_job *j, int64_t t0, int64_t nt, float *v)
+{
+    if (j->tw > WINO_MAX_TW) {
+        wino_inputs_scalar(j, t0, nt, v);
+        return;
+    }
+    const int64_t per_img = j->th * j->tw;
+    for (int64_t q = 0; q < nt;) {
+        const int64_t t = t0 + q, r = t % per_img, txa = r % j->tw;
+        const int64_t len = j->tw - txa < nt - q ? j->tw - txa : nt - q;
+        wino_input_run(j, t / per_img, r / j->tw, txa, len, v + q, j->ci * j->chunk);
+        q += len;
+    }
+}
+
+/* Output tiles [txa, txa + len) of tile row ty of image n from m (the run's first tile's
+ * column of M; stride between points ps). */
+KSM_VEC_CLONES
+static void wino_output_run(const struct wino_job *j, int64_t n, int64_t ty, int64_t txa,
+                            int64_t len, const float *m, int64_t ps)
+{
+    const int64_t h = j->h, wd = j->wd, ch = j->chunk;
+    float out[2][2 * WINO_MAX_TW];
+    const int64_t x0 = 2 * txa, xn = (2 * (txa + len) < wd ? 2 * (txa + len) : wd) - x0;
+    const int rows = 2 * ty + 1 < h ? 2 : 1;
+    for (int64_t o = 0; o < j->co; o++) {
+        const float *mo = m + o * ch;
+        const float bias = j->bias ? j->bias[o] : 0.0f;
+        for (int64_t k = 0; k < len; k++) {
+            float s0[4], s1[4]; /* A^T m */
+            for (int b = 0; b < 4; b++) {
+                const float m0 = mo[b * ps + k], m1 = mo[(4 + b) * ps + k];
+                const float m2 = mo[(8 + b) * ps + k], m3 = mo[(12 + b) * ps + k];
+                s0[b] = m0 + m1 + m2;
+                s1[b] = m1 - m2 - m3;
+            }
+            out[0][2 * k] = s0[0] + s0[1] + s0[2];
+            out[0][2 * k + 1] = s0[1] - s0[2] - s0[3];
+            out[1][2 * k] = s1[0] + s1[1] + s1[2];
+            out[1][2 * k + 1] = s1[1] - s1[2] - s1[3];
+        }
+        float *yo = j->y + (n * j->co + o) * h * wd + 2 * ty * wd + x0;
+        for (int a = 0; a < rows; a++) {
+            float *yr = yo + a * wd;
+            if (j->bias)
+                for (int64_t i = 0; i < xn; i++) yr[i] = out[a][i] + bias;
+            else
+                for (int64_t i = 0; i < xn; i++) yr[i] = out[a][i];
+        }
+    }
+}
+
+static void wino_outputs(const struct wino_job *j, int64_t t0, int64_t nt, const float *m)
+{
+    if (j->tw > WINO_MAX_TW) {
+        wino_outputs_scalar(j, t0, nt, m);
+        return;
+    }
+    const int64_t per_img = j->th * j->tw;
+    for (int64_t q = 0; q < nt;) {
+        const int64_t t = t0 + q, r = t % per_img, txa = r % j->tw;
+        const int64_t len = j->tw - txa < nt - q ? j->tw - txa : nt - q;
+        wino_output_run(j, t / per_img, r / j->tw, txa, len, m + q, j->co * j->chunk);
+        q += len;
+    }
+}
+
+/* Chunks [b, e): transform the chunk's input tiles, 16 GEMMs, transform back. */
+static void wino_chunks(void *ctx, int slot, int64_t b, int64_t e)
+{
+    const struct wino_job *j = ctx;
+    float *v = j->ws + slot * j->slice, *m = v + 16 * j->ci * j->chunk;
+    const int64_t cc = j->co * j->ci;
+    for (int64_t c = b; c < e; c++) {
+        const int64_t t0 = c * j->chunk;
+        const int64_t nt = j->tiles - t0 < j->chunk ? j->tiles - t0 : j->chunk;
+        wino_inputs(j, t0, nt, v);
+        for (int p = 0; p < 16; p++)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)j->co, (int)nt, (int)j->ci,
+                        1.0f, j->u + p * cc, (int)j->ci, v + p * j->ci * j->chunk, (int)j->chunk,
+                        0.0f, m + p * j->co * j->chunk, (int)j->chunk);
+        wino_outputs(j, t0, nt, m);
+    }
+}
+
+static int exec_conv2d_winograd(const struct ksm_op *op, int64_t nb, int64_t ci, int64_t h,
+                                int64_t wd, int64_t co)
+{
+    struct wino_job j = {.x = (const float *)op->src[0].data,
+                         .w = (const float *)op->src[1].data,
+                         .bias = (const float *)op->src[2].data,
+                         .y = (float *)op->dst.data,
+                         .n = nb,
+                         .ci = ci,
+                         .co = co,
+                         .h = h,
+                         .wd = wd,
+                         .th = (h + 1) / 2,
+                         .tw = (wd + 1) / 2,
+                         .chunk = ksm_wino_chunk(ci, co)};
+    j.tiles = nb * j.th * j.tw;
+    j.slice = 16 * (ci + co) * j.chunk;
+    const int64_t need = ksm_wino_workspace_floats(nb, ci, co, h, wd);
+    if (need == 0 || op->ws == NULL || op->ws_bytes < (size_t)need * sizeof(float))
+        return KSM_EINTERNAL;
+    j.u = (float *)op->ws;
+    j.ws = j.u + 16 * co * ci;
+    const int64_t chunks = (j.tiles + j.chunk - 1) / j.chunk;
+    const int64_t fit = (int64_t)(op->ws_bytes / sizeof(float) - (size_t)(16 * co * ci)) / j.slice;
+    ksm_cpu_parallel_for(co * ci, grain_for(36), wino_filters, &j);
+    ksm_cpu_parallel_for_slots(
+        chunks, 1, (int)(fit < KSM_CPU_MAX_THREADS ? fit : KSM_CPU_MAX_THREADS), wino_chunks, &j);
+    return 0;
+}
+
 static int exec_conv2d(const struct ksm_op *op)
 {
     const ksm_tensor *xt = &op->src[0], *wt = &op->src[1];
@@ -684,6 +957,9 @@ static int exec_conv2d(const struct ksm_op *op)
         ksm_cpu_parallel_for(nb * co, grain_for(howo * kh * kw), depthwise_planes, &job);
         return 0;
     }
+
+    if (ksm_conv2d_winograd(ci, co, kh, kw, ph, pw, g) && ho == h && wo == wd)
+        return exec_conv2d_winograd(op, nb, ci, h, wd, co);
 
     struct conv_job j = {.x = x,
                          .w = w,
