@@ -120,6 +120,8 @@ def conv_fixture():
         # with a bias, and 320 tiles over 5 images (two chunks of 256, one spanning images).
         ("conv3x3_pad1_wino_odd_bias", 3, 16, 7, 9, 24, 3, 1, 1, True),
         ("conv3x3_pad1_wino_chunks", 5, 16, 16, 16, 32, 3, 1, 1, True),
+        # rows of more than 128 tiles (width 300) take the one-tile-at-a-time transforms
+        ("conv3x3_pad1_wino_wide", 1, 16, 3, 300, 16, 3, 1, 1, True),
     ]
     for name, n, ci, h, w, co, k, pad, g, bias in cases:
         x = randn(n, ci, h, w)
