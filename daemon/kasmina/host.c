@@ -558,7 +558,7 @@ static ksm_tensor view_as(const ksm_tensor *base, int ndim, const int64_t *shape
     return t;
 }
 
-/* CNN block: y <- relu(bn(conv(x))) (BatchNorm and ReLU fused in one pass). */
+/* CNN block: y <- relu(bn(conv(x))) (BatchNorm and ReLU applied to each output tile in cache). */
 static int cnn_block(ksm_host *h, struct ksm_exec *e, int i, const ksm_tensor *x, ksm_tensor *y)
 {
     const struct cnn_block_params *b = &h->blocks[i];
@@ -568,10 +568,10 @@ static int cnn_block(ksm_host *h, struct ksm_exec *e, int i, const ksm_tensor *x
     size_t ws_bytes = ksm_op_conv2d_workspace_size(x, w, pad, pad, 1);
     void *ws;
     KSM_TRY(ksm_exec_scratch(e, ws_bytes, &ws));
-    KSM_EXEC(e, ksm_op_conv2d(e->stream, y, x, w, NULL, pad, pad, 1, ws, ws_bytes));
+    KSM_EXEC(e, ksm_op_conv2d_bn_relu(e->stream, y, x, w, NULL, pad, pad, 1, ws, ws_bytes,
+                                      P(h, b->bn_mean), P(h, b->bn_var), P(h, b->bn_w),
+                                      P(h, b->bn_b), BN_EPS));
     ksm_exec_release(e, mark);
-    KSM_EXEC(e, ksm_op_batchnorm_relu(e->stream, y, y, P(h, b->bn_mean), P(h, b->bn_var),
-                                      P(h, b->bn_w), P(h, b->bn_b), BN_EPS));
     return 0;
 }
 

@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-#define KSM_OP_MAX_SRC        5
+#define KSM_OP_MAX_SRC        7
 #define KSM_SDPA_MAX_HEAD_DIM 256
 
 /* Convolution workspace layout (a pure function of the shapes; ops.c sizes the workspace with
@@ -116,7 +116,10 @@ enum ksm_op_type {
     KSM_OP_LINEAR,
     /* dst[N,Co,Ho,Wo] <- conv(src0[N,Ci,H,W], src1[Co,Ci/g,kh,kw]) + src2[Co] (optional).
      * Stride 1, dilation 1, zero padding pad_h/pad_w, groups g. Ho = H + 2 pad_h - kh + 1.
-     * All contiguous. ws/ws_bytes: scratch of at least ksm_op_conv2d_workspace_size(). */
+     * All contiguous. ws/ws_bytes: scratch of at least ksm_op_conv2d_workspace_size().
+     * With p.conv2d.bn_relu, each output is then replaced by relu((y - m) * a + b) per channel,
+     * a = weight / sqrt(var + eps) in double rounded to float (src3..src6 = running mean, running
+     * var, weight, bias): the values ksm_op_batchnorm_relu computes, while y is in cache. */
     KSM_OP_CONV2D,
     /* Eval-mode BatchNorm over dim 1 of src0[N,C,...]: src1 running_mean[C], src2
      * running_var[C], src3 weight[C], src4 bias[C]; y = (x - m) / sqrt(v + eps) * w + b,
@@ -188,6 +191,8 @@ struct ksm_op {
         } gemm;
         struct {
             int pad_h, pad_w, groups;
+            int bn_relu; /* epilogue relu(batchnorm(y)) with src3..6 = mean, var, weight, bias */
+            float bn_eps;
         } conv2d;
         struct {
             float eps;

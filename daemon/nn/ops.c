@@ -532,9 +532,10 @@ size_t ksm_op_conv2d_workspace_size(const ksm_tensor *x, const ksm_tensor *w, in
     return (size_t)all;
 }
 
-int ksm_op_conv2d(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_tensor *w,
+/* bn: NULL, or the four BatchNorm vectors (mean, var, weight, bias) of a fused epilogue. */
+static int conv2d(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_tensor *w,
                   const ksm_tensor *bias, int pad_h, int pad_w, int groups, void *ws,
-                  size_t ws_bytes)
+                  size_t ws_bytes, const ksm_tensor *const *bn, float eps)
 {
     int rc;
     if (s == NULL) return KSM_EINVAL;
@@ -557,6 +558,11 @@ int ksm_op_conv2d(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_t
     if (y->shape[0] != n || y->shape[1] != co || y->shape[2] != ho || y->shape[3] != wo)
         return KSM_ESHAPE;
     if (bias && (rc = check_vec(s, bias, co))) return rc;
+    if (bn != NULL) {
+        for (int i = 0; i < 4; i++)
+            if ((rc = check_vec(s, bn[i], co))) return rc;
+        if (!eps_ok(eps)) return KSM_EINVAL;
+    }
     if (!contiguous(y) || !contiguous(x) || !contiguous(w)) return KSM_EINVAL;
     /* BLAS indexes with int: the per-image matrices must fit. */
     if (!fits_int(ci / groups * kh * kw) || !fits_int(ho * wo) || !fits_int(co) ||
@@ -568,11 +574,12 @@ int ksm_op_conv2d(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_t
         return KSM_EINVAL;
     if (ws_bytes < need || (need > 0 && ws == NULL)) return KSM_EINVAL;
     struct ksm_op op;
-    const ksm_tensor *srcs[] = {x, w, bias};
-    if ((rc = pack_op(&op, KSM_OP_CONV2D, y, srcs, 3, false))) return rc;
+    const ksm_tensor *srcs[] = {
+        x, w, bias, bn ? bn[0] : NULL, bn ? bn[1] : NULL, bn ? bn[2] : NULL, bn ? bn[3] : NULL};
+    if ((rc = pack_op(&op, KSM_OP_CONV2D, y, srcs, bn ? 7 : 3, false))) return rc;
     if (need > 0) {
         uintptr_t lo = (uintptr_t)ws, hi = lo + need;
-        for (int i = -1; i < 3; i++) {
+        for (int i = -1; i < op.n_src; i++) {
             const ksm_tensor *t = i < 0 ? &op.dst : &op.src[i];
             uintptr_t tlo, thi;
             if (!t->data) continue;
@@ -585,7 +592,29 @@ int ksm_op_conv2d(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_t
     op.p.conv2d.pad_h = pad_h;
     op.p.conv2d.pad_w = pad_w;
     op.p.conv2d.groups = groups;
+    op.p.conv2d.bn_relu = bn != NULL;
+    op.p.conv2d.bn_eps = eps;
     return launch(s, &op);
+}
+
+int ksm_op_conv2d(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_tensor *w,
+                  const ksm_tensor *bias, int pad_h, int pad_w, int groups, void *ws,
+                  size_t ws_bytes)
+{
+    return conv2d(s, y, x, w, bias, pad_h, pad_w, groups, ws, ws_bytes, NULL, 0.0f);
+}
+
+int ksm_op_conv2d_bn_relu(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_tensor *w,
+                          const ksm_tensor *bias, int pad_h, int pad_w, int groups, void *ws,
+                          size_t ws_bytes, const ksm_tensor *mean, const ksm_tensor *var,
+                          const ksm_tensor *weight, const ksm_tensor *bn_bias, float eps)
+{
+    const ksm_tensor *bn[4] = {mean, var, weight, bn_bias};
+    int rc = conv2d(s, y, x, w, bias, pad_h, pad_w, groups, ws, ws_bytes, bn, eps);
+    if (rc != KSM_EUNSUPPORTED) return rc;
+    /* the backend has no fused form: the two ops (they validate again) */
+    if ((rc = ksm_op_conv2d(s, y, x, w, bias, pad_h, pad_w, groups, ws, ws_bytes))) return rc;
+    return ksm_op_batchnorm_relu(s, y, y, mean, var, weight, bn_bias, eps);
 }
 
 /* ---- Normalisation and softmax ---- */

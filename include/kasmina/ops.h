@@ -68,6 +68,15 @@ int ksm_op_conv2d(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_t
                   const ksm_tensor *bias, int pad_h, int pad_w, int groups, void *ws,
                   size_t ws_bytes);
 
+/* relu(batchnorm(conv2d(x))): ksm_op_conv2d followed by an eval-mode BatchNorm over the output
+ * channels and a ReLU, with the same values as ksm_op_conv2d then ksm_op_batchnorm_relu on y;
+ * the CPU backend applies the normalisation to each output tile while it is still in cache, a
+ * backend without the fused form runs the two ops. */
+int ksm_op_conv2d_bn_relu(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_tensor *w,
+                          const ksm_tensor *bias, int pad_h, int pad_w, int groups, void *ws,
+                          size_t ws_bytes, const ksm_tensor *mean, const ksm_tensor *var,
+                          const ksm_tensor *weight, const ksm_tensor *bn_bias, float eps);
+
 /* Eval-mode BatchNorm2d (running statistics) over dim 1. */
 int ksm_op_batchnorm(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const ksm_tensor *mean,
                      const ksm_tensor *var, const ksm_tensor *weight, const ksm_tensor *bias,

@@ -1128,3 +1128,86 @@ Test(ops_validate, reduction_and_index_checks)
     idxd.dev = &other_dev;
     EXPECT_RC(KSM_EINVAL, ksm_op_embedding(s, &e, &wemb, &idxd));
 }
+
+/* ksm_op_conv2d_bn_relu gives, bit for bit, what ksm_op_conv2d then ksm_op_batchnorm_relu give,
+ * on every convolution path: Winograd (3x3 pad 1, >= 16 channels; partial tiles; several
+ * chunks), im2col (3 input channels; pad 0), 1x1 without im2col, depthwise and grouped. */
+Test(ops, conv2d_bn_relu_equals_conv_then_batchnorm_relu)
+{
+    static const struct {
+        int n, ci, h, w, co, k, pad, g;
+        bool bias;
+    } cases[] = {
+        {3, 16, 7, 9, 24, 3, 1, 1, false}, {5, 16, 16, 16, 32, 3, 1, 1, true},
+        {2, 3, 8, 8, 16, 3, 1, 1, false},  {2, 8, 6, 5, 12, 3, 0, 1, true},
+        {2, 16, 5, 5, 20, 1, 0, 1, false}, {2, 8, 6, 6, 8, 3, 1, 8, true},
+        {1, 8, 6, 6, 8, 3, 1, 2, false},
+    };
+    struct env e;
+    env_init(&e);
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        const int64_t xs[4] = {cases[c].n, cases[c].ci, cases[c].h, cases[c].w};
+        const int64_t ws_[4] = {cases[c].co, cases[c].ci / cases[c].g, cases[c].k, cases[c].k};
+        const int64_t ho = cases[c].h + 2 * cases[c].pad - cases[c].k + 1;
+        const int64_t wo = cases[c].w + 2 * cases[c].pad - cases[c].k + 1;
+        const int64_t ys[4] = {cases[c].n, cases[c].co, ho, wo}, vs[1] = {cases[c].co};
+        const size_t nx = (size_t)(xs[0] * xs[1] * xs[2] * xs[3]);
+        const size_t nw = (size_t)(ws_[0] * ws_[1] * ws_[2] * ws_[3]), nc = (size_t)cases[c].co;
+        float *hx = malloc(sizeof(float) * nx), *hw = malloc(sizeof(float) * nw);
+        float *hv[5];
+        for (int i = 0; i < 5; i++) hv[i] = malloc(sizeof(float) * nc);
+        for (size_t i = 0; i < nx; i++) hx[i] = (float)(urand() * 2.0 - 1.0);
+        for (size_t i = 0; i < nw; i++) hw[i] = (float)(urand() * 0.6 - 0.3);
+        for (size_t i = 0; i < nc; i++) {
+            hv[0][i] = (float)(urand() - 0.5);       /* conv bias */
+            hv[1][i] = (float)(urand() * 0.4 - 0.2); /* running mean */
+            hv[2][i] = (float)(urand() + 0.1);       /* running var */
+            hv[3][i] = (float)(urand() * 2.0 - 1.0); /* weight (some negative) */
+            hv[4][i] = (float)(urand() - 0.5);       /* bias */
+        }
+        ksm_tensor x = dev_upload_raw(&e, KSM_DTYPE_F32, 4, xs, hx);
+        ksm_tensor w = dev_upload_raw(&e, KSM_DTYPE_F32, 4, ws_, hw);
+        ksm_tensor v[5];
+        for (int i = 0; i < 5; i++) v[i] = dev_upload_raw(&e, KSM_DTYPE_F32, 1, vs, hv[i]);
+        ksm_tensor y1 = dev_empty(&e, KSM_DTYPE_F32, 4, ys),
+                   y2 = dev_empty(&e, KSM_DTYPE_F32, 4, ys);
+        const int pad = cases[c].pad, g = cases[c].g;
+        size_t wsb = ksm_op_conv2d_workspace_size(&x, &w, pad, pad, g);
+        void *ws = wsb ? dev_alloc(&e, wsb) : NULL;
+        const ksm_tensor *bias = cases[c].bias ? &v[0] : NULL;
+        cr_assert_eq(ksm_op_conv2d(e.s, &y1, &x, &w, bias, pad, pad, g, ws, wsb), 0, "case %zu", c);
+        cr_assert_eq(ksm_op_batchnorm_relu(e.s, &y1, &y1, &v[1], &v[2], &v[3], &v[4], 1e-5f), 0);
+        /* invalid epilogues fail before anything runs: y2 keeps its NaN fill */
+        const int64_t short_shape[1] = {cases[c].co - 1};
+        ksm_tensor shortv = v[1];
+        ksm_tensor_init(&shortv, e.dev, v[1].data, KSM_DTYPE_F32, 1, short_shape);
+        cr_assert_neq(ksm_op_conv2d_bn_relu(e.s, &y2, &x, &w, bias, pad, pad, g, ws, wsb, &shortv,
+                                            &v[2], &v[3], &v[4], 1e-5f),
+                      0);
+        cr_assert_eq(ksm_op_conv2d_bn_relu(e.s, &y2, &x, &w, bias, pad, pad, g, ws, wsb, &v[1],
+                                           &v[2], &v[3], &v[4], 0.0f),
+                     KSM_EINVAL);
+        float *untouched = download(&e, &y2);
+        cr_assert(isnan(untouched[0]));
+        free(untouched);
+        cr_assert_eq(ksm_op_conv2d_bn_relu(e.s, &y2, &x, &w, bias, pad, pad, g, ws, wsb, &v[1],
+                                           &v[2], &v[3], &v[4], 1e-5f),
+                     0, "case %zu", c);
+        const size_t ny = (size_t)(ys[0] * ys[1] * ys[2] * ys[3]);
+        float *r1 = download(&e, &y1), *r2 = download(&e, &y2);
+        size_t zeros = 0, pos = 0;
+        for (size_t i = 0; i < ny; i++) {
+            zeros += r1[i] == 0.0f;
+            pos += r1[i] > 0.0f;
+        }
+        cr_expect(zeros > 0 && pos > 0, "case %zu: the ReLU should clip some outputs, not all", c);
+        cr_expect_eq(memcmp(r1, r2, sizeof(float) * ny), 0, "case %zu: fused != two ops", c);
+        free(r1);
+        free(r2);
+        free(hx);
+        free(hw);
+        for (int i = 0; i < 5; i++) free(hv[i]);
+        env_release_bufs(&e);
+    }
+    env_fini(&e);
+}

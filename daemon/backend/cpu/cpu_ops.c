@@ -623,6 +623,26 @@ static void depthwise_planes(void *ctx, int64_t b, int64_t e)
     }
 }
 
+/* y[i] <- (x[i] - m) * a + b; y may equal x. */
+KSM_VEC_CLONES
+static void shift_scale(float *y, const float *x, int64_t n, float m, float a, float b)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) y[i + k] = (x[i + k] - m) * a + b;
+    for (; i < n; i++) y[i] = (x[i] - m) * a + b;
+}
+
+/* y[i] <- relu((x[i] - m) * a + b); y may equal x. */
+KSM_VEC_CLONES
+static void shift_scale_relu(float *y, const float *x, int64_t n, float m, float a, float b)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) y[i + k] = ksm_relu((x[i + k] - m) * a + b);
+    for (; i < n; i++) y[i] = ksm_relu((x[i] - m) * a + b);
+}
+
 struct conv_job {
     const float *x, *w, *bias;
     float *y, *ws;
@@ -630,7 +650,16 @@ struct conv_job {
     int64_t cig, cog, kdim, howo;
     int64_t tile_cols, tiles_per_image, slice; /* slice: floats per thread */
     bool direct;                               /* 1x1 without padding: no im2col */
+    const float *bn_m, *bn_a, *bn_b;           /* BatchNorm + ReLU epilogue, or NULL */
 };
+
+/* The fused epilogue's per-channel scale, as batchnorm_planes computes it. */
+static void bn_scales(const struct ksm_op *op, int64_t co, float *a)
+{
+    const float *var = (const float *)op->src[4].data, *wt = (const float *)op->src[5].data;
+    for (int64_t c = 0; c < co; c++)
+        a[c] = (float)((double)wt[c] / sqrt((double)var[c] + (double)op->p.conv2d.bn_eps));
+}
 
 /* Tasks [b, e), task = image * tiles_per_image + tile: every group of the tile's pixels. */
 static void conv_tiles(void *ctx, int slot, int64_t b, int64_t e)
@@ -650,19 +679,26 @@ static void conv_tiles(void *ctx, int slot, int64_t b, int64_t e)
                     const float v = j->bias ? j->bias[gi * cog + c] : 0.0f;
                     for (int64_t i = 0; i < cols; i++) yg[c * howo + i] = v;
                 }
-            if (kdim == 0) continue;
-            const float *xg = j->x + (n * j->ci + gi * j->cig) * j->h * j->wd;
-            const float *bmat = xg + p0;
-            int64_t ldb = howo;
-            if (!j->direct) {
-                im2col_tile(xg, j->cig, j->h, j->wd, j->kh, j->kw, j->ph, j->pw, j->wo, p0, p1,
-                            col);
-                bmat = col;
-                ldb = cols;
+            if (kdim > 0) {
+                const float *xg = j->x + (n * j->ci + gi * j->cig) * j->h * j->wd;
+                const float *bmat = xg + p0;
+                int64_t ldb = howo;
+                if (!j->direct) {
+                    im2col_tile(xg, j->cig, j->h, j->wd, j->kh, j->kw, j->ph, j->pw, j->wo, p0, p1,
+                                col);
+                    bmat = col;
+                    ldb = cols;
+                }
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)cog, (int)cols,
+                            (int)kdim, 1.0f, j->w + gi * cog * kdim, (int)kdim, bmat, (int)ldb,
+                            j->bias ? 1.0f : 0.0f, yg, (int)howo);
             }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)cog, (int)cols, (int)kdim,
-                        1.0f, j->w + gi * cog * kdim, (int)kdim, bmat, (int)ldb,
-                        j->bias ? 1.0f : 0.0f, yg, (int)howo);
+            if (j->bn_a)
+                for (int64_t c = 0; c < cog; c++) {
+                    const int64_t ch = gi * cog + c;
+                    shift_scale_relu(yg + c * howo, yg + c * howo, cols, j->bn_m[ch], j->bn_a[ch],
+                                     j->bn_b[ch]);
+                }
         }
     }
 }
@@ -674,6 +710,7 @@ struct wino_job {
     const float *x, *w, *bias;
     float *y, *u, *ws;
     int64_t n, ci, co, h, wd, th, tw, tiles, chunk, slice;
+    const float *bn_m, *bn_a, *bn_b; /* BatchNorm + ReLU epilogue, or NULL */
 };
 
 /* Filters [b, e) of the Co x Ci pairs into U[16][Co][Ci]. */
@@ -768,8 +805,13 @@ static void wino_outputs_scalar(const struct wino_job *j, int64_t t0, int64_t nt
                 if (y0 + a >= h) break;
                 const float v0 = s[a][0] + s[a][1] + s[a][2], v1 = s[a][1] - s[a][2] - s[a][3];
                 float *yr = yo + (y0 + a) * wd + x0;
-                yr[0] = j->bias ? v0 + bias : v0;
-                if (x0 + 1 < wd) yr[1] = j->bias ? v1 + bias : v1;
+                float r0 = j->bias ? v0 + bias : v0, r1 = j->bias ? v1 + bias : v1;
+                if (j->bn_a) {
+                    r0 = ksm_relu((r0 - j->bn_m[o]) * j->bn_a[o] + j->bn_b[o]);
+                    r1 = ksm_relu((r1 - j->bn_m[o]) * j->bn_a[o] + j->bn_b[o]);
+                }
+                yr[0] = r0;
+                if (x0 + 1 < wd) yr[1] = r1;
             }
         }
     }
@@ -933,6 +975,14 @@ __attribute__((target("avx512f"))) static void wino_output_run_avx512(const stru
                     p0 = _mm512_add_ps(p0, bv);
                     p1 = _mm512_add_ps(p1, bv);
                 }
+                if (j->bn_a) { /* relu((y - m) * a + b): v <= 0 (false for NaN) gives +0 */
+                    const __m512 bm = _mm512_set1_ps(j->bn_m[o]), ba = _mm512_set1_ps(j->bn_a[o]);
+                    const __m512 bb = _mm512_set1_ps(j->bn_b[o]), z = _mm512_setzero_ps();
+                    p0 = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(p0, bm), ba), bb);
+                    p1 = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(p1, bm), ba), bb);
+                    p0 = _mm512_mask_mov_ps(p0, _mm512_cmp_ps_mask(p0, z, _CMP_LE_OQ), z);
+                    p1 = _mm512_mask_mov_ps(p1, _mm512_cmp_ps_mask(p1, z, _CMP_LE_OQ), z);
+                }
                 _mm512_mask_storeu_ps(yo + a * wd, m0, p0);
                 _mm512_mask_storeu_ps(yo + a * wd + 16, m1, p1);
             }
@@ -1057,6 +1107,7 @@ static void wino_output_run(const struct wino_job *j, int64_t n, int64_t ty, int
                 for (int64_t i = 0; i < xn; i++) yr[i] = out[a][i] + bias;
             else
                 for (int64_t i = 0; i < xn; i++) yr[i] = out[a][i];
+            if (j->bn_a) shift_scale_relu(yr, yr, xn, j->bn_m[o], j->bn_a[o], j->bn_b[o]);
         }
     }
 }
@@ -1112,7 +1163,7 @@ static void wino_chunks(void *ctx, int slot, int64_t b, int64_t e)
 }
 
 static int exec_conv2d_winograd(const struct ksm_op *op, int64_t nb, int64_t ci, int64_t h,
-                                int64_t wd, int64_t co)
+                                int64_t wd, int64_t co, const float *bn_a)
 {
     struct wino_job j = {.x = (const float *)op->src[0].data,
                          .w = (const float *)op->src[1].data,
@@ -1127,6 +1178,11 @@ static int exec_conv2d_winograd(const struct ksm_op *op, int64_t nb, int64_t ci,
                          .tw = (wd + 1) / 2,
                          .chunk = ksm_wino_chunk(ci, co)};
     j.tiles = nb * j.th * j.tw;
+    if (bn_a) {
+        j.bn_m = (const float *)op->src[3].data;
+        j.bn_a = bn_a;
+        j.bn_b = (const float *)op->src[6].data;
+    }
     j.slice = 16 * (ci + co) * j.chunk;
     const int64_t need = ksm_wino_workspace_floats(nb, ci, co, h, wd);
     if (need == 0 || op->ws == NULL || op->ws_bytes < (size_t)need * sizeof(float))
@@ -1141,7 +1197,24 @@ static int exec_conv2d_winograd(const struct ksm_op *op, int64_t nb, int64_t ci,
     return 0;
 }
 
-static int exec_conv2d(const struct ksm_op *op)
+struct bn_planes_job {
+    float *y;
+    const float *m, *a, *b;
+    int64_t c, inner;
+};
+
+static void bn_relu_planes(void *ctx, int64_t b, int64_t e)
+{
+    const struct bn_planes_job *j = ctx;
+    for (int64_t p = b; p < e; p++) {
+        const int64_t ch = p % j->c;
+        shift_scale_relu(j->y + p * j->inner, j->y + p * j->inner, j->inner, j->m[ch], j->a[ch],
+                         j->b[ch]);
+    }
+}
+
+/* bn_a: the BatchNorm epilogue's per-channel scales, or NULL. */
+static int conv2d_impl(const struct ksm_op *op, const float *bn_a)
 {
     const ksm_tensor *xt = &op->src[0], *wt = &op->src[1];
     const float *x = (const float *)xt->data, *w = (const float *)wt->data;
@@ -1154,14 +1227,19 @@ static int exec_conv2d(const struct ksm_op *op)
     int64_t cig = ci / g, cog = co / g, howo = ho * wo;
     if (nb == 0 || co == 0 || howo == 0) return 0;
 
+    const float *bn_m = (const float *)op->src[3].data, *bn_b = (const float *)op->src[6].data;
     if (g == ci && g == co) { /* depthwise: direct kernel, no workspace */
         struct dw_job job = {x, w, bias, y, co, h, wd, kh, kw, ph, pw, ho, wo};
         ksm_cpu_parallel_for(nb * co, grain_for(howo * kh * kw), depthwise_planes, &job);
+        if (bn_a) {
+            struct bn_planes_job bj = {y, bn_m, bn_a, bn_b, co, howo};
+            ksm_cpu_parallel_for(nb * co, grain_for(howo), bn_relu_planes, &bj);
+        }
         return 0;
     }
 
     if (ksm_conv2d_winograd(ci, co, kh, kw, ph, pw, g) && ho == h && wo == wd)
-        return exec_conv2d_winograd(op, nb, ci, h, wd, co);
+        return exec_conv2d_winograd(op, nb, ci, h, wd, co, bn_a);
 
     struct conv_job j = {.x = x,
                          .w = w,
@@ -1183,6 +1261,11 @@ static int exec_conv2d(const struct ksm_op *op)
                          .kdim = cig * kh * kw,
                          .howo = howo,
                          .direct = kh == 1 && kw == 1 && ph == 0 && pw == 0};
+    if (bn_a) {
+        j.bn_m = bn_m;
+        j.bn_a = bn_a;
+        j.bn_b = bn_b;
+    }
     j.tile_cols = ksm_conv2d_tile_cols(nb, howo);
     j.tiles_per_image = (howo + j.tile_cols - 1) / j.tile_cols;
     int slots = 1;
@@ -1200,6 +1283,18 @@ static int exec_conv2d(const struct ksm_op *op)
     }
     ksm_cpu_parallel_for_slots(nb * j.tiles_per_image, 1, slots, conv_tiles, &j);
     return 0;
+}
+
+static int exec_conv2d(const struct ksm_op *op)
+{
+    if (!op->p.conv2d.bn_relu) return conv2d_impl(op, NULL);
+    const int64_t co = op->dst.shape[1];
+    float stack[512], *a = co <= 512 ? stack : malloc(sizeof(float) * (size_t)co);
+    if (a == NULL) return KSM_EDEVMEM;
+    bn_scales(op, co, a);
+    int rc = conv2d_impl(op, a);
+    if (a != stack) free(a);
+    return rc;
 }
 
 /* ---- Normalisation and softmax ---- */
@@ -1227,26 +1322,6 @@ static void moments(const float *KSM_RESTRICT x, int64_t n, double eps, float *m
     const double var = n > 0 ? ss / (double)n : 0.0;
     *mean_out = (float)mean;
     *rstd_out = (float)(1.0 / sqrt(var + eps));
-}
-
-/* y[i] <- (x[i] - m) * a + b; y may equal x. */
-KSM_VEC_CLONES
-static void shift_scale(float *y, const float *x, int64_t n, float m, float a, float b)
-{
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int k = 0; k < 8; k++) y[i + k] = (x[i + k] - m) * a + b;
-    for (; i < n; i++) y[i] = (x[i] - m) * a + b;
-}
-
-/* y[i] <- relu((x[i] - m) * a + b); y may equal x. */
-KSM_VEC_CLONES
-static void shift_scale_relu(float *y, const float *x, int64_t n, float m, float a, float b)
-{
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int k = 0; k < 8; k++) y[i + k] = ksm_relu((x[i + k] - m) * a + b);
-    for (; i < n; i++) y[i] = ksm_relu((x[i] - m) * a + b);
 }
 
 /* Plane p = n * C + c of an [N, C, inner] tensor: y = (x - mean) * a + b per channel. */

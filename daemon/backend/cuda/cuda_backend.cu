@@ -170,6 +170,8 @@ int op_supported(const struct ksm_op *op)
         ok = op->dst.dtype == F32 && s[0].dtype == F32 && s[1].dtype == F32;
         if (s[1].data == nullptr) ok = op->dst.dtype == F32 && s[0].dtype == F32;
         if (s[2].data != nullptr) ok = ok && s[2].dtype == F32;
+        /* no fused BatchNorm epilogue yet: ksm_op_conv2d_bn_relu then runs the two ops */
+        if (op->type == KSM_OP_CONV2D && op->p.conv2d.bn_relu) ok = false;
         break;
     case KSM_OP_BATCHNORM:
         ok = op->dst.dtype == F32;
