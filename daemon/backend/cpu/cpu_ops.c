@@ -1289,7 +1289,7 @@ static int exec_conv2d(const struct ksm_op *op)
 {
     if (!op->p.conv2d.bn_relu) return conv2d_impl(op, NULL);
     const int64_t co = op->dst.shape[1];
-    float stack[512], *a = co <= 512 ? stack : malloc(sizeof(float) * (size_t)co);
+    float stack[512] = {0}, *a = co <= 512 ? stack : malloc(sizeof(float) * (size_t)co);
     if (a == NULL) return KSM_EDEVMEM;
     bn_scales(op, co, a);
     int rc = conv2d_impl(op, a);
