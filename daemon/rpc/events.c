@@ -120,7 +120,9 @@ static void send_msg(struct rpc_call *c, const ProtobufCMessage *msg)
         }
     }
     c->writing = true;
-    if (grpc_call_start_batch(c->gc, ops, n, &c->send_tag, NULL) != GRPC_CALL_OK) {
+    grpc_call *gc = c->gc; /* read before the release (rpc/tsan.h) */
+    KSM_TSAN_RELEASE(&c->send_tag);
+    if (grpc_call_start_batch(gc, ops, n, &c->send_tag, NULL) != GRPC_CALL_OK) {
         c->writing = false;
         c->finishing = true;
     }

@@ -78,9 +78,11 @@ static int post_request(ksm_rpc_server *s, struct rpc_method *m)
     grpc_call_error e;
     if (m == NULL) {
         grpc_call_details_init(&c->details);
+        KSM_TSAN_RELEASE(&c->request_tag);
         e = grpc_server_request_call(s->server, &c->gc, &c->details, &c->md, s->cq, s->cq,
                                      &c->request_tag);
     } else {
+        KSM_TSAN_RELEASE(&c->request_tag);
         e = grpc_server_request_registered_call(s->server, m->handle, &c->gc, &c->deadline, &c->md,
                                                 &c->payload, s->cq, s->cq, &c->request_tag);
     }
@@ -178,7 +180,9 @@ void rpc_call_finish_bytes(struct rpc_call *c, uint8_t *buf, size_t len, int err
         }
     }
     n++;
-    grpc_call_error e = grpc_call_start_batch(c->gc, ops, n, &c->send_tag, NULL);
+    grpc_call *gc = c->gc; /* read before the release: the call may be freed once handed over */
+    KSM_TSAN_RELEASE(&c->send_tag);
+    grpc_call_error e = grpc_call_start_batch(gc, ops, n, &c->send_tag, NULL);
     if (e != GRPC_CALL_OK) {
         KSM_LOGW("rpc", "%s: cannot send the status: error %d", c->m ? c->m->path : "*", (int)e);
         c->send_tag.done(&c->send_tag, false);
@@ -356,7 +360,9 @@ static void on_request(struct rpc_tag *t, bool ok)
     memset(&op, 0, sizeof op);
     op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
     op.data.recv_close_on_server.cancelled = &c->cancelled;
-    if (grpc_call_start_batch(c->gc, &op, 1, &c->close_tag, NULL) != GRPC_CALL_OK) {
+    grpc_call *gc = c->gc;
+    KSM_TSAN_RELEASE(&c->close_tag);
+    if (grpc_call_start_batch(gc, &op, 1, &c->close_tag, NULL) != GRPC_CALL_OK) {
         atomic_store(&c->closed, true);
         atomic_fetch_sub(&c->refs, 1);
     }
@@ -456,6 +462,7 @@ static void *cq_main(void *arg)
         if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
         if (ev.type != GRPC_OP_COMPLETE) continue;
         struct rpc_tag *t = ev.tag;
+        KSM_TSAN_ACQUIRE(t); /* pairs with the KSM_TSAN_RELEASE before gRPC was given t */
         t->done(t, ev.success != 0);
     }
     return NULL;
@@ -729,6 +736,7 @@ out_started:
     return rc;
 out_grpc:
     rpc_hub_free(s->hub);
+    KSM_TSAN_RELEASE(&s->shutdown_tag);
     grpc_server_shutdown_and_notify(s->server, s->cq, &s->shutdown_tag);
     grpc_server_cancel_all_calls(s->server);
     grpc_completion_queue_shutdown(s->cq);
@@ -766,6 +774,7 @@ void ksm_rpc_server_free(ksm_rpc_server *s)
             KSM_LOGW("rpc", "shutdown: streams still open after 1 s are cancelled");
     }
     atomic_store(&s->shutting_down, true);
+    KSM_TSAN_RELEASE(&s->shutdown_tag);
     grpc_server_shutdown_and_notify(s->server, s->cq, &s->shutdown_tag);
     grpc_server_cancel_all_calls(s->server);
 

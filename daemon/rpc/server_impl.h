@@ -18,8 +18,10 @@
 #include "rpc/convert.h"
 #include "rpc/server.h"
 #include "rpc/stats.h"
+#include "rpc/tsan.h"
 
-/* A completion-queue tag: every event calls done(tag, ok) on the CQ thread. */
+/* A completion-queue tag: every event calls done(tag, ok) on the CQ thread. Whoever gives a tag
+ * to gRPC calls KSM_TSAN_RELEASE(tag) just before (rpc/tsan.h); the CQ thread acquires it. */
 struct rpc_tag {
     void (*done)(struct rpc_tag *t, bool ok);
 };
