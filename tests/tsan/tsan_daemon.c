@@ -2,9 +2,11 @@
  * kasminad under 16 concurrent clients: starts the kasminad given (the ThreadSanitizer build),
  * drives it from 16 threads, each with its own libkasmina-client connection, mixing lifecycle
  * mutations, forwards on per-thread stream keys, evaluate, statistics and model create/delete,
- * plus one WatchEvents subscriber; then stops it with SIGTERM. The daemon must exit 0:
- * ThreadSanitizer makes it exit 66 when it reported a race (its reports go to the daemon's
- * stderr, or to TSAN_OPTIONS log_path).
+ * plus one WatchEvents subscriber. Then it stops it with SIGTERM under load: 8 clients keep
+ * calling and a second subscriber is listening while kasminad drains, ends the stream and shuts
+ * its server down. The daemon must exit 0: ThreadSanitizer makes it exit 66 when it reported a
+ * race (its reports go to the daemon's stderr, or to TSAN_OPTIONS log_path); this program's own
+ * reports (the client library) make it exit 66 too.
  *     tsan_daemon <kasminad> <scratch dir>
  */
 #include <signal.h>
@@ -21,12 +23,14 @@
 #include "kasmina/errors.h"
 #include "tsan_check.h"
 
-#define CLIENTS 16
-#define ROUNDS  12
+#define CLIENTS  16
+#define ROUNDS   12
+#define STOPPERS 8  /* clients still calling when SIGTERM arrives */
+#define BEFORE   64 /* calls they make before it is sent */
 
 extern char **environ;
 static char target[300];
-static atomic_int calls, errors, events_seen;
+static atomic_int calls, errors, events_seen, stop_calls, stop_events;
 
 static bool expected(int rc)
 {
@@ -138,6 +142,80 @@ static void *watcher(void *p)
     return NULL;
 }
 
+/* A call failing because the server stops: draining (ESHUTDOWN), the connection gone
+ * (ENOTREADY, from UNAVAILABLE), or cancelled at the end of the drain. */
+static bool stopping(int rc)
+{
+    return rc == KSM_ESHUTDOWN || rc == KSM_ENOTREADY || rc == KSM_ECANCELED;
+}
+
+/* Calls until the server stops answering. */
+static void *stopper(void *p)
+{
+    int id = *(int *)p;
+    ksm_client *c;
+    struct ksm_client_error e;
+    CHECK_OK(ksm_client_connect(target, NULL, &c, &e));
+    char key[16];
+    snprintf(key, sizeof key, "stop-%d", id);
+    float x[2 * 3 * 8 * 8];
+    for (size_t i = 0; i < sizeof x / sizeof x[0]; i++) x[i] = (float)((i + id) % 7) / 7.0f;
+    ksm_tensor in;
+    CHECK_OK(ksm_tensor_init(&in, NULL, x, KSM_DTYPE_F32, 4, (int64_t[]){2, 3, 8, 8}));
+    const char *slot = id % 2 ? "r0c1" : "r0c2";
+    for (int r = 0; r < 100000; r++) {
+        int rc;
+        if (r % 2 == 0) {
+            struct ksm_forward_args fa = {.input = &in, .stream = key};
+            struct ksm_forward_result fr;
+            rc = ksm_client_forward(c, "shared", &fa, &fr, &e);
+            if (rc == 0) ksm_host_tensor_free(&fr.output);
+        } else {
+            struct ksm_slot_report rep;
+            struct ksm_germinate_args g = {.blueprint_id = "norm"};
+            bool acc;
+            rc = r % 4 == 1 ? ksm_client_germinate(c, "shared", slot, &g, &rep, &e)
+                            : ksm_client_prune(c, "shared", slot, "tsan", NULL, &acc, &rep, &e);
+        }
+        atomic_fetch_add(&stop_calls, 1);
+        if (stopping(rc)) break;
+        if (!expected(rc)) {
+            atomic_fetch_add(&errors, 1);
+            fprintf(stderr, "tsan_daemon: stopper %d: %s (%s)\n", id, ksm_err_name(rc), e.message);
+            break;
+        }
+    }
+    ksm_client_close(c);
+    return NULL;
+}
+
+static int on_stop_event(void *ud, uint64_t seq, const struct ksm_lifecycle_event *ev)
+{
+    (void)ud;
+    (void)seq;
+    (void)ev;
+    atomic_fetch_add(&stop_events, 1);
+    return 0;
+}
+
+/* Subscribed (from the oldest kept event, with no idle end) until the server ends the stream. */
+static void *stop_watcher(void *p)
+{
+    (void)p;
+    ksm_client *c;
+    struct ksm_client_error e;
+    CHECK_OK(ksm_client_connect(target, NULL, &c, &e));
+    int rc = ksm_client_watch_events(c, NULL, 0, 0, on_stop_event, NULL, &e);
+    if (rc != 0 && !stopping(rc)) {
+        atomic_fetch_add(&errors, 1);
+        fprintf(stderr, "tsan_daemon: watcher at stop: %s (%s)\n", ksm_err_name(rc), e.message);
+    }
+    ksm_client_close(c);
+    return NULL;
+}
+
+static void pause_ms(long ms) { nanosleep(&(struct timespec){0, ms * 1000 * 1000}, NULL); }
+
 int main(int argc, char **argv)
 {
     CHECK(argc == 3, "usage: tsan_daemon <kasminad> <scratch dir>");
@@ -153,7 +231,7 @@ int main(int argc, char **argv)
     for (int i = 0; i < 600 && access(sock, F_OK) != 0; i++) {
         int st;
         CHECK(waitpid(pid, &st, WNOHANG) == 0, "kasminad exited early (status %d)", st);
-        nanosleep(&(struct timespec){0, 50 * 1000 * 1000}, NULL);
+        pause_ms(50);
     }
     CHECK(access(sock, F_OK) == 0, "kasminad did not create %s", sock);
 
@@ -173,12 +251,30 @@ int main(int argc, char **argv)
     CHECK_OK(pthread_join(w, NULL));
     ksm_client_close(c);
 
+    /* Stop under load: SIGTERM once the stoppers made BEFORE calls and the subscriber has
+     * events (it is listed in the hub). Waiting here is for progress, not for a time. */
+    pthread_t stop_th[STOPPERS];
+    int stop_ids[STOPPERS];
+    CHECK_OK(pthread_create(&w, NULL, stop_watcher, NULL));
+    for (int i = 0; i < STOPPERS; i++) {
+        stop_ids[i] = i;
+        CHECK_OK(pthread_create(&stop_th[i], NULL, stopper, &stop_ids[i]));
+    }
+    while (atomic_load(&stop_calls) < BEFORE || atomic_load(&stop_events) == 0) {
+        int st;
+        CHECK(waitpid(pid, &st, WNOHANG) == 0, "kasminad exited early (status %d)", st);
+        pause_ms(5);
+    }
     kill(pid, SIGTERM);
+    for (int i = 0; i < STOPPERS; i++) CHECK_OK(pthread_join(stop_th[i], NULL));
+    CHECK_OK(pthread_join(w, NULL));
     int st = 0;
     CHECK(waitpid(pid, &st, 0) == pid, "waitpid");
-    printf("tsan_daemon: %d calls from %d clients, %d unexpected errors, %d events; kasminad "
-           "exit status %d\n",
-           atomic_load(&calls), CLIENTS, atomic_load(&errors), atomic_load(&events_seen),
+    printf("tsan_daemon: %d calls from %d clients, %d events; then SIGTERM after %d calls of %d "
+           "clients, %d calls in all, %d events at stop; %d unexpected errors; kasminad exit "
+           "status %d\n",
+           atomic_load(&calls), CLIENTS, atomic_load(&events_seen), BEFORE, STOPPERS,
+           atomic_load(&stop_calls), atomic_load(&stop_events), atomic_load(&errors),
            WIFEXITED(st) ? WEXITSTATUS(st) : -WTERMSIG(st));
     CHECK(atomic_load(&errors) == 0, "unexpected errors");
     CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "kasminad did not exit 0 (66: a race report)");
