@@ -4,7 +4,8 @@
 #   2. build-asan/  CUDA off, AddressSanitizer + UndefinedBehaviorSanitizer + LeakSanitizer:
 #                   the unit, engine, daemon and rpc suites (kasminad itself runs sanitized)
 #   3. build-fuzz/  clang, libFuzzer + ASan + UBSan: each fuzz target for a bounded time
-#   4. build-tsan/  CUDA off, ThreadSanitizer: the concurrency programs of tests/tsan
+#   4. build-tsan/  CUDA off, ThreadSanitizer: the concurrency programs of tests/tsan, kasminad
+#                   itself under 16 concurrent clients (tsan_daemon) included
 # Usage: ./deploy/test.sh            (from anywhere)
 # Env:   JOBS (default nproc), KASMINA_SKIP_ASAN=1 to skip step 2, KASMINA_SKIP_FUZZ=1 to skip
 #        step 3, KASMINA_FUZZ_SECONDS (per target, default 25), KASMINA_SKIP_TSAN=1 to skip step 4.
@@ -72,9 +73,11 @@ fi
 if [ "${KASMINA_SKIP_TSAN:-0}" != "1" ]; then
   echo "== concurrency tests under ThreadSanitizer (tests/tsan) =="
   cmake -S . -B build-tsan -DKASMINA_CUDA=OFF -DKASMINA_SANITIZE=thread -DKASMINA_BUILD_BENCH=OFF
-  cmake --build build-tsan -j"$JOBS" --target tsan_streams tsan_alloc tsan_engine
-  # A race report makes the program exit 66; tests/tsan.supp names third-party code only.
+  cmake --build build-tsan -j"$JOBS" --target tsan_streams tsan_alloc tsan_engine tsan_daemon kasminad
+  # A race report makes the program exit 66 (tsan_daemon: its own or kasminad's); tests/tsan.supp
+  # names third-party code only.
   OPENBLAS_NUM_THREADS=1 TSAN_OPTIONS="halt_on_error=0 exitcode=66 suppressions=$PWD/tests/tsan.supp" \
-    ctest --test-dir build-tsan --output-on-failure -j1 -R '^tsan_(streams|alloc|engine)$' --timeout 120
+    ctest --test-dir build-tsan --output-on-failure -j1 -R '^tsan_(streams|alloc|engine|daemon)$' \
+          --timeout 120
 fi
 echo "test.sh: all suites passed"
