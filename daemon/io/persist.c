@@ -57,6 +57,15 @@ struct ksm_persist {
 
 /* ---- files ---- */
 
+/* A file operation's failure in words: the C library's sentence for an errno that has no KSM_E*
+ * name (EFBIG, EDQUOT, EROFS, ...: "unknown error" would hide what happened), else
+ * ksm_strerror's. */
+static const char *io_reason(int rc)
+{
+    return rc < 0 && strcmp(ksm_err_name(rc), "KSM_EUNKNOWN") == 0 ? strerror(-rc)
+                                                                   : ksm_strerror(rc);
+}
+
 static int write_all(int fd, const void *buf, size_t len)
 {
     const char *q = buf;
@@ -406,7 +415,7 @@ static int replay(struct ksm_persist_model *pm, ksm_model *m, const uint8_t *sna
     uint8_t *buf = NULL;
     size_t len = 0;
     if ((rc = read_file(path, &buf, &len)) != 0) {
-        ERRF("cannot read %s: %s", path, ksm_strerror(rc));
+        ERRF("cannot read %s: %s", path, io_reason(rc));
         return rc;
     }
     struct replay_ctx c = {m, snap_gen, 0, err, errlen, path};
@@ -443,7 +452,7 @@ static int reload(struct ksm_persist_model *pm, ksm_model *m, char *err, size_t 
     size_t n = 0;
     int rc = read_file(path, &snap, &n);
     if (rc != 0) {
-        ERRF("cannot read %s: %s", path, ksm_strerror(rc));
+        ERRF("cannot read %s: %s", path, io_reason(rc));
         return rc;
     }
     rc = replay(pm, m, snap, n, err, errlen);
@@ -462,9 +471,9 @@ static void roll_back(struct ksm_persist_model *pm, ksm_model *m)
     if (rc != 0) {
         pm->failed = true;
         KSM_LOGE("persist",
-                 "model %s: rolling back a failed write failed too (%s %s): its mutations are "
+                 "model %s: rolling back a failed write failed too (%s%s%s): its mutations are "
                  "refused until kasminad restarts",
-                 pm->id, ksm_err_name(rc), why);
+                 pm->id, io_reason(rc), why[0] ? ": " : "", why);
     } else {
         KSM_LOGW("persist", "model %s: rolled back to its durable state (generation %llu)", pm->id,
                  (unsigned long long)ksm_model_generation(m));
@@ -582,7 +591,7 @@ static int restore_one(ksm_persist *p, ksm_engine *e, const struct saved_spec *s
     size_t n = 0;
     int rc = read_file(path, &snap, &n);
     if (rc != 0) {
-        ERRF("cannot read %s: %s", path, ksm_strerror(rc));
+        ERRF("cannot read %s: %s", path, io_reason(rc));
         return rc;
     }
     struct ksm_model_spec spec = ss->spec;
@@ -734,7 +743,7 @@ int ksm_persist_created(ksm_persist *p, ksm_model *m, const struct ksm_model_spe
     free(js);
     free(snap);
     if (rc != 0) {
-        ERRF("could not write the state of model %s under %s: %s", id, p->models, ksm_strerror(rc));
+        ERRF("could not write the state of model %s under %s: %s", id, p->models, io_reason(rc));
         KSM_LOGE("persist", "%s", err ? err : "create failed");
         remove_dir(tmp);
         return KSM_EIO;
@@ -788,7 +797,7 @@ static int snapshot(struct ksm_persist_model *pm, ksm_model *m, char *err, size_
     rc = replace_file(dir, "snapshot.safetensors", blob, n);
     free(blob);
     if (rc != 0) {
-        ERRF("model %s: cannot write %s/snapshot.safetensors: %s", pm->id, dir, ksm_strerror(rc));
+        ERRF("model %s: cannot write %s/snapshot.safetensors: %s", pm->id, dir, io_reason(rc));
         return rc;
     }
     /* Committed. Records left in the journal (if this truncate fails or a crash comes first) all
@@ -832,12 +841,12 @@ int ksm_persist_log_slots(ksm_persist_model *pm, ksm_model *m, const char *slot_
     if (rc == 0) rc = ksm_journal_append(pm->jfd, pm->jsize, KSM_JREC_SLOTS, gen, blob, len);
     free(blob);
     if (rc != 0) {
-        KSM_LOGE("persist", "model %s: cannot journal a mutation (%s %s): rolling it back", pm->id,
-                 ksm_err_name(rc), why);
+        KSM_LOGE("persist", "model %s: cannot journal a mutation (%s%s%s): rolling it back", pm->id,
+                 io_reason(rc), why[0] ? ": " : "", why);
         roll_back(pm, m);
         ERRF("the state of model %s could not be written to disk (%s); the mutation was not "
              "applied",
-             pm->id, ksm_strerror(rc));
+             pm->id, io_reason(rc));
         return KSM_EIO;
     }
     pm->jsize += KSM_JOURNAL_HEADER + len;
@@ -861,7 +870,7 @@ int ksm_persist_log_snapshot(ksm_persist_model *pm, ksm_model *m, char *err, siz
         roll_back(pm, m);
         ERRF("the state of model %s could not be written to disk (%s); the change was not "
              "applied",
-             pm->id, ksm_strerror(rc));
+             pm->id, io_reason(rc));
         return KSM_EIO;
     }
     return 0;
@@ -878,8 +887,7 @@ int ksm_persist_delete_begin(ksm_persist_model *pm, char *err, size_t errlen)
     if (rc == 0) rc = fsync_dir(pm->p->models);
     if (rc != 0) {
         if (access(del, F_OK) == 0) rename(del, dir);
-        ERRF("cannot delete the state of model %s (%s): the model was kept", pm->id,
-             ksm_strerror(rc));
+        ERRF("cannot delete the state of model %s (%s): the model was kept", pm->id, io_reason(rc));
         return KSM_EIO;
     }
     pm->exists = false;
