@@ -14,10 +14,18 @@ Usage: test_persist.py <kasminad> <dir with the generated kasmina_pb2.py and hea
    the state after the last acknowledged mutation (an in-flight mutation may or may not have
    landed, but nothing else). Env: KASMINA_KILL_MUTATIONS (default 1000), KASMINA_KILLS
    (default 20), KASMINA_KILL_SEED.
+5. write failure: with kasminad's RLIMIT_FSIZE lowered to its journal's size (prlimit, SIGXFSZ
+   ignored), every journalled mutation and every snapshot (LoadWeights, MoveModel) fails to
+   write for real (EFBIG): the call fails with INTERNAL / KSM_EIO naming the failure, the model
+   reads back unchanged (no phantom mutation: reports, weights, device, generation, forward
+   output) with its journal truncated back, reads keep being served, the same mutation succeeds
+   once the disk takes writes again, and a restart restores the last acknowledged state.
 """
 import os
 import random
+import resource
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -57,12 +65,28 @@ RESP = {
 
 
 class Daemon:
-    def __init__(self, state, sock, log, extra=()):
+    def __init__(self, state, sock, log, extra=(), file_limit=False):
         self.sock, self.logpath = sock, log
         self.log = open(log, "a")
-        self.p = subprocess.Popen([BIN, "--listen", "unix:" + sock, "--state-dir", state,
-                                   "--cpu-devices", "2", "--no-cuda", *extra],
-                                  stdout=self.log, stderr=subprocess.STDOUT)
+        self.pump = None
+        cmd = [BIN, "--listen", "unix:" + sock, "--state-dir", state, "--cpu-devices", "2",
+               "--no-cuda", *extra]
+        if file_limit:
+            # test_write_failure lowers this daemon's RLIMIT_FSIZE: a write past it must fail
+            # with EFBIG rather than SIGXFSZ killing the process (an ignored signal stays ignored
+            # across exec, and the shell execs kasminad in its own process), and the log goes
+            # through a pipe (which has no size limit) so that it is not cut off too.
+            self.p = subprocess.Popen(["/bin/sh", "-c", "trap '' XFSZ; exec \"$@\"", "sh", *cmd],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+            def pump(src=self.p.stdout, dst=self.log):
+                for chunk in iter(lambda: os.read(src.fileno(), 65536), b""):
+                    dst.write(chunk.decode(errors="replace"))
+                    dst.flush()
+            self.pump = threading.Thread(target=pump, daemon=True)
+            self.pump.start()
+        else:
+            self.p = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.ch = grpc.insecure_channel("unix:" + sock)
         try:
             grpc.channel_ready_future(self.ch).result(timeout=20)
@@ -79,6 +103,9 @@ class Daemon:
         self.p.send_signal(sig)
         rc = self.p.wait(timeout=30)
         self.ch.close()
+        if self.pump is not None:
+            self.pump.join()
+            self.p.stdout.close()
         self.log.close()
         return rc
 
@@ -326,15 +353,119 @@ def test_kill(tmp):
     check(kills >= min(n_kills, 20) and lost == 0 and phantom == 0, "kill: figures")
 
 
+def forward(d, mid):
+    """The model's output for a fixed input, as floats."""
+    n = 2 * 3 * 16 * 16
+    x = pb.Tensor(dtype=pb.DTYPE_F32, shape=[2, 3, 16, 16],
+                  data=struct.pack("<%df" % n, *[((i * 7) % 11) / 11.0 for i in range(n)]))
+    r = pb.ForwardResponse.FromString(
+        d.ch.unary_unary("/kasmina.v1.Kasmina/Forward",
+                         request_serializer=lambda m: m.SerializeToString())(
+            pb.ForwardRequest(model_id=mid, input=x), timeout=30))
+    return struct.unpack("<%df" % (len(r.output.data) // 4), r.output.data)
+
+
+def generation(st):
+    return pb.Model.FromString(st[0]).generation
+
+
+def test_write_failure(tmp):
+    state, sock, log = tmp + "/state-w", tmp + "/w.sock", tmp + "/write.log"
+    d = Daemon(state, sock, log, file_limit=True)
+    slots = [s.slot_id for s in d.call("CreateModel", pb.CreateModelRequest(
+        model_id="w0", cnn=CNN, permissive_gates=True, init_seed=21)).slots]
+    d.call("CreateModel", pb.CreateModelRequest(model_id="w1", cnn=CNN, init_seed=22))
+    blob = d.call("ExportWeights", pb.ExportWeightsRequest(model_id="w1")).safetensors
+    # Acknowledged mutations: the journal holds records after the creation snapshot.
+    d.call("Germinate", pb.GerminateRequest(model_id="w0", slot_id=slots[0],
+                                            blueprint_id="conv_light", init_seed=3))
+    d.call("AdvanceStage", pb.AdvanceStageRequest(model_id="w0", slot_id=slots[0]))
+    d.call("RecordMetrics", pb.RecordMetricsRequest(model_id="w0", slot_id=slots[0],
+                                                    val_accuracy=40, epoch=1))
+    before = state_of(d, {"w0"})["w0"]
+    y_before = forward(d, "w0")
+    mdir = os.path.join(state, "models", "w0.d")
+    journal, snap = os.path.join(mdir, "journal"), os.path.join(mdir, "snapshot.safetensors")
+    jsize, snap_bytes = os.path.getsize(journal), open(snap, "rb").read()
+    check(jsize > 0, "write failure: the journal has records (%d bytes)" % jsize)
+
+    # RLIMIT_FSIZE: no file of kasminad's may grow past the limit (a write beyond it is cut
+    # short, the next one fails with EFBIG). Journalled mutations get 10 bytes more than the
+    # journal holds (a torn record is left that the rollback must truncate), snapshots half the
+    # current snapshot's size.
+    soft, hard = resource.prlimit(d.p.pid, resource.RLIMIT_FSIZE)
+    germinate = pb.GerminateRequest(model_id="w0", slot_id=slots[1], blueprint_id="norm",
+                                    init_seed=5)
+    journalled, snapshotted = jsize + 10, len(snap_bytes) // 2
+    failing = [
+        ("Germinate", germinate, journalled),  # a dormant slot gets a seed
+        ("AdvanceStage", pb.AdvanceStageRequest(model_id="w0", slot_id=slots[0]), journalled),
+        ("SetAlpha", pb.SetAlphaRequest(model_id="w0", slot_id=slots[0], alpha=0.75),
+         journalled),
+        ("StepEpoch", pb.StepEpochRequest(model_id="w0"), journalled),  # every slot
+        ("LoadWeights", pb.LoadWeightsRequest(model_id="w0", safetensors=blob, strict=False),
+         snapshotted),
+        ("MoveModel", pb.MoveModelRequest(model_id="w0", device="cpu:1"), snapshotted),
+    ]
+    for method, req, limit in failing:
+        resource.prlimit(d.p.pid, resource.RLIMIT_FSIZE, (limit, hard))
+        try:
+            d.call(method, req)
+            check(False, "write failure: %s succeeded with the file-size limit" % method)
+            continue
+        except grpc.RpcError as e:
+            md = dict(e.trailing_metadata() or ())
+            check(e.code() == SC.INTERNAL and md.get("kasmina-error") == "KSM_EIO"
+                  and "model w0 could not be written to disk (File too large)" in e.details()
+                  and "not applied" in e.details(),
+                  "write failure: %s fails with INTERNAL / KSM_EIO naming the failure (%s %s: %s)"
+                  % (method, e.code(), md.get("kasmina-error"), e.details()))
+        now = state_of(d, {"w0"})["w0"]
+        check(now == before, "write failure: after the failed %s the model reads back unchanged "
+              "(%s)" % (method, describe_diff({"w0": before}, {"w0": now})))
+        y = forward(d, "w0")
+        check(len(y) == len(y_before) and max(abs(a - b) for a, b in zip(y, y_before)) < 1e-5,
+              "write failure: after the failed %s the forward output is unchanged" % method)
+        check(os.path.getsize(journal) == jsize and open(snap, "rb").read() == snap_bytes
+              and sorted(os.listdir(mdir)) == ["journal", "snapshot.safetensors", "spec.json"],
+              "write failure: after the failed %s the journal is back to %d bytes (%d), the "
+              "snapshot unchanged and no temporary file left (%s)"
+              % (method, jsize, os.path.getsize(journal), sorted(os.listdir(mdir))))
+    other = d.call("GetSlotReports", pb.GetSlotReportsRequest(model_id="w1"))
+    check(len(other.slots) > 0, "write failure: reads of another model are served")
+
+    # The failed writes were rolled back, not left the model refusing mutations: with the limit
+    # lifted the same mutation succeeds, and it is the last acknowledged state.
+    resource.prlimit(d.p.pid, resource.RLIMIT_FSIZE, (soft, hard))
+    r = d.call("Germinate", germinate)
+    acked = state_of(d, {"w0"})["w0"]
+    check(r.model_generation == generation(before) + 1 and acked != before,
+          "write failure: the germination succeeds once the disk takes writes (generation %d -> "
+          "%d)" % (generation(before), r.model_generation))
+    check(d.stop() == 0, "write failure: SIGTERM exits 0")
+    text = open(log).read()
+    check(text.count("model w0: rolled back to its durable state (generation %d)"
+                     % generation(before)) == len(failing),
+          "write failure: each failure is logged as rolled back")
+    d = Daemon(state, sock, log)
+    after = state_of(d, {"w0"})["w0"]
+    check(after == acked, "write failure: after a restart the state is the last acknowledged one "
+          "(%s)" % describe_diff({"w0": acked}, {"w0": after}))
+    check(d.stop() == 0, "write failure: second SIGTERM exits 0")
+
+
 def main():
     with tempfile.TemporaryDirectory(prefix="ksm-persist-") as tmp:
         t0 = time.time()
         state, sock, log, before = test_restart(tmp)
         test_repair(tmp, state, sock, log, before)
         print("restart/lock/repair: %.1f s" % (time.time() - t0), flush=True)
+        t0 = time.time()
+        test_write_failure(tmp)
+        print("write failure: %.1f s" % (time.time() - t0), flush=True)
         test_kill(tmp)
         if FAILS:
-            for name in ("restart.log", "kill.log"):
+            for name in ("restart.log", "write.log", "kill.log"):
                 p = os.path.join(tmp, name)
                 if os.path.exists(p):
                     print("---- %s (tail) ----\n%s" % (name, open(p).read()[-3000:]))
