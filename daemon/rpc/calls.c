@@ -234,9 +234,12 @@ static int h_load_weights(ksm_rpc_server *s, const ProtobufCMessage *req, struct
     }
     struct ksm_load_result *lr = ksm_pb_arena_alloc(&cx->arena, sizeof *lr);
     if (lr == NULL) return KSM_ENOMEM;
+    /* Freed whatever MUTATE returns: a load that succeeded and whose snapshot then failed to
+     * be written (rolled back, the call fails) has filled lr too. */
+    memset(lr, 0, sizeof *lr);
+    rpc_defer(cx, free_load, lr);
     MUTATE(m, SNAPSHOT,
            ksm_model_load_weights(m, r->safetensors.data, r->safetensors.len, r->strict, lr, ERR));
-    rpc_defer(cx, free_load, lr);
     ALLOC(out, Kasmina__V1__LoadWeightsResponse, kasmina__v1__load_weights_response__init);
     TRY(ksm_conv_load_result_to_pb(lr, &cx->arena, out));
     *reply = &out->base;
