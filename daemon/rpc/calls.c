@@ -27,16 +27,20 @@
 /* A mutation of model m whose new state must be durable before the reply (io/persist.h): the
  * model's persist lock is held across the engine call and the journal write, so journal order
  * is mutation order; the record is written only when the engine call succeeded (a failed call
- * changed nothing). slot NULL/"" journals every slot; SNAPSHOT writes a whole new snapshot. */
+ * changed nothing). slot NULL/"" journals every slot; SNAPSHOT writes a whole new snapshot.
+ * The lifecycle events the call raises reach WatchEvents only once the record is written: a
+ * failed write rolls the model back and drops them. */
 #define SNAPSHOT ((const char *)1)
 #define MUTATE(m, slot, expr)                                                                      \
     do {                                                                                           \
         ksm_persist_model *pm_ = NULL;                                                             \
         TRY(ksm_persist_lock(s->cfg.persist, ksm_model_id(m), &pm_));                              \
-        int mrc_ = (expr);                                                                         \
+        rpc_hub_hold_events();                                                                     \
+        int mrc_ = (expr), lrc_ = 0;                                                               \
         if (mrc_ == 0)                                                                             \
-            mrc_ = (slot) == SNAPSHOT ? ksm_persist_log_snapshot(pm_, (m), ERR)                    \
-                                      : ksm_persist_log_slots(pm_, (m), (slot), ERR);              \
+            mrc_ = lrc_ = (slot) == SNAPSHOT ? ksm_persist_log_snapshot(pm_, (m), ERR)             \
+                                             : ksm_persist_log_slots(pm_, (m), (slot), ERR);       \
+        rpc_hub_release_events(s->hub, lrc_ == 0);                                                 \
         ksm_persist_unlock(pm_);                                                                   \
         if (mrc_ != 0) return mrc_;                                                                \
     } while (0)

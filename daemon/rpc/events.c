@@ -38,9 +38,56 @@ static uint64_t oldest_seq(const struct rpc_hub *h)
     return h->last_seq > h->cap ? h->last_seq - h->cap + 1 : 1;
 }
 
+/* Events held back on this thread (rpc_hub_hold_events). */
+static _Thread_local struct {
+    bool on;
+    size_t n, cap;
+    struct ksm_lifecycle_event *ev;
+} held;
+
+static void publish(struct rpc_hub *h, const struct ksm_lifecycle_event *ev);
+
 void rpc_hub_engine_event(void *ud, const struct ksm_lifecycle_event *ev)
 {
     struct rpc_hub *h = ud;
+    if (held.on) {
+        if (held.n == held.cap) {
+            size_t cap = held.cap ? 2 * held.cap : 16;
+            struct ksm_lifecycle_event *p = realloc(held.ev, cap * sizeof *p);
+            if (p == NULL) { /* cannot hold it: publish now rather than lose it */
+                publish(h, ev);
+                return;
+            }
+            held.ev = p;
+            held.cap = cap;
+        }
+        held.ev[held.n++] = *ev;
+        return;
+    }
+    publish(h, ev);
+}
+
+void rpc_hub_hold_events(void)
+{
+    held.on = true;
+    held.n = 0;
+}
+
+void rpc_hub_release_events(struct rpc_hub *h, bool publish_them)
+{
+    held.on = false;
+    if (publish_them)
+        for (size_t i = 0; i < held.n; i++) publish(h, &held.ev[i]);
+    held.n = 0;
+    if (held.cap > 64) { /* keep a small buffer per thread, not the largest ever needed */
+        free(held.ev);
+        held.ev = NULL;
+        held.cap = 0;
+    }
+}
+
+static void publish(struct rpc_hub *h, const struct ksm_lifecycle_event *ev)
+{
     rpc_stats_event(h->s, ev);
     pthread_mutex_lock(&h->lock);
     h->last_seq++;

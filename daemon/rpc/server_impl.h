@@ -203,6 +203,11 @@ void rpc_server_offline_free(ksm_rpc_server *s);
 int rpc_hub_new(ksm_rpc_server *s, struct rpc_hub **out);
 void rpc_hub_free(struct rpc_hub *h); /* after every stream has ended */
 void rpc_hub_engine_event(void *ud, const struct ksm_lifecycle_event *ev);
+/* Between rpc_hub_hold_events() and rpc_hub_release_events(), the events the engine raises on
+ * this thread are kept back; release publishes them in order (publish) or drops them (a
+ * mutation whose journal write failed was rolled back: its events never happened). */
+void rpc_hub_hold_events(void);
+void rpc_hub_release_events(struct rpc_hub *h, bool publish);
 /* A new WatchEvents / Health.Watch call (CQ thread): takes over the handling reference. */
 void rpc_hub_watch_events(ksm_rpc_server *s, struct rpc_call *c, const ProtobufCMessage *req);
 void rpc_hub_watch_health(ksm_rpc_server *s, struct rpc_call *c, const ProtobufCMessage *req);

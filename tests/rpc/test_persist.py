@@ -369,6 +369,22 @@ def generation(st):
     return pb.Model.FromString(st[0]).generation
 
 
+def last_sequence(d):
+    """The number of the last lifecycle event kasminad published: the highest sequence among the
+    kept events WatchEvents replays from the start (it then waits: 1 s deadline)."""
+    f = d.ch.unary_stream("/kasmina.v1.Kasmina/WatchEvents",
+                          request_serializer=pb.WatchEventsRequest.SerializeToString,
+                          response_deserializer=pb.LifecycleEvent.FromString)
+    last = 0
+    try:
+        for ev in f(pb.WatchEventsRequest(after_sequence=0), timeout=1.0):
+            last = max(last, ev.sequence)
+    except grpc.RpcError as e:
+        check(e.code() == SC.DEADLINE_EXCEEDED, "WatchEvents replay ends at its deadline (%s)"
+              % e.code())
+    return last
+
+
 def test_write_failure(tmp):
     state, sock, log = tmp + "/state-w", tmp + "/w.sock", tmp + "/write.log"
     d = Daemon(state, sock, log, file_limit=True)
@@ -393,6 +409,9 @@ def test_write_failure(tmp):
     # short, the next one fails with EFBIG). Journalled mutations get 10 bytes more than the
     # journal holds (a torn record is left that the rollback must truncate), snapshots half the
     # current snapshot's size.
+    seq_before = last_sequence(d)
+    check(seq_before > 0, "write failure: the acknowledged mutations published events (last %d)"
+          % seq_before)
     soft, hard = resource.prlimit(d.p.pid, resource.RLIMIT_FSIZE)
     germinate = pb.GerminateRequest(model_id="w0", slot_id=slots[1], blueprint_id="norm",
                                     init_seed=5)
@@ -434,10 +453,17 @@ def test_write_failure(tmp):
     other = d.call("GetSlotReports", pb.GetSlotReportsRequest(model_id="w1"))
     check(len(other.slots) > 0, "write failure: reads of another model are served")
 
+    # A rolled-back mutation's events never reach WatchEvents.
+    seq_failed = last_sequence(d)
+    check(seq_failed == seq_before, "write failure: the failed mutations published no lifecycle "
+          "event (last sequence %d before, %d after)" % (seq_before, seq_failed))
+
     # The failed writes were rolled back, not left the model refusing mutations: with the limit
     # lifted the same mutation succeeds, and it is the last acknowledged state.
     resource.prlimit(d.p.pid, resource.RLIMIT_FSIZE, (soft, hard))
     r = d.call("Germinate", germinate)
+    check(last_sequence(d) > seq_before, "write failure: the acknowledged germination published "
+          "its events")
     acked = state_of(d, {"w0"})["w0"]
     check(r.model_generation == generation(before) + 1 and acked != before,
           "write failure: the germination succeeds once the disk takes writes (generation %d -> "
