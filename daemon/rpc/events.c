@@ -52,7 +52,7 @@ void rpc_hub_engine_event(void *ud, const struct ksm_lifecycle_event *ev)
     struct rpc_hub *h = ud;
     if (held.on) {
         if (held.n == held.cap) {
-            size_t cap = held.cap ? 2 * held.cap : 16;
+            size_t cap = held.cap ? 2 * held.cap : 4;
             struct ksm_lifecycle_event *p = realloc(held.ev, cap * sizeof *p);
             if (p == NULL) { /* cannot hold it: publish now rather than lose it */
                 publish(h, ev);
@@ -79,11 +79,10 @@ void rpc_hub_release_events(struct rpc_hub *h, bool publish_them)
     if (publish_them)
         for (size_t i = 0; i < held.n; i++) publish(h, &held.ev[i]);
     held.n = 0;
-    if (held.cap > 64) { /* keep a small buffer per thread, not the largest ever needed */
-        free(held.ev);
-        held.ev = NULL;
-        held.cap = 0;
-    }
+    /* freed every time: a thread's buffer must not outlive it (worker threads end at shutdown) */
+    free(held.ev);
+    held.ev = NULL;
+    held.cap = 0;
 }
 
 static void publish(struct rpc_hub *h, const struct ksm_lifecycle_event *ev)
