@@ -599,10 +599,13 @@ void ksm_allocator_free(ksm_allocator *a)
 
 ksm_device *ksm_allocator_device(const ksm_allocator *a) { return a ? a->dev : NULL; }
 
+/* The size of a new segment for a (rounded) request that no free block of its stream fits.
+ * Large-pool segments are the request rounded up to 2 MiB: a segment is only made when nothing
+ * cached fits, so a bigger one (PyTorch's 20 MiB for requests below 10 MiB) would stay partly
+ * unused in a steady state whose blocks all have their own segment. */
 static size_t segment_size_for(size_t size)
 {
     if (size <= KSM_ALLOC_SMALL_SIZE) return KSM_ALLOC_SMALL_SEGMENT;
-    if (size < KSM_ALLOC_MIN_LARGE_ALLOC) return KSM_ALLOC_LARGE_SEGMENT;
     return (size + KSM_ALLOC_ROUND_LARGE - 1) / KSM_ALLOC_ROUND_LARGE * KSM_ALLOC_ROUND_LARGE;
 }
 

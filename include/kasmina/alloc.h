@@ -2,11 +2,20 @@
  * kasmina caching device allocator (one per device), after PyTorch's CUDACachingAllocator.
  *
  * - Requests are rounded up to 512 bytes. Requests of at most 1 MiB come from the small pool
- *   (2 MiB segments); larger ones from the large pool (segments of 20 MiB for requests below
- *   10 MiB, otherwise the request rounded up to 2 MiB).
+ *   (2 MiB segments); larger ones from the large pool.
  * - Best fit within the requesting stream's free blocks of the right pool; a block is split
  *   when the remainder is worth keeping (small: >= 512 B; large: > 1 MiB) and coalesced with
  *   free neighbours of its segment when freed.
+ * - Only when no free block of the stream fits is a segment obtained from the device: for the
+ *   large pool, the request rounded up to 2 MiB (the remainder, when over 1 MiB, is a free
+ *   block for later requests). Unlike PyTorch, which gives requests below 10 MiB a 20 MiB
+ *   segment to share, no segment is made bigger than its first request needs: a steady state
+ *   (the same requests, freed and made again) is served from the cache either way, and a
+ *   segment exceeds the request that made it by less than 2 MiB instead of by up to 19 MiB
+ *   (tests/bench/bench_alloc.c measures both). The price is one device
+ *   allocation per concurrently live large block while the cache warms up, and cached segments
+ *   too small for a new, bigger request are not merged: they stay cached until
+ *   ksm_alloc_empty_cache() or memory pressure gives them back.
  * - Blocks belong to the stream they were allocated on: a freed block is reused at once by that
  *   stream, never by another. ksm_alloc_record_stream() marks a block as used by another stream
  *   (esper's record_stream); when it is freed, an event is recorded on every such stream and the
@@ -33,12 +42,10 @@ extern "C" {
 
 typedef struct ksm_allocator ksm_allocator;
 
-#define KSM_ALLOC_ROUND           512u
-#define KSM_ALLOC_SMALL_SIZE      (1u << 20)  /* largest small-pool request */
-#define KSM_ALLOC_SMALL_SEGMENT   (2u << 20)  /* small-pool segment */
-#define KSM_ALLOC_LARGE_SEGMENT   (20u << 20) /* large-pool segment for requests < 10 MiB */
-#define KSM_ALLOC_MIN_LARGE_ALLOC (10u << 20) /* at or above: own segment rounded to 2 MiB */
-#define KSM_ALLOC_ROUND_LARGE     (2u << 20)
+#define KSM_ALLOC_ROUND         512u
+#define KSM_ALLOC_SMALL_SIZE    (1u << 20) /* largest small-pool request */
+#define KSM_ALLOC_SMALL_SEGMENT (2u << 20) /* small-pool segment */
+#define KSM_ALLOC_ROUND_LARGE   (2u << 20) /* large-pool segments: the request rounded up */
 
 /* One statistic in torch.cuda.memory_stats() vocabulary. current = allocated - freed; peak is
  * the high-water mark of current since creation or the last reset. */
