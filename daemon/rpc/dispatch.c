@@ -1,14 +1,16 @@
 /*
  * rpc/dispatch: the request path of one unary Kasmina call, from request bytes to reply bytes,
- * with no network: protobuf-c unpack, the method's handler (rpc/calls: convert, validate, engine
- * call, reply in the call's arena), pack, then the deferred frees. The server's workers call it
- * for every unary call; the fuzzers (tests/fuzz/) call it directly, so both run the same code.
+ * with no network: protobuf-c unpack (big bytes fields copied once, rpc/pbgather), the method's
+ * handler (rpc/calls: convert, validate, engine call, reply in the call's arena), pack, then the
+ * deferred frees. The server's workers call it for every unary call; the fuzzers (tests/fuzz/)
+ * call it directly, so both run the same code.
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kasmina/errors.h"
+#include "rpc/pbgather.h"
 #include "rpc/server_impl.h"
 
 int rpc_method_index(const char *path)
@@ -18,8 +20,17 @@ int rpc_method_index(const char *path)
     return -1;
 }
 
+size_t rpc_gather_min = KSM_PB_GATHER_MIN;
+
 int rpc_dispatch_bytes(ksm_rpc_server *s, size_t method_index, const uint8_t *req, size_t len,
                        uint8_t **reply, size_t *reply_len, char *err, size_t errlen)
+{
+    struct ksm_pb_piece p = {req, len};
+    return rpc_dispatch_pieces(s, method_index, &p, 1, reply, reply_len, err, errlen);
+}
+
+int rpc_dispatch_pieces(ksm_rpc_server *s, size_t method_index, const struct ksm_pb_piece *req,
+                        size_t n, uint8_t **reply, size_t *reply_len, char *err, size_t errlen)
 {
     *reply = NULL;
     *reply_len = 0;
@@ -29,7 +40,9 @@ int rpc_dispatch_bytes(ksm_rpc_server *s, size_t method_index, const uint8_t *re
         return KSM_ENOSYS;
     }
     const struct rpc_method *m = &rpc_methods[method_index];
-    ProtobufCMessage *msg = protobuf_c_message_unpack(m->req, NULL, len, req);
+    /* A tensor's bytes land, aligned, in a buffer of their own: ksm_conv_tensor_from_pb then
+     * borrows them (no copy) as the engine's host input. */
+    ProtobufCMessage *msg = ksm_pb_unpack_pieces(m->req, req, n, rpc_gather_min, NULL);
     if (msg == NULL) {
         snprintf(err, errlen, "The request is not a valid %s message.", m->req->name);
         return KSM_EINVAL;
@@ -42,15 +55,15 @@ int rpc_dispatch_bytes(ksm_rpc_server *s, size_t method_index, const uint8_t *re
     if (rc != 0) rpc_limit_explain(s, rc, &cx);
     if (rc == 0 && out != NULL) {
         /* Packed before the deferred frees: the reply borrows engine results. */
-        size_t n = protobuf_c_message_get_packed_size(out);
-        uint8_t *buf = malloc(n > 0 ? n : 1);
+        size_t len = protobuf_c_message_get_packed_size(out);
+        uint8_t *buf = malloc(len > 0 ? len : 1);
         if (buf == NULL) {
             rc = KSM_ENOMEM;
             snprintf(cx.err, sizeof cx.err, "The reply could not be encoded: out of host memory.");
         } else {
             protobuf_c_message_pack(out, buf);
             *reply = buf;
-            *reply_len = n;
+            *reply_len = len;
         }
     }
     if (rc != 0 && errlen > 0) snprintf(err, errlen, "%s", cx.err);

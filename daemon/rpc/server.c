@@ -31,6 +31,7 @@
 
 #include "kasmina/errors.h"
 #include "kasmina/log.h"
+#include "rpc/pbgather.h"
 #include "rpc/server_impl.h"
 #include "rpc/status.h"
 
@@ -208,6 +209,53 @@ static bool read_payload(struct rpc_call *c, const ProtobufCMessageDescriptor *d
     return true;
 }
 
+/* The request payload as pieces: the byte buffer's slices, read in place (no copy). */
+struct payload {
+    grpc_byte_buffer_reader r;
+    struct ksm_pb_piece *p;
+    size_t n;
+};
+
+/* false with *why set when the payload is missing or unreadable (or memory ran out). On true,
+ * payload_close() releases the reader, whose slices the pieces point into. */
+static bool payload_open(struct rpc_call *c, const ProtobufCMessageDescriptor *d,
+                         struct payload *pl, char *why, size_t whylen)
+{
+    pl->p = NULL;
+    pl->n = 0;
+    if (c->payload == NULL) {
+        snprintf(why, whylen, "The request carries no %s message.", d->name);
+        return false;
+    }
+    if (!grpc_byte_buffer_reader_init(&pl->r, c->payload)) {
+        snprintf(why, whylen, "The request could not be read (bad compression?).");
+        return false;
+    }
+    size_t cap = 0;
+    grpc_slice *sl;
+    while (grpc_byte_buffer_reader_peek(&pl->r, &sl) != 0) {
+        if (pl->n == cap) {
+            cap = cap ? 2 * cap : 64;
+            struct ksm_pb_piece *np = realloc(pl->p, cap * sizeof *np);
+            if (np == NULL) {
+                free(pl->p);
+                grpc_byte_buffer_reader_destroy(&pl->r);
+                snprintf(why, whylen, "The request could not be read: out of host memory.");
+                return false;
+            }
+            pl->p = np;
+        }
+        pl->p[pl->n++] = (struct ksm_pb_piece){GRPC_SLICE_START_PTR(*sl), GRPC_SLICE_LENGTH(*sl)};
+    }
+    return true;
+}
+
+static void payload_close(struct payload *pl)
+{
+    free(pl->p);
+    grpc_byte_buffer_reader_destroy(&pl->r);
+}
+
 /* Reads the request message; NULL with *why set when it is missing or malformed. */
 static ProtobufCMessage *decode(struct rpc_call *c, const ProtobufCMessageDescriptor *d, char *why,
                                 size_t whylen)
@@ -248,17 +296,18 @@ static void run_unary(ksm_rpc_server *s, struct rpc_call *c)
         return;
     }
     char why[256];
-    grpc_slice all;
-    if (!read_payload(c, c->m->req, &all, why, sizeof why)) {
+    struct payload pl;
+    if (!payload_open(c, c->m->req, &pl, why, sizeof why)) {
         rpc_call_finish(c, NULL, KSM_EINVAL, why, 0);
         return;
     }
-    /* The whole request path (unpack, convert, validate, engine, pack) is rpc/dispatch. */
+    /* The whole request path (unpack, convert, validate, engine, pack) is rpc/dispatch; the
+     * request is read from the transport's slices in place, its tensors copied once. */
     uint8_t *reply = NULL;
     size_t reply_len = 0;
-    int rc = rpc_dispatch_bytes(s, (size_t)(c->m - rpc_methods), GRPC_SLICE_START_PTR(all),
-                                GRPC_SLICE_LENGTH(all), &reply, &reply_len, why, sizeof why);
-    grpc_slice_unref(all);
+    int rc = rpc_dispatch_pieces(s, (size_t)(c->m - rpc_methods), pl.p, pl.n, &reply, &reply_len,
+                                 why, sizeof why);
+    payload_close(&pl);
     if (rc == 0 && atomic_load(&c->closed))
         KSM_LOGI("rpc", "%s: the client cancelled the call while it ran", c->m->path);
     rpc_call_finish_bytes(c, reply, reply_len, rc, why, 0);

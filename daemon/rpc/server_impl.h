@@ -191,6 +191,14 @@ extern const size_t rpc_n_methods;
  * KSM_ENOSYS for an index that is not a unary Kasmina method). */
 int rpc_dispatch_bytes(ksm_rpc_server *s, size_t method_index, const uint8_t *req, size_t len,
                        uint8_t **reply, size_t *reply_len, char *err, size_t errlen);
+/* The same for a request in pieces (a gRPC byte buffer's slices): tensors and other bytes fields
+ * of at least rpc_gather_min bytes are copied once, from the pieces into aligned buffers of their
+ * own (rpc/pbgather.h), rather than gathered and then copied again by protobuf-c. */
+struct ksm_pb_piece;
+int rpc_dispatch_pieces(ksm_rpc_server *s, size_t method_index, const struct ksm_pb_piece *req,
+                        size_t n, uint8_t **reply, size_t *reply_len, char *err, size_t errlen);
+/* KSM_PB_GATHER_MIN; the fuzzers lower it to 1 so that every input takes that path. */
+extern size_t rpc_gather_min;
 /* Index of a method path in rpc_methods, or -1. */
 int rpc_method_index(const char *path);
 /* A server with no gRPC, no listener and no thread, serving e through rpc_dispatch_bytes only

@@ -1,8 +1,9 @@
 /*
  * fuzz_rpc: the request path of every kasmina.v1.Kasmina method (and grpc.health.v1 Check),
  * as the server runs it, without a network: bytes -> protobuf-c unpack -> rpc/convert ->
- * validation -> the engine on a CPU backend -> reply packed (rpc_dispatch_bytes, the function
- * the server's workers call).
+ * validation -> the engine on a CPU backend -> reply packed (rpc_dispatch_pieces, the function
+ * the server's workers call, with the request cut in three pieces as a gRPC byte buffer's slices
+ * would be, and every bytes field taking rpc/pbgather's copy-once path: rpc_gather_min = 1).
  *
  * Input: up to 16 records, each [method index: 1 byte][length: u16 LE][request bytes]; the method
  * is rpc_methods[index % rpc_n_methods] and a length past the end takes the rest. A sequence
@@ -14,7 +15,9 @@
  * moved or mutated them, so an input replays the same way alone (regressions/) as in a run.
  *
  * Oracles: no sanitizer report; every error is a KSM_E* code with a status-table row and a
- * message; a successful reply unpacks as the method's response type.
+ * message; a successful reply unpacks as the method's response type; the piecewise unpack of
+ * the request gives the message protobuf-c's unpack gives (packed, byte for byte), or both
+ * fail.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -23,6 +26,7 @@
 
 #include "kasmina/errors.h"
 #include "kasmina/log.h"
+#include "rpc/pbgather.h"
 #include "rpc/server_impl.h"
 #include "rpc/status.h"
 
@@ -107,6 +111,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     (void)argc;
     (void)argv;
     ksm_log_set_level(KSM_LOG_ERROR);
+    rpc_gather_min = 1;
     char err[256] = "";
     struct ksm_engine_config ec = {
         .cpu_devices = 2,
@@ -171,6 +176,39 @@ static void other_method(const struct rpc_method *m, const uint8_t *p, size_t n)
     protobuf_c_message_free_unpacked(req, NULL);
 }
 
+static uint8_t *pack_all(const ProtobufCMessage *m, size_t *len)
+{
+    *len = protobuf_c_message_get_packed_size(m);
+    uint8_t *b = malloc(*len ? *len : 1);
+    if (b == NULL) abort();
+    protobuf_c_message_pack(m, b);
+    return b;
+}
+
+/* rpc/pbgather against protobuf-c: the same message (packed equal), or both fail. */
+static void check_pbgather(const ProtobufCMessageDescriptor *d, const struct ksm_pb_piece *pc,
+                           const uint8_t *p, size_t n)
+{
+    ProtobufCMessage *ref = protobuf_c_message_unpack(d, NULL, n, p);
+    ProtobufCMessage *got = ksm_pb_unpack_pieces(d, pc, 3, 1, NULL);
+    if ((ref == NULL) != (got == NULL)) {
+        fprintf(stderr, "fuzz_rpc: %s: protobuf-c %s, the piecewise unpack %s\n", d->name,
+                ref ? "unpacks" : "fails", got ? "unpacks" : "fails");
+        abort();
+    }
+    if (ref == NULL) return;
+    size_t lr, lg;
+    uint8_t *br = pack_all(ref, &lr), *bg = pack_all(got, &lg);
+    if (lr != lg || memcmp(br, bg, lr) != 0) {
+        fprintf(stderr, "fuzz_rpc: %s: the piecewise unpack differs from protobuf-c's\n", d->name);
+        abort();
+    }
+    free(br);
+    free(bg);
+    protobuf_c_message_free_unpacked(ref, NULL);
+    protobuf_c_message_free_unpacked(got, NULL);
+}
+
 static void one_call(size_t index, const uint8_t *p, size_t n)
 {
     const struct rpc_method *m = &rpc_methods[index];
@@ -178,10 +216,14 @@ static void one_call(size_t index, const uint8_t *p, size_t n)
         other_method(m, p, n);
         return;
     }
+    /* Three pieces, as a byte buffer's slices (cut at a third and two thirds). */
+    struct ksm_pb_piece pc[3] = {
+        {p, n / 3}, {p + n / 3, 2 * n / 3 - n / 3}, {p + 2 * n / 3, n - 2 * n / 3}};
+    check_pbgather(m->req, pc, p, n);
     uint8_t *reply = NULL;
     size_t reply_len = 0;
     char err[256];
-    int rc = rpc_dispatch_bytes(server, index, p, n, &reply, &reply_len, err, sizeof err);
+    int rc = rpc_dispatch_pieces(server, index, pc, 3, &reply, &reply_len, err, sizeof err);
     if (rc != 0) {
         if (reply != NULL) abort();
         check_error(m, rc, err);
