@@ -254,14 +254,17 @@ int ksm_client_export_weights(ksm_client *c, const char *model_id, void **buf, s
     Kasmina__V1__ExportWeightsResponse *rep;
     if ((rc = UNARY("ExportWeights", req, kasmina__v1__export_weights_response, rep, err)))
         return rc;
-    void *b = malloc(rep->safetensors.len ? rep->safetensors.len : 1);
-    if (!b) {
+    /* The reply's bytes are malloc'd (ksmc_unary unpacks with the default allocator): take
+     * them rather than copy the whole file again. */
+    void *b = rep->safetensors.data;
+    if (!b && !(b = malloc(1))) {
         free_reply(rep);
         return ksmc_fail(err, KSM_ENOMEM, 8, "out of memory");
     }
-    if (rep->safetensors.len) memcpy(b, rep->safetensors.data, rep->safetensors.len);
     *buf = b;
     *len = rep->safetensors.len;
+    rep->safetensors.data = NULL;
+    rep->safetensors.len = 0;
     free_reply(rep);
     return 0;
 }
@@ -549,7 +552,7 @@ int ksm_client_forward(ksm_client *c, const char *model_id, const struct ksm_for
     ksm_pb_arena_fini(&ar);
     if (rc) return rc;
     char msg[256] = "";
-    rc = ksm_conv_forward_result_from_pb(rep, r, msg, sizeof msg);
+    rc = ksm_conv_forward_result_take_pb(rep, r, msg, sizeof msg); /* no copy of the output */
     free_reply(rep);
     return rc ? bad_reply(err, rc, msg) : 0;
 }
@@ -576,7 +579,7 @@ int ksm_client_evaluate(ksm_client *c, const char *model_id, const struct ksm_ev
     ksm_pb_arena_fini(&ar);
     if (rc) return rc;
     char msg[256] = "";
-    rc = ksm_conv_evaluate_result_from_pb(rep, r, msg, sizeof msg);
+    rc = ksm_conv_evaluate_result_take_pb(rep, r, msg, sizeof msg);
     free_reply(rep);
     return rc ? bad_reply(err, rc, msg) : 0;
 }

@@ -19,6 +19,7 @@
 #include <grpc/support/time.h>
 
 #include "client_impl.h"
+#include "rpc/pbgather.h"
 #include "rpc/status.h"
 
 // ---- Errors ----
@@ -308,15 +309,33 @@ static int pack_request(const ProtobufCMessage *req, grpc_byte_buffer **out)
     return 0;
 }
 
+/* Unpacks a reply from the byte buffer's slices in place: tensors and other big bytes fields are
+ * copied once, into buffers the message owns (rpc/pbgather), which the calls then take over
+ * (ksm_conv_tensor_from_pb_take) instead of copying them again. Unpacked with protobuf-c's
+ * default allocator: its bytes fields are malloc'd. */
 static ProtobufCMessage *unpack_reply(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *d)
 {
     grpc_byte_buffer_reader r;
     if (!grpc_byte_buffer_reader_init(&r, bb)) return NULL;
-    grpc_slice all = grpc_byte_buffer_reader_readall(&r);
+    struct ksm_pb_piece one[8], *p = one;
+    size_t n = 0, cap = sizeof one / sizeof one[0];
+    grpc_slice *sl;
+    ProtobufCMessage *m = NULL;
+    while (grpc_byte_buffer_reader_peek(&r, &sl) != 0) {
+        if (n == cap) {
+            cap *= 2;
+            struct ksm_pb_piece *np =
+                p == one ? malloc(cap * sizeof *np) : realloc(p, cap * sizeof *np);
+            if (np == NULL) goto out;
+            if (p == one) memcpy(np, one, sizeof one);
+            p = np;
+        }
+        p[n++] = (struct ksm_pb_piece){GRPC_SLICE_START_PTR(*sl), GRPC_SLICE_LENGTH(*sl)};
+    }
+    m = ksm_pb_unpack_pieces(d, p, n, KSM_PB_GATHER_MIN, NULL);
+out:
+    if (p != one) free(p);
     grpc_byte_buffer_reader_destroy(&r);
-    ProtobufCMessage *m =
-        protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(all), GRPC_SLICE_START_PTR(all));
-    grpc_slice_unref(all);
     return m;
 }
 

@@ -32,7 +32,8 @@ void ksmc_ok(struct ksm_client_error *err);
 
 /* One unary call of method ("/kasmina.v1.Kasmina/Germinate"): packs req, waits for the reply
  * up to the client's deadline and unpacks it with reply_desc into *reply (free with
- * protobuf_c_message_free_unpacked). Returns 0 or the mapped KSM_E* code (err filled). */
+ * protobuf_c_message_free_unpacked(m, NULL); its bytes fields are malloc'd, so a caller may take
+ * one over, leaving the field empty). Returns 0 or the mapped KSM_E* code (err filled). */
 int ksmc_unary(ksm_client *c, const char *method, const ProtobufCMessage *req,
                const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **reply,
                struct ksm_client_error *err);

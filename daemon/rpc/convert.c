@@ -321,6 +321,19 @@ int ksm_conv_tensor_from_pb_copy(const Kasmina__V1__Tensor *pb, const char *fiel
     return 0;
 }
 
+int ksm_conv_tensor_from_pb_take(Kasmina__V1__Tensor *pb, const char *field, ksm_tensor *out,
+                                 char *err, size_t errlen)
+{
+    size_t nbytes;
+    TRY(tensor_header(pb, field, out, &nbytes, err, errlen));
+    if (nbytes == 0 || ((uintptr_t)pb->data.data % dtype_size(out->dtype)) != 0)
+        return ksm_conv_tensor_from_pb_copy(pb, field, out, err, errlen);
+    out->data = pb->data.data;
+    pb->data.data = NULL;
+    pb->data.len = 0;
+    return 0;
+}
+
 static bool contiguous(const ksm_tensor *t)
 {
     int64_t st = 1;
@@ -1479,14 +1492,29 @@ int ksm_conv_forward_result_to_pb(const struct ksm_forward_result *r, int output
     return 0;
 }
 
-int ksm_conv_forward_result_from_pb(const Kasmina__V1__ForwardResponse *pb,
-                                    struct ksm_forward_result *r, char *err, size_t errlen)
+static int forward_result_from_pb(const Kasmina__V1__ForwardResponse *pb, bool take,
+                                  struct ksm_forward_result *r, char *err, size_t errlen)
 {
     memset(r, 0, sizeof *r);
-    TRY(ksm_conv_tensor_from_pb_copy(pb->output, "output", &r->output, err, errlen));
+    if (take)
+        TRY(ksm_conv_tensor_from_pb_take(pb->output, "output", &r->output, err, errlen));
+    else
+        TRY(ksm_conv_tensor_from_pb_copy(pb->output, "output", &r->output, err, errlen));
     r->model_generation = pb->model_generation;
     r->compute_ns = pb->compute_ns;
     return 0;
+}
+
+int ksm_conv_forward_result_from_pb(const Kasmina__V1__ForwardResponse *pb,
+                                    struct ksm_forward_result *r, char *err, size_t errlen)
+{
+    return forward_result_from_pb(pb, false, r, err, errlen);
+}
+
+int ksm_conv_forward_result_take_pb(Kasmina__V1__ForwardResponse *pb, struct ksm_forward_result *r,
+                                    char *err, size_t errlen)
+{
+    return forward_result_from_pb(pb, true, r, err, errlen);
 }
 
 int ksm_conv_alpha_config_from_pb(const Kasmina__V1__AlphaConfig *pb, size_t index,
@@ -1610,8 +1638,8 @@ int ksm_conv_config_result_to_pb(const struct ksm_config_result *c, struct ksm_p
     return 0;
 }
 
-int ksm_conv_config_result_from_pb(const Kasmina__V1__ConfigResult *pb, struct ksm_config_result *c,
-                                   char *err, size_t errlen)
+static int config_result_from_pb(const Kasmina__V1__ConfigResult *pb, bool take,
+                                 struct ksm_config_result *c, char *err, size_t errlen)
 {
     memset(c, 0, sizeof *c);
     copy_str(c->name, sizeof c->name, pb->name);
@@ -1619,9 +1647,17 @@ int ksm_conv_config_result_from_pb(const Kasmina__V1__ConfigResult *pb, struct k
     c->accuracy = pb->accuracy;
     c->correct = pb->correct;
     c->total = pb->total;
-    if (pb->logits != NULL)
+    if (pb->logits != NULL && take)
+        TRY(ksm_conv_tensor_from_pb_take(pb->logits, "logits", &c->logits, err, errlen));
+    else if (pb->logits != NULL)
         TRY(ksm_conv_tensor_from_pb_copy(pb->logits, "logits", &c->logits, err, errlen));
     return 0;
+}
+
+int ksm_conv_config_result_from_pb(const Kasmina__V1__ConfigResult *pb, struct ksm_config_result *c,
+                                   char *err, size_t errlen)
+{
+    return config_result_from_pb(pb, false, c, err, errlen);
 }
 
 int ksm_conv_evaluate_result_to_pb(const struct ksm_evaluate_result *r, struct ksm_pb_arena *a,
@@ -1643,8 +1679,8 @@ int ksm_conv_evaluate_result_to_pb(const struct ksm_evaluate_result *r, struct k
     return 0;
 }
 
-int ksm_conv_evaluate_result_from_pb(const Kasmina__V1__EvaluateResponse *pb,
-                                     struct ksm_evaluate_result *r, char *err, size_t errlen)
+static int evaluate_result_from_pb(const Kasmina__V1__EvaluateResponse *pb, bool take,
+                                   struct ksm_evaluate_result *r, char *err, size_t errlen)
 {
     memset(r, 0, sizeof *r);
     r->model_generation = pb->model_generation;
@@ -1653,11 +1689,23 @@ int ksm_conv_evaluate_result_from_pb(const Kasmina__V1__EvaluateResponse *pb,
     r->results = calloc(pb->n_results, sizeof *r->results);
     if (r->results == NULL) return KSM_ENOMEM;
     for (size_t i = 0; i < pb->n_results; i++) {
-        int rc = ksm_conv_config_result_from_pb(pb->results[i], &r->results[i], err, errlen);
+        int rc = config_result_from_pb(pb->results[i], take, &r->results[i], err, errlen);
         r->n = i + 1;
         if (rc != 0) return rc; /* the caller frees what was converted */
     }
     return 0;
+}
+
+int ksm_conv_evaluate_result_from_pb(const Kasmina__V1__EvaluateResponse *pb,
+                                     struct ksm_evaluate_result *r, char *err, size_t errlen)
+{
+    return evaluate_result_from_pb(pb, false, r, err, errlen);
+}
+
+int ksm_conv_evaluate_result_take_pb(Kasmina__V1__EvaluateResponse *pb,
+                                     struct ksm_evaluate_result *r, char *err, size_t errlen)
+{
+    return evaluate_result_from_pb(pb, true, r, err, errlen);
 }
 
 /* ---- Weights ---- */

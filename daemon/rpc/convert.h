@@ -88,6 +88,12 @@ int ksm_conv_tensor_from_pb(const Kasmina__V1__Tensor *pb, const char *field,
  * (ksm_host_tensor_free): for results a client keeps. */
 int ksm_conv_tensor_from_pb_copy(const Kasmina__V1__Tensor *pb, const char *field, ksm_tensor *out,
                                  char *err, size_t errlen);
+/* As from_pb_copy, but *out takes pb's data buffer instead of a copy when it is aligned to the
+ * element size (pb->data is then emptied). pb must have been unpacked with protobuf-c's default
+ * allocator (protobuf_c_message_unpack(d, NULL, ...) or ksm_pb_unpack_pieces): its bytes are
+ * then malloc'd, and free() (ksm_host_tensor_free) releases them. */
+int ksm_conv_tensor_from_pb_take(Kasmina__V1__Tensor *pb, const char *field, ksm_tensor *out,
+                                 char *err, size_t errlen);
 /* Fills pb from a contiguous host tensor; the data is borrowed. KSM_EINVAL for a
  * non-contiguous tensor or a bad dtype. */
 int ksm_conv_tensor_to_pb(const ksm_tensor *t, struct ksm_pb_arena *a, Kasmina__V1__Tensor *pb);
@@ -206,6 +212,9 @@ int ksm_conv_forward_result_to_pb(const struct ksm_forward_result *r, int output
 /* The output is copied into malloc'd memory (ksm_host_tensor_free). */
 int ksm_conv_forward_result_from_pb(const Kasmina__V1__ForwardResponse *pb,
                                     struct ksm_forward_result *r, char *err, size_t errlen);
+/* The same, taking the output's buffer from pb (ksm_conv_tensor_from_pb_take). */
+int ksm_conv_forward_result_take_pb(Kasmina__V1__ForwardResponse *pb, struct ksm_forward_result *r,
+                                    char *err, size_t errlen);
 
 /* AlphaConfig -> one ksm_alpha_config (arrays in the arena). */
 int ksm_conv_alpha_config_from_pb(const Kasmina__V1__AlphaConfig *pb, size_t index,
@@ -226,6 +235,9 @@ int ksm_conv_evaluate_result_to_pb(const struct ksm_evaluate_result *r, struct k
                                    Kasmina__V1__EvaluateResponse *pb);
 /* r->results is malloc'd (ksm_evaluate_result_free). */
 int ksm_conv_evaluate_result_from_pb(const Kasmina__V1__EvaluateResponse *pb,
+                                     struct ksm_evaluate_result *r, char *err, size_t errlen);
+/* The same, taking the logits' buffers from pb (ksm_conv_tensor_from_pb_take). */
+int ksm_conv_evaluate_result_take_pb(Kasmina__V1__EvaluateResponse *pb,
                                      struct ksm_evaluate_result *r, char *err, size_t errlen);
 
 /* ---- Weights ---- */

@@ -399,3 +399,108 @@ Test(client, watch_events_follows_live_and_stops_when_the_callback_says)
     ksm_client_close(c);
     rpc_daemon_stop(&d);
 }
+
+/* Tensors and weight files of more than 64 KiB take rpc/pbgather's copy-once path: the server
+ * reads the request from the transport's slices, the client the reply (and takes the buffers
+ * over). The daemon's results must be the in-process engine's, bit for bit, for the same model
+ * and weights (the engine is deterministic whatever its thread count). */
+static void expect_same_tensor(const ksm_tensor *a, const ksm_tensor *b, const char *what)
+{
+    cr_assert_eq(a->ndim, b->ndim, "%s: ndim", what);
+    for (int i = 0; i < a->ndim; i++) cr_assert_eq(a->shape[i], b->shape[i], "%s: shape", what);
+    cr_assert_eq(memcmp(a->data, b->data, ksm_tensor_nbytes(a)), 0,
+                 "%s: the daemon's result differs from the in-process engine's", what);
+}
+
+Test(client, big_tensors_and_weight_files_cross_the_wire_intact)
+{
+    struct rpc_daemon d;
+    rpc_daemon_start(&d);
+    ksm_client *c = rpc_connect(&d);
+    struct ksm_client_error e;
+    char err[256];
+    ksm_engine *eng;
+    struct ksm_engine_config ec = {.cpu_devices = 1};
+    cr_assert_eq(ksm_engine_new(&ec, &eng, err, sizeof err), 0, "%s", err);
+
+    /* logits [8, 16, 1000]: 512 KB; tok_emb 1000 x 32: 128 KB of the weights file */
+    struct ksm_model_spec ts = {.topology = KSM_TOPOLOGY_TRANSFORMER,
+                                .transformer = {.vocab_size = 1000,
+                                                .n_embd = 32,
+                                                .n_head = 2,
+                                                .n_layer = 2,
+                                                .block_size = 16,
+                                                .num_segments = 2},
+                                .init_seed = 3};
+    struct ksm_model_spec cs = small_cnn();
+    OK(ksm_client_model_create(c, "tf", &ts, NULL, &e));
+    OK(ksm_client_model_create(c, "cnn", &cs, NULL, &e));
+    ksm_model *ltf, *lcnn;
+    cs.init_seed = ts.init_seed = 99; /* different weights, until the daemon's are loaded */
+    cr_assert_eq(ksm_engine_model_create(eng, "tf", &ts, &ltf, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(ksm_engine_model_create(eng, "cnn", &cs, &lcnn, err, sizeof err), 0, "%s", err);
+    const char *ids[2] = {"tf", "cnn"};
+    ksm_model *local[2] = {ltf, lcnn};
+    for (int i = 0; i < 2; i++) {
+        void *st;
+        size_t len;
+        OK(ksm_client_export_weights(c, ids[i], &st, &len, &e));
+        if (i == 0) cr_expect_gt(len, 128 * 1024);
+        struct ksm_load_result lr;
+        cr_assert_eq(ksm_model_load_weights(local[i], st, len, true, &lr, err, sizeof err), 0, "%s",
+                     err);
+        ksm_load_result_free(&lr);
+        OK(ksm_client_load_weights(c, ids[i], st, len, true, &lr, &e)); /* and back again */
+        cr_expect_eq(lr.n_missing, 0);
+        ksm_load_result_free(&lr);
+        free(st);
+    }
+
+    /* CNN: a 786 KB input. */
+    ksm_tensor x, y;
+    make_batch(64, &x, &y);
+    struct ksm_forward_args fa = {.input = &x};
+    struct ksm_forward_result rr, lr;
+    OK(ksm_client_forward(c, "cnn", &fa, &rr, &e));
+    cr_assert_eq(ksm_model_forward(lcnn, &fa, &lr, err, sizeof err), 0, "%s", err);
+    expect_same_tensor(&rr.output, &lr.output, "CNN forward");
+    ksm_host_tensor_free(&rr.output);
+    ksm_host_tensor_free(&lr.output);
+    free(x.data);
+    free(y.data);
+
+    /* Transformer: 512 KB of logits back, from Forward and from Evaluate. */
+    int64_t tok[8 * 16], tgt[8 * 16];
+    for (int i = 0; i < 8 * 16; i++) {
+        tok[i] = (i * 37 + 11) % 1000;
+        tgt[i] = (i * 53 + 5) % 1000;
+    }
+    ksm_tensor tx, ty;
+    cr_assert_eq(ksm_tensor_init(&tx, NULL, tok, KSM_DTYPE_I64, 2, (const int64_t[]){8, 16}), 0);
+    cr_assert_eq(ksm_tensor_init(&ty, NULL, tgt, KSM_DTYPE_I64, 2, (const int64_t[]){8, 16}), 0);
+    fa.input = &tx;
+    OK(ksm_client_forward(c, "tf", &fa, &rr, &e));
+    cr_assert_eq(ksm_model_forward(ltf, &fa, &lr, err, sizeof err), 0, "%s", err);
+    cr_expect_eq(ksm_tensor_nbytes(&rr.output), 8 * 16 * 1000 * sizeof(float));
+    expect_same_tensor(&rr.output, &lr.output, "transformer forward");
+    ksm_host_tensor_free(&rr.output);
+    ksm_host_tensor_free(&lr.output);
+    struct ksm_alpha_config cfg = {.name = "main"};
+    struct ksm_evaluate_args ea = {
+        .input = &tx, .targets = &ty, .configs = &cfg, .n_configs = 1, .return_logits = true};
+    struct ksm_evaluate_result re, le;
+    OK(ksm_client_evaluate(c, "tf", &ea, &re, &e));
+    cr_assert_eq(ksm_model_evaluate(ltf, &ea, &le, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(re.n, 1);
+    cr_expect_eq(re.results[0].loss, le.results[0].loss);
+    expect_same_tensor(&re.results[0].logits, &le.results[0].logits, "transformer evaluate");
+    ksm_evaluate_result_free(&re);
+    ksm_evaluate_result_free(&le);
+
+    ksm_model_unref(ltf);
+    ksm_model_unref(lcnn);
+    ksm_engine_free(eng);
+    ksm_client_close(c);
+    cr_expect_eq(rpc_daemon_stop(&d), 0,
+                 "kasminad exits 0 on SIGTERM (and LeakSanitizer is quiet)");
+}
