@@ -8,13 +8,31 @@
  *       _extra_state), and DIR/io.safetensors: the inputs and targets, and kasmina's outputs
  *       (CNN logits, Evaluate losses/accuracies, transformer logits of row 0) for the
  *       numerics check in torch_model.py.
- *   bench_model serve DIR
+ *   bench_model serve DIR [TARGET]
  *       Builds both models and loads DIR/{cnn,tf}.safetensors (strict) so the weights are
  *       exactly the exported ones, prints "ready", then answers one command per stdin line,
  *       "<row> <reps>": reps 0 runs one untimed warm-up call (plans, caches) and prints
  *       "ok <row>"; otherwise it prints the median of reps timed calls:
  *           row name=cnn_forward ms=12.3 per_s=10406.5 unit=img/s
  *       Rows: cnn_forward, cnn_eval_k8, tf_forward, tf_eval_k2 (others: "skip <row>").
+ *       With TARGET (a kasminad address, "unix:/path/to.sock"), the same CNN model is also built
+ *       in that daemon through libkasmina-client (CreateModel, the same lifecycle RPCs,
+ *       LoadWeights of DIR/cnn.safetensors), and two more rows run over the wire:
+ *         cnn_forward_rpc       ksm_client_forward of the same input; its warm-up call checks
+ *                               the logits against the in-process engine's ("check" line)
+ *         cnn_forward_rpc_wire  the same Forward request to a model id the daemon does not
+ *                               hold: the request's whole way (client encode, 1.5 MB over the
+ *                               socket, server decode and convert, the error reply) without
+ *                               the engine, i.e. the per-call cost of the wire
+ *       The command "mem" prints, per row, the device allocator's figures over that row's
+ *       timed calls (steady state: after the warm-up call), then "ok mem":
+ *           mem name=cnn_forward device=cpu:0 calls=8 allocs=0 cache_hits=0 device_allocs=0
+ *               peak_reserved=... peak_allocated=...
+ *       The CNN runs on cpu:0 and the transformer on cpu:1 (two logical CPU devices, one
+ *       compute pool), so each model's rows have an allocator of their own; the peaks are the
+ *       high-water marks over the row's calls (ksm_alloc_reset_peak_stats before each batch).
+ *       The rpc rows' figures are the daemon's allocator, through MemoryStats (no reset over
+ *       the wire: the peaks since the daemon started; it holds only this model).
  *       tests/bench/run.sh model drives this and torch_model.py's same protocol call by call,
  *       alternating the two sides (the VM's speed drifts).
  *
@@ -28,12 +46,15 @@
  *        Evaluate: K = 2 configs ("main": both 0.5, "all_off": both 0), loss in the engine.
  */
 #include <errno.h>
+#include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "bench_common.h"
+#include "kasmina/alloc.h"
+#include "kasmina/client.h"
 #include "kasmina/kasmina.h"
 #include "kasmina/safetensors.h"
 
@@ -98,9 +119,15 @@ static void grow(ksm_model *m, const char *slot, const char *bp, uint64_t seed)
     }
 }
 
+/* The CPU engine has two logical devices sharing one compute pool: the CNN on cpu:0, the
+ * transformer on cpu:1, so that each model's workload has an allocator of its own (the "mem"
+ * figures). On another default device (KASMINA_BENCH_DEVICE) both models share it. */
+static const char *tf_device;
+
 static ksm_model *make_model(ksm_engine *e, bool tf)
 {
-    struct ksm_model_spec spec = {.permissive_gates = true, .init_seed = tf ? 2 : 1};
+    struct ksm_model_spec spec = {
+        .permissive_gates = true, .init_seed = tf ? 2 : 1, .device = tf ? tf_device : NULL};
     if (tf)
         spec.topology = KSM_TOPOLOGY_TRANSFORMER; /* zero fields = the TinyStories preset */
     else {
@@ -243,25 +270,32 @@ static void report(const char *name, double *s, int reps, double items, const ch
     fflush(stdout);
 }
 
-static ksm_model *load_model(ksm_engine *e, const char *dir, bool tf)
+static void *read_whole(const char *dir, const char *name, size_t *len)
 {
-    ksm_model *m = make_model(e, tf);
     char path[4096];
-    snprintf(path, sizeof path, "%s/%s.safetensors", dir, tf ? "tf" : "cnn");
+    snprintf(path, sizeof path, "%s/%s.safetensors", dir, name);
     FILE *f = fopen(path, "rb");
     if (f == NULL) {
         fprintf(stderr, "%s: %s (run `bench_model export %s` first)\n", path, strerror(errno), dir);
         exit(1);
     }
     fseek(f, 0, SEEK_END);
-    size_t len = (size_t)ftell(f);
+    *len = (size_t)ftell(f);
     fseek(f, 0, SEEK_SET);
-    void *buf = malloc(len);
-    if (buf == NULL || fread(buf, 1, len, f) != len) {
+    void *buf = malloc(*len);
+    if (buf == NULL || fread(buf, 1, *len, f) != *len) {
         fprintf(stderr, "%s: short read\n", path);
         exit(1);
     }
     fclose(f);
+    return buf;
+}
+
+static ksm_model *load_model(ksm_engine *e, const char *dir, bool tf)
+{
+    ksm_model *m = make_model(e, tf);
+    size_t len;
+    void *buf = read_whole(dir, tf ? "tf" : "cnn", &len);
     struct ksm_load_result lr;
     CHECKE(ksm_model_load_weights(m, buf, len, true, &lr, err, sizeof err));
     ksm_load_result_free(&lr);
@@ -269,54 +303,272 @@ static ksm_model *load_model(ksm_engine *e, const char *dir, bool tf)
     return m;
 }
 
+/* ---- the same CNN model in a kasminad, through libkasmina-client ---- */
+
+#define RPC_MODEL "cnn"
+
+static struct ksm_client_error cerr;
+
+#define CHECKC(x)                                                                                  \
+    do {                                                                                           \
+        int rc_ = (x);                                                                             \
+        if (rc_ != 0) {                                                                            \
+            fprintf(stderr, "%s:%d: %s failed: %s: %s\n", __FILE__, __LINE__, #x,                  \
+                    ksm_strerror(rc_), cerr.message);                                              \
+            exit(1);                                                                               \
+        }                                                                                          \
+    } while (0)
+
+/* grow() through the RPCs: Germinate, RecordMetrics x 10 before G2, Advance to each stage up to
+ * BLENDING, SetAlpha 0.5. */
+static void rpc_grow(ksm_client *c, const char *slot, const char *bp, uint64_t seed)
+{
+    struct ksm_germinate_args g = {.blueprint_id = bp,
+                                   .blend_algorithm_id = "linear",
+                                   .alpha_algorithm = KSM_ALGO_ADD,
+                                   .init_seed = seed};
+    CHECKC(ksm_client_germinate(c, RPC_MODEL, slot, &g, NULL, &cerr));
+    struct ksm_gate_result gate;
+    struct ksm_slot_report r;
+    struct ksm_metrics_update u = {.has_val_accuracy = true,
+                                   .val_accuracy = 50,
+                                   .has_gradient_health = true,
+                                   .gradient_health = 0.9,
+                                   .has_exploding = true,
+                                   .exploding = false};
+    for (enum ksm_stage want = KSM_STAGE_TRAINING; want <= KSM_STAGE_BLENDING; want++) {
+        if (want == KSM_STAGE_BLENDING)
+            for (int i = 0; i < 10; i++)
+                CHECKC(ksm_client_record_metrics(c, RPC_MODEL, slot, &u, NULL, &cerr));
+        CHECKC(ksm_client_advance(c, RPC_MODEL, slot, want, &gate, &r, &cerr));
+        if (!gate.passed || r.stage != want) {
+            fprintf(stderr, "rpc %s: gate %s to %s failed: %s\n", slot,
+                    ksm_gate_level_name(gate.gate), ksm_stage_name(want),
+                    gate.n_failed ? gate.checks_failed[0] : "");
+            exit(1);
+        }
+    }
+    CHECKC(ksm_client_set_alpha(c, RPC_MODEL, slot, 0.5, &r, &cerr));
+    if (r.stage != KSM_STAGE_BLENDING || r.controller.alpha != 0.5) {
+        fprintf(stderr, "rpc %s: expected BLENDING at 0.5, got %s at %g\n", slot,
+                ksm_stage_name(r.stage), r.controller.alpha);
+        exit(1);
+    }
+}
+
+static char rpc_device[32]; /* the daemon's device of the model */
+
+static ksm_client *rpc_connect(const char *target, const char *dir)
+{
+    ksm_client *c;
+    /* The client's defaults (30 s deadline, 64 MiB messages); the daemon may still be starting:
+     * wait for it (up to the deadline). */
+    struct ksm_client_options o = {.wait_for_ready = true};
+    CHECKC(ksm_client_connect(target, &o, &c, &cerr));
+    struct ksm_model_spec spec = {.topology = KSM_TOPOLOGY_CNN,
+                                  .permissive_gates = true,
+                                  .init_seed = 1,
+                                  .cnn = {.base_channels = 32, .n_blocks = 3}};
+    ksm_client_model_delete(c, RPC_MODEL, NULL, NULL); /* one left by an earlier run */
+    struct ksm_model_info info;
+    CHECKC(ksm_client_model_create(c, RPC_MODEL, &spec, &info, &cerr));
+    snprintf(rpc_device, sizeof rpc_device, "%s", info.device);
+    for (int i = 0; i < 3; i++) rpc_grow(c, CNN_SEED_SLOTS[i], CNN_SEED_BPS[i], 10 + (uint64_t)i);
+    size_t len;
+    void *buf = read_whole(dir, "cnn", &len);
+    struct ksm_load_result lr;
+    CHECKC(ksm_client_load_weights(c, RPC_MODEL, buf, len, true, &lr, &cerr));
+    ksm_load_result_free(&lr);
+    free(buf);
+    return c;
+}
+
+/* The rpc row's result is compared with this (the in-process engine's logits). */
+static ksm_tensor ref_logits;
+
+static void check_rpc_logits(const ksm_tensor *out)
+{
+    int64_t n = ksm_tensor_numel(&ref_logits);
+    bool same_shape = ksm_tensor_numel(out) == n && out->ndim == ref_logits.ndim;
+    double maxd = 0, maxr = 0;
+    const float *a = out->data, *b = ref_logits.data;
+    for (int64_t i = 0; same_shape && i < n; i++) {
+        double d = fabs((double)a[i] - (double)b[i]);
+        if (!(d <= maxd)) maxd = d; /* NaN propagates */
+        if (fabs((double)b[i]) > maxr) maxr = fabs((double)b[i]);
+    }
+    if (!same_shape) maxd = INFINITY;
+    printf("check name=cnn_forward_rpc_logits_vs_in_process max_abs_diff=%.3g max_rel_err=%.3g "
+           "%s\n",
+           maxd, maxr > 0 ? maxd / maxr : maxd, maxd <= 1e-6 * maxr ? "ok" : "FAIL");
+}
+
+/* Seconds of one ksm_client_forward of x to model: RPC_MODEL (its logits are checked when check
+ * is set: the warm-up call), or for the wire row a model the daemon does not hold. */
+static double time_rpc_forward(ksm_client *c, const ksm_tensor *x, const char *model, bool check)
+{
+    struct ksm_forward_args a = {.input = x};
+    struct ksm_forward_result r;
+    double t0 = bench_now();
+    int rc = ksm_client_forward(c, model, &a, &r, &cerr);
+    double dt = bench_now() - t0;
+    if (strcmp(model, RPC_MODEL) != 0) {
+        /* the wire row: the daemon must have decoded the request and then found no model */
+        if (rc != KSM_ENOMODEL) {
+            fprintf(stderr, "rpc forward to a missing model: expected KSM_ENOMODEL, got %s: %s\n",
+                    ksm_err_name(rc), cerr.message);
+            exit(1);
+        }
+        return dt;
+    }
+    CHECKC(rc);
+    if (check) check_rpc_logits(&r.output);
+    ksm_host_tensor_free(&r.output);
+    return dt;
+}
+
+/* ---- device allocator figures per row ---- */
+
+struct mem_acc {
+    bool used;
+    int calls;
+    int64_t allocs;
+    uint64_t hits, dev_allocs;
+    int64_t peak_reserved, peak_allocated;
+};
+
+static void mem_read(ksm_allocator *al, ksm_client *c, struct ksm_mem_stats *out)
+{
+    if (al != NULL) {
+        ksm_alloc_get_stats(al, out);
+        return;
+    }
+    struct ksm_client_memory_stats ms;
+    CHECKC(ksm_client_memory_stats(c, rpc_device, &ms, &cerr));
+    if (ms.n != 1) {
+        fprintf(stderr, "MemoryStats of %s returned %zu devices\n", rpc_device, ms.n);
+        exit(1);
+    }
+    *out = ms.devices[0].stats;
+    ksm_client_memory_stats_free(&ms);
+}
+
+/* Before a row's timed calls: the engine's peaks restart from the current level. */
+static void mem_before(ksm_allocator *al, ksm_client *c, struct ksm_mem_stats *s0)
+{
+    if (al != NULL) ksm_alloc_reset_peak_stats(al);
+    mem_read(al, c, s0);
+}
+
+static void mem_after(ksm_allocator *al, ksm_client *c, const struct ksm_mem_stats *s0, int calls,
+                      struct mem_acc *acc)
+{
+    struct ksm_mem_stats s1;
+    mem_read(al, c, &s1);
+    const struct ksm_pool_stats *a0 = &s0->pool[KSM_POOL_ALL], *a1 = &s1.pool[KSM_POOL_ALL];
+    acc->used = true;
+    acc->calls += calls;
+    acc->allocs += a1->allocation.allocated - a0->allocation.allocated;
+    acc->hits += s1.cache_hits - s0->cache_hits;
+    acc->dev_allocs += s1.num_device_alloc - s0->num_device_alloc;
+    /* After a reset, peak >= current: the row's own high-water mark over the calls. For the
+     * daemon (no reset over the wire) it is the high-water mark since it started. */
+    if (a1->reserved_bytes.peak > acc->peak_reserved) acc->peak_reserved = a1->reserved_bytes.peak;
+    if (a1->allocated_bytes.peak > acc->peak_allocated)
+        acc->peak_allocated = a1->allocated_bytes.peak;
+}
+
 /* Answers "<row> <reps>" lines on stdin until EOF or "quit": reps 0 = one untimed warm-up call
- * ("ok <row>"), else the median of reps calls (a "row" line). */
-static void serve(ksm_engine *e, const char *dir)
+ * ("ok <row>"), else the median of reps calls (a "row" line); "mem": the allocator figures. */
+static void serve(ksm_engine *e, const char *dir, const char *target)
 {
     ksm_model *cnn = load_model(e, dir, false), *tf = load_model(e, dir, true);
+    struct ksm_model_info info_cnn, info_tf;
+    CHECKE(ksm_model_get_info(cnn, &info_cnn));
+    CHECKE(ksm_model_get_info(tf, &info_tf));
+    ksm_allocator *al_cnn = ksm_engine_allocator(e, ksm_engine_find_device(e, info_cnn.device));
+    ksm_allocator *al_tf = ksm_engine_allocator(e, ksm_engine_find_device(e, info_tf.device));
     struct inputs in;
     make_inputs(&in);
     struct configs ccf, tcf;
     cnn_configs(&ccf);
     tf_configs(&tcf);
+    ksm_client *rpc = NULL;
+    if (target != NULL) {
+        rpc = rpc_connect(target, dir);
+        time_forward(cnn, &in.tcnn_x, &ref_logits);
+    }
     printf("ready\n");
     fflush(stdout);
+    static const struct {
+        const char *name, *unit;
+        double items;
+    } rows[] = {{"cnn_forward", "img/s", CNN_B},
+                {"cnn_eval_k8", "rows/s", (double)CNN_K * CNN_B},
+                {"tf_forward", "tok/s", (double)TF_B * TF_T},
+                {"tf_eval_k2", "tok/s", (double)TF_K * TF_B * TF_T},
+                {"cnn_forward_rpc", "img/s", CNN_B},
+                {"cnn_forward_rpc_wire", "req/s", 1}};
+    /* each row's allocator (NULL: the daemon's, over MemoryStats) and device */
+    ksm_allocator *const row_al[] = {al_cnn, al_cnn, al_tf, al_tf, NULL, NULL};
+    char dd[48];
+    snprintf(dd, sizeof dd, "kasminad:%s", rpc_device);
+    const char *const row_dev[] = {
+        info_cnn.device, info_cnn.device, info_tf.device, info_tf.device, dd, dd};
+    enum { N_ROWS = sizeof rows / sizeof rows[0] };
+    struct mem_acc mem[N_ROWS];
+    memset(mem, 0, sizeof mem);
     char line[256], name[64];
     int reps;
     while (fgets(line, sizeof line, stdin) && strncmp(line, "quit", 4) != 0) {
+        if (strncmp(line, "mem", 3) == 0 && (line[3] == '\n' || line[3] == '\0')) {
+            for (int i = 0; i < N_ROWS; i++)
+                if (mem[i].used)
+                    printf("mem name=%s device=%s calls=%d allocs=%lld cache_hits=%llu "
+                           "device_allocs=%llu peak_reserved=%lld peak_allocated=%lld\n",
+                           rows[i].name, row_dev[i], mem[i].calls, (long long)mem[i].allocs,
+                           (unsigned long long)mem[i].hits, (unsigned long long)mem[i].dev_allocs,
+                           (long long)mem[i].peak_reserved, (long long)mem[i].peak_allocated);
+            printf("ok mem\n");
+            fflush(stdout);
+            continue;
+        }
         if (sscanf(line, "%63s %d", name, &reps) != 2 || reps < 0 || reps > 1000) {
             fprintf(stderr, "bad command: %s", line);
             exit(2);
         }
-        static const struct {
-            const char *name, *unit;
-            double items;
-        } rows[] = {{"cnn_forward", "img/s", CNN_B},
-                    {"cnn_eval_k8", "rows/s", (double)CNN_K * CNN_B},
-                    {"tf_forward", "tok/s", (double)TF_B * TF_T},
-                    {"tf_eval_k2", "tok/s", (double)TF_K * TF_B * TF_T}};
         int w = -1;
-        for (int i = 0; i < 4; i++)
+        for (int i = 0; i < N_ROWS; i++)
             if (!strcmp(name, rows[i].name)) w = i;
-        if (w < 0) {
-            printf("skip %s\n", name); /* a row only the PyTorch side has */
+        if (w < 0 || (w >= 4 && rpc == NULL)) {
+            printf("skip %s\n", name); /* a row only the PyTorch side has, or no daemon */
             fflush(stdout);
             continue;
         }
         int n = reps > 0 ? reps : 1;
         double *s = calloc((size_t)n, sizeof *s);
+        struct ksm_mem_stats s0;
+        if (reps > 0) mem_before(row_al[w], rpc, &s0);
         for (int r = 0; r < n; r++) switch (w) {
             case 0: s[r] = time_forward(cnn, &in.tcnn_x, NULL); break;
             case 1: s[r] = time_evaluate(cnn, &in.tcnn_x, &in.tcnn_y, &ccf, NULL); break;
             case 2: s[r] = time_forward(tf, &in.ttf_x, NULL); break;
-            default: s[r] = time_evaluate(tf, &in.ttf_x, &in.ttf_y, &tcf, NULL); break;
+            case 3: s[r] = time_evaluate(tf, &in.ttf_x, &in.ttf_y, &tcf, NULL); break;
+            case 4: s[r] = time_rpc_forward(rpc, &in.tcnn_x, RPC_MODEL, reps == 0); break;
+            default: s[r] = time_rpc_forward(rpc, &in.tcnn_x, "no-such-model", false); break;
             }
+        if (reps > 0) mem_after(row_al[w], rpc, &s0, reps, &mem[w]);
         if (reps == 0) {
             printf("ok %s\n", name);
             fflush(stdout);
         } else
             report(name, s, reps, rows[w].items, rows[w].unit);
         free(s);
+    }
+    if (rpc != NULL) {
+        ksm_client_model_delete(rpc, RPC_MODEL, NULL, NULL);
+        ksm_client_close(rpc);
+        ksm_host_tensor_free(&ref_logits);
     }
     ksm_model_unref(cnn);
     ksm_model_unref(tf);
@@ -424,14 +676,15 @@ static void export(ksm_engine *e, const char *dir)
 int main(int argc, char **argv)
 {
     if (argc < 3 || (strcmp(argv[1], "export") != 0 && strcmp(argv[1], "serve") != 0)) {
-        fprintf(stderr, "usage: bench_model export DIR | bench_model serve DIR\n");
+        fprintf(stderr, "usage: bench_model export DIR | bench_model serve DIR [TARGET]\n");
         return 2;
     }
     ksm_engine *e;
     /* KASMINA_BENCH_DEVICE=cuda:0 (tests/bench/gpu.sh) runs the engine side on the GPU through
      * the plugin at KASMINA_CUDA_PLUGIN. */
     const char *dev = getenv("KASMINA_BENCH_DEVICE");
-    struct ksm_engine_config cfg = {.cpu_devices = 1,
+    tf_device = dev == NULL || strcmp(dev, "cpu:0") == 0 ? "cpu:1" : NULL;
+    struct ksm_engine_config cfg = {.cpu_devices = 2,
                                     .enable_cuda = dev && strncmp(dev, "cuda", 4) == 0,
                                     .cuda_plugin = getenv("KASMINA_CUDA_PLUGIN"),
                                     .default_device = dev};
@@ -440,7 +693,7 @@ int main(int argc, char **argv)
     if (strcmp(argv[1], "export") == 0)
         export(e, argv[2]);
     else
-        serve(e, argv[2]);
+        serve(e, argv[2], argc > 3 ? argv[3] : NULL);
     ksm_engine_free(e);
     return 0;
 }
