@@ -85,7 +85,8 @@ int rpc_server_offline_new(ksm_engine *e, const struct ksm_rpc_server_config *cf
     rpc_config_defaults(&s->cfg);
     pthread_mutex_init(&s->lock, NULL);
     pthread_mutex_init(&s->limits_lock, NULL);
-    pthread_cond_init(&s->cond, NULL);
+    pthread_cond_init(&s->q_cond, NULL);
+    pthread_cond_init(&s->idle_cond, NULL);
     atomic_store(&s->serving, true);
     *out = s;
     return 0;
@@ -95,7 +96,8 @@ void rpc_server_offline_free(ksm_rpc_server *s)
 {
     if (s == NULL) return;
     rpc_limits_fini(s);
-    pthread_cond_destroy(&s->cond);
+    pthread_cond_destroy(&s->q_cond);
+    pthread_cond_destroy(&s->idle_cond);
     pthread_mutex_destroy(&s->limits_lock);
     pthread_mutex_destroy(&s->lock);
     free(s);

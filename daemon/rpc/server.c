@@ -53,10 +53,14 @@ static void call_free(struct rpc_call *c)
     if (c->reply != NULL) grpc_byte_buffer_destroy(c->reply);
     if (c->have_details) grpc_slice_unref(c->status_details);
     free(c);
-    pthread_mutex_lock(&s->lock);
+    /* Only ksm_rpc_server_free waits for the count, after setting shutting_down: a call that
+     * ends while serving wakes nobody (the workers wait on their own condition). */
     atomic_fetch_sub(&s->live_calls, 1);
-    pthread_cond_broadcast(&s->cond);
-    pthread_mutex_unlock(&s->lock);
+    if (atomic_load(&s->shutting_down)) {
+        pthread_mutex_lock(&s->lock);
+        pthread_cond_broadcast(&s->idle_cond);
+        pthread_mutex_unlock(&s->lock);
+    }
 }
 
 void rpc_call_unref(struct rpc_call *c)
@@ -318,7 +322,7 @@ static void *worker_main(void *arg)
     ksm_rpc_server *s = arg;
     pthread_mutex_lock(&s->lock);
     for (;;) {
-        while (s->q_head == NULL && !s->workers_stop) pthread_cond_wait(&s->cond, &s->lock);
+        while (s->q_head == NULL && !s->workers_stop) pthread_cond_wait(&s->q_cond, &s->lock);
         struct rpc_call *c = s->q_head;
         if (c == NULL) break; /* stopping and nothing left */
         s->q_head = c->next;
@@ -353,7 +357,7 @@ static void enqueue(ksm_rpc_server *s, struct rpc_call *c)
     else
         s->q_head = c;
     s->q_tail = c;
-    pthread_cond_signal(&s->cond);
+    pthread_cond_signal(&s->q_cond);
     pthread_mutex_unlock(&s->lock);
 }
 
@@ -498,7 +502,7 @@ static void on_shutdown(struct rpc_tag *t, bool ok)
     ksm_rpc_server *s = container_of(t, ksm_rpc_server, shutdown_tag);
     pthread_mutex_lock(&s->lock);
     atomic_store(&s->shutdown_seen, true);
-    pthread_cond_broadcast(&s->cond);
+    pthread_cond_broadcast(&s->idle_cond);
     pthread_mutex_unlock(&s->lock);
 }
 
@@ -713,7 +717,8 @@ int ksm_rpc_server_start(ksm_engine *e, const struct ksm_rpc_server_config *cfg,
     rpc_config_defaults(&s->cfg);
     pthread_mutex_init(&s->lock, NULL);
     pthread_mutex_init(&s->limits_lock, NULL);
-    pthread_cond_init(&s->cond, NULL);
+    pthread_cond_init(&s->q_cond, NULL);
+    pthread_cond_init(&s->idle_cond, NULL);
     atomic_store(&s->serving, true);
     s->shutdown_tag.done = on_shutdown;
     s->unix_paths = calloc(cfg->n_listen, sizeof *s->unix_paths);
@@ -804,7 +809,8 @@ out_free:
     free(s->lock_fds);
     rpc_security_fini(s);
     rpc_limits_fini(s);
-    pthread_cond_destroy(&s->cond);
+    pthread_cond_destroy(&s->q_cond);
+    pthread_cond_destroy(&s->idle_cond);
     pthread_mutex_destroy(&s->limits_lock);
     pthread_mutex_destroy(&s->lock);
     free(s);
@@ -829,7 +835,7 @@ void ksm_rpc_server_free(ksm_rpc_server *s)
 
     pthread_mutex_lock(&s->lock);
     s->workers_stop = true;
-    pthread_cond_broadcast(&s->cond);
+    pthread_cond_broadcast(&s->q_cond);
     pthread_mutex_unlock(&s->lock);
     for (int i = 0; i < s->n_workers; i++) pthread_join(s->workers[i], NULL);
     free(s->workers);
@@ -840,7 +846,7 @@ void ksm_rpc_server_free(ksm_rpc_server *s)
             struct timespec ts;
             clock_gettime(CLOCK_REALTIME, &ts);
             ts.tv_sec += 5;
-            if (pthread_cond_timedwait(&s->cond, &s->lock, &ts) != 0)
+            if (pthread_cond_timedwait(&s->idle_cond, &s->lock, &ts) != 0)
                 KSM_LOGW("rpc", "shutdown: waiting for %d call(s) to end",
                          atomic_load(&s->live_calls));
         }
@@ -866,7 +872,8 @@ void ksm_rpc_server_free(ksm_rpc_server *s)
     free(s->lock_fds);
     rpc_security_fini(s);
     rpc_limits_fini(s);
-    pthread_cond_destroy(&s->cond);
+    pthread_cond_destroy(&s->q_cond);
+    pthread_cond_destroy(&s->idle_cond);
     pthread_mutex_destroy(&s->limits_lock);
     pthread_mutex_destroy(&s->lock);
     free(s);

@@ -106,8 +106,9 @@ struct ksm_rpc_server {
     atomic_bool serving;
     atomic_int inflight;   /* unary calls accepted and not yet answered */
     atomic_int live_calls; /* rpc_call structs alive */
-    pthread_mutex_t lock;  /* worker queue, live-call wait */
-    pthread_cond_t cond;
+    pthread_mutex_t lock;     /* worker queue, live-call wait */
+    pthread_cond_t q_cond;    /* a call was queued, or workers_stop */
+    pthread_cond_t idle_cond; /* shutdown_seen, or a call ended while shutting_down */
     struct rpc_call *q_head, *q_tail;
     bool workers_stop;
     int n_workers;
