@@ -8,12 +8,18 @@
  * stubs directory (build/client/python) it also starts tests/bench/py_alpha_server.py, a grpcio
  * server doing the same state update in Python, and measures it in the same invocation,
  * alternating phase by phase, and prints the ratios.
+ *
+ * Each phase also prints the server's CPU time per call (utime + stime of the server process
+ * from /proc/<pid>/stat over the timed part of the phase, divided by the calls) and the cores
+ * the server and this load generator used (CPU seconds over wall seconds). Throughput measures
+ * the CPU left over on a loaded machine; CPU per call is the machine-independent efficiency.
  */
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -26,8 +32,11 @@ static const char *model_id = "bench";
 
 struct result {
     double p50, p99, rps;
+    double cpu_us;                     /* server CPU per call */
+    double server_cores, client_cores; /* CPU seconds over wall seconds */
 };
 static double phase_s = 3.0;
+static pid_t server_pid; /* the server of the current phase */
 
 static double now_s(void)
 {
@@ -40,6 +49,52 @@ static int cmp_double(const void *a, const void *b)
 {
     double x = *(const double *)a, y = *(const double *)b;
     return x < y ? -1 : x > y;
+}
+
+/* utime + stime of a whole process (every thread, live or exited), in seconds. */
+static double proc_cpu_s(pid_t pid)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (f == NULL) return 0;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    /* Fields after "(comm)": state is field 3, utime 14, stime 15. */
+    const char *p = strrchr(buf, ')');
+    unsigned long long ut = 0, st = 0;
+    if (p == NULL ||
+        sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
+        return 0;
+    return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
+}
+
+static double self_cpu_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* CPU use over a timed part of a phase. */
+struct cpu_mark {
+    double wall, server, client;
+};
+
+static struct cpu_mark cpu_mark(void)
+{
+    return (struct cpu_mark){now_s(), proc_cpu_s(server_pid), self_cpu_s()};
+}
+
+static void cpu_account(struct result *r, struct cpu_mark a, struct cpu_mark b, long calls)
+{
+    double wall = b.wall - a.wall;
+    r->cpu_us = calls > 0 ? (b.server - a.server) / (double)calls * 1e6 : 0;
+    r->server_cores = wall > 0 ? (b.server - a.server) / wall : 0;
+    r->client_cores = wall > 0 ? (b.client - a.client) / wall : 0;
+    printf("%-26s   server CPU %6.1f us per call; cores used: server %.2f, load generator %.2f\n",
+           "", r->cpu_us, r->server_cores, r->client_cores);
 }
 
 enum op { OP_SET_ALPHA, OP_REPORTS };
@@ -65,7 +120,8 @@ static struct result latency(enum op op, const char *name)
     double *lat = malloc(cap * sizeof *lat);
     for (int i = 0; i < 200; i++) /* warm-up */
         call(c, op, i, &err);
-    double end = now_s() + phase_s;
+    struct cpu_mark mark = cpu_mark();
+    double end = mark.wall + phase_s;
     while (now_s() < end && n < cap) {
         double t0 = now_s();
         if (call(c, op, (int)n, &err) != 0) {
@@ -74,9 +130,13 @@ static struct result latency(enum op op, const char *name)
         }
         lat[n++] = now_s() - t0;
     }
+    struct result res = {0};
+    struct cpu_mark done = cpu_mark();
     qsort(lat, n, sizeof *lat, cmp_double);
-    struct result res = {lat[n / 2] * 1e6, lat[(size_t)((double)n * 0.99)] * 1e6, 0};
+    res.p50 = lat[n / 2] * 1e6;
+    res.p99 = lat[(size_t)((double)n * 0.99)] * 1e6;
     printf("%-26s concurrency 1:  n %7zu  p50 %7.1f us  p99 %7.1f us\n", name, n, res.p50, res.p99);
+    cpu_account(&res, mark, done, (long)n);
     free(lat);
     ksm_client_close(c);
     return res;
@@ -111,7 +171,8 @@ static void *work(void *p)
 static struct result throughput(enum op op, const char *name, int threads)
 {
     struct worker w[64];
-    double t0 = now_s(), end = t0 + phase_s;
+    struct cpu_mark mark = cpu_mark();
+    double t0 = mark.wall, end = t0 + phase_s;
     for (int i = 0; i < threads; i++) {
         w[i] = (struct worker){.op = op, .end = end};
         pthread_create(&w[i].th, NULL, work, &w[i]);
@@ -122,10 +183,13 @@ static struct result throughput(enum op op, const char *name, int threads)
         total += w[i].count;
         errors += w[i].errors;
     }
-    double el = now_s() - t0;
+    struct cpu_mark done = cpu_mark();
+    double el = done.wall - t0;
     printf("%-26s concurrency %d: %8.0f requests/s  (%ld requests, %ld errors)\n", name, threads,
            (double)total / el, total, errors);
-    return (struct result){0, 0, errors ? 0 : (double)total / el};
+    struct result res = {.rps = errors ? 0 : (double)total / el};
+    cpu_account(&res, mark, done, total);
+    return res;
 }
 
 static pid_t spawn(char *const argv[])
@@ -193,6 +257,7 @@ int main(int argc, char **argv)
     for (int phase = 0; phase < 4; phase++) {
         for (int side = 0; side < (stubs ? 2 : 1); side++) {
             snprintf(target, sizeof target, "%s", side ? ptarget : ktarget);
+            server_pid = side ? pypid : pid;
             const char *who = side ? "python-grpcio" : "kasminad";
             char name[64];
             struct result *r = side ? &p[phase] : &k[phase];
@@ -205,6 +270,10 @@ int main(int argc, char **argv)
         printf("\nkasminad / python-grpcio: SetAlpha p50 %.2fx lower, throughput at 16 %.1fx; "
                "GetSlotReports p50 %.2fx lower, throughput at 16 %.1fx\n",
                p[0].p50 / k[0].p50, k[2].rps / p[2].rps, p[1].p50 / k[1].p50, k[3].rps / p[3].rps);
+        printf("server CPU per call at concurrency 16: SetAlpha %.1f us vs %.1f us (%.1fx less); "
+               "GetSlotReports %.1f us vs %.1f us (%.1fx less)\n",
+               k[2].cpu_us, p[2].cpu_us, p[2].cpu_us / k[2].cpu_us, k[3].cpu_us, p[3].cpu_us,
+               p[3].cpu_us / k[3].cpu_us);
         kill(pypid, SIGTERM);
         waitpid(pypid, NULL, 0);
         unlink(pysock);
