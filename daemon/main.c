@@ -217,6 +217,7 @@ static void close_walk_cb(uv_handle_t *h, void *arg)
 int main(int argc, char **argv)
 {
     static struct daemon d;
+    ksm_rpc_runtime_init();
     int rc = ksm_config_load(&d.cfg, argc, argv, KSM_VERSION);
     if (rc == 1) return 0;
     if (rc != 0) return 2;

@@ -9,6 +9,7 @@
  * thread, streams go to the event hub. A call holds one reference for its handling and one for
  * its close batch; the last one frees it.
  */
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -668,6 +669,26 @@ static int add_listener(ksm_rpc_server *s, const char *addr, char *err, size_t e
 }
 
 /* ---- Server ---- */
+
+void ksm_rpc_runtime_init(void)
+{
+    /* absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore): kIgnore is 0 and the
+     * enum is passed as an int. The inline namespace differs between builds of abseil. */
+    static const char *const names[] = {
+        "_ZN4absl7debian329SetMutexDeadlockDetectionModeENS0_15OnDeadlockCycleE",
+        "_ZN4absl12lts_2022062329SetMutexDeadlockDetectionModeENS0_15OnDeadlockCycleE",
+        "_ZN4absl29SetMutexDeadlockDetectionModeENS_15OnDeadlockCycleE",
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        void *sym = dlsym(RTLD_DEFAULT, names[i]);
+        if (sym != NULL) {
+            void (*set_mode)(int);
+            memcpy(&set_mode, &sym, sizeof set_mode);
+            set_mode(0);
+            return;
+        }
+    }
+}
 
 void ksm_rpc_server_set_serving(ksm_rpc_server *s, bool serving)
 {

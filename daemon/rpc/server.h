@@ -88,6 +88,13 @@ int ksm_rpc_server_inflight(ksm_rpc_server *s);
  * no-op. */
 void ksm_rpc_server_free(ksm_rpc_server *s);
 
+/* Process-wide settings of the gRPC runtime for a daemon; call first thing in main(), before any
+ * thread starts. Turns abseil's mutex deadlock detection off: Debian builds abseil without
+ * NDEBUG, so every absl::Mutex lock taken inside gRPC (several per call) also updates a global
+ * lock-order graph under a global lock, a debugging aid that cost about a tenth of a control
+ * call's CPU. Harmless when the abseil symbol is not found (another build): nothing changes. */
+void ksm_rpc_runtime_init(void);
+
 #ifdef __cplusplus
 }
 #endif
