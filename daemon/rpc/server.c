@@ -7,7 +7,9 @@
  * the call is dispatched: unary Kasmina calls go to the workers (decode, validate, engine call,
  * encode, one send batch on send_tag), health checks and unknown methods are answered on the CQ
  * thread, streams go to the event hub. A call holds one reference for its handling and one for
- * its close batch; the last one frees it.
+ * its close batch; the last one frees it. A call answered on the CQ thread itself (cheap unary
+ * calls, health checks, refusals) has no separate close batch: its send batch also receives the
+ * close, and it holds the one reference.
  */
 #include <dlfcn.h>
 #include <errno.h>
@@ -144,11 +146,16 @@ void rpc_call_finish(struct rpc_call *c, const ProtobufCMessage *reply, int err,
 void rpc_call_finish_bytes(struct rpc_call *c, uint8_t *buf, size_t len, int err,
                            const char *errmsg, grpc_status_code code_override)
 {
-    grpc_op ops[3];
+    grpc_op ops[4];
     memset(ops, 0, sizeof ops);
     size_t n = 0;
     grpc_status_code code =
         code_override != GRPC_STATUS_OK ? code_override : ksm_rpc_status_from_err(err);
+    if (c->close_in_send) {
+        ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+        ops[n].data.recv_close_on_server.cancelled = &c->cancelled;
+        n++;
+    }
     if (!c->started) {
         ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
         n++;
@@ -409,16 +416,27 @@ static void on_request(struct rpc_tag *t, bool ok)
     }
     rpc_stats_call_start(c);
     if (!atomic_load(&s->shutting_down)) post_request(s, c->m);
-    atomic_store(&c->refs, 2); /* handling + close batch */
-    grpc_op op;
-    memset(&op, 0, sizeof op);
-    op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
-    op.data.recv_close_on_server.cancelled = &c->cancelled;
-    grpc_call *gc = c->gc;
-    KSM_TSAN_RELEASE(&c->close_tag);
-    if (grpc_call_start_batch(gc, &op, 1, &c->close_tag, NULL) != GRPC_CALL_OK) {
-        atomic_store(&c->closed, true);
-        atomic_fetch_sub(&c->refs, 1);
+    /* A call handed to a worker or to the event hub starts its close batch now, so that a
+     * cancellation is seen while it waits or streams. A call answered here on the CQ thread
+     * (inline unary calls, health checks, unknown methods, refusals) receives the close in its
+     * one send batch instead: one batch and one completion fewer per call. */
+    bool handoff = c->m != NULL && (c->m->kind == RPC_EVENTS || c->m->kind == RPC_HEALTH_WATCH ||
+                                    (c->m->kind == RPC_UNARY && !run_inline(s, c->m)));
+    if (handoff) {
+        atomic_store(&c->refs, 2); /* handling + close batch */
+        grpc_op op;
+        memset(&op, 0, sizeof op);
+        op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+        op.data.recv_close_on_server.cancelled = &c->cancelled;
+        grpc_call *gc = c->gc;
+        KSM_TSAN_RELEASE(&c->close_tag);
+        if (grpc_call_start_batch(gc, &op, 1, &c->close_tag, NULL) != GRPC_CALL_OK) {
+            atomic_store(&c->closed, true);
+            atomic_fetch_sub(&c->refs, 1);
+        }
+    } else {
+        atomic_store(&c->refs, 1); /* handling, with the close in the send batch */
+        c->close_in_send = true;
     }
     if (!rpc_authorize(s, c)) return;
     if (c->m == NULL) {
@@ -487,6 +505,7 @@ static void on_close(struct rpc_tag *t, bool ok)
 static void on_send(struct rpc_tag *t, bool ok)
 {
     struct rpc_call *c = container_of(t, struct rpc_call, send_tag);
+    if (c->close_in_send) atomic_store(&c->closed, true);
     if (c->m != NULL && (c->m->kind == RPC_EVENTS || c->m->kind == RPC_HEALTH_WATCH)) {
         rpc_hub_stream_sent(c, ok);
         return;

@@ -66,6 +66,7 @@ struct rpc_call {
     atomic_int refs;
     atomic_bool closed; /* the close batch completed: the call is over (finished or cancelled) */
     bool counted;       /* counts in srv->inflight */
+    bool close_in_send; /* answered on the CQ thread: the send batch receives the close */
     /* reply */
     grpc_byte_buffer *reply;
     grpc_slice status_details;
@@ -104,8 +105,8 @@ struct ksm_rpc_server {
     atomic_bool shutting_down; /* grpc_server_shutdown_and_notify called */
     atomic_bool draining;
     atomic_bool serving;
-    atomic_int inflight;   /* unary calls accepted and not yet answered */
-    atomic_int live_calls; /* rpc_call structs alive */
+    atomic_int inflight;      /* unary calls accepted and not yet answered */
+    atomic_int live_calls;    /* rpc_call structs alive */
     pthread_mutex_t lock;     /* worker queue, live-call wait */
     pthread_cond_t q_cond;    /* a call was queued, or workers_stop */
     pthread_cond_t idle_cond; /* shutdown_seen, or a call ended while shutting_down */
