@@ -343,17 +343,25 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
-/* Cheap calls with small replies that only take a model's lock briefly and never wait on a
- * device or a disk run on the completion-queue thread: the two thread hand-offs through the
- * worker pool are most of such a call's latency. Calls with bigger replies (slot reports,
- * statistics) stay on the workers, where several encode in parallel. SetAlpha writes the journal
- * (an fsync) when state persists, so it goes to the workers then. */
-static bool run_inline(const ksm_rpc_server *s, const struct rpc_method *m)
+/* Cheap calls that only take a model's lock briefly and never wait on a device or a disk run on
+ * the completion-queue thread: the two thread hand-offs through the worker pool (a futex wake
+ * each way) cost more CPU and latency than such a call's own work, slot reports of every slot
+ * included (a few microseconds to encode). SetAlpha writes the journal (an fsync) when state
+ * persists, so it goes to the workers then. Decided once per server (rpc_server_start). */
+static bool method_runs_inline(const ksm_rpc_server *s, const struct rpc_method *m)
 {
+    if (m->kind != RPC_UNARY) return false;
     if (strcmp(m->path, "/kasmina.v1.Kasmina/GetModel") == 0 ||
-        strcmp(m->path, "/kasmina.v1.Kasmina/GetServerInfo") == 0)
+        strcmp(m->path, "/kasmina.v1.Kasmina/GetServerInfo") == 0 ||
+        strcmp(m->path, "/kasmina.v1.Kasmina/GetSlotReports") == 0)
         return true;
     return s->cfg.persist == NULL && strcmp(m->path, "/kasmina.v1.Kasmina/SetAlpha") == 0;
+}
+
+static bool run_inline(const ksm_rpc_server *s, const struct rpc_method *m)
+{
+    size_t i = (size_t)(m - rpc_methods);
+    return i < KSM_RPC_STATS_METHODS && s->inline_call[i];
 }
 
 static void enqueue(ksm_rpc_server *s, struct rpc_call *c)
@@ -787,6 +795,7 @@ int ksm_rpc_server_start(ksm_engine *e, const struct ksm_rpc_server_config *cfg,
     s->cq = grpc_completion_queue_create_for_next(NULL);
     grpc_server_register_completion_queue(s->server, s->cq, NULL);
     for (size_t i = 0; i < rpc_n_methods; i++) {
+        if (i < KSM_RPC_STATS_METHODS) s->inline_call[i] = method_runs_inline(s, &rpc_methods[i]);
         rpc_methods[i].handle = grpc_server_register_method(
             s->server, rpc_methods[i].path, NULL, GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
         if (rpc_methods[i].handle == NULL) {

@@ -130,6 +130,7 @@ struct ksm_rpc_server {
     pthread_mutex_t limits_lock; /* stream uses, seeds per model */
     struct rpc_stream_use *stream_uses;
     struct rpc_stats stats;
+    bool inline_call[KSM_RPC_STATS_METHODS]; /* by rpc_methods index: runs on the CQ thread */
 };
 
 /* server.c */
