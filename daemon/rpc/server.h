@@ -9,12 +9,13 @@
  *     while (!ksm_rpc_server_idle(s) && before the drain deadline) wait;
  *     ksm_rpc_server_free(s);               // cancels what remains, joins every thread
  *
- * Threads: one completion-queue thread receives calls and decodes nothing heavier than a
- * health check; unary Kasmina calls go to a small worker pool (decode, validate, engine call,
- * encode, send) so a long forward never blocks the queue; an event thread feeds WatchEvents and
- * Health/Watch streams from the event hub. The engine's event sink only copies the event into
- * the hub's ring and signals: a slow subscriber never slows the engine (it is ended with
- * RESOURCE_EXHAUSTED when it falls more than subscriber_buffer events behind).
+ * Threads: one completion-queue thread receives calls and answers the cheap ones itself (health
+ * checks, GetServerInfo, GetModel, GetSlotReports, and SetAlpha when no state persists: a brief
+ * model lock, no device, no disk); other unary Kasmina calls go to a small worker pool (decode,
+ * validate, engine call, encode, send) so a long forward never blocks the queue; an event thread
+ * feeds WatchEvents and Health/Watch streams from the event hub. The engine's event sink only
+ * copies the event into the hub's ring and signals: a slow subscriber never slows the engine (it
+ * is ended with RESOURCE_EXHAUSTED when it falls more than subscriber_buffer events behind).
  *
  * Only daemon/rpc/ includes gRPC or protobuf-c headers; this one includes neither.
  */
