@@ -88,7 +88,9 @@ int ksm_engine_new(const struct ksm_engine_config *cfg, ksm_engine **out, char *
     }
     rc = ksm_cpu_backend_new(c.cpu_devices, &e->cpu);
     if (rc < 0) {
-        KSM_ERR(err, errlen, "the CPU backend failed to start: %s", ksm_strerror(rc));
+        KSM_ERR(err, errlen, "the CPU backend failed to start: %s",
+                rc == KSM_ENOPLUGIN ? "OpenBLAS could not be loaded (the log says why)"
+                                    : ksm_strerror(rc));
         goto fail;
     }
     if (c.backend && (rc = add_devices(e, c.backend, c.memory_cap)) < 0) goto fail_dev;

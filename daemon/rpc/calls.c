@@ -131,6 +131,14 @@ static int h_get_server_info(ksm_rpc_server *s, const ProtobufCMessage *req, str
             bool cuda = ksm_device_kind(dev) == KSM_DEVICE_CUDA;
             d[i].kind = cuda ? "cuda" : "cpu";
             d[i].description = cuda ? "CUDA device" : "CPU (reference backend, OpenBLAS GEMM)";
+            const char *core = cuda ? NULL : ksm_cpu_backend_blas_core();
+            if (core != NULL) {
+                char desc[128];
+                snprintf(desc, sizeof desc, "CPU (reference backend, OpenBLAS GEMM: %s kernels)",
+                         core);
+                d[i].description = ksm_pb_arena_strdup(&cx->arena, desc);
+                if (d[i].description == NULL) return KSM_ENOMEM;
+            }
             size_t fb = 0, tb = 0;
             ksm_device_mem_info(dev, &fb, &tb);
             d[i].total_bytes = tb;

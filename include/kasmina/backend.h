@@ -66,8 +66,15 @@ enum ksm_copy_kind {
 /* ---- Backends ---- */
 
 /* Creates the CPU backend with n_devices logical devices "cpu:0".."cpu:<n-1>" (1..64).
- * Returns 0, KSM_EINVAL or KSM_ENOMEM. */
+ * The first call loads OpenBLAS (dlopen; the CPU backend's GEMMs run on it) and picks its
+ * kernels: with OPENBLAS_CORETYPE unset, the AVX-512 ones on a CPU that has AVX-512 (see
+ * docs/performance.md). Returns 0, KSM_EINVAL, KSM_ENOMEM or KSM_ENOPLUGIN (OpenBLAS could not
+ * be loaded; the log says why). */
 int ksm_cpu_backend_new(int n_devices, ksm_backend **out);
+
+/* The OpenBLAS kernel set ("core") the CPU backend's GEMMs run on, e.g. "SkylakeX" or
+ * "Haswell"; NULL before a CPU backend was created. */
+const char *ksm_cpu_backend_blas_core(void);
 
 /* Loads the CUDA backend plugin (libkasmina_cuda.so) with dlopen and probes for devices.
  * path NULL searches: $KASMINA_CUDA_PLUGIN, the directory of the running executable,

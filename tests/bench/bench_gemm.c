@@ -1,6 +1,8 @@
 /*
  * GEMM throughput of the CPU backend: ksm_op_gemm on a stream (OpenBLAS underneath), each
- * iteration synchronized, as torch.matmul is synchronous. Prints one line per size:
+ * iteration synchronized, as torch.matmul is synchronous. Prints the OpenBLAS kernels, then
+ * one line per size:
+ *     info openblas_core=SkylakeX
  *     gemm n=1024 median_ms=14.21 gflops=151.1
  * Usage: bench_gemm [reps] [sizes...]   (defaults: 7 reps; 256 512 1024 2048)
  */
@@ -22,6 +24,7 @@ int main(int argc, char **argv)
 
     ksm_backend *cpu;
     CHECK(ksm_cpu_backend_new(1, &cpu));
+    printf("info openblas_core=%s\n", ksm_cpu_backend_blas_core()); /* for run.sh */
     ksm_device *dev = ksm_backend_device(cpu, 0);
     ksm_allocator *al;
     CHECK(ksm_allocator_new(dev, NULL, &al));

@@ -35,6 +35,8 @@
  *       the wire: the peaks since the daemon started; it holds only this model).
  *       tests/bench/run.sh model drives this and torch_model.py's same protocol call by call,
  *       alternating the two sides (the VM's speed drifts).
+ *   Both modes first print "info openblas_core=<core>": the OpenBLAS kernels the engine's CPU
+ *   backend runs (run.sh gives PyTorch's best configuration the same).
  *
  * Models (issue 7, a-c):
  *   cnn: base 32, 3 blocks, all 6 slots; conv_light r0c1, attention r1c1, bottleneck r0c2,
@@ -690,6 +692,9 @@ int main(int argc, char **argv)
                                     .default_device = dev};
     CHECKE(ksm_engine_new(&cfg, &e, err, sizeof err));
     fprintf(stderr, "bench_model: engine on %s\n", ksm_device_name(ksm_engine_default_device(e)));
+    /* the OpenBLAS kernels the engine picked (run.sh gives PyTorch the same) */
+    const char *core = ksm_cpu_backend_blas_core();
+    printf("info openblas_core=%s\n", core ? core : "none");
     if (strcmp(argv[1], "export") == 0)
         export(e, argv[2]);
     else

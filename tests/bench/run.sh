@@ -8,7 +8,10 @@
 #                                          Unix socket) and the allocator in steady state
 # (build dir default: build; built with the benchmarks if needed; use a Release build.)
 # PyTorch gets its best configuration on this machine: threads = cores for torch and OpenBLAS,
-# and glibc told to keep big temporaries mapped. The model mode also runs PyTorch as shipped.
+# the OpenBLAS kernels kasmina runs (OPENBLAS_CORETYPE: torch's linear layers and matmuls run on
+# the same OpenBLAS), and glibc told to keep big temporaries mapped. kasmina runs with
+# OPENBLAS_CORETYPE unset whatever the caller's environment says: the engine's own choice. The
+# model mode also runs PyTorch as shipped (no environment: OpenBLAS's own CPU detection).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MODE=runtime
@@ -22,6 +25,8 @@ if [ ! -f "$BUILD/CMakeCache.txt" ]; then
   cmake -S . -B "$BUILD" -DKASMINA_BUILD_BENCH=ON -DCMAKE_BUILD_TYPE=Release >/dev/null
 fi
 export OPENBLAS_NUM_THREADS=$NPROC
+KSM_ENV=(env -u OPENBLAS_CORETYPE)
+# TUNED gets OPENBLAS_CORETYPE=<the core kasmina reports> below.
 TUNED=(env MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=1073741824
        TORCH_THREADS=$NPROC)
 OUT=$(mktemp -d)
@@ -55,16 +60,18 @@ if [ "$MODE" = model ]; then
   KSM=$BUILD/tests/bench_model
   # As shipped: torch's default threads, OpenBLAS's default, glibc's default malloc.
   SHIPPED=(env -u OPENBLAS_NUM_THREADS -u TORCH_THREADS -u MALLOC_MMAP_MAX_
-           -u MALLOC_TRIM_THRESHOLD_ -u MALLOC_TOP_PAD_)
+           -u MALLOC_TRIM_THRESHOLD_ -u MALLOC_TOP_PAD_ -u OPENBLAS_CORETYPE)
   T0=$(date +%s)
-  "$KSM" export "$OUT" >/dev/null
+  KCORE=$("${KSM_ENV[@]}" "$KSM" export "$OUT" | sed -n 's/^info openblas_core=//p')
+  TUNED+=(OPENBLAS_CORETYPE="$KCORE")
   KD_CUDA=--no-cuda # the daemon on the engine side's device kind (tests/bench/gpu.sh: CUDA)
   case ${KASMINA_BENCH_DEVICE:-} in cuda*) KD_CUDA= ;; esac
-  "$BUILD/kasminad" --no-persist --listen "unix:$OUT/kasminad.sock" --log-level warn $KD_CUDA &
+  "${KSM_ENV[@]}" "$BUILD/kasminad" --no-persist --listen "unix:$OUT/kasminad.sock" \
+    --log-level warn $KD_CUDA &
   KPID=$!
   trap 'kill $KPID 2>/dev/null || true; if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$OUT"/*.txt "$KEEP"/; fi; rm -rf "$OUT"' EXIT
   for side in k t s; do mkfifo "$OUT/$side.in" "$OUT/$side.out"; done
-  "$KSM" serve "$OUT" "unix:$OUT/kasminad.sock" <"$OUT/k.in" >"$OUT/k.out" &
+  "${KSM_ENV[@]}" "$KSM" serve "$OUT" "unix:$OUT/kasminad.sock" <"$OUT/k.in" >"$OUT/k.out" &
   PIDS=$!
   exec 3>"$OUT/k.in" 4<"$OUT/k.out"
   "${TUNED[@]}" /usr/bin/python3 tests/bench/torch_model.py "$OUT" <"$OUT/t.in" >"$OUT/t.out" &
@@ -111,9 +118,10 @@ if [ "$MODE" = model ]; then
   kill $KPID
   wait $KPID || true
   machine
-  echo "kasmina: CPU backend, $NPROC pool threads (OpenBLAS set to 1 thread: sgemm tiles run on the pool), glibc malloc defaults"
+  echo "kasmina: CPU backend, $NPROC pool threads (OpenBLAS set to 1 thread: sgemm tiles run on the pool)," \
+    "OpenBLAS $KCORE kernels (OPENBLAS_CORETYPE unset: the engine's choice), glibc malloc defaults"
   echo "torch best: $(grep -m1 '^info' "$OUT/t.txt" | cut -d' ' -f2-), OPENBLAS_NUM_THREADS=$NPROC," \
-    "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=16GiB MALLOC_TOP_PAD_=1GiB"
+    "OPENBLAS_CORETYPE=$KCORE (kasmina's), MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=16GiB MALLOC_TOP_PAD_=1GiB"
   echo "torch as shipped: $(grep -m1 '^info' "$OUT/s.txt" | cut -d' ' -f2-), no env"
   echo "kasminad (rpc rows): this build, --no-persist, a Unix socket, defaults otherwise;" \
     "C client (libkasmina-client) in bench_model"
@@ -190,15 +198,18 @@ fi
 
 ROUNDS=${ROUNDS:-3}
 cmake --build "$BUILD" -j"$NPROC" --target bench_gemm bench_alloc bench_ops >/dev/null
+KCORE=$("${KSM_ENV[@]}" "$BUILD/tests/bench_gemm" 1 64 | sed -n 's/^info openblas_core=//p')
+TUNED+=(OPENBLAS_CORETYPE="$KCORE")
 SIZES="256 512 1024 2048"
 for r in $(seq 1 "$ROUNDS"); do
-  "$BUILD/tests/bench_gemm" 5 $SIZES >>"$OUT/ksm.txt"
+  "${KSM_ENV[@]}" "$BUILD/tests/bench_gemm" 5 $SIZES >>"$OUT/ksm.txt"
   "${TUNED[@]}" /usr/bin/python3 tests/bench/torch_gemm.py 5 $SIZES >>"$OUT/torch.txt"
-  "$BUILD/tests/bench_ops" 5 >>"$OUT/ksm_ops.txt"
+  "${KSM_ENV[@]}" "$BUILD/tests/bench_ops" 5 >>"$OUT/ksm_ops.txt"
   "${TUNED[@]}" /usr/bin/python3 tests/bench/torch_ops.py 5 >>"$OUT/torch_ops.txt"
 done
 machine
-echo "torch $(/usr/bin/python3 -c 'import torch;print(torch.__version__)') threads=$NPROC, OPENBLAS_NUM_THREADS=$NPROC, MALLOC_MMAP_MAX_=0"
+echo "kasmina: OpenBLAS $KCORE kernels (OPENBLAS_CORETYPE unset: the engine's choice)"
+echo "torch $(/usr/bin/python3 -c 'import torch;print(torch.__version__)') threads=$NPROC, OPENBLAS_NUM_THREADS=$NPROC, OPENBLAS_CORETYPE=$KCORE (kasmina's), MALLOC_MMAP_MAX_=0"
 printf '%-10s %14s %14s %10s\n' "gemm n" "kasmina GF/s" "torch GF/s" "ratio"
 for n in $SIZES; do
   k=$(med "n=$n " "$OUT/ksm.txt" gflops)
@@ -215,4 +226,4 @@ done
 echo
 # Allocator (issue 7 e): batch 32 as in the docs, and two other batches (activations of a
 # different size against the same workspaces).
-for b in 32 8 48; do "$BUILD/tests/bench_alloc" 50 "$b"; done
+for b in 32 8 48; do "${KSM_ENV[@]}" "$BUILD/tests/bench_alloc" 50 "$b"; done

@@ -39,6 +39,18 @@ import gen_kasmina as gk  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("TORCH_THREADS") or DEFAULT_THREADS))
 
+
+def openblas_core():
+    """The kernels of the OpenBLAS that torch's BLAS runs on (Debian's libblas.so.3 is
+    OpenBLAS; it chose them from OPENBLAS_CORETYPE or its CPU detection when it was loaded)."""
+    import ctypes
+    try:
+        lib = ctypes.CDLL("libopenblas.so.0", mode=os.RTLD_NOLOAD)
+    except OSError:
+        return "none"
+    lib.openblas_get_corename.restype = ctypes.c_char_p
+    return lib.openblas_get_corename().decode()
+
 NP = {"F32": "<f4", "I64": "<i8", "I32": "<i4", "F64": "<f8"}
 
 # The same configs as bench_model.c.
@@ -202,7 +214,8 @@ def main():
         "tf_eval_k2_seq": (lambda: eval_seq(tf, tx, ty, TF_SEEDS, TF_CONFIGS),
                            kt * tx.numel(), "tok/s", None),
     }
-    print("info torch=%s threads=%d device=%s" % (torch.__version__, torch.get_num_threads(), DEV))
+    print("info torch=%s threads=%d device=%s openblas_core=%s"
+          % (torch.__version__, torch.get_num_threads(), DEV, openblas_core()))
     print("ready", flush=True)
     for line in sys.stdin:
         if line.startswith("quit"):

@@ -139,6 +139,9 @@ Test(client, every_rpc_happy_path)
     cr_expect(si.ready);
     cr_expect_geq(si.n_devices, 2);
     cr_expect_str_eq(si.devices[0].name, "cpu:0");
+    /* the CPU devices name the OpenBLAS kernels their GEMMs run on */
+    cr_expect_not_null(strstr(si.devices[0].description, "OpenBLAS GEMM: "), "%s",
+                       si.devices[0].description);
     bool has_conv_light = false;
     for (size_t i = 0; i < si.n_cnn_blueprints; i++)
         has_conv_light |= !strcmp(si.cnn_blueprints[i], "conv_light");

@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "backend/cpu/cpu_backend_impl.h"
+#include "backend/cpu/cpu_blas.h"
 #include "backend/cpu/cpu_ops.h"
 
 #define CPU_MAX_DEVICES  64
@@ -523,6 +524,8 @@ static int cpu_event_record(ksm_event *e, ksm_stream *st)
     return rc;
 }
 
+const char *ksm_cpu_backend_blas_core(void) { return ksm_cpu_blas_core(); }
+
 bool ksm_cpu_stream_is_cpu(const ksm_stream *s)
 {
     return s != NULL && s->iface == &cpu_stream_iface;
@@ -685,6 +688,8 @@ static const struct ksm_backend_i cpu_backend_iface = {
 int ksm_cpu_backend_new(int n_devices, ksm_backend **out)
 {
     if (out == NULL || n_devices < 1 || n_devices > CPU_MAX_DEVICES) return KSM_EINVAL;
+    int rc = ksm_cpu_blas_load(); /* logs why it failed */
+    if (rc < 0) return rc;
     struct cpu_backend *cb = calloc(1, sizeof *cb);
     if (cb == NULL) return KSM_ENOMEM;
     cb->devs = calloc((size_t)n_devices, sizeof *cb->devs);

@@ -12,12 +12,12 @@
  * (cpu_pool.h) with contiguous inner loops.
  * Each range writes disjoint outputs, so results do not depend on the number of threads.
  */
-#include <cblas.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/cpu/cpu_blas.h" /* cblas_sgemm: the OpenBLAS the backend loaded */
 #include "backend/cpu/cpu_math.h"
 #include "backend/cpu/cpu_ops.h"
 #include "backend/cpu/cpu_pool.h"

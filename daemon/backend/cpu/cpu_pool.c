@@ -7,13 +7,13 @@
  * chunk is done and every joined worker has left, so the job's fields are never read by a
  * worker once the caller has returned.
  */
-#include <cblas.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <unistd.h>
 
+#include "backend/cpu/cpu_blas.h"
 #include "backend/cpu/cpu_pool.h"
 #include "kasmina/log.h"
 
@@ -99,8 +99,9 @@ static void pool_init(void)
     /* One threading layer: OpenBLAS runs each sgemm on its caller (our kernels split the work
      * over this pool), so its own threads never compete with ours for the cores. With one
      * thread, the pthreads build of OpenBLAS runs concurrent calls from several threads
-     * independently (each with its own buffers); tests/unit/test_cpu_pool.c checks it. */
-    openblas_set_num_threads(1);
+     * independently (each with its own buffers); tests/unit/test_cpu_pool.c checks it.
+     * (Without OpenBLAS no backend can be created, and nothing calls it.) */
+    if (ksm_cpu_blas_load() == 0) ksm_cpu_blas.set_num_threads(1);
     pthread_mutex_init(&pool.mu, NULL);
     pthread_cond_init(&pool.work_cv, NULL);
     pthread_cond_init(&pool.done_cv, NULL);
