@@ -12,7 +12,7 @@ length, JSON header padded with spaces to a multiple of 8, then the data):
 
     ops_conv.safetensors   conv2d (k 1/3, pad 0/1, groups 1/2/depthwise, with/without bias)
     ops_norm.safetensors   batchnorm (eval), groupnorm (esper's group rule), layernorm, softmax
-    ops_attn.safetensors   sdpa (causal / not, T 5..17, hd 8/16, a fused-qkv strided case)
+    ops_attn.safetensors   sdpa (causal / not, T 5..300, Tk up to 600, hd 8/16, fused-qkv views)
     ops_elem.safetensors   unary, binary (broadcast), lerp, copy/casts (F16, BF16, I32)
     ops_misc.safetensors   gemm, linear, embedding, mean, maxpool2, cross_entropy, argmax
 
@@ -234,6 +234,24 @@ def attn_fixture():
         v = torch.randn(b, h, tk, hd, generator=g)
         y = sdpa_ref(q, k, v, causal, 1.0 / math.sqrt(hd))
         fx.case(name, "sdpa", {"q": q, "k": k, "v": v, "y": y}, causal=int(causal), scale="0.0")
+    # More keys than one 256-key chunk of the CPU kernel's blocked path (64-row query blocks,
+    # online softmax across chunks, the causal diagonal accumulated row by row), including the
+    # bottom-right causal offset (Tq < Tk) and fused-qkv views; a generator of their own.
+    g = torch.Generator().manual_seed(151)
+    for name, b, h, tq, tk, hd, causal, amp in [("sdpa_causal_t300_hd16", 1, 1, 300, 300, 16, True, 2.0),
+                                               ("sdpa_causal_t100_tk520_hd8", 1, 1, 100, 520, 8, True, 3.0),
+                                               ("sdpa_t40_tk600_hd8", 1, 1, 40, 600, 8, False, 3.0)]:
+        q = torch.randn(b, h, tq, hd, generator=g) * amp
+        k = torch.randn(b, h, tk, hd, generator=g)
+        v = torch.randn(b, h, tk, hd, generator=g)
+        y = sdpa_ref(q, k, v, causal, 1.0 / math.sqrt(hd))
+        fx.case(name, "sdpa", {"q": q, "k": k, "v": v, "y": y}, causal=int(causal), scale="0.0")
+    b, t, nh, hd = 1, 270, 2, 8
+    d = nh * hd
+    qkv = torch.randn(b, t, 3 * d, generator=g) * 1.5
+    q, k, v = (x.view(b, t, nh, hd).transpose(1, 2) for x in qkv.split(d, dim=2))
+    y = sdpa_ref(q, k, v, True, 1.0 / math.sqrt(hd)).transpose(1, 2).contiguous()
+    fx.case("sdpa_fused_causal_t270_hd8", "sdpa_fused", {"qkv": qkv, "y": y}, causal=1, heads=nh)
     return fx
 
 

@@ -777,6 +777,86 @@ Test(ops, out_of_range_labels_and_ids_give_nan)
     env_fini(&e);
 }
 
+/* Causal attention never reads a key a query does not see (op.h: query i attends keys j <= i):
+ * a NaN value or key at position P leaves queries 0..P-1 finite and makes P.. NaN, also when
+ * P falls inside a block of queries that are processed together (here P = 100 of T = 150). */
+Test(ops, causal_sdpa_keeps_masked_nan_keys_and_values_out_of_earlier_queries)
+{
+    struct env e;
+    env_init(&e);
+    enum { T = 150, HD = 16, P = 100 };
+    static float hq[T * HD], hk[T * HD], hv[T * HD];
+    for (int i = 0; i < T * HD; i++) {
+        hq[i] = (float)(urand() * 2 - 1);
+        hk[i] = (float)(urand() * 2 - 1);
+        hv[i] = (float)(urand() * 2 - 1);
+    }
+    int64_t shape[4] = {1, 1, T, HD};
+    for (int which = 0; which < 2; which++) {
+        float *poisoned = which ? hk : hv;
+        float keep[HD];
+        memcpy(keep, poisoned + P * HD, sizeof keep);
+        for (int d = 0; d < HD; d++) poisoned[P * HD + d] = NAN;
+        ksm_tensor q = dev_upload_raw(&e, KSM_DTYPE_F32, 4, shape, hq);
+        ksm_tensor k = dev_upload_raw(&e, KSM_DTYPE_F32, 4, shape, hk);
+        ksm_tensor v = dev_upload_raw(&e, KSM_DTYPE_F32, 4, shape, hv);
+        ksm_tensor o = dev_empty(&e, KSM_DTYPE_F32, 4, shape);
+        cr_assert_eq(ksm_op_sdpa(e.s, &o, &q, &k, &v, true, 0.0f), 0);
+        float *out = download(&e, &o);
+        for (int i = 0; i < T; i++)
+            for (int d = 0; d < HD; d++) {
+                const float y = out[i * HD + d];
+                if (i < P)
+                    cr_expect(isfinite(y), "%s NaN at key %d: query %d, dim %d is %g",
+                              which ? "K" : "V", P, i, d, y);
+                else
+                    cr_expect(isnan(y), "%s NaN at key %d: query %d, dim %d is %g",
+                              which ? "K" : "V", P, i, d, y);
+            }
+        free(out);
+        memcpy(poisoned + P * HD, keep, sizeof keep);
+        env_release_bufs(&e);
+    }
+    env_fini(&e);
+}
+
+/* A query view with row stride 0 (one query broadcast to T rows) cannot be an sgemm operand; it
+ * gives what its contiguous copy gives, causal and not. */
+Test(ops, sdpa_of_a_broadcast_query_equals_its_contiguous_copy)
+{
+    struct env e;
+    env_init(&e);
+    enum { T = 70, HD = 8 };
+    static float hq[HD], hqf[T * HD], hk[T * HD], hv[T * HD];
+    for (int d = 0; d < HD; d++) hq[d] = (float)(urand() * 4 - 2);
+    for (int i = 0; i < T * HD; i++) {
+        hqf[i] = hq[i % HD];
+        hk[i] = (float)(urand() * 2 - 1);
+        hv[i] = (float)(urand() * 2 - 1);
+    }
+    int64_t shape[4] = {1, 1, T, HD}, one[4] = {1, 1, 1, HD};
+    ksm_tensor q1 = dev_upload_raw(&e, KSM_DTYPE_F32, 4, one, hq);
+    ksm_tensor qb = q1;
+    qb.shape[2] = T;
+    qb.stride[2] = 0;
+    ksm_tensor qf = dev_upload_raw(&e, KSM_DTYPE_F32, 4, shape, hqf);
+    ksm_tensor k = dev_upload_raw(&e, KSM_DTYPE_F32, 4, shape, hk);
+    ksm_tensor v = dev_upload_raw(&e, KSM_DTYPE_F32, 4, shape, hv);
+    ksm_tensor ob = dev_empty(&e, KSM_DTYPE_F32, 4, shape),
+               of = dev_empty(&e, KSM_DTYPE_F32, 4, shape);
+    for (int causal = 0; causal < 2; causal++) {
+        cr_assert_eq(ksm_op_sdpa(e.s, &ob, &qb, &k, &v, causal, 0.0f), 0);
+        cr_assert_eq(ksm_op_sdpa(e.s, &of, &qf, &k, &v, causal, 0.0f), 0);
+        float *yb = download(&e, &ob), *yf = download(&e, &of);
+        for (int i = 0; i < T * HD; i++)
+            cr_expect(fabsf(yb[i] - yf[i]) <= 1e-6f * (1.0f + fabsf(yf[i])),
+                      "causal %d, element %d: %g vs %g", causal, i, yb[i], yf[i]);
+        free(yb);
+        free(yf);
+    }
+    env_fini(&e);
+}
+
 Test(ops, conv2d_without_input_channels_gives_the_bias)
 {
     /* Ci = 0 with a 3x3 kernel and padding: the wrappers accept it with no workspace (its size is
