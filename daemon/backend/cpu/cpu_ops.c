@@ -4,10 +4,11 @@
  * Every kernel runs on the calling thread (a stream worker) on host memory and trusts the
  * invariants ops.c established (see nn/op.h). F32 math; per-element functions come from
  * nn/kmath.h so that the CUDA plugin computes the same functions, except exp, erf (GELU), tanh
- * and sigmoid, which come from cpu_math.h's vectorisable versions (within 1 ulp of the true
- * value; CUDA's are within 2). Reductions (norm statistics, softmax sums, means, attention)
- * accumulate in double. GEMM, linear layers and convolutions go
- * through OpenBLAS' cblas_sgemm, single-threaded, in tiles that the pool runs in parallel;
+ * and sigmoid, which come from cpu_math.h's vectorisable versions (within 1.32 ulp of the true
+ * value; CUDA's are within 2). Reductions (norm statistics, softmax sums, means, attention's
+ * softmax sums) accumulate in double. GEMM, linear layers, convolutions and attention's
+ * products go through OpenBLAS' cblas_sgemm, single-threaded, in tiles that the pool runs in
+ * parallel;
  * everything else splits its rows, planes or groups over the backend's compute pool
  * (cpu_pool.h) with contiguous inner loops.
  * Each range writes disjoint outputs, so results do not depend on the number of threads.
