@@ -14,6 +14,7 @@ void ksm_exec_init(struct ksm_exec *e, ksm_stream *s, bool measure, void *base, 
     e->cap = measure ? SIZE_MAX : cap;
     e->off = 0;
     e->high = 0;
+    e->logits_dst = NULL;
 }
 
 static int exec_take(struct ksm_exec *e, size_t bytes, void **out)

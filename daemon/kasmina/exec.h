@@ -29,6 +29,10 @@ struct ksm_exec {
     size_t cap;   /* arena bytes (ignored in measure mode) */
     size_t off;   /* next free byte */
     size_t high;  /* high-water mark of off */
+    /* Where ksm_host_forward_from() writes its logits instead of its arena tensor (ignored in
+     * measure mode, so the plan's arena is the same either way), or NULL. Set by a forward on
+     * a host-memory device to the caller's output buffer: the result needs no copy. */
+    void *logits_dst;
 };
 
 /* Initialises e. base/cap: the arena (base NULL and measure true for a sizing pass). */

@@ -308,8 +308,11 @@ static int forward_body(struct fwd *f, void *argp)
         KSM_TRY(upload(f, &hv, &a->ov_dev[i], KSM_DTYPE_F32));
         f->ov[i] = &a->ov_dev[i];
     }
+    /* On a host-memory device the head writes the logits straight into the host buffer. */
+    if (ksm_device_is_host(m->dev)) f->e->logits_dst = a->out_host;
     KSM_TRY(model_forward(f, &x, &a->logits));
-    if (!f->e->measure)
+    f->e->logits_dst = NULL;
+    if (!f->e->measure && a->logits.data != (void *)a->out_host)
         KSM_TRY(ksm_stream_memcpy_async(f->ctx->stream, a->out_host, a->logits.data,
                                         ksm_tensor_nbytes(&a->logits), KSM_COPY_D2H));
     return 0;

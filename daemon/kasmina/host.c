@@ -788,6 +788,7 @@ int ksm_host_forward_from(ksm_host *h, struct ksm_exec *e, int from, const ksm_t
     ksm_host_output_shape(h, x, &ondim, oshape);
     ksm_tensor out;
     KSM_TRY(ksm_exec_tensor(e, &out, KSM_DTYPE_F32, ondim, oshape));
+    if (e->logits_dst != NULL && !e->measure) out.data = e->logits_dst; /* exec.h */
     size_t mark = ksm_exec_mark(e);
     ksm_tensor feat = *x;
     if (first <= last) KSM_TRY(run_ops(h, e, first, last, x, NULL, &feat));

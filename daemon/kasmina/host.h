@@ -61,6 +61,7 @@ void ksm_host_boundary_shape(const ksm_host *h, const ksm_tensor *x, int k, int 
  * input on the device, F32 NCHW or I64/I32 tokens). y is a new arena tensor. */
 int ksm_host_forward_to(ksm_host *h, struct ksm_exec *e, int from, int to, const ksm_tensor *x,
                         ksm_tensor *y);
-/* logits <- everything after boundary `from` (-1: the whole network) through the head. */
+/* logits <- everything after boundary `from` (-1: the whole network) through the head: a new
+ * arena tensor, whose data is e->logits_dst instead when that is set (exec.h). */
 int ksm_host_forward_from(ksm_host *h, struct ksm_exec *e, int from, const ksm_tensor *x,
                           ksm_tensor *logits);

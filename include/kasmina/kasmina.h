@@ -412,7 +412,9 @@ struct ksm_forward_args {
     bool fused;               /* validate as a fused forward even with no overrides */
     void *output_buffer;      /* optional host buffer for the logits (reused across calls, so
                                * a large output is not faulted in again): used when
-                               * output_capacity suffices; the engine never frees it */
+                               * output_capacity suffices; the engine never frees it. On the
+                               * CPU the model's head writes into it directly (no copy), so
+                               * after a failed forward its contents are unspecified */
     size_t output_capacity;
 };
 

@@ -559,3 +559,41 @@ Test(model, forward_into_caller_buffer)
     free(x.data);
     ksm_model_unref(m);
 }
+
+/* The transformer's logits in a caller buffer (the CPU head writes them there directly): the
+ * same values as an engine-allocated result, plain and fused, and nothing written past them. */
+Test(model, transformer_forward_into_caller_buffer)
+{
+    ksm_model *m = small_tf("outbuf_tf");
+    germinate(m, "r0c0", "lora", KSM_ALGO_ADD);
+    advance_ok(m, "r0c0", KSM_STAGE_TRAINING);
+    const int64_t B = 2, T = 9, V = 97, n = B * T * V;
+    ksm_tensor x = tokens(B, T, 5);
+    float *ref = forward(m, &x);
+    float *buf = malloc((size_t)(n + 7) * sizeof *buf);
+    for (int64_t i = 0; i < n + 7; i++) buf[i] = -12345.0f;
+    struct ksm_forward_result r;
+    struct ksm_forward_args a = {
+        .input = &x, .output_buffer = buf, .output_capacity = (size_t)(n + 7) * sizeof *buf};
+    cr_assert_eq(ksm_model_forward(m, &a, &r, err, sizeof err), 0, "%s", err);
+    cr_expect(r.output.data == (void *)buf);
+    cr_expect_eq(memcmp(buf, ref, (size_t)n * sizeof *buf), 0);
+    for (int64_t i = n; i < n + 7; i++)
+        cr_expect_eq(buf[i], -12345.0f, "element %lld", (long long)i);
+
+    float alpha[2] = {0.25f, 1.0f};
+    struct ksm_alpha_override o = {"r0c0", alpha, 2};
+    struct ksm_forward_args fa = {.input = &x, .overrides = &o, .n_overrides = 1};
+    cr_assert_eq(ksm_model_forward(m, &fa, &r, err, sizeof err), 0, "%s", err);
+    float *fused = r.output.data;
+    fa.output_buffer = buf;
+    fa.output_capacity = (size_t)n * sizeof *buf;
+    cr_assert_eq(ksm_model_forward(m, &fa, &r, err, sizeof err), 0, "%s", err);
+    cr_expect(r.output.data == (void *)buf);
+    cr_expect_eq(memcmp(buf, fused, (size_t)n * sizeof *buf), 0);
+    free(fused);
+    free(buf);
+    free(ref);
+    free(x.data);
+    ksm_model_unref(m);
+}
