@@ -110,6 +110,31 @@ Test(cpu_math, expf_is_within_one_ulp)
     check(F_EXP, "expf", 1.0, r, (int)(sizeof r / sizeof r[0]));
 }
 
+/* The reduced-range exp (cross-entropy's and attention's) is ksm_cpu_expf on its range, bit for
+ * bit: every 31st float of [-87.33654, 0] and every float near both ends and cross-entropy's
+ * floor at -80. */
+Test(cpu_math, expf_normal_equals_expf_on_its_range)
+{
+    const uint32_t lo = ksm_cm_fbits(-0.0f), hi = ksm_cm_fbits(-87.33654f);
+    uint64_t bad = 0, n = 0;
+    float first_bad = 0.0f;
+    const float dense[][2] = {{-87.33654f, -87.2f}, {-80.01f, -79.99f}, {-1e-3f, -0.0f}};
+    for (int r = -1; r < 3; r++) {
+        uint32_t a = r < 0 ? lo : ksm_cm_fbits(dense[r][1]),
+                 b = r < 0 ? hi : ksm_cm_fbits(dense[r][0]);
+        for (uint64_t u = a; u <= b; u += r < 0 ? 31 : 1) {
+            const float x = ksm_cm_bitsf((uint32_t)u);
+            n++;
+            if (ksm_cm_fbits(ksm_cpu_expf_normal(x)) != ksm_cm_fbits(ksm_cpu_expf(x)) && bad++ == 0)
+                first_bad = x;
+        }
+    }
+    cr_expect_eq(bad, 0, "%llu of %llu differ, the first at %a", (unsigned long long)bad,
+                 (unsigned long long)n, (double)first_bad);
+    cr_expect_eq(ksm_cpu_expf_normal(0.0f), 1.0f);
+    cr_expect(ksm_cpu_expf_normal(-87.33654f) >= FLT_MIN);
+}
+
 /* The float erf (GELU's): within 1.35 ulp; every float of [0, 4.5] was checked once offline
  * (max 1.3194 ulp at 0.996785, where the |x| < 1 polynomial ends), here the stride sweep plus
  * the branch point at 1, the region of the worst case and the clamp at 4. */

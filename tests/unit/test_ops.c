@@ -857,6 +857,48 @@ Test(ops, sdpa_of_a_broadcast_query_equals_its_contiguous_copy)
     env_fini(&e);
 }
 
+/* argmax is the index a serial scan with > gives (the first of tied maxima, -0 equal to +0, the
+ * first NaN if any), for every row length up to 70 (vector blocks and remainders) and values
+ * drawn from a few (many ties, infinities). */
+Test(ops, argmax_is_the_first_maximum_of_a_serial_scan)
+{
+    struct env e;
+    env_init(&e);
+    enum { ROWS = 40 };
+    const float vals[] = {-INFINITY, -1.0f, -0.0f, 0.0f, 1.0f, 2.0f, INFINITY};
+    for (int64_t n = 1; n <= 70; n++) {
+        float *h = malloc((size_t)(ROWS * n) * sizeof *h);
+        int64_t want[ROWS];
+        for (int r = 0; r < ROWS; r++) {
+            float *x = h + r * n;
+            const int nv[4] = {4, 6, 7, 3}; /* maxima of 0 (either sign), 2, inf, -0 */
+            for (int64_t i = 0; i < n; i++) x[i] = vals[(int)(urand() * nv[r % 4])];
+            if (r % 5 == 4) x[(int64_t)(urand() * (double)n)] = NAN;
+            int64_t at = 0;
+            for (int64_t i = 0; i < n; i++) {
+                if (isnan(x[i])) {
+                    at = i;
+                    break;
+                }
+                if (x[i] > x[at]) at = i;
+            }
+            want[r] = at;
+        }
+        int64_t sx[2] = {ROWS, n}, sr[1] = {ROWS};
+        ksm_tensor xt = dev_upload_raw(&e, KSM_DTYPE_F32, 2, sx, h);
+        ksm_tensor it = dev_empty(&e, KSM_DTYPE_I64, 1, sr);
+        cr_assert_eq(ksm_op_argmax(e.s, &it, &xt), 0);
+        int64_t *got = download(&e, &it);
+        for (int r = 0; r < ROWS; r++)
+            cr_expect_eq(got[r], want[r], "n %lld, row %d: %lld, expected %lld", (long long)n, r,
+                         (long long)got[r], (long long)want[r]);
+        free(got);
+        free(h);
+        env_release_bufs(&e);
+    }
+    env_fini(&e);
+}
+
 Test(ops, conv2d_without_input_channels_gives_the_bias)
 {
     /* Ci = 0 with a 3x3 kernel and padding: the wrappers accept it with no workspace (its size is

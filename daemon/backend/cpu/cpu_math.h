@@ -117,6 +117,29 @@ static inline float ksm_cpu_expf(float x)
     return ksm_cm_bitsf(ksm_cm_nan_from(rb, xb));
 }
 
+/* e^x for x in [-87.33654, 0] (from about ln FLT_MIN: normal results), equal to
+ * ksm_cpu_expf(x) bit for bit there: the same reduction and polynomial, with 2^n (n in
+ * [-126, 0]) applied in one step, exact where the result is normal. No clamping and no special
+ * values: callers clamp x into the range first (cross-entropy to [-80, 0], attention to
+ * [-87.33654, 0]); about half the work of ksm_cpu_expf. */
+static inline float ksm_cpu_expf_normal(float x)
+{
+    const float shift = 0x1.8p23f;
+    const float t = x * 0x1.715476p+0f + shift;
+    const float fn = t - shift;
+    float r = x - fn * 0x1.63p-1f;
+    r = r - fn * -0x1.bd0106p-13f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const int32_t n = (int32_t)(ksm_cm_fbits(t) - ksm_cm_fbits(shift));
+    return p * ksm_cm_bitsf((uint32_t)(n + 127) << 23);
+}
+
 /* e^y in double for finite y in [-1000, 1000] (callers clamp), relative error < 1e-13: the
  * internal exp of the functions below, which evaluate in double and round once. */
 static inline double ksm_cpu_exp_d(double y)

@@ -1601,6 +1601,15 @@ static int64_t sdpa_ld(const ksm_tensor *t)
  * (< 1.2e-38 of the row maximum's) are flushed to 0 instead. */
 #define SDPA_EXP_FLUSH (-87.33654f)
 
+/* e^t of a score minus the row maximum: 0 below SDPA_EXP_FLUSH (-inf included), NaN for a
+ * NaN. */
+static inline float sdpa_term(float t)
+{
+    uint32_t p = ksm_cm_fbits(ksm_cpu_expf_normal(ksm_cm_clampf(t, SDPA_EXP_FLUSH, 0.0f)));
+    p &= 0u - (uint32_t) !(t < SDPA_EXP_FLUSH);
+    return ksm_cm_bitsf(ksm_cm_nan_from(p, ksm_cm_fbits(t)));
+}
+
 /* e^(x[j] - m) in place for j < n (-inf scores give 0); returns their sum in double. A NaN
  * score gives a NaN term. */
 KSM_VEC_CLONES
@@ -1608,24 +1617,18 @@ static double sdpa_exp_row(float *KSM_RESTRICT x, int64_t n, float m)
 {
     double s16[16] = {0}, s = 0.0;
     int64_t j = 0;
-#define SDPA_EXP_TERM(t)                                                                           \
-    ksm_cm_bitsf(                                                                                  \
-        ksm_cm_nan_from(ksm_cm_fbits(ksm_cpu_expf(ksm_cm_clampf(t, SDPA_EXP_FLUSH, 0.0f))) &       \
-                            (0u - (uint32_t) !((t) < SDPA_EXP_FLUSH)),                             \
-                        ksm_cm_fbits(t)))
     for (; j + 16 <= n; j += 16)
         for (int k = 0; k < 16; k++) {
             const float t = x[j + k] - m;
-            const float p = SDPA_EXP_TERM(t);
+            const float p = sdpa_term(t);
             x[j + k] = p;
             s16[k] += (double)p;
         }
     for (; j < n; j++) {
         const float t = x[j] - m;
-        x[j] = SDPA_EXP_TERM(t);
+        x[j] = sdpa_term(t);
         s += (double)x[j];
     }
-#undef SDPA_EXP_TERM
     for (int k = 0; k < 16; k++) s += s16[k];
     return s;
 }
@@ -1881,8 +1884,10 @@ static double sum_exp_shifted(const float *KSM_RESTRICT x, int64_t n, float m)
     int64_t i = 0;
     for (; i + 16 <= n; i += 16)
         for (int k = 0; k < 16; k++)
-            s16[k] += (double)ksm_cpu_expf(ksm_cm_clampf(x[i + k] - m, XENT_EXP_FLOOR, 0.0f));
-    for (; i < n; i++) s += (double)ksm_cpu_expf(ksm_cm_clampf(x[i] - m, XENT_EXP_FLOOR, 0.0f));
+            s16[k] +=
+                (double)ksm_cpu_expf_normal(ksm_cm_clampf(x[i + k] - m, XENT_EXP_FLOOR, 0.0f));
+    for (; i < n; i++)
+        s += (double)ksm_cpu_expf_normal(ksm_cm_clampf(x[i] - m, XENT_EXP_FLOOR, 0.0f));
     for (int k = 0; k < 16; k++) s += s16[k];
     return s;
 }
@@ -1939,6 +1944,57 @@ static int64_t first_index_of(const float *x, int64_t n, float v)
     return n;
 }
 
+/* Index of the first maximum of x[0, n) in one pass, as a serial scan with > would give (-0 and
+ * +0 equal; the first NaN wins); 0 for an empty row. Each of 16 lanes keeps the largest order
+ * key it has seen (ksm_cm_key, -0 mapped to +0) and the first index where it saw it; the
+ * result is the smallest index among the lanes holding the largest key. */
+KSM_VEC_CLONES
+static int64_t row_argmax(const float *x, int64_t n)
+{
+    int32_t k16[16], i16[16];
+    uint32_t nan16[16];
+    for (int k = 0; k < 16; k++) {
+        k16[k] = INT32_MIN;
+        i16[k] = 0;
+        nan16[k] = 0;
+    }
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int k = 0; k < 16; k++) {
+            uint32_t b = ksm_cm_fbits(x[i + k]);
+            b &= ~(0u - (uint32_t)(b == 0x80000000u)); /* -0 -> +0 */
+            const int32_t key = ksm_cm_key(b);
+            const bool gt = key > k16[k];
+            k16[k] = gt ? key : k16[k];
+            i16[k] = gt ? (int32_t)(i + k) : i16[k];
+            nan16[k] |= (uint32_t)((b & 0x7fffffffu) > 0x7f800000u);
+        }
+    int32_t best = INT32_MIN;
+    int64_t at = 0;
+    uint32_t nan = 0;
+    for (int k = 0; k < 16; k++) {
+        if (k16[k] > best || (k16[k] == best && i16[k] < at)) {
+            best = k16[k];
+            at = i16[k];
+        }
+        nan |= nan16[k];
+    }
+    for (; i < n; i++) {
+        uint32_t b = ksm_cm_fbits(x[i]);
+        b &= ~(0u - (uint32_t)(b == 0x80000000u));
+        const int32_t key = ksm_cm_key(b);
+        if (key > best) {
+            best = key;
+            at = i;
+        }
+        nan |= (uint32_t)((b & 0x7fffffffu) > 0x7f800000u);
+    }
+    if (nan)
+        for (i = 0; i < n; i++)
+            if (x[i] != x[i]) return i;
+    return at;
+}
+
 static void argmax_rows(void *ctx, int64_t b, int64_t e)
 {
     const struct ksm_op *op = ctx;
@@ -1947,9 +2003,8 @@ static void argmax_rows(void *ctx, int64_t b, int64_t e)
     int64_t *out = (int64_t *)op->dst.data;
     for (int64_t r = b; r < e; r++) {
         const float *x = (const float *)xt->data + r * c;
-        /* the maximum (the first NaN if any), then its first index: ties and -0 == +0 resolve
-         * to the first, as a serial scan with > does */
-        const int64_t i = first_index_of(x, c, row_max(x, c));
+        /* rows too long for 32-bit lane indices: the maximum, then its first index */
+        const int64_t i = c <= INT32_MAX ? row_argmax(x, c) : first_index_of(x, c, row_max(x, c));
         out[r] = i < c ? i : 0;
     }
 }
