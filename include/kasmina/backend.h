@@ -68,8 +68,9 @@ enum ksm_copy_kind {
 /* Creates the CPU backend with n_devices logical devices "cpu:0".."cpu:<n-1>" (1..64).
  * The first call loads OpenBLAS (dlopen; the CPU backend's GEMMs run on it) and picks its
  * kernels: with OPENBLAS_CORETYPE unset, the AVX-512 ones on a CPU that has AVX-512 (see
- * docs/performance.md). Returns 0, KSM_EINVAL, KSM_ENOMEM or KSM_ENOPLUGIN (OpenBLAS could not
- * be loaded; the log says why). */
+ * docs/performance.md). It sets OPENBLAS_CORETYPE in the process environment for the duration
+ * of the dlopen(), so make it before other threads read the environment. Returns 0,
+ * KSM_EINVAL, KSM_ENOMEM or KSM_ENOPLUGIN (OpenBLAS could not be loaded; the log says why). */
 int ksm_cpu_backend_new(int n_devices, ksm_backend **out);
 
 /* The OpenBLAS kernel set ("core") the CPU backend's GEMMs run on, e.g. "SkylakeX" or
