@@ -1877,17 +1877,23 @@ static int exec_maxpool2(const struct ksm_op *op)
  * more than 87 below the maximum). */
 #define XENT_EXP_FLOOR (-80.0f)
 
+/* e^t for t = x - m <= 0 (never NaN: the row has none when m is finite), t clamped at
+ * XENT_EXP_FLOOR by an unsigned minimum of the bits (a more negative float has larger bits;
+ * -inf included, +-0 kept). */
+static inline float xent_term(float t)
+{
+    const uint32_t b = ksm_cm_fbits(t), lo = ksm_cm_fbits(XENT_EXP_FLOOR);
+    return ksm_cpu_expf_normal(ksm_cm_bitsf(b > lo ? lo : b));
+}
+
 KSM_VEC_CLONES
 static double sum_exp_shifted(const float *KSM_RESTRICT x, int64_t n, float m)
 {
     double s16[16] = {0}, s = 0.0;
     int64_t i = 0;
     for (; i + 16 <= n; i += 16)
-        for (int k = 0; k < 16; k++)
-            s16[k] +=
-                (double)ksm_cpu_expf_normal(ksm_cm_clampf(x[i + k] - m, XENT_EXP_FLOOR, 0.0f));
-    for (; i < n; i++)
-        s += (double)ksm_cpu_expf_normal(ksm_cm_clampf(x[i] - m, XENT_EXP_FLOOR, 0.0f));
+        for (int k = 0; k < 16; k++) s16[k] += (double)xent_term(x[i + k] - m);
+    for (; i < n; i++) s += (double)xent_term(x[i] - m);
     for (int k = 0; k < 16; k++) s += s16[k];
     return s;
 }
