@@ -17,6 +17,7 @@
 #include "kasmina/errors.h"
 #include "kasmina/log.h"
 #include "kasmina/safetensors.h"
+#include "kasmina/text.h"
 
 /* Paths are bounded (the state directory at 3000 bytes, ids at 64) and every buffer has room for
  * them; messages may be cut, which is harmless. */
@@ -326,6 +327,8 @@ void ksm_persist_unlock(ksm_persist_model *pm)
     pthread_mutex_unlock(&p->mu);
 }
 
+bool ksm_persist_model_exists(const ksm_persist_model *pm) { return pm == NULL || pm->exists; }
+
 int ksm_persist_lock(ksm_persist *p, const char *model_id, ksm_persist_model **out)
 {
     *out = NULL;
@@ -569,16 +572,14 @@ static int cmp_seq(const void *a, const void *b)
     return x->seq < y->seq ? -1 : x->seq > y->seq;
 }
 
+/* A model directory's name before ".d": the engine's id grammar (kasmina/text.h). */
 static bool id_ok(const char *s, size_t n)
 {
+    char id[KSM_ID_MAX + 1];
     if (n == 0 || n > KSM_ID_MAX) return false;
-    for (size_t i = 0; i < n; i++) {
-        char c = s[i];
-        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-              c == '.' || c == '_' || c == '-'))
-            return false;
-    }
-    return true;
+    memcpy(id, s, n);
+    id[n] = '\0';
+    return ksm_id_valid(id, KSM_ID_MAX, NULL);
 }
 
 static int restore_one(ksm_persist *p, ksm_engine *e, const struct saved_spec *ss, char *err,

@@ -5,6 +5,7 @@
 
 #include "kasmina/errors.h"
 #include "kasmina/log.h"
+#include "kasmina/text.h"
 #include "backend/fake_backend.h"
 #include "kasmina/model_impl.h"
 
@@ -215,19 +216,6 @@ int ksm_engine_blueprints(enum ksm_topology t, const char *const **names, int *n
     return 0;
 }
 
-static bool id_valid(const char *id)
-{
-    size_t n = strlen(id);
-    if (n < 1 || n > KSM_ID_MAX) return false;
-    for (size_t i = 0; i < n; i++) {
-        char c = id[i];
-        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-              c == '.' || c == '_' || c == '-'))
-            return false;
-    }
-    return true;
-}
-
 static ksm_model *find_locked(ksm_engine *e, const char *id)
 {
     for (size_t i = 0; i < e->n_models; i++)
@@ -239,8 +227,8 @@ int ksm_engine_model_create(ksm_engine *e, const char *id, const struct ksm_mode
                             ksm_model **out, char *err, size_t errlen)
 {
     char auto_id[KSM_ID_MAX + 1];
-    if (id != NULL && *id != '\0' && !id_valid(id)) {
-        KSM_ERR(err, errlen, "model_id must match [A-Za-z0-9._-]{1,64}");
+    if (id != NULL && *id != '\0' && !ksm_id_valid(id, KSM_ID_MAX, NULL)) {
+        KSM_ERR(err, errlen, "model_id must match [A-Za-z0-9_][A-Za-z0-9._-]{0,63}");
         return KSM_EINVAL;
     }
     if (spec == NULL) {

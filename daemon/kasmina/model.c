@@ -9,6 +9,7 @@
 #include "kasmina/log.h"
 #include "kasmina/model_impl.h"
 #include "kasmina/ops.h"
+#include "kasmina/text.h"
 
 int64_t ksm_now_ns(void)
 {
@@ -666,11 +667,35 @@ int ksm_model_advance(ksm_model *m, const char *slot_id, enum ksm_stage target,
 
 static const char *or_default(const char *s, const char *d) { return s && *s ? s : d; }
 
+/* A prune's reason and initiator are stored, journalled and sent in events: strict UTF-8 that
+ * fits its buffer (kasmina/text.h), checked before anything changes. */
+static int check_prune_text(const char *reason, const char *initiator, char *err, size_t errlen)
+{
+    const char *v[2] = {reason ? reason : "", initiator ? initiator : ""};
+    const char *name[2] = {"reason", "initiator"};
+    const size_t cap[2] = {KSM_REASON_MAX, KSM_NAME_MAX};
+    for (int i = 0; i < 2; i++) {
+        size_t n = strlen(v[i]), bad;
+        if (n >= cap[i]) {
+            KSM_ERR(err, errlen, "%s is %zu bytes long; at most %zu are allowed", name[i], n,
+                    cap[i] - 1);
+            return KSM_EINVAL;
+        }
+        if (!ksm_utf8_valid(v[i], n, &bad)) {
+            KSM_ERR(err, errlen, "%s is not valid UTF-8 (byte %zu)", name[i], bad);
+            return KSM_EINVAL;
+        }
+    }
+    return 0;
+}
+
 int ksm_model_prune(ksm_model *m, const char *slot_id, const char *reason, const char *initiator,
                     bool *accepted, struct ksm_slot_report *report, char *err, size_t errlen)
 {
+    int rc = check_prune_text(reason, initiator, err, errlen);
+    if (rc < 0) return rc;
     struct ksm_model_slot *ms;
-    int rc = lock_slot(m, slot_id, &ms, err, errlen);
+    rc = lock_slot(m, slot_id, &ms, err, errlen);
     if (rc < 0) return rc;
     bool acc = false;
     rc = ksm_slot_prune(&ms->s, reason ? reason : "", or_default(initiator, "policy"), &acc,
@@ -713,6 +738,7 @@ int ksm_model_schedule_prune(ksm_model *m, const char *slot_id, uint32_t steps,
 {
     int rc = check_steepness(has_steepness, &steepness, err, errlen);
     if (rc == 0) rc = check_curve(curve, err, errlen);
+    if (rc == 0) rc = check_prune_text(reason, initiator, err, errlen);
     if (rc == 0 && steps > KSM_MAX_STEPS) {
         KSM_ERR(err, errlen, "steps must be at most %d, got %u", KSM_MAX_STEPS, steps);
         rc = KSM_EINVAL;
@@ -785,6 +811,12 @@ int ksm_model_step_epoch(ksm_model *m, const char *slot_id, struct ksm_slot_repo
     int rc = 0;
     size_t k = 0;
     bool ticked[KSM_MAX_SLOTS] = {0};
+    if (m->deleted) {
+        /* A caller that looked the model up before a DeleteModel: nothing changes. */
+        KSM_ERR(err, errlen, "model \"%s\" was deleted", m->id);
+        rc = KSM_ENOMODEL;
+        goto out;
+    }
     if (slot_id && *slot_id) {
         struct ksm_model_slot *ms = ksm_model_find_slot(m, slot_id);
         if (ms == NULL) {
@@ -925,6 +957,11 @@ int ksm_model_move(ksm_model *m, const char *device, int dtype, char *err, size_
     pthread_mutex_lock(&m->lock);
     int rc = 0;
     ksm_device *dst = m->dev;
+    if (m->deleted) {
+        KSM_ERR(err, errlen, "model \"%s\" was deleted", m->id);
+        rc = KSM_ENOMODEL;
+        goto out;
+    }
     if (device && *device) {
         dst = ksm_engine_find_device(m->engine, device);
         if (dst == NULL) {

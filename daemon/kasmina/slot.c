@@ -17,6 +17,7 @@
 
 #include "kasmina/alpha.h"
 #include "kasmina/errors.h"
+#include "kasmina/text.h"
 
 /* QualityGates thresholds (§1.3, L/__init__.py). */
 #define MIN_TRAINING_IMPROVEMENT  0.5
@@ -41,13 +42,7 @@ static void set_err(char *err, size_t errlen, const char *fmt, ...)
 
 /* Truncating copy (cap > 0). Not snprintf: slot reports and events are built on every control
  * call, and formatting was a visible share of a SetAlpha's CPU. */
-static void copy_str(char *dst, size_t cap, const char *src)
-{
-    if (src == NULL) src = "";
-    size_t n = strnlen(src, cap - 1);
-    memcpy(dst, src, n);
-    dst[n] = '\0';
-}
+static void copy_str(char *dst, size_t cap, const char *src) { ksm_utf8_copy(dst, cap, src); }
 
 static bool is_failure_stage(enum ksm_stage s)
 {
@@ -616,6 +611,11 @@ int ksm_slot_germinate_check(const struct ksm_slot *s, const struct ksm_germinat
         set_err(err, errlen, "seed_id is longer than %d characters", KSM_SEED_ID_MAX - 1);
         return KSM_EINVAL;
     }
+    size_t bad;
+    if (a->seed_id && !ksm_utf8_valid(a->seed_id, strlen(a->seed_id), &bad)) {
+        set_err(err, errlen, "seed_id is not valid UTF-8 (byte %zu)", bad);
+        return KSM_EINVAL;
+    }
     if (a->has_alpha_target && !(a->alpha_target > 0.0 && a->alpha_target <= 1.0)) {
         set_err(err, errlen, "alpha_target must be within (0, 1], got %g", a->alpha_target);
         return KSM_EINVAL;
@@ -1166,6 +1166,15 @@ int ksm_slot_record_metrics(struct ksm_slot *s, const struct ksm_metrics_update 
 
     struct ksm_seed_state *st = &s->st;
     struct ksm_seed_metrics *m = &st->metrics;
+    /* Finite inputs can still overflow the velocity EMA (1.7e308 then -1.7e308 gives -inf), which
+     * the state's JSON cannot hold: refuse the update rather than store what a restart loses. */
+    if (u->has_counterfactual && m->has_prev_contribution &&
+        !isfinite(0.7 * m->contribution_velocity + 0.3 * (u->counterfactual - m->prev_contribution))) {
+        set_err(err, errlen,
+                "counterfactual %g after %g would make contribution_velocity non-finite",
+                u->counterfactual, m->prev_contribution);
+        return KSM_EINVAL;
+    }
     if (u->has_val_accuracy) record_accuracy(m, u->val_accuracy);
     if (u->has_counterfactual) {
         double v = u->counterfactual;

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "kasmina/errors.h"
+#include "kasmina/text.h"
 
 /* ---- Arena ---- */
 
@@ -180,34 +181,38 @@ int ksm_conv_gate_level_from_pb(int v, const char *field, enum ksm_gate_level *o
 
 /* ---- Identifiers and scalars ---- */
 
+/* An id (kasmina/text.h's grammar) of at most max bytes, named field in the sentence. */
+static int check_id(const char *s, const char *field, bool required, size_t max, char *err,
+                    size_t errlen)
+{
+    s = str_or_empty(s);
+    size_t n = strlen(s), bad = 0;
+    if (n == 0) return required ? fail(err, errlen, "%s must not be empty.", field) : 0;
+    if (n > max)
+        return fail(err, errlen, "%s is %zu bytes long; at most %zu are allowed.", field, n, max);
+    if (!ksm_id_valid(s, max, &bad))
+        return fail(err, errlen,
+                    "%s must match [A-Za-z0-9_][A-Za-z0-9._-]{0,%zu} (bad byte at offset %zu).",
+                    field, max - 1, bad);
+    return 0;
+}
+
 int ksm_conv_check_model_id(const char *s, const char *field, bool required, char *err,
                             size_t errlen)
 {
-    s = str_or_empty(s);
-    size_t n = strlen(s);
-    if (n == 0) return required ? fail(err, errlen, "%s must not be empty.", field) : 0;
-    if (n > KSM_ID_MAX)
-        return fail(err, errlen, "%s is %zu bytes long; at most %d are allowed.", field, n,
-                    KSM_ID_MAX);
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-                  c == '.' || c == '_' || c == '-';
-        if (!ok)
-            return fail(err, errlen, "%s must match [A-Za-z0-9._-]{1,%d} (bad byte at offset %zu).",
-                        field, KSM_ID_MAX, i);
-    }
-    return 0;
+    return check_id(s, field, required, KSM_ID_MAX, err, errlen);
 }
 
 int ksm_conv_check_string(const char *s, const char *field, bool required, size_t max, char *err,
                           size_t errlen)
 {
     s = str_or_empty(s);
-    size_t n = strlen(s);
+    size_t n = strlen(s), bad = 0;
     if (n == 0) return required ? fail(err, errlen, "%s must not be empty.", field) : 0;
     if (n > max)
         return fail(err, errlen, "%s is %zu bytes long; at most %zu are allowed.", field, n, max);
+    if (!ksm_utf8_valid(s, n, &bad))
+        return fail(err, errlen, "%s is not valid UTF-8 (byte %zu).", field, bad);
     for (size_t i = 0; i < n; i++)
         if ((unsigned char)s[i] < 0x20 || s[i] == 0x7f)
             return fail(err, errlen, "%s contains a control character at offset %zu.", field, i);
@@ -217,7 +222,7 @@ int ksm_conv_check_string(const char *s, const char *field, bool required, size_
 int ksm_conv_check_slot_id(const char *s, const char *field, bool required, char *err,
                            size_t errlen)
 {
-    return ksm_conv_check_string(s, field, required, KSM_SLOT_ID_MAX - 1, err, errlen);
+    return check_id(s, field, required, KSM_SLOT_ID_MAX - 1, err, errlen);
 }
 
 int ksm_conv_check_number(double v, const char *field, bool allow_inf, char *err, size_t errlen)

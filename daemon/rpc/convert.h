@@ -64,13 +64,16 @@ int ksm_conv_gate_level_from_pb(int v, const char *field, enum ksm_gate_level *o
 
 /* ---- Identifiers and scalars ---- */
 
-/* A model id: [A-Za-z0-9._-]{1,64}. Empty is accepted only when !required. */
+/* A model id: kasmina/text.h's id grammar, 1..KSM_ID_MAX bytes. Empty is accepted only when
+ * !required. */
 int ksm_conv_check_model_id(const char *s, const char *field, bool required, char *err,
                             size_t errlen);
-/* A slot id: printable, 1..KSM_SLOT_ID_MAX-1 bytes. Empty is accepted only when !required. */
+/* A slot id: the same grammar, 1..KSM_SLOT_ID_MAX-1 bytes. Empty is accepted only when
+ * !required. */
 int ksm_conv_check_slot_id(const char *s, const char *field, bool required, char *err,
                            size_t errlen);
-/* A free-form string of at most max bytes (max excludes the NUL), no control characters. */
+/* A free-form string of at most max bytes (max excludes the NUL): strict UTF-8, no control
+ * characters. */
 int ksm_conv_check_string(const char *s, const char *field, bool required, size_t max, char *err,
                           size_t errlen);
 /* NaN (and, with !allow_inf, +-Inf) is KSM_EINVAL. */

@@ -18,8 +18,12 @@
 #include "rpc/pbgather.h"
 
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "kasmina/errors.h"
+#include "kasmina/text.h"
 
 #define MAX_EVENTS 64
 #define MAX_BIG    16
@@ -352,4 +356,99 @@ plain:
     for (int i = 0; i < s->n_big; i++) free(s->big[i].buf);
     free(s);
     return unpack_plain(d, p, n, total);
+}
+
+// ---- Text check ----
+
+struct text_walk {
+    char path[256]; /* "overrides[1].slot_id" of the field being read */
+    char *err;
+    size_t errlen;
+};
+
+/* Checks the string fields of one message of type d from c up to offset end. Returns 0 (all
+ * text valid, or the input is malformed: the unpack names that), or KSM_EINVAL with err set. */
+static int text_message(struct text_walk *w, struct cursor *c, const ProtobufCMessageDescriptor *d,
+                        size_t end, int depth)
+{
+    uint32_t seen[MAX_FIELDS];
+    memset(seen, 0, sizeof seen);
+    size_t base = strlen(w->path);
+    while (c->pos < end) {
+        uint64_t tag, v;
+        unsigned width;
+        if (!cur_varint(c, &tag, &width, 5)) return 0;
+        switch (tag & 7) {
+        case PROTOBUF_C_WIRE_TYPE_VARINT:
+            if (!cur_varint(c, &v, &width, 10)) return 0;
+            continue;
+        case PROTOBUF_C_WIRE_TYPE_64BIT:
+            if (!cur_take(c, NULL, 8)) return 0;
+            continue;
+        case PROTOBUF_C_WIRE_TYPE_32BIT:
+            if (!cur_take(c, NULL, 4)) return 0;
+            continue;
+        case PROTOBUF_C_WIRE_TYPE_LENGTH_PREFIXED: break;
+        default: return 0;
+        }
+        uint64_t len;
+        if (!cur_varint(c, &len, &width, 5) || c->pos > end || len > end - c->pos) return 0;
+        const ProtobufCFieldDescriptor *f =
+            protobuf_c_message_descriptor_get_field(d, (unsigned)(tag >> 3));
+        if (f == NULL ||
+            (f->type != PROTOBUF_C_TYPE_STRING && f->type != PROTOBUF_C_TYPE_MESSAGE)) {
+            if (!cur_take(c, NULL, (size_t)len)) return 0;
+            continue;
+        }
+        size_t idx = (size_t)(f - d->fields);
+        uint32_t occ = idx < MAX_FIELDS ? seen[idx]++ : 0;
+        if (f->label == PROTOBUF_C_LABEL_REPEATED)
+            snprintf(w->path + base, sizeof w->path - base, "%s%s[%u]", base ? "." : "", f->name,
+                     occ);
+        else
+            snprintf(w->path + base, sizeof w->path - base, "%s%s", base ? "." : "", f->name);
+        if (f->type == PROTOBUF_C_TYPE_MESSAGE) {
+            if (depth >= MAX_DEPTH) {
+                snprintf(w->err, w->errlen, "%s is nested more than %d messages deep.", w->path,
+                         MAX_DEPTH);
+                return KSM_EINVAL;
+            }
+            int rc = text_message(w, c, f->descriptor, c->pos + (size_t)len, depth + 1);
+            if (rc != 0) return rc;
+        } else {
+            struct ksm_utf8_state st = {0};
+            size_t lead = 0;
+            for (uint64_t i = 0; i < len; i++) {
+                uint8_t b;
+                if (!cur_byte(c, &b)) return 0;
+                if (ksm_utf8_done(&st)) lead = (size_t)i;
+                if (!ksm_utf8_feed(&st, b)) {
+                    if (b == 0)
+                        snprintf(w->err, w->errlen, "%s contains a NUL byte at offset %llu.",
+                                 w->path, (unsigned long long)i);
+                    else
+                        snprintf(w->err, w->errlen, "%s is not valid UTF-8 (byte %llu).",
+                                 w->path, (unsigned long long)i);
+                    return KSM_EINVAL;
+                }
+            }
+            if (!ksm_utf8_done(&st)) {
+                snprintf(w->err, w->errlen, "%s is not valid UTF-8 (byte %zu).", w->path, lead);
+                return KSM_EINVAL;
+            }
+        }
+        w->path[base] = '\0';
+    }
+    return 0;
+}
+
+int ksm_pb_check_text(const ProtobufCMessageDescriptor *d, const struct ksm_pb_piece *p, size_t n,
+                      char *err, size_t errlen)
+{
+    size_t total = 0;
+    for (size_t i = 0; i < n; i++) total += p[i].len;
+    struct text_walk w = {.err = err, .errlen = errlen};
+    struct cursor c;
+    cur_init(&c, p, n);
+    return text_message(&w, &c, d, total, 0);
 }

@@ -49,6 +49,15 @@ ProtobufCMessage *ksm_pb_unpack_pieces(const ProtobufCMessageDescriptor *d,
                                        const struct ksm_pb_piece *p, size_t n, size_t big,
                                        size_t *n_direct);
 
+/* Every string field of the message of type d serialized across p[0..n) (nested messages,
+ * repeated fields and map entries included) is strict UTF-8 without NUL (kasmina/text.h).
+ * protobuf-c checks neither: it would hand "x\xff" to the engine, which stores it and later
+ * sends it in replies and events no typed client can decode, and it cuts "a\0b" to "a". Returns
+ * 0, or KSM_EINVAL with one sentence naming the field ("overrides[1].slot_id is not valid UTF-8
+ * (byte 3)."). Malformed wire input returns 0: the unpack that follows refuses it. */
+int ksm_pb_check_text(const ProtobufCMessageDescriptor *d, const struct ksm_pb_piece *p, size_t n,
+                      char *err, size_t errlen);
+
 #ifdef __cplusplus
 }
 #endif

@@ -274,6 +274,11 @@ static ProtobufCMessage *decode(struct rpc_call *c, const ProtobufCMessageDescri
 {
     grpc_slice all;
     if (!read_payload(c, d, &all, why, whylen)) return NULL;
+    struct ksm_pb_piece piece = {GRPC_SLICE_START_PTR(all), GRPC_SLICE_LENGTH(all)};
+    if (ksm_pb_check_text(d, &piece, 1, why, whylen) != 0) {
+        grpc_slice_unref(all);
+        return NULL;
+    }
     ProtobufCMessage *msg =
         protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(all), GRPC_SLICE_START_PTR(all));
     grpc_slice_unref(all);

@@ -45,7 +45,7 @@ typedef struct ksm_engine ksm_engine;
 typedef struct ksm_model ksm_model;
 
 #define KSM_MAX_SLOTS       64
-#define KSM_ID_MAX          64 /* model ids: [A-Za-z0-9._-]{1,64} */
+#define KSM_ID_MAX          64 /* model ids: [A-Za-z0-9_][A-Za-z0-9._-]{0,63} (kasmina/text.h) */
 #define KSM_SLOT_ID_MAX     16
 #define KSM_SEED_ID_MAX     96
 #define KSM_NAME_MAX        32 /* blueprint ids, initiators, curve names */
