@@ -82,6 +82,10 @@ void ksm_persist_create_end(ksm_persist *p);
 /* The model's lock (waits for a creation in progress). *out NULL when p is NULL. */
 int ksm_persist_lock(ksm_persist *p, const char *model_id, ksm_persist_model **out);
 void ksm_persist_unlock(ksm_persist_model *pm);
+/* With the model's lock held: whether the model has a committed directory (true for pm NULL).
+ * False once a DeleteModel has committed: a mutation that looked the model up before then must
+ * answer "no such model" and change nothing. */
+bool ksm_persist_model_exists(const ksm_persist_model *pm);
 
 /* After a successful engine mutation: journal slot_id's state (NULL/"" = every slot). */
 int ksm_persist_log_slots(ksm_persist_model *pm, ksm_model *m, const char *slot_id, char *err,

@@ -27,7 +27,8 @@
 /* A mutation of model m whose new state must be durable before the reply (io/persist.h): the
  * model's persist lock is held across the engine call and the journal write, so journal order
  * is mutation order; the record is written only when the engine call succeeded (a failed call
- * changed nothing). slot NULL/"" journals every slot; SNAPSHOT writes a whole new snapshot.
+ * changed nothing). A model deleted since get_model() looked it up answers NOT_FOUND before the
+ * engine is called (and the engine refuses a deleted model too). slot NULL/"" journals every slot; SNAPSHOT writes a whole new snapshot.
  * The lifecycle events the call raises reach WatchEvents only once the record is written: a
  * failed write rolls the model back and drops them. */
 #define SNAPSHOT ((const char *)1)
@@ -35,6 +36,11 @@
     do {                                                                                           \
         ksm_persist_model *pm_ = NULL;                                                             \
         TRY(ksm_persist_lock(s->cfg.persist, ksm_model_id(m), &pm_));                              \
+        if (!ksm_persist_model_exists(pm_)) {                                                      \
+            ksm_persist_unlock(pm_);                                                               \
+            snprintf(cx->err, sizeof cx->err, "model_id '%s' does not exist.", ksm_model_id(m));   \
+            return KSM_ENOMODEL;                                                                   \
+        }                                                                                          \
         rpc_hub_hold_events();                                                                     \
         int mrc_ = (expr), lrc_ = 0;                                                               \
         if (mrc_ == 0)                                                                             \
