@@ -606,6 +606,11 @@ const char *ksm_st_metadata(const ksm_st_file *f, const char *key)
     return hit ? hit[1] : NULL;
 }
 
+const char *ksm_st_metadata_key(const ksm_st_file *f, size_t i)
+{
+    return f != NULL && i < f->n_meta ? f->meta[2 * i] : NULL;
+}
+
 // ---- Writer ----
 
 static bool unique_strings(const char **v, size_t n)

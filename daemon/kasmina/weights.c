@@ -266,6 +266,35 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
     }
     if ((rc = ksm_model_stream(m, "", &ctx)) < 0) goto fail;
 
+    /* 0. A strict load names every slot it carries state for: state for a slot this model does
+     * not have is a file meant for another model (esper's load_state_dict(strict=True) refuses
+     * unexpected keys the same way). */
+    if (strict && !restore) {
+        const char *key;
+        for (size_t i = 0; (key = ksm_st_metadata_key(f, i)) != NULL; i++) {
+            static const char pre[] = "seed_slots.", post[] = "._extra_state";
+            size_t kl = strlen(key), pl = sizeof pre - 1, ql = sizeof post - 1;
+            if (kl <= pl + ql || strncmp(key, pre, pl) != 0 || strcmp(key + kl - ql, post) != 0)
+                continue;
+            char sid[KSM_SLOT_ID_MAX + 1];
+            size_t sl = kl - pl - ql;
+            bool known = false;
+            if (sl < sizeof sid) {
+                memcpy(sid, key + pl, sl);
+                sid[sl] = '\0';
+                known = ksm_model_find_slot(m, sid) != NULL;
+            }
+            if (!known) {
+                KSM_ERR(err, errlen,
+                        "__metadata__ %s is state for slot \"%.*s\", which model \"%s\" does not "
+                        "have (a strict load refuses it)",
+                        key, (int)(sl < 32 ? sl : 32), key + pl, m->id);
+                rc = KSM_EINVAL;
+                goto fail;
+            }
+        }
+    }
+
     /* 1. Slot states from __metadata__, and the modules they require. */
     for (int i = 0; i < m->n_slots; i++) {
         struct ksm_model_slot *ms = &m->slots[i];

@@ -50,6 +50,8 @@ const struct ksm_st_tensor *ksm_st_get(const ksm_st_file *f, size_t i);
 const struct ksm_st_tensor *ksm_st_find(const ksm_st_file *f, const char *name);
 /* A "__metadata__" value, or NULL. */
 const char *ksm_st_metadata(const ksm_st_file *f, const char *key);
+/* The i-th "__metadata__" key in byte order, or NULL past the last one. */
+const char *ksm_st_metadata_key(const ksm_st_file *f, size_t i);
 
 /* Writes tensors (host memory, nbytes each = numel * dtype size) and optional metadata (n_meta
  * key/value pairs, meta[2i] the key and meta[2i+1] the value) to path atomically: a temporary
