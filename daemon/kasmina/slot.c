@@ -1169,7 +1169,8 @@ int ksm_slot_record_metrics(struct ksm_slot *s, const struct ksm_metrics_update 
     /* Finite inputs can still overflow the velocity EMA (1.7e308 then -1.7e308 gives -inf), which
      * the state's JSON cannot hold: refuse the update rather than store what a restart loses. */
     if (u->has_counterfactual && m->has_prev_contribution &&
-        !isfinite(0.7 * m->contribution_velocity + 0.3 * (u->counterfactual - m->prev_contribution))) {
+        !isfinite(0.7 * m->contribution_velocity +
+                  0.3 * (u->counterfactual - m->prev_contribution))) {
         set_err(err, errlen,
                 "counterfactual %g after %g would make contribution_velocity non-finite",
                 u->counterfactual, m->prev_contribution);

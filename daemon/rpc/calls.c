@@ -28,9 +28,9 @@
  * model's persist lock is held across the engine call and the journal write, so journal order
  * is mutation order; the record is written only when the engine call succeeded (a failed call
  * changed nothing). A model deleted since get_model() looked it up answers NOT_FOUND before the
- * engine is called (and the engine refuses a deleted model too). slot NULL/"" journals every slot; SNAPSHOT writes a whole new snapshot.
- * The lifecycle events the call raises reach WatchEvents only once the record is written: a
- * failed write rolls the model back and drops them. */
+ * engine is called (and the engine refuses a deleted model too). slot NULL/"" journals every slot;
+ * SNAPSHOT writes a whole new snapshot. The lifecycle events the call raises reach WatchEvents only
+ * once the record is written: a failed write rolls the model back and drops them. */
 #define SNAPSHOT ((const char *)1)
 #define MUTATE(m, slot, expr)                                                                      \
     do {                                                                                           \

@@ -427,8 +427,8 @@ static int text_message(struct text_walk *w, struct cursor *c, const ProtobufCMe
                         snprintf(w->err, w->errlen, "%s contains a NUL byte at offset %llu.",
                                  w->path, (unsigned long long)i);
                     else
-                        snprintf(w->err, w->errlen, "%s is not valid UTF-8 (byte %llu).",
-                                 w->path, (unsigned long long)i);
+                        snprintf(w->err, w->errlen, "%s is not valid UTF-8 (byte %llu).", w->path,
+                                 (unsigned long long)i);
                     return KSM_EINVAL;
                 }
             }

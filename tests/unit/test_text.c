@@ -51,7 +51,11 @@ static void sweep(size_t n, uint32_t lo, uint32_t hi)
             size_t i = 0;
             ref = true;
             while (i < n && ref) {
-                size_t l = b[i] < 0x80 ? 1 : b[i] >= 0xF0 ? 4 : b[i] >= 0xE0 ? 3 : b[i] >= 0xC0 ? 2 : 0;
+                size_t l = b[i] < 0x80    ? 1
+                           : b[i] >= 0xF0 ? 4
+                           : b[i] >= 0xE0 ? 3
+                           : b[i] >= 0xC0 ? 2
+                                          : 0;
                 if (l == 0 || i + l > n || !ref_one_char(b + i, l)) ref = false;
                 i += l ? l : 1;
             }
@@ -84,8 +88,8 @@ Test(text, utf8_known_cases)
     cr_expect_eq(at, 1);
     cr_expect_not(ksm_utf8_valid("ab\xe2\x82", 4, &at)); /* cut inside a character */
     cr_expect_eq(at, 2);
-    cr_expect_not(ksm_utf8_valid("\xed\xa0\x80", 3, NULL)); /* U+D800 */
-    cr_expect_not(ksm_utf8_valid("\xc0\xaf", 2, NULL));     /* overlong '/' */
+    cr_expect_not(ksm_utf8_valid("\xed\xa0\x80", 3, NULL));     /* U+D800 */
+    cr_expect_not(ksm_utf8_valid("\xc0\xaf", 2, NULL));         /* overlong '/' */
     cr_expect_not(ksm_utf8_valid("\xf4\x90\x80\x80", 4, NULL)); /* U+110000 */
 }
 

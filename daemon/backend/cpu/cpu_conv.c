@@ -308,13 +308,12 @@ static void conv_tiles(void *ctx, int slot, int64_t b, int64_t e)
             if (j->bn_a)
                 for (int64_t c = 0; c < cog; c++) {
                     const int64_t ch = gi * cog + c;
-                    ksm_cpu_shift_scale_relu(yg + c * howo, yg + c * howo, cols, j->bn_m[ch], j->bn_a[ch],
-                                     j->bn_b[ch]);
+                    ksm_cpu_shift_scale_relu(yg + c * howo, yg + c * howo, cols, j->bn_m[ch],
+                                             j->bn_a[ch], j->bn_b[ch]);
                 }
         }
     }
 }
-
 
 struct bn_planes_job {
     float *y;
@@ -327,8 +326,8 @@ static void bn_relu_planes(void *ctx, int64_t b, int64_t e)
     const struct bn_planes_job *j = ctx;
     for (int64_t p = b; p < e; p++) {
         const int64_t ch = p % j->c;
-        ksm_cpu_shift_scale_relu(j->y + p * j->inner, j->y + p * j->inner, j->inner, j->m[ch], j->a[ch],
-                         j->b[ch]);
+        ksm_cpu_shift_scale_relu(j->y + p * j->inner, j->y + p * j->inner, j->inner, j->m[ch],
+                                 j->a[ch], j->b[ch]);
     }
 }
 

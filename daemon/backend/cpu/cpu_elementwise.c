@@ -338,7 +338,6 @@ static int exec_fill(const struct ksm_op *op)
     return 0;
 }
 
-
 int ksm_cpu_exec_elementwise(const struct ksm_op *op)
 {
     switch (op->type) {

@@ -38,7 +38,6 @@ void ksm_cpu_bn_scales(const struct ksm_op *op, int64_t co, float *a)
         a[c] = (float)((double)wt[c] / sqrt((double)var[c] + (double)op->p.conv2d.bn_eps));
 }
 
-
 /* ---- Normalisation and softmax ---- */
 
 /* Mean and 1/sqrt(biased variance + eps) of n contiguous floats: two passes in double, each
@@ -77,9 +76,9 @@ static void batchnorm_planes(void *ctx, int64_t b, int64_t e)
     for (int64_t pl = b; pl < e; pl++) {
         const int64_t ch = pl % c;
         const float a = (float)((double)wt[ch] / sqrt((double)var[ch] + (double)op->p.norm.eps));
-        (op->p.norm.relu ? ksm_cpu_shift_scale_relu : ksm_cpu_shift_scale)((float *)op->dst.data + pl * inner,
-                                                           (const float *)xt->data + pl * inner,
-                                                           inner, mean[ch], a, bs[ch]);
+        (op->p.norm.relu ? ksm_cpu_shift_scale_relu : ksm_cpu_shift_scale)(
+            (float *)op->dst.data + pl * inner, (const float *)xt->data + pl * inner, inner,
+            mean[ch], a, bs[ch]);
     }
 }
 
@@ -88,7 +87,8 @@ int ksm_cpu_exec_batchnorm(const struct ksm_op *op)
     const ksm_tensor *xt = &op->src[0];
     int64_t planes = xt->shape[0] * xt->shape[1];
     if (planes == 0) return 0;
-    ksm_cpu_parallel_for(planes, ksm_cpu_grain(ksm_cpu_numel(xt) / planes), batchnorm_planes, (void *)op);
+    ksm_cpu_parallel_for(planes, ksm_cpu_grain(ksm_cpu_numel(xt) / planes), batchnorm_planes,
+                         (void *)op);
     return 0;
 }
 
@@ -119,7 +119,8 @@ int ksm_cpu_exec_groupnorm(const struct ksm_op *op)
     const ksm_tensor *xt = &op->src[0];
     const int64_t groups = xt->shape[0] * op->p.norm.groups;
     if (groups == 0 || ksm_cpu_numel(xt) == 0) return 0;
-    ksm_cpu_parallel_for(groups, ksm_cpu_grain(ksm_cpu_numel(xt) / groups), groupnorm_groups, (void *)op);
+    ksm_cpu_parallel_for(groups, ksm_cpu_grain(ksm_cpu_numel(xt) / groups), groupnorm_groups,
+                         (void *)op);
     return 0;
 }
 

@@ -73,8 +73,8 @@ int ksm_cpu_exec_linear(const struct ksm_op *op);
 int ksm_cpu_exec_conv2d(const struct ksm_op *op);
 /* 3x3 pad-1 stride-1 convolution by Winograd F(2x2, 3x3); bn_a: the fused epilogue's scales or
  * NULL. */
-int ksm_cpu_conv2d_winograd(const struct ksm_op *op, int64_t nb, int64_t ci, int64_t h,
-                            int64_t wd, int64_t co, const float *bn_a);
+int ksm_cpu_conv2d_winograd(const struct ksm_op *op, int64_t nb, int64_t ci, int64_t h, int64_t wd,
+                            int64_t co, const float *bn_a);
 int ksm_cpu_exec_batchnorm(const struct ksm_op *op);
 int ksm_cpu_exec_groupnorm(const struct ksm_op *op);
 int ksm_cpu_exec_layernorm(const struct ksm_op *op);

@@ -29,8 +29,8 @@ static void embedding_rows(void *ctx, int64_t b, int64_t e)
 
 int ksm_cpu_exec_embedding(const struct ksm_op *op)
 {
-    ksm_cpu_parallel_for(ksm_cpu_numel(&op->src[1]), ksm_cpu_grain(op->src[0].shape[1]), embedding_rows,
-                         (void *)op);
+    ksm_cpu_parallel_for(ksm_cpu_numel(&op->src[1]), ksm_cpu_grain(op->src[0].shape[1]),
+                         embedding_rows, (void *)op);
     return 0;
 }
 
@@ -176,7 +176,8 @@ static void cross_entropy_rows(void *ctx, int64_t b, int64_t e)
 int ksm_cpu_exec_cross_entropy(const struct ksm_op *op)
 {
     const ksm_tensor *lt = &op->src[0];
-    ksm_cpu_parallel_for(lt->shape[0], ksm_cpu_grain(4 * lt->shape[1]), cross_entropy_rows, (void *)op);
+    ksm_cpu_parallel_for(lt->shape[0], ksm_cpu_grain(4 * lt->shape[1]), cross_entropy_rows,
+                         (void *)op);
     return 0;
 }
 
@@ -256,7 +257,8 @@ static void argmax_rows(void *ctx, int64_t b, int64_t e)
     for (int64_t r = b; r < e; r++) {
         const float *x = (const float *)xt->data + r * c;
         /* rows too long for 32-bit lane indices: the maximum, then its first index */
-        const int64_t i = c <= INT32_MAX ? row_argmax(x, c) : first_index_of(x, c, ksm_cpu_row_max(x, c));
+        const int64_t i =
+            c <= INT32_MAX ? row_argmax(x, c) : first_index_of(x, c, ksm_cpu_row_max(x, c));
         out[r] = i < c ? i : 0;
     }
 }

@@ -469,8 +469,8 @@ static void wino_chunks(void *ctx, int slot, int64_t b, int64_t e)
     }
 }
 
-int ksm_cpu_conv2d_winograd(const struct ksm_op *op, int64_t nb, int64_t ci, int64_t h,
-                                int64_t wd, int64_t co, const float *bn_a)
+int ksm_cpu_conv2d_winograd(const struct ksm_op *op, int64_t nb, int64_t ci, int64_t h, int64_t wd,
+                            int64_t co, const float *bn_a)
 {
     struct wino_job j = {.x = (const float *)op->src[0].data,
                          .w = (const float *)op->src[1].data,
