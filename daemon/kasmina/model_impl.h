@@ -60,8 +60,8 @@ struct ksm_cache_stat {
 /* One persistent stream of a model, chosen by a client key (esper: one stream per env). */
 struct ksm_stream_ctx {
     char key[KSM_STREAM_KEY_MAX + 1];
-    atomic_int refs;       /* the model's + one per compute call syncing it */
-    ksm_allocator *alloc;  /* of the stream's device */
+    atomic_int refs;      /* the model's + one per compute call syncing it */
+    ksm_allocator *alloc; /* of the stream's device */
     ksm_stream *stream;
     struct ksm_plan plans[KSM_PLAN_CAPACITY];
     int n_plans;
@@ -96,9 +96,9 @@ struct ksm_model {
     ksm_allocator *alloc;
     enum ksm_dtype dtype;
 
-    int n_slots;                             /* registered */
+    int n_slots;                                /* registered */
     struct ksm_model_slot slots[KSM_MAX_SLOTS]; /* row-major */
-    int exec_order[KSM_MAX_SLOTS];           /* indices into slots[], execution order */
+    int exec_order[KSM_MAX_SLOTS];              /* indices into slots[], execution order */
     struct ksm_slot_env env;
 
     uint64_t generation; /* every successful mutation */
@@ -120,6 +120,13 @@ int ksm_model_users(ksm_model *m, ksm_stream **users, int cap);
 /* Releases a seed's / gate's memory and frees the module. */
 void ksm_model_free_seed(ksm_model *m, struct ksm_model_slot *ms);
 void ksm_model_free_gate(ksm_model *m, struct ksm_model_slot *ms);
+/* Frees a slot's shape probe (a blend-path cache), counting an invalidation. */
+void ksm_model_drop_probe(ksm_model *m, struct ksm_model_slot *ms);
+/* Releases a parameter set's device memory (after the model's streams are done with it). */
+void ksm_model_release_params(ksm_model *m, struct ksm_params *ps);
+/* The stream context of key, found or created (on adopt when given, else on a new stream). */
+int ksm_model_stream_ctx_new(ksm_model *m, const char *key, ksm_stream *adopt,
+                             struct ksm_stream_ctx **out);
 /* Recomputes the topology signature after a mutation; bumps topo_gen when it changed. */
 void ksm_model_touch(ksm_model *m);
 /* Drops every plan, alpha scalar and probe (move, load). Synchronises the streams. */
@@ -132,6 +139,5 @@ int64_t ksm_now_ns(void);
 
 #define KSM_ERR(err, errlen, ...)                                                                  \
     do {                                                                                           \
-        if ((err) != NULL && (errlen) > 0)                                                         \
-            snprintf((err), (errlen), __VA_ARGS__);                                                \
+        if ((err) != NULL && (errlen) > 0) snprintf((err), (errlen), __VA_ARGS__);                 \
     } while (0)
