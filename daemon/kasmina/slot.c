@@ -1,7 +1,7 @@
 /*
  * Seed slot lifecycle (§1, esper K/slot.py SeedSlot / SeedState / SeedMetrics / QualityGates):
- * stages and transitions, quality gates, slot operations, step_epoch, metrics, events, reports.
- * The extra-state JSON is in slot_json.c.
+ * stages and transitions, slot operations, step_epoch, metrics, events, reports. The quality
+ * gates are in quality_gates.c, the extra-state JSON in slot_json.c.
  *
  * Where esper mutates before it validates (germinate steps 1-3 and 7, prune of a cooling-down
  * slot raising auto_pruned) the daemon is atomic instead: a refused call changes nothing and
@@ -19,12 +19,6 @@
 #include "kasmina/errors.h"
 #include "kasmina/text.h"
 
-/* QualityGates thresholds (§1.3, L/__init__.py). */
-#define MIN_TRAINING_IMPROVEMENT  0.5
-#define MIN_BLENDING_EPOCHS       10u
-#define MIN_GRADIENT_HEALTH       0.7
-#define GRADIENT_RATIO_THRESHOLD  0.10
-#define MIN_FOSSILIZE_CONTRIB     1.0
 #define EMBARGO_EPOCHS            5u
 #define DEFAULT_BLENDING_STEPS    5u
 #define DEFAULT_TELEMETRY_MAX_EPO 25u
@@ -100,8 +94,6 @@ static bool auto_forward(const struct ksm_slot *s, enum ksm_gate_level g)
     return s->env && (s->env->auto_forward & (1u << g));
 }
 
-static bool permissive(const struct ksm_slot *s) { return s->env && s->env->permissive; }
-
 static enum ksm_topology slot_topology(const struct ksm_slot *s)
 {
     return s->env ? s->env->topology : KSM_TOPOLOGY_CNN;
@@ -121,11 +113,6 @@ static int64_t wall_now_ns(void)
 static double total_improvement(const struct ksm_seed_metrics *m)
 {
     return m->current_val_accuracy - m->initial_val_accuracy;
-}
-
-static double improvement_since_stage_start(const struct ksm_seed_metrics *m)
-{
-    return m->current_val_accuracy - m->accuracy_at_stage_start;
 }
 
 static double blending_delta(const struct ksm_seed_metrics *m)
@@ -284,208 +271,6 @@ static void emit_stage_changed(struct ksm_slot *s, enum ksm_stage from, enum ksm
     ev_value(&ev, "has_vanishing", g->vanishing);
     ev_value(&ev, "has_exploding", g->exploding);
     emit(s, &ev);
-}
-
-/* ---- quality gates (§1.3, K/slot.py QualityGates) ---- */
-
-static void gate_init(struct ksm_gate_result *r, enum ksm_gate_level g)
-{
-    memset(r, 0, sizeof *r);
-    r->gate = g;
-}
-
-static void check_add(char (*list)[KSM_CHECK_MAX], int *n, const char *fmt, ...)
-{
-    if (*n >= KSM_GATE_MAX_CHECKS) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(list[*n], KSM_CHECK_MAX, fmt, ap);
-    va_end(ap);
-    (*n)++;
-}
-
-#define PASS(r, ...) check_add((r)->checks_passed, &(r)->n_passed, __VA_ARGS__)
-#define FAIL(r, ...) check_add((r)->checks_failed, &(r)->n_failed, __VA_ARGS__)
-
-/* Check strings are esper's f-strings; Python's "{x:.2f}" and C's "%.2f" both round the exact
- * binary value half-to-even, so they agree digit for digit. */
-
-static void gate_g0(const struct ksm_seed_state *st, struct ksm_gate_result *r)
-{
-    gate_init(r, KSM_GATE_G0);
-    if (st->seed_id[0])
-        PASS(r, "seed_id_present");
-    else
-        FAIL(r, "seed_id_missing");
-    if (st->blueprint_id[0])
-        PASS(r, "blueprint_id_present");
-    else
-        FAIL(r, "blueprint_id_missing");
-    r->passed = r->n_failed == 0;
-    r->score = r->passed ? 1.0 : 0.0;
-    copy_str(r->message, sizeof r->message,
-             r->passed ? "Germination gate" : "Missing required fields");
-}
-
-static void gate_g1(const struct ksm_seed_state *st, struct ksm_gate_result *r)
-{
-    gate_init(r, KSM_GATE_G1);
-    r->passed = st->stage == KSM_STAGE_GERMINATED;
-    r->score = r->passed ? 1.0 : 0.0;
-    if (r->passed)
-        PASS(r, "germinated");
-    else
-        FAIL(r, "not_germinated");
-    copy_str(r->message, sizeof r->message, r->passed ? "Ready for training" : "Not germinated");
-}
-
-static void gate_g2(const struct ksm_seed_state *st, bool perm, struct ksm_gate_result *r)
-{
-    gate_init(r, KSM_GATE_G2);
-    const struct ksm_seed_metrics *m = &st->metrics;
-    double improvement = improvement_since_stage_start(m);
-    r->score = improvement > 0 ? fmin(1.0, improvement / 5.0) : 0.0;
-
-    if (perm) {
-        bool epochs_ok = m->epochs_in_current_stage >= MIN_BLENDING_EPOCHS;
-        if (epochs_ok)
-            PASS(r, "trained_%u_epochs", m->epochs_in_current_stage);
-        else
-            FAIL(r, "insufficient_training_%u_of_%u", m->epochs_in_current_stage,
-                 MIN_BLENDING_EPOCHS);
-        /* KTS-001: unmeasured gradient health is not healthy. */
-        bool safe_ok = false;
-        const struct ksm_seed_telemetry *t = &st->telemetry;
-        if (!t->has_gradient_health) {
-            FAIL(r, "gradient_health_not_measured");
-        } else if (t->has_exploding_flag && t->has_exploding) {
-            FAIL(r, "exploding_gradients");
-        } else {
-            PASS(r, "no_exploding_gradients");
-            if (t->gradient_health >= MIN_GRADIENT_HEALTH) {
-                PASS(r, "gradient_health_%.2f", t->gradient_health);
-                safe_ok = true;
-            } else {
-                FAIL(r, "gradient_health_low_%.2f_need_%.2f", t->gradient_health,
-                     MIN_GRADIENT_HEALTH);
-            }
-        }
-        r->passed = epochs_ok && safe_ok;
-        snprintf(r->message, sizeof r->message, "Permissive G2 Safety: %s",
-                 r->passed ? "PASS" : "FAIL");
-        return;
-    }
-
-    bool perf_ok = improvement >= MIN_TRAINING_IMPROVEMENT;
-    if (perf_ok)
-        PASS(r, "global_improvement_%.2f%%", improvement);
-    else
-        FAIL(r, "global_improvement_insufficient_%.2f%%", improvement);
-    bool seed_ok = m->epochs_in_current_stage >= MIN_BLENDING_EPOCHS;
-    if (seed_ok)
-        PASS(r, "seed_ready");
-    else
-        FAIL(r, "seed_not_ready");
-    bool grad_ok = false;
-    if (!m->has_grad_ratio) {
-        FAIL(r, "gradient_stats_never_measured");
-    } else if (m->seed_gradient_norm_ratio >= GRADIENT_RATIO_THRESHOLD) {
-        PASS(r, "seed_gradient_active_%.2f", m->seed_gradient_norm_ratio);
-        grad_ok = true;
-    } else {
-        FAIL(r, "seed_gradient_low_%.2f", m->seed_gradient_norm_ratio);
-    }
-    r->passed = perf_ok && seed_ok && grad_ok;
-    snprintf(r->message, sizeof r->message, "Improvement: %.2f%%", improvement);
-}
-
-static void gate_g3(const struct ksm_seed_state *st, bool perm, struct ksm_gate_result *r)
-{
-    gate_init(r, KSM_GATE_G3);
-    const struct ksm_alpha_controller *c = &st->controller;
-    const double eps = KSM_ALPHA_EPS;
-    r->score = c->alpha;
-    bool target_ok = c->alpha_target >= 1.0 - eps;
-    if (target_ok)
-        PASS(r, "alpha_target_full");
-    else
-        FAIL(r, "alpha_target_not_full_%.2f", c->alpha_target);
-    bool reached_ok = c->mode == KSM_ALPHA_HOLD && fabs(c->alpha - c->alpha_target) <= eps;
-    if (reached_ok)
-        PASS(r, "alpha_target_reached");
-    else
-        FAIL(r, "alpha_not_at_target_%.2f_target_%.2f_mode_%s", c->alpha, c->alpha_target,
-             ksm_alpha_mode_name(c->mode));
-    if (perm) {
-        r->passed = target_ok && reached_ok;
-        copy_str(r->message, sizeof r->message, "Permissive G3: alpha completion only");
-        return;
-    }
-    if (st->metrics.epochs_in_current_stage >= MIN_BLENDING_EPOCHS)
-        PASS(r, "blending_complete");
-    else
-        FAIL(r, "blending_incomplete_%u", st->metrics.epochs_in_current_stage);
-    r->passed = r->n_failed == 0;
-}
-
-static void gate_g5(const struct ksm_seed_state *st, bool perm, struct ksm_gate_result *r)
-{
-    gate_init(r, KSM_GATE_G5);
-    if (!st->metrics.has_counterfactual) {
-        FAIL(r, "counterfactual_not_available");
-        return;
-    }
-    double c = st->metrics.counterfactual_contribution;
-    r->score = c > 0 ? fmin(1.0, c / 10.0) : 0.0;
-    PASS(r, "counterfactual_available_%.2f%%", c);
-    bool health_ok = st->is_healthy;
-    if (health_ok)
-        PASS(r, "healthy");
-    else
-        FAIL(r, "unhealthy");
-    if (perm) {
-        r->passed = health_ok;
-        snprintf(r->message, sizeof r->message, "Permissive G5: %.2f%% contribution (no threshold)",
-                 c);
-        return;
-    }
-    /* f"..._below_{DEFAULT_MIN_FOSSILIZE_CONTRIBUTION}%": Python prints the float 1.0 as "1.0". */
-    if (c >= MIN_FOSSILIZE_CONTRIB)
-        PASS(r, "sufficient_contribution_%.2f%%", c);
-    else
-        FAIL(r, "insufficient_contribution_%.2f%%_below_1.0%%", c);
-    r->passed = r->n_failed == 0;
-}
-
-static bool gate_for_target(enum ksm_stage target, enum ksm_gate_level *g)
-{
-    switch (target) {
-    case KSM_STAGE_GERMINATED: *g = KSM_GATE_G0; return true;
-    case KSM_STAGE_TRAINING: *g = KSM_GATE_G1; return true;
-    case KSM_STAGE_BLENDING: *g = KSM_GATE_G2; return true;
-    case KSM_STAGE_HOLDING: *g = KSM_GATE_G3; return true;
-    case KSM_STAGE_FOSSILIZED: *g = KSM_GATE_G5; return true;
-    default: return false;
-    }
-}
-
-void ksm_slot_check_gate(const struct ksm_slot *s, enum ksm_stage target, struct ksm_gate_result *r)
-{
-    enum ksm_gate_level g;
-    if (!s->occupied || !gate_for_target(target, &g)) {
-        /* esper raises "No gate defined for target stage ..."; this test helper says so. */
-        gate_init(r, KSM_GATE_G0);
-        FAIL(r, s->occupied ? "no_gate_for_target" : "no_active_seed");
-        return;
-    }
-    bool perm = permissive(s);
-    switch (g) {
-    case KSM_GATE_G0: gate_g0(&s->st, r); break;
-    case KSM_GATE_G1: gate_g1(&s->st, r); break;
-    case KSM_GATE_G2: gate_g2(&s->st, perm, r); break;
-    case KSM_GATE_G3: gate_g3(&s->st, perm, r); break;
-    case KSM_GATE_G5: gate_g5(&s->st, perm, r); break;
-    }
 }
 
 /* ---- slot ---- */
@@ -791,8 +576,7 @@ int ksm_slot_advance(struct ksm_slot *s, enum ksm_stage target, struct ksm_gate_
     }
     struct ksm_gate_result r;
     if (!slot_is_active(s)) {
-        gate_init(&r, KSM_GATE_G0);
-        FAIL(&r, "no_active_seed");
+        ksm_gate_result_failed(&r, KSM_GATE_G0, "no_active_seed");
         if (gate) *gate = r;
         return 0;
     }
@@ -802,8 +586,7 @@ int ksm_slot_advance(struct ksm_slot *s, enum ksm_stage target, struct ksm_gate_
         for (int i = 0; i < n && target == KSM_STAGE_UNKNOWN; i++)
             if (!is_failure_stage(t[i])) target = t[i];
         if (target == KSM_STAGE_UNKNOWN) {
-            gate_init(&r, KSM_GATE_G0);
-            FAIL(&r, "no_valid_transition");
+            ksm_gate_result_failed(&r, KSM_GATE_G0, "no_valid_transition");
             if (gate) *gate = r;
             return 0;
         }
@@ -1058,7 +841,8 @@ int ksm_slot_step_epoch(struct ksm_slot *s, int64_t now_ns)
             return 0;
         }
         if (auto_forward(s, KSM_GATE_G3) && slot_is_active(s) &&
-            (permissive(s) || st->metrics.epochs_in_current_stage >= MIN_BLENDING_EPOCHS))
+            ((s->env && s->env->permissive) ||
+             st->metrics.epochs_in_current_stage >= MIN_BLENDING_EPOCHS))
             return advance_to(s, KSM_STAGE_HOLDING, NULL, now_ns);
         return 0;
     }
@@ -1108,7 +892,7 @@ static void sync_telemetry(struct ksm_seed_state *st, int64_t now)
         st->stage == KSM_STAGE_DORMANT)
         t->accuracy_delta = 0.0;
     else
-        t->accuracy_delta = improvement_since_stage_start(&st->metrics);
+        t->accuracy_delta = ksm_metrics_improvement_since_stage_start(&st->metrics);
     t->epochs_in_stage = st->metrics.epochs_in_current_stage;
     t->stage = (int)st->stage;
     t->alpha = st->alpha;
@@ -1244,7 +1028,7 @@ void ksm_slot_report(const struct ksm_slot *s, struct ksm_slot_report *r)
     r->blend_alpha_target = s->has_blend_alpha_target ? s->blend_alpha_target : 0.0;
     r->metrics = st->metrics;
     r->total_improvement = total_improvement(&st->metrics);
-    r->improvement_since_stage_start = improvement_since_stage_start(&st->metrics);
+    r->improvement_since_stage_start = ksm_metrics_improvement_since_stage_start(&st->metrics);
     r->telemetry = st->telemetry;
     r->isolate_gradients = s->isolate_gradients;
     r->is_healthy = st->is_healthy;

@@ -152,7 +152,21 @@ int ksm_slot_record_metrics(struct ksm_slot *s, const struct ksm_metrics_update 
 bool ksm_slot_runs_seed(const struct ksm_slot *s);
 void ksm_slot_report(const struct ksm_slot *s, struct ksm_slot_report *r);
 
+/* QualityGates thresholds (§1.3, L/__init__.py). */
+#define MIN_TRAINING_IMPROVEMENT 0.5
+#define MIN_BLENDING_EPOCHS      10u
+#define MIN_GRADIENT_HEALTH      0.7
+#define GRADIENT_RATIO_THRESHOLD 0.10
+#define MIN_FOSSILIZE_CONTRIB    1.0
+
+static inline double ksm_metrics_improvement_since_stage_start(const struct ksm_seed_metrics *m)
+{
+    return m->current_val_accuracy - m->accuracy_at_stage_start;
+}
+
 /* Gate evaluation alone (tests). */
+/* r = a result of gate g with the one failed check (a refusal before any gate ran). */
+void ksm_gate_result_failed(struct ksm_gate_result *r, enum ksm_gate_level g, const char *check);
 void ksm_slot_check_gate(const struct ksm_slot *s, enum ksm_stage target,
                          struct ksm_gate_result *r);
 
