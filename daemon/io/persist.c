@@ -823,12 +823,14 @@ static bool leftover_name(const char *name, size_t len)
            id_ok(name + 1, len - 5);
 }
 
-/* A failure of the daemon (memory, a device, a limit of its configuration), not of a model's
- * files: never a reason to set the files aside. */
+/* A failure of the daemon or of its environment (memory, a device, a limit of its configuration,
+ * file permissions, e.g. after a run as another user), not of a model's files: never a reason
+ * to set the files aside, which would move every model away at once. */
 static bool is_damage(int rc)
 {
     return rc != KSM_ENOMEM && rc != KSM_EDEVMEM && rc != KSM_EDEVICE && rc != KSM_ENOPLUGIN &&
-           rc != KSM_ELIMIT && rc != -EMFILE && rc != -ENFILE;
+           rc != KSM_ELIMIT && rc != -EMFILE && rc != -ENFILE && rc != KSM_EACCES &&
+           rc != KSM_EPERM && rc != -EROFS;
 }
 
 /* Moves DIR/models/<id>.d to DIR/quarantine/<id>.<unix time>[.k].d (both directories fsynced)
