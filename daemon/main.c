@@ -195,6 +195,7 @@ static int open_state(struct daemon *d)
         .dir = d->cfg.state_dir,
         .compact_records = (uint32_t)d->cfg.journal_records,
         .compact_bytes = d->cfg.journal_bytes,
+        .strict_restore = d->cfg.strict_restore,
     };
     size_t n = 0;
     int rc = ksm_persist_open(&pc, &d->persist, err, sizeof err);
@@ -204,7 +205,14 @@ static int open_state(struct daemon *d)
         fprintf(stderr, "kasminad: %s\n", err);
         return rc;
     }
-    KSM_LOGI("main", "state-dir %s: %zu model(s) restored", d->cfg.state_dir, n);
+    size_t nq = 0;
+    const struct ksm_persist_quarantine *q = ksm_persist_quarantined(d->persist, &nq);
+    KSM_LOGI("main", "state-dir %s: %zu model(s) restored, %zu quarantined", d->cfg.state_dir, n,
+             nq);
+    for (size_t i = 0; i < nq; i++)
+        KSM_LOGW("main",
+                 "model %s is quarantined (not served; ListModels reports it): %s; files in %s",
+                 q[i].id, q[i].reason, q[i].moved_to);
     return 0;
 }
 

@@ -47,6 +47,9 @@ static const struct cfg_option options[] = {
      "journal records of a model before it is compacted into a new snapshot"},
     {"journal-bytes", T_SIZE, 4096, 1e12, "64M", NULL, OFF(journal_bytes),
      "journal bytes of a model before it is compacted into a new snapshot"},
+    {"strict-restore", T_BOOL, 0, 0, "false", NULL, OFF(strict_restore),
+     "refuse to start when a model's state is damaged (default: quarantine that model into "
+     "STATE-DIR/quarantine and serve the others)"},
     {"metrics-listen", T_STRING, 0, 0, NULL, NULL, OFF(metrics_listen),
      "HTTP listener host:port for Prometheus /metrics, /status.json and the status page "
      "(default off)"},

@@ -28,6 +28,7 @@ struct ksm_config {
     bool no_persist;
     int journal_records;
     size_t journal_bytes;
+    bool strict_restore;
     char *metrics_listen;
     int cpu_devices;
     bool no_cuda;

@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "io/journal.h"
@@ -34,7 +35,7 @@ struct ksm_persist_model {
     char id[KSM_ID_MAX + 1];
     pthread_mutex_t mu; /* held across a mutation and its record */
     int refs;           /* under p->mu */
-    bool exists;        /* has a directory <id>.d */
+    bool exists;        /* has a directory <id>.d: written under both mu and p->mu (set_exists) */
     bool deleting;      /* renamed to .<id>.del, engine delete pending */
     bool failed;        /* a failed write could not be rolled back: refuse mutations */
     int jfd;
@@ -47,6 +48,11 @@ struct ksm_persist {
     char *dir;
     char models[4096];
     int lock_fd;
+    int dir_fd;    /* DIR */
+    int models_fd; /* DIR/models, opened O_DIRECTORY | O_NOFOLLOW: start-up reads and cleanups */
+    bool strict;   /* strict_restore */
+    struct ksm_persist_quarantine *quar; /* filled by restore only, read-only afterwards */
+    size_t n_quar;
     uint32_t compact_records;
     uint64_t compact_bytes;
     pthread_mutex_t mu; /* the entry list, next_seq */
@@ -65,6 +71,13 @@ static const char *io_reason(int rc)
 {
     return rc < 0 && strcmp(ksm_err_name(rc), "KSM_EUNKNOWN") == 0 ? strerror(-rc)
                                                                    : ksm_strerror(rc);
+}
+
+/* The code a failed write of state answers: the disk-full class (no space, a quota, a file size
+ * limit) is a resource running out, KSM_ENOSPC (RESOURCE_EXHAUSTED); anything else KSM_EIO. */
+static int write_failure(int rc)
+{
+    return rc == -ENOSPC || rc == -EDQUOT || rc == -EFBIG ? KSM_ENOSPC : KSM_EIO;
 }
 
 static int write_all(int fd, const void *buf, size_t len)
@@ -117,49 +130,93 @@ static int replace_file(const char *dir, const char *name, const void *buf, size
     return rc;
 }
 
-static int read_file(const char *path, uint8_t **out, size_t *len)
+/* The whole of the regular file open at fd (anything else, e.g. a FIFO planted in its place, is
+ * KSM_EFORMAT rather than a read that never ends). */
+static int read_fd(int fd, uint8_t **out, size_t *len)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return -errno;
     struct stat st;
-    if (fstat(fd, &st) != 0) {
-        int rc = -errno;
-        close(fd);
-        return rc;
-    }
+    if (fstat(fd, &st) != 0) return -errno;
+    if (!S_ISREG(st.st_mode)) return KSM_EFORMAT;
     size_t n = (size_t)st.st_size, done = 0;
     uint8_t *buf = malloc(n ? n : 1);
-    if (buf == NULL) {
-        close(fd);
-        return KSM_ENOMEM;
-    }
+    if (buf == NULL) return KSM_ENOMEM;
     while (done < n) {
-        ssize_t r = read(fd, buf + done, n - done);
+        ssize_t r = pread(fd, buf + done, n - done, (off_t)done);
         if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) break;
+        if (r < 0) {
+            int rc = -errno;
+            free(buf);
+            return rc;
+        }
+        if (r == 0) break;
         done += (size_t)r;
     }
-    close(fd);
     *out = buf;
     *len = done;
     return 0;
 }
 
-/* Removes a model directory (flat: files only). */
-static void remove_dir(const char *path)
+/* Why a read_fd / read_file_at failed, in words. */
+static const char *read_reason(int rc)
 {
-    DIR *d = opendir(path);
-    if (d != NULL) {
-        struct dirent *de;
-        char f[4400];
-        while ((de = readdir(d)) != NULL) {
-            if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
-            snprintf(f, sizeof f, "%s/%s", path, de->d_name);
-            unlink(f);
-        }
-        closedir(d);
+    if (rc == -ELOOP) return "it is a symbolic link, which kasminad never follows in its state";
+    if (rc == KSM_EFORMAT) return "it is not a regular file";
+    return io_reason(rc);
+}
+
+/* dfd/name, never through a symbolic link (-ELOOP) nor blocking on a FIFO. */
+static int read_file_at(int dfd, const char *name, uint8_t **out, size_t *len)
+{
+    int fd = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    int rc = read_fd(fd, out, len);
+    close(fd);
+    return rc;
+}
+
+/* Removes dfd/name, a flat directory of kasminad's (a model directory left by an interrupted
+ * create or delete), without following any link: a symbolic link or other non-directory at name
+ * is unlinked itself, never its target; inside, entries are unlinked (unlinkat never follows a
+ * link) and a subdirectory, which kasminad never makes, is left alone with a warning. shown is
+ * the path of dfd, for messages. */
+static void remove_dir_at(int dfd, const char *name, const char *shown)
+{
+    struct stat st;
+    if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) != 0) return;
+    if (!S_ISDIR(st.st_mode)) {
+        KSM_LOGW("persist", "%s/%s is %s, not a directory: unlinking it (never what it points to)",
+                 shown, name, S_ISLNK(st.st_mode) ? "a symbolic link" : "a file");
+        unlinkat(dfd, name, 0);
+        return;
     }
-    rmdir(path);
+    int fd = openat(dfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+    if (d == NULL) {
+        if (fd >= 0) close(fd);
+        return;
+    }
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
+        struct stat es;
+        if (fstatat(fd, de->d_name, &es, AT_SYMLINK_NOFOLLOW) == 0 && S_ISDIR(es.st_mode)) {
+            KSM_LOGW("persist", "leaving %s/%s/%s: a directory kasminad did not make", shown, name,
+                     de->d_name);
+            continue;
+        }
+        unlinkat(fd, de->d_name, 0);
+    }
+    closedir(d);
+    unlinkat(dfd, name, AT_REMOVEDIR);
+}
+
+/* The model's directory (<id>.d), never through a symbolic link. -errno on failure. */
+static int open_model_dir(const ksm_persist *p, const char *id)
+{
+    char name[KSM_ID_MAX + 3];
+    snprintf(name, sizeof name, "%s.d", id);
+    int fd = openat(p->models_fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    return fd >= 0 ? fd : -errno;
 }
 
 static int mkdir_p(const char *path)
@@ -226,10 +283,19 @@ struct saved_spec {
     uint64_t seq;
 };
 
-static int spec_parse(const char *path, struct saved_spec *ss, char *err, size_t errlen)
+/* The model directory dfd's spec.json (path: its path, for messages). */
+static int spec_parse(int dfd, const char *path, struct saved_spec *ss, char *err, size_t errlen)
 {
+    uint8_t *text = NULL;
+    size_t len = 0;
+    int rc = read_file_at(dfd, "spec.json", &text, &len);
+    if (rc != 0) {
+        ERRF("cannot read %s: %s", path, read_reason(rc));
+        return rc;
+    }
     json_error_t je;
-    json_t *o = json_load_file(path, 0, &je);
+    json_t *o = json_loadb((const char *)text, len, 0, &je);
+    free(text);
     if (o == NULL) {
         ERRF("%s is not valid JSON: %s (line %d)", path, je.text, je.line);
         return KSM_EFORMAT;
@@ -239,7 +305,7 @@ static int spec_parse(const char *path, struct saved_spec *ss, char *err, size_t
     json_int_t ver = 0, seq = 0, c[6] = {0}, t[6] = {0}, afg = 0;
     int perm = 0;
     json_t *slots = NULL;
-    int rc = json_unpack_ex(
+    rc = json_unpack_ex(
         o, &je, JSON_STRICT,
         "{s:I, s:s, s:I, s:s, s:{s:I, s:I, s:I, s:I, s:I, s:I}, s:{s:I, s:I, s:I, s:I, s:I, s:I}, "
         "s:o, s:s, s:b, s:I}",
@@ -299,6 +365,18 @@ static struct ksm_persist_model *entry_acquire(ksm_persist *p, const char *id)
     return e;
 }
 
+/* pm->exists is read under either lock: under p->mu alone by entry_exists (ksm_persist_lock,
+ * before it may wait for a creation) and by ksm_persist_unlock (after it released pm->mu), and
+ * under pm->mu alone by the mutation paths. So every write holds both: the caller holds pm->mu,
+ * and p->mu is taken here. Lock order pm->mu -> p->mu; no path takes pm->mu while holding p->mu
+ * (entry_acquire releases p->mu first). */
+static void set_exists(struct ksm_persist_model *pm, bool exists)
+{
+    pthread_mutex_lock(&pm->p->mu);
+    pm->exists = exists;
+    pthread_mutex_unlock(&pm->p->mu);
+}
+
 static bool entry_exists(ksm_persist *p, const char *id)
 {
     pthread_mutex_lock(&p->mu);
@@ -351,6 +429,7 @@ struct replay_ctx {
     char *err;
     size_t errlen;
     const char *path;
+    uint64_t prev_gen; /* the previous record's generation (0: none yet) */
 };
 
 static int replay_record(void *ud, const struct ksm_journal_rec *rec)
@@ -361,7 +440,25 @@ static int replay_record(void *ud, const struct ksm_journal_rec *rec)
                  (unsigned long long)rec->offset, rec->type);
         return KSM_EFORMAT;
     }
-    if (rec->generation <= c->snap_gen) return 0; /* already in the snapshot */
+    /* Records are appended in generation order, across compactions too (the leftovers of a
+     * crashed compaction, <= the snapshot's generation, are older than anything appended after
+     * them). Equal generations are legitimate: a journalled call that changed nothing (SetAlpha
+     * to the same alpha, StepEpoch of empty slots) keeps the generation, and re-applying a record
+     * of the model's current generation restores the state it already has. A record below its
+     * predecessor is a stray copy of an older one: applying it would roll the model back.
+     * Generation 0 is never a model's. */
+    if (rec->generation == 0 || rec->generation < c->prev_gen) {
+        snprintf(c->err, c->errlen,
+                 "journal %s: record at byte %llu has generation %llu, below the previous "
+                 "record's %llu (records are appended in generation order: an out-of-order copy)",
+                 c->path, (unsigned long long)rec->offset, (unsigned long long)rec->generation,
+                 (unsigned long long)c->prev_gen);
+        return KSM_EFORMAT;
+    }
+    c->prev_gen = rec->generation;
+    /* Only the head of a journal can be at or below the snapshot (ordered, as checked above):
+     * leftovers of a compaction that crashed before it emptied the journal. */
+    if (rec->generation <= c->snap_gen) return 0;
     char why[256];
     int rc = ksm_model_restore_state(c->m, rec->payload, rec->len, why, sizeof why);
     if (rc != 0) {
@@ -369,8 +466,55 @@ static int replay_record(void *ud, const struct ksm_journal_rec *rec)
                  (unsigned long long)rec->offset, why);
         return rc;
     }
+    if (ksm_model_generation(c->m) != rec->generation) {
+        snprintf(c->err, c->errlen,
+                 "journal %s: record at byte %llu says generation %llu but its state is generation "
+                 "%llu",
+                 c->path, (unsigned long long)rec->offset, (unsigned long long)rec->generation,
+                 (unsigned long long)ksm_model_generation(c->m));
+        return KSM_EFORMAT;
+    }
     c->applied++;
     return 0;
+}
+
+/* The journal of a model being restored at start-up (pm->jfd < 0), opened through its directory
+ * and never through a link. A missing journal is recreated empty, with a warning naming it: loud
+ * when the snapshot is past generation 1 (a fresh model's), since then mutations may have been
+ * journalled after it and are lost. */
+static int open_journal(struct ksm_persist_model *pm, const char *path, const char *snap_path,
+                        uint64_t snap_gen, char *err, size_t errlen)
+{
+    int dfd = open_model_dir(pm->p, pm->id), rc = 0;
+    if (dfd < 0) {
+        ERRF("cannot open the directory of model %s: %s", pm->id, read_reason(dfd));
+        return dfd;
+    }
+    pm->jfd = openat(dfd, "journal", O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (pm->jfd < 0 && errno == ENOENT) {
+        /* Creation writes an empty journal and nothing removes it: it was lost or deleted.
+         * Whatever it held after the snapshot is gone; past generation 1 the model is known to
+         * have been changed since its creation. */
+        KSM_LOGE("persist",
+                 "journal %s is missing: model %s is restored from snapshot %s alone (generation "
+                 "%llu%s) and gets an empty journal; mutations journalled after that snapshot, if "
+                 "any, are lost",
+                 path, pm->id, snap_path, (unsigned long long)snap_gen,
+                 snap_gen > 1 ? ", i.e. changed after its creation" : ", the model as created");
+        pm->jfd = openat(dfd, "journal", O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+        if (pm->jfd >= 0 && fsync(dfd) != 0 && errno != EINVAL)
+            KSM_LOGW("persist", "cannot fsync the directory of %s: %s", path, strerror(errno));
+    }
+    if (pm->jfd < 0) rc = -errno;
+    close(dfd);
+    struct stat st;
+    if (rc == 0 && fstat(pm->jfd, &st) == 0 && !S_ISREG(st.st_mode)) rc = KSM_EFORMAT;
+    if (rc != 0) {
+        ERRF("cannot open journal %s: %s", path, read_reason(rc));
+        if (pm->jfd >= 0) close(pm->jfd);
+        pm->jfd = -1;
+    }
+    return rc;
 }
 
 /* Installs the model's durable state (the snapshot blob, then the journal) into m, truncating a
@@ -386,6 +530,20 @@ static int replay(struct ksm_persist_model *pm, ksm_model *m, const uint8_t *sna
     const char *g = rc == 0 ? ksm_st_metadata(f, "kasmina.generation") : NULL;
     if (g == NULL) {
         ERRF("%s is not a kasmina snapshot: %s", path, rc ? why : "no kasmina.generation");
+        ksm_st_close(f);
+        return KSM_EFORMAT;
+    }
+    uint32_t stored = 0, actual = 0;
+    rc = ksm_st_crc32c_check(snap, snap_len, "kasmina.crc32c", &stored, &actual);
+    if (rc == KSM_ENOENT) {
+        KSM_LOGW("persist",
+                 "%s has no kasmina.crc32c (written by an older kasminad): loaded unchecked; the "
+                 "model's next snapshot will carry one",
+                 path);
+    } else if (rc != 0) {
+        ERRF("snapshot %s is damaged: the CRC32C of its bytes is %08x, its kasmina.crc32c says "
+             "%08x",
+             path, (unsigned)actual, (unsigned)stored);
         ksm_st_close(f);
         return KSM_EFORMAT;
     }
@@ -409,25 +567,23 @@ static int replay(struct ksm_persist_model *pm, ksm_model *m, const uint8_t *sna
         return rc;
     }
 
+    char snap_path[4300];
+    snprintf(snap_path, sizeof snap_path, "%s", path);
     snprintf(path, sizeof path, "%s/journal", dir);
-    if (pm->jfd < 0 && (pm->jfd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600)) < 0) {
-        rc = -errno;
-        ERRF("cannot open %s: %s", path, strerror(-rc));
+    if (pm->jfd < 0 && (rc = open_journal(pm, path, snap_path, snap_gen, err, errlen)) != 0)
         return rc;
-    }
     uint8_t *buf = NULL;
     size_t len = 0;
-    if ((rc = read_file(path, &buf, &len)) != 0) {
-        ERRF("cannot read %s: %s", path, io_reason(rc));
+    if ((rc = read_fd(pm->jfd, &buf, &len)) != 0) {
+        ERRF("cannot read %s: %s", path, read_reason(rc));
         return rc;
     }
-    struct replay_ctx c = {m, snap_gen, 0, err, errlen, path};
+    struct replay_ctx c = {m, snap_gen, 0, err, errlen, path, 0};
     uint64_t end = 0, bad = UINT64_MAX;
     rc = ksm_journal_scan(buf, len, replay_record, &c, &end, &bad);
     free(buf);
     if (rc == KSM_EFORMAT && bad != UINT64_MAX) {
-        ERRF("journal %s is damaged at byte %llu and a valid record follows: refusing to guess "
-             "(move the file away to start from the snapshot)",
+        ERRF("journal %s is damaged at byte %llu and a valid record follows (not a torn tail)",
              path, (unsigned long long)bad);
         return rc;
     }
@@ -446,18 +602,28 @@ static int replay(struct ksm_persist_model *pm, ksm_model *m, const uint8_t *sna
     return 0;
 }
 
-static int reload(struct ksm_persist_model *pm, ksm_model *m, char *err, size_t errlen)
+/* The model's snapshot file, read through its directory (never a link). */
+static int read_snapshot(const ksm_persist *p, const char *id, uint8_t **snap, size_t *n, char *err,
+                         size_t errlen)
 {
     char path[4300];
-    model_dir(pm->p, pm->id, path, sizeof path);
+    model_dir(p, id, path, sizeof path);
     strncat(path, "/snapshot.safetensors", sizeof path - strlen(path) - 1);
+    int dfd = open_model_dir(p, id), rc = dfd < 0 ? dfd : 0;
+    if (rc == 0) {
+        rc = read_file_at(dfd, "snapshot.safetensors", snap, n);
+        close(dfd);
+    }
+    if (rc != 0) ERRF("cannot read %s: %s", path, read_reason(rc));
+    return rc;
+}
+
+static int reload(struct ksm_persist_model *pm, ksm_model *m, char *err, size_t errlen)
+{
     uint8_t *snap = NULL;
     size_t n = 0;
-    int rc = read_file(path, &snap, &n);
-    if (rc != 0) {
-        ERRF("cannot read %s: %s", path, io_reason(rc));
-        return rc;
-    }
+    int rc = read_snapshot(pm->p, pm->id, &snap, &n, err, errlen);
+    if (rc != 0) return rc;
     rc = replay(pm, m, snap, n, err, errlen);
     free(snap);
     return rc;
@@ -485,6 +651,35 @@ static void roll_back(struct ksm_persist_model *pm, ksm_model *m)
 
 /* ---- open / restore / close ---- */
 
+/* Refuses a world-writable directory of the state (anyone could plant links or files in it, or
+ * remove kasminad's), and warns about a group-writable one or one another user owns. */
+static int check_dir(int fd, const char *path, char *err, size_t errlen)
+{
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        int rc = -errno;
+        ERRF("cannot stat %s: %s", path, strerror(errno));
+        return rc;
+    }
+    unsigned mode = (unsigned)(st.st_mode & 07777);
+    if (st.st_mode & S_IWOTH) {
+        ERRF("state directory %s is world-writable (mode %04o): anyone could plant, replace or "
+             "remove kasminad's files there; refusing to start (chmod 700 %s)",
+             path, mode, path);
+        return KSM_EPERM;
+    }
+    if (st.st_mode & S_IWGRP)
+        KSM_LOGW("persist",
+                 "state directory %s is group-writable (mode %04o): members of group %u can change "
+                 "kasminad's state (chmod g-w it unless that is intended)",
+                 path, mode, (unsigned)st.st_gid);
+    if (st.st_uid != geteuid())
+        KSM_LOGW("persist",
+                 "state directory %s is owned by uid %u, not by kasminad's user (uid %u)", path,
+                 (unsigned)st.st_uid, (unsigned)geteuid());
+    return 0;
+}
+
 int ksm_persist_open(const struct ksm_persist_config *cfg, ksm_persist **out, char *err,
                      size_t errlen)
 {
@@ -503,17 +698,37 @@ int ksm_persist_open(const struct ksm_persist_config *cfg, ksm_persist **out, ch
         free(p);
         return KSM_ENOMEM;
     }
+    p->lock_fd = p->dir_fd = p->models_fd = -1;
     p->compact_records = cfg->compact_records ? cfg->compact_records : 1000;
     p->compact_bytes = cfg->compact_bytes ? cfg->compact_bytes : (64ull << 20);
+    p->strict = cfg->strict_restore;
     pthread_mutex_init(&p->mu, NULL);
     pthread_mutex_init(&p->create_mu, NULL);
     p->next_seq = 1;
+    /* The configured path itself may be a link (an operator's choice); nothing below it is
+     * followed. */
+    if ((p->dir_fd = open(p->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0) {
+        rc = -errno;
+        ERRF("cannot open state directory %s: %s", p->dir, strerror(errno));
+        goto fail;
+    }
+    if ((rc = check_dir(p->dir_fd, p->dir, err, errlen)) != 0) goto fail;
     char path[4200];
     snprintf(path, sizeof path, "%s/LOCK", p->dir);
-    p->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    p->lock_fd =
+        openat(p->dir_fd, "LOCK", O_RDWR | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0600);
+    struct stat st;
+    if (p->lock_fd >= 0 && (fstat(p->lock_fd, &st) != 0 || !S_ISREG(st.st_mode))) {
+        close(p->lock_fd);
+        p->lock_fd = -1;
+        errno = EINVAL;
+    }
     if (p->lock_fd < 0) {
         rc = -errno;
-        ERRF("cannot open %s: %s", path, strerror(errno));
+        ERRF("cannot open %s: %s", path,
+             rc == -ELOOP       ? "it is a symbolic link, which kasminad never follows in its state"
+             : rc == KSM_EINVAL ? "it is not a regular file"
+                                : strerror(-rc));
         goto fail;
     }
     if (flock(p->lock_fd, LOCK_EX | LOCK_NB) != 0) {
@@ -534,11 +749,21 @@ int ksm_persist_open(const struct ksm_persist_config *cfg, ksm_persist **out, ch
     if (ftruncate(p->lock_fd, 0) != 0 || pwrite(p->lock_fd, pid, (size_t)n, 0) != n)
         KSM_LOGW("persist", "cannot write the pid into %s: %s", path, strerror(errno));
     snprintf(p->models, sizeof p->models, "%s/models", p->dir);
-    if (mkdir(p->models, 0700) != 0 && errno != EEXIST) {
+    if (mkdirat(p->dir_fd, "models", 0700) != 0 && errno != EEXIST) {
         rc = -errno;
         ERRF("cannot create %s: %s", p->models, strerror(errno));
         goto fail;
     }
+    p->models_fd = openat(p->dir_fd, "models", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (p->models_fd < 0) {
+        rc = -errno;
+        ERRF("cannot open %s: %s", p->models,
+             rc == -ELOOP || rc == -ENOTDIR
+                 ? "it is not a directory (kasminad never follows a symbolic link in its state)"
+                 : strerror(-rc));
+        goto fail;
+    }
+    if ((rc = check_dir(p->models_fd, p->models, err, errlen)) != 0) goto fail;
     *out = p;
     return 0;
 fail:
@@ -547,6 +772,12 @@ fail:
 }
 
 const char *ksm_persist_dir(const ksm_persist *p) { return p ? p->dir : NULL; }
+
+const struct ksm_persist_quarantine *ksm_persist_quarantined(const ksm_persist *p, size_t *n)
+{
+    *n = p != NULL ? p->n_quar : 0;
+    return *n > 0 ? p->quar : NULL;
+}
 
 void ksm_persist_close(ksm_persist *p)
 {
@@ -558,9 +789,12 @@ void ksm_persist_close(ksm_persist *p)
         pthread_mutex_destroy(&e->mu);
         free(e);
     }
-    if (p->lock_fd > 0) close(p->lock_fd); /* releases the flock */
+    if (p->models_fd >= 0) close(p->models_fd);
+    if (p->dir_fd >= 0) close(p->dir_fd);
+    if (p->lock_fd >= 0) close(p->lock_fd); /* releases the flock */
     pthread_mutex_destroy(&p->mu);
     pthread_mutex_destroy(&p->create_mu);
+    free(p->quar);
     free(p->dir);
     free(p);
 }
@@ -582,19 +816,102 @@ static bool id_ok(const char *s, size_t n)
     return ksm_id_valid(id, KSM_ID_MAX, NULL);
 }
 
+/* .<id>.tmp or .<id>.del: a creation that did not commit, or a deletion that did. */
+static bool leftover_name(const char *name, size_t len)
+{
+    return len > 5 && name[0] == '.' &&
+           (strcmp(name + len - 4, ".tmp") == 0 || strcmp(name + len - 4, ".del") == 0) &&
+           id_ok(name + 1, len - 5);
+}
+
+/* A failure of the daemon or of its environment (memory, a device, a limit of its configuration,
+ * file permissions, e.g. after a run as another user), not of a model's files: never a reason
+ * to set the files aside, which would move every model away at once. */
+static bool is_damage(int rc)
+{
+    return rc != KSM_ENOMEM && rc != KSM_EDEVMEM && rc != KSM_EDEVICE && rc != KSM_ENOPLUGIN &&
+           rc != KSM_ELIMIT && rc != -EMFILE && rc != -ENFILE && rc != KSM_EACCES &&
+           rc != KSM_EPERM && rc != -EROFS;
+}
+
+/* Moves DIR/models/<id>.d to DIR/quarantine/<id>.<unix time>[.k].d (both directories fsynced)
+ * and records it. */
+static int quarantine(ksm_persist *p, const char *id, const char *why, char *err, size_t errlen)
+{
+    struct ksm_persist_quarantine *nq = realloc(p->quar, (p->n_quar + 1) * sizeof *nq);
+    if (nq == NULL) return KSM_ENOMEM;
+    p->quar = nq;
+    char src[KSM_ID_MAX + 3], dst[KSM_ID_MAX + 64];
+    snprintf(src, sizeof src, "%s.d", id);
+    int rc = 0, qfd = -1;
+    if (mkdirat(p->dir_fd, "quarantine", 0700) != 0 && errno != EEXIST) rc = -errno;
+    if (rc == 0 && (qfd = openat(p->dir_fd, "quarantine",
+                                 O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)) < 0)
+        rc = -errno;
+    long long now = (long long)time(NULL);
+    for (int k = 0; rc == 0; k++) {
+        struct stat st;
+        if (k == 0)
+            snprintf(dst, sizeof dst, "%s.%lld.d", id, now);
+        else
+            snprintf(dst, sizeof dst, "%s.%lld.%d.d", id, now, k);
+        if (fstatat(qfd, dst, &st, AT_SYMLINK_NOFOLLOW) == 0) {
+            if (k == 1000) rc = KSM_EEXIST;
+            continue;
+        }
+        if (errno != ENOENT) rc = -errno;
+        if (rc == 0 && renameat(p->models_fd, src, qfd, dst) != 0) rc = -errno;
+        break;
+    }
+    if (rc == 0 && fsync(qfd) != 0 && errno != EINVAL) rc = -errno;
+    if (rc == 0 && fsync(p->models_fd) != 0 && errno != EINVAL) rc = -errno;
+    if (qfd >= 0) close(qfd);
+    if (rc != 0) {
+        ERRF("model %s is damaged (%s) and cannot be quarantined: moving %s/%s into "
+             "%s/quarantine failed: %s",
+             id, why, p->models, src, p->dir, io_reason(rc));
+        return rc;
+    }
+    struct ksm_persist_quarantine *q = &p->quar[p->n_quar++];
+    memset(q, 0, sizeof *q);
+    snprintf(q->id, sizeof q->id, "%s", id);
+    snprintf(q->reason, sizeof q->reason, "%s", why);
+    snprintf(q->moved_to, sizeof q->moved_to, "%s/quarantine/%s", p->dir, dst);
+    KSM_LOGE(
+        "persist",
+        "model %s quarantined: %s; its files were moved to %s (kept, never deleted); the other "
+        "models are served",
+        id, why, q->moved_to);
+    return 0;
+}
+
+/* A model whose files failed to restore (why says how): quarantined, or with strict_restore the
+ * end of start-up (err names the file). A failure that is not the files' ends start-up in either
+ * mode. Returns 0 when the model was set aside. */
+static int damaged(ksm_persist *p, const char *id, int rc, const char *why, char *err,
+                   size_t errlen)
+{
+    if (!is_damage(rc)) {
+        ERRF("%s", why);
+        return rc;
+    }
+    if (p->strict) {
+        ERRF("%s (--strict-restore: refusing to start; without it model %s would be quarantined)",
+             why, id);
+        return rc;
+    }
+    return quarantine(p, id, why, err, errlen);
+}
+
 static int restore_one(ksm_persist *p, ksm_engine *e, const struct saved_spec *ss, char *err,
                        size_t errlen)
 {
-    char dir[4200], path[4300], why[256];
+    char dir[4200], why[256];
     model_dir(p, ss->id, dir, sizeof dir);
-    snprintf(path, sizeof path, "%s/snapshot.safetensors", dir);
     uint8_t *snap = NULL;
     size_t n = 0;
-    int rc = read_file(path, &snap, &n);
-    if (rc != 0) {
-        ERRF("cannot read %s: %s", path, io_reason(rc));
-        return rc;
-    }
+    int rc = read_snapshot(p, ss->id, &snap, &n, err, errlen);
+    if (rc != 0) return rc;
     struct ksm_model_spec spec = ss->spec;
     ksm_st_file *f = NULL;
     if (ksm_st_parse(snap, n, &f, NULL, 0) == 0) {
@@ -619,7 +936,7 @@ static int restore_one(ksm_persist *p, ksm_engine *e, const struct saved_spec *s
     } else {
         pm->seq = ss->seq;
         rc = replay(pm, m, snap, n, err, errlen);
-        pm->exists = rc == 0;
+        set_exists(pm, rc == 0);
         if (rc == 0)
             KSM_LOGI("persist", "model %s restored: generation %llu, %u journal record(s)", ss->id,
                      (unsigned long long)ksm_model_generation(m), pm->jrecords);
@@ -631,17 +948,44 @@ static int restore_one(ksm_persist *p, ksm_engine *e, const struct saved_spec *s
     return rc;
 }
 
+/* The spec of DIR/models/<name> (a real directory, name = <id>.d), checked against its name. */
+static int load_spec(ksm_persist *p, const char *name, size_t id_len, struct saved_spec *ss,
+                     char *err, size_t errlen)
+{
+    char path[4400];
+    snprintf(path, sizeof path, "%s/%s/spec.json", p->models, name);
+    int dfd = openat(p->models_fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (dfd < 0) {
+        int rc = -errno;
+        ERRF("cannot open %s/%s: %s", p->models, name, read_reason(rc));
+        return rc;
+    }
+    int rc = spec_parse(dfd, path, ss, err, errlen);
+    close(dfd);
+    if (rc == 0 && (strlen(ss->id) != id_len || strncmp(ss->id, name, id_len) != 0)) {
+        ERRF("%s names model \"%s\", not the directory's", path, ss->id);
+        rc = KSM_EFORMAT;
+    }
+    return rc;
+}
+
 int ksm_persist_restore(ksm_persist *p, ksm_engine *e, size_t *n_models, char *err, size_t errlen)
 {
     if (n_models) *n_models = 0;
     p->engine = e;
-    DIR *d = opendir(p->models);
+    /* A file description of its own for readdir (a dup would share models_fd's position). */
+    int fd = openat(p->models_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
     if (d == NULL) {
-        ERRF("cannot read %s: %s", p->models, strerror(errno));
-        return -errno;
+        int rc = -errno;
+        if (fd >= 0) close(fd);
+        ERRF("cannot read %s: %s", p->models, strerror(-rc));
+        return rc;
     }
-    struct saved_spec **specs = NULL;
-    size_t n = 0, cap = 0;
+    /* Names first (cleanups and quarantines change the directory), then the models. Nothing is
+     * followed through a link: every look is fstatat(AT_SYMLINK_NOFOLLOW) on models_fd. */
+    char(*names)[KSM_ID_MAX + 3] = NULL;
+    size_t n_names = 0, cap = 0;
     int rc = 0;
     struct dirent *de;
     char path[4400];
@@ -650,49 +994,75 @@ int ksm_persist_restore(ksm_persist *p, ksm_engine *e, size_t *n_models, char *e
         size_t len = strlen(name);
         if (!strcmp(name, ".") || !strcmp(name, "..")) continue;
         snprintf(path, sizeof path, "%s/%s", p->models, name);
-        if (name[0] == '.') {
-            /* A creation or deletion that did not commit (.<id>.tmp) or did (.<id>.del). */
+        struct stat st;
+        if (fstatat(p->models_fd, name, &st, AT_SYMLINK_NOFOLLOW) != 0) {
+            KSM_LOGW("persist", "ignoring %s: %s", path, strerror(errno));
+            continue;
+        }
+        if (leftover_name(name, len)) {
             KSM_LOGI("persist", "removing %s (left by an interrupted create/delete)", path);
-            remove_dir(path);
+            remove_dir_at(p->models_fd, name, p->models);
             continue;
         }
-        if (len < 3 || strcmp(name + len - 2, ".d") != 0 || !id_ok(name, len - 2)) {
-            KSM_LOGW("persist", "ignoring %s: not a model directory", path);
+        if (S_ISLNK(st.st_mode)) {
+            KSM_LOGW("persist",
+                     "ignoring %s: a symbolic link (kasminad never follows links in its state "
+                     "directory); left alone",
+                     path);
             continue;
         }
-        if (n == cap) {
+        if (!S_ISDIR(st.st_mode) || len < 3 || strcmp(name + len - 2, ".d") != 0 ||
+            !id_ok(name, len - 2)) {
+            KSM_LOGW("persist", "ignoring %s: not a model directory (<id>.d); left alone", path);
+            continue;
+        }
+        if (n_names == cap) {
             cap = cap ? 2 * cap : 16;
-            struct saved_spec **nv = realloc(specs, cap * sizeof *nv);
+            char(*nv)[KSM_ID_MAX + 3] = realloc(names, cap * sizeof *nv);
             if (nv == NULL) {
                 rc = KSM_ENOMEM;
                 break;
             }
-            specs = nv;
+            names = nv;
         }
+        snprintf(names[n_names++], sizeof *names, "%s", name);
+    }
+    closedir(d);
+    struct saved_spec **specs = calloc(n_names ? n_names : 1, sizeof *specs);
+    size_t n = 0, restored = 0;
+    char why[1024];
+    if (rc == 0 && specs == NULL) rc = KSM_ENOMEM;
+    for (size_t i = 0; rc == 0 && i < n_names; i++) {
+        size_t id_len = strlen(names[i]) - 2;
+        char id[KSM_ID_MAX + 1];
+        snprintf(id, sizeof id, "%.*s", (int)id_len, names[i]);
         if ((specs[n] = malloc(sizeof **specs)) == NULL) {
             rc = KSM_ENOMEM;
             break;
         }
-        strncat(path, "/spec.json", sizeof path - strlen(path) - 1);
-        rc = spec_parse(path, specs[n], err, errlen);
-        n++;
-        if (rc == 0 && (strlen(specs[n - 1]->id) != len - 2 ||
-                        strncmp(specs[n - 1]->id, name, len - 2) != 0)) {
-            ERRF("%s names model \"%s\", not the directory's", path, specs[n - 1]->id);
-            rc = KSM_EFORMAT;
+        why[0] = '\0';
+        int lrc = load_spec(p, names[i], id_len, specs[n], why, sizeof why);
+        if (lrc == 0) {
+            n++;
+        } else {
+            free(specs[n]);
+            rc = damaged(p, id, lrc, why, err, errlen);
         }
     }
-    closedir(d);
-    if (rc == 0) {
-        if (n > 0) qsort(specs, n, sizeof *specs, cmp_seq);
-        for (size_t i = 0; i < n && rc == 0; i++) {
-            rc = restore_one(p, e, specs[i], err, errlen);
-            if (specs[i]->seq >= p->next_seq) p->next_seq = specs[i]->seq + 1;
-        }
+    if (rc == 0 && n > 0) qsort(specs, n, sizeof *specs, cmp_seq);
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        why[0] = '\0';
+        int rrc = restore_one(p, e, specs[i], why, sizeof why);
+        if (specs[i]->seq >= p->next_seq) p->next_seq = specs[i]->seq + 1;
+        if (rrc == 0)
+            restored++;
+        else
+            rc = damaged(p, specs[i]->id, rrc, why, err, errlen);
     }
     for (size_t i = 0; i < n; i++) free(specs[i]);
     free(specs);
-    if (rc == 0 && n_models) *n_models = n;
+    free(names);
+    if (rc == 0 && n_models) *n_models = restored;
     return rc;
 }
 
@@ -713,10 +1083,11 @@ int ksm_persist_created(ksm_persist *p, ksm_model *m, const struct ksm_model_spe
 {
     if (p == NULL) return 0;
     const char *id = ksm_model_id(m);
-    char tmp[4200], dir[4200], path[4300], why[256];
-    snprintf(tmp, sizeof tmp, "%s/.%s.tmp", p->models, id);
+    char tmp[4200], tmpname[KSM_ID_MAX + 8], dir[4200], path[4300], why[256];
+    snprintf(tmpname, sizeof tmpname, ".%s.tmp", id);
+    snprintf(tmp, sizeof tmp, "%s/%s", p->models, tmpname);
     model_dir(p, id, dir, sizeof dir);
-    remove_dir(tmp);
+    remove_dir_at(p->models_fd, tmpname, p->models);
     pthread_mutex_lock(&p->mu);
     uint64_t seq = p->next_seq++;
     pthread_mutex_unlock(&p->mu);
@@ -746,15 +1117,15 @@ int ksm_persist_created(ksm_persist *p, ksm_model *m, const struct ksm_model_spe
     if (rc != 0) {
         ERRF("could not write the state of model %s under %s: %s", id, p->models, io_reason(rc));
         KSM_LOGE("persist", "%s", err ? err : "create failed");
-        remove_dir(tmp);
-        return KSM_EIO;
+        remove_dir_at(p->models_fd, tmpname, p->models);
+        return write_failure(rc);
     }
     struct ksm_persist_model *pm = entry_acquire(p, id);
     if (pm == NULL) return KSM_ENOMEM;
     snprintf(path, sizeof path, "%s/journal", dir);
     if (pm->jfd >= 0) close(pm->jfd);
-    pm->jfd = open(path, O_RDWR | O_CLOEXEC);
-    pm->exists = pm->jfd >= 0;
+    pm->jfd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    set_exists(pm, pm->jfd >= 0);
     pm->failed = false;
     pm->jsize = 0;
     pm->jrecords = 0;
@@ -848,7 +1219,7 @@ int ksm_persist_log_slots(ksm_persist_model *pm, ksm_model *m, const char *slot_
         ERRF("the state of model %s could not be written to disk (%s); the mutation was not "
              "applied",
              pm->id, io_reason(rc));
-        return KSM_EIO;
+        return write_failure(rc);
     }
     pm->jsize += KSM_JOURNAL_HEADER + len;
     pm->jrecords++;
@@ -872,7 +1243,7 @@ int ksm_persist_log_snapshot(ksm_persist_model *pm, ksm_model *m, char *err, siz
         ERRF("the state of model %s could not be written to disk (%s); the change was not "
              "applied",
              pm->id, io_reason(rc));
-        return KSM_EIO;
+        return write_failure(rc);
     }
     return 0;
 }
@@ -880,18 +1251,19 @@ int ksm_persist_log_snapshot(ksm_persist_model *pm, ksm_model *m, char *err, siz
 int ksm_persist_delete_begin(ksm_persist_model *pm, char *err, size_t errlen)
 {
     if (pm == NULL || !pm->exists) return 0;
-    char dir[4200], del[4200];
+    char dir[4200], del[4200], delname[KSM_ID_MAX + 8];
     model_dir(pm->p, pm->id, dir, sizeof dir);
-    snprintf(del, sizeof del, "%s/.%s.del", pm->p->models, pm->id);
-    remove_dir(del);
+    snprintf(delname, sizeof delname, ".%s.del", pm->id);
+    snprintf(del, sizeof del, "%s/%s", pm->p->models, delname);
+    remove_dir_at(pm->p->models_fd, delname, pm->p->models);
     int rc = rename(dir, del) != 0 ? -errno : 0;
     if (rc == 0) rc = fsync_dir(pm->p->models);
     if (rc != 0) {
         if (access(del, F_OK) == 0) rename(del, dir);
         ERRF("cannot delete the state of model %s (%s): the model was kept", pm->id, io_reason(rc));
-        return KSM_EIO;
+        return write_failure(rc);
     }
-    pm->exists = false;
+    set_exists(pm, false);
     pm->deleting = true;
     return 0;
 }
@@ -899,17 +1271,18 @@ int ksm_persist_delete_begin(ksm_persist_model *pm, char *err, size_t errlen)
 void ksm_persist_delete_end(ksm_persist_model *pm, bool deleted)
 {
     if (pm == NULL || !pm->deleting) return;
-    char dir[4200], del[4200];
+    char dir[4200], del[4200], delname[KSM_ID_MAX + 8];
     model_dir(pm->p, pm->id, dir, sizeof dir);
-    snprintf(del, sizeof del, "%s/.%s.del", pm->p->models, pm->id);
+    snprintf(delname, sizeof delname, ".%s.del", pm->id);
+    snprintf(del, sizeof del, "%s/%s", pm->p->models, delname);
     pm->deleting = false;
     if (deleted) {
         if (pm->jfd >= 0) close(pm->jfd);
         pm->jfd = -1;
-        remove_dir(del);
+        remove_dir_at(pm->p->models_fd, delname, pm->p->models);
         fsync_dir(pm->p->models);
     } else if (rename(del, dir) == 0 && fsync_dir(pm->p->models) == 0) {
-        pm->exists = true;
+        set_exists(pm, true);
     } else {
         KSM_LOGE("persist", "model %s: cannot restore its state directory after a refused delete",
                  pm->id);

@@ -34,6 +34,27 @@
  * (KSM_EIO) until a restart restores the durable state, so memory is never served ahead of
  * disk for more than the one failed call.
  *
+ * Hostile or damaged input (DIR is trusted no more than its contents): nothing under DIR is
+ * followed through a symbolic link. The models directory is opened once (O_DIRECTORY |
+ * O_NOFOLLOW) and every start-up read and cleanup goes through it with openat / fstatat
+ * (AT_SYMLINK_NOFOLLOW) / unlinkat, so a planted link is skipped with a warning, or for a
+ * leftover .<id>.tmp / .<id>.del name unlinked itself, never its target. A world-writable DIR or
+ * DIR/models stops start-up; a group-writable one, or one another user owns, is logged.
+ * Every state blob carries kasmina.crc32c (safetensors.h: the CRC32C of the whole blob) and
+ * journal records must have non-decreasing generations (a compaction's leftovers, <= the
+ * snapshot's generation, come first and are skipped). A model whose files are damaged (spec,
+ * snapshot checksum, a journal damaged in its middle or out of generation order, a symbolic link
+ * inside its directory) is quarantined: its directory moves to DIR/quarantine/<id>.<unix
+ * time>.d (fsynced, never deleted), the reason (file and byte offset) is logged and kept
+ * (ksm_persist_quarantined), and the other models are served; CreateModel may reuse the id.
+ * With strict_restore set, such damage stops start-up instead, naming the file. Entries of
+ * DIR/models that are not model directories are logged and left alone. A missing journal is
+ * recreated empty, with a warning naming it (loud when the snapshot is past generation 1: the
+ * mutations it held, if any, are lost).
+ *
+ * Disk-full class failures of a write (ENOSPC, EDQUOT, EFBIG) fail the call with KSM_ENOSPC
+ * (RESOURCE_EXHAUSTED), every other write failure with KSM_EIO; the rollback is the same.
+ *
  * Thread-safety: every function may be called from any thread; calls for one model serialise
  * on its lock.
  */
@@ -56,6 +77,14 @@ struct ksm_persist_config {
     const char *dir;          /* created (0700) if missing */
     uint32_t compact_records; /* snapshot after this many journal records (0 = 1000) */
     uint64_t compact_bytes;   /* ... or this many journal bytes (0 = 64 MiB) */
+    bool strict_restore;      /* damage stops start-up instead of quarantining the model */
+};
+
+/* A model set aside at start-up (see above). */
+struct ksm_persist_quarantine {
+    char id[KSM_ID_MAX + 1];
+    char reason[768];    /* one sentence naming the file (and byte offset) and what is wrong */
+    char moved_to[3200]; /* its directory now (DIR/quarantine/<id>.<unix time>.d) */
 };
 
 /* Creates/locks the state directory. KSM_EBUSY (with the other daemon's pid in err) when
@@ -63,12 +92,18 @@ struct ksm_persist_config {
 int ksm_persist_open(const struct ksm_persist_config *cfg, ksm_persist **out, char *err,
                      size_t errlen);
 /* Rebuilds every model of the directory into e (in creation order), dropping torn journal
- * tails (logged with their byte offset). KSM_EFORMAT (err names the file) for damage it cannot
- * repair. *n_models (may be NULL) = models restored. */
+ * tails (logged with their byte offset) and quarantining damaged models. With strict_restore,
+ * KSM_EFORMAT (err names the file) for damage it cannot repair. Failures that are not the files'
+ * (memory, devices, --max-models) and a quarantine that cannot move the directory stop it in
+ * either mode. *n_models (may be NULL) = models restored. */
 int ksm_persist_restore(ksm_persist *p, ksm_engine *e, size_t *n_models, char *err, size_t errlen);
 /* Releases the lock. NULL is a no-op. */
 void ksm_persist_close(ksm_persist *p);
 const char *ksm_persist_dir(const ksm_persist *p);
+/* The models ksm_persist_restore quarantined, in the order it met them (*n = 0 and NULL when
+ * none, or p is NULL). Borrowed: filled by ksm_persist_restore before anything is served and
+ * never changed afterwards, so any thread may read it until ksm_persist_close. */
+const struct ksm_persist_quarantine *ksm_persist_quarantined(const ksm_persist *p, size_t *n);
 
 /* ---- the mutation protocol (p NULL: every call is a no-op returning 0) ---- */
 

@@ -49,6 +49,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "io/journal.h"
 #include "kasmina/errors.h"
 
 #define ST_HEADER_MAX 100000000u /* the reference implementation's limit */
@@ -832,4 +833,72 @@ out_free:
     free(tmp);
     free(hdr);
     return rc;
+}
+
+// ---- Self-checksum ----
+
+/* The offset of the 8-character value of "key":"XXXXXXXX" in buf's header, or -1 when the key is
+ * absent, -2 when the blob is malformed or the key appears more than once or its value is not 8
+ * characters. An occurrence inside a JSON string value is impossible: there its quotes are
+ * escaped (\"key\":\"), which the pattern does not match. */
+static long long crc_value_at(const uint8_t *buf, size_t len, const char *key)
+{
+    if (buf == NULL || key == NULL || len < 8) return -2;
+    uint64_t hl = load_le64(buf);
+    if (hl > len - 8) return -2;
+    char pat[160];
+    int pn = snprintf(pat, sizeof pat, "\"%s\":\"", key);
+    if (pn <= 0 || (size_t)pn >= sizeof pat) return -2;
+    const uint8_t *h = buf + 8, *end = buf + 8 + hl, *hit = NULL;
+    for (const uint8_t *q = h; q < end;) {
+        const uint8_t *f = memmem(q, (size_t)(end - q), pat, (size_t)pn);
+        if (f == NULL) break;
+        if (hit != NULL) return -2;
+        hit = f;
+        q = f + 1;
+    }
+    if (hit == NULL) return -1;
+    const uint8_t *v = hit + pn;
+    if ((size_t)(end - v) < 9 || v[8] != '"') return -2;
+    return (long long)(v - buf);
+}
+
+static uint32_t crc_with_placeholder(const uint8_t *buf, size_t len, size_t at)
+{
+    uint32_t c = ksm_crc32c(0, buf, at);
+    c = ksm_crc32c(c, KSM_ST_CRC_PLACEHOLDER, 8);
+    return ksm_crc32c(c, buf + at + 8, len - at - 8);
+}
+
+int ksm_st_crc32c_seal(void *buf, size_t len, const char *key)
+{
+    uint8_t *b = buf;
+    long long at = crc_value_at(b, len, key);
+    if (at < 0 || memcmp(b + at, KSM_ST_CRC_PLACEHOLDER, 8) != 0) return KSM_EINVAL;
+    char hex[9];
+    snprintf(hex, sizeof hex, "%08x", (unsigned)crc_with_placeholder(b, len, (size_t)at));
+    memcpy(b + at, hex, 8);
+    return 0;
+}
+
+int ksm_st_crc32c_check(const void *buf, size_t len, const char *key, uint32_t *stored,
+                        uint32_t *actual)
+{
+    if (stored) *stored = 0;
+    if (actual) *actual = 0;
+    const uint8_t *b = buf;
+    long long at = crc_value_at(b, len, key);
+    if (at == -1) return KSM_ENOENT;
+    if (at < 0) return KSM_EFORMAT;
+    uint32_t want = 0;
+    for (int i = 0; i < 8; i++) {
+        char c = (char)b[at + i];
+        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+        if (d < 0) return KSM_EFORMAT;
+        want = want << 4 | (uint32_t)d;
+    }
+    uint32_t got = crc_with_placeholder(b, len, (size_t)at);
+    if (stored) *stored = want;
+    if (actual) *actual = got;
+    return got == want ? 0 : KSM_EFORMAT;
 }

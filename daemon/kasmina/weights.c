@@ -145,9 +145,17 @@ static int export_common(ksm_model *m, const bool *want, bool with_host, void **
         meta[2 * nm + 3] = with_host ? "snapshot" : "slots";
         meta[2 * nm + 4] = "kasmina.device";
         meta[2 * nm + 5] = devbuf;
-        nm += 3;
+        /* Sealed below: the CRC32C of the whole blob (io/persist checks snapshots with it). */
+        meta[2 * nm + 6] = "kasmina.crc32c";
+        meta[2 * nm + 7] = KSM_ST_CRC_PLACEHOLDER;
+        nm += 4;
     }
     rc = ksm_st_serialize(ts, nt, meta, nm, buf, len);
+    if (rc == 0 && want != NULL && (rc = ksm_st_crc32c_seal(*buf, *len, "kasmina.crc32c")) != 0) {
+        free(*buf);
+        *buf = NULL;
+        *len = 0;
+    }
     if (rc == 0 && generation != NULL) *generation = gen;
 out:
     pthread_mutex_unlock(&m->lock);

@@ -229,6 +229,21 @@ static int h_list_models(ksm_rpc_server *s, const ProtobufCMessage *req, struct 
         ksm_model_unref(list[i]);
     }
     if (rc != 0) return rc;
+    /* Quarantined at start-up (io/persist.h): immutable once serving, borrowed until exit. */
+    size_t nq = 0;
+    const struct ksm_persist_quarantine *q = ksm_persist_quarantined(s->cfg.persist, &nq);
+    if (nq > 0 &&
+        (out->quarantined = ksm_pb_arena_alloc(&cx->arena, nq * sizeof *out->quarantined)) == NULL)
+        return KSM_ENOMEM;
+    for (size_t i = 0; i < nq; i++) {
+        Kasmina__V1__QuarantinedModel *pb = ksm_pb_arena_alloc(&cx->arena, sizeof *pb);
+        if (pb == NULL) return KSM_ENOMEM;
+        kasmina__v1__quarantined_model__init(pb);
+        pb->model_id = (char *)q[i].id;
+        pb->reason = (char *)q[i].reason;
+        pb->moved_to = (char *)q[i].moved_to;
+        out->quarantined[out->n_quarantined++] = pb;
+    }
     *reply = &out->base;
     return 0;
 }

@@ -63,6 +63,23 @@ int ksm_st_write(const char *path, const struct ksm_st_tensor *tensors, size_t n
 int ksm_st_serialize(const struct ksm_st_tensor *tensors, size_t n, const char *const *meta,
                      size_t n_meta, void **out, size_t *len);
 
+/* ---- Self-checksum (kasmina state blobs: io/persist snapshots) ----
+ *
+ * A blob serialised with a __metadata__ entry key = KSM_ST_CRC_PLACEHOLDER can be sealed: the
+ * placeholder's 8 characters are replaced in place by the CRC32C (8 lowercase hex digits) of the
+ * whole blob as it was with the placeholder. The checksum covers every byte, header and data, so
+ * a flipped bit anywhere shows; the blob stays a plain safetensors file. */
+#define KSM_ST_CRC_PLACEHOLDER "00000000"
+
+/* Seals buf in place. KSM_EINVAL when buf has no (or more than one) "key":"00000000" entry in
+ * its header. */
+int ksm_st_crc32c_seal(void *buf, size_t len, const char *key);
+/* Checks a sealed blob. 0 when the checksum matches; KSM_ENOENT when the header has no such key
+ * (a blob from a writer that did not seal it); KSM_EFORMAT when it does not match or is malformed
+ * (*stored and *actual, each may be NULL, receive the two values; 0 when not parsed). */
+int ksm_st_crc32c_check(const void *buf, size_t len, const char *key, uint32_t *stored,
+                        uint32_t *actual);
+
 #ifdef __cplusplus
 }
 #endif

@@ -28,6 +28,12 @@ if(KSM_RPC_PROTOC AND EXISTS ${KSM_RPC_PYTHON})
     COMMAND ${KSM_RPC_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/rpc/test_persist.py
             $<TARGET_FILE:kasminad> ${py_out})
   set_tests_properties(rpc_persist PROPERTIES LABELS rpc TIMEOUT 300)
+  # Hostile state directories (issue 12): planted links, world-writable modes, damaged models
+  # quarantined, out-of-order journal records, a missing journal, snapshot checksums.
+  add_test(NAME rpc_persist_hostile
+    COMMAND ${KSM_RPC_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/rpc/test_persist_hostile.py
+            $<TARGET_FILE:kasminad> ${py_out})
+  set_tests_properties(rpc_persist_hostile PROPERTIES LABELS rpc TIMEOUT 180)
   # Device faults through the daemon: OOM, a device that breaks while serving, restart.
   add_test(NAME rpc_faults
     COMMAND ${KSM_RPC_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/rpc/test_faults.py

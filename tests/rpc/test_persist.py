@@ -7,7 +7,8 @@ Usage: test_persist.py <kasminad> <dir with the generated kasmina_pb2.py and hea
    ListModels, GetSlotReports and ExportWeights of every model are byte-equal.
 2. lock: a second kasminad on the same state directory refuses to start and says why.
 3. repair: a torn journal tail is dropped (logged with its byte offset) and the state before it
-   restored; damage in the middle of a journal stops start-up with a message naming the file.
+   restored; under --strict-restore, damage in the middle of a journal stops start-up with a
+   message naming the file (without it the model is quarantined: test_persist_hostile.py).
 4. kill: random lifecycle mutations (germinate, advance, set alpha target, prune, schedule
    prune, set alpha, step, record metrics, load weights, move), kill -9 at random points (some
    between calls, some while a mutation is in flight), restart each time; the state must equal
@@ -16,7 +17,8 @@ Usage: test_persist.py <kasminad> <dir with the generated kasmina_pb2.py and hea
    (default 20), KASMINA_KILL_SEED.
 5. write failure: with kasminad's RLIMIT_FSIZE lowered to its journal's size (prlimit, SIGXFSZ
    ignored), every journalled mutation and every snapshot (LoadWeights, MoveModel) fails to
-   write for real (EFBIG): the call fails with INTERNAL / KSM_EIO naming the failure, the model
+   write for real (EFBIG): the call fails with RESOURCE_EXHAUSTED / KSM_ENOSPC (the disk-full
+   class: ENOSPC, EDQUOT, EFBIG) naming the failure, the model
    reads back unchanged (no phantom mutation: reports, weights, device, generation, forward
    output) with its journal truncated back, reads keep being served, the same mutation succeeds
    once the disk takes writes again, and a restart restores the last acknowledged state.
@@ -254,11 +256,14 @@ def test_repair(tmp, state, sock, log, before):
     bad = bytearray(good)
     bad[40] ^= 0x55
     open(journal, "wb").write(bytes(bad))
-    p = subprocess.run([BIN, "--listen", "unix:" + sock, "--state-dir", state, "--no-cuda"],
-                       capture_output=True, text=True, timeout=30)
-    check(p.returncode != 0 and journal in p.stderr and "damaged at byte 0" in p.stderr,
-          "repair: damage in the middle stops start-up naming the file: rc %d %r"
-          % (p.returncode, p.stderr[-400:]))
+    p = subprocess.run([BIN, "--listen", "unix:" + sock, "--state-dir", state, "--no-cuda",
+                        "--strict-restore"], capture_output=True, text=True, timeout=30)
+    check(p.returncode != 0 and journal in p.stderr and "damaged at byte 0" in p.stderr
+          and "--strict-restore" in p.stderr,
+          "repair: under --strict-restore damage in the middle stops start-up naming the file: "
+          "rc %d %r" % (p.returncode, p.stderr[-400:]))
+    check(open(journal, "rb").read() == bytes(bad),
+          "repair: the refused start left the damaged journal where it was")
     open(journal, "wb").write(good)
 
 
@@ -434,11 +439,12 @@ def test_write_failure(tmp):
             continue
         except grpc.RpcError as e:
             md = dict(e.trailing_metadata() or ())
-            check(e.code() == SC.INTERNAL and md.get("kasmina-error") == "KSM_EIO"
+            check(e.code() == SC.RESOURCE_EXHAUSTED and md.get("kasmina-error") == "KSM_ENOSPC"
                   and "model w0 could not be written to disk (File too large)" in e.details()
                   and "not applied" in e.details(),
-                  "write failure: %s fails with INTERNAL / KSM_EIO naming the failure (%s %s: %s)"
-                  % (method, e.code(), md.get("kasmina-error"), e.details()))
+                  "write failure: %s fails with RESOURCE_EXHAUSTED / KSM_ENOSPC naming the "
+                  "failure (%s %s: %s)" % (method, e.code(), md.get("kasmina-error"),
+                                           e.details()))
         now = state_of(d, {"w0"})["w0"]
         check(now == before, "write failure: after the failed %s the model reads back unchanged "
               "(%s)" % (method, describe_diff({"w0": before}, {"w0": now})))

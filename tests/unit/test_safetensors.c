@@ -741,3 +741,42 @@ Test(safetensors, overwriting_replaces_the_whole_file)
     free(path);
     rm_dir(dir);
 }
+
+// ---- Self-checksum (kasmina.crc32c) ----
+
+Test(safetensors, crc32c_seal_catches_a_flipped_bit_anywhere)
+{
+    struct ksm_st_tensor t[16];
+    size_t n = sample(t);
+    /* An extra-state-like value that quotes the key cannot be mistaken for it. */
+    const char *meta[] = {"kasmina.crc32c", KSM_ST_CRC_PLACEHOLDER, "note",
+                          "{\"kasmina.crc32c\":\"ffffffff\"}"};
+    void *buf = NULL;
+    size_t len = 0;
+    cr_assert_eq(ksm_st_serialize(t, n, meta, 2, &buf, &len), 0);
+    cr_assert_eq(ksm_st_crc32c_check(buf, len, "kasmina.crc32c", NULL, NULL), KSM_EFORMAT,
+                 "an unsealed placeholder does not pass");
+    cr_assert_eq(ksm_st_crc32c_seal(buf, len, "kasmina.crc32c"), 0);
+    uint32_t stored = 0, actual = 1;
+    cr_assert_eq(ksm_st_crc32c_check(buf, len, "kasmina.crc32c", &stored, &actual), 0);
+    cr_expect_eq(stored, actual);
+    ksm_st_file *f = NULL;
+    cr_assert_eq(ksm_st_parse(buf, len, &f, NULL, 0), 0, "a sealed blob is plain safetensors");
+    ksm_st_close(f);
+    uint8_t *b = buf;
+    for (size_t i = 0; i < len; i++) {
+        b[i] ^= 0x10;
+        int rc = ksm_st_crc32c_check(buf, len, "kasmina.crc32c", NULL, NULL);
+        cr_expect_neq(rc, 0, "a flipped bit at byte %zu of %zu passed", i, len);
+        b[i] ^= 0x10;
+    }
+    cr_expect_eq(ksm_st_crc32c_check(buf, len - 1, "kasmina.crc32c", NULL, NULL), KSM_EFORMAT);
+    free(buf);
+
+    /* The quoted key inside another value is not the key: absent, and sealing refuses. */
+    cr_assert_eq(ksm_st_serialize(t, n, meta + 2, 1, &buf, &len), 0);
+    cr_expect_eq(ksm_st_crc32c_check(buf, len, "kasmina.crc32c", NULL, NULL), KSM_ENOENT);
+    cr_expect_eq(ksm_st_crc32c_seal(buf, len, "kasmina.crc32c"), KSM_EINVAL);
+    cr_expect_eq(ksm_st_crc32c_check(buf, 4, "kasmina.crc32c", NULL, NULL), KSM_EFORMAT);
+    free(buf);
+}
