@@ -21,6 +21,7 @@
 
 #include "core/config.h"
 #include "io/persist.h"
+#include "service/service.h"
 #include "kasmina/alloc.h"
 #include "kasmina/backend.h"
 #include "kasmina/errors.h"
@@ -39,6 +40,7 @@ struct daemon {
     ksm_engine *engine;
     ksm_rpc_server *rpc;
     ksm_persist *persist;
+    ksm_service *service;
     ksm_metrics *metrics; /* NULL unless --metrics-listen */
     uv_loop_t loop;
     uv_signal_t sig_term, sig_int, sig_hup;
@@ -128,23 +130,20 @@ static void log_devices(ksm_engine *e, bool cuda_wanted)
              ksm_device_kind(def) == KSM_DEVICE_CUDA ? "cuda" : "cpu", ksm_device_name(def));
 }
 
-static int create_demo(ksm_engine *e, ksm_persist *p)
+static int create_demo(ksm_service *svc)
 {
     static const char *const slots[] = {"r0c0", "r0c1", "r0c2"};
     struct ksm_model_spec spec = {.topology = KSM_TOPOLOGY_CNN, .slots = slots, .n_slots = 3};
     spec.cnn.pool_layers = -1;
     ksm_model *m = NULL;
     char err[512] = "";
-    if (ksm_engine_model_get(e, "demo", &m) == 0) { /* restored from the state directory */
+    if (ksm_service_model_get(svc, "demo", &m, NULL, 0) == 0) { /* restored from the state dir */
         ksm_model_unref(m);
         return 0;
     }
-    int rc = ksm_engine_model_create(e, "demo", &spec, &m, err, sizeof err);
-    if (rc == 0 && (rc = ksm_persist_created(p, m, &spec, err, sizeof err)) != 0)
-        ksm_engine_model_delete(e, "demo", NULL);
+    int rc = ksm_service_model_create(svc, "demo", &spec, &m, err, sizeof err);
     if (rc != 0) {
         KSM_LOGE("main", "--demo: cannot create model \"demo\": %s (%s)", err, ksm_err_name(rc));
-        if (m) ksm_model_unref(m);
         return rc;
     }
     ksm_model_unref(m);
@@ -248,6 +247,7 @@ int main(int argc, char **argv)
         .enable_cuda = !d.cfg.no_cuda,
         .memory_cap = d.cfg.memory_cap,
         .max_models = (uint32_t)d.cfg.max_models,
+        .max_seeds_per_model = (uint32_t)d.cfg.max_seeds_per_model,
         .fault_injection = d.cfg.fault_injection,
     };
     rc = ksm_engine_new(&ec, &d.engine, err, sizeof err);
@@ -257,7 +257,19 @@ int main(int argc, char **argv)
     }
     log_devices(d.engine, !d.cfg.no_cuda);
     if (open_state(&d) != 0) goto out_engine;
-    if (d.cfg.demo && create_demo(d.engine, d.persist) != 0) goto out_engine;
+    struct ksm_service_config sc = {
+        .engine = d.engine,
+        .persist = d.persist,
+        .event_ring = d.cfg.event_ring,
+        .max_models = (uint32_t)d.cfg.max_models,
+        .max_seeds_per_model = (uint32_t)d.cfg.max_seeds_per_model,
+        .memory_cap = d.cfg.memory_cap,
+    };
+    if ((rc = ksm_service_new(&sc, &d.service)) != 0) {
+        KSM_LOGE("main", "service: %s", ksm_strerror(rc));
+        goto out_engine;
+    }
+    if (d.cfg.demo && create_demo(d.service) != 0) goto out_engine;
 
     struct ksm_rpc_server_config rc_cfg = {
         .listen = (const char *const *)d.cfg.listen,
@@ -266,10 +278,8 @@ int main(int argc, char **argv)
         .max_message_bytes = d.cfg.max_message_bytes,
         .workers = d.cfg.workers,
         .max_concurrent_calls = d.cfg.max_concurrent_calls,
-        .event_ring = d.cfg.event_ring,
         .subscriber_buffer = d.cfg.subscriber_buffer,
         .version = KSM_VERSION,
-        .persist = d.persist,
         .socket_group = d.cfg.socket_group,
         .tls_cert_file = d.cfg.tls_cert,
         .tls_key_file = d.cfg.tls_key,
@@ -277,12 +287,9 @@ int main(int argc, char **argv)
         .token_file = d.cfg.token_file,
         .max_batch_rows = (uint32_t)d.cfg.max_batch_rows,
         .max_sequence_length = (uint32_t)d.cfg.max_sequence_length,
-        .max_seeds_per_model = (uint32_t)d.cfg.max_seeds_per_model,
         .max_queued_per_stream = (uint32_t)d.cfg.max_queued_per_stream,
-        .max_models = (uint32_t)d.cfg.max_models,
-        .memory_cap = d.cfg.memory_cap,
     };
-    rc = ksm_rpc_server_start(d.engine, &rc_cfg, &d.rpc, err, sizeof err);
+    rc = ksm_rpc_server_start(d.service, &rc_cfg, &d.rpc, err, sizeof err);
     if (rc != 0) {
         KSM_LOGE("main", "%s", err);
         fprintf(stderr, "kasminad: %s\n", err);
@@ -332,6 +339,7 @@ int main(int argc, char **argv)
     exit_code = rc == 0 ? 0 : 1;
 
 out_engine:
+    ksm_service_free(d.service);
     ksm_engine_free(d.engine);
     ksm_persist_close(d.persist);
     if (exit_code == 0) KSM_LOGI("main", "kasminad stopped");

@@ -74,6 +74,7 @@ int ksm_engine_new(const struct ksm_engine_config *cfg, ksm_engine **out, char *
     if (e == NULL) return KSM_ENOMEM;
     pthread_mutex_init(&e->lock, NULL);
     e->max_models = c.max_models ? c.max_models : 1024;
+    e->max_seeds_per_model = c.max_seeds_per_model;
     int rc;
     if (c.enable_cuda) {
         char why[256] = "";
@@ -248,8 +249,8 @@ int ksm_engine_model_create(ksm_engine *e, const char *id, const struct ksm_mode
         KSM_ERR(err, errlen, "model_id \"%s\" is already taken", id);
         rc = KSM_EEXIST;
     } else if (e->n_models >= e->max_models) {
-        KSM_ERR(err, errlen, "the daemon already holds max_models = %u models", e->max_models);
-        rc = KSM_ELIMIT;
+        KSM_ERR(err, errlen, "the engine already holds max_models = %u models", e->max_models);
+        rc = KSM_EMAXMODELS;
     }
     pthread_mutex_unlock(&e->lock);
     if (rc < 0) return rc;
@@ -263,8 +264,8 @@ int ksm_engine_model_create(ksm_engine *e, const char *id, const struct ksm_mode
         KSM_ERR(err, errlen, "model_id \"%s\" is already taken", id);
         rc = KSM_EEXIST;
     } else if (e->n_models >= e->max_models) {
-        KSM_ERR(err, errlen, "the daemon already holds max_models = %u models", e->max_models);
-        rc = KSM_ELIMIT;
+        KSM_ERR(err, errlen, "the engine already holds max_models = %u models", e->max_models);
+        rc = KSM_EMAXMODELS;
     } else if (e->n_models == e->cap_models) {
         size_t cap = e->cap_models ? 2 * e->cap_models : 8;
         ksm_model **v = realloc(e->models, cap * sizeof *v);

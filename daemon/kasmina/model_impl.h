@@ -27,6 +27,7 @@ struct ksm_engine {
     ksm_allocator *allocators[64];
     ksm_device *default_device;
     uint32_t max_models;
+    uint32_t max_seeds_per_model; /* 0 = no limit */
 
     pthread_mutex_t lock; /* registry */
     ksm_model **models;

@@ -110,6 +110,24 @@ static int smoke_test(ksm_model *m, struct ksm_model_slot *ms, ksm_seed *seed)
     return rc;
 }
 
+/* The engine's max_seeds_per_model, counted under the model's lock (so two germinations of one
+ * model cannot overshoot it, and germinations of different models never wait on each other). */
+static int check_seed_limit(ksm_model *m, char *err, size_t errlen)
+{
+    uint32_t max = m->engine->max_seeds_per_model;
+    if (max == 0) return 0;
+    uint32_t live = 0;
+    for (int i = 0; i < m->n_slots; i++) {
+        const struct ksm_slot *s = &m->slots[i].s;
+        live += s->occupied && s->st.stage != KSM_STAGE_PRUNED &&
+                s->st.stage != KSM_STAGE_EMBARGOED && s->st.stage != KSM_STAGE_RESETTING;
+    }
+    if (live < max) return 0;
+    KSM_ERR(err, errlen, "model '%s' already has %u live seeds; max_seeds_per_model = %u", m->id,
+            live, max);
+    return KSM_EMAXSEEDS;
+}
+
 int ksm_model_germinate(ksm_model *m, const char *slot_id, const struct ksm_germinate_args *a,
                         struct ksm_slot_report *report, char *err, size_t errlen)
 {
@@ -122,6 +140,7 @@ int ksm_model_germinate(ksm_model *m, const char *slot_id, const struct ksm_germ
     if (rc < 0) return rc;
     rc = ksm_slot_germinate_check(&ms->s, a, err, errlen);
     if (rc < 0) goto out;
+    if ((rc = check_seed_limit(m, err, errlen)) < 0) goto out;
     const struct ksm_blueprint *bp = ksm_blueprint_find(m->spec.topology, a->blueprint_id);
     if (bp == NULL) {
         const char *const *names;

@@ -1,14 +1,15 @@
 /*
- * rpc/calls: one handler per kasmina.v1.Kasmina method. Each runs on a worker thread with the
- * decoded request, translates it (rpc/convert), calls the engine and fills the reply in the
- * call's arena. Returns 0 or a KSM_E* code with one sentence in cx->err. Nothing here decides
- * anything the engine decides.
+ * rpc/calls: one handler per kasmina.v1.Kasmina method. Each runs on a worker thread (or the
+ * completion-queue thread, rpc/server.c) with the decoded request, translates it (rpc/convert),
+ * calls the service (mutations: durable and published, service/service.h) or the engine (reads
+ * of a model the service handed out) and fills the reply in the call's arena. Returns 0 or a
+ * KSM_E* code with one sentence in cx->err. Nothing here decides anything the service or the
+ * engine decides.
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "io/persist.h"
 #include "kasmina/errors.h"
 #include "kasmina/log.h"
 #include "rpc/server_impl.h"
@@ -24,33 +25,6 @@
     if (var == NULL) return KSM_ENOMEM;                                                            \
     init(var)
 
-/* A mutation of model m whose new state must be durable before the reply (io/persist.h): the
- * model's persist lock is held across the engine call and the journal write, so journal order
- * is mutation order; the record is written only when the engine call succeeded (a failed call
- * changed nothing). A model deleted since get_model() looked it up answers NOT_FOUND before the
- * engine is called (and the engine refuses a deleted model too). slot NULL/"" journals every slot;
- * SNAPSHOT writes a whole new snapshot. The lifecycle events the call raises reach WatchEvents only
- * once the record is written: a failed write rolls the model back and drops them. */
-#define SNAPSHOT ((const char *)1)
-#define MUTATE(m, slot, expr)                                                                      \
-    do {                                                                                           \
-        ksm_persist_model *pm_ = NULL;                                                             \
-        TRY(ksm_persist_lock(s->cfg.persist, ksm_model_id(m), &pm_));                              \
-        if (!ksm_persist_model_exists(pm_)) {                                                      \
-            ksm_persist_unlock(pm_);                                                               \
-            snprintf(cx->err, sizeof cx->err, "model_id '%s' does not exist.", ksm_model_id(m));   \
-            return KSM_ENOMODEL;                                                                   \
-        }                                                                                          \
-        rpc_hub_hold_events();                                                                     \
-        int mrc_ = (expr), lrc_ = 0;                                                               \
-        if (mrc_ == 0)                                                                             \
-            mrc_ = lrc_ = (slot) == SNAPSHOT ? ksm_persist_log_snapshot(pm_, (m), ERR)             \
-                                             : ksm_persist_log_slots(pm_, (m), (slot), ERR);       \
-        rpc_hub_release_events(s->hub, lrc_ == 0);                                                 \
-        ksm_persist_unlock(pm_);                                                                   \
-        if (mrc_ != 0) return mrc_;                                                                \
-    } while (0)
-
 static void unref_model(void *p) { ksm_model_unref(p); }
 static void free_tensor(void *p) { ksm_host_tensor_free(p); }
 static void free_eval(void *p) { ksm_evaluate_result_free(p); }
@@ -60,12 +34,7 @@ static void free_load(void *p) { ksm_load_result_free(p); }
 static int get_model(ksm_rpc_server *s, const char *id, struct rpc_ctx *cx, ksm_model **out)
 {
     TRY(ksm_conv_check_model_id(id, "model_id", true, ERR));
-    int rc = ksm_engine_model_get(s->engine, id, out);
-    if (rc == KSM_ENOMODEL) {
-        snprintf(cx->err, sizeof cx->err, "model_id '%s' does not exist.", id);
-        return rc;
-    }
-    if (rc != 0) return rc;
+    TRY(ksm_service_model_get(s->service, id, out, ERR));
     rpc_defer(cx, unref_model, *out);
     return 0;
 }
@@ -183,14 +152,7 @@ static int h_create_model(ksm_rpc_server *s, const ProtobufCMessage *req, struct
     struct ksm_model_spec spec;
     TRY(ksm_conv_model_spec_from_pb(r, &spec, ERR));
     ksm_model *m;
-    ksm_persist_create_begin(s->cfg.persist);
-    int rc = ksm_engine_model_create(s->engine, r->model_id, &spec, &m, ERR);
-    if (rc == 0 && (rc = ksm_persist_created(s->cfg.persist, m, &spec, ERR)) != 0) {
-        ksm_engine_model_delete(s->engine, ksm_model_id(m), NULL);
-        ksm_model_unref(m);
-    }
-    ksm_persist_create_end(s->cfg.persist);
-    if (rc != 0) return rc;
+    TRY(ksm_service_model_create(s->service, r->model_id, &spec, &m, ERR));
     rpc_defer(cx, unref_model, m);
     return model_reply(m, cx, reply);
 }
@@ -231,7 +193,7 @@ static int h_list_models(ksm_rpc_server *s, const ProtobufCMessage *req, struct 
     if (rc != 0) return rc;
     /* Quarantined at start-up (io/persist.h): immutable once serving, borrowed until exit. */
     size_t nq = 0;
-    const struct ksm_persist_quarantine *q = ksm_persist_quarantined(s->cfg.persist, &nq);
+    const struct ksm_persist_quarantine *q = ksm_service_quarantined(s->service, &nq);
     if (nq > 0 &&
         (out->quarantined = ksm_pb_arena_alloc(&cx->arena, nq * sizeof *out->quarantined)) == NULL)
         return KSM_ENOMEM;
@@ -254,17 +216,7 @@ static int h_delete_model(ksm_rpc_server *s, const ProtobufCMessage *req, struct
     const Kasmina__V1__DeleteModelRequest *r = (const void *)req;
     TRY(ksm_conv_check_model_id(r->model_id, "model_id", true, ERR));
     uint64_t freed = 0;
-    ksm_persist_model *pm = NULL;
-    TRY(ksm_persist_lock(s->cfg.persist, r->model_id, &pm));
-    int rc = ksm_persist_delete_begin(pm, ERR);
-    if (rc == 0) {
-        rc = ksm_engine_model_delete(s->engine, r->model_id, &freed);
-        ksm_persist_delete_end(pm, rc == 0);
-    }
-    ksm_persist_unlock(pm);
-    if (rc == KSM_ENOMODEL)
-        snprintf(cx->err, sizeof cx->err, "model_id '%s' does not exist.", r->model_id);
-    if (rc != 0) return rc;
+    TRY(ksm_service_model_delete(s->service, r->model_id, &freed, ERR));
     ALLOC(out, Kasmina__V1__DeleteModelResponse, kasmina__v1__delete_model_response__init);
     out->freed_bytes = freed;
     *reply = &out->base;
@@ -283,12 +235,12 @@ static int h_load_weights(ksm_rpc_server *s, const ProtobufCMessage *req, struct
     }
     struct ksm_load_result *lr = ksm_pb_arena_alloc(&cx->arena, sizeof *lr);
     if (lr == NULL) return KSM_ENOMEM;
-    /* Freed whatever MUTATE returns: a load that succeeded and whose snapshot then failed to
+    /* Freed whatever the load returns: a load that succeeded and whose snapshot then failed to
      * be written (rolled back, the call fails) has filled lr too. */
     memset(lr, 0, sizeof *lr);
     rpc_defer(cx, free_load, lr);
-    MUTATE(m, SNAPSHOT,
-           ksm_model_load_weights(m, r->safetensors.data, r->safetensors.len, r->strict, lr, ERR));
+    TRY(ksm_service_load_weights(s->service, m, r->safetensors.data, r->safetensors.len, r->strict,
+                                 lr, ERR));
     ALLOC(out, Kasmina__V1__LoadWeightsResponse, kasmina__v1__load_weights_response__init);
     TRY(ksm_conv_load_result_to_pb(lr, &cx->arena, out));
     *reply = &out->base;
@@ -325,7 +277,7 @@ static int h_move_model(ksm_rpc_server *s, const ProtobufCMessage *req, struct r
         TRY(ksm_conv_dtype_from_pb((int)r->dtype, "dtype", &d, ERR));
         dtype = (int)d;
     }
-    MUTATE(m, SNAPSHOT, ksm_model_move(m, r->device, dtype, ERR));
+    TRY(ksm_service_move(s->service, m, r->device, dtype, ERR));
     return model_reply(m, cx, reply);
 }
 
@@ -341,7 +293,7 @@ static int h_germinate(ksm_rpc_server *s, const ProtobufCMessage *req, struct rp
     TRY(get_model(s, r->model_id, cx, &m));
     struct ksm_slot_report *rep = new_report(cx);
     if (rep == NULL) return KSM_ENOMEM;
-    MUTATE(m, r->slot_id, rpc_germinate_limited(s, m, r->slot_id, &g, rep, cx));
+    TRY(ksm_service_germinate(s->service, m, r->slot_id, &g, rep, ERR));
     Kasmina__V1__SlotReport *out;
     TRY(slot_report_reply(r->model_id, rep, cx, &out));
     *reply = &out->base;
@@ -359,7 +311,7 @@ static int h_advance(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_
     struct ksm_slot_report *rep = new_report(cx);
     struct ksm_gate_result *gate = ksm_pb_arena_alloc(&cx->arena, sizeof *gate);
     if (rep == NULL || gate == NULL) return KSM_ENOMEM;
-    MUTATE(m, l.slot_id, ksm_model_advance(m, l.slot_id, l.target, gate, rep, ERR));
+    TRY(ksm_service_advance(s->service, m, l.slot_id, l.target, gate, rep, ERR));
     ALLOC(out, Kasmina__V1__AdvanceStageResponse, kasmina__v1__advance_stage_response__init);
     out->gate = ksm_pb_arena_alloc(&cx->arena, sizeof *out->gate);
     if (out->gate == NULL) return KSM_ENOMEM;
@@ -390,7 +342,7 @@ static int h_prune(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ct
     struct ksm_slot_report *rep = new_report(cx);
     if (rep == NULL) return KSM_ENOMEM;
     bool accepted = false;
-    MUTATE(m, l.slot_id, ksm_model_prune(m, l.slot_id, l.reason, l.initiator, &accepted, rep, ERR));
+    TRY(ksm_service_prune(s->service, m, l.slot_id, l.reason, l.initiator, &accepted, rep, ERR));
     return prune_reply(r->model_id, accepted, rep, cx, reply);
 }
 
@@ -405,9 +357,8 @@ static int h_schedule_prune(ksm_rpc_server *s, const ProtobufCMessage *req, stru
     struct ksm_slot_report *rep = new_report(cx);
     if (rep == NULL) return KSM_ENOMEM;
     bool accepted = false;
-    MUTATE(m, l.slot_id,
-           ksm_model_schedule_prune(m, l.slot_id, l.steps, l.curve, l.has_steepness, l.steepness,
-                                    l.reason, l.initiator, &accepted, rep, ERR));
+    TRY(ksm_service_schedule_prune(s->service, m, l.slot_id, l.steps, l.curve, l.has_steepness,
+                                   l.steepness, l.reason, l.initiator, &accepted, rep, ERR));
     return prune_reply(r->model_id, accepted, rep, cx, reply);
 }
 
@@ -421,9 +372,8 @@ static int h_set_alpha_target(ksm_rpc_server *s, const ProtobufCMessage *req, st
     TRY(get_model(s, r->model_id, cx, &m));
     struct ksm_slot_report *rep = new_report(cx);
     if (rep == NULL) return KSM_ENOMEM;
-    MUTATE(m, l.slot_id,
-           ksm_model_set_alpha_target(m, l.slot_id, l.alpha, l.steps, l.curve, l.has_steepness,
-                                      l.steepness, l.algorithm, rep, ERR));
+    TRY(ksm_service_set_alpha_target(s->service, m, l.slot_id, l.alpha, l.steps, l.curve,
+                                     l.has_steepness, l.steepness, l.algorithm, rep, ERR));
     ALLOC(out, Kasmina__V1__SetAlphaTargetResponse, kasmina__v1__set_alpha_target_response__init);
     out->accepted = true;
     TRY(slot_report_reply(r->model_id, rep, cx, &out->slot));
@@ -441,7 +391,7 @@ static int h_set_alpha(ksm_rpc_server *s, const ProtobufCMessage *req, struct rp
     TRY(get_model(s, r->model_id, cx, &m));
     struct ksm_slot_report *rep = new_report(cx);
     if (rep == NULL) return KSM_ENOMEM;
-    MUTATE(m, l.slot_id, ksm_model_set_alpha(m, l.slot_id, l.alpha, rep, ERR));
+    TRY(ksm_service_set_alpha(s->service, m, l.slot_id, l.alpha, rep, ERR));
     Kasmina__V1__SlotReport *out;
     TRY(slot_report_reply(r->model_id, rep, cx, &out));
     *reply = &out->base;
@@ -469,7 +419,7 @@ static int h_step_epoch(ksm_rpc_server *s, const ProtobufCMessage *req, struct r
     struct ksm_slot_report *reps = new_reports(m, r->slot_id, cx, &cap);
     if (reps == NULL) return KSM_ENOMEM;
     size_t n = 0;
-    MUTATE(m, r->slot_id, ksm_model_step_epoch(m, r->slot_id, reps, cap, &n, ERR));
+    TRY(ksm_service_step_epoch(s->service, m, r->slot_id, reps, cap, &n, ERR));
     if (n > cap) n = cap;
     ALLOC(out, Kasmina__V1__StepEpochResponse, kasmina__v1__step_epoch_response__init);
     TRY(reports_reply(r->model_id, reps, n, cx, &out->slots, &out->n_slots));
@@ -487,7 +437,7 @@ static int h_record_metrics(ksm_rpc_server *s, const ProtobufCMessage *req, stru
     TRY(get_model(s, r->model_id, cx, &m));
     struct ksm_slot_report *rep = new_report(cx);
     if (rep == NULL) return KSM_ENOMEM;
-    MUTATE(m, r->slot_id, ksm_model_record_metrics(m, r->slot_id, &u, rep, ERR));
+    TRY(ksm_service_record_metrics(s->service, m, r->slot_id, &u, rep, ERR));
     Kasmina__V1__SlotReport *out;
     TRY(slot_report_reply(r->model_id, rep, cx, &out));
     *reply = &out->base;

@@ -55,7 +55,7 @@ int rpc_dispatch_pieces(ksm_rpc_server *s, size_t method_index, const struct ksm
     ksm_pb_arena_init(&cx.arena);
     ProtobufCMessage *out = NULL;
     int rc = m->fn(s, msg, &cx, &out);
-    if (rc != 0) rpc_limit_explain(s, rc, &cx);
+    if (rc != 0) ksm_service_explain(s->service, rc, cx.err, sizeof cx.err);
     if (rc == 0 && out != NULL) {
         /* Packed before the deferred frees: the reply borrows engine results. */
         size_t len = protobuf_c_message_get_packed_size(out);
@@ -81,6 +81,13 @@ int rpc_server_offline_new(ksm_engine *e, const struct ksm_rpc_server_config *cf
 {
     ksm_rpc_server *s = calloc(1, sizeof *s);
     if (s == NULL) return KSM_ENOMEM;
+    struct ksm_service_config sc = {.engine = e};
+    int rc = ksm_service_new(&sc, &s->service);
+    if (rc != 0) {
+        free(s);
+        return rc;
+    }
+    s->owns_service = true;
     s->engine = e;
     if (cfg != NULL) s->cfg = *cfg;
     s->cfg.listen = NULL;
@@ -99,6 +106,7 @@ void rpc_server_offline_free(ksm_rpc_server *s)
 {
     if (s == NULL) return;
     rpc_limits_fini(s);
+    if (s->owns_service) ksm_service_free(s->service);
     pthread_cond_destroy(&s->q_cond);
     pthread_cond_destroy(&s->idle_cond);
     pthread_mutex_destroy(&s->limits_lock);

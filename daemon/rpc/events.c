@@ -1,8 +1,9 @@
 /*
  * rpc/events: the event hub behind WatchEvents, and Health/Watch.
  *
- * The engine's sink (called with a model lock held) only numbers the event, copies it into a
- * ring of the last cfg.event_ring events and signals. One event thread feeds every stream: it
+ * The events themselves are the service's event log (service/service.h: numbered, the last
+ * event_ring kept); its listener only counts the event and signals. One event thread feeds
+ * every stream: it
  * keeps at most one write in flight per stream, skips events of other models, and ends a
  * subscriber with RESOURCE_EXHAUSTED when more than cfg.subscriber_buffer events arrived since
  * its position (or its subscription) that it has not taken yet, or when the ring overwrote an
@@ -20,77 +21,25 @@
 #include "kasmina/log.h"
 #include "rpc/server_impl.h"
 #include "rpc/status.h"
+#include "service/service.h"
 
 struct rpc_hub {
     ksm_rpc_server *s;
+    struct ksm_event_log *log;
     pthread_mutex_t lock; /* recursive: a failed start_batch completes inline */
     pthread_cond_t cond, empty;
     pthread_t thread;
     bool stop, kicked, end_all;
-    struct ksm_lifecycle_event *ring;
-    size_t cap;
-    uint64_t last_seq; /* 0: none yet; event q lives in ring[(q - 1) % cap] */
     struct rpc_call *subs;
 };
 
-static uint64_t oldest_seq(const struct rpc_hub *h)
-{
-    return h->last_seq > h->cap ? h->last_seq - h->cap + 1 : 1;
-}
-
-/* Events held back on this thread (rpc_hub_hold_events). */
-static _Thread_local struct {
-    bool on;
-    size_t n, cap;
-    struct ksm_lifecycle_event *ev;
-} held;
-
-static void publish(struct rpc_hub *h, const struct ksm_lifecycle_event *ev);
-
-void rpc_hub_engine_event(void *ud, const struct ksm_lifecycle_event *ev)
+/* The event log's listener: after every published event, outside the log's lock. */
+static void on_event(void *ud, const struct ksm_lifecycle_event *ev, uint64_t sequence)
 {
     struct rpc_hub *h = ud;
-    if (held.on) {
-        if (held.n == held.cap) {
-            size_t cap = held.cap ? 2 * held.cap : 4;
-            struct ksm_lifecycle_event *p = realloc(held.ev, cap * sizeof *p);
-            if (p == NULL) { /* cannot hold it: publish now rather than lose it */
-                publish(h, ev);
-                return;
-            }
-            held.ev = p;
-            held.cap = cap;
-        }
-        held.ev[held.n++] = *ev;
-        return;
-    }
-    publish(h, ev);
-}
-
-void rpc_hub_hold_events(void)
-{
-    held.on = true;
-    held.n = 0;
-}
-
-void rpc_hub_release_events(struct rpc_hub *h, bool publish_them)
-{
-    held.on = false;
-    if (publish_them)
-        for (size_t i = 0; i < held.n; i++) publish(h, &held.ev[i]);
-    held.n = 0;
-    /* freed every time: a thread's buffer must not outlive it (worker threads end at shutdown) */
-    free(held.ev);
-    held.ev = NULL;
-    held.cap = 0;
-}
-
-static void publish(struct rpc_hub *h, const struct ksm_lifecycle_event *ev)
-{
+    (void)sequence;
     rpc_stats_event(h->s, ev);
     pthread_mutex_lock(&h->lock);
-    h->last_seq++;
-    h->ring[(h->last_seq - 1) % h->cap] = *ev;
     if (h->subs != NULL) {
         h->kicked = true;
         pthread_cond_signal(&h->cond);
@@ -100,10 +49,9 @@ static void publish(struct rpc_hub *h, const struct ksm_lifecycle_event *ev)
 
 uint64_t rpc_hub_last_sequence(struct rpc_hub *h)
 {
-    pthread_mutex_lock(&h->lock);
-    uint64_t v = h->last_seq;
-    pthread_mutex_unlock(&h->lock);
-    return v;
+    uint64_t oldest, last;
+    ksm_event_log_window(h->log, &oldest, &last);
+    return last;
 }
 
 void rpc_hub_kick(struct rpc_hub *h)
@@ -203,19 +151,21 @@ static bool event_matches(const struct rpc_call *c, const struct ksm_lifecycle_e
 static void feed_events(struct rpc_hub *h, struct rpc_call *c)
 {
     size_t buf = h->s->cfg.subscriber_buffer;
-    if (c->next_seq > h->last_seq) return;
-    if (c->next_seq < oldest_seq(h)) {
+    uint64_t oldest, last;
+    ksm_event_log_window(h->log, &oldest, &last);
+    if (c->next_seq > last) return;
+    if (c->next_seq < oldest) {
         char msg[160];
         snprintf(msg, sizeof msg,
                  "The subscriber fell behind: event %llu left the event-ring (%zu events) before "
                  "it was sent.",
-                 (unsigned long long)c->next_seq, h->cap);
+                 (unsigned long long)c->next_seq, ksm_event_log_capacity(h->log));
         end_stream(c, KSM_ELIMIT, GRPC_STATUS_RESOURCE_EXHAUSTED, msg, false);
         return;
     }
     /* Events newer than both the subscriber's position and its subscription point. */
     uint64_t base = c->next_seq - 1 > c->subscribed_at ? c->next_seq - 1 : c->subscribed_at;
-    if (h->last_seq > base && h->last_seq - base > buf) {
+    if (last > base && last - base > buf) {
         char msg[160];
         snprintf(msg, sizeof msg,
                  "The subscriber fell more than subscriber-buffer = %zu events behind and was "
@@ -224,14 +174,19 @@ static void feed_events(struct rpc_hub *h, struct rpc_call *c)
         end_stream(c, KSM_ELIMIT, GRPC_STATUS_RESOURCE_EXHAUSTED, msg, false);
         return;
     }
-    while (c->next_seq <= h->last_seq) {
+    while (c->next_seq <= last) {
         uint64_t q = c->next_seq++;
-        const struct ksm_lifecycle_event *ev = &h->ring[(q - 1) % h->cap];
-        if (!event_matches(c, ev)) continue;
+        struct ksm_lifecycle_event ev;
+        if (ksm_event_log_get(h->log, q, &ev) != 0) { /* overwritten since the window was read */
+            c->next_seq = q;
+            h->kicked = true;
+            return;
+        }
+        if (!event_matches(c, &ev)) continue;
         struct ksm_pb_arena a;
         ksm_pb_arena_init(&a);
         Kasmina__V1__LifecycleEvent pb;
-        if (ksm_conv_event_to_pb(q, ev, &a, &pb) == 0)
+        if (ksm_conv_event_to_pb(q, &ev, &a, &pb) == 0)
             send_msg(c, &pb.base);
         else
             end_stream(c, KSM_ENOMEM, GRPC_STATUS_RESOURCE_EXHAUSTED,
@@ -294,12 +249,7 @@ int rpc_hub_new(ksm_rpc_server *s, struct rpc_hub **out)
     struct rpc_hub *h = calloc(1, sizeof *h);
     if (h == NULL) return KSM_ENOMEM;
     h->s = s;
-    h->cap = s->cfg.event_ring;
-    h->ring = calloc(h->cap, sizeof *h->ring);
-    if (h->ring == NULL) {
-        free(h);
-        return KSM_ENOMEM;
-    }
+    h->log = ksm_service_events(s->service);
     pthread_mutexattr_t ma;
     pthread_mutexattr_init(&ma);
     pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_RECURSIVE);
@@ -310,10 +260,10 @@ int rpc_hub_new(ksm_rpc_server *s, struct rpc_hub **out)
     if (pthread_create(&h->thread, NULL, hub_main, h) != 0) {
         pthread_cond_destroy(&h->cond);
         pthread_mutex_destroy(&h->lock);
-        free(h->ring);
         free(h);
         return KSM_ENOMEM;
     }
+    ksm_event_log_set_listener(h->log, on_event, h);
     *out = h;
     return 0;
 }
@@ -321,6 +271,7 @@ int rpc_hub_new(ksm_rpc_server *s, struct rpc_hub **out)
 void rpc_hub_free(struct rpc_hub *h)
 {
     if (h == NULL) return;
+    ksm_event_log_set_listener(h->log, NULL, NULL);
     pthread_mutex_lock(&h->lock);
     h->stop = true;
     pthread_cond_signal(&h->cond);
@@ -329,7 +280,6 @@ void rpc_hub_free(struct rpc_hub *h)
     pthread_cond_destroy(&h->cond);
     pthread_cond_destroy(&h->empty);
     pthread_mutex_destroy(&h->lock);
-    free(h->ring);
     free(h);
 }
 
@@ -354,24 +304,26 @@ void rpc_hub_watch_events(ksm_rpc_server *s, struct rpc_call *c, const ProtobufC
         return;
     }
     pthread_mutex_lock(&h->lock);
-    if (r->after_sequence > h->last_seq) {
+    uint64_t oldest, last;
+    ksm_event_log_window(h->log, &oldest, &last);
+    if (r->after_sequence > last) {
         snprintf(err, sizeof err,
                  "after_sequence %llu is ahead of the last event %llu (sequences restart with "
                  "each server run).",
-                 (unsigned long long)r->after_sequence, (unsigned long long)h->last_seq);
+                 (unsigned long long)r->after_sequence, (unsigned long long)last);
         pthread_mutex_unlock(&h->lock);
         rpc_call_finish(c, NULL, KSM_ERANGE, err, GRPC_STATUS_OUT_OF_RANGE);
         return;
     }
-    if (r->after_sequence > 0 && r->after_sequence + 1 < oldest_seq(h)) {
+    if (r->after_sequence > 0 && r->after_sequence + 1 < oldest) {
         snprintf(err, sizeof err, "Events after %llu are no longer kept; the oldest kept is %llu.",
-                 (unsigned long long)r->after_sequence, (unsigned long long)oldest_seq(h));
+                 (unsigned long long)r->after_sequence, (unsigned long long)oldest);
         pthread_mutex_unlock(&h->lock);
         rpc_call_finish(c, NULL, KSM_ERANGE, err, GRPC_STATUS_OUT_OF_RANGE);
         return;
     }
-    c->next_seq = r->after_sequence > 0 ? r->after_sequence + 1 : oldest_seq(h);
-    c->subscribed_at = h->last_seq;
+    c->next_seq = r->after_sequence > 0 ? r->after_sequence + 1 : oldest;
+    c->subscribed_at = last;
     snprintf(c->model_filter, sizeof c->model_filter, "%s", r->model_id ? r->model_id : "");
     list_stream(h, c);
     pthread_mutex_unlock(&h->lock);

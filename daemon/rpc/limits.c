@@ -2,7 +2,8 @@
  * rpc/limits: the per-request limits of kasminad (deploy/kasminad.conf documents each). A request
  * over one gets RESOURCE_EXHAUSTED (KSM_ELIMIT) with one sentence naming the option and its value;
  * nothing has changed and the daemon goes on serving the others. Limits whose state lives in the
- * engine (max-models, memory-cap) are enforced there; rpc_limit_explain() names them.
+ * engine (max-models, max-seeds-per-model, memory-cap) are enforced there, under the engine's
+ * own locks; ksm_service_explain() names their options.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -95,66 +96,6 @@ int rpc_limit_stream_enter(ksm_rpc_server *s, const char *model_id, const char *
     pthread_mutex_unlock(&s->limits_lock);
     rpc_defer(cx, stream_leave, u);
     return 0;
-}
-
-/* A seed that still counts: occupied and not on its way out. */
-static bool seed_live(const struct ksm_slot_report *r)
-{
-    return r->occupied && r->stage != KSM_STAGE_PRUNED && r->stage != KSM_STAGE_EMBARGOED &&
-           r->stage != KSM_STAGE_RESETTING;
-}
-
-int rpc_germinate_limited(ksm_rpc_server *s, ksm_model *m, const char *slot_id,
-                          const struct ksm_germinate_args *g, struct ksm_slot_report *rep,
-                          struct rpc_ctx *cx)
-{
-    uint32_t max = s->cfg.max_seeds_per_model;
-    if (max == 0 || max >= KSM_MAX_SLOTS)
-        return ksm_model_germinate(m, slot_id, g, rep, cx->err, sizeof cx->err);
-    struct ksm_slot_report *reps = ksm_pb_arena_alloc(&cx->arena, KSM_MAX_SLOTS * sizeof *reps);
-    if (reps == NULL) return KSM_ENOMEM;
-    /* Count and germinate under one lock so that concurrent germinations cannot overshoot. */
-    pthread_mutex_lock(&s->limits_lock);
-    size_t n = 0;
-    int rc = ksm_model_slot_reports(m, NULL, reps, KSM_MAX_SLOTS, &n, cx->err, sizeof cx->err);
-    if (rc == 0) {
-        if (n > KSM_MAX_SLOTS) n = KSM_MAX_SLOTS;
-        unsigned live = 0;
-        bool target_free = false;
-        for (size_t i = 0; i < n; i++) {
-            live += seed_live(&reps[i]);
-            if (slot_id != NULL && strcmp(reps[i].slot_id, slot_id) == 0)
-                target_free = !reps[i].occupied;
-        }
-        /* A bad or busy slot gets the engine's own answer. */
-        if (target_free && live >= max) {
-            snprintf(cx->err, sizeof cx->err,
-                     "model '%s' already has %u live seeds; max-seeds-per-model = %u.",
-                     ksm_model_id(m), live, max);
-            rc = KSM_ELIMIT;
-        } else {
-            rc = ksm_model_germinate(m, slot_id, g, rep, cx->err, sizeof cx->err);
-        }
-    }
-    pthread_mutex_unlock(&s->limits_lock);
-    return rc;
-}
-
-void rpc_limit_explain(ksm_rpc_server *s, int rc, struct rpc_ctx *cx)
-{
-    if (rc == KSM_ELIMIT && strstr(cx->err, "max_models") != NULL && s->cfg.max_models != 0) {
-        snprintf(cx->err, sizeof cx->err,
-                 "The daemon already holds max-models = %u models; delete one first.",
-                 s->cfg.max_models);
-    } else if (rc == KSM_EDEVMEM && s->cfg.memory_cap != 0) {
-        char was[sizeof cx->err];
-        snprintf(was, sizeof was, "%s", cx->err[0] ? cx->err : ksm_strerror(rc));
-        if (!cx->err[0] && was[0] >= 'a' && was[0] <= 'z') was[0] = (char)(was[0] - 'a' + 'A');
-        size_t n = strlen(was);
-        while (n > 0 && was[n - 1] == '.') was[--n] = '\0';
-        snprintf(cx->err, sizeof cx->err, "%s; memory-cap = %zu bytes per device.", was,
-                 s->cfg.memory_cap);
-    }
 }
 
 void rpc_limits_fini(ksm_rpc_server *s)

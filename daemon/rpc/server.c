@@ -360,7 +360,8 @@ static bool method_runs_inline(const ksm_rpc_server *s, const struct rpc_method 
         strcmp(m->path, "/kasmina.v1.Kasmina/GetServerInfo") == 0 ||
         strcmp(m->path, "/kasmina.v1.Kasmina/GetSlotReports") == 0)
         return true;
-    return s->cfg.persist == NULL && strcmp(m->path, "/kasmina.v1.Kasmina/SetAlpha") == 0;
+    return !ksm_service_persists(s->service) &&
+           strcmp(m->path, "/kasmina.v1.Kasmina/SetAlpha") == 0;
 }
 
 static bool run_inline(const ksm_rpc_server *s, const struct rpc_method *m)
@@ -744,13 +745,11 @@ void rpc_config_defaults(struct ksm_rpc_server_config *cfg)
     if (cfg->max_message_bytes > INT_MAX) cfg->max_message_bytes = INT_MAX;
     if (cfg->workers <= 0) cfg->workers = 4;
     if (cfg->max_concurrent_calls <= 0) cfg->max_concurrent_calls = 256;
-    if (cfg->event_ring == 0) cfg->event_ring = 4096;
     if (cfg->subscriber_buffer == 0) cfg->subscriber_buffer = 1024;
-    if (cfg->subscriber_buffer > cfg->event_ring) cfg->subscriber_buffer = cfg->event_ring;
     if (cfg->version == NULL) cfg->version = "0.0.0";
 }
 
-int ksm_rpc_server_start(ksm_engine *e, const struct ksm_rpc_server_config *cfg,
+int ksm_rpc_server_start(ksm_service *svc, const struct ksm_rpc_server_config *cfg,
                          ksm_rpc_server **out, char *err, size_t errlen)
 {
     char dummy[8];
@@ -765,9 +764,13 @@ int ksm_rpc_server_start(ksm_engine *e, const struct ksm_rpc_server_config *cfg,
     }
     ksm_rpc_server *s = calloc(1, sizeof *s);
     if (s == NULL) return KSM_ENOMEM;
-    s->engine = e;
+    s->service = svc;
+    s->engine = ksm_service_engine(svc);
     s->cfg = *cfg;
     rpc_config_defaults(&s->cfg);
+    /* A subscriber cannot lag by more than the event log keeps. */
+    size_t ring = ksm_event_log_capacity(ksm_service_events(svc));
+    if (s->cfg.subscriber_buffer > ring) s->cfg.subscriber_buffer = ring;
     pthread_mutex_init(&s->lock, NULL);
     pthread_mutex_init(&s->limits_lock, NULL);
     pthread_cond_init(&s->q_cond, NULL);
@@ -835,7 +838,6 @@ int ksm_rpc_server_start(ksm_engine *e, const struct ksm_rpc_server_config *cfg,
     for (size_t i = 0; i < rpc_n_methods; i++)
         for (int k = 0; k < 2; k++) post_request(s, &rpc_methods[i]);
     post_request(s, NULL);
-    ksm_engine_set_event_sink(e, rpc_hub_engine_event, s->hub);
     *out = s;
     return 0;
 
@@ -874,7 +876,6 @@ out_free:
 void ksm_rpc_server_free(ksm_rpc_server *s)
 {
     if (s == NULL) return;
-    ksm_engine_set_event_sink(s->engine, NULL, NULL);
     atomic_store(&s->draining, true);
     atomic_store(&s->serving, false);
     if (s->hub != NULL) {

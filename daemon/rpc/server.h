@@ -3,7 +3,7 @@
  *
  *     struct ksm_rpc_server_config cfg = {.listen = addrs, .n_listen = 1, ...};
  *     ksm_rpc_server *s;
- *     ksm_rpc_server_start(engine, &cfg, &s, err, sizeof err);   // serving
+ *     ksm_rpc_server_start(service, &cfg, &s, err, sizeof err);  // serving
  *     ...
  *     ksm_rpc_server_drain_begin(s);        // health NOT_SERVING, new calls UNAVAILABLE
  *     while (!ksm_rpc_server_idle(s) && before the drain deadline) wait;
@@ -12,10 +12,14 @@
  * Threads: one completion-queue thread receives calls and answers the cheap ones itself (health
  * checks, GetServerInfo, GetModel, GetSlotReports, and SetAlpha when no state persists: a brief
  * model lock, no device, no disk); other unary Kasmina calls go to a small worker pool (decode,
- * validate, engine call, encode, send) so a long forward never blocks the queue; an event thread
- * feeds WatchEvents and Health/Watch streams from the event hub. The engine's event sink only
- * copies the event into the hub's ring and signals: a slow subscriber never slows the engine (it
- * is ended with RESOURCE_EXHAUSTED when it falls more than subscriber_buffer events behind).
+ * validate, service or engine call, encode, send) so a long forward never blocks the queue; an
+ * event thread feeds WatchEvents and Health/Watch streams from the service's event log, whose
+ * listener only signals it: a slow subscriber never slows the engine (it is ended with
+ * RESOURCE_EXHAUSTED when it falls more than subscriber_buffer events behind).
+ *
+ * The layers: rpc translates protobuf to service calls (mutations: durable and published, see
+ * service/service.h) and engine calls (reads of a model the service handed out), and KSM_E*
+ * codes to gRPC statuses (rpc/status.c). It decides nothing the service or the engine decides.
  *
  * Only daemon/rpc/ includes gRPC or protobuf-c headers; this one includes neither.
  */
@@ -32,7 +36,7 @@ extern "C" {
 #endif
 
 typedef struct ksm_rpc_server ksm_rpc_server;
-struct ksm_persist; /* io/persist.h */
+struct ksm_service; /* service/service.h */
 
 struct ksm_rpc_server_config {
     const char *const *listen; /* "unix:/path" or "host:port" (TCP); at least one */
@@ -41,11 +45,8 @@ struct ksm_rpc_server_config {
     size_t max_message_bytes; /* largest request accepted (0 = 64 MiB) */
     int workers;              /* worker threads for unary calls (0 = 4) */
     int max_concurrent_calls; /* unary calls in flight before RESOURCE_EXHAUSTED (0 = 256) */
-    size_t event_ring;        /* events kept for WatchEvents resume (0 = 4096) */
     size_t subscriber_buffer; /* events a subscriber may lag before it is ended (0 = 1024) */
     const char *version;      /* ServerInfo.version */
-    struct ksm_persist *persist; /* NULL: no state on disk; else every mutation is journalled
-                                  * before its reply (borrowed, outlives the server) */
     /* Security (rpc/security.c). A TCP listener on a non-loopback address needs TLS; with TLS
      * configured every TCP listener uses it, Unix sockets stay plaintext (their mode guards
      * them). */
@@ -57,22 +58,21 @@ struct ksm_rpc_server_config {
     const char *token_file;         /* bearer token; the file must be private (no group/other
                                      * bits). Every call but grpc.health.v1 then needs
                                      * "authorization: Bearer <token>" or gets UNAUTHENTICATED */
-    /* Limits: exceeding one gives RESOURCE_EXHAUSTED naming the option and its value. 0 = none
-     * (rpc layer) or "not set" (engine limits, named in messages only). */
+    /* Limits: exceeding one gives RESOURCE_EXHAUSTED naming the option and its value; 0 = none.
+     * (The engine's limits -- models, seeds per model, memory -- are the engine's and the
+     * service's: ksm_engine_config, ksm_service_config.) */
     uint32_t max_batch_rows;        /* input rows of Forward/FusedForward/Evaluate */
     uint32_t max_sequence_length;   /* T of a transformer input [B, T] */
-    uint32_t max_seeds_per_model;   /* live seeds (occupied, not pruned/embargoed/resetting) */
     uint32_t max_queued_per_stream; /* compute calls queued or running per (model, stream) */
-    uint32_t max_models;            /* enforced by the engine (ksm_engine_config.max_models) */
-    size_t memory_cap;              /* enforced by the allocators (ksm_engine_config) */
 };
 
 /* Reads the token and TLS files, then binds every listener (a Unix socket path gets its
  * directory created 0700, the socket 0600 (0660 and chgrp with socket_group) and
  * a lock file "<path>.lock" held with flock: a second daemon on the same path fails here with
- * KSM_EBUSY and a message naming the path), starts the threads and serves. The engine must
- * outlive the server. Returns 0, KSM_EINVAL (bad address), KSM_EBUSY, KSM_EIO or KSM_ENOMEM. */
-int ksm_rpc_server_start(ksm_engine *e, const struct ksm_rpc_server_config *cfg,
+ * KSM_EBUSY and a message naming the path), starts the threads and serves. The service (and its
+ * engine) must outlive the server. Returns 0, KSM_EINVAL (bad address), KSM_EBUSY, KSM_EIO or
+ * KSM_ENOMEM. */
+int ksm_rpc_server_start(struct ksm_service *svc, const struct ksm_rpc_server_config *cfg,
                          ksm_rpc_server **out, char *err, size_t errlen);
 
 /* Health as reported by grpc.health.v1 (SERVING / NOT_SERVING); Watch streams see changes. */

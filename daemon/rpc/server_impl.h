@@ -19,6 +19,7 @@
 #include "rpc/server.h"
 #include "rpc/stats.h"
 #include "rpc/tsan.h"
+#include "service/service.h"
 
 /* A completion-queue tag: every event calls done(tag, ok) on the CQ thread. Whoever gives a tag
  * to gRPC calls KSM_TSAN_RELEASE(tag) just before (rpc/tsan.h); the CQ thread acquires it. */
@@ -94,7 +95,9 @@ struct rpc_hub;        /* events.c */
 struct rpc_stream_use; /* limits.c */
 
 struct ksm_rpc_server {
-    ksm_engine *engine;
+    ksm_service *service; /* mutations, the event log */
+    bool owns_service;    /* rpc_server_offline_new made it */
+    ksm_engine *engine;   /* reads: ksm_service_engine(service) */
     struct ksm_rpc_server_config cfg;
     grpc_server *server;
     grpc_completion_queue *cq;
@@ -127,7 +130,7 @@ struct ksm_rpc_server {
     bool have_gid;
     unsigned sock_gid;
     /* limits.c */
-    pthread_mutex_t limits_lock; /* stream uses, seeds per model */
+    pthread_mutex_t limits_lock; /* stream uses */
     struct rpc_stream_use *stream_uses;
     struct rpc_stats stats;
     bool inline_call[KSM_RPC_STATS_METHODS]; /* by rpc_methods index: runs on the CQ thread */
@@ -165,13 +168,6 @@ int rpc_limit_input(ksm_rpc_server *s, const ksm_tensor *input, struct rpc_ctx *
 /* Counts a compute call on (model, stream) until the reply is sent (deferred release). */
 int rpc_limit_stream_enter(ksm_rpc_server *s, const char *model_id, const char *stream,
                            struct rpc_ctx *cx);
-/* Germinate with the live-seed limit: count and germinate under one lock. */
-int rpc_germinate_limited(ksm_rpc_server *s, ksm_model *m, const char *slot_id,
-                          const struct ksm_germinate_args *g, struct ksm_slot_report *rep,
-                          struct rpc_ctx *cx);
-/* Rewrites the message of an engine-enforced limit (max-models, memory-cap) to name the option
- * and its value. */
-void rpc_limit_explain(ksm_rpc_server *s, int rc, struct rpc_ctx *cx);
 void rpc_limits_fini(ksm_rpc_server *s);
 /* stats.c: a call arrived / its status is being sent; an engine event was emitted. */
 void rpc_stats_call_start(struct rpc_call *c);
@@ -213,13 +209,6 @@ void rpc_server_offline_free(ksm_rpc_server *s);
 /* events.c */
 int rpc_hub_new(ksm_rpc_server *s, struct rpc_hub **out);
 void rpc_hub_free(struct rpc_hub *h); /* after every stream has ended */
-void rpc_hub_engine_event(void *ud, const struct ksm_lifecycle_event *ev);
-/* Between rpc_hub_hold_events() and rpc_hub_release_events(), the events the engine raises on
- * this thread are kept back; release publishes them in order (publish) or drops them (a
- * mutation whose journal write failed was rolled back: its events never happened). */
-void rpc_hub_hold_events(void);
-void rpc_hub_release_events(struct rpc_hub *h, bool publish);
-/* A new WatchEvents / Health.Watch call (CQ thread): takes over the handling reference. */
 void rpc_hub_watch_events(ksm_rpc_server *s, struct rpc_call *c, const ProtobufCMessage *req);
 void rpc_hub_watch_health(ksm_rpc_server *s, struct rpc_call *c, const ProtobufCMessage *req);
 /* Completion of a stream's send batch / close batch (CQ thread). */

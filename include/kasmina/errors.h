@@ -52,7 +52,9 @@ extern "C" {
     XX(ENOTREADY, -4015, "not ready")                                                              \
     XX(ENOPLUGIN, -4016, "backend plugin unavailable")                                             \
     XX(EINTERNAL, -4017, "internal error")                                                         \
-    XX(EAUTH, -4018, "authentication required")
+    XX(EAUTH, -4018, "authentication required")                                                    \
+    XX(EMAXMODELS, -4019, "the engine holds its maximum number of models")                         \
+    XX(EMAXSEEDS, -4020, "the model holds its maximum number of live seeds")
 
 /* clang-format off */
 enum ksm_errno {

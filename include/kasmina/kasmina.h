@@ -236,7 +236,9 @@ struct ksm_engine_config {
     const char *cuda_plugin;  /* path of libkasmina_cuda.so; NULL = next to the binary / default */
     size_t memory_cap;        /* per-device allocator cap, 0 = none */
     const char *default_device; /* NULL = cuda:0 if loaded, else cpu:0 */
-    uint32_t max_models;      /* 0 = 1024 */
+    uint32_t max_models;      /* 0 = 1024; one more is KSM_EMAXMODELS */
+    uint32_t max_seeds_per_model; /* live seeds (occupied, not PRUNED, EMBARGOED or RESETTING)
+                                   * per model; 0 = no limit; one more is KSM_EMAXSEEDS */
     const char *fault_injection; /* tests only: "mem-limit=BYTES,fail-malloc-nth=N,
                                   * sticky-after-launches=N" wraps cpu:0 in a fault-injecting
                                   * device "fake:0" that becomes the default device */

@@ -121,10 +121,11 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     };
     int rc = ksm_engine_new(&ec, &engine, err, sizeof err);
     if (rc != 0) die("engine", rc, err);
-    ksm_engine_set_event_sink(engine, on_event, NULL);
     struct ksm_rpc_server_config cfg = {.version = "fuzz"};
     rc = rpc_server_offline_new(engine, &cfg, &server);
     if (rc != 0) die("server", rc, NULL);
+    /* After the server's service attached its event log: every event reaches this sink. */
+    ksm_engine_set_event_sink(engine, on_event, NULL);
     for (int k = 0; k < 2; k++) create_fixed(&fixed[k]);
     return 0;
 }
