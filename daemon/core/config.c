@@ -65,6 +65,9 @@ static const struct cfg_option options[] = {
      "append log lines to PATH instead of stderr (SIGHUP reopens it)"},
     {"max-message-bytes", T_SIZE, 1024, 2147483647.0, "64M", NULL, OFF(max_message_bytes),
      "largest request message accepted (RESOURCE_EXHAUSTED above it)"},
+    {"allow-compressed-requests", T_BOOL, 0, 0, "false", NULL, OFF(allow_compressed_requests),
+     "accept gzip/deflate-compressed requests (inflated after authentication, at most "
+     "max-message-bytes); otherwise they get UNIMPLEMENTED"},
     {"drain-timeout", T_DOUBLE, 0, 3600, "10", NULL, OFF(drain_timeout),
      "seconds to let calls in flight finish after SIGTERM/SIGINT before cancelling them"},
     {"workers", T_INT, 1, 64, "4", NULL, OFF(workers),

@@ -160,6 +160,20 @@ int rpc_socket_secure(ksm_rpc_server *s, const char *path, char *err, size_t err
  * answered with UNAUTHENTICATED. */
 bool rpc_authorize(ksm_rpc_server *s, struct rpc_call *c);
 
+/* inflate.c: compressed request payloads (gRPC's decompression filter is off, see there). */
+/* True when the call's request payload arrived compressed. */
+bool rpc_payload_compressed(const struct rpc_call *c);
+/* Replaces a compressed c->payload by its inflation, at most min(cap, max-message-bytes) bytes,
+ * once the call is authorised. 0 (also for an uncompressed payload), or with one sentence in why:
+ * KSM_ENOSYS (allow-compressed-requests is off, or an algorithm other than gzip/deflate),
+ * KSM_ELIMIT (it inflates beyond the cap; nothing past the cap was inflated), KSM_EINVAL (corrupt
+ * or truncated data), KSM_ENOMEM. */
+int rpc_payload_inflate(ksm_rpc_server *s, struct rpc_call *c, size_t cap, char *why,
+                        size_t whylen);
+/* The cap for requests inflated on the completion-queue thread (health checks, which need no
+ * token, and stream requests): a few bytes each when legitimate. */
+#define RPC_SMALL_REQUEST_MAX ((size_t)64 << 10)
+
 /* limits.c (each returns 0 or KSM_ELIMIT with one sentence naming the option in cx->err) */
 int rpc_limit_input(ksm_rpc_server *s, const ksm_tensor *input, struct rpc_ctx *cx);
 /* Counts a compute call on (model, stream) until the reply is sent (deferred release). */
