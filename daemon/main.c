@@ -304,7 +304,9 @@ int main(int argc, char **argv)
                  (unsigned long long)every_ms);
     }
     if (d.cfg.metrics_listen != NULL) {
-        struct ksm_metrics_config mc = {.listen = d.cfg.metrics_listen, .version = KSM_VERSION};
+        struct ksm_metrics_config mc = {.listen = d.cfg.metrics_listen,
+                                     .allow_remote = d.cfg.metrics_allow_remote,
+                                     .version = KSM_VERSION};
         rc = ksm_metrics_start(&d.loop, d.engine, d.rpc, &mc, &d.metrics, err, sizeof err);
         if (rc != 0) {
             KSM_LOGE("main", "%s", err);

@@ -50,6 +50,9 @@ static const struct cfg_option options[] = {
     {"metrics-listen", T_STRING, 0, 0, NULL, NULL, OFF(metrics_listen),
      "HTTP listener host:port for Prometheus /metrics, /status.json and the status page "
      "(default off)"},
+    {"metrics-allow-remote", T_BOOL, 0, 0, "false", NULL, OFF(metrics_allow_remote),
+     "let metrics-listen use a non-loopback address (it serves model ids and statistics to anyone "
+     "who can reach it)"},
     {"cpu-devices", T_INT, 1, 16, "1", NULL, OFF(cpu_devices),
      "logical CPU devices cpu:0..cpu:N-1"},
     {"no-cuda", T_BOOL, 0, 0, "false", NULL, OFF(no_cuda),

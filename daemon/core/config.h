@@ -49,7 +49,7 @@ struct ksm_config {
     /* limits */
     int max_batch_rows, max_sequence_length, max_models, max_seeds_per_model;
     int max_queued_per_stream;
-    bool allow_compressed_requests;
+    bool allow_compressed_requests, metrics_allow_remote;
 };
 
 /* Fills *c. Returns 0, 1 when --help or --version was printed (exit 0), or KSM_EINVAL after
