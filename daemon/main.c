@@ -256,6 +256,7 @@ int main(int argc, char **argv)
         .n_listen = d.cfg.n_listen,
         .allow_remote_tcp = d.cfg.allow_remote_tcp,
         .max_message_bytes = d.cfg.max_message_bytes,
+        .max_reply_bytes = d.cfg.max_reply_bytes,
         .allow_compressed_requests = d.cfg.allow_compressed_requests,
         .workers = d.cfg.workers,
         .max_concurrent_calls = d.cfg.max_concurrent_calls,

@@ -68,6 +68,9 @@ static const struct cfg_option options[] = {
      "append log lines to PATH instead of stderr (SIGHUP reopens it)"},
     {"max-message-bytes", T_SIZE, 1024, 2147483647.0, "64M", NULL, OFF(max_message_bytes),
      "largest request message accepted (RESOURCE_EXHAUSTED above it)"},
+    {"max-reply-bytes", T_SIZE, 1024, 2147483647.0, "64M", NULL, OFF(max_reply_bytes),
+     "largest reply (logits, exported weights) built; checked before compute where the size is "
+     "known (RESOURCE_EXHAUSTED above it)"},
     {"allow-compressed-requests", T_BOOL, 0, 0, "false", NULL, OFF(allow_compressed_requests),
      "accept gzip/deflate-compressed requests (inflated after authentication, at most "
      "max-message-bytes); otherwise they get UNIMPLEMENTED"},

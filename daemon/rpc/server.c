@@ -756,6 +756,7 @@ void rpc_config_defaults(struct ksm_rpc_server_config *cfg)
 {
     if (cfg->max_message_bytes == 0) cfg->max_message_bytes = 64u << 20;
     if (cfg->max_message_bytes > INT_MAX) cfg->max_message_bytes = INT_MAX;
+    if (cfg->max_reply_bytes == 0) cfg->max_reply_bytes = 64u << 20;
     if (cfg->workers <= 0) cfg->workers = 4;
     if (cfg->max_concurrent_calls <= 0) cfg->max_concurrent_calls = 256;
     if (cfg->event_ring == 0) cfg->event_ring = 4096;

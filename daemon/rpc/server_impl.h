@@ -176,6 +176,18 @@ int rpc_payload_inflate(ksm_rpc_server *s, struct rpc_call *c, size_t cap, char 
 
 /* limits.c (each returns 0 or KSM_ELIMIT with one sentence naming the option in cx->err) */
 int rpc_limit_input(ksm_rpc_server *s, const ksm_tensor *input, struct rpc_ctx *cx);
+/* max-reply-bytes: KSM_ELIMIT when a reply of `bytes` (what: "logits", "weights", ...) is over
+ * it. The _logits form predicts a Forward/FusedForward/Evaluate reply from the input's shape and
+ * the model's classes (vocab_size x T for a transformer), out_dtype a kasmina.v1 DType, copies
+ * the configs whose logits are returned (0: none); the _evaluate form an Evaluate reply (explicit
+ * configs counted, the standard set as one); the _export form an ExportWeights reply from the
+ * model's parameter count. Call them before the engine runs. */
+int rpc_limit_reply(ksm_rpc_server *s, uint64_t bytes, const char *what, struct rpc_ctx *cx);
+int rpc_limit_reply_logits(ksm_rpc_server *s, ksm_model *m, const ksm_tensor *input,
+                           int out_dtype, size_t copies, struct rpc_ctx *cx);
+int rpc_limit_reply_evaluate(ksm_rpc_server *s, ksm_model *m, const struct ksm_evaluate_args *ea,
+                             struct rpc_ctx *cx);
+int rpc_limit_reply_export(ksm_rpc_server *s, ksm_model *m, struct rpc_ctx *cx);
 /* Counts a compute call on (model, stream) until the reply is sent (deferred release). */
 int rpc_limit_stream_enter(ksm_rpc_server *s, const char *model_id, const char *stream,
                            struct rpc_ctx *cx);
