@@ -126,6 +126,8 @@ struct ksm_rpc_server {
     char *tls_cert_pem, *tls_key_pem, *tls_ca_pem;
     bool have_gid;
     unsigned sock_gid;
+    _Atomic int64_t auth_log_sec;                 /* CLOCK_MONOTONIC second + 1 of the last */
+    atomic_uint_least64_t auth_log_suppressed;    /* refusal line; refusals not logged since */
     /* limits.c */
     pthread_mutex_t limits_lock; /* stream uses, seeds per model */
     struct rpc_stream_use *stream_uses;
