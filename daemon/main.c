@@ -276,6 +276,8 @@ int main(int argc, char **argv)
         .n_listen = d.cfg.n_listen,
         .allow_remote_tcp = d.cfg.allow_remote_tcp,
         .max_message_bytes = d.cfg.max_message_bytes,
+        .max_reply_bytes = d.cfg.max_reply_bytes,
+        .allow_compressed_requests = d.cfg.allow_compressed_requests,
         .workers = d.cfg.workers,
         .max_concurrent_calls = d.cfg.max_concurrent_calls,
         .subscriber_buffer = d.cfg.subscriber_buffer,
@@ -318,7 +320,9 @@ int main(int argc, char **argv)
                  (unsigned long long)every_ms);
     }
     if (d.cfg.metrics_listen != NULL) {
-        struct ksm_metrics_config mc = {.listen = d.cfg.metrics_listen, .version = KSM_VERSION};
+        struct ksm_metrics_config mc = {.listen = d.cfg.metrics_listen,
+                                     .allow_remote = d.cfg.metrics_allow_remote,
+                                     .version = KSM_VERSION};
         rc = ksm_metrics_start(&d.loop, d.engine, d.rpc, &mc, &d.metrics, err, sizeof err);
         if (rc != 0) {
             KSM_LOGE("main", "%s", err);

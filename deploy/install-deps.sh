@@ -8,6 +8,7 @@ PKGS=(
   libuv1-dev                                # event loop
   libsystemd-dev                            # sd_notify: Type=notify, watchdog (optional at build)
   libjansson-dev                            # safetensors JSON header
+  zlib1g-dev                                # compressed requests (rpc/inflate)
   libopenblas-dev                           # CPU backend GEMM
   libcriterion-dev                          # tests
   libgrpc-dev                               # gRPC C core (server and client)

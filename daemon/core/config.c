@@ -53,6 +53,9 @@ static const struct cfg_option options[] = {
     {"metrics-listen", T_STRING, 0, 0, NULL, NULL, OFF(metrics_listen),
      "HTTP listener host:port for Prometheus /metrics, /status.json and the status page "
      "(default off)"},
+    {"metrics-allow-remote", T_BOOL, 0, 0, "false", NULL, OFF(metrics_allow_remote),
+     "let metrics-listen use a non-loopback address (it serves model ids and statistics to anyone "
+     "who can reach it)"},
     {"cpu-devices", T_INT, 1, 16, "1", NULL, OFF(cpu_devices),
      "logical CPU devices cpu:0..cpu:N-1"},
     {"no-cuda", T_BOOL, 0, 0, "false", NULL, OFF(no_cuda),
@@ -68,6 +71,12 @@ static const struct cfg_option options[] = {
      "append log lines to PATH instead of stderr (SIGHUP reopens it)"},
     {"max-message-bytes", T_SIZE, 1024, 2147483647.0, "64M", NULL, OFF(max_message_bytes),
      "largest request message accepted (RESOURCE_EXHAUSTED above it)"},
+    {"max-reply-bytes", T_SIZE, 1024, 2147483647.0, "64M", NULL, OFF(max_reply_bytes),
+     "largest reply (logits, exported weights) built; checked before compute where the size is "
+     "known (RESOURCE_EXHAUSTED above it)"},
+    {"allow-compressed-requests", T_BOOL, 0, 0, "false", NULL, OFF(allow_compressed_requests),
+     "accept gzip/deflate-compressed requests (inflated after authentication, at most "
+     "max-message-bytes); otherwise they get UNIMPLEMENTED"},
     {"drain-timeout", T_DOUBLE, 0, 3600, "10", NULL, OFF(drain_timeout),
      "seconds to let calls in flight finish after SIGTERM/SIGINT before cancelling them"},
     {"workers", T_INT, 1, 64, "4", NULL, OFF(workers),

@@ -50,6 +50,8 @@ struct ksm_config {
     /* limits */
     int max_batch_rows, max_sequence_length, max_models, max_seeds_per_model;
     int max_queued_per_stream;
+    size_t max_reply_bytes;
+    bool allow_compressed_requests, metrics_allow_remote;
 };
 
 /* Fills *c. Returns 0, 1 when --help or --version was printed (exit 0), or KSM_EINVAL after

@@ -88,7 +88,8 @@ static bool is_loopback(const struct sockaddr *sa)
     return false;
 }
 
-static int bind_listener(const char *addr, int *fd_out, int *port_out, char *err, size_t errlen)
+static int bind_listener(const char *addr, bool allow_remote, int *fd_out, int *port_out,
+                         char *err, size_t errlen)
 {
     char host[256], port[8];
     if (split_addr(addr, host, sizeof host, port, sizeof port) != 0) {
@@ -108,6 +109,15 @@ static int bind_listener(const char *addr, int *fd_out, int *port_out, char *err
     }
     int rc = KSM_EIO, fd = -1, last_errno = 0;
     for (struct addrinfo *ai = res; ai != NULL; ai = ai->ai_next) {
+        if (!allow_remote && !is_loopback(ai->ai_addr)) {
+            freeaddrinfo(res);
+            snprintf(err, errlen,
+                     "option --metrics-listen: %s is not a loopback address and the exporter "
+                     "serves model ids and statistics to anyone who reaches it; add "
+                     "--metrics-allow-remote to serve it there anyway",
+                     addr);
+            return KSM_EINVAL;
+        }
         fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
         if (fd < 0) {
             last_errno = errno;
@@ -118,8 +128,8 @@ static int bind_listener(const char *addr, int *fd_out, int *port_out, char *err
         if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 64) == 0) {
             if (!is_loopback(ai->ai_addr))
                 KSM_LOGW("metrics",
-                         "metrics listener %s is not on loopback: anyone who can reach it reads "
-                         "model ids and statistics (read-only)",
+                         "metrics listener %s is not on loopback (metrics-allow-remote): anyone "
+                         "who can reach it reads model ids and statistics (read-only)",
                          addr);
             rc = 0;
             break;
@@ -279,7 +289,7 @@ int ksm_metrics_start(uv_loop_t *loop, ksm_engine *e, ksm_rpc_server *rpc,
     double iv = cfg->sample_interval_s > 0 ? cfg->sample_interval_s : 1.0;
     m->sample_ms = (uint64_t)(iv * 1000.0);
     if (m->sample_ms == 0) m->sample_ms = 1;
-    int rc = bind_listener(cfg->listen, &m->listen_fd, &m->port, err, errlen);
+    int rc = bind_listener(cfg->listen, cfg->allow_remote, &m->listen_fd, &m->port, err, errlen);
     if (rc != 0) {
         free(m);
         return rc;

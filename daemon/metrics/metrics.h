@@ -33,6 +33,8 @@ typedef struct ksm_metrics ksm_metrics;
 struct ksm_metrics_config {
     const char *listen;       /* "host:port", ":port" (= 127.0.0.1:port), "[::1]:port"; port 0 =
                                * any free port (ksm_metrics_port tells which) */
+    bool allow_remote;        /* a non-loopback address is refused (KSM_EINVAL) unless set: the
+                               * exporter serves model ids and statistics without credentials */
     const char *version;      /* kasmina_build_info{version} */
     const char *commit;       /* kasmina_build_info{commit}; NULL = the configure-time commit */
     double sample_interval_s; /* engine sampling period; 0 = 1 s */

@@ -253,6 +253,7 @@ static int h_export_weights(ksm_rpc_server *s, const ProtobufCMessage *req, stru
     const Kasmina__V1__ExportWeightsRequest *r = (const void *)req;
     ksm_model *m;
     TRY(get_model(s, r->model_id, cx, &m));
+    TRY(rpc_limit_reply_export(s, m, cx));
     void *buf = NULL;
     size_t len = 0;
     TRY(ksm_model_export_weights(m, &buf, &len, ERR));
@@ -472,6 +473,7 @@ static int forward_common(ksm_rpc_server *s, const char *model_id,
     TRY(rpc_limit_input(s, fa->input, cx));
     ksm_model *m;
     TRY(get_model(s, model_id, cx, &m));
+    TRY(rpc_limit_reply_logits(s, m, fa->input, out_dtype, 1, cx));
     TRY(rpc_limit_stream_enter(s, model_id, fa->stream, cx));
     struct ksm_forward_result *res = ksm_pb_arena_alloc(&cx->arena, sizeof *res);
     if (res == NULL) return KSM_ENOMEM;
@@ -512,6 +514,7 @@ static int h_evaluate(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc
     TRY(rpc_limit_input(s, ea.input, cx));
     ksm_model *m;
     TRY(get_model(s, r->model_id, cx, &m));
+    TRY(rpc_limit_reply_evaluate(s, m, &ea, cx));
     TRY(rpc_limit_stream_enter(s, r->model_id, ea.stream, cx));
     struct ksm_evaluate_result *res = ksm_pb_arena_alloc(&cx->arena, sizeof *res);
     if (res == NULL) return KSM_ENOMEM;

@@ -59,8 +59,10 @@ int rpc_dispatch_pieces(ksm_rpc_server *s, size_t method_index, const struct ksm
     if (rc == 0 && out != NULL) {
         /* Packed before the deferred frees: the reply borrows engine results. */
         size_t len = protobuf_c_message_get_packed_size(out);
-        uint8_t *buf = malloc(len > 0 ? len : 1);
-        if (buf == NULL) {
+        uint8_t *buf = NULL;
+        if ((rc = rpc_limit_reply(s, len, "reply", &cx)) != 0) {
+            /* the reply that nothing predicted (rpc_limit_reply_*) is not encoded */
+        } else if ((buf = malloc(len > 0 ? len : 1)) == NULL) {
             rc = KSM_ENOMEM;
             snprintf(cx.err, sizeof cx.err, "The reply could not be encoded: out of host memory.");
         } else {

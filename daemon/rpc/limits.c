@@ -4,7 +4,13 @@
  * nothing has changed and the daemon goes on serving the others. Limits whose state lives in the
  * engine (max-models, max-seeds-per-model, memory-cap) are enforced there, under the engine's
  * own locks; ksm_service_explain() names their options.
+ *
+ * max-reply-bytes bounds what one call makes the daemon build: where the reply's size follows
+ * from the request (logits: rows x T x classes x element size; exported weights: parameters x
+ * element size) it is checked before the engine runs, so a 100-byte request cannot make it
+ * compute and hold gigabytes; every reply is checked again before it is encoded (rpc/dispatch).
  */
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,6 +45,64 @@ int rpc_limit_input(ksm_rpc_server *s, const ksm_tensor *input, struct rpc_ctx *
         return KSM_ELIMIT;
     }
     return 0;
+}
+
+/* a * b, saturating at UINT64_MAX. */
+static uint64_t mul_sat(uint64_t a, uint64_t b)
+{
+    return b != 0 && a > UINT64_MAX / b ? UINT64_MAX : a * b;
+}
+
+int rpc_limit_reply(ksm_rpc_server *s, uint64_t bytes, const char *what, struct rpc_ctx *cx)
+{
+    size_t max = s->cfg.max_reply_bytes;
+    if (max == 0 || bytes <= max) return 0;
+    snprintf(cx->err, sizeof cx->err,
+             "The reply would hold %llu bytes of %s; max-reply-bytes = %zu.",
+             (unsigned long long)bytes, what, max);
+    return KSM_ELIMIT;
+}
+
+int rpc_limit_reply_logits(ksm_rpc_server *s, ksm_model *m, const ksm_tensor *input,
+                           int out_dtype, size_t copies, struct rpc_ctx *cx)
+{
+    if (input == NULL || input->ndim < 1 || copies == 0) return 0; /* the engine names it */
+    struct ksm_model_info *info = ksm_pb_arena_alloc(&cx->arena, sizeof *info);
+    if (info == NULL) return KSM_ENOMEM;
+    if (ksm_model_get_info(m, info) != 0) return 0;
+    /* CNN logits [B, classes]; transformer logits [B, T, vocab] for token ids [B, T]. */
+    uint64_t n = input->shape[0] > 0 ? (uint64_t)input->shape[0] : 0;
+    if (info->topology == KSM_TOPOLOGY_TRANSFORMER) {
+        if (input->ndim >= 2 && input->shape[1] > 0) n = mul_sat(n, (uint64_t)input->shape[1]);
+        n = mul_sat(n, info->transformer.vocab_size);
+    } else {
+        n = mul_sat(n, info->cnn.num_classes);
+    }
+    uint64_t elem = out_dtype == KASMINA__V1__DTYPE__DTYPE_F16 ||
+                            out_dtype == KASMINA__V1__DTYPE__DTYPE_BF16
+                        ? 2
+                        : 4;
+    return rpc_limit_reply(s, mul_sat(mul_sat(n, elem), copies), "logits", cx);
+}
+
+int rpc_limit_reply_evaluate(ksm_rpc_server *s, ksm_model *m, const struct ksm_evaluate_args *ea,
+                             struct rpc_ctx *cx)
+{
+    if (!ea->return_logits) return 0;
+    /* Explicit configs are counted; the standard set has at least one (the rest is checked
+     * before encoding). */
+    size_t copies = ea->n_configs > 0 ? ea->n_configs : 1;
+    return rpc_limit_reply_logits(s, m, ea->input, KASMINA__V1__DTYPE__DTYPE_F32, copies, cx);
+}
+
+int rpc_limit_reply_export(ksm_rpc_server *s, ksm_model *m, struct rpc_ctx *cx)
+{
+    struct ksm_model_info *info = ksm_pb_arena_alloc(&cx->arena, sizeof *info);
+    if (info == NULL) return KSM_ENOMEM;
+    if (ksm_model_get_info(m, info) != 0) return 0;
+    size_t elem = ksm_dtype_size(info->dtype);
+    uint64_t params = info->host_params + info->seed_params;
+    return rpc_limit_reply(s, mul_sat(params, elem ? elem : 4), "weights", cx);
 }
 
 static void stream_leave(void *p)

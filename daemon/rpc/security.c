@@ -10,7 +10,8 @@
  *   verifies client certificates (mTLS). Unix sockets stay plaintext.
  * - Bearer token (token-file): every call except grpc.health.v1 (so that probes work) needs the
  *   metadata "authorization: Bearer <token>", compared in constant time; a missing or wrong one
- *   gets UNAUTHENTICATED. The token is never logged and its memory is wiped on exit.
+ *   gets UNAUTHENTICATED. The token is never logged and its memory is wiped on exit; refusals
+ *   are logged at most once a second, with the count of those left out.
  */
 #include <ctype.h>
 #include <errno.h>
@@ -22,6 +23,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <grpc/grpc_security.h>
@@ -283,6 +285,21 @@ static bool token_equal(const char *given, size_t glen, const char *want, size_t
     return acc == 0;
 }
 
+/* At most one refusal line per second: a client hammering with a bad token must not fill the
+ * disk or drown the other log lines. The next line counts the refusals left out. */
+static bool refusal_log_due(ksm_rpc_server *s, uint64_t *suppressed)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    int64_t now = (int64_t)ts.tv_sec + 1, last = atomic_load(&s->auth_log_sec);
+    if (now > last && atomic_compare_exchange_strong(&s->auth_log_sec, &last, now)) {
+        *suppressed = atomic_exchange(&s->auth_log_suppressed, 0);
+        return true;
+    }
+    atomic_fetch_add(&s->auth_log_suppressed, 1);
+    return false;
+}
+
 bool rpc_authorize(ksm_rpc_server *s, struct rpc_call *c)
 {
     if (s->token == NULL) return true;
@@ -306,10 +323,17 @@ bool rpc_authorize(ksm_rpc_server *s, struct rpc_call *c)
             return true;
         why = "The bearer token is not valid.";
     }
-    char *method = c->m != NULL ? NULL : grpc_slice_to_c_string(c->details.method);
-    KSM_LOGW("rpc", "%s: refused: %s", c->m != NULL ? c->m->path : method,
-             value != NULL ? "wrong bearer token" : "no bearer token");
-    gpr_free(method);
+    uint64_t suppressed;
+    if (refusal_log_due(s, &suppressed)) {
+        char *method = c->m != NULL ? NULL : grpc_slice_to_c_string(c->details.method);
+        char more[96] = "";
+        if (suppressed > 0)
+            snprintf(more, sizeof more, " (and %llu more refusals not logged since the last line)",
+                     (unsigned long long)suppressed);
+        KSM_LOGW("rpc", "%s: refused: %s%s", c->m != NULL ? c->m->path : method,
+                 value != NULL ? "wrong bearer token" : "no bearer token", more);
+        gpr_free(method);
+    }
     rpc_call_finish(c, NULL, KSM_EAUTH, why, 0);
     return false;
 }

@@ -313,6 +313,11 @@ static void run_unary(ksm_rpc_server *s, struct rpc_call *c)
         return;
     }
     char why[256];
+    int zrc = rpc_payload_inflate(s, c, s->cfg.max_message_bytes, why, sizeof why);
+    if (zrc != 0) {
+        rpc_call_finish(c, NULL, zrc, why, 0);
+        return;
+    }
     struct payload pl;
     if (!payload_open(c, c->m->req, &pl, why, sizeof why)) {
         rpc_call_finish(c, NULL, KSM_EINVAL, why, 0);
@@ -434,8 +439,12 @@ static void on_request(struct rpc_tag *t, bool ok)
      * cancellation is seen while it waits or streams. A call answered here on the CQ thread
      * (inline unary calls, health checks, unknown methods, refusals) receives the close in its
      * one send batch instead: one batch and one completion fewer per call. */
-    bool handoff = c->m != NULL && (c->m->kind == RPC_EVENTS || c->m->kind == RPC_HEALTH_WATCH ||
-                                    (c->m->kind == RPC_UNARY && !run_inline(s, c->m)));
+    /* A compressed unary request is inflated (up to max-message-bytes) on a worker, never
+     * here: the completion-queue thread serves every other call meanwhile. */
+    bool zipped = rpc_payload_compressed(c);
+    bool handoff = c->m != NULL &&
+                   (c->m->kind == RPC_EVENTS || c->m->kind == RPC_HEALTH_WATCH ||
+                    (c->m->kind == RPC_UNARY && (zipped || !run_inline(s, c->m))));
     if (handoff) {
         atomic_store(&c->refs, 2); /* handling + close batch */
         grpc_op op;
@@ -460,6 +469,16 @@ static void on_request(struct rpc_tag *t, bool ok)
         gpr_free(method);
         rpc_call_finish(c, NULL, KSM_ENOSYS, msg, GRPC_STATUS_UNIMPLEMENTED);
         return;
+    }
+    /* Authorised (or a health check): a compressed request is refused now, before it is queued,
+     * unless allowed; a health or stream request (a few bytes) is inflated here, capped. */
+    if (zipped && (!s->cfg.allow_compressed_requests || c->m->kind != RPC_UNARY)) {
+        char why[256];
+        int zrc = rpc_payload_inflate(s, c, RPC_SMALL_REQUEST_MAX, why, sizeof why);
+        if (zrc != 0) {
+            rpc_call_finish(c, NULL, zrc, why, 0);
+            return;
+        }
     }
     switch (c->m->kind) {
     case RPC_HEALTH_CHECK: health_check(s, c); return;
@@ -500,7 +519,7 @@ static void on_request(struct rpc_tag *t, bool ok)
         return;
     }
     c->counted = true;
-    if (run_inline(s, c->m)) {
+    if (run_inline(s, c->m) && !zipped) {
         run_unary(s, c);
         return;
     }
@@ -743,6 +762,7 @@ void rpc_config_defaults(struct ksm_rpc_server_config *cfg)
 {
     if (cfg->max_message_bytes == 0) cfg->max_message_bytes = 64u << 20;
     if (cfg->max_message_bytes > INT_MAX) cfg->max_message_bytes = INT_MAX;
+    if (cfg->max_reply_bytes == 0) cfg->max_reply_bytes = 64u << 20;
     if (cfg->workers <= 0) cfg->workers = 4;
     if (cfg->max_concurrent_calls <= 0) cfg->max_concurrent_calls = 256;
     if (cfg->subscriber_buffer == 0) cfg->subscriber_buffer = 1024;
@@ -787,7 +807,7 @@ int ksm_rpc_server_start(ksm_service *svc, const struct ksm_rpc_server_config *c
     if ((rc = rpc_security_init(s, err, errlen)) != 0) goto out_free;
 
     grpc_init();
-    grpc_arg args[3];
+    grpc_arg args[4];
     memset(args, 0, sizeof args);
     args[0].type = GRPC_ARG_INTEGER;
     args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
@@ -798,7 +818,12 @@ int ksm_rpc_server_start(ksm_service *svc, const struct ksm_rpc_server_config *c
     args[2].type = GRPC_ARG_INTEGER;
     args[2].key = GRPC_ARG_ALLOW_REUSEPORT; /* a second daemon must not share a TCP port */
     args[2].value.integer = 0;
-    grpc_channel_args ca = {.num_args = 3, .args = args};
+    /* gRPC would inflate a compressed request in full before any check: rpc/inflate does it,
+     * after authorisation and up to max-message-bytes, or refuses it. */
+    args[3].type = GRPC_ARG_INTEGER;
+    args[3].key = GRPC_ARG_ENABLE_PER_MESSAGE_DECOMPRESSION;
+    args[3].value.integer = 0;
+    grpc_channel_args ca = {.num_args = 4, .args = args};
     s->server = grpc_server_create(&ca, NULL);
     s->cq = grpc_completion_queue_create_for_next(NULL);
     grpc_server_register_completion_queue(s->server, s->cq, NULL);

@@ -129,6 +129,8 @@ struct ksm_rpc_server {
     char *tls_cert_pem, *tls_key_pem, *tls_ca_pem;
     bool have_gid;
     unsigned sock_gid;
+    _Atomic int64_t auth_log_sec;                 /* CLOCK_MONOTONIC second + 1 of the last */
+    atomic_uint_least64_t auth_log_suppressed;    /* refusal line; refusals not logged since */
     /* limits.c */
     pthread_mutex_t limits_lock; /* stream uses */
     struct rpc_stream_use *stream_uses;
@@ -163,8 +165,34 @@ int rpc_socket_secure(ksm_rpc_server *s, const char *path, char *err, size_t err
  * answered with UNAUTHENTICATED. */
 bool rpc_authorize(ksm_rpc_server *s, struct rpc_call *c);
 
+/* inflate.c: compressed request payloads (gRPC's decompression filter is off, see there). */
+/* True when the call's request payload arrived compressed. */
+bool rpc_payload_compressed(const struct rpc_call *c);
+/* Replaces a compressed c->payload by its inflation, at most min(cap, max-message-bytes) bytes,
+ * once the call is authorised. 0 (also for an uncompressed payload), or with one sentence in why:
+ * KSM_ENOSYS (allow-compressed-requests is off, or an algorithm other than gzip/deflate),
+ * KSM_ELIMIT (it inflates beyond the cap; nothing past the cap was inflated), KSM_EINVAL (corrupt
+ * or truncated data), KSM_ENOMEM. */
+int rpc_payload_inflate(ksm_rpc_server *s, struct rpc_call *c, size_t cap, char *why,
+                        size_t whylen);
+/* The cap for requests inflated on the completion-queue thread (health checks, which need no
+ * token, and stream requests): a few bytes each when legitimate. */
+#define RPC_SMALL_REQUEST_MAX ((size_t)64 << 10)
+
 /* limits.c (each returns 0 or KSM_ELIMIT with one sentence naming the option in cx->err) */
 int rpc_limit_input(ksm_rpc_server *s, const ksm_tensor *input, struct rpc_ctx *cx);
+/* max-reply-bytes: KSM_ELIMIT when a reply of `bytes` (what: "logits", "weights", ...) is over
+ * it. The _logits form predicts a Forward/FusedForward/Evaluate reply from the input's shape and
+ * the model's classes (vocab_size x T for a transformer), out_dtype a kasmina.v1 DType, copies
+ * the configs whose logits are returned (0: none); the _evaluate form an Evaluate reply (explicit
+ * configs counted, the standard set as one); the _export form an ExportWeights reply from the
+ * model's parameter count. Call them before the engine runs. */
+int rpc_limit_reply(ksm_rpc_server *s, uint64_t bytes, const char *what, struct rpc_ctx *cx);
+int rpc_limit_reply_logits(ksm_rpc_server *s, ksm_model *m, const ksm_tensor *input,
+                           int out_dtype, size_t copies, struct rpc_ctx *cx);
+int rpc_limit_reply_evaluate(ksm_rpc_server *s, ksm_model *m, const struct ksm_evaluate_args *ea,
+                             struct rpc_ctx *cx);
+int rpc_limit_reply_export(ksm_rpc_server *s, ksm_model *m, struct rpc_ctx *cx);
 /* Counts a compute call on (model, stream) until the reply is sent (deferred release). */
 int rpc_limit_stream_enter(ksm_rpc_server *s, const char *model_id, const char *stream,
                            struct rpc_ctx *cx);

@@ -70,6 +70,12 @@ def flags_of(args):
     return [a[2:].split("=", 1)[0] for a in args if a.startswith("--")]
 
 
+def loopback(addr):
+    """True for a host:port that kasminad treats as loopback (":port" is 127.0.0.1)."""
+    host = addr.rsplit(":", 1)[0].strip("[]")
+    return host in ("", "localhost", "::1") or host.startswith("127.")
+
+
 def conf_options(text):
     """Option names of a kasminad.conf text ("name value" lines, '#' comments)."""
     names = []
@@ -378,6 +384,8 @@ def test_dockerfile(tmp, name):
     ports = {l.rsplit(":", 1)[1] for l in tcp}
     metrics = [argv[i + 1] for i, a in enumerate(argv) if a == "--metrics-listen"]
     ports |= {m.rsplit(":", 1)[1] for m in metrics}
+    check(all(loopback(m) for m in metrics) or "--metrics-allow-remote" in argv,
+          "a non-loopback --metrics-listen %s comes with --metrics-allow-remote" % metrics)
     expose = set(last(rt, "EXPOSE").split())
     check(ports and ports == expose, "EXPOSE %s = the listeners' ports %s" % (sorted(expose), sorted(ports)))
     state = [argv[i + 1] for i, a in enumerate(argv) if a == "--state-dir"]
@@ -499,6 +507,8 @@ def test_k8s(tmp):
             services.add(pr["grpc"].get("service", ""))
     ann = spec["template"]["metadata"].get("annotations", {})
     metrics = conf_values(conf, "metrics-listen")
+    check(all(loopback(m) for m in metrics) or "metrics-allow-remote" in conf_options(conf),
+          "a non-loopback metrics-listen %s comes with metrics-allow-remote" % metrics)
     check(ann.get("prometheus.io/scrape") == "true", "prometheus.io/scrape annotation")
     check(metrics and ann.get("prometheus.io/port") == str(ports.get("metrics"))
           == metrics[0].rsplit(":", 1)[1],

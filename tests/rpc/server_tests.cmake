@@ -45,6 +45,12 @@ if(KSM_RPC_PROTOC AND EXISTS ${KSM_RPC_PYTHON})
     COMMAND ${KSM_RPC_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/rpc/test_hostile.py
             $<TARGET_FILE:kasminad> ${py_out})
   set_tests_properties(rpc_hostile PROPERTIES LABELS rpc TIMEOUT 300)
+  # Hostile traffic (issue 12): compressed-request bombs (RSS, latency of other calls), bad-token
+  # log flooding, a non-loopback metrics listener, replies over max-reply-bytes.
+  add_test(NAME rpc_server_hostile
+    COMMAND ${KSM_RPC_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/rpc/test_server_hostile.py
+            $<TARGET_FILE:kasminad> ${py_out})
+  set_tests_properties(rpc_server_hostile PROPERTIES LABELS rpc TIMEOUT 300)
 else()
   message(STATUS "kasmina: protoc or /usr/bin/python3 missing: rpc server tests not registered")
 endif()
