@@ -166,8 +166,8 @@ static char *default_listen(void)
     return strdup(buf);
 }
 
-/* The default state directory (DESIGN §7): $XDG_STATE_HOME/kasmina, /var/lib/kasmina as root,
- * else ~/.local/state/kasmina. */
+/* The default state directory (docs/weights.md#state-on-disk): $XDG_STATE_HOME/kasmina,
+ * /var/lib/kasmina as root, else ~/.local/state/kasmina. */
 static char *default_state_dir(void)
 {
     char buf[4096];
@@ -321,8 +321,8 @@ int main(int argc, char **argv)
     }
     if (d.cfg.metrics_listen != NULL) {
         struct ksm_metrics_config mc = {.listen = d.cfg.metrics_listen,
-                                     .allow_remote = d.cfg.metrics_allow_remote,
-                                     .version = KSM_VERSION};
+                                        .allow_remote = d.cfg.metrics_allow_remote,
+                                        .version = KSM_VERSION};
         rc = ksm_metrics_start(&d.loop, d.engine, d.rpc, &mc, &d.metrics, err, sizeof err);
         if (rc != 0) {
             KSM_LOGE("main", "%s", err);

@@ -1,5 +1,5 @@
 /*
- * io/persist: kasminad's crash-safe state (DESIGN §7).
+ * io/persist: kasminad's crash-safe state (docs/weights.md#state-on-disk).
  *
  * Layout of the state directory:
  *

@@ -1,7 +1,7 @@
 /*
- * AlphaController (§2.2, esper K/alpha_controller.py): retarget from HOLD, one step per tick,
- * LINEAR / COSINE / SIGMOID progress curves, monotone clamping and an exact snap to the target
- * on the last tick.
+ * AlphaController (docs/blending.md, esper K/alpha_controller.py): retarget from HOLD, one step per
+ * tick, LINEAR / COSINE / SIGMOID progress curves, monotone clamping and an exact snap to the
+ * target on the last tick.
  */
 #include "kasmina/alpha.h"
 

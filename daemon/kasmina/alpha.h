@@ -1,6 +1,6 @@
 /*
- * AlphaController (§2.2): the scalar amplitude schedule of a slot. Pure math, no state beyond
- * struct ksm_alpha_controller (kasmina.h).
+ * AlphaController (docs/blending.md): the scalar amplitude schedule of a slot. Pure math, no state
+ * beyond struct ksm_alpha_controller (kasmina.h).
  */
 #pragma once
 
@@ -8,9 +8,9 @@
 
 #include "kasmina/kasmina.h"
 
-#define KSM_ALPHA_EPS            1e-6
-#define KSM_DEFAULT_STEEPNESS    12.0
-#define KSM_MIN_STEEPNESS        0.1
+#define KSM_ALPHA_EPS         1e-6
+#define KSM_DEFAULT_STEEPNESS 12.0
+#define KSM_MIN_STEEPNESS     0.1
 
 /* A controller at rest: alpha = start = target = clamp01(alpha), HOLD, LINEAR, steepness 12. */
 void ksm_alpha_init(struct ksm_alpha_controller *c, double alpha);

@@ -1,7 +1,8 @@
 /*
- * Blueprints (§4): registry, parameter declarations (esper's state_dict names, PyTorch default
- * init plus esper's explicit zero/const inits), MULTIPLY zero-init (§4.4) and the
- * flex_attention block-mask LRU. Forwards are in blueprint_cnn.c and blueprint_tf.c.
+ * Blueprints (docs/models.md#blueprints): registry, parameter declarations (esper's state_dict
+ * names, PyTorch default init plus esper's explicit zero/const inits), MULTIPLY zero-init
+ * (docs/models.md#multiply-zero-init) and the flex_attention block-mask LRU. Forwards are in
+ * blueprint_cnn.c and blueprint_tf.c.
  */
 #include "kasmina/blueprint.h"
 
@@ -14,7 +15,7 @@
 #include "kasmina/errors.h"
 #include "kasmina/ops.h"
 
-/* ---- Registry (§4.1-§4.3) ---- */
+/* ---- Registry (docs/models.md) ---- */
 
 #define BP(n, i, t, est)                                                                           \
     {                                                                                              \
@@ -97,7 +98,8 @@ int ksm_num_groups(int channels)
 
 static bool is_bp(const struct ksm_seed *s, const struct ksm_blueprint *bp) { return s->bp == bp; }
 
-/* Declares one F32 parameter; `layer` marks a Linear/Conv weight (1) or bias (2) for §4.4. */
+/* Declares one F32 parameter; `layer` marks a Linear/Conv weight (1) or bias (2) for
+ * docs/models.md#multiply-zero-init. */
 static int decl(struct ksm_seed *s, const char *name, int ndim, const int64_t *shape,
                 enum ksm_init init, float a, int layer)
 {
@@ -319,7 +321,7 @@ int ksm_seed_forward(ksm_seed *s, struct ksm_exec *e, const ksm_tensor *x, ksm_t
     return ksm_seed_forward_tf(s, e, x, y);
 }
 
-/* ---- Block masks (§4.3 FlexAttention) ---- */
+/* ---- Block masks (docs/models.md#transformer-blueprints FlexAttention) ---- */
 
 struct ksm_block_mask *ksm_block_mask_build(int64_t seq_len, const ksm_device *dev,
                                             enum ksm_dtype dtype)

@@ -1,9 +1,9 @@
 /*
- * Blueprints (§4): the seed modules grown in slots, and GatedBlend (§3), the per-sample gate
- * of the GATE algorithm. A module declares its parameters (params.h) by esper's state_dict
- * names relative to "seed_slots.<id>.seed." / "seed_slots.<id>.alpha_schedule.", and enqueues
- * its forward on an execution context (exec.h). Modules know nothing about slots, alpha or
- * lifecycle.
+ * Blueprints (docs/models.md#blueprints): the seed modules grown in slots, and GatedBlend
+ * (docs/blending.md#blend-operators), the per-sample gate of the GATE algorithm. A module declares
+ * its parameters (params.h) by esper's state_dict names relative to "seed_slots.<id>.seed." /
+ * "seed_slots.<id>.alpha_schedule.", and enqueues its forward on an execution context (exec.h).
+ * Modules know nothing about slots, alpha or lifecycle.
  */
 #pragma once
 
@@ -17,7 +17,7 @@
 
 struct ksm_blueprint {
     const char *name;
-    int index; /* BlueprintAction index (§4.1): noop 0 ... flex_attention 12 */
+    int index; /* BlueprintAction index (docs/models.md): noop 0 ... flex_attention 12 */
     enum ksm_topology topology;
     int64_t param_estimate;
 };
@@ -28,7 +28,7 @@ const struct ksm_blueprint *const *ksm_blueprint_list(enum ksm_topology t, int *
 const struct ksm_blueprint *ksm_blueprint_find(enum ksm_topology t, const char *name);
 /* BlueprintAction index of a name (any topology), or -1. */
 int ksm_blueprint_index(const char *name);
-/* GroupNorm groups for C channels (§4.1 get_num_groups). */
+/* GroupNorm groups for C channels (docs/models.md get_num_groups). */
 int ksm_num_groups(int channels);
 
 typedef struct ksm_seed ksm_seed;
@@ -43,8 +43,8 @@ void ksm_seed_free(ksm_seed *s);
 const struct ksm_blueprint *ksm_seed_blueprint(const ksm_seed *s);
 int ksm_seed_channels(const ksm_seed *s);
 struct ksm_params *ksm_seed_params(ksm_seed *s);
-/* MULTIPLY germination (§4.4): the last Linear/Conv in registration order gets zero weight and
- * bias. Changes the declared init; call before materialising. */
+/* MULTIPLY germination (docs/models.md#multiply-zero-init): the last Linear/Conv in registration
+ * order gets zero weight and bias. Changes the declared init; call before materialising. */
 void ksm_seed_zero_final_layer(ksm_seed *s);
 
 /* y <- seed(x). x: contiguous F32 [B,C,H,W] (CNN) or [B,T,D] (transformer) on e's device; y is
@@ -63,9 +63,9 @@ void ksm_seed_invalidate_caches(ksm_seed *s);
 #define KSM_BLOCK_MASK_CAPACITY 8
 #define KSM_BLOCK_MASK_BLOCK    128
 
-/* ---- GatedBlend (§3): gate = Linear(C,h) -> ReLU -> Linear(h,1) -> Sigmoid, h = max(8,C/4),
- * of the per-sample mean over H,W (CNN) or T (transformer). Names "gate.0.weight",
- * "gate.0.bias", "gate.2.weight", "gate.2.bias". ---- */
+/* ---- GatedBlend (docs/blending.md#blend-operators): gate = Linear(C,h) -> ReLU -> Linear(h,1) ->
+ * Sigmoid, h = max(8,C/4), of the per-sample mean over H,W (CNN) or T (transformer). Names
+ * "gate.0.weight", "gate.0.bias", "gate.2.weight", "gate.2.bias". ---- */
 typedef struct ksm_gate ksm_gate;
 
 int ksm_gate_new(int channels, enum ksm_topology t, ksm_gate **out, char *err, size_t errlen);

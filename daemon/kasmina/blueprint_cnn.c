@@ -1,7 +1,7 @@
 /*
- * CNN blueprint forwards (§4.2) on x [B,C,H,W]. Every temporary comes from the execution arena
- * and every op goes through KSM_EXEC, so a measure pass enqueues nothing. The output y is
- * allocated first and the temporaries after it are released stack-wise at the end.
+ * CNN blueprint forwards (docs/models.md#cnn-blueprints) on x [B,C,H,W]. Every temporary comes from
+ * the execution arena and every op goes through KSM_EXEC, so a measure pass enqueues nothing. The
+ * output y is allocated first and the temporaries after it are released stack-wise at the end.
  */
 #include <stdint.h>
 

@@ -1,6 +1,6 @@
 /*
- * Transformer blueprint forwards (§4.3) on x [B,T,D]. Same arena discipline as
- * blueprint_cnn.c.
+ * Transformer blueprint forwards (docs/models.md#transformer-blueprints) on x [B,T,D]. Same arena
+ * discipline as blueprint_cnn.c.
  */
 #include <stdint.h>
 

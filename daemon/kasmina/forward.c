@@ -1,4 +1,5 @@
-/* Forward, fused forward and counterfactual evaluation (§2.5, §3, §6). */
+/* Forward, fused forward and counterfactual evaluation (docs/blending.md#forward-of-one-slot,
+ * docs/blending.md#blend-operators, docs/evaluate.md#forward-fusedforward-and-evaluate). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,7 +31,7 @@ void ksm_host_tensor_free(ksm_tensor *t)
     }
 }
 
-/* ---- one slot (§2.5) ---- */
+/* ---- one slot (docs/blending.md#forward-of-one-slot) ---- */
 
 struct fwd {
     ksm_model *m;
@@ -116,7 +117,8 @@ static int slot_forward(struct fwd *f, int idx, const ksm_tensor *h, ksm_tensor 
     return 0;
 }
 
-/* Routing (§5.4): registered slots in execution order, then the rest of the host. */
+/* Routing (docs/models.md#routing): registered slots in execution order, then the rest of the host.
+ */
 static int model_forward(struct fwd *f, const ksm_tensor *x, ksm_tensor *logits)
 {
     ksm_model *m = f->m;
@@ -473,7 +475,8 @@ out:
     return rc;
 }
 
-/* ---- evaluate (§6.2, §6.3) ---- */
+/* ---- evaluate (docs/evaluate.md#standard-configs, docs/evaluate.md#streams-plans-and-caches) ----
+ */
 
 struct cfg {
     char name[64];
@@ -741,7 +744,8 @@ int ksm_model_evaluate(ksm_model *m, const struct ksm_evaluate_args *a,
                                                        : ((const int32_t *)a->targets->data)[i];
     ea.labels_host = labels;
     struct plan_key k = {.kind = KIND_EVAL, .aux = (int64_t)K * 16 + a->input->dtype};
-    /* Overrides: every slot some config mentions, full of its current alpha (§6.2). */
+    /* Overrides: every slot some config mentions, full of its current alpha
+     * (docs/evaluate.md#standard-configs). */
     for (int i = 0; i < m->n_slots; i++) {
         bool any = false;
         for (int c = 0; c < K; c++) any |= cfgs[c].forced[i];

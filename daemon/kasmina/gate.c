@@ -1,6 +1,7 @@
 /*
- * GatedBlend (§3): g = sigmoid(Linear(h,1)(relu(Linear(C,h)(pool(x))))), h = max(8, C // 4),
- * pool = per-sample mean over H,W (CNN) or T (transformer); PyTorch default init.
+ * GatedBlend (docs/blending.md#blend-operators): g =
+ * sigmoid(Linear(h,1)(relu(Linear(C,h)(pool(x))))), h = max(8, C // 4), pool = per-sample mean over
+ * H,W (CNN) or T (transformer); PyTorch default init.
  */
 #include <math.h>
 #include <stdio.h>

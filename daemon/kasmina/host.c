@@ -1,5 +1,6 @@
 /*
- * Host networks (host.h): CNNHost (§5.2) and TransformerHost (§5.3) in eval mode.
+ * Host networks (host.h): CNNHost (docs/models.md#cnnhost) and TransformerHost (docs/models.md) in
+ * eval mode.
  *
  * Both hosts are a timeline of ops, each of which maps one activation to the next:
  *   CNN:         block 0, pool 0, block 1, pool 1, ..., block P, block P+1, ... (P = pool_layers)
@@ -261,7 +262,8 @@ static int cnn_declare(ksm_host *h)
     KSM_TRY(add_param(h, &h->cls_w, KSM_INIT_UNIFORM, bound, false, 2, cls, "classifier.weight"));
     KSM_TRY(add_param(h, &h->cls_b, KSM_INIT_UNIFORM, bound, false, 1, cls, "classifier.bias"));
 
-    /* §5.2: row 0 pre-pool after every block, row 1 post-pool after every pooled block. */
+    /* docs/models.md#cnnhost: row 0 pre-pool after every block, row 1 post-pool after every pooled
+     * block. */
     int p = h->cnn.pool_layers;
     for (int i = 0; i < n; i++)
         add_injection(h, 0, i, (int)cnn_channels(h, i), i, i < p ? 2 * i : p + i,
@@ -314,7 +316,7 @@ static int tf_declare(ksm_host *h)
     if (rc < 0) return rc;
     h->head_w = rc;
 
-    /* §5.3: one BLOCK_END point per segment, after layer (i+1)·L/S - 1. */
+    /* docs/models.md: one BLOCK_END point per segment, after layer (i+1)·L/S - 1. */
     int64_t per = L / S;
     for (int i = 0; i < S; i++)
         add_injection(h, 0, i, (int)D, i, i, KSM_SURFACE_BLOCK_END, (double)(i + 1) / (double)S,

@@ -1,7 +1,7 @@
 /*
- * Host networks (§5.2 CNNHost, §5.3 TransformerHost): parameters by esper state_dict names
- * relative to "host.", injection points, and segment routing. Eval mode only (BatchNorm uses
- * running statistics; dropout is the identity), so every op is per-sample.
+ * Host networks (docs/models.md#cnnhost CNNHost, docs/models.md TransformerHost): parameters by
+ * esper state_dict names relative to "host.", injection points, and segment routing. Eval mode only
+ * (BatchNorm uses running statistics; dropout is the identity), so every op is per-sample.
  *
  * Boundaries are numbered in execution order: boundary k is the point right after the op that
  * produces injection point exec_index k (CNN: r0c0=0, r1c0=1, r0c1=2, ...; transformer r0c{i}=i).
@@ -21,7 +21,7 @@ struct ksm_injection {
     char slot_id[KSM_SLOT_ID_MAX]; /* "r{row}c{col}" */
     int row, col;
     int channels;
-    int order;      /* InjectionSpec.order (§5.2: r0c{i} = i, r1c{i} = n + i) */
+    int order;      /* InjectionSpec.order (docs/models.md#cnnhost: r0c{i} = i, r1c{i} = n + i) */
     int exec_index; /* position in execution order = its boundary number */
     enum ksm_surface surface;
     double position;

@@ -52,7 +52,8 @@ static void mutated(ksm_model *m)
     ksm_model_touch(m);
 }
 
-/* Germination smoke test (§1.4 step 7): the seed on a cached random probe keeps its shape. */
+/* Germination smoke test (docs/lifecycle.md step 7): the seed on a cached random probe keeps its
+ * shape. */
 static int smoke_test(ksm_model *m, struct ksm_model_slot *ms, ksm_seed *seed)
 {
     struct ksm_stream_ctx *ctx;

@@ -3,10 +3,11 @@
  * name (relative to the module), shape and initialisation; the model materialises them on a
  * device through the caching allocator, loads and exports them by name.
  *
- * Deterministic initialisation (DESIGN §6): element i of a parameter named N (full name, e.g.
- * "seed_slots.r0c1.seed.enhance.conv.weight") under seed S takes the counter-based value
- * u = ksm_rand_uniform(S, fnv1a64(N), i) in [0,1) (splitmix64 of the key mixed with the index;
- * see params.c), mapped to the declared distribution. Independent of device and thread count.
+ * Deterministic initialisation (docs/weights.md#deterministic-initialisation): element i of a
+ * parameter named N (full name, e.g. "seed_slots.r0c1.seed.enhance.conv.weight") under seed S takes
+ * the counter-based value u = ksm_rand_uniform(S, fnv1a64(N), i) in [0,1) (splitmix64 of the key
+ * mixed with the index; see params.c), mapped to the declared distribution. Independent of device
+ * and thread count.
  */
 #pragma once
 
@@ -33,8 +34,8 @@ struct ksm_param {
                                     * materialised (then on the model's device, contiguous) */
     enum ksm_init init;
     float init_a;
-    bool buffer;  /* BatchNorm running stats / num_batches_tracked: not a trainable parameter */
-    int tied_to;  /* index of the parameter this one aliases (host.head.weight), or -1 */
+    bool buffer; /* BatchNorm running stats / num_batches_tracked: not a trainable parameter */
+    int tied_to; /* index of the parameter this one aliases (host.head.weight), or -1 */
 };
 
 struct ksm_params {

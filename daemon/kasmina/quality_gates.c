@@ -11,7 +11,7 @@
 #include "kasmina/slot.h"
 #include "kasmina/text.h"
 
-/* ---- quality gates (§1.3, K/slot.py QualityGates) ---- */
+/* ---- quality gates (docs/gates.md#quality-gates, K/slot.py QualityGates) ---- */
 
 static void gate_init(struct ksm_gate_result *r, enum ksm_gate_level g)
 {

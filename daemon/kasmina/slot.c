@@ -1,7 +1,7 @@
 /*
- * Seed slot lifecycle (§1, esper K/slot.py SeedSlot / SeedState / SeedMetrics / QualityGates):
- * stages and transitions, slot operations, step_epoch, metrics, events, reports. The quality
- * gates are in quality_gates.c, the extra-state JSON in slot_json.c.
+ * Seed slot lifecycle (docs/lifecycle.md#seed-lifecycle, esper K/slot.py SeedSlot / SeedState /
+ * SeedMetrics / QualityGates): stages and transitions, slot operations, step_epoch, metrics,
+ * events, reports. The quality gates are in quality_gates.c, the extra-state JSON in slot_json.c.
  *
  * Where esper mutates before it validates (germinate steps 1-3 and 7, prune of a cooling-down
  * slot raising auto_pruned) the daemon is atomic instead: a refused call changes nothing and
@@ -49,7 +49,7 @@ static bool is_active_stage(enum ksm_stage s)
            s == KSM_STAGE_FOSSILIZED;
 }
 
-/* VALID_TRANSITIONS (§1.2), in order. */
+/* VALID_TRANSITIONS (docs/lifecycle.md#transitions), in order. */
 static int valid_transitions(enum ksm_stage from, enum ksm_stage out[3])
 {
     switch (from) {
@@ -108,7 +108,7 @@ static int64_t wall_now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec / 1000 * 1000;
 }
 
-/* ---- metrics (SeedMetrics, §1.7) ---- */
+/* ---- metrics (SeedMetrics, docs/gates.md#recordmetrics) ---- */
 
 static double total_improvement(const struct ksm_seed_metrics *m)
 {
@@ -132,7 +132,7 @@ static void record_accuracy(struct ksm_seed_metrics *m, double acc)
     m->epochs_in_current_stage++;
 }
 
-/* ---- SeedState.transition (§1.2) ---- */
+/* ---- SeedState.transition (docs/lifecycle.md#transitions) ---- */
 
 static void history_push(struct ksm_seed_state *st, enum ksm_stage stage, int64_t at)
 {
@@ -190,7 +190,7 @@ static int create_gate(struct ksm_slot *s, uint32_t total_steps)
     return 0;
 }
 
-/* set_alpha (§1.4) on an occupied slot; value already finite or +-Inf. */
+/* set_alpha (docs/lifecycle.md) on an occupied slot; value already finite or +-Inf. */
 static void apply_alpha(struct ksm_slot *s, double value)
 {
     double a = fmax(0.0, fmin(1.0, value));
@@ -201,7 +201,7 @@ static void apply_alpha(struct ksm_slot *s, double value)
     if (changed && s->env && s->env->alpha_changed) s->env->alpha_changed(s->env->ud, s);
 }
 
-/* ---- events (§7.1) ---- */
+/* ---- events (docs/lifecycle.md#events) ---- */
 
 static void ev_init(const struct ksm_slot *s, struct ksm_lifecycle_event *ev,
                     enum ksm_event_type type, int64_t now)
@@ -339,7 +339,7 @@ static void start_blending(struct ksm_slot *s, uint32_t total_steps)
     double target = s->has_blend_alpha_target ? s->blend_alpha_target : 1.0;
     ksm_alpha_init(&s->st.controller, s->st.alpha);
     ksm_alpha_retarget(&s->st.controller, target, (long)total_steps, curve, KSM_DEFAULT_STEEPNESS);
-    /* A 0-step tempo jumps at once; keep state.alpha == controller.alpha (§2.2). */
+    /* A 0-step tempo jumps at once; keep state.alpha == controller.alpha (docs/blending.md). */
     if (s->st.controller.alpha != s->st.alpha) apply_alpha(s, s->st.controller.alpha);
 }
 
@@ -354,7 +354,7 @@ static void on_blending_complete(struct ksm_slot *s)
     c->steps_done = c->steps_total;
 }
 
-/* _on_enter_stage (§1.5). */
+/* _on_enter_stage (docs/lifecycle.md#stage-entry-side-effects). */
 static void on_enter_stage(struct ksm_slot *s, enum ksm_stage to, enum ksm_stage from)
 {
     if (to == KSM_STAGE_TRAINING && from == KSM_STAGE_GERMINATED) {
@@ -369,7 +369,7 @@ static void on_enter_stage(struct ksm_slot *s, enum ksm_stage to, enum ksm_stage
     }
 }
 
-/* ---- germinate (§1.4) ---- */
+/* ---- germinate (docs/lifecycle.md) ---- */
 
 static bool valid_blend_id(const char *id)
 {
@@ -506,7 +506,7 @@ int ksm_slot_germinate_commit(struct ksm_slot *s, const struct ksm_germinate_arg
     return 0;
 }
 
-/* ---- advance_stage (§1.4) ---- */
+/* ---- advance_stage (docs/lifecycle.md) ---- */
 
 /* Evaluate, emit GATE_EVALUATED, and on a pass transition + entry hook + STAGE_CHANGED (+
  * FOSSILIZED). target is a legal transition from the current stage of an active slot. */
@@ -605,7 +605,7 @@ int ksm_slot_advance(struct ksm_slot *s, enum ksm_stage target, struct ksm_gate_
     return 0;
 }
 
-/* ---- prune (§1.4) ---- */
+/* ---- prune (docs/lifecycle.md) ---- */
 
 static bool is_auto_prune_reason(const char *reason)
 {
@@ -781,7 +781,8 @@ int ksm_slot_set_alpha_target(struct ksm_slot *s, double target, uint32_t steps,
         st->alpha_algorithm = algorithm;
     }
     ksm_alpha_retarget(&st->controller, target, (long)steps, curve, steepness);
-    /* An INSTANT retarget moves the controller at once; keep state.alpha in step (§2.2). */
+    /* An INSTANT retarget moves the controller at once; keep state.alpha in step
+     * (docs/blending.md). */
     if (st->controller.alpha != st->alpha) apply_alpha(s, st->controller.alpha);
     set_blend_out_freeze(s);
     return 0;
@@ -797,7 +798,7 @@ int ksm_slot_set_alpha(struct ksm_slot *s, double alpha, char *err, size_t errle
     return 0;
 }
 
-/* ---- step_epoch (§1.4, §1.6) ---- */
+/* ---- step_epoch (docs/lifecycle.md, docs/lifecycle.md#cooldown-timing) ---- */
 
 static void cooldown_changed(struct ksm_slot *s, enum ksm_stage from, enum ksm_stage to,
                              uint32_t epochs_in_stage, int64_t now)
@@ -878,7 +879,8 @@ int ksm_slot_step_epoch(struct ksm_slot *s, int64_t now_ns)
     }
 }
 
-/* ---- metrics (§1.7, §6.4, §7.3) ---- */
+/* ---- metrics (docs/gates.md#recordmetrics, docs/evaluate.md#from-results-to-recordmetrics,
+ * docs/gates.md#recordmetrics) ---- */
 
 static bool finite_nonneg(double v) { return isfinite(v) && v >= 0.0; }
 
@@ -1000,7 +1002,7 @@ int ksm_slot_record_metrics(struct ksm_slot *s, const struct ksm_metrics_update 
     return 0;
 }
 
-/* ---- report (§7.2) ---- */
+/* ---- report (docs/lifecycle.md#slot-reports) ---- */
 
 void ksm_slot_report(const struct ksm_slot *s, struct ksm_slot_report *r)
 {

@@ -1,8 +1,9 @@
 /*
- * Seed slots and their lifecycle (§1): stages, transitions, quality gates G0-G5 in strict and
- * permissive modes with esper's check strings, germinate / advance / prune / schedule_prune /
- * set_alpha_target / set_alpha / step_epoch / record metrics, lifecycle events (§7.1) and
- * reports (§7.2), and the slot's extra state (esper-state-dict.md §6) as JSON.
+ * Seed slots and their lifecycle (docs/lifecycle.md#seed-lifecycle): stages, transitions, quality
+ * gates G0-G5 in strict and permissive modes with esper's check strings, germinate / advance /
+ * prune / schedule_prune / set_alpha_target / set_alpha / step_epoch / record metrics, lifecycle
+ * events (docs/lifecycle.md#events) and reports (docs/lifecycle.md#slot-reports), and the slot's
+ * extra state (docs/weights.md#extra-state) as JSON.
  *
  * The slot layer owns no device memory. Everything that touches modules goes through the
  * callbacks in struct ksm_slot_env, provided by the model (model.c):
@@ -48,9 +49,9 @@ struct ksm_slot_env {
 
 #define KSM_STAGE_HISTORY_MAX 100
 
-/* The rest of esper's SeedTelemetry (§7.3), as last copied by sync_telemetry (record_metrics);
- * the gradient fields and epoch/max_epochs are in struct ksm_seed_telemetry. Persisted in the
- * extra state's seed_state.telemetry. */
+/* The rest of esper's SeedTelemetry (docs/gates.md#recordmetrics), as last copied by sync_telemetry
+ * (record_metrics); the gradient fields and epoch/max_epochs are in struct ksm_seed_telemetry.
+ * Persisted in the extra state's seed_state.telemetry. */
 struct ksm_telemetry_sync {
     char seed_id[KSM_SEED_ID_MAX];
     char blueprint_id[KSM_NAME_MAX];
@@ -69,7 +70,7 @@ struct ksm_telemetry_sync {
     char alpha_curve[16]; /* "LINEAR" unless restored otherwise */
 };
 
-/* SeedState (§1.2, §7.2). */
+/* SeedState (docs/lifecycle.md#transitions, docs/lifecycle.md#slot-reports). */
 struct ksm_seed_state {
     char seed_id[KSM_SEED_ID_MAX];
     char blueprint_id[KSM_NAME_MAX];
@@ -125,7 +126,8 @@ void ksm_slot_init(struct ksm_slot *s, const char *id, int channels,
 /* Germination in two phases so the model can build the seed in between:
  * check validates args against the slot (availability, alpha_target range, gated <=> GATE,
  * blend id) without mutating; commit takes ownership of `seed` (non-NULL) and records
- * everything (§1.4 germinate steps 1, 8-12). seed_params/host_params: trainable counts. */
+ * everything (docs/lifecycle.md germinate steps 1, 8-12). seed_params/host_params: trainable
+ * counts. */
 int ksm_slot_germinate_check(const struct ksm_slot *s, const struct ksm_germinate_args *a,
                              char *err, size_t errlen);
 int ksm_slot_germinate_commit(struct ksm_slot *s, const struct ksm_germinate_args *a, void *seed,
@@ -142,7 +144,7 @@ int ksm_slot_set_alpha_target(struct ksm_slot *s, double target, uint32_t steps,
                               enum ksm_alpha_curve curve, double steepness,
                               enum ksm_alpha_algorithm algorithm, int64_t now_ns, char *err,
                               size_t errlen);
-/* set_alpha (§1.4): clamps; no-op without state. NaN is KSM_EINVAL. */
+/* set_alpha (docs/lifecycle.md): clamps; no-op without state. NaN is KSM_EINVAL. */
 int ksm_slot_set_alpha(struct ksm_slot *s, double alpha, char *err, size_t errlen);
 int ksm_slot_step_epoch(struct ksm_slot *s, int64_t now_ns);
 int ksm_slot_record_metrics(struct ksm_slot *s, const struct ksm_metrics_update *u, char *err,
@@ -152,7 +154,7 @@ int ksm_slot_record_metrics(struct ksm_slot *s, const struct ksm_metrics_update 
 bool ksm_slot_runs_seed(const struct ksm_slot *s);
 void ksm_slot_report(const struct ksm_slot *s, struct ksm_slot_report *r);
 
-/* QualityGates thresholds (§1.3, L/__init__.py). */
+/* QualityGates thresholds (docs/gates.md#quality-gates, L/__init__.py). */
 #define MIN_TRAINING_IMPROVEMENT 0.5
 #define MIN_BLENDING_EPOCHS      10u
 #define MIN_GRADIENT_HEALTH      0.7
@@ -170,7 +172,7 @@ void ksm_gate_result_failed(struct ksm_gate_result *r, enum ksm_gate_level g, co
 void ksm_slot_check_gate(const struct ksm_slot *s, enum ksm_stage target,
                          struct ksm_gate_result *r);
 
-/* The slot's extra state (esper-state-dict.md §6, schema version 1) as a JSON string
+/* The slot's extra state (docs/weights.md#extra-state, schema version 1) as a JSON string
  * (malloc'd) / parsed into a fresh slot value. from_json validates everything and fills *out
  * (a copy of s with the parsed state; s itself is not touched); needs_seed/needs_gate tell the
  * model which modules the state requires. */

@@ -1,5 +1,5 @@
 /*
- * The slot's extra state (esper-state-dict.md §6, schema version 1; esper SeedSlot
+ * The slot's extra state (docs/weights.md#extra-state, schema version 1; esper SeedSlot
  * get_extra_state / set_extra_state, SeedState / SeedMetrics (schema 2) / SeedTelemetry
  * (schema 1) / AlphaController to_dict / from_dict) as JSON.
  *

@@ -2,8 +2,8 @@
  * kasmina engine: morphogenetic models (a host network with seed slots) on a device.
  *
  * This is the plain C API that kasminad's gRPC layer translates and that programs can embed
- * (link libkasmina). Semantics are esper-lite's Kasmina: ../shared/spec/kasmina-behaviour.md
- * (section numbers in comments refer to it), weight names ../shared/spec/esper-state-dict.md.
+ * (link libkasmina). Semantics are esper-lite's Kasmina, documented in docs/ (lifecycle.md,
+ * gates.md, blending.md, evaluate.md, models.md; weight names in weights.md).
  *
  *     ksm_engine *e;
  *     struct ksm_engine_config cfg = {.cpu_devices = 1};
@@ -55,7 +55,11 @@ typedef struct ksm_model ksm_model;
 
 /* ======================= enums (values match esper-lite and kasmina.proto) ============== */
 
-enum ksm_topology { KSM_TOPOLOGY_UNSPECIFIED = 0, KSM_TOPOLOGY_CNN = 1, KSM_TOPOLOGY_TRANSFORMER = 2 };
+enum ksm_topology {
+    KSM_TOPOLOGY_UNSPECIFIED = 0,
+    KSM_TOPOLOGY_CNN = 1,
+    KSM_TOPOLOGY_TRANSFORMER = 2
+};
 
 enum ksm_stage {
     KSM_STAGE_UNKNOWN = 0,
@@ -89,7 +93,13 @@ enum ksm_alpha_algorithm {
     KSM_ALGO_GATE = 3
 };
 
-enum ksm_gate_level { KSM_GATE_G0 = 0, KSM_GATE_G1 = 1, KSM_GATE_G2 = 2, KSM_GATE_G3 = 3, KSM_GATE_G5 = 5 };
+enum ksm_gate_level {
+    KSM_GATE_G0 = 0,
+    KSM_GATE_G1 = 1,
+    KSM_GATE_G2 = 2,
+    KSM_GATE_G3 = 3,
+    KSM_GATE_G5 = 5
+};
 
 enum ksm_event_type {
     KSM_EV_SEED_GERMINATED = 0,
@@ -104,16 +114,16 @@ enum ksm_event_type {
 const char *ksm_stage_name(enum ksm_stage s);
 /* true for the values of enum ksm_stage (5 is not one). */
 bool ksm_stage_valid(int value);
-const char *ksm_alpha_mode_name(enum ksm_alpha_mode m);         /* "HOLD", "UP", "DOWN" */
-const char *ksm_alpha_curve_name(enum ksm_alpha_curve c);       /* "LINEAR", "COSINE", "SIGMOID" */
+const char *ksm_alpha_mode_name(enum ksm_alpha_mode m);   /* "HOLD", "UP", "DOWN" */
+const char *ksm_alpha_curve_name(enum ksm_alpha_curve c); /* "LINEAR", "COSINE", "SIGMOID" */
 const char *ksm_alpha_algorithm_name(enum ksm_alpha_algorithm a); /* "ADD", "MULTIPLY", "GATE" */
-const char *ksm_gate_level_name(enum ksm_gate_level g);         /* "G0", ... */
-const char *ksm_event_type_name(enum ksm_event_type t);         /* "SEED_GERMINATED", ... */
-const char *ksm_topology_name(enum ksm_topology t);             /* "cnn", "transformer" */
+const char *ksm_gate_level_name(enum ksm_gate_level g);           /* "G0", ... */
+const char *ksm_event_type_name(enum ksm_event_type t);           /* "SEED_GERMINATED", ... */
+const char *ksm_topology_name(enum ksm_topology t);               /* "cnn", "transformer" */
 
 /* ======================= lifecycle value types ======================= */
 
-/* AlphaController (§2.2). */
+/* AlphaController (docs/blending.md). */
 struct ksm_alpha_controller {
     double alpha, alpha_start, alpha_target;
     enum ksm_alpha_mode mode;
@@ -122,7 +132,7 @@ struct ksm_alpha_controller {
     uint32_t steps_total, steps_done;
 };
 
-/* GateResult (§1.3). */
+/* GateResult (docs/gates.md#quality-gates). */
 struct ksm_gate_result {
     enum ksm_gate_level gate;
     bool passed;
@@ -133,7 +143,8 @@ struct ksm_gate_result {
     char message[128];
 };
 
-/* SeedMetrics (§1.7, §7.2). has_* flags are "not None". */
+/* SeedMetrics (docs/gates.md#recordmetrics, docs/lifecycle.md#slot-reports). has_* flags are "not
+ * None". */
 struct ksm_seed_metrics {
     uint32_t epochs_total, epochs_in_current_stage;
     double initial_val_accuracy, current_val_accuracy, best_val_accuracy;
@@ -154,7 +165,7 @@ struct ksm_seed_metrics {
     char auto_prune_reason[KSM_REASON_MAX];
 };
 
-/* SeedTelemetry gradient fields and epochs (§7.3); unset = not measured. */
+/* SeedTelemetry gradient fields and epochs (docs/gates.md#recordmetrics); unset = not measured. */
 struct ksm_seed_telemetry {
     bool has_gradient_norm, has_gradient_health, has_vanishing_flag, has_exploding_flag;
     double gradient_norm, gradient_health;
@@ -162,9 +173,10 @@ struct ksm_seed_telemetry {
     uint32_t epoch, max_epochs;
 };
 
-/* RecordMetrics: each has_* field present is applied, in this order (§1.7, §6.4, §7.3):
- * val_accuracy (record_accuracy), counterfactual (contribution + velocity), gradients
- * (sync_telemetry), epoch/max_epochs. */
+/* RecordMetrics: each has_* field present is applied, in this order (docs/gates.md#recordmetrics,
+ * docs/evaluate.md#from-results-to-recordmetrics, docs/gates.md#recordmetrics): val_accuracy
+ * (record_accuracy), counterfactual (contribution + velocity), gradients (sync_telemetry),
+ * epoch/max_epochs. */
 struct ksm_metrics_update {
     bool has_val_accuracy;
     double val_accuracy; /* percent, 0..100 */
@@ -178,7 +190,7 @@ struct ksm_metrics_update {
     uint32_t epoch, max_epochs;
 };
 
-/* SeedStateReport (§7.2) plus the slot settings the daemon reports. */
+/* SeedStateReport (docs/lifecycle.md#slot-reports) plus the slot settings the daemon reports. */
 struct ksm_slot_report {
     char slot_id[KSM_SLOT_ID_MAX];
     bool occupied; /* false: empty slot (no seed state); the rest is zero */
@@ -199,12 +211,13 @@ struct ksm_slot_report {
     double total_improvement, improvement_since_stage_start;
     struct ksm_seed_telemetry telemetry;
     bool isolate_gradients, is_healthy, is_improving, needs_attention;
-    bool has_gate;       /* a GatedBlend module exists */
+    bool has_gate;        /* a GatedBlend module exists */
     uint64_t seed_params; /* live seed + gate parameters */
     uint64_t model_generation;
 };
 
-/* A lifecycle event (§7.1). values holds the remaining numeric payload fields. */
+/* A lifecycle event (docs/lifecycle.md#events). values holds the remaining numeric payload fields.
+ */
 struct ksm_lifecycle_event {
     enum ksm_event_type type;
     char model_id[KSM_ID_MAX + 1];
@@ -231,20 +244,20 @@ typedef void (*ksm_event_cb)(void *ud, const struct ksm_lifecycle_event *ev);
 /* ======================= engine ======================= */
 
 struct ksm_engine_config {
-    int cpu_devices;          /* logical CPU devices cpu:0..; 0 = 1 */
-    bool enable_cuda;         /* try the CUDA plugin; fall back to the CPU with a log line */
-    const char *cuda_plugin;  /* path of libkasmina_cuda.so; NULL = next to the binary / default */
-    size_t memory_cap;        /* per-device allocator cap, 0 = none */
-    const char *default_device; /* NULL = cuda:0 if loaded, else cpu:0 */
-    uint32_t max_models;      /* 0 = 1024; one more is KSM_EMAXMODELS */
+    int cpu_devices;         /* logical CPU devices cpu:0..; 0 = 1 */
+    bool enable_cuda;        /* try the CUDA plugin; fall back to the CPU with a log line */
+    const char *cuda_plugin; /* path of libkasmina_cuda.so; NULL = next to the binary / default */
+    size_t memory_cap;       /* per-device allocator cap, 0 = none */
+    const char *default_device;   /* NULL = cuda:0 if loaded, else cpu:0 */
+    uint32_t max_models;          /* 0 = 1024; one more is KSM_EMAXMODELS */
     uint32_t max_seeds_per_model; /* live seeds (occupied, not PRUNED, EMBARGOED or RESETTING)
                                    * per model; 0 = no limit; one more is KSM_EMAXSEEDS */
-    const char *fault_injection; /* tests only: "mem-limit=BYTES,fail-malloc-nth=N,
-                                  * sticky-after-launches=N" wraps cpu:0 in a fault-injecting
-                                  * device "fake:0" that becomes the default device */
-    ksm_backend *backend;     /* optional extra backend (borrowed, must outlive the engine): its
-                               * devices come first and the first is the default. Tests use it
-                               * for fault injection; embedders for their own devices. */
+    const char *fault_injection;  /* tests only: "mem-limit=BYTES,fail-malloc-nth=N,
+                                   * sticky-after-launches=N" wraps cpu:0 in a fault-injecting
+                                   * device "fake:0" that becomes the default device */
+    ksm_backend *backend;         /* optional extra backend (borrowed, must outlive the engine): its
+                                   * devices come first and the first is the default. Tests use it
+                                   * for fault injection; embedders for their own devices. */
 };
 
 int ksm_engine_new(const struct ksm_engine_config *cfg, ksm_engine **out, char *err, size_t errlen);
@@ -273,7 +286,7 @@ int ksm_engine_blueprints(enum ksm_topology t, const char *const **names, int *n
 
 /* ======================= models ======================= */
 
-/* Zero fields take esper's defaults (§5.2, §5.3). */
+/* Zero fields take esper's defaults (docs/models.md#cnnhost, docs/models.md). */
 struct ksm_cnn_spec {
     uint32_t num_classes;   /* 10 */
     uint32_t n_blocks;      /* 3, >= 2 */
@@ -294,24 +307,24 @@ struct ksm_transformer_spec {
 
 struct ksm_model_spec {
     enum ksm_topology topology;
-    struct ksm_cnn_spec cnn;         /* when topology is CNN; pool_layers 0 means n_blocks
-                                      * unless pool_layers_set */
+    struct ksm_cnn_spec cnn; /* when topology is CNN; pool_layers 0 means n_blocks
+                              * unless pool_layers_set */
     bool pool_layers_set;
     struct ksm_transformer_spec transformer;
-    const char *const *slots;        /* slot ids to register; n_slots 0 = every injection point */
+    const char *const *slots; /* slot ids to register; n_slots 0 = every injection point */
     int n_slots;
-    const char *device;              /* NULL/"" = engine default */
-    enum ksm_dtype dtype;            /* compute dtype; F32 (the only one the CPU backend runs) */
-    uint64_t init_seed;              /* deterministic host initialisation */
+    const char *device;   /* NULL/"" = engine default */
+    enum ksm_dtype dtype; /* compute dtype; F32 (the only one the CPU backend runs) */
+    uint64_t init_seed;   /* deterministic host initialisation */
     bool permissive_gates;
-    unsigned auto_forward_gates;     /* bit (1 << KSM_GATE_Gn) for G1, G2, G3 */
+    unsigned auto_forward_gates; /* bit (1 << KSM_GATE_Gn) for G1, G2, G3 */
 };
 
 struct ksm_slot_info {
     char slot_id[KSM_SLOT_ID_MAX];
     uint32_t row, col, channels;
-    uint32_t order;        /* execution order index */
-    const char *surface;   /* "pre_pool", "post_pool", "block_end" */
+    uint32_t order;      /* execution order index */
+    const char *surface; /* "pre_pool", "post_pool", "block_end" */
 };
 
 struct ksm_model_info {
@@ -323,8 +336,8 @@ struct ksm_model_info {
     enum ksm_dtype dtype;
     int n_slots;
     struct ksm_slot_info slots[KSM_MAX_SLOTS]; /* registered slots, row-major */
-    uint64_t host_params;    /* tied weights counted once */
-    uint64_t seed_params;    /* live seeds + gates */
+    uint64_t host_params;                      /* tied weights counted once */
+    uint64_t seed_params;                      /* live seeds + gates */
     uint64_t generation;
     uint64_t resident_bytes; /* device bytes owned by the model (weights, plans, scalars) */
     bool permissive_gates;
@@ -349,7 +362,7 @@ const char *ksm_model_id(const ksm_model *m);
 int ksm_model_get_info(ksm_model *m, struct ksm_model_info *out);
 uint64_t ksm_model_generation(ksm_model *m);
 
-/* ---- lifecycle (§1) ---- */
+/* ---- lifecycle (docs/lifecycle.md#seed-lifecycle) ---- */
 
 struct ksm_germinate_args {
     const char *blueprint_id;       /* required */
@@ -389,14 +402,13 @@ int ksm_model_set_alpha(ksm_model *m, const char *slot_id, double alpha,
  * entries) receive the reports of the slots ticked, row-major. */
 int ksm_model_step_epoch(ksm_model *m, const char *slot_id, struct ksm_slot_report *reports,
                          size_t cap, size_t *n, char *err, size_t errlen);
-int ksm_model_record_metrics(ksm_model *m, const char *slot_id,
-                             const struct ksm_metrics_update *u, struct ksm_slot_report *report,
-                             char *err, size_t errlen);
+int ksm_model_record_metrics(ksm_model *m, const char *slot_id, const struct ksm_metrics_update *u,
+                             struct ksm_slot_report *report, char *err, size_t errlen);
 /* slot_id NULL/"" = every registered slot, row-major. */
 int ksm_model_slot_reports(ksm_model *m, const char *slot_id, struct ksm_slot_report *reports,
                            size_t cap, size_t *n, char *err, size_t errlen);
 
-/* ---- compute (§6) ---- */
+/* ---- compute (docs/evaluate.md#forward-fusedforward-and-evaluate) ---- */
 
 /* Per-row alphas of one slot for a fused forward: n must equal the input's rows. */
 struct ksm_alpha_override {
@@ -406,17 +418,17 @@ struct ksm_alpha_override {
 };
 
 struct ksm_forward_args {
-    const ksm_tensor *input;  /* host memory (dev NULL), contiguous. CNN [B,C,H,W] F32;
-                               * transformer [B,T] I64/I32 */
-    const char *stream;       /* stream key; NULL/"" = the model's default stream */
+    const ksm_tensor *input; /* host memory (dev NULL), contiguous. CNN [B,C,H,W] F32;
+                              * transformer [B,T] I64/I32 */
+    const char *stream;      /* stream key; NULL/"" = the model's default stream */
     const struct ksm_alpha_override *overrides; /* fused forward when n_overrides > 0 */
     size_t n_overrides;
-    bool fused;               /* validate as a fused forward even with no overrides */
-    void *output_buffer;      /* optional host buffer for the logits (reused across calls, so
-                               * a large output is not faulted in again): used when
-                               * output_capacity suffices; the engine never frees it. On the
-                               * CPU the model's head writes into it directly (no copy), so
-                               * after a failed forward its contents are unspecified */
+    bool fused;          /* validate as a fused forward even with no overrides */
+    void *output_buffer; /* optional host buffer for the logits (reused across calls, so
+                          * a large output is not faulted in again): used when
+                          * output_capacity suffices; the engine never frees it. On the
+                          * CPU the model's head writes into it directly (no copy), so
+                          * after a failed forward its contents are unspecified */
     size_t output_capacity;
 };
 
@@ -447,7 +459,8 @@ struct ksm_evaluate_args {
     const char *stream;
     const struct ksm_alpha_config *configs; /* explicit configs ... */
     size_t n_configs;
-    bool generate_standard; /* ... or esper's standard set (§6.2) when n_configs == 0 */
+    bool generate_standard; /* ... or esper's standard set (docs/evaluate.md#standard-configs) when
+                               n_configs == 0 */
     bool shapley;           /* with generate_standard: add the 2^n factorial (n <= 4) */
     bool return_logits;
 };
@@ -506,7 +519,7 @@ int ksm_model_move(ksm_model *m, const char *device, int dtype, char *err, size_
 /* ---- statistics ---- */
 
 struct ksm_cache_counters {
-    char cache[16]; /* "alpha_scalar", "plan", "block_mask", "shape_probe" */
+    char cache[16];                /* "alpha_scalar", "plan", "block_mask", "shape_probe" */
     char slot_id[KSM_SLOT_ID_MAX]; /* "" for model-level caches */
     uint64_t hits, misses, evictions, invalidations, entries, capacity, bytes;
     uint64_t recompiles; /* plans: builds after the first */

@@ -1,8 +1,8 @@
 /*
- * Model-level invariants of spec §8 that hold through the forward: inactive stages never change
- * the host stream (3), the TRAINING straight-through value is the host exactly (4), blend-op
- * contracts at alpha 0 and 1 and NaN propagation (6), multi-slot independence (16), and no leak
- * over repeated germinate/prune cycles (18).
+ * Model-level invariants of docs/README.md#invariants that hold through the forward: inactive
+ * stages never change the host stream (3), the TRAINING straight-through value is the host exactly
+ * (4), blend-op contracts at alpha 0 and 1 and NaN propagation (6), multi-slot independence (16),
+ * and no leak over repeated germinate/prune cycles (18).
  */
 #include <criterion/criterion.h>
 #include <jansson.h>

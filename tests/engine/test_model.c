@@ -125,7 +125,8 @@ static const struct ksm_cache_counters *find_cache(struct ksm_cache_counters *c,
     return NULL;
 }
 
-/* The tested happy path (§7.1): GERMINATED, (GATE_EVALUATED, STAGE_CHANGED) x 4, FOSSILIZED. */
+/* The tested happy path (docs/lifecycle.md#events): GERMINATED, (GATE_EVALUATED, STAGE_CHANGED) x
+ * 4, FOSSILIZED. */
 Test(model, lifecycle_happy_path_events)
 {
     ksm_model *m = small_cnn("life", true);
@@ -163,8 +164,8 @@ Test(model, lifecycle_happy_path_events)
     ksm_model_unref(m);
 }
 
-/* DESIGN §5 / issue: 10,000 set_alpha calls between forwards recompile nothing and allocate
- * nothing; the output still follows alpha. */
+/* docs/evaluate.md#streams-plans-and-caches / issue: 10,000 set_alpha calls between forwards
+ * recompile nothing and allocate nothing; the output still follows alpha. */
 Test(model, alpha_changes_reuse_plan_without_allocating)
 {
     ksm_model *m = small_cnn("alpha", false);
@@ -466,8 +467,8 @@ Test(model, bad_input_changes_nothing)
     ksm_model_unref(m);
 }
 
-/* Fused forward (§6.1): rows of config k equal a sequential forward with those alphas, and a
- * TRAINING slot without an override keeps the STE path (output == host). */
+/* Fused forward (docs/evaluate.md#fusedforward): rows of config k equal a sequential forward with
+ * those alphas, and a TRAINING slot without an override keeps the STE path (output == host). */
 Test(model, fused_equals_sequential_transformer)
 {
     ksm_model *m = small_tf("fusedtf");

@@ -7,8 +7,8 @@ Regenerate (needs Debian's python3-torch; CI does not, it reads the committed fi
 
 The output is deterministic (fixed seed, 2 threads); re-running it must leave git clean.
 
-Every module is built here from the specification (kasmina-behaviour.md §3, §4.2, §4.3; names
-from esper-state-dict.md §4-§5), not from the C code, with every parameter randomised (also the
+Every module is built here from the specification (docs/blending.md#blend-operators, docs/models.md#cnn-blueprints, docs/models.md#transformer-blueprints; names
+from docs/weights.md#slot-tensors), not from the C code, with every parameter randomised (also the
 ones esper initialises to zero or 3.0, so that every term of the forward is exercised):
 
     blueprints_cnn.safetensors  the eight CNN blueprints at C=8 and C=16 (B=2, H=W=5) and the
@@ -49,7 +49,7 @@ def get_num_groups(c):
     return 1
 
 
-# ---- CNN blueprints (§4.2) ----
+# ---- CNN blueprints (docs/models.md#cnn-blueprints) ----
 
 class CnnNorm(nn.Module):
     def __init__(self, c):
@@ -148,7 +148,7 @@ CNN = {"noop": Noop, "norm": CnnNorm, "attention": SE, "depthwise": Depthwise,
        "conv_heavy": ConvHeavy}
 
 
-# ---- Transformer blueprints (§4.3) ----
+# ---- Transformer blueprints (docs/models.md#transformer-blueprints) ----
 
 class TfNorm(nn.Module):
     def __init__(self, d):
@@ -208,7 +208,7 @@ TF = {"noop": Noop, "norm": TfNorm, "lora": lambda d: Lora(d, 8),
       "mlp_small": lambda d: Mlp(d, 2), "mlp": lambda d: Mlp(d, 4)}
 
 
-# ---- GatedBlend (§3) ----
+# ---- GatedBlend (docs/blending.md#blend-operators) ----
 
 class Gate(nn.Module):
     def __init__(self, c, topology):

@@ -7,7 +7,7 @@ Regenerate (needs Debian's python3-torch; CI does not, it reads the committed fi
 
 The output is deterministic (fixed seed, 2 threads); re-running it must leave git clean.
 
-The two hosts are written here from the specification (kasmina-behaviour.md §5.2, §5.3) with
+The two hosts are written here from the specification (docs/models.md#cnnhost, docs/models.md) with
 esper's module names, independently of the C code, in eval mode:
 
     hosts_cnn.safetensors  CNNHost base_channels 8, n_blocks 3, kernel 3, 10 classes.
@@ -64,7 +64,7 @@ def write(name, tensors, meta):
     print("%-24s %3d tensors %8d bytes" % (name, len(tensors), 8 + len(hj) + off))
 
 
-# ---- CNNHost (§5.2) ----
+# ---- CNNHost (docs/models.md#cnnhost) ----
 
 class ConvBlock(nn.Module):
     def __init__(self, cin, cout, k):
@@ -138,7 +138,7 @@ def cnn_fixture():
           {"cnn": "num_classes=10 n_blocks=3 base_channels=8 kernel_size=3 in_channels=3"})
 
 
-# ---- TransformerHost (§5.3) ----
+# ---- TransformerHost (docs/models.md) ----
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, d, n_head):

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Crash-safe state (DESIGN §7) against a real kasminad on a real state directory.
+"""Crash-safe state (docs/weights.md#state-on-disk) against a real kasminad on a real state directory.
 
 Usage: test_persist.py <kasminad> <dir with the generated kasmina_pb2.py and health_pb2.py>
 

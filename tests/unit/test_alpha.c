@@ -1,6 +1,6 @@
 /*
- * AlphaController (§2.2): the reference progress table, exact snap, INSTANT retargets, HOLD-only
- * retargeting, monotonicity and extreme steepness (§8 item 7).
+ * AlphaController (docs/blending.md): the reference progress table, exact snap, INSTANT retargets,
+ * HOLD-only retargeting, monotonicity and extreme steepness (docs/README.md#invariants item 7).
  */
 #include <criterion/criterion.h>
 #include <math.h>
@@ -18,7 +18,7 @@ struct ref_row {
     double p[7];
 };
 
-/* §2.2 "Reference values of p at interior ticks i/n". */
+/* docs/blending.md "Reference values of p at interior ticks i/n". */
 static const struct ref_row ref_rows[] = {
     {3, KSM_CURVE_LINEAR, 12, {0.333333, 0.666667}},
     {3, KSM_CURVE_SIGMOID, 12, {0.117310, 0.882690}},

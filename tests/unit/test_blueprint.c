@@ -1,13 +1,15 @@
 /*
  * Blueprints and GatedBlend (daemon/kasmina/blueprint*.c, gate.c).
  *
- * blueprint_registry: esper's order, BlueprintAction indices, GroupNorm groups (§4.1).
- * blueprint_params: exact parameter counts, names and shapes (§4.2, §4.3; esper-state-dict §4-§5).
- * blueprint_birth: identity at birth, SE's 0.9526·x, MULTIPLY zero-init (§4.4).
- * blueprint_golden: every case of tests/golden/blueprints_*.safetensors (gen_blueprints.py, built
- *   from the spec in PyTorch with every weight randomised) within max|Δ|/max|ref| <= 1e-5.
- * blueprint_flex: flex_attention equals attention; the block-mask LRU and its counters.
- * blueprint_shapes: shape preservation for odd widths and any resolution; fused == sequential.
+ * blueprint_registry: esper's order, BlueprintAction indices, GroupNorm groups (docs/models.md).
+ * blueprint_params: exact parameter counts, names and shapes (docs/models.md#cnn-blueprints,
+ * docs/models.md#transformer-blueprints; esper-state-dict docs/models.md#blueprints).
+ * blueprint_birth: identity at birth, SE's 0.9526·x, MULTIPLY zero-init
+ * (docs/models.md#multiply-zero-init). blueprint_golden: every case of
+ * tests/golden/blueprints_*.safetensors (gen_blueprints.py, built from the spec in PyTorch with
+ * every weight randomised) within max|Δ|/max|ref| <= 1e-5. blueprint_flex: flex_attention equals
+ * attention; the block-mask LRU and its counters. blueprint_shapes: shape preservation for odd
+ * widths and any resolution; fused == sequential.
  *
  * Every forward runs twice as a model runs it: a measure pass (nothing enqueued, arena sized),
  * then a real pass on an arena of exactly the measured size.

@@ -1,7 +1,8 @@
 /*
- * Host networks (daemon/kasmina/host.c): CNNHost (§5.2) and TransformerHost (§5.3).
+ * Host networks (daemon/kasmina/host.c): CNNHost (docs/models.md#cnnhost) and TransformerHost
+ * (docs/models.md).
  *
- * host_params: names, shapes and counts against esper-state-dict.md §2-§3.
+ * host_params: names, shapes and counts against docs/weights.md#host-tensors.
  * host_slots: injection points (ids, row-major vs execution order, channels, spatial sizes).
  * host_spec: default resolution and validation sentences.
  * host_golden: logits and injection-point features against tests/golden/hosts_*.safetensors

@@ -1,5 +1,6 @@
 /*
- * Slot lifecycle (§1, §7, §8 items 1, 2, 8, 9, 11; esper-state-dict.md §6) against a fake
+ * Slot lifecycle (docs/lifecycle.md#seed-lifecycle, docs/lifecycle.md#events,
+ * docs/README.md#invariants items 1, 2, 8, 9, 11; docs/weights.md#extra-state) against a fake
  * ksm_slot_env that records events and module callbacks.
  */
 #include <criterion/criterion.h>
@@ -222,7 +223,7 @@ static void report(struct ksm_slot_report *r)
                      "callbacks: " #call);                                                         \
     } while (0)
 
-/* ---- transitions (§1.2) ---- */
+/* ---- transitions (docs/lifecycle.md#transitions) ---- */
 
 static const int all_stages[] = {0, 1, 2, 3, 4, 6, 7, 8, 9, 10};
 
@@ -347,7 +348,7 @@ Test(slot, fossilized_is_terminal)
     cr_expect_eq(S.st.alpha, 1.0);
 }
 
-/* ---- gates (§1.3) ---- */
+/* ---- gates (docs/gates.md#quality-gates) ---- */
 
 Test(slot, g0_checks)
 {
@@ -605,7 +606,7 @@ Test(slot, g5_checks_in_both_modes)
     free(mod);
 }
 
-/* ---- event order and payloads (§7.1) ---- */
+/* ---- event order and payloads (docs/lifecycle.md#events) ---- */
 
 Test(slot, happy_path_event_order)
 {
@@ -670,7 +671,7 @@ Test(slot, failed_gate_emits_only_the_gate_event)
     cr_expect_eq(S.st.stage, KSM_STAGE_TRAINING);
 }
 
-/* ---- stage entry side effects (§1.5) ---- */
+/* ---- stage entry side effects (docs/lifecycle.md#stage-entry-side-effects) ---- */
 
 Test(slot, entry_side_effects_by_topology)
 {
@@ -738,7 +739,7 @@ Test(slot, gate_creation_failure_changes_nothing)
     cr_expect(advance(KSM_STAGE_BLENDING).passed);
 }
 
-/* ---- prune and cooldown (§1.4, §1.6) ---- */
+/* ---- prune and cooldown (docs/lifecycle.md, docs/lifecycle.md#cooldown-timing) ---- */
 
 Test(slot, cooldown_takes_exactly_seven_ticks)
 {
@@ -912,7 +913,7 @@ Test(slot, schedule_prune_delegates_and_validates)
     cr_expect_eq(S.st.stage, KSM_STAGE_PRUNED);
 }
 
-/* ---- alpha targets (§1.4, §8 item 9) ---- */
+/* ---- alpha targets (docs/lifecycle.md, docs/README.md#invariants item 9) ---- */
 
 Test(slot, partial_germination_target_never_reaches_holding)
 {
@@ -973,7 +974,8 @@ Test(slot, set_alpha_target_from_holding_reenters_blending)
     for (int i = 0; i < 4; i++) step();
     cr_expect_eq(S.st.alpha, 0.5);
     cr_expect_eq(S.st.stage, KSM_STAGE_BLENDING);
-    cr_expect(S.blend_out_freeze); /* re-evaluated at the start of the next tick (§2.4) */
+    cr_expect(S.blend_out_freeze); /* re-evaluated at the start of the next tick
+                                      (docs/blending.md#blend-out-freeze) */
     step();
     cr_expect_not(S.blend_out_freeze);
     report(&r);
@@ -1083,7 +1085,7 @@ Test(slot, alpha_levels_per_stage)
     cr_expect_eq(S.st.controller.steps_done, S.st.controller.steps_total);
 }
 
-/* ---- auto-forward (§1.4 step_epoch) ---- */
+/* ---- auto-forward (docs/lifecycle.md step_epoch) ---- */
 
 Test(slot, step_epoch_alone_never_changes_stage)
 {
@@ -1135,7 +1137,7 @@ Test(slot, auto_forward_gates)
     cr_expect_eq(S.st.stage, KSM_STAGE_HOLDING);
 }
 
-/* ---- germinate (§1.4) ---- */
+/* ---- germinate (docs/lifecycle.md) ---- */
 
 Test(slot, germinate_records_settings_and_state)
 {
@@ -1202,7 +1204,8 @@ Test(slot, germinate_validation)
         cr_expect_eq(ksm_slot_germinate_commit(&S, &b, &F.seed_token, 1, 1, tick()), KSM_EINVAL));
 }
 
-/* ---- metrics (§1.7, §6.4, §7.3) ---- */
+/* ---- metrics (docs/gates.md#recordmetrics, docs/evaluate.md#from-results-to-recordmetrics,
+ * docs/gates.md#recordmetrics) ---- */
 
 Test(slot, record_metrics_bookkeeping)
 {
@@ -1299,7 +1302,7 @@ Test(slot, grad_ratio_in_payloads_waits_for_a_telemetry_epoch)
     cr_expect_eq(ev_val(e, "has_exploding"), 1.0);
 }
 
-/* ---- extra state JSON (esper-state-dict.md §6) ---- */
+/* ---- extra state JSON (docs/weights.md#extra-state) ---- */
 
 static void roundtrip_check(void)
 {
