@@ -283,8 +283,8 @@ json_t *ctl_json_event(uint64_t sequence, const struct ksm_lifecycle_event *e)
 {
     json_t *j =
         json_pack("{s:I, s:s, s:s, s:s, s:s, s:I, s:s, s:s, s:o}", "sequence", (json_int_t)sequence,
-                  "event_type", ksm_event_type_name(e->type), "model_id", e->model_id, "slot_id",
-                  e->slot_id, "seed_id", e->seed_id, "timestamp_unix_ns",
+                  "event_type", ksm_lifecycle_type_name(e->type), "model_id", e->model_id,
+                  "slot_id", e->slot_id, "seed_id", e->seed_id, "timestamp_unix_ns",
                   (json_int_t)e->timestamp_ns, "from_stage", ksm_stage_name(e->from_stage),
                   "to_stage", ksm_stage_name(e->to_stage), "alpha", jreal(e->alpha));
     if (e->type == KSM_EV_SEED_GATE_EVALUATED)
@@ -450,7 +450,7 @@ void ctl_print_event(uint64_t sequence, const struct ksm_lifecycle_event *e, FIL
             snprintf(ts + l, sizeof ts - l, ".%03d", (int)(e->timestamp_ns / 1000000 % 1000));
         }
     }
-    fprintf(f, "%6" PRIu64 "  %s  %-20s %s/%s %s", sequence, ts, ksm_event_type_name(e->type),
+    fprintf(f, "%6" PRIu64 "  %s  %-20s %s/%s %s", sequence, ts, ksm_lifecycle_type_name(e->type),
             e->model_id, e->slot_id, e->seed_id);
     switch (e->type) {
     case KSM_EV_SEED_STAGE_CHANGED:

@@ -66,10 +66,12 @@ void ksm_seed_invalidate_caches(ksm_seed *s);
 /* ---- GatedBlend (docs/blending.md#blend-operators): gate = Linear(C,h) -> ReLU -> Linear(h,1) ->
  * Sigmoid, h = max(8,C/4), of the per-sample mean over H,W (CNN) or T (transformer). Names
  * "gate.0.weight", "gate.0.bias", "gate.2.weight", "gate.2.bias". ---- */
-typedef struct ksm_gate ksm_gate;
+typedef struct ksm_gated_blend ksm_gated_blend;
 
-int ksm_gate_new(int channels, enum ksm_topology t, ksm_gate **out, char *err, size_t errlen);
-void ksm_gate_free(ksm_gate *g);
-struct ksm_params *ksm_gate_params(ksm_gate *g);
+int ksm_gated_blend_new(int channels, enum ksm_topology t, ksm_gated_blend **out, char *err,
+                        size_t errlen);
+void ksm_gated_blend_free(ksm_gated_blend *g);
+struct ksm_params *ksm_gated_blend_params(ksm_gated_blend *g);
 /* g_out: new arena tensor [B,1,1,1] (CNN) or [B,1,1] (transformer) in (0,1). */
-int ksm_gate_forward(ksm_gate *g, struct ksm_exec *e, const ksm_tensor *x, ksm_tensor *g_out);
+int ksm_gated_blend_forward(ksm_gated_blend *g, struct ksm_exec *e, const ksm_tensor *x,
+                            ksm_tensor *g_out);

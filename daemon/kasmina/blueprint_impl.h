@@ -1,6 +1,6 @@
 /*
  * Internals of the blueprint modules (blueprint.c: registry, declarations, block-mask LRU;
- * blueprint_cnn.c / blueprint_tf.c: forwards; gate.c: GatedBlend).
+ * blueprint_cnn.c / blueprint_tf.c: forwards; gated_blend.c: GatedBlend).
  */
 #pragma once
 

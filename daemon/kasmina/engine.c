@@ -134,7 +134,7 @@ void ksm_engine_free(ksm_engine *e)
         ksm_model_unref(models[i]);
     }
     free(models);
-    for (int i = 0; i < e->n_devices; i++) ksm_allocator_free(e->allocators[i]);
+    for (int i = 0; i < e->n_devices; i++) ksm_allocator_destroy(e->allocators[i]);
     ksm_backend_free(e->fake); /* before the CPU backend it wraps */
     ksm_backend_free(e->cpu);
     ksm_backend_free(e->cuda);
@@ -186,7 +186,7 @@ ksm_allocator *ksm_engine_allocator(const ksm_engine *e, const ksm_device *d)
     return NULL;
 }
 
-void ksm_engine_set_event_sink(ksm_engine *e, ksm_event_cb cb, void *ud)
+void ksm_engine_set_event_sink(ksm_engine *e, ksm_lifecycle_cb cb, void *ud)
 {
     pthread_mutex_lock(&e->lock);
     e->event_cb = cb;

@@ -53,8 +53,7 @@ static inline void ksm_exec_release(struct ksm_exec *e, size_t mark) { e->off = 
     do {                                                                                           \
         if (!(e)->measure) {                                                                       \
             int ksm_exec_rc_ = (call);                                                             \
-            if (ksm_exec_rc_ < 0)                                                                  \
-                return ksm_exec_rc_;                                                               \
+            if (ksm_exec_rc_ < 0) return ksm_exec_rc_;                                             \
         }                                                                                          \
     } while (0)
 
@@ -62,6 +61,5 @@ static inline void ksm_exec_release(struct ksm_exec *e, size_t mark) { e->off = 
 #define KSM_TRY(call)                                                                              \
     do {                                                                                           \
         int ksm_try_rc_ = (call);                                                                  \
-        if (ksm_try_rc_ < 0)                                                                       \
-            return ksm_try_rc_;                                                                    \
+        if (ksm_try_rc_ < 0) return ksm_try_rc_;                                                   \
     } while (0)

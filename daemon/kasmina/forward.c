@@ -103,7 +103,7 @@ static int slot_forward(struct fwd *f, int idx, const ksm_tensor *h, ksm_tensor 
     case KSM_ALGO_GATE: {
         if (s->gate == NULL) return KSM_ESTAGE;
         ksm_tensor g, aeff;
-        KSM_TRY(ksm_gate_forward(s->gate, e, h, &g));
+        KSM_TRY(ksm_gated_blend_forward(s->gate, e, h, &g));
         KSM_EXEC(e, ksm_op_clamp01(e->stream, &g, &g));
         KSM_TRY(ksm_exec_tensor(e, &aeff, KSM_DTYPE_F32, g.ndim, g.shape));
         KSM_EXEC(e, ksm_op_mul(e->stream, &aeff, &ca, &g));

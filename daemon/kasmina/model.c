@@ -35,7 +35,7 @@ static void env_emit(void *ud, struct ksm_slot *s, struct ksm_lifecycle_event *e
     snprintf(ev->model_id, sizeof ev->model_id, "%s", m->id);
     if (ev->slot_id[0] == '\0') snprintf(ev->slot_id, sizeof ev->slot_id, "%s", s->id);
     if (ev->timestamp_ns == 0) ev->timestamp_ns = ksm_now_ns();
-    ksm_event_cb cb = m->engine->event_cb;
+    ksm_lifecycle_cb cb = m->engine->event_cb;
     if (cb) cb(m->engine->event_ud, ev);
 }
 
@@ -79,10 +79,10 @@ void ksm_model_free_seed(ksm_model *m, struct ksm_model_slot *ms)
 
 void ksm_model_free_gate(ksm_model *m, struct ksm_model_slot *ms)
 {
-    ksm_gate *g = ms->s.gate;
+    ksm_gated_blend *g = ms->s.gate;
     if (g) {
-        ksm_model_release_params(m, ksm_gate_params(g));
-        ksm_gate_free(g);
+        ksm_model_release_params(m, ksm_gated_blend_params(g));
+        ksm_gated_blend_free(g);
         ms->s.gate = NULL;
     }
 }
@@ -96,9 +96,9 @@ static int env_create_gate(void *ud, struct ksm_slot *s, uint32_t total_steps)
     ksm_model *m = ud;
     struct ksm_model_slot *ms = ms_of(s);
     if (s->gate != NULL) return 0;
-    ksm_gate *g;
+    ksm_gated_blend *g;
     char why[160];
-    int rc = ksm_gate_new(s->channels, m->spec.topology, &g, why, sizeof why);
+    int rc = ksm_gated_blend_new(s->channels, m->spec.topology, &g, why, sizeof why);
     if (rc < 0) return rc;
     struct ksm_stream_ctx *ctx;
     rc = ksm_model_stream(m, "", &ctx);
@@ -106,12 +106,12 @@ static int env_create_gate(void *ud, struct ksm_slot *s, uint32_t total_steps)
         char prefix[64];
         snprintf(prefix, sizeof prefix, "seed_slots.%s.alpha_schedule.", s->id);
         /* Deterministic from the model seed, the slot and the generation of the request. */
-        rc = ksm_params_materialise(ksm_gate_params(g), m->alloc, ctx->stream,
+        rc = ksm_params_materialise(ksm_gated_blend_params(g), m->alloc, ctx->stream,
                                     m->spec.init_seed ^ (m->generation * 0x9e3779b97f4a7c15ull),
                                     prefix);
     }
     if (rc < 0) {
-        ksm_gate_free(g);
+        ksm_gated_blend_free(g);
         return rc;
     }
     s->gate = g;
@@ -324,7 +324,7 @@ static uint64_t seed_params_locked(ksm_model *m)
     for (int i = 0; i < m->n_slots; i++) {
         const struct ksm_slot *s = &m->slots[i].s;
         if (s->seed) n += (uint64_t)ksm_params_count(ksm_seed_params(s->seed));
-        if (s->gate) n += (uint64_t)ksm_params_count(ksm_gate_params(s->gate));
+        if (s->gate) n += (uint64_t)ksm_params_count(ksm_gated_blend_params(s->gate));
     }
     return n;
 }
@@ -335,7 +335,7 @@ static uint64_t resident_locked(ksm_model *m)
     for (int i = 0; i < m->n_slots; i++) {
         const struct ksm_model_slot *ms = &m->slots[i];
         if (ms->s.seed) b += ksm_params_bytes(ksm_seed_params(ms->s.seed));
-        if (ms->s.gate) b += ksm_params_bytes(ksm_gate_params(ms->s.gate));
+        if (ms->s.gate) b += ksm_params_bytes(ksm_gated_blend_params(ms->s.gate));
         if (ms->probe) b += ksm_alloc_block_size(m->alloc, ms->probe);
     }
     for (int i = 0; i < m->n_streams; i++) {

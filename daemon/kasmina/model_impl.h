@@ -34,7 +34,7 @@ struct ksm_engine {
     size_t n_models, cap_models;
     uint64_t next_model_number;
 
-    ksm_event_cb event_cb;
+    ksm_lifecycle_cb event_cb;
     void *event_ud;
 
     atomic_bool failed; /* a device reported an asynchronous error */
@@ -74,7 +74,7 @@ struct ksm_stream_ctx {
 
 /* Per-slot module state the model owns (struct ksm_slot holds the lifecycle). */
 struct ksm_model_slot {
-    struct ksm_slot s; /* s.seed is a ksm_seed *, s.gate a ksm_gate * */
+    struct ksm_slot s; /* s.seed is a ksm_seed *, s.gate a ksm_gated_blend * */
     const struct ksm_injection *inj;
     uint64_t alpha_gen; /* bumped on every alpha change (never 0) */
     struct ksm_cache_stat alpha_stat;

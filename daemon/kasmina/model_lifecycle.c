@@ -22,7 +22,8 @@ static void report_locked(ksm_model *m, struct ksm_model_slot *ms, struct ksm_sl
     r->blueprint_index = r->occupied ? ksm_blueprint_index(r->blueprint_id) : -1;
     r->seed_params = 0;
     if (ms->s.seed) r->seed_params += (uint64_t)ksm_params_count(ksm_seed_params(ms->s.seed));
-    if (ms->s.gate) r->seed_params += (uint64_t)ksm_params_count(ksm_gate_params(ms->s.gate));
+    if (ms->s.gate)
+        r->seed_params += (uint64_t)ksm_params_count(ksm_gated_blend_params(ms->s.gate));
     r->model_generation = m->generation;
 }
 

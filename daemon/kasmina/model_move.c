@@ -103,7 +103,7 @@ int ksm_model_move(ksm_model *m, const char *device, int dtype, char *err, size_
     sets[ns++] = ksm_host_params(m->host);
     for (int i = 0; i < m->n_slots; i++) {
         if (m->slots[i].s.seed) sets[ns++] = ksm_seed_params(m->slots[i].s.seed);
-        if (m->slots[i].s.gate) sets[ns++] = ksm_gate_params(m->slots[i].s.gate);
+        if (m->slots[i].s.gate) sets[ns++] = ksm_gated_blend_params(m->slots[i].s.gate);
     }
     int k;
     for (k = 0; k < ns; k++) {

@@ -72,7 +72,7 @@ const char *ksm_gate_level_name(enum ksm_gate_level g)
     return "UNKNOWN";
 }
 
-const char *ksm_event_type_name(enum ksm_event_type t)
+const char *ksm_lifecycle_type_name(enum ksm_lifecycle_type t)
 {
     switch (t) {
     case KSM_EV_SEED_GERMINATED: return "SEED_GERMINATED";

@@ -204,7 +204,7 @@ static void apply_alpha(struct ksm_slot *s, double value)
 /* ---- events (docs/lifecycle.md#events) ---- */
 
 static void ev_init(const struct ksm_slot *s, struct ksm_lifecycle_event *ev,
-                    enum ksm_event_type type, int64_t now)
+                    enum ksm_lifecycle_type type, int64_t now)
 {
     memset(ev, 0, sizeof *ev);
     ev->type = type;

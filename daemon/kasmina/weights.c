@@ -37,7 +37,7 @@ struct modset {
 };
 
 static int collect(ksm_model *m, struct modset *sets, int cap, ksm_seed *const *seeds,
-                   ksm_gate *const *gates)
+                   ksm_gated_blend *const *gates)
 {
     int n = 0;
     sets[n].slot = -1;
@@ -52,7 +52,7 @@ static int collect(ksm_model *m, struct modset *sets, int cap, ksm_seed *const *
         }
         if (gates[i]) {
             sets[n].slot = i;
-            sets[n].ps = ksm_gate_params(gates[i]);
+            sets[n].ps = ksm_gated_blend_params(gates[i]);
             snprintf(sets[n++].prefix, sizeof sets[0].prefix, "seed_slots.%s.alpha_schedule.", id);
         }
     }
@@ -68,7 +68,7 @@ static int export_common(ksm_model *m, const bool *want, bool with_host, void **
 {
     pthread_mutex_lock(&m->lock);
     ksm_seed *seeds[KSM_MAX_SLOTS];
-    ksm_gate *gates[KSM_MAX_SLOTS];
+    ksm_gated_blend *gates[KSM_MAX_SLOTS];
     for (int i = 0; i < m->n_slots; i++) {
         seeds[i] = m->slots[i].s.seed;
         gates[i] = m->slots[i].s.gate;
@@ -257,7 +257,7 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
     struct ksm_slot *newst = calloc((size_t)KSM_MAX_SLOTS, sizeof *newst);
     bool has_state[KSM_MAX_SLOTS] = {0};
     ksm_seed *seeds[KSM_MAX_SLOTS] = {0};
-    ksm_gate *gates[KSM_MAX_SLOTS] = {0};
+    ksm_gated_blend *gates[KSM_MAX_SLOTS] = {0};
     bool new_seed[KSM_MAX_SLOTS] = {0}, new_gate[KSM_MAX_SLOTS] = {0};
     struct pending *pend = NULL;
     bool *used = calloc(ksm_st_count(f) + 1, sizeof *used);
@@ -340,8 +340,8 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
             new_seed[i] = true;
         }
         if (need_gate) {
-            if ((rc = ksm_gate_new(ms->s.channels, m->spec.topology, &gates[i], why, sizeof why)) <
-                0) {
+            if ((rc = ksm_gated_blend_new(ms->s.channels, m->spec.topology, &gates[i], why,
+                                          sizeof why)) < 0) {
                 KSM_ERR(err, errlen, "slot %s: %s", ms->s.id, why);
                 goto fail;
             }
@@ -451,8 +451,8 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
         }
         if (new_gate[i]) {
             snprintf(prefix, sizeof prefix, "seed_slots.%s.alpha_schedule.", m->slots[i].s.id);
-            if ((rc = ksm_params_materialise(ksm_gate_params(gates[i]), m->alloc, ctx->stream, 0,
-                                             prefix)) < 0)
+            if ((rc = ksm_params_materialise(ksm_gated_blend_params(gates[i]), m->alloc,
+                                             ctx->stream, 0, prefix)) < 0)
                 break;
         }
     }
@@ -518,8 +518,8 @@ fail:
             ksm_seed_free(seeds[i]);
         }
         if (new_gate[i] && gates[i]) {
-            ksm_params_release(ksm_gate_params(gates[i]), m->alloc, NULL, 0);
-            ksm_gate_free(gates[i]);
+            ksm_params_release(ksm_gated_blend_params(gates[i]), m->alloc, NULL, 0);
+            ksm_gated_blend_free(gates[i]);
         }
     }
     pthread_mutex_unlock(&m->lock);

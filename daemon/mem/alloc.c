@@ -543,7 +543,7 @@ int ksm_allocator_new(ksm_device *dev, const struct ksm_alloc_config *cfg, ksm_a
     return 0;
 }
 
-void ksm_allocator_free(ksm_allocator *a)
+void ksm_allocator_destroy(ksm_allocator *a)
 {
     if (a == NULL) return;
     pthread_mutex_lock(&a->mu);

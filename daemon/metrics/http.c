@@ -88,8 +88,8 @@ static bool is_loopback(const struct sockaddr *sa)
     return false;
 }
 
-static int bind_listener(const char *addr, bool allow_remote, int *fd_out, int *port_out,
-                         char *err, size_t errlen)
+static int bind_listener(const char *addr, bool allow_remote, int *fd_out, int *port_out, char *err,
+                         size_t errlen)
 {
     char host[256], port[8];
     if (split_addr(addr, host, sizeof host, port, sizeof port) != 0) {

@@ -349,7 +349,7 @@ static void render_rpc(struct ksm_sbuf *b, ksm_rpc_server *rpc)
     ksm_rpc_server_event_counts(rpc, ev);
     family(b, "kasmina_lifecycle_events_total", "counter", "Seed lifecycle events, by type.");
     for (int t = 0; t < KSM_EV_COUNT; t++) {
-        const char *lv[] = {"type", ksm_event_type_name((enum ksm_event_type)t)};
+        const char *lv[] = {"type", ksm_lifecycle_type_name((enum ksm_lifecycle_type)t)};
         sample(b, "kasmina_lifecycle_events_total", lv, 1, (double)ev[t]);
     }
 }

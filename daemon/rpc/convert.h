@@ -182,7 +182,7 @@ int ksm_conv_event_to_pb(uint64_t sequence, const struct ksm_lifecycle_event *ev
 int ksm_conv_event_from_pb(const Kasmina__V1__LifecycleEvent *pb, uint64_t *sequence,
                            struct ksm_lifecycle_event *ev, char *err, size_t errlen);
 /* "SEED_GERMINATED" -> KSM_EV_SEED_GERMINATED; KSM_EINVAL when unknown. */
-int ksm_conv_event_type_parse(const char *s, enum ksm_event_type *out);
+int ksm_conv_lifecycle_type_parse(const char *s, enum ksm_lifecycle_type *out);
 
 /* Also checks model_id and slot_id (required). */
 int ksm_conv_metrics_from_pb(const Kasmina__V1__RecordMetricsRequest *pb,

@@ -248,11 +248,11 @@ static const char *const event_names[KSM_EV_COUNT] = {
     [KSM_EV_SEED_PRUNED] = "SEED_PRUNED",
 };
 
-int ksm_conv_event_type_parse(const char *s, enum ksm_event_type *out)
+int ksm_conv_lifecycle_type_parse(const char *s, enum ksm_lifecycle_type *out)
 {
     for (int i = 0; i < KSM_EV_COUNT; i++)
         if (s != NULL && strcmp(s, event_names[i]) == 0) {
-            *out = (enum ksm_event_type)i;
+            *out = (enum ksm_lifecycle_type)i;
             return 0;
         }
     return KSM_EINVAL;
@@ -314,7 +314,7 @@ int ksm_conv_event_from_pb(const Kasmina__V1__LifecycleEvent *pb, uint64_t *sequ
 {
     memset(ev, 0, sizeof *ev);
     *sequence = pb->sequence;
-    if (ksm_conv_event_type_parse(pb->event_type, &ev->type) != 0)
+    if (ksm_conv_lifecycle_type_parse(pb->event_type, &ev->type) != 0)
         return ksm_conv_fail(err, errlen, "event_type '%s' is not a known event type.",
                              str_or_empty(pb->event_type));
     copy_str(ev->model_id, sizeof ev->model_id, pb->model_id);

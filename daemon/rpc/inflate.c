@@ -87,10 +87,14 @@ static int inflate_capped(grpc_byte_buffer *in, bool gzip, size_t cap, grpc_byte
             size_t before = z.avail_out;
             zr = inflate(&z, Z_NO_FLUSH);
             total += before - z.avail_out;
-            if (total > cap) rc = KSM_ELIMIT;
-            else if (zr == Z_MEM_ERROR) rc = KSM_ENOMEM;
-            else if (zr != Z_OK && zr != Z_STREAM_END && zr != Z_BUF_ERROR) rc = KSM_EINVAL;
-            else if (zr == Z_BUF_ERROR && z.avail_in > 0 && z.avail_out > 0) rc = KSM_EINVAL;
+            if (total > cap)
+                rc = KSM_ELIMIT;
+            else if (zr == Z_MEM_ERROR)
+                rc = KSM_ENOMEM;
+            else if (zr != Z_OK && zr != Z_STREAM_END && zr != Z_BUF_ERROR)
+                rc = KSM_EINVAL;
+            else if (zr == Z_BUF_ERROR && z.avail_in > 0 && z.avail_out > 0)
+                rc = KSM_EINVAL;
         }
     }
     if (rc == 0 && zr != Z_STREAM_END) rc = KSM_EINVAL; /* truncated */
@@ -124,8 +128,7 @@ static int inflate_capped(grpc_byte_buffer *in, bool gzip, size_t cap, grpc_byte
     return rc;
 }
 
-int rpc_payload_inflate(ksm_rpc_server *s, struct rpc_call *c, size_t cap, char *why,
-                        size_t whylen)
+int rpc_payload_inflate(ksm_rpc_server *s, struct rpc_call *c, size_t cap, char *why, size_t whylen)
 {
     if (!rpc_payload_compressed(c)) return 0;
     grpc_compression_algorithm alg = c->payload->data.raw.compression;
@@ -136,8 +139,10 @@ int rpc_payload_inflate(ksm_rpc_server *s, struct rpc_call *c, size_t cap, char 
         return KSM_ENOSYS;
     }
     if (alg != GRPC_COMPRESS_GZIP && alg != GRPC_COMPRESS_DEFLATE) {
-        snprintf(why, whylen, "The request's compression (algorithm %d) is not supported; use "
-                              "gzip or deflate.", (int)alg);
+        snprintf(why, whylen,
+                 "The request's compression (algorithm %d) is not supported; use "
+                 "gzip or deflate.",
+                 (int)alg);
         return KSM_ENOSYS;
     }
     grpc_byte_buffer *plain = NULL;

@@ -63,8 +63,8 @@ int rpc_limit_reply(ksm_rpc_server *s, uint64_t bytes, const char *what, struct 
     return KSM_ELIMIT;
 }
 
-int rpc_limit_reply_logits(ksm_rpc_server *s, ksm_model *m, const ksm_tensor *input,
-                           int out_dtype, size_t copies, struct rpc_ctx *cx)
+int rpc_limit_reply_logits(ksm_rpc_server *s, ksm_model *m, const ksm_tensor *input, int out_dtype,
+                           size_t copies, struct rpc_ctx *cx)
 {
     if (input == NULL || input->ndim < 1 || copies == 0) return 0; /* the engine names it */
     struct ksm_model_info *info = ksm_pb_arena_alloc(&cx->arena, sizeof *info);
@@ -78,10 +78,10 @@ int rpc_limit_reply_logits(ksm_rpc_server *s, ksm_model *m, const ksm_tensor *in
     } else {
         n = mul_sat(n, info->cnn.num_classes);
     }
-    uint64_t elem = out_dtype == KASMINA__V1__DTYPE__DTYPE_F16 ||
-                            out_dtype == KASMINA__V1__DTYPE__DTYPE_BF16
-                        ? 2
-                        : 4;
+    uint64_t elem =
+        out_dtype == KASMINA__V1__DTYPE__DTYPE_F16 || out_dtype == KASMINA__V1__DTYPE__DTYPE_BF16
+            ? 2
+            : 4;
     return rpc_limit_reply(s, mul_sat(mul_sat(n, elem), copies), "logits", cx);
 }
 

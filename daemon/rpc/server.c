@@ -442,9 +442,8 @@ static void on_request(struct rpc_tag *t, bool ok)
     /* A compressed unary request is inflated (up to max-message-bytes) on a worker, never
      * here: the completion-queue thread serves every other call meanwhile. */
     bool zipped = rpc_payload_compressed(c);
-    bool handoff = c->m != NULL &&
-                   (c->m->kind == RPC_EVENTS || c->m->kind == RPC_HEALTH_WATCH ||
-                    (c->m->kind == RPC_UNARY && (zipped || !run_inline(s, c->m))));
+    bool handoff = c->m != NULL && (c->m->kind == RPC_EVENTS || c->m->kind == RPC_HEALTH_WATCH ||
+                                    (c->m->kind == RPC_UNARY && (zipped || !run_inline(s, c->m))));
     if (handoff) {
         atomic_store(&c->refs, 2); /* handling + close batch */
         grpc_op op;

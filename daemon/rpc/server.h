@@ -46,10 +46,10 @@ struct ksm_rpc_server_config {
     size_t max_reply_bytes;   /* largest reply built (0 = 64 MiB), rpc/limits.c */
     bool allow_compressed_requests; /* inflate gzip/deflate requests (after authentication, at
                                      * most max_message_bytes); false: UNIMPLEMENTED */
-    int workers;              /* worker threads for unary calls (0 = 4) */
-    int max_concurrent_calls; /* unary calls in flight before RESOURCE_EXHAUSTED (0 = 256) */
-    size_t subscriber_buffer; /* events a subscriber may lag before it is ended (0 = 1024) */
-    const char *version;      /* ServerInfo.version */
+    int workers;                    /* worker threads for unary calls (0 = 4) */
+    int max_concurrent_calls;       /* unary calls in flight before RESOURCE_EXHAUSTED (0 = 256) */
+    size_t subscriber_buffer;       /* events a subscriber may lag before it is ended (0 = 1024) */
+    const char *version;            /* ServerInfo.version */
     /* Security (rpc/security.c). A TCP listener on a non-loopback address needs TLS; with TLS
      * configured every TCP listener uses it, Unix sockets stay plaintext (their mode guards
      * them). */

@@ -129,8 +129,8 @@ struct ksm_rpc_server {
     char *tls_cert_pem, *tls_key_pem, *tls_ca_pem;
     bool have_gid;
     unsigned sock_gid;
-    _Atomic int64_t auth_log_sec;                 /* CLOCK_MONOTONIC second + 1 of the last */
-    atomic_uint_least64_t auth_log_suppressed;    /* refusal line; refusals not logged since */
+    _Atomic int64_t auth_log_sec;              /* CLOCK_MONOTONIC second + 1 of the last */
+    atomic_uint_least64_t auth_log_suppressed; /* refusal line; refusals not logged since */
     /* limits.c */
     pthread_mutex_t limits_lock; /* stream uses */
     struct rpc_stream_use *stream_uses;
@@ -188,8 +188,8 @@ int rpc_limit_input(ksm_rpc_server *s, const ksm_tensor *input, struct rpc_ctx *
  * configs counted, the standard set as one); the _export form an ExportWeights reply from the
  * model's parameter count. Call them before the engine runs. */
 int rpc_limit_reply(ksm_rpc_server *s, uint64_t bytes, const char *what, struct rpc_ctx *cx);
-int rpc_limit_reply_logits(ksm_rpc_server *s, ksm_model *m, const ksm_tensor *input,
-                           int out_dtype, size_t copies, struct rpc_ctx *cx);
+int rpc_limit_reply_logits(ksm_rpc_server *s, ksm_model *m, const ksm_tensor *input, int out_dtype,
+                           size_t copies, struct rpc_ctx *cx);
 int rpc_limit_reply_evaluate(ksm_rpc_server *s, ksm_model *m, const struct ksm_evaluate_args *ea,
                              struct rpc_ctx *cx);
 int rpc_limit_reply_export(ksm_rpc_server *s, ksm_model *m, struct rpc_ctx *cx);

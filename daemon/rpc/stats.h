@@ -38,7 +38,7 @@ struct ksm_rpc_method_stats {
 size_t ksm_rpc_server_method_count(const ksm_rpc_server *s);
 /* A copy of row i (i < ksm_rpc_server_method_count()). */
 void ksm_rpc_server_method_stats(ksm_rpc_server *s, size_t i, struct ksm_rpc_method_stats *out);
-/* Lifecycle events seen by the event sink since start, by enum ksm_event_type. */
+/* Lifecycle events seen by the event sink since start, by enum ksm_lifecycle_type. */
 void ksm_rpc_server_event_counts(ksm_rpc_server *s, uint64_t out[KSM_EV_COUNT]);
 /* "OK", "CANCELLED", ... "UNAUTHENTICATED"; "UNKNOWN" outside 0..16. */
 const char *ksm_rpc_code_name(int code);

@@ -89,7 +89,7 @@ int ksm_allocator_new(ksm_device *dev, const struct ksm_alloc_config *cfg, ksm_a
 /* Waits for pending deferred frees and for the device, returns every segment to it and frees the
  * allocator. Blocks still allocated are leaked to the device free (a bug in the caller: logged).
  * NULL is a no-op. */
-void ksm_allocator_free(ksm_allocator *a);
+void ksm_allocator_destroy(ksm_allocator *a);
 ksm_device *ksm_allocator_device(const ksm_allocator *a);
 
 /* Allocates size bytes (size 0 gives a valid unique pointer of a 512-byte block) for use on

@@ -101,7 +101,7 @@ enum ksm_gate_level {
     KSM_GATE_G5 = 5
 };
 
-enum ksm_event_type {
+enum ksm_lifecycle_type {
     KSM_EV_SEED_GERMINATED = 0,
     KSM_EV_SEED_GATE_EVALUATED,
     KSM_EV_SEED_STAGE_CHANGED,
@@ -118,7 +118,7 @@ const char *ksm_alpha_mode_name(enum ksm_alpha_mode m);   /* "HOLD", "UP", "DOWN
 const char *ksm_alpha_curve_name(enum ksm_alpha_curve c); /* "LINEAR", "COSINE", "SIGMOID" */
 const char *ksm_alpha_algorithm_name(enum ksm_alpha_algorithm a); /* "ADD", "MULTIPLY", "GATE" */
 const char *ksm_gate_level_name(enum ksm_gate_level g);           /* "G0", ... */
-const char *ksm_event_type_name(enum ksm_event_type t);           /* "SEED_GERMINATED", ... */
+const char *ksm_lifecycle_type_name(enum ksm_lifecycle_type t);   /* "SEED_GERMINATED", ... */
 const char *ksm_topology_name(enum ksm_topology t);               /* "cnn", "transformer" */
 
 /* ======================= lifecycle value types ======================= */
@@ -219,7 +219,7 @@ struct ksm_slot_report {
 /* A lifecycle event (docs/lifecycle.md#events). values holds the remaining numeric payload fields.
  */
 struct ksm_lifecycle_event {
-    enum ksm_event_type type;
+    enum ksm_lifecycle_type type;
     char model_id[KSM_ID_MAX + 1];
     char slot_id[KSM_SLOT_ID_MAX];
     char seed_id[KSM_SEED_ID_MAX];
@@ -239,7 +239,7 @@ struct ksm_lifecycle_event {
     } values[12];
 };
 
-typedef void (*ksm_event_cb)(void *ud, const struct ksm_lifecycle_event *ev);
+typedef void (*ksm_lifecycle_cb)(void *ud, const struct ksm_lifecycle_event *ev);
 
 /* ======================= engine ======================= */
 
@@ -273,7 +273,7 @@ ksm_allocator *ksm_engine_allocator(const ksm_engine *e, const ksm_device *d);
 /* The sink receives every lifecycle event of every model, in emission order, on the thread
  * that made the mutation, while that model's lock is held: it must be quick and must not call
  * back into the model. NULL disables. */
-void ksm_engine_set_event_sink(ksm_engine *e, ksm_event_cb cb, void *ud);
+void ksm_engine_set_event_sink(ksm_engine *e, ksm_lifecycle_cb cb, void *ud);
 
 /* 0 while every device works; KSM_EDEVICE (with the first failure in why) once a stream reported
  * an asynchronous device error: the daemon then reports NOT_SERVING. */

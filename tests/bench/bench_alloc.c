@@ -179,7 +179,7 @@ int main(int argc, char **argv)
            (double)a1->reserved_bytes.peak / (double)c.peak_requested, dt * 1e3 / (forwards - 1));
     for (int i = 0; i < n_weights; i++) CHECK(ksm_alloc_free(c.al, weights_mem[i]));
     ksm_stream_free(c.s);
-    ksm_allocator_free(c.al);
+    ksm_allocator_destroy(c.al);
     ksm_backend_free(cpu);
     return 0;
 }

@@ -78,7 +78,7 @@ int main(int argc, char **argv)
         ksm_alloc_free(al, pc);
     }
     ksm_stream_free(s);
-    ksm_allocator_free(al);
+    ksm_allocator_destroy(al);
     ksm_backend_free(cpu);
     return 0;
 }

@@ -149,15 +149,15 @@ Test(model, lifecycle_happy_path_events)
     struct ksm_metrics_update cf = {.has_counterfactual = true, .counterfactual = 2.0};
     cr_assert_eq(ksm_model_record_metrics(m, "r0c1", &cf, NULL, err, sizeof err), 0);
     advance_ok(m, "r0c1", KSM_STAGE_FOSSILIZED);
-    enum ksm_event_type want[] = {KSM_EV_SEED_GERMINATED,    KSM_EV_SEED_GATE_EVALUATED,
-                                  KSM_EV_SEED_STAGE_CHANGED, KSM_EV_SEED_GATE_EVALUATED,
-                                  KSM_EV_SEED_STAGE_CHANGED, KSM_EV_SEED_GATE_EVALUATED,
-                                  KSM_EV_SEED_STAGE_CHANGED, KSM_EV_SEED_GATE_EVALUATED,
-                                  KSM_EV_SEED_STAGE_CHANGED, KSM_EV_SEED_FOSSILIZED};
+    enum ksm_lifecycle_type want[] = {KSM_EV_SEED_GERMINATED,    KSM_EV_SEED_GATE_EVALUATED,
+                                      KSM_EV_SEED_STAGE_CHANGED, KSM_EV_SEED_GATE_EVALUATED,
+                                      KSM_EV_SEED_STAGE_CHANGED, KSM_EV_SEED_GATE_EVALUATED,
+                                      KSM_EV_SEED_STAGE_CHANGED, KSM_EV_SEED_GATE_EVALUATED,
+                                      KSM_EV_SEED_STAGE_CHANGED, KSM_EV_SEED_FOSSILIZED};
     cr_assert_eq(n_events, 10);
     for (int i = 0; i < 10; i++) {
         cr_expect_eq(events[i].type, want[i], "event %d is %s", i,
-                     ksm_event_type_name(events[i].type));
+                     ksm_lifecycle_type_name(events[i].type));
         cr_expect_str_eq(events[i].model_id, "life");
         cr_expect_str_eq(events[i].slot_id, "r0c1");
     }

@@ -122,7 +122,7 @@ Test(service, germinations_of_two_models_run_concurrently)
 
 struct seen {
     uint64_t seq[16];
-    enum ksm_event_type type[16];
+    enum ksm_lifecycle_type type[16];
     int n;
 };
 

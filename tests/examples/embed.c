@@ -39,7 +39,7 @@ int main(void)
            (long long)st.pool[KSM_POOL_ALL].reserved_bytes.current,
            (unsigned long long)st.cache_hits);
     ksm_stream_free(s);
-    ksm_allocator_free(al);
+    ksm_allocator_destroy(al);
     ksm_backend_free(cpu);
     return 0;
 }

@@ -99,7 +99,7 @@ int main(void)
         ksm_stream_free(streams[i]);
         ksm_event_free(events[i]);
     }
-    ksm_allocator_free(alloc);
+    ksm_allocator_destroy(alloc);
     ksm_backend_free(cpu);
     printf("tsan_alloc: %d threads x %d rounds ok, %llu deferred frees\n", THREADS, ROUNDS,
            (unsigned long long)s.deferred_frees);

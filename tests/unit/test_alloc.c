@@ -38,7 +38,7 @@ static void setup(void)
 
 static void teardown(void)
 {
-    ksm_allocator_free(al);
+    ksm_allocator_destroy(al);
     ksm_stream_free(sa);
     ksm_stream_free(sb);
     ksm_backend_free(cpu);
@@ -706,7 +706,7 @@ Test(alloc, allocator_free_waits_for_pending_frees, .init = setup)
     cr_assert_eq(ksm_stream_launch_host_fn(sb, slow_fn, &w), 0);
     cr_assert_eq(ksm_alloc_record_stream(al, p, sb), 0);
     xfree(p);
-    ksm_allocator_free(al); /* must not free the segment (or the event) under B */
+    ksm_allocator_destroy(al); /* must not free the segment (or the event) under B */
     cr_expect_eq(ksm_stream_query(sb), 0);
     ksm_stream_free(sa);
     ksm_stream_free(sb);
@@ -753,7 +753,7 @@ Test(alloc, allocator_free_waits_for_work_on_freed_blocks, .init = setup)
 {
     struct slow w = {300};
     free_under_running_work(&w);
-    ksm_allocator_free(al); /* must not give the segment back under sa */
+    ksm_allocator_destroy(al); /* must not give the segment back under sa */
     cr_expect_eq(ksm_stream_query(sa), 0, "gave a segment back while its stream still used it");
     ksm_stream_free(sa);
     ksm_stream_free(sb);
@@ -817,7 +817,7 @@ static void setup_fake(void)
 
 static void teardown_fake(void)
 {
-    ksm_allocator_free(al);
+    ksm_allocator_destroy(al);
     ksm_stream_free(fs);
     ksm_backend_free(fake);
     ksm_backend_free(cpu);

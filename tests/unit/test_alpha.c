@@ -209,6 +209,6 @@ Test(alpha, names)
     cr_expect_str_eq(ksm_alpha_curve_name(KSM_CURVE_COSINE), "COSINE");
     cr_expect_str_eq(ksm_alpha_algorithm_name(KSM_ALGO_MULTIPLY), "MULTIPLY");
     cr_expect_str_eq(ksm_gate_level_name(KSM_GATE_G5), "G5");
-    cr_expect_str_eq(ksm_event_type_name(KSM_EV_SEED_GATE_EVALUATED), "SEED_GATE_EVALUATED");
+    cr_expect_str_eq(ksm_lifecycle_type_name(KSM_EV_SEED_GATE_EVALUATED), "SEED_GATE_EVALUATED");
     cr_expect_str_eq(ksm_topology_name(KSM_TOPOLOGY_TRANSFORMER), "transformer");
 }

@@ -1,5 +1,5 @@
 /*
- * Blueprints and GatedBlend (daemon/kasmina/blueprint*.c, gate.c).
+ * Blueprints and GatedBlend (daemon/kasmina/blueprint*.c, gated_blend.c).
  *
  * blueprint_registry: esper's order, BlueprintAction indices, GroupNorm groups (docs/models.md).
  * blueprint_params: exact parameter counts, names and shapes (docs/models.md#cnn-blueprints,
@@ -49,7 +49,7 @@ static void env_init(struct env *e)
 static void env_fini(struct env *e)
 {
     ksm_stream_synchronize(e->s);
-    ksm_allocator_free(e->a);
+    ksm_allocator_destroy(e->a);
     ksm_stream_free(e->s);
     ksm_backend_free(e->cpu);
 }
@@ -136,7 +136,7 @@ static float *run_fwd(struct env *e, enum fwd_kind kind, void *mod, const float 
     ksm_tensor y;
     ksm_exec_init(&ex, e->s, true, NULL, 0);
     int rc = kind == FWD_SEED ? ksm_seed_forward(mod, &ex, &xt, &y)
-                              : ksm_gate_forward(mod, &ex, &xt, &y);
+                              : ksm_gated_blend_forward(mod, &ex, &xt, &y);
     cr_assert_eq(rc, 0, "measure: %s", ksm_err_name(rc));
     cr_assert_eq(ex.off, (ksm_tensor_nbytes(&y) + 63) & ~(size_t)63, "only y stays allocated");
     size_t need = ex.high;
@@ -144,7 +144,7 @@ static float *run_fwd(struct env *e, enum fwd_kind kind, void *mod, const float 
     cr_assert_eq(ksm_alloc_malloc(e->a, need ? need : 1, e->s, &arena), 0);
     ksm_exec_init(&ex, e->s, false, arena, need);
     rc = kind == FWD_SEED ? ksm_seed_forward(mod, &ex, &xt, &y)
-                          : ksm_gate_forward(mod, &ex, &xt, &y);
+                          : ksm_gated_blend_forward(mod, &ex, &xt, &y);
     cr_assert_eq(rc, 0, "forward: %s", ksm_err_name(rc));
     cr_assert_eq(ex.high, need, "real pass uses the measured arena");
     int64_t ny = ksm_tensor_numel(&y);
@@ -421,10 +421,10 @@ Test(blueprint_params, gate_names_shapes_and_counts)
     static const int cs[] = {8, 16, 32, 64, 128, 48, 384};
     static const int64_t want[] = {81, 145, 273, 1057, 4161, 601, 37057};
     for (int i = 0; i < 7; i++) {
-        ksm_gate *g;
+        ksm_gated_blend *g;
         enum ksm_topology t = i < 5 ? KSM_TOPOLOGY_CNN : KSM_TOPOLOGY_TRANSFORMER;
-        cr_assert_eq(ksm_gate_new(cs[i], t, &g, NULL, 0), 0);
-        struct ksm_params *ps = ksm_gate_params(g);
+        cr_assert_eq(ksm_gated_blend_new(cs[i], t, &g, NULL, 0), 0);
+        struct ksm_params *ps = ksm_gated_blend_params(g);
         cr_expect_eq(ksm_params_count(ps), want[i], "C=%d", cs[i]);
         int64_t h = cs[i] / 4 > 8 ? cs[i] / 4 : 8;
         cr_assert_eq(ps->n, 4);
@@ -439,7 +439,7 @@ Test(blueprint_params, gate_names_shapes_and_counts)
         cr_expect_eq(ps->p[0].init, KSM_INIT_UNIFORM);
         cr_expect_float_eq(ps->p[0].init_a, (float)(1.0 / sqrt(cs[i])), 1e-7);
         cr_expect_float_eq(ps->p[3].init_a, (float)(1.0 / sqrt((double)h)), 1e-7);
-        ksm_gate_free(g);
+        ksm_gated_blend_free(g);
     }
 }
 
@@ -466,12 +466,12 @@ Test(blueprint_params, rejects_bad_arguments)
     cr_expect_eq(ksm_seed_new(ksm_blueprint_find(KSM_TOPOLOGY_TRANSFORMER, "mlp"), 5, &s, NULL, 0),
                  0);
     ksm_seed_free(s);
-    ksm_gate *g = (ksm_gate *)1;
-    cr_expect_eq(ksm_gate_new(0, KSM_TOPOLOGY_CNN, &g, err, sizeof err), KSM_EINVAL);
+    ksm_gated_blend *g = (ksm_gated_blend *)1;
+    cr_expect_eq(ksm_gated_blend_new(0, KSM_TOPOLOGY_CNN, &g, err, sizeof err), KSM_EINVAL);
     cr_expect_null(g);
-    cr_expect_eq(ksm_gate_new(8, KSM_TOPOLOGY_UNSPECIFIED, &g, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_gated_blend_new(8, KSM_TOPOLOGY_UNSPECIFIED, &g, err, sizeof err), KSM_EINVAL);
     ksm_seed_free(NULL);
-    ksm_gate_free(NULL);
+    ksm_gated_blend_free(NULL);
 }
 
 Test(blueprint_params, forward_validates_its_input)
@@ -492,11 +492,11 @@ Test(blueprint_params, forward_validates_its_input)
     cr_assert_eq(ksm_tensor_init(&x, NULL, dummy, KSM_DTYPE_F32, 4, (int64_t[]){1, 8, 1, 2}), 0);
     cr_expect_eq(ksm_seed_forward(s, &ex, &x, &y), KSM_EINVAL); /* not on the device */
     free_seed(&e, s);
-    ksm_gate *g;
-    cr_assert_eq(ksm_gate_new(8, KSM_TOPOLOGY_TRANSFORMER, &g, NULL, 0), 0);
+    ksm_gated_blend *g;
+    cr_assert_eq(ksm_gated_blend_new(8, KSM_TOPOLOGY_TRANSFORMER, &g, NULL, 0), 0);
     cr_assert_eq(ksm_tensor_init(&x, e.dev, dummy, KSM_DTYPE_F32, 4, (int64_t[]){1, 8, 1, 2}), 0);
-    cr_expect_eq(ksm_gate_forward(g, &ex, &x, &y), KSM_ESHAPE);
-    ksm_gate_free(g);
+    cr_expect_eq(ksm_gated_blend_forward(g, &ex, &x, &y), KSM_ESHAPE);
+    ksm_gated_blend_free(g);
     env_fini(&e);
 }
 
@@ -647,11 +647,11 @@ static double run_golden_case(struct env *e, ksm_st_file *f, const char *cname)
     int c = atoi(ch);
     bool gate = strcmp(op, "gate") == 0;
     ksm_seed *s = NULL;
-    ksm_gate *g = NULL;
+    ksm_gated_blend *g = NULL;
     struct ksm_params *ps;
     if (gate) {
-        cr_assert_eq(ksm_gate_new(c, t, &g, NULL, 0), 0);
-        ps = ksm_gate_params(g);
+        cr_assert_eq(ksm_gated_blend_new(c, t, &g, NULL, 0), 0);
+        ps = ksm_gated_blend_params(g);
     } else {
         cr_assert_eq(ksm_seed_new(ksm_blueprint_find(t, bp), c, &s, NULL, 0), 0, "%s", cname);
         ps = ksm_seed_params(s);
@@ -706,7 +706,7 @@ static double run_golden_case(struct env *e, ksm_st_file *f, const char *cname)
     free(yref);
     ksm_params_release(ps, e->a, NULL, 0);
     ksm_seed_free(s);
-    ksm_gate_free(g);
+    ksm_gated_blend_free(g);
     return rel;
 }
 
@@ -971,12 +971,12 @@ Test(blueprint_shapes, fused_equals_sequential)
                              l[b]->name);
             free_seed(&e, s);
         }
-        ksm_gate *g;
-        cr_assert_eq(ksm_gate_new(c, topo, &g, NULL, 0), 0);
-        cr_assert_eq(ksm_params_materialise(ksm_gate_params(g), e.a, e.s, 3, "g."), 0);
+        ksm_gated_blend *g;
+        cr_assert_eq(ksm_gated_blend_new(c, topo, &g, NULL, 0), 0);
+        cr_assert_eq(ksm_params_materialise(ksm_gated_blend_params(g), e.a, e.s, 3, "g."), 0);
         check_per_sample(&e, g, true, topo == 1 ? 4 : 3, topo == 1 ? cshape : tshape, "gate");
-        ksm_params_release(ksm_gate_params(g), e.a, NULL, 0);
-        ksm_gate_free(g);
+        ksm_params_release(ksm_gated_blend_params(g), e.a, NULL, 0);
+        ksm_gated_blend_free(g);
     }
     env_fini(&e);
 }
@@ -986,9 +986,9 @@ Test(blueprint_shapes, gate_output_shape_and_range)
     struct env e;
     env_init(&e);
     for (int topo = 1; topo <= 2; topo++) {
-        ksm_gate *g;
-        cr_assert_eq(ksm_gate_new(12, topo, &g, NULL, 0), 0);
-        cr_assert_eq(ksm_params_materialise(ksm_gate_params(g), e.a, e.s, 3, "g."), 0);
+        ksm_gated_blend *g;
+        cr_assert_eq(ksm_gated_blend_new(12, topo, &g, NULL, 0), 0);
+        cr_assert_eq(ksm_params_materialise(ksm_gated_blend_params(g), e.a, e.s, 3, "g."), 0);
         int64_t cshape[4] = {4, 12, 3, 2}, tshape[3] = {4, 5, 12};
         int ndim = topo == 1 ? 4 : 3;
         int64_t m = numel(ndim, topo == 1 ? cshape : tshape);
@@ -1002,8 +1002,8 @@ Test(blueprint_shapes, gate_output_shape_and_range)
         for (int i = 0; i < 4; i++) cr_expect(y[i] > 0 && y[i] < 1, "%g", y[i]);
         free(x);
         free(y);
-        ksm_params_release(ksm_gate_params(g), e.a, NULL, 0);
-        ksm_gate_free(g);
+        ksm_params_release(ksm_gated_blend_params(g), e.a, NULL, 0);
+        ksm_gated_blend_free(g);
     }
     env_fini(&e);
 }

@@ -622,10 +622,10 @@ Test(convert, event_round_trips_with_gate_and_values)
     cr_expect_eq(b.timestamp_ns, 1234567890123);
     kasmina__v1__lifecycle_event__free_unpacked(u, NULL);
     free(buf);
-    enum ksm_event_type t;
-    cr_expect_eq(ksm_conv_event_type_parse("SEED_PRUNED", &t), 0);
+    enum ksm_lifecycle_type t;
+    cr_expect_eq(ksm_conv_lifecycle_type_parse("SEED_PRUNED", &t), 0);
     cr_expect_eq(t, KSM_EV_SEED_PRUNED);
-    cr_expect_eq(ksm_conv_event_type_parse("NOPE", &t), KSM_EINVAL);
+    cr_expect_eq(ksm_conv_lifecycle_type_parse("NOPE", &t), KSM_EINVAL);
 }
 
 Test(convert, model_info_round_trips)

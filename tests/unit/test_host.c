@@ -57,7 +57,7 @@ static void env_fini(struct env *e)
         ksm_params_release(ksm_host_params(e->h), e->a, NULL, 0);
         ksm_host_free(e->h);
     }
-    ksm_allocator_free(e->a);
+    ksm_allocator_destroy(e->a);
     ksm_stream_free(e->s);
     ksm_backend_free(e->cpu);
 }

@@ -615,11 +615,11 @@ Test(slot, happy_path_event_order)
     cr_expect_eq(F.n_ev, 1);
     cr_expect_eq(F.ev[0].type, KSM_EV_SEED_GERMINATED);
     to_fossilized();
-    const enum ksm_event_type want[] = {KSM_EV_SEED_GERMINATED,    KSM_EV_SEED_GATE_EVALUATED,
-                                        KSM_EV_SEED_STAGE_CHANGED, KSM_EV_SEED_GATE_EVALUATED,
-                                        KSM_EV_SEED_STAGE_CHANGED, KSM_EV_SEED_GATE_EVALUATED,
-                                        KSM_EV_SEED_STAGE_CHANGED, KSM_EV_SEED_GATE_EVALUATED,
-                                        KSM_EV_SEED_STAGE_CHANGED, KSM_EV_SEED_FOSSILIZED};
+    const enum ksm_lifecycle_type want[] = {KSM_EV_SEED_GERMINATED,    KSM_EV_SEED_GATE_EVALUATED,
+                                            KSM_EV_SEED_STAGE_CHANGED, KSM_EV_SEED_GATE_EVALUATED,
+                                            KSM_EV_SEED_STAGE_CHANGED, KSM_EV_SEED_GATE_EVALUATED,
+                                            KSM_EV_SEED_STAGE_CHANGED, KSM_EV_SEED_GATE_EVALUATED,
+                                            KSM_EV_SEED_STAGE_CHANGED, KSM_EV_SEED_FOSSILIZED};
     cr_assert_eq(F.n_ev, 10);
     for (int i = 0; i < 10; i++) cr_expect_eq(F.ev[i].type, want[i], "event %d", i);
     const enum ksm_stage to[] = {KSM_STAGE_TRAINING, KSM_STAGE_BLENDING, KSM_STAGE_HOLDING,

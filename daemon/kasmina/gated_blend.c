@@ -11,13 +11,14 @@
 #include "kasmina/errors.h"
 #include "kasmina/ops.h"
 
-struct ksm_gate {
+struct ksm_gated_blend {
     enum ksm_topology topology;
     int channels, hidden;
     struct ksm_params params; /* gate.0.weight, gate.0.bias, gate.2.weight, gate.2.bias */
 };
 
-int ksm_gate_new(int channels, enum ksm_topology t, ksm_gate **out, char *err, size_t errlen)
+int ksm_gated_blend_new(int channels, enum ksm_topology t, ksm_gated_blend **out, char *err,
+                        size_t errlen)
 {
     *out = NULL;
     if (channels < 1) {
@@ -28,7 +29,7 @@ int ksm_gate_new(int channels, enum ksm_topology t, ksm_gate **out, char *err, s
         if (err) snprintf(err, errlen, "gated blend needs topology cnn or transformer");
         return KSM_EINVAL;
     }
-    struct ksm_gate *g = calloc(1, sizeof *g);
+    struct ksm_gated_blend *g = calloc(1, sizeof *g);
     if (g == NULL) return KSM_ENOMEM;
     g->topology = t;
     g->channels = channels;
@@ -52,16 +53,17 @@ int ksm_gate_new(int channels, enum ksm_topology t, ksm_gate **out, char *err, s
     return 0;
 }
 
-void ksm_gate_free(ksm_gate *g)
+void ksm_gated_blend_free(ksm_gated_blend *g)
 {
     if (g == NULL) return;
     ksm_params_destroy(&g->params);
     free(g);
 }
 
-struct ksm_params *ksm_gate_params(ksm_gate *g) { return &g->params; }
+struct ksm_params *ksm_gated_blend_params(ksm_gated_blend *g) { return &g->params; }
 
-int ksm_gate_forward(ksm_gate *g, struct ksm_exec *e, const ksm_tensor *x, ksm_tensor *g_out)
+int ksm_gated_blend_forward(ksm_gated_blend *g, struct ksm_exec *e, const ksm_tensor *x,
+                            ksm_tensor *g_out)
 {
     if (g == NULL || e == NULL || x == NULL || g_out == NULL) return KSM_EINVAL;
     if (x->dtype != KSM_DTYPE_F32) return KSM_EDTYPE;

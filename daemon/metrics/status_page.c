@@ -92,7 +92,8 @@ static json_t *rpc_json(ksm_rpc_server *rpc, bool *ok)
     ksm_rpc_server_event_counts(rpc, ev);
     json_t *evs = json_object();
     for (int t = 0; evs != NULL && t < KSM_EV_COUNT; t++)
-        set(evs, ksm_event_type_name((enum ksm_event_type)t), json_integer((json_int_t)ev[t]), ok);
+        set(evs, ksm_lifecycle_type_name((enum ksm_lifecycle_type)t),
+            json_integer((json_int_t)ev[t]), ok);
     set(o, "events", evs, ok);
     return o;
 }
