@@ -126,7 +126,7 @@ int ctl_common_opt(struct ctl *x, int opt, const char *arg, int *exit_code)
 // ---- The table walker ----
 
 /* getopt_long values of a command's rows: OPT_ROW + index (above the common options'). */
-enum { OPT_ROW = 2000, MAX_ROWS = 40 };
+enum { OPT_ROW = 2000 };
 
 /* Converts arg for row o and stores it in args. Returns 0 or KSM_EINVAL with err set. */
 static int opt_apply(const struct ctl_opt *o, void *args, const char *arg, char *err, size_t errlen)
@@ -158,9 +158,9 @@ bool ctl_cmd_parse(struct ctl *x, const struct ctl_cmd *c, int argc, char **argv
 {
     /* The command's rows first, then the common options (the order getopt_long lists
      * candidates of an ambiguous abbreviation in). */
-    struct option all[MAX_ROWS + N_COMMON + 1];
+    struct option all[CTL_MAX_OPTS + N_COMMON + 1];
     size_t n = 0;
-    for (const struct ctl_opt *o = c->opts; o && o->name && n < MAX_ROWS; o++, n++)
+    for (const struct ctl_opt *o = c->opts; o && o->name && n < CTL_MAX_OPTS; o++, n++)
         all[n] = (struct option){o->name, o->metavar ? required_argument : no_argument, NULL,
                                  OPT_ROW + (int)n};
     for (const struct option *o = ctl_common_options; o->name; o++) all[n++] = *o;

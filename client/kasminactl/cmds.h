@@ -57,8 +57,9 @@ enum ctl_arg_kind {
 typedef int (*ctl_opt_setter)(void *args, const char *opt, const char *arg, char *err,
                               size_t errlen);
 
-/* One option of a subcommand. A table ends with a row whose name is NULL. Given twice, an
- * option's last value wins (setters may collect instead). */
+/* One option of a subcommand. A table has at most CTL_MAX_OPTS rows and ends with a row whose
+ * name is NULL. Given twice, an option's last value wins (setters may collect instead). */
+#define CTL_MAX_OPTS 40
 struct ctl_opt {
     const char *name;    /* without "--" */
     const char *metavar; /* the argument's name in --help ("N"); NULL: the option takes none */

@@ -351,6 +351,22 @@ Test(ctl_cmds, common_options_are_accepted_after_the_command)
 
 // ---- The real subcommands ----
 
+Test(ctl_cmds, every_table_fits_the_walker)
+{
+    for (size_t i = 0; i < ctl_n_cmds; i++) {
+        const struct ctl_cmd *c = ctl_cmds[i];
+        size_t n = 0;
+        for (const struct ctl_opt *o = c->opts; o && o->name; o++, n++) {
+            cr_expect((o->kind == CTL_ARG_SETTER) == (o->set != NULL), "%s --%s", c->name, o->name);
+            if (o->kind == CTL_ARG_FLAG) cr_expect_null(o->metavar, "%s --%s", c->name, o->name);
+        }
+        cr_expect_leq(n, CTL_MAX_OPTS, "%s", c->name);
+        cr_expect_leq(c->min_pos, c->max_pos, "%s", c->name);
+        cr_expect_leq(c->max_pos, CTL_MAX_POS, "%s", c->name);
+        cr_expect_geq(c->args_size, sizeof(struct ctl_pos), "%s", c->name);
+    }
+}
+
 Test(ctl_cmds, every_subcommand_helps_with_every_option_of_its_table)
 {
     for (size_t i = 0; i < ctl_n_cmds; i++) {
