@@ -1,7 +1,7 @@
 /*
- * kasminactl internals: value parsers (args.c) and output formatting (out.c), kept free of gRPC
- * so tests/rpc can unit-test them without a server. Every parser returns 0 or KSM_EINVAL and
- * then writes one sentence naming the option to err (errlen bytes).
+ * kasminactl internals: value parsers (args.c) and output formatting (out.c). Neither needs a
+ * server, so tests/rpc unit-tests them. Every parser returns 0 or KSM_EINVAL and then writes one
+ * sentence naming the option to err (errlen bytes).
  */
 #pragma once
 
@@ -12,6 +12,7 @@
 
 #include <jansson.h>
 
+#include "kasmina/client.h"
 #include "kasmina/kasmina.h"
 
 #ifdef __cplusplus
@@ -112,6 +113,35 @@ void ctl_print_models(const struct ksm_model_info *m, size_t n, FILE *f);
 void ctl_print_gate(const struct ksm_gate_result *g, FILE *f);
 /* One line per event: "SEQ TIME TYPE model/slot seed from->to alpha ...". */
 void ctl_print_event(uint64_t sequence, const struct ksm_lifecycle_event *e, FILE *f);
+/* The results of calls, as JSON objects with json, else as tables and lines (what each
+ * subcommand prints). */
+void ctl_show_slot_report(bool json, const struct ksm_slot_report *r, FILE *f);
+/* {"slots": [...]} or the table. */
+void ctl_show_slot_reports(bool json, const struct ksm_slot_report *r, size_t n, FILE *f);
+/* Prune, SchedulePrune, SetAlphaTarget: accepted (false: nothing to do) and the slot. */
+void ctl_show_accepted(bool json, bool accepted, const struct ksm_slot_report *r, FILE *f);
+/* AdvanceStage: the gate and the slot. */
+void ctl_show_advance(bool json, const struct ksm_gate_result *g, const struct ksm_slot_report *r,
+                      FILE *f);
+/* One event: a compact JSON line, or ctl_print_event. */
+void ctl_show_event(bool json, uint64_t sequence, const struct ksm_lifecycle_event *e, FILE *f);
+/* One model with its slots. */
+void ctl_show_model(bool json, const struct ksm_model_info *m, FILE *f);
+/* {"models": [...]} or the table. */
+void ctl_show_models(bool json, const struct ksm_model_info *m, size_t n, FILE *f);
+/* GetServerInfo; target is the address used. */
+void ctl_show_server_info(bool json, const struct ksm_client_server_info *s, const char *target,
+                          FILE *f);
+void ctl_show_load_result(bool json, const char *model_id, const struct ksm_load_result *r,
+                          FILE *f);
+/* output_file: where the output tensor was written (NULL: it is shown, row by row). */
+void ctl_show_forward(bool json, const struct ksm_forward_result *r, const char *output_file,
+                      FILE *f);
+void ctl_show_evaluate(bool json, const struct ksm_evaluate_result *r, FILE *f);
+/* Per device, then per model when any device reports models. */
+void ctl_show_memory(bool json, const struct ksm_client_memory_stats *s, FILE *f);
+void ctl_show_caches(bool json, const struct ksm_client_cache_counters *v, size_t n, FILE *f);
+
 /* Human-readable byte count: "1.5 MiB". */
 const char *ctl_bytes(uint64_t n, char *buf, size_t len);
 /* Element i of a host tensor as a double (F16/BF16 decoded). */

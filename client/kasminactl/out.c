@@ -472,3 +472,347 @@ void ctl_print_event(uint64_t sequence, const struct ksm_lifecycle_event *e, FIL
         if (e->values[i].key) fprintf(f, " %s=%g", e->values[i].key, e->values[i].value);
     fputc('\n', f);
 }
+
+// ---- Call results: JSON with --json, else tables and lines ----
+
+void ctl_show_slot_report(bool json, const struct ksm_slot_report *r, FILE *f)
+{
+    if (json)
+        ctl_json_print(ctl_json_slot_report(r), f);
+    else
+        ctl_print_slot_reports(r, 1, f);
+}
+
+void ctl_show_slot_reports(bool json, const struct ksm_slot_report *r, size_t n, FILE *f)
+{
+    if (json) {
+        json_t *a = json_array();
+        for (size_t i = 0; i < n; i++) json_array_append_new(a, ctl_json_slot_report(&r[i]));
+        ctl_json_print(json_pack("{s:o}", "slots", a), f);
+    } else {
+        ctl_print_slot_reports(r, n, f);
+    }
+}
+
+void ctl_show_accepted(bool json, bool accepted, const struct ksm_slot_report *r, FILE *f)
+{
+    if (json) {
+        ctl_json_print(
+            json_pack("{s:b, s:o}", "accepted", accepted, "slot", ctl_json_slot_report(r)), f);
+    } else {
+        fprintf(f, "accepted: %s\n", accepted ? "yes" : "no (nothing to do)");
+        ctl_print_slot_reports(r, 1, f);
+    }
+}
+
+void ctl_show_advance(bool json, const struct ksm_gate_result *g, const struct ksm_slot_report *r,
+                      FILE *f)
+{
+    if (json) {
+        ctl_json_print(
+            json_pack("{s:o, s:o}", "gate", ctl_json_gate(g), "slot", ctl_json_slot_report(r)), f);
+    } else {
+        ctl_print_gate(g, f);
+        ctl_print_slot_reports(r, 1, f);
+    }
+}
+
+void ctl_show_event(bool json, uint64_t sequence, const struct ksm_lifecycle_event *e, FILE *f)
+{
+    if (json) {
+        json_t *j = ctl_json_event(sequence, e);
+        json_dumpf(j, f, JSON_COMPACT | JSON_SORT_KEYS | JSON_REAL_PRECISION(10));
+        fputc('\n', f);
+        json_decref(j);
+    } else {
+        ctl_print_event(sequence, e, f);
+    }
+}
+
+/* The model's row, then its slots. */
+static void print_model_detail(const struct ksm_model_info *m, FILE *f)
+{
+    ctl_print_models(m, 1, f);
+    fprintf(f, "\n");
+    static const char *const h[] = {"SLOT", "ORDER", "CHANNELS", "SURFACE"};
+    struct ctl_table *t = ctl_table_new(4, h);
+    ctl_table_right(t, 1);
+    ctl_table_right(t, 2);
+    for (int i = 0; i < m->n_slots && i < KSM_MAX_SLOTS; i++) {
+        ctl_table_row(t);
+        ctl_table_cell(t, "%s", m->slots[i].slot_id);
+        ctl_table_cell(t, "%u", m->slots[i].order);
+        ctl_table_cell(t, "%u", m->slots[i].channels);
+        ctl_table_cell(t, "%s", m->slots[i].surface ? m->slots[i].surface : "");
+    }
+    ctl_table_print(t, f);
+    ctl_table_free(t);
+}
+
+void ctl_show_model(bool json, const struct ksm_model_info *m, FILE *f)
+{
+    if (json)
+        ctl_json_print(ctl_json_model(m), f);
+    else
+        print_model_detail(m, f);
+}
+
+void ctl_show_models(bool json, const struct ksm_model_info *m, size_t n, FILE *f)
+{
+    if (json) {
+        json_t *a = json_array();
+        for (size_t i = 0; i < n; i++) json_array_append_new(a, ctl_json_model(&m[i]));
+        ctl_json_print(json_pack("{s:o}", "models", a), f);
+    } else {
+        ctl_print_models(m, n, f);
+    }
+}
+
+static json_t *json_strings(char *const *v, size_t n)
+{
+    json_t *a = json_array();
+    for (size_t i = 0; i < n; i++) json_array_append_new(a, json_string(v[i]));
+    return a;
+}
+
+void ctl_show_server_info(bool json, const struct ksm_client_server_info *s, const char *target,
+                          FILE *f)
+{
+    if (json) {
+        json_t *dev = json_array();
+        for (size_t i = 0; i < s->n_devices; i++) {
+            const struct ksm_client_device *d = &s->devices[i];
+            json_array_append_new(dev,
+                                  json_pack("{s:s, s:s, s:s, s:I, s:I}", "name", d->name, "kind",
+                                            d->kind, "description", d->description, "total_bytes",
+                                            (json_int_t)d->total_bytes, "memory_cap_bytes",
+                                            (json_int_t)d->memory_cap_bytes));
+        }
+        ctl_json_print(
+            json_pack("{s:s, s:s, s:b, s:o, s:o, s:o, s:o}", "name", s->name, "version", s->version,
+                      "ready", s->ready, "extensions", json_strings(s->extensions, s->n_extensions),
+                      "devices", dev, "cnn_blueprints",
+                      json_strings(s->cnn_blueprints, s->n_cnn_blueprints),
+                      "transformer_blueprints",
+                      json_strings(s->transformer_blueprints, s->n_transformer_blueprints)),
+            f);
+        return;
+    }
+    fprintf(f, "server      %s %s (%s)\n", s->name, s->version, s->ready ? "ready" : "not ready");
+    fprintf(f, "target      %s\n", target);
+    fprintf(f, "extensions ");
+    for (size_t i = 0; i < s->n_extensions; i++) fprintf(f, " %s", s->extensions[i]);
+    fprintf(f, "\ncnn         ");
+    for (size_t i = 0; i < s->n_cnn_blueprints; i++)
+        fprintf(f, "%s%s", i ? " " : "", s->cnn_blueprints[i]);
+    fprintf(f, "\ntransformer ");
+    for (size_t i = 0; i < s->n_transformer_blueprints; i++)
+        fprintf(f, "%s%s", i ? " " : "", s->transformer_blueprints[i]);
+    fprintf(f, "\n\n");
+    static const char *const h[] = {"DEVICE", "KIND", "TOTAL", "CAP", "DESCRIPTION"};
+    struct ctl_table *t = ctl_table_new(5, h);
+    ctl_table_right(t, 2);
+    ctl_table_right(t, 3);
+    for (size_t i = 0; i < s->n_devices; i++) {
+        const struct ksm_client_device *d = &s->devices[i];
+        char b1[32], b2[32];
+        ctl_table_row(t);
+        ctl_table_cell(t, "%s", d->name);
+        ctl_table_cell(t, "%s", d->kind);
+        ctl_table_cell(t, "%s", ctl_bytes(d->total_bytes, b1, sizeof b1));
+        ctl_table_cell(t, "%s",
+                       d->memory_cap_bytes ? ctl_bytes(d->memory_cap_bytes, b2, sizeof b2) : "-");
+        ctl_table_cell(t, "%s", d->description);
+    }
+    ctl_table_print(t, f);
+    ctl_table_free(t);
+}
+
+void ctl_show_load_result(bool json, const char *model_id, const struct ksm_load_result *r, FILE *f)
+{
+    if (json) {
+        ctl_json_print(json_pack("{s:o, s:o, s:o}", "loaded", json_strings(r->loaded, r->n_loaded),
+                                 "missing", json_strings(r->missing, r->n_missing), "unexpected",
+                                 json_strings(r->unexpected, r->n_unexpected)),
+                       f);
+        return;
+    }
+    fprintf(f, "loaded %zu tensors into %s; %zu missing, %zu unexpected\n", r->n_loaded, model_id,
+            r->n_missing, r->n_unexpected);
+    for (size_t i = 0; i < r->n_missing; i++) fprintf(f, "  missing    %s\n", r->missing[i]);
+    for (size_t i = 0; i < r->n_unexpected; i++) fprintf(f, "  unexpected %s\n", r->unexpected[i]);
+}
+
+/* The tensor's description, then per row (at most 16) its argmax and first values. */
+static void print_tensor_rows(const ksm_tensor *t, FILE *f)
+{
+    char d[64];
+    fprintf(f, "output %s", ksm_tensor_describe(t, d, sizeof d));
+    if (t->ndim < 1) {
+        fputc('\n', f);
+        return;
+    }
+    int64_t rows = t->shape[0], cols = rows ? ksm_tensor_numel(t) / rows : 0;
+    fputc('\n', f);
+    for (int64_t r = 0; r < rows && r < 16; r++) {
+        int64_t best = 0;
+        for (int64_t c = 1; c < cols; c++)
+            if (ctl_tensor_get(t, r * cols + c) > ctl_tensor_get(t, r * cols + best)) best = c;
+        fprintf(f, "  row %" PRId64 ": argmax %" PRId64 " [", r, best);
+        for (int64_t c = 0; c < cols && c < 8; c++)
+            fprintf(f, "%s%.5g", c ? ", " : "", ctl_tensor_get(t, r * cols + c));
+        fprintf(f, "%s]\n", cols > 8 ? ", ..." : "");
+    }
+    if (rows > 16) fprintf(f, "  ... %" PRId64 " more rows\n", rows - 16);
+}
+
+void ctl_show_forward(bool json, const struct ksm_forward_result *r, const char *output_file,
+                      FILE *f)
+{
+    if (json) {
+        json_t *j = json_pack("{s:I, s:I}", "model_generation", (json_int_t)r->model_generation,
+                              "compute_ns", (json_int_t)r->compute_ns);
+        if (output_file)
+            json_object_set_new(j, "output_file", json_string(output_file));
+        else
+            json_object_set_new(j, "output", ctl_json_tensor(&r->output));
+        ctl_json_print(j, f);
+        return;
+    }
+    fprintf(f, "generation %" PRIu64 ", compute %.3f ms\n", r->model_generation,
+            (double)r->compute_ns / 1e6);
+    if (output_file) {
+        char d[64];
+        fprintf(f, "wrote %s to %s\n", ksm_tensor_describe(&r->output, d, sizeof d), output_file);
+    } else {
+        print_tensor_rows(&r->output, f);
+    }
+}
+
+void ctl_show_evaluate(bool json, const struct ksm_evaluate_result *r, FILE *f)
+{
+    if (json) {
+        json_t *res = json_array();
+        for (size_t i = 0; i < r->n; i++) {
+            const struct ksm_config_result *c = &r->results[i];
+            json_array_append_new(res,
+                                  json_pack("{s:s, s:f, s:f, s:I, s:I}", "name", c->name, "loss",
+                                            c->loss, "accuracy", c->accuracy, "correct",
+                                            (json_int_t)c->correct, "total", (json_int_t)c->total));
+        }
+        ctl_json_print(json_pack("{s:o, s:I, s:I}", "results", res, "model_generation",
+                                 (json_int_t)r->model_generation, "compute_ns",
+                                 (json_int_t)r->compute_ns),
+                       f);
+        return;
+    }
+    static const char *const h[] = {"CONFIG", "LOSS", "ACCURACY", "CORRECT", "TOTAL"};
+    struct ctl_table *t = ctl_table_new(5, h);
+    for (int c = 1; c < 5; c++) ctl_table_right(t, c);
+    for (size_t i = 0; i < r->n; i++) {
+        ctl_table_row(t);
+        ctl_table_cell(t, "%s", r->results[i].name);
+        ctl_table_cell(t, "%.6f", r->results[i].loss);
+        ctl_table_cell(t, "%.2f%%", r->results[i].accuracy);
+        ctl_table_cell(t, "%" PRIu64, r->results[i].correct);
+        ctl_table_cell(t, "%" PRIu64, r->results[i].total);
+    }
+    ctl_table_print(t, f);
+    ctl_table_free(t);
+    fprintf(f, "generation %" PRIu64 ", compute %.3f ms\n", r->model_generation,
+            (double)r->compute_ns / 1e6);
+}
+
+void ctl_show_memory(bool json, const struct ksm_client_memory_stats *s, FILE *f)
+{
+    if (json) {
+        json_t *a = json_array();
+        for (size_t i = 0; i < s->n; i++) {
+            json_t *d = ctl_json_mem_stats(&s->devices[i].stats);
+            json_object_set_new(d, "device", json_string(s->devices[i].device));
+            json_t *pm = json_object();
+            for (size_t k = 0; k < s->devices[i].n_per_model; k++)
+                json_object_set_new(pm, s->devices[i].per_model[k].model_id,
+                                    json_integer((json_int_t)s->devices[i].per_model[k].bytes));
+            json_object_set_new(d, "per_model_bytes", pm);
+            json_array_append_new(a, d);
+        }
+        ctl_json_print(json_pack("{s:o}", "devices", a), f);
+        return;
+    }
+    static const char *const h[] = {"DEVICE",   "ALLOCATED", "PEAK",       "RESERVED", "ACTIVE",
+                                    "SEGMENTS", "ALLOCS",    "CACHE_HITS", "OOMS",     "CAP"};
+    struct ctl_table *t = ctl_table_new(10, h);
+    for (int c = 1; c < 10; c++) ctl_table_right(t, c);
+    bool any_model = false;
+    for (size_t i = 0; i < s->n; i++) {
+        const struct ksm_mem_stats *m = &s->devices[i].stats;
+        const struct ksm_pool_stats *a = &m->pool[KSM_POOL_ALL];
+        char b1[32], b2[32], b3[32], b4[32], b5[32];
+        ctl_table_row(t);
+        ctl_table_cell(t, "%s", s->devices[i].device);
+        ctl_table_cell(t, "%s", ctl_bytes((uint64_t)a->allocated_bytes.current, b1, sizeof b1));
+        ctl_table_cell(t, "%s", ctl_bytes((uint64_t)a->allocated_bytes.peak, b2, sizeof b2));
+        ctl_table_cell(t, "%s", ctl_bytes((uint64_t)a->reserved_bytes.current, b3, sizeof b3));
+        ctl_table_cell(t, "%s", ctl_bytes((uint64_t)a->active_bytes.current, b4, sizeof b4));
+        ctl_table_cell(t, "%" PRId64, a->segment.current);
+        ctl_table_cell(t, "%" PRId64, a->allocation.current);
+        ctl_table_cell(t, "%" PRIu64, m->cache_hits);
+        ctl_table_cell(t, "%" PRIu64, m->num_ooms);
+        ctl_table_cell(t, "%s",
+                       m->memory_cap_bytes ? ctl_bytes(m->memory_cap_bytes, b5, sizeof b5) : "-");
+        any_model |= s->devices[i].n_per_model > 0;
+    }
+    ctl_table_print(t, f);
+    ctl_table_free(t);
+    if (!any_model) return;
+    fprintf(f, "\n");
+    static const char *const h2[] = {"DEVICE", "MODEL", "BYTES"};
+    t = ctl_table_new(3, h2);
+    ctl_table_right(t, 2);
+    for (size_t i = 0; i < s->n; i++)
+        for (size_t k = 0; k < s->devices[i].n_per_model; k++) {
+            char b[32];
+            ctl_table_row(t);
+            ctl_table_cell(t, "%s", s->devices[i].device);
+            ctl_table_cell(t, "%s", s->devices[i].per_model[k].model_id);
+            ctl_table_cell(t, "%s", ctl_bytes(s->devices[i].per_model[k].bytes, b, sizeof b));
+        }
+    ctl_table_print(t, f);
+    ctl_table_free(t);
+}
+
+void ctl_show_caches(bool json, const struct ksm_client_cache_counters *v, size_t n, FILE *f)
+{
+    if (json) {
+        json_t *a = json_array();
+        for (size_t i = 0; i < n; i++)
+            json_array_append_new(a, ctl_json_cache_counters(v[i].model_id, &v[i].c));
+        ctl_json_print(json_pack("{s:o}", "caches", a), f);
+        return;
+    }
+    static const char *const h[] = {"CACHE",     "MODEL",   "SLOT",    "HITS",     "MISSES",
+                                    "EVICTIONS", "INVALID", "ENTRIES", "CAPACITY", "BYTES"};
+    struct ctl_table *t = ctl_table_new(10, h);
+    for (int c = 3; c < 10; c++) ctl_table_right(t, c);
+    for (size_t i = 0; i < n; i++) {
+        const struct ksm_cache_counters *c = &v[i].c;
+        char b[32];
+        ctl_table_row(t);
+        ctl_table_cell(t, "%s", c->cache);
+        ctl_table_cell(t, "%s", v[i].model_id);
+        ctl_table_cell(t, "%s", c->slot_id[0] ? c->slot_id : "-");
+        ctl_table_cell(t, "%" PRIu64, c->hits);
+        ctl_table_cell(t, "%" PRIu64, c->misses);
+        ctl_table_cell(t, "%" PRIu64, c->evictions);
+        ctl_table_cell(t, "%" PRIu64, c->invalidations);
+        ctl_table_cell(t, "%" PRIu64, c->entries);
+        if (c->capacity)
+            ctl_table_cell(t, "%" PRIu64, c->capacity);
+        else
+            ctl_table_cell(t, "-");
+        ctl_table_cell(t, "%s", ctl_bytes(c->bytes, b, sizeof b));
+    }
+    ctl_table_print(t, f);
+    ctl_table_free(t);
+}

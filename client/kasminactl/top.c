@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <math.h>
+#include <stddef.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -329,36 +330,42 @@ static void top_sleep(double seconds)
     }
 }
 
-int ctl_cmd_top(struct ctl *x, int argc, char **argv)
+struct top_args {
+    struct ctl_pos pos;
+    bool once;
+    double interval;
+    uint64_t count;
+};
+
+static int set_interval(void *args, const char *opt, const char *arg, char *err, size_t errlen)
 {
-    static const struct option o[] = {{"once", no_argument, NULL, 'o'},
-                                      {"interval", required_argument, NULL, 'i'},
-                                      {"count", required_argument, NULL, 'n'},
-                                      {0}};
-    bool once = false;
-    double interval = 2.0;
-    uint64_t count = 0;
-    char e[256];
-    int opt, ec = 0;
-    while ((opt = ctl_next_opt(x, argc, argv, o, &ec)) != -1) {
-        switch (opt) {
-        case CTL_OPT_EXIT: return ec;
-        case 1: return ctl_usage_error(x, "unexpected argument '%s'", optarg);
-        case 'o': once = true; break;
-        case 'i':
-            if (ctl_parse_double("--interval", optarg, &interval, e, sizeof e) != 0)
-                return ctl_usage_error(x, "%s", e);
-            if (interval < 0.1 || interval > 3600)
-                return ctl_usage_error(x, "--interval must be in [0.1, 3600] seconds, got '%s'",
-                                       optarg);
-            break;
-        case 'n':
-            if (ctl_parse_u64("--count", optarg, &count, e, sizeof e) != 0)
-                return ctl_usage_error(x, "%s", e);
-            break;
-        default: return ctl_usage_error(x, "bad option");
-        }
+    double *interval = &((struct top_args *)args)->interval;
+    if (ctl_parse_double(opt, arg, interval, err, errlen) != 0) return KSM_EINVAL;
+    if (*interval < 0.1 || *interval > 3600) {
+        snprintf(err, errlen, "%s must be in [0.1, 3600] seconds, got '%s'", opt, arg);
+        return KSM_EINVAL;
     }
+    return 0;
+}
+
+static const struct ctl_opt top_opts[] = {
+    {"interval", "SECONDS", CTL_ARG_SETTER, 0, 0, set_interval,
+     "seconds between frames (default 2, 0.1..3600)"},
+    {"once", NULL, CTL_ARG_FLAG, offsetof(struct top_args, once), 0, NULL,
+     "print one plain-text frame and exit (for scripts)"},
+    {"count", "N", CTL_ARG_U64, offsetof(struct top_args, count), 0, NULL,
+     "stop after N frames (default: until Ctrl-C)"},
+    {0},
+};
+
+static void init_top(void *args) { ((struct top_args *)args)->interval = 2.0; }
+
+static int run_top(struct ctl *x, void *args)
+{
+    const struct top_args *a = args;
+    bool once = a->once;
+    double interval = a->interval;
+    uint64_t count = a->count;
     int rc;
     if (x->json) return ctl_usage_error(x, "--json is not supported by top (use stats, slots)");
     rc = ctl_connect(x);
@@ -407,3 +414,13 @@ int ctl_cmd_top(struct ctl *x, int argc, char **argv)
     free(s.cache);
     return 0;
 }
+
+const struct ctl_cmd ctl_cmd_top = {
+    .name = "top",
+    .summary = "live view: memory, caches, models and slots, refreshed in place",
+    .positionals = "",
+    .opts = top_opts,
+    .args_size = sizeof(struct top_args),
+    .init = init_top,
+    .run = run_top,
+};

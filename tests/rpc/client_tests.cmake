@@ -3,6 +3,10 @@
 
 ksm_add_test(unit_test_ctl SOURCES ${CMAKE_SOURCE_DIR}/tests/rpc/test_ctl.c LABELS unit TIMEOUT 60)
 target_link_libraries(unit_test_ctl PRIVATE kasminactl_core kasmina_client)
+# The option-table walker of the subcommands (cmds.c): its errors, --help, every real table.
+ksm_add_test(unit_test_ctl_cmds SOURCES ${CMAKE_SOURCE_DIR}/tests/rpc/test_ctl_cmds.c LABELS unit
+  TIMEOUT 60)
+target_link_libraries(unit_test_ctl_cmds PRIVATE kasminactl_core kasmina_client)
 
 # Tensor <-> numpy of the Python wrapper (Debian's /usr/bin/python3: python3-grpcio, -numpy).
 if(KSM_HAVE_PYTHON_STUBS AND EXISTS /usr/bin/python3)
