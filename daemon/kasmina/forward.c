@@ -50,7 +50,7 @@ static int alpha_scalar(struct fwd *f, int idx, ksm_tensor *a)
         return 0;
     }
     /* Re-materialise on this stream: ordered after every earlier forward that read it. */
-    int rc = ksm_op_fill(f->ctx->stream, a, (double)(float)ms->s.st.alpha);
+    int rc = ksm_op_fill(f->ctx->stream, a, (double)(float)ms->s.state.alpha);
     if (rc < 0) return rc;
     ms->alpha_stat.misses++;
     f->ctx->alpha_gen[idx] = ms->alpha_gen;
@@ -71,8 +71,8 @@ static int slot_forward(struct fwd *f, int idx, const ksm_tensor *h, ksm_tensor 
     ksm_tensor sx;
     KSM_TRY(ksm_seed_forward(s->seed, e, h, &sx));
     const ksm_tensor *ov = f->ov[idx];
-    enum ksm_alpha_algorithm algo = s->st.alpha_algorithm;
-    bool ste = ov == NULL && s->st.stage == KSM_STAGE_TRAINING && s->st.alpha == 0.0;
+    enum ksm_alpha_algorithm algo = s->state.alpha_algorithm;
+    bool ste = ov == NULL && s->state.stage == KSM_STAGE_TRAINING && s->state.alpha == 0.0;
     /* The sizing pass takes the blend path, whose temporaries include the STE path's. */
     if (e->measure && (algo != KSM_ALGO_GATE || s->gate != NULL)) ste = false;
     if (ste) {
@@ -486,7 +486,7 @@ struct cfg {
 
 static bool slot_active_for_cf(const struct ksm_slot *s)
 {
-    return ksm_slot_runs_seed(s) && s->st.alpha > 0 && s->st.stage != KSM_STAGE_FOSSILIZED;
+    return ksm_slot_runs_seed(s) && s->state.alpha > 0 && s->state.stage != KSM_STAGE_FOSSILIZED;
 }
 
 static int build_standard(ksm_model *m, bool shapley, struct cfg *cfgs, int *n_out)
@@ -757,7 +757,8 @@ int ksm_model_evaluate(ksm_model *m, const struct ksm_evaluate_args *a,
         }
         for (int c = 0; c < K; c++)
             for (int64_t b = 0; b < B; b++)
-                v[c * B + b] = cfgs[c].forced[i] ? cfgs[c].alpha[i] : (float)m->slots[i].s.st.alpha;
+                v[c * B + b] =
+                    cfgs[c].forced[i] ? cfgs[c].alpha[i] : (float)m->slots[i].s.state.alpha;
         ea.ov_host[i] = v;
         k.mask |= 1ull << i;
     }

@@ -121,8 +121,8 @@ static int check_seed_limit(ksm_model *m, char *err, size_t errlen)
     uint32_t live = 0;
     for (int i = 0; i < m->n_slots; i++) {
         const struct ksm_slot *s = &m->slots[i].s;
-        live += s->occupied && s->st.stage != KSM_STAGE_PRUNED &&
-                s->st.stage != KSM_STAGE_EMBARGOED && s->st.stage != KSM_STAGE_RESETTING;
+        live += s->occupied && s->state.stage != KSM_STAGE_PRUNED &&
+                s->state.stage != KSM_STAGE_EMBARGOED && s->state.stage != KSM_STAGE_RESETTING;
     }
     if (live < max) return 0;
     KSM_ERR(err, errlen, "model '%s' already has %u live seeds; max_seeds_per_model = %u", m->id,

@@ -102,7 +102,7 @@ void ksm_model_touch(ksm_model *m)
         h = mix(h, (uint64_t)(uintptr_t)s->seed);
         h = mix(h, (uint64_t)(uintptr_t)s->gate);
         h = mix(h, ksm_slot_runs_seed(s));
-        h = mix(h, s->occupied ? (uint64_t)s->st.alpha_algorithm : 0);
+        h = mix(h, s->occupied ? (uint64_t)s->state.alpha_algorithm : 0);
     }
     if (h != m->topo_sig) {
         m->topo_sig = h;

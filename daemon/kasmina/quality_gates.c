@@ -212,10 +212,10 @@ void ksm_slot_check_gate(const struct ksm_slot *s, enum ksm_stage target, struct
     }
     bool perm = (s->env && s->env->permissive);
     switch (g) {
-    case KSM_GATE_G0: gate_g0(&s->st, r); break;
-    case KSM_GATE_G1: gate_g1(&s->st, r); break;
-    case KSM_GATE_G2: gate_g2(&s->st, perm, r); break;
-    case KSM_GATE_G3: gate_g3(&s->st, perm, r); break;
-    case KSM_GATE_G5: gate_g5(&s->st, perm, r); break;
+    case KSM_GATE_G0: gate_g0(&s->state, r); break;
+    case KSM_GATE_G1: gate_g1(&s->state, r); break;
+    case KSM_GATE_G2: gate_g2(&s->state, perm, r); break;
+    case KSM_GATE_G3: gate_g3(&s->state, perm, r); break;
+    case KSM_GATE_G5: gate_g5(&s->state, perm, r); break;
     }
 }

@@ -136,8 +136,8 @@ static void record_accuracy(struct ksm_seed_metrics *m, double acc)
 
 static void history_push(struct ksm_seed_state *st, enum ksm_stage stage, int64_t at)
 {
-    /* deque(maxlen=100): drop the oldest. Kept in order from index 0 (history_head stays 0) so
-     * equal histories are equal bytes. */
+    /* deque(maxlen=100): drop the oldest. Kept in order from index 0 so equal histories are
+     * equal bytes. */
     if (st->history_len == KSM_STAGE_HISTORY_MAX) {
         memmove(&st->history[0], &st->history[1],
                 (KSM_STAGE_HISTORY_MAX - 1) * sizeof st->history[0]);
@@ -146,7 +146,6 @@ static void history_push(struct ksm_seed_state *st, enum ksm_stage stage, int64_
     st->history[st->history_len].stage = stage;
     st->history[st->history_len].at_ns = at;
     st->history_len++;
-    st->history_head = 0;
 }
 
 static bool state_transition(struct ksm_seed_state *st, enum ksm_stage to, int64_t now)
@@ -194,10 +193,10 @@ static int create_gate(struct ksm_slot *s, uint32_t total_steps)
 static void apply_alpha(struct ksm_slot *s, double value)
 {
     double a = fmax(0.0, fmin(1.0, value));
-    bool changed = s->st.alpha != a;
-    s->st.alpha = a;
-    s->st.controller.alpha = a;
-    s->st.metrics.current_alpha = a;
+    bool changed = s->state.alpha != a;
+    s->state.alpha = a;
+    s->state.controller.alpha = a;
+    s->state.metrics.current_alpha = a;
     if (changed && s->env && s->env->alpha_changed) s->env->alpha_changed(s->env->ud, s);
 }
 
@@ -209,11 +208,12 @@ static void ev_init(const struct ksm_slot *s, struct ksm_lifecycle_event *ev,
     memset(ev, 0, sizeof *ev);
     ev->type = type;
     copy_str(ev->slot_id, sizeof ev->slot_id, s->id);
-    copy_str(ev->seed_id, sizeof ev->seed_id, s->st.seed_id);
-    copy_str(ev->blueprint_id, sizeof ev->blueprint_id, s->st.blueprint_id);
+    copy_str(ev->seed_id, sizeof ev->seed_id, s->state.seed_id);
+    copy_str(ev->blueprint_id, sizeof ev->blueprint_id, s->state.blueprint_id);
     ev->timestamp_ns = now;
-    ev->alpha = s->st.alpha;
-    copy_str(ev->alpha_curve, sizeof ev->alpha_curve, ksm_alpha_curve_name(s->st.controller.curve));
+    ev->alpha = s->state.alpha;
+    copy_str(ev->alpha_curve, sizeof ev->alpha_curve,
+             ksm_alpha_curve_name(s->state.controller.curve));
 }
 
 static void ev_value(struct ksm_lifecycle_event *ev, const char *key, double v)
@@ -285,14 +285,14 @@ void ksm_slot_init(struct ksm_slot *s, const char *id, int channels, const struc
 
 bool ksm_slot_runs_seed(const struct ksm_slot *s)
 {
-    return s->occupied && s->seed && is_active_stage(s->st.stage);
+    return s->occupied && s->seed && is_active_stage(s->state.stage);
 }
 
 static bool slot_is_active(const struct ksm_slot *s) { return s->occupied && s->seed; }
 
 static void set_blend_out_freeze(struct ksm_slot *s)
 {
-    s->blend_out_freeze = s->occupied && s->st.controller.mode == KSM_ALPHA_DOWN;
+    s->blend_out_freeze = s->occupied && s->state.controller.mode == KSM_ALPHA_DOWN;
 }
 
 /* The blend curve of a blend algorithm id (start_blending). */
@@ -322,7 +322,7 @@ static uint32_t blend_steps(const struct ksm_slot *s)
 /* Does entering `target` from the current stage need a new gate module? */
 static bool entry_needs_gate(const struct ksm_slot *s, enum ksm_stage target)
 {
-    return target == KSM_STAGE_BLENDING && s->st.stage == KSM_STAGE_TRAINING &&
+    return target == KSM_STAGE_BLENDING && s->state.stage == KSM_STAGE_TRAINING &&
            !strcmp(blend_id(s), "gated");
 }
 
@@ -333,21 +333,22 @@ static void start_blending(struct ksm_slot *s, uint32_t total_steps)
     enum ksm_alpha_curve curve = KSM_CURVE_SIGMOID;
     blend_curve(id, &curve);
     if (!strcmp(id, "gated"))
-        s->st.alpha_algorithm = KSM_ALGO_GATE;
+        s->state.alpha_algorithm = KSM_ALGO_GATE;
     else
         drop_gate(s);
     double target = s->has_blend_alpha_target ? s->blend_alpha_target : 1.0;
-    ksm_alpha_init(&s->st.controller, s->st.alpha);
-    ksm_alpha_retarget(&s->st.controller, target, (long)total_steps, curve, KSM_DEFAULT_STEEPNESS);
+    ksm_alpha_init(&s->state.controller, s->state.alpha);
+    ksm_alpha_retarget(&s->state.controller, target, (long)total_steps, curve,
+                       KSM_DEFAULT_STEEPNESS);
     /* A 0-step tempo jumps at once; keep state.alpha == controller.alpha (docs/blending.md). */
-    if (s->st.controller.alpha != s->st.alpha) apply_alpha(s, s->st.controller.alpha);
+    if (s->state.controller.alpha != s->state.alpha) apply_alpha(s, s->state.controller.alpha);
 }
 
 static void on_blending_complete(struct ksm_slot *s)
 {
-    if (s->st.alpha_algorithm != KSM_ALGO_GATE) drop_gate(s);
+    if (s->state.alpha_algorithm != KSM_ALGO_GATE) drop_gate(s);
     apply_alpha(s, 1.0);
-    struct ksm_alpha_controller *c = &s->st.controller;
+    struct ksm_alpha_controller *c = &s->state.controller;
     c->alpha_start = 1.0;
     c->alpha_target = 1.0;
     c->mode = KSM_ALPHA_HOLD;
@@ -361,8 +362,8 @@ static void on_enter_stage(struct ksm_slot *s, enum ksm_stage to, enum ksm_stage
         s->isolate_gradients = true;
     } else if (to == KSM_STAGE_BLENDING && from == KSM_STAGE_TRAINING) {
         s->isolate_gradients = slot_topology(s) == KSM_TOPOLOGY_CNN;
-        s->st.metrics.accuracy_at_blending_start = s->st.metrics.current_val_accuracy;
-        s->st.metrics.blending_started = true;
+        s->state.metrics.accuracy_at_blending_start = s->state.metrics.current_val_accuracy;
+        s->state.metrics.blending_started = true;
         start_blending(s, blend_steps(s));
     } else if (to == KSM_STAGE_HOLDING && from == KSM_STAGE_BLENDING) {
         on_blending_complete(s);
@@ -427,7 +428,7 @@ int ksm_slot_germinate_check(const struct ksm_slot *s, const struct ksm_germinat
     }
     if (s->occupied || s->seed) {
         set_err(err, errlen, "slot %s is unavailable for germination (stage=%s)", s->id,
-                s->occupied ? ksm_stage_name(s->st.stage) : "UNKNOWN");
+                s->occupied ? ksm_stage_name(s->state.stage) : "UNKNOWN");
         return KSM_ESTAGE;
     }
     return 0;
@@ -468,7 +469,7 @@ int ksm_slot_germinate_commit(struct ksm_slot *s, const struct ksm_germinate_arg
     s->blend_out_freeze = false;
 
     /* SeedState(stage=DORMANT) (step 8-9). */
-    struct ksm_seed_state *st = &s->st;
+    struct ksm_seed_state *st = &s->state;
     memset(st, 0, sizeof *st);
     if (a->seed_id && a->seed_id[0])
         copy_str(st->seed_id, sizeof st->seed_id, a->seed_id);
@@ -530,7 +531,7 @@ static int advance_to(struct ksm_slot *s, enum ksm_stage target, struct ksm_gate
     emit(s, &ev);
 
     if (r.passed) {
-        struct ksm_seed_state *st = &s->st;
+        struct ksm_seed_state *st = &s->state;
         enum ksm_stage old = st->stage;
         double improvement = total_improvement(&st->metrics);
         bool has_cf = st->metrics.has_counterfactual;
@@ -582,7 +583,7 @@ int ksm_slot_advance(struct ksm_slot *s, enum ksm_stage target, struct ksm_gate_
     }
     if (target == KSM_STAGE_UNKNOWN) {
         enum ksm_stage t[3];
-        int n = valid_transitions(s->st.stage, t);
+        int n = valid_transitions(s->state.stage, t);
         for (int i = 0; i < n && target == KSM_STAGE_UNKNOWN; i++)
             if (!is_failure_stage(t[i])) target = t[i];
         if (target == KSM_STAGE_UNKNOWN) {
@@ -590,9 +591,9 @@ int ksm_slot_advance(struct ksm_slot *s, enum ksm_stage target, struct ksm_gate_
             if (gate) *gate = r;
             return 0;
         }
-    } else if (!is_valid_transition(s->st.stage, target)) {
-        set_err(err, errlen, "slot %s cannot go from %s to %s", s->id, ksm_stage_name(s->st.stage),
-                ksm_stage_name(target));
+    } else if (!is_valid_transition(s->state.stage, target)) {
+        set_err(err, errlen, "slot %s cannot go from %s to %s", s->id,
+                ksm_stage_name(s->state.stage), ksm_stage_name(target));
         return KSM_ESTAGE;
     }
     int rc = advance_to(s, target, &r, now_ns);
@@ -619,7 +620,7 @@ static bool is_auto_prune_reason(const char *reason)
 /* PRUNE_INSTANT on a slot whose stage can go to PRUNED. */
 static void prune_now(struct ksm_slot *s, const char *reason, const char *initiator, int64_t now)
 {
-    struct ksm_seed_state *st = &s->st;
+    struct ksm_seed_state *st = &s->state;
     reason = reason ? reason : "";
     initiator = (initiator && initiator[0]) ? initiator : "policy";
 
@@ -671,10 +672,10 @@ static void prune_now(struct ksm_slot *s, const char *reason, const char *initia
 int ksm_slot_prune(struct ksm_slot *s, const char *reason, const char *initiator, bool *accepted,
                    int64_t now_ns)
 {
-    bool ok = s->occupied && is_valid_transition(s->st.stage, KSM_STAGE_PRUNED);
+    bool ok = s->occupied && is_valid_transition(s->state.stage, KSM_STAGE_PRUNED);
     if (ok)
         prune_now(s, reason, initiator, now_ns);
-    else if (!s->occupied || s->st.stage == KSM_STAGE_FOSSILIZED)
+    else if (!s->occupied || s->state.stage == KSM_STAGE_FOSSILIZED)
         s->pending_prune_reason[0] = s->pending_prune_initiator[0] = '\0';
     if (accepted) *accepted = ok;
     return 0;
@@ -698,7 +699,7 @@ static int check_ramp_args(enum ksm_alpha_curve curve, double steepness, char *e
 /* HOLDING -> BLENDING for a scheduled prune or partial re-target (no entry side effects). */
 static void reenter_blending(struct ksm_slot *s, int64_t now)
 {
-    struct ksm_seed_state *st = &s->st;
+    struct ksm_seed_state *st = &s->state;
     uint32_t epochs_in_stage = st->metrics.epochs_in_current_stage;
     double improvement = total_improvement(&st->metrics);
     state_transition(st, KSM_STAGE_BLENDING, now);
@@ -715,19 +716,19 @@ int ksm_slot_schedule_prune(struct ksm_slot *s, uint32_t steps, enum ksm_alpha_c
     int rc = check_ramp_args(curve, steepness, err, errlen);
     if (rc < 0) return rc;
     if (accepted) *accepted = false;
-    if (!s->occupied || s->st.stage == KSM_STAGE_FOSSILIZED) return 0;
-    if (steps == 0 || s->st.alpha <= 0.0)
+    if (!s->occupied || s->state.stage == KSM_STAGE_FOSSILIZED) return 0;
+    if (steps == 0 || s->state.alpha <= 0.0)
         return ksm_slot_prune(s, reason, initiator, accepted, now_ns);
-    if (s->st.controller.mode != KSM_ALPHA_HOLD) return 0;
-    if (s->st.stage == KSM_STAGE_HOLDING)
+    if (s->state.controller.mode != KSM_ALPHA_HOLD) return 0;
+    if (s->state.stage == KSM_STAGE_HOLDING)
         reenter_blending(s, now_ns);
-    else if (s->st.stage != KSM_STAGE_BLENDING)
+    else if (s->state.stage != KSM_STAGE_BLENDING)
         return ksm_slot_prune(s, reason, initiator, accepted, now_ns);
 
     copy_str(s->pending_prune_reason, sizeof s->pending_prune_reason, reason);
     copy_str(s->pending_prune_initiator, sizeof s->pending_prune_initiator,
              (initiator && initiator[0]) ? initiator : "policy");
-    ksm_alpha_retarget(&s->st.controller, 0.0, (long)steps, curve, steepness);
+    ksm_alpha_retarget(&s->state.controller, 0.0, (long)steps, curve, steepness);
     set_blend_out_freeze(s);
     if (accepted) *accepted = true;
     return 0;
@@ -753,7 +754,7 @@ int ksm_slot_set_alpha_target(struct ksm_slot *s, double target, uint32_t steps,
         set_err(err, errlen, "slot %s has no seed", s->id);
         return KSM_ESTAGE;
     }
-    struct ksm_seed_state *st = &s->st;
+    struct ksm_seed_state *st = &s->state;
     if (st->stage != KSM_STAGE_BLENDING && st->stage != KSM_STAGE_HOLDING) {
         set_err(err, errlen, "slot %s is in %s; alpha targets apply in BLENDING or HOLDING only",
                 s->id, ksm_stage_name(st->stage));
@@ -803,14 +804,14 @@ int ksm_slot_set_alpha(struct ksm_slot *s, double alpha, char *err, size_t errle
 static void cooldown_changed(struct ksm_slot *s, enum ksm_stage from, enum ksm_stage to,
                              uint32_t epochs_in_stage, int64_t now)
 {
-    struct grad_snap g = grad_snapshot(&s->st);
-    emit_stage_changed(s, from, to, s->st.alpha, 0.0, epochs_in_stage, &g, now);
+    struct grad_snap g = grad_snapshot(&s->state);
+    emit_stage_changed(s, from, to, s->state.alpha, 0.0, epochs_in_stage, &g, now);
 }
 
 int ksm_slot_step_epoch(struct ksm_slot *s, int64_t now_ns)
 {
     if (!s->occupied) return 0;
-    struct ksm_seed_state *st = &s->st;
+    struct ksm_seed_state *st = &s->state;
     set_blend_out_freeze(s);
 
     switch (st->stage) {
@@ -950,7 +951,7 @@ int ksm_slot_record_metrics(struct ksm_slot *s, const struct ksm_metrics_update 
         return KSM_ENOSEED;
     }
 
-    struct ksm_seed_state *st = &s->st;
+    struct ksm_seed_state *st = &s->state;
     struct ksm_seed_metrics *m = &st->metrics;
     /* Finite inputs can still overflow the velocity EMA (1.7e308 then -1.7e308 gives -inf), which
      * the state's JSON cannot hold: refuse the update rather than store what a restart loses. */
@@ -1010,7 +1011,7 @@ void ksm_slot_report(const struct ksm_slot *s, struct ksm_slot_report *r)
     copy_str(r->slot_id, sizeof r->slot_id, s->id);
     r->blueprint_index = -1;
     if (!s->occupied) return;
-    const struct ksm_seed_state *st = &s->st;
+    const struct ksm_seed_state *st = &s->state;
     const struct ksm_alpha_controller *c = &st->controller;
     r->occupied = true;
     copy_str(r->seed_id, sizeof r->seed_id, st->seed_id);

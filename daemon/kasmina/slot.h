@@ -22,7 +22,7 @@
  *     gate_current_step = 0.
  *   - drop_gate frees s->gate; the slot layer then sets s->gate = NULL.
  *   - emit receives each lifecycle event (model_id is left empty for the model to fill).
- *   - alpha_changed is called after st.alpha took a new value.
+ *   - alpha_changed is called after state.alpha took a new value.
  * Reports leave blueprint_index = -1, seed_params = the seed's count and model_generation = 0
  * for the model to complete.
  */
@@ -89,7 +89,7 @@ struct ksm_seed_state {
         enum ksm_stage stage;
         int64_t at_ns;
     } history[KSM_STAGE_HISTORY_MAX];
-    int history_len, history_head; /* oldest first from history[0]; head is always 0 */
+    int history_len; /* oldest first from history[0] */
     struct ksm_telemetry_sync tel_sync;
 };
 
@@ -99,7 +99,7 @@ struct ksm_slot {
     const struct ksm_slot_env *env;
 
     bool occupied; /* state != None */
-    struct ksm_seed_state st;
+    struct ksm_seed_state state;
 
     /* slot settings (germinate) */
     char blend_algorithm_id[16]; /* "" = None */

@@ -232,7 +232,7 @@ static json_t *telemetry_json(const struct ksm_seed_telemetry *t,
 
 static json_t *seed_state_json(const struct ksm_slot *s)
 {
-    const struct ksm_seed_state *st = &s->st;
+    const struct ksm_seed_state *st = &s->state;
     json_t *o = json_object();
     json_object_set_new(o, "seed_id", json_string(st->seed_id));
     json_object_set_new(o, "blueprint_id", json_string(st->blueprint_id));
@@ -243,10 +243,9 @@ static json_t *seed_state_json(const struct ksm_slot *s)
     json_object_set_new(o, "alpha", json_real(st->alpha));
     json_t *h = json_array();
     for (int i = 0; i < st->history_len; i++) {
-        int k = (st->history_head + i) % KSM_STAGE_HISTORY_MAX;
         json_t *e = json_array();
-        json_array_append_new(e, json_integer(st->history[k].stage));
-        json_array_append_new(e, jtime(st->history[k].at_ns));
+        json_array_append_new(e, json_integer(st->history[i].stage));
+        json_array_append_new(e, jtime(st->history[i].at_ns));
         json_array_append_new(h, e);
     }
     json_object_set_new(o, "stage_history", h);
@@ -576,7 +575,7 @@ static int parse_telemetry(struct pctx *c, json_t *o, struct ksm_seed_telemetry 
 
 static int parse_seed_state(struct pctx *c, json_t *o, struct ksm_slot *s)
 {
-    struct ksm_seed_state *st = &s->st;
+    struct ksm_seed_state *st = &s->state;
     memset(st, 0, sizeof *st);
     char slot_id[KSM_SLOT_ID_MAX];
     int stage;
@@ -689,7 +688,7 @@ static int parse_extra_state(struct pctx *c, json_t *root, struct ksm_slot *t, b
     json_t *ss;
     TRY(need(c, root, "seed_state", &ss));
     t->occupied = false;
-    memset(&t->st, 0, sizeof t->st);
+    memset(&t->state, 0, sizeof t->state);
     if (!json_is_null(ss)) {
         if (!json_is_object(ss)) return perr(c, "seed_state", "must be an object or null");
         c->path = "seed_state.";
@@ -716,23 +715,23 @@ static int parse_extra_state(struct pctx *c, json_t *root, struct ksm_slot *t, b
         TRY(get_int(c, cfg, "current_step", 0, UINT32_MAX, false, NULL, &v));
         t->gate_current_step = (uint32_t)v;
         c->path = "";
-        if (t->st.alpha_algorithm != KSM_ALGO_GATE)
+        if (t->state.alpha_algorithm != KSM_ALGO_GATE)
             return perr(c, "alpha_schedule_config", "is set but alpha_algorithm is %s",
-                        ksm_alpha_algorithm_name(t->st.alpha_algorithm));
+                        ksm_alpha_algorithm_name(t->state.alpha_algorithm));
         /* esper restores through start_blending with the "gated" id. */
         snprintf(t->blend_algorithm_id, sizeof t->blend_algorithm_id, "gated");
         *needs_gate = true;
-    } else if (t->occupied && t->st.alpha_algorithm == KSM_ALGO_GATE &&
-               (t->st.stage == KSM_STAGE_BLENDING || t->st.stage == KSM_STAGE_HOLDING ||
-                t->st.stage == KSM_STAGE_FOSSILIZED)) {
+    } else if (t->occupied && t->state.alpha_algorithm == KSM_ALGO_GATE &&
+               (t->state.stage == KSM_STAGE_BLENDING || t->state.stage == KSM_STAGE_HOLDING ||
+                t->state.stage == KSM_STAGE_FOSSILIZED)) {
         return perr(c, "alpha_schedule_config", "is missing for a GATE seed in %s",
-                    ksm_stage_name(t->st.stage));
+                    ksm_stage_name(t->state.stage));
     }
-    if (t->occupied && t->st.alpha_algorithm == KSM_ALGO_GATE &&
-        (t->st.stage == KSM_STAGE_GERMINATED || t->st.stage == KSM_STAGE_TRAINING) &&
+    if (t->occupied && t->state.alpha_algorithm == KSM_ALGO_GATE &&
+        (t->state.stage == KSM_STAGE_GERMINATED || t->state.stage == KSM_STAGE_TRAINING) &&
         strcmp(t->blend_algorithm_id, "gated"))
         return perr(c, "blend_algorithm_id", "must be 'gated' for a GATE seed in %s",
-                    ksm_stage_name(t->st.stage));
+                    ksm_stage_name(t->state.stage));
 
     t->pending_prune_reason[0] = t->pending_prune_initiator[0] = '\0';
     if (json_object_get(root, "_kasmina_pending_prune_reason"))
@@ -761,9 +760,9 @@ int ksm_slot_extra_state_parse(const struct ksm_slot *s, const char *json, struc
     int rc = parse_extra_state(&c, root, &t, &gate);
     json_decref(root);
     if (rc) return rc;
-    t.blend_out_freeze = t.occupied && t.st.controller.mode == KSM_ALPHA_DOWN;
+    t.blend_out_freeze = t.occupied && t.state.controller.mode == KSM_ALPHA_DOWN;
     *out = t;
-    if (needs_seed) *needs_seed = t.occupied && stage_has_seed(t.st.stage);
+    if (needs_seed) *needs_seed = t.occupied && stage_has_seed(t.state.stage);
     if (needs_gate) *needs_gate = gate;
     return 0;
 }

@@ -324,12 +324,12 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
         gates[i] = NULL;
         if (need_seed) {
             const struct ksm_blueprint *bp =
-                ksm_blueprint_find(m->spec.topology, newst[i].st.blueprint_id);
+                ksm_blueprint_find(m->spec.topology, newst[i].state.blueprint_id);
             if (bp == NULL) {
                 KSM_ERR(err, errlen,
                         "__metadata__ %s names blueprint \"%s\", which is not a %s "
                         "blueprint",
-                        key, newst[i].st.blueprint_id, ksm_topology_name(m->spec.topology));
+                        key, newst[i].state.blueprint_id, ksm_topology_name(m->spec.topology));
                 rc = KSM_ENOBLUEPRINT;
                 goto fail;
             }

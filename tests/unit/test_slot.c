@@ -163,7 +163,7 @@ static void to_blending(void)
 static void to_holding(void)
 {
     to_blending();
-    for (uint32_t i = 0; i < S.st.blend_tempo_epochs; i++) step();
+    for (uint32_t i = 0; i < S.state.blend_tempo_epochs; i++) step();
     for (int i = 0; i < 10; i++) record_acc(60.0);
     cr_assert(advance(KSM_STAGE_HOLDING).passed);
 }
@@ -253,7 +253,7 @@ Test(slot, advance_follows_the_transition_table_for_every_pair)
             int to = all_stages[j];
             setup(true);
             germinate();
-            S.st.stage = (enum ksm_stage)from;
+            S.state.stage = (enum ksm_stage)from;
             struct ksm_gate_result g;
             char err[160] = "";
             if (to >= 8) {
@@ -301,7 +301,7 @@ Test(slot, advance_without_target_picks_first_non_failure_entry)
     germinate();
     struct ksm_gate_result g = advance(KSM_STAGE_UNKNOWN);
     cr_expect_eq(g.gate, KSM_GATE_G1);
-    cr_expect_eq(S.st.stage, KSM_STAGE_TRAINING);
+    cr_expect_eq(S.state.stage, KSM_STAGE_TRAINING);
     cr_expect_eq(F.ev[F.n_ev - 2].target_stage, KSM_STAGE_TRAINING);
 }
 
@@ -344,8 +344,8 @@ Test(slot, fossilized_is_terminal)
     cr_expect_not(ok);
     cr_expect_eq(ksm_slot_set_alpha_target(&S, 0.5, 3, 0, 12, 0, tick(), NULL, 0), KSM_ESTAGE);
     for (int i = 0; i < 20; i++) step();
-    cr_expect_eq(S.st.stage, KSM_STAGE_FOSSILIZED);
-    cr_expect_eq(S.st.alpha, 1.0);
+    cr_expect_eq(S.state.stage, KSM_STAGE_FOSSILIZED);
+    cr_expect_eq(S.state.alpha, 1.0);
 }
 
 /* ---- gates (docs/gates.md#quality-gates) ---- */
@@ -359,13 +359,13 @@ Test(slot, g0_checks)
     cr_expect_eq(g.score, 1.0);
     EXPECT_PASSED(g, "seed_id_present");
     EXPECT_PASSED(g, "blueprint_id_present");
-    S.st.seed_id[0] = '\0';
+    S.state.seed_id[0] = '\0';
     g = gate(KSM_STAGE_GERMINATED);
     cr_expect_not(g.passed);
     cr_expect_eq(g.score, 0.0);
     EXPECT_FAILED(g, "seed_id_missing");
     EXPECT_PASSED(g, "blueprint_id_present");
-    S.st.blueprint_id[0] = '\0';
+    S.state.blueprint_id[0] = '\0';
     g = gate(KSM_STAGE_GERMINATED);
     EXPECT_FAILED(g, "blueprint_id_missing");
     cr_expect_str_eq(g.message, "Missing required fields");
@@ -471,7 +471,7 @@ Test(slot, unmeasured_gradient_health_fails_permissive_g2)
     /* an advance attempt says so in the event and stays in TRAINING */
     g = advance(KSM_STAGE_BLENDING);
     cr_expect_not(g.passed);
-    cr_expect_eq(S.st.stage, KSM_STAGE_TRAINING);
+    cr_expect_eq(S.state.stage, KSM_STAGE_TRAINING);
     cr_expect_eq(F.ev[F.n_ev - 1].type, KSM_EV_SEED_GATE_EVALUATED);
     cr_expect_not(F.ev[F.n_ev - 1].gate.passed);
 }
@@ -653,8 +653,8 @@ Test(slot, happy_path_event_order)
     cr_expect(fabs(ev_val(fo, "improvement") - 10.0) < 1e-12);
     cr_expect(fabs(ev_val(fo, "blending_delta") - (60.0 - 52.25)) < 1e-12);
     cr_expect_eq(fo->alpha, 1.0);
-    cr_expect_eq(S.st.stage, KSM_STAGE_FOSSILIZED);
-    cr_expect_eq(S.st.previous_stage, KSM_STAGE_HOLDING);
+    cr_expect_eq(S.state.stage, KSM_STAGE_FOSSILIZED);
+    cr_expect_eq(S.state.previous_stage, KSM_STAGE_HOLDING);
 }
 
 Test(slot, failed_gate_emits_only_the_gate_event)
@@ -668,7 +668,7 @@ Test(slot, failed_gate_emits_only_the_gate_event)
     cr_expect_eq(F.n_ev, n + 1);
     cr_expect_eq(F.ev[n].type, KSM_EV_SEED_GATE_EVALUATED);
     cr_expect_eq(F.ev[n].gate.n_failed, 3);
-    cr_expect_eq(S.st.stage, KSM_STAGE_TRAINING);
+    cr_expect_eq(S.state.stage, KSM_STAGE_TRAINING);
 }
 
 /* ---- stage entry side effects (docs/lifecycle.md#stage-entry-side-effects) ---- */
@@ -685,12 +685,12 @@ Test(slot, entry_side_effects_by_topology)
         record_grads(1, false, 1);
         advance(KSM_STAGE_BLENDING);
         cr_expect_eq(S.isolate_gradients, t == KSM_TOPOLOGY_CNN);
-        cr_expect_eq(S.st.metrics.accuracy_at_blending_start, 39);
-        cr_expect(S.st.metrics.blending_started);
-        cr_expect_eq(S.st.controller.curve, KSM_CURVE_SIGMOID);
-        cr_expect_eq(S.st.controller.steps_total, 8u);
-        cr_expect_eq(S.st.controller.mode, KSM_ALPHA_UP);
-        cr_expect_eq(S.st.controller.alpha_target, 1.0);
+        cr_expect_eq(S.state.metrics.accuracy_at_blending_start, 39);
+        cr_expect(S.state.metrics.blending_started);
+        cr_expect_eq(S.state.controller.curve, KSM_CURVE_SIGMOID);
+        cr_expect_eq(S.state.controller.steps_total, 8u);
+        cr_expect_eq(S.state.controller.mode, KSM_ALPHA_UP);
+        cr_expect_eq(S.state.controller.alpha_target, 1.0);
         cr_expect_null(S.gate);
     }
 }
@@ -705,7 +705,7 @@ Test(slot, gated_blending_creates_the_gate_and_keeps_it_through_holding)
     cr_expect_eq(F.create_gate, 1);
     cr_expect_eq(F.last_gate_steps, 3u);
     cr_expect_not_null(S.gate);
-    cr_expect_eq(S.st.controller.curve, KSM_CURVE_LINEAR);
+    cr_expect_eq(S.state.controller.curve, KSM_CURVE_LINEAR);
     for (int i = 0; i < 3; i++) step();
     advance(KSM_STAGE_HOLDING);
     cr_expect_not_null(S.gate);
@@ -749,7 +749,7 @@ Test(slot, cooldown_takes_exactly_seven_ticks)
     bool ok;
     ksm_slot_prune(&S, "bad", NULL, &ok, tick()); /* tick 0 */
     cr_assert(ok);
-    cr_expect_eq(S.st.stage, KSM_STAGE_PRUNED);
+    cr_expect_eq(S.state.stage, KSM_STAGE_PRUNED);
     const enum ksm_stage want[] = {KSM_STAGE_EMBARGOED, KSM_STAGE_EMBARGOED, KSM_STAGE_EMBARGOED,
                                    KSM_STAGE_EMBARGOED, KSM_STAGE_EMBARGOED, KSM_STAGE_RESETTING};
     const uint32_t counter[] = {0, 1, 2, 3, 4, 0};
@@ -761,8 +761,8 @@ Test(slot, cooldown_takes_exactly_seven_ticks)
             cr_expect_str_eq(err, "slot r0c1 is unavailable for germination (stage=PRUNED)");
         step();
         cr_assert(S.occupied, "tick %d", t);
-        cr_expect_eq(S.st.stage, want[t - 1], "tick %d", t);
-        cr_expect_eq(S.st.metrics.epochs_in_current_stage, counter[t - 1], "tick %d", t);
+        cr_expect_eq(S.state.stage, want[t - 1], "tick %d", t);
+        cr_expect_eq(S.state.metrics.epochs_in_current_stage, counter[t - 1], "tick %d", t);
     }
     int n = F.n_ev;
     step(); /* tick 7 */
@@ -777,8 +777,8 @@ Test(slot, cooldown_takes_exactly_seven_ticks)
     cr_expect_not(r.occupied);
     cr_expect_str_eq(r.slot_id, "r0c1");
     germinate();
-    cr_expect_eq(S.st.stage, KSM_STAGE_GERMINATED);
-    cr_expect_eq(S.st.metrics.epochs_total, 0u);
+    cr_expect_eq(S.state.stage, KSM_STAGE_GERMINATED);
+    cr_expect_eq(S.state.metrics.epochs_total, 0u);
 }
 
 Test(slot, prune_events_and_cleanup)
@@ -804,12 +804,12 @@ Test(slot, prune_events_and_cleanup)
     cr_expect_eq(ev_val(&F.ev[n + 1], "auto_pruned"), 0.0);
     cr_expect_eq(ev_val(&F.ev[n + 1], "counterfactual"), 1.5);
     cr_expect_eq(F.alpha_changed, ac + 1);
-    cr_expect_eq(S.st.alpha, 0.0);
-    cr_expect_eq(S.st.controller.mode, KSM_ALPHA_HOLD);
-    cr_expect_eq(S.st.controller.alpha_target, 0.0);
-    cr_expect_eq(S.st.controller.steps_total, 0u);
+    cr_expect_eq(S.state.alpha, 0.0);
+    cr_expect_eq(S.state.controller.mode, KSM_ALPHA_HOLD);
+    cr_expect_eq(S.state.controller.alpha_target, 0.0);
+    cr_expect_eq(S.state.controller.steps_total, 0u);
     cr_expect_not(S.isolate_gradients);
-    cr_expect_not(S.st.metrics.auto_pruned);
+    cr_expect_not(S.state.metrics.auto_pruned);
     cr_expect_null(S.seed);
     cr_expect_not(ksm_slot_runs_seed(&S));
     /* a second prune of a cooling slot is refused without side effects */
@@ -827,8 +827,8 @@ Test(slot, governor_reasons_set_auto_pruned)
         bool ok;
         ksm_slot_prune(&S, reasons[i], "governor", &ok, tick());
         cr_assert(ok);
-        cr_expect(S.st.metrics.auto_pruned);
-        cr_expect_str_eq(S.st.metrics.auto_prune_reason, reasons[i]);
+        cr_expect(S.state.metrics.auto_pruned);
+        cr_expect_str_eq(S.state.metrics.auto_prune_reason, reasons[i]);
         cr_expect_eq(ev_val(&F.ev[F.n_ev - 1], "auto_pruned"), 1.0);
         cr_expect_str_eq(F.ev[F.n_ev - 1].initiator, "governor");
         struct ksm_slot_report r;
@@ -846,7 +846,7 @@ Test(slot, scheduled_prune_timing_from_holding)
     setup(true);
     germinate();
     to_holding();
-    cr_assert_eq(S.st.alpha, 1.0);
+    cr_assert_eq(S.state.alpha, 1.0);
     bool ok;
     int n = F.n_ev;
     char err[160] = "";
@@ -854,21 +854,21 @@ Test(slot, scheduled_prune_timing_from_holding)
                                          sizeof err),
                  0, "%s", err);
     cr_assert(ok);
-    cr_expect_eq(S.st.stage, KSM_STAGE_BLENDING);
+    cr_expect_eq(S.state.stage, KSM_STAGE_BLENDING);
     cr_expect_eq(F.n_ev, n + 1);
     cr_expect_eq(F.ev[n].from_stage, KSM_STAGE_HOLDING);
     cr_expect_eq(F.ev[n].to_stage, KSM_STAGE_BLENDING);
-    cr_expect_eq(S.st.controller.mode, KSM_ALPHA_DOWN);
+    cr_expect_eq(S.state.controller.mode, KSM_ALPHA_DOWN);
     cr_expect(S.blend_out_freeze);
     /* retarget mid-ramp is refused */
     ok = true;
     EXPECT_NOTHING_CHANGED(ksm_slot_schedule_prune(&S, 3, 0, 12, "", NULL, &ok, tick(), NULL, 0));
     cr_expect_not(ok);
     step(); /* tick 1 */
-    cr_expect_eq(S.st.stage, KSM_STAGE_BLENDING);
-    cr_expect_eq(S.st.alpha, 0.5);
+    cr_expect_eq(S.state.stage, KSM_STAGE_BLENDING);
+    cr_expect_eq(S.state.alpha, 0.5);
     step(); /* tick 2 */
-    cr_expect_eq(S.st.stage, KSM_STAGE_PRUNED);
+    cr_expect_eq(S.state.stage, KSM_STAGE_PRUNED);
     cr_expect_null(S.seed);
     cr_expect_not(S.blend_out_freeze);
     cr_expect_str_eq(F.ev[F.n_ev - 1].reason, "scheduled_prune");
@@ -900,7 +900,7 @@ Test(slot, schedule_prune_delegates_and_validates)
     /* alpha 0 (GERMINATED): immediate prune with the given reason */
     cr_expect_eq(ksm_slot_schedule_prune(&S, 3, 0, 12, "why", "gov", &ok, tick(), NULL, 0), 0);
     cr_expect(ok);
-    cr_expect_eq(S.st.stage, KSM_STAGE_PRUNED);
+    cr_expect_eq(S.state.stage, KSM_STAGE_PRUNED);
     cr_expect_str_eq(F.ev[F.n_ev - 1].reason, "why");
     cr_expect_str_eq(F.ev[F.n_ev - 1].initiator, "gov");
     /* steps 0 from BLENDING at alpha > 0: immediate */
@@ -910,7 +910,7 @@ Test(slot, schedule_prune_delegates_and_validates)
     step();
     cr_expect_eq(ksm_slot_schedule_prune(&S, 0, 0, 12, "", NULL, &ok, tick(), NULL, 0), 0);
     cr_expect(ok);
-    cr_expect_eq(S.st.stage, KSM_STAGE_PRUNED);
+    cr_expect_eq(S.state.stage, KSM_STAGE_PRUNED);
 }
 
 /* ---- alpha targets (docs/lifecycle.md, docs/README.md#invariants item 9) ---- */
@@ -920,10 +920,10 @@ Test(slot, partial_germination_target_never_reaches_holding)
     setup_env(true, (1u << KSM_GATE_G3), KSM_TOPOLOGY_CNN);
     germinate_full("linear", KSM_ALGO_ADD, true, 0.7, 5);
     to_blending();
-    cr_expect_eq(S.st.controller.alpha_target, 0.7);
+    cr_expect_eq(S.state.controller.alpha_target, 0.7);
     for (int i = 0; i < 8; i++) step();
-    cr_expect_eq(S.st.alpha, 0.7);
-    cr_expect_eq(S.st.stage, KSM_STAGE_BLENDING);
+    cr_expect_eq(S.state.alpha, 0.7);
+    cr_expect_eq(S.state.stage, KSM_STAGE_BLENDING);
     struct ksm_gate_result g = gate(KSM_STAGE_HOLDING);
     cr_expect_not(g.passed);
     cr_expect_eq(g.n_failed, 1);
@@ -938,8 +938,8 @@ Test(slot, partial_germination_target_never_reaches_holding)
     cr_expect_eq(ksm_slot_set_alpha_target(&S, 1.0, 3, 0, 12, 0, tick(), err, sizeof err), 0, "%s",
                  err);
     for (int i = 0; i < 3; i++) step();
-    cr_expect_eq(S.st.stage, KSM_STAGE_HOLDING);
-    cr_expect_eq(S.st.alpha, 1.0);
+    cr_expect_eq(S.state.stage, KSM_STAGE_HOLDING);
+    cr_expect_eq(S.state.alpha, 1.0);
 }
 
 Test(slot, set_alpha_target_from_holding_reenters_blending)
@@ -951,18 +951,18 @@ Test(slot, set_alpha_target_from_holding_reenters_blending)
     char err[160] = "";
     /* a full target stays in HOLDING */
     cr_expect_eq(ksm_slot_set_alpha_target(&S, 1.0, 3, 0, 12, 0, tick(), err, sizeof err), 0);
-    cr_expect_eq(S.st.stage, KSM_STAGE_HOLDING);
+    cr_expect_eq(S.state.stage, KSM_STAGE_HOLDING);
     cr_expect_eq(F.n_ev, n);
     cr_expect_eq(
         ksm_slot_set_alpha_target(&S, 0.5, 4, KSM_CURVE_COSINE, 6, 0, tick(), err, sizeof err), 0,
         "%s", err);
-    cr_expect_eq(S.st.stage, KSM_STAGE_BLENDING);
+    cr_expect_eq(S.state.stage, KSM_STAGE_BLENDING);
     cr_expect_eq(F.n_ev, n + 1);
     cr_expect_eq(F.ev[n].from_stage, KSM_STAGE_HOLDING);
     cr_expect_eq(F.ev[n].to_stage, KSM_STAGE_BLENDING);
-    cr_expect_eq(S.st.controller.mode, KSM_ALPHA_DOWN);
-    cr_expect_eq(S.st.controller.curve, KSM_CURVE_COSINE);
-    cr_expect_eq(S.st.controller.steepness, 6.0);
+    cr_expect_eq(S.state.controller.mode, KSM_ALPHA_DOWN);
+    cr_expect_eq(S.state.controller.curve, KSM_CURVE_COSINE);
+    cr_expect_eq(S.state.controller.steepness, 6.0);
     cr_expect(S.blend_out_freeze);
     struct ksm_slot_report r;
     report(&r);
@@ -972,8 +972,8 @@ Test(slot, set_alpha_target_from_holding_reenters_blending)
     EXPECT_NOTHING_CHANGED(cr_expect_eq(
         ksm_slot_set_alpha_target(&S, 0.7, 2, 0, 12, 0, tick(), err, sizeof err), KSM_ESTAGE));
     for (int i = 0; i < 4; i++) step();
-    cr_expect_eq(S.st.alpha, 0.5);
-    cr_expect_eq(S.st.stage, KSM_STAGE_BLENDING);
+    cr_expect_eq(S.state.alpha, 0.5);
+    cr_expect_eq(S.state.stage, KSM_STAGE_BLENDING);
     cr_expect(S.blend_out_freeze); /* re-evaluated at the start of the next tick
                                       (docs/blending.md#blend-out-freeze) */
     step();
@@ -1034,15 +1034,15 @@ Test(slot, algorithm_switch_creates_and_drops_the_gate)
         "%s", err);
     cr_expect_eq(F.last_gate_steps, 1u); /* max(1, steps) */
     cr_expect_not_null(S.gate);
-    cr_expect_eq(S.st.alpha_algorithm, KSM_ALGO_GATE);
-    cr_expect_eq(S.st.stage, KSM_STAGE_BLENDING);
-    cr_expect_eq(S.st.alpha, 0.5); /* INSTANT: state.alpha follows the controller */
+    cr_expect_eq(S.state.alpha_algorithm, KSM_ALGO_GATE);
+    cr_expect_eq(S.state.stage, KSM_STAGE_BLENDING);
+    cr_expect_eq(S.state.alpha, 0.5); /* INSTANT: state.alpha follows the controller */
     cr_expect_eq(
         ksm_slot_set_alpha_target(&S, 1.0, 2, 0, 12, KSM_ALGO_MULTIPLY, tick(), err, sizeof err),
         0);
     cr_expect_null(S.gate);
     cr_expect_eq(F.drop_gate, 1);
-    cr_expect_eq(S.st.alpha_algorithm, KSM_ALGO_MULTIPLY);
+    cr_expect_eq(S.state.alpha_algorithm, KSM_ALGO_MULTIPLY);
 }
 
 Test(slot, set_alpha_clamps_and_reports_changes)
@@ -1051,14 +1051,14 @@ Test(slot, set_alpha_clamps_and_reports_changes)
     cr_expect_eq(ksm_slot_set_alpha(&S, 0.5, NULL, 0), 0); /* empty: no-op */
     germinate();
     cr_expect_eq(ksm_slot_set_alpha(&S, 1.7, NULL, 0), 0);
-    cr_expect_eq(S.st.alpha, 1.0);
-    cr_expect_eq(S.st.controller.alpha, 1.0);
-    cr_expect_eq(S.st.metrics.current_alpha, 1.0);
+    cr_expect_eq(S.state.alpha, 1.0);
+    cr_expect_eq(S.state.controller.alpha, 1.0);
+    cr_expect_eq(S.state.metrics.current_alpha, 1.0);
     cr_expect_eq(F.alpha_changed, 1);
     cr_expect_eq(ksm_slot_set_alpha(&S, 3.0, NULL, 0), 0);
     cr_expect_eq(F.alpha_changed, 1);
     cr_expect_eq(ksm_slot_set_alpha(&S, -INFINITY, NULL, 0), 0);
-    cr_expect_eq(S.st.alpha, 0.0);
+    cr_expect_eq(S.state.alpha, 0.0);
     cr_expect_eq(F.alpha_changed, 2);
     char err[64] = "";
     EXPECT_NOTHING_CHANGED(cr_expect_eq(ksm_slot_set_alpha(&S, NAN, err, sizeof err), KSM_EINVAL));
@@ -1069,20 +1069,20 @@ Test(slot, alpha_levels_per_stage)
 {
     setup(true);
     germinate();
-    cr_expect_eq(S.st.alpha, 0.0);
+    cr_expect_eq(S.state.alpha, 0.0);
     to_training_ready();
-    cr_expect_eq(S.st.alpha, 0.0);
+    cr_expect_eq(S.state.alpha, 0.0);
     advance(KSM_STAGE_BLENDING);
     int ac = F.alpha_changed;
     for (int i = 1; i <= 5; i++) {
         step();
-        cr_expect(fabs(S.st.alpha - i / 5.0) < 1e-12);
-        cr_expect_eq(S.st.metrics.alpha_ramp_step, (uint32_t)i);
+        cr_expect(fabs(S.state.alpha - i / 5.0) < 1e-12);
+        cr_expect_eq(S.state.metrics.alpha_ramp_step, (uint32_t)i);
     }
     cr_expect_eq(F.alpha_changed, ac + 5);
     advance(KSM_STAGE_HOLDING);
-    cr_expect_eq(S.st.alpha, 1.0);
-    cr_expect_eq(S.st.controller.steps_done, S.st.controller.steps_total);
+    cr_expect_eq(S.state.alpha, 1.0);
+    cr_expect_eq(S.state.controller.steps_done, S.state.controller.steps_total);
 }
 
 /* ---- auto-forward (docs/lifecycle.md step_epoch) ---- */
@@ -1092,14 +1092,14 @@ Test(slot, step_epoch_alone_never_changes_stage)
     setup(true);
     germinate();
     for (int i = 0; i < 30; i++) step();
-    cr_expect_eq(S.st.stage, KSM_STAGE_GERMINATED);
+    cr_expect_eq(S.state.stage, KSM_STAGE_GERMINATED);
     to_training_ready();
     for (int i = 0; i < 30; i++) step();
-    cr_expect_eq(S.st.stage, KSM_STAGE_TRAINING);
+    cr_expect_eq(S.state.stage, KSM_STAGE_TRAINING);
     advance(KSM_STAGE_BLENDING);
     for (int i = 0; i < 30; i++) step();
-    cr_expect_eq(S.st.stage, KSM_STAGE_BLENDING);
-    cr_expect_eq(S.st.alpha, 1.0);
+    cr_expect_eq(S.state.stage, KSM_STAGE_BLENDING);
+    cr_expect_eq(S.state.alpha, 1.0);
 }
 
 Test(slot, auto_forward_gates)
@@ -1108,7 +1108,7 @@ Test(slot, auto_forward_gates)
               KSM_TOPOLOGY_CNN);
     germinate();
     step();
-    cr_expect_eq(S.st.stage, KSM_STAGE_TRAINING);
+    cr_expect_eq(S.state.stage, KSM_STAGE_TRAINING);
     record_grads(0.9, false, 0.5);
     for (int i = 0; i < 9; i++) {
         record_acc(50);
@@ -1118,23 +1118,23 @@ Test(slot, auto_forward_gates)
     }
     record_acc(50);
     step();
-    cr_expect_eq(S.st.stage, KSM_STAGE_BLENDING);
+    cr_expect_eq(S.state.stage, KSM_STAGE_BLENDING);
     for (int i = 0; i < 4; i++) step();
-    cr_expect_eq(S.st.stage, KSM_STAGE_BLENDING);
+    cr_expect_eq(S.state.stage, KSM_STAGE_BLENDING);
     step();
-    cr_expect_eq(S.st.stage, KSM_STAGE_HOLDING);
+    cr_expect_eq(S.state.stage, KSM_STAGE_HOLDING);
     for (int i = 0; i < 10; i++) step();
-    cr_expect_eq(S.st.stage, KSM_STAGE_HOLDING); /* no auto-fossilize */
+    cr_expect_eq(S.state.stage, KSM_STAGE_HOLDING); /* no auto-fossilize */
 
     /* strict G3 auto-forward waits for min_blending_epochs */
     setup_env(false, (1u << KSM_GATE_G3), KSM_TOPOLOGY_CNN);
     germinate();
     to_blending();
     for (int i = 0; i < 6; i++) step();
-    cr_expect_eq(S.st.stage, KSM_STAGE_BLENDING);
+    cr_expect_eq(S.state.stage, KSM_STAGE_BLENDING);
     for (int i = 0; i < 10; i++) record_acc(70);
     step();
-    cr_expect_eq(S.st.stage, KSM_STAGE_HOLDING);
+    cr_expect_eq(S.state.stage, KSM_STAGE_HOLDING);
 }
 
 /* ---- germinate (docs/lifecycle.md) ---- */
@@ -1144,21 +1144,21 @@ Test(slot, germinate_records_settings_and_state)
     setup(true);
     germinate_full("sigmoid", KSM_ALGO_MULTIPLY, true, 0.5, 8);
     cr_expect(S.occupied);
-    cr_expect_eq(S.st.stage, KSM_STAGE_GERMINATED);
-    cr_expect_eq(S.st.previous_stage, KSM_STAGE_DORMANT);
-    cr_expect_eq(S.st.history_len, 1);
-    cr_expect_eq(S.st.history[0].stage, KSM_STAGE_GERMINATED);
-    cr_expect_str_eq(S.st.seed_id, "r0c1-conv_light");
-    cr_expect_eq(S.st.alpha_algorithm, KSM_ALGO_MULTIPLY);
-    cr_expect_eq(S.st.blend_tempo_epochs, 8u);
-    cr_expect_eq(S.st.metrics.seed_param_count, 1234u);
-    cr_expect_eq(S.st.metrics.host_param_count, 99999u);
+    cr_expect_eq(S.state.stage, KSM_STAGE_GERMINATED);
+    cr_expect_eq(S.state.previous_stage, KSM_STAGE_DORMANT);
+    cr_expect_eq(S.state.history_len, 1);
+    cr_expect_eq(S.state.history[0].stage, KSM_STAGE_GERMINATED);
+    cr_expect_str_eq(S.state.seed_id, "r0c1-conv_light");
+    cr_expect_eq(S.state.alpha_algorithm, KSM_ALGO_MULTIPLY);
+    cr_expect_eq(S.state.blend_tempo_epochs, 8u);
+    cr_expect_eq(S.state.metrics.seed_param_count, 1234u);
+    cr_expect_eq(S.state.metrics.host_param_count, 99999u);
     cr_expect_eq(S.blend_alpha_target, 0.5);
     cr_expect_str_eq(S.blend_algorithm_id, "sigmoid");
-    cr_expect(S.st.is_healthy);
-    cr_expect_not(S.st.metrics.has_grad_ratio);
-    cr_expect_not(S.st.telemetry.has_gradient_health);
-    cr_expect_eq(S.st.telemetry.max_epochs, 25u);
+    cr_expect(S.state.is_healthy);
+    cr_expect_not(S.state.metrics.has_grad_ratio);
+    cr_expect_not(S.state.telemetry.has_gradient_health);
+    cr_expect_eq(S.state.telemetry.max_epochs, 25u);
     cr_expect(ksm_slot_runs_seed(&S) == false);
     struct ksm_slot_report r;
     report(&r);
@@ -1217,7 +1217,7 @@ Test(slot, record_metrics_bookkeeping)
     record_acc(40);
     record_acc(38);
     record_acc(45);
-    const struct ksm_seed_metrics *m = &S.st.metrics;
+    const struct ksm_seed_metrics *m = &S.state.metrics;
     cr_expect_eq(m->initial_val_accuracy, 40);
     cr_expect_eq(m->best_val_accuracy, 45);
     cr_expect_eq(m->epochs_total, 3u);
@@ -1245,12 +1245,12 @@ Test(slot, record_metrics_bookkeeping)
     /* gradient fields are never reset by updates without them */
     record_grads(0.8, false, 0.25);
     record_acc(50);
-    cr_expect(S.st.telemetry.has_gradient_health);
-    cr_expect_eq(S.st.telemetry.gradient_health, 0.8);
-    cr_expect_eq(S.st.telemetry.epoch, 3u);
+    cr_expect(S.state.telemetry.has_gradient_health);
+    cr_expect_eq(S.state.telemetry.gradient_health, 0.8);
+    cr_expect_eq(S.state.telemetry.epoch, 3u);
     cr_expect_eq(m->seed_gradient_norm_ratio, 0.25);
-    cr_expect_eq(S.st.tel_sync.accuracy, 50);
-    cr_expect_eq(S.st.tel_sync.accuracy_delta, 0.0); /* TRAINING */
+    cr_expect_eq(S.state.tel_sync.accuracy, 50);
+    cr_expect_eq(S.state.tel_sync.accuracy_delta, 0.0); /* TRAINING */
 
     /* invalid updates change nothing */
     const struct ksm_metrics_update bad[] = {
@@ -1313,15 +1313,15 @@ static void roundtrip_check(void)
     char err[256] = "";
     cr_assert_eq(ksm_slot_extra_state_parse(&S, a, &out, &ns, &ng, err, sizeof err), 0, "%s\n%s",
                  err, a);
-    cr_expect_eq(ns, S.occupied && S.seed != NULL, "needs_seed stage %d", S.st.stage);
+    cr_expect_eq(ns, S.occupied && S.seed != NULL, "needs_seed stage %d", S.state.stage);
     cr_expect_eq(ng, S.gate != NULL);
     /* the model attaches the modules; then the slot must be identical */
     out.seed = S.seed;
     out.gate = S.gate;
-    cr_expect_eq(memcmp(&out.st, &S.st, sizeof S.st), 0, "state differs for stage %s",
-                 ksm_stage_name(S.st.stage));
+    cr_expect_eq(memcmp(&out.state, &S.state, sizeof S.state), 0, "state differs for stage %s",
+                 ksm_stage_name(S.state.stage));
     cr_expect_eq(memcmp(&out, &S, sizeof S), 0, "slot differs for stage %s",
-                 ksm_stage_name(S.st.stage));
+                 ksm_stage_name(S.state.stage));
     char *b = ksm_slot_extra_state_json(&out);
     cr_expect_str_eq(a, b);
     free(a);
@@ -1351,12 +1351,12 @@ Test(slot, extra_state_round_trips_in_every_stage)
     step();
     step();
     step();
-    cr_expect_eq(S.st.stage, KSM_STAGE_PRUNED);
+    cr_expect_eq(S.state.stage, KSM_STAGE_PRUNED);
     roundtrip_check();
     step();
     roundtrip_check(); /* EMBARGOED */
     for (int i = 0; i < 5; i++) step();
-    cr_expect_eq(S.st.stage, KSM_STAGE_RESETTING);
+    cr_expect_eq(S.state.stage, KSM_STAGE_RESETTING);
     roundtrip_check();
     step();
     roundtrip_check(); /* empty again, settings kept */
@@ -1368,13 +1368,13 @@ Test(slot, extra_state_round_trips_in_every_stage)
     /* a long history keeps the last 100 entries */
     for (int i = 0; i < 150; i++) {
         F.n_ev = 0;
-        S.st.stage = KSM_STAGE_HOLDING;
-        S.st.controller.mode = KSM_ALPHA_HOLD;
+        S.state.stage = KSM_STAGE_HOLDING;
+        S.state.controller.mode = KSM_ALPHA_HOLD;
         ksm_slot_set_alpha_target(&S, 0.5, 0, 0, 12, 0, tick(), NULL, 0);
         ksm_slot_set_alpha_target(&S, 1.0, 0, 0, 12, 0, tick(), NULL, 0);
         ksm_slot_advance(&S, KSM_STAGE_HOLDING, NULL, tick(), NULL, 0);
     }
-    cr_expect_eq(S.st.history_len, 100);
+    cr_expect_eq(S.state.history_len, 100);
     roundtrip_check();
 }
 
@@ -1419,15 +1419,15 @@ Test(slot, extra_state_reads_esper_output)
     cr_expect(ns);
     cr_expect_not(ng);
     cr_expect(out.occupied);
-    cr_expect_eq(out.st.stage, KSM_STAGE_TRAINING);
-    cr_expect_eq(out.st.metrics.epochs_total, 4u);
-    cr_expect_eq(out.st.metrics.current_val_accuracy, 12.25);
-    cr_expect_not(out.st.metrics.has_counterfactual);
-    cr_expect_not(out.st.telemetry.has_gradient_health);
-    cr_expect_eq(out.st.history_len, 2);
+    cr_expect_eq(out.state.stage, KSM_STAGE_TRAINING);
+    cr_expect_eq(out.state.metrics.epochs_total, 4u);
+    cr_expect_eq(out.state.metrics.current_val_accuracy, 12.25);
+    cr_expect_not(out.state.metrics.has_counterfactual);
+    cr_expect_not(out.state.telemetry.has_gradient_health);
+    cr_expect_eq(out.state.history_len, 2);
     /* 2026-06-21T10:00:00.123456Z */
-    cr_expect_eq(out.st.stage_entered_at_ns, 1782036000123456000);
-    cr_expect_eq(out.st.tel_sync.captured_at_ns, 1782036001500000000);
+    cr_expect_eq(out.state.stage_entered_at_ns, 1782036000123456000);
+    cr_expect_eq(out.state.tel_sync.captured_at_ns, 1782036001500000000);
     cr_expect_str_eq(out.blend_algorithm_id, "sigmoid");
     cr_expect(out.isolate_gradients);
     /* S itself untouched */
