@@ -178,11 +178,6 @@ static const struct ksm_host_api host_api = {
     .next_stream_id = ksm_backend_next_stream_id,
 };
 
-static void set_err(char *errbuf, size_t errlen, const char *fmt, const char *a, const char *b)
-{
-    if (errbuf != NULL && errlen > 0) snprintf(errbuf, errlen, fmt, a, b);
-}
-
 /* Tries one candidate; returns the dlopen handle or NULL (and keeps the last dlerror). */
 static void *try_open(const char *path, char *why, size_t whylen)
 {
@@ -225,14 +220,14 @@ int ksm_cuda_backend_load(const char *path, ksm_backend **out, char *errbuf, siz
         }
     }
     if (h == NULL) {
-        set_err(errbuf, errlen, "CUDA backend plugin could not be loaded: %s%s", why, "");
+        ksm_errf(errbuf, errlen, 0, "CUDA backend plugin could not be loaded: %s%s", why, "");
         return KSM_ENOPLUGIN;
     }
     ksm_backend_plugin_fn entry;
     *(void **)&entry = dlsym(h, KSM_BACKEND_PLUGIN_ENTRY);
     if (entry == NULL) {
-        set_err(errbuf, errlen, "CUDA backend plugin has no entry point %s%s",
-                KSM_BACKEND_PLUGIN_ENTRY, "");
+        ksm_errf(errbuf, errlen, 0, "CUDA backend plugin has no entry point %s%s",
+                 KSM_BACKEND_PLUGIN_ENTRY, "");
         dlclose(h);
         return KSM_ENOPLUGIN;
     }
@@ -240,8 +235,8 @@ int ksm_cuda_backend_load(const char *path, ksm_backend **out, char *errbuf, siz
     ksm_backend *b = NULL;
     int rc = entry(&host_api, &b, perr, sizeof perr);
     if (rc != 0 || b == NULL) {
-        set_err(errbuf, errlen, "no usable CUDA device: %s%s",
-                perr[0] ? perr : ksm_strerror(rc ? rc : KSM_EINTERNAL), "");
+        ksm_errf(errbuf, errlen, 0, "no usable CUDA device: %s%s",
+                 perr[0] ? perr : ksm_strerror(rc ? rc : KSM_EINTERNAL), "");
         /* The plugin stays loaded: unloading CUDA runtimes is not reliably safe. */
         return rc != 0 ? rc : KSM_EINTERNAL;
     }

@@ -1,7 +1,20 @@
 /* The error table of include/kasmina/errors.h. */
+#include <stdarg.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "kasmina/errors.h"
+
+int ksm_errf(char *err, size_t errlen, int code, const char *fmt, ...)
+{
+    if (err != NULL && errlen > 0) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return code;
+}
 
 const char *ksm_strerror(int err)
 {

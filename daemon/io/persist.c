@@ -24,11 +24,6 @@
  * them; messages may be cut, which is harmless. */
 #pragma GCC diagnostic ignored "-Wformat-truncation"
 
-#define ERRF(...)                                                                                  \
-    do {                                                                                           \
-        if (err != NULL && errlen > 0) snprintf(err, errlen, __VA_ARGS__);                         \
-    } while (0)
-
 struct ksm_persist_model {
     ksm_persist *p;
     struct ksm_persist_model *next;
@@ -290,14 +285,14 @@ static int spec_parse(int dfd, const char *path, struct saved_spec *ss, char *er
     size_t len = 0;
     int rc = read_file_at(dfd, "spec.json", &text, &len);
     if (rc != 0) {
-        ERRF("cannot read %s: %s", path, read_reason(rc));
+        ksm_errf(err, errlen, 0, "cannot read %s: %s", path, read_reason(rc));
         return rc;
     }
     json_error_t je;
     json_t *o = json_loadb((const char *)text, len, 0, &je);
     free(text);
     if (o == NULL) {
-        ERRF("%s is not valid JSON: %s (line %d)", path, je.text, je.line);
+        ksm_errf(err, errlen, 0, "%s is not valid JSON: %s (line %d)", path, je.text, je.line);
         return KSM_EFORMAT;
     }
     memset(ss, 0, sizeof *ss);
@@ -316,7 +311,8 @@ static int spec_parse(int dfd, const char *path, struct saved_spec *ss, char *er
         "init_seed", &seed, "permissive_gates", &perm, "auto_forward_gates", &afg);
     if (rc != 0 || ver != 1 || !json_is_array(slots) || json_array_size(slots) > KSM_MAX_SLOTS ||
         strlen(id) > KSM_ID_MAX) {
-        ERRF("%s is not a kasmina model spec (version 1): %s", path, rc ? je.text : "bad value");
+        ksm_errf(err, errlen, 0, "%s is not a kasmina model spec (version 1): %s", path,
+                 rc ? je.text : "bad value");
         json_decref(o);
         return KSM_EFORMAT;
     }
@@ -487,7 +483,8 @@ static int open_journal(struct ksm_persist_model *pm, const char *path, const ch
 {
     int dfd = open_model_dir(pm->p, pm->id), rc = 0;
     if (dfd < 0) {
-        ERRF("cannot open the directory of model %s: %s", pm->id, read_reason(dfd));
+        ksm_errf(err, errlen, 0, "cannot open the directory of model %s: %s", pm->id,
+                 read_reason(dfd));
         return dfd;
     }
     pm->jfd = openat(dfd, "journal", O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
@@ -510,7 +507,7 @@ static int open_journal(struct ksm_persist_model *pm, const char *path, const ch
     struct stat st;
     if (rc == 0 && fstat(pm->jfd, &st) == 0 && !S_ISREG(st.st_mode)) rc = KSM_EFORMAT;
     if (rc != 0) {
-        ERRF("cannot open journal %s: %s", path, read_reason(rc));
+        ksm_errf(err, errlen, 0, "cannot open journal %s: %s", path, read_reason(rc));
         if (pm->jfd >= 0) close(pm->jfd);
         pm->jfd = -1;
     }
@@ -529,7 +526,8 @@ static int replay(struct ksm_persist_model *pm, ksm_model *m, const uint8_t *sna
     int rc = ksm_st_parse(snap, snap_len, &f, why, sizeof why);
     const char *g = rc == 0 ? ksm_st_metadata(f, "kasmina.generation") : NULL;
     if (g == NULL) {
-        ERRF("%s is not a kasmina snapshot: %s", path, rc ? why : "no kasmina.generation");
+        ksm_errf(err, errlen, 0, "%s is not a kasmina snapshot: %s", path,
+                 rc ? why : "no kasmina.generation");
         ksm_st_close(f);
         return KSM_EFORMAT;
     }
@@ -541,9 +539,10 @@ static int replay(struct ksm_persist_model *pm, ksm_model *m, const uint8_t *sna
                  "model's next snapshot will carry one",
                  path);
     } else if (rc != 0) {
-        ERRF("snapshot %s is damaged: the CRC32C of its bytes is %08x, its kasmina.crc32c says "
-             "%08x",
-             path, (unsigned)actual, (unsigned)stored);
+        ksm_errf(err, errlen, 0,
+                 "snapshot %s is damaged: the CRC32C of its bytes is %08x, its kasmina.crc32c says "
+                 "%08x",
+                 path, (unsigned)actual, (unsigned)stored);
         ksm_st_close(f);
         return KSM_EFORMAT;
     }
@@ -563,7 +562,7 @@ static int replay(struct ksm_persist_model *pm, ksm_model *m, const uint8_t *sna
     ksm_st_close(f);
     if (rc == 0) rc = ksm_model_restore_state(m, snap, snap_len, why, sizeof why);
     if (rc != 0) {
-        ERRF("%s does not restore: %s", path, why);
+        ksm_errf(err, errlen, 0, "%s does not restore: %s", path, why);
         return rc;
     }
 
@@ -575,7 +574,7 @@ static int replay(struct ksm_persist_model *pm, ksm_model *m, const uint8_t *sna
     uint8_t *buf = NULL;
     size_t len = 0;
     if ((rc = read_fd(pm->jfd, &buf, &len)) != 0) {
-        ERRF("cannot read %s: %s", path, read_reason(rc));
+        ksm_errf(err, errlen, 0, "cannot read %s: %s", path, read_reason(rc));
         return rc;
     }
     struct replay_ctx c = {m, snap_gen, 0, err, errlen, path, 0};
@@ -583,8 +582,9 @@ static int replay(struct ksm_persist_model *pm, ksm_model *m, const uint8_t *sna
     rc = ksm_journal_scan(buf, len, replay_record, &c, &end, &bad);
     free(buf);
     if (rc == KSM_EFORMAT && bad != UINT64_MAX) {
-        ERRF("journal %s is damaged at byte %llu and a valid record follows (not a torn tail)",
-             path, (unsigned long long)bad);
+        ksm_errf(err, errlen, 0,
+                 "journal %s is damaged at byte %llu and a valid record follows (not a torn tail)",
+                 path, (unsigned long long)bad);
         return rc;
     }
     if (rc != 0) return rc;
@@ -593,7 +593,7 @@ static int replay(struct ksm_persist_model *pm, ksm_model *m, const uint8_t *sna
                  (unsigned long long)end, (unsigned long long)(len - end));
         if (ftruncate(pm->jfd, (off_t)end) != 0 || fdatasync(pm->jfd) != 0) {
             rc = -errno;
-            ERRF("cannot truncate %s: %s", path, strerror(errno));
+            ksm_errf(err, errlen, 0, "cannot truncate %s: %s", path, strerror(errno));
             return rc;
         }
     }
@@ -614,7 +614,7 @@ static int read_snapshot(const ksm_persist *p, const char *id, uint8_t **snap, s
         rc = read_file_at(dfd, "snapshot.safetensors", snap, n);
         close(dfd);
     }
-    if (rc != 0) ERRF("cannot read %s: %s", path, read_reason(rc));
+    if (rc != 0) ksm_errf(err, errlen, 0, "cannot read %s: %s", path, read_reason(rc));
     return rc;
 }
 
@@ -658,14 +658,15 @@ static int check_dir(int fd, const char *path, char *err, size_t errlen)
     struct stat st;
     if (fstat(fd, &st) != 0) {
         int rc = -errno;
-        ERRF("cannot stat %s: %s", path, strerror(errno));
+        ksm_errf(err, errlen, 0, "cannot stat %s: %s", path, strerror(errno));
         return rc;
     }
     unsigned mode = (unsigned)(st.st_mode & 07777);
     if (st.st_mode & S_IWOTH) {
-        ERRF("state directory %s is world-writable (mode %04o): anyone could plant, replace or "
-             "remove kasminad's files there; refusing to start (chmod 700 %s)",
-             path, mode, path);
+        ksm_errf(err, errlen, 0,
+                 "state directory %s is world-writable (mode %04o): anyone could plant, replace or "
+                 "remove kasminad's files there; refusing to start (chmod 700 %s)",
+                 path, mode, path);
         return KSM_EPERM;
     }
     if (st.st_mode & S_IWGRP)
@@ -685,12 +686,12 @@ int ksm_persist_open(const struct ksm_persist_config *cfg, ksm_persist **out, ch
 {
     *out = NULL;
     if (cfg == NULL || cfg->dir == NULL || cfg->dir[0] == '\0' || strlen(cfg->dir) > 3000) {
-        ERRF("the state directory must be a path of at most 3000 bytes");
+        ksm_errf(err, errlen, 0, "the state directory must be a path of at most 3000 bytes");
         return KSM_EINVAL;
     }
     int rc = mkdir_p(cfg->dir);
     if (rc != 0) {
-        ERRF("cannot create state directory %s: %s", cfg->dir, strerror(-rc));
+        ksm_errf(err, errlen, 0, "cannot create state directory %s: %s", cfg->dir, strerror(-rc));
         return rc;
     }
     ksm_persist *p = calloc(1, sizeof *p);
@@ -709,7 +710,7 @@ int ksm_persist_open(const struct ksm_persist_config *cfg, ksm_persist **out, ch
      * followed. */
     if ((p->dir_fd = open(p->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0) {
         rc = -errno;
-        ERRF("cannot open state directory %s: %s", p->dir, strerror(errno));
+        ksm_errf(err, errlen, 0, "cannot open state directory %s: %s", p->dir, strerror(errno));
         goto fail;
     }
     if ((rc = check_dir(p->dir_fd, p->dir, err, errlen)) != 0) goto fail;
@@ -725,10 +726,10 @@ int ksm_persist_open(const struct ksm_persist_config *cfg, ksm_persist **out, ch
     }
     if (p->lock_fd < 0) {
         rc = -errno;
-        ERRF("cannot open %s: %s", path,
-             rc == -ELOOP       ? "it is a symbolic link, which kasminad never follows in its state"
-             : rc == KSM_EINVAL ? "it is not a regular file"
-                                : strerror(-rc));
+        ksm_errf(err, errlen, 0, "cannot open %s: %s", path,
+                 rc == -ELOOP ? "it is a symbolic link, which kasminad never follows in its state"
+                 : rc == KSM_EINVAL ? "it is not a regular file"
+                                    : strerror(-rc));
         goto fail;
     }
     if (flock(p->lock_fd, LOCK_EX | LOCK_NB) != 0) {
@@ -737,11 +738,12 @@ int ksm_persist_open(const struct ksm_persist_config *cfg, ksm_persist **out, ch
         ssize_t r = pread(p->lock_fd, pid, sizeof pid - 1, 0);
         if (r > 0) pid[strcspn(pid, "\n")] = '\0';
         if (rc == KSM_EBUSY)
-            ERRF("state directory %s is in use by another kasminad (pid %s); use another "
-                 "--state-dir or --no-persist",
-                 p->dir, r > 0 ? pid : "unknown");
+            ksm_errf(err, errlen, 0,
+                     "state directory %s is in use by another kasminad (pid %s); use another "
+                     "--state-dir or --no-persist",
+                     p->dir, r > 0 ? pid : "unknown");
         else
-            ERRF("cannot lock %s: %s", path, strerror(-rc));
+            ksm_errf(err, errlen, 0, "cannot lock %s: %s", path, strerror(-rc));
         goto fail;
     }
     char pid[32];
@@ -751,16 +753,16 @@ int ksm_persist_open(const struct ksm_persist_config *cfg, ksm_persist **out, ch
     snprintf(p->models, sizeof p->models, "%s/models", p->dir);
     if (mkdirat(p->dir_fd, "models", 0700) != 0 && errno != EEXIST) {
         rc = -errno;
-        ERRF("cannot create %s: %s", p->models, strerror(errno));
+        ksm_errf(err, errlen, 0, "cannot create %s: %s", p->models, strerror(errno));
         goto fail;
     }
     p->models_fd = openat(p->dir_fd, "models", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (p->models_fd < 0) {
         rc = -errno;
-        ERRF("cannot open %s: %s", p->models,
-             rc == -ELOOP || rc == -ENOTDIR
-                 ? "it is not a directory (kasminad never follows a symbolic link in its state)"
-                 : strerror(-rc));
+        ksm_errf(err, errlen, 0, "cannot open %s: %s", p->models,
+                 rc == -ELOOP || rc == -ENOTDIR
+                     ? "it is not a directory (kasminad never follows a symbolic link in its state)"
+                     : strerror(-rc));
         goto fail;
     }
     if ((rc = check_dir(p->models_fd, p->models, err, errlen)) != 0) goto fail;
@@ -867,9 +869,10 @@ static int quarantine(ksm_persist *p, const char *id, const char *why, char *err
     if (rc == 0 && fsync(p->models_fd) != 0 && errno != EINVAL) rc = -errno;
     if (qfd >= 0) close(qfd);
     if (rc != 0) {
-        ERRF("model %s is damaged (%s) and cannot be quarantined: moving %s/%s into "
-             "%s/quarantine failed: %s",
-             id, why, p->models, src, p->dir, io_reason(rc));
+        ksm_errf(err, errlen, 0,
+                 "model %s is damaged (%s) and cannot be quarantined: moving %s/%s into "
+                 "%s/quarantine failed: %s",
+                 id, why, p->models, src, p->dir, io_reason(rc));
         return rc;
     }
     struct ksm_persist_quarantine *q = &p->quar[p->n_quar++];
@@ -892,12 +895,14 @@ static int damaged(ksm_persist *p, const char *id, int rc, const char *why, char
                    size_t errlen)
 {
     if (!is_damage(rc)) {
-        ERRF("%s", why);
+        ksm_errf(err, errlen, 0, "%s", why);
         return rc;
     }
     if (p->strict) {
-        ERRF("%s (--strict-restore: refusing to start; without it model %s would be quarantined)",
-             why, id);
+        ksm_errf(
+            err, errlen, 0,
+            "%s (--strict-restore: refusing to start; without it model %s would be quarantined)",
+            why, id);
         return rc;
     }
     return quarantine(p, id, why, err, errlen);
@@ -926,7 +931,7 @@ static int restore_one(ksm_persist *p, ksm_engine *e, const struct saved_spec *s
     rc = ksm_engine_model_create(e, ss->id, &spec, &m, why, sizeof why);
     ksm_st_close(f);
     if (rc != 0) {
-        ERRF("%s/spec.json does not create a model: %s", dir, why);
+        ksm_errf(err, errlen, 0, "%s/spec.json does not create a model: %s", dir, why);
         free(snap);
         return rc;
     }
@@ -957,13 +962,13 @@ static int load_spec(ksm_persist *p, const char *name, size_t id_len, struct sav
     int dfd = openat(p->models_fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (dfd < 0) {
         int rc = -errno;
-        ERRF("cannot open %s/%s: %s", p->models, name, read_reason(rc));
+        ksm_errf(err, errlen, 0, "cannot open %s/%s: %s", p->models, name, read_reason(rc));
         return rc;
     }
     int rc = spec_parse(dfd, path, ss, err, errlen);
     close(dfd);
     if (rc == 0 && (strlen(ss->id) != id_len || strncmp(ss->id, name, id_len) != 0)) {
-        ERRF("%s names model \"%s\", not the directory's", path, ss->id);
+        ksm_errf(err, errlen, 0, "%s names model \"%s\", not the directory's", path, ss->id);
         rc = KSM_EFORMAT;
     }
     return rc;
@@ -979,7 +984,7 @@ int ksm_persist_restore(ksm_persist *p, ksm_engine *e, size_t *n_models, char *e
     if (d == NULL) {
         int rc = -errno;
         if (fd >= 0) close(fd);
-        ERRF("cannot read %s: %s", p->models, strerror(-rc));
+        ksm_errf(err, errlen, 0, "cannot read %s: %s", p->models, strerror(-rc));
         return rc;
     }
     /* Names first (cleanups and quarantines change the directory), then the models. Nothing is
@@ -1115,7 +1120,8 @@ int ksm_persist_created(ksm_persist *p, ksm_model *m, const struct ksm_model_spe
     free(js);
     free(snap);
     if (rc != 0) {
-        ERRF("could not write the state of model %s under %s: %s", id, p->models, io_reason(rc));
+        ksm_errf(err, errlen, 0, "could not write the state of model %s under %s: %s", id,
+                 p->models, io_reason(rc));
         KSM_LOGE("persist", "%s", err ? err : "create failed");
         remove_dir_at(p->models_fd, tmpname, p->models);
         return write_failure(rc);
@@ -1132,7 +1138,7 @@ int ksm_persist_created(ksm_persist *p, ksm_model *m, const struct ksm_model_spe
     pm->seq = seq;
     ksm_persist_unlock(pm);
     if (pm->jfd < 0) {
-        ERRF("cannot open %s: %s", path, strerror(errno));
+        ksm_errf(err, errlen, 0, "cannot open %s: %s", path, strerror(errno));
         return KSM_EIO;
     }
     return 0;
@@ -1141,13 +1147,14 @@ int ksm_persist_created(ksm_persist *p, ksm_model *m, const struct ksm_model_spe
 static int check_usable(struct ksm_persist_model *pm, char *err, size_t errlen)
 {
     if (pm->failed) {
-        ERRF("model %s: an earlier write of its state failed and could not be rolled back; "
-             "restart kasminad to restore its durable state",
-             pm->id);
+        ksm_errf(err, errlen, 0,
+                 "model %s: an earlier write of its state failed and could not be rolled back; "
+                 "restart kasminad to restore its durable state",
+                 pm->id);
         return KSM_EIO;
     }
     if (!pm->exists) {
-        ERRF("model %s has no persistent state", pm->id);
+        ksm_errf(err, errlen, 0, "model %s has no persistent state", pm->id);
         return KSM_EIO;
     }
     return 0;
@@ -1163,13 +1170,14 @@ static int snapshot(struct ksm_persist_model *pm, ksm_model *m, char *err, size_
     model_dir(pm->p, pm->id, dir, sizeof dir);
     int rc = ksm_model_export_state(m, NULL, 0, &blob, &n, &gen, why, sizeof why);
     if (rc != 0) {
-        ERRF("model %s: snapshot export failed: %s", pm->id, why);
+        ksm_errf(err, errlen, 0, "model %s: snapshot export failed: %s", pm->id, why);
         return rc;
     }
     rc = replace_file(dir, "snapshot.safetensors", blob, n);
     free(blob);
     if (rc != 0) {
-        ERRF("model %s: cannot write %s/snapshot.safetensors: %s", pm->id, dir, io_reason(rc));
+        ksm_errf(err, errlen, 0, "model %s: cannot write %s/snapshot.safetensors: %s", pm->id, dir,
+                 io_reason(rc));
         return rc;
     }
     /* Committed. Records left in the journal (if this truncate fails or a crash comes first) all
@@ -1216,9 +1224,10 @@ int ksm_persist_log_slots(ksm_persist_model *pm, ksm_model *m, const char *slot_
         KSM_LOGE("persist", "model %s: cannot journal a mutation (%s%s%s): rolling it back", pm->id,
                  io_reason(rc), why[0] ? ": " : "", why);
         roll_back(pm, m);
-        ERRF("the state of model %s could not be written to disk (%s); the mutation was not "
-             "applied",
-             pm->id, io_reason(rc));
+        ksm_errf(err, errlen, 0,
+                 "the state of model %s could not be written to disk (%s); the mutation was not "
+                 "applied",
+                 pm->id, io_reason(rc));
         return write_failure(rc);
     }
     pm->jsize += KSM_JOURNAL_HEADER + len;
@@ -1240,9 +1249,10 @@ int ksm_persist_log_snapshot(ksm_persist_model *pm, ksm_model *m, char *err, siz
     if ((rc = snapshot(pm, m, why, sizeof why)) != 0) {
         KSM_LOGE("persist", "%s: rolling the change back", why);
         roll_back(pm, m);
-        ERRF("the state of model %s could not be written to disk (%s); the change was not "
-             "applied",
-             pm->id, io_reason(rc));
+        ksm_errf(err, errlen, 0,
+                 "the state of model %s could not be written to disk (%s); the change was not "
+                 "applied",
+                 pm->id, io_reason(rc));
         return write_failure(rc);
     }
     return 0;
@@ -1260,7 +1270,8 @@ int ksm_persist_delete_begin(ksm_persist_model *pm, char *err, size_t errlen)
     if (rc == 0) rc = fsync_dir(pm->p->models);
     if (rc != 0) {
         if (access(del, F_OK) == 0) rename(del, dir);
-        ERRF("cannot delete the state of model %s (%s): the model was kept", pm->id, io_reason(rc));
+        ksm_errf(err, errlen, 0, "cannot delete the state of model %s (%s): the model was kept",
+                 pm->id, io_reason(rc));
         return write_failure(rc);
     }
     set_exists(pm, false);

@@ -36,6 +36,7 @@
 #endif
 
 #include "kasmina/safetensors.h"
+#include "kasmina/text.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -70,18 +71,6 @@ struct ksm_st_file {
 };
 
 // ---- Small helpers ----
-
-__attribute__((format(printf, 4, 5))) static int fail(char *errbuf, size_t errlen, int code,
-                                                      const char *fmt, ...)
-{
-    if (errbuf != NULL && errlen > 0) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(errbuf, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return code;
-}
 
 static uint64_t load_le64(const uint8_t *p)
 {
@@ -124,36 +113,6 @@ static bool shape_bytes(int ndim, const int64_t *shape, size_t esize, int64_t *n
     if (__builtin_mul_overflow(n, (uint64_t)esize, &b) || b > SIZE_MAX) return false;
     *numel = (int64_t)n;
     *nbytes = (size_t)b;
-    return true;
-}
-
-/* Strict UTF-8 (no overlongs, no surrogates, <= U+10FFFF), as jansson requires. */
-static bool utf8_valid(const char *s)
-{
-    const unsigned char *p = (const unsigned char *)s;
-    while (*p) {
-        unsigned c = *p;
-        int extra;
-        uint32_t cp, min;
-        if (c < 0x80) {
-            p++;
-            continue;
-        } else if ((c & 0xE0) == 0xC0) {
-            extra = 1, cp = c & 0x1F, min = 0x80;
-        } else if ((c & 0xF0) == 0xE0) {
-            extra = 2, cp = c & 0x0F, min = 0x800;
-        } else if ((c & 0xF8) == 0xF0) {
-            extra = 3, cp = c & 0x07, min = 0x10000;
-        } else {
-            return false;
-        }
-        p++;
-        for (int i = 0; i < extra; i++, p++) {
-            if ((*p & 0xC0) != 0x80) return false;
-            cp = (cp << 6) | (*p & 0x3F);
-        }
-        if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
-    }
     return true;
 }
 
@@ -205,10 +164,10 @@ static int parse_tensor(const char *name, const json_t *entry, uint64_t data_len
                         char *errbuf, size_t errlen)
 {
     const int nl = ST_NAME_SHOWN;
-    if (name[0] == '\0') return fail(errbuf, errlen, KSM_EFORMAT, "a tensor has an empty name");
+    if (name[0] == '\0') return ksm_errf(errbuf, errlen, KSM_EFORMAT, "a tensor has an empty name");
     if (!json_is_object(entry))
-        return fail(errbuf, errlen, KSM_EFORMAT, "tensor '%.*s': entry is not a JSON object", nl,
-                    name);
+        return ksm_errf(errbuf, errlen, KSM_EFORMAT, "tensor '%.*s': entry is not a JSON object",
+                        nl, name);
 
     const char *key;
     json_t *val;
@@ -216,73 +175,78 @@ static int parse_tensor(const char *name, const json_t *entry, uint64_t data_len
     {
         if (strcmp(key, "dtype") != 0 && strcmp(key, "shape") != 0 &&
             strcmp(key, "data_offsets") != 0)
-            return fail(errbuf, errlen, KSM_EFORMAT, "tensor '%.*s': unknown field '%.*s'", nl,
-                        name, 64, key);
+            return ksm_errf(errbuf, errlen, KSM_EFORMAT, "tensor '%.*s': unknown field '%.*s'", nl,
+                            name, 64, key);
     }
 
     // dtype
     const json_t *jd = json_object_get(entry, "dtype");
     if (jd == NULL)
-        return fail(errbuf, errlen, KSM_EFORMAT, "tensor '%.*s': missing field 'dtype'", nl, name);
+        return ksm_errf(errbuf, errlen, KSM_EFORMAT, "tensor '%.*s': missing field 'dtype'", nl,
+                        name);
     if (!json_is_string(jd))
-        return fail(errbuf, errlen, KSM_EFORMAT, "tensor '%.*s': dtype is not a string", nl, name);
+        return ksm_errf(errbuf, errlen, KSM_EFORMAT, "tensor '%.*s': dtype is not a string", nl,
+                        name);
     if (ksm_dtype_parse(json_string_value(jd), &r->t.dtype) != 0)
-        return fail(errbuf, errlen, KSM_EDTYPE,
-                    "tensor '%.*s': unsupported dtype '%.*s' (F32, F16, BF16, I64, I32 are)", nl,
-                    name, 32, json_string_value(jd));
+        return ksm_errf(errbuf, errlen, KSM_EDTYPE,
+                        "tensor '%.*s': unsupported dtype '%.*s' (F32, F16, BF16, I64, I32 are)",
+                        nl, name, 32, json_string_value(jd));
     size_t esize = ksm_dtype_size(r->t.dtype);
 
     // shape
     const json_t *js = json_object_get(entry, "shape");
     if (js == NULL)
-        return fail(errbuf, errlen, KSM_EFORMAT, "tensor '%.*s': missing field 'shape'", nl, name);
+        return ksm_errf(errbuf, errlen, KSM_EFORMAT, "tensor '%.*s': missing field 'shape'", nl,
+                        name);
     if (!json_is_array(js))
-        return fail(errbuf, errlen, KSM_EFORMAT, "tensor '%.*s': shape is not an array", nl, name);
+        return ksm_errf(errbuf, errlen, KSM_EFORMAT, "tensor '%.*s': shape is not an array", nl,
+                        name);
     size_t ndim = json_array_size(js);
     if (ndim > KSM_MAX_DIMS)
-        return fail(errbuf, errlen, KSM_EFORMAT,
-                    "tensor '%.*s': shape has %zu dimensions, more than the %d supported", nl, name,
-                    ndim, KSM_MAX_DIMS);
+        return ksm_errf(errbuf, errlen, KSM_EFORMAT,
+                        "tensor '%.*s': shape has %zu dimensions, more than the %d supported", nl,
+                        name, ndim, KSM_MAX_DIMS);
     r->t.ndim = (int)ndim;
     for (size_t d = 0; d < ndim; d++) {
         uint64_t dim;
         if (!json_uint(json_array_get(js, d), &dim))
-            return fail(errbuf, errlen, KSM_EFORMAT,
-                        "tensor '%.*s': shape[%zu] is not a non-negative integer", nl, name, d);
+            return ksm_errf(errbuf, errlen, KSM_EFORMAT,
+                            "tensor '%.*s': shape[%zu] is not a non-negative integer", nl, name, d);
         r->t.shape[d] = (int64_t)dim;
     }
     char sbuf[160];
     int64_t numel;
     if (!shape_bytes(r->t.ndim, r->t.shape, esize, &numel, &r->t.nbytes))
-        return fail(errbuf, errlen, KSM_EFORMAT, "tensor '%.*s': shape %s overflows its byte size",
-                    nl, name, shape_str(sbuf, sizeof sbuf, r->t.ndim, r->t.shape));
+        return ksm_errf(errbuf, errlen, KSM_EFORMAT,
+                        "tensor '%.*s': shape %s overflows its byte size", nl, name,
+                        shape_str(sbuf, sizeof sbuf, r->t.ndim, r->t.shape));
 
     // data_offsets
     const json_t *jo = json_object_get(entry, "data_offsets");
     if (jo == NULL)
-        return fail(errbuf, errlen, KSM_EFORMAT, "tensor '%.*s': missing field 'data_offsets'", nl,
-                    name);
+        return ksm_errf(errbuf, errlen, KSM_EFORMAT, "tensor '%.*s': missing field 'data_offsets'",
+                        nl, name);
     if (!json_is_array(jo) || json_array_size(jo) != 2)
-        return fail(errbuf, errlen, KSM_EFORMAT,
-                    "tensor '%.*s': data_offsets is not an array of two integers", nl, name);
+        return ksm_errf(errbuf, errlen, KSM_EFORMAT,
+                        "tensor '%.*s': data_offsets is not an array of two integers", nl, name);
     if (!json_uint(json_array_get(jo, 0), &r->begin) || !json_uint(json_array_get(jo, 1), &r->end))
-        return fail(errbuf, errlen, KSM_EFORMAT,
-                    "tensor '%.*s': data_offsets are not non-negative integers", nl, name);
+        return ksm_errf(errbuf, errlen, KSM_EFORMAT,
+                        "tensor '%.*s': data_offsets are not non-negative integers", nl, name);
     if (r->begin > r->end)
-        return fail(errbuf, errlen, KSM_EFORMAT,
-                    "tensor '%.*s': data_offsets [%llu,%llu] end before they begin", nl, name,
-                    (unsigned long long)r->begin, (unsigned long long)r->end);
+        return ksm_errf(errbuf, errlen, KSM_EFORMAT,
+                        "tensor '%.*s': data_offsets [%llu,%llu] end before they begin", nl, name,
+                        (unsigned long long)r->begin, (unsigned long long)r->end);
     if (r->end > data_len)
-        return fail(errbuf, errlen, KSM_EFORMAT,
-                    "tensor '%.*s': data_offsets [%llu,%llu] run past the %llu-byte data section",
-                    nl, name, (unsigned long long)r->begin, (unsigned long long)r->end,
-                    (unsigned long long)data_len);
+        return ksm_errf(
+            errbuf, errlen, KSM_EFORMAT,
+            "tensor '%.*s': data_offsets [%llu,%llu] run past the %llu-byte data section", nl, name,
+            (unsigned long long)r->begin, (unsigned long long)r->end, (unsigned long long)data_len);
     if (r->end - r->begin != (uint64_t)r->t.nbytes)
-        return fail(errbuf, errlen, KSM_EFORMAT,
-                    "tensor '%.*s': %s shape %s needs %zu bytes but data_offsets span %llu", nl,
-                    name, ksm_dtype_name(r->t.dtype),
-                    shape_str(sbuf, sizeof sbuf, r->t.ndim, r->t.shape), r->t.nbytes,
-                    (unsigned long long)(r->end - r->begin));
+        return ksm_errf(errbuf, errlen, KSM_EFORMAT,
+                        "tensor '%.*s': %s shape %s needs %zu bytes but data_offsets span %llu", nl,
+                        name, ksm_dtype_name(r->t.dtype),
+                        shape_str(sbuf, sizeof sbuf, r->t.ndim, r->t.shape), r->t.nbytes,
+                        (unsigned long long)(r->end - r->begin));
     r->t.name = name;
     return 0;
 }
@@ -292,14 +256,14 @@ static int parse_metadata(const json_t *m, size_t *n_meta, size_t *str_bytes, ch
 {
     if (json_is_null(m)) return 0;
     if (!json_is_object(m))
-        return fail(errbuf, errlen, KSM_EFORMAT, "__metadata__ is not a JSON object");
+        return ksm_errf(errbuf, errlen, KSM_EFORMAT, "__metadata__ is not a JSON object");
     const char *key;
     json_t *val;
     json_object_foreach((json_t *)m, key, val)
     {
         if (!json_is_string(val))
-            return fail(errbuf, errlen, KSM_EFORMAT, "__metadata__ value of '%.*s' is not a string",
-                        ST_NAME_SHOWN, key);
+            return ksm_errf(errbuf, errlen, KSM_EFORMAT,
+                            "__metadata__ value of '%.*s' is not a string", ST_NAME_SHOWN, key);
         *str_bytes += strlen(key) + 1 + json_string_length(val) + 1;
         (*n_meta)++;
     }
@@ -310,31 +274,32 @@ static int parse_metadata(const json_t *m, size_t *n_meta, size_t *str_bytes, ch
 static int parse_image(ksm_st_file *f, const uint8_t *img, size_t len, char *errbuf, size_t errlen)
 {
     if (len < 8)
-        return fail(errbuf, errlen, KSM_EFORMAT,
-                    "file is %zu bytes, too short for the 8-byte header length", len);
+        return ksm_errf(errbuf, errlen, KSM_EFORMAT,
+                        "file is %zu bytes, too short for the 8-byte header length", len);
     uint64_t hlen = load_le64(img);
     if (hlen > ST_HEADER_MAX)
-        return fail(errbuf, errlen, KSM_EFORMAT, "header length %llu exceeds the limit of %u bytes",
-                    (unsigned long long)hlen, ST_HEADER_MAX);
+        return ksm_errf(errbuf, errlen, KSM_EFORMAT,
+                        "header length %llu exceeds the limit of %u bytes",
+                        (unsigned long long)hlen, ST_HEADER_MAX);
     if (hlen > len - 8)
-        return fail(errbuf, errlen, KSM_EFORMAT,
-                    "header length %llu exceeds the %zu bytes that follow it (truncated file?)",
-                    (unsigned long long)hlen, len - 8);
+        return ksm_errf(errbuf, errlen, KSM_EFORMAT,
+                        "header length %llu exceeds the %zu bytes that follow it (truncated file?)",
+                        (unsigned long long)hlen, len - 8);
     const char *hdr = (const char *)img + 8;
     if (hlen == 0 || hdr[0] != '{')
-        return fail(errbuf, errlen, KSM_EFORMAT, "header does not start with '{'");
+        return ksm_errf(errbuf, errlen, KSM_EFORMAT, "header does not start with '{'");
     f->data = img + 8 + hlen;
     f->data_len = len - 8 - (size_t)hlen;
 
     json_error_t jerr;
     json_t *root = json_loadb(hdr, (size_t)hlen, JSON_REJECT_DUPLICATES, &jerr);
     if (root == NULL)
-        return fail(errbuf, errlen, KSM_EFORMAT, "header is not valid JSON: %s at byte %d",
-                    jerr.text, jerr.position);
+        return ksm_errf(errbuf, errlen, KSM_EFORMAT, "header is not valid JSON: %s at byte %d",
+                        jerr.text, jerr.position);
     int rc = 0;
     struct st_rec *recs = NULL;
     if (!json_is_object(root)) {
-        rc = fail(errbuf, errlen, KSM_EFORMAT, "header is not a JSON object");
+        rc = ksm_errf(errbuf, errlen, KSM_EFORMAT, "header is not a JSON object");
         goto out_free_json;
     }
 
@@ -342,7 +307,7 @@ static int parse_image(ksm_st_file *f, const uint8_t *img, size_t len, char *err
     size_t nkeys = json_object_size(root);
     recs = calloc(nkeys ? nkeys : 1, sizeof *recs);
     if (recs == NULL) {
-        rc = fail(errbuf, errlen, KSM_ENOMEM, "out of memory for %zu header entries", nkeys);
+        rc = ksm_errf(errbuf, errlen, KSM_ENOMEM, "out of memory for %zu header entries", nkeys);
         goto out_free_json;
     }
     const json_t *meta = NULL;
@@ -369,7 +334,7 @@ static int parse_image(ksm_st_file *f, const uint8_t *img, size_t len, char *err
     for (size_t i = 0; i < n; i++) {
         const struct st_rec *r = &recs[i];
         if (r->begin < pos) {
-            rc = fail(
+            rc = ksm_errf(
                 errbuf, errlen, KSM_EFORMAT,
                 "tensor '%.*s': data_offsets [%llu,%llu] overlap tensor '%.*s' ending at %llu",
                 ST_NAME_SHOWN, r->t.name, (unsigned long long)r->begin, (unsigned long long)r->end,
@@ -377,24 +342,24 @@ static int parse_image(ksm_st_file *f, const uint8_t *img, size_t len, char *err
             goto out_free_recs;
         }
         if (r->begin > pos) {
-            rc = fail(errbuf, errlen, KSM_EFORMAT,
-                      "tensor '%.*s': data_offsets begin at %llu, leaving bytes [%llu,%llu) of "
-                      "the data section unused",
-                      ST_NAME_SHOWN, r->t.name, (unsigned long long)r->begin,
-                      (unsigned long long)pos, (unsigned long long)r->begin);
+            rc = ksm_errf(errbuf, errlen, KSM_EFORMAT,
+                          "tensor '%.*s': data_offsets begin at %llu, leaving bytes [%llu,%llu) of "
+                          "the data section unused",
+                          ST_NAME_SHOWN, r->t.name, (unsigned long long)r->begin,
+                          (unsigned long long)pos, (unsigned long long)r->begin);
             goto out_free_recs;
         }
         pos = r->end;
     }
     if (pos != f->data_len && n == 0) {
-        rc = fail(errbuf, errlen, KSM_EFORMAT,
-                  "data section has %zu bytes but the header lists no tensors", f->data_len);
+        rc = ksm_errf(errbuf, errlen, KSM_EFORMAT,
+                      "data section has %zu bytes but the header lists no tensors", f->data_len);
         goto out_free_recs;
     }
     if (pos != f->data_len) {
-        rc = fail(errbuf, errlen, KSM_EFORMAT,
-                  "data section has %llu trailing bytes after the last tensor ends at %llu",
-                  (unsigned long long)(f->data_len - pos), (unsigned long long)pos);
+        rc = ksm_errf(errbuf, errlen, KSM_EFORMAT,
+                      "data section has %llu trailing bytes after the last tensor ends at %llu",
+                      (unsigned long long)(f->data_len - pos), (unsigned long long)pos);
         goto out_free_recs;
     }
 
@@ -404,7 +369,7 @@ static int parse_image(ksm_st_file *f, const uint8_t *img, size_t len, char *err
     f->meta = calloc(n_meta ? 2 * n_meta : 1, sizeof *f->meta);
     f->strings = malloc(str_bytes ? str_bytes : 1);
     if (!f->tensors || !f->by_name || !f->meta || !f->strings) {
-        rc = fail(errbuf, errlen, KSM_ENOMEM, "out of memory for %zu tensors", n);
+        rc = ksm_errf(errbuf, errlen, KSM_ENOMEM, "out of memory for %zu tensors", n);
         goto out_free_recs;
     }
     char *s = f->strings;
@@ -462,14 +427,14 @@ int ksm_st_parse(const void *buf, size_t len, ksm_st_file **out, char *errbuf, s
 {
     if (errbuf != NULL && errlen > 0) errbuf[0] = '\0';
     if (out == NULL || (buf == NULL && len > 0))
-        return fail(errbuf, errlen, KSM_EINVAL, "invalid argument to ksm_st_parse");
+        return ksm_errf(errbuf, errlen, KSM_EINVAL, "invalid argument to ksm_st_parse");
     *out = NULL;
     ksm_st_file *f = calloc(1, sizeof *f);
-    if (f == NULL) return fail(errbuf, errlen, KSM_ENOMEM, "out of memory for the file object");
+    if (f == NULL) return ksm_errf(errbuf, errlen, KSM_ENOMEM, "out of memory for the file object");
     uint8_t *img = alloc_image(f, len, buf, len);
     if (img == NULL) {
         free(f);
-        return fail(errbuf, errlen, KSM_ENOMEM, "out of memory for a %zu-byte file", len);
+        return ksm_errf(errbuf, errlen, KSM_ENOMEM, "out of memory for a %zu-byte file", len);
     }
     if (len > 0) memcpy(img, buf, len);
     int rc = parse_image(f, img, len, errbuf, errlen);
@@ -501,63 +466,63 @@ int ksm_st_open(const char *path, ksm_st_file **out, char *errbuf, size_t errlen
 {
     if (errbuf != NULL && errlen > 0) errbuf[0] = '\0';
     if (path == NULL || out == NULL)
-        return fail(errbuf, errlen, KSM_EINVAL, "invalid argument to ksm_st_open");
+        return ksm_errf(errbuf, errlen, KSM_EINVAL, "invalid argument to ksm_st_open");
     *out = NULL;
     char ebuf[128];
     // O_NONBLOCK: opening a FIFO must not hang; it has no effect on regular files.
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
         int e = errno;
-        return fail(errbuf, errlen, -e, "cannot open '%s': %s", path,
-                    strerror_r(e, ebuf, sizeof ebuf));
+        return ksm_errf(errbuf, errlen, -e, "cannot open '%s': %s", path,
+                        strerror_r(e, ebuf, sizeof ebuf));
     }
     int rc;
     ksm_st_file *f = NULL;
     struct stat st;
     if (fstat(fd, &st) != 0) {
         int e = errno;
-        rc = fail(errbuf, errlen, -e, "cannot stat '%s': %s", path,
-                  strerror_r(e, ebuf, sizeof ebuf));
+        rc = ksm_errf(errbuf, errlen, -e, "cannot stat '%s': %s", path,
+                      strerror_r(e, ebuf, sizeof ebuf));
         goto out_close;
     }
     if (S_ISDIR(st.st_mode)) {
-        rc = fail(errbuf, errlen, -EISDIR, "'%s' is a directory", path);
+        rc = ksm_errf(errbuf, errlen, -EISDIR, "'%s' is a directory", path);
         goto out_close;
     }
     if (!S_ISREG(st.st_mode)) {
-        rc = fail(errbuf, errlen, KSM_EINVAL, "'%s' is not a regular file", path);
+        rc = ksm_errf(errbuf, errlen, KSM_EINVAL, "'%s' is not a regular file", path);
         goto out_close;
     }
     if ((uint64_t)st.st_size > SIZE_MAX - ST_DATA_ALIGN) {
-        rc = fail(errbuf, errlen, -EFBIG, "'%s' is too large to load", path);
+        rc = ksm_errf(errbuf, errlen, -EFBIG, "'%s' is too large to load", path);
         goto out_close;
     }
     size_t size = (size_t)st.st_size;
     uint8_t prefix[8];
     ssize_t np = read_full(fd, prefix, sizeof prefix, 0);
     if (np < 0) {
-        rc = fail(errbuf, errlen, (int)np, "cannot read '%s': %s", path,
-                  strerror_r((int)-np, ebuf, sizeof ebuf));
+        rc = ksm_errf(errbuf, errlen, (int)np, "cannot read '%s': %s", path,
+                      strerror_r((int)-np, ebuf, sizeof ebuf));
         goto out_close;
     }
     f = calloc(1, sizeof *f);
     uint8_t *img = f ? alloc_image(f, size, prefix, (size_t)np) : NULL;
     if (img == NULL) {
-        rc =
-            fail(errbuf, errlen, KSM_ENOMEM, "out of memory for the %zu bytes of '%s'", size, path);
+        rc = ksm_errf(errbuf, errlen, KSM_ENOMEM, "out of memory for the %zu bytes of '%s'", size,
+                      path);
         goto out_free;
     }
     // A file that shrank since fstat is parsed as read (and then fails as truncated).
     ssize_t got = read_full(fd, img, size, 0);
     if (got < 0) {
-        rc = fail(errbuf, errlen, (int)got, "cannot read '%s': %s", path,
-                  strerror_r((int)-got, ebuf, sizeof ebuf));
+        rc = ksm_errf(errbuf, errlen, (int)got, "cannot read '%s': %s", path,
+                      strerror_r((int)-got, ebuf, sizeof ebuf));
         goto out_free;
     }
     char perr[512];
     rc = parse_image(f, img, (size_t)got, perr, sizeof perr);
     if (rc != 0) {
-        fail(errbuf, errlen, rc, "%s: %s", path, perr);
+        ksm_errf(errbuf, errlen, rc, "%s: %s", path, perr);
         goto out_free;
     }
     close(fd);
@@ -629,7 +594,7 @@ static int check_input(const struct ksm_st_tensor *tensors, size_t n, const char
     for (size_t i = 0; i < n; i++) {
         const struct ksm_st_tensor *t = &tensors[i];
         if (t->name == NULL || t->name[0] == '\0' || strcmp(t->name, "__metadata__") == 0 ||
-            !utf8_valid(t->name))
+            !ksm_utf8_valid(t->name, strlen(t->name), NULL))
             return KSM_EINVAL;
         size_t esize = ksm_dtype_size(t->dtype);
         if (esize == 0 || t->ndim < 0 || t->ndim > KSM_MAX_DIMS) return KSM_EINVAL;
@@ -639,7 +604,7 @@ static int check_input(const struct ksm_st_tensor *tensors, size_t n, const char
         if (nbytes != t->nbytes || (nbytes > 0 && t->data == NULL)) return KSM_EINVAL;
     }
     for (size_t i = 0; i < 2 * n_meta; i++)
-        if (meta[i] == NULL || !utf8_valid(meta[i])) return KSM_EINVAL;
+        if (meta[i] == NULL || !ksm_utf8_valid(meta[i], strlen(meta[i]), NULL)) return KSM_EINVAL;
 
     size_t m = n > n_meta ? n : n_meta;
     const char **v = malloc((m ? m : 1) * sizeof *v);

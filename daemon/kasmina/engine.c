@@ -33,7 +33,7 @@ static int setup_faults(ksm_engine *e, const char *spec, char *err, size_t errle
         char *end = NULL;
         unsigned long long v = eq ? strtoull(eq + 1, &end, 10) : 0;
         if (eq == NULL || end == eq + 1 || *end != '\0') {
-            KSM_ERR(err, errlen, "fault-injection \"%s\": expected key=number", kv);
+            ksm_errf(err, errlen, 0, "fault-injection \"%s\": expected key=number", kv);
             return KSM_EINVAL;
         }
         *eq = '\0';
@@ -44,10 +44,10 @@ static int setup_faults(ksm_engine *e, const char *spec, char *err, size_t errle
         else if (strcmp(kv, "sticky-after-launches") == 0)
             sticky_after = v;
         else {
-            KSM_ERR(err, errlen,
-                    "fault-injection key \"%s\" is not one of mem-limit, fail-malloc-nth, "
-                    "sticky-after-launches",
-                    kv);
+            ksm_errf(err, errlen, 0,
+                     "fault-injection key \"%s\" is not one of mem-limit, fail-malloc-nth, "
+                     "sticky-after-launches",
+                     kv);
             return KSM_EINVAL;
         }
     }
@@ -67,7 +67,7 @@ int ksm_engine_new(const struct ksm_engine_config *cfg, ksm_engine **out, char *
     if (cfg) c = *cfg;
     if (c.cpu_devices == 0) c.cpu_devices = 1;
     if (c.cpu_devices < 1 || c.cpu_devices > 16) {
-        KSM_ERR(err, errlen, "cpu_devices must be in [1, 16], got %d", c.cpu_devices);
+        ksm_errf(err, errlen, 0, "cpu_devices must be in [1, 16], got %d", c.cpu_devices);
         return KSM_EINVAL;
     }
     ksm_engine *e = calloc(1, sizeof *e);
@@ -90,9 +90,9 @@ int ksm_engine_new(const struct ksm_engine_config *cfg, ksm_engine **out, char *
     }
     rc = ksm_cpu_backend_new(c.cpu_devices, &e->cpu);
     if (rc < 0) {
-        KSM_ERR(err, errlen, "the CPU backend failed to start: %s",
-                rc == KSM_ENOPLUGIN ? "OpenBLAS could not be loaded (the log says why)"
-                                    : ksm_strerror(rc));
+        ksm_errf(err, errlen, 0, "the CPU backend failed to start: %s",
+                 rc == KSM_ENOPLUGIN ? "OpenBLAS could not be loaded (the log says why)"
+                                     : ksm_strerror(rc));
         goto fail;
     }
     if (c.backend && (rc = add_devices(e, c.backend, c.memory_cap)) < 0) goto fail_dev;
@@ -106,7 +106,7 @@ int ksm_engine_new(const struct ksm_engine_config *cfg, ksm_engine **out, char *
     if (c.default_device && *c.default_device) {
         e->default_device = ksm_engine_find_device(e, c.default_device);
         if (e->default_device == NULL) {
-            KSM_ERR(err, errlen, "default_device \"%s\" does not exist", c.default_device);
+            ksm_errf(err, errlen, 0, "default_device \"%s\" does not exist", c.default_device);
             rc = KSM_ENODEVICE;
             goto fail;
         }
@@ -114,7 +114,7 @@ int ksm_engine_new(const struct ksm_engine_config *cfg, ksm_engine **out, char *
     *out = e;
     return 0;
 fail_dev:
-    KSM_ERR(err, errlen, "device setup failed: %s", ksm_strerror(rc));
+    ksm_errf(err, errlen, 0, "device setup failed: %s", ksm_strerror(rc));
 fail:
     ksm_engine_free(e);
     return rc;
@@ -146,7 +146,7 @@ int ksm_engine_health(ksm_engine *e, char *why, size_t whylen)
 {
     if (!atomic_load(&e->failed)) return 0;
     pthread_mutex_lock(&e->lock);
-    KSM_ERR(why, whylen, "%s", e->failed_why);
+    ksm_errf(why, whylen, 0, "%s", e->failed_why);
     pthread_mutex_unlock(&e->lock);
     return KSM_EDEVICE;
 }
@@ -229,11 +229,11 @@ int ksm_engine_model_create(ksm_engine *e, const char *id, const struct ksm_mode
 {
     char auto_id[KSM_ID_MAX + 1];
     if (id != NULL && *id != '\0' && !ksm_id_valid(id, KSM_ID_MAX, NULL)) {
-        KSM_ERR(err, errlen, "model_id must match [A-Za-z0-9_][A-Za-z0-9._-]{0,63}");
+        ksm_errf(err, errlen, 0, "model_id must match [A-Za-z0-9_][A-Za-z0-9._-]{0,63}");
         return KSM_EINVAL;
     }
     if (spec == NULL) {
-        KSM_ERR(err, errlen, "a model spec is required");
+        ksm_errf(err, errlen, 0, "a model spec is required");
         return KSM_EINVAL;
     }
     pthread_mutex_lock(&e->lock);
@@ -246,10 +246,10 @@ int ksm_engine_model_create(ksm_engine *e, const char *id, const struct ksm_mode
     }
     int rc = 0;
     if (find_locked(e, id) != NULL) {
-        KSM_ERR(err, errlen, "model_id \"%s\" is already taken", id);
+        ksm_errf(err, errlen, 0, "model_id \"%s\" is already taken", id);
         rc = KSM_EEXIST;
     } else if (e->n_models >= e->max_models) {
-        KSM_ERR(err, errlen, "the engine already holds max_models = %u models", e->max_models);
+        ksm_errf(err, errlen, 0, "the engine already holds max_models = %u models", e->max_models);
         rc = KSM_EMAXMODELS;
     }
     pthread_mutex_unlock(&e->lock);
@@ -261,10 +261,10 @@ int ksm_engine_model_create(ksm_engine *e, const char *id, const struct ksm_mode
     if (rc < 0) return rc;
     pthread_mutex_lock(&e->lock);
     if (find_locked(e, id) != NULL) {
-        KSM_ERR(err, errlen, "model_id \"%s\" is already taken", id);
+        ksm_errf(err, errlen, 0, "model_id \"%s\" is already taken", id);
         rc = KSM_EEXIST;
     } else if (e->n_models >= e->max_models) {
-        KSM_ERR(err, errlen, "the engine already holds max_models = %u models", e->max_models);
+        ksm_errf(err, errlen, 0, "the engine already holds max_models = %u models", e->max_models);
         rc = KSM_EMAXMODELS;
     } else if (e->n_models == e->cap_models) {
         size_t cap = e->cap_models ? 2 * e->cap_models : 8;

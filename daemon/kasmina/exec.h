@@ -56,10 +56,3 @@ static inline void ksm_exec_release(struct ksm_exec *e, size_t mark) { e->off = 
             if (ksm_exec_rc_ < 0) return ksm_exec_rc_;                                             \
         }                                                                                          \
     } while (0)
-
-/* Return the error of a call (arena allocations, helpers) from the enclosing function. */
-#define KSM_TRY(call)                                                                              \
-    do {                                                                                           \
-        int ksm_try_rc_ = (call);                                                                  \
-        if (ksm_try_rc_ < 0) return ksm_try_rc_;                                                   \
-    } while (0)

@@ -341,7 +341,7 @@ static int lock_model(ksm_model *m, char *err, size_t errlen)
     pthread_mutex_lock(&m->lock);
     if (m->deleted) {
         pthread_mutex_unlock(&m->lock);
-        KSM_ERR(err, errlen, "model \"%s\" was deleted", m->id);
+        ksm_errf(err, errlen, 0, "model \"%s\" was deleted", m->id);
         return KSM_ENOMODEL;
     }
     return 0;
@@ -350,7 +350,7 @@ static int lock_model(ksm_model *m, char *err, size_t errlen)
 static int check_stream_key(const char *key, char *err, size_t errlen)
 {
     if (key && strlen(key) > KSM_STREAM_KEY_MAX) {
-        KSM_ERR(err, errlen, "stream key is longer than %d bytes", KSM_STREAM_KEY_MAX);
+        ksm_errf(err, errlen, 0, "stream key is longer than %d bytes", KSM_STREAM_KEY_MAX);
         return KSM_EINVAL;
     }
     return 0;
@@ -361,11 +361,11 @@ static int get_stream(ksm_model *m, const char *key, struct ksm_stream_ctx **ctx
 {
     int rc = ksm_model_stream(m, key, ctx);
     if (rc == KSM_ELIMIT)
-        KSM_ERR(err, errlen, "model \"%s\" already has %d streams: reuse stream keys", m->id,
-                KSM_MAX_STREAMS_PER_MODEL);
+        ksm_errf(err, errlen, 0, "model \"%s\" already has %d streams: reuse stream keys", m->id,
+                 KSM_MAX_STREAMS_PER_MODEL);
     else if (rc < 0)
-        KSM_ERR(err, errlen, "could not create stream \"%s\": %s", key ? key : "",
-                ksm_strerror(rc));
+        ksm_errf(err, errlen, 0, "could not create stream \"%s\": %s", key ? key : "",
+                 ksm_strerror(rc));
     return rc;
 }
 
@@ -374,11 +374,11 @@ int ksm_model_forward(ksm_model *m, const struct ksm_forward_args *a, struct ksm
 {
     memset(r, 0, sizeof *r);
     if (a == NULL || a->input == NULL || a->input->data == NULL) {
-        KSM_ERR(err, errlen, "input is required");
+        ksm_errf(err, errlen, 0, "input is required");
         return KSM_EINVAL;
     }
     if (!ksm_tensor_is_contiguous(a->input)) {
-        KSM_ERR(err, errlen, "input must be contiguous");
+        ksm_errf(err, errlen, 0, "input must be contiguous");
         return KSM_EINVAL;
     }
     int rc = check_stream_key(a->stream, err, errlen);
@@ -386,12 +386,12 @@ int ksm_model_forward(ksm_model *m, const struct ksm_forward_args *a, struct ksm
     rc = ksm_host_check_input(m->host, a->input, err, errlen);
     if (rc < 0) return rc;
     if (a->input->shape[0] > KSM_MAX_ROWS) {
-        KSM_ERR(err, errlen, "input has %lld rows; at most %d are allowed",
-                (long long)a->input->shape[0], KSM_MAX_ROWS);
+        ksm_errf(err, errlen, 0, "input has %lld rows; at most %d are allowed",
+                 (long long)a->input->shape[0], KSM_MAX_ROWS);
         return KSM_ELIMIT;
     }
     if (a->n_overrides > 0 && a->overrides == NULL) {
-        KSM_ERR(err, errlen, "overrides is NULL");
+        ksm_errf(err, errlen, 0, "overrides is NULL");
         return KSM_EINVAL;
     }
     if ((rc = lock_model(m, err, errlen)) < 0) return rc;
@@ -403,30 +403,31 @@ int ksm_model_forward(ksm_model *m, const struct ksm_forward_args *a, struct ksm
         const struct ksm_alpha_override *o = &a->overrides[i];
         struct ksm_model_slot *ms = ksm_model_find_slot(m, o->slot_id);
         if (ms == NULL) {
-            KSM_ERR(err, errlen, "Unknown alpha_overrides keys: %s", o->slot_id ? o->slot_id : "");
+            ksm_errf(err, errlen, 0, "Unknown alpha_overrides keys: %s",
+                     o->slot_id ? o->slot_id : "");
             rc = KSM_ENOSLOT;
             goto out;
         }
         int idx = (int)(ms - m->slots);
         if (fa.ov_host[idx] != NULL) {
-            KSM_ERR(err, errlen, "alpha_overrides lists slot %s twice", ms->s.id);
+            ksm_errf(err, errlen, 0, "alpha_overrides lists slot %s twice", ms->s.id);
             rc = KSM_EINVAL;
             goto out;
         }
         if ((int64_t)o->n != rows || o->alpha == NULL) {
-            KSM_ERR(err, errlen,
-                    "alpha_overrides[%s] must have shape (%lld,%s) for topology %s, got %zu "
-                    "values",
-                    ms->s.id, (long long)rows,
-                    m->spec.topology == KSM_TOPOLOGY_CNN ? "1,1,1" : "1,1",
-                    ksm_topology_name(m->spec.topology), o->n);
+            ksm_errf(err, errlen, 0,
+                     "alpha_overrides[%s] must have shape (%lld,%s) for topology %s, got %zu "
+                     "values",
+                     ms->s.id, (long long)rows,
+                     m->spec.topology == KSM_TOPOLOGY_CNN ? "1,1,1" : "1,1",
+                     ksm_topology_name(m->spec.topology), o->n);
             rc = KSM_ESHAPE;
             goto out;
         }
         for (size_t j = 0; j < o->n; j++) {
             if (!isfinite(o->alpha[j])) {
-                KSM_ERR(err, errlen, "alpha_overrides[%s][%zu] is not a finite number", ms->s.id,
-                        j);
+                ksm_errf(err, errlen, 0, "alpha_overrides[%s][%zu] is not a finite number",
+                         ms->s.id, j);
                 rc = KSM_EINVAL;
                 goto out;
             }
@@ -463,7 +464,7 @@ int ksm_model_forward(ksm_model *m, const struct ksm_forward_args *a, struct ksm
         ksm_engine_mark_failed(m->engine, "a forward found its device in an error state");
     if (rc < 0) {
         if (own_out) free(fa.out_host);
-        KSM_ERR(err, errlen, "forward failed: %s", ksm_strerror(rc));
+        ksm_errf(err, errlen, 0, "forward failed: %s", ksm_strerror(rc));
         return rc;
     }
     r->compute_ns = (uint64_t)(mono_ns() - t0);
@@ -615,26 +616,27 @@ static int check_targets(ksm_model *m, const ksm_tensor *x, const ksm_tensor *t,
                          char *err, size_t errlen)
 {
     if (t == NULL || t->data == NULL) {
-        KSM_ERR(err, errlen, "targets are required");
+        ksm_errf(err, errlen, 0, "targets are required");
         return KSM_EINVAL;
     }
     if (t->dtype != KSM_DTYPE_I64 && t->dtype != KSM_DTYPE_I32) {
-        KSM_ERR(err, errlen, "targets must be I64 or I32 class ids");
+        ksm_errf(err, errlen, 0, "targets must be I64 or I32 class ids");
         return KSM_EDTYPE;
     }
     int64_t limit;
     if (m->spec.topology == KSM_TOPOLOGY_CNN) {
         if (t->ndim != 1 || t->shape[0] != x->shape[0]) {
-            KSM_ERR(err, errlen, "targets must have shape [%lld] (one class id per row)",
-                    (long long)x->shape[0]);
+            ksm_errf(err, errlen, 0, "targets must have shape [%lld] (one class id per row)",
+                     (long long)x->shape[0]);
             return KSM_ESHAPE;
         }
         *per_row = 1;
         limit = m->spec.cnn.num_classes;
     } else {
         if (t->ndim != 2 || t->shape[0] != x->shape[0] || t->shape[1] != x->shape[1]) {
-            KSM_ERR(err, errlen, "targets must have shape [%lld, %lld] (one token id per position)",
-                    (long long)x->shape[0], (long long)x->shape[1]);
+            ksm_errf(err, errlen, 0,
+                     "targets must have shape [%lld, %lld] (one token id per position)",
+                     (long long)x->shape[0], (long long)x->shape[1]);
             return KSM_ESHAPE;
         }
         *per_row = x->shape[1];
@@ -645,8 +647,8 @@ static int check_targets(ksm_model *m, const ksm_tensor *x, const ksm_tensor *t,
         int64_t v = t->dtype == KSM_DTYPE_I64 ? ((const int64_t *)t->data)[i]
                                               : ((const int32_t *)t->data)[i];
         if (v < 0 || v >= limit) {
-            KSM_ERR(err, errlen, "targets[%lld] = %lld is outside [0, %lld)", (long long)i,
-                    (long long)v, (long long)limit);
+            ksm_errf(err, errlen, 0, "targets[%lld] = %lld is outside [0, %lld)", (long long)i,
+                     (long long)v, (long long)limit);
             return KSM_EINVAL;
         }
     }
@@ -658,7 +660,7 @@ int ksm_model_evaluate(ksm_model *m, const struct ksm_evaluate_args *a,
 {
     memset(r, 0, sizeof *r);
     if (a == NULL || a->input == NULL || a->input->data == NULL) {
-        KSM_ERR(err, errlen, "input is required");
+        ksm_errf(err, errlen, 0, "input is required");
         return KSM_EINVAL;
     }
     int rc = check_stream_key(a->stream, err, errlen);
@@ -667,12 +669,12 @@ int ksm_model_evaluate(ksm_model *m, const struct ksm_evaluate_args *a,
     int64_t per_row;
     if ((rc = check_targets(m, a->input, a->targets, &per_row, err, errlen)) < 0) return rc;
     if (a->n_configs == 0 && !a->generate_standard) {
-        KSM_ERR(err, errlen, "configs is empty and generate_standard is false");
+        ksm_errf(err, errlen, 0, "configs is empty and generate_standard is false");
         return KSM_EINVAL;
     }
     if (a->n_configs > KSM_MAX_CONFIGS) {
-        KSM_ERR(err, errlen, "at most %d configs are allowed, got %zu", KSM_MAX_CONFIGS,
-                a->n_configs);
+        ksm_errf(err, errlen, 0, "at most %d configs are allowed, got %zu", KSM_MAX_CONFIGS,
+                 a->n_configs);
         return KSM_ELIMIT;
     }
     struct cfg *cfgs = calloc(KSM_MAX_CONFIGS, sizeof *cfgs);
@@ -689,8 +691,8 @@ int ksm_model_evaluate(ksm_model *m, const struct ksm_evaluate_args *a,
             const struct ksm_alpha_config *ac = &a->configs[c];
             struct cfg *g = &cfgs[K++];
             if (ac->name == NULL || ac->name[0] == '\0' || strlen(ac->name) >= sizeof g->name) {
-                KSM_ERR(err, errlen, "configs[%zu].name must be 1 to %zu characters", c,
-                        sizeof g->name - 1);
+                ksm_errf(err, errlen, 0, "configs[%zu].name must be 1 to %zu characters", c,
+                         sizeof g->name - 1);
                 rc = KSM_EINVAL;
                 goto out_locked;
             }
@@ -698,15 +700,15 @@ int ksm_model_evaluate(ksm_model *m, const struct ksm_evaluate_args *a,
             for (size_t j = 0; j < ac->n; j++) {
                 struct ksm_model_slot *ms = ksm_model_find_slot(m, ac->slot_ids[j]);
                 if (ms == NULL) {
-                    KSM_ERR(err, errlen, "configs[%zu] (%s) names unknown slot \"%s\"", c, g->name,
-                            ac->slot_ids[j] ? ac->slot_ids[j] : "");
+                    ksm_errf(err, errlen, 0, "configs[%zu] (%s) names unknown slot \"%s\"", c,
+                             g->name, ac->slot_ids[j] ? ac->slot_ids[j] : "");
                     rc = KSM_ENOSLOT;
                     goto out_locked;
                 }
                 float v = ac->alpha[j];
                 if (!(v >= 0.0f && v <= 1.0f)) {
-                    KSM_ERR(err, errlen, "configs[%zu] (%s) alpha for %s must be in [0, 1]", c,
-                            g->name, ms->s.id);
+                    ksm_errf(err, errlen, 0, "configs[%zu] (%s) alpha for %s must be in [0, 1]", c,
+                             g->name, ms->s.id);
                     rc = KSM_EINVAL;
                     goto out_locked;
                 }
@@ -717,14 +719,14 @@ int ksm_model_evaluate(ksm_model *m, const struct ksm_evaluate_args *a,
     } else {
         rc = build_standard(m, a->shapley, cfgs, &K);
         if (rc < 0) {
-            KSM_ERR(err, errlen, "too many counterfactual configs");
+            ksm_errf(err, errlen, 0, "too many counterfactual configs");
             goto out_locked;
         }
     }
     int64_t B = a->input->shape[0];
     if ((int64_t)K * B > KSM_MAX_ROWS) {
-        KSM_ERR(err, errlen, "%d configs x %lld rows exceed the limit of %d rows", K, (long long)B,
-                KSM_MAX_ROWS);
+        ksm_errf(err, errlen, 0, "%d configs x %lld rows exceed the limit of %d rows", K,
+                 (long long)B, KSM_MAX_ROWS);
         rc = KSM_ELIMIT;
         goto out_locked;
     }
@@ -788,7 +790,7 @@ int ksm_model_evaluate(ksm_model *m, const struct ksm_evaluate_args *a,
     if (rc == KSM_EDEVICE)
         ksm_engine_mark_failed(m->engine, "an evaluate found its device in an error state");
     if (rc < 0) {
-        KSM_ERR(err, errlen, "evaluate failed: %s", ksm_strerror(rc));
+        ksm_errf(err, errlen, 0, "evaluate failed: %s", ksm_strerror(rc));
         goto out;
     }
     r->compute_ns = (uint64_t)(mono_ns() - t0);

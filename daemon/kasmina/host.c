@@ -64,18 +64,6 @@ struct ksm_host {
     int tok_emb, pos_emb, lnf_w, lnf_b, head_w;
 };
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err == NULL || errlen == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 /* ======================= spec resolution ======================= */
 
 int ksm_host_resolve_cnn(struct ksm_cnn_spec *s, bool pool_layers_set, char *err, size_t errlen)
@@ -91,38 +79,39 @@ int ksm_host_resolve_cnn(struct ksm_cnn_spec *s, bool pool_layers_set, char *err
         r.pool_layers = (int32_t)r.n_blocks;
 
     if (r.n_blocks < 2 || r.n_blocks > CNN_MAX_BLOCKS) {
-        set_err(err, errlen, "cnn.n_blocks is %u; it must be between 2 and %d.", r.n_blocks,
-                CNN_MAX_BLOCKS);
+        ksm_errf(err, errlen, 0, "cnn.n_blocks is %u; it must be between 2 and %d.", r.n_blocks,
+                 CNN_MAX_BLOCKS);
         return KSM_EINVAL;
     }
     if (r.base_channels < 1 ||
         (uint64_t)r.base_channels << (r.n_blocks - 1) > (uint64_t)CNN_MAX_CHANNELS) {
-        set_err(err, errlen,
-                "cnn.base_channels is %u; it must be at least 1 and base_channels * 2^(n_blocks-1) "
-                "(the last block's channels) at most %d.",
-                r.base_channels, CNN_MAX_CHANNELS);
+        ksm_errf(
+            err, errlen, 0,
+            "cnn.base_channels is %u; it must be at least 1 and base_channels * 2^(n_blocks-1) "
+            "(the last block's channels) at most %d.",
+            r.base_channels, CNN_MAX_CHANNELS);
         return KSM_EINVAL;
     }
     if (r.num_classes < 1 || r.num_classes > MAX_CLASSES) {
-        set_err(err, errlen, "cnn.num_classes is %u; it must be between 1 and %u.", r.num_classes,
-                MAX_CLASSES);
+        ksm_errf(err, errlen, 0, "cnn.num_classes is %u; it must be between 1 and %u.",
+                 r.num_classes, MAX_CLASSES);
         return KSM_EINVAL;
     }
     if (r.kernel_size % 2 == 0 || r.kernel_size > CNN_MAX_KERNEL) {
-        set_err(err, errlen, "cnn.kernel_size is %u; it must be odd and between 1 and %d.",
-                r.kernel_size, CNN_MAX_KERNEL);
+        ksm_errf(err, errlen, 0, "cnn.kernel_size is %u; it must be odd and between 1 and %d.",
+                 r.kernel_size, CNN_MAX_KERNEL);
         return KSM_EINVAL;
     }
     if (r.pool_layers < 0 || r.pool_layers > (int32_t)r.n_blocks) {
-        set_err(err, errlen,
-                "cnn.pool_layers is %d; it must be between 0 and n_blocks (%u), or -1 for "
-                "n_blocks.",
-                (int)r.pool_layers, r.n_blocks);
+        ksm_errf(err, errlen, 0,
+                 "cnn.pool_layers is %d; it must be between 0 and n_blocks (%u), or -1 for "
+                 "n_blocks.",
+                 (int)r.pool_layers, r.n_blocks);
         return KSM_EINVAL;
     }
     if (r.in_channels < 1 || r.in_channels > CNN_MAX_CHANNELS) {
-        set_err(err, errlen, "cnn.in_channels is %u; it must be between 1 and %d.", r.in_channels,
-                CNN_MAX_CHANNELS);
+        ksm_errf(err, errlen, 0, "cnn.in_channels is %u; it must be between 1 and %d.",
+                 r.in_channels, CNN_MAX_CHANNELS);
         return KSM_EINVAL;
     }
     *s = r;
@@ -140,37 +129,37 @@ int ksm_host_resolve_transformer(struct ksm_transformer_spec *s, char *err, size
     if (r.num_segments == 0) r.num_segments = 3;
 
     if (r.vocab_size < 1 || r.vocab_size > TF_MAX_VOCAB) {
-        set_err(err, errlen, "transformer.vocab_size is %u; it must be between 1 and %u.",
-                r.vocab_size, TF_MAX_VOCAB);
+        ksm_errf(err, errlen, 0, "transformer.vocab_size is %u; it must be between 1 and %u.",
+                 r.vocab_size, TF_MAX_VOCAB);
         return KSM_EINVAL;
     }
     if (r.n_embd < 1 || r.n_embd > TF_MAX_EMBD) {
-        set_err(err, errlen, "transformer.n_embd is %u; it must be between 1 and %d.", r.n_embd,
-                TF_MAX_EMBD);
+        ksm_errf(err, errlen, 0, "transformer.n_embd is %u; it must be between 1 and %d.", r.n_embd,
+                 TF_MAX_EMBD);
         return KSM_EINVAL;
     }
     if (r.n_head < 1 || r.n_head > r.n_embd || r.n_embd % r.n_head != 0 ||
         r.n_embd / r.n_head > HEAD_DIM_MAX) {
-        set_err(err, errlen,
-                "transformer.n_head is %u; it must divide n_embd (%u) with a head size "
-                "n_embd/n_head of at most %d.",
-                r.n_head, r.n_embd, HEAD_DIM_MAX);
+        ksm_errf(err, errlen, 0,
+                 "transformer.n_head is %u; it must divide n_embd (%u) with a head size "
+                 "n_embd/n_head of at most %d.",
+                 r.n_head, r.n_embd, HEAD_DIM_MAX);
         return KSM_EINVAL;
     }
     if (r.n_layer < 1 || r.n_layer > TF_MAX_LAYERS) {
-        set_err(err, errlen, "transformer.n_layer is %u; it must be between 1 and %d.", r.n_layer,
-                TF_MAX_LAYERS);
+        ksm_errf(err, errlen, 0, "transformer.n_layer is %u; it must be between 1 and %d.",
+                 r.n_layer, TF_MAX_LAYERS);
         return KSM_EINVAL;
     }
     if (r.num_segments < 1 || r.n_layer % r.num_segments != 0) {
-        set_err(err, errlen,
-                "transformer.num_segments is %u; it must be at least 1 and divide n_layer (%u).",
-                r.num_segments, r.n_layer);
+        ksm_errf(err, errlen, 0,
+                 "transformer.num_segments is %u; it must be at least 1 and divide n_layer (%u).",
+                 r.num_segments, r.n_layer);
         return KSM_EINVAL;
     }
     if (r.block_size < 1 || r.block_size > TF_MAX_BLOCK) {
-        set_err(err, errlen, "transformer.block_size is %u; it must be between 1 and %d.",
-                r.block_size, TF_MAX_BLOCK);
+        ksm_errf(err, errlen, 0, "transformer.block_size is %u; it must be between 1 and %d.",
+                 r.block_size, TF_MAX_BLOCK);
         return KSM_EINVAL;
     }
     *s = r;
@@ -329,13 +318,13 @@ static int host_new(ksm_host *h, ksm_host **out, char *err, size_t errlen)
 {
     int rc = h->topology == KSM_TOPOLOGY_CNN ? cnn_declare(h) : tf_declare(h);
     if (rc == 0 && ksm_params_count(&h->params) > HOST_MAX_PARAMS) {
-        set_err(err, errlen,
-                "the host would have %lld parameters; at most %lld are allowed (reduce the "
-                "widths or the vocabulary).",
-                (long long)ksm_params_count(&h->params), (long long)HOST_MAX_PARAMS);
+        ksm_errf(err, errlen, 0,
+                 "the host would have %lld parameters; at most %lld are allowed (reduce the "
+                 "widths or the vocabulary).",
+                 (long long)ksm_params_count(&h->params), (long long)HOST_MAX_PARAMS);
         rc = KSM_EINVAL;
     } else if (rc < 0) {
-        set_err(err, errlen, "declaring the host's parameters failed (%s).", ksm_strerror(rc));
+        ksm_errf(err, errlen, 0, "declaring the host's parameters failed (%s).", ksm_strerror(rc));
     }
     if (rc < 0) {
         ksm_host_free(h);
@@ -417,70 +406,72 @@ static int64_t load_id(const ksm_tensor *x, int64_t off)
 int ksm_host_check_input(const ksm_host *h, const ksm_tensor *x, char *err, size_t errlen)
 {
     if (x == NULL) {
-        set_err(err, errlen, "the input tensor is missing.");
+        ksm_errf(err, errlen, 0, "the input tensor is missing.");
         return KSM_EINVAL;
     }
     char desc[96];
     ksm_tensor_describe(x, desc, sizeof desc);
     if (h->topology == KSM_TOPOLOGY_CNN) {
         if (x->ndim != 4) {
-            set_err(err, errlen, "the input is %s; a CNN host takes [B, %u, H, W].", desc,
-                    h->cnn.in_channels);
+            ksm_errf(err, errlen, 0, "the input is %s; a CNN host takes [B, %u, H, W].", desc,
+                     h->cnn.in_channels);
             return KSM_ESHAPE;
         }
         if (x->dtype != KSM_DTYPE_F32) {
-            set_err(err, errlen, "the input has dtype %s; a CNN host takes F32 images.",
-                    dtype_str(x->dtype));
+            ksm_errf(err, errlen, 0, "the input has dtype %s; a CNN host takes F32 images.",
+                     dtype_str(x->dtype));
             return KSM_EDTYPE;
         }
         if (x->shape[0] < 1) {
-            set_err(err, errlen, "the input %s has an empty batch; B must be at least 1.", desc);
+            ksm_errf(err, errlen, 0, "the input %s has an empty batch; B must be at least 1.",
+                     desc);
             return KSM_ESHAPE;
         }
         if (x->shape[1] != (int64_t)h->cnn.in_channels) {
-            set_err(err, errlen, "the input %s has %lld channels; this CNN host takes %u.", desc,
-                    (long long)x->shape[1], h->cnn.in_channels);
+            ksm_errf(err, errlen, 0, "the input %s has %lld channels; this CNN host takes %u.",
+                     desc, (long long)x->shape[1], h->cnn.in_channels);
             return KSM_ESHAPE;
         }
         int64_t min = INT64_C(1) << h->cnn.pool_layers;
         if (x->shape[2] < min || x->shape[3] < min) {
-            set_err(err, errlen,
-                    "the input %s is too small: with %d pooling layers H and W must be at "
-                    "least %lld.",
-                    desc, (int)h->cnn.pool_layers, (long long)min);
+            ksm_errf(err, errlen, 0,
+                     "the input %s is too small: with %d pooling layers H and W must be at "
+                     "least %lld.",
+                     desc, (int)h->cnn.pool_layers, (long long)min);
             return KSM_ESHAPE;
         }
         return 0;
     }
     if (x->ndim != 2) {
-        set_err(err, errlen, "the input is %s; a transformer host takes token ids [B, T].", desc);
+        ksm_errf(err, errlen, 0, "the input is %s; a transformer host takes token ids [B, T].",
+                 desc);
         return KSM_ESHAPE;
     }
     if (x->dtype != KSM_DTYPE_I64 && x->dtype != KSM_DTYPE_I32) {
-        set_err(err, errlen, "the input has dtype %s; token ids must be I64 or I32.",
-                dtype_str(x->dtype));
+        ksm_errf(err, errlen, 0, "the input has dtype %s; token ids must be I64 or I32.",
+                 dtype_str(x->dtype));
         return KSM_EDTYPE;
     }
     if (x->shape[0] < 1 || x->shape[1] < 1) {
-        set_err(err, errlen, "the input %s is empty; B and T must be at least 1.", desc);
+        ksm_errf(err, errlen, 0, "the input %s is empty; B and T must be at least 1.", desc);
         return KSM_ESHAPE;
     }
     if (x->shape[1] > (int64_t)h->tf.block_size) {
-        set_err(err, errlen, "the input has T = %lld tokens; block_size allows at most %u.",
-                (long long)x->shape[1], h->tf.block_size);
+        ksm_errf(err, errlen, 0, "the input has T = %lld tokens; block_size allows at most %u.",
+                 (long long)x->shape[1], h->tf.block_size);
         return KSM_ESHAPE;
     }
     if (x->data == NULL || (x->dev != NULL && !ksm_device_is_host(x->dev))) {
-        set_err(err, errlen, "the input token ids must be in host memory to be checked.");
+        ksm_errf(err, errlen, 0, "the input token ids must be in host memory to be checked.");
         return KSM_EINVAL;
     }
     for (int64_t b = 0; b < x->shape[0]; b++)
         for (int64_t t = 0; t < x->shape[1]; t++) {
             int64_t id = load_id(x, b * x->stride[0] + t * x->stride[1]);
             if (id < 0 || id >= (int64_t)h->tf.vocab_size) {
-                set_err(err, errlen,
-                        "token id %lld at [%lld, %lld] is outside the vocabulary [0, %u).",
-                        (long long)id, (long long)b, (long long)t, h->tf.vocab_size);
+                ksm_errf(err, errlen, 0,
+                         "token id %lld at [%lld, %lld] is outside the vocabulary [0, %u).",
+                         (long long)id, (long long)b, (long long)t, h->tf.vocab_size);
                 return KSM_EINVAL;
             }
         }

@@ -152,20 +152,20 @@ int ksm_model_new_internal(ksm_engine *e, const char *id, const struct ksm_model
         rc = ksm_host_resolve_transformer(&spec.transformer, err, errlen);
         if (rc == 0) rc = ksm_host_new_transformer(&spec.transformer, &host, err, errlen);
     } else {
-        KSM_ERR(err, errlen, "topology must be cnn or transformer");
+        ksm_errf(err, errlen, 0, "topology must be cnn or transformer");
         return KSM_EINVAL;
     }
     if (rc < 0) return rc;
     if (spec.dtype != KSM_DTYPE_F32) {
-        KSM_ERR(err, errlen, "dtype %s is not supported: models compute in F32",
-                ksm_dtype_name(spec.dtype) ? ksm_dtype_name(spec.dtype) : "?");
+        ksm_errf(err, errlen, 0, "dtype %s is not supported: models compute in F32",
+                 ksm_dtype_name(spec.dtype) ? ksm_dtype_name(spec.dtype) : "?");
         ksm_host_free(host);
         return KSM_EUNSUPPORTED;
     }
     ksm_device *dev = (spec.device && *spec.device) ? ksm_engine_find_device(e, spec.device)
                                                     : ksm_engine_default_device(e);
     if (dev == NULL) {
-        KSM_ERR(err, errlen, "device \"%s\" does not exist", spec.device);
+        ksm_errf(err, errlen, 0, "device \"%s\" does not exist", spec.device);
         ksm_host_free(host);
         return KSM_ENODEVICE;
     }
@@ -174,7 +174,7 @@ int ksm_model_new_internal(ksm_engine *e, const char *id, const struct ksm_model
     int n_inj = ksm_host_injection_count(host);
     bool want[KSM_MAX_SLOTS] = {0};
     if (spec.n_slots < 0 || spec.n_slots > KSM_MAX_SLOTS) {
-        KSM_ERR(err, errlen, "slots must list at most %d slot ids", KSM_MAX_SLOTS);
+        ksm_errf(err, errlen, 0, "slots must list at most %d slot ids", KSM_MAX_SLOTS);
         ksm_host_free(host);
         return KSM_EINVAL;
     }
@@ -184,8 +184,8 @@ int ksm_model_new_internal(ksm_engine *e, const char *id, const struct ksm_model
     for (int k = 0; k < spec.n_slots; k++) {
         const char *sid = spec.slots[k];
         if (sid == NULL || !slot_id_syntax(sid)) {
-            KSM_ERR(err, errlen, "slots[%d] \"%s\" is not a slot id of the form r{row}c{col}", k,
-                    sid ? sid : "");
+            ksm_errf(err, errlen, 0, "slots[%d] \"%s\" is not a slot id of the form r{row}c{col}",
+                     k, sid ? sid : "");
             ksm_host_free(host);
             return KSM_EINVAL;
         }
@@ -193,12 +193,13 @@ int ksm_model_new_internal(ksm_engine *e, const char *id, const struct ksm_model
         for (int i = 0; i < n_inj; i++)
             if (strcmp(ksm_host_injection(host, i)->slot_id, sid) == 0) idx = i;
         if (idx < 0 || idx >= KSM_MAX_SLOTS) {
-            KSM_ERR(err, errlen, "slots[%d] \"%s\" is not an injection point of this host", k, sid);
+            ksm_errf(err, errlen, 0, "slots[%d] \"%s\" is not an injection point of this host", k,
+                     sid);
             ksm_host_free(host);
             return KSM_ENOSLOT;
         }
         if (want[idx]) {
-            KSM_ERR(err, errlen, "slots[%d] \"%s\" is listed twice", k, sid);
+            ksm_errf(err, errlen, 0, "slots[%d] \"%s\" is listed twice", k, sid);
             ksm_host_free(host);
             return KSM_EINVAL;
         }
@@ -258,8 +259,8 @@ int ksm_model_new_internal(ksm_engine *e, const char *id, const struct ksm_model
         rc = ksm_params_materialise(ksm_host_params(host), m->alloc, ctx->stream, spec.init_seed,
                                     "host.");
     if (rc < 0) {
-        KSM_ERR(err, errlen, "could not allocate the model on %s: %s", ksm_device_name(dev),
-                ksm_strerror(rc));
+        ksm_errf(err, errlen, 0, "could not allocate the model on %s: %s", ksm_device_name(dev),
+                 ksm_strerror(rc));
         ksm_model_destroy(m);
         return rc;
     }

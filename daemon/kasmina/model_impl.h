@@ -137,8 +137,3 @@ void ksm_stream_ctx_unref(struct ksm_stream_ctx *ctx);
 /* The model's stream of key ("" = default), created on demand. */
 int ksm_model_stream(ksm_model *m, const char *key, struct ksm_stream_ctx **out);
 int64_t ksm_now_ns(void);
-
-#define KSM_ERR(err, errlen, ...)                                                                  \
-    do {                                                                                           \
-        if ((err) != NULL && (errlen) > 0) snprintf((err), (errlen), __VA_ARGS__);                 \
-    } while (0)

@@ -33,14 +33,14 @@ static int lock_slot(ksm_model *m, const char *slot_id, struct ksm_model_slot **
     pthread_mutex_lock(&m->lock);
     if (m->deleted) {
         pthread_mutex_unlock(&m->lock);
-        KSM_ERR(err, errlen, "model \"%s\" was deleted", m->id);
+        ksm_errf(err, errlen, 0, "model \"%s\" was deleted", m->id);
         return KSM_ENOMODEL;
     }
     struct ksm_model_slot *ms = ksm_model_find_slot(m, slot_id);
     if (ms == NULL) {
         pthread_mutex_unlock(&m->lock);
-        KSM_ERR(err, errlen, "slot_id \"%s\" is not a registered slot of model \"%s\"",
-                slot_id ? slot_id : "", m->id);
+        ksm_errf(err, errlen, 0, "slot_id \"%s\" is not a registered slot of model \"%s\"",
+                 slot_id ? slot_id : "", m->id);
         return KSM_ENOSLOT;
     }
     *out = ms;
@@ -125,8 +125,8 @@ static int check_seed_limit(ksm_model *m, char *err, size_t errlen)
                 s->state.stage != KSM_STAGE_EMBARGOED && s->state.stage != KSM_STAGE_RESETTING;
     }
     if (live < max) return 0;
-    KSM_ERR(err, errlen, "model '%s' already has %u live seeds; max_seeds_per_model = %u", m->id,
-            live, max);
+    ksm_errf(err, errlen, 0, "model '%s' already has %u live seeds; max_seeds_per_model = %u",
+             m->id, live, max);
     return KSM_EMAXSEEDS;
 }
 
@@ -134,7 +134,7 @@ int ksm_model_germinate(ksm_model *m, const char *slot_id, const struct ksm_germ
                         struct ksm_slot_report *report, char *err, size_t errlen)
 {
     if (a == NULL || a->blueprint_id == NULL || a->blueprint_id[0] == '\0') {
-        KSM_ERR(err, errlen, "blueprint_id is required");
+        ksm_errf(err, errlen, 0, "blueprint_id is required");
         return KSM_EINVAL;
     }
     struct ksm_model_slot *ms;
@@ -152,8 +152,8 @@ int ksm_model_germinate(ksm_model *m, const char *slot_id, const struct ksm_germ
         for (int i = 0; i < n; i++)
             snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", i ? ", " : "",
                      names[i]);
-        KSM_ERR(err, errlen, "blueprint_id \"%s\" is not a %s blueprint (available: %s)",
-                a->blueprint_id, ksm_topology_name(m->spec.topology), list);
+        ksm_errf(err, errlen, 0, "blueprint_id \"%s\" is not a %s blueprint (available: %s)",
+                 a->blueprint_id, ksm_topology_name(m->spec.topology), list);
         rc = KSM_ENOBLUEPRINT;
         goto out;
     }
@@ -169,15 +169,15 @@ int ksm_model_germinate(ksm_model *m, const char *slot_id, const struct ksm_germ
         rc = ksm_params_materialise(ksm_seed_params(seed), m->alloc, ctx->stream, a->init_seed,
                                     prefix);
     if (rc < 0) {
-        KSM_ERR(err, errlen, "could not allocate seed %s on %s: %s", a->blueprint_id,
-                ksm_device_name(m->dev), ksm_strerror(rc));
+        ksm_errf(err, errlen, 0, "could not allocate seed %s on %s: %s", a->blueprint_id,
+                 ksm_device_name(m->dev), ksm_strerror(rc));
         ksm_seed_free(seed);
         goto out;
     }
     rc = smoke_test(m, ms, seed);
     if (rc < 0) {
-        KSM_ERR(err, errlen, "seed %s failed the germination shape test: %s", a->blueprint_id,
-                ksm_strerror(rc));
+        ksm_errf(err, errlen, 0, "seed %s failed the germination shape test: %s", a->blueprint_id,
+                 ksm_strerror(rc));
         ksm_model_release_params(m, ksm_seed_params(seed));
         ksm_seed_free(seed);
         goto out;
@@ -186,8 +186,8 @@ int ksm_model_germinate(ksm_model *m, const char *slot_id, const struct ksm_germ
         &ms->s, a, seed, (uint64_t)ksm_params_count(ksm_seed_params(seed)),
         (uint64_t)ksm_params_count(ksm_host_params(m->host)), ksm_now_ns());
     if (rc < 0) {
-        KSM_ERR(err, errlen, "germination of %s in slot %s failed: %s", a->blueprint_id, ms->s.id,
-                ksm_strerror(rc));
+        ksm_errf(err, errlen, 0, "germination of %s in slot %s failed: %s", a->blueprint_id,
+                 ms->s.id, ksm_strerror(rc));
         ksm_model_release_params(m, ksm_seed_params(seed));
         ksm_seed_free(seed);
         goto out;
@@ -228,12 +228,12 @@ static int check_prune_text(const char *reason, const char *initiator, char *err
     for (int i = 0; i < 2; i++) {
         size_t n = strlen(v[i]), bad;
         if (n >= cap[i]) {
-            KSM_ERR(err, errlen, "%s is %zu bytes long; at most %zu are allowed", name[i], n,
-                    cap[i] - 1);
+            ksm_errf(err, errlen, 0, "%s is %zu bytes long; at most %zu are allowed", name[i], n,
+                     cap[i] - 1);
             return KSM_EINVAL;
         }
         if (!ksm_utf8_valid(v[i], n, &bad)) {
-            KSM_ERR(err, errlen, "%s is not valid UTF-8 (byte %zu)", name[i], bad);
+            ksm_errf(err, errlen, 0, "%s is not valid UTF-8 (byte %zu)", name[i], bad);
             return KSM_EINVAL;
         }
     }
@@ -265,7 +265,7 @@ static int check_steepness(bool has, double *st, char *err, size_t errlen)
         return 0;
     }
     if (!isfinite(*st) || *st <= 0) {
-        KSM_ERR(err, errlen, "steepness must be a positive finite number, got %g", *st);
+        ksm_errf(err, errlen, 0, "steepness must be a positive finite number, got %g", *st);
         return KSM_EINVAL;
     }
     return 0;
@@ -274,7 +274,7 @@ static int check_steepness(bool has, double *st, char *err, size_t errlen)
 static int check_curve(enum ksm_alpha_curve c, char *err, size_t errlen)
 {
     if ((int)c < 0 || (int)c > KSM_CURVE_SIGMOID) {
-        KSM_ERR(err, errlen, "curve must be LINEAR, COSINE or SIGMOID, got %d", (int)c);
+        ksm_errf(err, errlen, 0, "curve must be LINEAR, COSINE or SIGMOID, got %d", (int)c);
         return KSM_EINVAL;
     }
     return 0;
@@ -291,7 +291,7 @@ int ksm_model_schedule_prune(ksm_model *m, const char *slot_id, uint32_t steps,
     if (rc == 0) rc = check_curve(curve, err, errlen);
     if (rc == 0) rc = check_prune_text(reason, initiator, err, errlen);
     if (rc == 0 && steps > KSM_MAX_STEPS) {
-        KSM_ERR(err, errlen, "steps must be at most %d, got %u", KSM_MAX_STEPS, steps);
+        ksm_errf(err, errlen, 0, "steps must be at most %d, got %u", KSM_MAX_STEPS, steps);
         rc = KSM_EINVAL;
     }
     if (rc < 0) return rc;
@@ -316,12 +316,12 @@ int ksm_model_set_alpha_target(ksm_model *m, const char *slot_id, double alpha_t
     int rc = check_steepness(has_steepness, &steepness, err, errlen);
     if (rc == 0) rc = check_curve(curve, err, errlen);
     if (rc == 0 && steps > KSM_MAX_STEPS) {
-        KSM_ERR(err, errlen, "steps must be at most %d, got %u", KSM_MAX_STEPS, steps);
+        ksm_errf(err, errlen, 0, "steps must be at most %d, got %u", KSM_MAX_STEPS, steps);
         rc = KSM_EINVAL;
     }
     if (rc == 0 && ((int)algorithm < 0 || (int)algorithm > KSM_ALGO_GATE)) {
-        KSM_ERR(err, errlen, "alpha_algorithm must be ADD, MULTIPLY or GATE, got %d",
-                (int)algorithm);
+        ksm_errf(err, errlen, 0, "alpha_algorithm must be ADD, MULTIPLY or GATE, got %d",
+                 (int)algorithm);
         rc = KSM_EINVAL;
     }
     if (rc < 0) return rc;
@@ -340,7 +340,7 @@ int ksm_model_set_alpha(ksm_model *m, const char *slot_id, double alpha,
                         struct ksm_slot_report *report, char *err, size_t errlen)
 {
     if (isnan(alpha)) {
-        KSM_ERR(err, errlen, "alpha must be a number in [0, 1], got NaN");
+        ksm_errf(err, errlen, 0, "alpha must be a number in [0, 1], got NaN");
         return KSM_EINVAL;
     }
     struct ksm_model_slot *ms;
@@ -364,15 +364,15 @@ int ksm_model_step_epoch(ksm_model *m, const char *slot_id, struct ksm_slot_repo
     bool ticked[KSM_MAX_SLOTS] = {0};
     if (m->deleted) {
         /* A caller that looked the model up before a DeleteModel: nothing changes. */
-        KSM_ERR(err, errlen, "model \"%s\" was deleted", m->id);
+        ksm_errf(err, errlen, 0, "model \"%s\" was deleted", m->id);
         rc = KSM_ENOMODEL;
         goto out;
     }
     if (slot_id && *slot_id) {
         struct ksm_model_slot *ms = ksm_model_find_slot(m, slot_id);
         if (ms == NULL) {
-            KSM_ERR(err, errlen, "slot_id \"%s\" is not a registered slot of model \"%s\"", slot_id,
-                    m->id);
+            ksm_errf(err, errlen, 0, "slot_id \"%s\" is not a registered slot of model \"%s\"",
+                     slot_id, m->id);
             rc = KSM_ENOSLOT;
             goto out;
         }
@@ -388,8 +388,8 @@ int ksm_model_step_epoch(ksm_model *m, const char *slot_id, struct ksm_slot_repo
         int r = ksm_slot_step_epoch(&m->slots[i].s, ksm_now_ns());
         if (r < 0 && rc == 0) {
             rc = r;
-            KSM_ERR(err, errlen, "step_epoch of slot %s failed: %s", m->slots[i].s.id,
-                    ksm_strerror(r));
+            ksm_errf(err, errlen, 0, "step_epoch of slot %s failed: %s", m->slots[i].s.id,
+                     ksm_strerror(r));
         }
     }
     if (any) mutated(m);
@@ -408,7 +408,7 @@ int ksm_model_record_metrics(ksm_model *m, const char *slot_id, const struct ksm
                              struct ksm_slot_report *report, char *err, size_t errlen)
 {
     if (u == NULL) {
-        KSM_ERR(err, errlen, "a metrics update is required");
+        ksm_errf(err, errlen, 0, "a metrics update is required");
         return KSM_EINVAL;
     }
     struct ksm_model_slot *ms;
@@ -430,8 +430,8 @@ int ksm_model_slot_reports(ksm_model *m, const char *slot_id, struct ksm_slot_re
     if (slot_id && *slot_id) {
         struct ksm_model_slot *ms = ksm_model_find_slot(m, slot_id);
         if (ms == NULL) {
-            KSM_ERR(err, errlen, "slot_id \"%s\" is not a registered slot of model \"%s\"", slot_id,
-                    m->id);
+            ksm_errf(err, errlen, 0, "slot_id \"%s\" is not a registered slot of model \"%s\"",
+                     slot_id, m->id);
             rc = KSM_ENOSLOT;
         } else {
             if (reports && cap > 0) report_locked(m, ms, &reports[0]);

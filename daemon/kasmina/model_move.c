@@ -65,21 +65,21 @@ int ksm_model_move(ksm_model *m, const char *device, int dtype, char *err, size_
 {
     if (dtype != -1 && dtype != KSM_DTYPE_F32) {
         const char *dn = ksm_dtype_name((enum ksm_dtype)dtype);
-        KSM_ERR(err, errlen, "dtype %s is not supported: models compute in F32", dn ? dn : "?");
+        ksm_errf(err, errlen, 0, "dtype %s is not supported: models compute in F32", dn ? dn : "?");
         return (dtype >= 0 && dtype < KSM_DTYPE_COUNT) ? KSM_EUNSUPPORTED : KSM_EINVAL;
     }
     pthread_mutex_lock(&m->lock);
     int rc = 0;
     ksm_device *dst = m->dev;
     if (m->deleted) {
-        KSM_ERR(err, errlen, "model \"%s\" was deleted", m->id);
+        ksm_errf(err, errlen, 0, "model \"%s\" was deleted", m->id);
         rc = KSM_ENOMODEL;
         goto out;
     }
     if (device && *device) {
         dst = ksm_engine_find_device(m->engine, device);
         if (dst == NULL) {
-            KSM_ERR(err, errlen, "device \"%s\" does not exist", device);
+            ksm_errf(err, errlen, 0, "device \"%s\" does not exist", device);
             rc = KSM_ENODEVICE;
             goto out;
         }
@@ -118,8 +118,8 @@ int ksm_model_move(ksm_model *m, const char *device, int dtype, char *err, size_
         }
         ksm_stream_synchronize(ds);
         ksm_stream_free(ds);
-        KSM_ERR(err, errlen, "could not move model \"%s\" to %s: %s", m->id, ksm_device_name(dst),
-                ksm_strerror(rc));
+        ksm_errf(err, errlen, 0, "could not move model \"%s\" to %s: %s", m->id,
+                 ksm_device_name(dst), ksm_strerror(rc));
         goto out;
     }
     ksm_stream_synchronize(ds);

@@ -25,15 +25,6 @@
 
 /* ---- small helpers ---- */
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || errlen == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 /* Truncating copy (cap > 0). Not snprintf: slot reports and events are built on every control
  * call, and formatting was a visible share of a SetAlpha's CPU. */
 static void copy_str(char *dst, size_t cap, const char *src) { ksm_utf8_copy(dst, cap, src); }
@@ -382,53 +373,53 @@ int ksm_slot_germinate_check(const struct ksm_slot *s, const struct ksm_germinat
                              char *err, size_t errlen)
 {
     if (!a) {
-        set_err(err, errlen, "germinate needs arguments");
+        ksm_errf(err, errlen, 0, "germinate needs arguments");
         return KSM_EINVAL;
     }
     if (!a->blueprint_id || !a->blueprint_id[0]) {
-        set_err(err, errlen, "blueprint_id is required");
+        ksm_errf(err, errlen, 0, "blueprint_id is required");
         return KSM_EINVAL;
     }
     if (strlen(a->blueprint_id) >= KSM_NAME_MAX) {
-        set_err(err, errlen, "blueprint_id is longer than %d characters", KSM_NAME_MAX - 1);
+        ksm_errf(err, errlen, 0, "blueprint_id is longer than %d characters", KSM_NAME_MAX - 1);
         return KSM_EINVAL;
     }
     if (a->seed_id && strlen(a->seed_id) >= KSM_SEED_ID_MAX) {
-        set_err(err, errlen, "seed_id is longer than %d characters", KSM_SEED_ID_MAX - 1);
+        ksm_errf(err, errlen, 0, "seed_id is longer than %d characters", KSM_SEED_ID_MAX - 1);
         return KSM_EINVAL;
     }
     size_t bad;
     if (a->seed_id && !ksm_utf8_valid(a->seed_id, strlen(a->seed_id), &bad)) {
-        set_err(err, errlen, "seed_id is not valid UTF-8 (byte %zu)", bad);
+        ksm_errf(err, errlen, 0, "seed_id is not valid UTF-8 (byte %zu)", bad);
         return KSM_EINVAL;
     }
     if (a->has_alpha_target && !(a->alpha_target > 0.0 && a->alpha_target <= 1.0)) {
-        set_err(err, errlen, "alpha_target must be within (0, 1], got %g", a->alpha_target);
+        ksm_errf(err, errlen, 0, "alpha_target must be within (0, 1], got %g", a->alpha_target);
         return KSM_EINVAL;
     }
     const char *bid =
         (a->blend_algorithm_id && a->blend_algorithm_id[0]) ? a->blend_algorithm_id : "sigmoid";
     if (!valid_blend_id(bid)) {
-        set_err(err, errlen,
-                "unknown blend_algorithm_id '%.32s'; valid options: linear, sigmoid, gated", bid);
+        ksm_errf(err, errlen, 0,
+                 "unknown blend_algorithm_id '%.32s'; valid options: linear, sigmoid, gated", bid);
         return KSM_EINVAL;
     }
     if ((unsigned)a->alpha_algorithm > KSM_ALGO_GATE) {
-        set_err(err, errlen, "unknown alpha_algorithm %d", (int)a->alpha_algorithm);
+        ksm_errf(err, errlen, 0, "unknown alpha_algorithm %d", (int)a->alpha_algorithm);
         return KSM_EINVAL;
     }
     bool gated = !strcmp(bid, "gated");
     if (gated && a->alpha_algorithm != KSM_ALGO_GATE) {
-        set_err(err, errlen, "blend_algorithm_id 'gated' requires alpha_algorithm GATE");
+        ksm_errf(err, errlen, 0, "blend_algorithm_id 'gated' requires alpha_algorithm GATE");
         return KSM_EINVAL;
     }
     if (!gated && a->alpha_algorithm == KSM_ALGO_GATE) {
-        set_err(err, errlen, "alpha_algorithm GATE requires blend_algorithm_id 'gated'");
+        ksm_errf(err, errlen, 0, "alpha_algorithm GATE requires blend_algorithm_id 'gated'");
         return KSM_EINVAL;
     }
     if (s->occupied || s->seed) {
-        set_err(err, errlen, "slot %s is unavailable for germination (stage=%s)", s->id,
-                s->occupied ? ksm_stage_name(s->state.stage) : "UNKNOWN");
+        ksm_errf(err, errlen, 0, "slot %s is unavailable for germination (stage=%s)", s->id,
+                 s->occupied ? ksm_stage_name(s->state.stage) : "UNKNOWN");
         return KSM_ESTAGE;
     }
     return 0;
@@ -565,14 +556,14 @@ int ksm_slot_advance(struct ksm_slot *s, enum ksm_stage target, struct ksm_gate_
                      int64_t now_ns, char *err, size_t errlen)
 {
     if (target != KSM_STAGE_UNKNOWN && !ksm_stage_valid((int)target)) {
-        set_err(err, errlen, "advance_stage() target %d is not a stage", (int)target);
+        ksm_errf(err, errlen, 0, "advance_stage() target %d is not a stage", (int)target);
         return KSM_EINVAL;
     }
     if (is_failure_stage(target)) {
-        set_err(err, errlen,
-                "advance_stage() cannot target failure stage %s; use prune() and the cooldown "
-                "pipeline instead",
-                ksm_stage_name(target));
+        ksm_errf(err, errlen, 0,
+                 "advance_stage() cannot target failure stage %s; use prune() and the cooldown "
+                 "pipeline instead",
+                 ksm_stage_name(target));
         return KSM_EINVAL;
     }
     struct ksm_gate_result r;
@@ -592,14 +583,14 @@ int ksm_slot_advance(struct ksm_slot *s, enum ksm_stage target, struct ksm_gate_
             return 0;
         }
     } else if (!is_valid_transition(s->state.stage, target)) {
-        set_err(err, errlen, "slot %s cannot go from %s to %s", s->id,
-                ksm_stage_name(s->state.stage), ksm_stage_name(target));
+        ksm_errf(err, errlen, 0, "slot %s cannot go from %s to %s", s->id,
+                 ksm_stage_name(s->state.stage), ksm_stage_name(target));
         return KSM_ESTAGE;
     }
     int rc = advance_to(s, target, &r, now_ns);
     if (rc < 0) {
-        set_err(err, errlen, "slot %s: cannot create the gate module for BLENDING (%s)", s->id,
-                ksm_strerror(rc));
+        ksm_errf(err, errlen, 0, "slot %s: cannot create the gate module for BLENDING (%s)", s->id,
+                 ksm_strerror(rc));
         return rc;
     }
     if (gate) *gate = r;
@@ -686,11 +677,11 @@ int ksm_slot_prune(struct ksm_slot *s, const char *reason, const char *initiator
 static int check_ramp_args(enum ksm_alpha_curve curve, double steepness, char *err, size_t errlen)
 {
     if ((unsigned)curve > KSM_CURVE_SIGMOID) {
-        set_err(err, errlen, "unknown alpha curve %d", (int)curve);
+        ksm_errf(err, errlen, 0, "unknown alpha curve %d", (int)curve);
         return KSM_EINVAL;
     }
     if (!isfinite(steepness) || steepness <= 0.0) {
-        set_err(err, errlen, "steepness must be a finite number > 0, got %g", steepness);
+        ksm_errf(err, errlen, 0, "steepness must be a finite number > 0, got %g", steepness);
         return KSM_EINVAL;
     }
     return 0;
@@ -740,29 +731,31 @@ int ksm_slot_set_alpha_target(struct ksm_slot *s, double target, uint32_t steps,
                               size_t errlen)
 {
     if (!(target > 0.0 && target <= 1.0)) {
-        set_err(err, errlen,
-                "alpha_target must be within (0, 1] (use prune for a zero target), got %g", target);
+        ksm_errf(err, errlen, 0,
+                 "alpha_target must be within (0, 1] (use prune for a zero target), got %g",
+                 target);
         return KSM_EINVAL;
     }
     int rc = check_ramp_args(curve, steepness, err, errlen);
     if (rc < 0) return rc;
     if ((unsigned)algorithm > KSM_ALGO_GATE) {
-        set_err(err, errlen, "unknown alpha_algorithm %d", (int)algorithm);
+        ksm_errf(err, errlen, 0, "unknown alpha_algorithm %d", (int)algorithm);
         return KSM_EINVAL;
     }
     if (!s->occupied) {
-        set_err(err, errlen, "slot %s has no seed", s->id);
+        ksm_errf(err, errlen, 0, "slot %s has no seed", s->id);
         return KSM_ESTAGE;
     }
     struct ksm_seed_state *st = &s->state;
     if (st->stage != KSM_STAGE_BLENDING && st->stage != KSM_STAGE_HOLDING) {
-        set_err(err, errlen, "slot %s is in %s; alpha targets apply in BLENDING or HOLDING only",
-                s->id, ksm_stage_name(st->stage));
+        ksm_errf(err, errlen, 0,
+                 "slot %s is in %s; alpha targets apply in BLENDING or HOLDING only", s->id,
+                 ksm_stage_name(st->stage));
         return KSM_ESTAGE;
     }
     if (st->controller.mode != KSM_ALPHA_HOLD) {
-        set_err(err, errlen, "slot %s is ramping alpha (mode %s); retarget only from HOLD", s->id,
-                ksm_alpha_mode_name(st->controller.mode));
+        ksm_errf(err, errlen, 0, "slot %s is ramping alpha (mode %s); retarget only from HOLD",
+                 s->id, ksm_alpha_mode_name(st->controller.mode));
         return KSM_ESTAGE;
     }
 
@@ -770,8 +763,8 @@ int ksm_slot_set_alpha_target(struct ksm_slot *s, double target, uint32_t steps,
     if (switch_algo && algorithm == KSM_ALGO_GATE && !s->gate) {
         rc = create_gate(s, steps > 0 ? steps : 1);
         if (rc < 0) {
-            set_err(err, errlen, "slot %s: cannot create the gate module (%s)", s->id,
-                    ksm_strerror(rc));
+            ksm_errf(err, errlen, 0, "slot %s: cannot create the gate module (%s)", s->id,
+                     ksm_strerror(rc));
             return rc;
         }
     }
@@ -792,7 +785,7 @@ int ksm_slot_set_alpha_target(struct ksm_slot *s, double target, uint32_t steps,
 int ksm_slot_set_alpha(struct ksm_slot *s, double alpha, char *err, size_t errlen)
 {
     if (isnan(alpha)) {
-        set_err(err, errlen, "alpha must be a number");
+        ksm_errf(err, errlen, 0, "alpha must be a number");
         return KSM_EINVAL;
     }
     if (s->occupied) apply_alpha(s, alpha);
@@ -920,34 +913,35 @@ int ksm_slot_record_metrics(struct ksm_slot *s, const struct ksm_metrics_update 
                             size_t errlen)
 {
     if (!u) {
-        set_err(err, errlen, "record_metrics needs an update");
+        ksm_errf(err, errlen, 0, "record_metrics needs an update");
         return KSM_EINVAL;
     }
     if (u->has_val_accuracy &&
         !(isfinite(u->val_accuracy) && u->val_accuracy >= 0.0 && u->val_accuracy <= 100.0)) {
-        set_err(err, errlen, "val_accuracy must be a percentage in [0, 100], got %g",
-                u->val_accuracy);
+        ksm_errf(err, errlen, 0, "val_accuracy must be a percentage in [0, 100], got %g",
+                 u->val_accuracy);
         return KSM_EINVAL;
     }
     if (u->has_counterfactual && !isfinite(u->counterfactual)) {
-        set_err(err, errlen, "counterfactual must be finite, got %g", u->counterfactual);
+        ksm_errf(err, errlen, 0, "counterfactual must be finite, got %g", u->counterfactual);
         return KSM_EINVAL;
     }
     if (u->has_gradient_health && !(u->gradient_health >= 0.0 && u->gradient_health <= 1.0)) {
-        set_err(err, errlen, "gradient_health must be within [0, 1], got %g", u->gradient_health);
+        ksm_errf(err, errlen, 0, "gradient_health must be within [0, 1], got %g",
+                 u->gradient_health);
         return KSM_EINVAL;
     }
     if (u->has_gradient_norm && !finite_nonneg(u->gradient_norm)) {
-        set_err(err, errlen, "gradient_norm must be finite and >= 0, got %g", u->gradient_norm);
+        ksm_errf(err, errlen, 0, "gradient_norm must be finite and >= 0, got %g", u->gradient_norm);
         return KSM_EINVAL;
     }
     if (u->has_grad_ratio && !finite_nonneg(u->seed_gradient_norm_ratio)) {
-        set_err(err, errlen, "seed_gradient_norm_ratio must be finite and >= 0, got %g",
-                u->seed_gradient_norm_ratio);
+        ksm_errf(err, errlen, 0, "seed_gradient_norm_ratio must be finite and >= 0, got %g",
+                 u->seed_gradient_norm_ratio);
         return KSM_EINVAL;
     }
     if (!s->occupied) {
-        set_err(err, errlen, "slot %s has no seed", s->id);
+        ksm_errf(err, errlen, 0, "slot %s has no seed", s->id);
         return KSM_ENOSEED;
     }
 
@@ -958,9 +952,9 @@ int ksm_slot_record_metrics(struct ksm_slot *s, const struct ksm_metrics_update 
     if (u->has_counterfactual && m->has_prev_contribution &&
         !isfinite(0.7 * m->contribution_velocity +
                   0.3 * (u->counterfactual - m->prev_contribution))) {
-        set_err(err, errlen,
-                "counterfactual %g after %g would make contribution_velocity non-finite",
-                u->counterfactual, m->prev_contribution);
+        ksm_errf(err, errlen, 0,
+                 "counterfactual %g after %g would make contribution_velocity non-finite",
+                 u->counterfactual, m->prev_contribution);
         return KSM_EINVAL;
     }
     if (u->has_val_accuracy) record_accuracy(m, u->val_accuracy);

@@ -448,25 +448,19 @@ static int get_stage(struct pctx *c, json_t *o, const char *key, bool allow_null
     return 0;
 }
 
-#define TRY(x)                                                                                     \
-    do {                                                                                           \
-        int rc_ = (x);                                                                             \
-        if (rc_) return rc_;                                                                       \
-    } while (0)
-
 static int parse_controller(struct pctx *c, json_t *o, struct ksm_alpha_controller *k)
 {
     int64_t v;
-    TRY(get_num(c, o, "alpha", 0, 1, false, NULL, &k->alpha));
-    TRY(get_num(c, o, "alpha_start", 0, 1, false, NULL, &k->alpha_start));
-    TRY(get_num(c, o, "alpha_target", 0, 1, false, NULL, &k->alpha_target));
-    TRY(get_int(c, o, "alpha_mode", KSM_ALPHA_HOLD, KSM_ALPHA_DOWN, false, NULL, &v));
+    KSM_TRY(get_num(c, o, "alpha", 0, 1, false, NULL, &k->alpha));
+    KSM_TRY(get_num(c, o, "alpha_start", 0, 1, false, NULL, &k->alpha_start));
+    KSM_TRY(get_num(c, o, "alpha_target", 0, 1, false, NULL, &k->alpha_target));
+    KSM_TRY(get_int(c, o, "alpha_mode", KSM_ALPHA_HOLD, KSM_ALPHA_DOWN, false, NULL, &v));
     k->mode = (enum ksm_alpha_mode)v;
-    TRY(get_int(c, o, "alpha_curve", KSM_CURVE_LINEAR, KSM_CURVE_SIGMOID, false, NULL, &v));
+    KSM_TRY(get_int(c, o, "alpha_curve", KSM_CURVE_LINEAR, KSM_CURVE_SIGMOID, false, NULL, &v));
     k->curve = (enum ksm_alpha_curve)v;
-    TRY(get_num(c, o, "alpha_steepness", 0.1, HUGE_VAL, false, NULL, &k->steepness));
-    TRY(get_u32(c, o, "alpha_steps_total", &k->steps_total));
-    TRY(get_u32(c, o, "alpha_steps_done", &k->steps_done));
+    KSM_TRY(get_num(c, o, "alpha_steepness", 0.1, HUGE_VAL, false, NULL, &k->steepness));
+    KSM_TRY(get_u32(c, o, "alpha_steps_total", &k->steps_total));
+    KSM_TRY(get_u32(c, o, "alpha_steps_done", &k->steps_done));
     if (k->steps_done > k->steps_total)
         return perr(c, "alpha_steps_done", "%u exceeds alpha_steps_total %u", k->steps_done,
                     k->steps_total);
@@ -482,7 +476,7 @@ static int get_opt_num(struct pctx *c, json_t *o, const char *key, bool *has, do
         return 0;
     }
     bool is_null;
-    TRY(get_num(c, o, key, -HUGE_VAL, HUGE_VAL, true, &is_null, out));
+    KSM_TRY(get_num(c, o, key, -HUGE_VAL, HUGE_VAL, true, &is_null, out));
     *has = !is_null;
     return 0;
 }
@@ -491,41 +485,42 @@ static int parse_metrics(struct pctx *c, json_t *o, struct ksm_seed_metrics *m)
 {
     int64_t v;
     bool is_null;
-    TRY(get_int(c, o, "_schema_version", INT64_MIN, INT64_MAX, false, NULL, &v));
+    KSM_TRY(get_int(c, o, "_schema_version", INT64_MIN, INT64_MAX, false, NULL, &v));
     if (v != METRICS_SCHEMA_VERSION)
         return perr(c, "_schema_version", "expected %d, got %" PRId64, METRICS_SCHEMA_VERSION, v);
-    TRY(get_u32(c, o, "epochs_total", &m->epochs_total));
-    TRY(get_u32(c, o, "epochs_in_current_stage", &m->epochs_in_current_stage));
-    TRY(get_real(c, o, "initial_val_accuracy", &m->initial_val_accuracy));
-    TRY(get_real(c, o, "current_val_accuracy", &m->current_val_accuracy));
-    TRY(get_real(c, o, "best_val_accuracy", &m->best_val_accuracy));
-    TRY(get_real(c, o, "accuracy_at_stage_start", &m->accuracy_at_stage_start));
-    TRY(get_real(c, o, "accuracy_at_blending_start", &m->accuracy_at_blending_start));
-    TRY(get_num(c, o, "gradient_norm_avg", 0, HUGE_VAL, false, NULL, &m->gradient_norm_avg));
-    TRY(get_num(c, o, "current_alpha", 0, 1, false, NULL, &m->current_alpha));
-    TRY(get_u32(c, o, "alpha_ramp_step", &m->alpha_ramp_step));
-    TRY(get_opt_num(c, o, "counterfactual_contribution", &m->has_counterfactual,
-                    &m->counterfactual_contribution));
-    TRY(get_opt_num(c, o, "_prev_contribution", &m->has_prev_contribution, &m->prev_contribution));
+    KSM_TRY(get_u32(c, o, "epochs_total", &m->epochs_total));
+    KSM_TRY(get_u32(c, o, "epochs_in_current_stage", &m->epochs_in_current_stage));
+    KSM_TRY(get_real(c, o, "initial_val_accuracy", &m->initial_val_accuracy));
+    KSM_TRY(get_real(c, o, "current_val_accuracy", &m->current_val_accuracy));
+    KSM_TRY(get_real(c, o, "best_val_accuracy", &m->best_val_accuracy));
+    KSM_TRY(get_real(c, o, "accuracy_at_stage_start", &m->accuracy_at_stage_start));
+    KSM_TRY(get_real(c, o, "accuracy_at_blending_start", &m->accuracy_at_blending_start));
+    KSM_TRY(get_num(c, o, "gradient_norm_avg", 0, HUGE_VAL, false, NULL, &m->gradient_norm_avg));
+    KSM_TRY(get_num(c, o, "current_alpha", 0, 1, false, NULL, &m->current_alpha));
+    KSM_TRY(get_u32(c, o, "alpha_ramp_step", &m->alpha_ramp_step));
+    KSM_TRY(get_opt_num(c, o, "counterfactual_contribution", &m->has_counterfactual,
+                        &m->counterfactual_contribution));
+    KSM_TRY(
+        get_opt_num(c, o, "_prev_contribution", &m->has_prev_contribution, &m->prev_contribution));
     bool has_vel;
-    TRY(get_opt_num(c, o, "contribution_velocity", &has_vel, &m->contribution_velocity));
-    TRY(get_bool(c, o, "_blending_started", false, NULL, &m->blending_started));
-    TRY(get_num(c, o, "seed_gradient_norm_ratio", 0, HUGE_VAL, true, &is_null,
-                &m->seed_gradient_norm_ratio));
+    KSM_TRY(get_opt_num(c, o, "contribution_velocity", &has_vel, &m->contribution_velocity));
+    KSM_TRY(get_bool(c, o, "_blending_started", false, NULL, &m->blending_started));
+    KSM_TRY(get_num(c, o, "seed_gradient_norm_ratio", 0, HUGE_VAL, true, &is_null,
+                    &m->seed_gradient_norm_ratio));
     m->has_grad_ratio = !is_null;
-    TRY(get_int(c, o, "host_param_count", 0, INT64_MAX, false, NULL, &v));
+    KSM_TRY(get_int(c, o, "host_param_count", 0, INT64_MAX, false, NULL, &v));
     m->host_param_count = (uint64_t)v;
-    TRY(get_int(c, o, "seed_param_count", 0, INT64_MAX, false, NULL, &v));
+    KSM_TRY(get_int(c, o, "seed_param_count", 0, INT64_MAX, false, NULL, &v));
     m->seed_param_count = (uint64_t)v;
-    TRY(get_real(c, o, "interaction_sum", &m->interaction_sum));
-    TRY(get_real(c, o, "boost_received", &m->boost_received));
-    TRY(get_real(c, o, "upstream_alpha_sum", &m->upstream_alpha_sum));
-    TRY(get_real(c, o, "downstream_alpha_sum", &m->downstream_alpha_sum));
+    KSM_TRY(get_real(c, o, "interaction_sum", &m->interaction_sum));
+    KSM_TRY(get_real(c, o, "boost_received", &m->boost_received));
+    KSM_TRY(get_real(c, o, "upstream_alpha_sum", &m->upstream_alpha_sum));
+    KSM_TRY(get_real(c, o, "downstream_alpha_sum", &m->downstream_alpha_sum));
     if (json_object_get(o, "auto_pruned"))
-        TRY(get_bool(c, o, "auto_pruned", false, NULL, &m->auto_pruned));
+        KSM_TRY(get_bool(c, o, "auto_pruned", false, NULL, &m->auto_pruned));
     if (json_object_get(o, "auto_prune_reason"))
-        TRY(get_str(c, o, "auto_prune_reason", m->auto_prune_reason, sizeof m->auto_prune_reason,
-                    false, NULL));
+        KSM_TRY(get_str(c, o, "auto_prune_reason", m->auto_prune_reason,
+                        sizeof m->auto_prune_reason, false, NULL));
     return 0;
 }
 
@@ -534,42 +529,42 @@ static int parse_telemetry(struct pctx *c, json_t *o, struct ksm_seed_telemetry 
 {
     int64_t v;
     bool is_null;
-    TRY(get_int(c, o, "schema_version", INT64_MIN, INT64_MAX, false, NULL, &v));
+    KSM_TRY(get_int(c, o, "schema_version", INT64_MIN, INT64_MAX, false, NULL, &v));
     if (v != TELEMETRY_SCHEMA_VERSION)
         return perr(c, "schema_version", "expected %d, got %" PRId64, TELEMETRY_SCHEMA_VERSION, v);
-    TRY(get_str(c, o, "seed_id", y->seed_id, sizeof y->seed_id, false, NULL));
-    TRY(get_str(c, o, "blueprint_id", y->blueprint_id, sizeof y->blueprint_id, false, NULL));
-    TRY(get_str(c, o, "layer_id", y->layer_id, sizeof y->layer_id, false, NULL));
-    TRY(get_num(c, o, "gradient_norm", 0, HUGE_VAL, true, &is_null, &t->gradient_norm));
+    KSM_TRY(get_str(c, o, "seed_id", y->seed_id, sizeof y->seed_id, false, NULL));
+    KSM_TRY(get_str(c, o, "blueprint_id", y->blueprint_id, sizeof y->blueprint_id, false, NULL));
+    KSM_TRY(get_str(c, o, "layer_id", y->layer_id, sizeof y->layer_id, false, NULL));
+    KSM_TRY(get_num(c, o, "gradient_norm", 0, HUGE_VAL, true, &is_null, &t->gradient_norm));
     t->has_gradient_norm = !is_null;
-    TRY(get_num(c, o, "gradient_health", 0, 1, true, &is_null, &t->gradient_health));
+    KSM_TRY(get_num(c, o, "gradient_health", 0, 1, true, &is_null, &t->gradient_health));
     t->has_gradient_health = !is_null;
-    TRY(get_bool(c, o, "has_vanishing", true, &is_null, &t->has_vanishing));
+    KSM_TRY(get_bool(c, o, "has_vanishing", true, &is_null, &t->has_vanishing));
     t->has_vanishing_flag = !is_null;
-    TRY(get_bool(c, o, "has_exploding", true, &is_null, &t->has_exploding));
+    KSM_TRY(get_bool(c, o, "has_exploding", true, &is_null, &t->has_exploding));
     t->has_exploding_flag = !is_null;
-    TRY(get_real(c, o, "accuracy", &y->accuracy));
-    TRY(get_real(c, o, "accuracy_delta", &y->accuracy_delta));
-    TRY(get_u32(c, o, "epochs_in_stage", &y->epochs_in_stage));
+    KSM_TRY(get_real(c, o, "accuracy", &y->accuracy));
+    KSM_TRY(get_real(c, o, "accuracy_delta", &y->accuracy_delta));
+    KSM_TRY(get_u32(c, o, "epochs_in_stage", &y->epochs_in_stage));
     int stage;
-    TRY(get_stage(c, o, "stage", false, &stage));
+    KSM_TRY(get_stage(c, o, "stage", false, &stage));
     y->stage = stage;
-    TRY(get_num(c, o, "alpha", 0, 1, false, NULL, &y->alpha));
-    TRY(get_num(c, o, "alpha_target", 0, 1, false, NULL, &y->alpha_target));
-    TRY(get_int(c, o, "alpha_mode", KSM_ALPHA_HOLD, KSM_ALPHA_DOWN, false, NULL, &v));
+    KSM_TRY(get_num(c, o, "alpha", 0, 1, false, NULL, &y->alpha));
+    KSM_TRY(get_num(c, o, "alpha_target", 0, 1, false, NULL, &y->alpha_target));
+    KSM_TRY(get_int(c, o, "alpha_mode", KSM_ALPHA_HOLD, KSM_ALPHA_DOWN, false, NULL, &v));
     y->alpha_mode = (int)v;
-    TRY(get_u32(c, o, "alpha_steps_total", &y->alpha_steps_total));
-    TRY(get_u32(c, o, "alpha_steps_done", &y->alpha_steps_done));
-    TRY(get_u32(c, o, "time_to_target", &y->time_to_target));
-    TRY(get_real(c, o, "alpha_velocity", &y->alpha_velocity));
-    TRY(get_int(c, o, "alpha_algorithm", KSM_ALGO_ADD, KSM_ALGO_GATE, false, NULL, &v));
+    KSM_TRY(get_u32(c, o, "alpha_steps_total", &y->alpha_steps_total));
+    KSM_TRY(get_u32(c, o, "alpha_steps_done", &y->alpha_steps_done));
+    KSM_TRY(get_u32(c, o, "time_to_target", &y->time_to_target));
+    KSM_TRY(get_real(c, o, "alpha_velocity", &y->alpha_velocity));
+    KSM_TRY(get_int(c, o, "alpha_algorithm", KSM_ALGO_ADD, KSM_ALGO_GATE, false, NULL, &v));
     y->alpha_algorithm = (int)v;
-    TRY(get_u32(c, o, "epoch", &t->epoch));
-    TRY(get_u32(c, o, "max_epochs", &t->max_epochs));
-    TRY(get_time(c, o, "captured_at", &y->captured_at_ns));
-    TRY(get_u32(c, o, "blend_tempo_epochs", &y->blend_tempo_epochs));
-    TRY(get_real(c, o, "blending_velocity", &y->blending_velocity));
-    TRY(get_str(c, o, "alpha_curve", y->alpha_curve, sizeof y->alpha_curve, false, NULL));
+    KSM_TRY(get_u32(c, o, "epoch", &t->epoch));
+    KSM_TRY(get_u32(c, o, "max_epochs", &t->max_epochs));
+    KSM_TRY(get_time(c, o, "captured_at", &y->captured_at_ns));
+    KSM_TRY(get_u32(c, o, "blend_tempo_epochs", &y->blend_tempo_epochs));
+    KSM_TRY(get_real(c, o, "blending_velocity", &y->blending_velocity));
+    KSM_TRY(get_str(c, o, "alpha_curve", y->alpha_curve, sizeof y->alpha_curve, false, NULL));
     return 0;
 }
 
@@ -580,25 +575,25 @@ static int parse_seed_state(struct pctx *c, json_t *o, struct ksm_slot *s)
     char slot_id[KSM_SLOT_ID_MAX];
     int stage;
     int64_t v;
-    TRY(get_str(c, o, "seed_id", st->seed_id, sizeof st->seed_id, false, NULL));
-    TRY(get_str(c, o, "blueprint_id", st->blueprint_id, sizeof st->blueprint_id, false, NULL));
+    KSM_TRY(get_str(c, o, "seed_id", st->seed_id, sizeof st->seed_id, false, NULL));
+    KSM_TRY(get_str(c, o, "blueprint_id", st->blueprint_id, sizeof st->blueprint_id, false, NULL));
     if (!st->seed_id[0]) return perr(c, "seed_id", "is empty");
     if (!st->blueprint_id[0]) return perr(c, "blueprint_id", "is empty");
-    TRY(get_str(c, o, "slot_id", slot_id, sizeof slot_id, false, NULL));
+    KSM_TRY(get_str(c, o, "slot_id", slot_id, sizeof slot_id, false, NULL));
     if (strcmp(slot_id, s->id))
         return perr(c, "slot_id", "'%s' is not this slot (%s)", slot_id, s->id);
-    TRY(get_stage(c, o, "stage", false, &stage));
+    KSM_TRY(get_stage(c, o, "stage", false, &stage));
     if (stage == KSM_STAGE_UNKNOWN || stage == KSM_STAGE_DORMANT)
         return perr(c, "stage", "%s is not a stage a seed can be restored in",
                     ksm_stage_name(stage));
     st->stage = (enum ksm_stage)stage;
-    TRY(get_stage(c, o, "previous_stage", true, &stage));
+    KSM_TRY(get_stage(c, o, "previous_stage", true, &stage));
     st->previous_stage = (enum ksm_stage)stage;
-    TRY(get_time(c, o, "stage_entered_at", &st->stage_entered_at_ns));
-    TRY(get_num(c, o, "alpha", 0, 1, false, NULL, &st->alpha));
+    KSM_TRY(get_time(c, o, "stage_entered_at", &st->stage_entered_at_ns));
+    KSM_TRY(get_num(c, o, "alpha", 0, 1, false, NULL, &st->alpha));
 
     json_t *h;
-    TRY(need(c, o, "stage_history", &h));
+    KSM_TRY(need(c, o, "stage_history", &h));
     if (!json_is_array(h)) return perr(c, "stage_history", "must be a list");
     size_t n = json_array_size(h);
     size_t first = n > KSM_STAGE_HISTORY_MAX ? n - KSM_STAGE_HISTORY_MAX : 0; /* deque maxlen */
@@ -621,26 +616,26 @@ static int parse_seed_state(struct pctx *c, json_t *o, struct ksm_slot *s)
 
     json_t *sub;
     const char *path = c->path;
-    TRY(get_obj(c, o, "metrics", &sub));
+    KSM_TRY(get_obj(c, o, "metrics", &sub));
     c->path = "seed_state.metrics.";
-    TRY(parse_metrics(c, sub, &st->metrics));
+    KSM_TRY(parse_metrics(c, sub, &st->metrics));
     c->path = path;
-    TRY(get_obj(c, o, "telemetry", &sub));
+    KSM_TRY(get_obj(c, o, "telemetry", &sub));
     c->path = "seed_state.telemetry.";
-    TRY(parse_telemetry(c, sub, &st->telemetry, &st->tel_sync));
+    KSM_TRY(parse_telemetry(c, sub, &st->telemetry, &st->tel_sync));
     c->path = path;
-    TRY(get_obj(c, o, "alpha_controller", &sub));
+    KSM_TRY(get_obj(c, o, "alpha_controller", &sub));
     c->path = "seed_state.alpha_controller.";
-    TRY(parse_controller(c, sub, &st->controller));
+    KSM_TRY(parse_controller(c, sub, &st->controller));
     c->path = path;
     st->controller.alpha = st->alpha; /* state.alpha is the source of truth */
 
-    TRY(get_int(c, o, "alpha_algorithm", KSM_ALGO_ADD, KSM_ALGO_GATE, false, NULL, &v));
+    KSM_TRY(get_int(c, o, "alpha_algorithm", KSM_ALGO_ADD, KSM_ALGO_GATE, false, NULL, &v));
     st->alpha_algorithm = (enum ksm_alpha_algorithm)v;
-    TRY(get_u32(c, o, "blend_tempo_epochs", &st->blend_tempo_epochs));
-    TRY(get_bool(c, o, "is_healthy", false, NULL, &st->is_healthy));
-    TRY(get_bool(c, o, "is_paused", false, NULL, &st->is_paused));
-    TRY(get_u32(c, o, "previous_epochs_in_stage", &st->previous_epochs_in_stage));
+    KSM_TRY(get_u32(c, o, "blend_tempo_epochs", &st->blend_tempo_epochs));
+    KSM_TRY(get_bool(c, o, "is_healthy", false, NULL, &st->is_healthy));
+    KSM_TRY(get_bool(c, o, "is_paused", false, NULL, &st->is_paused));
+    KSM_TRY(get_u32(c, o, "previous_epochs_in_stage", &st->previous_epochs_in_stage));
     return 0;
 }
 
@@ -655,26 +650,26 @@ static int parse_extra_state(struct pctx *c, json_t *root, struct ksm_slot *t, b
     int64_t v;
     bool is_null;
     if (!json_is_object(root)) return perr(c, "", "must be an object");
-    TRY(get_int(c, root, "_extra_state_version", INT64_MIN, INT64_MAX, false, NULL, &v));
+    KSM_TRY(get_int(c, root, "_extra_state_version", INT64_MIN, INT64_MAX, false, NULL, &v));
     if (v != EXTRA_STATE_VERSION)
         return perr(c, "_extra_state_version", "expected %d, got %" PRId64, EXTRA_STATE_VERSION, v);
-    TRY(get_bool(c, root, "isolate_gradients", false, NULL, &t->isolate_gradients));
-    TRY(get_str(c, root, "blend_algorithm_id", t->blend_algorithm_id, sizeof t->blend_algorithm_id,
-                true, &is_null));
+    KSM_TRY(get_bool(c, root, "isolate_gradients", false, NULL, &t->isolate_gradients));
+    KSM_TRY(get_str(c, root, "blend_algorithm_id", t->blend_algorithm_id,
+                    sizeof t->blend_algorithm_id, true, &is_null));
     if (!is_null && strcmp(t->blend_algorithm_id, "linear") &&
         strcmp(t->blend_algorithm_id, "sigmoid") && strcmp(t->blend_algorithm_id, "gated"))
         return perr(c, "blend_algorithm_id", "'%s' is not linear, sigmoid or gated",
                     t->blend_algorithm_id);
     if (!is_null && !t->blend_algorithm_id[0]) return perr(c, "blend_algorithm_id", "is empty");
-    TRY(get_int(c, root, "blend_tempo_epochs", 0, UINT32_MAX, true, &is_null, &v));
+    KSM_TRY(get_int(c, root, "blend_tempo_epochs", 0, UINT32_MAX, true, &is_null, &v));
     t->has_blend_tempo = !is_null;
     t->blend_tempo_epochs = (uint32_t)v;
-    TRY(get_num(c, root, "blend_alpha_target", 0, 1, true, &is_null, &t->blend_alpha_target));
+    KSM_TRY(get_num(c, root, "blend_alpha_target", 0, 1, true, &is_null, &t->blend_alpha_target));
     t->has_blend_alpha_target = !is_null;
     if (!is_null && !(t->blend_alpha_target > 0))
         return perr(c, "blend_alpha_target", "must be within (0, 1]");
     char topo[16];
-    TRY(get_str(c, root, "resolved_topology", topo, sizeof topo, true, &is_null));
+    KSM_TRY(get_str(c, root, "resolved_topology", topo, sizeof topo, true, &is_null));
     t->has_resolved_topology = !is_null;
     if (!is_null) {
         enum ksm_topology want = t->env ? t->env->topology : KSM_TOPOLOGY_CNN;
@@ -686,19 +681,19 @@ static int parse_extra_state(struct pctx *c, json_t *root, struct ksm_slot *t, b
     }
 
     json_t *ss;
-    TRY(need(c, root, "seed_state", &ss));
+    KSM_TRY(need(c, root, "seed_state", &ss));
     t->occupied = false;
     memset(&t->state, 0, sizeof t->state);
     if (!json_is_null(ss)) {
         if (!json_is_object(ss)) return perr(c, "seed_state", "must be an object or null");
         c->path = "seed_state.";
-        TRY(parse_seed_state(c, ss, t));
+        KSM_TRY(parse_seed_state(c, ss, t));
         c->path = "";
         t->occupied = true;
     }
 
     json_t *cfg;
-    TRY(need(c, root, "alpha_schedule_config", &cfg));
+    KSM_TRY(need(c, root, "alpha_schedule_config", &cfg));
     *needs_gate = false;
     if (!json_is_null(cfg)) {
         if (!json_is_object(cfg))
@@ -707,12 +702,12 @@ static int parse_extra_state(struct pctx *c, json_t *root, struct ksm_slot *t, b
             return perr(c, "alpha_schedule_config", "is set but seed_state is missing");
         char algo[16];
         c->path = "alpha_schedule_config.";
-        TRY(get_str(c, cfg, "algorithm_id", algo, sizeof algo, false, NULL));
+        KSM_TRY(get_str(c, cfg, "algorithm_id", algo, sizeof algo, false, NULL));
         if (strcmp(algo, "gated"))
             return perr(c, "algorithm_id", "'%s' is not supported (only 'gated')", algo);
-        TRY(get_int(c, cfg, "total_steps", 0, UINT32_MAX, false, NULL, &v));
+        KSM_TRY(get_int(c, cfg, "total_steps", 0, UINT32_MAX, false, NULL, &v));
         t->gate_total_steps = (uint32_t)v;
-        TRY(get_int(c, cfg, "current_step", 0, UINT32_MAX, false, NULL, &v));
+        KSM_TRY(get_int(c, cfg, "current_step", 0, UINT32_MAX, false, NULL, &v));
         t->gate_current_step = (uint32_t)v;
         c->path = "";
         if (t->state.alpha_algorithm != KSM_ALGO_GATE)
@@ -735,11 +730,11 @@ static int parse_extra_state(struct pctx *c, json_t *root, struct ksm_slot *t, b
 
     t->pending_prune_reason[0] = t->pending_prune_initiator[0] = '\0';
     if (json_object_get(root, "_kasmina_pending_prune_reason"))
-        TRY(get_str(c, root, "_kasmina_pending_prune_reason", t->pending_prune_reason,
-                    sizeof t->pending_prune_reason, false, NULL));
+        KSM_TRY(get_str(c, root, "_kasmina_pending_prune_reason", t->pending_prune_reason,
+                        sizeof t->pending_prune_reason, false, NULL));
     if (json_object_get(root, "_kasmina_pending_prune_initiator"))
-        TRY(get_str(c, root, "_kasmina_pending_prune_initiator", t->pending_prune_initiator,
-                    sizeof t->pending_prune_initiator, false, NULL));
+        KSM_TRY(get_str(c, root, "_kasmina_pending_prune_initiator", t->pending_prune_initiator,
+                        sizeof t->pending_prune_initiator, false, NULL));
     return 0;
 }
 

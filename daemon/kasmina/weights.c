@@ -159,7 +159,8 @@ static int export_common(ksm_model *m, const bool *want, bool with_host, void **
     if (rc == 0 && generation != NULL) *generation = gen;
 out:
     pthread_mutex_unlock(&m->lock);
-    if (rc < 0) KSM_ERR(err, errlen, "could not export model \"%s\": %s", m->id, ksm_strerror(rc));
+    if (rc < 0)
+        ksm_errf(err, errlen, 0, "could not export model \"%s\": %s", m->id, ksm_strerror(rc));
     if (json)
         for (int i = 0; i < m->n_slots; i++) free(json[i]);
     free(json);
@@ -193,8 +194,8 @@ int ksm_model_export_state(ksm_model *m, const char *const *slot_ids, int n_slot
     }
     pthread_mutex_unlock(&m->lock);
     if (bad >= 0) {
-        KSM_ERR(err, errlen, "slot \"%s\" is not a slot of model \"%s\"",
-                slot_ids[bad] ? slot_ids[bad] : "", m->id);
+        ksm_errf(err, errlen, 0, "slot \"%s\" is not a slot of model \"%s\"",
+                 slot_ids[bad] ? slot_ids[bad] : "", m->id);
         return KSM_ENOSLOT;
     }
     if (slot_ids == NULL)
@@ -236,7 +237,7 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
     char why[256];
     int rc = ksm_st_parse(blob, len, &f, why, sizeof why);
     if (rc < 0) {
-        KSM_ERR(err, errlen, "safetensors is not a valid safetensors file: %s", why);
+        ksm_errf(err, errlen, 0, "safetensors is not a valid safetensors file: %s", why);
         return rc == KSM_EDTYPE ? KSM_EDTYPE : KSM_EFORMAT;
     }
     uint64_t restored_gen = 0;
@@ -247,7 +248,8 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
         if (g != NULL) restored_gen = strtoull(g, &end, 10);
         if (g == NULL || end == g || *end != '\0' || restored_gen == 0 || kind == NULL ||
             (strcmp(kind, "snapshot") != 0 && strcmp(kind, "slots") != 0)) {
-            KSM_ERR(err, errlen, "the state blob lacks a valid kasmina.generation or kasmina.kind");
+            ksm_errf(err, errlen, 0,
+                     "the state blob lacks a valid kasmina.generation or kasmina.kind");
             ksm_st_close(f);
             return KSM_EFORMAT;
         }
@@ -268,7 +270,7 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
         goto fail;
     }
     if (m->deleted) {
-        KSM_ERR(err, errlen, "model \"%s\" was deleted", m->id);
+        ksm_errf(err, errlen, 0, "model \"%s\" was deleted", m->id);
         rc = KSM_ENOMODEL;
         goto fail;
     }
@@ -293,10 +295,10 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
                 known = ksm_model_find_slot(m, sid) != NULL;
             }
             if (!known) {
-                KSM_ERR(err, errlen,
-                        "__metadata__ %s is state for slot \"%.*s\", which model \"%s\" does not "
-                        "have (a strict load refuses it)",
-                        key, (int)(sl < 32 ? sl : 32), key + pl, m->id);
+                ksm_errf(err, errlen, 0,
+                         "__metadata__ %s is state for slot \"%.*s\", which model \"%s\" does not "
+                         "have (a strict load refuses it)",
+                         key, (int)(sl < 32 ? sl : 32), key + pl, m->id);
                 rc = KSM_EINVAL;
                 goto fail;
             }
@@ -316,7 +318,7 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
         rc = ksm_slot_extra_state_parse(&ms->s, js, &newst[i], &need_seed, &need_gate, why,
                                         sizeof why);
         if (rc < 0) {
-            KSM_ERR(err, errlen, "__metadata__ %s is invalid: %s", key, why);
+            ksm_errf(err, errlen, 0, "__metadata__ %s is invalid: %s", key, why);
             goto fail;
         }
         has_state[i] = true;
@@ -326,15 +328,15 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
             const struct ksm_blueprint *bp =
                 ksm_blueprint_find(m->spec.topology, newst[i].state.blueprint_id);
             if (bp == NULL) {
-                KSM_ERR(err, errlen,
-                        "__metadata__ %s names blueprint \"%s\", which is not a %s "
-                        "blueprint",
-                        key, newst[i].state.blueprint_id, ksm_topology_name(m->spec.topology));
+                ksm_errf(err, errlen, 0,
+                         "__metadata__ %s names blueprint \"%s\", which is not a %s "
+                         "blueprint",
+                         key, newst[i].state.blueprint_id, ksm_topology_name(m->spec.topology));
                 rc = KSM_ENOBLUEPRINT;
                 goto fail;
             }
             if ((rc = ksm_seed_new(bp, ms->s.channels, &seeds[i], why, sizeof why)) < 0) {
-                KSM_ERR(err, errlen, "slot %s: %s", ms->s.id, why);
+                ksm_errf(err, errlen, 0, "slot %s: %s", ms->s.id, why);
                 goto fail;
             }
             new_seed[i] = true;
@@ -342,7 +344,7 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
         if (need_gate) {
             if ((rc = ksm_gated_blend_new(ms->s.channels, m->spec.topology, &gates[i], why,
                                           sizeof why)) < 0) {
-                KSM_ERR(err, errlen, "slot %s: %s", ms->s.id, why);
+                ksm_errf(err, errlen, 0, "slot %s: %s", ms->s.id, why);
                 goto fail;
             }
             new_gate[i] = true;
@@ -383,8 +385,8 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
             }
             used[st - ksm_st_get(f, 0)] = true;
             if (st->dtype != p->t.dtype) {
-                KSM_ERR(err, errlen, "tensor %s has dtype %s; expected %s", full,
-                        ksm_dtype_name(st->dtype), ksm_dtype_name(p->t.dtype));
+                ksm_errf(err, errlen, 0, "tensor %s has dtype %s; expected %s", full,
+                         ksm_dtype_name(st->dtype), ksm_dtype_name(p->t.dtype));
                 rc = KSM_EDTYPE;
                 goto fail;
             }
@@ -392,7 +394,7 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
                 char a[64], b[64];
                 describe_shape(a, sizeof a, st->ndim, st->shape);
                 describe_shape(b, sizeof b, p->t.ndim, p->t.shape);
-                KSM_ERR(err, errlen, "tensor %s has shape %s; expected %s", full, a, b);
+                ksm_errf(err, errlen, 0, "tensor %s has shape %s; expected %s", full, a, b);
                 rc = KSM_ESHAPE;
                 goto fail;
             }
@@ -408,18 +410,18 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
     /* New modules must be complete: a seed without its weights cannot run. */
     for (size_t i = 0; i < r.n_missing; i++) {
         if (strict || strncmp(r.missing[i], "seed_slots.", 11) == 0) {
-            KSM_ERR(err, errlen, "tensor %s is missing%s (%zu missing in all)", r.missing[i],
-                    strict ? " and the load is strict" : " and its seed or gate is restored",
-                    r.n_missing);
+            ksm_errf(err, errlen, 0, "tensor %s is missing%s (%zu missing in all)", r.missing[i],
+                     strict ? " and the load is strict" : " and its seed or gate is restored",
+                     r.n_missing);
             rc = KSM_EINVAL;
             goto fail;
         }
     }
     if (strict && r.n_unexpected > 0) {
-        KSM_ERR(err, errlen,
-                "tensor %s is not a tensor of this model and the load is strict "
-                "(%zu unexpected in all)",
-                r.unexpected[0], r.n_unexpected);
+        ksm_errf(err, errlen, 0,
+                 "tensor %s is not a tensor of this model and the load is strict "
+                 "(%zu unexpected in all)",
+                 r.unexpected[0], r.n_unexpected);
         rc = KSM_EINVAL;
         goto fail;
     }
@@ -435,8 +437,8 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
     int rc2 = ksm_stream_synchronize(ctx->stream);
     if (rc == 0) rc = rc2;
     if (rc < 0) {
-        KSM_ERR(err, errlen, "could not upload the weights to %s: %s", ksm_device_name(m->dev),
-                ksm_strerror(rc));
+        ksm_errf(err, errlen, 0, "could not upload the weights to %s: %s", ksm_device_name(m->dev),
+                 ksm_strerror(rc));
         goto fail;
     }
     /* New modules not covered by the file (non-strict) would be uninitialised: materialise
@@ -457,7 +459,7 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
         }
     }
     if (rc < 0) {
-        KSM_ERR(err, errlen, "could not allocate restored seeds: %s", ksm_strerror(rc));
+        ksm_errf(err, errlen, 0, "could not allocate restored seeds: %s", ksm_strerror(rc));
         goto fail;
     }
 

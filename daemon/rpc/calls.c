@@ -14,12 +14,6 @@
 #include "kasmina/log.h"
 #include "rpc/server_impl.h"
 
-#define ERR cx->err, sizeof cx->err
-#define TRY(expr)                                                                                  \
-    do {                                                                                           \
-        int rc_ = (expr);                                                                          \
-        if (rc_ != 0) return rc_;                                                                  \
-    } while (0)
 #define ALLOC(var, type, init)                                                                     \
     type *var = ksm_pb_arena_alloc(&cx->arena, sizeof(type));                                      \
     if (var == NULL) return KSM_ENOMEM;                                                            \
@@ -33,8 +27,8 @@ static void free_load(void *p) { ksm_load_result_free(p); }
 /* A reference to the model (released after the reply is sent). */
 static int get_model(ksm_rpc_server *s, const char *id, struct rpc_ctx *cx, ksm_model **out)
 {
-    TRY(ksm_conv_check_model_id(id, "model_id", true, ERR));
-    TRY(ksm_service_model_get(s->service, id, out, ERR));
+    KSM_TRY(ksm_conv_check_model_id(id, "model_id", true, cx->err, sizeof cx->err));
+    KSM_TRY(ksm_service_model_get(s->service, id, out, cx->err, sizeof cx->err));
     rpc_defer(cx, unref_model, *out);
     return 0;
 }
@@ -43,9 +37,9 @@ static int model_reply(ksm_model *m, struct rpc_ctx *cx, ProtobufCMessage **repl
 {
     struct ksm_model_info *info = ksm_pb_arena_alloc(&cx->arena, sizeof *info);
     if (info == NULL) return KSM_ENOMEM;
-    TRY(ksm_model_get_info(m, info));
+    KSM_TRY(ksm_model_get_info(m, info));
     ALLOC(out, Kasmina__V1__Model, kasmina__v1__model__init);
-    TRY(ksm_conv_model_to_pb(info, &cx->arena, out));
+    KSM_TRY(ksm_conv_model_to_pb(info, &cx->arena, out));
     *reply = &out->base;
     return 0;
 }
@@ -55,7 +49,7 @@ static int slot_report_reply(const char *model_id, const struct ksm_slot_report 
 {
     Kasmina__V1__SlotReport *pb = ksm_pb_arena_alloc(&cx->arena, sizeof *pb);
     if (pb == NULL) return KSM_ENOMEM;
-    TRY(ksm_conv_slot_report_to_pb(model_id, r, &cx->arena, pb));
+    KSM_TRY(ksm_conv_slot_report_to_pb(model_id, r, &cx->arena, pb));
     *out = pb;
     return 0;
 }
@@ -150,9 +144,9 @@ static int h_create_model(ksm_rpc_server *s, const ProtobufCMessage *req, struct
 {
     const Kasmina__V1__CreateModelRequest *r = (const void *)req;
     struct ksm_model_spec spec;
-    TRY(ksm_conv_model_spec_from_pb(r, &spec, ERR));
+    KSM_TRY(ksm_conv_model_spec_from_pb(r, &spec, cx->err, sizeof cx->err));
     ksm_model *m;
-    TRY(ksm_service_model_create(s->service, r->model_id, &spec, &m, ERR));
+    KSM_TRY(ksm_service_model_create(s->service, r->model_id, &spec, &m, cx->err, sizeof cx->err));
     rpc_defer(cx, unref_model, m);
     return model_reply(m, cx, reply);
 }
@@ -162,7 +156,7 @@ static int h_get_model(ksm_rpc_server *s, const ProtobufCMessage *req, struct rp
 {
     const Kasmina__V1__GetModelRequest *r = (const void *)req;
     ksm_model *m;
-    TRY(get_model(s, r->model_id, cx, &m));
+    KSM_TRY(get_model(s, r->model_id, cx, &m));
     return model_reply(m, cx, reply);
 }
 
@@ -173,7 +167,7 @@ static int h_list_models(ksm_rpc_server *s, const ProtobufCMessage *req, struct 
 {
     ksm_model **list = NULL;
     size_t n = 0;
-    TRY(ksm_engine_model_list(s->engine, &list, &n));
+    KSM_TRY(ksm_engine_model_list(s->engine, &list, &n));
     rpc_defer(cx, free_model_list, list);
     ALLOC(out, Kasmina__V1__ListModelsResponse, kasmina__v1__list_models_response__init);
     out->models = ksm_pb_arena_alloc(&cx->arena, n * sizeof *out->models);
@@ -214,9 +208,9 @@ static int h_delete_model(ksm_rpc_server *s, const ProtobufCMessage *req, struct
                           ProtobufCMessage **reply)
 {
     const Kasmina__V1__DeleteModelRequest *r = (const void *)req;
-    TRY(ksm_conv_check_model_id(r->model_id, "model_id", true, ERR));
+    KSM_TRY(ksm_conv_check_model_id(r->model_id, "model_id", true, cx->err, sizeof cx->err));
     uint64_t freed = 0;
-    TRY(ksm_service_model_delete(s->service, r->model_id, &freed, ERR));
+    KSM_TRY(ksm_service_model_delete(s->service, r->model_id, &freed, cx->err, sizeof cx->err));
     ALLOC(out, Kasmina__V1__DeleteModelResponse, kasmina__v1__delete_model_response__init);
     out->freed_bytes = freed;
     *reply = &out->base;
@@ -228,7 +222,7 @@ static int h_load_weights(ksm_rpc_server *s, const ProtobufCMessage *req, struct
 {
     const Kasmina__V1__LoadWeightsRequest *r = (const void *)req;
     ksm_model *m;
-    TRY(get_model(s, r->model_id, cx, &m));
+    KSM_TRY(get_model(s, r->model_id, cx, &m));
     if (r->safetensors.len == 0) {
         snprintf(cx->err, sizeof cx->err, "safetensors must not be empty.");
         return KSM_EINVAL;
@@ -239,10 +233,10 @@ static int h_load_weights(ksm_rpc_server *s, const ProtobufCMessage *req, struct
      * be written (rolled back, the call fails) has filled lr too. */
     memset(lr, 0, sizeof *lr);
     rpc_defer(cx, free_load, lr);
-    TRY(ksm_service_load_weights(s->service, m, r->safetensors.data, r->safetensors.len, r->strict,
-                                 lr, ERR));
+    KSM_TRY(ksm_service_load_weights(s->service, m, r->safetensors.data, r->safetensors.len,
+                                     r->strict, lr, cx->err, sizeof cx->err));
     ALLOC(out, Kasmina__V1__LoadWeightsResponse, kasmina__v1__load_weights_response__init);
-    TRY(ksm_conv_load_result_to_pb(lr, &cx->arena, out));
+    KSM_TRY(ksm_conv_load_result_to_pb(lr, &cx->arena, out));
     *reply = &out->base;
     return 0;
 }
@@ -252,11 +246,11 @@ static int h_export_weights(ksm_rpc_server *s, const ProtobufCMessage *req, stru
 {
     const Kasmina__V1__ExportWeightsRequest *r = (const void *)req;
     ksm_model *m;
-    TRY(get_model(s, r->model_id, cx, &m));
-    TRY(rpc_limit_reply_export(s, m, cx));
+    KSM_TRY(get_model(s, r->model_id, cx, &m));
+    KSM_TRY(rpc_limit_reply_export(s, m, cx));
     void *buf = NULL;
     size_t len = 0;
-    TRY(ksm_model_export_weights(m, &buf, &len, ERR));
+    KSM_TRY(ksm_model_export_weights(m, &buf, &len, cx->err, sizeof cx->err));
     rpc_defer(cx, free, buf);
     ALLOC(out, Kasmina__V1__ExportWeightsResponse, kasmina__v1__export_weights_response__init);
     out->safetensors.data = buf;
@@ -270,15 +264,15 @@ static int h_move_model(ksm_rpc_server *s, const ProtobufCMessage *req, struct r
 {
     const Kasmina__V1__MoveModelRequest *r = (const void *)req;
     ksm_model *m;
-    TRY(get_model(s, r->model_id, cx, &m));
-    TRY(ksm_conv_check_string(r->device, "device", false, 31, ERR));
+    KSM_TRY(get_model(s, r->model_id, cx, &m));
+    KSM_TRY(ksm_conv_check_string(r->device, "device", false, 31, cx->err, sizeof cx->err));
     int dtype = -1;
     if (r->dtype != KASMINA__V1__DTYPE__DTYPE_UNSPECIFIED) {
         enum ksm_dtype d;
-        TRY(ksm_conv_dtype_from_pb((int)r->dtype, "dtype", &d, ERR));
+        KSM_TRY(ksm_conv_dtype_from_pb((int)r->dtype, "dtype", &d, cx->err, sizeof cx->err));
         dtype = (int)d;
     }
-    TRY(ksm_service_move(s->service, m, r->device, dtype, ERR));
+    KSM_TRY(ksm_service_move(s->service, m, r->device, dtype, cx->err, sizeof cx->err));
     return model_reply(m, cx, reply);
 }
 
@@ -289,14 +283,14 @@ static int h_germinate(ksm_rpc_server *s, const ProtobufCMessage *req, struct rp
 {
     const Kasmina__V1__GerminateRequest *r = (const void *)req;
     struct ksm_germinate_args g;
-    TRY(ksm_conv_germinate_from_pb(r, &g, ERR));
+    KSM_TRY(ksm_conv_germinate_from_pb(r, &g, cx->err, sizeof cx->err));
     ksm_model *m;
-    TRY(get_model(s, r->model_id, cx, &m));
+    KSM_TRY(get_model(s, r->model_id, cx, &m));
     struct ksm_slot_report *rep = new_report(cx);
     if (rep == NULL) return KSM_ENOMEM;
-    TRY(ksm_service_germinate(s->service, m, r->slot_id, &g, rep, ERR));
+    KSM_TRY(ksm_service_germinate(s->service, m, r->slot_id, &g, rep, cx->err, sizeof cx->err));
     Kasmina__V1__SlotReport *out;
-    TRY(slot_report_reply(r->model_id, rep, cx, &out));
+    KSM_TRY(slot_report_reply(r->model_id, rep, cx, &out));
     *reply = &out->base;
     return 0;
 }
@@ -306,18 +300,19 @@ static int h_advance(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_
 {
     const Kasmina__V1__AdvanceStageRequest *r = (const void *)req;
     struct ksm_lifecycle_args l;
-    TRY(ksm_conv_advance_from_pb(r, &l, ERR));
+    KSM_TRY(ksm_conv_advance_from_pb(r, &l, cx->err, sizeof cx->err));
     ksm_model *m;
-    TRY(get_model(s, r->model_id, cx, &m));
+    KSM_TRY(get_model(s, r->model_id, cx, &m));
     struct ksm_slot_report *rep = new_report(cx);
     struct ksm_gate_result *gate = ksm_pb_arena_alloc(&cx->arena, sizeof *gate);
     if (rep == NULL || gate == NULL) return KSM_ENOMEM;
-    TRY(ksm_service_advance(s->service, m, l.slot_id, l.target, gate, rep, ERR));
+    KSM_TRY(ksm_service_advance(s->service, m, l.slot_id, l.target, gate, rep, cx->err,
+                                sizeof cx->err));
     ALLOC(out, Kasmina__V1__AdvanceStageResponse, kasmina__v1__advance_stage_response__init);
     out->gate = ksm_pb_arena_alloc(&cx->arena, sizeof *out->gate);
     if (out->gate == NULL) return KSM_ENOMEM;
-    TRY(ksm_conv_gate_to_pb(gate, &cx->arena, out->gate));
-    TRY(slot_report_reply(r->model_id, rep, cx, &out->slot));
+    KSM_TRY(ksm_conv_gate_to_pb(gate, &cx->arena, out->gate));
+    KSM_TRY(slot_report_reply(r->model_id, rep, cx, &out->slot));
     *reply = &out->base;
     return 0;
 }
@@ -327,7 +322,7 @@ static int prune_reply(const char *model_id, bool accepted, const struct ksm_slo
 {
     ALLOC(out, Kasmina__V1__PruneResponse, kasmina__v1__prune_response__init);
     out->accepted = accepted;
-    TRY(slot_report_reply(model_id, rep, cx, &out->slot));
+    KSM_TRY(slot_report_reply(model_id, rep, cx, &out->slot));
     *reply = &out->base;
     return 0;
 }
@@ -337,13 +332,14 @@ static int h_prune(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ct
 {
     const Kasmina__V1__PruneRequest *r = (const void *)req;
     struct ksm_lifecycle_args l;
-    TRY(ksm_conv_prune_from_pb(r, &l, ERR));
+    KSM_TRY(ksm_conv_prune_from_pb(r, &l, cx->err, sizeof cx->err));
     ksm_model *m;
-    TRY(get_model(s, r->model_id, cx, &m));
+    KSM_TRY(get_model(s, r->model_id, cx, &m));
     struct ksm_slot_report *rep = new_report(cx);
     if (rep == NULL) return KSM_ENOMEM;
     bool accepted = false;
-    TRY(ksm_service_prune(s->service, m, l.slot_id, l.reason, l.initiator, &accepted, rep, ERR));
+    KSM_TRY(ksm_service_prune(s->service, m, l.slot_id, l.reason, l.initiator, &accepted, rep,
+                              cx->err, sizeof cx->err));
     return prune_reply(r->model_id, accepted, rep, cx, reply);
 }
 
@@ -352,14 +348,15 @@ static int h_schedule_prune(ksm_rpc_server *s, const ProtobufCMessage *req, stru
 {
     const Kasmina__V1__SchedulePruneRequest *r = (const void *)req;
     struct ksm_lifecycle_args l;
-    TRY(ksm_conv_schedule_prune_from_pb(r, &l, ERR));
+    KSM_TRY(ksm_conv_schedule_prune_from_pb(r, &l, cx->err, sizeof cx->err));
     ksm_model *m;
-    TRY(get_model(s, r->model_id, cx, &m));
+    KSM_TRY(get_model(s, r->model_id, cx, &m));
     struct ksm_slot_report *rep = new_report(cx);
     if (rep == NULL) return KSM_ENOMEM;
     bool accepted = false;
-    TRY(ksm_service_schedule_prune(s->service, m, l.slot_id, l.steps, l.curve, l.has_steepness,
-                                   l.steepness, l.reason, l.initiator, &accepted, rep, ERR));
+    KSM_TRY(ksm_service_schedule_prune(s->service, m, l.slot_id, l.steps, l.curve, l.has_steepness,
+                                       l.steepness, l.reason, l.initiator, &accepted, rep, cx->err,
+                                       sizeof cx->err));
     return prune_reply(r->model_id, accepted, rep, cx, reply);
 }
 
@@ -368,16 +365,17 @@ static int h_set_alpha_target(ksm_rpc_server *s, const ProtobufCMessage *req, st
 {
     const Kasmina__V1__SetAlphaTargetRequest *r = (const void *)req;
     struct ksm_lifecycle_args l;
-    TRY(ksm_conv_set_alpha_target_from_pb(r, &l, ERR));
+    KSM_TRY(ksm_conv_set_alpha_target_from_pb(r, &l, cx->err, sizeof cx->err));
     ksm_model *m;
-    TRY(get_model(s, r->model_id, cx, &m));
+    KSM_TRY(get_model(s, r->model_id, cx, &m));
     struct ksm_slot_report *rep = new_report(cx);
     if (rep == NULL) return KSM_ENOMEM;
-    TRY(ksm_service_set_alpha_target(s->service, m, l.slot_id, l.alpha, l.steps, l.curve,
-                                     l.has_steepness, l.steepness, l.algorithm, rep, ERR));
+    KSM_TRY(ksm_service_set_alpha_target(s->service, m, l.slot_id, l.alpha, l.steps, l.curve,
+                                         l.has_steepness, l.steepness, l.algorithm, rep, cx->err,
+                                         sizeof cx->err));
     ALLOC(out, Kasmina__V1__SetAlphaTargetResponse, kasmina__v1__set_alpha_target_response__init);
     out->accepted = true;
-    TRY(slot_report_reply(r->model_id, rep, cx, &out->slot));
+    KSM_TRY(slot_report_reply(r->model_id, rep, cx, &out->slot));
     *reply = &out->base;
     return 0;
 }
@@ -387,14 +385,14 @@ static int h_set_alpha(ksm_rpc_server *s, const ProtobufCMessage *req, struct rp
 {
     const Kasmina__V1__SetAlphaRequest *r = (const void *)req;
     struct ksm_lifecycle_args l;
-    TRY(ksm_conv_set_alpha_from_pb(r, &l, ERR));
+    KSM_TRY(ksm_conv_set_alpha_from_pb(r, &l, cx->err, sizeof cx->err));
     ksm_model *m;
-    TRY(get_model(s, r->model_id, cx, &m));
+    KSM_TRY(get_model(s, r->model_id, cx, &m));
     struct ksm_slot_report *rep = new_report(cx);
     if (rep == NULL) return KSM_ENOMEM;
-    TRY(ksm_service_set_alpha(s->service, m, l.slot_id, l.alpha, rep, ERR));
+    KSM_TRY(ksm_service_set_alpha(s->service, m, l.slot_id, l.alpha, rep, cx->err, sizeof cx->err));
     Kasmina__V1__SlotReport *out;
-    TRY(slot_report_reply(r->model_id, rep, cx, &out));
+    KSM_TRY(slot_report_reply(r->model_id, rep, cx, &out));
     *reply = &out->base;
     return 0;
 }
@@ -404,7 +402,7 @@ static int reports_reply(const char *model_id, const struct ksm_slot_report *rep
 {
     *slots = ksm_pb_arena_alloc(&cx->arena, n * sizeof **slots);
     if (*slots == NULL) return KSM_ENOMEM;
-    for (size_t i = 0; i < n; i++) TRY(slot_report_reply(model_id, &reps[i], cx, &(*slots)[i]));
+    for (size_t i = 0; i < n; i++) KSM_TRY(slot_report_reply(model_id, &reps[i], cx, &(*slots)[i]));
     *n_slots = n;
     return 0;
 }
@@ -413,17 +411,18 @@ static int h_step_epoch(ksm_rpc_server *s, const ProtobufCMessage *req, struct r
                         ProtobufCMessage **reply)
 {
     const Kasmina__V1__StepEpochRequest *r = (const void *)req;
-    TRY(ksm_conv_check_slot_id(r->slot_id, "slot_id", false, ERR));
+    KSM_TRY(ksm_conv_check_slot_id(r->slot_id, "slot_id", false, cx->err, sizeof cx->err));
     ksm_model *m;
-    TRY(get_model(s, r->model_id, cx, &m));
+    KSM_TRY(get_model(s, r->model_id, cx, &m));
     size_t cap;
     struct ksm_slot_report *reps = new_reports(m, r->slot_id, cx, &cap);
     if (reps == NULL) return KSM_ENOMEM;
     size_t n = 0;
-    TRY(ksm_service_step_epoch(s->service, m, r->slot_id, reps, cap, &n, ERR));
+    KSM_TRY(
+        ksm_service_step_epoch(s->service, m, r->slot_id, reps, cap, &n, cx->err, sizeof cx->err));
     if (n > cap) n = cap;
     ALLOC(out, Kasmina__V1__StepEpochResponse, kasmina__v1__step_epoch_response__init);
-    TRY(reports_reply(r->model_id, reps, n, cx, &out->slots, &out->n_slots));
+    KSM_TRY(reports_reply(r->model_id, reps, n, cx, &out->slots, &out->n_slots));
     *reply = &out->base;
     return 0;
 }
@@ -433,14 +432,15 @@ static int h_record_metrics(ksm_rpc_server *s, const ProtobufCMessage *req, stru
 {
     const Kasmina__V1__RecordMetricsRequest *r = (const void *)req;
     struct ksm_metrics_update u;
-    TRY(ksm_conv_metrics_from_pb(r, &u, ERR));
+    KSM_TRY(ksm_conv_metrics_from_pb(r, &u, cx->err, sizeof cx->err));
     ksm_model *m;
-    TRY(get_model(s, r->model_id, cx, &m));
+    KSM_TRY(get_model(s, r->model_id, cx, &m));
     struct ksm_slot_report *rep = new_report(cx);
     if (rep == NULL) return KSM_ENOMEM;
-    TRY(ksm_service_record_metrics(s->service, m, r->slot_id, &u, rep, ERR));
+    KSM_TRY(
+        ksm_service_record_metrics(s->service, m, r->slot_id, &u, rep, cx->err, sizeof cx->err));
     Kasmina__V1__SlotReport *out;
-    TRY(slot_report_reply(r->model_id, rep, cx, &out));
+    KSM_TRY(slot_report_reply(r->model_id, rep, cx, &out));
     *reply = &out->base;
     return 0;
 }
@@ -449,17 +449,17 @@ static int h_get_slot_reports(ksm_rpc_server *s, const ProtobufCMessage *req, st
                               ProtobufCMessage **reply)
 {
     const Kasmina__V1__GetSlotReportsRequest *r = (const void *)req;
-    TRY(ksm_conv_check_slot_id(r->slot_id, "slot_id", false, ERR));
+    KSM_TRY(ksm_conv_check_slot_id(r->slot_id, "slot_id", false, cx->err, sizeof cx->err));
     ksm_model *m;
-    TRY(get_model(s, r->model_id, cx, &m));
+    KSM_TRY(get_model(s, r->model_id, cx, &m));
     size_t cap;
     struct ksm_slot_report *reps = new_reports(m, r->slot_id, cx, &cap);
     if (reps == NULL) return KSM_ENOMEM;
     size_t n = 0;
-    TRY(ksm_model_slot_reports(m, r->slot_id, reps, cap, &n, ERR));
+    KSM_TRY(ksm_model_slot_reports(m, r->slot_id, reps, cap, &n, cx->err, sizeof cx->err));
     if (n > cap) n = cap;
     ALLOC(out, Kasmina__V1__SlotReports, kasmina__v1__slot_reports__init);
-    TRY(reports_reply(r->model_id, reps, n, cx, &out->slots, &out->n_slots));
+    KSM_TRY(reports_reply(r->model_id, reps, n, cx, &out->slots, &out->n_slots));
     *reply = &out->base;
     return 0;
 }
@@ -470,17 +470,18 @@ static int forward_common(ksm_rpc_server *s, const char *model_id,
                           const struct ksm_forward_args *fa, int out_dtype, struct rpc_ctx *cx,
                           ProtobufCMessage **reply)
 {
-    TRY(rpc_limit_input(s, fa->input, cx));
+    KSM_TRY(rpc_limit_input(s, fa->input, cx));
     ksm_model *m;
-    TRY(get_model(s, model_id, cx, &m));
-    TRY(rpc_limit_reply_logits(s, m, fa->input, out_dtype, 1, cx));
-    TRY(rpc_limit_stream_enter(s, model_id, fa->stream, cx));
+    KSM_TRY(get_model(s, model_id, cx, &m));
+    KSM_TRY(rpc_limit_reply_logits(s, m, fa->input, out_dtype, 1, cx));
+    KSM_TRY(rpc_limit_stream_enter(s, model_id, fa->stream, cx));
     struct ksm_forward_result *res = ksm_pb_arena_alloc(&cx->arena, sizeof *res);
     if (res == NULL) return KSM_ENOMEM;
-    TRY(ksm_model_forward(m, fa, res, ERR));
+    KSM_TRY(ksm_model_forward(m, fa, res, cx->err, sizeof cx->err));
     rpc_defer(cx, free_tensor, &res->output);
     ALLOC(out, Kasmina__V1__ForwardResponse, kasmina__v1__forward_response__init);
-    TRY(ksm_conv_forward_result_to_pb(res, out_dtype, &cx->arena, out, ERR));
+    KSM_TRY(
+        ksm_conv_forward_result_to_pb(res, out_dtype, &cx->arena, out, cx->err, sizeof cx->err));
     *reply = &out->base;
     return 0;
 }
@@ -491,7 +492,7 @@ static int h_forward(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_
     const Kasmina__V1__ForwardRequest *r = (const void *)req;
     struct ksm_forward_args fa;
     int od;
-    TRY(ksm_conv_forward_from_pb(r, &cx->arena, &fa, &od, ERR));
+    KSM_TRY(ksm_conv_forward_from_pb(r, &cx->arena, &fa, &od, cx->err, sizeof cx->err));
     return forward_common(s, r->model_id, &fa, od, cx, reply);
 }
 
@@ -501,7 +502,7 @@ static int h_fused_forward(ksm_rpc_server *s, const ProtobufCMessage *req, struc
     const Kasmina__V1__FusedForwardRequest *r = (const void *)req;
     struct ksm_forward_args fa;
     int od;
-    TRY(ksm_conv_fused_forward_from_pb(r, &cx->arena, &fa, &od, ERR));
+    KSM_TRY(ksm_conv_fused_forward_from_pb(r, &cx->arena, &fa, &od, cx->err, sizeof cx->err));
     return forward_common(s, r->model_id, &fa, od, cx, reply);
 }
 
@@ -510,18 +511,18 @@ static int h_evaluate(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc
 {
     const Kasmina__V1__EvaluateRequest *r = (const void *)req;
     struct ksm_evaluate_args ea;
-    TRY(ksm_conv_evaluate_from_pb(r, &cx->arena, &ea, ERR));
-    TRY(rpc_limit_input(s, ea.input, cx));
+    KSM_TRY(ksm_conv_evaluate_from_pb(r, &cx->arena, &ea, cx->err, sizeof cx->err));
+    KSM_TRY(rpc_limit_input(s, ea.input, cx));
     ksm_model *m;
-    TRY(get_model(s, r->model_id, cx, &m));
-    TRY(rpc_limit_reply_evaluate(s, m, &ea, cx));
-    TRY(rpc_limit_stream_enter(s, r->model_id, ea.stream, cx));
+    KSM_TRY(get_model(s, r->model_id, cx, &m));
+    KSM_TRY(rpc_limit_reply_evaluate(s, m, &ea, cx));
+    KSM_TRY(rpc_limit_stream_enter(s, r->model_id, ea.stream, cx));
     struct ksm_evaluate_result *res = ksm_pb_arena_alloc(&cx->arena, sizeof *res);
     if (res == NULL) return KSM_ENOMEM;
-    TRY(ksm_model_evaluate(m, &ea, res, ERR));
+    KSM_TRY(ksm_model_evaluate(m, &ea, res, cx->err, sizeof cx->err));
     rpc_defer(cx, free_eval, res);
     ALLOC(out, Kasmina__V1__EvaluateResponse, kasmina__v1__evaluate_response__init);
-    TRY(ksm_conv_evaluate_result_to_pb(res, &cx->arena, out));
+    KSM_TRY(ksm_conv_evaluate_result_to_pb(res, &cx->arena, out));
     *reply = &out->base;
     return 0;
 }
@@ -531,7 +532,7 @@ static int h_evaluate(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc
 static int memory_stats(ksm_rpc_server *s, const char *device, bool empty, struct rpc_ctx *cx,
                         ProtobufCMessage **reply)
 {
-    TRY(ksm_conv_check_string(device, "device", false, 31, ERR));
+    KSM_TRY(ksm_conv_check_string(device, "device", false, 31, cx->err, sizeof cx->err));
     if (device != NULL && device[0] != '\0' && ksm_engine_find_device(s->engine, device) == NULL) {
         snprintf(cx->err, sizeof cx->err, "device '%s' does not exist.", device);
         return KSM_ENODEVICE;
@@ -539,7 +540,7 @@ static int memory_stats(ksm_rpc_server *s, const char *device, bool empty, struc
     /* Per-model resident bytes, grouped by device below. */
     ksm_model **list = NULL;
     size_t nm = 0;
-    TRY(ksm_engine_model_list(s->engine, &list, &nm));
+    KSM_TRY(ksm_engine_model_list(s->engine, &list, &nm));
     struct ksm_model_info *infos = ksm_pb_arena_alloc(&cx->arena, nm * sizeof *infos);
     for (size_t i = 0; i < nm; i++) {
         if (infos != NULL && ksm_model_get_info(list[i], &infos[i]) != 0) infos[i].device[0] = 0;
@@ -559,7 +560,7 @@ static int memory_stats(ksm_rpc_server *s, const char *device, bool empty, struc
         if (device != NULL && device[0] != '\0' && strcmp(device, name) != 0) continue;
         ksm_allocator *a = ksm_engine_allocator(s->engine, dev);
         if (a == NULL) continue;
-        if (empty) TRY(ksm_alloc_empty_cache(a));
+        if (empty) KSM_TRY(ksm_alloc_empty_cache(a));
         struct ksm_mem_stats st;
         ksm_alloc_get_stats(a, &st);
         size_t k = 0;
@@ -576,7 +577,7 @@ static int memory_stats(ksm_rpc_server *s, const char *device, bool empty, struc
         if (idc == NULL || bc == NULL) return KSM_ENOMEM;
         memcpy(idc, ids, k * sizeof *idc);
         memcpy(bc, bytes, k * sizeof *bc);
-        TRY(ksm_conv_mem_stats_to_pb(name, &st, idc, bc, k, &cx->arena, pb));
+        KSM_TRY(ksm_conv_mem_stats_to_pb(name, &st, idc, bc, k, &cx->arena, pb));
         out->devices[out->n_devices++] = pb;
     }
     *reply = &out->base;
@@ -601,7 +602,7 @@ static int cache_stats_of(ksm_model *m, struct rpc_ctx *cx, Kasmina__V1__CacheSt
 {
     struct ksm_cache_counters tmp[64];
     size_t n = 0;
-    TRY(ksm_model_cache_stats(m, tmp, 64, &n));
+    KSM_TRY(ksm_model_cache_stats(m, tmp, 64, &n));
     if (n > 64) n = 64;
     if (out->n_caches + n > *cap) {
         size_t ncap = (*cap + n) * 2;
@@ -618,7 +619,7 @@ static int cache_stats_of(ksm_model *m, struct rpc_ctx *cx, Kasmina__V1__CacheSt
     for (size_t i = 0; i < n; i++) {
         Kasmina__V1__CacheCounters *pb = ksm_pb_arena_alloc(&cx->arena, sizeof *pb);
         if (pb == NULL) return KSM_ENOMEM;
-        TRY(ksm_conv_cache_counters_to_pb(id, &cc[i], &cx->arena, pb));
+        KSM_TRY(ksm_conv_cache_counters_to_pb(id, &cc[i], &cx->arena, pb));
         out->caches[out->n_caches++] = pb;
     }
     return 0;
@@ -632,12 +633,12 @@ static int h_get_cache_stats(ksm_rpc_server *s, const ProtobufCMessage *req, str
     size_t cap = 0;
     if (r->model_id != NULL && r->model_id[0] != '\0') {
         ksm_model *m;
-        TRY(get_model(s, r->model_id, cx, &m));
-        TRY(cache_stats_of(m, cx, out, &cap));
+        KSM_TRY(get_model(s, r->model_id, cx, &m));
+        KSM_TRY(cache_stats_of(m, cx, out, &cap));
     } else {
         ksm_model **list = NULL;
         size_t n = 0;
-        TRY(ksm_engine_model_list(s->engine, &list, &n));
+        KSM_TRY(ksm_engine_model_list(s->engine, &list, &n));
         int rc = 0;
         for (size_t i = 0; i < n; i++) {
             if (rc == 0) rc = cache_stats_of(list[i], cx, out, &cap);

@@ -13,21 +13,6 @@
 
 #include "kasmina/text.h"
 
-#if defined(__GNUC__)
-__attribute__((format(printf, 3, 4)))
-#endif
-int
-ksm_conv_fail(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err != NULL && errlen > 0) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return KSM_EINVAL;
-}
-
 /* ---- Enums ---- */
 
 int ksm_conv_dtype_from_pb(int v, const char *field, enum ksm_dtype *out, char *err, size_t errlen)
@@ -39,11 +24,12 @@ int ksm_conv_dtype_from_pb(int v, const char *field, enum ksm_dtype *out, char *
     case KASMINA__V1__DTYPE__DTYPE_I64: *out = KSM_DTYPE_I64; return 0;
     case KASMINA__V1__DTYPE__DTYPE_I32: *out = KSM_DTYPE_I32; return 0;
     case KASMINA__V1__DTYPE__DTYPE_UNSPECIFIED:
-        return ksm_conv_fail(err, errlen,
-                             "%s must be set (DTYPE_F32, DTYPE_F16, DTYPE_BF16, DTYPE_I64 or "
-                             "DTYPE_I32).",
-                             field);
-    default: return ksm_conv_fail(err, errlen, "%s has an unknown DType value %d.", field, v);
+        return ksm_errf(err, errlen, KSM_EINVAL,
+                        "%s must be set (DTYPE_F32, DTYPE_F16, DTYPE_BF16, DTYPE_I64 or "
+                        "DTYPE_I32).",
+                        field);
+    default:
+        return ksm_errf(err, errlen, KSM_EINVAL, "%s has an unknown DType value %d.", field, v);
     }
 }
 
@@ -62,9 +48,10 @@ Kasmina__V1__DType ksm_conv_dtype_to_pb(enum ksm_dtype d)
 int ksm_conv_stage_from_pb(int v, const char *field, enum ksm_stage *out, char *err, size_t errlen)
 {
     if (v == 5)
-        return ksm_conv_fail(err, errlen, "%s 5 (SHADOWING) is retired and not accepted.", field);
+        return ksm_errf(err, errlen, KSM_EINVAL, "%s 5 (SHADOWING) is retired and not accepted.",
+                        field);
     if (!ksm_stage_valid(v))
-        return ksm_conv_fail(err, errlen, "%s has an unknown Stage value %d.", field, v);
+        return ksm_errf(err, errlen, KSM_EINVAL, "%s has an unknown Stage value %d.", field, v);
     *out = (enum ksm_stage)v;
     return 0;
 }
@@ -73,7 +60,8 @@ int ksm_conv_curve_from_pb(int v, const char *field, enum ksm_alpha_curve *out, 
                            size_t errlen)
 {
     if (v < 0 || v > 3)
-        return ksm_conv_fail(err, errlen, "%s has an unknown AlphaCurve value %d.", field, v);
+        return ksm_errf(err, errlen, KSM_EINVAL, "%s has an unknown AlphaCurve value %d.", field,
+                        v);
     *out = (enum ksm_alpha_curve)v;
     return 0;
 }
@@ -82,7 +70,8 @@ int ksm_conv_algorithm_from_pb(int v, const char *field, enum ksm_alpha_algorith
                                size_t errlen)
 {
     if (v < 0 || v > 3)
-        return ksm_conv_fail(err, errlen, "%s has an unknown AlphaAlgorithm value %d.", field, v);
+        return ksm_errf(err, errlen, KSM_EINVAL, "%s has an unknown AlphaAlgorithm value %d.",
+                        field, v);
     *out = (enum ksm_alpha_algorithm)v;
     return 0;
 }
@@ -91,7 +80,7 @@ int ksm_conv_gate_level_from_pb(int v, const char *field, enum ksm_gate_level *o
                                 size_t errlen)
 {
     if (v < 0 || v > 5 || v == 4)
-        return ksm_conv_fail(err, errlen, "%s has an unknown GateLevel value %d.", field, v);
+        return ksm_errf(err, errlen, KSM_EINVAL, "%s has an unknown GateLevel value %d.", field, v);
     *out = (enum ksm_gate_level)v;
     return 0;
 }
@@ -104,15 +93,15 @@ static int check_id(const char *s, const char *field, bool required, size_t max,
 {
     s = str_or_empty(s);
     size_t n = strlen(s), bad = 0;
-    if (n == 0) return required ? ksm_conv_fail(err, errlen, "%s must not be empty.", field) : 0;
+    if (n == 0)
+        return required ? ksm_errf(err, errlen, KSM_EINVAL, "%s must not be empty.", field) : 0;
     if (n > max)
-        return ksm_conv_fail(err, errlen, "%s is %zu bytes long; at most %zu are allowed.", field,
-                             n, max);
+        return ksm_errf(err, errlen, KSM_EINVAL, "%s is %zu bytes long; at most %zu are allowed.",
+                        field, n, max);
     if (!ksm_id_valid(s, max, &bad))
-        return ksm_conv_fail(
-            err, errlen,
-            "%s must match [A-Za-z0-9_][A-Za-z0-9._-]{0,%zu} (bad byte at offset %zu).", field,
-            max - 1, bad);
+        return ksm_errf(err, errlen, KSM_EINVAL,
+                        "%s must match [A-Za-z0-9_][A-Za-z0-9._-]{0,%zu} (bad byte at offset %zu).",
+                        field, max - 1, bad);
     return 0;
 }
 
@@ -127,16 +116,17 @@ int ksm_conv_check_string(const char *s, const char *field, bool required, size_
 {
     s = str_or_empty(s);
     size_t n = strlen(s), bad = 0;
-    if (n == 0) return required ? ksm_conv_fail(err, errlen, "%s must not be empty.", field) : 0;
+    if (n == 0)
+        return required ? ksm_errf(err, errlen, KSM_EINVAL, "%s must not be empty.", field) : 0;
     if (n > max)
-        return ksm_conv_fail(err, errlen, "%s is %zu bytes long; at most %zu are allowed.", field,
-                             n, max);
+        return ksm_errf(err, errlen, KSM_EINVAL, "%s is %zu bytes long; at most %zu are allowed.",
+                        field, n, max);
     if (!ksm_utf8_valid(s, n, &bad))
-        return ksm_conv_fail(err, errlen, "%s is not valid UTF-8 (byte %zu).", field, bad);
+        return ksm_errf(err, errlen, KSM_EINVAL, "%s is not valid UTF-8 (byte %zu).", field, bad);
     for (size_t i = 0; i < n; i++)
         if ((unsigned char)s[i] < 0x20 || s[i] == 0x7f)
-            return ksm_conv_fail(err, errlen, "%s contains a control character at offset %zu.",
-                                 field, i);
+            return ksm_errf(err, errlen, KSM_EINVAL,
+                            "%s contains a control character at offset %zu.", field, i);
     return 0;
 }
 
@@ -148,7 +138,8 @@ int ksm_conv_check_slot_id(const char *s, const char *field, bool required, char
 
 int ksm_conv_check_number(double v, const char *field, bool allow_inf, char *err, size_t errlen)
 {
-    if (isnan(v)) return ksm_conv_fail(err, errlen, "%s must not be NaN.", field);
-    if (!allow_inf && isinf(v)) return ksm_conv_fail(err, errlen, "%s must be finite.", field);
+    if (isnan(v)) return ksm_errf(err, errlen, KSM_EINVAL, "%s must not be NaN.", field);
+    if (!allow_inf && isinf(v))
+        return ksm_errf(err, errlen, KSM_EINVAL, "%s must be finite.", field);
     return 0;
 }

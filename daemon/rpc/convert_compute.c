@@ -17,8 +17,8 @@ static int output_dtype_check(int v, int *out, char *err, size_t errlen)
         *out = v == KASMINA__V1__DTYPE__DTYPE_UNSPECIFIED ? KASMINA__V1__DTYPE__DTYPE_F32 : v;
         return 0;
     }
-    return ksm_conv_fail(err, errlen,
-                         "output_dtype must be DTYPE_F32, DTYPE_F16 or DTYPE_BF16, got %d.", v);
+    return ksm_errf(err, errlen, KSM_EINVAL,
+                    "output_dtype must be DTYPE_F32, DTYPE_F16 or DTYPE_BF16, got %d.", v);
 }
 
 static int input_tensor(const Kasmina__V1__Tensor *pb, const char *field, struct ksm_pb_arena *a,
@@ -26,7 +26,7 @@ static int input_tensor(const Kasmina__V1__Tensor *pb, const char *field, struct
 {
     ksm_tensor *t = ANEW(a, ksm_tensor);
     if (t == NULL) return KSM_ENOMEM;
-    TRY(ksm_conv_tensor_from_pb(pb, field, a, t, err, errlen));
+    KSM_TRY(ksm_conv_tensor_from_pb(pb, field, a, t, err, errlen));
     *out = t;
     return 0;
 }
@@ -36,10 +36,10 @@ int ksm_conv_forward_from_pb(const Kasmina__V1__ForwardRequest *pb, struct ksm_p
                              size_t errlen)
 {
     memset(out, 0, sizeof *out);
-    TRY(ksm_conv_check_model_id(pb->model_id, "model_id", true, err, errlen));
-    TRY(input_tensor(pb->input, "input", a, &out->input, err, errlen));
-    TRY(ksm_conv_check_string(pb->stream, "stream", false, KSM_ID_MAX, err, errlen));
-    TRY(output_dtype_check((int)pb->output_dtype, output_dtype, err, errlen));
+    KSM_TRY(ksm_conv_check_model_id(pb->model_id, "model_id", true, err, errlen));
+    KSM_TRY(input_tensor(pb->input, "input", a, &out->input, err, errlen));
+    KSM_TRY(ksm_conv_check_string(pb->stream, "stream", false, KSM_ID_MAX, err, errlen));
+    KSM_TRY(output_dtype_check((int)pb->output_dtype, output_dtype, err, errlen));
     out->stream = str_or_empty(pb->stream);
     return 0;
 }
@@ -49,17 +49,19 @@ int ksm_conv_fused_forward_from_pb(const Kasmina__V1__FusedForwardRequest *pb,
                                    int *output_dtype, char *err, size_t errlen)
 {
     memset(out, 0, sizeof *out);
-    TRY(ksm_conv_check_model_id(pb->model_id, "model_id", true, err, errlen));
-    TRY(input_tensor(pb->input, "input", a, &out->input, err, errlen));
-    TRY(ksm_conv_check_string(pb->stream, "stream", false, KSM_ID_MAX, err, errlen));
-    TRY(output_dtype_check((int)pb->output_dtype, output_dtype, err, errlen));
+    KSM_TRY(ksm_conv_check_model_id(pb->model_id, "model_id", true, err, errlen));
+    KSM_TRY(input_tensor(pb->input, "input", a, &out->input, err, errlen));
+    KSM_TRY(ksm_conv_check_string(pb->stream, "stream", false, KSM_ID_MAX, err, errlen));
+    KSM_TRY(output_dtype_check((int)pb->output_dtype, output_dtype, err, errlen));
     out->stream = str_or_empty(pb->stream);
     out->fused = true;
     if (pb->n_overrides > KSM_MAX_SLOTS)
-        return ksm_conv_fail(err, errlen, "overrides has %zu entries; at most %d are allowed.",
-                             pb->n_overrides, KSM_MAX_SLOTS);
+        return ksm_errf(err, errlen, KSM_EINVAL,
+                        "overrides has %zu entries; at most %d are allowed.", pb->n_overrides,
+                        KSM_MAX_SLOTS);
     if (out->input->ndim < 1)
-        return ksm_conv_fail(err, errlen, "input must have a batch dimension for a fused forward.");
+        return ksm_errf(err, errlen, KSM_EINVAL,
+                        "input must have a batch dimension for a fused forward.");
     size_t rows = (size_t)out->input->shape[0];
     struct ksm_alpha_override *ov = ANEWN(a, struct ksm_alpha_override, pb->n_overrides);
     if (ov == NULL) return KSM_ENOMEM;
@@ -67,19 +69,19 @@ int ksm_conv_fused_forward_from_pb(const Kasmina__V1__FusedForwardRequest *pb,
         const Kasmina__V1__AlphaOverride *o = pb->overrides[i];
         char f[96];
         snprintf(f, sizeof f, "overrides[%zu].slot_id", i);
-        TRY(ksm_conv_check_slot_id(o->slot_id, f, true, err, errlen));
+        KSM_TRY(ksm_conv_check_slot_id(o->slot_id, f, true, err, errlen));
         for (size_t j = 0; j < i; j++)
             if (strcmp(o->slot_id, pb->overrides[j]->slot_id) == 0)
-                return ksm_conv_fail(err, errlen, "overrides[%zu] repeats slot '%s'.", i,
-                                     o->slot_id);
+                return ksm_errf(err, errlen, KSM_EINVAL, "overrides[%zu] repeats slot '%s'.", i,
+                                o->slot_id);
         if (o->n_alpha != rows)
-            return ksm_conv_fail(err, errlen,
-                                 "overrides[%zu].alpha has %zu values; the input has %zu rows.", i,
-                                 o->n_alpha, rows);
+            return ksm_errf(err, errlen, KSM_EINVAL,
+                            "overrides[%zu].alpha has %zu values; the input has %zu rows.", i,
+                            o->n_alpha, rows);
         for (size_t k = 0; k < o->n_alpha; k++)
             if (isnan(o->alpha[k]))
-                return ksm_conv_fail(err, errlen, "overrides[%zu].alpha[%zu] must not be NaN.", i,
-                                     k);
+                return ksm_errf(err, errlen, KSM_EINVAL,
+                                "overrides[%zu].alpha[%zu] must not be NaN.", i, k);
         ov[i].slot_id = o->slot_id;
         ov[i].alpha = o->alpha;
         ov[i].n = o->n_alpha;
@@ -95,7 +97,7 @@ static int input_to_pb(const ksm_tensor *t, struct ksm_pb_arena *a, Kasmina__V1_
     if (t == NULL) return 0;
     Kasmina__V1__Tensor *pb = ANEW(a, Kasmina__V1__Tensor);
     if (pb == NULL) return KSM_ENOMEM;
-    TRY(ksm_conv_tensor_to_pb(t, a, pb));
+    KSM_TRY(ksm_conv_tensor_to_pb(t, a, pb));
     *out = pb;
     return 0;
 }
@@ -106,7 +108,7 @@ int ksm_conv_forward_to_pb(const char *model_id, const struct ksm_forward_args *
 {
     kasmina__v1__forward_request__init(pb);
     pb->model_id = pbstr(model_id);
-    TRY(input_to_pb(args->input, a, &pb->input));
+    KSM_TRY(input_to_pb(args->input, a, &pb->input));
     pb->stream = pbstr(args->stream);
     pb->output_dtype = (Kasmina__V1__DType)output_dtype;
     return 0;
@@ -118,7 +120,7 @@ int ksm_conv_fused_forward_to_pb(const char *model_id, const struct ksm_forward_
 {
     kasmina__v1__fused_forward_request__init(pb);
     pb->model_id = pbstr(model_id);
-    TRY(input_to_pb(args->input, a, &pb->input));
+    KSM_TRY(input_to_pb(args->input, a, &pb->input));
     pb->stream = pbstr(args->stream);
     pb->output_dtype = (Kasmina__V1__DType)output_dtype;
     if (args->n_overrides > 0) {
@@ -144,8 +146,8 @@ int ksm_conv_forward_result_to_pb(const struct ksm_forward_result *r, int output
     kasmina__v1__forward_response__init(pb);
     pb->output = ANEW(a, Kasmina__V1__Tensor);
     if (pb->output == NULL) return KSM_ENOMEM;
-    TRY(ksm_conv_tensor_to_pb_as(&r->output, output_dtype, "output_dtype", a, pb->output, err,
-                                 errlen));
+    KSM_TRY(ksm_conv_tensor_to_pb_as(&r->output, output_dtype, "output_dtype", a, pb->output, err,
+                                     errlen));
     pb->model_generation = r->model_generation;
     pb->compute_ns = r->compute_ns;
     return 0;
@@ -156,9 +158,9 @@ static int forward_result_from_pb(const Kasmina__V1__ForwardResponse *pb, bool t
 {
     memset(r, 0, sizeof *r);
     if (take)
-        TRY(ksm_conv_tensor_from_pb_take(pb->output, "output", &r->output, err, errlen));
+        KSM_TRY(ksm_conv_tensor_from_pb_take(pb->output, "output", &r->output, err, errlen));
     else
-        TRY(ksm_conv_tensor_from_pb_copy(pb->output, "output", &r->output, err, errlen));
+        KSM_TRY(ksm_conv_tensor_from_pb_copy(pb->output, "output", &r->output, err, errlen));
     r->model_generation = pb->model_generation;
     r->compute_ns = pb->compute_ns;
     return 0;
@@ -183,25 +185,25 @@ int ksm_conv_alpha_config_from_pb(const Kasmina__V1__AlphaConfig *pb, size_t ind
     memset(out, 0, sizeof *out);
     char f[96];
     snprintf(f, sizeof f, "configs[%zu].name", index);
-    TRY(ksm_conv_check_string(pb->name, f, true, 63, err, errlen));
+    KSM_TRY(ksm_conv_check_string(pb->name, f, true, 63, err, errlen));
     if (pb->n_alpha > KSM_MAX_SLOTS)
-        return ksm_conv_fail(err, errlen,
-                             "configs[%zu].alpha has %zu entries; at most %d are allowed.", index,
-                             pb->n_alpha, KSM_MAX_SLOTS);
+        return ksm_errf(err, errlen, KSM_EINVAL,
+                        "configs[%zu].alpha has %zu entries; at most %d are allowed.", index,
+                        pb->n_alpha, KSM_MAX_SLOTS);
     const char **ids = ANEWN(a, const char *, pb->n_alpha);
     float *al = ANEWN(a, float, pb->n_alpha);
     if (ids == NULL || al == NULL) return KSM_ENOMEM;
     for (size_t i = 0; i < pb->n_alpha; i++) {
         const Kasmina__V1__AlphaConfig__AlphaEntry *e = pb->alpha[i];
         snprintf(f, sizeof f, "configs[%zu].alpha key", index);
-        TRY(ksm_conv_check_slot_id(e->key, f, true, err, errlen));
+        KSM_TRY(ksm_conv_check_slot_id(e->key, f, true, err, errlen));
         if (isnan(e->value))
-            return ksm_conv_fail(err, errlen, "configs[%zu].alpha['%s'] must not be NaN.", index,
-                                 e->key);
+            return ksm_errf(err, errlen, KSM_EINVAL, "configs[%zu].alpha['%s'] must not be NaN.",
+                            index, e->key);
         for (size_t j = 0; j < i; j++)
             if (strcmp(ids[j], e->key) == 0)
-                return ksm_conv_fail(err, errlen, "configs[%zu].alpha repeats slot '%s'.", index,
-                                     e->key);
+                return ksm_errf(err, errlen, KSM_EINVAL, "configs[%zu].alpha repeats slot '%s'.",
+                                index, e->key);
         ids[i] = e->key;
         al[i] = e->value;
     }
@@ -237,26 +239,27 @@ int ksm_conv_evaluate_from_pb(const Kasmina__V1__EvaluateRequest *pb, struct ksm
                               struct ksm_evaluate_args *out, char *err, size_t errlen)
 {
     memset(out, 0, sizeof *out);
-    TRY(ksm_conv_check_model_id(pb->model_id, "model_id", true, err, errlen));
-    TRY(input_tensor(pb->input, "input", a, &out->input, err, errlen));
-    TRY(input_tensor(pb->targets, "targets", a, &out->targets, err, errlen));
+    KSM_TRY(ksm_conv_check_model_id(pb->model_id, "model_id", true, err, errlen));
+    KSM_TRY(input_tensor(pb->input, "input", a, &out->input, err, errlen));
+    KSM_TRY(input_tensor(pb->targets, "targets", a, &out->targets, err, errlen));
     if (out->targets->dtype != KSM_DTYPE_I64 && out->targets->dtype != KSM_DTYPE_I32)
-        return ksm_conv_fail(err, errlen, "targets.dtype must be DTYPE_I64 or DTYPE_I32.");
-    TRY(ksm_conv_check_string(pb->stream, "stream", false, KSM_ID_MAX, err, errlen));
+        return ksm_errf(err, errlen, KSM_EINVAL, "targets.dtype must be DTYPE_I64 or DTYPE_I32.");
+    KSM_TRY(ksm_conv_check_string(pb->stream, "stream", false, KSM_ID_MAX, err, errlen));
     out->stream = str_or_empty(pb->stream);
     if (pb->n_configs == 0 && !pb->generate_standard)
-        return ksm_conv_fail(err, errlen,
-                             "configs must not be empty unless generate_standard is set.");
+        return ksm_errf(err, errlen, KSM_EINVAL,
+                        "configs must not be empty unless generate_standard is set.");
     if (pb->n_configs > 256)
-        return ksm_conv_fail(err, errlen, "configs has %zu entries; at most 256 are allowed.",
-                             pb->n_configs);
+        return ksm_errf(err, errlen, KSM_EINVAL,
+                        "configs has %zu entries; at most 256 are allowed.", pb->n_configs);
     struct ksm_alpha_config *c = ANEWN(a, struct ksm_alpha_config, pb->n_configs);
     if (c == NULL) return KSM_ENOMEM;
     for (size_t i = 0; i < pb->n_configs; i++) {
-        TRY(ksm_conv_alpha_config_from_pb(pb->configs[i], i, a, &c[i], err, errlen));
+        KSM_TRY(ksm_conv_alpha_config_from_pb(pb->configs[i], i, a, &c[i], err, errlen));
         for (size_t j = 0; j < i; j++)
             if (strcmp(c[i].name, c[j].name) == 0)
-                return ksm_conv_fail(err, errlen, "configs[%zu].name repeats '%s'.", i, c[i].name);
+                return ksm_errf(err, errlen, KSM_EINVAL, "configs[%zu].name repeats '%s'.", i,
+                                c[i].name);
     }
     out->configs = c;
     out->n_configs = pb->n_configs;
@@ -270,14 +273,14 @@ int ksm_conv_evaluate_to_pb(const char *model_id, const struct ksm_evaluate_args
 {
     kasmina__v1__evaluate_request__init(pb);
     pb->model_id = pbstr(model_id);
-    TRY(input_to_pb(args->input, a, &pb->input));
-    TRY(input_to_pb(args->targets, a, &pb->targets));
+    KSM_TRY(input_to_pb(args->input, a, &pb->input));
+    KSM_TRY(input_to_pb(args->targets, a, &pb->targets));
     if (args->n_configs > 0) {
         pb->configs = ANEWN(a, Kasmina__V1__AlphaConfig *, args->n_configs);
         Kasmina__V1__AlphaConfig *c = ANEWN(a, Kasmina__V1__AlphaConfig, args->n_configs);
         if (pb->configs == NULL || c == NULL) return KSM_ENOMEM;
         for (size_t i = 0; i < args->n_configs; i++) {
-            TRY(ksm_conv_alpha_config_to_pb(&args->configs[i], a, &c[i]));
+            KSM_TRY(ksm_conv_alpha_config_to_pb(&args->configs[i], a, &c[i]));
             pb->configs[i] = &c[i];
         }
         pb->n_configs = args->n_configs;
@@ -297,7 +300,7 @@ int ksm_conv_config_result_to_pb(const struct ksm_config_result *c, struct ksm_p
     pb->accuracy = c->accuracy;
     pb->correct = c->correct;
     pb->total = c->total;
-    if (c->logits.data != NULL) TRY(input_to_pb(&c->logits, a, &pb->logits));
+    if (c->logits.data != NULL) KSM_TRY(input_to_pb(&c->logits, a, &pb->logits));
     return 0;
 }
 
@@ -311,9 +314,9 @@ static int config_result_from_pb(const Kasmina__V1__ConfigResult *pb, bool take,
     c->correct = pb->correct;
     c->total = pb->total;
     if (pb->logits != NULL && take)
-        TRY(ksm_conv_tensor_from_pb_take(pb->logits, "logits", &c->logits, err, errlen));
+        KSM_TRY(ksm_conv_tensor_from_pb_take(pb->logits, "logits", &c->logits, err, errlen));
     else if (pb->logits != NULL)
-        TRY(ksm_conv_tensor_from_pb_copy(pb->logits, "logits", &c->logits, err, errlen));
+        KSM_TRY(ksm_conv_tensor_from_pb_copy(pb->logits, "logits", &c->logits, err, errlen));
     return 0;
 }
 
@@ -332,7 +335,7 @@ int ksm_conv_evaluate_result_to_pb(const struct ksm_evaluate_result *r, struct k
         Kasmina__V1__ConfigResult *c = ANEWN(a, Kasmina__V1__ConfigResult, r->n);
         if (pb->results == NULL || c == NULL) return KSM_ENOMEM;
         for (size_t i = 0; i < r->n; i++) {
-            TRY(ksm_conv_config_result_to_pb(&r->results[i], a, &c[i]));
+            KSM_TRY(ksm_conv_config_result_to_pb(&r->results[i], a, &c[i]));
             pb->results[i] = &c[i];
         }
         pb->n_results = r->n;

@@ -11,12 +11,6 @@
 #include "kasmina/errors.h"
 #include "rpc/convert.h"
 
-/* Formats the sentence into err (may be NULL) and returns KSM_EINVAL. */
-#if defined(__GNUC__)
-__attribute__((format(printf, 3, 4)))
-#endif
-int ksm_conv_fail(char *err, size_t errlen, const char *fmt, ...);
-
 /* model_id (required) and slot_id (required when slot_required) of a lifecycle call. */
 int ksm_conv_check_target(const char *model_id, const char *slot_id, bool slot_required, char *err,
                           size_t errlen);
@@ -39,9 +33,3 @@ static inline void copy_str(char *dst, size_t cap, const char *src)
 #define ANEW(a, type) ((type *)ksm_pb_arena_alloc((a), sizeof(type)))
 #define ANEWN(a, type, n)                                                                          \
     ((n) > SIZE_MAX / sizeof(type) ? NULL : (type *)ksm_pb_arena_alloc((a), (n) * sizeof(type)))
-
-#define TRY(expr)                                                                                  \
-    do {                                                                                           \
-        int rc_ = (expr);                                                                          \
-        if (rc_ != 0) return rc_;                                                                  \
-    } while (0)

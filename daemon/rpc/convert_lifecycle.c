@@ -13,15 +13,15 @@
 int ksm_conv_check_target(const char *model_id, const char *slot_id, bool slot_required, char *err,
                           size_t errlen)
 {
-    TRY(ksm_conv_check_model_id(model_id, "model_id", true, err, errlen));
+    KSM_TRY(ksm_conv_check_model_id(model_id, "model_id", true, err, errlen));
     return ksm_conv_check_slot_id(slot_id, "slot_id", slot_required, err, errlen);
 }
 
 static int reason_initiator(const char *reason, const char *initiator,
                             struct ksm_lifecycle_args *out, char *err, size_t errlen)
 {
-    TRY(ksm_conv_check_string(reason, "reason", false, KSM_REASON_MAX - 1, err, errlen));
-    TRY(ksm_conv_check_string(initiator, "initiator", false, KSM_NAME_MAX - 1, err, errlen));
+    KSM_TRY(ksm_conv_check_string(reason, "reason", false, KSM_REASON_MAX - 1, err, errlen));
+    KSM_TRY(ksm_conv_check_string(initiator, "initiator", false, KSM_NAME_MAX - 1, err, errlen));
     out->reason = str_or_empty(reason);
     out->initiator = str_or_empty(initiator);
     return 0;
@@ -30,8 +30,9 @@ static int reason_initiator(const char *reason, const char *initiator,
 static int steepness(bool set, float v, struct ksm_lifecycle_args *out, char *err, size_t errlen)
 {
     if (!set) return 0;
-    TRY(ksm_conv_check_number(v, "steepness", false, err, errlen));
-    if (!(v > 0.0f)) return ksm_conv_fail(err, errlen, "steepness must be > 0, got %g.", (double)v);
+    KSM_TRY(ksm_conv_check_number(v, "steepness", false, err, errlen));
+    if (!(v > 0.0f))
+        return ksm_errf(err, errlen, KSM_EINVAL, "steepness must be > 0, got %g.", (double)v);
     out->has_steepness = true;
     out->steepness = v;
     return 0;
@@ -41,20 +42,20 @@ int ksm_conv_germinate_from_pb(const Kasmina__V1__GerminateRequest *pb,
                                struct ksm_germinate_args *out, char *err, size_t errlen)
 {
     memset(out, 0, sizeof *out);
-    TRY(ksm_conv_check_target(pb->model_id, pb->slot_id, true, err, errlen));
-    TRY(ksm_conv_check_string(pb->blueprint_id, "blueprint_id", true, KSM_NAME_MAX - 1, err,
-                              errlen));
-    TRY(ksm_conv_check_string(pb->seed_id, "seed_id", false, KSM_SEED_ID_MAX - 1, err, errlen));
-    TRY(ksm_conv_check_string(pb->blend_algorithm_id, "blend_algorithm_id", false, 15, err,
-                              errlen));
-    TRY(ksm_conv_algorithm_from_pb((int)pb->alpha_algorithm, "alpha_algorithm",
-                                   &out->alpha_algorithm, err, errlen));
+    KSM_TRY(ksm_conv_check_target(pb->model_id, pb->slot_id, true, err, errlen));
+    KSM_TRY(ksm_conv_check_string(pb->blueprint_id, "blueprint_id", true, KSM_NAME_MAX - 1, err,
+                                  errlen));
+    KSM_TRY(ksm_conv_check_string(pb->seed_id, "seed_id", false, KSM_SEED_ID_MAX - 1, err, errlen));
+    KSM_TRY(ksm_conv_check_string(pb->blend_algorithm_id, "blend_algorithm_id", false, 15, err,
+                                  errlen));
+    KSM_TRY(ksm_conv_algorithm_from_pb((int)pb->alpha_algorithm, "alpha_algorithm",
+                                       &out->alpha_algorithm, err, errlen));
     if (pb->opt_alpha_target_case ==
         KASMINA__V1__GERMINATE_REQUEST__OPT_ALPHA_TARGET_ALPHA_TARGET) {
         double t = pb->alpha_target;
-        TRY(ksm_conv_check_number(t, "alpha_target", false, err, errlen));
+        KSM_TRY(ksm_conv_check_number(t, "alpha_target", false, err, errlen));
         if (!(t > 0.0 && t <= 1.0))
-            return ksm_conv_fail(err, errlen, "alpha_target must be in (0, 1], got %g.", t);
+            return ksm_errf(err, errlen, KSM_EINVAL, "alpha_target must be in (0, 1], got %g.", t);
         out->has_alpha_target = true;
         out->alpha_target = t;
     }
@@ -91,8 +92,8 @@ int ksm_conv_advance_from_pb(const Kasmina__V1__AdvanceStageRequest *pb,
                              struct ksm_lifecycle_args *out, char *err, size_t errlen)
 {
     memset(out, 0, sizeof *out);
-    TRY(ksm_conv_check_target(pb->model_id, pb->slot_id, true, err, errlen));
-    TRY(ksm_conv_stage_from_pb((int)pb->target, "target", &out->target, err, errlen));
+    KSM_TRY(ksm_conv_check_target(pb->model_id, pb->slot_id, true, err, errlen));
+    KSM_TRY(ksm_conv_stage_from_pb((int)pb->target, "target", &out->target, err, errlen));
     out->model_id = pb->model_id;
     out->slot_id = pb->slot_id;
     return 0;
@@ -111,8 +112,8 @@ int ksm_conv_prune_from_pb(const Kasmina__V1__PruneRequest *pb, struct ksm_lifec
                            char *err, size_t errlen)
 {
     memset(out, 0, sizeof *out);
-    TRY(ksm_conv_check_target(pb->model_id, pb->slot_id, true, err, errlen));
-    TRY(reason_initiator(pb->reason, pb->initiator, out, err, errlen));
+    KSM_TRY(ksm_conv_check_target(pb->model_id, pb->slot_id, true, err, errlen));
+    KSM_TRY(reason_initiator(pb->reason, pb->initiator, out, err, errlen));
     out->model_id = pb->model_id;
     out->slot_id = pb->slot_id;
     return 0;
@@ -131,12 +132,12 @@ int ksm_conv_schedule_prune_from_pb(const Kasmina__V1__SchedulePruneRequest *pb,
                                     struct ksm_lifecycle_args *out, char *err, size_t errlen)
 {
     memset(out, 0, sizeof *out);
-    TRY(ksm_conv_check_target(pb->model_id, pb->slot_id, true, err, errlen));
-    TRY(ksm_conv_curve_from_pb((int)pb->curve, "curve", &out->curve, err, errlen));
-    TRY(steepness(pb->opt_steepness_case ==
-                      KASMINA__V1__SCHEDULE_PRUNE_REQUEST__OPT_STEEPNESS_STEEPNESS,
-                  pb->steepness, out, err, errlen));
-    TRY(reason_initiator(pb->reason, pb->initiator, out, err, errlen));
+    KSM_TRY(ksm_conv_check_target(pb->model_id, pb->slot_id, true, err, errlen));
+    KSM_TRY(ksm_conv_curve_from_pb((int)pb->curve, "curve", &out->curve, err, errlen));
+    KSM_TRY(steepness(pb->opt_steepness_case ==
+                          KASMINA__V1__SCHEDULE_PRUNE_REQUEST__OPT_STEEPNESS_STEEPNESS,
+                      pb->steepness, out, err, errlen));
+    KSM_TRY(reason_initiator(pb->reason, pb->initiator, out, err, errlen));
     out->model_id = pb->model_id;
     out->slot_id = pb->slot_id;
     out->steps = pb->steps;
@@ -163,17 +164,17 @@ int ksm_conv_set_alpha_target_from_pb(const Kasmina__V1__SetAlphaTargetRequest *
                                       struct ksm_lifecycle_args *out, char *err, size_t errlen)
 {
     memset(out, 0, sizeof *out);
-    TRY(ksm_conv_check_target(pb->model_id, pb->slot_id, true, err, errlen));
+    KSM_TRY(ksm_conv_check_target(pb->model_id, pb->slot_id, true, err, errlen));
     double t = pb->alpha_target;
-    TRY(ksm_conv_check_number(t, "alpha_target", false, err, errlen));
+    KSM_TRY(ksm_conv_check_number(t, "alpha_target", false, err, errlen));
     if (!(t > 0.0 && t <= 1.0))
-        return ksm_conv_fail(err, errlen, "alpha_target must be in (0, 1], got %g.", t);
-    TRY(ksm_conv_curve_from_pb((int)pb->curve, "curve", &out->curve, err, errlen));
-    TRY(steepness(pb->opt_steepness_case ==
-                      KASMINA__V1__SET_ALPHA_TARGET_REQUEST__OPT_STEEPNESS_STEEPNESS,
-                  pb->steepness, out, err, errlen));
-    TRY(ksm_conv_algorithm_from_pb((int)pb->alpha_algorithm, "alpha_algorithm", &out->algorithm,
-                                   err, errlen));
+        return ksm_errf(err, errlen, KSM_EINVAL, "alpha_target must be in (0, 1], got %g.", t);
+    KSM_TRY(ksm_conv_curve_from_pb((int)pb->curve, "curve", &out->curve, err, errlen));
+    KSM_TRY(steepness(pb->opt_steepness_case ==
+                          KASMINA__V1__SET_ALPHA_TARGET_REQUEST__OPT_STEEPNESS_STEEPNESS,
+                      pb->steepness, out, err, errlen));
+    KSM_TRY(ksm_conv_algorithm_from_pb((int)pb->alpha_algorithm, "alpha_algorithm", &out->algorithm,
+                                       err, errlen));
     out->model_id = pb->model_id;
     out->slot_id = pb->slot_id;
     out->alpha = t;
@@ -201,8 +202,8 @@ int ksm_conv_set_alpha_from_pb(const Kasmina__V1__SetAlphaRequest *pb,
                                struct ksm_lifecycle_args *out, char *err, size_t errlen)
 {
     memset(out, 0, sizeof *out);
-    TRY(ksm_conv_check_target(pb->model_id, pb->slot_id, true, err, errlen));
-    TRY(ksm_conv_check_number(pb->alpha, "alpha", true, err, errlen));
+    KSM_TRY(ksm_conv_check_target(pb->model_id, pb->slot_id, true, err, errlen));
+    KSM_TRY(ksm_conv_check_number(pb->alpha, "alpha", true, err, errlen));
     out->model_id = pb->model_id;
     out->slot_id = pb->slot_id;
     out->alpha = pb->alpha;

@@ -45,7 +45,7 @@ int ksm_conv_model_spec_from_pb(const Kasmina__V1__CreateModelRequest *pb,
                                 struct ksm_model_spec *spec, char *err, size_t errlen)
 {
     memset(spec, 0, sizeof *spec);
-    TRY(ksm_conv_check_model_id(pb->model_id, "model_id", false, err, errlen));
+    KSM_TRY(ksm_conv_check_model_id(pb->model_id, "model_id", false, err, errlen));
     switch (pb->host_case) {
     case KASMINA__V1__CREATE_MODEL_REQUEST__HOST__NOT_SET:
     case KASMINA__V1__CREATE_MODEL_REQUEST__HOST_CNN:
@@ -59,38 +59,41 @@ int ksm_conv_model_spec_from_pb(const Kasmina__V1__CreateModelRequest *pb,
         ksm_conv_transformer_spec_from_pb(pb->transformer, &spec->transformer);
         spec->cnn.pool_layers = -1;
         break;
-    default: return ksm_conv_fail(err, errlen, "host has an unknown case %d.", (int)pb->host_case);
+    default:
+        return ksm_errf(err, errlen, KSM_EINVAL, "host has an unknown case %d.",
+                        (int)pb->host_case);
     }
     if (pb->n_slots > KSM_MAX_SLOTS)
-        return ksm_conv_fail(err, errlen, "slots lists %zu slots; at most %d are allowed.",
-                             pb->n_slots, KSM_MAX_SLOTS);
+        return ksm_errf(err, errlen, KSM_EINVAL, "slots lists %zu slots; at most %d are allowed.",
+                        pb->n_slots, KSM_MAX_SLOTS);
     for (size_t i = 0; i < pb->n_slots; i++) {
         char f[96];
         snprintf(f, sizeof f, "slots[%zu]", i);
-        TRY(ksm_conv_check_slot_id(pb->slots[i], f, true, err, errlen));
+        KSM_TRY(ksm_conv_check_slot_id(pb->slots[i], f, true, err, errlen));
         for (size_t j = 0; j < i; j++)
             if (strcmp(pb->slots[i], pb->slots[j]) == 0)
-                return ksm_conv_fail(err, errlen, "slots[%zu] repeats slot '%s'.", i, pb->slots[i]);
+                return ksm_errf(err, errlen, KSM_EINVAL, "slots[%zu] repeats slot '%s'.", i,
+                                pb->slots[i]);
     }
     spec->slots = (const char *const *)pb->slots;
     spec->n_slots = (int)pb->n_slots;
-    TRY(ksm_conv_check_string(pb->device, "device", false, 31, err, errlen));
+    KSM_TRY(ksm_conv_check_string(pb->device, "device", false, 31, err, errlen));
     spec->device = str_or_empty(pb->device);
     if (pb->dtype == KASMINA__V1__DTYPE__DTYPE_UNSPECIFIED)
         spec->dtype = KSM_DTYPE_F32;
     else
-        TRY(ksm_conv_dtype_from_pb((int)pb->dtype, "dtype", &spec->dtype, err, errlen));
+        KSM_TRY(ksm_conv_dtype_from_pb((int)pb->dtype, "dtype", &spec->dtype, err, errlen));
     if (spec->dtype == KSM_DTYPE_I64 || spec->dtype == KSM_DTYPE_I32)
-        return ksm_conv_fail(err, errlen, "dtype must be a floating-point compute dtype.");
+        return ksm_errf(err, errlen, KSM_EINVAL, "dtype must be a floating-point compute dtype.");
     spec->init_seed = pb->init_seed;
     spec->permissive_gates = pb->permissive_gates;
     for (size_t i = 0; i < pb->n_auto_forward_gates; i++) {
         char f[96];
         snprintf(f, sizeof f, "auto_forward_gates[%zu]", i);
         enum ksm_gate_level g = KSM_GATE_G0;
-        TRY(ksm_conv_gate_level_from_pb((int)pb->auto_forward_gates[i], f, &g, err, errlen));
+        KSM_TRY(ksm_conv_gate_level_from_pb((int)pb->auto_forward_gates[i], f, &g, err, errlen));
         if (g != KSM_GATE_G1 && g != KSM_GATE_G2 && g != KSM_GATE_G3)
-            return ksm_conv_fail(err, errlen, "%s must be GATE_G1, GATE_G2 or GATE_G3.", f);
+            return ksm_errf(err, errlen, KSM_EINVAL, "%s must be GATE_G1, GATE_G2 or GATE_G3.", f);
         spec->auto_forward_gates |= 1u << g;
     }
     return 0;
@@ -138,10 +141,10 @@ int ksm_conv_model_spec_to_pb(const char *model_id, const struct ksm_model_spec 
     pb->model_id = pbstr(model_id);
     if (spec->topology == KSM_TOPOLOGY_TRANSFORMER) {
         pb->host_case = KASMINA__V1__CREATE_MODEL_REQUEST__HOST_TRANSFORMER;
-        TRY(transformer_to_pb(&spec->transformer, a, &pb->transformer));
+        KSM_TRY(transformer_to_pb(&spec->transformer, a, &pb->transformer));
     } else {
         pb->host_case = KASMINA__V1__CREATE_MODEL_REQUEST__HOST_CNN;
-        TRY(cnn_to_pb(&spec->cnn, spec->pool_layers_set, a, &pb->cnn));
+        KSM_TRY(cnn_to_pb(&spec->cnn, spec->pool_layers_set, a, &pb->cnn));
     }
     if (spec->n_slots > 0) {
         pb->slots = ANEWN(a, char *, (size_t)spec->n_slots);
@@ -171,10 +174,10 @@ int ksm_conv_model_to_pb(const struct ksm_model_info *info, struct ksm_pb_arena 
     pb->topology = (Kasmina__V1__Topology)info->topology;
     if (info->topology == KSM_TOPOLOGY_TRANSFORMER) {
         pb->host_case = KASMINA__V1__MODEL__HOST_TRANSFORMER;
-        TRY(transformer_to_pb(&info->transformer, a, &pb->transformer));
+        KSM_TRY(transformer_to_pb(&info->transformer, a, &pb->transformer));
     } else if (info->topology == KSM_TOPOLOGY_CNN) {
         pb->host_case = KASMINA__V1__MODEL__HOST_CNN;
-        TRY(cnn_to_pb(&info->cnn, true, a, &pb->cnn));
+        KSM_TRY(cnn_to_pb(&info->cnn, true, a, &pb->cnn));
     }
     pb->device = (char *)info->device;
     pb->dtype = ksm_conv_dtype_to_pb(info->dtype);
@@ -214,7 +217,8 @@ int ksm_conv_model_from_pb(const Kasmina__V1__Model *pb, struct ksm_model_info *
     memset(info, 0, sizeof *info);
     copy_str(info->model_id, sizeof info->model_id, pb->model_id);
     if (pb->topology < 0 || pb->topology > 2)
-        return ksm_conv_fail(err, errlen, "topology has an unknown value %d.", (int)pb->topology);
+        return ksm_errf(err, errlen, KSM_EINVAL, "topology has an unknown value %d.",
+                        (int)pb->topology);
     info->topology = (enum ksm_topology)pb->topology;
     bool pool_set;
     ksm_conv_cnn_spec_from_pb(pb->host_case == KASMINA__V1__MODEL__HOST_CNN ? pb->cnn : NULL,
@@ -224,10 +228,10 @@ int ksm_conv_model_from_pb(const Kasmina__V1__Model *pb, struct ksm_model_info *
         &info->transformer);
     copy_str(info->device, sizeof info->device, pb->device);
     if (pb->dtype != KASMINA__V1__DTYPE__DTYPE_UNSPECIFIED)
-        TRY(ksm_conv_dtype_from_pb((int)pb->dtype, "dtype", &info->dtype, err, errlen));
+        KSM_TRY(ksm_conv_dtype_from_pb((int)pb->dtype, "dtype", &info->dtype, err, errlen));
     if (pb->n_slots > KSM_MAX_SLOTS)
-        return ksm_conv_fail(err, errlen, "slots lists %zu slots; at most %d are allowed.",
-                             pb->n_slots, KSM_MAX_SLOTS);
+        return ksm_errf(err, errlen, KSM_EINVAL, "slots lists %zu slots; at most %d are allowed.",
+                        pb->n_slots, KSM_MAX_SLOTS);
     for (size_t i = 0; i < pb->n_slots; i++) {
         struct ksm_slot_info *s = &info->slots[i];
         const Kasmina__V1__SlotInfo *p = pb->slots[i];

@@ -35,8 +35,10 @@ int ksm_conv_gate_to_pb(const struct ksm_gate_result *g, struct ksm_pb_arena *a,
     pb->passed = g->passed;
     pb->score = g->score;
     struct ksm_gate_result *mg = (struct ksm_gate_result *)g;
-    TRY(strv_to_pb(mg->checks_passed, g->n_passed, a, &pb->checks_passed, &pb->n_checks_passed));
-    TRY(strv_to_pb(mg->checks_failed, g->n_failed, a, &pb->checks_failed, &pb->n_checks_failed));
+    KSM_TRY(
+        strv_to_pb(mg->checks_passed, g->n_passed, a, &pb->checks_passed, &pb->n_checks_passed));
+    KSM_TRY(
+        strv_to_pb(mg->checks_failed, g->n_failed, a, &pb->checks_failed, &pb->n_checks_failed));
     pb->message = (char *)g->message;
     return 0;
 }
@@ -46,7 +48,7 @@ int ksm_conv_gate_from_pb(const Kasmina__V1__GateResult *pb, struct ksm_gate_res
 {
     memset(g, 0, sizeof *g);
     if (pb == NULL) return 0;
-    TRY(ksm_conv_gate_level_from_pb((int)pb->gate, "gate.gate", &g->gate, err, errlen));
+    KSM_TRY(ksm_conv_gate_level_from_pb((int)pb->gate, "gate.gate", &g->gate, err, errlen));
     g->passed = pb->passed;
     g->score = pb->score;
     size_t np =
@@ -148,7 +150,7 @@ int ksm_conv_slot_report_to_pb(const char *model_id, const struct ksm_slot_repor
     m->current_alpha = sm->current_alpha;
     m->alpha_ramp_step = sm->alpha_ramp_step;
     pb->metrics = m;
-    TRY(gradients_to_pb(&r->telemetry, sm, a, &pb->gradients));
+    KSM_TRY(gradients_to_pb(&r->telemetry, sm, a, &pb->gradients));
     pb->isolate_gradients = r->isolate_gradients;
     pb->is_healthy = r->is_healthy;
     pb->seed_params = r->seed_params;
@@ -164,22 +166,22 @@ int ksm_conv_slot_report_from_pb(const Kasmina__V1__SlotReport *pb, struct ksm_s
     r->occupied = pb->occupied;
     copy_str(r->seed_id, sizeof r->seed_id, pb->seed_id);
     copy_str(r->blueprint_id, sizeof r->blueprint_id, pb->blueprint_id);
-    TRY(ksm_conv_stage_from_pb((int)pb->stage, "stage", &r->stage, err, errlen));
-    TRY(ksm_conv_stage_from_pb((int)pb->previous_stage, "previous_stage", &r->previous_stage, err,
-                               errlen));
-    TRY(ksm_conv_algorithm_from_pb((int)pb->alpha_algorithm, "alpha_algorithm", &r->alpha_algorithm,
+    KSM_TRY(ksm_conv_stage_from_pb((int)pb->stage, "stage", &r->stage, err, errlen));
+    KSM_TRY(ksm_conv_stage_from_pb((int)pb->previous_stage, "previous_stage", &r->previous_stage,
                                    err, errlen));
+    KSM_TRY(ksm_conv_algorithm_from_pb((int)pb->alpha_algorithm, "alpha_algorithm",
+                                       &r->alpha_algorithm, err, errlen));
     if (pb->controller != NULL) {
         const Kasmina__V1__AlphaController *c = pb->controller;
         r->controller.alpha = c->alpha;
         r->controller.alpha_start = c->alpha_start;
         r->controller.alpha_target = c->alpha_target;
         if (c->mode < 0 || c->mode > 2)
-            return ksm_conv_fail(err, errlen, "controller.mode has an unknown value %d.",
-                                 (int)c->mode);
+            return ksm_errf(err, errlen, KSM_EINVAL, "controller.mode has an unknown value %d.",
+                            (int)c->mode);
         r->controller.mode = (enum ksm_alpha_mode)c->mode;
-        TRY(ksm_conv_curve_from_pb((int)c->curve, "controller.curve", &r->controller.curve, err,
-                                   errlen));
+        KSM_TRY(ksm_conv_curve_from_pb((int)c->curve, "controller.curve", &r->controller.curve, err,
+                                       errlen));
         r->controller.steepness = c->steepness;
         r->controller.steps_total = c->steps_total;
         r->controller.steps_done = c->steps_done;
@@ -275,7 +277,7 @@ int ksm_conv_event_to_pb(uint64_t sequence, const struct ksm_lifecycle_event *ev
     if (ev->type == KSM_EV_SEED_GATE_EVALUATED) {
         pb->gate = ANEW(a, Kasmina__V1__GateResult);
         if (pb->gate == NULL) return KSM_ENOMEM;
-        TRY(ksm_conv_gate_to_pb(&ev->gate, a, pb->gate));
+        KSM_TRY(ksm_conv_gate_to_pb(&ev->gate, a, pb->gate));
         if (ev->from_stage == KSM_STAGE_UNKNOWN && ev->target_stage != KSM_STAGE_UNKNOWN)
             pb->to_stage = (Kasmina__V1__Stage)ev->target_stage;
     }
@@ -315,16 +317,17 @@ int ksm_conv_event_from_pb(const Kasmina__V1__LifecycleEvent *pb, uint64_t *sequ
     memset(ev, 0, sizeof *ev);
     *sequence = pb->sequence;
     if (ksm_conv_lifecycle_type_parse(pb->event_type, &ev->type) != 0)
-        return ksm_conv_fail(err, errlen, "event_type '%s' is not a known event type.",
-                             str_or_empty(pb->event_type));
+        return ksm_errf(err, errlen, KSM_EINVAL, "event_type '%s' is not a known event type.",
+                        str_or_empty(pb->event_type));
     copy_str(ev->model_id, sizeof ev->model_id, pb->model_id);
     copy_str(ev->slot_id, sizeof ev->slot_id, pb->slot_id);
     copy_str(ev->seed_id, sizeof ev->seed_id, pb->seed_id);
     ev->timestamp_ns = pb->timestamp_unix_ns;
-    TRY(ksm_conv_stage_from_pb((int)pb->from_stage, "from_stage", &ev->from_stage, err, errlen));
-    TRY(ksm_conv_stage_from_pb((int)pb->to_stage, "to_stage", &ev->to_stage, err, errlen));
+    KSM_TRY(
+        ksm_conv_stage_from_pb((int)pb->from_stage, "from_stage", &ev->from_stage, err, errlen));
+    KSM_TRY(ksm_conv_stage_from_pb((int)pb->to_stage, "to_stage", &ev->to_stage, err, errlen));
     ev->alpha = pb->alpha;
-    if (pb->gate != NULL) TRY(ksm_conv_gate_from_pb(pb->gate, &ev->gate, err, errlen));
+    if (pb->gate != NULL) KSM_TRY(ksm_conv_gate_from_pb(pb->gate, &ev->gate, err, errlen));
     copy_str(ev->reason, sizeof ev->reason, pb->reason);
     copy_str(ev->initiator, sizeof ev->initiator, pb->initiator);
     int n = 0;
@@ -349,21 +352,21 @@ int ksm_conv_metrics_from_pb(const Kasmina__V1__RecordMetricsRequest *pb,
                              struct ksm_metrics_update *u, char *err, size_t errlen)
 {
     memset(u, 0, sizeof *u);
-    TRY(ksm_conv_check_target(pb->model_id, pb->slot_id, true, err, errlen));
+    KSM_TRY(ksm_conv_check_target(pb->model_id, pb->slot_id, true, err, errlen));
     if (pb->opt_val_accuracy_case ==
         KASMINA__V1__RECORD_METRICS_REQUEST__OPT_VAL_ACCURACY_VAL_ACCURACY) {
-        TRY(ksm_conv_check_number(pb->val_accuracy, "val_accuracy", false, err, errlen));
+        KSM_TRY(ksm_conv_check_number(pb->val_accuracy, "val_accuracy", false, err, errlen));
         if (pb->val_accuracy < 0.0 || pb->val_accuracy > 100.0)
-            return ksm_conv_fail(err, errlen,
-                                 "val_accuracy must be a percentage in [0, 100], got %g.",
-                                 pb->val_accuracy);
+            return ksm_errf(err, errlen, KSM_EINVAL,
+                            "val_accuracy must be a percentage in [0, 100], got %g.",
+                            pb->val_accuracy);
         u->has_val_accuracy = true;
         u->val_accuracy = pb->val_accuracy;
     }
     if (pb->opt_counterfactual_contribution_case ==
         KASMINA__V1__RECORD_METRICS_REQUEST__OPT_COUNTERFACTUAL_CONTRIBUTION_COUNTERFACTUAL_CONTRIBUTION) {
-        TRY(ksm_conv_check_number(pb->counterfactual_contribution, "counterfactual_contribution",
-                                  false, err, errlen));
+        KSM_TRY(ksm_conv_check_number(pb->counterfactual_contribution,
+                                      "counterfactual_contribution", false, err, errlen));
         u->has_counterfactual = true;
         u->counterfactual = pb->counterfactual_contribution;
     }
@@ -371,22 +374,22 @@ int ksm_conv_metrics_from_pb(const Kasmina__V1__RecordMetricsRequest *pb,
     if (g != NULL) {
         if (g->opt_gradient_norm_case ==
             KASMINA__V1__GRADIENT_STATS__OPT_GRADIENT_NORM_GRADIENT_NORM) {
-            TRY(ksm_conv_check_number(g->gradient_norm, "gradients.gradient_norm", false, err,
-                                      errlen));
+            KSM_TRY(ksm_conv_check_number(g->gradient_norm, "gradients.gradient_norm", false, err,
+                                          errlen));
             if (g->gradient_norm < 0)
-                return ksm_conv_fail(err, errlen, "gradients.gradient_norm must be >= 0, got %g.",
-                                     g->gradient_norm);
+                return ksm_errf(err, errlen, KSM_EINVAL,
+                                "gradients.gradient_norm must be >= 0, got %g.", g->gradient_norm);
             u->has_gradient_norm = true;
             u->gradient_norm = g->gradient_norm;
         }
         if (g->opt_gradient_health_case ==
             KASMINA__V1__GRADIENT_STATS__OPT_GRADIENT_HEALTH_GRADIENT_HEALTH) {
-            TRY(ksm_conv_check_number(g->gradient_health, "gradients.gradient_health", false, err,
-                                      errlen));
+            KSM_TRY(ksm_conv_check_number(g->gradient_health, "gradients.gradient_health", false,
+                                          err, errlen));
             if (g->gradient_health < 0 || g->gradient_health > 1)
-                return ksm_conv_fail(err, errlen,
-                                     "gradients.gradient_health must be in [0, 1], got %g.",
-                                     g->gradient_health);
+                return ksm_errf(err, errlen, KSM_EINVAL,
+                                "gradients.gradient_health must be in [0, 1], got %g.",
+                                g->gradient_health);
             u->has_gradient_health = true;
             u->gradient_health = g->gradient_health;
         }
@@ -402,12 +405,13 @@ int ksm_conv_metrics_from_pb(const Kasmina__V1__RecordMetricsRequest *pb,
         }
         if (g->opt_seed_gradient_norm_ratio_case ==
             KASMINA__V1__GRADIENT_STATS__OPT_SEED_GRADIENT_NORM_RATIO_SEED_GRADIENT_NORM_RATIO) {
-            TRY(ksm_conv_check_number(g->seed_gradient_norm_ratio,
-                                      "gradients.seed_gradient_norm_ratio", false, err, errlen));
+            KSM_TRY(ksm_conv_check_number(g->seed_gradient_norm_ratio,
+                                          "gradients.seed_gradient_norm_ratio", false, err,
+                                          errlen));
             if (g->seed_gradient_norm_ratio < 0)
-                return ksm_conv_fail(err, errlen,
-                                     "gradients.seed_gradient_norm_ratio must be >= 0, got %g.",
-                                     g->seed_gradient_norm_ratio);
+                return ksm_errf(err, errlen, KSM_EINVAL,
+                                "gradients.seed_gradient_norm_ratio must be >= 0, got %g.",
+                                g->seed_gradient_norm_ratio);
             u->has_grad_ratio = true;
             u->seed_gradient_norm_ratio = g->seed_gradient_norm_ratio;
         }

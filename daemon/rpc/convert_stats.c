@@ -27,9 +27,9 @@ int ksm_conv_load_result_to_pb(const struct ksm_load_result *r, struct ksm_pb_ar
                                Kasmina__V1__LoadWeightsResponse *pb)
 {
     kasmina__v1__load_weights_response__init(pb);
-    TRY(names_to_pb(r->loaded, r->n_loaded, a, &pb->loaded, &pb->n_loaded));
-    TRY(names_to_pb(r->missing, r->n_missing, a, &pb->missing, &pb->n_missing));
-    TRY(names_to_pb(r->unexpected, r->n_unexpected, a, &pb->unexpected, &pb->n_unexpected));
+    KSM_TRY(names_to_pb(r->loaded, r->n_loaded, a, &pb->loaded, &pb->n_loaded));
+    KSM_TRY(names_to_pb(r->missing, r->n_missing, a, &pb->missing, &pb->n_missing));
+    KSM_TRY(names_to_pb(r->unexpected, r->n_unexpected, a, &pb->unexpected, &pb->n_unexpected));
     return 0;
 }
 
@@ -53,9 +53,9 @@ int ksm_conv_load_result_from_pb(const Kasmina__V1__LoadWeightsResponse *pb,
                                  struct ksm_load_result *r)
 {
     memset(r, 0, sizeof *r);
-    TRY(names_from_pb(pb->loaded, pb->n_loaded, &r->loaded, &r->n_loaded));
-    TRY(names_from_pb(pb->missing, pb->n_missing, &r->missing, &r->n_missing));
-    TRY(names_from_pb(pb->unexpected, pb->n_unexpected, &r->unexpected, &r->n_unexpected));
+    KSM_TRY(names_from_pb(pb->loaded, pb->n_loaded, &r->loaded, &r->n_loaded));
+    KSM_TRY(names_from_pb(pb->missing, pb->n_missing, &r->missing, &r->n_missing));
+    KSM_TRY(names_from_pb(pb->unexpected, pb->n_unexpected, &r->unexpected, &r->n_unexpected));
     return 0;
 }
 
@@ -101,9 +101,9 @@ int ksm_conv_mem_stats_to_pb(const char *device, const struct ksm_mem_stats *s,
 {
     kasmina__v1__device_memory_stats__init(pb);
     pb->device = pbstr(device);
-    TRY(pool_to_pb(&s->pool[KSM_POOL_ALL], a, &pb->all));
-    TRY(pool_to_pb(&s->pool[KSM_POOL_SMALL], a, &pb->small_pool));
-    TRY(pool_to_pb(&s->pool[KSM_POOL_LARGE], a, &pb->large_pool));
+    KSM_TRY(pool_to_pb(&s->pool[KSM_POOL_ALL], a, &pb->all));
+    KSM_TRY(pool_to_pb(&s->pool[KSM_POOL_SMALL], a, &pb->small_pool));
+    KSM_TRY(pool_to_pb(&s->pool[KSM_POOL_LARGE], a, &pb->large_pool));
     pb->num_alloc_retries = s->num_alloc_retries;
     pb->num_ooms = s->num_ooms;
     pb->num_device_alloc = s->num_device_alloc;

@@ -27,25 +27,27 @@ static size_t dtype_size(enum ksm_dtype d)
 static int tensor_header(const Kasmina__V1__Tensor *pb, const char *field, ksm_tensor *out,
                          size_t *nbytes, char *err, size_t errlen)
 {
-    if (pb == NULL) return ksm_conv_fail(err, errlen, "%s must be set.", field);
+    if (pb == NULL) return ksm_errf(err, errlen, KSM_EINVAL, "%s must be set.", field);
     char f[96];
     snprintf(f, sizeof f, "%s.dtype", field);
     memset(out, 0, sizeof *out);
-    TRY(ksm_conv_dtype_from_pb((int)pb->dtype, f, &out->dtype, err, errlen));
+    KSM_TRY(ksm_conv_dtype_from_pb((int)pb->dtype, f, &out->dtype, err, errlen));
     if (pb->n_shape > KSM_MAX_DIMS)
-        return ksm_conv_fail(err, errlen, "%s.shape has %zu dimensions; at most %d are allowed.",
-                             field, pb->n_shape, KSM_MAX_DIMS);
+        return ksm_errf(err, errlen, KSM_EINVAL,
+                        "%s.shape has %zu dimensions; at most %d are allowed.", field, pb->n_shape,
+                        KSM_MAX_DIMS);
     size_t esz = dtype_size(out->dtype);
     uint64_t limit = (uint64_t)INT64_MAX / esz;
     uint64_t numel = 1;
     for (size_t i = 0; i < pb->n_shape; i++) {
         int64_t d = pb->shape[i];
         if (d < 0)
-            return ksm_conv_fail(err, errlen, "%s.shape[%zu] is %lld; dimensions must be >= 0.",
-                                 field, i, (long long)d);
+            return ksm_errf(err, errlen, KSM_EINVAL,
+                            "%s.shape[%zu] is %lld; dimensions must be >= 0.", field, i,
+                            (long long)d);
         if (d != 0 && numel > limit / (uint64_t)d)
-            return ksm_conv_fail(err, errlen, "%s.shape overflows: the element count is too large.",
-                                 field);
+            return ksm_errf(err, errlen, KSM_EINVAL,
+                            "%s.shape overflows: the element count is too large.", field);
         numel *= (uint64_t)d;
         out->shape[i] = d;
     }
@@ -57,9 +59,10 @@ static int tensor_header(const Kasmina__V1__Tensor *pb, const char *field, ksm_t
     }
     uint64_t want = numel * esz;
     if ((uint64_t)pb->data.len != want)
-        return ksm_conv_fail(
-            err, errlen, "%s.data has %zu bytes but dtype and shape need %llu (numel %llu x %zu).",
-            field, pb->data.len, (unsigned long long)want, (unsigned long long)numel, esz);
+        return ksm_errf(err, errlen, KSM_EINVAL,
+                        "%s.data has %zu bytes but dtype and shape need %llu (numel %llu x %zu).",
+                        field, pb->data.len, (unsigned long long)want, (unsigned long long)numel,
+                        esz);
     *nbytes = (size_t)want;
     return 0;
 }
@@ -70,7 +73,7 @@ int ksm_conv_tensor_from_pb(const Kasmina__V1__Tensor *pb, const char *field,
                             struct ksm_pb_arena *a, ksm_tensor *out, char *err, size_t errlen)
 {
     size_t nbytes;
-    TRY(tensor_header(pb, field, out, &nbytes, err, errlen));
+    KSM_TRY(tensor_header(pb, field, out, &nbytes, err, errlen));
     if (nbytes == 0) {
         out->data = empty_tensor_data;
         return 0;
@@ -91,7 +94,7 @@ int ksm_conv_tensor_from_pb_copy(const Kasmina__V1__Tensor *pb, const char *fiel
                                  char *err, size_t errlen)
 {
     size_t nbytes;
-    TRY(tensor_header(pb, field, out, &nbytes, err, errlen));
+    KSM_TRY(tensor_header(pb, field, out, &nbytes, err, errlen));
     out->data = malloc(nbytes > 0 ? nbytes : 1);
     if (out->data == NULL) return KSM_ENOMEM;
     if (nbytes > 0) memcpy(out->data, pb->data.data, nbytes);
@@ -102,7 +105,7 @@ int ksm_conv_tensor_from_pb_take(Kasmina__V1__Tensor *pb, const char *field, ksm
                                  char *err, size_t errlen)
 {
     size_t nbytes;
-    TRY(tensor_header(pb, field, out, &nbytes, err, errlen));
+    KSM_TRY(tensor_header(pb, field, out, &nbytes, err, errlen));
     if (nbytes == 0 || ((uintptr_t)pb->data.data % dtype_size(out->dtype)) != 0)
         return ksm_conv_tensor_from_pb_copy(pb, field, out, err, errlen);
     out->data = pb->data.data;
@@ -143,7 +146,7 @@ static int tensor_shape_to_pb(const ksm_tensor *t, struct ksm_pb_arena *a, Kasmi
 
 int ksm_conv_tensor_to_pb(const ksm_tensor *t, struct ksm_pb_arena *a, Kasmina__V1__Tensor *pb)
 {
-    TRY(tensor_shape_to_pb(t, a, pb));
+    KSM_TRY(tensor_shape_to_pb(t, a, pb));
     if (!contiguous(t)) return KSM_EINVAL;
     pb->dtype = ksm_conv_dtype_to_pb(t->dtype);
     pb->data.len = (size_t)(numel_of(t) * dtype_size(t->dtype));
@@ -190,13 +193,14 @@ int ksm_conv_tensor_to_pb_as(const ksm_tensor *t, int dtype, const char *field,
         t->dtype != KSM_DTYPE_F32) {
         if (dtype != KASMINA__V1__DTYPE__DTYPE_UNSPECIFIED &&
             (int)ksm_conv_dtype_to_pb(t->dtype) != dtype)
-            return ksm_conv_fail(err, errlen, "%s %d cannot be produced from a %s result.", field,
-                                 dtype, t->dtype == KSM_DTYPE_F32 ? "F32" : "non-F32");
+            return ksm_errf(err, errlen, KSM_EINVAL, "%s %d cannot be produced from a %s result.",
+                            field, dtype, t->dtype == KSM_DTYPE_F32 ? "F32" : "non-F32");
         return ksm_conv_tensor_to_pb(t, a, pb);
     }
     if (dtype != KASMINA__V1__DTYPE__DTYPE_F16 && dtype != KASMINA__V1__DTYPE__DTYPE_BF16)
-        return ksm_conv_fail(err, errlen, "%s must be DTYPE_F32, DTYPE_F16 or DTYPE_BF16.", field);
-    TRY(tensor_shape_to_pb(t, a, pb));
+        return ksm_errf(err, errlen, KSM_EINVAL, "%s must be DTYPE_F32, DTYPE_F16 or DTYPE_BF16.",
+                        field);
+    KSM_TRY(tensor_shape_to_pb(t, a, pb));
     if (!contiguous(t)) return KSM_EINVAL;
     uint64_t n = numel_of(t);
     uint16_t *dst = ANEWN(a, uint16_t, (size_t)n);

@@ -11,6 +11,8 @@
  */
 #pragma once
 
+#include <stddef.h>
+
 #include <errno.h>
 
 #ifdef __cplusplus
@@ -64,6 +66,22 @@ enum ksm_errno {
     KSM_OK = 0
 };
 /* clang-format on */
+
+/* Writes one sentence (a printf format) into err[errlen] -- nothing when err is NULL or errlen is
+ * 0 -- and returns code, so that a check reads
+ *     if (x < 0) return ksm_errf(err, errlen, KSM_EINVAL, "x must be >= 0, got %d", x);
+ * (code 0 where the caller sets its code apart). The one way errors are worded in kasmina. */
+#if defined(__GNUC__)
+__attribute__((format(printf, 4, 5)))
+#endif
+int ksm_errf(char *err, size_t errlen, int code, const char *fmt, ...);
+
+/* Returns from the calling function with expr's value when it is an error (negative). */
+#define KSM_TRY(expr)                                                                              \
+    do {                                                                                           \
+        int ksm_try_rc_ = (expr);                                                                  \
+        if (ksm_try_rc_ < 0) return ksm_try_rc_;                                                   \
+    } while (0)
 
 /* A static one-sentence description of err (0 gives "success"). Never NULL. Thread-safe. */
 const char *ksm_strerror(int err);
