@@ -1,7 +1,7 @@
 /*
  * kasminad: the kasmina daemon.
  *
- * Reads its configuration (core/config: file, KASMINA_* environment, flags), starts the engine
+ * Reads its configuration (kasminad config: file, KASMINA_* environment, flags), starts the engine
  * (the CUDA backend plugin if it can, else the CPU backend, with one log line saying why),
  * optionally creates the demo model, serves kasmina.v1 and grpc.health.v1 over gRPC (rpc/server)
  * and waits on a libuv loop for signals:
@@ -19,7 +19,7 @@
 #include <unistd.h>
 #include <uv.h>
 
-#include "core/config.h"
+#include "config.h"
 #include "io/persist.h"
 #include "service/service.h"
 #include "kasmina/alloc.h"

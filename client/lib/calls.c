@@ -1,6 +1,6 @@
 /*
  * libkasmina-client: one function per RPC. Requests are built and replies decoded with the rpc
- * layer's conversions (daemon/rpc/convert.h); what only a client needs (server info, health,
+ * layer's conversions (daemon/wire/convert.h); what only a client needs (server info, health,
  * the small request messages) is here.
  */
 #include <stdlib.h>
@@ -9,7 +9,7 @@
 #include "client_impl.h"
 #include "grpc/health/v1/health.pb-c.h"
 #include "kasmina/v1/kasmina.pb-c.h"
-#include "rpc/convert.h"
+#include "wire/convert.h"
 
 #define METHOD(name) "/kasmina.v1.Kasmina/" name
 #define S(x)         ((char *)((x) ? (x) : ""))

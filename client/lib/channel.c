@@ -19,8 +19,8 @@
 #include <grpc/support/time.h>
 
 #include "client_impl.h"
-#include "rpc/pbgather.h"
-#include "rpc/status.h"
+#include "wire/pbgather.h"
+#include "wire/status.h"
 
 // ---- Errors ----
 
@@ -61,7 +61,7 @@ static const char *const status_names[] = {
     "ABORTED",   "OUT_OF_RANGE",   "UNIMPLEMENTED",     "INTERNAL",           "UNAVAILABLE",
     "DATA_LOSS", "UNAUTHENTICATED"};
 
-/* Both directions are the server's own table (daemon/rpc/status.c). */
+/* Both directions are the server's own table (daemon/wire/status.c). */
 int ksm_client_code_from_grpc(int grpc_status)
 {
     return ksm_rpc_err_from_status((grpc_status_code)grpc_status);
@@ -310,7 +310,7 @@ static int pack_request(const ProtobufCMessage *req, grpc_byte_buffer **out)
 }
 
 /* Unpacks a reply from the byte buffer's slices in place: tensors and other big bytes fields are
- * copied once, into buffers the message owns (rpc/pbgather), which the calls then take over
+ * copied once, into buffers the message owns (wire/pbgather), which the calls then take over
  * (ksm_conv_tensor_from_pb_take) instead of copying them again. Unpacked with protobuf-c's
  * default allocator: its bytes fields are malloc'd. */
 static ProtobufCMessage *unpack_reply(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *d)

@@ -23,13 +23,6 @@ static int64_t mono_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-void ksm_host_tensor_free(ksm_tensor *t)
-{
-    if (t) {
-        free(t->data);
-        t->data = NULL;
-    }
-}
 
 /* ---- one slot (docs/blending.md#forward-of-one-slot) ---- */
 
@@ -603,14 +596,6 @@ static int eval_body(struct fwd *f, void *argp)
     return 0;
 }
 
-void ksm_evaluate_result_free(struct ksm_evaluate_result *r)
-{
-    if (r == NULL || r->results == NULL) return;
-    for (size_t i = 0; i < r->n; i++) free(r->results[i].logits.data);
-    free(r->results);
-    r->results = NULL;
-    r->n = 0;
-}
 
 static int check_targets(ksm_model *m, const ksm_tensor *x, const ksm_tensor *t, int64_t *per_row,
                          char *err, size_t errlen)

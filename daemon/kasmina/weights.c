@@ -7,17 +7,6 @@
 #include "kasmina/model_impl.h"
 #include "kasmina/safetensors.h"
 
-void ksm_load_result_free(struct ksm_load_result *r)
-{
-    if (r == NULL) return;
-    for (size_t i = 0; i < r->n_loaded; i++) free(r->loaded[i]);
-    for (size_t i = 0; i < r->n_missing; i++) free(r->missing[i]);
-    for (size_t i = 0; i < r->n_unexpected; i++) free(r->unexpected[i]);
-    free(r->loaded);
-    free(r->missing);
-    free(r->unexpected);
-    memset(r, 0, sizeof *r);
-}
 
 static int push(char ***v, size_t *n, const char *s)
 {

@@ -1,6 +1,6 @@
 /*
  * rpc/calls: one handler per kasmina.v1.Kasmina method. Each runs on a worker thread (or the
- * completion-queue thread, rpc/server.c) with the decoded request, translates it (rpc/convert),
+ * completion-queue thread, rpc/server.c) with the decoded request, translates it (wire/convert),
  * calls the service (mutations: durable and published, service/service.h) or the engine (reads
  * of a model the service handed out) and fills the reply in the call's arena. Returns 0 or a
  * KSM_E* code with one sentence in cx->err. Nothing here decides anything the service or the

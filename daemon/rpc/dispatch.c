@@ -1,6 +1,6 @@
 /*
  * rpc/dispatch: the request path of one unary Kasmina call, from request bytes to reply bytes,
- * with no network: protobuf-c unpack (big bytes fields copied once, rpc/pbgather), the method's
+ * with no network: protobuf-c unpack (big bytes fields copied once, wire/pbgather), the method's
  * handler (rpc/calls: convert, validate, engine call, reply in the call's arena), pack, then the
  * deferred frees. The server's workers call it for every unary call; the fuzzers (tests/fuzz/)
  * call it directly, so both run the same code.
@@ -10,7 +10,7 @@
 #include <string.h>
 
 #include "kasmina/errors.h"
-#include "rpc/pbgather.h"
+#include "wire/pbgather.h"
 #include "rpc/server_impl.h"
 
 int rpc_method_index(const char *path)

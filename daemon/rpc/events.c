@@ -20,7 +20,7 @@
 #include "kasmina/errors.h"
 #include "kasmina/log.h"
 #include "rpc/server_impl.h"
-#include "rpc/status.h"
+#include "wire/status.h"
 #include "service/service.h"
 
 struct rpc_hub {

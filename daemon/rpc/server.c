@@ -34,9 +34,9 @@
 
 #include "kasmina/errors.h"
 #include "kasmina/log.h"
-#include "rpc/pbgather.h"
+#include "wire/pbgather.h"
 #include "rpc/server_impl.h"
-#include "rpc/status.h"
+#include "wire/status.h"
 
 #define container_of(p, type, member) ((type *)((char *)(p)-offsetof(type, member)))
 

@@ -19,7 +19,7 @@
  *
  * The layers: rpc translates protobuf to service calls (mutations: durable and published, see
  * service/service.h) and engine calls (reads of a model the service handed out), and KSM_E*
- * codes to gRPC statuses (rpc/status.c). It decides nothing the service or the engine decides.
+ * codes to gRPC statuses (wire/status.c). It decides nothing the service or the engine decides.
  *
  * Only daemon/rpc/ includes gRPC or protobuf-c headers; this one includes neither.
  */

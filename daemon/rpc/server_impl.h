@@ -15,7 +15,7 @@
 #include "grpc/health/v1/health.pb-c.h"
 #include "kasmina/kasmina.h"
 #include "kasmina/v1/kasmina.pb-c.h"
-#include "rpc/convert.h"
+#include "wire/convert.h"
 #include "rpc/server.h"
 #include "rpc/stats.h"
 #include "rpc/tsan.h"
@@ -220,7 +220,7 @@ int rpc_dispatch_bytes(ksm_rpc_server *s, size_t method_index, const uint8_t *re
                        uint8_t **reply, size_t *reply_len, char *err, size_t errlen);
 /* The same for a request in pieces (a gRPC byte buffer's slices): tensors and other bytes fields
  * of at least rpc_gather_min bytes are copied once, from the pieces into aligned buffers of their
- * own (rpc/pbgather.h), rather than gathered and then copied again by protobuf-c. */
+ * own (wire/pbgather.h), rather than gathered and then copied again by protobuf-c. */
 struct ksm_pb_piece;
 int rpc_dispatch_pieces(ksm_rpc_server *s, size_t method_index, const struct ksm_pb_piece *req,
                         size_t n, uint8_t **reply, size_t *reply_len, char *err, size_t errlen);

@@ -4,7 +4,7 @@
  * Every fallible function returns an int: 0 on success or a negative KSM_E* code. OS failures
  * pass through as -errno (KSM_EINVAL == -EINVAL, ...); kasmina's own conditions live in the
  * reserved range -4000..-4099. One X-macro list generates the enum, ksm_strerror(),
- * ksm_err_name() and, in daemon/rpc/status.c only, the mapping to gRPC status codes.
+ * ksm_err_name() and, in daemon/wire/status.c only, the mapping to gRPC status codes.
  *
  * Rule (after libuv): if a function that takes a callback returns an error, the callback is
  * never called. Exactly one of the two happens.

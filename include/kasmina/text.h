@@ -23,7 +23,7 @@
 extern "C" {
 #endif
 
-/* Incremental strict UTF-8 check, for text that arrives in pieces (rpc/pbgather walks the wire
+/* Incremental strict UTF-8 check, for text that arrives in pieces (wire/pbgather walks the wire
  * format across gRPC slices). Start from {0}; feed bytes in order; the text is valid when every
  * ksm_utf8_feed returned true and ksm_utf8_done is true at its end. */
 struct ksm_utf8_state {

@@ -1,5 +1,5 @@
 /*
- * fuzz_config: kasminad's option parsing (daemon/core/config.c) from its three sources.
+ * fuzz_config: kasminad's option parsing (daemon/kasminad config.c) from its three sources.
  *
  * Input: [config file text] NUL [token] NUL [token] ... The file text (when not empty) is served
  * from a memfd as "--config /proc/self/fd/N"; a token "KASMINA_NAME=value" is set in the
@@ -16,7 +16,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "core/config.h"
+#include "config.h"
 #include "kasmina/errors.h"
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);

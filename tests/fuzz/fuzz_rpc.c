@@ -1,9 +1,9 @@
 /*
  * fuzz_rpc: the request path of every kasmina.v1.Kasmina method (and grpc.health.v1 Check),
- * as the server runs it, without a network: bytes -> protobuf-c unpack -> rpc/convert ->
+ * as the server runs it, without a network: bytes -> protobuf-c unpack -> wire/convert ->
  * validation -> the engine on a CPU backend -> reply packed (rpc_dispatch_pieces, the function
  * the server's workers call, with the request cut in three pieces as a gRPC byte buffer's slices
- * would be, and every bytes field taking rpc/pbgather's copy-once path: rpc_gather_min = 1).
+ * would be, and every bytes field taking wire/pbgather's copy-once path: rpc_gather_min = 1).
  *
  * Input: up to 16 records, each [method index: 1 byte][length: u16 LE][request bytes]; the method
  * is rpc_methods[index % rpc_n_methods] and a length past the end takes the rest. A sequence
@@ -26,9 +26,9 @@
 
 #include "kasmina/errors.h"
 #include "kasmina/log.h"
-#include "rpc/pbgather.h"
+#include "wire/pbgather.h"
 #include "rpc/server_impl.h"
-#include "rpc/status.h"
+#include "wire/status.h"
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -186,7 +186,7 @@ static uint8_t *pack_all(const ProtobufCMessage *m, size_t *len)
     return b;
 }
 
-/* rpc/pbgather against protobuf-c: the same message (packed equal), or both fail. */
+/* wire/pbgather against protobuf-c: the same message (packed equal), or both fail. */
 static void check_pbgather(const ProtobufCMessageDescriptor *d, const struct ksm_pb_piece *pc,
                            const uint8_t *p, size_t n)
 {

@@ -7,12 +7,12 @@
 ksm_add_test(unit_test_prom SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_prom.c LABELS unit TIMEOUT 60)
 target_link_libraries(unit_test_prom PRIVATE kasmina_metrics)
 
-if(TARGET ksm_rpc_test_stubs)
+if(TARGET kasmina_python_stubs AND Python3_Interpreter_FOUND)
   add_test(NAME metrics_prometheus
-    COMMAND ${KSM_RPC_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/test_prometheus.py
-            $<TARGET_FILE:kasminad> ${py_out} ${CMAKE_SOURCE_DIR}/docs/metrics.md)
+    COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_LIST_DIR}/test_prometheus.py
+            $<TARGET_FILE:kasminad> ${py_out} ${PROJECT_SOURCE_DIR}/docs/metrics.md)
   add_test(NAME metrics_status_page
-    COMMAND ${KSM_RPC_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/test_status_page.py
+    COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_LIST_DIR}/test_status_page.py
             $<TARGET_FILE:kasminad> ${py_out})
   set_tests_properties(metrics_prometheus metrics_status_page PROPERTIES
     LABELS integration TIMEOUT 120 SKIP_RETURN_CODE 77)

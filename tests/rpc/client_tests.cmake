@@ -1,23 +1,23 @@
 # Client tests, included from client/CMakeLists.txt (the targets they need live there).
 # No-server tests carry the label unit; tests against a real kasminad carry rpc.
 
-ksm_add_test(unit_test_ctl SOURCES ${CMAKE_SOURCE_DIR}/tests/rpc/test_ctl.c LABELS unit TIMEOUT 60)
+ksm_add_test(unit_test_ctl SOURCES ${PROJECT_SOURCE_DIR}/tests/rpc/test_ctl.c LABELS unit TIMEOUT 60)
 target_link_libraries(unit_test_ctl PRIVATE kasminactl_core kasmina_client)
 # The option-table walker of the subcommands (cmds.c): its errors, --help, every real table.
-ksm_add_test(unit_test_ctl_cmds SOURCES ${CMAKE_SOURCE_DIR}/tests/rpc/test_ctl_cmds.c LABELS unit
+ksm_add_test(unit_test_ctl_cmds SOURCES ${PROJECT_SOURCE_DIR}/tests/rpc/test_ctl_cmds.c LABELS unit
   TIMEOUT 60)
 target_link_libraries(unit_test_ctl_cmds PRIVATE kasminactl_core kasmina_client)
 
 # Tensor <-> numpy of the Python wrapper (Debian's /usr/bin/python3: python3-grpcio, -numpy).
-if(KSM_HAVE_PYTHON_STUBS AND EXISTS /usr/bin/python3)
+if(KSM_HAVE_PYTHON_STUBS AND Python3_Interpreter_FOUND)
   add_test(NAME unit_python_tensor
-    COMMAND /usr/bin/python3 ${CMAKE_SOURCE_DIR}/tests/rpc/test_python_tensor.py)
+    COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/rpc/test_python_tensor.py)
   set_tests_properties(unit_python_tensor PROPERTIES LABELS unit TIMEOUT 60
     ENVIRONMENT "PYTHONPATH=${KSM_PY_DIR}")
 endif()
 
 # ---- Against a real kasminad on a temporary Unix socket (label rpc) ----
-add_executable(rpc_test_client ${CMAKE_SOURCE_DIR}/tests/rpc/test_client.c)
+add_executable(rpc_test_client ${PROJECT_SOURCE_DIR}/tests/rpc/test_client.c)
 target_compile_options(rpc_test_client PRIVATE ${KSM_C_WARNINGS} -Wno-missing-prototypes)
 target_link_libraries(rpc_test_client PRIVATE ksm_test_helpers kasmina_client Threads::Threads)
 target_compile_definitions(rpc_test_client PRIVATE KSM_KASMINAD="$<TARGET_FILE:kasminad>")
@@ -26,17 +26,17 @@ add_test(NAME rpc_client COMMAND rpc_test_client --jobs=1)
 set_tests_properties(rpc_client PROPERTIES LABELS rpc TIMEOUT 300)
 
 # kasminactl: every subcommand (tables and --json), --help everywhere, exit code classes.
-if(EXISTS /usr/bin/python3)
+if(Python3_Interpreter_FOUND)
   add_test(NAME rpc_kasminactl
-    COMMAND bash ${CMAKE_SOURCE_DIR}/tests/rpc/kasminactl_test.sh
+    COMMAND bash ${PROJECT_SOURCE_DIR}/tests/rpc/kasminactl_test.sh
             $<TARGET_FILE:kasminad> $<TARGET_FILE:kasminactl>)
   set_tests_properties(rpc_kasminactl PROPERTIES LABELS rpc TIMEOUT 300)
 endif()
 
 # The Python client: a full lifecycle whose results equal the C client's.
-if(KSM_HAVE_PYTHON_STUBS AND EXISTS /usr/bin/python3)
+if(KSM_HAVE_PYTHON_STUBS AND Python3_Interpreter_FOUND)
   add_test(NAME rpc_python_client
-    COMMAND /usr/bin/python3 ${CMAKE_SOURCE_DIR}/tests/rpc/test_python_client.py
+    COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/rpc/test_python_client.py
             $<TARGET_FILE:kasminad> $<TARGET_FILE:kasminactl>)
   set_tests_properties(rpc_python_client PROPERTIES LABELS rpc TIMEOUT 300
     ENVIRONMENT "PYTHONPATH=${KSM_PY_DIR}")
@@ -44,5 +44,5 @@ endif()
 
 # The README's kasminactl walkthrough, run as written.
 add_test(NAME rpc_readme_walkthrough
-  COMMAND bash ${CMAKE_SOURCE_DIR}/tests/rpc/readme_walkthrough.sh ${CMAKE_SOURCE_DIR} ${CMAKE_BINARY_DIR})
+  COMMAND bash ${PROJECT_SOURCE_DIR}/tests/rpc/readme_walkthrough.sh ${PROJECT_SOURCE_DIR} ${PROJECT_BINARY_DIR})
 set_tests_properties(rpc_readme_walkthrough PROPERTIES LABELS rpc TIMEOUT 120)

@@ -7,7 +7,7 @@ foreach(t security limits)
     message(STATUS "kasmina: openssl missing: rpc_security not registered")
     continue()
   endif()
-  add_executable(rpc_test_${t} ${CMAKE_SOURCE_DIR}/tests/rpc/test_${t}.c)
+  add_executable(rpc_test_${t} ${PROJECT_SOURCE_DIR}/tests/rpc/test_${t}.c)
   target_compile_options(rpc_test_${t} PRIVATE ${KSM_C_WARNINGS} -Wno-missing-prototypes)
   target_link_libraries(rpc_test_${t} PRIVATE ksm_test_helpers kasmina_client Threads::Threads)
   target_compile_definitions(rpc_test_${t} PRIVATE KSM_KASMINAD="$<TARGET_FILE:kasminad>")
@@ -19,7 +19,7 @@ endforeach()
 # Soak: many clients mixing lifecycle, compute and statistics against one kasminad; 0 errors, RSS
 # plateau, allocator back to its post-warm-up value. Briefly here (20 s); on demand:
 #   build/client/soak --kasminad build/kasminad --duration 600 --threads 16
-add_executable(soak ${CMAKE_SOURCE_DIR}/tests/bench/soak.c)
+add_executable(soak ${PROJECT_SOURCE_DIR}/tests/bench/soak.c)
 target_compile_options(soak PRIVATE ${KSM_C_WARNINGS} -Wno-missing-prototypes)
 target_compile_definitions(soak PRIVATE _GNU_SOURCE)
 target_link_libraries(soak PRIVATE kasmina_client Threads::Threads m)

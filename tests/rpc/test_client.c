@@ -403,7 +403,7 @@ Test(client, watch_events_follows_live_and_stops_when_the_callback_says)
     rpc_daemon_stop(&d);
 }
 
-/* Tensors and weight files of more than 64 KiB take rpc/pbgather's copy-once path: the server
+/* Tensors and weight files of more than 64 KiB take wire/pbgather's copy-once path: the server
  * reads the request from the transport's slices, the client the reply (and takes the buffers
  * over). The daemon's results must be the in-process engine's, bit for bit, for the same model
  * and weights (the engine is deterministic whatever its thread count). */

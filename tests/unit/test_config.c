@@ -1,5 +1,5 @@
 /*
- * core/config: parsing kasminad's options more than once in one process (tests, a future
+ * kasminad config: parsing kasminad's options more than once in one process (tests, a future
  * reload). Found by tests/fuzz/fuzz_config: a parse that returned early (--help given as "-hh")
  * left GNU getopt inside the "-hh" cluster, and the next ksm_config_load() read that stale
  * (by then possibly freed) argv word: here it saw "-h" again and printed the help instead of
@@ -7,7 +7,7 @@
  */
 #include <criterion/criterion.h>
 
-#include "core/config.h"
+#include "config.h"
 #include "kasmina/errors.h"
 
 Test(config, second_load_forgets_the_first_parse)

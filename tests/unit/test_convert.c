@@ -1,11 +1,11 @@
-/* rpc/convert: protobuf-c messages <-> engine structs, without a network. */
+/* wire/convert: protobuf-c messages <-> engine structs, without a network. */
 #include <criterion/criterion.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kasmina/errors.h"
-#include "rpc/convert.h"
+#include "wire/convert.h"
 
 TestSuite(convert, .timeout = 10);
 

@@ -1,5 +1,5 @@
 /*
- * rpc/pbgather: unpacking a message from pieces with big bytes fields copied once. The reference
+ * wire/pbgather: unpacking a message from pieces with big bytes fields copied once. The reference
  * is protobuf-c's own protobuf_c_message_unpack of the concatenated bytes: every result must
  * pack to the same bytes as the reference's (or both fail), whatever the cut into pieces, and the
  * big fields must sit in 64-byte-aligned buffers of their own.
@@ -10,7 +10,7 @@
 #include <string.h>
 
 #include "kasmina/v1/kasmina.pb-c.h"
-#include "rpc/pbgather.h"
+#include "wire/pbgather.h"
 
 TestSuite(pbgather, .timeout = 60);
 

@@ -3,7 +3,7 @@
 #include <string.h>
 
 #include "kasmina/errors.h"
-#include "rpc/status.h"
+#include "wire/status.h"
 
 TestSuite(status, .timeout = 10);
 

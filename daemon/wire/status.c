@@ -1,7 +1,7 @@
 /*
  * rpc/status: KSM_E* <-> grpc_status_code (see status.h).
  */
-#include "rpc/status.h"
+#include "wire/status.h"
 
 #include <stdbool.h>
 #include <stdio.h>

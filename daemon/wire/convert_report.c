@@ -1,5 +1,5 @@
 /*
- * rpc/convert_report: gate results, slot reports, lifecycle events and metrics updates
+ * wire/convert_report: gate results, slot reports, lifecycle events and metrics updates
  * (convert.h).
  */
 #include <math.h>
@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "rpc/convert_impl.h"
+#include "wire/convert_impl.h"
 
 /* ---- Gate, slot report, event ---- */
 

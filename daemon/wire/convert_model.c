@@ -1,12 +1,12 @@
 /*
- * rpc/convert_model: model specs and Model (convert.h).
+ * wire/convert_model: model specs and Model (convert.h).
  */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "rpc/convert_impl.h"
+#include "wire/convert_impl.h"
 
 /* ---- Models ---- */
 

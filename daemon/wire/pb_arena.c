@@ -1,12 +1,12 @@
 /*
- * rpc/pb_arena: the call arena that replies and converted requests are built in (convert.h).
+ * wire/pb_arena: the call arena that replies and converted requests are built in (convert.h).
  */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "rpc/convert_impl.h"
+#include "wire/convert_impl.h"
 
 struct ksm_pb_arena_chunk {
     struct ksm_pb_arena_chunk *next;

@@ -1,5 +1,5 @@
 /*
- * rpc/convert_tensor: Tensor <-> ksm_tensor, borrowed, copied or taken; output dtypes
+ * wire/convert_tensor: Tensor <-> ksm_tensor, borrowed, copied or taken; output dtypes
  * (convert.h).
  */
 #include <math.h>
@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "rpc/convert_impl.h"
+#include "wire/convert_impl.h"
 
 /* ---- Tensor ---- */
 

@@ -1,12 +1,12 @@
 /*
- * rpc/convert_stats: LoadWeights results, memory and cache statistics (convert.h).
+ * wire/convert_stats: LoadWeights results, memory and cache statistics (convert.h).
  */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "rpc/convert_impl.h"
+#include "wire/convert_impl.h"
 
 /* ---- Weights ---- */
 

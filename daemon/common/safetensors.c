@@ -50,7 +50,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "io/journal.h"
+#include "common/crc32c.h"
 #include "kasmina/errors.h"
 
 #define ST_HEADER_MAX 100000000u /* the reference implementation's limit */

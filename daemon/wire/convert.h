@@ -1,5 +1,5 @@
 /*
- * rpc/convert: pure functions between the kasmina.v1 protobuf-c messages and the engine structs
+ * wire/convert: pure functions between the kasmina.v1 protobuf-c messages and the engine structs
  * of include/kasmina/kasmina.h, in both directions. The server decodes requests (pb -> engine)
  * and encodes replies (engine -> pb); libkasmina-client does the opposite with the same
  * functions. Nothing here touches the network, the engine's state or a global.

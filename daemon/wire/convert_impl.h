@@ -1,5 +1,5 @@
 /*
- * rpc/convert_impl: what the conversion files (convert_*.c, pb_arena.c) share: the error
+ * wire/convert_impl: what the conversion files (convert_*.c, pb_arena.c) share: the error
  * sentence helper, string helpers and the arena and early-return macros.
  */
 #pragma once
@@ -9,7 +9,7 @@
 #include <string.h>
 
 #include "kasmina/errors.h"
-#include "rpc/convert.h"
+#include "wire/convert.h"
 
 /* model_id (required) and slot_id (required when slot_required) of a lifecycle call. */
 int ksm_conv_check_target(const char *model_id, const char *slot_id, bool slot_required, char *err,

@@ -1,7 +1,7 @@
 /*
- * core/config: the option table and its three sources (see config.h).
+ * kasminad config: the option table and its three sources (see config.h).
  */
-#include "core/config.h"
+#include "config.h"
 
 #include <ctype.h>
 #include <errno.h>

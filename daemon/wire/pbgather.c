@@ -1,5 +1,5 @@
 /*
- * rpc/pbgather: unpack with big bytes fields copied once (pbgather.h).
+ * wire/pbgather: unpack with big bytes fields copied once (pbgather.h).
  *
  * Pass 1 (scan) walks the wire format over the pieces with a cursor, one message level per
  * recursion, and records "events" at increasing absolute offsets:
@@ -15,7 +15,7 @@
  * encoding, so a smaller length written with the original width parses as that length: no other
  * offset moves but by the payloads removed.
  */
-#include "rpc/pbgather.h"
+#include "wire/pbgather.h"
 
 #include <stdbool.h>
 #include <stdio.h>

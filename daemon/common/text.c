@@ -1,4 +1,4 @@
-/* core/text: strict UTF-8 and the id grammar (kasmina/text.h). */
+/* common/text: strict UTF-8 and the id grammar (kasmina/text.h). */
 #include "kasmina/text.h"
 
 #include <string.h>

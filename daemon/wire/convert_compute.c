@@ -1,12 +1,12 @@
 /*
- * rpc/convert_compute: Forward, FusedForward and Evaluate requests and results (convert.h).
+ * wire/convert_compute: Forward, FusedForward and Evaluate requests and results (convert.h).
  */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "rpc/convert_impl.h"
+#include "wire/convert_impl.h"
 
 /* ---- Compute ---- */
 

@@ -1,5 +1,5 @@
 /*
- * rpc/pbgather: protobuf-c unpack of a message that arrives in pieces (the slices of a gRPC byte
+ * wire/pbgather: protobuf-c unpack of a message that arrives in pieces (the slices of a gRPC byte
  * buffer), copying each big bytes field once, straight from the pieces into a buffer of its own.
  *
  * The plain way costs two copies of every tensor of a request or reply: the pieces are gathered

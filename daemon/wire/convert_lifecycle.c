@@ -1,12 +1,12 @@
 /*
- * rpc/convert_lifecycle: the lifecycle requests, each from_pb beside its to_pb (convert.h).
+ * wire/convert_lifecycle: the lifecycle requests, each from_pb beside its to_pb (convert.h).
  */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "rpc/convert_impl.h"
+#include "wire/convert_impl.h"
 
 /* ---- Lifecycle ---- */
 

@@ -1,5 +1,5 @@
 /*
- * rpc/convert_check: the validators every conversion uses: errors, enum values, ids, strings
+ * wire/convert_check: the validators every conversion uses: errors, enum values, ids, strings
  * and numbers (convert.h).
  */
 #include <math.h>
@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "rpc/convert_impl.h"
+#include "wire/convert_impl.h"
 
 #include <stdarg.h>
 

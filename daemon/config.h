@@ -1,5 +1,5 @@
 /*
- * core/config: kasminad's options, one table row each (name, type, range, default, doc).
+ * kasminad config: kasminad's options, one table row each (name, type, range, default, doc).
  *
  * Sources, later ones winning: the defaults, the config file (--config FILE or KASMINA_CONFIG;
  * lines "name value", '#' comments, repeatable options repeat), the environment (KASMINA_<NAME>,
