@@ -63,7 +63,7 @@ static const struct cfg_option options[] = {
     {"memory-cap", T_SIZE, 0, 1e18, "0", NULL, OFF(memory_cap),
      "per-device allocator cap in bytes (suffixes K, M, G; 0 = none)"},
     {"fault-injection", T_STRING, 0, 0, NULL, NULL, OFF(fault_injection),
-     "TESTS ONLY: wrap cpu:0 in a fault-injecting default device fake:0 "
+     "TESTS ONLY (the test build kasminad_faults): wrap cpu:0 in a fault-injecting device fake:0 "
      "(mem-limit=BYTES,fail-malloc-nth=N,sticky-after-launches=N)"},
     {"log-level", T_CHOICE, 0, 0, "info", "error|warn|info|debug", OFF(log_level),
      "log threshold"},

@@ -22,6 +22,9 @@
 #include "config.h"
 #include "io/persist.h"
 #include "service/service.h"
+#ifdef KSM_WITH_FAULTS
+#include "faults.h"
+#endif
 #include "kasmina/alloc.h"
 #include "kasmina/backend.h"
 #include "kasmina/errors.h"
@@ -41,7 +44,8 @@ struct daemon {
     ksm_rpc_server *rpc;
     ksm_persist *persist;
     ksm_service *service;
-    ksm_metrics *metrics; /* NULL unless --metrics-listen */
+    ksm_backend *fault_cpu, *fault_backend; /* kasminad_faults only */
+    ksm_metrics *metrics;                   /* NULL unless --metrics-listen */
     uv_loop_t loop;
     uv_signal_t sig_term, sig_int, sig_hup;
     uv_timer_t drain_timer, health_timer, watchdog_timer;
@@ -248,8 +252,23 @@ int main(int argc, char **argv)
         .memory_cap = d.cfg.memory_cap,
         .max_models = (uint32_t)d.cfg.max_models,
         .max_seeds_per_model = (uint32_t)d.cfg.max_seeds_per_model,
-        .fault_injection = d.cfg.fault_injection,
     };
+    if (d.cfg.fault_injection != NULL && d.cfg.fault_injection[0] != '\0') {
+#ifdef KSM_WITH_FAULTS /* kasminad_faults, the test build (tests/helpers/faults.h) */
+        rc = ksm_test_faults_new(d.cfg.fault_injection, &d.fault_cpu, &d.fault_backend, err,
+                                 sizeof err);
+        if (rc != 0) {
+            fprintf(stderr, "kasminad: option --fault-injection: %s\n", err);
+            goto out_config;
+        }
+        ec.backend = d.fault_backend;
+#else
+        fprintf(stderr, "kasminad: option --fault-injection is for the test build "
+                        "(kasminad_faults); this kasminad injects no faults\n");
+        rc = KSM_EINVAL;
+        goto out_config;
+#endif
+    }
     rc = ksm_engine_new(&ec, &d.engine, err, sizeof err);
     if (rc != 0) {
         KSM_LOGE("main", "engine: %s (%s)", err, ksm_err_name(rc));
@@ -345,6 +364,8 @@ int main(int argc, char **argv)
 out_engine:
     ksm_service_free(d.service);
     ksm_engine_free(d.engine);
+    ksm_backend_free(d.fault_backend); /* after the engine, before the backend it wraps */
+    ksm_backend_free(d.fault_cpu);
     ksm_persist_close(d.persist);
     if (exit_code == 0) KSM_LOGI("main", "kasminad stopped");
 out_config:

@@ -6,7 +6,6 @@
 #include "kasmina/errors.h"
 #include "kasmina/log.h"
 #include "kasmina/text.h"
-#include "backend/fake_backend.h"
 #include "kasmina/model_impl.h"
 
 static int add_devices(ksm_engine *e, ksm_backend *b, size_t cap)
@@ -19,45 +18,6 @@ static int add_devices(ksm_engine *e, ksm_backend *b, size_t cap)
         if (rc < 0) return rc;
         e->devices[e->n_devices++] = d;
     }
-    return 0;
-}
-
-/* Parses the fault-injection spec and arms a fake device wrapping inner (engine config). */
-static int setup_faults(ksm_engine *e, const char *spec, char *err, size_t errlen)
-{
-    uint64_t mem_limit = 0, fail_nth = 0, sticky_after = 0;
-    char buf[256];
-    snprintf(buf, sizeof buf, "%s", spec);
-    for (char *save = NULL, *kv = strtok_r(buf, ",", &save); kv; kv = strtok_r(NULL, ",", &save)) {
-        char *eq = strchr(kv, '=');
-        char *end = NULL;
-        unsigned long long v = eq ? strtoull(eq + 1, &end, 10) : 0;
-        if (eq == NULL || end == eq + 1 || *end != '\0') {
-            ksm_errf(err, errlen, 0, "fault-injection \"%s\": expected key=number", kv);
-            return KSM_EINVAL;
-        }
-        *eq = '\0';
-        if (strcmp(kv, "mem-limit") == 0)
-            mem_limit = v;
-        else if (strcmp(kv, "fail-malloc-nth") == 0)
-            fail_nth = v;
-        else if (strcmp(kv, "sticky-after-launches") == 0)
-            sticky_after = v;
-        else {
-            ksm_errf(err, errlen, 0,
-                     "fault-injection key \"%s\" is not one of mem-limit, fail-malloc-nth, "
-                     "sticky-after-launches",
-                     kv);
-            return KSM_EINVAL;
-        }
-    }
-    int rc = ksm_fake_backend_new(ksm_backend_device(e->cpu, 0), &e->fake);
-    if (rc < 0) return rc;
-    ksm_device *d = ksm_backend_device(e->fake, 0);
-    if (mem_limit) ksm_fake_set_mem_limit(d, (size_t)mem_limit);
-    if (fail_nth) ksm_fake_fail_malloc_nth(d, fail_nth);
-    if (sticky_after) ksm_fake_set_sticky_after_launches(d, sticky_after, KSM_EDEVICE);
-    KSM_LOGW("engine", "fault injection on %s: %s", ksm_device_name(d), spec);
     return 0;
 }
 
@@ -96,10 +56,6 @@ int ksm_engine_new(const struct ksm_engine_config *cfg, ksm_engine **out, char *
         goto fail;
     }
     if (c.backend && (rc = add_devices(e, c.backend, c.memory_cap)) < 0) goto fail_dev;
-    if (c.fault_injection && *c.fault_injection) {
-        if ((rc = setup_faults(e, c.fault_injection, err, errlen)) < 0) goto fail;
-        if ((rc = add_devices(e, e->fake, c.memory_cap)) < 0) goto fail_dev;
-    }
     if (e->cuda && (rc = add_devices(e, e->cuda, c.memory_cap)) < 0) goto fail_dev;
     if ((rc = add_devices(e, e->cpu, c.memory_cap)) < 0) goto fail_dev;
     e->default_device = e->devices[0];
@@ -135,7 +91,6 @@ void ksm_engine_free(ksm_engine *e)
     }
     free(models);
     for (int i = 0; i < e->n_devices; i++) ksm_allocator_destroy(e->allocators[i]);
-    ksm_backend_free(e->fake); /* before the CPU backend it wraps */
     ksm_backend_free(e->cpu);
     ksm_backend_free(e->cuda);
     pthread_mutex_destroy(&e->lock);

@@ -21,7 +21,7 @@
 #define KSM_STREAM_KEY_MAX        64
 
 struct ksm_engine {
-    ksm_backend *cpu, *cuda, *fake;
+    ksm_backend *cpu, *cuda;
     int n_devices;
     ksm_device *devices[64];
     ksm_allocator *allocators[64];

@@ -252,9 +252,6 @@ struct ksm_engine_config {
     uint32_t max_models;          /* 0 = 1024; one more is KSM_EMAXMODELS */
     uint32_t max_seeds_per_model; /* live seeds (occupied, not PRUNED, EMBARGOED or RESETTING)
                                    * per model; 0 = no limit; one more is KSM_EMAXSEEDS */
-    const char *fault_injection;  /* tests only: "mem-limit=BYTES,fail-malloc-nth=N,
-                                   * sticky-after-launches=N" wraps cpu:0 in a fault-injecting
-                                   * device "fake:0" that becomes the default device */
     ksm_backend *backend;         /* optional extra backend (borrowed, must outlive the engine): its
                                    * devices come first and the first is the default. Tests use it
                                    * for fault injection; embedders for their own devices. */

@@ -21,7 +21,7 @@ if(KSM_HAVE_PYTHON_STUBS AND Python3_Interpreter_FOUND)
   # Device faults through the daemon: OOM, a device that breaks while serving, restart.
   add_test(NAME rpc_faults
     COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_SOURCE_DIR}/rpc/test_faults.py
-            $<TARGET_FILE:kasminad> ${py_out})
+            $<TARGET_FILE:kasminad_faults> ${py_out})
   set_tests_properties(rpc_faults PROPERTIES LABELS rpc TIMEOUT 120)
   # Hostile input (issue 12): every string field with bad UTF-8 and NUL, the id grammar, a
   # StepEpoch/DeleteModel race, non-finite metrics, strict LoadWeights; then a restart.

@@ -1,6 +1,6 @@
 #!/usr/bin/python3
-"""Device faults through a real kasminad (issue 5), with the engine's fault-injecting device
-(--fault-injection, tests only):
+"""Device faults through a real daemon (issue 5): kasminad_faults, the test build of kasminad
+whose --fault-injection wraps cpu:0 in a fault-injecting device (tests/helpers/faults.h):
 
 1. OOM: on a device with 64 MiB, a germination that needs more gets RESOURCE_EXHAUSTED naming
    the memory, changes nothing, and the next (smaller) request succeeds.

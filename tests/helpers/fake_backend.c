@@ -1,7 +1,7 @@
 /*
  * The fault-injecting fake backend (see fake_backend.h).
  */
-#include "backend/fake_backend.h"
+#include "fake_backend.h"
 
 #include <pthread.h>
 #include <stdio.h>
