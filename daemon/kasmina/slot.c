@@ -90,7 +90,7 @@ static enum ksm_topology slot_topology(const struct ksm_slot *s)
     return s->env ? s->env->topology : KSM_TOPOLOGY_CNN;
 }
 
-static int64_t wall_now_ns(void)
+int64_t ksm_slot_wall_now_ns(void)
 {
     /* Microseconds: the precision the extra state keeps, so a restored slot reports the same
      * instants as before the restart. */
@@ -101,26 +101,9 @@ static int64_t wall_now_ns(void)
 
 /* ---- metrics (SeedMetrics, docs/gates.md#recordmetrics) ---- */
 
-static double total_improvement(const struct ksm_seed_metrics *m)
-{
-    return m->current_val_accuracy - m->initial_val_accuracy;
-}
-
 static double blending_delta(const struct ksm_seed_metrics *m)
 {
     return m->blending_started ? m->current_val_accuracy - m->accuracy_at_blending_start : 0.0;
-}
-
-static void record_accuracy(struct ksm_seed_metrics *m, double acc)
-{
-    if (m->epochs_total == 0) {
-        m->initial_val_accuracy = acc;
-        m->accuracy_at_stage_start = acc;
-    }
-    m->current_val_accuracy = acc;
-    m->best_val_accuracy = fmax(m->best_val_accuracy, acc);
-    m->epochs_total++;
-    m->epochs_in_current_stage++;
 }
 
 /* ---- SeedState.transition (docs/lifecycle.md#transitions) ---- */
@@ -524,7 +507,7 @@ static int advance_to(struct ksm_slot *s, enum ksm_stage target, struct ksm_gate
     if (r.passed) {
         struct ksm_seed_state *st = &s->state;
         enum ksm_stage old = st->stage;
-        double improvement = total_improvement(&st->metrics);
+        double improvement = ksm_metrics_total_improvement(&st->metrics);
         bool has_cf = st->metrics.has_counterfactual;
         double cf = st->metrics.counterfactual_contribution;
         double bdelta = blending_delta(&st->metrics);
@@ -615,7 +598,7 @@ static void prune_now(struct ksm_slot *s, const char *reason, const char *initia
     reason = reason ? reason : "";
     initiator = (initiator && initiator[0]) ? initiator : "policy";
 
-    double improvement = total_improvement(&st->metrics);
+    double improvement = ksm_metrics_total_improvement(&st->metrics);
     bool has_cf = st->metrics.has_counterfactual;
     double cf = st->metrics.counterfactual_contribution;
     double bdelta = blending_delta(&st->metrics);
@@ -692,7 +675,7 @@ static void reenter_blending(struct ksm_slot *s, int64_t now)
 {
     struct ksm_seed_state *st = &s->state;
     uint32_t epochs_in_stage = st->metrics.epochs_in_current_stage;
-    double improvement = total_improvement(&st->metrics);
+    double improvement = ksm_metrics_total_improvement(&st->metrics);
     state_transition(st, KSM_STAGE_BLENDING, now);
     on_enter_stage(s, KSM_STAGE_BLENDING, KSM_STAGE_HOLDING);
     struct grad_snap g = grad_snapshot(st);
@@ -871,166 +854,4 @@ int ksm_slot_step_epoch(struct ksm_slot *s, int64_t now_ns)
     }
     default: return 0; /* HOLDING, FOSSILIZED: nothing */
     }
-}
-
-/* ---- metrics (docs/gates.md#recordmetrics, docs/evaluate.md#from-results-to-recordmetrics,
- * docs/gates.md#recordmetrics) ---- */
-
-static bool finite_nonneg(double v) { return isfinite(v) && v >= 0.0; }
-
-/* sync_telemetry's copy of metrics and controller state. */
-static void sync_telemetry(struct ksm_seed_state *st, int64_t now)
-{
-    struct ksm_telemetry_sync *t = &st->tel_sync;
-    const struct ksm_alpha_controller *c = &st->controller;
-    t->accuracy = st->metrics.current_val_accuracy;
-    if (st->stage == KSM_STAGE_TRAINING || st->stage == KSM_STAGE_GERMINATED ||
-        st->stage == KSM_STAGE_DORMANT)
-        t->accuracy_delta = 0.0;
-    else
-        t->accuracy_delta = ksm_metrics_improvement_since_stage_start(&st->metrics);
-    t->epochs_in_stage = st->metrics.epochs_in_current_stage;
-    t->stage = (int)st->stage;
-    t->alpha = st->alpha;
-    t->alpha_target = c->alpha_target;
-    t->alpha_mode = (int)c->mode;
-    t->alpha_steps_total = c->steps_total;
-    t->alpha_steps_done = c->steps_done;
-    t->time_to_target = c->steps_total > c->steps_done ? c->steps_total - c->steps_done : 0;
-    t->alpha_velocity = (c->mode == KSM_ALPHA_HOLD || c->steps_total == 0)
-                            ? 0.0
-                            : (c->alpha_target - c->alpha_start) / c->steps_total;
-    t->alpha_algorithm = (int)st->alpha_algorithm;
-    t->captured_at_ns = now;
-    t->blend_tempo_epochs = st->blend_tempo_epochs;
-    if (st->stage == KSM_STAGE_BLENDING && st->metrics.epochs_in_current_stage > 0)
-        t->blending_velocity = st->alpha / st->metrics.epochs_in_current_stage;
-    else
-        t->blending_velocity = 0.0;
-}
-
-int ksm_slot_record_metrics(struct ksm_slot *s, const struct ksm_metrics_update *u, char *err,
-                            size_t errlen)
-{
-    if (!u) {
-        ksm_errf(err, errlen, 0, "record_metrics needs an update");
-        return KSM_EINVAL;
-    }
-    if (u->has_val_accuracy &&
-        !(isfinite(u->val_accuracy) && u->val_accuracy >= 0.0 && u->val_accuracy <= 100.0)) {
-        ksm_errf(err, errlen, 0, "val_accuracy must be a percentage in [0, 100], got %g",
-                 u->val_accuracy);
-        return KSM_EINVAL;
-    }
-    if (u->has_counterfactual && !isfinite(u->counterfactual)) {
-        ksm_errf(err, errlen, 0, "counterfactual must be finite, got %g", u->counterfactual);
-        return KSM_EINVAL;
-    }
-    if (u->has_gradient_health && !(u->gradient_health >= 0.0 && u->gradient_health <= 1.0)) {
-        ksm_errf(err, errlen, 0, "gradient_health must be within [0, 1], got %g",
-                 u->gradient_health);
-        return KSM_EINVAL;
-    }
-    if (u->has_gradient_norm && !finite_nonneg(u->gradient_norm)) {
-        ksm_errf(err, errlen, 0, "gradient_norm must be finite and >= 0, got %g", u->gradient_norm);
-        return KSM_EINVAL;
-    }
-    if (u->has_grad_ratio && !finite_nonneg(u->seed_gradient_norm_ratio)) {
-        ksm_errf(err, errlen, 0, "seed_gradient_norm_ratio must be finite and >= 0, got %g",
-                 u->seed_gradient_norm_ratio);
-        return KSM_EINVAL;
-    }
-    if (!s->occupied) {
-        ksm_errf(err, errlen, 0, "slot %s has no seed", s->id);
-        return KSM_ENOSEED;
-    }
-
-    struct ksm_seed_state *st = &s->state;
-    struct ksm_seed_metrics *m = &st->metrics;
-    /* Finite inputs can still overflow the velocity EMA (1.7e308 then -1.7e308 gives -inf), which
-     * the state's JSON cannot hold: refuse the update rather than store what a restart loses. */
-    if (u->has_counterfactual && m->has_prev_contribution &&
-        !isfinite(0.7 * m->contribution_velocity +
-                  0.3 * (u->counterfactual - m->prev_contribution))) {
-        ksm_errf(err, errlen, 0,
-                 "counterfactual %g after %g would make contribution_velocity non-finite",
-                 u->counterfactual, m->prev_contribution);
-        return KSM_EINVAL;
-    }
-    if (u->has_val_accuracy) record_accuracy(m, u->val_accuracy);
-    if (u->has_counterfactual) {
-        double v = u->counterfactual;
-        if (m->has_prev_contribution)
-            m->contribution_velocity =
-                0.7 * m->contribution_velocity + 0.3 * (v - m->prev_contribution);
-        m->has_prev_contribution = true;
-        m->prev_contribution = v;
-        m->has_counterfactual = true;
-        m->counterfactual_contribution = v;
-    }
-    /* Gradient fields are updated only when given, never reset (KTS-001). */
-    struct ksm_seed_telemetry *t = &st->telemetry;
-    if (u->has_gradient_norm) {
-        t->has_gradient_norm = true;
-        t->gradient_norm = u->gradient_norm;
-    }
-    if (u->has_gradient_health) {
-        t->has_gradient_health = true;
-        t->gradient_health = u->gradient_health;
-    }
-    if (u->has_vanishing) {
-        t->has_vanishing_flag = true;
-        t->has_vanishing = u->vanishing;
-    }
-    if (u->has_exploding) {
-        t->has_exploding_flag = true;
-        t->has_exploding = u->exploding;
-    }
-    if (u->has_grad_ratio) {
-        m->has_grad_ratio = true;
-        m->seed_gradient_norm_ratio = u->seed_gradient_norm_ratio;
-    }
-    if (u->has_epoch) t->epoch = u->epoch;
-    if (u->has_max_epochs) t->max_epochs = u->max_epochs;
-    int64_t now = wall_now_ns();
-    sync_telemetry(st, now - now % 1000); /* captured_at persists microseconds */
-    return 0;
-}
-
-/* ---- report (docs/lifecycle.md#slot-reports) ---- */
-
-void ksm_slot_report(const struct ksm_slot *s, struct ksm_slot_report *r)
-{
-    memset(r, 0, sizeof *r);
-    copy_str(r->slot_id, sizeof r->slot_id, s->id);
-    r->blueprint_index = -1;
-    if (!s->occupied) return;
-    const struct ksm_seed_state *st = &s->state;
-    const struct ksm_alpha_controller *c = &st->controller;
-    r->occupied = true;
-    copy_str(r->seed_id, sizeof r->seed_id, st->seed_id);
-    copy_str(r->blueprint_id, sizeof r->blueprint_id, st->blueprint_id);
-    r->stage = st->stage;
-    r->previous_stage = st->previous_stage;
-    r->previous_epochs_in_stage = st->previous_epochs_in_stage;
-    r->stage_entered_at_ns = st->stage_entered_at_ns;
-    r->alpha_algorithm = st->alpha_algorithm;
-    r->controller = *c;
-    r->time_to_target = c->steps_total > c->steps_done ? c->steps_total - c->steps_done : 0;
-    r->alpha_velocity = (c->mode == KSM_ALPHA_HOLD || c->steps_total == 0)
-                            ? 0.0
-                            : (c->alpha_target - c->alpha_start) / c->steps_total;
-    r->blend_tempo_epochs = st->blend_tempo_epochs;
-    copy_str(r->blend_algorithm_id, sizeof r->blend_algorithm_id, s->blend_algorithm_id);
-    r->blend_alpha_target = s->has_blend_alpha_target ? s->blend_alpha_target : 0.0;
-    r->metrics = st->metrics;
-    r->total_improvement = total_improvement(&st->metrics);
-    r->improvement_since_stage_start = ksm_metrics_improvement_since_stage_start(&st->metrics);
-    r->telemetry = st->telemetry;
-    r->isolate_gradients = s->isolate_gradients;
-    r->is_healthy = st->is_healthy;
-    r->is_improving = r->improvement_since_stage_start > 0;
-    r->needs_attention = !st->is_healthy;
-    r->has_gate = s->gate != NULL;
-    r->seed_params = s->seed ? st->metrics.seed_param_count : 0;
 }

@@ -161,12 +161,20 @@ void ksm_slot_report(const struct ksm_slot *s, struct ksm_slot_report *r);
 #define GRADIENT_RATIO_THRESHOLD 0.10
 #define MIN_FOSSILIZE_CONTRIB    1.0
 
+static inline double ksm_metrics_total_improvement(const struct ksm_seed_metrics *m)
+{
+    return m->current_val_accuracy - m->initial_val_accuracy;
+}
+
 static inline double ksm_metrics_improvement_since_stage_start(const struct ksm_seed_metrics *m)
 {
     return m->current_val_accuracy - m->accuracy_at_stage_start;
 }
 
 /* Gate evaluation alone (tests). */
+/* Now in the precision the extra state keeps (microseconds), so a restored slot reports the same
+ * instants as before a restart. */
+int64_t ksm_slot_wall_now_ns(void);
 /* r = a result of gate g with the one failed check (a refusal before any gate ran). */
 void ksm_gate_result_failed(struct ksm_gate_result *r, enum ksm_gate_level g, const char *check);
 void ksm_slot_check_gate(const struct ksm_slot *s, enum ksm_stage target,
