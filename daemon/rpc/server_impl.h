@@ -152,6 +152,8 @@ bool rpc_deadline_passed(const struct rpc_call *c);
 /* security.c */
 /* Reads the token file and the TLS files named in s->cfg; one line in err naming the option. */
 int rpc_security_init(ksm_rpc_server *s, char *err, size_t errlen);
+/* listeners.c: binds addr (unix:/path or host:port) to the server, before it starts. */
+int rpc_add_listener(ksm_rpc_server *s, const char *addr, char *err, size_t errlen);
 void rpc_security_fini(ksm_rpc_server *s);
 /* Credentials for a listener: TLS (mTLS with a client CA) for TCP when configured, else
  * insecure. NULL with err set when a non-loopback TCP address has no TLS. */
