@@ -10,6 +10,7 @@
 #include "fake_backend.h"
 #include "kasmina/errors.h"
 #include "kasmina/kasmina.h"
+#include "kt.h"
 
 static ksm_backend *cpu, *fake;
 static ksm_engine *eng;
@@ -22,7 +23,7 @@ static void setup(void)
     cr_assert_eq(ksm_fake_backend_new(ksm_backend_device(cpu, 0), &fake), 0);
     fdev = ksm_backend_device(fake, 0);
     struct ksm_engine_config cfg = {.cpu_devices = 1, .backend = fake};
-    cr_assert_eq(ksm_engine_new(&cfg, &eng, err, sizeof err), 0, "%s", err);
+    eng = kt_engine_new(&cfg);
     cr_assert_str_eq(ksm_device_name(ksm_engine_default_device(eng)), ksm_device_name(fdev));
 }
 

@@ -5,7 +5,6 @@
  * forwards with per-row overrides. Weights and slot states arrive through LoadWeights (strict).
  */
 #include <criterion/criterion.h>
-#include <dirent.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
@@ -15,44 +14,9 @@
 #include "kasmina/errors.h"
 #include "kasmina/kasmina.h"
 #include "kasmina/safetensors.h"
+#include "kt.h"
 
 #define GDIR KSM_GOLDEN_DIR "/kasmina"
-
-static void *read_all(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    cr_assert(f != NULL, "cannot open %s", path);
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    void *b = malloc((size_t)n);
-    cr_assert(fread(b, 1, (size_t)n, f) == (size_t)n);
-    fclose(f);
-    *len = (size_t)n;
-    return b;
-}
-
-static void host_tensor(const struct ksm_st_tensor *st, ksm_tensor *t)
-{
-    void *copy = malloc(st->nbytes ? st->nbytes : 1);
-    memcpy(copy, st->data, st->nbytes);
-    cr_assert_eq(ksm_tensor_init(t, NULL, copy, st->dtype, st->ndim, st->shape), 0);
-}
-
-static double rel_err(const float *got, const ksm_tensor *ref)
-{
-    int64_t n = ksm_tensor_numel(ref);
-    const float *r = ref->data;
-    double maxd = 0, maxr = 0;
-    for (int64_t i = 0; i < n; i++) {
-        double d = fabs((double)got[i] - (double)r[i]);
-        if (!(d <= maxd)) maxd = d; /* NaN propagates as a failure */
-        if (fabs(r[i]) > maxr) maxr = fabs(r[i]);
-    }
-    return maxd / (maxr > 0 ? maxr : 1);
-}
-
-static double worst_cnn, worst_tf;
 
 static void spec_from_json(json_t *j, struct ksm_model_spec *spec, const char **slots, int *n)
 {
@@ -108,7 +72,7 @@ static void run_case(ksm_engine *e, const char *name)
 
     size_t wlen;
     snprintf(path, sizeof path, GDIR "/%s.weights.safetensors", name);
-    void *w = read_all(path, &wlen);
+    void *w = kt_read_file(path, &wlen);
     struct ksm_load_result lr;
     rc = ksm_model_load_weights(m, w, wlen, n_slots > 0, &lr, err, sizeof err);
     cr_assert_eq(rc, 0, "%s: load: %s (%s)", name, err, ksm_err_name(rc));
@@ -118,17 +82,18 @@ static void run_case(ksm_engine *e, const char *name)
     free(w);
 
     ksm_tensor x, expect;
-    host_tensor(ksm_st_find(io, "input"), &x);
-    host_tensor(ksm_st_find(io, "expected"), &expect);
+    kt_golden_host_tensor(kt_golden_need(io, "input"), &x);
+    kt_golden_host_tensor(kt_golden_need(io, "expected"), &expect);
     struct ksm_forward_result fr;
     struct ksm_forward_args fa = {.input = &x};
     rc = ksm_model_forward(m, &fa, &fr, err, sizeof err);
     cr_assert_eq(rc, 0, "%s: forward: %s", name, err);
     cr_assert(ksm_tensor_same_shape(&fr.output, &expect), "%s: output shape", name);
-    double rel = rel_err(fr.output.data, &expect);
-    cr_expect(rel <= 1e-5, "%s: forward max|d|/max|ref| = %.3g", name, rel);
-    double *worst = spec.topology == KSM_TOPOLOGY_CNN ? &worst_cnn : &worst_tf;
-    if (rel > *worst) *worst = rel;
+    char what[160];
+    snprintf(what, sizeof what, "%s: forward", name);
+    double rel =
+        kt_golden_expect_f32(what, fr.output.data, expect.data, ksm_tensor_numel(&expect), 1e-5);
+    fprintf(stderr, "golden %s: rel %.3g\n", name, rel);
     /* Repeat: a planned forward (cache hit) gives bit-identical output. */
     struct ksm_forward_result fr2;
     cr_assert_eq(ksm_model_forward(m, &fa, &fr2, err, sizeof err), 0);
@@ -140,8 +105,8 @@ static void run_case(ksm_engine *e, const char *name)
     const struct ksm_st_tensor *fx = ksm_st_find(io, "fused.input");
     if (fx) {
         ksm_tensor xf, ef;
-        host_tensor(fx, &xf);
-        host_tensor(ksm_st_find(io, "fused.expected"), &ef);
+        kt_golden_host_tensor(fx, &xf);
+        kt_golden_host_tensor(kt_golden_need(io, "fused.expected"), &ef);
         struct ksm_alpha_override ov[KSM_MAX_SLOTS];
         char names[KSM_MAX_SLOTS][32];
         size_t nov = 0;
@@ -158,9 +123,8 @@ static void run_case(ksm_engine *e, const char *name)
             .input = &xf, .overrides = ov, .n_overrides = nov, .fused = true, .stream = "env-1"};
         rc = ksm_model_forward(m, &ffa, &fr, err, sizeof err);
         cr_assert_eq(rc, 0, "%s: fused forward: %s", name, err);
-        double frel = rel_err(fr.output.data, &ef);
-        cr_expect(frel <= 1e-5, "%s: fused max|d|/max|ref| = %.3g", name, frel);
-        if (frel > *worst) *worst = frel;
+        snprintf(what, sizeof what, "%s: fused", name);
+        kt_golden_expect_f32(what, fr.output.data, ef.data, ksm_tensor_numel(&ef), 1e-5);
         ksm_host_tensor_free(&fr.output);
         for (size_t i = 0; i < nov; i++) free((void *)ov[i].alpha);
         free(xf.data);
@@ -174,28 +138,21 @@ static void run_case(ksm_engine *e, const char *name)
     cr_assert_eq(ksm_engine_model_delete(e, name, NULL), 0);
 }
 
-Test(golden, every_fixture)
+/* One test per fixture (tests/golden/kasmina/<name>.io.safetensors), each on its own engine. */
+ParameterizedTestParameters(golden, fixture)
 {
-    ksm_engine *e;
-    char err[256];
-    struct ksm_engine_config cfg = {.cpu_devices = 1};
-    cr_assert_eq(ksm_engine_new(&cfg, &e, err, sizeof err), 0, "%s", err);
-    DIR *d = opendir(GDIR);
-    cr_assert(d != NULL);
-    struct dirent *de;
-    int n = 0;
-    while ((de = readdir(d)) != NULL) {
-        const char *suffix = ".io.safetensors";
-        size_t l = strlen(de->d_name), ls = strlen(suffix);
-        if (l <= ls || strcmp(de->d_name + l - ls, suffix) != 0) continue;
-        char name[256];
-        snprintf(name, sizeof name, "%.*s", (int)(l - ls), de->d_name);
-        run_case(e, name);
-        n++;
-    }
-    closedir(d);
-    cr_assert_geq(n, 16, "only %d fixtures found", n);
-    fprintf(stderr, "golden: %d cases; worst max|d|/max|ref| cnn %.3g transformer %.3g\n", n,
-            worst_cnn, worst_tf);
+    return kt_golden_dir_cases("kasmina", ".io.safetensors");
+}
+
+ParameterizedTest(struct kt_golden_case *c, golden, fixture)
+{
+    ksm_engine *e = kt_engine_cpu(1);
+    run_case(e, c->name);
     ksm_engine_free(e);
+}
+
+Test(golden, at_least_16_fixtures)
+{
+    int n = kt_golden_dir_count("kasmina", ".io.safetensors");
+    cr_expect_geq(n, 16, "only %d fixtures found", n);
 }

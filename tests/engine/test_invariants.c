@@ -13,15 +13,12 @@
 
 #include "kasmina/errors.h"
 #include "kasmina/kasmina.h"
+#include "kt.h"
 
 static ksm_engine *eng;
 static char err[512];
 
-static void setup(void)
-{
-    struct ksm_engine_config cfg = {.cpu_devices = 1};
-    cr_assert_eq(ksm_engine_new(&cfg, &eng, err, sizeof err), 0, "%s", err);
-}
+static void setup(void) { eng = kt_engine_cpu(1); }
 
 static void teardown(void) { ksm_engine_free(eng); }
 
@@ -29,11 +26,7 @@ TestSuite(invariants, .init = setup, .fini = teardown);
 
 static ksm_model *cnn(const char *id, uint64_t seed)
 {
-    struct ksm_model_spec spec = {
-        .topology = KSM_TOPOLOGY_CNN, .cnn = {.base_channels = 8}, .init_seed = seed};
-    ksm_model *m;
-    cr_assert_eq(ksm_engine_model_create(eng, id, &spec, &m, err, sizeof err), 0, "%s", err);
-    return m;
+    return kt_model_new(eng, id, KT_CNN(.cnn = {.base_channels = 8}, .init_seed = seed));
 }
 
 static ksm_tensor batch(int64_t b, uint32_t seed)

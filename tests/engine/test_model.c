@@ -11,6 +11,7 @@
 
 #include "kasmina/errors.h"
 #include "kasmina/kasmina.h"
+#include "kt.h"
 
 static ksm_engine *eng;
 static char err[512];
@@ -27,8 +28,7 @@ static void sink(void *ud, const struct ksm_lifecycle_event *ev)
 
 static void setup(void)
 {
-    struct ksm_engine_config cfg = {.cpu_devices = 2};
-    cr_assert_eq(ksm_engine_new(&cfg, &eng, err, sizeof err), 0, "%s", err);
+    eng = kt_engine_cpu(2);
     ksm_engine_set_event_sink(eng, sink, NULL);
     n_events = 0;
 }
@@ -39,28 +39,14 @@ TestSuite(model, .init = setup, .fini = teardown);
 
 static ksm_model *small_cnn(const char *id, bool permissive)
 {
-    struct ksm_model_spec spec = {.topology = KSM_TOPOLOGY_CNN,
-                                  .cnn = {.base_channels = 8},
-                                  .init_seed = 7,
-                                  .permissive_gates = permissive};
-    ksm_model *m;
-    cr_assert_eq(ksm_engine_model_create(eng, id, &spec, &m, err, sizeof err), 0, "%s", err);
-    return m;
+    return kt_model_new(
+        eng, id,
+        KT_CNN(.cnn = {.base_channels = 8}, .init_seed = 7, .permissive_gates = permissive));
 }
 
 static ksm_model *small_tf(const char *id)
 {
-    struct ksm_model_spec spec = {.topology = KSM_TOPOLOGY_TRANSFORMER,
-                                  .transformer = {.vocab_size = 97,
-                                                  .n_embd = 48,
-                                                  .n_head = 6,
-                                                  .n_layer = 3,
-                                                  .block_size = 32,
-                                                  .num_segments = 3},
-                                  .init_seed = 3};
-    ksm_model *m;
-    cr_assert_eq(ksm_engine_model_create(eng, id, &spec, &m, err, sizeof err), 0, "%s", err);
-    return m;
+    return kt_model_new(eng, id, KT_TF(.transformer = KT_SMALL_TF, .init_seed = 3));
 }
 
 static ksm_tensor image_batch(int64_t b, int hw, uint32_t seed)

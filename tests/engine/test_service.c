@@ -20,12 +20,13 @@
 #include "io/persist.h"
 #include "kasmina/errors.h"
 #include "kasmina/model_impl.h"
+#include "kt.h"
 #include "service/service.h"
 
 TestSuite(service, .timeout = 120);
 
 struct fixture {
-    char dir[64];
+    char *dir;
     ksm_engine *e;
     ksm_persist *p;
     ksm_service *s;
@@ -33,12 +34,11 @@ struct fixture {
 
 static void fixture_init(struct fixture *f, uint32_t max_models, uint32_t max_seeds)
 {
-    snprintf(f->dir, sizeof f->dir, "/tmp/ksm-service-XXXXXX");
-    cr_assert_not_null(mkdtemp(f->dir));
+    f->dir = kt_tmpdir("service");
     char err[512] = "";
     struct ksm_engine_config ec = {
         .cpu_devices = 1, .max_models = max_models, .max_seeds_per_model = max_seeds};
-    cr_assert_eq(ksm_engine_new(&ec, &f->e, err, sizeof err), 0, "%s", err);
+    f->e = kt_engine_new(&ec);
     char state[128];
     snprintf(state, sizeof state, "%s/state", f->dir);
     struct ksm_persist_config pc = {.dir = state};
@@ -56,9 +56,8 @@ static void fixture_fini(struct fixture *f)
     ksm_service_free(f->s);
     ksm_engine_free(f->e);
     ksm_persist_close(f->p);
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", f->dir);
-    cr_expect_eq(system(cmd), 0);
+    kt_rmtree(f->dir);
+    free(f->dir);
 }
 
 static const char *const SLOTS[] = {"r0c0", "r0c1"};

@@ -12,6 +12,11 @@ import sys
 import time
 import urllib.request
 
+import grpc
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "helpers"))
+from kasminad import Kasminad  # noqa: E402
+
 SKIP = 77
 FAILS = []
 
@@ -43,18 +48,14 @@ def http_get(url, timeout=5):
         return r.status, r.headers.get("Content-Type", ""), r.read()
 
 
-class Daemon:
+class Daemon(Kasminad):
     """kasminad on tmp/k.sock with the metrics listener on an ephemeral loopback port."""
 
     def __init__(self, binary, tmp, *extra):
-        import grpc
-        self.sock = os.path.join(tmp, "run", "k.sock")
-        self.logpath = os.path.join(tmp, "kasminad.log")
-        self.log = open(self.logpath, "w+")
-        self.p = subprocess.Popen([binary, "--listen", "unix:" + self.sock, "--no-cuda",
-                                   "--no-persist", "--cpu-devices", "2",
-                                   "--metrics-listen", "127.0.0.1:0", *extra],
-                                  stdout=self.log, stderr=subprocess.STDOUT)
+        super().__init__(binary, os.path.join(tmp, "run", "k.sock"),
+                         os.path.join(tmp, "kasminad.log"), "--no-cuda", "--no-persist",
+                         "--cpu-devices", "2", "--metrics-listen", "127.0.0.1:0", *extra,
+                         log_mode="w+", max_receive=None, max_send=None, connect=False)
         self.port = None
         deadline = time.time() + 15
         while time.time() < deadline and (self.port is None or not os.path.exists(self.sock)):
@@ -67,29 +68,20 @@ class Daemon:
         if self.port is None:
             raise SystemExit("kasminad did not log its metrics port:\n" + self.logtext())
         self.base = "http://127.0.0.1:%d" % self.port
-        self.ch = grpc.insecure_channel("unix:" + self.sock)
+        self.ch = self.channel()
         grpc.channel_ready_future(self.ch).result(timeout=10)
 
-    def logtext(self):
-        self.log.flush()
-        with open(self.logpath) as f:
-            return f.read()
-
-    def call(self, method, req, resp_cls, timeout=30):
-        f = self.ch.unary_unary("/kasmina.v1.Kasmina/" + method,
-                                request_serializer=lambda m: m.SerializeToString(),
-                                response_deserializer=resp_cls.FromString)
-        return f(req, timeout=timeout)
-
     def stop(self):
-        self.ch.close()
+        for ch in self.channels:
+            ch.close()
         if self.p.poll() is None:
             self.p.terminate()
             try:
-                return self.p.wait(timeout=20)
+                self.p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.p.kill()
-                return self.p.wait()
+                self.p.wait()
+        self.close()
         return self.p.returncode
 
 

@@ -11,9 +11,7 @@ whose --fault-injection wraps cpu:0 in a fault-injecting device (tests/helpers/f
 Usage: test_faults.py <kasminad> <dir with generated stubs>
 """
 import os
-import signal
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +21,8 @@ sys.path.insert(0, PYDIR)
 import grpc  # noqa: E402
 from kasmina.v1 import kasmina_pb2 as pb  # noqa: E402
 import health_pb2  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "helpers"))
+from kasminad import Kasminad  # noqa: E402
 
 SC = grpc.StatusCode
 FAILS = []
@@ -34,54 +34,19 @@ def check(cond, what):
         FAILS.append(what)
 
 
-class Daemon:
+class Daemon(Kasminad):
     def __init__(self, tmp, name, *extra):
-        self.sock = os.path.join(tmp, name, "k.sock")
-        self.log = open(os.path.join(tmp, name + ".log"), "a+")
-        self.p = subprocess.Popen([BIN, "--listen", "unix:" + self.sock, "--no-cuda", *extra],
-                                  stdout=self.log, stderr=subprocess.STDOUT)
-        for _ in range(200):
-            if os.path.exists(self.sock):
-                break
-            if self.p.poll() is not None:
-                raise SystemExit("kasminad exited early:\n" + self.logtext())
-            time.sleep(0.05)
-        self.ch = grpc.insecure_channel("unix:" + self.sock)
-        grpc.channel_ready_future(self.ch).result(timeout=10)
-
-    def logtext(self):
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def call(self, method, req, resp):
-        f = self.ch.unary_unary("/kasmina.v1.Kasmina/" + method,
-                                request_serializer=lambda m: m.SerializeToString(),
-                                response_deserializer=resp.FromString)
-        return f(req, timeout=60)
-
-    def code(self, method, req, resp):
-        try:
-            self.call(method, req, resp)
-            return SC.OK, ""
-        except grpc.RpcError as e:
-            return e.code(), e.details()
-
-    def health(self):
-        f = self.ch.unary_unary("/grpc.health.v1.Health/Check",
-                                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-                                response_deserializer=health_pb2.HealthCheckResponse.FromString)
-        return f(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+        super().__init__(BIN, os.path.join(tmp, name, "k.sock"), os.path.join(tmp, name + ".log"),
+                         "--no-cuda", *extra, max_receive=None, max_send=None, timeout=60)
 
     def reports(self, model):
         return self.call("GetSlotReports", pb.GetSlotReportsRequest(model_id=model),
                          pb.SlotReports)
 
     def stop(self, timeout=20):
-        self.p.send_signal(signal.SIGTERM)
+        """(exit status, seconds from SIGTERM to the exit)"""
         t0 = time.time()
-        rc = self.p.wait(timeout=timeout)
-        self.ch.close()
+        rc = super().stop(timeout=timeout)
         return rc, time.time() - t0
 
 

@@ -18,9 +18,7 @@ Usage: test_hostile.py <kasminad> <dir with the generated kasmina_pb2.py and hea
 5. strict LoadWeights refuses __metadata__ state for a slot the model does not have.
 """
 import os
-import signal
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,6 +29,8 @@ sys.path.insert(0, PYDIR)
 import grpc  # noqa: E402
 from kasmina.v1 import kasmina_pb2 as pb  # noqa: E402
 import health_pb2  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "helpers"))
+from kasminad import Kasminad  # noqa: E402
 
 SC = grpc.StatusCode
 FAILS = []
@@ -46,58 +46,15 @@ def check(cond, what):
     return cond
 
 
-class Daemon:
+class Daemon(Kasminad):
     def __init__(self, tmp, state, *extra):
-        self.sock = os.path.join(tmp, "run", "k.sock")
-        self.log = open(os.path.join(tmp, "kasminad.log"), "a+")
-        self.p = subprocess.Popen([BIN, "--listen", "unix:" + self.sock, "--no-cuda",
-                                   "--cpu-devices", "1", "--state-dir", state,
-                                   "--max-message-bytes", "4M", *extra],
-                                  stdout=self.log, stderr=subprocess.STDOUT)
-        for _ in range(400):
-            if os.path.exists(self.sock):
-                break
-            if self.p.poll() is not None:
-                raise SystemExit("kasminad exited early: " + self.logtext())
-            time.sleep(0.05)
-        self.ch = grpc.insecure_channel("unix:" + self.sock,
-                                        options=[("grpc.max_receive_message_length", 16 << 20),
-                                                 ("grpc.max_send_message_length", 16 << 20)])
-        grpc.channel_ready_future(self.ch).result(timeout=10)
-
-    def logtext(self):
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def raw(self, method, data, resp_cls, timeout=20):
-        f = self.ch.unary_unary("/kasmina.v1.Kasmina/" + method,
-                                request_serializer=lambda b: b,
-                                response_deserializer=resp_cls.FromString)
-        return f(data, timeout=timeout)
-
-    def call(self, method, req, timeout=20):
-        return self.raw(method, req.SerializeToString(), RESP[method], timeout)
-
-    def code(self, method, req, raw=None):
-        try:
-            if raw is not None:
-                self.raw(method, raw, RESP[method])
-            else:
-                self.call(method, req)
-            return SC.OK, ""
-        except grpc.RpcError as e:
-            return e.code(), e.details() or ""
-
-    def stop(self):
-        self.p.send_signal(signal.SIGTERM)
-        rc = self.p.wait(timeout=30)
-        self.ch.close()
-        return rc
+        super().__init__(BIN, os.path.join(tmp, "run", "k.sock"),
+                         os.path.join(tmp, "kasminad.log"), "--no-cuda", "--cpu-devices", "1",
+                         "--max-message-bytes", "4M", *extra, state_dir=state, socket_tries=400,
+                         max_receive=16 << 20, max_send=16 << 20, timeout=20)
 
 
 SVC = pb.DESCRIPTOR.services_by_name["Kasmina"]
-RESP = {m.name: getattr(pb, m.output_type.name) for m in SVC.methods}
 
 
 def f32(shape, fill=0.1):

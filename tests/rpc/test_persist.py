@@ -39,6 +39,8 @@ sys.path.insert(0, PYDIR)
 import grpc  # noqa: E402
 from kasmina.v1 import kasmina_pb2 as pb  # noqa: E402
 import health_pb2  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "helpers"))
+from kasminad import Kasminad  # noqa: E402
 
 SC = grpc.StatusCode
 FAILS = []
@@ -54,62 +56,12 @@ def check(cond, what):
     return cond
 
 
-RESP = {
-    "CreateModel": pb.Model, "ListModels": pb.ListModelsResponse,
-    "DeleteModel": pb.DeleteModelResponse, "LoadWeights": pb.LoadWeightsResponse,
-    "ExportWeights": pb.ExportWeightsResponse, "MoveModel": pb.Model,
-    "Germinate": pb.SlotReport, "AdvanceStage": pb.AdvanceStageResponse,
-    "Prune": pb.PruneResponse, "SchedulePrune": pb.PruneResponse,
-    "SetAlphaTarget": pb.SetAlphaTargetResponse, "SetAlpha": pb.SlotReport,
-    "StepEpoch": pb.StepEpochResponse, "RecordMetrics": pb.SlotReport,
-    "GetSlotReports": pb.SlotReports, "GetModel": pb.Model,
-}
-
-
-class Daemon:
+class Daemon(Kasminad):
     def __init__(self, state, sock, log, extra=(), file_limit=False):
-        self.sock, self.logpath = sock, log
-        self.log = open(log, "a")
-        self.pump = None
-        cmd = [BIN, "--listen", "unix:" + sock, "--state-dir", state, "--cpu-devices", "2",
-               "--no-cuda", *extra]
-        if file_limit:
-            # test_write_failure lowers this daemon's RLIMIT_FSIZE: a write past it must fail
-            # with EFBIG rather than SIGXFSZ killing the process (an ignored signal stays ignored
-            # across exec, and the shell execs kasminad in its own process), and the log goes
-            # through a pipe (which has no size limit) so that it is not cut off too.
-            self.p = subprocess.Popen(["/bin/sh", "-c", "trap '' XFSZ; exec \"$@\"", "sh", *cmd],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-            def pump(src=self.p.stdout, dst=self.log):
-                for chunk in iter(lambda: os.read(src.fileno(), 65536), b""):
-                    dst.write(chunk.decode(errors="replace"))
-                    dst.flush()
-            self.pump = threading.Thread(target=pump, daemon=True)
-            self.pump.start()
-        else:
-            self.p = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        self.ch = grpc.insecure_channel("unix:" + sock)
-        try:
-            grpc.channel_ready_future(self.ch).result(timeout=20)
-        except grpc.FutureTimeoutError:
-            raise SystemExit("kasminad did not come up: " + open(log).read()[-2000:])
-
-    def call(self, method, req, timeout=30):
-        f = self.ch.unary_unary("/kasmina.v1.Kasmina/" + method,
-                                request_serializer=lambda m: m.SerializeToString(),
-                                response_deserializer=RESP[method].FromString)
-        return f(req, timeout=timeout)
-
-    def stop(self, sig=signal.SIGTERM):
-        self.p.send_signal(sig)
-        rc = self.p.wait(timeout=30)
-        self.ch.close()
-        if self.pump is not None:
-            self.pump.join()
-            self.p.stdout.close()
-        self.log.close()
-        return rc
+        # file_limit: test_write_failure lowers this daemon's RLIMIT_FSIZE (see ignore_xfsz)
+        super().__init__(BIN, sock, log, "--cpu-devices", "2", "--no-cuda", *extra,
+                         state_dir=state, log_mode="a", socket_tries=0, ready_timeout=20,
+                         max_receive=None, max_send=None, ignore_xfsz=file_limit)
 
 
 def state_of(d, ids=None):
@@ -363,10 +315,7 @@ def forward(d, mid):
     n = 2 * 3 * 16 * 16
     x = pb.Tensor(dtype=pb.DTYPE_F32, shape=[2, 3, 16, 16],
                   data=struct.pack("<%df" % n, *[((i * 7) % 11) / 11.0 for i in range(n)]))
-    r = pb.ForwardResponse.FromString(
-        d.ch.unary_unary("/kasmina.v1.Kasmina/Forward",
-                         request_serializer=lambda m: m.SerializeToString())(
-            pb.ForwardRequest(model_id=mid, input=x), timeout=30))
+    r = d.call("Forward", pb.ForwardRequest(model_id=mid, input=x), timeout=30)
     return struct.unpack("<%df" % (len(r.output.data) // 4), r.output.data)
 
 
@@ -377,12 +326,9 @@ def generation(st):
 def last_sequence(d):
     """The number of the last lifecycle event kasminad published: the highest sequence among the
     kept events WatchEvents replays from the start (it then waits: 1 s deadline)."""
-    f = d.ch.unary_stream("/kasmina.v1.Kasmina/WatchEvents",
-                          request_serializer=pb.WatchEventsRequest.SerializeToString,
-                          response_deserializer=pb.LifecycleEvent.FromString)
     last = 0
     try:
-        for ev in f(pb.WatchEventsRequest(after_sequence=0), timeout=1.0):
+        for ev in d.watch(after=0, timeout=1.0, subscribed=False):
             last = max(last, ev.sequence)
     except grpc.RpcError as e:
         check(e.code() == SC.DEADLINE_EXCEEDED, "WatchEvents replay ends at its deadline (%s)"

@@ -69,10 +69,7 @@ def listing(d):
 
 
 def health(d):
-    f = d.ch.unary_unary("/grpc.health.v1.Health/Check",
-                         request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-                         response_deserializer=health_pb2.HealthCheckResponse.FromString)
-    return f(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+    return d.health(timeout=10)
 
 
 def records(path):

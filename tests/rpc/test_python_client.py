@@ -7,7 +7,6 @@ usage: test_python_client.py KASMINAD KASMINACTL   (PYTHONPATH = build/client/py
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,9 @@ import unittest
 import numpy as np
 
 import kasmina_client as kc
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "helpers"))
+from kasminad import Kasminad  # noqa: E402
 
 KASMINAD, KASMINACTL = sys.argv[1], sys.argv[2]
 
@@ -63,10 +65,9 @@ class PythonClientTest(unittest.TestCase):
     def setUpClass(cls):
         cls.tmp = tempfile.mkdtemp(prefix="ksm-py-")
         cls.sock = os.path.join(cls.tmp, "s.sock")
-        cls.log = open(os.path.join(cls.tmp, "kasminad.log"), "w")
-        cls.proc = subprocess.Popen(
-            [KASMINAD, "--listen", "unix:" + cls.sock, "--no-persist", "--cpu-devices", "2",
-             "--log-level", "warn"], stderr=cls.log)
+        cls.daemon = Kasminad(KASMINAD, cls.sock, os.path.join(cls.tmp, "kasminad.log"),
+                              "--no-persist", "--cpu-devices", "2", "--log-level", "warn",
+                              log_mode="w", connect=False, stdout=False)
         cls.c = kc.Client("unix:" + cls.sock, timeout=30, wait_for_ready=True)
         deadline = time.time() + 20
         while True:
@@ -82,9 +83,7 @@ class PythonClientTest(unittest.TestCase):
     @classmethod
     def tearDownClass(cls):
         cls.c.close()
-        cls.proc.send_signal(signal.SIGTERM)
-        rc = cls.proc.wait(timeout=30)
-        cls.log.close()
+        rc = cls.daemon.stop()
         shutil.rmtree(cls.tmp, ignore_errors=True)
         assert rc == 0, f"kasminad exited {rc}"
 

@@ -24,6 +24,8 @@ sys.path.insert(0, PYDIR)
 import grpc  # noqa: E402
 from kasmina.v1 import kasmina_pb2 as pb  # noqa: E402
 import health_pb2  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "helpers"))
+from kasminad import Kasminad  # noqa: E402
 
 SC = grpc.StatusCode
 FAILS = []
@@ -38,64 +40,14 @@ def check(cond, what):
         print("FAIL:", what, flush=True)
 
 
-class Daemon:
-    def __init__(self, tmp, name, *extra):
-        self.sock = os.path.join(tmp, name, "k.sock")
-        self.log = open(os.path.join(tmp, name + ".log"), "w+")
-        self.p = subprocess.Popen([BIN, "--listen", "unix:" + self.sock, "--cpu-devices", "2",
-                                   "--no-cuda", "--no-persist", "--max-message-bytes", "1M", *extra],
-                                  stdout=self.log, stderr=subprocess.STDOUT)
-        for _ in range(200):
-            if os.path.exists(self.sock):
-                break
-            if self.p.poll() is not None:
-                raise SystemExit("kasminad exited early: " + self.logtext())
-            time.sleep(0.05)
-        self.ch = grpc.insecure_channel("unix:" + self.sock,
-                                        options=[("grpc.max_receive_message_length", 64 << 20),
-                                                 ("grpc.max_send_message_length", 64 << 20)])
-        grpc.channel_ready_future(self.ch).result(timeout=10)
-
-    def logtext(self):
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def call(self, method, req, resp_cls, timeout=30, raw=None):
-        f = self.ch.unary_unary("/kasmina.v1.Kasmina/" + method,
-                                request_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
-                                response_deserializer=resp_cls.FromString)
-        return f(raw if raw is not None else req, timeout=timeout)
-
-    def health(self, service=""):
-        f = self.ch.unary_unary("/grpc.health.v1.Health/Check",
-                                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-                                response_deserializer=health_pb2.HealthCheckResponse.FromString)
-        return f(health_pb2.HealthCheckRequest(service=service), timeout=5).status
-
-    def stop(self, sig=signal.SIGTERM, timeout=30):
-        self.p.send_signal(sig)
-        rc = self.p.wait(timeout=timeout)
-        self.ch.close()
-        return rc
-
-
-RESP = {
-    "GetServerInfo": pb.ServerInfo, "CreateModel": pb.Model, "GetModel": pb.Model,
-    "ListModels": pb.ListModelsResponse, "DeleteModel": pb.DeleteModelResponse,
-    "LoadWeights": pb.LoadWeightsResponse, "ExportWeights": pb.ExportWeightsResponse,
-    "MoveModel": pb.Model, "Germinate": pb.SlotReport, "AdvanceStage": pb.AdvanceStageResponse,
-    "Prune": pb.PruneResponse, "SchedulePrune": pb.PruneResponse,
-    "SetAlphaTarget": pb.SetAlphaTargetResponse, "SetAlpha": pb.SlotReport,
-    "StepEpoch": pb.StepEpochResponse, "RecordMetrics": pb.SlotReport,
-    "GetSlotReports": pb.SlotReports, "Forward": pb.ForwardResponse,
-    "FusedForward": pb.ForwardResponse, "Evaluate": pb.EvaluateResponse,
-    "GetMemoryStats": pb.MemoryStats, "GetCacheStats": pb.CacheStats, "EmptyCache": pb.MemoryStats,
-}
+def Daemon(tmp, name, *extra):
+    return Kasminad(BIN, os.path.join(tmp, name, "k.sock"), os.path.join(tmp, name + ".log"),
+                    "--cpu-devices", "2", "--no-cuda", "--no-persist", "--max-message-bytes", "1M",
+                    *extra, log_mode="w+")
 
 
 def rpc(d, method, req, **kw):
-    return d.call(method, req, RESP[method], **kw)
+    return d.call(method, req, **kw)
 
 
 def code_of(d, method, req, **kw):
@@ -123,12 +75,7 @@ X = f32([2, 3, 8, 8])
 
 
 def watch(d, model_id="", after=0):
-    f = d.ch.unary_stream("/kasmina.v1.Kasmina/WatchEvents",
-                          request_serializer=pb.WatchEventsRequest.SerializeToString,
-                          response_deserializer=pb.LifecycleEvent.FromString)
-    call = f(pb.WatchEventsRequest(model_id=model_id, after_sequence=after))
-    call.initial_metadata()  # subscribed once the server's metadata arrives
-    return call
+    return d.watch(model_id, after)  # subscribed once the server's metadata arrives
 
 
 def collect(call, out, stop_after=None):

@@ -34,6 +34,8 @@ sys.path.insert(0, PYDIR)
 import grpc  # noqa: E402
 from kasmina.v1 import kasmina_pb2 as pb  # noqa: E402
 import health_pb2  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "helpers"))
+from kasminad import Kasminad, unary  # noqa: E402
 
 SC = grpc.StatusCode
 FAILS = []
@@ -50,37 +52,11 @@ def check(cond, what):
         FAILS.append(what)
 
 
-class Daemon:
+class Daemon(Kasminad):
     def __init__(self, tmp, name, *extra, wait=True):
-        self.sock = os.path.join(tmp, name, "k.sock")
-        self.logpath = os.path.join(tmp, name + ".log")
-        self.log = open(self.logpath, "w+")
-        self.p = subprocess.Popen([BIN, "--listen", "unix:" + self.sock, "--no-cuda",
-                                   "--no-persist", "--demo", *extra],
-                                  stdout=self.log, stderr=subprocess.STDOUT)
-        self.channels = []
-        if not wait:
-            return
-        for _ in range(200):
-            if os.path.exists(self.sock):
-                break
-            if self.p.poll() is not None:
-                raise SystemExit("kasminad exited early: " + self.logtext())
-            time.sleep(0.05)
-        self.ch = self.channel()
-        grpc.channel_ready_future(self.ch).result(timeout=10)
-
-    def channel(self, **kw):
-        ch = grpc.insecure_channel("unix:" + self.sock,
-                                   options=[("grpc.max_receive_message_length", 64 * MB),
-                                            ("grpc.max_send_message_length", -1)], **kw)
-        self.channels.append(ch)
-        return ch
-
-    def logtext(self):
-        self.log.flush()
-        with open(self.logpath) as f:
-            return f.read()
+        super().__init__(BIN, os.path.join(tmp, name, "k.sock"), os.path.join(tmp, name + ".log"),
+                         "--no-cuda", "--no-persist", "--demo", *extra, log_mode="w+",
+                         max_receive=64 * MB, max_send=-1, connect=wait)
 
     def mem(self):
         """(VmRSS, VmHWM) of kasminad in MB."""
@@ -101,13 +77,7 @@ class Daemon:
                 self.p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.p.kill()
-        self.log.close()
-
-
-def unary(ch, method, resp=None):
-    return ch.unary_unary("/kasmina.v1.Kasmina/" + method,
-                          request_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
-                          response_deserializer=resp.FromString if resp else (lambda b: b))
+        self.close()
 
 
 def code_of(fn, req, **kw):

@@ -15,6 +15,7 @@
  * then a real pass on an arena of exactly the measured size.
  */
 #include <criterion/criterion.h>
+#include <criterion/parameterized.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -27,6 +28,7 @@
 #include "kasmina/errors.h"
 #include "kasmina/safetensors.h"
 #include "kasmina/tensor.h"
+#include "kt.h"
 
 #define GOLDEN_TOL 1e-5
 
@@ -626,14 +628,6 @@ static const char *meta_get(const char *desc, const char *key, char *buf, size_t
     return NULL;
 }
 
-static float *st_floats(const struct ksm_st_tensor *t)
-{
-    cr_assert_eq(t->dtype, KSM_DTYPE_F32, "%s", t->name);
-    float *v = malloc(t->nbytes ? t->nbytes : 4);
-    memcpy(v, t->data, t->nbytes);
-    return v;
-}
-
 static double run_golden_case(struct env *e, ksm_st_file *f, const char *cname)
 {
     const char *desc = ksm_st_metadata(f, cname);
@@ -674,7 +668,7 @@ static double run_golden_case(struct env *e, ksm_st_file *f, const char *cname)
         cr_assert_eq(pt->ndim, st->ndim, "%s: %s", cname, pname);
         for (int d = 0; d < st->ndim; d++)
             cr_assert_eq(pt->shape[d], st->shape[d], "%s: %s", cname, pname);
-        float *v = st_floats(st);
+        float *v = kt_golden_floats(st);
         set_param(e, ps, pname, v, ksm_tensor_numel(pt));
         free(v);
     }
@@ -685,22 +679,14 @@ static double run_golden_case(struct env *e, ksm_st_file *f, const char *cname)
     snprintf(key, sizeof key, "%s.y", cname);
     const struct ksm_st_tensor *ys = ksm_st_find(f, key);
     cr_assert(xs && ys, "%s", cname);
-    float *x = st_floats(xs), *yref = st_floats(ys);
+    float *x = kt_golden_floats(xs), *yref = kt_golden_floats(ys);
     ksm_tensor yt;
     float *y = run_fwd(e, gate ? FWD_GATE : FWD_SEED, gate ? (void *)g : (void *)s, x, xs->ndim,
                        xs->shape, &yt);
     cr_assert_eq(yt.ndim, ys->ndim, "%s", cname);
     for (int d = 0; d < ys->ndim; d++) cr_assert_eq(yt.shape[d], ys->shape[d], "%s", cname);
-    int64_t n = ksm_tensor_numel(&yt);
-    double md = 0, mr = 0;
-    for (int64_t i = 0; i < n; i++) {
-        double d = fabs((double)y[i] - yref[i]);
-        if (!(d <= md)) md = d;
-        if (fabs(yref[i]) > mr) mr = fabs(yref[i]);
-    }
-    double rel = md / (mr > 0 ? mr : 1);
+    double rel = kt_golden_expect_f32(cname, y, yref, ksm_tensor_numel(&yt), GOLDEN_TOL);
     fprintf(stderr, "blueprint_golden %s: rel %.3g\n", cname, rel);
-    cr_expect_leq(rel, GOLDEN_TOL, "%s: max|d| %g / max|ref| %g", cname, md, mr);
     free(x);
     free(y);
     free(yref);
@@ -710,39 +696,35 @@ static double run_golden_case(struct env *e, ksm_st_file *f, const char *cname)
     return rel;
 }
 
-static void run_golden_file(const char *file, int min_cases)
+static const char *const GOLDEN_CNN[] = {"blueprints_cnn.safetensors", NULL};
+static const char *const GOLDEN_TF[] = {"blueprints_tf.safetensors", NULL};
+static const char *const GOLDEN_ALL[] = {"blueprints_cnn.safetensors", "blueprints_tf.safetensors",
+                                         NULL};
+
+/* One test per case of both fixture files (seeds and gates, CNN and transformer). */
+ParameterizedTestParameters(blueprint_golden, matches_pytorch)
+{
+    return kt_golden_cases(GOLDEN_ALL);
+}
+
+ParameterizedTest(struct kt_golden_case *c, blueprint_golden, matches_pytorch)
 {
     struct env e;
     env_init(&e);
-    char path[512], err[256] = "";
-    snprintf(path, sizeof path, "%s/%s", KSM_GOLDEN_DIR, file);
-    ksm_st_file *f;
-    cr_assert_eq(ksm_st_open(path, &f, err, sizeof err), 0, "%s: %s", path, err);
-    const char *cases = ksm_st_metadata(f, "cases");
-    cr_assert_not_null(cases);
-    char *list = strdup(cases), *save = NULL;
-    int n = 0;
-    double worst = 0;
-    for (char *c = strtok_r(list, ",", &save); c; c = strtok_r(NULL, ",", &save)) {
-        double r = run_golden_case(&e, f, c);
-        if (r > worst) worst = r;
-        n++;
-    }
-    fprintf(stderr, "blueprint_golden %s: %d cases, worst rel %.3g\n", file, n, worst);
-    cr_expect_geq(n, min_cases);
-    free(list);
+    ksm_st_file *f = kt_golden_open(c->file);
+    run_golden_case(&e, f, c->name);
     ksm_st_close(f);
     env_fini(&e);
 }
 
-Test(blueprint_golden, cnn_blueprints_and_gate_match_pytorch)
+Test(blueprint_golden, cnn_file_has_at_least_19_cases)
 {
-    run_golden_file("blueprints_cnn.safetensors", 19);
+    cr_expect_geq(kt_golden_count(GOLDEN_CNN, NULL), 19);
 }
 
-Test(blueprint_golden, transformer_blueprints_and_gate_match_pytorch)
+Test(blueprint_golden, transformer_file_has_at_least_12_cases)
 {
-    run_golden_file("blueprints_tf.safetensors", 12);
+    cr_expect_geq(kt_golden_count(GOLDEN_TF, NULL), 12);
 }
 
 /* ======================= flex_attention ======================= */

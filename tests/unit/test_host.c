@@ -29,6 +29,7 @@
 #include "kasmina/ops.h"
 #include "kasmina/params.h"
 #include "kasmina/safetensors.h"
+#include "kt.h"
 
 #define GOLDEN_TOL 1e-5
 
@@ -528,22 +529,6 @@ Test(host_spec, bad_specs_name_the_field)
 
 /* ---- host_golden ---- */
 
-static ksm_st_file *open_fixture(const char *file)
-{
-    char path[1024], err[256] = "";
-    snprintf(path, sizeof path, "%s/%s", KSM_GOLDEN_DIR, file);
-    ksm_st_file *f = NULL;
-    cr_assert_eq(ksm_st_open(path, &f, err, sizeof err), 0, "%s: %s", path, err);
-    return f;
-}
-
-static const struct ksm_st_tensor *need(ksm_st_file *f, const char *name)
-{
-    const struct ksm_st_tensor *t = ksm_st_find(f, name);
-    cr_assert_not_null(t, "fixture tensor %s missing", name);
-    return t;
-}
-
 /* Loads every host tensor of the fixture by its esper name; the names must match both ways. */
 static void load_weights(struct env *e, ksm_host *h, ksm_st_file *f)
 {
@@ -556,7 +541,7 @@ static void load_weights(struct env *e, ksm_host *h, ksm_st_file *f)
         struct ksm_param *p = &ps->p[i];
         char name[128];
         snprintf(name, sizeof name, "host.%s", p->name);
-        const struct ksm_st_tensor *st = need(f, name);
+        const struct ksm_st_tensor *st = kt_golden_need(f, name);
         cr_assert_eq(st->dtype, p->t.dtype, "%s", name);
         cr_assert_eq(st->ndim, p->t.ndim, "%s", name);
         for (int d = 0; d < st->ndim; d++) cr_assert_eq(st->shape[d], p->t.shape[d], "%s", name);
@@ -581,19 +566,11 @@ static double compare(const char *cs, const float *out, const ksm_tensor *shape_
     cr_assert_eq(shape_of_out->ndim, ref->ndim, "%s", cs);
     for (int d = 0; d < ref->ndim; d++)
         cr_assert_eq(shape_of_out->shape[d], ref->shape[d], "%s dim %d", cs, d);
-    size_t n = ref->nbytes / sizeof(float);
-    float *r = malloc(ref->nbytes);
-    memcpy(r, ref->data, ref->nbytes);
-    double maxref = 0, maxd = 0;
-    for (size_t i = 0; i < n; i++) {
-        maxref = fmax(maxref, fabs(r[i]));
-        double d = fabs((double)out[i] - r[i]);
-        if (!(d <= maxd)) maxd = isnan(d) ? INFINITY : d;
-    }
+    float *r = kt_golden_floats(ref);
+    double rel =
+        kt_golden_expect_f32(cs, out, r, (int64_t)(ref->nbytes / sizeof(float)), GOLDEN_TOL);
+    fprintf(stderr, "host_golden %s: rel %.1e\n", cs, rel);
     free(r);
-    double rel = maxd / maxref;
-    fprintf(stderr, "host_golden %s: rel %.1e (max|ref| %.3g)\n", cs, rel, maxref);
-    cr_expect_leq(rel, GOLDEN_TOL, "%s: rel %g", cs, rel);
     if (rel > worst_rel) worst_rel = rel;
     return rel;
 }
@@ -604,7 +581,7 @@ Test(host_golden, cnn_logits_and_features_match_pytorch)
 {
     struct env e;
     env_init(&e);
-    ksm_st_file *f = open_fixture("hosts_cnn.safetensors");
+    ksm_st_file *f = kt_golden_open("hosts_cnn.safetensors");
     const char *xs[] = {"x16", "x12"};
     int pools[] = {3, 1};
     for (int p = 0; p < 2; p++) {
@@ -613,20 +590,20 @@ Test(host_golden, cnn_logits_and_features_match_pytorch)
         materialise(&e, h);
         load_weights(&e, h, f);
         for (int i = 0; i < 2; i++) {
-            const struct ksm_st_tensor *xst = need(f, xs[i]);
+            const struct ksm_st_tensor *xst = kt_golden_need(f, xs[i]);
             ksm_tensor x = upload_st(&e, xst);
             char cs[64];
             snprintf(cs, sizeof cs, "logits.%s.p%d", xs[i], pools[p]);
             ksm_tensor yt;
             float *y = run_full(&e, h, &x, &yt);
-            compare(cs, y, &yt, need(f, cs));
+            compare(cs, y, &yt, kt_golden_need(f, cs));
             free(y);
             if (p == 0 && i == 0) {
                 for (int k = 0; k < ksm_host_injection_count(h); k++) {
                     const struct ksm_injection *j = ksm_host_injection(h, k);
                     snprintf(cs, sizeof cs, "feat.x16.p3.%s", j->slot_id);
                     float *ft = run_chain(&e, h, &x, NULL, 0, j->exec_index, NULL, &yt);
-                    compare(cs, ft, &yt, need(f, cs));
+                    compare(cs, ft, &yt, kt_golden_need(f, cs));
                     free(ft);
                 }
             }
@@ -645,7 +622,7 @@ Test(host_golden, transformer_logits_and_features_match_pytorch)
 {
     struct env e;
     env_init(&e);
-    ksm_st_file *f = open_fixture("hosts_tf.safetensors");
+    ksm_st_file *f = kt_golden_open("hosts_tf.safetensors");
     struct ksm_transformer_spec s = {
         .vocab_size = 97, .n_embd = 48, .n_head = 6, .n_layer = 3, .block_size = 32};
     ksm_host *h = tf_host(&s);
@@ -653,7 +630,7 @@ Test(host_golden, transformer_logits_and_features_match_pytorch)
     load_weights(&e, h, f);
     const char *ts[] = {"t7", "t32"};
     for (int i = 0; i < 2; i++) {
-        const struct ksm_st_tensor *xst = need(f, ts[i]);
+        const struct ksm_st_tensor *xst = kt_golden_need(f, ts[i]);
         char cs[64], err[256] = "";
         /* the host-side check passes on the fixture's ids */
         void *ids = malloc(xst->nbytes);
@@ -665,13 +642,13 @@ Test(host_golden, transformer_logits_and_features_match_pytorch)
         snprintf(cs, sizeof cs, "logits.%s", ts[i]);
         ksm_tensor yt;
         float *y = run_full(&e, h, &x, &yt);
-        compare(cs, y, &yt, need(f, cs));
+        compare(cs, y, &yt, kt_golden_need(f, cs));
         free(y);
         if (i == 0) {
             for (int k = 0; k < 3; k++) {
                 snprintf(cs, sizeof cs, "feat.t7.r0c%d", k);
                 float *ft = run_chain(&e, h, &x, NULL, 0, k, NULL, &yt);
-                compare(cs, ft, &yt, need(f, cs));
+                compare(cs, ft, &yt, kt_golden_need(f, cs));
                 free(ft);
             }
             /* I32 ids give the same logits */
@@ -680,7 +657,7 @@ Test(host_golden, transformer_logits_and_features_match_pytorch)
                 i32[j] = (int32_t)((int64_t *)ids)[j];
             ksm_tensor x32 = upload(&e, KSM_DTYPE_I32, 2, xst->shape, i32);
             y = run_full(&e, h, &x32, &yt);
-            compare("logits.t7.i32", y, &yt, need(f, "logits.t7"));
+            compare("logits.t7.i32", y, &yt, kt_golden_need(f, "logits.t7"));
             free(y);
             free(i32);
             ksm_alloc_free(e.a, x32.data);

@@ -15,6 +15,7 @@
 #include "io/persist.h"
 #include "kasmina/errors.h"
 #include "kasmina/kasmina.h"
+#include "kt.h"
 
 TestSuite(journal, .timeout = 120);
 
@@ -156,15 +157,6 @@ Test(journal, every_flipped_byte_is_detected)
 
 /* ---- a real engine on a real state directory ---- */
 
-static ksm_engine *new_engine(void)
-{
-    ksm_engine *e;
-    char err[256];
-    struct ksm_engine_config cfg = {.cpu_devices = 1};
-    cr_assert_eq(ksm_engine_new(&cfg, &e, err, sizeof err), 0, "%s", err);
-    return e;
-}
-
 static void export_model(ksm_engine *e, const char *id, void **buf, size_t *len)
 {
     ksm_model *m;
@@ -175,9 +167,8 @@ static void export_model(ksm_engine *e, const char *id, void **buf, size_t *len)
 
 Test(journal, engine_restores_each_record_prefix)
 {
-    char dir[] = "/tmp/ksm-persist-XXXXXX", err[512];
-    cr_assert_not_null(mkdtemp(dir));
-    ksm_engine *e = new_engine();
+    char *dir = kt_tmpdir("persist"), err[512];
+    ksm_engine *e = kt_engine_cpu(1);
     ksm_persist *p;
     struct ksm_persist_config pc = {.dir = dir, .compact_records = 1000};
     cr_assert_eq(ksm_persist_open(&pc, &p, err, sizeof err), 0, "%s", err);
@@ -256,7 +247,7 @@ Test(journal, engine_restores_each_record_prefix)
             FILE *w = fopen(jpath, "wb");
             fwrite(full, 1, cut, w);
             fclose(w);
-            e = new_engine();
+            e = kt_engine_cpu(1);
             cr_assert_eq(ksm_persist_open(&pc, &p, err, sizeof err), 0, "%s", err);
             cr_assert_eq(ksm_persist_restore(p, e, NULL, err, sizeof err), 0, "cut %zu: %s", cut,
                          err);
@@ -275,7 +266,6 @@ Test(journal, engine_restores_each_record_prefix)
         }
     }
     for (int i = 0; i <= N; i++) free(want[i]);
-    char cmd[600];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    cr_assert_eq(system(cmd), 0);
+    kt_rmtree(dir);
+    free(dir);
 }

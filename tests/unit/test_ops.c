@@ -14,6 +14,7 @@
  * launch records the op without running it, so "nothing was enqueued" is observable.
  */
 #include <criterion/criterion.h>
+#include <criterion/parameterized.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -27,6 +28,7 @@
 #include "kasmina/ops.h"
 #include "kasmina/safetensors.h"
 #include "kasmina/tensor.h"
+#include "kt.h"
 #include "nn/op.h"
 
 #define GOLDEN_TOL 1e-5
@@ -134,16 +136,6 @@ static void *download(struct env *e, const ksm_tensor *t)
 
 /* ---- Fixtures ---- */
 
-static ksm_st_file *open_fixture(const char *file)
-{
-    char path[1024], err[256] = "";
-    snprintf(path, sizeof path, "%s/%s", KSM_GOLDEN_DIR, file);
-    ksm_st_file *f = NULL;
-    int rc = ksm_st_open(path, &f, err, sizeof err);
-    cr_assert_eq(rc, 0, "cannot open %s: %s (%s)", path, ksm_err_name(rc), err);
-    return f;
-}
-
 static const struct ksm_st_tensor *need(ksm_st_file *f, const char *cs, const char *role)
 {
     char name[256];
@@ -188,36 +180,6 @@ static double param_num(const char *desc, const char *key)
     return strtod(buf, NULL);
 }
 
-static float load_f32(const void *p, size_t i)
-{
-    float f;
-    memcpy(&f, (const char *)p + 4 * i, 4);
-    return f;
-}
-
-/* max|out - ref| / max|ref| over F32 data; NaN in ref must be NaN in out and vice versa (then
- * *nan_mismatch is set). */
-static double rel_err_f32(const void *out, const void *ref, size_t n, size_t *nan_mismatch)
-{
-    double maxd = 0.0, maxr = 0.0;
-    *nan_mismatch = 0;
-    for (size_t i = 0; i < n; i++) {
-        float o = load_f32(out, i), r = load_f32(ref, i);
-        if (isnan(r) || isnan(o)) {
-            if (isnan(r) != isnan(o)) (*nan_mismatch)++;
-            continue;
-        }
-        if (isinf(r) || isinf(o)) {
-            if (o != r) (*nan_mismatch)++;
-            continue;
-        }
-        double d = fabs((double)o - (double)r);
-        if (d > maxd) maxd = d;
-        if (fabs((double)r) > maxr) maxr = fabs((double)r);
-    }
-    return maxr > 0.0 ? maxd / maxr : maxd;
-}
-
 /* Compares out (device tensor, contiguous) with the reference; returns the relative error, or
  * 0 for exact matches of non-float dtypes; asserts the tolerance. */
 static double check_output(struct env *e, const char *cs, const ksm_tensor *out,
@@ -230,10 +192,9 @@ static double check_output(struct env *e, const char *cs, const ksm_tensor *out,
     size_t n = (size_t)ksm_tensor_numel(out);
     double rel = 0.0;
     if (out->dtype == KSM_DTYPE_F32) {
-        size_t nan_mm;
-        rel = rel_err_f32(h, ref->data, n, &nan_mm);
-        cr_expect_eq(nan_mm, 0, "%s: %zu NaN/Inf positions differ", cs, nan_mm);
-        cr_expect_leq(rel, GOLDEN_TOL, "%s: rel %.3g > %.1g", cs, rel, GOLDEN_TOL);
+        float *want = kt_golden_floats(ref);
+        rel = kt_golden_expect_f32(cs, h, want, (int64_t)n, GOLDEN_TOL);
+        free(want);
     } else if (out->dtype == KSM_DTYPE_F16 || out->dtype == KSM_DTYPE_BF16) {
         /* bit-exact, except that any NaN matches any NaN */
         size_t bad = 0;
@@ -450,61 +411,51 @@ static void run_case(struct env *e, ksm_st_file *f, const char *cs, const char *
     check_output(e, cs, &y, ref);
 }
 
-/* Runs every case of file whose op is `op`; requires at least min_cases of them. */
-static void run_fixture(const char *file, const char *op, int min_cases)
+static const char *const GOLDEN_FILES[] = {"ops_conv.safetensors", "ops_norm.safetensors",
+                                           "ops_attn.safetensors", "ops_elem.safetensors",
+                                           "ops_misc.safetensors", NULL};
+
+TestSuite(ops_golden, .timeout = 120);
+
+/* One test per case of every ops fixture file. */
+ParameterizedTestParameters(ops_golden, matches_pytorch) { return kt_golden_cases(GOLDEN_FILES); }
+
+ParameterizedTest(struct kt_golden_case *c, ops_golden, matches_pytorch)
 {
     struct env e;
     env_init(&e);
-    ksm_st_file *f = open_fixture(file);
-    const char *cases = ksm_st_metadata(f, "cases");
-    cr_assert_not_null(cases, "%s: no case list", file);
-    char *list = strdup(cases), *save = NULL;
-    int ran = 0;
-    for (char *cs = strtok_r(list, ",", &save); cs; cs = strtok_r(NULL, ",", &save)) {
-        const char *desc = ksm_st_metadata(f, cs);
-        char kind[64];
-        cr_assert_not_null(desc, "%s: case %s has no description", file, cs);
-        cr_assert_not_null(param(desc, "op", kind, sizeof kind));
-        if (strcmp(kind, op) != 0) continue;
-        run_case(&e, f, cs, op, desc);
-        env_release_bufs(&e);
-        ran++;
-    }
-    free(list);
-    cr_expect_geq(ran, min_cases, "%s: only %d %s cases", file, ran, op);
+    ksm_st_file *f = kt_golden_open(c->file);
+    const char *desc = ksm_st_metadata(f, c->name);
+    cr_assert_not_null(desc, "%s: case %s has no description", c->file, c->name);
+    cr_assert(c->op[0] != '\0', "%s: case %s has no op", c->file, c->name);
+    run_case(&e, f, c->name, c->op, desc);
     ksm_st_close(f);
     env_fini(&e);
 }
 
-TestSuite(ops_golden, .timeout = 120);
-
-Test(ops_golden, conv2d_matches_pytorch) { run_fixture("ops_conv.safetensors", "conv2d", 12); }
-Test(ops_golden, batchnorm_matches_pytorch) { run_fixture("ops_norm.safetensors", "batchnorm", 2); }
-Test(ops_golden, groupnorm_matches_pytorch) { run_fixture("ops_norm.safetensors", "groupnorm", 5); }
-Test(ops_golden, layernorm_matches_pytorch) { run_fixture("ops_norm.safetensors", "layernorm", 3); }
-Test(ops_golden, softmax_matches_pytorch) { run_fixture("ops_norm.safetensors", "softmax", 3); }
-Test(ops_golden, sdpa_matches_pytorch) { run_fixture("ops_attn.safetensors", "sdpa", 8); }
-Test(ops_golden, sdpa_on_fused_qkv_views_matches_pytorch)
+/* Each op has at least its number of cases in its file. */
+Test(ops_golden, every_op_has_its_cases)
 {
-    run_fixture("ops_attn.safetensors", "sdpa_fused", 2);
+    static const struct {
+        const char *file, *op;
+        int min;
+    } want[] = {
+        {"ops_conv.safetensors", "conv2d", 12},       {"ops_norm.safetensors", "batchnorm", 2},
+        {"ops_norm.safetensors", "groupnorm", 5},     {"ops_norm.safetensors", "layernorm", 3},
+        {"ops_norm.safetensors", "softmax", 3},       {"ops_attn.safetensors", "sdpa", 8},
+        {"ops_attn.safetensors", "sdpa_fused", 2},    {"ops_elem.safetensors", "unary", 7},
+        {"ops_elem.safetensors", "binary", 6},        {"ops_elem.safetensors", "lerp", 5},
+        {"ops_elem.safetensors", "copy", 7},          {"ops_misc.safetensors", "gemm", 6},
+        {"ops_misc.safetensors", "linear", 3},        {"ops_misc.safetensors", "embedding", 2},
+        {"ops_misc.safetensors", "mean", 3},          {"ops_misc.safetensors", "maxpool2", 2},
+        {"ops_misc.safetensors", "cross_entropy", 2}, {"ops_misc.safetensors", "argmax", 2},
+    };
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
+        const char *files[] = {want[i].file, NULL};
+        int n = kt_golden_count(files, want[i].op);
+        cr_expect_geq(n, want[i].min, "%s: only %d %s cases", want[i].file, n, want[i].op);
+    }
 }
-Test(ops_golden, unary_matches_pytorch) { run_fixture("ops_elem.safetensors", "unary", 7); }
-Test(ops_golden, binary_broadcast_matches_pytorch)
-{
-    run_fixture("ops_elem.safetensors", "binary", 6);
-}
-Test(ops_golden, lerp_matches_pytorch) { run_fixture("ops_elem.safetensors", "lerp", 5); }
-Test(ops_golden, casts_match_numpy_bit_exactly) { run_fixture("ops_elem.safetensors", "copy", 7); }
-Test(ops_golden, gemm_matches_pytorch) { run_fixture("ops_misc.safetensors", "gemm", 6); }
-Test(ops_golden, linear_matches_pytorch) { run_fixture("ops_misc.safetensors", "linear", 3); }
-Test(ops_golden, embedding_matches_pytorch) { run_fixture("ops_misc.safetensors", "embedding", 2); }
-Test(ops_golden, mean_matches_pytorch) { run_fixture("ops_misc.safetensors", "mean", 3); }
-Test(ops_golden, maxpool2_matches_pytorch) { run_fixture("ops_misc.safetensors", "maxpool2", 2); }
-Test(ops_golden, cross_entropy_matches_pytorch)
-{
-    run_fixture("ops_misc.safetensors", "cross_entropy", 2);
-}
-Test(ops_golden, argmax_matches_pytorch) { run_fixture("ops_misc.safetensors", "argmax", 2); }
 
 /* ---- Properties ---- */
 

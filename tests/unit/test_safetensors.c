@@ -19,6 +19,7 @@
 
 #include "kasmina/errors.h"
 #include "kasmina/safetensors.h"
+#include "kt.h"
 #include "kasmina/tensor.h"
 
 #define DATA_DIR KSM_SOURCE_DIR "/tests/unit/data/safetensors"
@@ -27,38 +28,12 @@ TestSuite(safetensors, .timeout = 60);
 
 // ---- Helpers ----
 
-static void *read_all(const char *path, size_t *len)
-{
-    FILE *fp = fopen(path, "rb");
-    cr_assert_not_null(fp, "cannot open %s: %s", path, strerror(errno));
-    cr_assert_eq(fseek(fp, 0, SEEK_END), 0);
-    long n = ftell(fp);
-    cr_assert_geq(n, 0);
-    rewind(fp);
-    void *buf = malloc((size_t)n + 1);
-    cr_assert_not_null(buf);
-    cr_assert_eq(fread(buf, 1, (size_t)n, fp), (size_t)n);
-    fclose(fp);
-    *len = (size_t)n;
-    return buf;
-}
-
 static void write_raw(const char *path, const void *buf, size_t len)
 {
     FILE *fp = fopen(path, "wb");
     cr_assert_not_null(fp, "cannot create %s: %s", path, strerror(errno));
     if (len > 0) cr_assert_eq(fwrite(buf, 1, len, fp), len);
     cr_assert_eq(fclose(fp), 0);
-}
-
-/* A fresh empty directory under TMPDIR; free the result with rm_dir(). */
-static char *make_tmpdir(void)
-{
-    const char *base = getenv("TMPDIR");
-    char *dir = NULL;
-    cr_assert_gt(asprintf(&dir, "%s/ksm_st_XXXXXX", base && *base ? base : "/tmp"), 0);
-    cr_assert_not_null(mkdtemp(dir), "mkdtemp: %s", strerror(errno));
-    return dir;
 }
 
 /* Number of entries (other than . and ..) in dir. */
@@ -72,25 +47,6 @@ static int count_entries(const char *dir)
         if (strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0) n++;
     closedir(d);
     return n;
-}
-
-static void rm_dir(char *dir)
-{
-    DIR *d = opendir(dir);
-    if (d != NULL) {
-        struct dirent *e;
-        while ((e = readdir(d)) != NULL) {
-            if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
-            char *p = NULL;
-            if (asprintf(&p, "%s/%s", dir, e->d_name) > 0) {
-                if (unlink(p) != 0) rmdir(p);
-                free(p);
-            }
-        }
-        closedir(d);
-    }
-    rmdir(dir);
-    free(dir);
 }
 
 static uint16_t load_u16(const void *p)
@@ -204,7 +160,7 @@ Test(safetensors, round_trips_every_dtype_scalars_empties_and_metadata_in_memory
 
 Test(safetensors, round_trips_through_a_file_and_matches_serialize)
 {
-    char *dir = make_tmpdir();
+    char *dir = kt_tmpdir("st");
     char *path = NULL;
     cr_assert_gt(asprintf(&path, "%s/model.safetensors", dir), 0);
     struct ksm_st_tensor t[16];
@@ -213,7 +169,7 @@ Test(safetensors, round_trips_through_a_file_and_matches_serialize)
     cr_expect_eq(count_entries(dir), 1, "no temporary file is left behind");
 
     size_t flen;
-    void *fbytes = read_all(path, &flen);
+    void *fbytes = kt_read_file(path, &flen);
     void *buf;
     size_t len;
     cr_assert_eq(ksm_st_serialize(t, n, sample_meta, 3, &buf, &len), 0);
@@ -228,7 +184,8 @@ Test(safetensors, round_trips_through_a_file_and_matches_serialize)
     check_sample(f);
     ksm_st_close(f);
     free(path);
-    rm_dir(dir);
+    kt_rmtree(dir);
+    free(dir);
 }
 
 Test(safetensors, round_trips_an_empty_file)
@@ -435,7 +392,7 @@ Test(safetensors, rejects_every_malformed_file_with_its_code_and_a_message)
 
         // The same bytes through ksm_st_parse, also with no errbuf.
         size_t len;
-        void *buf = read_all(path, &len);
+        void *buf = kt_read_file(path, &len);
         char perr[512] = "";
         cr_expect_eq(ksm_st_parse(buf, len, &f, perr, sizeof perr), bad_corpus[i].code, "%s",
                      bad_corpus[i].file);
@@ -481,12 +438,12 @@ Test(safetensors, names_the_tensor_and_sizes_in_a_size_mismatch)
 Test(safetensors, rejects_every_truncation_of_a_valid_file)
 {
     size_t len;
-    uint8_t *full = read_all(DATA_DIR "/python_written.safetensors", &len);
+    uint8_t *full = kt_read_file(DATA_DIR "/python_written.safetensors", &len);
     ksm_st_file *f = NULL;
     cr_assert_eq(ksm_st_parse(full, len, &f, NULL, 0), 0);
     ksm_st_close(f);
 
-    char *dir = make_tmpdir();
+    char *dir = kt_tmpdir("st");
     char *path = NULL;
     cr_assert_gt(asprintf(&path, "%s/cut.safetensors", dir), 0);
     for (size_t cut = 0; cut < len; cut++) {
@@ -514,7 +471,8 @@ Test(safetensors, rejects_every_truncation_of_a_valid_file)
     free(buf);
     free(full);
     free(path);
-    rm_dir(dir);
+    kt_rmtree(dir);
+    free(dir);
 }
 
 /* Deterministic byte mutations of a valid file: each result either parses (and then reads
@@ -522,7 +480,7 @@ Test(safetensors, rejects_every_truncation_of_a_valid_file)
 Test(safetensors, survives_random_byte_mutations)
 {
     size_t len;
-    uint8_t *full = read_all(DATA_DIR "/python_written.safetensors", &len);
+    uint8_t *full = kt_read_file(DATA_DIR "/python_written.safetensors", &len);
     uint8_t *buf = malloc(len);
     cr_assert_not_null(buf);
     uint64_t x = 0x9E3779B97F4A7C15u;
@@ -662,7 +620,7 @@ Test(safetensors, writer_rejects_invalid_input)
 
 Test(safetensors, write_into_a_missing_directory_fails_and_leaves_nothing)
 {
-    char *dir = make_tmpdir();
+    char *dir = kt_tmpdir("st");
     char *path = NULL;
     cr_assert_gt(asprintf(&path, "%s/missing/model.safetensors", dir), 0);
     struct ksm_st_tensor t[16];
@@ -670,12 +628,13 @@ Test(safetensors, write_into_a_missing_directory_fails_and_leaves_nothing)
     cr_expect_eq(ksm_st_write(path, t, n, NULL, 0), KSM_ENOENT);
     cr_expect_eq(count_entries(dir), 0);
     free(path);
-    rm_dir(dir);
+    kt_rmtree(dir);
+    free(dir);
 }
 
 Test(safetensors, write_fails_cleanly_when_the_target_is_a_directory)
 {
-    char *dir = make_tmpdir();
+    char *dir = kt_tmpdir("st");
     char *path = NULL;
     cr_assert_gt(asprintf(&path, "%s/target", dir), 0);
     cr_assert_eq(mkdir(path, 0755), 0);
@@ -688,12 +647,13 @@ Test(safetensors, write_fails_cleanly_when_the_target_is_a_directory)
     cr_expect_eq(stat(path, &st), 0);
     cr_expect(S_ISDIR(st.st_mode), "the directory is untouched");
     free(path);
-    rm_dir(dir);
+    kt_rmtree(dir);
+    free(dir);
 }
 
 Test(safetensors, overwriting_replaces_the_whole_file)
 {
-    char *dir = make_tmpdir();
+    char *dir = kt_tmpdir("st");
     char *path = NULL;
     cr_assert_gt(asprintf(&path, "%s/model.safetensors", dir), 0);
 
@@ -716,7 +676,7 @@ Test(safetensors, overwriting_replaces_the_whole_file)
     size_t want_len;
     cr_assert_eq(ksm_st_serialize(&ts, 1, m2, 1, &want, &want_len), 0);
     size_t got_len;
-    void *got = read_all(path, &got_len);
+    void *got = kt_read_file(path, &got_len);
     cr_expect_eq(got_len, want_len);
     cr_expect_eq(memcmp(got, want, want_len), 0);
     free(got);
@@ -739,7 +699,8 @@ Test(safetensors, overwriting_replaces_the_whole_file)
     cr_assert_eq(chdir(cwd), 0);
     cr_expect_eq(count_entries(dir), 2);
     free(path);
-    rm_dir(dir);
+    kt_rmtree(dir);
+    free(dir);
 }
 
 // ---- Self-checksum (kasmina.crc32c) ----
