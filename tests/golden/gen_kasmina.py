@@ -1,5 +1,7 @@
 #!/usr/bin/python3
 """PyTorch reference fixtures for whole Kasmina models: hosts, seeds, blends, fused forwards.
+(Over 900 lines on purpose: one self-contained generator, so that the fixtures can be rebuilt
+from this file and PyTorch alone.)
 
 Regenerate (needs Debian's python3-torch; CI does not, it reads the committed files):
 

@@ -1,4 +1,6 @@
 /*
+ * (Over 900 lines on purpose: one conformance suite, every op against one oracle with one set
+ * of random-input and comparison helpers, mirroring test_ops.c.)
  * GPU conformance: every op on cuda:0 against the CPU backend (the oracle) on cpu:0, through
  * the public ops.h wrappers, with random inputs, broadcasts, strided views and the op variants
  * (conv paths, causal attention, ...). Float results must satisfy max|d| / max|ref| <= 1e-5;

@@ -1,5 +1,7 @@
 /*
  * Blueprints and GatedBlend (daemon/kasmina/blueprint*.c, gated_blend.c).
+ * (Over 900 lines on purpose: the 16 blueprints share one registry, one parameter-count table
+ * and one golden walk; split, each half would repeat them.)
  *
  * blueprint_registry: esper's order, BlueprintAction indices, GroupNorm groups (docs/models.md).
  * blueprint_params: exact parameter counts, names and shapes (docs/models.md#cnn-blueprints,

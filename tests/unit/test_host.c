@@ -1,6 +1,8 @@
 /*
  * Host networks (daemon/kasmina/host.c): CNNHost (docs/models.md#cnnhost) and TransformerHost
  * (docs/models.md).
+ * (One file over 900 lines on purpose: both hosts share the spec, routing and golden helpers,
+ * and a reader checks a host against docs/models.md in one place.)
  *
  * host_params: names, shapes and counts against docs/weights.md#host-tensors.
  * host_slots: injection points (ids, row-major vs execution order, channels, spatial sizes).

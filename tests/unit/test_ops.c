@@ -1,5 +1,7 @@
 /*
- * Op kernels and wrappers (daemon/nn/ops.c, daemon/backend/cpu/cpu_ops.c).
+ * Op kernels and wrappers (daemon/nn/ops.c, daemon/backend/cpu/cpu_*.c).
+ * (Over 900 lines on purpose: the golden cases of every op family run through one parameterised
+ * test and one set of tensor helpers; the per-op edge cases follow, in the kernels' order.)
  *
  * ops_golden: every case of the committed PyTorch fixtures tests/golden/ops_*.safetensors (made
  * by tests/golden/gen_ops.py) runs through the public wrappers on a CPU-backend stream, and is

@@ -2,6 +2,8 @@
  * Slot lifecycle (docs/lifecycle.md#seed-lifecycle, docs/lifecycle.md#events,
  * docs/README.md#invariants items 1, 2, 8, 9, 11; docs/weights.md#extra-state) against a fake
  * ksm_slot_env that records events and module callbacks.
+ * (Over 900 lines on purpose: the lifecycle is one state machine, and its tests share one fake
+ * environment and one event recorder; they follow docs/lifecycle.md section by section.)
  */
 #include <criterion/criterion.h>
 #include <math.h>
