@@ -147,7 +147,7 @@ static int model_reply(Kasmina__V1__Model *rep, struct ksm_model_info *out,
                        struct ksm_client_error *err)
 {
     char msg[256] = "";
-    int rc = out ? ksm_conv_model_from_pb(rep, out, msg, sizeof msg) : 0;
+    int rc = out ? ksm_wire_model_from_pb(rep, out, msg, sizeof msg) : 0;
     free_reply(rep);
     return rc ? bad_reply(err, rc, msg) : 0;
 }
@@ -160,7 +160,7 @@ int ksm_client_model_create(ksm_client *c, const char *model_id, const struct ks
     struct ksm_pb_arena a;
     ksm_pb_arena_init(&a);
     Kasmina__V1__CreateModelRequest req;
-    if ((rc = ksm_conv_model_spec_to_pb(model_id, spec, &a, &req))) {
+    if ((rc = ksm_wire_model_spec_to_pb(model_id, spec, &a, &req))) {
         ksm_pb_arena_fini(&a);
         return encode_failed(err, rc);
     }
@@ -197,7 +197,7 @@ int ksm_client_model_list(ksm_client *c, struct ksm_model_info **out, size_t *n,
     }
     char msg[256] = "";
     for (size_t i = 0; i < rep->n_models; i++) {
-        if ((rc = ksm_conv_model_from_pb(rep->models[i], &v[i], msg, sizeof msg))) {
+        if ((rc = ksm_wire_model_from_pb(rep->models[i], &v[i], msg, sizeof msg))) {
             free(v);
             free_reply(rep);
             return bad_reply(err, rc, msg);
@@ -234,7 +234,7 @@ int ksm_client_load_weights(ksm_client *c, const char *model_id, const void *buf
     Kasmina__V1__LoadWeightsResponse *rep;
     int rc = UNARY("LoadWeights", req, kasmina__v1__load_weights_response, rep, err);
     if (rc) return rc;
-    if (r && (rc = ksm_conv_load_result_from_pb(rep, r))) {
+    if (r && (rc = ksm_wire_load_result_from_pb(rep, r))) {
         free_reply(rep);
         return ksmc_fail(err, rc, 8, "out of memory");
     }
@@ -278,7 +278,7 @@ int ksm_client_model_move(ksm_client *c, const char *model_id, const char *devic
     if (dtype >= 0) {
         if (dtype >= KSM_DTYPE_COUNT)
             return ksmc_fail(err, KSM_EINVAL, 3, "dtype %d is not a kasmina dtype", dtype);
-        req.dtype = ksm_conv_dtype_to_pb((enum ksm_dtype)dtype);
+        req.dtype = ksm_wire_dtype_to_pb((enum ksm_dtype)dtype);
     }
     Kasmina__V1__Model *rep;
     int rc = UNARY("MoveModel", req, kasmina__v1__model, rep, err);
@@ -296,7 +296,7 @@ static int report_reply(const Kasmina__V1__SlotReport *pb, struct ksm_slot_repor
         return bad_reply(err, KSM_EFORMAT, "the reply carries no slot report");
     }
     char msg[256] = "";
-    int rc = ksm_conv_slot_report_from_pb(pb, r, msg, sizeof msg);
+    int rc = ksm_wire_slot_report_from_pb(pb, r, msg, sizeof msg);
     return rc ? bad_reply(err, rc, msg) : 0;
 }
 
@@ -309,7 +309,7 @@ int ksm_client_germinate(ksm_client *c, const char *model_id, const char *slot_i
     struct ksm_pb_arena ar;
     ksm_pb_arena_init(&ar);
     Kasmina__V1__GerminateRequest req;
-    if ((rc = ksm_conv_germinate_to_pb(model_id, slot_id, a, &ar, &req))) {
+    if ((rc = ksm_wire_germinate_to_pb(model_id, slot_id, a, &ar, &req))) {
         ksm_pb_arena_fini(&ar);
         return encode_failed(err, rc);
     }
@@ -328,14 +328,14 @@ int ksm_client_advance(ksm_client *c, const char *model_id, const char *slot_id,
 {
     struct ksm_lifecycle_args l = {.model_id = model_id, .slot_id = slot_id, .target = target};
     Kasmina__V1__AdvanceStageRequest req;
-    ksm_conv_advance_to_pb(&l, &req);
+    ksm_wire_advance_to_pb(&l, &req);
     Kasmina__V1__AdvanceStageResponse *rep;
     int rc = UNARY("AdvanceStage", req, kasmina__v1__advance_stage_response, rep, err);
     if (rc) return rc;
     char msg[256] = "";
     if (gate) {
         memset(gate, 0, sizeof *gate);
-        if (rep->gate && (rc = ksm_conv_gate_from_pb(rep->gate, gate, msg, sizeof msg))) {
+        if (rep->gate && (rc = ksm_wire_gate_from_pb(rep->gate, gate, msg, sizeof msg))) {
             free_reply(rep);
             return bad_reply(err, rc, msg);
         }
@@ -352,7 +352,7 @@ int ksm_client_prune(ksm_client *c, const char *model_id, const char *slot_id, c
     struct ksm_lifecycle_args l = {
         .model_id = model_id, .slot_id = slot_id, .reason = reason, .initiator = initiator};
     Kasmina__V1__PruneRequest req;
-    ksm_conv_prune_to_pb(&l, &req);
+    ksm_wire_prune_to_pb(&l, &req);
     Kasmina__V1__PruneResponse *rep;
     int rc = UNARY("Prune", req, kasmina__v1__prune_response, rep, err);
     if (rc) return rc;
@@ -377,7 +377,7 @@ int ksm_client_schedule_prune(ksm_client *c, const char *model_id, const char *s
                                    .reason = reason,
                                    .initiator = initiator};
     Kasmina__V1__SchedulePruneRequest req;
-    ksm_conv_schedule_prune_to_pb(&l, &req);
+    ksm_wire_schedule_prune_to_pb(&l, &req);
     Kasmina__V1__PruneResponse *rep;
     int rc = UNARY("SchedulePrune", req, kasmina__v1__prune_response, rep, err);
     if (rc) return rc;
@@ -402,7 +402,7 @@ int ksm_client_set_alpha_target(ksm_client *c, const char *model_id, const char 
                                    .steepness = steepness,
                                    .algorithm = algorithm};
     Kasmina__V1__SetAlphaTargetRequest req;
-    ksm_conv_set_alpha_target_to_pb(&l, &req);
+    ksm_wire_set_alpha_target_to_pb(&l, &req);
     Kasmina__V1__SetAlphaTargetResponse *rep;
     int rc = UNARY("SetAlphaTarget", req, kasmina__v1__set_alpha_target_response, rep, err);
     if (rc) return rc;
@@ -417,7 +417,7 @@ int ksm_client_set_alpha(ksm_client *c, const char *model_id, const char *slot_i
 {
     struct ksm_lifecycle_args l = {.model_id = model_id, .slot_id = slot_id, .alpha = alpha};
     Kasmina__V1__SetAlphaRequest req;
-    ksm_conv_set_alpha_to_pb(&l, &req);
+    ksm_wire_set_alpha_to_pb(&l, &req);
     Kasmina__V1__SlotReport *rep;
     int rc = UNARY("SetAlpha", req, kasmina__v1__slot_report, rep, err);
     if (rc) return rc;
@@ -461,7 +461,7 @@ int ksm_client_record_metrics(ksm_client *c, const char *model_id, const char *s
     struct ksm_pb_arena a;
     ksm_pb_arena_init(&a);
     Kasmina__V1__RecordMetricsRequest req;
-    if ((rc = ksm_conv_metrics_to_pb(model_id, slot_id, u, &a, &req))) {
+    if ((rc = ksm_wire_metrics_to_pb(model_id, slot_id, u, &a, &req))) {
         ksm_pb_arena_fini(&a);
         return encode_failed(err, rc);
     }
@@ -502,7 +502,7 @@ static int on_event(void *ud, const ProtobufCMessage *msg)
     uint64_t seq = 0;
     char m[256] = "";
     int rc =
-        ksm_conv_event_from_pb((const Kasmina__V1__LifecycleEvent *)msg, &seq, &ev, m, sizeof m);
+        ksm_wire_event_from_pb((const Kasmina__V1__LifecycleEvent *)msg, &seq, &ev, m, sizeof m);
     if (rc) return bad_reply(w->err, rc, m);
     return w->cb(w->ud, seq, &ev);
 }
@@ -536,14 +536,14 @@ int ksm_client_forward(ksm_client *c, const char *model_id, const struct ksm_for
     Kasmina__V1__ForwardResponse *rep;
     if (a->fused || a->n_overrides > 0) {
         Kasmina__V1__FusedForwardRequest req;
-        if ((rc = ksm_conv_fused_forward_to_pb(model_id, a, 0, &ar, &req))) {
+        if ((rc = ksm_wire_fused_forward_to_pb(model_id, a, 0, &ar, &req))) {
             ksm_pb_arena_fini(&ar);
             return encode_failed(err, rc);
         }
         rc = UNARY("FusedForward", req, kasmina__v1__forward_response, rep, err);
     } else {
         Kasmina__V1__ForwardRequest req;
-        if ((rc = ksm_conv_forward_to_pb(model_id, a, 0, &ar, &req))) {
+        if ((rc = ksm_wire_forward_to_pb(model_id, a, 0, &ar, &req))) {
             ksm_pb_arena_fini(&ar);
             return encode_failed(err, rc);
         }
@@ -552,7 +552,7 @@ int ksm_client_forward(ksm_client *c, const char *model_id, const struct ksm_for
     ksm_pb_arena_fini(&ar);
     if (rc) return rc;
     char msg[256] = "";
-    rc = ksm_conv_forward_result_take_pb(rep, r, msg, sizeof msg); /* no copy of the output */
+    rc = ksm_wire_forward_result_take_pb(rep, r, msg, sizeof msg); /* no copy of the output */
     free_reply(rep);
     return rc ? bad_reply(err, rc, msg) : 0;
 }
@@ -570,7 +570,7 @@ int ksm_client_evaluate(ksm_client *c, const char *model_id, const struct ksm_ev
     struct ksm_pb_arena ar;
     ksm_pb_arena_init(&ar);
     Kasmina__V1__EvaluateRequest req;
-    if ((rc = ksm_conv_evaluate_to_pb(model_id, a, &ar, &req))) {
+    if ((rc = ksm_wire_evaluate_to_pb(model_id, a, &ar, &req))) {
         ksm_pb_arena_fini(&ar);
         return encode_failed(err, rc);
     }
@@ -579,7 +579,7 @@ int ksm_client_evaluate(ksm_client *c, const char *model_id, const struct ksm_ev
     ksm_pb_arena_fini(&ar);
     if (rc) return rc;
     char msg[256] = "";
-    rc = ksm_conv_evaluate_result_take_pb(rep, r, msg, sizeof msg);
+    rc = ksm_wire_evaluate_result_take_pb(rep, r, msg, sizeof msg);
     free_reply(rep);
     return rc ? bad_reply(err, rc, msg) : 0;
 }
@@ -605,7 +605,7 @@ static int memory_reply(Kasmina__V1__MemoryStats *rep, struct ksm_client_memory_
     for (size_t i = 0; i < rep->n_devices; i++) {
         const Kasmina__V1__DeviceMemoryStats *d = rep->devices[i];
         struct ksm_client_device_memory *o = &out->devices[i];
-        ksm_conv_mem_stats_from_pb(d, o->device, sizeof o->device, &o->stats);
+        ksm_wire_mem_stats_from_pb(d, o->device, sizeof o->device, &o->stats);
         if (d->n_per_model_bytes == 0) continue;
         o->per_model = calloc(d->n_per_model_bytes, sizeof *o->per_model);
         if (!o->per_model) {
@@ -666,7 +666,7 @@ int ksm_client_cache_stats(ksm_client *c, const char *model_id,
         return ksmc_fail(err, KSM_ENOMEM, 8, "out of memory");
     }
     for (size_t i = 0; i < rep->n_caches; i++)
-        ksm_conv_cache_counters_from_pb(rep->caches[i], v[i].model_id, &v[i].c);
+        ksm_wire_cache_counters_from_pb(rep->caches[i], v[i].model_id, &v[i].c);
     *out = v;
     *n = rep->n_caches;
     free_reply(rep);

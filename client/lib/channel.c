@@ -311,7 +311,7 @@ static int pack_request(const ProtobufCMessage *req, grpc_byte_buffer **out)
 
 /* Unpacks a reply from the byte buffer's slices in place: tensors and other big bytes fields are
  * copied once, into buffers the message owns (wire/pbgather), which the calls then take over
- * (ksm_conv_tensor_from_pb_take) instead of copying them again. Unpacked with protobuf-c's
+ * (ksm_wire_tensor_from_pb_take) instead of copying them again. Unpacked with protobuf-c's
  * default allocator: its bytes fields are malloc'd. */
 static ProtobufCMessage *unpack_reply(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *d)
 {

@@ -27,7 +27,7 @@ static void free_load(void *p) { ksm_load_result_free(p); }
 /* A reference to the model (released after the reply is sent). */
 static int get_model(ksm_rpc_server *s, const char *id, struct rpc_ctx *cx, ksm_model **out)
 {
-    KSM_TRY(ksm_conv_check_model_id(id, "model_id", true, cx->err, sizeof cx->err));
+    KSM_TRY(ksm_wire_check_model_id(id, "model_id", true, cx->err, sizeof cx->err));
     KSM_TRY(ksm_service_model_get(s->service, id, out, cx->err, sizeof cx->err));
     rpc_defer(cx, unref_model, *out);
     return 0;
@@ -39,7 +39,7 @@ static int model_reply(ksm_model *m, struct rpc_ctx *cx, ProtobufCMessage **repl
     if (info == NULL) return KSM_ENOMEM;
     KSM_TRY(ksm_model_get_info(m, info));
     ALLOC(out, Kasmina__V1__Model, kasmina__v1__model__init);
-    KSM_TRY(ksm_conv_model_to_pb(info, &cx->arena, out));
+    KSM_TRY(ksm_wire_model_to_pb(info, &cx->arena, out));
     *reply = &out->base;
     return 0;
 }
@@ -49,7 +49,7 @@ static int slot_report_reply(const char *model_id, const struct ksm_slot_report 
 {
     Kasmina__V1__SlotReport *pb = ksm_pb_arena_alloc(&cx->arena, sizeof *pb);
     if (pb == NULL) return KSM_ENOMEM;
-    KSM_TRY(ksm_conv_slot_report_to_pb(model_id, r, &cx->arena, pb));
+    KSM_TRY(ksm_wire_slot_report_to_pb(model_id, r, &cx->arena, pb));
     *out = pb;
     return 0;
 }
@@ -144,7 +144,7 @@ static int h_create_model(ksm_rpc_server *s, const ProtobufCMessage *req, struct
 {
     const Kasmina__V1__CreateModelRequest *r = (const void *)req;
     struct ksm_model_spec spec;
-    KSM_TRY(ksm_conv_model_spec_from_pb(r, &spec, cx->err, sizeof cx->err));
+    KSM_TRY(ksm_wire_model_spec_from_pb(r, &spec, cx->err, sizeof cx->err));
     ksm_model *m;
     KSM_TRY(ksm_service_model_create(s->service, r->model_id, &spec, &m, cx->err, sizeof cx->err));
     rpc_defer(cx, unref_model, m);
@@ -179,7 +179,7 @@ static int h_list_models(ksm_rpc_server *s, const ProtobufCMessage *req, struct 
             if (info == NULL || pb == NULL)
                 rc = KSM_ENOMEM;
             else if ((rc = ksm_model_get_info(list[i], info)) == 0 &&
-                     (rc = ksm_conv_model_to_pb(info, &cx->arena, pb)) == 0)
+                     (rc = ksm_wire_model_to_pb(info, &cx->arena, pb)) == 0)
                 out->models[out->n_models++] = pb;
         }
         ksm_model_unref(list[i]);
@@ -208,7 +208,7 @@ static int h_delete_model(ksm_rpc_server *s, const ProtobufCMessage *req, struct
                           ProtobufCMessage **reply)
 {
     const Kasmina__V1__DeleteModelRequest *r = (const void *)req;
-    KSM_TRY(ksm_conv_check_model_id(r->model_id, "model_id", true, cx->err, sizeof cx->err));
+    KSM_TRY(ksm_wire_check_model_id(r->model_id, "model_id", true, cx->err, sizeof cx->err));
     uint64_t freed = 0;
     KSM_TRY(ksm_service_model_delete(s->service, r->model_id, &freed, cx->err, sizeof cx->err));
     ALLOC(out, Kasmina__V1__DeleteModelResponse, kasmina__v1__delete_model_response__init);
@@ -236,7 +236,7 @@ static int h_load_weights(ksm_rpc_server *s, const ProtobufCMessage *req, struct
     KSM_TRY(ksm_service_load_weights(s->service, m, r->safetensors.data, r->safetensors.len,
                                      r->strict, lr, cx->err, sizeof cx->err));
     ALLOC(out, Kasmina__V1__LoadWeightsResponse, kasmina__v1__load_weights_response__init);
-    KSM_TRY(ksm_conv_load_result_to_pb(lr, &cx->arena, out));
+    KSM_TRY(ksm_wire_load_result_to_pb(lr, &cx->arena, out));
     *reply = &out->base;
     return 0;
 }
@@ -265,11 +265,11 @@ static int h_move_model(ksm_rpc_server *s, const ProtobufCMessage *req, struct r
     const Kasmina__V1__MoveModelRequest *r = (const void *)req;
     ksm_model *m;
     KSM_TRY(get_model(s, r->model_id, cx, &m));
-    KSM_TRY(ksm_conv_check_string(r->device, "device", false, 31, cx->err, sizeof cx->err));
+    KSM_TRY(ksm_wire_check_string(r->device, "device", false, 31, cx->err, sizeof cx->err));
     int dtype = -1;
     if (r->dtype != KASMINA__V1__DTYPE__DTYPE_UNSPECIFIED) {
         enum ksm_dtype d;
-        KSM_TRY(ksm_conv_dtype_from_pb((int)r->dtype, "dtype", &d, cx->err, sizeof cx->err));
+        KSM_TRY(ksm_wire_dtype_from_pb((int)r->dtype, "dtype", &d, cx->err, sizeof cx->err));
         dtype = (int)d;
     }
     KSM_TRY(ksm_service_move(s->service, m, r->device, dtype, cx->err, sizeof cx->err));
@@ -283,7 +283,7 @@ static int h_germinate(ksm_rpc_server *s, const ProtobufCMessage *req, struct rp
 {
     const Kasmina__V1__GerminateRequest *r = (const void *)req;
     struct ksm_germinate_args g;
-    KSM_TRY(ksm_conv_germinate_from_pb(r, &g, cx->err, sizeof cx->err));
+    KSM_TRY(ksm_wire_germinate_from_pb(r, &g, cx->err, sizeof cx->err));
     ksm_model *m;
     KSM_TRY(get_model(s, r->model_id, cx, &m));
     struct ksm_slot_report *rep = new_report(cx);
@@ -300,7 +300,7 @@ static int h_advance(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_
 {
     const Kasmina__V1__AdvanceStageRequest *r = (const void *)req;
     struct ksm_lifecycle_args l;
-    KSM_TRY(ksm_conv_advance_from_pb(r, &l, cx->err, sizeof cx->err));
+    KSM_TRY(ksm_wire_advance_from_pb(r, &l, cx->err, sizeof cx->err));
     ksm_model *m;
     KSM_TRY(get_model(s, r->model_id, cx, &m));
     struct ksm_slot_report *rep = new_report(cx);
@@ -311,7 +311,7 @@ static int h_advance(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_
     ALLOC(out, Kasmina__V1__AdvanceStageResponse, kasmina__v1__advance_stage_response__init);
     out->gate = ksm_pb_arena_alloc(&cx->arena, sizeof *out->gate);
     if (out->gate == NULL) return KSM_ENOMEM;
-    KSM_TRY(ksm_conv_gate_to_pb(gate, &cx->arena, out->gate));
+    KSM_TRY(ksm_wire_gate_to_pb(gate, &cx->arena, out->gate));
     KSM_TRY(slot_report_reply(r->model_id, rep, cx, &out->slot));
     *reply = &out->base;
     return 0;
@@ -332,7 +332,7 @@ static int h_prune(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ct
 {
     const Kasmina__V1__PruneRequest *r = (const void *)req;
     struct ksm_lifecycle_args l;
-    KSM_TRY(ksm_conv_prune_from_pb(r, &l, cx->err, sizeof cx->err));
+    KSM_TRY(ksm_wire_prune_from_pb(r, &l, cx->err, sizeof cx->err));
     ksm_model *m;
     KSM_TRY(get_model(s, r->model_id, cx, &m));
     struct ksm_slot_report *rep = new_report(cx);
@@ -348,7 +348,7 @@ static int h_schedule_prune(ksm_rpc_server *s, const ProtobufCMessage *req, stru
 {
     const Kasmina__V1__SchedulePruneRequest *r = (const void *)req;
     struct ksm_lifecycle_args l;
-    KSM_TRY(ksm_conv_schedule_prune_from_pb(r, &l, cx->err, sizeof cx->err));
+    KSM_TRY(ksm_wire_schedule_prune_from_pb(r, &l, cx->err, sizeof cx->err));
     ksm_model *m;
     KSM_TRY(get_model(s, r->model_id, cx, &m));
     struct ksm_slot_report *rep = new_report(cx);
@@ -365,7 +365,7 @@ static int h_set_alpha_target(ksm_rpc_server *s, const ProtobufCMessage *req, st
 {
     const Kasmina__V1__SetAlphaTargetRequest *r = (const void *)req;
     struct ksm_lifecycle_args l;
-    KSM_TRY(ksm_conv_set_alpha_target_from_pb(r, &l, cx->err, sizeof cx->err));
+    KSM_TRY(ksm_wire_set_alpha_target_from_pb(r, &l, cx->err, sizeof cx->err));
     ksm_model *m;
     KSM_TRY(get_model(s, r->model_id, cx, &m));
     struct ksm_slot_report *rep = new_report(cx);
@@ -385,7 +385,7 @@ static int h_set_alpha(ksm_rpc_server *s, const ProtobufCMessage *req, struct rp
 {
     const Kasmina__V1__SetAlphaRequest *r = (const void *)req;
     struct ksm_lifecycle_args l;
-    KSM_TRY(ksm_conv_set_alpha_from_pb(r, &l, cx->err, sizeof cx->err));
+    KSM_TRY(ksm_wire_set_alpha_from_pb(r, &l, cx->err, sizeof cx->err));
     ksm_model *m;
     KSM_TRY(get_model(s, r->model_id, cx, &m));
     struct ksm_slot_report *rep = new_report(cx);
@@ -411,7 +411,7 @@ static int h_step_epoch(ksm_rpc_server *s, const ProtobufCMessage *req, struct r
                         ProtobufCMessage **reply)
 {
     const Kasmina__V1__StepEpochRequest *r = (const void *)req;
-    KSM_TRY(ksm_conv_check_slot_id(r->slot_id, "slot_id", false, cx->err, sizeof cx->err));
+    KSM_TRY(ksm_wire_check_slot_id(r->slot_id, "slot_id", false, cx->err, sizeof cx->err));
     ksm_model *m;
     KSM_TRY(get_model(s, r->model_id, cx, &m));
     size_t cap;
@@ -432,7 +432,7 @@ static int h_record_metrics(ksm_rpc_server *s, const ProtobufCMessage *req, stru
 {
     const Kasmina__V1__RecordMetricsRequest *r = (const void *)req;
     struct ksm_metrics_update u;
-    KSM_TRY(ksm_conv_metrics_from_pb(r, &u, cx->err, sizeof cx->err));
+    KSM_TRY(ksm_wire_metrics_from_pb(r, &u, cx->err, sizeof cx->err));
     ksm_model *m;
     KSM_TRY(get_model(s, r->model_id, cx, &m));
     struct ksm_slot_report *rep = new_report(cx);
@@ -449,7 +449,7 @@ static int h_get_slot_reports(ksm_rpc_server *s, const ProtobufCMessage *req, st
                               ProtobufCMessage **reply)
 {
     const Kasmina__V1__GetSlotReportsRequest *r = (const void *)req;
-    KSM_TRY(ksm_conv_check_slot_id(r->slot_id, "slot_id", false, cx->err, sizeof cx->err));
+    KSM_TRY(ksm_wire_check_slot_id(r->slot_id, "slot_id", false, cx->err, sizeof cx->err));
     ksm_model *m;
     KSM_TRY(get_model(s, r->model_id, cx, &m));
     size_t cap;
@@ -481,7 +481,7 @@ static int forward_common(ksm_rpc_server *s, const char *model_id,
     rpc_defer(cx, free_tensor, &res->output);
     ALLOC(out, Kasmina__V1__ForwardResponse, kasmina__v1__forward_response__init);
     KSM_TRY(
-        ksm_conv_forward_result_to_pb(res, out_dtype, &cx->arena, out, cx->err, sizeof cx->err));
+        ksm_wire_forward_result_to_pb(res, out_dtype, &cx->arena, out, cx->err, sizeof cx->err));
     *reply = &out->base;
     return 0;
 }
@@ -492,7 +492,7 @@ static int h_forward(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_
     const Kasmina__V1__ForwardRequest *r = (const void *)req;
     struct ksm_forward_args fa;
     int od;
-    KSM_TRY(ksm_conv_forward_from_pb(r, &cx->arena, &fa, &od, cx->err, sizeof cx->err));
+    KSM_TRY(ksm_wire_forward_from_pb(r, &cx->arena, &fa, &od, cx->err, sizeof cx->err));
     return forward_common(s, r->model_id, &fa, od, cx, reply);
 }
 
@@ -502,7 +502,7 @@ static int h_fused_forward(ksm_rpc_server *s, const ProtobufCMessage *req, struc
     const Kasmina__V1__FusedForwardRequest *r = (const void *)req;
     struct ksm_forward_args fa;
     int od;
-    KSM_TRY(ksm_conv_fused_forward_from_pb(r, &cx->arena, &fa, &od, cx->err, sizeof cx->err));
+    KSM_TRY(ksm_wire_fused_forward_from_pb(r, &cx->arena, &fa, &od, cx->err, sizeof cx->err));
     return forward_common(s, r->model_id, &fa, od, cx, reply);
 }
 
@@ -511,7 +511,7 @@ static int h_evaluate(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc
 {
     const Kasmina__V1__EvaluateRequest *r = (const void *)req;
     struct ksm_evaluate_args ea;
-    KSM_TRY(ksm_conv_evaluate_from_pb(r, &cx->arena, &ea, cx->err, sizeof cx->err));
+    KSM_TRY(ksm_wire_evaluate_from_pb(r, &cx->arena, &ea, cx->err, sizeof cx->err));
     KSM_TRY(rpc_limit_input(s, ea.input, cx));
     ksm_model *m;
     KSM_TRY(get_model(s, r->model_id, cx, &m));
@@ -522,7 +522,7 @@ static int h_evaluate(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc
     KSM_TRY(ksm_model_evaluate(m, &ea, res, cx->err, sizeof cx->err));
     rpc_defer(cx, free_eval, res);
     ALLOC(out, Kasmina__V1__EvaluateResponse, kasmina__v1__evaluate_response__init);
-    KSM_TRY(ksm_conv_evaluate_result_to_pb(res, &cx->arena, out));
+    KSM_TRY(ksm_wire_evaluate_result_to_pb(res, &cx->arena, out));
     *reply = &out->base;
     return 0;
 }
@@ -532,7 +532,7 @@ static int h_evaluate(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc
 static int memory_stats(ksm_rpc_server *s, const char *device, bool empty, struct rpc_ctx *cx,
                         ProtobufCMessage **reply)
 {
-    KSM_TRY(ksm_conv_check_string(device, "device", false, 31, cx->err, sizeof cx->err));
+    KSM_TRY(ksm_wire_check_string(device, "device", false, 31, cx->err, sizeof cx->err));
     if (device != NULL && device[0] != '\0' && ksm_engine_find_device(s->engine, device) == NULL) {
         snprintf(cx->err, sizeof cx->err, "device '%s' does not exist.", device);
         return KSM_ENODEVICE;
@@ -577,7 +577,7 @@ static int memory_stats(ksm_rpc_server *s, const char *device, bool empty, struc
         if (idc == NULL || bc == NULL) return KSM_ENOMEM;
         memcpy(idc, ids, k * sizeof *idc);
         memcpy(bc, bytes, k * sizeof *bc);
-        KSM_TRY(ksm_conv_mem_stats_to_pb(name, &st, idc, bc, k, &cx->arena, pb));
+        KSM_TRY(ksm_wire_mem_stats_to_pb(name, &st, idc, bc, k, &cx->arena, pb));
         out->devices[out->n_devices++] = pb;
     }
     *reply = &out->base;
@@ -619,7 +619,7 @@ static int cache_stats_of(ksm_model *m, struct rpc_ctx *cx, Kasmina__V1__CacheSt
     for (size_t i = 0; i < n; i++) {
         Kasmina__V1__CacheCounters *pb = ksm_pb_arena_alloc(&cx->arena, sizeof *pb);
         if (pb == NULL) return KSM_ENOMEM;
-        KSM_TRY(ksm_conv_cache_counters_to_pb(id, &cc[i], &cx->arena, pb));
+        KSM_TRY(ksm_wire_cache_counters_to_pb(id, &cc[i], &cx->arena, pb));
         out->caches[out->n_caches++] = pb;
     }
     return 0;

@@ -43,7 +43,7 @@ int rpc_dispatch_pieces(ksm_rpc_server *s, size_t method_index, const struct ksm
     /* Text first: protobuf-c accepts any bytes in a string field. */
     int trc = ksm_pb_check_text(m->req, req, n, err, errlen);
     if (trc != 0) return trc;
-    /* A tensor's bytes land, aligned, in a buffer of their own: ksm_conv_tensor_from_pb then
+    /* A tensor's bytes land, aligned, in a buffer of their own: ksm_wire_tensor_from_pb then
      * borrows them (no copy) as the engine's host input. */
     ProtobufCMessage *msg = ksm_pb_unpack_pieces(m->req, req, n, rpc_gather_min, NULL);
     if (msg == NULL) {

@@ -186,7 +186,7 @@ static void feed_events(struct rpc_hub *h, struct rpc_call *c)
         struct ksm_pb_arena a;
         ksm_pb_arena_init(&a);
         Kasmina__V1__LifecycleEvent pb;
-        if (ksm_conv_event_to_pb(q, &ev, &a, &pb) == 0)
+        if (ksm_wire_event_to_pb(q, &ev, &a, &pb) == 0)
             send_msg(c, &pb.base);
         else
             end_stream(c, KSM_ENOMEM, GRPC_STATUS_RESOURCE_EXHAUSTED,
@@ -299,7 +299,7 @@ void rpc_hub_watch_events(ksm_rpc_server *s, struct rpc_call *c, const ProtobufC
     struct rpc_hub *h = s->hub;
     const Kasmina__V1__WatchEventsRequest *r = (const Kasmina__V1__WatchEventsRequest *)req;
     char err[192] = "";
-    if (ksm_conv_check_model_id(r->model_id, "model_id", false, err, sizeof err) != 0) {
+    if (ksm_wire_check_model_id(r->model_id, "model_id", false, err, sizeof err) != 0) {
         rpc_call_finish(c, NULL, KSM_EINVAL, err, 0);
         return;
     }

@@ -15,7 +15,7 @@
 
 /* ---- Enums ---- */
 
-int ksm_conv_dtype_from_pb(int v, const char *field, enum ksm_dtype *out, char *err, size_t errlen)
+int ksm_wire_dtype_from_pb(int v, const char *field, enum ksm_dtype *out, char *err, size_t errlen)
 {
     switch (v) {
     case KASMINA__V1__DTYPE__DTYPE_F32: *out = KSM_DTYPE_F32; return 0;
@@ -33,7 +33,7 @@ int ksm_conv_dtype_from_pb(int v, const char *field, enum ksm_dtype *out, char *
     }
 }
 
-Kasmina__V1__DType ksm_conv_dtype_to_pb(enum ksm_dtype d)
+Kasmina__V1__DType ksm_wire_dtype_to_pb(enum ksm_dtype d)
 {
     switch (d) {
     case KSM_DTYPE_F32: return KASMINA__V1__DTYPE__DTYPE_F32;
@@ -45,7 +45,7 @@ Kasmina__V1__DType ksm_conv_dtype_to_pb(enum ksm_dtype d)
     }
 }
 
-int ksm_conv_stage_from_pb(int v, const char *field, enum ksm_stage *out, char *err, size_t errlen)
+int ksm_wire_stage_from_pb(int v, const char *field, enum ksm_stage *out, char *err, size_t errlen)
 {
     if (v == 5)
         return ksm_errf(err, errlen, KSM_EINVAL, "%s 5 (SHADOWING) is retired and not accepted.",
@@ -56,7 +56,7 @@ int ksm_conv_stage_from_pb(int v, const char *field, enum ksm_stage *out, char *
     return 0;
 }
 
-int ksm_conv_curve_from_pb(int v, const char *field, enum ksm_alpha_curve *out, char *err,
+int ksm_wire_curve_from_pb(int v, const char *field, enum ksm_alpha_curve *out, char *err,
                            size_t errlen)
 {
     if (v < 0 || v > 3)
@@ -66,7 +66,7 @@ int ksm_conv_curve_from_pb(int v, const char *field, enum ksm_alpha_curve *out, 
     return 0;
 }
 
-int ksm_conv_algorithm_from_pb(int v, const char *field, enum ksm_alpha_algorithm *out, char *err,
+int ksm_wire_algorithm_from_pb(int v, const char *field, enum ksm_alpha_algorithm *out, char *err,
                                size_t errlen)
 {
     if (v < 0 || v > 3)
@@ -76,7 +76,7 @@ int ksm_conv_algorithm_from_pb(int v, const char *field, enum ksm_alpha_algorith
     return 0;
 }
 
-int ksm_conv_gate_level_from_pb(int v, const char *field, enum ksm_gate_level *out, char *err,
+int ksm_wire_gate_level_from_pb(int v, const char *field, enum ksm_gate_level *out, char *err,
                                 size_t errlen)
 {
     if (v < 0 || v > 5 || v == 4)
@@ -105,13 +105,13 @@ static int check_id(const char *s, const char *field, bool required, size_t max,
     return 0;
 }
 
-int ksm_conv_check_model_id(const char *s, const char *field, bool required, char *err,
+int ksm_wire_check_model_id(const char *s, const char *field, bool required, char *err,
                             size_t errlen)
 {
     return check_id(s, field, required, KSM_ID_MAX, err, errlen);
 }
 
-int ksm_conv_check_string(const char *s, const char *field, bool required, size_t max, char *err,
+int ksm_wire_check_string(const char *s, const char *field, bool required, size_t max, char *err,
                           size_t errlen)
 {
     s = str_or_empty(s);
@@ -130,13 +130,13 @@ int ksm_conv_check_string(const char *s, const char *field, bool required, size_
     return 0;
 }
 
-int ksm_conv_check_slot_id(const char *s, const char *field, bool required, char *err,
+int ksm_wire_check_slot_id(const char *s, const char *field, bool required, char *err,
                            size_t errlen)
 {
     return check_id(s, field, required, KSM_SLOT_ID_MAX - 1, err, errlen);
 }
 
-int ksm_conv_check_number(double v, const char *field, bool allow_inf, char *err, size_t errlen)
+int ksm_wire_check_number(double v, const char *field, bool allow_inf, char *err, size_t errlen)
 {
     if (isnan(v)) return ksm_errf(err, errlen, KSM_EINVAL, "%s must not be NaN.", field);
     if (!allow_inf && isinf(v))

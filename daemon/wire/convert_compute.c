@@ -26,32 +26,32 @@ static int input_tensor(const Kasmina__V1__Tensor *pb, const char *field, struct
 {
     ksm_tensor *t = ANEW(a, ksm_tensor);
     if (t == NULL) return KSM_ENOMEM;
-    KSM_TRY(ksm_conv_tensor_from_pb(pb, field, a, t, err, errlen));
+    KSM_TRY(ksm_wire_tensor_from_pb(pb, field, a, t, err, errlen));
     *out = t;
     return 0;
 }
 
-int ksm_conv_forward_from_pb(const Kasmina__V1__ForwardRequest *pb, struct ksm_pb_arena *a,
+int ksm_wire_forward_from_pb(const Kasmina__V1__ForwardRequest *pb, struct ksm_pb_arena *a,
                              struct ksm_forward_args *out, int *output_dtype, char *err,
                              size_t errlen)
 {
     memset(out, 0, sizeof *out);
-    KSM_TRY(ksm_conv_check_model_id(pb->model_id, "model_id", true, err, errlen));
+    KSM_TRY(ksm_wire_check_model_id(pb->model_id, "model_id", true, err, errlen));
     KSM_TRY(input_tensor(pb->input, "input", a, &out->input, err, errlen));
-    KSM_TRY(ksm_conv_check_string(pb->stream, "stream", false, KSM_ID_MAX, err, errlen));
+    KSM_TRY(ksm_wire_check_string(pb->stream, "stream", false, KSM_ID_MAX, err, errlen));
     KSM_TRY(output_dtype_check((int)pb->output_dtype, output_dtype, err, errlen));
     out->stream = str_or_empty(pb->stream);
     return 0;
 }
 
-int ksm_conv_fused_forward_from_pb(const Kasmina__V1__FusedForwardRequest *pb,
+int ksm_wire_fused_forward_from_pb(const Kasmina__V1__FusedForwardRequest *pb,
                                    struct ksm_pb_arena *a, struct ksm_forward_args *out,
                                    int *output_dtype, char *err, size_t errlen)
 {
     memset(out, 0, sizeof *out);
-    KSM_TRY(ksm_conv_check_model_id(pb->model_id, "model_id", true, err, errlen));
+    KSM_TRY(ksm_wire_check_model_id(pb->model_id, "model_id", true, err, errlen));
     KSM_TRY(input_tensor(pb->input, "input", a, &out->input, err, errlen));
-    KSM_TRY(ksm_conv_check_string(pb->stream, "stream", false, KSM_ID_MAX, err, errlen));
+    KSM_TRY(ksm_wire_check_string(pb->stream, "stream", false, KSM_ID_MAX, err, errlen));
     KSM_TRY(output_dtype_check((int)pb->output_dtype, output_dtype, err, errlen));
     out->stream = str_or_empty(pb->stream);
     out->fused = true;
@@ -69,7 +69,7 @@ int ksm_conv_fused_forward_from_pb(const Kasmina__V1__FusedForwardRequest *pb,
         const Kasmina__V1__AlphaOverride *o = pb->overrides[i];
         char f[96];
         snprintf(f, sizeof f, "overrides[%zu].slot_id", i);
-        KSM_TRY(ksm_conv_check_slot_id(o->slot_id, f, true, err, errlen));
+        KSM_TRY(ksm_wire_check_slot_id(o->slot_id, f, true, err, errlen));
         for (size_t j = 0; j < i; j++)
             if (strcmp(o->slot_id, pb->overrides[j]->slot_id) == 0)
                 return ksm_errf(err, errlen, KSM_EINVAL, "overrides[%zu] repeats slot '%s'.", i,
@@ -97,12 +97,12 @@ static int input_to_pb(const ksm_tensor *t, struct ksm_pb_arena *a, Kasmina__V1_
     if (t == NULL) return 0;
     Kasmina__V1__Tensor *pb = ANEW(a, Kasmina__V1__Tensor);
     if (pb == NULL) return KSM_ENOMEM;
-    KSM_TRY(ksm_conv_tensor_to_pb(t, a, pb));
+    KSM_TRY(ksm_wire_tensor_to_pb(t, a, pb));
     *out = pb;
     return 0;
 }
 
-int ksm_conv_forward_to_pb(const char *model_id, const struct ksm_forward_args *args,
+int ksm_wire_forward_to_pb(const char *model_id, const struct ksm_forward_args *args,
                            int output_dtype, struct ksm_pb_arena *a,
                            Kasmina__V1__ForwardRequest *pb)
 {
@@ -114,7 +114,7 @@ int ksm_conv_forward_to_pb(const char *model_id, const struct ksm_forward_args *
     return 0;
 }
 
-int ksm_conv_fused_forward_to_pb(const char *model_id, const struct ksm_forward_args *args,
+int ksm_wire_fused_forward_to_pb(const char *model_id, const struct ksm_forward_args *args,
                                  int output_dtype, struct ksm_pb_arena *a,
                                  Kasmina__V1__FusedForwardRequest *pb)
 {
@@ -139,14 +139,14 @@ int ksm_conv_fused_forward_to_pb(const char *model_id, const struct ksm_forward_
     return 0;
 }
 
-int ksm_conv_forward_result_to_pb(const struct ksm_forward_result *r, int output_dtype,
+int ksm_wire_forward_result_to_pb(const struct ksm_forward_result *r, int output_dtype,
                                   struct ksm_pb_arena *a, Kasmina__V1__ForwardResponse *pb,
                                   char *err, size_t errlen)
 {
     kasmina__v1__forward_response__init(pb);
     pb->output = ANEW(a, Kasmina__V1__Tensor);
     if (pb->output == NULL) return KSM_ENOMEM;
-    KSM_TRY(ksm_conv_tensor_to_pb_as(&r->output, output_dtype, "output_dtype", a, pb->output, err,
+    KSM_TRY(ksm_wire_tensor_to_pb_as(&r->output, output_dtype, "output_dtype", a, pb->output, err,
                                      errlen));
     pb->model_generation = r->model_generation;
     pb->compute_ns = r->compute_ns;
@@ -158,34 +158,34 @@ static int forward_result_from_pb(const Kasmina__V1__ForwardResponse *pb, bool t
 {
     memset(r, 0, sizeof *r);
     if (take)
-        KSM_TRY(ksm_conv_tensor_from_pb_take(pb->output, "output", &r->output, err, errlen));
+        KSM_TRY(ksm_wire_tensor_from_pb_take(pb->output, "output", &r->output, err, errlen));
     else
-        KSM_TRY(ksm_conv_tensor_from_pb_copy(pb->output, "output", &r->output, err, errlen));
+        KSM_TRY(ksm_wire_tensor_from_pb_copy(pb->output, "output", &r->output, err, errlen));
     r->model_generation = pb->model_generation;
     r->compute_ns = pb->compute_ns;
     return 0;
 }
 
-int ksm_conv_forward_result_from_pb(const Kasmina__V1__ForwardResponse *pb,
+int ksm_wire_forward_result_from_pb(const Kasmina__V1__ForwardResponse *pb,
                                     struct ksm_forward_result *r, char *err, size_t errlen)
 {
     return forward_result_from_pb(pb, false, r, err, errlen);
 }
 
-int ksm_conv_forward_result_take_pb(Kasmina__V1__ForwardResponse *pb, struct ksm_forward_result *r,
+int ksm_wire_forward_result_take_pb(Kasmina__V1__ForwardResponse *pb, struct ksm_forward_result *r,
                                     char *err, size_t errlen)
 {
     return forward_result_from_pb(pb, true, r, err, errlen);
 }
 
-int ksm_conv_alpha_config_from_pb(const Kasmina__V1__AlphaConfig *pb, size_t index,
+int ksm_wire_alpha_config_from_pb(const Kasmina__V1__AlphaConfig *pb, size_t index,
                                   struct ksm_pb_arena *a, struct ksm_alpha_config *out, char *err,
                                   size_t errlen)
 {
     memset(out, 0, sizeof *out);
     char f[96];
     snprintf(f, sizeof f, "configs[%zu].name", index);
-    KSM_TRY(ksm_conv_check_string(pb->name, f, true, 63, err, errlen));
+    KSM_TRY(ksm_wire_check_string(pb->name, f, true, 63, err, errlen));
     if (pb->n_alpha > KSM_MAX_SLOTS)
         return ksm_errf(err, errlen, KSM_EINVAL,
                         "configs[%zu].alpha has %zu entries; at most %d are allowed.", index,
@@ -196,7 +196,7 @@ int ksm_conv_alpha_config_from_pb(const Kasmina__V1__AlphaConfig *pb, size_t ind
     for (size_t i = 0; i < pb->n_alpha; i++) {
         const Kasmina__V1__AlphaConfig__AlphaEntry *e = pb->alpha[i];
         snprintf(f, sizeof f, "configs[%zu].alpha key", index);
-        KSM_TRY(ksm_conv_check_slot_id(e->key, f, true, err, errlen));
+        KSM_TRY(ksm_wire_check_slot_id(e->key, f, true, err, errlen));
         if (isnan(e->value))
             return ksm_errf(err, errlen, KSM_EINVAL, "configs[%zu].alpha['%s'] must not be NaN.",
                             index, e->key);
@@ -214,7 +214,7 @@ int ksm_conv_alpha_config_from_pb(const Kasmina__V1__AlphaConfig *pb, size_t ind
     return 0;
 }
 
-int ksm_conv_alpha_config_to_pb(const struct ksm_alpha_config *c, struct ksm_pb_arena *a,
+int ksm_wire_alpha_config_to_pb(const struct ksm_alpha_config *c, struct ksm_pb_arena *a,
                                 Kasmina__V1__AlphaConfig *pb)
 {
     kasmina__v1__alpha_config__init(pb);
@@ -235,16 +235,16 @@ int ksm_conv_alpha_config_to_pb(const struct ksm_alpha_config *c, struct ksm_pb_
     return 0;
 }
 
-int ksm_conv_evaluate_from_pb(const Kasmina__V1__EvaluateRequest *pb, struct ksm_pb_arena *a,
+int ksm_wire_evaluate_from_pb(const Kasmina__V1__EvaluateRequest *pb, struct ksm_pb_arena *a,
                               struct ksm_evaluate_args *out, char *err, size_t errlen)
 {
     memset(out, 0, sizeof *out);
-    KSM_TRY(ksm_conv_check_model_id(pb->model_id, "model_id", true, err, errlen));
+    KSM_TRY(ksm_wire_check_model_id(pb->model_id, "model_id", true, err, errlen));
     KSM_TRY(input_tensor(pb->input, "input", a, &out->input, err, errlen));
     KSM_TRY(input_tensor(pb->targets, "targets", a, &out->targets, err, errlen));
     if (out->targets->dtype != KSM_DTYPE_I64 && out->targets->dtype != KSM_DTYPE_I32)
         return ksm_errf(err, errlen, KSM_EINVAL, "targets.dtype must be DTYPE_I64 or DTYPE_I32.");
-    KSM_TRY(ksm_conv_check_string(pb->stream, "stream", false, KSM_ID_MAX, err, errlen));
+    KSM_TRY(ksm_wire_check_string(pb->stream, "stream", false, KSM_ID_MAX, err, errlen));
     out->stream = str_or_empty(pb->stream);
     if (pb->n_configs == 0 && !pb->generate_standard)
         return ksm_errf(err, errlen, KSM_EINVAL,
@@ -255,7 +255,7 @@ int ksm_conv_evaluate_from_pb(const Kasmina__V1__EvaluateRequest *pb, struct ksm
     struct ksm_alpha_config *c = ANEWN(a, struct ksm_alpha_config, pb->n_configs);
     if (c == NULL) return KSM_ENOMEM;
     for (size_t i = 0; i < pb->n_configs; i++) {
-        KSM_TRY(ksm_conv_alpha_config_from_pb(pb->configs[i], i, a, &c[i], err, errlen));
+        KSM_TRY(ksm_wire_alpha_config_from_pb(pb->configs[i], i, a, &c[i], err, errlen));
         for (size_t j = 0; j < i; j++)
             if (strcmp(c[i].name, c[j].name) == 0)
                 return ksm_errf(err, errlen, KSM_EINVAL, "configs[%zu].name repeats '%s'.", i,
@@ -268,7 +268,7 @@ int ksm_conv_evaluate_from_pb(const Kasmina__V1__EvaluateRequest *pb, struct ksm
     return 0;
 }
 
-int ksm_conv_evaluate_to_pb(const char *model_id, const struct ksm_evaluate_args *args,
+int ksm_wire_evaluate_to_pb(const char *model_id, const struct ksm_evaluate_args *args,
                             struct ksm_pb_arena *a, Kasmina__V1__EvaluateRequest *pb)
 {
     kasmina__v1__evaluate_request__init(pb);
@@ -280,7 +280,7 @@ int ksm_conv_evaluate_to_pb(const char *model_id, const struct ksm_evaluate_args
         Kasmina__V1__AlphaConfig *c = ANEWN(a, Kasmina__V1__AlphaConfig, args->n_configs);
         if (pb->configs == NULL || c == NULL) return KSM_ENOMEM;
         for (size_t i = 0; i < args->n_configs; i++) {
-            KSM_TRY(ksm_conv_alpha_config_to_pb(&args->configs[i], a, &c[i]));
+            KSM_TRY(ksm_wire_alpha_config_to_pb(&args->configs[i], a, &c[i]));
             pb->configs[i] = &c[i];
         }
         pb->n_configs = args->n_configs;
@@ -291,7 +291,7 @@ int ksm_conv_evaluate_to_pb(const char *model_id, const struct ksm_evaluate_args
     return 0;
 }
 
-int ksm_conv_config_result_to_pb(const struct ksm_config_result *c, struct ksm_pb_arena *a,
+int ksm_wire_config_result_to_pb(const struct ksm_config_result *c, struct ksm_pb_arena *a,
                                  Kasmina__V1__ConfigResult *pb)
 {
     kasmina__v1__config_result__init(pb);
@@ -314,19 +314,19 @@ static int config_result_from_pb(const Kasmina__V1__ConfigResult *pb, bool take,
     c->correct = pb->correct;
     c->total = pb->total;
     if (pb->logits != NULL && take)
-        KSM_TRY(ksm_conv_tensor_from_pb_take(pb->logits, "logits", &c->logits, err, errlen));
+        KSM_TRY(ksm_wire_tensor_from_pb_take(pb->logits, "logits", &c->logits, err, errlen));
     else if (pb->logits != NULL)
-        KSM_TRY(ksm_conv_tensor_from_pb_copy(pb->logits, "logits", &c->logits, err, errlen));
+        KSM_TRY(ksm_wire_tensor_from_pb_copy(pb->logits, "logits", &c->logits, err, errlen));
     return 0;
 }
 
-int ksm_conv_config_result_from_pb(const Kasmina__V1__ConfigResult *pb, struct ksm_config_result *c,
+int ksm_wire_config_result_from_pb(const Kasmina__V1__ConfigResult *pb, struct ksm_config_result *c,
                                    char *err, size_t errlen)
 {
     return config_result_from_pb(pb, false, c, err, errlen);
 }
 
-int ksm_conv_evaluate_result_to_pb(const struct ksm_evaluate_result *r, struct ksm_pb_arena *a,
+int ksm_wire_evaluate_result_to_pb(const struct ksm_evaluate_result *r, struct ksm_pb_arena *a,
                                    Kasmina__V1__EvaluateResponse *pb)
 {
     kasmina__v1__evaluate_response__init(pb);
@@ -335,7 +335,7 @@ int ksm_conv_evaluate_result_to_pb(const struct ksm_evaluate_result *r, struct k
         Kasmina__V1__ConfigResult *c = ANEWN(a, Kasmina__V1__ConfigResult, r->n);
         if (pb->results == NULL || c == NULL) return KSM_ENOMEM;
         for (size_t i = 0; i < r->n; i++) {
-            KSM_TRY(ksm_conv_config_result_to_pb(&r->results[i], a, &c[i]));
+            KSM_TRY(ksm_wire_config_result_to_pb(&r->results[i], a, &c[i]));
             pb->results[i] = &c[i];
         }
         pb->n_results = r->n;
@@ -362,13 +362,13 @@ static int evaluate_result_from_pb(const Kasmina__V1__EvaluateResponse *pb, bool
     return 0;
 }
 
-int ksm_conv_evaluate_result_from_pb(const Kasmina__V1__EvaluateResponse *pb,
+int ksm_wire_evaluate_result_from_pb(const Kasmina__V1__EvaluateResponse *pb,
                                      struct ksm_evaluate_result *r, char *err, size_t errlen)
 {
     return evaluate_result_from_pb(pb, false, r, err, errlen);
 }
 
-int ksm_conv_evaluate_result_take_pb(Kasmina__V1__EvaluateResponse *pb,
+int ksm_wire_evaluate_result_take_pb(Kasmina__V1__EvaluateResponse *pb,
                                      struct ksm_evaluate_result *r, char *err, size_t errlen)
 {
     return evaluate_result_from_pb(pb, true, r, err, errlen);

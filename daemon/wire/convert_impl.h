@@ -12,7 +12,7 @@
 #include "wire/convert.h"
 
 /* model_id (required) and slot_id (required when slot_required) of a lifecycle call. */
-int ksm_conv_check_target(const char *model_id, const char *slot_id, bool slot_required, char *err,
+int ksm_wire_check_target(const char *model_id, const char *slot_id, bool slot_required, char *err,
                           size_t errlen);
 
 /* Strings the engine stores in fixed buffers; pb strings are never NULL after unpack, but

@@ -10,18 +10,18 @@
 
 /* ---- Lifecycle ---- */
 
-int ksm_conv_check_target(const char *model_id, const char *slot_id, bool slot_required, char *err,
+int ksm_wire_check_target(const char *model_id, const char *slot_id, bool slot_required, char *err,
                           size_t errlen)
 {
-    KSM_TRY(ksm_conv_check_model_id(model_id, "model_id", true, err, errlen));
-    return ksm_conv_check_slot_id(slot_id, "slot_id", slot_required, err, errlen);
+    KSM_TRY(ksm_wire_check_model_id(model_id, "model_id", true, err, errlen));
+    return ksm_wire_check_slot_id(slot_id, "slot_id", slot_required, err, errlen);
 }
 
 static int reason_initiator(const char *reason, const char *initiator,
                             struct ksm_lifecycle_args *out, char *err, size_t errlen)
 {
-    KSM_TRY(ksm_conv_check_string(reason, "reason", false, KSM_REASON_MAX - 1, err, errlen));
-    KSM_TRY(ksm_conv_check_string(initiator, "initiator", false, KSM_NAME_MAX - 1, err, errlen));
+    KSM_TRY(ksm_wire_check_string(reason, "reason", false, KSM_REASON_MAX - 1, err, errlen));
+    KSM_TRY(ksm_wire_check_string(initiator, "initiator", false, KSM_NAME_MAX - 1, err, errlen));
     out->reason = str_or_empty(reason);
     out->initiator = str_or_empty(initiator);
     return 0;
@@ -30,7 +30,7 @@ static int reason_initiator(const char *reason, const char *initiator,
 static int steepness(bool set, float v, struct ksm_lifecycle_args *out, char *err, size_t errlen)
 {
     if (!set) return 0;
-    KSM_TRY(ksm_conv_check_number(v, "steepness", false, err, errlen));
+    KSM_TRY(ksm_wire_check_number(v, "steepness", false, err, errlen));
     if (!(v > 0.0f))
         return ksm_errf(err, errlen, KSM_EINVAL, "steepness must be > 0, got %g.", (double)v);
     out->has_steepness = true;
@@ -38,22 +38,22 @@ static int steepness(bool set, float v, struct ksm_lifecycle_args *out, char *er
     return 0;
 }
 
-int ksm_conv_germinate_from_pb(const Kasmina__V1__GerminateRequest *pb,
+int ksm_wire_germinate_from_pb(const Kasmina__V1__GerminateRequest *pb,
                                struct ksm_germinate_args *out, char *err, size_t errlen)
 {
     memset(out, 0, sizeof *out);
-    KSM_TRY(ksm_conv_check_target(pb->model_id, pb->slot_id, true, err, errlen));
-    KSM_TRY(ksm_conv_check_string(pb->blueprint_id, "blueprint_id", true, KSM_NAME_MAX - 1, err,
+    KSM_TRY(ksm_wire_check_target(pb->model_id, pb->slot_id, true, err, errlen));
+    KSM_TRY(ksm_wire_check_string(pb->blueprint_id, "blueprint_id", true, KSM_NAME_MAX - 1, err,
                                   errlen));
-    KSM_TRY(ksm_conv_check_string(pb->seed_id, "seed_id", false, KSM_SEED_ID_MAX - 1, err, errlen));
-    KSM_TRY(ksm_conv_check_string(pb->blend_algorithm_id, "blend_algorithm_id", false, 15, err,
+    KSM_TRY(ksm_wire_check_string(pb->seed_id, "seed_id", false, KSM_SEED_ID_MAX - 1, err, errlen));
+    KSM_TRY(ksm_wire_check_string(pb->blend_algorithm_id, "blend_algorithm_id", false, 15, err,
                                   errlen));
-    KSM_TRY(ksm_conv_algorithm_from_pb((int)pb->alpha_algorithm, "alpha_algorithm",
+    KSM_TRY(ksm_wire_algorithm_from_pb((int)pb->alpha_algorithm, "alpha_algorithm",
                                        &out->alpha_algorithm, err, errlen));
     if (pb->opt_alpha_target_case ==
         KASMINA__V1__GERMINATE_REQUEST__OPT_ALPHA_TARGET_ALPHA_TARGET) {
         double t = pb->alpha_target;
-        KSM_TRY(ksm_conv_check_number(t, "alpha_target", false, err, errlen));
+        KSM_TRY(ksm_wire_check_number(t, "alpha_target", false, err, errlen));
         if (!(t > 0.0 && t <= 1.0))
             return ksm_errf(err, errlen, KSM_EINVAL, "alpha_target must be in (0, 1], got %g.", t);
         out->has_alpha_target = true;
@@ -67,7 +67,7 @@ int ksm_conv_germinate_from_pb(const Kasmina__V1__GerminateRequest *pb,
     return 0;
 }
 
-int ksm_conv_germinate_to_pb(const char *model_id, const char *slot_id,
+int ksm_wire_germinate_to_pb(const char *model_id, const char *slot_id,
                              const struct ksm_germinate_args *args, struct ksm_pb_arena *a,
                              Kasmina__V1__GerminateRequest *pb)
 {
@@ -88,18 +88,18 @@ int ksm_conv_germinate_to_pb(const char *model_id, const char *slot_id,
     return 0;
 }
 
-int ksm_conv_advance_from_pb(const Kasmina__V1__AdvanceStageRequest *pb,
+int ksm_wire_advance_from_pb(const Kasmina__V1__AdvanceStageRequest *pb,
                              struct ksm_lifecycle_args *out, char *err, size_t errlen)
 {
     memset(out, 0, sizeof *out);
-    KSM_TRY(ksm_conv_check_target(pb->model_id, pb->slot_id, true, err, errlen));
-    KSM_TRY(ksm_conv_stage_from_pb((int)pb->target, "target", &out->target, err, errlen));
+    KSM_TRY(ksm_wire_check_target(pb->model_id, pb->slot_id, true, err, errlen));
+    KSM_TRY(ksm_wire_stage_from_pb((int)pb->target, "target", &out->target, err, errlen));
     out->model_id = pb->model_id;
     out->slot_id = pb->slot_id;
     return 0;
 }
 
-void ksm_conv_advance_to_pb(const struct ksm_lifecycle_args *l,
+void ksm_wire_advance_to_pb(const struct ksm_lifecycle_args *l,
                             Kasmina__V1__AdvanceStageRequest *pb)
 {
     kasmina__v1__advance_stage_request__init(pb);
@@ -108,18 +108,18 @@ void ksm_conv_advance_to_pb(const struct ksm_lifecycle_args *l,
     pb->target = (Kasmina__V1__Stage)l->target;
 }
 
-int ksm_conv_prune_from_pb(const Kasmina__V1__PruneRequest *pb, struct ksm_lifecycle_args *out,
+int ksm_wire_prune_from_pb(const Kasmina__V1__PruneRequest *pb, struct ksm_lifecycle_args *out,
                            char *err, size_t errlen)
 {
     memset(out, 0, sizeof *out);
-    KSM_TRY(ksm_conv_check_target(pb->model_id, pb->slot_id, true, err, errlen));
+    KSM_TRY(ksm_wire_check_target(pb->model_id, pb->slot_id, true, err, errlen));
     KSM_TRY(reason_initiator(pb->reason, pb->initiator, out, err, errlen));
     out->model_id = pb->model_id;
     out->slot_id = pb->slot_id;
     return 0;
 }
 
-void ksm_conv_prune_to_pb(const struct ksm_lifecycle_args *l, Kasmina__V1__PruneRequest *pb)
+void ksm_wire_prune_to_pb(const struct ksm_lifecycle_args *l, Kasmina__V1__PruneRequest *pb)
 {
     kasmina__v1__prune_request__init(pb);
     pb->model_id = pbstr(l->model_id);
@@ -128,12 +128,12 @@ void ksm_conv_prune_to_pb(const struct ksm_lifecycle_args *l, Kasmina__V1__Prune
     pb->initiator = pbstr(l->initiator);
 }
 
-int ksm_conv_schedule_prune_from_pb(const Kasmina__V1__SchedulePruneRequest *pb,
+int ksm_wire_schedule_prune_from_pb(const Kasmina__V1__SchedulePruneRequest *pb,
                                     struct ksm_lifecycle_args *out, char *err, size_t errlen)
 {
     memset(out, 0, sizeof *out);
-    KSM_TRY(ksm_conv_check_target(pb->model_id, pb->slot_id, true, err, errlen));
-    KSM_TRY(ksm_conv_curve_from_pb((int)pb->curve, "curve", &out->curve, err, errlen));
+    KSM_TRY(ksm_wire_check_target(pb->model_id, pb->slot_id, true, err, errlen));
+    KSM_TRY(ksm_wire_curve_from_pb((int)pb->curve, "curve", &out->curve, err, errlen));
     KSM_TRY(steepness(pb->opt_steepness_case ==
                           KASMINA__V1__SCHEDULE_PRUNE_REQUEST__OPT_STEEPNESS_STEEPNESS,
                       pb->steepness, out, err, errlen));
@@ -144,7 +144,7 @@ int ksm_conv_schedule_prune_from_pb(const Kasmina__V1__SchedulePruneRequest *pb,
     return 0;
 }
 
-void ksm_conv_schedule_prune_to_pb(const struct ksm_lifecycle_args *l,
+void ksm_wire_schedule_prune_to_pb(const struct ksm_lifecycle_args *l,
                                    Kasmina__V1__SchedulePruneRequest *pb)
 {
     kasmina__v1__schedule_prune_request__init(pb);
@@ -160,20 +160,20 @@ void ksm_conv_schedule_prune_to_pb(const struct ksm_lifecycle_args *l,
     pb->initiator = pbstr(l->initiator);
 }
 
-int ksm_conv_set_alpha_target_from_pb(const Kasmina__V1__SetAlphaTargetRequest *pb,
+int ksm_wire_set_alpha_target_from_pb(const Kasmina__V1__SetAlphaTargetRequest *pb,
                                       struct ksm_lifecycle_args *out, char *err, size_t errlen)
 {
     memset(out, 0, sizeof *out);
-    KSM_TRY(ksm_conv_check_target(pb->model_id, pb->slot_id, true, err, errlen));
+    KSM_TRY(ksm_wire_check_target(pb->model_id, pb->slot_id, true, err, errlen));
     double t = pb->alpha_target;
-    KSM_TRY(ksm_conv_check_number(t, "alpha_target", false, err, errlen));
+    KSM_TRY(ksm_wire_check_number(t, "alpha_target", false, err, errlen));
     if (!(t > 0.0 && t <= 1.0))
         return ksm_errf(err, errlen, KSM_EINVAL, "alpha_target must be in (0, 1], got %g.", t);
-    KSM_TRY(ksm_conv_curve_from_pb((int)pb->curve, "curve", &out->curve, err, errlen));
+    KSM_TRY(ksm_wire_curve_from_pb((int)pb->curve, "curve", &out->curve, err, errlen));
     KSM_TRY(steepness(pb->opt_steepness_case ==
                           KASMINA__V1__SET_ALPHA_TARGET_REQUEST__OPT_STEEPNESS_STEEPNESS,
                       pb->steepness, out, err, errlen));
-    KSM_TRY(ksm_conv_algorithm_from_pb((int)pb->alpha_algorithm, "alpha_algorithm", &out->algorithm,
+    KSM_TRY(ksm_wire_algorithm_from_pb((int)pb->alpha_algorithm, "alpha_algorithm", &out->algorithm,
                                        err, errlen));
     out->model_id = pb->model_id;
     out->slot_id = pb->slot_id;
@@ -182,7 +182,7 @@ int ksm_conv_set_alpha_target_from_pb(const Kasmina__V1__SetAlphaTargetRequest *
     return 0;
 }
 
-void ksm_conv_set_alpha_target_to_pb(const struct ksm_lifecycle_args *l,
+void ksm_wire_set_alpha_target_to_pb(const struct ksm_lifecycle_args *l,
                                      Kasmina__V1__SetAlphaTargetRequest *pb)
 {
     kasmina__v1__set_alpha_target_request__init(pb);
@@ -198,19 +198,19 @@ void ksm_conv_set_alpha_target_to_pb(const struct ksm_lifecycle_args *l,
     pb->alpha_algorithm = (Kasmina__V1__AlphaAlgorithm)l->algorithm;
 }
 
-int ksm_conv_set_alpha_from_pb(const Kasmina__V1__SetAlphaRequest *pb,
+int ksm_wire_set_alpha_from_pb(const Kasmina__V1__SetAlphaRequest *pb,
                                struct ksm_lifecycle_args *out, char *err, size_t errlen)
 {
     memset(out, 0, sizeof *out);
-    KSM_TRY(ksm_conv_check_target(pb->model_id, pb->slot_id, true, err, errlen));
-    KSM_TRY(ksm_conv_check_number(pb->alpha, "alpha", true, err, errlen));
+    KSM_TRY(ksm_wire_check_target(pb->model_id, pb->slot_id, true, err, errlen));
+    KSM_TRY(ksm_wire_check_number(pb->alpha, "alpha", true, err, errlen));
     out->model_id = pb->model_id;
     out->slot_id = pb->slot_id;
     out->alpha = pb->alpha;
     return 0;
 }
 
-void ksm_conv_set_alpha_to_pb(const struct ksm_lifecycle_args *l, Kasmina__V1__SetAlphaRequest *pb)
+void ksm_wire_set_alpha_to_pb(const struct ksm_lifecycle_args *l, Kasmina__V1__SetAlphaRequest *pb)
 {
     kasmina__v1__set_alpha_request__init(pb);
     pb->model_id = pbstr(l->model_id);

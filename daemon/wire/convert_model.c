@@ -10,7 +10,7 @@
 
 /* ---- Models ---- */
 
-void ksm_conv_cnn_spec_from_pb(const Kasmina__V1__CnnHostSpec *pb, struct ksm_cnn_spec *out,
+void ksm_wire_cnn_spec_from_pb(const Kasmina__V1__CnnHostSpec *pb, struct ksm_cnn_spec *out,
                                bool *pool_layers_set)
 {
     memset(out, 0, sizeof *out);
@@ -28,7 +28,7 @@ void ksm_conv_cnn_spec_from_pb(const Kasmina__V1__CnnHostSpec *pb, struct ksm_cn
     }
 }
 
-void ksm_conv_transformer_spec_from_pb(const Kasmina__V1__TransformerHostSpec *pb,
+void ksm_wire_transformer_spec_from_pb(const Kasmina__V1__TransformerHostSpec *pb,
                                        struct ksm_transformer_spec *out)
 {
     memset(out, 0, sizeof *out);
@@ -41,22 +41,22 @@ void ksm_conv_transformer_spec_from_pb(const Kasmina__V1__TransformerHostSpec *p
     out->num_segments = pb->num_segments;
 }
 
-int ksm_conv_model_spec_from_pb(const Kasmina__V1__CreateModelRequest *pb,
+int ksm_wire_model_spec_from_pb(const Kasmina__V1__CreateModelRequest *pb,
                                 struct ksm_model_spec *spec, char *err, size_t errlen)
 {
     memset(spec, 0, sizeof *spec);
-    KSM_TRY(ksm_conv_check_model_id(pb->model_id, "model_id", false, err, errlen));
+    KSM_TRY(ksm_wire_check_model_id(pb->model_id, "model_id", false, err, errlen));
     switch (pb->host_case) {
     case KASMINA__V1__CREATE_MODEL_REQUEST__HOST__NOT_SET:
     case KASMINA__V1__CREATE_MODEL_REQUEST__HOST_CNN:
         spec->topology = KSM_TOPOLOGY_CNN;
-        ksm_conv_cnn_spec_from_pb(
+        ksm_wire_cnn_spec_from_pb(
             pb->host_case == KASMINA__V1__CREATE_MODEL_REQUEST__HOST_CNN ? pb->cnn : NULL,
             &spec->cnn, &spec->pool_layers_set);
         break;
     case KASMINA__V1__CREATE_MODEL_REQUEST__HOST_TRANSFORMER:
         spec->topology = KSM_TOPOLOGY_TRANSFORMER;
-        ksm_conv_transformer_spec_from_pb(pb->transformer, &spec->transformer);
+        ksm_wire_transformer_spec_from_pb(pb->transformer, &spec->transformer);
         spec->cnn.pool_layers = -1;
         break;
     default:
@@ -69,7 +69,7 @@ int ksm_conv_model_spec_from_pb(const Kasmina__V1__CreateModelRequest *pb,
     for (size_t i = 0; i < pb->n_slots; i++) {
         char f[96];
         snprintf(f, sizeof f, "slots[%zu]", i);
-        KSM_TRY(ksm_conv_check_slot_id(pb->slots[i], f, true, err, errlen));
+        KSM_TRY(ksm_wire_check_slot_id(pb->slots[i], f, true, err, errlen));
         for (size_t j = 0; j < i; j++)
             if (strcmp(pb->slots[i], pb->slots[j]) == 0)
                 return ksm_errf(err, errlen, KSM_EINVAL, "slots[%zu] repeats slot '%s'.", i,
@@ -77,12 +77,12 @@ int ksm_conv_model_spec_from_pb(const Kasmina__V1__CreateModelRequest *pb,
     }
     spec->slots = (const char *const *)pb->slots;
     spec->n_slots = (int)pb->n_slots;
-    KSM_TRY(ksm_conv_check_string(pb->device, "device", false, 31, err, errlen));
+    KSM_TRY(ksm_wire_check_string(pb->device, "device", false, 31, err, errlen));
     spec->device = str_or_empty(pb->device);
     if (pb->dtype == KASMINA__V1__DTYPE__DTYPE_UNSPECIFIED)
         spec->dtype = KSM_DTYPE_F32;
     else
-        KSM_TRY(ksm_conv_dtype_from_pb((int)pb->dtype, "dtype", &spec->dtype, err, errlen));
+        KSM_TRY(ksm_wire_dtype_from_pb((int)pb->dtype, "dtype", &spec->dtype, err, errlen));
     if (spec->dtype == KSM_DTYPE_I64 || spec->dtype == KSM_DTYPE_I32)
         return ksm_errf(err, errlen, KSM_EINVAL, "dtype must be a floating-point compute dtype.");
     spec->init_seed = pb->init_seed;
@@ -91,7 +91,7 @@ int ksm_conv_model_spec_from_pb(const Kasmina__V1__CreateModelRequest *pb,
         char f[96];
         snprintf(f, sizeof f, "auto_forward_gates[%zu]", i);
         enum ksm_gate_level g = KSM_GATE_G0;
-        KSM_TRY(ksm_conv_gate_level_from_pb((int)pb->auto_forward_gates[i], f, &g, err, errlen));
+        KSM_TRY(ksm_wire_gate_level_from_pb((int)pb->auto_forward_gates[i], f, &g, err, errlen));
         if (g != KSM_GATE_G1 && g != KSM_GATE_G2 && g != KSM_GATE_G3)
             return ksm_errf(err, errlen, KSM_EINVAL, "%s must be GATE_G1, GATE_G2 or GATE_G3.", f);
         spec->auto_forward_gates |= 1u << g;
@@ -134,7 +134,7 @@ static int transformer_to_pb(const struct ksm_transformer_spec *t, struct ksm_pb
     return 0;
 }
 
-int ksm_conv_model_spec_to_pb(const char *model_id, const struct ksm_model_spec *spec,
+int ksm_wire_model_spec_to_pb(const char *model_id, const struct ksm_model_spec *spec,
                               struct ksm_pb_arena *a, Kasmina__V1__CreateModelRequest *pb)
 {
     kasmina__v1__create_model_request__init(pb);
@@ -153,7 +153,7 @@ int ksm_conv_model_spec_to_pb(const char *model_id, const struct ksm_model_spec 
         pb->n_slots = (size_t)spec->n_slots;
     }
     pb->device = pbstr(spec->device);
-    pb->dtype = ksm_conv_dtype_to_pb(spec->dtype);
+    pb->dtype = ksm_wire_dtype_to_pb(spec->dtype);
     pb->init_seed = spec->init_seed;
     pb->permissive_gates = spec->permissive_gates;
     size_t n = 0;
@@ -166,7 +166,7 @@ int ksm_conv_model_spec_to_pb(const char *model_id, const struct ksm_model_spec 
     return 0;
 }
 
-int ksm_conv_model_to_pb(const struct ksm_model_info *info, struct ksm_pb_arena *a,
+int ksm_wire_model_to_pb(const struct ksm_model_info *info, struct ksm_pb_arena *a,
                          Kasmina__V1__Model *pb)
 {
     kasmina__v1__model__init(pb);
@@ -180,7 +180,7 @@ int ksm_conv_model_to_pb(const struct ksm_model_info *info, struct ksm_pb_arena 
         KSM_TRY(cnn_to_pb(&info->cnn, true, a, &pb->cnn));
     }
     pb->device = (char *)info->device;
-    pb->dtype = ksm_conv_dtype_to_pb(info->dtype);
+    pb->dtype = ksm_wire_dtype_to_pb(info->dtype);
     int n = info->n_slots < 0 ? 0 : info->n_slots > KSM_MAX_SLOTS ? KSM_MAX_SLOTS : info->n_slots;
     if (n > 0) {
         pb->slots = ANEWN(a, Kasmina__V1__SlotInfo *, (size_t)n);
@@ -211,7 +211,7 @@ static const char *surface_intern(const char *s)
     return "";
 }
 
-int ksm_conv_model_from_pb(const Kasmina__V1__Model *pb, struct ksm_model_info *info, char *err,
+int ksm_wire_model_from_pb(const Kasmina__V1__Model *pb, struct ksm_model_info *info, char *err,
                            size_t errlen)
 {
     memset(info, 0, sizeof *info);
@@ -221,14 +221,14 @@ int ksm_conv_model_from_pb(const Kasmina__V1__Model *pb, struct ksm_model_info *
                         (int)pb->topology);
     info->topology = (enum ksm_topology)pb->topology;
     bool pool_set;
-    ksm_conv_cnn_spec_from_pb(pb->host_case == KASMINA__V1__MODEL__HOST_CNN ? pb->cnn : NULL,
+    ksm_wire_cnn_spec_from_pb(pb->host_case == KASMINA__V1__MODEL__HOST_CNN ? pb->cnn : NULL,
                               &info->cnn, &pool_set);
-    ksm_conv_transformer_spec_from_pb(
+    ksm_wire_transformer_spec_from_pb(
         pb->host_case == KASMINA__V1__MODEL__HOST_TRANSFORMER ? pb->transformer : NULL,
         &info->transformer);
     copy_str(info->device, sizeof info->device, pb->device);
     if (pb->dtype != KASMINA__V1__DTYPE__DTYPE_UNSPECIFIED)
-        KSM_TRY(ksm_conv_dtype_from_pb((int)pb->dtype, "dtype", &info->dtype, err, errlen));
+        KSM_TRY(ksm_wire_dtype_from_pb((int)pb->dtype, "dtype", &info->dtype, err, errlen));
     if (pb->n_slots > KSM_MAX_SLOTS)
         return ksm_errf(err, errlen, KSM_EINVAL, "slots lists %zu slots; at most %d are allowed.",
                         pb->n_slots, KSM_MAX_SLOTS);

@@ -27,7 +27,7 @@ static int strv_to_pb(char (*src)[KSM_CHECK_MAX], int n, struct ksm_pb_arena *a,
     return 0;
 }
 
-int ksm_conv_gate_to_pb(const struct ksm_gate_result *g, struct ksm_pb_arena *a,
+int ksm_wire_gate_to_pb(const struct ksm_gate_result *g, struct ksm_pb_arena *a,
                         Kasmina__V1__GateResult *pb)
 {
     kasmina__v1__gate_result__init(pb);
@@ -43,12 +43,12 @@ int ksm_conv_gate_to_pb(const struct ksm_gate_result *g, struct ksm_pb_arena *a,
     return 0;
 }
 
-int ksm_conv_gate_from_pb(const Kasmina__V1__GateResult *pb, struct ksm_gate_result *g, char *err,
+int ksm_wire_gate_from_pb(const Kasmina__V1__GateResult *pb, struct ksm_gate_result *g, char *err,
                           size_t errlen)
 {
     memset(g, 0, sizeof *g);
     if (pb == NULL) return 0;
-    KSM_TRY(ksm_conv_gate_level_from_pb((int)pb->gate, "gate.gate", &g->gate, err, errlen));
+    KSM_TRY(ksm_wire_gate_level_from_pb((int)pb->gate, "gate.gate", &g->gate, err, errlen));
     g->passed = pb->passed;
     g->score = pb->score;
     size_t np =
@@ -97,7 +97,7 @@ static int gradients_to_pb(const struct ksm_seed_telemetry *t, const struct ksm_
     return 0;
 }
 
-int ksm_conv_slot_report_to_pb(const char *model_id, const struct ksm_slot_report *r,
+int ksm_wire_slot_report_to_pb(const char *model_id, const struct ksm_slot_report *r,
                                struct ksm_pb_arena *a, Kasmina__V1__SlotReport *pb)
 {
     kasmina__v1__slot_report__init(pb);
@@ -158,7 +158,7 @@ int ksm_conv_slot_report_to_pb(const char *model_id, const struct ksm_slot_repor
     return 0;
 }
 
-int ksm_conv_slot_report_from_pb(const Kasmina__V1__SlotReport *pb, struct ksm_slot_report *r,
+int ksm_wire_slot_report_from_pb(const Kasmina__V1__SlotReport *pb, struct ksm_slot_report *r,
                                  char *err, size_t errlen)
 {
     memset(r, 0, sizeof *r);
@@ -166,10 +166,10 @@ int ksm_conv_slot_report_from_pb(const Kasmina__V1__SlotReport *pb, struct ksm_s
     r->occupied = pb->occupied;
     copy_str(r->seed_id, sizeof r->seed_id, pb->seed_id);
     copy_str(r->blueprint_id, sizeof r->blueprint_id, pb->blueprint_id);
-    KSM_TRY(ksm_conv_stage_from_pb((int)pb->stage, "stage", &r->stage, err, errlen));
-    KSM_TRY(ksm_conv_stage_from_pb((int)pb->previous_stage, "previous_stage", &r->previous_stage,
+    KSM_TRY(ksm_wire_stage_from_pb((int)pb->stage, "stage", &r->stage, err, errlen));
+    KSM_TRY(ksm_wire_stage_from_pb((int)pb->previous_stage, "previous_stage", &r->previous_stage,
                                    err, errlen));
-    KSM_TRY(ksm_conv_algorithm_from_pb((int)pb->alpha_algorithm, "alpha_algorithm",
+    KSM_TRY(ksm_wire_algorithm_from_pb((int)pb->alpha_algorithm, "alpha_algorithm",
                                        &r->alpha_algorithm, err, errlen));
     if (pb->controller != NULL) {
         const Kasmina__V1__AlphaController *c = pb->controller;
@@ -180,7 +180,7 @@ int ksm_conv_slot_report_from_pb(const Kasmina__V1__SlotReport *pb, struct ksm_s
             return ksm_errf(err, errlen, KSM_EINVAL, "controller.mode has an unknown value %d.",
                             (int)c->mode);
         r->controller.mode = (enum ksm_alpha_mode)c->mode;
-        KSM_TRY(ksm_conv_curve_from_pb((int)c->curve, "controller.curve", &r->controller.curve, err,
+        KSM_TRY(ksm_wire_curve_from_pb((int)c->curve, "controller.curve", &r->controller.curve, err,
                                        errlen));
         r->controller.steepness = c->steepness;
         r->controller.steps_total = c->steps_total;
@@ -250,7 +250,7 @@ static const char *const event_names[KSM_EV_COUNT] = {
     [KSM_EV_SEED_PRUNED] = "SEED_PRUNED",
 };
 
-int ksm_conv_lifecycle_type_parse(const char *s, enum ksm_lifecycle_type *out)
+int ksm_wire_lifecycle_type_parse(const char *s, enum ksm_lifecycle_type *out)
 {
     for (int i = 0; i < KSM_EV_COUNT; i++)
         if (s != NULL && strcmp(s, event_names[i]) == 0) {
@@ -260,7 +260,7 @@ int ksm_conv_lifecycle_type_parse(const char *s, enum ksm_lifecycle_type *out)
     return KSM_EINVAL;
 }
 
-int ksm_conv_event_to_pb(uint64_t sequence, const struct ksm_lifecycle_event *ev,
+int ksm_wire_event_to_pb(uint64_t sequence, const struct ksm_lifecycle_event *ev,
                          struct ksm_pb_arena *a, Kasmina__V1__LifecycleEvent *pb)
 {
     kasmina__v1__lifecycle_event__init(pb);
@@ -277,7 +277,7 @@ int ksm_conv_event_to_pb(uint64_t sequence, const struct ksm_lifecycle_event *ev
     if (ev->type == KSM_EV_SEED_GATE_EVALUATED) {
         pb->gate = ANEW(a, Kasmina__V1__GateResult);
         if (pb->gate == NULL) return KSM_ENOMEM;
-        KSM_TRY(ksm_conv_gate_to_pb(&ev->gate, a, pb->gate));
+        KSM_TRY(ksm_wire_gate_to_pb(&ev->gate, a, pb->gate));
         if (ev->from_stage == KSM_STAGE_UNKNOWN && ev->target_stage != KSM_STAGE_UNKNOWN)
             pb->to_stage = (Kasmina__V1__Stage)ev->target_stage;
     }
@@ -311,12 +311,12 @@ int ksm_conv_event_to_pb(uint64_t sequence, const struct ksm_lifecycle_event *ev
     return 0;
 }
 
-int ksm_conv_event_from_pb(const Kasmina__V1__LifecycleEvent *pb, uint64_t *sequence,
+int ksm_wire_event_from_pb(const Kasmina__V1__LifecycleEvent *pb, uint64_t *sequence,
                            struct ksm_lifecycle_event *ev, char *err, size_t errlen)
 {
     memset(ev, 0, sizeof *ev);
     *sequence = pb->sequence;
-    if (ksm_conv_lifecycle_type_parse(pb->event_type, &ev->type) != 0)
+    if (ksm_wire_lifecycle_type_parse(pb->event_type, &ev->type) != 0)
         return ksm_errf(err, errlen, KSM_EINVAL, "event_type '%s' is not a known event type.",
                         str_or_empty(pb->event_type));
     copy_str(ev->model_id, sizeof ev->model_id, pb->model_id);
@@ -324,10 +324,10 @@ int ksm_conv_event_from_pb(const Kasmina__V1__LifecycleEvent *pb, uint64_t *sequ
     copy_str(ev->seed_id, sizeof ev->seed_id, pb->seed_id);
     ev->timestamp_ns = pb->timestamp_unix_ns;
     KSM_TRY(
-        ksm_conv_stage_from_pb((int)pb->from_stage, "from_stage", &ev->from_stage, err, errlen));
-    KSM_TRY(ksm_conv_stage_from_pb((int)pb->to_stage, "to_stage", &ev->to_stage, err, errlen));
+        ksm_wire_stage_from_pb((int)pb->from_stage, "from_stage", &ev->from_stage, err, errlen));
+    KSM_TRY(ksm_wire_stage_from_pb((int)pb->to_stage, "to_stage", &ev->to_stage, err, errlen));
     ev->alpha = pb->alpha;
-    if (pb->gate != NULL) KSM_TRY(ksm_conv_gate_from_pb(pb->gate, &ev->gate, err, errlen));
+    if (pb->gate != NULL) KSM_TRY(ksm_wire_gate_from_pb(pb->gate, &ev->gate, err, errlen));
     copy_str(ev->reason, sizeof ev->reason, pb->reason);
     copy_str(ev->initiator, sizeof ev->initiator, pb->initiator);
     int n = 0;
@@ -348,14 +348,14 @@ int ksm_conv_event_from_pb(const Kasmina__V1__LifecycleEvent *pb, uint64_t *sequ
     return 0;
 }
 
-int ksm_conv_metrics_from_pb(const Kasmina__V1__RecordMetricsRequest *pb,
+int ksm_wire_metrics_from_pb(const Kasmina__V1__RecordMetricsRequest *pb,
                              struct ksm_metrics_update *u, char *err, size_t errlen)
 {
     memset(u, 0, sizeof *u);
-    KSM_TRY(ksm_conv_check_target(pb->model_id, pb->slot_id, true, err, errlen));
+    KSM_TRY(ksm_wire_check_target(pb->model_id, pb->slot_id, true, err, errlen));
     if (pb->opt_val_accuracy_case ==
         KASMINA__V1__RECORD_METRICS_REQUEST__OPT_VAL_ACCURACY_VAL_ACCURACY) {
-        KSM_TRY(ksm_conv_check_number(pb->val_accuracy, "val_accuracy", false, err, errlen));
+        KSM_TRY(ksm_wire_check_number(pb->val_accuracy, "val_accuracy", false, err, errlen));
         if (pb->val_accuracy < 0.0 || pb->val_accuracy > 100.0)
             return ksm_errf(err, errlen, KSM_EINVAL,
                             "val_accuracy must be a percentage in [0, 100], got %g.",
@@ -365,7 +365,7 @@ int ksm_conv_metrics_from_pb(const Kasmina__V1__RecordMetricsRequest *pb,
     }
     if (pb->opt_counterfactual_contribution_case ==
         KASMINA__V1__RECORD_METRICS_REQUEST__OPT_COUNTERFACTUAL_CONTRIBUTION_COUNTERFACTUAL_CONTRIBUTION) {
-        KSM_TRY(ksm_conv_check_number(pb->counterfactual_contribution,
+        KSM_TRY(ksm_wire_check_number(pb->counterfactual_contribution,
                                       "counterfactual_contribution", false, err, errlen));
         u->has_counterfactual = true;
         u->counterfactual = pb->counterfactual_contribution;
@@ -374,7 +374,7 @@ int ksm_conv_metrics_from_pb(const Kasmina__V1__RecordMetricsRequest *pb,
     if (g != NULL) {
         if (g->opt_gradient_norm_case ==
             KASMINA__V1__GRADIENT_STATS__OPT_GRADIENT_NORM_GRADIENT_NORM) {
-            KSM_TRY(ksm_conv_check_number(g->gradient_norm, "gradients.gradient_norm", false, err,
+            KSM_TRY(ksm_wire_check_number(g->gradient_norm, "gradients.gradient_norm", false, err,
                                           errlen));
             if (g->gradient_norm < 0)
                 return ksm_errf(err, errlen, KSM_EINVAL,
@@ -384,7 +384,7 @@ int ksm_conv_metrics_from_pb(const Kasmina__V1__RecordMetricsRequest *pb,
         }
         if (g->opt_gradient_health_case ==
             KASMINA__V1__GRADIENT_STATS__OPT_GRADIENT_HEALTH_GRADIENT_HEALTH) {
-            KSM_TRY(ksm_conv_check_number(g->gradient_health, "gradients.gradient_health", false,
+            KSM_TRY(ksm_wire_check_number(g->gradient_health, "gradients.gradient_health", false,
                                           err, errlen));
             if (g->gradient_health < 0 || g->gradient_health > 1)
                 return ksm_errf(err, errlen, KSM_EINVAL,
@@ -405,7 +405,7 @@ int ksm_conv_metrics_from_pb(const Kasmina__V1__RecordMetricsRequest *pb,
         }
         if (g->opt_seed_gradient_norm_ratio_case ==
             KASMINA__V1__GRADIENT_STATS__OPT_SEED_GRADIENT_NORM_RATIO_SEED_GRADIENT_NORM_RATIO) {
-            KSM_TRY(ksm_conv_check_number(g->seed_gradient_norm_ratio,
+            KSM_TRY(ksm_wire_check_number(g->seed_gradient_norm_ratio,
                                           "gradients.seed_gradient_norm_ratio", false, err,
                                           errlen));
             if (g->seed_gradient_norm_ratio < 0)
@@ -427,7 +427,7 @@ int ksm_conv_metrics_from_pb(const Kasmina__V1__RecordMetricsRequest *pb,
     return 0;
 }
 
-int ksm_conv_metrics_to_pb(const char *model_id, const char *slot_id,
+int ksm_wire_metrics_to_pb(const char *model_id, const char *slot_id,
                            const struct ksm_metrics_update *u, struct ksm_pb_arena *a,
                            Kasmina__V1__RecordMetricsRequest *pb)
 {

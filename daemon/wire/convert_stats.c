@@ -23,7 +23,7 @@ static int names_to_pb(char **names, size_t n, struct ksm_pb_arena *a, char ***o
     return 0;
 }
 
-int ksm_conv_load_result_to_pb(const struct ksm_load_result *r, struct ksm_pb_arena *a,
+int ksm_wire_load_result_to_pb(const struct ksm_load_result *r, struct ksm_pb_arena *a,
                                Kasmina__V1__LoadWeightsResponse *pb)
 {
     kasmina__v1__load_weights_response__init(pb);
@@ -49,7 +49,7 @@ static int names_from_pb(char **src, size_t n, char ***out, size_t *nout)
     return 0;
 }
 
-int ksm_conv_load_result_from_pb(const Kasmina__V1__LoadWeightsResponse *pb,
+int ksm_wire_load_result_from_pb(const Kasmina__V1__LoadWeightsResponse *pb,
                                  struct ksm_load_result *r)
 {
     memset(r, 0, sizeof *r);
@@ -95,7 +95,7 @@ static int pool_to_pb(const struct ksm_pool_stats *p, struct ksm_pb_arena *a,
     return 0;
 }
 
-int ksm_conv_mem_stats_to_pb(const char *device, const struct ksm_mem_stats *s,
+int ksm_wire_mem_stats_to_pb(const char *device, const struct ksm_mem_stats *s,
                              const char *const *model_ids, const uint64_t *model_bytes, size_t n,
                              struct ksm_pb_arena *a, Kasmina__V1__DeviceMemoryStats *pb)
 {
@@ -151,7 +151,7 @@ static void pool_from_pb(const Kasmina__V1__PoolStats *pb, struct ksm_pool_stats
     stat_from_pb(pb->inactive_split, &p->inactive_split);
 }
 
-void ksm_conv_mem_stats_from_pb(const Kasmina__V1__DeviceMemoryStats *pb, char *device,
+void ksm_wire_mem_stats_from_pb(const Kasmina__V1__DeviceMemoryStats *pb, char *device,
                                 size_t devlen, struct ksm_mem_stats *s)
 {
     memset(s, 0, sizeof *s);
@@ -170,7 +170,7 @@ void ksm_conv_mem_stats_from_pb(const Kasmina__V1__DeviceMemoryStats *pb, char *
     s->total_bytes = pb->total_bytes;
 }
 
-int ksm_conv_cache_counters_to_pb(const char *model_id, const struct ksm_cache_counters *c,
+int ksm_wire_cache_counters_to_pb(const char *model_id, const struct ksm_cache_counters *c,
                                   struct ksm_pb_arena *a, Kasmina__V1__CacheCounters *pb)
 {
     (void)a;
@@ -188,7 +188,7 @@ int ksm_conv_cache_counters_to_pb(const char *model_id, const struct ksm_cache_c
     return 0;
 }
 
-void ksm_conv_cache_counters_from_pb(const Kasmina__V1__CacheCounters *pb, char *model_id,
+void ksm_wire_cache_counters_from_pb(const Kasmina__V1__CacheCounters *pb, char *model_id,
                                      struct ksm_cache_counters *c)
 {
     memset(c, 0, sizeof *c);

@@ -31,7 +31,7 @@ static int tensor_header(const Kasmina__V1__Tensor *pb, const char *field, ksm_t
     char f[96];
     snprintf(f, sizeof f, "%s.dtype", field);
     memset(out, 0, sizeof *out);
-    KSM_TRY(ksm_conv_dtype_from_pb((int)pb->dtype, f, &out->dtype, err, errlen));
+    KSM_TRY(ksm_wire_dtype_from_pb((int)pb->dtype, f, &out->dtype, err, errlen));
     if (pb->n_shape > KSM_MAX_DIMS)
         return ksm_errf(err, errlen, KSM_EINVAL,
                         "%s.shape has %zu dimensions; at most %d are allowed.", field, pb->n_shape,
@@ -69,7 +69,7 @@ static int tensor_header(const Kasmina__V1__Tensor *pb, const char *field, ksm_t
 
 static _Alignas(16) unsigned char empty_tensor_data[16];
 
-int ksm_conv_tensor_from_pb(const Kasmina__V1__Tensor *pb, const char *field,
+int ksm_wire_tensor_from_pb(const Kasmina__V1__Tensor *pb, const char *field,
                             struct ksm_pb_arena *a, ksm_tensor *out, char *err, size_t errlen)
 {
     size_t nbytes;
@@ -90,7 +90,7 @@ int ksm_conv_tensor_from_pb(const Kasmina__V1__Tensor *pb, const char *field,
     return 0;
 }
 
-int ksm_conv_tensor_from_pb_copy(const Kasmina__V1__Tensor *pb, const char *field, ksm_tensor *out,
+int ksm_wire_tensor_from_pb_copy(const Kasmina__V1__Tensor *pb, const char *field, ksm_tensor *out,
                                  char *err, size_t errlen)
 {
     size_t nbytes;
@@ -101,13 +101,13 @@ int ksm_conv_tensor_from_pb_copy(const Kasmina__V1__Tensor *pb, const char *fiel
     return 0;
 }
 
-int ksm_conv_tensor_from_pb_take(Kasmina__V1__Tensor *pb, const char *field, ksm_tensor *out,
+int ksm_wire_tensor_from_pb_take(Kasmina__V1__Tensor *pb, const char *field, ksm_tensor *out,
                                  char *err, size_t errlen)
 {
     size_t nbytes;
     KSM_TRY(tensor_header(pb, field, out, &nbytes, err, errlen));
     if (nbytes == 0 || ((uintptr_t)pb->data.data % dtype_size(out->dtype)) != 0)
-        return ksm_conv_tensor_from_pb_copy(pb, field, out, err, errlen);
+        return ksm_wire_tensor_from_pb_copy(pb, field, out, err, errlen);
     out->data = pb->data.data;
     pb->data.data = NULL;
     pb->data.len = 0;
@@ -144,11 +144,11 @@ static int tensor_shape_to_pb(const ksm_tensor *t, struct ksm_pb_arena *a, Kasmi
     return 0;
 }
 
-int ksm_conv_tensor_to_pb(const ksm_tensor *t, struct ksm_pb_arena *a, Kasmina__V1__Tensor *pb)
+int ksm_wire_tensor_to_pb(const ksm_tensor *t, struct ksm_pb_arena *a, Kasmina__V1__Tensor *pb)
 {
     KSM_TRY(tensor_shape_to_pb(t, a, pb));
     if (!contiguous(t)) return KSM_EINVAL;
-    pb->dtype = ksm_conv_dtype_to_pb(t->dtype);
+    pb->dtype = ksm_wire_dtype_to_pb(t->dtype);
     pb->data.len = (size_t)(numel_of(t) * dtype_size(t->dtype));
     pb->data.data = pb->data.len > 0 ? t->data : NULL;
     return 0;
@@ -185,17 +185,17 @@ static uint16_t f32_to_f16(float f)
     return (uint16_t)(sign | h);
 }
 
-int ksm_conv_tensor_to_pb_as(const ksm_tensor *t, int dtype, const char *field,
+int ksm_wire_tensor_to_pb_as(const ksm_tensor *t, int dtype, const char *field,
                              struct ksm_pb_arena *a, Kasmina__V1__Tensor *pb, char *err,
                              size_t errlen)
 {
     if (dtype == KASMINA__V1__DTYPE__DTYPE_UNSPECIFIED || dtype == KASMINA__V1__DTYPE__DTYPE_F32 ||
         t->dtype != KSM_DTYPE_F32) {
         if (dtype != KASMINA__V1__DTYPE__DTYPE_UNSPECIFIED &&
-            (int)ksm_conv_dtype_to_pb(t->dtype) != dtype)
+            (int)ksm_wire_dtype_to_pb(t->dtype) != dtype)
             return ksm_errf(err, errlen, KSM_EINVAL, "%s %d cannot be produced from a %s result.",
                             field, dtype, t->dtype == KSM_DTYPE_F32 ? "F32" : "non-F32");
-        return ksm_conv_tensor_to_pb(t, a, pb);
+        return ksm_wire_tensor_to_pb(t, a, pb);
     }
     if (dtype != KASMINA__V1__DTYPE__DTYPE_F16 && dtype != KASMINA__V1__DTYPE__DTYPE_BF16)
         return ksm_errf(err, errlen, KSM_EINVAL, "%s must be DTYPE_F32, DTYPE_F16 or DTYPE_BF16.",

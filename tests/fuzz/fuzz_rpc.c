@@ -162,7 +162,7 @@ static void other_method(const struct rpc_method *m, const uint8_t *p, size_t n)
     char err[192] = "";
     if (m->kind == RPC_EVENTS) {
         const Kasmina__V1__WatchEventsRequest *r = (const void *)req;
-        (void)ksm_conv_check_model_id(r->model_id, "model_id", false, err, sizeof err);
+        (void)ksm_wire_check_model_id(r->model_id, "model_id", false, err, sizeof err);
     } else {
         const char *svc = ((Grpc__Health__V1__HealthCheckRequest *)req)->service;
         int st = rpc_health_status(server, svc);

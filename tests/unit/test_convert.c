@@ -33,7 +33,7 @@ Test(convert, tensor_accepts_a_consistent_f32_tensor)
     struct ksm_pb_arena a;
     ksm_pb_arena_init(&a);
     ksm_tensor t;
-    cr_assert_eq(ksm_conv_tensor_from_pb(&pb, "input", &a, &t, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(ksm_wire_tensor_from_pb(&pb, "input", &a, &t, err, sizeof err), 0, "%s", err);
     cr_expect_eq(t.dtype, KSM_DTYPE_F32);
     cr_expect_eq(t.ndim, 2);
     cr_expect_eq(t.shape[0], 2);
@@ -56,7 +56,7 @@ Test(convert, tensor_copies_unaligned_data)
     struct ksm_pb_arena a;
     ksm_pb_arena_init(&a);
     ksm_tensor t;
-    cr_assert_eq(ksm_conv_tensor_from_pb(&pb, "input", &a, &t, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(ksm_wire_tensor_from_pb(&pb, "input", &a, &t, err, sizeof err), 0, "%s", err);
     cr_expect_neq(t.data, (void *)(buf + 1));
     cr_expect_eq((uintptr_t)t.data % 8, 0);
     cr_expect_eq(memcmp(t.data, vals, sizeof vals), 0);
@@ -90,12 +90,12 @@ Test(convert, tensor_rejects_bad_headers_naming_the_field)
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         Kasmina__V1__Tensor pb = mk_tensor(bad[i].dtype, bad[i].shape, bad[i].n, v, bad[i].len);
         err[0] = '\0';
-        cr_expect_eq(ksm_conv_tensor_from_pb(&pb, "input", &a, &t, err, sizeof err), KSM_EINVAL,
+        cr_expect_eq(ksm_wire_tensor_from_pb(&pb, "input", &a, &t, err, sizeof err), KSM_EINVAL,
                      "case %zu", i);
         cr_expect(strstr(err, bad[i].needle) != NULL, "case %zu: '%s' lacks '%s'", i, err,
                   bad[i].needle);
     }
-    cr_expect_eq(ksm_conv_tensor_from_pb(NULL, "input", &a, &t, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_tensor_from_pb(NULL, "input", &a, &t, err, sizeof err), KSM_EINVAL);
     cr_expect_str_eq(err, "input must be set.");
     ksm_pb_arena_fini(&a);
 }
@@ -107,11 +107,11 @@ Test(convert, tensor_allows_empty_and_scalar)
     ksm_tensor t;
     int64_t shape[] = {0, 3};
     Kasmina__V1__Tensor pb = mk_tensor(KASMINA__V1__DTYPE__DTYPE_F32, shape, 2, NULL, 0);
-    cr_expect_eq(ksm_conv_tensor_from_pb(&pb, "input", &a, &t, err, sizeof err), 0, "%s", err);
+    cr_expect_eq(ksm_wire_tensor_from_pb(&pb, "input", &a, &t, err, sizeof err), 0, "%s", err);
     cr_expect_not_null(t.data);
     float s = 2.5f;
     pb = mk_tensor(KASMINA__V1__DTYPE__DTYPE_F32, NULL, 0, &s, 4);
-    cr_expect_eq(ksm_conv_tensor_from_pb(&pb, "input", &a, &t, err, sizeof err), 0, "%s", err);
+    cr_expect_eq(ksm_wire_tensor_from_pb(&pb, "input", &a, &t, err, sizeof err), 0, "%s", err);
     cr_expect_eq(t.ndim, 0);
     ksm_pb_arena_fini(&a);
 }
@@ -124,14 +124,14 @@ Test(convert, tensor_round_trips_through_the_wire)
     struct ksm_pb_arena a;
     ksm_pb_arena_init(&a);
     Kasmina__V1__Tensor pb;
-    cr_assert_eq(ksm_conv_tensor_to_pb(&t, &a, &pb), 0);
+    cr_assert_eq(ksm_wire_tensor_to_pb(&t, &a, &pb), 0);
     size_t n = kasmina__v1__tensor__get_packed_size(&pb);
     uint8_t *buf = malloc(n);
     kasmina__v1__tensor__pack(&pb, buf);
     Kasmina__V1__Tensor *u = kasmina__v1__tensor__unpack(NULL, n, buf);
     cr_assert_not_null(u);
     ksm_tensor back;
-    cr_assert_eq(ksm_conv_tensor_from_pb_copy(u, "output", &back, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(ksm_wire_tensor_from_pb_copy(u, "output", &back, err, sizeof err), 0, "%s", err);
     cr_expect_eq(back.ndim, 2);
     cr_expect_eq(back.shape[0], 3);
     cr_expect_eq(memcmp(back.data, v, sizeof v), 0);
@@ -148,7 +148,7 @@ Test(convert, tensor_output_in_half_precision_rounds_to_nearest_even)
     struct ksm_pb_arena a;
     ksm_pb_arena_init(&a);
     Kasmina__V1__Tensor pb;
-    cr_assert_eq(ksm_conv_tensor_to_pb_as(&t, KASMINA__V1__DTYPE__DTYPE_F16, "output_dtype", &a,
+    cr_assert_eq(ksm_wire_tensor_to_pb_as(&t, KASMINA__V1__DTYPE__DTYPE_F16, "output_dtype", &a,
                                           &pb, err, sizeof err),
                  0);
     cr_assert_eq(pb.data.len, 16);
@@ -162,13 +162,13 @@ Test(convert, tensor_output_in_half_precision_rounds_to_nearest_even)
     cr_expect_eq(h[6] & 0x7c00, 0x7c00);
     cr_expect_neq(h[6] & 0x03ff, 0);
     cr_expect_eq(h[7], 0x0001, "3e-8 rounds to the smallest subnormal: %#x", h[7]);
-    cr_assert_eq(ksm_conv_tensor_to_pb_as(&t, KASMINA__V1__DTYPE__DTYPE_BF16, "output_dtype", &a,
+    cr_assert_eq(ksm_wire_tensor_to_pb_as(&t, KASMINA__V1__DTYPE__DTYPE_BF16, "output_dtype", &a,
                                           &pb, err, sizeof err),
                  0);
     const uint16_t *b = (const uint16_t *)pb.data.data;
     cr_expect_eq(b[0], 0x3f80);
     cr_expect_eq(b[1], 0xc000);
-    cr_expect_eq(ksm_conv_tensor_to_pb_as(&t, KASMINA__V1__DTYPE__DTYPE_I64, "output_dtype", &a,
+    cr_expect_eq(ksm_wire_tensor_to_pb_as(&t, KASMINA__V1__DTYPE__DTYPE_I64, "output_dtype", &a,
                                           &pb, err, sizeof err),
                  KSM_EINVAL);
     ksm_pb_arena_fini(&a);
@@ -179,42 +179,42 @@ Test(convert, tensor_output_in_half_precision_rounds_to_nearest_even)
 Test(convert, stage_five_and_unknown_enums_are_rejected)
 {
     enum ksm_stage s;
-    cr_expect_eq(ksm_conv_stage_from_pb(5, "target", &s, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_stage_from_pb(5, "target", &s, err, sizeof err), KSM_EINVAL);
     cr_expect(strstr(err, "target") != NULL);
-    cr_expect_eq(ksm_conv_stage_from_pb(11, "target", &s, err, sizeof err), KSM_EINVAL);
-    cr_expect_eq(ksm_conv_stage_from_pb(-1, "target", &s, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_stage_from_pb(11, "target", &s, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_stage_from_pb(-1, "target", &s, err, sizeof err), KSM_EINVAL);
     for (int v = 0; v <= 10; v++)
-        if (v != 5) cr_expect_eq(ksm_conv_stage_from_pb(v, "target", &s, err, sizeof err), 0);
+        if (v != 5) cr_expect_eq(ksm_wire_stage_from_pb(v, "target", &s, err, sizeof err), 0);
     enum ksm_alpha_curve c;
-    cr_expect_eq(ksm_conv_curve_from_pb(4, "curve", &c, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_curve_from_pb(4, "curve", &c, err, sizeof err), KSM_EINVAL);
     enum ksm_gate_level g;
-    cr_expect_eq(ksm_conv_gate_level_from_pb(4, "gate", &g, err, sizeof err), KSM_EINVAL);
-    cr_expect_eq(ksm_conv_gate_level_from_pb(5, "gate", &g, err, sizeof err), 0);
+    cr_expect_eq(ksm_wire_gate_level_from_pb(4, "gate", &g, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_gate_level_from_pb(5, "gate", &g, err, sizeof err), 0);
     enum ksm_dtype d;
-    cr_expect_eq(ksm_conv_dtype_from_pb(0, "dtype", &d, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_dtype_from_pb(0, "dtype", &d, err, sizeof err), KSM_EINVAL);
     cr_expect_eq(
-        ksm_conv_dtype_from_pb(KASMINA__V1__DTYPE__DTYPE_BF16, "dtype", &d, err, sizeof err), 0);
+        ksm_wire_dtype_from_pb(KASMINA__V1__DTYPE__DTYPE_BF16, "dtype", &d, err, sizeof err), 0);
     cr_expect_eq(d, KSM_DTYPE_BF16);
-    cr_expect_eq(ksm_conv_dtype_to_pb(KSM_DTYPE_I32), KASMINA__V1__DTYPE__DTYPE_I32);
+    cr_expect_eq(ksm_wire_dtype_to_pb(KSM_DTYPE_I32), KASMINA__V1__DTYPE__DTYPE_I32);
 }
 
 Test(convert, model_ids_follow_the_pattern)
 {
-    cr_expect_eq(ksm_conv_check_model_id("m-1.a_B", "model_id", true, err, sizeof err), 0);
-    cr_expect_eq(ksm_conv_check_model_id("", "model_id", true, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_check_model_id("m-1.a_B", "model_id", true, err, sizeof err), 0);
+    cr_expect_eq(ksm_wire_check_model_id("", "model_id", true, err, sizeof err), KSM_EINVAL);
     cr_expect_str_eq(err, "model_id must not be empty.");
-    cr_expect_eq(ksm_conv_check_model_id("", "model_id", false, err, sizeof err), 0);
-    cr_expect_eq(ksm_conv_check_model_id("a/b", "model_id", true, err, sizeof err), KSM_EINVAL);
-    cr_expect_eq(ksm_conv_check_model_id("a b", "model_id", true, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_check_model_id("", "model_id", false, err, sizeof err), 0);
+    cr_expect_eq(ksm_wire_check_model_id("a/b", "model_id", true, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_check_model_id("a b", "model_id", true, err, sizeof err), KSM_EINVAL);
     char longid[80];
     memset(longid, 'x', 65);
     longid[65] = '\0';
-    cr_expect_eq(ksm_conv_check_model_id(longid, "model_id", true, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_check_model_id(longid, "model_id", true, err, sizeof err), KSM_EINVAL);
     longid[64] = '\0';
-    cr_expect_eq(ksm_conv_check_model_id(longid, "model_id", true, err, sizeof err), 0);
-    cr_expect_eq(ksm_conv_check_slot_id("r0c0", "slot_id", true, err, sizeof err), 0);
-    cr_expect_eq(ksm_conv_check_slot_id("r0c0\n", "slot_id", true, err, sizeof err), KSM_EINVAL);
-    cr_expect_eq(ksm_conv_check_slot_id("r000000000000000c1", "slot_id", true, err, sizeof err),
+    cr_expect_eq(ksm_wire_check_model_id(longid, "model_id", true, err, sizeof err), 0);
+    cr_expect_eq(ksm_wire_check_slot_id("r0c0", "slot_id", true, err, sizeof err), 0);
+    cr_expect_eq(ksm_wire_check_slot_id("r0c0\n", "slot_id", true, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_check_slot_id("r000000000000000c1", "slot_id", true, err, sizeof err),
                  KSM_EINVAL);
 }
 
@@ -224,7 +224,7 @@ Test(convert, create_model_defaults_and_validates)
 {
     Kasmina__V1__CreateModelRequest pb = KASMINA__V1__CREATE_MODEL_REQUEST__INIT;
     struct ksm_model_spec spec;
-    cr_assert_eq(ksm_conv_model_spec_from_pb(&pb, &spec, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(ksm_wire_model_spec_from_pb(&pb, &spec, err, sizeof err), 0, "%s", err);
     cr_expect_eq(spec.topology, KSM_TOPOLOGY_CNN);
     cr_expect_eq(spec.dtype, KSM_DTYPE_F32);
     cr_expect_eq(spec.n_slots, 0);
@@ -245,7 +245,7 @@ Test(convert, create_model_defaults_and_validates)
     pb.auto_forward_gates = gates;
     pb.n_auto_forward_gates = 2;
     pb.init_seed = 42;
-    cr_assert_eq(ksm_conv_model_spec_from_pb(&pb, &spec, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(ksm_wire_model_spec_from_pb(&pb, &spec, err, sizeof err), 0, "%s", err);
     cr_expect_eq(spec.cnn.num_classes, 7);
     cr_expect(spec.pool_layers_set);
     cr_expect_eq(spec.cnn.pool_layers, 0);
@@ -258,13 +258,13 @@ Test(convert, create_model_defaults_and_validates)
     struct ksm_pb_arena a;
     ksm_pb_arena_init(&a);
     Kasmina__V1__CreateModelRequest out;
-    cr_assert_eq(ksm_conv_model_spec_to_pb("m1", &spec, &a, &out), 0);
+    cr_assert_eq(ksm_wire_model_spec_to_pb("m1", &spec, &a, &out), 0);
     size_t n = kasmina__v1__create_model_request__get_packed_size(&out);
     uint8_t *buf = malloc(n);
     kasmina__v1__create_model_request__pack(&out, buf);
     Kasmina__V1__CreateModelRequest *u = kasmina__v1__create_model_request__unpack(NULL, n, buf);
     struct ksm_model_spec spec2;
-    cr_assert_eq(ksm_conv_model_spec_from_pb(u, &spec2, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(ksm_wire_model_spec_from_pb(u, &spec2, err, sizeof err), 0, "%s", err);
     cr_expect_eq(spec2.cnn.num_classes, 7);
     cr_expect(spec2.pool_layers_set);
     cr_expect_eq(spec2.auto_forward_gates, spec.auto_forward_gates);
@@ -274,53 +274,53 @@ Test(convert, create_model_defaults_and_validates)
     ksm_pb_arena_fini(&a);
 
     gates[0] = KASMINA__V1__GATE_LEVEL__GATE_G0;
-    cr_expect_eq(ksm_conv_model_spec_from_pb(&pb, &spec, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_model_spec_from_pb(&pb, &spec, err, sizeof err), KSM_EINVAL);
     gates[0] = KASMINA__V1__GATE_LEVEL__GATE_G1;
     slots[1] = "r0c0";
-    cr_expect_eq(ksm_conv_model_spec_from_pb(&pb, &spec, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_model_spec_from_pb(&pb, &spec, err, sizeof err), KSM_EINVAL);
     cr_expect(strstr(err, "slots[1]") != NULL, "%s", err);
     slots[1] = "r0c2";
     pb.dtype = KASMINA__V1__DTYPE__DTYPE_I64;
-    cr_expect_eq(ksm_conv_model_spec_from_pb(&pb, &spec, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_model_spec_from_pb(&pb, &spec, err, sizeof err), KSM_EINVAL);
     pb.dtype = 0;
     pb.model_id = "bad id";
-    cr_expect_eq(ksm_conv_model_spec_from_pb(&pb, &spec, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_model_spec_from_pb(&pb, &spec, err, sizeof err), KSM_EINVAL);
 }
 
 Test(convert, germinate_validates_and_round_trips)
 {
     Kasmina__V1__GerminateRequest pb = KASMINA__V1__GERMINATE_REQUEST__INIT;
     struct ksm_germinate_args g;
-    cr_expect_eq(ksm_conv_germinate_from_pb(&pb, &g, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_germinate_from_pb(&pb, &g, err, sizeof err), KSM_EINVAL);
     cr_expect_str_eq(err, "model_id must not be empty.");
     pb.model_id = "m";
-    cr_expect_eq(ksm_conv_germinate_from_pb(&pb, &g, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_germinate_from_pb(&pb, &g, err, sizeof err), KSM_EINVAL);
     cr_expect_str_eq(err, "slot_id must not be empty.");
     pb.slot_id = "r0c1";
-    cr_expect_eq(ksm_conv_germinate_from_pb(&pb, &g, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_germinate_from_pb(&pb, &g, err, sizeof err), KSM_EINVAL);
     cr_expect_str_eq(err, "blueprint_id must not be empty.");
     pb.blueprint_id = "conv_light";
-    cr_assert_eq(ksm_conv_germinate_from_pb(&pb, &g, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(ksm_wire_germinate_from_pb(&pb, &g, err, sizeof err), 0, "%s", err);
     cr_expect_not(g.has_alpha_target);
     pb.opt_alpha_target_case = KASMINA__V1__GERMINATE_REQUEST__OPT_ALPHA_TARGET_ALPHA_TARGET;
     pb.alpha_target = NAN;
-    cr_expect_eq(ksm_conv_germinate_from_pb(&pb, &g, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_germinate_from_pb(&pb, &g, err, sizeof err), KSM_EINVAL);
     cr_expect(strstr(err, "alpha_target") != NULL);
     pb.alpha_target = 0.0f;
-    cr_expect_eq(ksm_conv_germinate_from_pb(&pb, &g, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_germinate_from_pb(&pb, &g, err, sizeof err), KSM_EINVAL);
     pb.alpha_target = 0.5f;
     pb.alpha_algorithm = 9;
-    cr_expect_eq(ksm_conv_germinate_from_pb(&pb, &g, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_germinate_from_pb(&pb, &g, err, sizeof err), KSM_EINVAL);
     pb.alpha_algorithm = KASMINA__V1__ALPHA_ALGORITHM__ALPHA_ALGORITHM_GATE;
     pb.blend_tempo_epochs = 3;
     pb.init_seed = 7;
-    cr_assert_eq(ksm_conv_germinate_from_pb(&pb, &g, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(ksm_wire_germinate_from_pb(&pb, &g, err, sizeof err), 0, "%s", err);
     cr_expect(g.has_alpha_target);
     cr_expect_float_eq(g.alpha_target, 0.5, 1e-9);
     cr_expect_eq(g.alpha_algorithm, KSM_ALGO_GATE);
 
     Kasmina__V1__GerminateRequest back;
-    cr_assert_eq(ksm_conv_germinate_to_pb("m", "r0c1", &g, NULL, &back), 0);
+    cr_assert_eq(ksm_wire_germinate_to_pb("m", "r0c1", &g, NULL, &back), 0);
     cr_expect_str_eq(back.blueprint_id, "conv_light");
     cr_expect_eq(back.opt_alpha_target_case,
                  KASMINA__V1__GERMINATE_REQUEST__OPT_ALPHA_TARGET_ALPHA_TARGET);
@@ -335,37 +335,37 @@ Test(convert, lifecycle_scalars_are_checked)
     adv.model_id = "m";
     adv.slot_id = "r0c0";
     adv.target = 5;
-    cr_expect_eq(ksm_conv_advance_from_pb(&adv, &l, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_advance_from_pb(&adv, &l, err, sizeof err), KSM_EINVAL);
     adv.target = KASMINA__V1__STAGE__STAGE_TRAINING;
-    cr_expect_eq(ksm_conv_advance_from_pb(&adv, &l, err, sizeof err), 0);
+    cr_expect_eq(ksm_wire_advance_from_pb(&adv, &l, err, sizeof err), 0);
     cr_expect_eq(l.target, KSM_STAGE_TRAINING);
 
     Kasmina__V1__SetAlphaRequest sa = KASMINA__V1__SET_ALPHA_REQUEST__INIT;
     sa.model_id = "m";
     sa.slot_id = "r0c0";
     sa.alpha = NAN;
-    cr_expect_eq(ksm_conv_set_alpha_from_pb(&sa, &l, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_set_alpha_from_pb(&sa, &l, err, sizeof err), KSM_EINVAL);
     cr_expect_str_eq(err, "alpha must not be NaN.");
     sa.alpha = 2.0f; /* clamped by the engine */
-    cr_expect_eq(ksm_conv_set_alpha_from_pb(&sa, &l, err, sizeof err), 0);
+    cr_expect_eq(ksm_wire_set_alpha_from_pb(&sa, &l, err, sizeof err), 0);
 
     Kasmina__V1__SetAlphaTargetRequest st = KASMINA__V1__SET_ALPHA_TARGET_REQUEST__INIT;
     st.model_id = "m";
     st.slot_id = "r0c0";
     st.alpha_target = 1.5f;
-    cr_expect_eq(ksm_conv_set_alpha_target_from_pb(&st, &l, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_set_alpha_target_from_pb(&st, &l, err, sizeof err), KSM_EINVAL);
     st.alpha_target = 0.7f;
     st.opt_steepness_case = KASMINA__V1__SET_ALPHA_TARGET_REQUEST__OPT_STEEPNESS_STEEPNESS;
     st.steepness = INFINITY;
-    cr_expect_eq(ksm_conv_set_alpha_target_from_pb(&st, &l, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_set_alpha_target_from_pb(&st, &l, err, sizeof err), KSM_EINVAL);
     st.steepness = 6.0f;
     st.curve = KASMINA__V1__ALPHA_CURVE__ALPHA_CURVE_COSINE;
     st.steps = 4;
-    cr_assert_eq(ksm_conv_set_alpha_target_from_pb(&st, &l, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(ksm_wire_set_alpha_target_from_pb(&st, &l, err, sizeof err), 0, "%s", err);
     cr_expect(l.has_steepness);
     cr_expect_eq(l.curve, KSM_CURVE_COSINE);
     Kasmina__V1__SetAlphaTargetRequest st2;
-    ksm_conv_set_alpha_target_to_pb(&l, &st2);
+    ksm_wire_set_alpha_target_to_pb(&l, &st2);
     cr_expect_float_eq(st2.alpha_target, 0.7f, 1e-6);
     cr_expect_eq(st2.steps, 4);
 
@@ -373,18 +373,18 @@ Test(convert, lifecycle_scalars_are_checked)
     sp.model_id = "m";
     sp.slot_id = "r0c0";
     sp.curve = 77;
-    cr_expect_eq(ksm_conv_schedule_prune_from_pb(&sp, &l, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_schedule_prune_from_pb(&sp, &l, err, sizeof err), KSM_EINVAL);
     sp.curve = 0;
     char reason[100];
     memset(reason, 'r', 99);
     reason[99] = '\0';
     sp.reason = reason;
-    cr_expect_eq(ksm_conv_schedule_prune_from_pb(&sp, &l, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_schedule_prune_from_pb(&sp, &l, err, sizeof err), KSM_EINVAL);
     cr_expect(strstr(err, "reason") != NULL);
 
     Kasmina__V1__PruneRequest pr = KASMINA__V1__PRUNE_REQUEST__INIT;
     pr.model_id = "m";
-    cr_expect_eq(ksm_conv_prune_from_pb(&pr, &l, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_prune_from_pb(&pr, &l, err, sizeof err), KSM_EINVAL);
 }
 
 Test(convert, metrics_reject_nan_and_out_of_range)
@@ -393,35 +393,35 @@ Test(convert, metrics_reject_nan_and_out_of_range)
     pb.model_id = "m";
     pb.slot_id = "r0c0";
     struct ksm_metrics_update u;
-    cr_expect_eq(ksm_conv_metrics_from_pb(&pb, &u, err, sizeof err), 0);
+    cr_expect_eq(ksm_wire_metrics_from_pb(&pb, &u, err, sizeof err), 0);
     cr_expect_not(u.has_val_accuracy);
     pb.opt_val_accuracy_case = KASMINA__V1__RECORD_METRICS_REQUEST__OPT_VAL_ACCURACY_VAL_ACCURACY;
     pb.val_accuracy = NAN;
-    cr_expect_eq(ksm_conv_metrics_from_pb(&pb, &u, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_metrics_from_pb(&pb, &u, err, sizeof err), KSM_EINVAL);
     pb.val_accuracy = 101;
-    cr_expect_eq(ksm_conv_metrics_from_pb(&pb, &u, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_metrics_from_pb(&pb, &u, err, sizeof err), KSM_EINVAL);
     pb.val_accuracy = 55.5;
     Kasmina__V1__GradientStats g = KASMINA__V1__GRADIENT_STATS__INIT;
     g.opt_gradient_health_case = KASMINA__V1__GRADIENT_STATS__OPT_GRADIENT_HEALTH_GRADIENT_HEALTH;
     g.gradient_health = 1.5;
     pb.gradients = &g;
-    cr_expect_eq(ksm_conv_metrics_from_pb(&pb, &u, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_metrics_from_pb(&pb, &u, err, sizeof err), KSM_EINVAL);
     cr_expect(strstr(err, "gradients.gradient_health") != NULL);
     g.gradient_health = 0.9;
     g.opt_has_exploding_case = KASMINA__V1__GRADIENT_STATS__OPT_HAS_EXPLODING_HAS_EXPLODING;
     g.has_exploding = 1;
     pb.opt_epoch_case = KASMINA__V1__RECORD_METRICS_REQUEST__OPT_EPOCH_EPOCH;
     pb.epoch = 3;
-    cr_assert_eq(ksm_conv_metrics_from_pb(&pb, &u, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(ksm_wire_metrics_from_pb(&pb, &u, err, sizeof err), 0, "%s", err);
     cr_expect(u.has_val_accuracy && u.has_gradient_health && u.has_exploding && u.exploding);
     cr_expect(u.has_epoch && u.epoch == 3 && !u.has_max_epochs);
 
     struct ksm_pb_arena a;
     ksm_pb_arena_init(&a);
     Kasmina__V1__RecordMetricsRequest back;
-    cr_assert_eq(ksm_conv_metrics_to_pb("m", "r0c0", &u, &a, &back), 0);
+    cr_assert_eq(ksm_wire_metrics_to_pb("m", "r0c0", &u, &a, &back), 0);
     struct ksm_metrics_update u2;
-    cr_assert_eq(ksm_conv_metrics_from_pb(&back, &u2, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(ksm_wire_metrics_from_pb(&back, &u2, err, sizeof err), 0, "%s", err);
     cr_expect_eq(memcmp(&u, &u2, sizeof u), 0);
     ksm_pb_arena_fini(&a);
 }
@@ -447,20 +447,20 @@ Test(convert, fused_forward_checks_overrides)
     ksm_pb_arena_init(&a);
     struct ksm_forward_args fa;
     int od;
-    cr_expect_eq(ksm_conv_fused_forward_from_pb(&pb, &a, &fa, &od, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_fused_forward_from_pb(&pb, &a, &fa, &od, err, sizeof err), KSM_EINVAL);
     cr_expect(strstr(err, "repeats") != NULL, "%s", err);
     o2.slot_id = "r0c1";
     o2.n_alpha = 1;
-    cr_expect_eq(ksm_conv_fused_forward_from_pb(&pb, &a, &fa, &od, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_fused_forward_from_pb(&pb, &a, &fa, &od, err, sizeof err), KSM_EINVAL);
     cr_expect(strstr(err, "rows") != NULL, "%s", err);
     o2.n_alpha = 2;
     al[1] = NAN;
-    cr_expect_eq(ksm_conv_fused_forward_from_pb(&pb, &a, &fa, &od, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_fused_forward_from_pb(&pb, &a, &fa, &od, err, sizeof err), KSM_EINVAL);
     al[1] = 1.0f;
     pb.output_dtype = KASMINA__V1__DTYPE__DTYPE_I32;
-    cr_expect_eq(ksm_conv_fused_forward_from_pb(&pb, &a, &fa, &od, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_fused_forward_from_pb(&pb, &a, &fa, &od, err, sizeof err), KSM_EINVAL);
     pb.output_dtype = 0;
-    cr_assert_eq(ksm_conv_fused_forward_from_pb(&pb, &a, &fa, &od, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(ksm_wire_fused_forward_from_pb(&pb, &a, &fa, &od, err, sizeof err), 0, "%s", err);
     cr_expect(fa.fused);
     cr_expect_eq(fa.n_overrides, 2);
     cr_expect_eq(fa.overrides[1].n, 2);
@@ -468,7 +468,7 @@ Test(convert, fused_forward_checks_overrides)
     cr_expect_eq(fa.input->shape[0], 2);
 
     Kasmina__V1__FusedForwardRequest back;
-    cr_assert_eq(ksm_conv_fused_forward_to_pb("m", &fa, od, &a, &back), 0);
+    cr_assert_eq(ksm_wire_fused_forward_to_pb("m", &fa, od, &a, &back), 0);
     cr_expect_eq(back.n_overrides, 2);
     cr_expect_eq(back.input->data.len, sizeof x);
     ksm_pb_arena_fini(&a);
@@ -489,9 +489,9 @@ Test(convert, evaluate_request_needs_configs_and_integer_targets)
     struct ksm_pb_arena a;
     ksm_pb_arena_init(&a);
     struct ksm_evaluate_args ea;
-    cr_expect_eq(ksm_conv_evaluate_from_pb(&pb, &a, &ea, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_evaluate_from_pb(&pb, &a, &ea, err, sizeof err), KSM_EINVAL);
     pb.generate_standard = 1;
-    cr_assert_eq(ksm_conv_evaluate_from_pb(&pb, &a, &ea, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(ksm_wire_evaluate_from_pb(&pb, &a, &ea, err, sizeof err), 0, "%s", err);
     Kasmina__V1__AlphaConfig__AlphaEntry e1 = KASMINA__V1__ALPHA_CONFIG__ALPHA_ENTRY__INIT;
     e1.key = "r0c1";
     e1.value = 0.0f;
@@ -503,14 +503,14 @@ Test(convert, evaluate_request_needs_configs_and_integer_targets)
     Kasmina__V1__AlphaConfig *cs[] = {&c, &c};
     pb.configs = cs;
     pb.n_configs = 2;
-    cr_expect_eq(ksm_conv_evaluate_from_pb(&pb, &a, &ea, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_evaluate_from_pb(&pb, &a, &ea, err, sizeof err), KSM_EINVAL);
     pb.n_configs = 1;
-    cr_assert_eq(ksm_conv_evaluate_from_pb(&pb, &a, &ea, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(ksm_wire_evaluate_from_pb(&pb, &a, &ea, err, sizeof err), 0, "%s", err);
     cr_expect_eq(ea.n_configs, 1);
     cr_expect_str_eq(ea.configs[0].slot_ids[0], "r0c1");
     tg.dtype = KASMINA__V1__DTYPE__DTYPE_F32;
     tg.data.len = 8;
-    cr_expect_eq(ksm_conv_evaluate_from_pb(&pb, &a, &ea, err, sizeof err), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_evaluate_from_pb(&pb, &a, &ea, err, sizeof err), KSM_EINVAL);
     cr_expect(strstr(err, "targets") != NULL);
     ksm_pb_arena_fini(&a);
 }
@@ -550,7 +550,7 @@ Test(convert, slot_report_round_trips_through_the_wire)
     struct ksm_pb_arena a;
     ksm_pb_arena_init(&a);
     Kasmina__V1__SlotReport pb;
-    cr_assert_eq(ksm_conv_slot_report_to_pb("m1", &r, &a, &pb), 0);
+    cr_assert_eq(ksm_wire_slot_report_to_pb("m1", &r, &a, &pb), 0);
     size_t n = kasmina__v1__slot_report__get_packed_size(&pb);
     uint8_t *buf = malloc(n);
     kasmina__v1__slot_report__pack(&pb, buf);
@@ -559,7 +559,7 @@ Test(convert, slot_report_round_trips_through_the_wire)
     cr_assert_not_null(u);
     cr_expect_str_eq(u->model_id, "m1");
     struct ksm_slot_report b;
-    cr_assert_eq(ksm_conv_slot_report_from_pb(u, &b, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(ksm_wire_slot_report_from_pb(u, &b, err, sizeof err), 0, "%s", err);
     cr_expect_str_eq(b.slot_id, "r0c1");
     cr_expect_str_eq(b.seed_id, "r0c1-conv_light");
     cr_expect_eq(b.stage, KSM_STAGE_BLENDING);
@@ -601,7 +601,7 @@ Test(convert, event_round_trips_with_gate_and_values)
     struct ksm_pb_arena a;
     ksm_pb_arena_init(&a);
     Kasmina__V1__LifecycleEvent pb;
-    cr_assert_eq(ksm_conv_event_to_pb(99, &ev, &a, &pb), 0);
+    cr_assert_eq(ksm_wire_event_to_pb(99, &ev, &a, &pb), 0);
     cr_expect_str_eq(pb.event_type, "SEED_GATE_EVALUATED");
     size_t n = kasmina__v1__lifecycle_event__get_packed_size(&pb);
     uint8_t *buf = malloc(n);
@@ -610,7 +610,7 @@ Test(convert, event_round_trips_with_gate_and_values)
     Kasmina__V1__LifecycleEvent *u = kasmina__v1__lifecycle_event__unpack(NULL, n, buf);
     uint64_t seq;
     struct ksm_lifecycle_event b;
-    cr_assert_eq(ksm_conv_event_from_pb(u, &seq, &b, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(ksm_wire_event_from_pb(u, &seq, &b, err, sizeof err), 0, "%s", err);
     cr_expect_eq(seq, 99);
     cr_expect_eq(b.type, KSM_EV_SEED_GATE_EVALUATED);
     cr_expect_eq(b.target_stage, KSM_STAGE_TRAINING);
@@ -623,9 +623,9 @@ Test(convert, event_round_trips_with_gate_and_values)
     kasmina__v1__lifecycle_event__free_unpacked(u, NULL);
     free(buf);
     enum ksm_lifecycle_type t;
-    cr_expect_eq(ksm_conv_lifecycle_type_parse("SEED_PRUNED", &t), 0);
+    cr_expect_eq(ksm_wire_lifecycle_type_parse("SEED_PRUNED", &t), 0);
     cr_expect_eq(t, KSM_EV_SEED_PRUNED);
-    cr_expect_eq(ksm_conv_lifecycle_type_parse("NOPE", &t), KSM_EINVAL);
+    cr_expect_eq(ksm_wire_lifecycle_type_parse("NOPE", &t), KSM_EINVAL);
 }
 
 Test(convert, model_info_round_trips)
@@ -648,9 +648,9 @@ Test(convert, model_info_round_trips)
     struct ksm_pb_arena a;
     ksm_pb_arena_init(&a);
     Kasmina__V1__Model pb;
-    cr_assert_eq(ksm_conv_model_to_pb(&info, &a, &pb), 0);
+    cr_assert_eq(ksm_wire_model_to_pb(&info, &a, &pb), 0);
     struct ksm_model_info b;
-    cr_assert_eq(ksm_conv_model_from_pb(&pb, &b, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(ksm_wire_model_from_pb(&pb, &b, err, sizeof err), 0, "%s", err);
     cr_expect_str_eq(b.model_id, "demo");
     cr_expect_eq(b.cnn.n_blocks, 3);
     cr_expect_eq(b.n_slots, 2);
@@ -674,20 +674,20 @@ Test(convert, stats_round_trip)
     struct ksm_pb_arena a;
     ksm_pb_arena_init(&a);
     Kasmina__V1__DeviceMemoryStats pb;
-    cr_assert_eq(ksm_conv_mem_stats_to_pb("cpu:0", &s, ids, bytes, 2, &a, &pb), 0);
+    cr_assert_eq(ksm_wire_mem_stats_to_pb("cpu:0", &s, ids, bytes, 2, &a, &pb), 0);
     cr_expect_eq(pb.n_per_model_bytes, 2);
     char dev[16];
     struct ksm_mem_stats b;
-    ksm_conv_mem_stats_from_pb(&pb, dev, sizeof dev, &b);
+    ksm_wire_mem_stats_from_pb(&pb, dev, sizeof dev, &b);
     cr_expect_str_eq(dev, "cpu:0");
     cr_expect_eq(memcmp(&s, &b, sizeof s), 0);
 
     struct ksm_cache_counters c = {.cache = "plan", .hits = 3, .misses = 1, .capacity = 8};
     Kasmina__V1__CacheCounters cpb;
-    cr_assert_eq(ksm_conv_cache_counters_to_pb("m", &c, &a, &cpb), 0);
+    cr_assert_eq(ksm_wire_cache_counters_to_pb("m", &c, &a, &cpb), 0);
     char mid[KSM_ID_MAX + 1];
     struct ksm_cache_counters cb;
-    ksm_conv_cache_counters_from_pb(&cpb, mid, &cb);
+    ksm_wire_cache_counters_from_pb(&cpb, mid, &cb);
     cr_expect_str_eq(mid, "m");
     cr_expect_str_eq(cb.cache, "plan");
     cr_expect_eq(cb.hits, 3);
