@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Writes the seed corpora of tests/fuzz/corpus/{rpc,safetensors,config}.
 
-    /usr/bin/python3 tests/fuzz/gen_corpus.py build/kasminad build/tests/rpc_py
+    /usr/bin/python3 tests/fuzz/gen_corpus.py build/kasminad build/client/python
 
 Every rpc seed is also sent to a real kasminad (the same two models as fuzz_rpc: "cnn" and "tf",
 recreated before each seed) and must succeed there, so the seeds are valid requests that reach
