@@ -91,6 +91,18 @@ int ksm_slot_record_metrics(struct ksm_slot *s, const struct ksm_metrics_update 
                  u->seed_gradient_norm_ratio);
         return KSM_EINVAL;
     }
+    const struct {
+        bool has;
+        double v;
+        const char *name;
+    } sums[] = {{u->has_interaction_sum, u->interaction_sum, "interaction_sum"},
+                {u->has_boost_received, u->boost_received, "boost_received"},
+                {u->has_upstream_alpha_sum, u->upstream_alpha_sum, "upstream_alpha_sum"},
+                {u->has_downstream_alpha_sum, u->downstream_alpha_sum, "downstream_alpha_sum"}};
+    for (size_t i = 0; i < sizeof sums / sizeof sums[0]; i++)
+        if (sums[i].has && !isfinite(sums[i].v))
+            return ksm_errf(err, errlen, KSM_EINVAL, "%s must be finite, got %g", sums[i].name,
+                            sums[i].v);
     if (!s->occupied) {
         ksm_errf(err, errlen, 0, "slot %s has no seed", s->id);
         return KSM_ENOSEED;
@@ -108,6 +120,13 @@ int ksm_slot_record_metrics(struct ksm_slot *s, const struct ksm_metrics_update 
                  u->counterfactual, m->prev_contribution);
         return KSM_EINVAL;
     }
+    /* No TrainStep has collected gradient statistics for this seed: the daemon does not train
+     * yet, so there is never anything to fold (docs/training.md). */
+    if (u->use_collected_gradients)
+        return ksm_errf(err, errlen, KSM_ESTAGE,
+                        "use_collected_gradients: no TrainStep has collected gradient statistics "
+                        "for slot %s since its seed was germinated",
+                        s->id);
     if (u->has_val_accuracy) record_accuracy(m, u->val_accuracy);
     if (u->has_counterfactual) {
         double v = u->counterfactual;
@@ -143,6 +162,11 @@ int ksm_slot_record_metrics(struct ksm_slot *s, const struct ksm_metrics_update 
     }
     if (u->has_epoch) t->epoch = u->epoch;
     if (u->has_max_epochs) t->max_epochs = u->max_epochs;
+    if (u->has_interaction_sum) m->interaction_sum = u->interaction_sum;
+    if (u->has_boost_received) m->boost_received = u->boost_received;
+    if (u->has_upstream_alpha_sum) m->upstream_alpha_sum = u->upstream_alpha_sum;
+    if (u->has_downstream_alpha_sum) m->downstream_alpha_sum = u->downstream_alpha_sum;
+    if (u->clear_auto_pruned) m->auto_pruned = false;
     int64_t now = ksm_slot_wall_now_ns();
     sync_telemetry(st, now - now % 1000); /* captured_at persists microseconds */
     return 0;

@@ -149,12 +149,21 @@ int ksm_wire_slot_report_to_pb(const char *model_id, const struct ksm_slot_repor
     m->gradient_norm_avg = sm->gradient_norm_avg;
     m->current_alpha = sm->current_alpha;
     m->alpha_ramp_step = sm->alpha_ramp_step;
+    m->accuracy_at_blending_start = sm->accuracy_at_blending_start;
+    m->auto_pruned = sm->auto_pruned;
+    m->auto_prune_reason = (char *)sm->auto_prune_reason;
+    m->interaction_sum = sm->interaction_sum;
+    m->boost_received = sm->boost_received;
+    m->upstream_alpha_sum = sm->upstream_alpha_sum;
+    m->downstream_alpha_sum = sm->downstream_alpha_sum;
     pb->metrics = m;
     KSM_TRY(gradients_to_pb(&r->telemetry, sm, a, &pb->gradients));
     pb->isolate_gradients = r->isolate_gradients;
     pb->is_healthy = r->is_healthy;
     pb->seed_params = r->seed_params;
     pb->model_generation = r->model_generation;
+    pb->previous_epochs_in_stage = r->previous_epochs_in_stage;
+    pb->stage_entered_at_unix_ns = r->stage_entered_at_ns;
     return 0;
 }
 
@@ -213,6 +222,13 @@ int ksm_wire_slot_report_from_pb(const Kasmina__V1__SlotReport *pb, struct ksm_s
         sm->gradient_norm_avg = m->gradient_norm_avg;
         sm->current_alpha = m->current_alpha;
         sm->alpha_ramp_step = m->alpha_ramp_step;
+        sm->accuracy_at_blending_start = m->accuracy_at_blending_start;
+        sm->auto_pruned = m->auto_pruned;
+        copy_str(sm->auto_prune_reason, sizeof sm->auto_prune_reason, m->auto_prune_reason);
+        sm->interaction_sum = m->interaction_sum;
+        sm->boost_received = m->boost_received;
+        sm->upstream_alpha_sum = m->upstream_alpha_sum;
+        sm->downstream_alpha_sum = m->downstream_alpha_sum;
     }
     if (pb->gradients != NULL) {
         const Kasmina__V1__GradientStats *g = pb->gradients;
@@ -239,6 +255,8 @@ int ksm_wire_slot_report_from_pb(const Kasmina__V1__SlotReport *pb, struct ksm_s
     r->is_healthy = pb->is_healthy;
     r->seed_params = pb->seed_params;
     r->model_generation = pb->model_generation;
+    r->previous_epochs_in_stage = pb->previous_epochs_in_stage;
+    r->stage_entered_at_ns = pb->stage_entered_at_unix_ns;
     return 0;
 }
 
@@ -424,6 +442,34 @@ int ksm_wire_metrics_from_pb(const Kasmina__V1__RecordMetricsRequest *pb,
         u->has_max_epochs = true;
         u->max_epochs = pb->max_epochs;
     }
+    u->use_collected_gradients = pb->use_collected_gradients;
+    u->clear_auto_pruned = pb->clear_auto_pruned;
+    if (pb->opt_interaction_sum_case ==
+        KASMINA__V1__RECORD_METRICS_REQUEST__OPT_INTERACTION_SUM_INTERACTION_SUM) {
+        KSM_TRY(ksm_wire_check_number(pb->interaction_sum, "interaction_sum", false, err, errlen));
+        u->has_interaction_sum = true;
+        u->interaction_sum = pb->interaction_sum;
+    }
+    if (pb->opt_boost_received_case ==
+        KASMINA__V1__RECORD_METRICS_REQUEST__OPT_BOOST_RECEIVED_BOOST_RECEIVED) {
+        KSM_TRY(ksm_wire_check_number(pb->boost_received, "boost_received", false, err, errlen));
+        u->has_boost_received = true;
+        u->boost_received = pb->boost_received;
+    }
+    if (pb->opt_upstream_alpha_sum_case ==
+        KASMINA__V1__RECORD_METRICS_REQUEST__OPT_UPSTREAM_ALPHA_SUM_UPSTREAM_ALPHA_SUM) {
+        KSM_TRY(ksm_wire_check_number(pb->upstream_alpha_sum, "upstream_alpha_sum", false, err,
+                                      errlen));
+        u->has_upstream_alpha_sum = true;
+        u->upstream_alpha_sum = pb->upstream_alpha_sum;
+    }
+    if (pb->opt_downstream_alpha_sum_case ==
+        KASMINA__V1__RECORD_METRICS_REQUEST__OPT_DOWNSTREAM_ALPHA_SUM_DOWNSTREAM_ALPHA_SUM) {
+        KSM_TRY(ksm_wire_check_number(pb->downstream_alpha_sum, "downstream_alpha_sum", false, err,
+                                      errlen));
+        u->has_downstream_alpha_sum = true;
+        u->downstream_alpha_sum = pb->downstream_alpha_sum;
+    }
     return 0;
 }
 
@@ -483,6 +529,28 @@ int ksm_wire_metrics_to_pb(const char *model_id, const char *slot_id,
     if (u->has_max_epochs) {
         pb->opt_max_epochs_case = KASMINA__V1__RECORD_METRICS_REQUEST__OPT_MAX_EPOCHS_MAX_EPOCHS;
         pb->max_epochs = u->max_epochs;
+    }
+    pb->use_collected_gradients = u->use_collected_gradients;
+    pb->clear_auto_pruned = u->clear_auto_pruned;
+    if (u->has_interaction_sum) {
+        pb->opt_interaction_sum_case =
+            KASMINA__V1__RECORD_METRICS_REQUEST__OPT_INTERACTION_SUM_INTERACTION_SUM;
+        pb->interaction_sum = u->interaction_sum;
+    }
+    if (u->has_boost_received) {
+        pb->opt_boost_received_case =
+            KASMINA__V1__RECORD_METRICS_REQUEST__OPT_BOOST_RECEIVED_BOOST_RECEIVED;
+        pb->boost_received = u->boost_received;
+    }
+    if (u->has_upstream_alpha_sum) {
+        pb->opt_upstream_alpha_sum_case =
+            KASMINA__V1__RECORD_METRICS_REQUEST__OPT_UPSTREAM_ALPHA_SUM_UPSTREAM_ALPHA_SUM;
+        pb->upstream_alpha_sum = u->upstream_alpha_sum;
+    }
+    if (u->has_downstream_alpha_sum) {
+        pb->opt_downstream_alpha_sum_case =
+            KASMINA__V1__RECORD_METRICS_REQUEST__OPT_DOWNSTREAM_ALPHA_SUM_DOWNSTREAM_ALPHA_SUM;
+        pb->downstream_alpha_sum = u->downstream_alpha_sum;
     }
     return 0;
 }

@@ -188,6 +188,14 @@ struct ksm_metrics_update {
     double seed_gradient_norm_ratio; /* >= 0 */
     bool has_epoch, has_max_epochs;
     uint32_t epoch, max_epochs;
+    /* Fold the gradient statistics the last collecting TrainStep measured for the slot
+     * (docs/training.md); none collected since the seed was germinated: KSM_ESTAGE. */
+    bool use_collected_gradients;
+    /* Attribution sums the controller computed, stored as given (finite). */
+    bool has_interaction_sum, has_boost_received, has_upstream_alpha_sum, has_downstream_alpha_sum;
+    double interaction_sum, boost_received, upstream_alpha_sum, downstream_alpha_sum;
+    /* Clear the one-shot auto_pruned flag (esper's action execution, after each epoch). */
+    bool clear_auto_pruned;
 };
 
 /* SeedStateReport (docs/lifecycle.md#slot-reports) plus the slot settings the daemon reports. */

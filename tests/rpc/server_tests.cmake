@@ -35,6 +35,12 @@ if(KSM_HAVE_PYTHON_STUBS AND Python3_Interpreter_FOUND)
     COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_SOURCE_DIR}/rpc/test_server_hostile.py
             $<TARGET_FILE:kasminad> ${py_out})
   set_tests_properties(rpc_server_hostile PROPERTIES LABELS rpc TIMEOUT 300)
+  # Every SeedMetrics / SlotReport field over the wire, RecordMetrics' attribution sums and
+  # clear_auto_pruned, across a restart.
+  add_test(NAME rpc_seed_metrics
+    COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_SOURCE_DIR}/rpc/test_seed_metrics.py
+            $<TARGET_FILE:kasminad> ${py_out})
+  set_tests_properties(rpc_seed_metrics PROPERTIES LABELS rpc TIMEOUT 120)
 else()
   message(STATUS "kasmina: no Python stubs or interpreter: rpc server tests not registered")
 endif()
