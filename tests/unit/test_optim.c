@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/cpu/cpu_pool.h"
 #include "kasmina/alloc.h"
 #include "kasmina/backend.h"
 #include "kasmina/errors.h"
@@ -358,4 +359,100 @@ Test(optim_golden, every_op_has_its_cases)
         int n = kt_golden_count(files, want[i].op);
         cr_expect_geq(n, want[i].min, "%s: only %d %s cases", want[i].file, n, want[i].op);
     }
+}
+
+/* ---- Properties ---- */
+
+TestSuite(optim, .timeout = 60);
+
+static ksm_tensor dev_f32(struct env *e, int64_t n, float v)
+{
+    struct ksm_st_tensor st = {.dtype = KSM_DTYPE_F32, .ndim = 1, .shape = {n}};
+    float *h = malloc((size_t)n * sizeof *h);
+    cr_assert_not_null(h);
+    for (int64_t i = 0; i < n; i++) h[i] = v * (float)((i % 97) - 48) / 48.0f;
+    st.data = h;
+    st.nbytes = (size_t)n * sizeof *h;
+    ksm_tensor t = upload(e, &st);
+    free(h);
+    return t;
+}
+
+/* Bad arguments are refused with the documented codes and nothing runs. */
+Test(optim, validation)
+{
+    struct env e;
+    env_init(&e);
+    ksm_tensor p = dev_f32(&e, 8, 1.0f), g = dev_f32(&e, 8, 1.0f), b = dev_f32(&e, 8, 1.0f);
+    ksm_tensor g7 = dev_f32(&e, 7, 1.0f);
+    struct ksm_sgd_config mom = {.lr = 0.1, .momentum = 0.9}, plain = {.lr = 0.1};
+    cr_expect_eq(ksm_op_sgd(e.s, &p, &g, NULL, &mom, true), KSM_EINVAL);
+    cr_expect_eq(ksm_op_sgd(e.s, &p, &g, &b, &plain, true), KSM_EINVAL);
+    cr_expect_eq(ksm_op_sgd(e.s, &p, &g7, &b, &mom, true), KSM_ESHAPE);
+    cr_expect_eq(ksm_op_sgd(e.s, &p, &p, &b, &mom, true), KSM_EINVAL); /* overlap */
+    struct ksm_sgd_config bad[] = {
+        {.lr = -1.0},
+        {.lr = NAN},
+        {.lr = 0.1, .nesterov = true},
+        {.lr = 0.1, .momentum = 0.9, .dampening = 0.1, .nesterov = true},
+        {.lr = 0.1, .weight_decay = -1e-4},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        cr_expect_eq(ksm_sgd_config_check(&bad[i]), KSM_EINVAL, "config %zu", i);
+    cr_expect_eq(ksm_op_sumsq(e.s, &p, &g), KSM_EDTYPE); /* F32 out */
+    cr_expect_eq(ksm_op_scale(e.s, NULL, 1.0), KSM_EINVAL);
+    ksm_tensor strided = p;
+    strided.shape[0] = 4;
+    strided.stride[0] = 2;
+    cr_expect_eq(ksm_op_scale(e.s, &strided, 2.0), KSM_EINVAL);
+    float *h = download(&e, &p);
+    cr_expect_eq(h[0], -1.0f, "p changed by a refused op");
+    free(h);
+    env_fini(&e);
+}
+
+/* The sum of squares is the same with one thread and with the pool (chunks are fixed). */
+Test(optim, sumsq_thread_independent)
+{
+    struct env e;
+    env_init(&e);
+    ksm_tensor x = dev_f32(&e, 1000003, 0.37f);
+    const ksm_tensor *xs[] = {&x};
+    struct ksm_grad_sq one, many;
+    int prev = ksm_cpu_pool_set_max_threads(1);
+    cr_assert_eq(ksm_grad_sumsq(e.s, e.a, xs, 1, &one), 0);
+    ksm_cpu_pool_set_max_threads(prev);
+    cr_assert_eq(ksm_grad_sumsq(e.s, e.a, xs, 1, &many), 0);
+    cr_expect_eq(memcmp(&one.sumsq, &many.sumsq, sizeof(double)), 0, "%.17g vs %.17g", one.sumsq,
+                 many.sumsq);
+    cr_expect_eq(one.numel, 1000003);
+    env_fini(&e);
+}
+
+/* Reset drops every buffer; the next step starts them again as copies of the gradient. */
+Test(optim, reset_drops_buffers)
+{
+    struct env e;
+    env_init(&e);
+    ksm_tensor p = dev_f32(&e, 16, 1.0f), g = dev_f32(&e, 16, 0.5f);
+    struct ksm_sgd_config cfg = {.lr = 0.1, .momentum = 0.9};
+    struct ksm_sgd o;
+    cr_assert_eq(ksm_sgd_init(&o, &cfg, e.a, 2), 0);
+    ksm_tensor q = dev_f32(&e, 4, 1.0f);
+    struct ksm_sgd_pair pairs[] = {{&p, &g}, {&q, NULL}};
+    cr_assert_eq(ksm_sgd_step(&o, e.s, pairs, 2), 0);
+    cr_assert_eq(ksm_sgd_step(&o, e.s, pairs, 2), 0);
+    cr_expect_not_null(o.buf[0].data);
+    cr_expect_null(o.buf[1].data, "a parameter without a gradient got a buffer");
+    cr_expect_gt(ksm_sgd_bytes(&o), 0);
+    ksm_sgd_reset(&o, &e.s, 1);
+    cr_expect_eq(ksm_sgd_bytes(&o), 0);
+    cr_assert_eq(ksm_sgd_step(&o, e.s, pairs, 2), 0);
+    float *b = download(&e, &o.buf[0]), *gh = download(&e, &g);
+    cr_expect_eq(memcmp(b, gh, 16 * sizeof(float)), 0, "fresh buffer != gradient");
+    free(b);
+    free(gh);
+    cr_expect_eq(ksm_sgd_step(&o, e.s, pairs, 1), KSM_EINVAL); /* wrong count */
+    ksm_sgd_destroy(&o, &e.s, 1);
+    env_fini(&e);
 }
