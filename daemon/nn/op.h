@@ -155,6 +155,21 @@ enum ksm_op_type {
     /* dst[N] I64 <- index of the first maximum of each row of src0[N,C] (NaN counts as the
      * maximum, as in PyTorch). */
     KSM_OP_ARGMAX,
+    /* ---- optimizer ---- */
+    /* One torch.optim.SGD step of one parameter, in place: dst param (read and written), src0
+     * grad, src1 momentum buffer (read and written; absent when p.sgd.momentum == 0); all F32,
+     * contiguous, the same shape, pairwise disjoint. In F32 with the hyper-parameters rounded
+     * to float as PyTorch does (alpha = (float)(1 - dampening), (float)-lr):
+     *   d = g + wd * p (wd != 0);  buf = first ? d : momentum * buf + (1 - dampening) * d;
+     *   d = nesterov ? d + momentum * buf : buf (momentum != 0);  p = p + (-lr) * d. */
+    KSM_OP_SGD,
+    /* Sum of squares of src0 (F32, contiguous, any shape), accumulated in double, written as
+     * the 8 bytes of one IEEE double into dst: an I64 tensor of one element (the project has no
+     * F64 dtype; the element is a carrier, read back with memcpy). Non-finite values propagate.
+     * The result does not depend on the thread count. */
+    KSM_OP_SUMSQ,
+    /* dst <- dst * (float)p.scale.value, in place (F32, contiguous). */
+    KSM_OP_SCALE,
     KSM_OP_COUNT
 };
 
@@ -212,6 +227,14 @@ struct ksm_op {
         struct {
             double value;
         } fill;
+        struct {
+            double lr, momentum, dampening, weight_decay;
+            int nesterov;
+            int first; /* the buffer's first step: buf = d, as torch when it creates it */
+        } sgd;
+        struct {
+            double value;
+        } scale;
     } p;
 };
 

@@ -888,6 +888,10 @@ const char *ksm_op_name(enum ksm_op_type type)
         [KSM_OP_MAXPOOL2] = "maxpool2",
         [KSM_OP_CROSS_ENTROPY] = "cross_entropy",
         [KSM_OP_ARGMAX] = "argmax",
+        /* ---- optimizer ---- */
+        [KSM_OP_SGD] = "sgd",
+        [KSM_OP_SUMSQ] = "sumsq",
+        [KSM_OP_SCALE] = "scale",
     };
     if ((int)type < 0 || (int)type >= (int)KSM_OP_COUNT || names[type] == NULL) return "unknown";
     return names[type];

@@ -22,6 +22,10 @@ int ksm_cpu_op_exec(const struct ksm_op *op)
     case KSM_OP_MAXPOOL2: return ksm_cpu_exec_maxpool2(op);
     case KSM_OP_CROSS_ENTROPY: return ksm_cpu_exec_cross_entropy(op);
     case KSM_OP_ARGMAX: return ksm_cpu_exec_argmax(op);
+    /* ---- optimizer ---- */
+    case KSM_OP_SGD: return ksm_cpu_exec_sgd(op);
+    case KSM_OP_SUMSQ: return ksm_cpu_exec_sumsq(op);
+    case KSM_OP_SCALE: return ksm_cpu_exec_scale(op);
     default: return KSM_EUNSUPPORTED;
     }
 }
