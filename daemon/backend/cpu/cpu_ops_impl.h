@@ -2,7 +2,8 @@
  * CPU op kernels (the reference implementation; the GPU conformance suite's oracle), split by op
  * family like the CUDA plugin: cpu_elementwise.c, cpu_conv.c (GEMM, linear, convolution),
  * cpu_winograd.c, cpu_norm.c (norms, softmax and shared row helpers), cpu_attention.c,
- * cpu_reduce.c (embedding, means, pooling, losses, argmax); cpu_ops.c dispatches.
+ * cpu_reduce.c (embedding, means, pooling, losses, argmax), cpu_backward.c (the backward ops);
+ * cpu_ops.c dispatches.
  *
  * Every kernel runs on the calling thread (a stream worker) on host memory and trusts the
  * invariants ops.c established (see nn/op.h). F32 math; per-element functions come from
@@ -85,3 +86,6 @@ int ksm_cpu_exec_mean(const struct ksm_op *op);
 int ksm_cpu_exec_maxpool2(const struct ksm_op *op);
 int ksm_cpu_exec_cross_entropy(const struct ksm_op *op);
 int ksm_cpu_exec_argmax(const struct ksm_op *op);
+/* cpu_backward.c: UNARY_BACKWARD, BROADCAST_GRAD, SUM_ROWS, MEAN_BACKWARD, MAXPOOL2_BACKWARD,
+ * EMBEDDING_BACKWARD, CROSS_ENTROPY_BACKWARD. */
+int ksm_cpu_exec_backward(const struct ksm_op *op);
