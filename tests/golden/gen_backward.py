@@ -14,8 +14,9 @@ Files written next to this script, in gen_ops.py's format (its Fixture class is 
     backward_misc.safetensors  linear, mean, maxpool2 (ties, NaN, odd sizes), embedding
                                (repeated ids, I64/I32), mean cross-entropy (ignore_index, NaN)
 
-Every case is "op=<op> k=v ..." in the metadata. Roles: the forward inputs under their names
-(x, a, b, w, idx, labels; "y" is the forward output where the op takes it), "dy" the gradient
+Every case is "op=<op> k=v ..." in the metadata. Roles: the forward inputs the backward op reads,
+under their names (x, a, b, w, idx, labels; "y" is the forward output, which sigmoid and tanh
+backward take; embedding backward needs no weight), "dy" the gradient
 of the output, and the expected gradients under "ref_<name>" (ref_dx, ref_da, ...), each the
 .grad PyTorch autograd leaves on the input after y.backward(dy) in float32.
 """

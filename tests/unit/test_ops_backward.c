@@ -393,6 +393,25 @@ Test(backward, cross_entropy_all_ignored)
     env_fini(&e);
 }
 
+/* No rows: the weight and bias gradients are zeros (empty sums), dx is empty. */
+Test(backward, linear_no_rows)
+{
+    struct env e;
+    env_init(&e);
+    const int64_t sx[2] = {0, 5}, sw[2] = {3, 5}, sy[2] = {0, 3}, sb[1] = {3};
+    const float w[15] = {0};
+    ksm_tensor tx = dev_empty(&e, KSM_DTYPE_F32, 2, sx), tw = dev_f32(&e, 2, sw, w);
+    ksm_tensor tdy = dev_empty(&e, KSM_DTYPE_F32, 2, sy), dx = dev_empty(&e, KSM_DTYPE_F32, 2, sx);
+    ksm_tensor dw = dev_empty(&e, KSM_DTYPE_F32, 2, sw), db = dev_empty(&e, KSM_DTYPE_F32, 1, sb);
+    cr_assert_eq(ksm_op_linear_backward(e.s, &dx, &dw, &db, &tdy, &tx, &tw), 0);
+    float *gw = download(&e, &dw), *gb = download(&e, &db);
+    for (int i = 0; i < 15; i++) cr_expect_eq(gw[i], 0.0f, "dw[%d]", i);
+    for (int i = 0; i < 3; i++) cr_expect_eq(gb[i], 0.0f, "db[%d]", i);
+    free(gw);
+    free(gb);
+    env_fini(&e);
+}
+
 /* The broadcast reductions and the bias sums do not depend on the number of threads. */
 Test(backward, thread_count_independent)
 {
