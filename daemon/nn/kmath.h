@@ -48,6 +48,42 @@ KSM_HD float ksm_lerp(float a, float b, float w)
     return (fabsf(w) < 0.5f) ? a + w * diff : b - diff * (1.0f - w);
 }
 
+/* ---- Derivatives (g: the gradient of the output) ---- */
+
+/* threshold_backward: 0 where x <= 0, else g (a NaN x passes g, as PyTorch). */
+KSM_HD float ksm_relu_grad(float g, float x) { return x <= 0.0f ? 0.0f : g; }
+
+/* PyTorch's GELU backward: g * (cdf + x * pdf), cdf = 0.5 (1 + erf(x / sqrt 2)),
+ * pdf = exp(-x^2 / 2) / sqrt(2 pi). */
+KSM_HD float ksm_gelu_grad(float g, float x)
+{
+    const float cdf = 0.5f * (1.0f + erff(x * 0.70710678118654752440f));
+    const float pdf = 0.39894228040143267794f * expf(-0.5f * x * x);
+    return g * (cdf + x * pdf);
+}
+
+/* From the forward output y = sigmoid(x): g * (1 - y) * y. */
+KSM_HD float ksm_sigmoid_grad(float g, float y) { return g * (1.0f - y) * y; }
+
+/* From the forward output y = tanh(x): g * (1 - y^2). */
+KSM_HD float ksm_tanh_grad(float g, float y) { return g * (1.0f - y * y); }
+
+/* torch.clamp's backward: g for x inside [0, 1] inclusive, else 0 (NaN x gives 0). */
+KSM_HD float ksm_clamp01_grad(float g, float x) { return (x >= 0.0f && x <= 1.0f) ? g : 0.0f; }
+
+/* KSM_OP_BROADCAST_GRAD's element (fn is an enum ksm_bgrad_fn of nn/op.h): SUM g, MUL g * s1,
+ * LERP_A g * (1 - s3), LERP_B g * s3, LERP_W g * (s2 - s1) (derivatives.yaml of lerp). */
+KSM_HD float ksm_bgrad(int fn, float g, float s1, float s2, float s3)
+{
+    switch (fn) {
+    case 1: return g * s1;
+    case 2: return g * (1.0f - s3);
+    case 3: return g * s3;
+    case 4: return g * (s2 - s1);
+    default: return g;
+    }
+}
+
 /* ---- Conversions (round to nearest even, NaN preserved) ---- */
 
 KSM_HD uint32_t ksm_f32_bits(float f)

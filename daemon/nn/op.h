@@ -170,6 +170,36 @@ enum ksm_op_type {
     KSM_OP_SUMSQ,
     /* dst <- dst * (float)p.scale.value, in place (F32, contiguous). */
     KSM_OP_SCALE,
+    /* ---- backward: elementwise, linear, reductions, losses ---- */
+    /* dst (dx) <- d f(x)/dx * src0 (dy), f = p.unary.fn (RELU, GELU, SIGMOID, TANH, CLAMP01);
+     * src1 is the forward input x for RELU, GELU and CLAMP01 and the forward output y for
+     * SIGMOID and TANH (kmath.h's ksm_*_grad). dst, src0, src1 contiguous, one shape; dst may
+     * equal src0 exactly. */
+    KSM_OP_UNARY_BACKWARD,
+    /* dst <- f(src0 (dy), src1, src2, src3) summed over the dims where dst broadcasts to dy's
+     * shape (f = p.bgrad.fn, kmath.h's ksm_bgrad). src0 contiguous with the full shape F;
+     * src1..src3 expanded to F (stride 0 where broadcast); dst contiguous, ndim <= F's,
+     * right-aligned, each dim equal to F's or 1. Sums accumulate in double, in index order. */
+    KSM_OP_BROADCAST_GRAD,
+    /* dst[N] <- sum over the rows of contiguous src0[M, N], in double (a linear layer's bias
+     * gradient). */
+    KSM_OP_SUM_ROWS,
+    /* dst (x's shape, contiguous) <- src0 / count broadcast over dims [dim_begin, dim_end)
+     * (p.mean): src0 contiguous with outer * inner elements, count = the reduced elements. */
+    KSM_OP_MEAN_BACKWARD,
+    /* dst[N,C,H,W] <- the gradient of KSM_OP_MAXPOOL2: src0 dy[N,C,H/2,W/2], src1 x[N,C,H,W].
+     * Each window's gradient goes to the first maximum in window order, or to the last NaN
+     * when the window has one (PyTorch's CPU kernel); rows and columns left out by the floor
+     * get 0. */
+    KSM_OP_MAXPOOL2_BACKWARD,
+    /* dst[V, D] <- 0, then dst[src1[r]] += src0[r] for every index r in order (src0 dy
+     * [R, D], src1 I64/I32 [R]); an index outside [0, V) is skipped. */
+    KSM_OP_EMBEDDING_BACKWARD,
+    /* dst[N, C] <- (softmax(src0[N, C]) - onehot(src1[N])) * p.xent_bw.scale / count, count =
+     * the rows whose label is not p.xent_bw.ignore_index (mean cross-entropy, as PyTorch);
+     * ignored rows get 0, a row with another label outside [0, C) or a non-finite maximum gets
+     * NaN. src1 I64. */
+    KSM_OP_CROSS_ENTROPY_BACKWARD,
     KSM_OP_COUNT
 };
 
@@ -184,6 +214,16 @@ enum ksm_unary_fn {
 };
 
 enum ksm_binary_fn { KSM_BINARY_ADD = 0, KSM_BINARY_SUB, KSM_BINARY_MUL, KSM_BINARY_COUNT };
+
+/* KSM_OP_BROADCAST_GRAD's per-element function of g = src0 and the sources s1..s3. */
+enum ksm_bgrad_fn {
+    KSM_BGRAD_SUM = 0, /* g (add: sum_to_size) */
+    KSM_BGRAD_MUL,     /* g * s1 (mul: the other factor) */
+    KSM_BGRAD_LERP_A,  /* g * (1 - s3), sources (a, b, w) */
+    KSM_BGRAD_LERP_B,  /* g * s3 */
+    KSM_BGRAD_LERP_W,  /* g * (s2 - s1) */
+    KSM_BGRAD_COUNT
+};
 
 struct ksm_op {
     enum ksm_op_type type;
@@ -235,6 +275,13 @@ struct ksm_op {
         struct {
             double value;
         } scale;
+        struct {
+            enum ksm_bgrad_fn fn;
+        } bgrad;
+        struct {
+            int64_t ignore_index;
+            float scale; /* d loss (1 for the loss itself) */
+        } xent_bw;
     } p;
 };
 

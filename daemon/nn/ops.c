@@ -892,6 +892,14 @@ const char *ksm_op_name(enum ksm_op_type type)
         [KSM_OP_SGD] = "sgd",
         [KSM_OP_SUMSQ] = "sumsq",
         [KSM_OP_SCALE] = "scale",
+        /* ---- backward: elementwise, linear, reductions, losses ---- */
+        [KSM_OP_UNARY_BACKWARD] = "unary_backward",
+        [KSM_OP_BROADCAST_GRAD] = "broadcast_grad",
+        [KSM_OP_SUM_ROWS] = "sum_rows",
+        [KSM_OP_MEAN_BACKWARD] = "mean_backward",
+        [KSM_OP_MAXPOOL2_BACKWARD] = "maxpool2_backward",
+        [KSM_OP_EMBEDDING_BACKWARD] = "embedding_backward",
+        [KSM_OP_CROSS_ENTROPY_BACKWARD] = "cross_entropy_backward",
     };
     if ((int)type < 0 || (int)type >= (int)KSM_OP_COUNT || names[type] == NULL) return "unknown";
     return names[type];

@@ -26,6 +26,14 @@ int ksm_cpu_op_exec(const struct ksm_op *op)
     case KSM_OP_SGD: return ksm_cpu_exec_sgd(op);
     case KSM_OP_SUMSQ: return ksm_cpu_exec_sumsq(op);
     case KSM_OP_SCALE: return ksm_cpu_exec_scale(op);
+    /* ---- backward: elementwise, linear, reductions, losses ---- */
+    case KSM_OP_UNARY_BACKWARD:
+    case KSM_OP_BROADCAST_GRAD:
+    case KSM_OP_SUM_ROWS:
+    case KSM_OP_MEAN_BACKWARD:
+    case KSM_OP_MAXPOOL2_BACKWARD:
+    case KSM_OP_EMBEDDING_BACKWARD:
+    case KSM_OP_CROSS_ENTROPY_BACKWARD: return ksm_cpu_exec_backward(op);
     default: return KSM_EUNSUPPORTED;
     }
 }

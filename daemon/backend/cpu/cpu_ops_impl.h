@@ -3,7 +3,8 @@
  * family like the CUDA plugin: cpu_elementwise.c, cpu_conv.c (GEMM, linear, convolution),
  * cpu_winograd.c, cpu_norm.c (norms, softmax and shared row helpers), cpu_attention.c,
  * cpu_reduce.c (embedding, means, pooling, losses, argmax), cpu_optim.c (SGD, sums of squares,
- * scaling); cpu_ops.c dispatches.
+ * scaling), cpu_backward.c (the backward ops);
+ * cpu_ops.c dispatches.
  *
  * Every kernel runs on the calling thread (a stream worker) on host memory and trusts the
  * invariants ops.c established (see nn/op.h). F32 math; per-element functions come from
@@ -89,3 +90,6 @@ int ksm_cpu_exec_argmax(const struct ksm_op *op);
 int ksm_cpu_exec_sgd(const struct ksm_op *op);   /* cpu_optim.c */
 int ksm_cpu_exec_sumsq(const struct ksm_op *op); /* cpu_optim.c */
 int ksm_cpu_exec_scale(const struct ksm_op *op); /* cpu_optim.c */
+/* cpu_backward.c: UNARY_BACKWARD, BROADCAST_GRAD, SUM_ROWS, MEAN_BACKWARD, MAXPOOL2_BACKWARD,
+ * EMBEDDING_BACKWARD, CROSS_ENTROPY_BACKWARD. */
+int ksm_cpu_exec_backward(const struct ksm_op *op);
