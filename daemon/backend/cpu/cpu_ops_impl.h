@@ -85,3 +85,12 @@ int ksm_cpu_exec_mean(const struct ksm_op *op);
 int ksm_cpu_exec_maxpool2(const struct ksm_op *op);
 int ksm_cpu_exec_cross_entropy(const struct ksm_op *op);
 int ksm_cpu_exec_argmax(const struct ksm_op *op);
+
+// ---- Backward: norms, convolution, attention (each returns 0 or KSM_ENOMEM) ----
+
+int ksm_cpu_exec_batchnorm_train(const struct ksm_op *op);    /* cpu_norm_backward.c */
+int ksm_cpu_exec_batchnorm_backward(const struct ksm_op *op); /* cpu_norm_backward.c */
+int ksm_cpu_exec_groupnorm_backward(const struct ksm_op *op); /* cpu_norm_backward.c */
+int ksm_cpu_exec_layernorm_backward(const struct ksm_op *op); /* cpu_norm_backward.c */
+int ksm_cpu_exec_conv2d_backward(const struct ksm_op *op);    /* cpu_conv_backward.c */
+int ksm_cpu_exec_sdpa_backward(const struct ksm_op *op);      /* cpu_attention_backward.c */
