@@ -268,3 +268,170 @@ Test(backward_nn_golden, every_op_has_its_cases)
     for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++)
         cr_expect_geq(kt_golden_count(GOLDEN_FILES, ops[i]), 4, "%s", ops[i]);
 }
+
+// ---- Edge cases ----
+
+TestSuite(backward_nn_edge, .timeout = 30);
+
+/* Every element of t still holds the 0xff fill (nothing was written). */
+static void expect_untouched(struct env *e, const ksm_tensor *t, const char *what)
+{
+    uint32_t *h = (uint32_t *)download(e, t);
+    for (int64_t i = 0; i < ksm_tensor_numel(t); i++)
+        if (h[i] != 0xffffffffu) {
+            cr_expect_fail("%s[%lld] was written", what, (long long)i);
+            break;
+        }
+    free(h);
+}
+
+Test(backward_nn_edge, running_stats_update_as_pytorch)
+{
+    struct env e;
+    env_init(&e);
+    const int64_t xs[4] = {2, 1, 1, 2}, c = 1;
+    const float xv[4] = {1.0f, 2.0f, 3.0f, 4.0f}, one = 1.0f, zero = 0.0f;
+    const float rm0 = 0.5f, rv0 = 2.0f;
+    ksm_tensor x = dev_from(&e, 4, xs, xv), w = dev_from(&e, 1, &c, &one);
+    ksm_tensor b = dev_from(&e, 1, &c, &zero), rm = dev_from(&e, 1, &c, &rm0);
+    ksm_tensor rv = dev_from(&e, 1, &c, &rv0), y = dev_like(&e, &x);
+    ksm_tensor mean = dev_like(&e, &w), invstd = dev_like(&e, &w);
+    cr_assert_eq(ksm_op_batchnorm_train(e.s, &y, &mean, &invstd, &x, &w, &b, &rm, &rv, 0.1, 1e-5f),
+                 0);
+    float *got_m = download(&e, &rm), *got_v = download(&e, &rv), *got_mean = download(&e, &mean);
+    /* torch: r = momentum * stat + (1 - momentum) * r in double; var unbiased (n / (n - 1)) */
+    cr_expect_eq(*got_m, (float)(0.1 * 2.5 + 0.9 * (double)rm0));
+    cr_expect_eq(*got_v, (float)(0.1 * (5.0 / 3.0) + 0.9 * (double)rv0));
+    cr_expect_eq(*got_mean, 2.5f);
+    free(got_m);
+    free(got_v);
+    free(got_mean);
+    /* without running statistics: nothing to update, the rest as before */
+    cr_assert_eq(
+        ksm_op_batchnorm_train(e.s, &y, &mean, &invstd, &x, &w, &b, NULL, NULL, 0.1, 1e-5f), 0);
+    float *yh = download(&e, &y);
+    cr_expect_float_eq(yh[0], (float)(-1.5 / sqrt(1.25 + 1e-5)), 1e-6f);
+    free(yh);
+    env_fini(&e);
+}
+
+Test(backward_nn_edge, batchnorm_train_rejects_bad_arguments)
+{
+    struct env e;
+    env_init(&e);
+    const int64_t xs[4] = {2, 3, 2, 2}, one_px[4] = {1, 3, 1, 1}, c = 3, c2 = 2;
+    ksm_tensor x = dev_empty(&e, 4, xs), y = dev_empty(&e, 4, xs), x1 = dev_empty(&e, 4, one_px);
+    ksm_tensor y1 = dev_empty(&e, 4, one_px);
+    ksm_tensor w = dev_empty(&e, 1, &c), b = dev_empty(&e, 1, &c), rm = dev_empty(&e, 1, &c);
+    ksm_tensor rv = dev_empty(&e, 1, &c), sm = dev_empty(&e, 1, &c), si = dev_empty(&e, 1, &c);
+    ksm_tensor short_v = dev_empty(&e, 1, &c2), wi = w;
+    wi.dtype = KSM_DTYPE_I32;
+    cr_expect_eq(ksm_op_batchnorm_train(e.s, &y, &sm, &si, &x, &w, &b, &rm, &short_v, 0.1, 1e-5f),
+                 KSM_ESHAPE);
+    cr_expect_eq(ksm_op_batchnorm_train(e.s, &y, &sm, &si, &x, &wi, &b, &rm, &rv, 0.1, 1e-5f),
+                 KSM_EDTYPE);
+    cr_expect_eq(ksm_op_batchnorm_train(e.s, &y1, &sm, &si, &x1, &w, &b, &rm, &rv, 0.1, 1e-5f),
+                 KSM_ESHAPE); /* one value per channel */
+    cr_expect_eq(ksm_op_batchnorm_train(e.s, &y, &sm, &si, &x, &w, &b, &rm, NULL, 0.1, 1e-5f),
+                 KSM_EINVAL);
+    cr_expect_eq(ksm_op_batchnorm_train(e.s, &y, &sm, &sm, &x, &w, &b, &rm, &rv, 0.1, 1e-5f),
+                 KSM_EINVAL); /* outputs overlap */
+    cr_expect_eq(ksm_op_batchnorm_train(e.s, &y, &sm, &si, &x, &w, &b, &rm, &rv, 0.1, 0.0f),
+                 KSM_EINVAL);
+    cr_expect_eq(ksm_op_batchnorm_train(e.s, &y, &sm, &si, &x, &w, &b, &rm, &rv, 1.5, 1e-5f),
+                 KSM_EINVAL);
+    expect_untouched(&e, &y, "y");
+    expect_untouched(&e, &rm, "running_mean");
+    expect_untouched(&e, &rv, "running_var");
+    expect_untouched(&e, &sm, "save_mean");
+    env_fini(&e);
+}
+
+Test(backward_nn_edge, norm_backward_rejects_bad_arguments)
+{
+    struct env e;
+    env_init(&e);
+    const int64_t xs[4] = {2, 4, 3, 3}, c = 4, c3 = 3;
+    ksm_tensor x = dev_empty(&e, 4, xs), dy = dev_empty(&e, 4, xs), dx = dev_empty(&e, 4, xs);
+    ksm_tensor dw = dev_empty(&e, 1, &c), dw3 = dev_empty(&e, 1, &c3);
+    ksm_tensor m = dev_empty(&e, 1, &c), is = dev_empty(&e, 1, &c);
+    cr_expect_eq(ksm_op_groupnorm_backward(e.s, &dx, &dw3, NULL, &dy, &x, 2, NULL, 1e-5f),
+                 KSM_ESHAPE);
+    cr_expect_eq(ksm_op_groupnorm_backward(e.s, &dx, NULL, NULL, &dy, &x, 3, NULL, 1e-5f),
+                 KSM_EINVAL); /* groups do not divide C */
+    cr_expect_eq(ksm_op_groupnorm_backward(e.s, NULL, NULL, NULL, &dy, &x, 2, NULL, 1e-5f),
+                 KSM_EINVAL); /* no output */
+    cr_expect_eq(ksm_op_layernorm_backward(e.s, &dx, &dw, NULL, &dy, &x, NULL, 1e-5f),
+                 KSM_ESHAPE); /* dweight over D = 3 */
+    cr_expect_eq(ksm_op_layernorm_backward(e.s, &dy, NULL, NULL, &dy, &x, NULL, 1e-5f),
+                 KSM_EINVAL); /* dx is dy */
+    ksm_tensor xi = x;
+    xi.dtype = KSM_DTYPE_F16;
+    cr_expect_eq(ksm_op_batchnorm_backward(e.s, &dx, NULL, NULL, &dy, &xi, NULL, &m, &is),
+                 KSM_EDTYPE);
+    cr_expect_eq(ksm_op_batchnorm_backward(e.s, &dx, NULL, NULL, &dy, &x, NULL, &m, &dw3),
+                 KSM_ESHAPE);
+    expect_untouched(&e, &dx, "dx");
+    expect_untouched(&e, &dw, "dweight");
+    env_fini(&e);
+}
+
+Test(backward_nn_edge, conv2d_backward_rejects_bad_arguments)
+{
+    struct env e;
+    env_init(&e);
+    const int64_t xs[4] = {1, 4, 5, 5}, ws_[4] = {6, 2, 3, 3}, ys[4] = {1, 6, 5, 5};
+    const int64_t bad_ys[4] = {1, 6, 3, 3}, co = 6;
+    ksm_tensor x = dev_empty(&e, 4, xs), w = dev_empty(&e, 4, ws_), dy = dev_empty(&e, 4, ys);
+    ksm_tensor dyb = dev_empty(&e, 4, bad_ys), dx = dev_empty(&e, 4, xs);
+    ksm_tensor dw = dev_empty(&e, 4, ws_), db = dev_empty(&e, 1, &co);
+    size_t wsb = ksm_op_conv2d_backward_workspace_size(&x, &w, 1, 1, 2);
+    cr_assert_eq(wsb, sizeof(float) * 2 * 9 * 25);
+    void *ws = NULL;
+    cr_assert_eq(ksm_device_malloc(e.dev, wsb, &ws), 0);
+    e.bufs[e.n_bufs++] = ws;
+    cr_expect_eq(ksm_op_conv2d_backward(e.s, &dx, &dw, &db, &dyb, &x, &w, 1, 1, 2, ws, wsb),
+                 KSM_ESHAPE);
+    cr_expect_eq(ksm_op_conv2d_backward(e.s, &dx, &dw, &db, &dy, &x, &w, 1, 1, 2, ws, wsb - 4),
+                 KSM_EINVAL);
+    cr_expect_eq(ksm_op_conv2d_backward(e.s, NULL, NULL, NULL, &dy, &x, &w, 1, 1, 2, ws, wsb),
+                 KSM_EINVAL);
+    cr_expect_eq(ksm_op_conv2d_backward(e.s, &dx, &dw, &db, &dy, &x, &w, 1, 1, 3, ws, wsb),
+                 KSM_EINVAL); /* groups */
+    cr_expect_eq(ksm_op_conv2d_backward(e.s, &dx, &dw, &db, &dy, &x, &w, 1, 1, 1, ws, wsb),
+                 KSM_ESHAPE); /* w's Ci/g */
+    cr_expect_eq(ksm_op_conv2d_backward(e.s, &dx, &dx, NULL, &dy, &x, &w, 1, 1, 2, ws, wsb),
+                 KSM_ESHAPE); /* dw shaped like x */
+    ksm_tensor dyh = dy;
+    dyh.dtype = KSM_DTYPE_BF16;
+    cr_expect_eq(ksm_op_conv2d_backward(e.s, &dx, &dw, &db, &dyh, &x, &w, 1, 1, 2, ws, wsb),
+                 KSM_EDTYPE);
+    expect_untouched(&e, &dx, "dx");
+    expect_untouched(&e, &dw, "dw");
+    expect_untouched(&e, &db, "db");
+    env_fini(&e);
+}
+
+Test(backward_nn_edge, sdpa_backward_rejects_bad_arguments)
+{
+    struct env e;
+    env_init(&e);
+    const int64_t qs[4] = {1, 2, 7, 8}, ks[4] = {1, 2, 5, 8};
+    ksm_tensor q = dev_empty(&e, 4, qs), k = dev_empty(&e, 4, ks), v = dev_empty(&e, 4, ks);
+    ksm_tensor dout = dev_empty(&e, 4, qs), dq = dev_empty(&e, 4, qs);
+    ksm_tensor dk = dev_empty(&e, 4, ks), dv = dev_empty(&e, 4, ks);
+    cr_expect_eq(ksm_op_sdpa_backward(e.s, &dq, &dk, &dv, &dout, &q, &k, &v, true, 0.0f),
+                 KSM_ESHAPE); /* causal with Tq > Tk */
+    cr_expect_eq(ksm_op_sdpa_backward(e.s, &dq, &dk, &dk, &dout, &q, &k, &v, false, 0.0f),
+                 KSM_EINVAL); /* dk and dv overlap */
+    cr_expect_eq(ksm_op_sdpa_backward(e.s, &dq, &dk, &dv, &dout, &q, &k, &v, false, NAN),
+                 KSM_EINVAL);
+    cr_expect_eq(ksm_op_sdpa_backward(e.s, &dq, &dk, &dv, &dout, &q, &k, &dq, false, 0.0f),
+                 KSM_ESHAPE); /* v shaped like q */
+    cr_expect_eq(ksm_op_sdpa_backward(e.s, &dq, NULL, &dv, &dout, &q, &k, &v, false, 0.0f),
+                 KSM_EINVAL);
+    expect_untouched(&e, &dq, "dq");
+    expect_untouched(&e, &dk, "dk");
+    expect_untouched(&e, &dv, "dv");
+    env_fini(&e);
+}
