@@ -93,6 +93,18 @@ static inline int64_t ksm_wino_workspace_floats(int64_t n, int64_t ci, int64_t c
     return all;
 }
 
+/* Floats of scratch KSM_OP_CONV2D_BACKWARD needs: one group-image column matrix (Ci/g * kh * kw
+ * x Ho * Wo), 0 on overflow. */
+static inline int64_t ksm_conv2d_backward_ws_floats(int64_t ci, int64_t groups, int64_t kh,
+                                                    int64_t kw, int64_t ho, int64_t wo)
+{
+    int64_t kdim, all;
+    if (groups < 1 || __builtin_mul_overflow(ci / groups, kh * kw, &kdim) ||
+        __builtin_mul_overflow(kdim, ho * wo, &all))
+        return 0;
+    return all;
+}
+
 enum ksm_op_type {
     /* dst <- src0, same shape, src0 any strides. Converts F32/F16/BF16 among themselves and
      * I64/I32 between themselves; otherwise dtypes are equal. */
@@ -200,6 +212,35 @@ enum ksm_op_type {
      * ignored rows get 0, a row with another label outside [0, C) or a non-finite maximum gets
      * NaN. src1 I64. */
     KSM_OP_CROSS_ENTROPY_BACKWARD,
+    /* ---- backward: norms, convolution, attention ---- */
+    /* Ops with several results write dst and the sources marked (out); an absent (out) or an
+     * absent dst (data == NULL, its shape still given) is not computed. Outputs never overlap
+     * each other or an input. Reductions over the batch accumulate in double. */
+    /* Train-mode BatchNorm over dim 1 of src0 x[N,C,...] (n = N * inner > 1 values per channel):
+     * dst y = (x - mean) * invstd * w + b with the batch mean and biased variance in double,
+     * invstd = 1 / sqrt(var + eps); src1 weight[C], src2 bias[C]; src3 running_mean[C] and src4
+     * running_var[C] (in/out, both or neither) become (1 - momentum) * r + momentum * stat in
+     * double, stat = mean and var * n / (n - 1) (as PyTorch); src5 save_mean[C] and src6
+     * save_invstd[C] (out, required): what KSM_OP_BATCHNORM_BACKWARD takes. */
+    KSM_OP_BATCHNORM_TRAIN,
+    /* dst dx[N,C,...] of train-mode BatchNorm from src0 dy, src1 x, src2 weight[C] (optional:
+     * 1), src3 save_mean[C], src4 save_invstd[C]; src5 dweight[C] (out), src6 dbias[C] (out). */
+    KSM_OP_BATCHNORM_BACKWARD,
+    /* dst dx[N,C,...] of KSM_OP_GROUPNORM (p.norm.groups, p.norm.eps; statistics recomputed in
+     * double) from src0 dy, src1 x, src2 weight[C] (optional); src3 dweight[C] (out), src4
+     * dbias[C] (out). */
+    KSM_OP_GROUPNORM_BACKWARD,
+    /* dst dx[..., D] of KSM_OP_LAYERNORM (p.norm.eps; statistics recomputed) from src0 dy, src1
+     * x, src2 weight[D] (optional); src3 dweight[D] (out), src4 dbias[D] (out). */
+    KSM_OP_LAYERNORM_BACKWARD,
+    /* dst dx[N,Ci,H,W] of KSM_OP_CONV2D (p.conv2d pad_h, pad_w, groups; bn_relu unset) from
+     * src0 dy[N,Co,Ho,Wo], src1 x, src2 w[Co,Ci/g,kh,kw]; src3 dw (out), src4 db[Co] (out). All
+     * contiguous. ws: at least ksm_conv2d_backward_ws_floats() floats. */
+    KSM_OP_CONV2D_BACKWARD,
+    /* dst dq[B,H,Tq,hd] of KSM_OP_SDPA (p.sdpa causal and scale, the forward's rule) from src0
+     * dout[B,H,Tq,hd], src1 q, src2 k[B,H,Tk,hd], src3 v; src4 dk (out), src5 dv (out), all
+     * required. Any strides with stride 1 in the last dim; probabilities are recomputed. */
+    KSM_OP_SDPA_BACKWARD,
     KSM_OP_COUNT
 };
 
@@ -282,6 +323,10 @@ struct ksm_op {
             int64_t ignore_index;
             float scale; /* d loss (1 for the loss itself) */
         } xent_bw;
+        struct {
+            double momentum;
+            float eps;
+        } bn_train; /* KSM_OP_BATCHNORM_TRAIN */
     } p;
 };
 

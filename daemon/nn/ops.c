@@ -900,6 +900,13 @@ const char *ksm_op_name(enum ksm_op_type type)
         [KSM_OP_MAXPOOL2_BACKWARD] = "maxpool2_backward",
         [KSM_OP_EMBEDDING_BACKWARD] = "embedding_backward",
         [KSM_OP_CROSS_ENTROPY_BACKWARD] = "cross_entropy_backward",
+        /* ---- backward: norms, convolution, attention ---- */
+        [KSM_OP_BATCHNORM_TRAIN] = "batchnorm_train",
+        [KSM_OP_BATCHNORM_BACKWARD] = "batchnorm_backward",
+        [KSM_OP_GROUPNORM_BACKWARD] = "groupnorm_backward",
+        [KSM_OP_LAYERNORM_BACKWARD] = "layernorm_backward",
+        [KSM_OP_CONV2D_BACKWARD] = "conv2d_backward",
+        [KSM_OP_SDPA_BACKWARD] = "sdpa_backward",
     };
     if ((int)type < 0 || (int)type >= (int)KSM_OP_COUNT || names[type] == NULL) return "unknown";
     return names[type];

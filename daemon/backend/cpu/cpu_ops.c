@@ -34,6 +34,13 @@ int ksm_cpu_op_exec(const struct ksm_op *op)
     case KSM_OP_MAXPOOL2_BACKWARD:
     case KSM_OP_EMBEDDING_BACKWARD:
     case KSM_OP_CROSS_ENTROPY_BACKWARD: return ksm_cpu_exec_backward(op);
+    /* ---- backward: norms, convolution, attention ---- */
+    case KSM_OP_BATCHNORM_TRAIN: return ksm_cpu_exec_batchnorm_train(op);
+    case KSM_OP_BATCHNORM_BACKWARD: return ksm_cpu_exec_batchnorm_backward(op);
+    case KSM_OP_GROUPNORM_BACKWARD: return ksm_cpu_exec_groupnorm_backward(op);
+    case KSM_OP_LAYERNORM_BACKWARD: return ksm_cpu_exec_layernorm_backward(op);
+    case KSM_OP_CONV2D_BACKWARD: return ksm_cpu_exec_conv2d_backward(op);
+    case KSM_OP_SDPA_BACKWARD: return ksm_cpu_exec_sdpa_backward(op);
     default: return KSM_EUNSUPPORTED;
     }
 }

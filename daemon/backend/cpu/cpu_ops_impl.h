@@ -93,3 +93,12 @@ int ksm_cpu_exec_scale(const struct ksm_op *op); /* cpu_optim.c */
 /* cpu_backward.c: UNARY_BACKWARD, BROADCAST_GRAD, SUM_ROWS, MEAN_BACKWARD, MAXPOOL2_BACKWARD,
  * EMBEDDING_BACKWARD, CROSS_ENTROPY_BACKWARD. */
 int ksm_cpu_exec_backward(const struct ksm_op *op);
+
+// ---- Backward: norms, convolution, attention (each returns 0 or KSM_ENOMEM) ----
+
+int ksm_cpu_exec_batchnorm_train(const struct ksm_op *op);    /* cpu_norm_backward.c */
+int ksm_cpu_exec_batchnorm_backward(const struct ksm_op *op); /* cpu_norm_backward.c */
+int ksm_cpu_exec_groupnorm_backward(const struct ksm_op *op); /* cpu_norm_backward.c */
+int ksm_cpu_exec_layernorm_backward(const struct ksm_op *op); /* cpu_norm_backward.c */
+int ksm_cpu_exec_conv2d_backward(const struct ksm_op *op);    /* cpu_conv_backward.c */
+int ksm_cpu_exec_sdpa_backward(const struct ksm_op *op);      /* cpu_attention_backward.c */
