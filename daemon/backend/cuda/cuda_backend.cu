@@ -185,6 +185,12 @@ int op_supported(const struct ksm_op *op)
         ok = op->dst.dtype == F32 && s[0].dtype == F32 && is_int(s[1].dtype);
         break;
     case KSM_OP_ARGMAX: ok = op->dst.dtype == KSM_DTYPE_I64 && s[0].dtype == F32; break;
+    case KSM_OP_SGD:
+        ok = op->dst.dtype == F32 && s[0].dtype == F32 &&
+             (op->p.sgd.momentum == 0.0 || s[1].dtype == F32);
+        break;
+    case KSM_OP_SUMSQ: ok = op->dst.dtype == KSM_DTYPE_I64 && s[0].dtype == F32; break;
+    case KSM_OP_SCALE: ok = op->dst.dtype == F32; break;
     default: ok = false; break;
     }
     return ok ? 0 : KSM_EUNSUPPORTED;
@@ -348,6 +354,9 @@ static int st_launch(ksm_stream *s, const struct ksm_op *op)
     case KSM_OP_CROSS_ENTROPY:
     case KSM_OP_ARGMAX: rc = launch_reduce(sc, op); break;
     case KSM_OP_SDPA: rc = launch_attention(sc, op); break;
+    case KSM_OP_SGD:
+    case KSM_OP_SUMSQ:
+    case KSM_OP_SCALE: rc = launch_optim(sc, op); break;
     default: rc = KSM_EUNSUPPORTED; break;
     }
     return stream_leave(sc, rc);

@@ -7,6 +7,13 @@
  *   cuda_gemm.cu        GEMM, LINEAR, CONV2D (cuBLAS + im2col / depthwise kernels)
  *   cuda_reduce.cu      GROUPNORM, LAYERNORM, SOFTMAX, MEAN, MAXPOOL2, CROSS_ENTROPY, ARGMAX
  *   cuda_attention.cu   SDPA (tiled online softmax)
+ *   cuda_optim.cu       SGD, SUMSQ, SCALE
+ *   cuda_backward.cu    UNARY_BACKWARD, BROADCAST_GRAD, SUM_ROWS, MEAN_BACKWARD,
+ *                       MAXPOOL2_BACKWARD, EMBEDDING_BACKWARD, CROSS_ENTROPY_BACKWARD
+ *   cuda_norm_backward.cu   BATCHNORM_TRAIN, BATCHNORM_BACKWARD, GROUPNORM_BACKWARD,
+ *                           LAYERNORM_BACKWARD
+ *   cuda_conv_backward.cu   CONV2D_BACKWARD (im2col / col2im + cuBLAS)
+ *   cuda_attention_backward.cu  SDPA_BACKWARD (recomputed probabilities, double sums)
  *
  * Everything here has hidden visibility: the plugin exports only ksm_backend_plugin_init.
  *
@@ -126,9 +133,32 @@ int launch_elementwise(stream_ctx *sc, const struct ksm_op *op);
 int launch_gemm(stream_ctx *sc, const struct ksm_op *op);
 int launch_reduce(stream_ctx *sc, const struct ksm_op *op);
 int launch_attention(stream_ctx *sc, const struct ksm_op *op);
+int launch_optim(stream_ctx *sc, const struct ksm_op *op);
+int launch_backward(stream_ctx *sc, const struct ksm_op *op);
+int launch_norm_backward(stream_ctx *sc, const struct ksm_op *op);
+int launch_conv_backward(stream_ctx *sc, const struct ksm_op *op);
+int launch_attention_backward(stream_ctx *sc, const struct ksm_op *op);
 
 /* 0 when the op can run on this backend, KSM_EUNSUPPORTED otherwise (pure check). */
 int op_supported(const struct ksm_op *op);
+
+/* ---- Stream-ordered scratch ---- */
+
+/* bytes of device scratch usable by work enqueued on sc after this call (cudaMallocAsync);
+ * release with scratch_free after the last kernel that uses it (stream order keeps it alive). */
+static inline int scratch_alloc(stream_ctx *sc, size_t bytes, void **out)
+{
+    *out = nullptr;
+    KSM_CUDA_TRY(sc, cudaMallocAsync(out, bytes > 0 ? bytes : 1, sc->stream));
+    return 0;
+}
+
+static inline int scratch_free(stream_ctx *sc, void *p)
+{
+    if (p == nullptr) return 0;
+    KSM_CUDA_TRY(sc, cudaFreeAsync(p, sc->stream));
+    return 0;
+}
 
 /* ---- Shared kernel helpers ---- */
 
