@@ -191,6 +191,28 @@ int op_supported(const struct ksm_op *op)
         break;
     case KSM_OP_SUMSQ: ok = op->dst.dtype == KSM_DTYPE_I64 && s[0].dtype == F32; break;
     case KSM_OP_SCALE: ok = op->dst.dtype == F32; break;
+    case KSM_OP_UNARY_BACKWARD:
+        ok = op->dst.dtype == F32 && s[0].dtype == F32 && s[1].dtype == F32 &&
+             (op->p.unary.fn == KSM_UNARY_RELU || op->p.unary.fn == KSM_UNARY_GELU ||
+              op->p.unary.fn == KSM_UNARY_SIGMOID || op->p.unary.fn == KSM_UNARY_TANH ||
+              op->p.unary.fn == KSM_UNARY_CLAMP01);
+        break;
+    case KSM_OP_BROADCAST_GRAD:
+        ok = op->dst.dtype == F32 && op->n_src >= 1 && op->n_src <= 4 &&
+             (int)op->p.bgrad.fn >= 0 && op->p.bgrad.fn < KSM_BGRAD_COUNT;
+        for (int i = 0; i < op->n_src; ++i) ok = ok && s[i].dtype == F32;
+        break;
+    case KSM_OP_SUM_ROWS:
+    case KSM_OP_MEAN_BACKWARD: ok = op->dst.dtype == F32 && s[0].dtype == F32; break;
+    case KSM_OP_MAXPOOL2_BACKWARD:
+        ok = op->dst.dtype == F32 && s[0].dtype == F32 && s[1].dtype == F32;
+        break;
+    case KSM_OP_EMBEDDING_BACKWARD:
+        ok = op->dst.dtype == F32 && s[0].dtype == F32 && is_int(s[1].dtype);
+        break;
+    case KSM_OP_CROSS_ENTROPY_BACKWARD:
+        ok = op->dst.dtype == F32 && s[0].dtype == F32 && s[1].dtype == KSM_DTYPE_I64;
+        break;
     default: ok = false; break;
     }
     return ok ? 0 : KSM_EUNSUPPORTED;
@@ -357,6 +379,13 @@ static int st_launch(ksm_stream *s, const struct ksm_op *op)
     case KSM_OP_SGD:
     case KSM_OP_SUMSQ:
     case KSM_OP_SCALE: rc = launch_optim(sc, op); break;
+    case KSM_OP_UNARY_BACKWARD:
+    case KSM_OP_BROADCAST_GRAD:
+    case KSM_OP_SUM_ROWS:
+    case KSM_OP_MEAN_BACKWARD:
+    case KSM_OP_MAXPOOL2_BACKWARD:
+    case KSM_OP_EMBEDDING_BACKWARD:
+    case KSM_OP_CROSS_ENTROPY_BACKWARD: rc = launch_backward(sc, op); break;
     default: rc = KSM_EUNSUPPORTED; break;
     }
     return stream_leave(sc, rc);
