@@ -213,6 +213,15 @@ int op_supported(const struct ksm_op *op)
     case KSM_OP_CROSS_ENTROPY_BACKWARD:
         ok = op->dst.dtype == F32 && s[0].dtype == F32 && s[1].dtype == KSM_DTYPE_I64;
         break;
+    case KSM_OP_BATCHNORM_TRAIN:
+    case KSM_OP_BATCHNORM_BACKWARD:
+    case KSM_OP_GROUPNORM_BACKWARD:
+    case KSM_OP_LAYERNORM_BACKWARD:
+        /* every present tensor is F32 (dst may be absent: data NULL) */
+        ok = op->dst.data == nullptr || op->dst.dtype == F32;
+        for (int i = 0; i < op->n_src && i < KSM_OP_MAX_SRC; ++i)
+            ok = ok && (s[i].data == nullptr || s[i].dtype == F32);
+        break;
     default: ok = false; break;
     }
     return ok ? 0 : KSM_EUNSUPPORTED;
@@ -350,13 +359,21 @@ static int st_host_fn(ksm_stream *s, ksm_host_fn fn, void *arg)
                         KSM_CUDA_CHECK(sc, cudaLaunchHostFunc(sc->stream, (cudaHostFn_t)fn, arg)));
 }
 
+static bool has_side_outputs(enum ksm_op_type t)
+{
+    return t == KSM_OP_BATCHNORM_BACKWARD || t == KSM_OP_GROUPNORM_BACKWARD ||
+           t == KSM_OP_LAYERNORM_BACKWARD || t == KSM_OP_CONV2D_BACKWARD ||
+           t == KSM_OP_SDPA_BACKWARD;
+}
+
 static int st_launch(ksm_stream *s, const struct ksm_op *op)
 {
     stream_ctx *sc = (stream_ctx *)s->ctx;
     int rc = op_supported(op);
     if (rc != 0) return rc;
     STREAM_ENTER(sc);
-    if (numel(&op->dst) == 0) return 0;
+    /* Ops with (out) sources still owe those outputs (zero gradients) when dst is empty. */
+    if (numel(&op->dst) == 0 && !has_side_outputs(op->type)) return 0;
     switch (op->type) {
     case KSM_OP_COPY:
     case KSM_OP_FILL:
@@ -386,6 +403,10 @@ static int st_launch(ksm_stream *s, const struct ksm_op *op)
     case KSM_OP_MAXPOOL2_BACKWARD:
     case KSM_OP_EMBEDDING_BACKWARD:
     case KSM_OP_CROSS_ENTROPY_BACKWARD: rc = launch_backward(sc, op); break;
+    case KSM_OP_BATCHNORM_TRAIN:
+    case KSM_OP_BATCHNORM_BACKWARD:
+    case KSM_OP_GROUPNORM_BACKWARD:
+    case KSM_OP_LAYERNORM_BACKWARD: rc = launch_norm_backward(sc, op); break;
     default: rc = KSM_EUNSUPPORTED; break;
     }
     return stream_leave(sc, rc);
