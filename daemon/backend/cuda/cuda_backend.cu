@@ -217,6 +217,7 @@ int op_supported(const struct ksm_op *op)
     case KSM_OP_BATCHNORM_BACKWARD:
     case KSM_OP_GROUPNORM_BACKWARD:
     case KSM_OP_LAYERNORM_BACKWARD:
+    case KSM_OP_CONV2D_BACKWARD:
         /* every present tensor is F32 (dst may be absent: data NULL) */
         ok = op->dst.data == nullptr || op->dst.dtype == F32;
         for (int i = 0; i < op->n_src && i < KSM_OP_MAX_SRC; ++i)
@@ -407,6 +408,7 @@ static int st_launch(ksm_stream *s, const struct ksm_op *op)
     case KSM_OP_BATCHNORM_BACKWARD:
     case KSM_OP_GROUPNORM_BACKWARD:
     case KSM_OP_LAYERNORM_BACKWARD: rc = launch_norm_backward(sc, op); break;
+    case KSM_OP_CONV2D_BACKWARD: rc = launch_conv_backward(sc, op); break;
     default: rc = KSM_EUNSUPPORTED; break;
     }
     return stream_leave(sc, rc);
