@@ -223,6 +223,10 @@ int op_supported(const struct ksm_op *op)
         for (int i = 0; i < op->n_src && i < KSM_OP_MAX_SRC; ++i)
             ok = ok && (s[i].data == nullptr || s[i].dtype == F32);
         break;
+    case KSM_OP_SDPA_BACKWARD:
+        ok = op->dst.dtype == F32 && op->dst.ndim == 4 && s[1].shape[3] <= KSM_SDPA_MAX_HEAD_DIM;
+        for (int i = 0; i < 6; ++i) ok = ok && s[i].dtype == F32;
+        break;
     default: ok = false; break;
     }
     return ok ? 0 : KSM_EUNSUPPORTED;
@@ -409,6 +413,7 @@ static int st_launch(ksm_stream *s, const struct ksm_op *op)
     case KSM_OP_GROUPNORM_BACKWARD:
     case KSM_OP_LAYERNORM_BACKWARD: rc = launch_norm_backward(sc, op); break;
     case KSM_OP_CONV2D_BACKWARD: rc = launch_conv_backward(sc, op); break;
+    case KSM_OP_SDPA_BACKWARD: rc = launch_attention_backward(sc, op); break;
     default: rc = KSM_EUNSUPPORTED; break;
     }
     return stream_leave(sc, rc);
