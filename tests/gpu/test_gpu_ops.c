@@ -21,6 +21,9 @@
 #include "kasmina/backend.h"
 #include "kasmina/errors.h"
 #include "kasmina/ops.h"
+#include "kasmina/ops_backward.h"
+#include "kasmina/ops_backward_nn.h"
+#include "kasmina/ops_optim.h"
 #include "kasmina/tensor.h"
 
 #ifndef KSM_BUILD_DIR
@@ -1075,4 +1078,160 @@ Test(gpu_loader, missing_plugin_is_enoplugin)
     cr_expect_eq(rc, KSM_ENOPLUGIN, "got %s", ksm_err_name(rc));
     cr_expect_null(b);
     cr_expect_gt(strlen(err), 0);
+}
+
+// ---- Optimizer and backward ops ----
+
+Test(gpu_ops, optim_matches_cpu)
+{
+    gpu_begin(101);
+    const int64_t n = 100003; /* odd, several blocks */
+    tpair p = tp_rand(1, SHAPE(n), -1.0f, 1.0f), g = tp_rand(1, SHAPE(n), -1.0f, 1.0f);
+    tpair buf = tp_rand(1, SHAPE(n), -1.0f, 1.0f);
+    struct ksm_sgd_config cfg = {
+        .lr = 0.1, .momentum = 0.9, .dampening = 0.0, .weight_decay = 1e-4, .nesterov = true};
+    BOTH(ksm_op_sgd(S, T(p), T(g), T(buf), &cfg, true));
+    BOTH(ksm_op_sgd(S, T(p), T(g), T(buf), &cfg, false));
+    expect_close(p, TOL, "sgd nesterov param");
+    expect_close(buf, TOL, "sgd nesterov buffer");
+    struct ksm_sgd_config plain = {.lr = 0.05};
+    BOTH(ksm_op_sgd(S, T(p), T(g), NULL, &plain, false));
+    expect_close(p, TOL, "sgd plain");
+    BOTH(ksm_op_scale(S, T(p), 0.37));
+    expect_close(p, TOL, "scale");
+    /* sum of squares: a double; the summation orders differ, so 1e-12 relative */
+    tpair out = tp_out(KSM_DTYPE_I64, 1, SHAPE(1));
+    BOTH(ksm_op_sumsq(S, T(out), T(p)));
+    void *vc, *vg;
+    download(out, &vc, &vg);
+    double dc, dg;
+    memcpy(&dc, vc, 8);
+    memcpy(&dg, vg, 8);
+    cr_expect_leq(fabs(dc - dg), 1e-12 * fabs(dc), "sumsq: cpu %.17g cuda %.17g", dc, dg);
+    free(vc);
+    free(vg);
+}
+
+typedef int (*unary_bw_fn)(ksm_stream *, ksm_tensor *, const ksm_tensor *, const ksm_tensor *);
+
+Test(gpu_ops, elementwise_backward_matches_cpu)
+{
+    gpu_begin(102);
+    const unary_bw_fn fns[] = {ksm_op_relu_backward, ksm_op_gelu_backward, ksm_op_sigmoid_backward,
+                               ksm_op_tanh_backward, ksm_op_clamp01_backward};
+    tpair dy = tp_rand(3, SHAPE(3, 5, 77), -2.0f, 2.0f), x = tp_rand(3, SHAPE(3, 5, 77), -2, 2);
+    for (int f = 0; f < 5; f++) {
+        tpair dx = tp_out(KSM_DTYPE_F32, 3, SHAPE(3, 5, 77));
+        BOTH(fns[f](S, T(dx), T(dy), T(x)));
+        expect_close(dx, TOL, "unary backward");
+    }
+    /* broadcast gradients (double sums): b [5, 1] and a scalar-like w [1] */
+    tpair a = tp_rand(3, SHAPE(3, 5, 77), -2, 2), b = tp_rand(2, SHAPE(5, 1), -2, 2);
+    tpair w = tp_rand(1, SHAPE(1), 0, 1);
+    tpair da = tp_out(KSM_DTYPE_F32, 3, SHAPE(3, 5, 77)),
+          db = tp_out(KSM_DTYPE_F32, 2, SHAPE(5, 1));
+    BOTH(ksm_op_mul_backward(S, T(da), T(db), T(dy), T(a), T(b)));
+    expect_close(da, TOL, "mul backward da");
+    expect_close(db, TOL, "mul backward db");
+    tpair lb = tp_rand(3, SHAPE(3, 5, 77), -2, 2), dl = tp_out(KSM_DTYPE_F32, 3, SHAPE(3, 5, 77));
+    tpair dw = tp_out(KSM_DTYPE_F32, 1, SHAPE(1));
+    BOTH(ksm_op_lerp_backward(S, T(da), T(dl), T(dw), T(dy), T(a), T(lb), T(w)));
+    expect_close(da, TOL, "lerp backward da");
+    expect_close(dl, TOL, "lerp backward db");
+    expect_close(dw, TOL, "lerp backward dw (one output, block path)");
+    /* linear: GEMMs and the bias sum over rows */
+    tpair ly = tp_rand(2, SHAPE(37, 19), -1, 1), lx = tp_rand(2, SHAPE(37, 23), -1, 1);
+    tpair lw = tp_rand(2, SHAPE(19, 23), -1, 1);
+    tpair ldx = tp_out(KSM_DTYPE_F32, 2, SHAPE(37, 23)),
+          ldw = tp_out(KSM_DTYPE_F32, 2, SHAPE(19, 23));
+    tpair ldb = tp_out(KSM_DTYPE_F32, 1, SHAPE(19));
+    BOTH(ksm_op_linear_backward(S, T(ldx), T(ldw), T(ldb), T(ly), T(lx), T(lw)));
+    expect_close(ldx, TOL, "linear backward dx");
+    expect_close(ldw, TOL, "linear backward dw");
+    expect_close(ldb, TOL, "linear backward db");
+    /* mean, max pool (odd H, W: floor rows get 0), embedding, cross-entropy */
+    tpair mg = tp_rand(2, SHAPE(3, 7), -1, 1), mdx = tp_out(KSM_DTYPE_F32, 3, SHAPE(3, 5, 7));
+    BOTH(ksm_op_mean_backward(S, T(mdx), T(mg), 1, 2));
+    expect_close(mdx, TOL, "mean backward");
+    tpair px = tp_rand(4, SHAPE(2, 3, 9, 11), -1, 1), pg = tp_rand(4, SHAPE(2, 3, 4, 5), -1, 1);
+    tpair pdx = tp_out(KSM_DTYPE_F32, 4, SHAPE(2, 3, 9, 11));
+    BOTH(ksm_op_maxpool2_backward(S, T(pdx), T(pg), T(px)));
+    expect_exact(pdx, "maxpool2 backward");
+    int64_t ids[29];
+    for (int i = 0; i < 29; i++) ids[i] = (int64_t)(urand() * 13) - (i == 5 ? 20 : 0);
+    tpair idx = tp_new(KSM_DTYPE_I64, 1, SHAPE(29), ids), eg = tp_rand(2, SHAPE(29, 33), -1, 1);
+    tpair edw = tp_out(KSM_DTYPE_F32, 2, SHAPE(13, 33));
+    BOTH(ksm_op_embedding_backward(S, T(edw), T(eg), T(idx)));
+    expect_exact(edw, "embedding backward");
+    int64_t labs[17];
+    for (int i = 0; i < 17; i++) labs[i] = i == 3 ? -100 : (int64_t)(urand() * 301);
+    tpair lab = tp_new(KSM_DTYPE_I64, 1, SHAPE(17), labs), lg = tp_rand(2, SHAPE(17, 301), -5, 5);
+    tpair ldl = tp_out(KSM_DTYPE_F32, 2, SHAPE(17, 301));
+    BOTH(ksm_op_cross_entropy_backward(S, T(ldl), T(lg), T(lab), -100, 0.5f));
+    expect_close(ldl, TOL, "cross_entropy backward");
+}
+
+Test(gpu_ops, norm_backward_matches_cpu)
+{
+    gpu_begin(103);
+    const int64_t xs[] = {3, 6, 5, 7};
+    tpair x = tp_rand(4, xs, -2, 3), dy = tp_rand(4, xs, -1, 1);
+    tpair wt = tp_rand(1, SHAPE(6), 0.5f, 1.5f), bs = tp_rand(1, SHAPE(6), -1, 1);
+    tpair rm = tp_rand(1, SHAPE(6), -1, 1), rv = tp_rand(1, SHAPE(6), 0.5f, 2);
+    tpair sm = tp_out(KSM_DTYPE_F32, 1, SHAPE(6)), si = tp_out(KSM_DTYPE_F32, 1, SHAPE(6));
+    tpair y = tp_out(KSM_DTYPE_F32, 4, xs), dx = tp_out(KSM_DTYPE_F32, 4, xs);
+    tpair dw = tp_out(KSM_DTYPE_F32, 1, SHAPE(6)), db = tp_out(KSM_DTYPE_F32, 1, SHAPE(6));
+    BOTH(ksm_op_batchnorm_train(S, T(y), T(sm), T(si), T(x), T(wt), T(bs), T(rm), T(rv), 0.1,
+                                1e-5f));
+    expect_close(y, TOL, "batchnorm train y");
+    expect_close(sm, TOL, "batchnorm train save_mean");
+    expect_close(si, TOL, "batchnorm train save_invstd");
+    expect_close(rm, TOL, "batchnorm train running_mean");
+    expect_close(rv, TOL, "batchnorm train running_var");
+    BOTH(ksm_op_batchnorm_backward(S, T(dx), T(dw), T(db), T(dy), T(x), T(wt), T(sm), T(si)));
+    expect_close(dx, TOL, "batchnorm backward dx");
+    expect_close(dw, TOL, "batchnorm backward dweight");
+    expect_close(db, TOL, "batchnorm backward dbias");
+    BOTH(ksm_op_groupnorm_backward(S, T(dx), T(dw), T(db), T(dy), T(x), 3, T(wt), 1e-5f));
+    expect_close(dx, TOL, "groupnorm backward dx");
+    expect_close(dw, TOL, "groupnorm backward dweight");
+    expect_close(db, TOL, "groupnorm backward dbias");
+    tpair lw = tp_rand(1, SHAPE(7), 0.5f, 1.5f);
+    tpair ldw = tp_out(KSM_DTYPE_F32, 1, SHAPE(7)), ldb = tp_out(KSM_DTYPE_F32, 1, SHAPE(7));
+    BOTH(ksm_op_layernorm_backward(S, T(dx), T(ldw), T(ldb), T(dy), T(x), T(lw), 1e-5f));
+    expect_close(dx, TOL, "layernorm backward dx");
+    expect_close(ldw, TOL, "layernorm backward dweight");
+    expect_close(ldb, TOL, "layernorm backward dbias");
+}
+
+Test(gpu_ops, conv_attention_backward_matches_cpu)
+{
+    gpu_begin(104);
+    for (int groups = 1; groups <= 2; groups++) {
+        tpair x = tp_rand(4, SHAPE(2, 4, 9, 7), -1, 1),
+              w = tp_rand(4, SHAPE(6, 4 / groups, 3, 2), -1, 1);
+        tpair dy = tp_rand(4, SHAPE(2, 6, 9, 8), -1, 1); /* pad 1, 1: Ho 9, Wo 8 */
+        size_t ws = ksm_op_conv2d_backward_workspace_size(&x.c, &w.c, 1, 1, groups);
+        void *wc = dalloc(E.dc, ws), *wg = dalloc(E.dg, ws);
+        tpair dx = tp_out(KSM_DTYPE_F32, 4, SHAPE(2, 4, 9, 7));
+        tpair dw = tp_out(KSM_DTYPE_F32, 4, SHAPE(6, 4 / groups, 3, 2));
+        tpair db = tp_out(KSM_DTYPE_F32, 1, SHAPE(6));
+        BOTH(ksm_op_conv2d_backward(S, T(dx), T(dw), T(db), T(dy), T(x), T(w), 1, 1, groups,
+                                    W(wc, wg), ws));
+        expect_close(dx, TOL, "conv2d backward dx");
+        expect_close(dw, TOL, "conv2d backward dw");
+        expect_close(db, TOL, "conv2d backward db");
+    }
+    for (int causal = 0; causal < 2; causal++) {
+        const int64_t qs[] = {2, 3, 13, 40}, ks[] = {2, 3, 17, 40};
+        tpair q = tp_rand(4, qs, -1, 1), k = tp_rand(4, ks, -1, 1), v = tp_rand(4, ks, -1, 1);
+        tpair dout = tp_rand(4, qs, -1, 1);
+        tpair dq = tp_out(KSM_DTYPE_F32, 4, qs), dk = tp_out(KSM_DTYPE_F32, 4, ks);
+        tpair dv = tp_out(KSM_DTYPE_F32, 4, ks);
+        BOTH(ksm_op_sdpa_backward(S, T(dq), T(dk), T(dv), T(dout), T(q), T(k), T(v), causal,
+                                  0.158f));
+        expect_close(dq, TOL, "sdpa backward dq");
+        expect_close(dk, TOL, "sdpa backward dk");
+        expect_close(dv, TOL, "sdpa backward dv");
+    }
 }
