@@ -7,8 +7,8 @@
  * a forward plan: once in measure mode to size the arena, which the training state keeps, then
  * for real. No op writes in place over a tensor the backward reads later.
  *
- * Not implemented yet (refused up front with KSM_EUNSUPPORTED): the transformer host; the CNN
- * blueprints attention, depthwise, bottleneck and conv_heavy.
+ * Not implemented yet (refused up front with KSM_EUNSUPPORTED): the transformer host and its
+ * blueprints; devices other than host memory.
  */
 #include <math.h>
 #include <stdio.h>
@@ -289,7 +289,11 @@ static bool bp_trains(const struct ksm_seed *sd)
     case KSM_BP_NOOP:
     case KSM_BP_NORM:
     case KSM_BP_CONV_SMALL:
-    case KSM_BP_CONV_LIGHT: return true;
+    case KSM_BP_CONV_LIGHT:
+    case KSM_BP_ATTENTION:
+    case KSM_BP_DEPTHWISE:
+    case KSM_BP_BOTTLENECK:
+    case KSM_BP_CONV_HEAVY: return true;
     default: return false;
     }
 }
@@ -314,6 +318,7 @@ struct slot_tape {
     ksm_tensor gp, gh, gz; /* GATE: pooled, hidden (relu out), sigmoid out (= g) */
     ksm_tensor cg, prod, aeff;
     ksm_tensor alpha; /* the raw alpha scalar */
+    ksm_tensor v2[6]; /* more seed internals (SE, depthwise, bottleneck, conv_heavy) */
 };
 
 struct block_tape {
@@ -364,32 +369,51 @@ static ksm_tensor *host_grad(struct tctx *c, int p)
     return NULL;
 }
 
-static int conv_fwd(struct tctx *c, ksm_tensor *y, const ksm_tensor *x, const ksm_tensor *w,
-                    int pad)
+static int conv_fwd_g(struct tctx *c, ksm_tensor *y, const ksm_tensor *x, const ksm_tensor *w,
+                      int pad, int groups)
 {
     struct ksm_exec *e = c->e;
-    size_t ws_bytes = ksm_op_conv2d_workspace_size(x, w, pad, pad, 1);
+    size_t ws_bytes = ksm_op_conv2d_workspace_size(x, w, pad, pad, groups);
     size_t mk = ksm_exec_mark(e);
     void *ws;
     KSM_TRY(ksm_exec_scratch(e, ws_bytes, &ws));
-    KSM_EXEC(e, ksm_op_conv2d(e->stream, y, x, w, NULL, pad, pad, 1, ws, ws_bytes));
+    KSM_EXEC(e, ksm_op_conv2d(e->stream, y, x, w, NULL, pad, pad, groups, ws, ws_bytes));
     ksm_exec_release(e, mk);
     return 0;
+}
+
+static int conv_bwd_g(struct tctx *c, ksm_tensor *dx, ksm_tensor *dw, const ksm_tensor *dy,
+                      const ksm_tensor *x, const ksm_tensor *w, int pad, int groups)
+{
+    struct ksm_exec *e = c->e;
+    if (dx == NULL && dw == NULL) return 0;
+    size_t ws_bytes = ksm_op_conv2d_backward_workspace_size(x, w, pad, pad, groups);
+    size_t mk = ksm_exec_mark(e);
+    void *ws;
+    KSM_TRY(ksm_exec_scratch(e, ws_bytes, &ws));
+    KSM_EXEC(e, ksm_op_conv2d_backward(e->stream, dx, dw, NULL, dy, x, w, pad, pad, groups, ws,
+                                       ws_bytes));
+    ksm_exec_release(e, mk);
+    return 0;
+}
+
+static int conv_fwd(struct tctx *c, ksm_tensor *y, const ksm_tensor *x, const ksm_tensor *w,
+                    int pad)
+{
+    return conv_fwd_g(c, y, x, w, pad, 1);
 }
 
 static int conv_bwd(struct tctx *c, ksm_tensor *dx, ksm_tensor *dw, const ksm_tensor *dy,
                     const ksm_tensor *x, const ksm_tensor *w, int pad)
 {
-    struct ksm_exec *e = c->e;
-    if (dx == NULL && dw == NULL) return 0;
-    size_t ws_bytes = ksm_op_conv2d_backward_workspace_size(x, w, pad, pad, 1);
-    size_t mk = ksm_exec_mark(e);
-    void *ws;
-    KSM_TRY(ksm_exec_scratch(e, ws_bytes, &ws));
-    KSM_EXEC(e,
-             ksm_op_conv2d_backward(e->stream, dx, dw, NULL, dy, x, w, pad, pad, 1, ws, ws_bytes));
-    ksm_exec_release(e, mk);
-    return 0;
+    return conv_bwd_g(c, dx, dw, dy, x, w, pad, 1);
+}
+
+/* A new [B,co,H,W] arena tensor (x's batch and spatial size). */
+static int act_like(struct tctx *c, ksm_tensor *t, const ksm_tensor *x, int64_t co)
+{
+    int64_t shape[4] = {x->shape[0], co, x->shape[2], x->shape[3]};
+    return ksm_exec_tensor(c->e, t, KSM_DTYPE_F32, 4, shape);
 }
 
 /* ---- host ops ---- */
@@ -475,6 +499,36 @@ static ksm_tensor *seed_grad(struct tctx *c, int slot, int k)
     return &g->grad[k];
 }
 
+/* SeedConvBlock k (params k, k+1, k+2): pre <- conv(x), u <- relu(GN(pre)). */
+static int sblock_fwd(struct tctx *c, struct ksm_seed *sd, int k, const ksm_tensor *x,
+                      ksm_tensor *pre, ksm_tensor *u)
+{
+    const ksm_tensor *w = ksm_seed_param(sd, k);
+    KSM_TRY(like(c, pre, x));
+    KSM_TRY(like(c, u, x));
+    KSM_TRY(conv_fwd(c, pre, x, w, (int)(w->shape[2] / 2)));
+    KSM_EXEC(c->e, ksm_op_groupnorm(S(c), u, pre, sd->groups, ksm_seed_param(sd, k + 1),
+                                    ksm_seed_param(sd, k + 2), KSM_NORM_EPS));
+    KSM_EXEC(c->e, ksm_op_relu(S(c), u, u));
+    return 0;
+}
+
+/* Its backward: parameter gradients and dx (may be NULL) from du (read only). */
+static int sblock_bwd(struct tctx *c, int slot, int k, const ksm_tensor *du, const ksm_tensor *x,
+                      const ksm_tensor *pre, const ksm_tensor *u, ksm_tensor *dx)
+{
+    struct ksm_seed *sd = c->m->slots[slot].s.seed;
+    const ksm_tensor *w = ksm_seed_param(sd, k);
+    ksm_tensor dn, dc;
+    KSM_TRY(like(c, &dn, x));
+    KSM_TRY(like(c, &dc, x));
+    KSM_EXEC(c->e, ksm_op_relu_backward(S(c), &dn, du, u));
+    KSM_EXEC(c->e, ksm_op_groupnorm_backward(S(c), &dc, seed_grad(c, slot, k + 1),
+                                             seed_grad(c, slot, k + 2), &dn, pre, sd->groups,
+                                             ksm_seed_param(sd, k + 1), KSM_NORM_EPS));
+    return conv_bwd(c, dx, seed_grad(c, slot, k), &dc, x, w, (int)(w->shape[2] / 2));
+}
+
 static int seed_fwd(struct tctx *c, int slot, const ksm_tensor *x, ksm_tensor *y)
 {
     struct ksm_seed *sd = c->m->slots[slot].s.seed;
@@ -502,6 +556,54 @@ static int seed_fwd(struct tctx *c, int slot, const ksm_tensor *x, ksm_tensor *y
         KSM_EXEC(e, ksm_op_groupnorm(S(c), &st->u, &st->c, sd->groups, ksm_seed_param(sd, 1),
                                      ksm_seed_param(sd, 2), KSM_NORM_EPS));
         KSM_EXEC(e, ksm_op_relu(S(c), &st->u, &st->u));
+        KSM_EXEC(e, ksm_op_add(S(c), y, x, &st->u));
+        return 0;
+    }
+    case KSM_BP_CONV_HEAVY: /* x + blk2(blk1(x)): v2 = pre1, u1, pre2, u2 */
+        KSM_TRY(sblock_fwd(c, sd, 0, x, &st->v2[0], &st->v2[1]));
+        KSM_TRY(sblock_fwd(c, sd, 3, &st->v2[1], &st->v2[2], &st->v2[3]));
+        KSM_EXEC(e, ksm_op_add(S(c), y, x, &st->v2[3]));
+        return 0;
+    case KSM_BP_ATTENTION: { /* SE: x * sigmoid(fc2(relu(fc0(mean(x))))); v2 = p, h, z */
+        int64_t B = x->shape[0], C = x->shape[1];
+        KSM_TRY(ksm_exec_tensor(e, &st->v2[0], KSM_DTYPE_F32, 2, (const int64_t[]){B, C}));
+        KSM_TRY(ksm_exec_tensor(e, &st->v2[1], KSM_DTYPE_F32, 2, (const int64_t[]){B, sd->hidden}));
+        KSM_TRY(ksm_exec_tensor(e, &st->v2[2], KSM_DTYPE_F32, 4, (const int64_t[]){B, C, 1, 1}));
+        ksm_tensor z2;
+        KSM_TRY(ksm_tensor_reshape(&z2, &st->v2[2], 2, (const int64_t[]){B, C}));
+        KSM_EXEC(e, ksm_op_mean(S(c), &st->v2[0], x, 2, 4));
+        KSM_EXEC(e, ksm_op_linear(S(c), &st->v2[1], &st->v2[0], ksm_seed_param(sd, 0), NULL));
+        KSM_EXEC(e, ksm_op_relu(S(c), &st->v2[1], &st->v2[1]));
+        KSM_EXEC(
+            e, ksm_op_linear(S(c), &z2, &st->v2[1], ksm_seed_param(sd, 1), ksm_seed_param(sd, 2)));
+        KSM_EXEC(e, ksm_op_sigmoid(S(c), &z2, &z2));
+        KSM_EXEC(e, ksm_op_mul(S(c), y, x, &st->v2[2]));
+        return 0;
+    }
+    case KSM_BP_DEPTHWISE: { /* x + relu(GN(pw(dw(x)))); v2 = a, b, u */
+        const ksm_tensor *w0 = ksm_seed_param(sd, 0);
+        for (int i = 0; i < 3; i++) KSM_TRY(like(c, &st->v2[i], x));
+        KSM_TRY(conv_fwd_g(c, &st->v2[0], x, w0, (int)(w0->shape[2] / 2), sd->channels));
+        KSM_TRY(conv_fwd(c, &st->v2[1], &st->v2[0], ksm_seed_param(sd, 1), 0));
+        KSM_EXEC(e, ksm_op_groupnorm(S(c), &st->v2[2], &st->v2[1], sd->groups,
+                                     ksm_seed_param(sd, 2), ksm_seed_param(sd, 3), KSM_NORM_EPS));
+        KSM_EXEC(e, ksm_op_relu(S(c), &st->v2[2], &st->v2[2]));
+        KSM_EXEC(e, ksm_op_add(S(c), y, x, &st->v2[2]));
+        return 0;
+    }
+    case KSM_BP_BOTTLENECK: { /* x + GN(up(relu(conv(relu(down(x)))))); v2 = d, c2, u */
+        KSM_TRY(act_like(c, &st->v2[0], x, sd->hidden));
+        KSM_TRY(act_like(c, &st->v2[1], x, sd->hidden));
+        KSM_TRY(like(c, &st->v2[2], x));
+        KSM_TRY(like(c, &st->u, x));
+        KSM_TRY(conv_fwd(c, &st->v2[0], x, ksm_seed_param(sd, 0), 0));
+        KSM_EXEC(e, ksm_op_relu(S(c), &st->v2[0], &st->v2[0]));
+        KSM_TRY(conv_fwd(c, &st->v2[1], &st->v2[0], ksm_seed_param(sd, 1),
+                         (int)(ksm_seed_param(sd, 1)->shape[2] / 2)));
+        KSM_EXEC(e, ksm_op_relu(S(c), &st->v2[1], &st->v2[1]));
+        KSM_TRY(conv_fwd(c, &st->v2[2], &st->v2[1], ksm_seed_param(sd, 2), 0));
+        KSM_EXEC(e, ksm_op_groupnorm(S(c), &st->u, &st->v2[2], sd->groups, ksm_seed_param(sd, 3),
+                                     ksm_seed_param(sd, 4), KSM_NORM_EPS));
         KSM_EXEC(e, ksm_op_add(S(c), y, x, &st->u));
         return 0;
     }
@@ -555,6 +657,76 @@ static int seed_bwd(struct tctx *c, int slot, const ksm_tensor *dy, ksm_tensor *
                                               ksm_seed_param(sd, 1), KSM_NORM_EPS));
         if (dx) KSM_TRY(like(c, &dcx, x));
         KSM_TRY(conv_bwd(c, dx ? &dcx : NULL, gc, &dc, x, w, (int)(w->shape[2] / 2)));
+        if (dx) KSM_EXEC(e, ksm_op_add(S(c), dx, dy, &dcx));
+        break;
+    }
+    case KSM_BP_CONV_HEAVY: {
+        ksm_tensor du1, dcx;
+        KSM_TRY(like(c, &du1, x));
+        KSM_TRY(sblock_bwd(c, slot, 3, dy, &st->v2[1], &st->v2[2], &st->v2[3], &du1));
+        if (dx) KSM_TRY(like(c, &dcx, x));
+        KSM_TRY(sblock_bwd(c, slot, 0, &du1, x, &st->v2[0], &st->v2[1], dx ? &dcx : NULL));
+        if (dx) KSM_EXEC(e, ksm_op_add(S(c), dx, dy, &dcx));
+        break;
+    }
+    case KSM_BP_ATTENTION: {
+        /* y = x * z: dx = dy * z + mean'(fc0'(relu'(fc2'(sigmoid'(sum_hw(dy * x)))))) */
+        int64_t B = x->shape[0], C = x->shape[1];
+        ksm_tensor dz, dh, dp, dxm, dz2;
+        KSM_TRY(ksm_exec_tensor(e, &dz, KSM_DTYPE_F32, 4, (const int64_t[]){B, C, 1, 1}));
+        KSM_TRY(like(c, &dh, &st->v2[1]));
+        KSM_TRY(like(c, &dp, &st->v2[0]));
+        KSM_EXEC(e, ksm_op_mul_backward(S(c), dx, &dz, dy, x, &st->v2[2]));
+        KSM_EXEC(e, ksm_op_sigmoid_backward(S(c), &dz, &dz, &st->v2[2]));
+        KSM_TRY(ksm_tensor_reshape(&dz2, &dz, 2, (const int64_t[]){B, C}));
+        KSM_EXEC(e, ksm_op_linear_backward(S(c), &dh, seed_grad(c, slot, 1), seed_grad(c, slot, 2),
+                                           &dz2, &st->v2[1], ksm_seed_param(sd, 1)));
+        KSM_EXEC(e, ksm_op_relu_backward(S(c), &dh, &dh, &st->v2[1]));
+        if (dx || seed_grad(c, slot, 0))
+            KSM_EXEC(e, ksm_op_linear_backward(S(c), dx ? &dp : NULL, seed_grad(c, slot, 0), NULL,
+                                               &dh, &st->v2[0], ksm_seed_param(sd, 0)));
+        if (dx) {
+            KSM_TRY(like(c, &dxm, x));
+            KSM_EXEC(e, ksm_op_mean_backward(S(c), &dxm, &dp, 2, 4));
+            KSM_EXEC(e, ksm_op_add(S(c), dx, dx, &dxm));
+        }
+        break;
+    }
+    case KSM_BP_DEPTHWISE: {
+        const ksm_tensor *w0 = ksm_seed_param(sd, 0);
+        ksm_tensor dn, db, da, dcx;
+        KSM_TRY(like(c, &dn, x));
+        KSM_TRY(like(c, &db, x));
+        KSM_TRY(like(c, &da, x));
+        KSM_EXEC(e, ksm_op_relu_backward(S(c), &dn, dy, &st->v2[2]));
+        KSM_EXEC(e, ksm_op_groupnorm_backward(S(c), &db, seed_grad(c, slot, 2),
+                                              seed_grad(c, slot, 3), &dn, &st->v2[1], sd->groups,
+                                              ksm_seed_param(sd, 2), KSM_NORM_EPS));
+        KSM_TRY(conv_bwd(c, &da, seed_grad(c, slot, 1), &db, &st->v2[0], ksm_seed_param(sd, 1), 0));
+        if (dx) KSM_TRY(like(c, &dcx, x));
+        KSM_TRY(conv_bwd_g(c, dx ? &dcx : NULL, seed_grad(c, slot, 0), &da, x, w0,
+                           (int)(w0->shape[2] / 2), sd->channels));
+        if (dx) KSM_EXEC(e, ksm_op_add(S(c), dx, dy, &dcx));
+        break;
+    }
+    case KSM_BP_BOTTLENECK: {
+        const ksm_tensor *w1 = ksm_seed_param(sd, 1);
+        ksm_tensor du, dc2, dd, dcx;
+        KSM_TRY(like(c, &du, x));
+        KSM_TRY(like(c, &dc2, &st->v2[1]));
+        KSM_TRY(like(c, &dd, &st->v2[0]));
+        KSM_EXEC(e, ksm_op_groupnorm_backward(S(c), &du, seed_grad(c, slot, 3),
+                                              seed_grad(c, slot, 4), dy, &st->v2[2], sd->groups,
+                                              ksm_seed_param(sd, 3), KSM_NORM_EPS));
+        KSM_TRY(
+            conv_bwd(c, &dc2, seed_grad(c, slot, 2), &du, &st->v2[1], ksm_seed_param(sd, 2), 0));
+        KSM_EXEC(e, ksm_op_relu_backward(S(c), &dc2, &dc2, &st->v2[1]));
+        KSM_TRY(
+            conv_bwd(c, &dd, seed_grad(c, slot, 1), &dc2, &st->v2[0], w1, (int)(w1->shape[2] / 2)));
+        KSM_EXEC(e, ksm_op_relu_backward(S(c), &dd, &dd, &st->v2[0]));
+        if (dx) KSM_TRY(like(c, &dcx, x));
+        KSM_TRY(
+            conv_bwd(c, dx ? &dcx : NULL, seed_grad(c, slot, 0), &dd, x, ksm_seed_param(sd, 0), 0));
         if (dx) KSM_EXEC(e, ksm_op_add(S(c), dx, dy, &dcx));
         break;
     }
