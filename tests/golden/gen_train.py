@@ -14,7 +14,7 @@ seed, torch.optim.SGD of the host then of each seed.
 
 Output tests/golden/train/<name>.weights.safetensors (the initial state dict with extra state,
 as LoadWeights takes it) and <name>.io.safetensors:
-  x.<k> [B,3,16,16], y.<k> [B] I64 for steps k = 0..N-1;
+  x.<k> [B,3,8,8], y.<k> [B] I64 for steps k = 0..N-1;
   loss [N], correct [N] I64, host_grad_norm [N] (the float64 norm rounded to F32),
   seed_grad_norm.<slot> [N] for the seeds in TRAINING/BLENDING;
   final.<name> every parameter and buffer after N steps.
@@ -111,12 +111,13 @@ def run_case(name, plans, register, cfg, isolate=None, description="", down=()):
     host_ps = list(model.host.parameters())
     opt_h = torch.optim.SGD(host_ps, lr=cfg["lr"], momentum=0.9, weight_decay=5e-4)
     opt_s = {sid: torch.optim.SGD(seed_params(model.seed_slots[sid]), lr=cfg["lr"],
-                                  momentum=0.9, weight_decay=0.0) for sid in live}
+                                  momentum=0.9, weight_decay=0.0)
+             for sid in live if seed_params(model.seed_slots[sid])}  # noop has none
     model.train()
     io, losses, correct, hnorm = [], [], [], []
     snorm = {sid: [] for sid in tb}
     for k in range(STEPS):
-        x = torch.randn(BATCH, 3, 16, 16)
+        x = torch.randn(BATCH, 3, 8, 8)
         y = torch.randint(0, 10, (BATCH,), dtype=torch.int64)
         io += [("x.%d" % k, x), ("y.%d" % k, y)]
         opt_h.zero_grad(set_to_none=True)
@@ -137,8 +138,8 @@ def run_case(name, plans, register, cfg, isolate=None, description="", down=()):
                 if ps:
                     torch.nn.utils.clip_grad_norm_(ps, cfg["max_grad_norm"])
         opt_h.step()
-        for sid in live:
-            opt_s[sid].step()
+        for o in opt_s.values():
+            o.step()
     io += [("loss", torch.tensor(losses, dtype=torch.float32)),
            ("correct", torch.tensor(correct, dtype=torch.int64)),
            ("host_grad_norm", torch.tensor(hnorm, dtype=torch.float32))]
@@ -202,6 +203,23 @@ def main():
              down=("r0c1", "r1c0"),
              description="blend-out freeze (mode DOWN): conv_light/ADD and norm/GATE frozen, "
                          "their ghost gradients reach the host; norm/ADD trains")
+    run_case("blueprints_a", [P("r0c0", "attention", gk.ADD, ("BLENDING", 2)),
+                              P("r1c1", "depthwise", gk.MULTIPLY, ("BLENDING", 3)),
+                              P("r0c2", "bottleneck", gk.GATE, ("BLENDING", 2))],
+             ["r0c0", "r1c1", "r0c2"], clip, isolate={"r0c0": False, "r0c2": False},
+             description="attention/ADD, depthwise/MULTIPLY isolated, bottleneck/GATE")
+    run_case("blueprints_b", [P("r0c0", "depthwise", gk.ADD, ("BLENDING", 2)),
+                              P("r0c1", "conv_heavy", gk.ADD, ("HOLDING",)),
+                              P("r1c0", "bottleneck", gk.ADD, ("TRAINING",)),
+                              P("r1c2", "attention", gk.ADD, ("TRAINING",))],
+             ["r0c0", "r0c1", "r1c0", "r1c2"], clip,
+             isolate={"r0c0": False, "r0c1": False, "r1c0": False},
+             description="depthwise/ADD, conv_heavy holding, STE bottleneck and attention "
+                         "(isolated)")
+    run_case("conv_heavy_noclip", [P("r1c0", "conv_heavy", gk.MULTIPLY, ("BLENDING", 2)),
+                                   P("r0c2", "noop", gk.ADD, ("BLENDING", 2))],
+             ["r1c0", "r0c2"], noclip, isolate={"r1c0": False},
+             description="conv_heavy/MULTIPLY, noop/ADD, no clipping")
 
 
 if __name__ == "__main__":
