@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kasmina/alloc.h"
 #include "kasmina/errors.h"
 #include "kasmina/kasmina.h"
 #include "kasmina/safetensors.h"
@@ -550,5 +551,37 @@ Test(train, transformer_refused)
                  KSM_EUNSUPPORTED);
     cr_expect(strstr(err, "transformer") != NULL, "%s", err);
     ksm_model_unref(m);
+    ksm_engine_free(e);
+}
+
+/* Steady state: after the first steps (arena sized, momentum buffers made) a step takes no new
+ * device segment and leaves no block allocated. */
+Test(train, steady_state_allocations)
+{
+    ksm_engine *e = kt_engine_cpu(1);
+    struct loaded L;
+    load_case(e, "blueprints_a", "alloc", &L);
+    ksm_allocator *al = ksm_engine_allocator(e, ksm_engine_default_device(e));
+    cr_assert(al != NULL);
+    char err[512];
+    struct ksm_train_result r;
+    for (int k = 0; k < 2; k++) cr_assert_eq(step_k(&L, k, &r, err, sizeof err), 0, "%s", err);
+    struct ksm_mem_stats s0, s1;
+    ksm_alloc_get_stats(al, &s0);
+    for (int k = 2; k < L.steps; k++)
+        cr_assert_eq(step_k(&L, k, &r, err, sizeof err), 0, "%s", err);
+    ksm_alloc_get_stats(al, &s1);
+    const struct ksm_pool_stats *a = &s0.pool[KSM_POOL_ALL], *b = &s1.pool[KSM_POOL_ALL];
+    int n = L.steps - 2;
+    fprintf(stderr,
+            "train steady state: %.1f block handouts/step (cached), %lld new segments, "
+            "%lld blocks still allocated\n",
+            (double)(b->allocation.allocated - a->allocation.allocated) / n,
+            (long long)(b->segment.allocated - a->segment.allocated),
+            (long long)(b->allocation.current - a->allocation.current));
+    cr_expect_eq(b->segment.allocated, a->segment.allocated, "a step took a new device segment");
+    cr_expect_eq(b->allocation.current, a->allocation.current, "a step leaked a block");
+    unload(&L);
+    ksm_model_unref(L.m);
     ksm_engine_free(e);
 }
