@@ -802,3 +802,31 @@ int ksm_host_forward_from(ksm_host *h, struct ksm_exec *e, int from, const ksm_t
     *logits = out;
     return 0;
 }
+
+/* ======================= training layout (host.h) ======================= */
+
+int ksm_host_n_ops(const ksm_host *h) { return h->n_ops; }
+
+void ksm_host_cnn_op(const ksm_host *h, int t, int *block, bool *pool)
+{
+    cnn_op(h, t, block, pool);
+}
+
+void ksm_host_cnn_block_layout(const ksm_host *h, int block, struct ksm_cnn_block_layout *out)
+{
+    const struct cnn_block_params *b = &h->blocks[block];
+    char name[KSM_PARAM_NAME_MAX];
+    snprintf(name, sizeof name, "blocks.%d.bn.num_batches_tracked", block);
+    *out = (struct ksm_cnn_block_layout){.conv_w = b->conv_w,
+                                         .bn_w = b->bn_w,
+                                         .bn_b = b->bn_b,
+                                         .bn_mean = b->bn_mean,
+                                         .bn_var = b->bn_var,
+                                         .bn_nbt = ksm_params_find(&h->params, name)};
+}
+
+void ksm_host_cnn_head_layout(const ksm_host *h, int *w, int *b)
+{
+    *w = h->cls_w;
+    *b = h->cls_b;
+}

@@ -65,3 +65,16 @@ int ksm_host_forward_to(ksm_host *h, struct ksm_exec *e, int from, int to, const
  * arena tensor, whose data is e->logits_dst instead when that is set (exec.h). */
 int ksm_host_forward_from(ksm_host *h, struct ksm_exec *e, int from, const ksm_tensor *x,
                           ksm_tensor *logits);
+
+/* ---- training (train.c) ---- */
+
+/* The CNN host's layout: its timeline length, what op t is, and a block's parameter indices
+ * (conv weight, bn weight, bn bias, running mean, running var, num_batches_tracked) and the
+ * classifier's (weight, bias) in ksm_host_params(). */
+struct ksm_cnn_block_layout {
+    int conv_w, bn_w, bn_b, bn_mean, bn_var, bn_nbt;
+};
+int ksm_host_n_ops(const ksm_host *h);
+void ksm_host_cnn_op(const ksm_host *h, int t, int *block, bool *pool);
+void ksm_host_cnn_block_layout(const ksm_host *h, int block, struct ksm_cnn_block_layout *out);
+void ksm_host_cnn_head_layout(const ksm_host *h, int *w, int *b);

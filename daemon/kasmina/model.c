@@ -69,6 +69,7 @@ void ksm_model_drop_probe(ksm_model *m, struct ksm_model_slot *ms)
 void ksm_model_free_seed(ksm_model *m, struct ksm_model_slot *ms)
 {
     ksm_seed *seed = ms->s.seed;
+    ksm_train_drop_seed(m, (int)(ms - m->slots));
     if (seed) {
         ksm_model_release_params(m, ksm_seed_params(seed));
         ksm_seed_free(seed);
@@ -272,6 +273,7 @@ int ksm_model_new_internal(ksm_engine *e, const char *id, const struct ksm_model
 void ksm_model_destroy(ksm_model *m)
 {
     for (int i = 0; i < m->n_streams; i++) ksm_stream_synchronize(m->streams[i]->stream);
+    ksm_train_state_free(m);
     for (int i = 0; i < m->n_slots; i++) {
         ksm_model_free_gate(m, &m->slots[i]);
         ksm_model_free_seed(m, &m->slots[i]);

@@ -109,7 +109,13 @@ struct ksm_model {
     struct ksm_stream_ctx *streams[KSM_MAX_STREAMS_PER_MODEL];
     int n_streams;
     struct ksm_cache_stat plan_stat;
+
+    struct ksm_train_state *train; /* train.c; NULL until configured or first stepped */
 };
+
+/* train.c: drops slot's seed optimizer (momentum included); frees the training state. */
+void ksm_train_drop_seed(ksm_model *m, int slot);
+void ksm_train_state_free(ksm_model *m);
 
 /* model.c */
 int ksm_model_new_internal(ksm_engine *e, const char *id, const struct ksm_model_spec *spec,

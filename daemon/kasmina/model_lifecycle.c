@@ -192,6 +192,7 @@ int ksm_model_germinate(ksm_model *m, const char *slot_id, const struct ksm_germ
         ksm_seed_free(seed);
         goto out;
     }
+    ksm_train_drop_seed(m, (int)(ms - m->slots)); /* a new seed gets a fresh optimizer */
     mutated(m);
 out:
     report_locked(m, ms, report);
@@ -209,6 +210,9 @@ int ksm_model_advance(ksm_model *m, const char *slot_id, enum ksm_stage target,
     if (rc < 0) return rc;
     memset(&g, 0, sizeof g);
     rc = ksm_slot_advance(&ms->s, target, &g, ksm_now_ns(), err, errlen);
+    /* esper pops the seed's optimizer when it fossilizes; the next step makes a fresh one */
+    if (rc == 0 && g.passed && ms->s.state.stage == KSM_STAGE_FOSSILIZED)
+        ksm_train_drop_seed(m, (int)(ms - m->slots));
     if (rc == 0 && g.passed) mutated(m);
     if (gate) *gate = g;
     report_locked(m, ms, report);

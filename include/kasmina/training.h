@@ -53,16 +53,15 @@ void ksm_training_config_defaults(struct ksm_training_config *c);
 int ksm_model_configure_training(ksm_model *m, const struct ksm_training_config *c,
                                  bool reset_optimizer_state, char *err, size_t errlen);
 /* The configuration in force and the number of steps applied. */
-int ksm_model_training_config(ksm_model *m, struct ksm_training_config *out,
-                              uint64_t *train_step);
+int ksm_model_training_config(ksm_model *m, struct ksm_training_config *out, uint64_t *train_step);
 
 struct ksm_train_args {
-    const ksm_tensor *input;         /* host memory: as ksm_forward_args.input */
-    const ksm_tensor *targets;       /* I64: CNN [B] class ids; transformer [B, T] token ids */
-    const char *stream;              /* NULL/"" = the default stream */
-    const char *const *slots;        /* the slots whose seeds train; n_slots 0 = every slot */
+    const ksm_tensor *input;   /* host memory: as ksm_forward_args.input */
+    const ksm_tensor *targets; /* I64: CNN [B] class ids; transformer [B, T] token ids */
+    const char *stream;        /* NULL/"" = the default stream */
+    const char *const *slots;  /* the slots whose seeds train; n_slots 0 = every slot */
     int n_slots;
-    int collect_gradients;           /* -1: the stride decides; 0: no; 1: yes */
+    int collect_gradients; /* -1: the stride decides; 0: no; 1: yes */
 };
 
 struct ksm_seed_grad_stats {
@@ -75,19 +74,24 @@ struct ksm_seed_grad_stats {
 };
 
 struct ksm_train_result {
-    double loss;                 /* mean cross-entropy of the batch, before the step */
-    uint64_t correct, total;     /* argmax == target (tokens for the transformer) */
-    uint64_t train_step;         /* after this step */
+    double loss;             /* mean cross-entropy of the batch, before the step */
+    uint64_t correct, total; /* argmax == target (tokens for the transformer) */
+    uint64_t train_step;     /* after this step */
     bool gradients_collected;
-    double host_grad_norm;       /* when collected; before clipping */
+    double host_grad_norm; /* when collected; before clipping */
     uint64_t host_param_count;
-    int n_seeds;                 /* when collected: seeds in TRAINING or BLENDING */
+    int n_seeds; /* when collected: seeds in TRAINING or BLENDING */
     struct ksm_seed_grad_stats seeds[KSM_MAX_SLOTS];
-    int n_stepped;               /* slots whose seed optimizer stepped */
+    int n_stepped; /* slots whose seed optimizer stepped */
     char stepped[KSM_MAX_SLOTS][KSM_SLOT_ID_MAX];
     uint64_t model_generation;
     uint64_t compute_ns;
 };
+
+/* Device bytes of momentum buffers held by the host optimizer (slot_id NULL) or by the seed
+ * optimizer of slot_id (0 when that slot has none: never stepped, or dropped on germinate,
+ * fossilize, prune or empty). KSM_ENOSLOT for an unknown slot. */
+int ksm_model_training_momentum_bytes(ksm_model *m, const char *slot_id, size_t *bytes);
 
 /* One optimisation step on one batch (esper's process_train_batch). */
 int ksm_model_train_step(ksm_model *m, const struct ksm_train_args *a, struct ksm_train_result *r,

@@ -1,0 +1,587 @@
+/*
+ * Training (docs/training.md): the configuration, whole 5-step trajectories against the PyTorch
+ * reference of esper's process_train_batch (tests/golden/train/, gen_train.py), refused requests
+ * that change nothing, and eval-mode forwards after a step.
+ */
+#include <criterion/criterion.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kasmina/alloc.h"
+#include "kasmina/errors.h"
+#include "kasmina/kasmina.h"
+#include "kasmina/safetensors.h"
+#include "kasmina/training.h"
+#include "kt.h"
+
+#define GDIR KSM_GOLDEN_DIR "/train"
+
+/* ---- configuration ---- */
+
+static ksm_model *small_cnn(ksm_engine *e, const char *id)
+{
+    struct ksm_model_spec spec = {.topology = KSM_TOPOLOGY_CNN};
+    spec.cnn = (struct ksm_cnn_spec){.num_classes = 10,
+                                     .n_blocks = 3,
+                                     .base_channels = 8,
+                                     .pool_layers = 3,
+                                     .kernel_size = 3,
+                                     .in_channels = 3};
+    spec.pool_layers_set = true;
+    static const char *slots[] = {"r0c1", "r1c0"};
+    spec.slots = slots;
+    spec.n_slots = 2;
+    ksm_model *m;
+    char err[256];
+    cr_assert_eq(ksm_engine_model_create(e, id, &spec, &m, err, sizeof err), 0, "%s", err);
+    return m;
+}
+
+Test(train, config_defaults_and_validation)
+{
+    struct ksm_training_config c;
+    ksm_training_config_defaults(&c);
+    cr_expect_eq(c.host.lr, 0.01);
+    cr_expect_eq(c.host.momentum, 0.9);
+    cr_expect_eq(c.host.weight_decay, 5e-4);
+    cr_expect_eq(c.seed.weight_decay, 0.0);
+    cr_expect_eq(c.max_grad_norm, 1.0);
+    cr_expect_eq(c.gradient_telemetry_stride, 10);
+    cr_expect_eq(c.gradient_ratio_ema, 0.9);
+    cr_expect_eq(c.vanishing_threshold, 1e-7);
+    cr_expect_eq(c.exploding_threshold, 10.0);
+
+    ksm_engine *e = kt_engine_cpu(1);
+    ksm_model *m = small_cnn(e, "cfg");
+    struct ksm_training_config got;
+    uint64_t step = 99;
+    cr_assert_eq(ksm_model_training_config(m, &got, &step), 0);
+    cr_expect_eq(step, 0);
+    cr_expect_eq(memcmp(&got, &c, sizeof c), 0);
+    char err[256] = "";
+    uint64_t gen = ksm_model_generation(m);
+    struct ksm_training_config bad[6];
+    for (int i = 0; i < 6; i++) bad[i] = c;
+    bad[0].host.lr = -1;
+    bad[1].seed.momentum = 1.5;
+    bad[2].host.nesterov = true, bad[2].host.dampening = 0.1;
+    bad[3].max_grad_norm = NAN;
+    bad[4].gradient_ratio_ema = 2;
+    bad[5].seed.weight_decay = INFINITY;
+    for (int i = 0; i < 6; i++) {
+        err[0] = '\0';
+        cr_expect_eq(ksm_model_configure_training(m, &bad[i], false, err, sizeof err), KSM_EINVAL,
+                     "bad config %d accepted", i);
+        cr_expect(err[0] != '\0', "bad config %d: no sentence", i);
+    }
+    cr_expect_eq(ksm_model_generation(m), gen);
+    cr_assert_eq(ksm_model_training_config(m, &got, NULL), 0);
+    cr_expect_eq(memcmp(&got, &c, sizeof c), 0);
+    struct ksm_training_config ok = c;
+    ok.host.lr = 0.1;
+    ok.seed.nesterov = true;
+    ok.gradient_telemetry_stride = 0;
+    cr_assert_eq(ksm_model_configure_training(m, &ok, true, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(ksm_model_training_config(m, &got, &step), 0);
+    cr_expect_eq(got.host.lr, 0.1);
+    cr_expect(got.seed.nesterov);
+    cr_expect_eq(got.gradient_telemetry_stride, 0);
+    ksm_model_unref(m);
+    ksm_engine_free(e);
+}
+
+/* A seed's optimizer is made at its first step and dropped (momentum lost) when the slot is
+ * pruned / emptied or germinated again. */
+Test(train, seed_optimizer_follows_the_lifecycle)
+{
+    ksm_engine *e = kt_engine_cpu(1);
+    ksm_model *m = small_cnn(e, "life");
+    char err[256];
+    struct ksm_slot_report rep;
+    struct ksm_germinate_args g = {.blueprint_id = "conv_light", .init_seed = 3};
+    cr_assert_eq(ksm_model_germinate(m, "r0c1", &g, &rep, err, sizeof err), 0, "%s", err);
+    float xs[4 * 3 * 8 * 8];
+    for (int i = 0; i < 4 * 3 * 8 * 8; i++) xs[i] = (float)((i * 37) % 11) / 11.0f - 0.5f;
+    int64_t ys[4] = {1, 2, 3, 4};
+    ksm_tensor x, y;
+    ksm_tensor_init(&x, NULL, xs, KSM_DTYPE_F32, 4, (const int64_t[]){4, 3, 8, 8});
+    ksm_tensor_init(&y, NULL, ys, KSM_DTYPE_I64, 1, (const int64_t[]){4});
+    struct ksm_train_args a = {.input = &x, .targets = &y, .collect_gradients = -1};
+    struct ksm_train_result r;
+    size_t hb, sb;
+    /* GERMINATED: stepped (a no-op: no gradient, no buffer), nothing collected */
+    cr_assert_eq(ksm_model_train_step(m, &a, &r, err, sizeof err), 0, "%s", err);
+    cr_expect_eq(r.n_stepped, 1);
+    cr_expect_str_eq(r.stepped[0], "r0c1");
+    cr_expect(!r.gradients_collected);
+    cr_assert_eq(ksm_model_training_momentum_bytes(m, NULL, &hb), 0);
+    cr_assert_eq(ksm_model_training_momentum_bytes(m, "r0c1", &sb), 0);
+    cr_expect_gt(hb, 0);
+    cr_expect_eq(sb, 0);
+    /* TRAINING: the STE path trains the seed; stride 10 collects at train_step 0 mod 10 only */
+    cr_assert_eq(ksm_model_advance(m, "r0c1", KSM_STAGE_TRAINING, NULL, &rep, err, sizeof err), 0,
+                 "%s", err);
+    cr_assert_eq(ksm_model_train_step(m, &a, &r, err, sizeof err), 0, "%s", err);
+    cr_expect(!r.gradients_collected); /* train_step 1 */
+    cr_expect_eq(r.train_step, 2);
+    cr_assert_eq(ksm_model_training_momentum_bytes(m, "r0c1", &sb), 0);
+    cr_expect_gt(sb, 0);
+    a.collect_gradients = 1;
+    cr_assert_eq(ksm_model_train_step(m, &a, &r, err, sizeof err), 0, "%s", err);
+    cr_expect(r.gradients_collected);
+    cr_expect_eq(r.n_seeds, 1);
+    cr_expect_gt(r.seeds[0].grad_norm, 0);
+    cr_expect_gt(r.host_grad_norm, 0);
+    /* a step on another slot only leaves r0c1's optimizer alone */
+    const char *only[] = {"r1c0"};
+    a.slots = only;
+    a.n_slots = 1;
+    cr_assert_eq(ksm_model_train_step(m, &a, &r, err, sizeof err), 0, "%s", err);
+    cr_expect_eq(r.n_stepped, 0);
+    cr_expect(!r.gradients_collected);
+    size_t sb2;
+    cr_assert_eq(ksm_model_training_momentum_bytes(m, "r0c1", &sb2), 0);
+    cr_expect_eq(sb2, sb);
+    cr_expect_eq(ksm_model_training_momentum_bytes(m, "r7c7", &sb2), KSM_ENOSLOT);
+    /* prune frees the seed: the optimizer goes with it */
+    bool accepted = false;
+    cr_assert_eq(ksm_model_prune(m, "r0c1", "test", "test", &accepted, &rep, err, sizeof err), 0,
+                 "%s", err);
+    cr_expect(accepted);
+    cr_assert_eq(ksm_model_training_momentum_bytes(m, "r0c1", &sb), 0);
+    cr_expect_eq(sb, 0);
+    ksm_model_unref(m);
+    ksm_engine_free(e);
+}
+
+/* ---- golden trajectories ---- */
+
+static void spec_from_json(json_t *j, struct ksm_model_spec *spec, const char **slots, int *n)
+{
+    memset(spec, 0, sizeof *spec);
+    json_t *c = json_object_get(j, "cnn");
+    spec->topology = KSM_TOPOLOGY_CNN;
+    spec->cnn.num_classes = (uint32_t)json_integer_value(json_object_get(c, "num_classes"));
+    spec->cnn.n_blocks = (uint32_t)json_integer_value(json_object_get(c, "n_blocks"));
+    spec->cnn.base_channels = (uint32_t)json_integer_value(json_object_get(c, "base_channels"));
+    spec->cnn.pool_layers = (int32_t)json_integer_value(json_object_get(c, "pool_layers"));
+    spec->pool_layers_set = true;
+    spec->cnn.kernel_size = (uint32_t)json_integer_value(json_object_get(c, "kernel_size"));
+    spec->cnn.in_channels = (uint32_t)json_integer_value(json_object_get(c, "in_channels"));
+    json_t *sl = json_object_get(j, "slots");
+    *n = (int)json_array_size(sl);
+    for (int i = 0; i < *n; i++) slots[i] = json_string_value(json_array_get(sl, (size_t)i));
+    spec->slots = slots;
+    spec->n_slots = *n;
+}
+
+struct loaded {
+    ksm_st_file *io;
+    json_t *spec_json;
+    ksm_model *m;
+    int steps;
+    double lr, max_grad_norm;
+};
+
+static void load_case(ksm_engine *e, const char *name, const char *id, struct loaded *L)
+{
+    char path[512], err[512] = "";
+    snprintf(path, sizeof path, GDIR "/%s.io.safetensors", name);
+    cr_assert_eq(ksm_st_open(path, &L->io, err, sizeof err), 0, "%s: %s", path, err);
+    json_error_t je;
+    L->spec_json = json_loads(ksm_st_metadata(L->io, "spec"), 0, &je);
+    json_t *cfg = json_loads(ksm_st_metadata(L->io, "config"), 0, &je);
+    cr_assert(L->spec_json && cfg);
+    L->lr = json_number_value(json_object_get(cfg, "lr"));
+    L->max_grad_norm = json_number_value(json_object_get(cfg, "max_grad_norm"));
+    json_decref(cfg);
+    L->steps = atoi(ksm_st_metadata(L->io, "steps"));
+    struct ksm_model_spec spec;
+    static const char *slots[KSM_MAX_SLOTS];
+    int n_slots;
+    spec_from_json(L->spec_json, &spec, slots, &n_slots);
+    int rc = ksm_engine_model_create(e, id, &spec, &L->m, err, sizeof err);
+    cr_assert_eq(rc, 0, "%s: create: %s", name, err);
+    size_t wlen;
+    snprintf(path, sizeof path, GDIR "/%s.weights.safetensors", name);
+    void *w = kt_read_file(path, &wlen);
+    struct ksm_load_result lr;
+    rc = ksm_model_load_weights(L->m, w, wlen, n_slots > 0, &lr, err, sizeof err);
+    cr_assert_eq(rc, 0, "%s: load: %s (%s)", name, err, ksm_err_name(rc));
+    ksm_load_result_free(&lr);
+    free(w);
+    struct ksm_training_config c;
+    ksm_training_config_defaults(&c);
+    c.host.lr = c.seed.lr = L->lr;
+    c.max_grad_norm = L->max_grad_norm;
+    cr_assert_eq(ksm_model_configure_training(L->m, &c, false, err, sizeof err), 0, "%s", err);
+}
+
+static void unload(struct loaded *L)
+{
+    json_decref(L->spec_json);
+    ksm_st_close(L->io);
+}
+
+static int step_k(struct loaded *L, int k, struct ksm_train_result *r, char *err, size_t errlen)
+{
+    char nx[32], ny[32];
+    snprintf(nx, sizeof nx, "x.%d", k);
+    snprintf(ny, sizeof ny, "y.%d", k);
+    ksm_tensor x, y;
+    kt_golden_host_tensor(kt_golden_need(L->io, nx), &x);
+    kt_golden_host_tensor(kt_golden_need(L->io, ny), &y);
+    struct ksm_train_args a = {.input = &x, .targets = &y, .collect_gradients = 1};
+    int rc = ksm_model_train_step(L->m, &a, r, err, errlen);
+    free(x.data);
+    free(y.data);
+    return rc;
+}
+
+/* Every final.* tensor of the fixture against the model's export. Returns the worst rel. */
+static double compare_final(struct loaded *L, const char *name, double tol)
+{
+    void *buf;
+    size_t len;
+    char err[256];
+    cr_assert_eq(ksm_model_export_weights(L->m, &buf, &len, err, sizeof err), 0, "%s", err);
+    ksm_st_file *ex;
+    cr_assert_eq(ksm_st_parse(buf, len, &ex, err, sizeof err), 0, "%s", err);
+    double worst = 0;
+    int n = 0;
+    for (size_t i = 0; i < ksm_st_count(L->io); i++) {
+        const struct ksm_st_tensor *ref = ksm_st_get(L->io, i);
+        if (strncmp(ref->name, "final.", 6) != 0) continue;
+        const struct ksm_st_tensor *got = ksm_st_find(ex, ref->name + 6);
+        cr_assert(got != NULL, "%s: export lacks %s", name, ref->name + 6);
+        cr_assert_eq(got->nbytes, ref->nbytes, "%s: %s size", name, ref->name);
+        n++;
+        if (strstr(ref->name, "num_batches_tracked")) {
+            int64_t a, b;
+            memcpy(&a, got->data, 8);
+            memcpy(&b, ref->data, 8);
+            cr_expect_eq(a, b, "%s: %s = %lld, expected %lld", name, ref->name, (long long)a,
+                         (long long)b);
+            continue;
+        }
+        char what[160];
+        snprintf(what, sizeof what, "%s: %s", name, ref->name);
+        float *g = kt_golden_floats(got), *r = kt_golden_floats(ref);
+        double rel = kt_golden_expect_f32(what, g, r, (int64_t)(ref->nbytes / 4), tol);
+        if (rel > worst) worst = rel;
+        free(g);
+        free(r);
+    }
+    cr_expect_gt(n, 0);
+    ksm_st_close(ex);
+    free(buf);
+    return worst;
+}
+
+static double relerr(double got, double ref) { return fabs(got - ref) / fmax(fabs(ref), 1e-12); }
+
+ParameterizedTestParameters(train, golden)
+{
+    return kt_golden_dir_cases("train", ".io.safetensors");
+}
+
+ParameterizedTest(struct kt_golden_case *gc, train, golden)
+{
+    ksm_engine *e = kt_engine_cpu(1);
+    struct loaded L;
+    load_case(e, gc->name, gc->name, &L);
+    float *loss = kt_golden_floats(kt_golden_need(L.io, "loss"));
+    float *hn = kt_golden_floats(kt_golden_need(L.io, "host_grad_norm"));
+    const struct ksm_st_tensor *ct = kt_golden_need(L.io, "correct");
+    double worst_loss = 0, worst_norm = 0;
+    char err[512];
+    for (int k = 0; k < L.steps; k++) {
+        struct ksm_train_result r;
+        int rc = step_k(&L, k, &r, err, sizeof err);
+        cr_assert_eq(rc, 0, "%s step %d: %s (%s)", gc->name, k, err, ksm_err_name(rc));
+        double le = relerr(r.loss, loss[k]);
+        if (le > worst_loss) worst_loss = le;
+        cr_expect_leq(le, 1e-5, "%s step %d: loss %.9g, expected %.9g", gc->name, k, r.loss,
+                      (double)loss[k]);
+        int64_t corr;
+        memcpy(&corr, (const char *)ct->data + 8 * k, 8);
+        cr_expect_eq(r.correct, (uint64_t)corr, "%s step %d: correct", gc->name, k);
+        cr_expect_eq(r.total, 8);
+        cr_expect_eq(r.train_step, (uint64_t)k + 1);
+        if (r.gradients_collected) {
+            double ne = relerr(r.host_grad_norm, hn[k]);
+            if (ne > worst_norm) worst_norm = ne;
+            cr_expect_leq(ne, 1e-4, "%s step %d: host grad norm %.9g, expected %.9g", gc->name, k,
+                          r.host_grad_norm, (double)hn[k]);
+            for (int s = 0; s < r.n_seeds; s++) {
+                char nm[64];
+                snprintf(nm, sizeof nm, "seed_grad_norm.%s", r.seeds[s].slot_id);
+                const struct ksm_st_tensor *t = ksm_st_find(L.io, nm);
+                cr_assert(t != NULL, "%s: stats for %s, not a TRAINING/BLENDING seed", gc->name,
+                          r.seeds[s].slot_id);
+                float ref;
+                memcpy(&ref, (const char *)t->data + 4 * k, 4);
+                double se = relerr(r.seeds[s].grad_norm, ref);
+                if (se > worst_norm) worst_norm = se;
+                cr_expect_leq(se, 1e-4, "%s step %d: %s grad norm %.9g, expected %.9g", gc->name, k,
+                              r.seeds[s].slot_id, r.seeds[s].grad_norm, (double)ref);
+            }
+        }
+    }
+    double wp = compare_final(&L, gc->name, 1e-4);
+    fprintf(stderr, "train %-16s loss rel %.2g, grad norm rel %.2g, final params rel %.2g\n",
+            gc->name, worst_loss, worst_norm, wp);
+    free(loss);
+    free(hn);
+    unload(&L);
+    ksm_model_unref(L.m);
+    ksm_engine_free(e);
+}
+
+Test(train, at_least_12_fixtures)
+{
+    cr_expect_geq(kt_golden_dir_count("train", ".io.safetensors"), 12);
+}
+
+/* ---- refused requests change nothing ---- */
+
+static void *export_all(ksm_model *m, size_t *len)
+{
+    void *buf;
+    char err[256];
+    cr_assert_eq(ksm_model_export_weights(m, &buf, len, err, sizeof err), 0, "%s", err);
+    return buf;
+}
+
+Test(train, refused_requests_change_nothing)
+{
+    ksm_engine *e = kt_engine_cpu(1);
+    struct loaded L;
+    load_case(e, "add", "bad", &L);
+    char err[512];
+    struct ksm_train_result r;
+    /* one good step so that momentum buffers exist */
+    cr_assert_eq(step_k(&L, 0, &r, err, sizeof err), 0, "%s", err);
+    size_t len0;
+    void *w0 = export_all(L.m, &len0);
+    uint64_t gen0 = ksm_model_generation(L.m), step0;
+    ksm_model_training_config(L.m, NULL, &step0);
+
+    ksm_tensor x, y;
+    kt_golden_host_tensor(kt_golden_need(L.io, "x.1"), &x);
+    kt_golden_host_tensor(kt_golden_need(L.io, "y.1"), &y);
+    int64_t *yv = y.data;
+    struct ksm_train_args a = {.input = &x, .targets = &y, .collect_gradients = 1};
+    /* target out of range */
+    int64_t keep = yv[3];
+    yv[3] = 10;
+    cr_expect_eq(ksm_model_train_step(L.m, &a, &r, err, sizeof err), KSM_EINVAL);
+    yv[3] = -1;
+    cr_expect_eq(ksm_model_train_step(L.m, &a, &r, err, sizeof err), KSM_EINVAL);
+    yv[3] = keep;
+    /* wrong target shape and dtype */
+    ksm_tensor y2 = y;
+    y2.shape[0] = 7;
+    cr_expect_eq(ksm_model_train_step(L.m, &(struct ksm_train_args){.input = &x, .targets = &y2},
+                                      &r, err, sizeof err),
+                 KSM_ESHAPE);
+    y2 = y;
+    y2.dtype = KSM_DTYPE_F32;
+    cr_expect_eq(ksm_model_train_step(L.m, &(struct ksm_train_args){.input = &x, .targets = &y2},
+                                      &r, err, sizeof err),
+                 KSM_EDTYPE);
+    /* no targets, unknown slot, bad collect flag */
+    cr_expect_eq(
+        ksm_model_train_step(L.m, &(struct ksm_train_args){.input = &x}, &r, err, sizeof err),
+        KSM_EINVAL);
+    const char *nope[] = {"r9c9"};
+    cr_expect_eq(
+        ksm_model_train_step(
+            L.m, &(struct ksm_train_args){.input = &x, .targets = &y, .slots = nope, .n_slots = 1},
+            &r, err, sizeof err),
+        KSM_ENOSLOT);
+    cr_expect_eq(ksm_model_train_step(
+                     L.m,
+                     &(struct ksm_train_args){.input = &x, .targets = &y, .collect_gradients = 2},
+                     &r, err, sizeof err),
+                 KSM_EINVAL);
+    size_t len1;
+    void *w1 = export_all(L.m, &len1);
+    cr_expect_eq(len0, len1);
+    cr_expect_eq(memcmp(w0, w1, len0), 0, "a refused step changed the weights or buffers");
+    uint64_t step1;
+    ksm_model_training_config(L.m, NULL, &step1);
+    cr_expect_eq(step1, step0);
+    cr_expect_eq(ksm_model_generation(L.m), gen0);
+    free(w1);
+
+    /* momentum intact: the next good steps still follow the reference */
+    for (int k = 1; k < L.steps; k++)
+        cr_assert_eq(step_k(&L, k, &r, err, sizeof err), 0, "%s", err);
+    compare_final(&L, "add after refusals", 1e-4);
+    free(w0);
+    free(x.data);
+    free(y.data);
+    unload(&L);
+    ksm_model_unref(L.m);
+    ksm_engine_free(e);
+}
+
+Test(train, batchnorm_needs_two_values_per_channel)
+{
+    /* pool_layers 2 of 3 blocks: a 4x4 input reaches the last block at 1x1 */
+    ksm_engine *e = kt_engine_cpu(1);
+    struct ksm_model_spec spec = {.topology = KSM_TOPOLOGY_CNN};
+    spec.cnn = (struct ksm_cnn_spec){.num_classes = 10,
+                                     .n_blocks = 3,
+                                     .base_channels = 4,
+                                     .pool_layers = 2,
+                                     .kernel_size = 3,
+                                     .in_channels = 3};
+    spec.pool_layers_set = true;
+    ksm_model *m;
+    char err[256];
+    cr_assert_eq(ksm_engine_model_create(e, "bn1", &spec, &m, err, sizeof err), 0, "%s", err);
+    float xs[2 * 3 * 4 * 4] = {0};
+    int64_t ys[2] = {1, 2};
+    ksm_tensor x, y;
+    ksm_tensor_init(&x, NULL, xs, KSM_DTYPE_F32, 4, (const int64_t[]){1, 3, 4, 4});
+    ksm_tensor_init(&y, NULL, ys, KSM_DTYPE_I64, 1, (const int64_t[]){1});
+    struct ksm_train_result r;
+    uint64_t gen = ksm_model_generation(m);
+    err[0] = '\0';
+    cr_expect_eq(ksm_model_train_step(m, &(struct ksm_train_args){.input = &x, .targets = &y}, &r,
+                                      err, sizeof err),
+                 KSM_EINVAL);
+    cr_expect(strstr(err, "BatchNorm") != NULL, "%s", err);
+    cr_expect_eq(ksm_model_generation(m), gen);
+    /* two rows are enough */
+    ksm_tensor_init(&x, NULL, xs, KSM_DTYPE_F32, 4, (const int64_t[]){2, 3, 4, 4});
+    ksm_tensor_init(&y, NULL, ys, KSM_DTYPE_I64, 1, (const int64_t[]){2});
+    cr_expect_eq(ksm_model_train_step(m, &(struct ksm_train_args){.input = &x, .targets = &y}, &r,
+                                      err, sizeof err),
+                 0, "%s", err);
+    cr_expect_eq(r.train_step, 1);
+    cr_expect(!r.gradients_collected); /* no seed in TRAINING or BLENDING */
+    ksm_model_unref(m);
+    ksm_engine_free(e);
+}
+
+/* ---- eval-mode forward after training ---- */
+
+Test(train, forward_after_step_equals_fresh_model)
+{
+    ksm_engine *e = kt_engine_cpu(1);
+    const char *cases[] = {"host_clip", "add"};
+    for (int ci = 0; ci < 2; ci++) {
+        struct loaded L;
+        char id[32];
+        snprintf(id, sizeof id, "trained-%d", ci);
+        load_case(e, cases[ci], id, &L);
+        ksm_tensor x;
+        kt_golden_host_tensor(kt_golden_need(L.io, "x.0"), &x);
+        struct ksm_forward_args fa = {.input = &x};
+        struct ksm_forward_result before, after, fresh;
+        char err[512];
+        /* a forward first, so that its plan exists before the steps */
+        cr_assert_eq(ksm_model_forward(L.m, &fa, &before, err, sizeof err), 0, "%s", err);
+        struct ksm_train_result r;
+        for (int k = 0; k < L.steps; k++)
+            cr_assert_eq(step_k(&L, k, &r, err, sizeof err), 0, "%s", err);
+        cr_assert_eq(ksm_model_forward(L.m, &fa, &after, err, sizeof err), 0, "%s", err);
+        cr_expect_neq(
+            memcmp(before.output.data, after.output.data, ksm_tensor_nbytes(&after.output)), 0,
+            "the forward did not see the trained weights");
+        /* a fresh model with the trained weights (and the same slots) */
+        void *w;
+        size_t len;
+        cr_assert_eq(ksm_model_export_weights(L.m, &w, &len, err, sizeof err), 0, "%s", err);
+        struct ksm_model_spec spec;
+        const char *slots[KSM_MAX_SLOTS];
+        int n_slots;
+        spec_from_json(L.spec_json, &spec, slots, &n_slots);
+        ksm_model *m2;
+        snprintf(id, sizeof id, "fresh-%d", ci);
+        cr_assert_eq(ksm_engine_model_create(e, id, &spec, &m2, err, sizeof err), 0, "%s", err);
+        struct ksm_load_result lr;
+        cr_assert_eq(ksm_model_load_weights(m2, w, len, n_slots > 0, &lr, err, sizeof err), 0, "%s",
+                     err);
+        ksm_load_result_free(&lr);
+        cr_assert_eq(ksm_model_forward(m2, &fa, &fresh, err, sizeof err), 0, "%s", err);
+        cr_expect_eq(memcmp(fresh.output.data, after.output.data, ksm_tensor_nbytes(&after.output)),
+                     0, "%s: forward after training differs from a fresh model", cases[ci]);
+        ksm_host_tensor_free(&before.output);
+        ksm_host_tensor_free(&after.output);
+        ksm_host_tensor_free(&fresh.output);
+        free(w);
+        free(x.data);
+        unload(&L);
+        ksm_model_unref(L.m);
+        ksm_model_unref(m2);
+    }
+    ksm_engine_free(e);
+}
+
+/* ---- what is not implemented is refused up front ---- */
+
+Test(train, transformer_refused)
+{
+    ksm_engine *e = kt_engine_cpu(1);
+    struct ksm_model_spec spec = {.topology = KSM_TOPOLOGY_TRANSFORMER};
+    spec.transformer = (struct ksm_transformer_spec){.vocab_size = 17,
+                                                     .n_embd = 16,
+                                                     .n_head = 2,
+                                                     .n_layer = 2,
+                                                     .block_size = 8,
+                                                     .num_segments = 2};
+    ksm_model *m;
+    char err[256];
+    cr_assert_eq(ksm_engine_model_create(e, "tf", &spec, &m, err, sizeof err), 0, "%s", err);
+    int64_t ids[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    ksm_tensor x, y;
+    ksm_tensor_init(&x, NULL, ids, KSM_DTYPE_I64, 2, (const int64_t[]){2, 4});
+    ksm_tensor_init(&y, NULL, ids, KSM_DTYPE_I64, 2, (const int64_t[]){2, 4});
+    struct ksm_train_result r;
+    err[0] = '\0';
+    cr_expect_eq(ksm_model_train_step(m, &(struct ksm_train_args){.input = &x, .targets = &y}, &r,
+                                      err, sizeof err),
+                 KSM_EUNSUPPORTED);
+    cr_expect(strstr(err, "transformer") != NULL, "%s", err);
+    ksm_model_unref(m);
+    ksm_engine_free(e);
+}
+
+/* Steady state: after the first steps (arena sized, momentum buffers made) a step takes no new
+ * device segment and leaves no block allocated. */
+Test(train, steady_state_allocations)
+{
+    ksm_engine *e = kt_engine_cpu(1);
+    struct loaded L;
+    load_case(e, "blueprints_a", "alloc", &L);
+    ksm_allocator *al = ksm_engine_allocator(e, ksm_engine_default_device(e));
+    cr_assert(al != NULL);
+    char err[512];
+    struct ksm_train_result r;
+    for (int k = 0; k < 2; k++) cr_assert_eq(step_k(&L, k, &r, err, sizeof err), 0, "%s", err);
+    struct ksm_mem_stats s0, s1;
+    ksm_alloc_get_stats(al, &s0);
+    for (int k = 2; k < L.steps; k++)
+        cr_assert_eq(step_k(&L, k, &r, err, sizeof err), 0, "%s", err);
+    ksm_alloc_get_stats(al, &s1);
+    const struct ksm_pool_stats *a = &s0.pool[KSM_POOL_ALL], *b = &s1.pool[KSM_POOL_ALL];
+    int n = L.steps - 2;
+    fprintf(stderr,
+            "train steady state: %.1f block handouts/step (cached), %lld new segments, "
+            "%lld blocks still allocated\n",
+            (double)(b->allocation.allocated - a->allocation.allocated) / n,
+            (long long)(b->segment.allocated - a->segment.allocated),
+            (long long)(b->allocation.current - a->allocation.current));
+    cr_expect_eq(b->segment.allocated, a->segment.allocated, "a step took a new device segment");
+    cr_expect_eq(b->allocation.current, a->allocation.current, "a step leaked a block");
+    unload(&L);
+    ksm_model_unref(L.m);
+    ksm_engine_free(e);
+}
