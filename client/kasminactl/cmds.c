@@ -36,6 +36,8 @@ const struct ctl_cmd *const ctl_cmds[] = {
     &ctl_cmd_forward,
     &ctl_cmd_fused_forward,
     &ctl_cmd_evaluate,
+    &ctl_cmd_train,
+    &ctl_cmd_training,
     &ctl_cmd_load_weights,
     &ctl_cmd_export_weights,
     &ctl_cmd_move,

@@ -299,3 +299,165 @@ const struct ctl_cmd ctl_cmd_evaluate = {
     .run = run_evaluate,
     .fini = fini_evaluate,
 };
+
+// ---- train (TrainStep; docs/training.md) ----
+
+struct train_args {
+    struct ctl_pos pos;
+    const char *input, *targets, *stream;
+    uint32_t batch, epochs;
+    bool collect;
+};
+
+static void init_train(void *args)
+{
+    struct train_args *a = args;
+    a->epochs = 1;
+}
+
+#define TRAIN(f) offsetof(struct train_args, f)
+static const struct ctl_opt train_opts[] = {
+    {"input", "FILE[:TENSOR]", CTL_ARG_STRING, TRAIN(input), 0, NULL,
+     "the training inputs, rows along dim 0 (required)"},
+    {"targets", "FILE[:TENSOR]", CTL_ARG_STRING, TRAIN(targets), 0, NULL,
+     "their I64 class or token ids, rows along dim 0 (required)"},
+    {"batch", "ROWS", CTL_ARG_U32, TRAIN(batch), 0, NULL,
+     "rows per TrainStep (default: every row in one step)"},
+    {"epochs", "N", CTL_ARG_U32, TRAIN(epochs), 0, NULL, "passes over the rows (default 1)"},
+    {"collect-gradients", NULL, CTL_ARG_FLAG, TRAIN(collect), 0, NULL,
+     "collect gradient statistics on every step (default: the model's stride decides)"},
+    {"stream", "KEY", CTL_ARG_STRING, TRAIN(stream), 0, NULL, "run on this stream of the model"},
+    {0},
+};
+#undef TRAIN
+
+/* Rows [r0, r0 + n) of t as a view (t contiguous, rows along dim 0). */
+static ksm_tensor rows_of(const ksm_tensor *t, int64_t r0, int64_t n)
+{
+    ksm_tensor v = *t;
+    size_t row = ksm_tensor_nbytes(t) / (size_t)t->shape[0];
+    v.data = (char *)t->data + (size_t)r0 * row;
+    v.shape[0] = n;
+    return v;
+}
+
+static int run_train(struct ctl *x, void *args)
+{
+    struct train_args *a = args;
+    if (!a->input || !a->targets)
+        return ctl_usage_error(x, "--input FILE and --targets FILE are required");
+    if (a->epochs == 0) return ctl_usage_error(x, "--epochs must be at least 1");
+    ksm_tensor input = {0}, targets = {0};
+    int rc = load_tensor(x, "--input", a->input, input_names, &input);
+    if (rc == 0) rc = load_tensor(x, "--targets", a->targets, target_names, &targets);
+    if (rc == 0 && (input.ndim < 1 || targets.ndim < 1 || input.shape[0] != targets.shape[0] ||
+                    input.shape[0] == 0))
+        rc = ctl_usage_error(x, "--input and --targets must hold the same number of rows (> 0)");
+    if (rc == 0) rc = ctl_connect(x);
+    int64_t n = rc == 0 ? input.shape[0] : 0;
+    int64_t b = a->batch ? (int64_t)a->batch : n;
+    for (uint32_t ep = 0; rc == 0 && ep < a->epochs; ep++)
+        for (int64_t r0 = 0; rc == 0 && r0 < n; r0 += b) {
+            int64_t k = n - r0 < b ? n - r0 : b;
+            ksm_tensor xi = rows_of(&input, r0, k), yi = rows_of(&targets, r0, k);
+            struct ksm_train_args ta = {.input = &xi,
+                                        .targets = &yi,
+                                        .stream = a->stream,
+                                        .collect_gradients = a->collect ? 1 : -1};
+            struct ksm_train_result r;
+            if (ksm_client_train_step(x->client, a->pos.v[0], &ta, &r, &x->err) != 0)
+                rc = ctl_call_failed(x);
+            else
+                ctl_show_train_step(x->json, ep, &r, stdout);
+        }
+    free(input.data);
+    free(targets.data);
+    return rc;
+}
+
+const struct ctl_cmd ctl_cmd_train = {
+    .name = "train",
+    .summary = "train the model on a file of rows: one TrainStep per batch (TrainStep)",
+    .positionals = "MODEL",
+    .min_pos = 1,
+    .max_pos = 1,
+    .opts = train_opts,
+    .notes = "  One line per step: epoch, train_step, loss, correct/total (--json: one object).\n"
+             "  Without TENSOR: input/x and targets/y are looked up by name.",
+    .args_size = sizeof(struct train_args),
+    .init = init_train,
+    .run = run_train,
+};
+
+// ---- training (ConfigureTraining) ----
+
+struct training_args {
+    struct ctl_pos pos;
+    double host_lr, host_momentum, host_wd, seed_lr, seed_momentum, seed_wd, max_grad_norm;
+    uint32_t stride;
+    bool set[8]; /* which of the above were given, in that order */
+    bool reset;
+};
+
+#define TRN(f)     offsetof(struct training_args, f)
+#define TRN_SET(i) TRN(set) + (i) * sizeof(bool)
+static const struct ctl_opt training_opts[] = {
+    {"host-lr", "LR", CTL_ARG_DOUBLE, TRN(host_lr), TRN_SET(0), NULL, "the host's learning rate"},
+    {"host-momentum", "M", CTL_ARG_DOUBLE, TRN(host_momentum), TRN_SET(1), NULL,
+     "the host's momentum"},
+    {"host-weight-decay", "WD", CTL_ARG_DOUBLE, TRN(host_wd), TRN_SET(2), NULL,
+     "the host's weight decay"},
+    {"seed-lr", "LR", CTL_ARG_DOUBLE, TRN(seed_lr), TRN_SET(3), NULL, "the seeds' learning rate"},
+    {"seed-momentum", "M", CTL_ARG_DOUBLE, TRN(seed_momentum), TRN_SET(4), NULL,
+     "the seeds' momentum"},
+    {"seed-weight-decay", "WD", CTL_ARG_DOUBLE, TRN(seed_wd), TRN_SET(5), NULL,
+     "the seeds' weight decay"},
+    {"max-grad-norm", "N", CTL_ARG_DOUBLE, TRN(max_grad_norm), TRN_SET(6), NULL,
+     "clip the host's and each seed's gradients to this norm (0 = no clipping)"},
+    {"stride", "N", CTL_ARG_U32, TRN(stride), TRN_SET(7), NULL,
+     "collect gradient statistics every N steps (0 = never)"},
+    {"reset-optimizer", NULL, CTL_ARG_FLAG, TRN(reset), 0, NULL, "drop every momentum buffer"},
+    {0},
+};
+#undef TRN_SET
+#undef TRN
+
+static int run_training(struct ctl *x, void *args)
+{
+    struct training_args *a = args;
+    int rc = ctl_connect(x);
+    struct ksm_training_config c;
+    uint64_t step = 0;
+    bool change = false;
+    for (int i = 0; i < 8; i++) change |= a->set[i];
+    if (rc == 0 && ksm_client_configure_training(x->client, a->pos.v[0], NULL, a->reset && !change,
+                                                 &c, &step, &x->err) != 0)
+        rc = ctl_call_failed(x);
+    if (rc == 0 && change) {
+        if (a->set[0]) c.host.lr = a->host_lr;
+        if (a->set[1]) c.host.momentum = a->host_momentum;
+        if (a->set[2]) c.host.weight_decay = a->host_wd;
+        if (a->set[3]) c.seed.lr = a->seed_lr;
+        if (a->set[4]) c.seed.momentum = a->seed_momentum;
+        if (a->set[5]) c.seed.weight_decay = a->seed_wd;
+        if (a->set[6]) c.max_grad_norm = a->max_grad_norm;
+        if (a->set[7]) c.gradient_telemetry_stride = a->stride;
+        if (ksm_client_configure_training(x->client, a->pos.v[0], &c, a->reset, &c, &step,
+                                          &x->err) != 0)
+            rc = ctl_call_failed(x);
+    }
+    if (rc == 0) ctl_show_training(x->json, a->pos.v[0], &c, step, stdout);
+    return rc;
+}
+
+const struct ctl_cmd ctl_cmd_training = {
+    .name = "training",
+    .summary = "show or change the model's training configuration (ConfigureTraining)",
+    .positionals = "MODEL",
+    .min_pos = 1,
+    .max_pos = 1,
+    .opts = training_opts,
+    .notes = "  Without options: the configuration in force and the steps applied.",
+    .args_size = sizeof(struct training_args),
+    .run = run_training,
+};

@@ -138,6 +138,9 @@ void ctl_show_load_result(bool json, const char *model_id, const struct ksm_load
 void ctl_show_forward(bool json, const struct ksm_forward_result *r, const char *output_file,
                       FILE *f);
 void ctl_show_evaluate(bool json, const struct ksm_evaluate_result *r, FILE *f);
+void ctl_show_train_step(bool json, uint32_t epoch, const struct ksm_train_result *r, FILE *f);
+void ctl_show_training(bool json, const char *model_id, const struct ksm_training_config *c,
+                       uint64_t train_step, FILE *f);
 /* Per device, then per model when any device reports models. */
 void ctl_show_memory(bool json, const struct ksm_client_memory_stats *s, FILE *f);
 void ctl_show_caches(bool json, const struct ksm_client_cache_counters *v, size_t n, FILE *f);

@@ -816,3 +816,66 @@ void ctl_show_caches(bool json, const struct ksm_client_cache_counters *v, size_
     ctl_table_print(t, f);
     ctl_table_free(t);
 }
+
+void ctl_show_train_step(bool json, uint32_t epoch, const struct ksm_train_result *r, FILE *f)
+{
+    if (json) {
+        json_t *seeds = json_array();
+        for (int i = 0; i < r->n_seeds; i++) {
+            const struct ksm_seed_grad_stats *s = &r->seeds[i];
+            json_array_append_new(seeds,
+                                  json_pack("{s:s, s:f, s:I, s:f, s:f, s:b, s:b}", "slot_id",
+                                            s->slot_id, "grad_norm", s->grad_norm, "param_count",
+                                            (json_int_t)s->param_count, "normalized_ratio",
+                                            s->normalized_ratio, "gradient_health",
+                                            s->gradient_health, "has_vanishing", s->has_vanishing,
+                                            "has_exploding", s->has_exploding));
+        }
+        ctl_json_print(
+            json_pack("{s:I, s:I, s:f, s:I, s:I, s:b, s:f, s:o}", "epoch", (json_int_t)epoch,
+                      "train_step", (json_int_t)r->train_step, "loss", r->loss, "correct",
+                      (json_int_t)r->correct, "total", (json_int_t)r->total, "gradients_collected",
+                      r->gradients_collected, "host_grad_norm", r->host_grad_norm, "seeds", seeds),
+            f);
+        return;
+    }
+    fprintf(f, "epoch %" PRIu32 "  step %" PRIu64 "  loss %.6f  correct %" PRIu64 "/%" PRIu64,
+            epoch, r->train_step, r->loss, r->correct, r->total);
+    if (r->gradients_collected) fprintf(f, "  host |g| %.4g", r->host_grad_norm);
+    for (int i = 0; i < r->n_seeds; i++)
+        fprintf(f, "  %s |g| %.4g ratio %.3g health %.2f", r->seeds[i].slot_id,
+                r->seeds[i].grad_norm, r->seeds[i].normalized_ratio, r->seeds[i].gradient_health);
+    fputc('\n', f);
+}
+
+void ctl_show_training(bool json, const char *model_id, const struct ksm_training_config *c,
+                       uint64_t train_step, FILE *f)
+{
+    if (json) {
+        ctl_json_print(
+            json_pack("{s:s, s:{s:f, s:f, s:f, s:f, s:b}, s:{s:f, s:f, s:f, s:f, s:b}, s:f, s:I, "
+                      "s:f, s:f, s:f, s:I}",
+                      "model_id", model_id, "host", "lr", c->host.lr, "momentum", c->host.momentum,
+                      "weight_decay", c->host.weight_decay, "dampening", c->host.dampening,
+                      "nesterov", c->host.nesterov, "seed", "lr", c->seed.lr, "momentum",
+                      c->seed.momentum, "weight_decay", c->seed.weight_decay, "dampening",
+                      c->seed.dampening, "nesterov", c->seed.nesterov, "max_grad_norm",
+                      c->max_grad_norm, "gradient_telemetry_stride",
+                      (json_int_t)c->gradient_telemetry_stride, "gradient_ratio_ema",
+                      c->gradient_ratio_ema, "vanishing_threshold", c->vanishing_threshold,
+                      "exploding_threshold", c->exploding_threshold, "train_step",
+                      (json_int_t)train_step),
+            f);
+        return;
+    }
+    fprintf(f, "model %s: %" PRIu64 " steps\n", model_id, train_step);
+    const struct ksm_sgd_settings *s[2] = {&c->host, &c->seed};
+    for (int i = 0; i < 2; i++)
+        fprintf(f, "  %-5s SGD lr %g momentum %g weight_decay %g dampening %g nesterov %s\n",
+                i ? "seeds" : "host", s[i]->lr, s[i]->momentum, s[i]->weight_decay, s[i]->dampening,
+                s[i]->nesterov ? "yes" : "no");
+    fprintf(f, "  max_grad_norm %g  gradient statistics every %" PRIu32 " steps  ratio EMA %g\n",
+            c->max_grad_norm, c->gradient_telemetry_stride, c->gradient_ratio_ema);
+    fprintf(f, "  thresholds: vanishing %g, exploding %g\n", c->vanishing_threshold,
+            c->exploding_threshold);
+}

@@ -557,6 +557,54 @@ int ksm_client_forward(ksm_client *c, const char *model_id, const struct ksm_for
     return rc ? bad_reply(err, rc, msg) : 0;
 }
 
+int ksm_client_configure_training(ksm_client *c, const char *model_id,
+                                  const struct ksm_training_config *cfg, bool reset_optimizer_state,
+                                  struct ksm_training_config *out, uint64_t *train_step,
+                                  struct ksm_client_error *err)
+{
+    struct ksm_pb_arena ar;
+    ksm_pb_arena_init(&ar);
+    Kasmina__V1__ConfigureTrainingRequest req;
+    int rc = ksm_wire_configure_training_to_pb(model_id, cfg, reset_optimizer_state, &ar, &req);
+    if (rc) {
+        ksm_pb_arena_fini(&ar);
+        return encode_failed(err, rc);
+    }
+    Kasmina__V1__TrainingConfig *rep;
+    rc = UNARY("ConfigureTraining", req, kasmina__v1__training_config, rep, err);
+    ksm_pb_arena_fini(&ar);
+    if (rc) return rc;
+    struct ksm_training_config got;
+    ksm_wire_training_config_from_reply(rep, &got, train_step);
+    if (out != NULL) *out = got;
+    free_reply(rep);
+    return 0;
+}
+
+int ksm_client_train_step(ksm_client *c, const char *model_id, const struct ksm_train_args *a,
+                          struct ksm_train_result *r, struct ksm_client_error *err)
+{
+    int rc;
+    if (!need(err, a, "args", &rc) || !need(err, r, "result", &rc)) return rc;
+    memset(r, 0, sizeof *r);
+    if (!a->input || !a->targets)
+        return ksmc_fail(err, KSM_EINVAL, 3, "input and targets must not be NULL");
+    struct ksm_pb_arena ar;
+    ksm_pb_arena_init(&ar);
+    Kasmina__V1__TrainStepRequest req;
+    if ((rc = ksm_wire_train_args_to_pb(model_id, a, &ar, &req))) {
+        ksm_pb_arena_fini(&ar);
+        return encode_failed(err, rc);
+    }
+    Kasmina__V1__TrainStepResponse *rep;
+    rc = UNARY("TrainStep", req, kasmina__v1__train_step_response, rep, err);
+    ksm_pb_arena_fini(&ar);
+    if (rc) return rc;
+    ksm_wire_train_result_from_pb(rep, r);
+    free_reply(rep);
+    return 0;
+}
+
 int ksm_client_evaluate(ksm_client *c, const char *model_id, const struct ksm_evaluate_args *a,
                         struct ksm_evaluate_result *r, struct ksm_client_error *err)
 {

@@ -584,6 +584,58 @@ static int memory_stats(ksm_rpc_server *s, const char *device, bool empty, struc
     return 0;
 }
 
+/* ---- training (docs/training.md) ---- */
+
+static int h_configure_training(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                                ProtobufCMessage **reply)
+{
+    const Kasmina__V1__ConfigureTrainingRequest *r = (const void *)req;
+    ksm_model *m;
+    KSM_TRY(get_model(s, r->model_id, cx, &m));
+    struct ksm_training_config cur, next;
+    uint64_t step = 0;
+    KSM_TRY(ksm_model_training_config(m, &cur, &step));
+    bool reset = false;
+    KSM_TRY(ksm_wire_training_config_from_pb(r, &cur, &next, &reset, cx->err, sizeof cx->err));
+    KSM_TRY(ksm_service_configure_training(s->service, m, &next, reset, cx->err, sizeof cx->err));
+    KSM_TRY(ksm_model_training_config(m, &cur, &step));
+    ALLOC(out, Kasmina__V1__TrainingConfig, kasmina__v1__training_config__init);
+    KSM_TRY(ksm_wire_training_config_to_pb(r->model_id, &cur, step, &cx->arena, out));
+    *reply = &out->base;
+    return 0;
+}
+
+static int h_train_step(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                        ProtobufCMessage **reply)
+{
+    const Kasmina__V1__TrainStepRequest *r = (const void *)req;
+    struct ksm_train_args ta;
+    KSM_TRY(ksm_wire_train_args_from_pb(r, &cx->arena, &ta, cx->err, sizeof cx->err));
+    KSM_TRY(rpc_limit_input(s, ta.input, cx));
+    ksm_model *m;
+    KSM_TRY(get_model(s, r->model_id, cx, &m));
+    KSM_TRY(rpc_limit_stream_enter(s, r->model_id, ta.stream, cx));
+    struct ksm_train_result *res = ksm_pb_arena_alloc(&cx->arena, sizeof *res);
+    if (res == NULL) return KSM_ENOMEM;
+    KSM_TRY(ksm_service_train_step(s->service, m, &ta, res, cx->err, sizeof cx->err));
+    ALLOC(out, Kasmina__V1__TrainStepResponse, kasmina__v1__train_step_response__init);
+    KSM_TRY(ksm_wire_train_result_to_pb(res, &cx->arena, out));
+    *reply = &out->base;
+    return 0;
+}
+
+static int h_checkpoint(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                        ProtobufCMessage **reply)
+{
+    const Kasmina__V1__CheckpointRequest *r = (const void *)req;
+    KSM_TRY(ksm_wire_check_model_id(r->model_id, "model_id", false, cx->err, sizeof cx->err));
+    (void)s;
+    (void)reply;
+    return ksm_errf(cx->err, sizeof cx->err, KSM_ENOSYS,
+                    "Checkpoint is not implemented yet: training progress is not made durable "
+                    "(lifecycle calls still are, per call).");
+}
+
 static int h_get_memory_stats(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
                               ProtobufCMessage **reply)
 {
@@ -681,6 +733,9 @@ struct rpc_method rpc_methods[] = {
     K("Forward", forward_request, h_forward),
     K("FusedForward", fused_forward_request, h_fused_forward),
     K("Evaluate", evaluate_request, h_evaluate),
+    K("ConfigureTraining", configure_training_request, h_configure_training),
+    K("TrainStep", train_step_request, h_train_step),
+    K("Checkpoint", checkpoint_request, h_checkpoint),
     K("GetMemoryStats", get_memory_stats_request, h_get_memory_stats),
     K("GetCacheStats", get_cache_stats_request, h_get_cache_stats),
     K("EmptyCache", empty_cache_request, h_empty_cache),

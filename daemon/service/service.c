@@ -156,6 +156,36 @@ static int mutation_end(ksm_service *s, struct mutation *mu, ksm_model *m, const
     return rc;
 }
 
+/* A mutation that is not journalled (training: durable at checkpoints): its events are
+ * published, the lock released. */
+static int mutation_end_in_memory(ksm_service *s, struct mutation *mu, int rc)
+{
+    ksm_event_log_release(s->events, true);
+    ksm_persist_unlock(mu->pm);
+    return rc;
+}
+
+int ksm_service_configure_training(ksm_service *s, ksm_model *m,
+                                   const struct ksm_training_config *c, bool reset_optimizer_state,
+                                   char *err, size_t errlen)
+{
+    struct mutation mu;
+    int rc = mutation_begin(s, m, &mu, err, errlen);
+    if (rc != 0) return rc;
+    rc = ksm_model_configure_training(m, c, reset_optimizer_state, err, errlen);
+    return mutation_end_in_memory(s, &mu, rc);
+}
+
+int ksm_service_train_step(ksm_service *s, ksm_model *m, const struct ksm_train_args *a,
+                           struct ksm_train_result *r, char *err, size_t errlen)
+{
+    struct mutation mu;
+    int rc = mutation_begin(s, m, &mu, err, errlen);
+    if (rc != 0) return rc;
+    rc = ksm_model_train_step(m, a, r, err, errlen);
+    return mutation_end_in_memory(s, &mu, rc);
+}
+
 int ksm_service_load_weights(ksm_service *s, ksm_model *m, const void *buf, size_t len, bool strict,
                              struct ksm_load_result *res, char *err, size_t errlen)
 {

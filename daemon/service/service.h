@@ -28,6 +28,7 @@
 
 #include "io/persist.h"
 #include "kasmina/kasmina.h"
+#include "kasmina/training.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -128,6 +129,17 @@ int ksm_service_step_epoch(ksm_service *s, ksm_model *m, const char *slot_id,
 int ksm_service_record_metrics(ksm_service *s, ksm_model *m, const char *slot_id,
                                const struct ksm_metrics_update *u, struct ksm_slot_report *report,
                                char *err, size_t errlen);
+
+// ---- Training (docs/training.md) ----
+
+/* The model's training configuration; a mutation in memory (not journalled: training state is
+ * made durable by checkpoints), refused for a model deleted since its lookup. */
+int ksm_service_configure_training(ksm_service *s, ksm_model *m,
+                                   const struct ksm_training_config *c, bool reset_optimizer_state,
+                                   char *err, size_t errlen);
+/* One TrainStep, under the same rules. */
+int ksm_service_train_step(ksm_service *s, ksm_model *m, const struct ksm_train_args *a,
+                           struct ksm_train_result *r, char *err, size_t errlen);
 
 /* The daemon's sentence for an engine limit: rewrites err for KSM_EMAXMODELS, KSM_EMAXSEEDS
  * and (with a memory cap) KSM_EDEVMEM so that it names the option; other codes are unchanged.

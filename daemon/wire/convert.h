@@ -26,6 +26,7 @@
 #include <stdint.h>
 
 #include "kasmina/kasmina.h"
+#include "kasmina/training.h"
 #include "kasmina/v1/kasmina.pb-c.h"
 
 #ifdef __cplusplus
@@ -266,6 +267,33 @@ int ksm_wire_cache_counters_to_pb(const char *model_id, const struct ksm_cache_c
 /* model_id (may be NULL) receives the model id, at least KSM_ID_MAX + 1 bytes. */
 void ksm_wire_cache_counters_from_pb(const Kasmina__V1__CacheCounters *pb, char *model_id,
                                      struct ksm_cache_counters *c);
+
+/* ---- Training (docs/training.md) ---- */
+
+/* ConfigureTraining onto current: unset fields keep their value. *reset = reset_optimizer_state. */
+int ksm_wire_training_config_from_pb(const Kasmina__V1__ConfigureTrainingRequest *pb,
+                                     const struct ksm_training_config *current,
+                                     struct ksm_training_config *out, bool *reset, char *err,
+                                     size_t errlen);
+/* TrainingConfig with every field set. */
+int ksm_wire_training_config_to_pb(const char *model_id, const struct ksm_training_config *c,
+                                   uint64_t train_step, struct ksm_pb_arena *a,
+                                   Kasmina__V1__TrainingConfig *pb);
+/* TrainStep: input and targets (I64) borrowed from pb, slots checked as ids. */
+int ksm_wire_train_args_from_pb(const Kasmina__V1__TrainStepRequest *pb, struct ksm_pb_arena *a,
+                                struct ksm_train_args *out, char *err, size_t errlen);
+int ksm_wire_train_result_to_pb(const struct ksm_train_result *r, struct ksm_pb_arena *a,
+                                Kasmina__V1__TrainStepResponse *pb);
+/* The client's direction. c NULL: a request that changes nothing (reads the configuration). */
+int ksm_wire_configure_training_to_pb(const char *model_id, const struct ksm_training_config *c,
+                                      bool reset, struct ksm_pb_arena *a,
+                                      Kasmina__V1__ConfigureTrainingRequest *pb);
+void ksm_wire_training_config_from_reply(const Kasmina__V1__TrainingConfig *pb,
+                                         struct ksm_training_config *c, uint64_t *train_step);
+int ksm_wire_train_args_to_pb(const char *model_id, const struct ksm_train_args *t,
+                              struct ksm_pb_arena *a, Kasmina__V1__TrainStepRequest *pb);
+void ksm_wire_train_result_from_pb(const Kasmina__V1__TrainStepResponse *pb,
+                                   struct ksm_train_result *r);
 
 #ifdef __cplusplus
 }

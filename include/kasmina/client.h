@@ -39,6 +39,7 @@
 
 #include "kasmina/errors.h"
 #include "kasmina/kasmina.h"
+#include "kasmina/training.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -213,6 +214,19 @@ int ksm_client_forward(ksm_client *c, const char *model_id, const struct ksm_for
 /* a->shapley is not available over the wire (KSM_EINVAL). r: ksm_evaluate_result_free. */
 int ksm_client_evaluate(ksm_client *c, const char *model_id, const struct ksm_evaluate_args *a,
                         struct ksm_evaluate_result *r, struct ksm_client_error *err);
+
+/* ---- Training (docs/training.md) ---- */
+
+/* ConfigureTraining: cfg NULL reads the configuration in force (and reset_optimizer_state may
+ * still drop the momentum buffers); else every field of cfg is sent. *out (may be NULL) receives
+ * the configuration now in force, *train_step (may be NULL) the steps applied. */
+int ksm_client_configure_training(ksm_client *c, const char *model_id,
+                                  const struct ksm_training_config *cfg, bool reset_optimizer_state,
+                                  struct ksm_training_config *out, uint64_t *train_step,
+                                  struct ksm_client_error *err);
+/* One TrainStep: a->input and a->targets (I64) are host tensors (contiguous). */
+int ksm_client_train_step(ksm_client *c, const char *model_id, const struct ksm_train_args *a,
+                          struct ksm_train_result *r, struct ksm_client_error *err);
 
 /* ---- Statistics ---- */
 

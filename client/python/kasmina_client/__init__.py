@@ -381,12 +381,20 @@ class Client:
     def record_metrics(self, model_id, slot_id, val_accuracy=None,
                        counterfactual_contribution=None, gradient_norm=None,
                        gradient_health=None, has_vanishing=None, has_exploding=None,
-                       seed_gradient_norm_ratio=None, epoch=None, max_epochs=None, timeout=None):
+                       seed_gradient_norm_ratio=None, epoch=None, max_epochs=None,
+                       interaction_sum=None, boost_received=None, upstream_alpha_sum=None,
+                       downstream_alpha_sum=None, clear_auto_pruned=False,
+                       use_collected_gradients=False, timeout=None):
         """Each argument given is applied (esper's order); None leaves it out."""
-        req = pb.RecordMetricsRequest(model_id=model_id, slot_id=slot_id)
+        req = pb.RecordMetricsRequest(model_id=model_id, slot_id=slot_id,
+                                      clear_auto_pruned=clear_auto_pruned,
+                                      use_collected_gradients=use_collected_gradients)
         for name, v in (("val_accuracy", val_accuracy),
                         ("counterfactual_contribution", counterfactual_contribution),
-                        ("epoch", epoch), ("max_epochs", max_epochs)):
+                        ("epoch", epoch), ("max_epochs", max_epochs),
+                        ("interaction_sum", interaction_sum), ("boost_received", boost_received),
+                        ("upstream_alpha_sum", upstream_alpha_sum),
+                        ("downstream_alpha_sum", downstream_alpha_sum)):
             if v is not None:
                 setattr(req, name, v)
         for name, v in (("gradient_norm", gradient_norm), ("gradient_health", gradient_health),
@@ -451,6 +459,39 @@ class Client:
                             tensor_to_numpy(c.logits) if c.HasField("logits") else None)
                for c in r.results]
         return EvaluateResult(res, r.model_generation, r.compute_ns)
+
+    # ---- training (docs/training.md) ----
+
+    def configure_training(self, model_id, host=None, seed=None, max_grad_norm=None,
+                           gradient_telemetry_stride=None, gradient_ratio_ema=None,
+                           vanishing_threshold=None, exploding_threshold=None,
+                           reset_optimizer_state=False, timeout=None):
+        """Changes what is given (host/seed: dicts of lr, momentum, weight_decay, dampening,
+        nesterov); None keeps the value in force. Returns the TrainingConfig now in force."""
+        req = pb.ConfigureTrainingRequest(model_id=model_id,
+                                          reset_optimizer_state=reset_optimizer_state)
+        for field, d in (("host", host), ("seed", seed)):
+            for k, v in (d or {}).items():
+                setattr(getattr(req, field), k, v)
+        for name, v in (("max_grad_norm", max_grad_norm),
+                        ("gradient_telemetry_stride", gradient_telemetry_stride),
+                        ("gradient_ratio_ema", gradient_ratio_ema),
+                        ("vanishing_threshold", vanishing_threshold),
+                        ("exploding_threshold", exploding_threshold)):
+            if v is not None:
+                setattr(req, name, v)
+        return self._call("ConfigureTraining", self._stub.ConfigureTraining, req, timeout)
+
+    def train_step(self, model_id, x, y, slots=(), collect_gradients=None, stream="",
+                   timeout=None):
+        """One TrainStep on the batch x (as forward) with targets y (int64 class or token ids).
+        Returns the TrainStepResponse (loss, correct, total, train_step, statistics)."""
+        req = pb.TrainStepRequest(model_id=model_id, input=tensor_from_numpy(x),
+                                  targets=tensor_from_numpy(y, "i64"), stream=stream,
+                                  slots=list(slots))
+        if collect_gradients is not None:
+            req.collect_gradients = bool(collect_gradients)
+        return self._call("TrainStep", self._stub.TrainStep, req, timeout)
 
     # ---- statistics ----
 
