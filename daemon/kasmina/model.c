@@ -375,6 +375,7 @@ int ksm_model_get_info(ksm_model *m, struct ksm_model_info *out)
     out->seed_params = seed_params_locked(m);
     out->generation = m->generation;
     out->resident_bytes = resident_locked(m);
+    out->train_step = ksm_model_train_step_locked(m);
     out->permissive_gates = m->spec.permissive_gates;
     out->auto_forward_gates = m->spec.auto_forward_gates;
     pthread_mutex_unlock(&m->lock);

@@ -113,6 +113,8 @@ struct ksm_model {
     struct ksm_train_state *train; /* train.c; NULL until configured or first stepped */
 };
 
+/* train.c: the steps applied (0 before any), with the model's lock held. */
+uint64_t ksm_model_train_step_locked(const ksm_model *m);
 /* train.c: drops slot's seed optimizer (momentum included); frees the training state. */
 void ksm_train_drop_seed(ksm_model *m, int slot);
 void ksm_train_state_free(ksm_model *m);

@@ -209,6 +209,8 @@ int ksm_model_configure_training(ksm_model *m, const struct ksm_training_config 
     return 0;
 }
 
+uint64_t ksm_model_train_step_locked(const ksm_model *m) { return m->train ? m->train->step : 0; }
+
 int ksm_model_training_config(ksm_model *m, struct ksm_training_config *out, uint64_t *train_step)
 {
     if (m == NULL) return KSM_EINVAL;

@@ -200,6 +200,8 @@ int ksm_wire_model_to_pb(const struct ksm_model_info *info, struct ksm_pb_arena 
     pb->seed_params = info->seed_params;
     pb->generation = info->generation;
     pb->resident_bytes = info->resident_bytes;
+    pb->train_step = info->train_step;
+    pb->checkpoint_step = info->checkpoint_step;
     return 0;
 }
 
@@ -250,5 +252,7 @@ int ksm_wire_model_from_pb(const Kasmina__V1__Model *pb, struct ksm_model_info *
     info->seed_params = pb->seed_params;
     info->generation = pb->generation;
     info->resident_bytes = pb->resident_bytes;
+    info->train_step = pb->train_step;
+    info->checkpoint_step = pb->checkpoint_step;
     return 0;
 }

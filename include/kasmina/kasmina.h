@@ -344,7 +344,9 @@ struct ksm_model_info {
     uint64_t host_params;                      /* tied weights counted once */
     uint64_t seed_params;                      /* live seeds + gates */
     uint64_t generation;
-    uint64_t resident_bytes; /* device bytes owned by the model (weights, plans, scalars) */
+    uint64_t resident_bytes;  /* device bytes owned by the model (weights, plans, scalars) */
+    uint64_t train_step;      /* TrainSteps applied (kasmina/training.h) */
+    uint64_t checkpoint_step; /* train_step of the last durable checkpoint */
     bool permissive_gates;
     unsigned auto_forward_gates;
 };

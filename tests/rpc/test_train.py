@@ -118,8 +118,8 @@ def main():
                 losses.append(r.loss)
                 check(r.train_step == k + 1 and r.total == 8 and 0 <= r.correct <= 8,
                       "step %d: train_step %d, %d/%d" % (k, r.train_step, r.correct, r.total))
-                check(r.gradients_collected and r.host_grad_norm > 0 and r.host_param_count > 0,
-                      "stride 1: statistics not collected at step %d" % k)
+                # Host only: esper collects nothing without a seed in TRAINING or BLENDING.
+                check(not r.gradients_collected, "host-only step %d collected statistics" % k)
             print("train: losses %s" % ["%.4f" % v for v in losses], flush=True)
             check(losses[-1] < losses[0] * 0.9, "the loss did not fall: %s" % losses)
             after = state(d, "m")
@@ -128,8 +128,23 @@ def main():
                   (after[1], before[2], after[2]))
             f1 = d.call("Forward", pb.ForwardRequest(model_id="m", input=tensor_from_numpy(x)))
             check(f1.output.data != f0.output.data, "Forward did not see the trained weights")
+            # A seed in TRAINING: statistics every step (stride 1), its optimizer steps.
+            d.call("Germinate", pb.GerminateRequest(model_id="m", slot_id="r0c0",
+                                                    blueprint_id="norm"))
+            a = d.call("AdvanceStage", pb.AdvanceStageRequest(model_id="m", slot_id="r0c0",
+                                                              target=pb.STAGE_TRAINING))
+            check(a.slot.stage == pb.STAGE_TRAINING, "not TRAINING: %s" % list(a.gate.checks_failed))
+            r = d.call("TrainStep", step_req("m", x, y))
+            check(r.gradients_collected and r.host_grad_norm > 0 and r.host_param_count > 0 and
+                  [s.slot_id for s in r.seeds] == ["r0c0"] and r.seeds[0].param_count > 0 and
+                  0 <= r.seeds[0].gradient_health <= 1,
+                  "statistics with a TRAINING seed: %s" % r)
+            check(list(r.stepped_slots) == ["r0c0"], "stepped slots %s" % list(r.stepped_slots))
             r = d.call("TrainStep", step_req("m", x, y, collect_gradients=False))
             check(not r.gradients_collected, "collect_gradients=false still collected")
+            r = d.call("TrainStep", step_req("m", x, y, slots=["r0c0"], collect_gradients=True))
+            check(r.gradients_collected and list(r.stepped_slots) == ["r0c0"],
+                  "slots=[r0c0]: %s" % r)
 
             code, det = d.code("Checkpoint", pb.CheckpointRequest(model_id="m"))
             check(code == SC.UNIMPLEMENTED and "Checkpoint" in det, "Checkpoint: %s %r" % (code, det))
@@ -143,13 +158,13 @@ def main():
             check(out.returncode == 0, "kasminactl training: %s" % out.stderr)
             if out.returncode == 0:
                 j = json.loads(out.stdout)
-                check(j["seed"]["lr"] == 0.02 and j["host"]["lr"] == 0.05 and j["train_step"] == 9,
+                check(j["seed"]["lr"] == 0.02 and j["host"]["lr"] == 0.05 and j["train_step"] == 11,
                       "kasminactl training json: %s" % j)
             out = subprocess.run([CTL, "--socket", d.sock, "train", "m", "--input", path + ":x",
                                   "--targets", path + ":y", "--batch", "4", "--epochs", "2"],
                                  capture_output=True, text=True, env=env)
             lines = [line for line in out.stdout.splitlines() if line.startswith("epoch")]
-            check(out.returncode == 0 and len(lines) == 4 and "step 13" in lines[-1],
+            check(out.returncode == 0 and len(lines) == 4 and "step 15" in lines[-1],
                   "kasminactl train: rc %d %r %r" % (out.returncode, out.stdout, out.stderr))
             out = subprocess.run([CTL, "--socket", d.sock, "train", "m", "--input", path + ":x",
                                   "--targets", path + ":x"], capture_output=True, text=True)
