@@ -26,7 +26,7 @@ sys.path.insert(0, PYDIR)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "helpers"))
 import grpc  # noqa: E402
 from kasmina.v1 import kasmina_pb2 as pb  # noqa: E402
-from kasmina_client import tensor_from_numpy  # noqa: E402
+from kasmina_client import Client, KasminaError, tensor_from_numpy  # noqa: E402
 from kasminad import Kasminad  # noqa: E402
 
 SC = grpc.StatusCode
@@ -169,6 +169,20 @@ def main():
             out = subprocess.run([CTL, "--socket", d.sock, "train", "m", "--input", path + ":x",
                                   "--targets", path + ":x"], capture_output=True, text=True)
             check(out.returncode != 0, "kasminactl train with float targets succeeded")
+
+            # The Python client (numpy in, the reply out).
+            with Client("unix:" + d.sock) as cl:
+                cfg = cl.configure_training("m", seed={"lr": 0.03}, max_grad_norm=0.5)
+                check(cfg.seed.lr == 0.03 and cfg.max_grad_norm == 0.5 and cfg.host.lr == 0.05,
+                      "Client.configure_training: %s" % cfg)
+                r = cl.train_step("m", x, y, collect_gradients=True)
+                check(r.train_step == 16 and r.total == 8 and r.gradients_collected,
+                      "Client.train_step: %s" % r)
+                try:
+                    cl.train_step("m", x, np.full(8, 9))
+                    check(False, "Client.train_step with targets out of range succeeded")
+                except KasminaError as e:
+                    check(e.code == SC.INVALID_ARGUMENT, "Client.train_step bad targets: %s" % e)
         finally:
             rc = d.stop()
         check(rc == 0, "kasminad exited %s" % rc)
