@@ -1087,9 +1087,11 @@ static int add_nbt(ksm_model *m, ksm_stream *s)
         KSM_TRY(ksm_stream_memcpy_async(s, &v, nb->data, sizeof v, KSM_COPY_D2H));
         KSM_TRY(ksm_stream_synchronize(s));
         v++;
+        /* v lives in this iteration only: the copy must be done before the next one. */
         KSM_TRY(ksm_stream_memcpy_async(s, nb->data, &v, sizeof v, KSM_COPY_H2D));
+        KSM_TRY(ksm_stream_synchronize(s));
     }
-    return ksm_stream_synchronize(s);
+    return 0;
 }
 
 static void seed_stats(const struct ksm_grad_sq *sq, int n, double hn, uint64_t hc,
