@@ -115,6 +115,8 @@ struct ksm_model {
 
 /* train.c: the steps applied (0 before any), with the model's lock held. */
 uint64_t ksm_model_train_step_locked(const ksm_model *m);
+/* The training config's gradient_ratio_ema (esper's 0.9 before any configuration). */
+double ksm_model_grad_ratio_ema_beta_locked(const ksm_model *m);
 /* train.c: drops slot's seed optimizer (momentum included); frees the training state. */
 void ksm_train_drop_seed(ksm_model *m, int slot);
 void ksm_train_state_free(ksm_model *m);

@@ -418,7 +418,8 @@ int ksm_model_record_metrics(ksm_model *m, const char *slot_id, const struct ksm
     struct ksm_model_slot *ms;
     int rc = lock_slot(m, slot_id, &ms, err, errlen);
     if (rc < 0) return rc;
-    rc = ksm_slot_record_metrics(&ms->s, u, err, errlen);
+    double beta = ksm_model_grad_ratio_ema_beta_locked(m);
+    rc = ksm_slot_record_metrics_beta(&ms->s, u, beta, err, errlen);
     if (rc == 0) m->generation++;
     report_locked(m, ms, report);
     pthread_mutex_unlock(&m->lock);

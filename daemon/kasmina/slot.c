@@ -255,6 +255,15 @@ void ksm_slot_init(struct ksm_slot *s, const char *id, int channels, const struc
     copy_str(s->id, sizeof s->id, id);
     s->channels = channels;
     s->env = env;
+    s->has_grad_ratio_ema = true; /* 0.0 */
+}
+
+void ksm_slot_forget_dead_gradients(struct ksm_slot *s)
+{
+    if (s->occupied && !is_failure_stage(s->state.stage)) return;
+    s->has_collected_grads = false;
+    s->has_grad_ratio_ema = false;
+    s->grad_ratio_ema = 0.0;
 }
 
 bool ksm_slot_runs_seed(const struct ksm_slot *s)
@@ -441,6 +450,7 @@ int ksm_slot_germinate_commit(struct ksm_slot *s, const struct ksm_germinate_arg
     s->has_resolved_topology = true;
     s->pending_prune_reason[0] = s->pending_prune_initiator[0] = '\0';
     s->blend_out_freeze = false;
+    s->has_collected_grads = false; /* the EMA stays: removed when the last seed stopped */
 
     /* SeedState(stage=DORMANT) (step 8-9). */
     struct ksm_seed_state *st = &s->state;
@@ -616,6 +626,7 @@ static void prune_now(struct ksm_slot *s, const char *reason, const char *initia
     struct grad_snap g = grad_snapshot(st);
 
     free_seed(s); /* memory first */
+    ksm_slot_forget_dead_gradients(s);
 
     emit_stage_changed(s, old, KSM_STAGE_PRUNED, alpha, improvement, epochs_in_stage, &g, now);
     struct ksm_lifecycle_event ev;

@@ -118,6 +118,20 @@ struct ksm_slot {
     bool blend_out_freeze;
     char pending_prune_reason[KSM_REASON_MAX];
     char pending_prune_initiator[KSM_NAME_MAX];
+
+    /* Gradient statistics of the last TrainStep that collected them for this slot's seed
+     * (docs/training.md#gradient-statistics): stored by the training step under the model's
+     * lock, folded by RecordMetrics(use_collected_gradients). Memory only; cleared at germinate
+     * and once the seed is no longer live (pruned, cooling down, empty). */
+    bool has_collected_grads;
+    double collected_grad_norm, collected_grad_ratio, collected_grad_health;
+    bool collected_vanishing, collected_exploding;
+    /* The seed_gradient_norm_ratio EMA: present with 0.0 from ksm_slot_init (esper resets it per
+     * episode), removed with the collected statistics once the seed is no longer live, so the
+     * next seed's first ratio is taken as is. Persisted in the extra state's
+     * "gradient_ratio_ema" (null = removed). */
+    bool has_grad_ratio_ema;
+    double grad_ratio_ema;
 };
 
 void ksm_slot_init(struct ksm_slot *s, const char *id, int channels,
@@ -149,6 +163,13 @@ int ksm_slot_set_alpha(struct ksm_slot *s, double alpha, char *err, size_t errle
 int ksm_slot_step_epoch(struct ksm_slot *s, int64_t now_ns);
 int ksm_slot_record_metrics(struct ksm_slot *s, const struct ksm_metrics_update *u, char *err,
                             size_t errlen);
+/* record_metrics with ema_beta (the training config's gradient_ratio_ema, in [0, 1]) for the
+ * fold of use_collected_gradients; ksm_slot_record_metrics uses esper's 0.9. */
+int ksm_slot_record_metrics_beta(struct ksm_slot *s, const struct ksm_metrics_update *u,
+                                 double ema_beta, char *err, size_t errlen);
+/* Drops the collected gradient statistics and the ratio EMA when the slot holds no live seed
+ * (empty, PRUNED, EMBARGOED, RESETTING). */
+void ksm_slot_forget_dead_gradients(struct ksm_slot *s);
 
 /* Stage active in the forward (TRAINING, BLENDING, HOLDING, FOSSILIZED) with a seed. */
 bool ksm_slot_runs_seed(const struct ksm_slot *s);

@@ -13,7 +13,10 @@
  * missing), with its type (an int where esper writes an int, a number or null for floats),
  * and values must lie in their ranges. Two kasmina additions that esper ignores keep a slot's
  * round trip exact: metrics.auto_pruned / auto_prune_reason and the top-level
- * _kasmina_pending_prune_reason / _kasmina_pending_prune_initiator (written when set).
+ * _kasmina_pending_prune_reason / _kasmina_pending_prune_initiator (written when set). A third
+ * keeps RecordMetrics' gradient ratio EMA across a restart: _kasmina_gradient_ratio_ema, a number
+ * (written when not 0.0) or null (the EMA was removed with the last seed); absent = 0.0 as at
+ * creation (none for a seed in cooldown).
  */
 #include <inttypes.h>
 #include <jansson.h>
@@ -290,6 +293,10 @@ char *ksm_slot_extra_state_json(const struct ksm_slot *s)
     if (s->pending_prune_initiator[0])
         json_object_set_new(o, "_kasmina_pending_prune_initiator",
                             json_string(s->pending_prune_initiator));
+    if (!s->has_grad_ratio_ema)
+        json_object_set_new(o, "_kasmina_gradient_ratio_ema", json_null());
+    else if (s->grad_ratio_ema != 0.0)
+        json_object_set_new(o, "_kasmina_gradient_ratio_ema", json_real(s->grad_ratio_ema));
     char *text = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(17));
     json_decref(o);
     return text;
@@ -735,6 +742,17 @@ static int parse_extra_state(struct pctx *c, json_t *root, struct ksm_slot *t, b
     if (json_object_get(root, "_kasmina_pending_prune_initiator"))
         KSM_TRY(get_str(c, root, "_kasmina_pending_prune_initiator", t->pending_prune_initiator,
                         sizeof t->pending_prune_initiator, false, NULL));
+    /* absent: 0.0 as at creation, or none for a seed in cooldown (older states) */
+    t->has_grad_ratio_ema = !(t->occupied && (t->state.stage == KSM_STAGE_PRUNED ||
+                                              t->state.stage == KSM_STAGE_EMBARGOED ||
+                                              t->state.stage == KSM_STAGE_RESETTING));
+    t->grad_ratio_ema = 0.0;
+    if (json_object_get(root, "_kasmina_gradient_ratio_ema")) {
+        KSM_TRY(get_num(c, root, "_kasmina_gradient_ratio_ema", 0, HUGE_VAL, true, &is_null,
+                        &t->grad_ratio_ema));
+        t->has_grad_ratio_ema = !is_null;
+    }
+    t->has_collected_grads = false; /* memory only: the next TrainStep collects again */
     return 0;
 }
 

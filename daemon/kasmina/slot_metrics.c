@@ -63,6 +63,12 @@ static void sync_telemetry(struct ksm_seed_state *st, int64_t now)
 int ksm_slot_record_metrics(struct ksm_slot *s, const struct ksm_metrics_update *u, char *err,
                             size_t errlen)
 {
+    return ksm_slot_record_metrics_beta(s, u, 0.9, err, errlen);
+}
+
+int ksm_slot_record_metrics_beta(struct ksm_slot *s, const struct ksm_metrics_update *u,
+                                 double ema_beta, char *err, size_t errlen)
+{
     if (!u) {
         ksm_errf(err, errlen, 0, "record_metrics needs an update");
         return KSM_EINVAL;
@@ -120,14 +126,32 @@ int ksm_slot_record_metrics(struct ksm_slot *s, const struct ksm_metrics_update 
                  u->counterfactual, m->prev_contribution);
         return KSM_EINVAL;
     }
-    /* No TrainStep has collected gradient statistics for this seed: the daemon does not train
-     * yet, so there is never anything to fold (docs/training.md). */
-    if (u->use_collected_gradients)
+    /* Nothing to fold: no TrainStep has collected gradient statistics for this seed. */
+    if (u->use_collected_gradients && !s->has_collected_grads)
         return ksm_errf(err, errlen, KSM_ESTAGE,
                         "use_collected_gradients: no TrainStep has collected gradient statistics "
                         "for slot %s since its seed was germinated",
                         s->id);
     if (u->has_val_accuracy) record_accuracy(m, u->val_accuracy);
+    /* esper's epoch-end fold (docs/training.md#gradient-statistics), after val_accuracy: the
+     * ratio EMA, then the seed's telemetry; explicit fields of the same update come after. */
+    if (u->use_collected_gradients) {
+        double r = s->collected_grad_ratio;
+        s->grad_ratio_ema =
+            s->has_grad_ratio_ema ? ema_beta * s->grad_ratio_ema + (1.0 - ema_beta) * r : r;
+        s->has_grad_ratio_ema = true;
+        m->has_grad_ratio = true;
+        m->seed_gradient_norm_ratio = s->grad_ratio_ema;
+        struct ksm_seed_telemetry *ct = &st->telemetry;
+        ct->has_gradient_norm = true;
+        ct->gradient_norm = s->collected_grad_norm;
+        ct->has_gradient_health = true;
+        ct->gradient_health = s->collected_grad_health;
+        ct->has_vanishing_flag = true;
+        ct->has_vanishing = s->collected_vanishing;
+        ct->has_exploding_flag = true;
+        ct->has_exploding = s->collected_exploding;
+    }
     if (u->has_counterfactual) {
         double v = u->counterfactual;
         if (m->has_prev_contribution)

@@ -211,6 +211,11 @@ int ksm_model_configure_training(ksm_model *m, const struct ksm_training_config 
 
 uint64_t ksm_model_train_step_locked(const ksm_model *m) { return m->train ? m->train->step : 0; }
 
+double ksm_model_grad_ratio_ema_beta_locked(const ksm_model *m)
+{
+    return m->train ? m->train->cfg.gradient_ratio_ema : 0.9;
+}
+
 int ksm_model_training_config(ksm_model *m, struct ksm_training_config *out, uint64_t *train_step)
 {
     if (m == NULL) return KSM_EINVAL;
@@ -1235,6 +1240,7 @@ int ksm_model_train_step(ksm_model *m, const struct ksm_train_args *a, struct ks
         for (int k = 0; k < g->n; k++) gc[k] = sgp[i][k] = g->present[k] ? &g->grad[k] : NULL;
         if (need_sq && (rc = ksm_grad_sumsq(s, m->alloc, gc, g->n, ssq[i])) < 0) goto fail;
     }
+    int stats_slot[KSM_MAX_SLOTS];
     if (collect) {
         double hn;
         uint64_t hc;
@@ -1248,6 +1254,7 @@ int ksm_model_train_step(ksm_model *m, const struct ksm_train_args *a, struct ks
             struct ksm_seed_grad_stats *o = &r->seeds[r->n_seeds++];
             snprintf(o->slot_id, sizeof o->slot_id, "%s", m->slots[i].s.id);
             seed_stats(ssq[i], c->sg[i].n, hn, hc, &t->cfg, o);
+            stats_slot[r->n_seeds - 1] = i;
         }
     }
     /* clipping: the host, then each seed */
@@ -1279,6 +1286,17 @@ int ksm_model_train_step(ksm_model *m, const struct ksm_train_args *a, struct ks
     r->loss = c->loss;
     r->total = (uint64_t)B;
     for (int64_t i = 0; i < B; i++) r->correct += t->argmax[i] == t->labels[i];
+    /* Each slot keeps the statistics of its last step that collected them (RecordMetrics). */
+    for (int k = 0; k < r->n_seeds; k++) {
+        struct ksm_slot *sl = &m->slots[stats_slot[k]].s;
+        const struct ksm_seed_grad_stats *o = &r->seeds[k];
+        sl->has_collected_grads = true;
+        sl->collected_grad_norm = o->grad_norm;
+        sl->collected_grad_ratio = o->normalized_ratio;
+        sl->collected_grad_health = o->gradient_health;
+        sl->collected_vanishing = o->has_vanishing;
+        sl->collected_exploding = o->has_exploding;
+    }
     t->step++;
     m->generation++;
     r->train_step = t->step;
