@@ -157,6 +157,225 @@ Test(train, seed_optimizer_follows_the_lifecycle)
     ksm_engine_free(e);
 }
 
+/* ---- RecordMetrics(use_collected_gradients): esper's epoch-end fold ---- */
+
+static ksm_model *fold_cnn(ksm_engine *e, const char *id, bool permissive)
+{
+    struct ksm_model_spec spec = {.topology = KSM_TOPOLOGY_CNN, .permissive_gates = permissive};
+    spec.cnn = (struct ksm_cnn_spec){.num_classes = 10,
+                                     .n_blocks = 3,
+                                     .base_channels = 8,
+                                     .pool_layers = 3,
+                                     .kernel_size = 3,
+                                     .in_channels = 3};
+    spec.pool_layers_set = true;
+    static const char *slots[] = {"r0c1", "r1c0"};
+    spec.slots = slots;
+    spec.n_slots = 2;
+    ksm_model *m;
+    char err[256];
+    cr_assert_eq(ksm_engine_model_create(e, id, &spec, &m, err, sizeof err), 0, "%s", err);
+    return m;
+}
+
+struct fold_batch {
+    float xs[4 * 3 * 8 * 8];
+    int64_t ys[4];
+    ksm_tensor x, y;
+};
+
+static void fold_batch_init(struct fold_batch *b)
+{
+    for (int i = 0; i < 4 * 3 * 8 * 8; i++) b->xs[i] = (float)((i * 37) % 11) / 11.0f - 0.5f;
+    for (int i = 0; i < 4; i++) b->ys[i] = i + 1;
+    ksm_tensor_init(&b->x, NULL, b->xs, KSM_DTYPE_F32, 4, (const int64_t[]){4, 3, 8, 8});
+    ksm_tensor_init(&b->y, NULL, b->ys, KSM_DTYPE_I64, 1, (const int64_t[]){4});
+}
+
+/* One step on r0c1 only; collect 1 or 0. */
+static void fold_step(ksm_model *m, struct fold_batch *b, int collect, struct ksm_train_result *r)
+{
+    static const char *only[] = {"r0c1"};
+    struct ksm_train_args a = {.input = &b->x,
+                               .targets = &b->y,
+                               .slots = only,
+                               .n_slots = 1,
+                               .collect_gradients = collect};
+    char err[256];
+    cr_assert_eq(ksm_model_train_step(m, &a, r, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(r->gradients_collected, collect == 1);
+    if (collect) {
+        cr_assert_eq(r->n_seeds, 1);
+        cr_assert_str_eq(r->seeds[0].slot_id, "r0c1");
+    }
+}
+
+static void germinate_training(ksm_model *m, const char *seed_id)
+{
+    char err[256];
+    struct ksm_germinate_args g = {
+        .blueprint_id = "conv_light", .init_seed = 3, .seed_id = seed_id};
+    cr_assert_eq(ksm_model_germinate(m, "r0c1", &g, NULL, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(ksm_model_advance(m, "r0c1", KSM_STAGE_TRAINING, NULL, NULL, err, sizeof err), 0,
+                 "%s", err);
+}
+
+static int fold(ksm_model *m, double acc, struct ksm_slot_report *rep, char *err, size_t errlen)
+{
+    struct ksm_metrics_update u = {
+        .has_val_accuracy = true, .val_accuracy = acc, .use_collected_gradients = true};
+    return ksm_model_record_metrics(m, "r0c1", &u, rep, err, errlen);
+}
+
+static void expect_telemetry_of(const struct ksm_slot_report *rep,
+                                const struct ksm_seed_grad_stats *s)
+{
+    cr_expect(rep->telemetry.has_gradient_norm);
+    cr_expect_eq(rep->telemetry.gradient_norm, s->grad_norm);
+    cr_expect(rep->telemetry.has_gradient_health);
+    cr_expect_eq(rep->telemetry.gradient_health, s->gradient_health);
+    cr_expect(rep->telemetry.has_vanishing_flag);
+    cr_expect_eq(rep->telemetry.has_vanishing, s->has_vanishing);
+    cr_expect(rep->telemetry.has_exploding_flag);
+    cr_expect_eq(rep->telemetry.has_exploding, s->has_exploding);
+}
+
+Test(train, record_metrics_folds_the_collected_gradients)
+{
+    ksm_engine *e = kt_engine_cpu(1);
+    ksm_model *m = fold_cnn(e, "fold", false);
+    char err[256];
+    struct ksm_slot_report rep;
+    struct fold_batch b;
+    fold_batch_init(&b);
+    struct ksm_train_result r1, r2, r3, rn;
+    germinate_training(m, "s1");
+    /* nothing collected since germinate: refused, nothing changed (not even val_accuracy) */
+    uint64_t gen = ksm_model_generation(m);
+    cr_expect_eq(fold(m, 40.0, &rep, err, sizeof err), KSM_ESTAGE);
+    cr_expect_eq(rep.metrics.epochs_total, 0);
+    cr_expect_eq(ksm_model_generation(m), gen);
+    fold_step(m, &b, 0, &rn); /* a step that does not collect changes nothing */
+    cr_expect_eq(fold(m, 40.0, &rep, err, sizeof err), KSM_ESTAGE);
+
+    /* first fold of the model's first seed: the EMA starts at 0.0 (beta 0.9, the default) */
+    fold_step(m, &b, 1, &r1);
+    double q1 = r1.seeds[0].normalized_ratio;
+    cr_assert_gt(q1, 0.0);
+    cr_assert_eq(fold(m, 40.0, &rep, err, sizeof err), 0, "%s", err);
+    double ema = 0.1 * q1;
+    cr_expect(rep.metrics.has_grad_ratio);
+    cr_expect_float_eq(rep.metrics.seed_gradient_norm_ratio, ema, 1e-15 * fmax(1.0, ema));
+    cr_expect_eq(rep.metrics.current_val_accuracy, 40.0); /* val_accuracy applied too */
+    expect_telemetry_of(&rep, &r1.seeds[0]);
+
+    /* a second collecting step: the EMA with beta, the telemetry of that step */
+    fold_step(m, &b, 1, &r2);
+    double q2 = r2.seeds[0].normalized_ratio;
+    cr_assert_eq(fold(m, 41.0, &rep, err, sizeof err), 0, "%s", err);
+    ema = 0.9 * ema + 0.1 * q2;
+    cr_expect_float_eq(rep.metrics.seed_gradient_norm_ratio, ema, 1e-15 * fmax(1.0, ema));
+    expect_telemetry_of(&rep, &r2.seeds[0]);
+    /* folding again without a new step folds the same (last) statistics once more */
+    cr_assert_eq(fold(m, 41.0, &rep, err, sizeof err), 0, "%s", err);
+    ema = 0.9 * ema + 0.1 * q2;
+    cr_expect_float_eq(rep.metrics.seed_gradient_norm_ratio, ema, 1e-15 * fmax(1.0, ema));
+
+    /* beta comes from the training configuration */
+    struct ksm_training_config c;
+    cr_assert_eq(ksm_model_training_config(m, &c, NULL), 0);
+    c.gradient_ratio_ema = 0.5;
+    cr_assert_eq(ksm_model_configure_training(m, &c, false, err, sizeof err), 0, "%s", err);
+    fold_step(m, &b, 1, &r3);
+    cr_assert_eq(fold(m, 42.0, &rep, err, sizeof err), 0, "%s", err);
+    ema = 0.5 * ema + 0.5 * r3.seeds[0].normalized_ratio;
+    cr_expect_float_eq(rep.metrics.seed_gradient_norm_ratio, ema, 1e-15 * fmax(1.0, ema));
+    expect_telemetry_of(&rep, &r3.seeds[0]);
+
+    /* prune, cool down to empty, germinate again: the statistics went with the seed, and the
+     * next seed's first ratio is taken as is */
+    bool accepted = false;
+    cr_assert_eq(ksm_model_prune(m, "r0c1", "test", "test", &accepted, NULL, err, sizeof err), 0,
+                 "%s", err);
+    cr_assert(accepted);
+    for (int i = 0; i < 20; i++) {
+        struct ksm_slot_report rr[2];
+        size_t n = 0;
+        cr_assert_eq(ksm_model_step_epoch(m, "r0c1", rr, 2, &n, err, sizeof err), 0, "%s", err);
+        if (n == 1 && !rr[0].occupied) break;
+    }
+    germinate_training(m, "s2");
+    cr_expect_eq(fold(m, 40.0, &rep, err, sizeof err), KSM_ESTAGE);
+    fold_step(m, &b, 1, &r1);
+    cr_assert_eq(fold(m, 40.0, &rep, err, sizeof err), 0, "%s", err);
+    cr_expect_eq(rep.metrics.seed_gradient_norm_ratio, r1.seeds[0].normalized_ratio);
+    expect_telemetry_of(&rep, &r1.seeds[0]);
+    ksm_model_unref(m);
+    ksm_engine_free(e);
+}
+
+static bool has_check(const char (*checks)[KSM_CHECK_MAX], int n, const char *prefix)
+{
+    for (int i = 0; i < n; i++)
+        if (!strncmp(checks[i], prefix, strlen(prefix))) return true;
+    return false;
+}
+
+/* G2 decided from folded gradients, strict (ratio EMA >= 0.10) and permissive (health >= 0.7,
+ * no exploding flag); expectations computed here from the returned statistics. */
+Test(train, g2_from_collected_gradients)
+{
+    ksm_engine *e = kt_engine_cpu(1);
+    for (int mode = 0; mode < 2; mode++) {
+        bool permissive = mode == 1;
+        ksm_model *m = fold_cnn(e, permissive ? "g2p" : "g2s", permissive);
+        char err[256];
+        struct ksm_slot_report rep;
+        struct fold_batch b;
+        fold_batch_init(&b);
+        struct ksm_train_result r;
+        germinate_training(m, "g2");
+        /* not enough epochs yet, but the gradient checks already read the fold */
+        double ema = 0.0, beta = 0.9;
+        struct ksm_seed_grad_stats last = {0};
+        for (int k = 0; k < 10; k++) {
+            fold_step(m, &b, 1, &r);
+            last = r.seeds[0];
+            ema = beta * ema + (1 - beta) * last.normalized_ratio;
+            cr_assert_eq(fold(m, 40.0 + k, &rep, err, sizeof err), 0, "%s", err);
+        }
+        cr_expect_float_eq(rep.metrics.seed_gradient_norm_ratio, ema, 1e-12 * fmax(1.0, ema));
+        cr_expect_eq(rep.metrics.epochs_in_current_stage, 10);
+        struct ksm_gate_result g;
+        cr_assert_eq(ksm_model_advance(m, "r0c1", KSM_STAGE_BLENDING, &g, &rep, err, sizeof err), 0,
+                     "%s", err);
+        cr_expect_eq(g.gate, KSM_GATE_G2);
+        bool want;
+        if (permissive) {
+            want = !last.has_exploding && last.gradient_health >= 0.7;
+            cr_expect(!has_check(g.checks_failed, g.n_failed, "gradient_health_not_measured"));
+            if (last.has_exploding)
+                cr_expect(has_check(g.checks_failed, g.n_failed, "exploding_gradients"));
+            else
+                cr_expect(has_check(want ? g.checks_passed : g.checks_failed,
+                                    want ? g.n_passed : g.n_failed,
+                                    want ? "gradient_health_" : "gradient_health_low_"));
+        } else {
+            want = ema >= 0.10; /* improvement 9 points >= 0.5, 10 epochs */
+            cr_expect(!has_check(g.checks_failed, g.n_failed, "gradient_stats_never_measured"));
+            cr_expect(has_check(want ? g.checks_passed : g.checks_failed,
+                                want ? g.n_passed : g.n_failed,
+                                want ? "seed_gradient_active_" : "seed_gradient_low_"));
+        }
+        cr_expect_eq(g.passed, want, "%s G2: passed %d, ratio ema %g, health %g, exploding %d",
+                     permissive ? "permissive" : "strict", g.passed, ema, last.gradient_health,
+                     last.has_exploding);
+        cr_expect_eq(rep.stage, want ? KSM_STAGE_BLENDING : KSM_STAGE_TRAINING);
+        ksm_model_unref(m);
+    }
+    ksm_engine_free(e);
+}
+
 /* ---- golden trajectories ---- */
 
 static void spec_from_json(json_t *j, struct ksm_model_spec *spec, const char **slots, int *n)

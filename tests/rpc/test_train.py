@@ -134,17 +134,45 @@ def main():
             a = d.call("AdvanceStage", pb.AdvanceStageRequest(model_id="m", slot_id="r0c0",
                                                               target=pb.STAGE_TRAINING))
             check(a.slot.stage == pb.STAGE_TRAINING, "not TRAINING: %s" % list(a.gate.checks_failed))
+            # Nothing collected for this seed yet: the fold is refused and changes nothing.
+            gen = state(d, "m")[2]
+            code, det = d.code("RecordMetrics", pb.RecordMetricsRequest(
+                model_id="m", slot_id="r0c0", val_accuracy=40.0, use_collected_gradients=True))
+            check(code == SC.FAILED_PRECONDITION and "TrainStep" in det,
+                  "fold before any collection: %s %r" % (code, det))
+            check(state(d, "m")[2] == gen, "a refused fold changed the model")
             r = d.call("TrainStep", step_req("m", x, y))
             check(r.gradients_collected and r.host_grad_norm > 0 and r.host_param_count > 0 and
                   [s.slot_id for s in r.seeds] == ["r0c0"] and r.seeds[0].param_count > 0 and
                   0 <= r.seeds[0].gradient_health <= 1,
                   "statistics with a TRAINING seed: %s" % r)
             check(list(r.stepped_slots) == ["r0c0"], "stepped slots %s" % list(r.stepped_slots))
+            # RecordMetrics folds the last collected statistics (esper's epoch end): the ratio
+            # EMA starts at 0.0 for the model's first seed (beta 0.9), then beta*ema + (1-beta)*r.
+            beta, q = 0.9, [r.seeds[0]]
+            d.call("RecordMetrics", pb.RecordMetricsRequest(
+                model_id="m", slot_id="r0c0", val_accuracy=40.0, use_collected_gradients=True))
             r = d.call("TrainStep", step_req("m", x, y, collect_gradients=False))
             check(not r.gradients_collected, "collect_gradients=false still collected")
             r = d.call("TrainStep", step_req("m", x, y, slots=["r0c0"], collect_gradients=True))
             check(r.gradients_collected and list(r.stepped_slots) == ["r0c0"],
                   "slots=[r0c0]: %s" % r)
+            q.append(r.seeds[0])  # the step without statistics left the first ones in between
+            d.call("RecordMetrics", pb.RecordMetricsRequest(
+                model_id="m", slot_id="r0c0", val_accuracy=41.0, use_collected_gradients=True))
+            rep = d.call("GetSlotReports", pb.GetSlotReportsRequest(model_id="m",
+                                                                    slot_id="r0c0")).slots[0]
+            ema = beta * ((1 - beta) * q[0].normalized_ratio) + (1 - beta) * q[1].normalized_ratio
+            got = rep.metrics.seed_gradient_norm_ratio
+            check(rep.metrics.HasField("opt_seed_gradient_norm_ratio") and
+                  abs(got - ema) <= 1e-12 * max(1.0, ema) and ema > 0,
+                  "folded ratio %r, expected %r from %r" % (got, ema, [s.normalized_ratio for s in q]))
+            g = rep.gradients
+            check(g.gradient_norm == q[1].grad_norm and g.gradient_health == q[1].gradient_health
+                  and g.has_vanishing == q[1].has_vanishing
+                  and g.has_exploding == q[1].has_exploding
+                  and rep.metrics.current_val_accuracy == 41.0,
+                  "folded telemetry %s, last step %s" % (g, q[1]))
 
             code, det = d.code("Checkpoint", pb.CheckpointRequest(model_id="m"))
             check(code == SC.UNIMPLEMENTED and "Checkpoint" in det, "Checkpoint: %s %r" % (code, det))
