@@ -69,6 +69,8 @@ static const struct cfg_option options[] = {
      "log threshold"},
     {"log-file", T_STRING, 0, 0, NULL, NULL, OFF(log_file),
      "append log lines to PATH instead of stderr (SIGHUP reopens it)"},
+    {"log-format", T_CHOICE, 0, 0, "text", "text|json", OFF(log_format),
+     "log line format: text, or json (one object per line, for log collectors)"},
     {"max-message-bytes", T_SIZE, 1024, 2147483647.0, "64M", NULL, OFF(max_message_bytes),
      "largest request message accepted (RESOURCE_EXHAUSTED above it)"},
     {"max-reply-bytes", T_SIZE, 1024, 2147483647.0, "64M", NULL, OFF(max_reply_bytes),
@@ -418,6 +420,7 @@ void ksm_config_fini(struct ksm_config *c)
     free(c->fault_injection);
     free(c->log_level);
     free(c->log_file);
+    free(c->log_format);
     free(c->socket_group);
     free(c->tls_cert);
     free(c->tls_key);

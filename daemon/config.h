@@ -36,6 +36,7 @@ struct ksm_config {
     char *fault_injection; /* tests only */
     char *log_level;
     char *log_file;
+    char *log_format; /* "text" | "json" */
     size_t max_message_bytes;
     double drain_timeout;
     int workers;

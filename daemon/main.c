@@ -235,6 +235,9 @@ int main(int argc, char **argv)
     enum ksm_log_level level = KSM_LOG_INFO;
     ksm_log_level_parse(d.cfg.log_level, &level);
     ksm_log_set_level(level);
+    enum ksm_log_format format = KSM_LOG_FORMAT_TEXT;
+    ksm_log_format_parse(d.cfg.log_format, &format);
+    ksm_log_set_format(format);
     if (d.cfg.log_file != NULL && (rc = ksm_log_open_file(d.cfg.log_file)) != 0) {
         fprintf(stderr, "kasminad: option --log-file: cannot open '%s': %s\n", d.cfg.log_file,
                 ksm_strerror(rc));

@@ -241,7 +241,10 @@ int ctl_cmd_main(struct ctl *x, const struct ctl_cmd *c, int argc, char **argv)
     if (!args) return CTL_EXIT_OTHER;
     if (c->init) c->init(args);
     int rc;
-    if (ctl_cmd_parse(x, c, argc, argv, args, &rc)) rc = c->run(x, args);
+    if (ctl_cmd_parse(x, c, argc, argv, args, &rc)) {
+        rc = c->run(x, args);
+        ctl_print_warnings(x);
+    }
     if (c->fini) c->fini(args);
     free(args);
     return rc;
@@ -293,6 +296,20 @@ int ctl_connect(struct ctl *x)
         return x->err.code == KSM_EINVAL ? CTL_EXIT_USAGE : CTL_EXIT_OTHER;
     }
     return 0;
+}
+
+void ctl_print_warnings(struct ctl *x)
+{
+    /* The last call's warnings (a failed call has none); each on its own line on stderr. */
+    const char *w = x->err.warnings;
+    if (*w) fflush(stdout); /* after the reply it is about */
+    while (*w) {
+        size_t n = strcspn(w, "\n");
+        fprintf(stderr, "%s %s: warning: %.*s\n", x->prog, x->cmd ? x->cmd : "", (int)n, w);
+        w += n;
+        if (*w == '\n') w++;
+    }
+    x->err.warnings[0] = '\0';
 }
 
 int ctl_call_failed(struct ctl *x)

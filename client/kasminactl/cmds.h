@@ -152,3 +152,6 @@ int ctl_connect(struct ctl *x);
 /* Reports x->err of a failed call (stderr; and a JSON error object on stdout with --json);
  * returns the exit code of its status class. */
 int ctl_call_failed(struct ctl *x);
+/* Prints the warnings the server attached to the last successful call ("kasminactl CMD: warning:
+ * ..." on stderr, one per line) and forgets them. ctl_cmd_main calls it after run(). */
+void ctl_print_warnings(struct ctl *x);

@@ -59,11 +59,14 @@ const struct ctl_cmd ctl_cmd_germinate = {
 struct advance_args {
     struct ctl_pos pos;
     enum ksm_stage to;
+    bool allow_fail;
 };
 
 static const struct ctl_opt advance_opts[] = {
     {"to", "STAGE", CTL_ARG_STAGE, offsetof(struct advance_args, to), 0, NULL,
      "next (default), training, blending, holding, fossilized, ..."},
+    {"allow-fail", NULL, CTL_ARG_FLAG, offsetof(struct advance_args, allow_fail), 0, NULL,
+     "exit 0 when the gate fails (default: exit 9)"},
     {0},
 };
 
@@ -79,6 +82,14 @@ static int run_advance(struct ctl *x, void *args)
     if (ksm_client_advance(x->client, a->pos.v[0], a->pos.v[1], a->to, &g, &r, &x->err) != 0)
         return ctl_call_failed(x);
     ctl_show_advance(x->json, &g, &r, stdout);
+    if (!g.passed && !a->allow_fail) {
+        /* The call succeeded and the seed stayed where it was: a script must not read that as
+         * an advance. The failed checks were printed with their numbers above. */
+        fflush(stdout);
+        fprintf(stderr, "%s %s: gate %s failed; the seed stays in %s\n", x->prog, x->cmd,
+                ksm_gate_level_name(g.gate), ksm_stage_name(r.stage));
+        return CTL_EXIT_GATE_FAILED;
+    }
     return 0;
 }
 
@@ -89,6 +100,9 @@ const struct ctl_cmd ctl_cmd_advance = {
     .min_pos = 2,
     .max_pos = 2,
     .opts = advance_opts,
+    .notes = "Prints the gate's checks, each failed one with the value it read and the threshold\n"
+             "(\"- seed_not_ready: epochs_in_current_stage 3 < 10\"; docs/gates.md), then the\n"
+             "slot. Exits 9 when the gate fails (the seed does not move), unless --allow-fail.",
     .args_size = sizeof(struct advance_args),
     .init = init_advance,
     .run = run_advance,

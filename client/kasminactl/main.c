@@ -45,7 +45,11 @@ static void print_help(FILE *f)
                "  5  failed precondition (FAILED_PRECONDITION, ALREADY_EXISTS, ABORTED)\n"
                "  6  unavailable (UNAVAILABLE, DEADLINE_EXCEEDED; health: not serving)\n"
                "  7  resource exhausted (RESOURCE_EXHAUSTED)\n"
-               "  8  authentication (UNAUTHENTICATED, PERMISSION_DENIED)\n");
+               "  8  authentication (UNAUTHENTICATED, PERMISSION_DENIED)\n"
+               "  9  advance: the gate failed and the seed did not move (--allow-fail: 0)\n"
+               "\n"
+               "Warnings the daemon attaches to a successful reply (a value it accepted but that\n"
+               "looks wrong, a default it took) are printed to stderr as 'warning: ...'.\n");
 }
 
 int main(int argc, char **argv)

@@ -188,9 +188,18 @@ json_t *ctl_json_gate(const struct ksm_gate_result *g)
         json_array_append_new(pass, json_string(g->checks_passed[i]));
     for (int i = 0; i < g->n_failed && i < KSM_GATE_MAX_CHECKS; i++)
         json_array_append_new(fail, json_string(g->checks_failed[i]));
-    return json_pack("{s:s, s:b, s:o, s:o, s:o, s:s}", "gate", ksm_gate_level_name(g->gate),
+    json_t *checks = json_array();
+    for (int i = 0; i < g->n_checks && i < KSM_GATE_MAX_CHECKS; i++) {
+        const struct ksm_gate_check *c = &g->checks[i];
+        json_t *jc = json_pack("{s:s, s:b, s:s, s:s, s:s}", "name", c->name, "passed", c->passed,
+                               "quantity", c->quantity, "op", c->op, "detail", c->detail);
+        if (c->op[0]) json_object_set_new(jc, "threshold", jreal(c->threshold));
+        if (c->has_value) json_object_set_new(jc, "value", jreal(c->value));
+        json_array_append_new(checks, jc);
+    }
+    return json_pack("{s:s, s:b, s:o, s:o, s:o, s:s, s:o}", "gate", ksm_gate_level_name(g->gate),
                      "passed", g->passed, "score", jreal(g->score), "checks_passed", pass,
-                     "checks_failed", fail, "message", g->message);
+                     "checks_failed", fail, "message", g->message, "checks", checks);
 }
 
 json_t *ctl_json_slot_report(const struct ksm_slot_report *r)
@@ -429,14 +438,29 @@ void ctl_print_models(const struct ksm_model_info *m, size_t n, FILE *f)
     ctl_table_free(t);
 }
 
+void ctl_print_gate_checks(const struct ksm_gate_result *g, const char *indent, FILE *f)
+{
+    if (g->n_checks > 0) {
+        /* In the gate's order, each with the numbers behind it. */
+        for (int i = 0; i < g->n_checks && i < KSM_GATE_MAX_CHECKS; i++) {
+            const struct ksm_gate_check *c = &g->checks[i];
+            fprintf(f, "%s%c %s%s%s\n", indent, c->passed ? '+' : '-', c->name,
+                    c->detail[0] ? ": " : "", c->detail);
+        }
+        return;
+    }
+    /* A server without the details: esper's strings alone. */
+    for (int i = 0; i < g->n_passed && i < KSM_GATE_MAX_CHECKS; i++)
+        fprintf(f, "%s+ %s\n", indent, g->checks_passed[i]);
+    for (int i = 0; i < g->n_failed && i < KSM_GATE_MAX_CHECKS; i++)
+        fprintf(f, "%s- %s\n", indent, g->checks_failed[i]);
+}
+
 void ctl_print_gate(const struct ksm_gate_result *g, FILE *f)
 {
     fprintf(f, "gate %s: %s (score %.4f)%s%s\n", ksm_gate_level_name(g->gate),
             g->passed ? "passed" : "FAILED", g->score, g->message[0] ? " - " : "", g->message);
-    for (int i = 0; i < g->n_passed && i < KSM_GATE_MAX_CHECKS; i++)
-        fprintf(f, "  + %s\n", g->checks_passed[i]);
-    for (int i = 0; i < g->n_failed && i < KSM_GATE_MAX_CHECKS; i++)
-        fprintf(f, "  - %s\n", g->checks_failed[i]);
+    ctl_print_gate_checks(g, "  ", f);
 }
 
 void ctl_print_event(uint64_t sequence, const struct ksm_lifecycle_event *e, FILE *f)
@@ -471,6 +495,7 @@ void ctl_print_event(uint64_t sequence, const struct ksm_lifecycle_event *e, FIL
     for (int i = 0; i < e->n_values && i < 12; i++)
         if (e->values[i].key) fprintf(f, " %s=%g", e->values[i].key, e->values[i].value);
     fputc('\n', f);
+    if (e->type == KSM_EV_SEED_GATE_EVALUATED) ctl_print_gate_checks(&e->gate, "        ", f);
 }
 
 // ---- Call results: JSON with --json, else tables and lines ----

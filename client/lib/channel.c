@@ -40,6 +40,7 @@ void ksmc_ok(struct ksm_client_error *err)
     err->code = 0;
     err->grpc_status = 0;
     err->message[0] = '\0';
+    err->warnings[0] = '\0';
 }
 
 int ksmc_fail(struct ksm_client_error *err, int code, int grpc_status, const char *fmt, ...)
@@ -47,6 +48,7 @@ int ksmc_fail(struct ksm_client_error *err, int code, int grpc_status, const cha
     if (err) {
         err->code = code;
         err->grpc_status = grpc_status;
+        err->warnings[0] = '\0';
         va_list ap;
         va_start(ap, fmt);
         vsnprintf(err->message, sizeof err->message, fmt, ap);
@@ -116,12 +118,30 @@ static int code_from_status(grpc_status_code status, const grpc_metadata_array *
     return ksm_client_code_from_grpc(status);
 }
 
+/* The KSM_RPC_WARNING_MD entries of a successful call, one per line, into out. */
+static void collect_warnings(const grpc_metadata_array *trail, char *out, size_t outlen)
+{
+    size_t used = 0;
+    const size_t kl = strlen(KSM_RPC_WARNING_MD);
+    for (size_t i = 0; i < trail->count && used + 1 < outlen; i++) {
+        grpc_slice k = trail->metadata[i].key;
+        if (GRPC_SLICE_LENGTH(k) != kl || memcmp(GRPC_SLICE_START_PTR(k), KSM_RPC_WARNING_MD, kl))
+            continue;
+        grpc_slice v = trail->metadata[i].value;
+        int n = snprintf(out + used, outlen - used, "%s%.*s", used ? "\n" : "",
+                         (int)GRPC_SLICE_LENGTH(v), (const char *)GRPC_SLICE_START_PTR(v));
+        if (n < 0) break;
+        used += (size_t)n < outlen - used ? (size_t)n : outlen - used - 1;
+    }
+}
+
 static int status_to_err(grpc_status_code status, grpc_slice details, const char *error_string,
                          const grpc_metadata_array *trail, const char *method,
                          struct ksm_client_error *err)
 {
     if (status == GRPC_STATUS_OK) {
         ksmc_ok(err);
+        if (err) collect_warnings(trail, err->warnings, sizeof err->warnings);
         return 0;
     }
     char *d = grpc_slice_to_c_string(details);

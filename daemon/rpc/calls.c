@@ -148,6 +148,9 @@ static int h_create_model(ksm_rpc_server *s, const ProtobufCMessage *req, struct
     ksm_model *m;
     KSM_TRY(ksm_service_model_create(s->service, r->model_id, &spec, &m, cx->err, sizeof cx->err));
     rpc_defer(cx, unref_model, m);
+    struct ksm_model_info *info = ksm_pb_arena_alloc(&cx->arena, sizeof *info);
+    if (info != NULL && ksm_model_get_info(m, info) == 0)
+        ksm_advise_model_created(&spec, info, &cx->advice);
     return model_reply(m, cx, reply);
 }
 
@@ -439,6 +442,7 @@ static int h_record_metrics(ksm_rpc_server *s, const ProtobufCMessage *req, stru
     if (rep == NULL) return KSM_ENOMEM;
     KSM_TRY(
         ksm_service_record_metrics(s->service, m, r->slot_id, &u, rep, cx->err, sizeof cx->err));
+    ksm_advise_metrics(&u, &cx->advice);
     Kasmina__V1__SlotReport *out;
     KSM_TRY(slot_report_reply(r->model_id, rep, cx, &out));
     *reply = &out->base;

@@ -30,6 +30,7 @@
 #include <grpc/grpc_security.h>
 #include <grpc/slice.h>
 #include <grpc/support/alloc.h>
+#include <grpc/support/log.h>
 #include <grpc/support/time.h>
 
 #include "kasmina/errors.h"
@@ -55,6 +56,7 @@ static void call_free(struct rpc_call *c)
     if (c->payload != NULL) grpc_byte_buffer_destroy(c->payload);
     if (c->reply != NULL) grpc_byte_buffer_destroy(c->reply);
     if (c->have_details) grpc_slice_unref(c->status_details);
+    for (int i = 0; i < c->n_warn_md; i++) grpc_slice_unref(c->warn_md[i].value);
     free(c);
     /* Only ksm_rpc_server_free waits for the count, after setting shutting_down: a call that
      * ends while serving wakes nobody (the workers wait on their own condition). */
@@ -177,11 +179,22 @@ void rpc_call_finish_bytes(struct rpc_call *c, uint8_t *buf, size_t len, int err
         }
     }
     rpc_stats_call_end(c, code);
+    char msg[320] = "";
+    if (code != GRPC_STATUS_OK) ksm_rpc_status_message(err, errmsg, msg, sizeof msg);
+    rpc_log_call(c, code, err, msg);
     ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
     ops[n].data.send_status_from_server.status = code;
+    if (code == GRPC_STATUS_OK && c->advice.n > 0 && c->n_warn_md == 0) {
+        /* The handler's advice rides on the OK status: one entry per sentence. */
+        for (int i = 0; i < c->advice.n && i < KSM_ADVICE_MAX; i++) {
+            c->warn_md[i].key = grpc_slice_from_static_string(KSM_RPC_WARNING_MD);
+            c->warn_md[i].value = grpc_slice_from_copied_string(c->advice.item[i].text);
+            c->n_warn_md++;
+        }
+        ops[n].data.send_status_from_server.trailing_metadata = c->warn_md;
+        ops[n].data.send_status_from_server.trailing_metadata_count = (size_t)c->n_warn_md;
+    }
     if (code != GRPC_STATUS_OK) {
-        char msg[320];
-        ksm_rpc_status_message(err, errmsg, msg, sizeof msg);
         c->status_details = grpc_slice_from_copied_string(msg);
         c->have_details = true;
         ops[n].data.send_status_from_server.status_details = &c->status_details;
@@ -327,8 +340,8 @@ static void run_unary(ksm_rpc_server *s, struct rpc_call *c)
      * request is read from the transport's slices in place, its tensors copied once. */
     uint8_t *reply = NULL;
     size_t reply_len = 0;
-    int rc = rpc_dispatch_pieces(s, (size_t)(c->m - rpc_methods), pl.p, pl.n, &reply, &reply_len,
-                                 why, sizeof why);
+    int rc = rpc_dispatch_call(s, (size_t)(c->m - rpc_methods), pl.p, pl.n, &reply, &reply_len,
+                               &c->advice, why, sizeof why);
     payload_close(&pl);
     if (rc == 0 && atomic_load(&c->closed))
         KSM_LOGI("rpc", "%s: the client cancelled the call while it ran", c->m->path);
@@ -575,8 +588,21 @@ static void *cq_main(void *arg)
 
 /* ---- Server ---- */
 
+/* gRPC's own lines (transport errors, by default nothing below GPR_LOG_SEVERITY_ERROR) go
+ * through kasmina's log, so that --log-format json stays one object per line. */
+static void grpc_log(gpr_log_func_args *a)
+{
+    enum ksm_log_level lv = a->severity == GPR_LOG_SEVERITY_ERROR  ? KSM_LOG_ERROR
+                            : a->severity == GPR_LOG_SEVERITY_INFO ? KSM_LOG_INFO
+                                                                   : KSM_LOG_DEBUG;
+    const char *file = a->file != NULL ? strrchr(a->file, '/') : NULL;
+    KSM_LOG(lv, "grpc", "%s (%s:%d)", a->message != NULL ? a->message : "",
+            file != NULL ? file + 1 : (a->file != NULL ? a->file : "?"), a->line);
+}
+
 void ksm_rpc_runtime_init(void)
 {
+    gpr_set_log_function(grpc_log);
     /* absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore): kIgnore is 0 and the
      * enum is passed as an int. The inline namespace differs between builds of abseil. */
     static const char *const names[] = {

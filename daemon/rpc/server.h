@@ -96,7 +96,8 @@ void ksm_rpc_server_free(ksm_rpc_server *s);
  * thread starts. Turns abseil's mutex deadlock detection off: Debian builds abseil without
  * NDEBUG, so every absl::Mutex lock taken inside gRPC (several per call) also updates a global
  * lock-order graph under a global lock, a debugging aid that cost about a tenth of a control
- * call's CPU. Harmless when the abseil symbol is not found (another build): nothing changes. */
+ * call's CPU. Harmless when the abseil symbol is not found (another build): nothing changes.
+ * Also routes gRPC's own log lines (gpr_log) through kasmina's log, module "grpc". */
 void ksm_rpc_runtime_init(void);
 
 #ifdef __cplusplus

@@ -19,6 +19,7 @@
 #include "rpc/server.h"
 #include "rpc/stats.h"
 #include "rpc/tsan.h"
+#include "service/advice.h"
 #include "service/service.h"
 
 /* A completion-queue tag: every event calls done(tag, ok) on the CQ thread. Whoever gives a tag
@@ -34,6 +35,7 @@ enum rpc_kind { RPC_UNARY, RPC_EVENTS, RPC_HEALTH_CHECK, RPC_HEALTH_WATCH, RPC_U
 struct rpc_ctx {
     struct ksm_pb_arena arena;
     char err[256];
+    struct ksm_advice advice; /* sent with a successful reply and logged (rpc/calllog.c) */
     int n_defer;
     struct {
         void (*fn)(void *);
@@ -73,6 +75,9 @@ struct rpc_call {
     grpc_slice status_details;
     bool have_details;
     grpc_metadata trailing;
+    struct ksm_advice advice;              /* the handler's, for a successful reply */
+    grpc_metadata warn_md[KSM_ADVICE_MAX]; /* KSM_RPC_WARNING_MD entries (values copied) */
+    int n_warn_md;
     struct rpc_call *next; /* worker queue / subscriber list */
     /* streams (events.c), protected by the hub lock */
     bool writing, finishing, listed, started, end_pending;
@@ -136,6 +141,8 @@ struct ksm_rpc_server {
     struct rpc_stream_use *stream_uses;
     struct rpc_stats stats;
     bool inline_call[KSM_RPC_STATS_METHODS]; /* by rpc_methods index: runs on the CQ thread */
+    /* calllog.c: warn lines of failed calls and warnings, per method (rows as in stats) */
+    struct ksm_log_ratelimit warn_log[KSM_RPC_STATS_METHODS];
 };
 
 /* server.c */
@@ -203,6 +210,13 @@ void rpc_limits_fini(ksm_rpc_server *s);
 void rpc_stats_call_start(struct rpc_call *c);
 void rpc_stats_call_end(struct rpc_call *c, grpc_status_code code);
 void rpc_stats_event(ksm_rpc_server *s, const struct ksm_lifecycle_event *ev);
+/* calllog.c: the log lines of a call whose status is being sent (docs/logging.md): at debug one
+ * line with method, status and latency; at warn a failed call's status and message and the
+ * call's advice (rate-limited per method: RPC_WARN_BURST lines, then RPC_WARN_PER_S a second,
+ * with a "suppressed N" line); advice of level info at info. msg: the status message sent. */
+void rpc_log_call(struct rpc_call *c, grpc_status_code code, int err, const char *msg);
+#define RPC_WARN_BURST 10.0
+#define RPC_WARN_PER_S 1.0
 /* Sends an already packed reply (buf malloc'd, owned from here on; NULL for none). */
 void rpc_call_finish_bytes(struct rpc_call *c, uint8_t *buf, size_t len, int err,
                            const char *errmsg, grpc_status_code code_override);
@@ -226,6 +240,11 @@ int rpc_dispatch_bytes(ksm_rpc_server *s, size_t method_index, const uint8_t *re
 struct ksm_pb_piece;
 int rpc_dispatch_pieces(ksm_rpc_server *s, size_t method_index, const struct ksm_pb_piece *req,
                         size_t n, uint8_t **reply, size_t *reply_len, char *err, size_t errlen);
+/* rpc_dispatch_pieces that also hands out the handler's advice (service/advice.h) for a call
+ * that succeeded (advice may be NULL; it is zeroed first). The server's workers call this. */
+int rpc_dispatch_call(ksm_rpc_server *s, size_t method_index, const struct ksm_pb_piece *req,
+                      size_t n, uint8_t **reply, size_t *reply_len, struct ksm_advice *advice,
+                      char *err, size_t errlen);
 /* KSM_PB_GATHER_MIN; the fuzzers lower it to 1 so that every input takes that path. */
 extern size_t rpc_gather_min;
 /* Index of a method path in rpc_methods, or -1. */

@@ -1,11 +1,13 @@
 /* service: durable, published daemon operations over the engine (service.h). */
 #include "service/service.h"
 
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kasmina/errors.h"
+#include "kasmina/log.h"
 
 struct ksm_service {
     struct ksm_service_config cfg;
@@ -74,6 +76,23 @@ void ksm_service_explain(const ksm_service *s, int rc, char *err, size_t errlen)
 
 // ---- Models ----
 
+/* "model m1 created: cnn host, 3 slots, 5.2M host parameters, on cpu:0 (F32), strict gates". */
+static void log_model(ksm_model *m, const char *what)
+{
+    if (ksm_log_get_level() < KSM_LOG_INFO) return;
+    struct ksm_model_info *i = malloc(sizeof *i);
+    if (i == NULL || ksm_model_get_info(m, i) != 0) {
+        KSM_LOGI("service", "model %s %s", ksm_model_id(m), what);
+        free(i);
+        return;
+    }
+    KSM_LOGI("service",
+             "model %s %s: %s host, %d slot(s), %" PRIu64 " host parameters, on %s (%s), %s gates",
+             i->model_id, what, ksm_topology_name(i->topology), i->n_slots, i->host_params,
+             i->device, ksm_dtype_name(i->dtype), i->permissive_gates ? "permissive" : "strict");
+    free(i);
+}
+
 int ksm_service_model_get(ksm_service *s, const char *id, ksm_model **out, char *err, size_t errlen)
 {
     int rc = ksm_engine_model_get(s->engine, id, out);
@@ -94,6 +113,7 @@ int ksm_service_model_create(ksm_service *s, const char *id, const struct ksm_mo
     }
     ksm_persist_create_end(s->persist);
     if (rc != 0) return rc;
+    log_model(m, "created");
     *out = m;
     return 0;
 }
@@ -111,6 +131,9 @@ int ksm_service_model_delete(ksm_service *s, const char *id, uint64_t *freed_byt
     }
     ksm_persist_unlock(pm);
     if (rc == KSM_ENOMODEL) return no_model(id, err, errlen);
+    if (rc == 0)
+        KSM_LOGI("service", "model %s deleted (%" PRIu64 " bytes freed)", id,
+                 freed_bytes != NULL ? *freed_bytes : 0);
     return rc;
 }
 
@@ -193,7 +216,14 @@ int ksm_service_load_weights(ksm_service *s, ksm_model *m, const void *buf, size
     int rc = mutation_begin(s, m, &mu, err, errlen);
     if (rc != 0) return rc;
     rc = ksm_model_load_weights(m, buf, len, strict, res, err, errlen);
-    return mutation_end(s, &mu, m, SNAPSHOT, rc, err, errlen);
+    rc = mutation_end(s, &mu, m, SNAPSHOT, rc, err, errlen);
+    if (rc == 0)
+        KSM_LOGI("service",
+                 "model %s: weights loaded (%zu bytes, %s): %zu tensors loaded, %zu missing, %zu "
+                 "unexpected",
+                 ksm_model_id(m), len, strict ? "strict" : "not strict", res->n_loaded,
+                 res->n_missing, res->n_unexpected);
+    return rc;
 }
 
 int ksm_service_move(ksm_service *s, ksm_model *m, const char *device, int dtype, char *err,
@@ -203,7 +233,9 @@ int ksm_service_move(ksm_service *s, ksm_model *m, const char *device, int dtype
     int rc = mutation_begin(s, m, &mu, err, errlen);
     if (rc != 0) return rc;
     rc = ksm_model_move(m, device, dtype, err, errlen);
-    return mutation_end(s, &mu, m, SNAPSHOT, rc, err, errlen);
+    rc = mutation_end(s, &mu, m, SNAPSHOT, rc, err, errlen);
+    if (rc == 0) log_model(m, "moved");
+    return rc;
 }
 
 int ksm_service_germinate(ksm_service *s, ksm_model *m, const char *slot_id,

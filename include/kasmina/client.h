@@ -69,6 +69,9 @@ struct ksm_client_error {
     int code;          /* KSM_E*, equal to the call's return value */
     int grpc_status;   /* grpc_status_code; 0 = OK */
     char message[512]; /* the server's status message, or a local sentence */
+    /* On success: the server's warnings about the request (trailing metadata "kasmina-warning",
+     * docs/logging.md#warnings), one per line; empty when there were none. */
+    char warnings[1024];
 };
 
 /* target: "unix:/path/to.sock", "unix:///path", "host:port" or "dns:///host:port". opts may be

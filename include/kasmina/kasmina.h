@@ -51,7 +51,8 @@ typedef struct ksm_model ksm_model;
 #define KSM_NAME_MAX        32 /* blueprint ids, initiators, curve names */
 #define KSM_REASON_MAX      64
 #define KSM_GATE_MAX_CHECKS 6
-#define KSM_CHECK_MAX       64 /* one gate check string */
+#define KSM_CHECK_MAX       64  /* one gate check string */
+#define KSM_GATE_DETAIL_MAX 128 /* one gate check's detail line */
 
 /* ======================= enums (values match esper-lite and kasmina.proto) ============== */
 
@@ -132,7 +133,21 @@ struct ksm_alpha_controller {
     uint32_t steps_total, steps_done;
 };
 
-/* GateResult (docs/gates.md#quality-gates). */
+/* One check of a gate with the numbers behind it (docs/gates.md#check-details). name is esper's
+ * check string, the same as in checks_passed or checks_failed. */
+struct ksm_gate_check {
+    char name[KSM_CHECK_MAX];
+    bool passed;
+    char quantity[32]; /* the seed field the check reads ("epochs_in_current_stage") */
+    char op[4];        /* what passes: value op threshold (">="); "" for presence/state checks */
+    double threshold;
+    bool has_value; /* false: the field was never measured, or the check reads no number */
+    double value;
+    char detail[KSM_GATE_DETAIL_MAX]; /* one line for people: "epochs_in_current_stage 3 < 10" */
+};
+
+/* GateResult (docs/gates.md#quality-gates). checks_passed / checks_failed are esper's strings;
+ * checks holds every one of them, in the order the gate made them, with its numbers. */
 struct ksm_gate_result {
     enum ksm_gate_level gate;
     bool passed;
@@ -141,6 +156,8 @@ struct ksm_gate_result {
     char checks_passed[KSM_GATE_MAX_CHECKS][KSM_CHECK_MAX];
     char checks_failed[KSM_GATE_MAX_CHECKS][KSM_CHECK_MAX];
     char message[128];
+    int n_checks;
+    struct ksm_gate_check checks[KSM_GATE_MAX_CHECKS];
 };
 
 /* SeedMetrics (docs/gates.md#recordmetrics, docs/lifecycle.md#slot-reports). has_* flags are "not

@@ -628,6 +628,58 @@ Test(convert, event_round_trips_with_gate_and_values)
     cr_expect_eq(ksm_wire_lifecycle_type_parse("NOPE", &t), KSM_EINVAL);
 }
 
+Test(convert, gate_checks_round_trip_with_and_without_a_value)
+{
+    struct ksm_gate_result g;
+    memset(&g, 0, sizeof g);
+    g.gate = KSM_GATE_G2;
+    g.n_failed = 2;
+    strcpy(g.checks_failed[0], "seed_not_ready");
+    strcpy(g.checks_failed[1], "gradient_stats_never_measured");
+    g.n_checks = 2;
+    g.checks[0] = (struct ksm_gate_check){.name = "seed_not_ready",
+                                          .quantity = "epochs_in_current_stage",
+                                          .op = ">=",
+                                          .threshold = 10,
+                                          .has_value = true,
+                                          .value = 0, /* a measured 0 stays present */
+                                          .detail = "epochs_in_current_stage 0 < 10"};
+    g.checks[1] = (struct ksm_gate_check){.name = "gradient_stats_never_measured",
+                                          .quantity = "seed_gradient_norm_ratio",
+                                          .op = ">=",
+                                          .threshold = 0.1,
+                                          .detail = "never measured"};
+    struct ksm_pb_arena a;
+    ksm_pb_arena_init(&a);
+    Kasmina__V1__GateResult pb;
+    cr_assert_eq(ksm_wire_gate_to_pb(&g, &a, &pb), 0);
+    cr_assert_eq(pb.n_checks, 2);
+    cr_expect_eq(pb.checks[0]->opt_value_case, KASMINA__V1__GATE_CHECK__OPT_VALUE_VALUE);
+    cr_expect_eq(pb.checks[1]->opt_value_case, KASMINA__V1__GATE_CHECK__OPT_VALUE__NOT_SET);
+    size_t n = kasmina__v1__gate_result__get_packed_size(&pb);
+    uint8_t *buf = malloc(n);
+    kasmina__v1__gate_result__pack(&pb, buf);
+    ksm_pb_arena_fini(&a);
+    Kasmina__V1__GateResult *u = kasmina__v1__gate_result__unpack(NULL, n, buf);
+    cr_assert_not_null(u);
+    struct ksm_gate_result b;
+    cr_assert_eq(ksm_wire_gate_from_pb(u, &b, err, sizeof err), 0, "%s", err);
+    cr_expect_eq(b.n_checks, 2);
+    cr_expect_str_eq(b.checks[0].name, "seed_not_ready");
+    cr_expect_not(b.checks[0].passed);
+    cr_expect_str_eq(b.checks[0].quantity, "epochs_in_current_stage");
+    cr_expect_str_eq(b.checks[0].op, ">=");
+    cr_expect_eq(b.checks[0].threshold, 10);
+    cr_expect(b.checks[0].has_value);
+    cr_expect_eq(b.checks[0].value, 0);
+    cr_expect_str_eq(b.checks[0].detail, "epochs_in_current_stage 0 < 10");
+    cr_expect_not(b.checks[1].has_value);
+    cr_expect_eq(b.checks[1].threshold, 0.1);
+    cr_expect_str_eq(b.checks_failed[1], "gradient_stats_never_measured");
+    kasmina__v1__gate_result__free_unpacked(u, NULL);
+    free(buf);
+}
+
 Test(convert, model_info_round_trips)
 {
     struct ksm_model_info info;

@@ -13,13 +13,17 @@ package), so put that directory on ``PYTHONPATH`` and use Debian's ``/usr/bin/py
 
 Errors raise :class:`KasminaError` (a ``grpc.RpcError`` is never leaked), whose ``code`` is the
 ``grpc.StatusCode`` and ``ksm_error`` the engine's code name (``"KSM_ENOSLOT"``) when the server
-sent one.
+sent one. A value the server accepted but that looks wrong (a ``val_accuracy`` of 0.87 where a
+percentage is taken) or a default it took for a zero field comes back as a
+:class:`KasminaWarning` (Python's ``warnings``; the server's ``kasmina-warning`` trailing
+metadata).
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import warnings
 
 import numpy as np
 
@@ -38,6 +42,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 __all__ = [
     "Client",
     "KasminaError",
+    "KasminaWarning",
     "ForwardResult",
     "ConfigResult",
     "EvaluateResult",
@@ -200,6 +205,10 @@ class KasminaError(Exception):
         super().__init__(f"{method or 'call'}: {details} ({ksm_error or '-'}, {name})")
 
 
+class KasminaWarning(UserWarning):
+    """The server accepted a call and said something about it (docs/logging.md#warnings)."""
+
+
 ForwardResult = collections.namedtuple("ForwardResult", "output model_generation compute_ns")
 ConfigResult = collections.namedtuple("ConfigResult", "name loss accuracy correct total logits")
 EvaluateResult = collections.namedtuple("EvaluateResult", "results model_generation compute_ns")
@@ -256,10 +265,15 @@ class Client:
 
     def _call(self, name, fn, req, timeout=None):
         try:
-            return fn(req, timeout=timeout or self.timeout, metadata=self._metadata,
-                      wait_for_ready=self.wait_for_ready)
+            reply, call = fn.with_call(req, timeout=timeout or self.timeout,
+                                       metadata=self._metadata,
+                                       wait_for_ready=self.wait_for_ready)
         except grpc.RpcError as e:
             raise _error(e, name) from None
+        for k, v in call.trailing_metadata() or ():
+            if k == "kasmina-warning":
+                warnings.warn(f"{name}: {v}", KasminaWarning, stacklevel=3)
+        return reply
 
     # ---- server ----
 
