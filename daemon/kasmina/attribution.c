@@ -212,8 +212,8 @@ int ksm_attribution_plan(struct ksm_attribution *p, enum ksm_attribution_mode mo
     }
     if (rc == KSM_ELIMIT)
         ksm_errf(err, errlen, 0,
-                 "attribution over %d live seeds (%s) needs more than %zu coalitions, the "
-                 "configs left of %d per Evaluate",
+                 "attribution over %d live seeds (%s) needs more than %zu coalitions: with "
+                 "the configs asked for, an Evaluate runs at most %d configs",
                  n, mode == KSM_ATTRIBUTION_EXACT ? "EXACT" : "PERMUTATION", max_coalitions,
                  KSM_EVALUATE_MAX_CONFIGS);
     if (rc < 0) ksm_attribution_fini(p);
