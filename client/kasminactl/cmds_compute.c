@@ -5,6 +5,7 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "cmds.h"
 #include "kasmina/safetensors.h"
@@ -222,6 +223,19 @@ static int add_config(void *args, const char *opt, const char *arg, char *err, s
     return rc;
 }
 
+static int set_attribution(void *args, const char *opt, const char *arg, char *err, size_t errlen)
+{
+    struct evaluate_args *a = args;
+    static const char *const names[] = {"none", "auto", "exact", "permutation"};
+    for (int i = 0; i < 4; i++)
+        if (strcasecmp(arg, names[i]) == 0) {
+            a->a.attribution = (enum ksm_attribution_mode)i;
+            return 0;
+        }
+    snprintf(err, errlen, "%s must be none, auto, exact or permutation, got '%s'", opt, arg);
+    return KSM_EINVAL;
+}
+
 #define EVAL(f) offsetof(struct evaluate_args, f)
 static const struct ctl_opt evaluate_opts[] = {
     {"input", "FILE[:TENSOR]", CTL_ARG_STRING, EVAL(input), 0, NULL, "the input tensor (required)"},
@@ -235,6 +249,12 @@ static const struct ctl_opt evaluate_opts[] = {
      "also fetch the logits (one tensor per config)"},
     {"stream", "KEY", CTL_ARG_STRING, EVAL(a.stream), 0, NULL,
      "run on this stream of the model (calls with one key run in order)"},
+    {"attribution", "MODE", CTL_ARG_SETTER, 0, 0, set_attribution,
+     "seed attribution over the live seeds: auto, exact, permutation or none"},
+    {"shapley-samples", "N", CTL_ARG_U32, EVAL(a.shapley_samples), 0, NULL,
+     "permutation: permutations (default 20)"},
+    {"attribution-seed", "S", CTL_ARG_U64, EVAL(a.attribution_seed), 0, NULL,
+     "permutation: the sampling seed (default 0)"},
     {0},
 };
 #undef EVAL
@@ -294,6 +314,8 @@ const struct ctl_cmd ctl_cmd_evaluate = {
     .max_pos = 1,
     .opts = evaluate_opts,
     .notes = "  Without --config or --standard: one config 'main' (the model as it is).\n"
+             "  --attribution adds Shapley values, marginals and (exact) pairwise interactions of\n"
+             "  the live seeds, from the same pass (docs/evaluate.md#attribution).\n"
              "  Without TENSOR: input/x and targets/y are looked up by name.",
     .args_size = sizeof(struct evaluate_args),
     .run = run_evaluate,

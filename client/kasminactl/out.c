@@ -725,10 +725,27 @@ void ctl_show_evaluate(bool json, const struct ksm_evaluate_result *r, FILE *f)
                                             c->loss, "accuracy", c->accuracy, "correct",
                                             (json_int_t)c->correct, "total", (json_int_t)c->total));
         }
-        ctl_json_print(json_pack("{s:o, s:I, s:I}", "results", res, "model_generation",
-                                 (json_int_t)r->model_generation, "compute_ns",
-                                 (json_int_t)r->compute_ns),
-                       f);
+        json_t *o =
+            json_pack("{s:o, s:I, s:I}", "results", res, "model_generation",
+                      (json_int_t)r->model_generation, "compute_ns", (json_int_t)r->compute_ns);
+        if (r->n_shapley > 0) {
+            json_t *sh = json_array(), *it = json_array();
+            for (size_t i = 0; i < r->n_shapley; i++) {
+                const struct ksm_shapley_estimate *e = &r->shapley[i];
+                json_array_append_new(
+                    sh, json_pack("{s:s, s:f, s:f, s:I, s:s, s:f}", "slot_id", e->slot_id, "mean",
+                                  e->mean, "std", e->std, "n_samples", (json_int_t)e->n_samples,
+                                  "algorithm", e->algorithm, "marginal", e->marginal));
+            }
+            for (size_t i = 0; i < r->n_interactions; i++)
+                json_array_append_new(it, json_pack("{s:s, s:s, s:f}", "slot_a",
+                                                    r->interactions[i].slot_a, "slot_b",
+                                                    r->interactions[i].slot_b, "interaction",
+                                                    r->interactions[i].interaction));
+            json_object_set_new(o, "shapley", sh);
+            json_object_set_new(o, "interactions", it);
+        }
+        ctl_json_print(o, f);
         return;
     }
     static const char *const h[] = {"CONFIG", "LOSS", "ACCURACY", "CORRECT", "TOTAL"};
@@ -742,8 +759,39 @@ void ctl_show_evaluate(bool json, const struct ksm_evaluate_result *r, FILE *f)
         ctl_table_cell(t, "%" PRIu64, r->results[i].correct);
         ctl_table_cell(t, "%" PRIu64, r->results[i].total);
     }
-    ctl_table_print(t, f);
+    if (r->n > 0) ctl_table_print(t, f);
     ctl_table_free(t);
+    if (r->n_shapley > 0) {
+        /* Attribution: accuracy points (docs/evaluate.md#attribution). */
+        static const char *const hs[] = {"SEED",    "SHAPLEY",  "STD",
+                                         "SAMPLES", "MARGINAL", "ALGORITHM"};
+        t = ctl_table_new(6, hs);
+        for (int c = 1; c < 5; c++) ctl_table_right(t, c);
+        for (size_t i = 0; i < r->n_shapley; i++) {
+            const struct ksm_shapley_estimate *e = &r->shapley[i];
+            ctl_table_row(t);
+            ctl_table_cell(t, "%s", e->slot_id);
+            ctl_table_cell(t, "%+.4f", e->mean);
+            ctl_table_cell(t, "%.4f", e->std);
+            ctl_table_cell(t, "%u", e->n_samples);
+            ctl_table_cell(t, "%+.4f", e->marginal);
+            ctl_table_cell(t, "%s", e->algorithm);
+        }
+        ctl_table_print(t, f);
+        ctl_table_free(t);
+    }
+    if (r->n_interactions > 0) {
+        static const char *const hi[] = {"PAIR", "INTERACTION"};
+        t = ctl_table_new(2, hi);
+        ctl_table_right(t, 1);
+        for (size_t i = 0; i < r->n_interactions; i++) {
+            ctl_table_row(t);
+            ctl_table_cell(t, "%s+%s", r->interactions[i].slot_a, r->interactions[i].slot_b);
+            ctl_table_cell(t, "%+.4f", r->interactions[i].interaction);
+        }
+        ctl_table_print(t, f);
+        ctl_table_free(t);
+    }
     fprintf(f, "generation %" PRIu64 ", compute %.3f ms\n", r->model_generation,
             (double)r->compute_ns / 1e6);
 }

@@ -214,7 +214,8 @@ int ksm_client_watch_events(ksm_client *c, const char *model_id, uint64_t after_
  * tensor (contiguous). r->output is malloc'd (ksm_host_tensor_free). */
 int ksm_client_forward(ksm_client *c, const char *model_id, const struct ksm_forward_args *a,
                        struct ksm_forward_result *r, struct ksm_client_error *err);
-/* a->shapley is not available over the wire (KSM_EINVAL). r: ksm_evaluate_result_free. */
+/* a->shapley is not available over the wire (KSM_EINVAL); a->attribution is
+ * (docs/evaluate.md#attribution). r: ksm_evaluate_result_free. */
 int ksm_client_evaluate(ksm_client *c, const char *model_id, const struct ksm_evaluate_args *a,
                         struct ksm_evaluate_result *r, struct ksm_client_error *err);
 

@@ -477,6 +477,20 @@ struct ksm_alpha_config {
     size_t n;
 };
 
+/* Seed attribution over the live seeds, from the same fused pass (docs/evaluate.md#attribution;
+ * esper: simic/attribution/counterfactual.py). The value of a coalition is its accuracy in
+ * percent with its seeds at alpha 1.0 and the other live seeds at 0.0. */
+enum ksm_attribution_mode {
+    KSM_ATTRIBUTION_NONE = 0,
+    KSM_ATTRIBUTION_AUTO = 1,        /* EXACT with at most 8 live seeds, else PERMUTATION */
+    KSM_ATTRIBUTION_EXACT = 2,       /* all 2^n coalitions, exact Shapley values */
+    KSM_ATTRIBUTION_PERMUTATION = 3, /* esper's ablation configs + antithetic permutations */
+};
+#define KSM_ATTRIBUTION_EXACT_MAX_SEEDS 8    /* 2^8 = 256 coalitions */
+#define KSM_SHAPLEY_SAMPLES_DEFAULT     20   /* esper's CounterfactualConfig.shapley_samples */
+#define KSM_SHAPLEY_SAMPLES_MAX         1000
+#define KSM_EVALUATE_MAX_CONFIGS        4096 /* requested + attribution configs in one pass */
+
 struct ksm_evaluate_args {
     const ksm_tensor *input;   /* host, B rows (as for forward) */
     const ksm_tensor *targets; /* host I64/I32: CNN [B]; transformer [B,T] */
@@ -487,6 +501,11 @@ struct ksm_evaluate_args {
                                n_configs == 0 */
     bool shapley;           /* with generate_standard: add the 2^n factorial (n <= 4) */
     bool return_logits;
+    /* Attribution: its coalitions run in the same pass but are not listed in results; with
+     * attribution, configs may be empty without generate_standard. */
+    enum ksm_attribution_mode attribution;
+    uint32_t shapley_samples;  /* PERMUTATION: permutations; 0 = KSM_SHAPLEY_SAMPLES_DEFAULT */
+    uint64_t attribution_seed; /* PERMUTATION: seed of esper's random.Random(seed) */
 };
 
 struct ksm_config_result {
@@ -497,11 +516,32 @@ struct ksm_config_result {
     ksm_tensor logits; /* only with return_logits (malloc'd) */
 };
 
+/* One live seed's attribution (accuracy points). */
+struct ksm_shapley_estimate {
+    char slot_id[KSM_SLOT_ID_MAX];
+    double mean;        /* Shapley value */
+    double std;         /* sample std (ddof 1) of the permutation marginals; 0 for exact */
+    uint32_t n_samples; /* marginals averaged: n! for exact */
+    char algorithm[24]; /* "exact" | "permutation_antithetic" */
+    double marginal;    /* v(all) - v(all without this seed) */
+};
+
+/* v({a,b}) - v({a}) - v({b}) + v({}), a before b in row-major order. */
+struct ksm_interaction_term {
+    char slot_a[KSM_SLOT_ID_MAX];
+    char slot_b[KSM_SLOT_ID_MAX];
+    double interaction;
+};
+
 struct ksm_evaluate_result {
     struct ksm_config_result *results; /* malloc'd; ksm_evaluate_result_free */
     size_t n;
     uint64_t model_generation;
     uint64_t compute_ns;
+    struct ksm_shapley_estimate *shapley; /* with attribution: one per live seed, row-major */
+    size_t n_shapley;
+    struct ksm_interaction_term *interactions; /* EXACT: every pair of live seeds */
+    size_t n_interactions;
 };
 void ksm_evaluate_result_free(struct ksm_evaluate_result *r);
 

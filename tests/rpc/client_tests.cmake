@@ -40,6 +40,13 @@ if(KSM_HAVE_PYTHON_STUBS AND Python3_Interpreter_FOUND)
             $<TARGET_FILE:kasminad> $<TARGET_FILE:kasminactl>)
   set_tests_properties(rpc_python_client PROPERTIES LABELS rpc TIMEOUT 300
     ENVIRONMENT "PYTHONPATH=${KSM_PY_DIR}")
+  # Evaluate's attribution: EXACT against Shapley values computed from explicit coalition
+  # configs, PERMUTATION against esper's engine (transcribed), kasminactl --attribution.
+  add_test(NAME rpc_attribution
+    COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/rpc/test_attribution.py
+            $<TARGET_FILE:kasminad> $<TARGET_FILE:kasminactl>)
+  set_tests_properties(rpc_attribution PROPERTIES LABELS rpc TIMEOUT 300
+    ENVIRONMENT "PYTHONPATH=${KSM_PY_DIR}")
   # Training over the wire: ConfigureTraining, TrainStep (bad inputs change nothing; the loss
   # falls), Checkpoint, kasminactl training / train.
   add_test(NAME rpc_train

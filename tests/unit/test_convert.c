@@ -515,6 +515,79 @@ Test(convert, evaluate_request_needs_configs_and_integer_targets)
     ksm_pb_arena_fini(&a);
 }
 
+Test(convert, evaluate_attribution_fields_and_estimates_round_trip)
+{
+    float x[4] = {0};
+    int64_t xs[] = {2, 2};
+    int64_t y[2] = {1, 0};
+    int64_t ys[] = {2};
+    Kasmina__V1__Tensor in = mk_tensor(KASMINA__V1__DTYPE__DTYPE_F32, xs, 2, x, sizeof x);
+    Kasmina__V1__Tensor tg = mk_tensor(KASMINA__V1__DTYPE__DTYPE_I64, ys, 1, y, sizeof y);
+    Kasmina__V1__EvaluateRequest pb = KASMINA__V1__EVALUATE_REQUEST__INIT;
+    pb.model_id = "m";
+    pb.input = &in;
+    pb.targets = &tg;
+    struct ksm_pb_arena a;
+    ksm_pb_arena_init(&a);
+    struct ksm_evaluate_args ea;
+    /* Attribution alone needs no configs. */
+    pb.attribution = KASMINA__V1__ATTRIBUTION_MODE__ATTRIBUTION_PERMUTATION;
+    pb.shapley_samples = 40;
+    pb.attribution_seed = 0xfedcba9876543210ull;
+    cr_assert_eq(ksm_wire_evaluate_from_pb(&pb, &a, &ea, err, sizeof err), 0, "%s", err);
+    cr_expect_eq(ea.attribution, KSM_ATTRIBUTION_PERMUTATION);
+    cr_expect_eq(ea.shapley_samples, 40);
+    cr_expect_eq(ea.attribution_seed, 0xfedcba9876543210ull);
+    Kasmina__V1__EvaluateRequest back;
+    cr_assert_eq(ksm_wire_evaluate_to_pb("m", &ea, &a, &back), 0);
+    cr_expect_eq(back.attribution, KASMINA__V1__ATTRIBUTION_MODE__ATTRIBUTION_PERMUTATION);
+    cr_expect_eq(back.shapley_samples, 40);
+    cr_expect_eq(back.attribution_seed, 0xfedcba9876543210ull);
+    pb.shapley_samples = KSM_SHAPLEY_SAMPLES_MAX + 1;
+    cr_expect_eq(ksm_wire_evaluate_from_pb(&pb, &a, &ea, err, sizeof err), KSM_EINVAL);
+    cr_expect(strstr(err, "shapley_samples") != NULL, "%s", err);
+    pb.shapley_samples = 0;
+    pb.attribution = (Kasmina__V1__AttributionMode)9;
+    cr_expect_eq(ksm_wire_evaluate_from_pb(&pb, &a, &ea, err, sizeof err), KSM_EINVAL);
+    cr_expect(strstr(err, "attribution") != NULL, "%s", err);
+    pb.attribution = KASMINA__V1__ATTRIBUTION_MODE__ATTRIBUTION_NONE;
+    cr_expect_eq(ksm_wire_evaluate_from_pb(&pb, &a, &ea, err, sizeof err), KSM_EINVAL);
+    /* The estimates out and back. */
+    struct ksm_shapley_estimate sh[2] = {
+        {.slot_id = "r0c1", .mean = 1.5, .std = 0.25, .n_samples = 17, .marginal = -3.0},
+        {.slot_id = "r1c1", .mean = -2.0, .n_samples = 6, .marginal = 4.5}};
+    strcpy(sh[0].algorithm, "permutation_antithetic");
+    strcpy(sh[1].algorithm, "exact");
+    struct ksm_interaction_term it = {.slot_a = "r0c1", .slot_b = "r1c1", .interaction = 6.25};
+    struct ksm_evaluate_result r = {.model_generation = 3,
+                                    .shapley = sh,
+                                    .n_shapley = 2,
+                                    .interactions = &it,
+                                    .n_interactions = 1};
+    Kasmina__V1__EvaluateResponse rep;
+    cr_assert_eq(ksm_wire_evaluate_result_to_pb(&r, &a, &rep), 0);
+    cr_assert_eq(rep.n_shapley, 2);
+    cr_assert_eq(rep.n_interactions, 1);
+    struct ksm_evaluate_result got;
+    cr_assert_eq(ksm_wire_evaluate_result_from_pb(&rep, &got, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(got.n_shapley, 2);
+    for (int i = 0; i < 2; i++) {
+        cr_expect_str_eq(got.shapley[i].slot_id, sh[i].slot_id);
+        cr_expect_eq(got.shapley[i].mean, sh[i].mean);
+        cr_expect_eq(got.shapley[i].std, sh[i].std);
+        cr_expect_eq(got.shapley[i].n_samples, sh[i].n_samples);
+        cr_expect_str_eq(got.shapley[i].algorithm, sh[i].algorithm);
+        cr_expect_eq(got.shapley[i].marginal, sh[i].marginal);
+    }
+    cr_assert_eq(got.n_interactions, 1);
+    cr_expect_str_eq(got.interactions[0].slot_a, "r0c1");
+    cr_expect_str_eq(got.interactions[0].slot_b, "r1c1");
+    cr_expect_eq(got.interactions[0].interaction, 6.25);
+    cr_expect_eq(got.n, 0);
+    ksm_evaluate_result_free(&got);
+    ksm_pb_arena_fini(&a);
+}
+
 /* ---- Replies ---- */
 
 Test(convert, slot_report_round_trips_through_the_wire)

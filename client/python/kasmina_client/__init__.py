@@ -46,6 +46,8 @@ __all__ = [
     "ForwardResult",
     "ConfigResult",
     "EvaluateResult",
+    "ShapleyEstimate",
+    "InteractionTerm",
     "tensor_from_numpy",
     "tensor_to_numpy",
     "default_target",
@@ -185,6 +187,10 @@ def _gate(v):
     return _enum(pb.GateLevel, "GATE_", v, "gate")
 
 
+def _attribution(v):
+    return _enum(pb.AttributionMode, "ATTRIBUTION_", v, "attribution")
+
+
 def stage_name(v):
     """STAGE_TRAINING -> "TRAINING"."""
     return pb.Stage.Name(v).replace("STAGE_", "")
@@ -211,7 +217,13 @@ class KasminaWarning(UserWarning):
 
 ForwardResult = collections.namedtuple("ForwardResult", "output model_generation compute_ns")
 ConfigResult = collections.namedtuple("ConfigResult", "name loss accuracy correct total logits")
-EvaluateResult = collections.namedtuple("EvaluateResult", "results model_generation compute_ns")
+EvaluateResult = collections.namedtuple(
+    "EvaluateResult", "results model_generation compute_ns shapley interactions",
+    defaults=((), ()))
+# Attribution (docs/evaluate.md#attribution), accuracy points.
+ShapleyEstimate = collections.namedtuple("ShapleyEstimate",
+                                         "slot_id mean std n_samples algorithm marginal")
+InteractionTerm = collections.namedtuple("InteractionTerm", "slot_a slot_b interaction")
 
 
 def default_target():
@@ -458,21 +470,34 @@ class Client:
         return ForwardResult(out, r.model_generation, r.compute_ns) if full else out
 
     def evaluate(self, model_id, x, targets, configs=None, generate_standard=False,
-                 return_logits=False, stream="", timeout=None):
+                 return_logits=False, stream="", attribution=None, shapley_samples=0,
+                 attribution_seed=0, timeout=None):
         """Counterfactual evaluation. configs: {name: {slot_id: alpha}} (or a list of (name,
         dict) pairs to keep an order). Returns an EvaluateResult whose results are
-        ConfigResult(name, loss, accuracy, correct, total, logits-or-None)."""
+        ConfigResult(name, loss, accuracy, correct, total, logits-or-None).
+
+        attribution ("auto", "exact", "permutation", or None) adds seed attribution over the
+        live seeds from the same pass: EvaluateResult.shapley is a list of
+        ShapleyEstimate(slot_id, mean, std, n_samples, algorithm, marginal) and .interactions
+        (exact only) of InteractionTerm(slot_a, slot_b, interaction), in accuracy points.
+        shapley_samples (0 = 20) and attribution_seed drive "permutation"
+        (docs/evaluate.md#attribution)."""
         items = configs.items() if isinstance(configs, dict) else (configs or [])
         req = pb.EvaluateRequest(
             model_id=model_id, input=tensor_from_numpy(x), targets=tensor_from_numpy(targets),
             configs=[pb.AlphaConfig(name=n, alpha={k: float(v) for k, v in (a or {}).items()})
                      for n, a in items],
-            generate_standard=generate_standard, return_logits=return_logits, stream=stream)
+            generate_standard=generate_standard, return_logits=return_logits, stream=stream,
+            attribution=_attribution(attribution), shapley_samples=shapley_samples,
+            attribution_seed=attribution_seed)
         r = self._call("Evaluate", self._stub.Evaluate, req, timeout)
         res = [ConfigResult(c.name, c.loss, c.accuracy, c.correct, c.total,
                             tensor_to_numpy(c.logits) if c.HasField("logits") else None)
                for c in r.results]
-        return EvaluateResult(res, r.model_generation, r.compute_ns)
+        sh = [ShapleyEstimate(e.slot_id, e.mean, e.std, e.n_samples, e.algorithm, e.marginal)
+              for e in r.shapley]
+        it = [InteractionTerm(t.slot_a, t.slot_b, t.interaction) for t in r.interactions]
+        return EvaluateResult(res, r.model_generation, r.compute_ns, sh, it)
 
     # ---- training (docs/training.md) ----
 
