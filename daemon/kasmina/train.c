@@ -1113,6 +1113,18 @@ static void seed_stats(const struct ksm_grad_sq *sq, int n, double hn, uint64_t 
     out->has_exploding = in.has_exploding;
 }
 
+/* A step writes the model's memory in place: BatchNorm's running statistics in the forward, then
+ * every parameter it steps. Forwards and evaluates on the model's other streams enqueue under the
+ * lock but run (and are synchronised) after releasing it, reading that memory: their work must be
+ * done before this stream writes it. (Work enqueued after the step sees its writes: the step
+ * synchronises its stream before it unlocks.) A stream's own failure is for its caller to report:
+ * once synchronised, it runs nothing. */
+static void wait_other_streams(ksm_model *m, const ksm_stream *s)
+{
+    for (int i = 0; i < m->n_streams; i++)
+        if (m->streams[i]->stream != s) (void)ksm_stream_synchronize(m->streams[i]->stream);
+}
+
 int ksm_model_train_step(ksm_model *m, const struct ksm_train_args *a, struct ksm_train_result *r,
                          char *err, size_t errlen)
 {
@@ -1158,6 +1170,7 @@ int ksm_model_train_step(ksm_model *m, const struct ksm_train_args *a, struct ks
         goto out;
     }
     ksm_stream *s = ctx->stream;
+    wait_other_streams(m, s);
     /* optimizers: the host's, then one per live seed of the selection */
     c->m = m;
     c->t = t;
