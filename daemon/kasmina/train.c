@@ -177,6 +177,38 @@ void ksm_train_state_free(ksm_model *m)
     m->train = NULL;
 }
 
+static int opt_buffers(struct ksm_sgd *o, ksm_tensor **out, int cap, int n)
+{
+    for (int i = 0; i < o->n; i++) {
+        if (o->buf[i].data == NULL) continue;
+        if (out && n < cap) out[n] = &o->buf[i];
+        n++;
+    }
+    return n;
+}
+
+int ksm_train_momentum_buffers(ksm_model *m, ksm_tensor **out, int cap)
+{
+    struct ksm_train_state *t = m->train;
+    if (t == NULL) return 0;
+    int n = t->host_live ? opt_buffers(&t->host, out, cap, 0) : 0;
+    for (int i = 0; i < KSM_MAX_SLOTS; i++)
+        if (t->seeds[i].live) n = opt_buffers(&t->seeds[i].opt, out, cap, n);
+    return n;
+}
+
+void ksm_train_state_moved(ksm_model *m, ksm_allocator *dalloc)
+{
+    struct ksm_train_state *t = m->train;
+    if (t == NULL) return;
+    if (t->arena) ksm_alloc_free(m->alloc, t->arena); /* made again by the next step */
+    t->arena = NULL;
+    t->arena_bytes = 0;
+    if (t->host_live) t->host.alloc = dalloc;
+    for (int i = 0; i < KSM_MAX_SLOTS; i++)
+        if (t->seeds[i].live) t->seeds[i].opt.alloc = dalloc;
+}
+
 int ksm_model_configure_training(ksm_model *m, const struct ksm_training_config *c,
                                  bool reset_optimizer_state, char *err, size_t errlen)
 {

@@ -804,3 +804,40 @@ Test(train, steady_state_allocations)
     ksm_model_unref(L.m);
     ksm_engine_free(e);
 }
+
+/* A move between steps is invisible to training: the momentum buffers follow the parameters (the
+ * trajectory still ends on PyTorch's), and nothing the training state held stays behind on the
+ * device the model left. */
+Test(train, momentum_follows_a_move)
+{
+    ksm_engine *e = kt_engine_cpu(2);
+    ksm_allocator *a0 = ksm_engine_allocator(e, ksm_engine_find_device(e, "cpu:0"));
+    ksm_allocator *a1 = ksm_engine_allocator(e, ksm_engine_find_device(e, "cpu:1"));
+    cr_assert(a0 != NULL && a1 != NULL);
+    struct loaded L;
+    load_case(e, "blueprints_a", "moved", &L);
+    char err[512];
+    struct ksm_train_result r;
+    for (int k = 0; k < L.steps; k++) {
+        if (k == 2 || k == 3) {
+            const char *to = k == 2 ? "cpu:1" : "cpu:0";
+            cr_assert_eq(ksm_model_move(L.m, to, -1, err, sizeof err), 0, "%s", err);
+        }
+        cr_assert_eq(step_k(&L, k, &r, err, sizeof err), 0, "step %d: %s", k, err);
+        cr_expect_eq(r.train_step, (uint64_t)k + 1);
+    }
+    compare_final(&L, "blueprints_a moved twice", 1e-4);
+    /* on cpu:1 after the last steps: cpu:0 keeps no block of the model */
+    cr_assert_eq(ksm_model_move(L.m, "cpu:1", -1, err, sizeof err), 0, "%s", err);
+    size_t hb;
+    cr_assert_eq(ksm_model_training_momentum_bytes(L.m, NULL, &hb), 0);
+    cr_expect_gt(hb, 0, "the host's momentum was dropped by the move");
+    struct ksm_mem_stats s0;
+    ksm_alloc_get_stats(a0, &s0);
+    cr_expect_eq(s0.pool[KSM_POOL_ALL].allocation.current, 0,
+                 "%lld blocks left on cpu:0 after the model moved away",
+                 (long long)s0.pool[KSM_POOL_ALL].allocation.current);
+    unload(&L);
+    ksm_model_unref(L.m);
+    ksm_engine_free(e);
+}
