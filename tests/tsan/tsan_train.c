@@ -11,17 +11,26 @@
  * Every call must return OK or one of the refusals documented for the race it is in; after the
  * join, each model's train_step is the number of TrainSteps that succeeded on it, and every
  * reader saw generation and train_step never go back.
+ *
+ * Then the same through the service with a state directory (what kasminad runs): TrainSteps and
+ * ConfigureTraining (in memory) interleave with journalled lifecycle calls, a snapshotted
+ * LoadWeights and forwards, until DeleteModel removes the model under the trainers, whose next
+ * calls must be refused with NOT_FOUND.
  */
+#include <ftw.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
+#include "io/persist.h"
 #include "kasmina/errors.h"
 #include "kasmina/kasmina.h"
 #include "kasmina/log.h"
 #include "kasmina/training.h"
+#include "service/service.h"
 #include "tsan_check.h"
 
 #define B         4
@@ -388,6 +397,191 @@ static void *hunter(void *p)
     return NULL;
 }
 
+/* ---- the same through the service, with a state directory ---- */
+
+static ksm_service *svc;
+static atomic_long svc_steps, svc_refused, svc_events;
+static atomic_int svc_trainers_left;
+static atomic_bool svc_deleted;
+
+static void on_published(void *ud, const struct ksm_lifecycle_event *ev, uint64_t seq)
+{
+    (void)ud, (void)ev, (void)seq;
+    atomic_fetch_add(&svc_events, 1);
+}
+
+/* Trains "s0" until it is deleted: then a lookup or the step itself says NOT_FOUND. */
+static void *svc_trainer(void *p)
+{
+    const struct worker *w = p;
+    struct batch b;
+    batch_init(&b, 200 + w->id);
+    char key[16];
+    snprintf(key, sizeof key, "svc-%d", w->id);
+    for (int i = 0;; i++) {
+        char err[256] = "";
+        ksm_model *m;
+        int rc = ksm_service_model_get(svc, "s0", &m, err, sizeof err);
+        if (rc == KSM_ENOMODEL) break;
+        CHECK(rc == 0, "service model get: %s (%s)", ksm_err_name(rc), err);
+        struct ksm_train_args a = {
+            .input = &b.in, .targets = &b.tg, .stream = key, .collect_gradients = i % 2};
+        struct ksm_train_result r;
+        rc = ksm_service_train_step(svc, m, &a, &r, err, sizeof err);
+        ksm_model_unref(m);
+        if (rc == KSM_ENOMODEL) { /* deleted since it was looked up */
+            CHECK(atomic_load(&svc_deleted), "NOT_FOUND before the delete: %s", err);
+            atomic_fetch_add(&svc_refused, 1);
+            break;
+        }
+        CHECK(rc == 0, "service train step: %s (%s)", ksm_err_name(rc), err);
+        atomic_fetch_add(&svc_steps, 1);
+    }
+    atomic_fetch_sub(&svc_trainers_left, 1);
+    return NULL;
+}
+
+static void *svc_configurer(void *p)
+{
+    (void)p;
+    for (int i = 0; atomic_load(&svc_trainers_left) > 0; i++) {
+        char err[256] = "";
+        ksm_model *m;
+        if (ksm_service_model_get(svc, "s0", &m, err, sizeof err) != 0) break;
+        struct ksm_training_config c;
+        ksm_training_config_defaults(&c);
+        c.seed.lr = 0.02 + 0.01 * (i % 3);
+        int rc = ksm_service_configure_training(svc, m, &c, i % 2 == 0, err, sizeof err);
+        EXPECT("service configure training", rc, err, KSM_ENOMODEL);
+        ksm_model_unref(m);
+    }
+    return NULL;
+}
+
+static void *svc_forwarder(void *p)
+{
+    const struct worker *w = p;
+    struct batch b;
+    batch_init(&b, 300 + w->id);
+    while (atomic_load(&svc_trainers_left) > 0) {
+        char err[256] = "";
+        ksm_model *m;
+        if (ksm_service_model_get(svc, "s0", &m, err, sizeof err) != 0) break;
+        struct ksm_forward_args fa = {.input = &b.in, .stream = "svc-forward"};
+        struct ksm_forward_result fr;
+        int rc = ksm_model_forward(m, &fa, &fr, err, sizeof err);
+        EXPECT("service forward", rc, err, KSM_ENOMODEL);
+        if (rc == 0) ksm_host_tensor_free(&fr.output);
+        ksm_model_unref(m);
+    }
+    return NULL;
+}
+
+/* Journalled lifecycle calls and one snapshotted LoadWeights, then DeleteModel. */
+static void *svc_lifecycle(void *p)
+{
+    (void)p;
+    char err[256] = "";
+    ksm_model *m;
+    CHECK_OK(ksm_service_model_get(svc, "s0", &m, err, sizeof err));
+    void *wts;
+    size_t wlen;
+    CHECK_OK(ksm_model_export_weights(m, &wts, &wlen, err, sizeof err));
+    struct ksm_slot_report rep;
+    struct ksm_gate_result gate;
+    long folds = 0;
+    for (int c = 0; c < 3; c++) {
+        int rc;
+        if (c == 1) { /* the weights as created, r0c1 empty as it is now */
+            struct ksm_load_result lr;
+            memset(&lr, 0, sizeof lr);
+            rc = ksm_service_load_weights(svc, m, wts, wlen, false, &lr, err, sizeof err);
+            CHECK(rc == 0, "service load weights: %s (%s)", ksm_err_name(rc), err);
+            ksm_load_result_free(&lr);
+        }
+        struct ksm_germinate_args g = {.blueprint_id = "norm", .init_seed = (uint64_t)c};
+        rc = ksm_service_germinate(svc, m, "r0c1", &g, &rep, err, sizeof err);
+        CHECK(rc == 0, "service germinate: %s (%s)", ksm_err_name(rc), err);
+        rc = ksm_service_advance(svc, m, "r0c1", KSM_STAGE_TRAINING, &gate, &rep, err, sizeof err);
+        CHECK(rc == 0, "service advance: %s (%s)", ksm_err_name(rc), err);
+        long before = atomic_load(&svc_steps);
+        while (atomic_load(&svc_steps) < before + 4) sched_yield(); /* two collect */
+        struct ksm_metrics_update u = {.use_collected_gradients = true};
+        rc = ksm_service_record_metrics(svc, m, "r0c1", &u, &rep, err, sizeof err);
+        CHECK(rc == 0, "service record metrics: %s (%s)", ksm_err_name(rc), err);
+        CHECK(rep.metrics.has_grad_ratio, "no gradient ratio after the fold");
+        folds++;
+        size_t n;
+        CHECK_OK(ksm_service_step_epoch(svc, m, NULL, NULL, 0, &n, err, sizeof err));
+        bool accepted;
+        rc = ksm_service_prune(svc, m, "r0c1", "tsan", "policy", &accepted, &rep, err, sizeof err);
+        CHECK(rc == 0 && accepted, "service prune: %s (%s)", ksm_err_name(rc), err);
+        for (int k = 0; k < 20 && rep.occupied; k++) { /* through the embargo */
+            CHECK_OK(ksm_service_step_epoch(svc, m, "r0c1", &rep, 1, &n, err, sizeof err));
+            CHECK(n == 1, "step epoch reported %zu slots", n);
+        }
+        CHECK(!rep.occupied, "r0c1 still occupied 20 epochs after the prune");
+    }
+    free(wts);
+    atomic_store(&svc_deleted, true);
+    CHECK_OK(ksm_service_model_delete(svc, "s0", NULL, err, sizeof err));
+    ksm_model_unref(m);
+    atomic_fetch_add(&folded, folds);
+    return NULL;
+}
+
+static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st, (void)flag, (void)ftw;
+    return remove(path);
+}
+
+static void service_phase(void)
+{
+    char dir[] = "/tmp/tsan_train.XXXXXX", err[512] = "";
+    CHECK(mkdtemp(dir) != NULL, "mkdtemp");
+    struct ksm_engine_config ec = {.cpu_devices = 1};
+    ksm_engine *e;
+    CHECK_OK(ksm_engine_new(&ec, &e, err, sizeof err));
+    ksm_persist *ps;
+    struct ksm_persist_config pc = {.dir = dir};
+    int rc = ksm_persist_open(&pc, &ps, err, sizeof err);
+    CHECK(rc == 0, "persist open: %s", err);
+    CHECK_OK(ksm_persist_restore(ps, e, NULL, err, sizeof err));
+    struct ksm_service_config sc = {.engine = e, .persist = ps};
+    CHECK_OK(ksm_service_new(&sc, &svc));
+    ksm_event_log_set_listener(ksm_service_events(svc), on_published, NULL);
+    struct ksm_model_spec spec = {.topology = KSM_TOPOLOGY_CNN,
+                                  .cnn = {.base_channels = 4, .num_classes = 5},
+                                  .init_seed = 9};
+    ksm_model *m;
+    rc = ksm_service_model_create(svc, "s0", &spec, &m, err, sizeof err);
+    CHECK(rc == 0, "service create: %s", err);
+
+    void *(*const fns[])(void *) = {svc_trainer, svc_trainer, svc_configurer, svc_forwarder,
+                                    svc_lifecycle};
+    enum { N = sizeof fns / sizeof fns[0] };
+    atomic_store(&svc_trainers_left, 2);
+    pthread_t th[N];
+    struct worker w[N];
+    for (int i = 0; i < N; i++) {
+        w[i] = (struct worker){.id = i};
+        CHECK_OK(pthread_create(&th[i], NULL, fns[i], &w[i]));
+    }
+    for (int i = 0; i < N; i++) CHECK_OK(pthread_join(th[i], NULL));
+    uint64_t step;
+    CHECK_OK(ksm_model_training_config(m, NULL, &step));
+    CHECK(step == (uint64_t)atomic_load(&svc_steps),
+          "service: train_step %llu after %ld TrainSteps", (unsigned long long)step,
+          atomic_load(&svc_steps));
+    ksm_model_unref(m);
+    ksm_event_log_set_listener(ksm_service_events(svc), NULL, NULL);
+    ksm_service_free(svc);
+    ksm_engine_free(e);
+    ksm_persist_close(ps);
+    nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+
 static void *(*const kinds[])(void *) = {trainer,   trainer,   configurer, forwarder,
                                          forwarder, lifecycle, mover,      trainer,
                                          forwarder, trainer,   forwarder};
@@ -456,10 +650,14 @@ int main(void)
         CHECK_OK(ksm_engine_model_delete(engine, id, NULL));
     }
     ksm_engine_free(engine);
+
+    service_phase();
     printf("tsan_train: %ld TrainSteps on %d models (%ld collected gradients, %ld folded by "
-           "RecordMetrics), %ld moves, %ld churned models (%ld calls found one gone), %ld events "
-           "ok\n",
+           "RecordMetrics), %ld moves, %ld churned models (%ld calls found one gone), %ld events; "
+           "through the service: %ld TrainSteps, %ld refused after the delete, %ld events "
+           "published ok\n",
            steps, N_MODELS, atomic_load(&collected), atomic_load(&folded), atomic_load(&moves),
-           atomic_load(&churned), atomic_load(&gone), atomic_load(&events));
+           atomic_load(&churned), atomic_load(&gone), atomic_load(&events), atomic_load(&svc_steps),
+           atomic_load(&svc_refused), atomic_load(&svc_events));
     return 0;
 }
