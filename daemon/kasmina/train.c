@@ -209,22 +209,34 @@ void ksm_train_state_moved(ksm_model *m, ksm_allocator *dalloc)
         if (t->seeds[i].live) t->seeds[i].opt.alloc = dalloc;
 }
 
-int ksm_model_configure_training(ksm_model *m, const struct ksm_training_config *c,
-                                 bool reset_optimizer_state, char *err, size_t errlen)
+int ksm_model_update_training(ksm_model *m, ksm_training_merge_fn merge, void *ud,
+                              bool reset_optimizer_state, struct ksm_training_config *out,
+                              uint64_t *train_step, char *err, size_t errlen)
 {
-    if (m == NULL) return ksm_errf(err, errlen, KSM_EINVAL, "model is NULL");
-    KSM_TRY(check_config(c, err, errlen));
+    if (m == NULL || merge == NULL)
+        return ksm_errf(err, errlen, KSM_EINVAL, "model and merge function are required");
     pthread_mutex_lock(&m->lock);
+    int rc = 0;
     if (m->deleted) {
-        pthread_mutex_unlock(&m->lock);
-        return ksm_errf(err, errlen, KSM_ENOMODEL, "model \"%s\" was deleted", m->id);
+        rc = ksm_errf(err, errlen, KSM_ENOMODEL, "model \"%s\" was deleted", m->id);
+        goto out;
     }
+    /* read, merge and write under one hold of the lock: concurrent updates of different fields
+     * all stay */
+    struct ksm_training_config cur, c;
+    if (m->train)
+        cur = m->train->cfg;
+    else
+        ksm_training_config_defaults(&cur);
+    c = cur;
+    if ((rc = merge(ud, &cur, &c, err, errlen)) < 0 || (rc = check_config(&c, err, errlen)) < 0)
+        goto out;
     struct ksm_train_state *t = train_state(m);
     if (t == NULL) {
-        pthread_mutex_unlock(&m->lock);
-        return ksm_errf(err, errlen, KSM_ENOMEM, "out of host memory");
+        rc = ksm_errf(err, errlen, KSM_ENOMEM, "out of host memory");
+        goto out;
     }
-    struct ksm_sgd_config hc = sgd_cfg(&c->host), sc = sgd_cfg(&c->seed);
+    struct ksm_sgd_config hc = sgd_cfg(&c.host), sc = sgd_cfg(&c.seed);
     /* A buffer cannot outlive momentum 0 (ksm_op_sgd takes none then). */
     if (t->host_live) {
         if (reset_optimizer_state || hc.momentum == 0) reset_opt(m, &t->host);
@@ -235,10 +247,30 @@ int ksm_model_configure_training(ksm_model *m, const struct ksm_training_config 
         if (reset_optimizer_state || sc.momentum == 0) reset_opt(m, &t->seeds[i].opt);
         t->seeds[i].opt.cfg = sc;
     }
-    t->cfg = *c;
+    t->cfg = c;
     m->generation++;
+    if (out) *out = t->cfg;
+    if (train_step) *train_step = t->step;
+out:
     pthread_mutex_unlock(&m->lock);
+    return rc;
+}
+
+static int replace_config(void *ud, const struct ksm_training_config *in_force,
+                          struct ksm_training_config *next, char *err, size_t errlen)
+{
+    (void)in_force, (void)err, (void)errlen;
+    *next = *(const struct ksm_training_config *)ud;
     return 0;
+}
+
+int ksm_model_configure_training(ksm_model *m, const struct ksm_training_config *c,
+                                 bool reset_optimizer_state, char *err, size_t errlen)
+{
+    if (m == NULL) return ksm_errf(err, errlen, KSM_EINVAL, "model is NULL");
+    KSM_TRY(check_config(c, err, errlen));
+    return ksm_model_update_training(m, replace_config, (void *)c, reset_optimizer_state, NULL,
+                                     NULL, err, errlen);
 }
 
 uint64_t ksm_model_train_step_locked(const ksm_model *m) { return m->train ? m->train->step : 0; }

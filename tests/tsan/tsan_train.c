@@ -5,8 +5,9 @@
  * and evaluates on their own stream keys, the seed lifecycle (germinate, advance, set_alpha,
  * step_epoch, RecordMetrics(use_collected_gradients), prune), ExportWeights/LoadWeights, moves
  * between cpu:0 and cpu:1, and readers of the model info, training config and momentum bytes.
- * Two more models train and forward beside it, and a churn thread creates, trains and deletes
- * models that another thread trains and forwards by name (which may find them gone).
+ * Two more models train and forward beside it (on one, four threads update different fields of the
+ * training configuration at once: none may undo another), and a churn thread creates, trains
+ * and deletes models that another thread trains and forwards by name (which may find them gone).
  *
  * Every call must return OK or one of the refusals documented for the race it is in; after the
  * join, each model's train_step is the number of TrainSteps that succeeded on it, and every
@@ -156,6 +157,76 @@ static void *configurer(void *p)
         CHECK_OK(ksm_model_training_momentum_bytes(m, NULL, &bytes));
         int rc = ksm_model_training_momentum_bytes(m, "r0c1", &bytes);
         CHECK(rc == 0, "momentum bytes of r0c1: %s", ksm_err_name(rc));
+    }
+    return NULL;
+}
+
+/* Partial updates (ConfigureTraining with one field): N_FIELDS updaters on one model, each
+ * raising its own field from 1 up (the first also dropping the momentum on odd calls). Each sees
+ * its value as its call left it, and the others' never go back: no update undoes another. */
+#define N_FIELDS 4
+#define UPDATES  150 /* per updater, at most */
+static atomic_int next_field;
+
+static double get_field(const struct ksm_training_config *c, int k)
+{
+    switch (k) {
+    case 0: return c->gradient_telemetry_stride;
+    case 1: return c->exploding_threshold;
+    case 2: return c->vanishing_threshold;
+    default: return c->max_grad_norm;
+    }
+}
+
+static void set_field(struct ksm_training_config *c, int k, uint32_t v)
+{
+    switch (k) {
+    case 0: c->gradient_telemetry_stride = v; break;
+    case 1: c->exploding_threshold = v; break;
+    case 2: c->vanishing_threshold = v; break;
+    default: c->max_grad_norm = v;
+    }
+}
+
+struct field_update {
+    int which;
+    uint32_t v;
+};
+
+static int merge_field(void *ud, const struct ksm_training_config *in_force,
+                       struct ksm_training_config *next, char *err, size_t errlen)
+{
+    (void)in_force, (void)err, (void)errlen;
+    const struct field_update *f = ud;
+    set_field(next, f->which, f->v);
+    return 0;
+}
+
+static void *updater(void *p)
+{
+    const struct worker *w = p;
+    ksm_model *m = models[w->model];
+    int which = atomic_fetch_add(&next_field, 1);
+    CHECK(which < N_FIELDS, "more updaters than fields");
+    double seen[N_FIELDS] = {0}; /* every field starts at 0 (main) */
+    struct seen s = {0};
+    for (uint32_t v = 1; v <= UPDATES && atomic_load(&trainers_left) > 0; v++) {
+        struct field_update f = {.which = which, .v = v};
+        struct ksm_training_config now;
+        uint64_t step;
+        char err[256] = "";
+        int rc = ksm_model_update_training(m, merge_field, &f, which == 0 && v % 2, &now, &step,
+                                           err, sizeof err);
+        CHECK(rc == 0, "update training: %s (%s)", ksm_err_name(rc), err);
+        CHECK(get_field(&now, which) == v, "updater %d: its field is %g after setting %u", which,
+              get_field(&now, which), v);
+        for (int k = 0; k < N_FIELDS; k++) {
+            CHECK(get_field(&now, k) >= seen[k],
+                  "updater %d: field %d went back from %g to %g (an update was undone)", which, k,
+                  seen[k], get_field(&now, k));
+            seen[k] = get_field(&now, k);
+        }
+        saw(&s, "updater", ksm_model_generation(m), step);
     }
     return NULL;
 }
@@ -441,6 +512,14 @@ static void *svc_trainer(void *p)
     return NULL;
 }
 
+static int replace_all(void *ud, const struct ksm_training_config *in_force,
+                       struct ksm_training_config *next, char *err, size_t errlen)
+{
+    (void)in_force, (void)err, (void)errlen;
+    *next = *(const struct ksm_training_config *)ud;
+    return 0;
+}
+
 static void *svc_configurer(void *p)
 {
     (void)p;
@@ -451,7 +530,8 @@ static void *svc_configurer(void *p)
         struct ksm_training_config c;
         ksm_training_config_defaults(&c);
         c.seed.lr = 0.02 + 0.01 * (i % 3);
-        int rc = ksm_service_configure_training(svc, m, &c, i % 2 == 0, err, sizeof err);
+        int rc = ksm_service_configure_training(svc, m, replace_all, &c, i % 2 == 0, NULL, NULL,
+                                                err, sizeof err);
         EXPECT("service configure training", rc, err, KSM_ENOMODEL);
         ksm_model_unref(m);
     }
@@ -582,11 +662,12 @@ static void service_phase(void)
     nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
 }
 
-static void *(*const kinds[])(void *) = {trainer,   trainer,   configurer, forwarder,
-                                         forwarder, lifecycle, mover,      trainer,
-                                         forwarder, trainer,   forwarder};
+static void *(*const kinds[])(void *) = {
+    trainer, trainer,   configurer, forwarder, forwarder, lifecycle, mover, /* m0 */
+    trainer, forwarder, updater,    updater,   updater,   updater,          /* m1 */
+    trainer, forwarder};                                                    /* m2 */
 /* the model each of kinds[] works on */
-static const int on_model[] = {0, 0, 0, 0, 0, 0, 0, 1, 1, 2, 2};
+static const int on_model[] = {0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2};
 #define N_WORKERS ((int)(sizeof kinds / sizeof kinds[0]))
 
 int main(void)
@@ -610,6 +691,11 @@ int main(void)
     CHECK_OK(ksm_model_germinate(models[1], "r0c1", &g, NULL, err, sizeof err));
     struct ksm_gate_result gate;
     CHECK_OK(ksm_model_advance(models[1], "r0c1", KSM_STAGE_UNKNOWN, &gate, NULL, err, sizeof err));
+    /* the fields m1's updaters raise start at 0 */
+    struct ksm_training_config c1;
+    ksm_training_config_defaults(&c1);
+    for (int k = 0; k < N_FIELDS; k++) set_field(&c1, k, 0);
+    CHECK_OK(ksm_model_configure_training(models[1], &c1, false, err, sizeof err));
 
     int n_trainers = 0;
     for (int i = 0; i < N_WORKERS; i++) n_trainers += kinds[i] == trainer;
