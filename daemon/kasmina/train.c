@@ -177,22 +177,66 @@ void ksm_train_state_free(ksm_model *m)
     m->train = NULL;
 }
 
-int ksm_model_configure_training(ksm_model *m, const struct ksm_training_config *c,
-                                 bool reset_optimizer_state, char *err, size_t errlen)
+static int opt_buffers(struct ksm_sgd *o, ksm_tensor **out, int cap, int n)
 {
-    if (m == NULL) return ksm_errf(err, errlen, KSM_EINVAL, "model is NULL");
-    KSM_TRY(check_config(c, err, errlen));
-    pthread_mutex_lock(&m->lock);
-    if (m->deleted) {
-        pthread_mutex_unlock(&m->lock);
-        return ksm_errf(err, errlen, KSM_ENOMODEL, "model \"%s\" was deleted", m->id);
+    for (int i = 0; i < o->n; i++) {
+        if (o->buf[i].data == NULL) continue;
+        if (out && n < cap) out[n] = &o->buf[i];
+        n++;
     }
+    return n;
+}
+
+int ksm_train_momentum_buffers(ksm_model *m, ksm_tensor **out, int cap)
+{
+    struct ksm_train_state *t = m->train;
+    if (t == NULL) return 0;
+    int n = t->host_live ? opt_buffers(&t->host, out, cap, 0) : 0;
+    for (int i = 0; i < KSM_MAX_SLOTS; i++)
+        if (t->seeds[i].live) n = opt_buffers(&t->seeds[i].opt, out, cap, n);
+    return n;
+}
+
+void ksm_train_state_moved(ksm_model *m, ksm_allocator *dalloc)
+{
+    struct ksm_train_state *t = m->train;
+    if (t == NULL) return;
+    if (t->arena) ksm_alloc_free(m->alloc, t->arena); /* made again by the next step */
+    t->arena = NULL;
+    t->arena_bytes = 0;
+    if (t->host_live) t->host.alloc = dalloc;
+    for (int i = 0; i < KSM_MAX_SLOTS; i++)
+        if (t->seeds[i].live) t->seeds[i].opt.alloc = dalloc;
+}
+
+int ksm_model_update_training(ksm_model *m, ksm_training_merge_fn merge, void *ud,
+                              bool reset_optimizer_state, struct ksm_training_config *out,
+                              uint64_t *train_step, char *err, size_t errlen)
+{
+    if (m == NULL || merge == NULL)
+        return ksm_errf(err, errlen, KSM_EINVAL, "model and merge function are required");
+    pthread_mutex_lock(&m->lock);
+    int rc = 0;
+    if (m->deleted) {
+        rc = ksm_errf(err, errlen, KSM_ENOMODEL, "model \"%s\" was deleted", m->id);
+        goto out;
+    }
+    /* read, merge and write under one hold of the lock: concurrent updates of different fields
+     * all stay */
+    struct ksm_training_config cur, c;
+    if (m->train)
+        cur = m->train->cfg;
+    else
+        ksm_training_config_defaults(&cur);
+    c = cur;
+    if ((rc = merge(ud, &cur, &c, err, errlen)) < 0 || (rc = check_config(&c, err, errlen)) < 0)
+        goto out;
     struct ksm_train_state *t = train_state(m);
     if (t == NULL) {
-        pthread_mutex_unlock(&m->lock);
-        return ksm_errf(err, errlen, KSM_ENOMEM, "out of host memory");
+        rc = ksm_errf(err, errlen, KSM_ENOMEM, "out of host memory");
+        goto out;
     }
-    struct ksm_sgd_config hc = sgd_cfg(&c->host), sc = sgd_cfg(&c->seed);
+    struct ksm_sgd_config hc = sgd_cfg(&c.host), sc = sgd_cfg(&c.seed);
     /* A buffer cannot outlive momentum 0 (ksm_op_sgd takes none then). */
     if (t->host_live) {
         if (reset_optimizer_state || hc.momentum == 0) reset_opt(m, &t->host);
@@ -203,10 +247,30 @@ int ksm_model_configure_training(ksm_model *m, const struct ksm_training_config 
         if (reset_optimizer_state || sc.momentum == 0) reset_opt(m, &t->seeds[i].opt);
         t->seeds[i].opt.cfg = sc;
     }
-    t->cfg = *c;
+    t->cfg = c;
     m->generation++;
+    if (out) *out = t->cfg;
+    if (train_step) *train_step = t->step;
+out:
     pthread_mutex_unlock(&m->lock);
+    return rc;
+}
+
+static int replace_config(void *ud, const struct ksm_training_config *in_force,
+                          struct ksm_training_config *next, char *err, size_t errlen)
+{
+    (void)in_force, (void)err, (void)errlen;
+    *next = *(const struct ksm_training_config *)ud;
     return 0;
+}
+
+int ksm_model_configure_training(ksm_model *m, const struct ksm_training_config *c,
+                                 bool reset_optimizer_state, char *err, size_t errlen)
+{
+    if (m == NULL) return ksm_errf(err, errlen, KSM_EINVAL, "model is NULL");
+    KSM_TRY(check_config(c, err, errlen));
+    return ksm_model_update_training(m, replace_config, (void *)c, reset_optimizer_state, NULL,
+                                     NULL, err, errlen);
 }
 
 uint64_t ksm_model_train_step_locked(const ksm_model *m) { return m->train ? m->train->step : 0; }
@@ -1113,6 +1177,18 @@ static void seed_stats(const struct ksm_grad_sq *sq, int n, double hn, uint64_t 
     out->has_exploding = in.has_exploding;
 }
 
+/* A step writes the model's memory in place: BatchNorm's running statistics in the forward, then
+ * every parameter it steps. Forwards and evaluates on the model's other streams enqueue under the
+ * lock but run (and are synchronised) after releasing it, reading that memory: their work must be
+ * done before this stream writes it. (Work enqueued after the step sees its writes: the step
+ * synchronises its stream before it unlocks.) A stream's own failure is for its caller to report:
+ * once synchronised, it runs nothing. */
+static void wait_other_streams(ksm_model *m, const ksm_stream *s)
+{
+    for (int i = 0; i < m->n_streams; i++)
+        if (m->streams[i]->stream != s) (void)ksm_stream_synchronize(m->streams[i]->stream);
+}
+
 int ksm_model_train_step(ksm_model *m, const struct ksm_train_args *a, struct ksm_train_result *r,
                          char *err, size_t errlen)
 {
@@ -1158,6 +1234,7 @@ int ksm_model_train_step(ksm_model *m, const struct ksm_train_args *a, struct ks
         goto out;
     }
     ksm_stream *s = ctx->stream;
+    wait_other_streams(m, s);
     /* optimizers: the host's, then one per live seed of the selection */
     c->m = m;
     c->t = t;

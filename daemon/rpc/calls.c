@@ -590,19 +590,26 @@ static int memory_stats(ksm_rpc_server *s, const char *device, bool empty, struc
 
 /* ---- training (docs/training.md) ---- */
 
+/* The request's fields over the configuration in force (the rest kept), under the model's lock:
+ * two clients changing different fields at once both keep theirs. */
+static int merge_training_pb(void *ud, const struct ksm_training_config *in_force,
+                             struct ksm_training_config *next, char *err, size_t errlen)
+{
+    bool reset;
+    return ksm_wire_training_config_from_pb(ud, in_force, next, &reset, err, errlen);
+}
+
 static int h_configure_training(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
                                 ProtobufCMessage **reply)
 {
     const Kasmina__V1__ConfigureTrainingRequest *r = (const void *)req;
     ksm_model *m;
     KSM_TRY(get_model(s, r->model_id, cx, &m));
-    struct ksm_training_config cur, next;
+    struct ksm_training_config cur;
     uint64_t step = 0;
-    KSM_TRY(ksm_model_training_config(m, &cur, &step));
-    bool reset = false;
-    KSM_TRY(ksm_wire_training_config_from_pb(r, &cur, &next, &reset, cx->err, sizeof cx->err));
-    KSM_TRY(ksm_service_configure_training(s->service, m, &next, reset, cx->err, sizeof cx->err));
-    KSM_TRY(ksm_model_training_config(m, &cur, &step));
+    KSM_TRY(ksm_service_configure_training(s->service, m, merge_training_pb, (void *)r,
+                                           r->reset_optimizer_state, &cur, &step, cx->err,
+                                           sizeof cx->err));
     ALLOC(out, Kasmina__V1__TrainingConfig, kasmina__v1__training_config__init);
     KSM_TRY(ksm_wire_training_config_to_pb(r->model_id, &cur, step, &cx->arena, out));
     *reply = &out->base;

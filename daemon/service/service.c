@@ -188,14 +188,16 @@ static int mutation_end_in_memory(ksm_service *s, struct mutation *mu, int rc)
     return rc;
 }
 
-int ksm_service_configure_training(ksm_service *s, ksm_model *m,
-                                   const struct ksm_training_config *c, bool reset_optimizer_state,
-                                   char *err, size_t errlen)
+int ksm_service_configure_training(ksm_service *s, ksm_model *m, ksm_training_merge_fn merge,
+                                   void *ud, bool reset_optimizer_state,
+                                   struct ksm_training_config *out, uint64_t *train_step, char *err,
+                                   size_t errlen)
 {
     struct mutation mu;
     int rc = mutation_begin(s, m, &mu, err, errlen);
     if (rc != 0) return rc;
-    rc = ksm_model_configure_training(m, c, reset_optimizer_state, err, errlen);
+    rc = ksm_model_update_training(m, merge, ud, reset_optimizer_state, out, train_step, err,
+                                   errlen);
     return mutation_end_in_memory(s, &mu, rc);
 }
 

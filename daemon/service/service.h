@@ -132,11 +132,14 @@ int ksm_service_record_metrics(ksm_service *s, ksm_model *m, const char *slot_id
 
 // ---- Training (docs/training.md) ----
 
-/* The model's training configuration; a mutation in memory (not journalled: training state is
- * made durable by checkpoints), refused for a model deleted since its lookup. */
-int ksm_service_configure_training(ksm_service *s, ksm_model *m,
-                                   const struct ksm_training_config *c, bool reset_optimizer_state,
-                                   char *err, size_t errlen);
+/* The model's training configuration, updated by merge (ksm_model_update_training: the read,
+ * the merge and the write are one step, so concurrent partial updates all stay); a mutation in
+ * memory (not journalled: training state is made durable by checkpoints), refused for a model
+ * deleted since its lookup. out / train_step (may be NULL): as this call left them. */
+int ksm_service_configure_training(ksm_service *s, ksm_model *m, ksm_training_merge_fn merge,
+                                   void *ud, bool reset_optimizer_state,
+                                   struct ksm_training_config *out, uint64_t *train_step, char *err,
+                                   size_t errlen);
 /* One TrainStep, under the same rules. */
 int ksm_service_train_step(ksm_service *s, ksm_model *m, const struct ksm_train_args *a,
                            struct ksm_train_result *r, char *err, size_t errlen);

@@ -93,6 +93,65 @@ Test(train, config_defaults_and_validation)
     ksm_engine_free(e);
 }
 
+/* ConfigureTraining with some fields: the merge starts from the configuration in force, a refused
+ * merge or an invalid result changes nothing, and the caller gets what its call left. */
+static int set_stride(void *ud, const struct ksm_training_config *in_force,
+                      struct ksm_training_config *next, char *err, size_t errlen)
+{
+    cr_expect_eq(memcmp(in_force, next, sizeof *next), 0, "next is not the config in force");
+    int v = *(int *)ud;
+    if (v < 0) return ksm_errf(err, errlen, KSM_EINVAL, "stride %d is negative", v);
+    next->gradient_telemetry_stride = (uint32_t)v;
+    next->host.lr = v == 7 ? -1.0 : next->host.lr; /* 7: an invalid result */
+    return 0;
+}
+
+static int set_ema(void *ud, const struct ksm_training_config *in_force,
+                   struct ksm_training_config *next, char *err, size_t errlen)
+{
+    (void)in_force, (void)err, (void)errlen;
+    next->gradient_ratio_ema = *(double *)ud;
+    return 0;
+}
+
+Test(train, partial_update_merges_the_config_in_force)
+{
+    ksm_engine *e = kt_engine_cpu(1);
+    ksm_model *m = small_cnn(e, "upd");
+    char err[256] = "";
+    struct ksm_training_config got, def;
+    ksm_training_config_defaults(&def);
+    uint64_t step = 99;
+    int v = 3;
+    cr_assert_eq(ksm_model_update_training(m, set_stride, &v, false, &got, &step, err, sizeof err),
+                 0, "%s", err);
+    cr_expect_eq(step, 0);
+    cr_expect_eq(got.gradient_telemetry_stride, 3);
+    cr_expect_eq(got.host.lr, def.host.lr);
+    double ema = 0.5;
+    cr_assert_eq(ksm_model_update_training(m, set_ema, &ema, false, &got, NULL, err, sizeof err), 0,
+                 "%s", err);
+    cr_expect_eq(got.gradient_telemetry_stride, 3, "the second update undid the first");
+    cr_expect_eq(got.gradient_ratio_ema, 0.5);
+    /* refused by the merge, or invalid once merged: nothing changes */
+    uint64_t gen = ksm_model_generation(m);
+    int bad[] = {-2, 7};
+    for (int i = 0; i < 2; i++) {
+        err[0] = '\0';
+        cr_expect_eq(
+            ksm_model_update_training(m, set_stride, &bad[i], true, NULL, NULL, err, sizeof err),
+            KSM_EINVAL);
+        cr_expect(err[0] != '\0', "refusal %d has no sentence", i);
+    }
+    cr_expect_eq(ksm_model_generation(m), gen);
+    cr_assert_eq(ksm_model_training_config(m, &got, NULL), 0);
+    cr_expect_eq(got.gradient_telemetry_stride, 3);
+    cr_expect_eq(got.gradient_ratio_ema, 0.5);
+    cr_expect_eq(got.host.lr, def.host.lr);
+    ksm_model_unref(m);
+    ksm_engine_free(e);
+}
+
 /* A seed's optimizer is made at its first step and dropped (momentum lost) when the slot is
  * pruned / emptied or germinated again. */
 Test(train, seed_optimizer_follows_the_lifecycle)
@@ -800,6 +859,43 @@ Test(train, steady_state_allocations)
             (long long)(b->allocation.current - a->allocation.current));
     cr_expect_eq(b->segment.allocated, a->segment.allocated, "a step took a new device segment");
     cr_expect_eq(b->allocation.current, a->allocation.current, "a step leaked a block");
+    unload(&L);
+    ksm_model_unref(L.m);
+    ksm_engine_free(e);
+}
+
+/* A move between steps is invisible to training: the momentum buffers follow the parameters (the
+ * trajectory still ends on PyTorch's), and nothing the training state held stays behind on the
+ * device the model left. */
+Test(train, momentum_follows_a_move)
+{
+    ksm_engine *e = kt_engine_cpu(2);
+    ksm_allocator *a0 = ksm_engine_allocator(e, ksm_engine_find_device(e, "cpu:0"));
+    ksm_allocator *a1 = ksm_engine_allocator(e, ksm_engine_find_device(e, "cpu:1"));
+    cr_assert(a0 != NULL && a1 != NULL);
+    struct loaded L;
+    load_case(e, "blueprints_a", "moved", &L);
+    char err[512];
+    struct ksm_train_result r;
+    for (int k = 0; k < L.steps; k++) {
+        if (k == 2 || k == 3) {
+            const char *to = k == 2 ? "cpu:1" : "cpu:0";
+            cr_assert_eq(ksm_model_move(L.m, to, -1, err, sizeof err), 0, "%s", err);
+        }
+        cr_assert_eq(step_k(&L, k, &r, err, sizeof err), 0, "step %d: %s", k, err);
+        cr_expect_eq(r.train_step, (uint64_t)k + 1);
+    }
+    compare_final(&L, "blueprints_a moved twice", 1e-4);
+    /* on cpu:1 after the last steps: cpu:0 keeps no block of the model */
+    cr_assert_eq(ksm_model_move(L.m, "cpu:1", -1, err, sizeof err), 0, "%s", err);
+    size_t hb;
+    cr_assert_eq(ksm_model_training_momentum_bytes(L.m, NULL, &hb), 0);
+    cr_expect_gt(hb, 0, "the host's momentum was dropped by the move");
+    struct ksm_mem_stats s0;
+    ksm_alloc_get_stats(a0, &s0);
+    cr_expect_eq(s0.pool[KSM_POOL_ALL].allocation.current, 0,
+                 "%lld blocks left on cpu:0 after the model moved away",
+                 (long long)s0.pool[KSM_POOL_ALL].allocation.current);
     unload(&L);
     ksm_model_unref(L.m);
     ksm_engine_free(e);
