@@ -25,7 +25,8 @@ Usage: test_checkpoint.py <kasminad> <kasminactl> <dir with the generated stubs>
 5. bad input and damage: unknown model NOT_FOUND, bad id INVALID_ARGUMENT, --no-persist
    FAILED_PRECONDITION (and refused together with --checkpoint-interval); a flipped byte in a
    momentum buffer (checksum) and a malformed training state (unchecked snapshot) quarantine the
-   model, naming the file; a torn temporary file of a checkpoint leaves the previous one.
+   model, naming the file; a torn temporary file of a checkpoint leaves the previous one, and a
+   link planted in its place is not written through.
 6. kasminactl checkpoint (table, --json, exit code 5 without persistence) and
    Client.checkpoint() of the Python client.
 """
@@ -474,6 +475,17 @@ def test_interval_concurrency_damage(tmp):
           (q["k2"].reason if "k2" in q else None))
     check(export(d, "k3") == w_k3 and model(d, "k3").checkpoint_step == 3,
           "damage: a torn temporary checkpoint leaves k3's previous one")
+    # A link planted where a checkpoint writes its temporary file is replaced, never written
+    # through.
+    victim = os.path.join(tmp, "victim")
+    open(victim, "wb").write(b"keep me")
+    tmpf = os.path.join(state, "models", "k3.d", ".snapshot.safetensors.tmp")
+    if os.path.lexists(tmpf):
+        os.remove(tmpf)
+    os.symlink(victim, tmpf)
+    check(checkpoint(d, "k3") == {"k3": 3} and open(victim, "rb").read() == b"keep me" and
+          not os.path.lexists(tmpf),
+          "a link at the temporary file: the checkpoint is written, the link's target untouched")
     check(d.stop() == 0, "b: SIGTERM exits 0 after the damage")
 
 
