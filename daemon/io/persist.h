@@ -50,7 +50,9 @@
  * followed through a symbolic link. The models directory is opened once (O_DIRECTORY |
  * O_NOFOLLOW) and every start-up read and cleanup goes through it with openat / fstatat
  * (AT_SYMLINK_NOFOLLOW) / unlinkat, so a planted link is skipped with a warning, or for a
- * leftover .<id>.tmp / .<id>.del name unlinked itself, never its target. A world-writable DIR or
+ * leftover .<id>.tmp / .<id>.del name unlinked itself, never its target; a file written (a new
+ * snapshot's temporary file) first unlinks whatever is at its name and is created O_EXCL |
+ * O_NOFOLLOW, so it is never written through a link. A world-writable DIR or
  * DIR/models stops start-up; a group-writable one, or one another user owns, is logged.
  * Every state blob carries kasmina.crc32c (safetensors.h: the CRC32C of the whole blob) and
  * journal records must have non-decreasing generations (a compaction's leftovers, <= the
