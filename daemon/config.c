@@ -47,6 +47,9 @@ static const struct cfg_option options[] = {
      "journal records of a model before it is compacted into a new snapshot"},
     {"journal-bytes", T_SIZE, 4096, 1e12, "64M", NULL, OFF(journal_bytes),
      "journal bytes of a model before it is compacted into a new snapshot"},
+    {"checkpoint-interval", T_INT, 0, 2147483647, "0", NULL, OFF(checkpoint_interval),
+     "checkpoint a model (weights, momentum, train_step) after each TrainStep that makes its "
+     "train_step a multiple of N, before that step answers (0 = only on Checkpoint calls)"},
     {"strict-restore", T_BOOL, 0, 0, "false", NULL, OFF(strict_restore),
      "refuse to start when a model's state is damaged (default: quarantine that model into "
      "STATE-DIR/quarantine and serve the others)"},
@@ -406,6 +409,11 @@ static int config_load(struct ksm_config *c, int argc, char **argv, const char *
     }
     if (c->state_dir != NULL && c->no_persist) {
         fprintf(stderr, "kasminad: options --state-dir and --no-persist exclude each other\n");
+        return KSM_EINVAL;
+    }
+    if (c->checkpoint_interval != 0 && c->no_persist) {
+        fprintf(stderr, "kasminad: options --checkpoint-interval and --no-persist exclude each "
+                        "other (there is no state directory to checkpoint to)\n");
         return KSM_EINVAL;
     }
     return 0;

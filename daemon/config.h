@@ -29,6 +29,7 @@ struct ksm_config {
     int journal_records;
     size_t journal_bytes;
     bool strict_restore;
+    int checkpoint_interval;
     char *metrics_listen;
     int cpu_devices;
     bool no_cuda;

@@ -286,6 +286,7 @@ int main(int argc, char **argv)
         .max_models = (uint32_t)d.cfg.max_models,
         .max_seeds_per_model = (uint32_t)d.cfg.max_seeds_per_model,
         .memory_cap = d.cfg.memory_cap,
+        .checkpoint_interval = (uint64_t)d.cfg.checkpoint_interval,
     };
     if ((rc = ksm_service_new(&sc, &d.service)) != 0) {
         KSM_LOGE("main", "service: %s", ksm_strerror(rc));

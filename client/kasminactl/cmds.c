@@ -38,6 +38,7 @@ const struct ctl_cmd *const ctl_cmds[] = {
     &ctl_cmd_evaluate,
     &ctl_cmd_train,
     &ctl_cmd_training,
+    &ctl_cmd_checkpoint,
     &ctl_cmd_load_weights,
     &ctl_cmd_export_weights,
     &ctl_cmd_move,

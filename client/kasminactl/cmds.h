@@ -103,7 +103,7 @@ extern const struct ctl_cmd ctl_cmd_germinate, ctl_cmd_advance, ctl_cmd_prune,
     ctl_cmd_schedule_prune, ctl_cmd_set_alpha, ctl_cmd_set_alpha_target, ctl_cmd_step,
     ctl_cmd_metrics, ctl_cmd_slots, ctl_cmd_events;
 extern const struct ctl_cmd ctl_cmd_forward, ctl_cmd_fused_forward, ctl_cmd_evaluate;
-extern const struct ctl_cmd ctl_cmd_train, ctl_cmd_training;
+extern const struct ctl_cmd ctl_cmd_train, ctl_cmd_training, ctl_cmd_checkpoint;
 extern const struct ctl_cmd ctl_cmd_top;
 
 /* Runs subcommand c: argv[0] is its name, the rest its arguments and options (common options

@@ -483,3 +483,31 @@ const struct ctl_cmd ctl_cmd_training = {
     .args_size = sizeof(struct training_args),
     .run = run_training,
 };
+
+// ---- checkpoint (Checkpoint) ----
+
+static int run_checkpoint(struct ctl *x, void *args)
+{
+    const struct ctl_pos *p = args;
+    int rc = ctl_connect(x);
+    if (rc) return rc;
+    struct ksm_client_checkpoint *v = NULL;
+    size_t n = 0;
+    if (ksm_client_checkpoint(x->client, p->n > 0 ? p->v[0] : "", &v, &n, &x->err) != 0)
+        return ctl_call_failed(x);
+    ctl_show_checkpoint(x->json, v, n, stdout);
+    free(v);
+    return 0;
+}
+
+const struct ctl_cmd ctl_cmd_checkpoint = {
+    .name = "checkpoint",
+    .summary = "make training progress durable: weights, momentum, train_step (Checkpoint)",
+    .positionals = "[MODEL]",
+    .max_pos = 1,
+    .notes =
+        "  Without MODEL: every model. One line per model: the train_step now durable\n"
+        "  (--json: {\"checkpoint_step\": {model: step}}). Needs a daemon that persists state.",
+    .args_size = sizeof(struct ctl_pos),
+    .run = run_checkpoint,
+};

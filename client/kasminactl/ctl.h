@@ -143,6 +143,8 @@ void ctl_show_forward(bool json, const struct ksm_forward_result *r, const char 
                       FILE *f);
 void ctl_show_evaluate(bool json, const struct ksm_evaluate_result *r, FILE *f);
 void ctl_show_train_step(bool json, uint32_t epoch, const struct ksm_train_result *r, FILE *f);
+/* Checkpoint's reply: one line per model (MODEL, CHECKPOINT_STEP), or {"checkpoint_step": {..}}. */
+void ctl_show_checkpoint(bool json, const struct ksm_client_checkpoint *v, size_t n, FILE *f);
 void ctl_show_training(bool json, const char *model_id, const struct ksm_training_config *c,
                        uint64_t train_step, FILE *f);
 /* Per device, then per model when any device reports models. */

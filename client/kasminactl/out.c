@@ -279,13 +279,14 @@ json_t *ctl_json_model(const struct ksm_model_info *m)
                          "in_channels", (int)c->in_channels);
     }
     const char *dt = ksm_dtype_name(m->dtype);
-    return json_pack("{s:s, s:s, s:o, s:s, s:s, s:o, s:I, s:I, s:I, s:I}", "model_id", m->model_id,
-                     "topology", ksm_topology_name(m->topology),
+    return json_pack("{s:s, s:s, s:o, s:s, s:s, s:o, s:I, s:I, s:I, s:I, s:I, s:I}", "model_id",
+                     m->model_id, "topology", ksm_topology_name(m->topology),
                      m->topology == KSM_TOPOLOGY_TRANSFORMER ? "transformer" : "cnn", host,
                      "device", m->device, "dtype", dt ? dt : "?", "slots", slots, "host_params",
                      (json_int_t)m->host_params, "seed_params", (json_int_t)m->seed_params,
                      "generation", (json_int_t)m->generation, "resident_bytes",
-                     (json_int_t)m->resident_bytes);
+                     (json_int_t)m->resident_bytes, "train_step", (json_int_t)m->train_step,
+                     "checkpoint_step", (json_int_t)m->checkpoint_step);
 }
 
 json_t *ctl_json_event(uint64_t sequence, const struct ksm_lifecycle_event *e)
@@ -919,6 +920,26 @@ void ctl_show_train_step(bool json, uint32_t epoch, const struct ksm_train_resul
         fprintf(f, "  %s |g| %.4g ratio %.3g health %.2f", r->seeds[i].slot_id,
                 r->seeds[i].grad_norm, r->seeds[i].normalized_ratio, r->seeds[i].gradient_health);
     fputc('\n', f);
+}
+
+void ctl_show_checkpoint(bool json, const struct ksm_client_checkpoint *v, size_t n, FILE *f)
+{
+    if (json) {
+        json_t *o = json_object();
+        for (size_t i = 0; i < n; i++) json_object_set_new(o, v[i].model_id, ju64(v[i].train_step));
+        ctl_json_print(json_pack("{s:o}", "checkpoint_step", o), f);
+        return;
+    }
+    static const char *const h[] = {"MODEL", "CHECKPOINT_STEP"};
+    struct ctl_table *t = ctl_table_new(2, h);
+    ctl_table_right(t, 1);
+    for (size_t i = 0; i < n; i++) {
+        ctl_table_row(t);
+        ctl_table_cell(t, "%s", v[i].model_id);
+        ctl_table_cell(t, "%" PRIu64, v[i].train_step);
+    }
+    ctl_table_print(t, f);
+    ctl_table_free(t);
 }
 
 void ctl_show_training(bool json, const char *model_id, const struct ksm_training_config *c,

@@ -3,6 +3,7 @@
  * layer's conversions (daemon/wire/convert.h); what only a client needs (server info, health,
  * the small request messages) is here.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -601,6 +602,34 @@ int ksm_client_train_step(ksm_client *c, const char *model_id, const struct ksm_
     ksm_pb_arena_fini(&ar);
     if (rc) return rc;
     ksm_wire_train_result_from_pb(rep, r);
+    free_reply(rep);
+    return 0;
+}
+
+int ksm_client_checkpoint(ksm_client *c, const char *model_id, struct ksm_client_checkpoint **out,
+                          size_t *n, struct ksm_client_error *err)
+{
+    int rc;
+    if (!need(err, out, "out", &rc) || !need(err, n, "n", &rc)) return rc;
+    *out = NULL;
+    *n = 0;
+    Kasmina__V1__CheckpointRequest req = KASMINA__V1__CHECKPOINT_REQUEST__INIT;
+    req.model_id = S(model_id);
+    Kasmina__V1__CheckpointResponse *rep;
+    if ((rc = UNARY("Checkpoint", req, kasmina__v1__checkpoint_response, rep, err))) return rc;
+    size_t k = rep->n_checkpoint_step;
+    struct ksm_client_checkpoint *v = calloc(k ? k : 1, sizeof *v);
+    if (!v) {
+        free_reply(rep);
+        return ksmc_fail(err, KSM_ENOMEM, 8, "out of memory");
+    }
+    for (size_t i = 0; i < k; i++) {
+        const Kasmina__V1__CheckpointResponse__CheckpointStepEntry *e = rep->checkpoint_step[i];
+        snprintf(v[i].model_id, sizeof v[i].model_id, "%s", e->key ? e->key : "");
+        v[i].train_step = e->value;
+    }
+    *out = v;
+    *n = k;
     free_reply(rep);
     return 0;
 }

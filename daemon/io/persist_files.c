@@ -67,10 +67,13 @@ int ksm_persist__fsync_dir(const char *path)
     return rc;
 }
 
-/* Creates path with buf, fsynced (no rename: the caller commits the directory). */
+/* Creates path with buf, fsynced (no rename: the caller commits the directory). Whatever was at
+ * path (a temporary file a crash left, or a link planted there) is unlinked first, never written
+ * through. */
 int ksm_persist__write_file(const char *path, const void *buf, size_t len)
 {
-    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (unlink(path) != 0 && errno != ENOENT) return -errno;
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0) return -errno;
     int rc = write_all(fd, buf, len);
     if (rc == 0 && fsync(fd) != 0) rc = -errno;

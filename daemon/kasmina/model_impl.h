@@ -111,6 +111,7 @@ struct ksm_model {
     struct ksm_cache_stat plan_stat;
 
     struct ksm_train_state *train; /* train.c; NULL until configured or first stepped */
+    uint64_t checkpoint_step;      /* train_step of the snapshot last restored or written */
 };
 
 /* train.c: the steps applied (0 before any), with the model's lock held. */

@@ -25,37 +25,13 @@
 #include "kasmina/ops.h"
 #include "kasmina/ops_backward.h"
 #include "kasmina/ops_backward_nn.h"
-/* optim.h has an internal struct of the same name as training.h's public one. */
-#define ksm_seed_grad_stats ksm_seed_grad_stats_internal
-#include "kasmina/optim.h"
-#undef ksm_seed_grad_stats
+#include "kasmina/train_impl.h" /* the training state, optim.h */
 
 #define BN_EPS         1e-5f
 #define BN_MOMENTUM    0.1
-#define MAX_HOST_P     64
-#define MAX_SEED_P     (KSM_SEED_MAX_PARAMS + 4)
+#define MAX_HOST_P     KSM_TRAIN_MAX_HOST_P
+#define MAX_SEED_P     KSM_TRAIN_MAX_SEED_P
 #define MAX_TRAIN_ROWS (1 << 20)
-
-struct seed_opt {
-    bool live;
-    const void *seed; /* the module the optimizer was made for */
-    bool fossil;      /* made while FOSSILIZED (fossilizing drops the earlier one) */
-    struct ksm_sgd opt;
-};
-
-struct ksm_train_state {
-    struct ksm_training_config cfg;
-    uint64_t step;
-    bool host_live;
-    struct ksm_sgd host;
-    struct seed_opt seeds[KSM_MAX_SLOTS];
-    /* the arena of the last shape (reused while big enough) */
-    void *arena;
-    size_t arena_bytes;
-    /* host-side buffers of one step */
-    int64_t *labels, *argmax;
-    size_t cap_rows;
-};
 
 static int64_t mono_ns(void)
 {
@@ -140,6 +116,13 @@ static struct ksm_train_state *train_state(ksm_model *m)
         if (m->train) ksm_training_config_defaults(&m->train->cfg);
     }
     return m->train;
+}
+
+struct ksm_sgd_config ksm_train_sgd_config(const struct ksm_sgd_settings *s) { return sgd_cfg(s); }
+
+int ksm_train_check_config(const struct ksm_training_config *c, char *err, size_t errlen)
+{
+    return check_config(c, err, errlen);
 }
 
 static void drop_opt(ksm_model *m, struct ksm_sgd *o)
@@ -318,26 +301,37 @@ int ksm_model_training_momentum_bytes(ksm_model *m, const char *slot_id, size_t 
 /* ---- parameter lists ---- */
 
 /* Host trainable parameters (no buffer, no tied alias), in declaration order. */
-static int host_trainable(ksm_model *m, int *idx)
+int ksm_train_host_params(const struct ksm_params *ps, int *idx, int cap)
 {
-    const struct ksm_params *ps = ksm_host_params(m->host);
     int n = 0;
-    for (int i = 0; i < ps->n && n < MAX_HOST_P; i++)
+    for (int i = 0; i < ps->n && n < cap; i++)
         if (!ps->p[i].buffer && ps->p[i].tied_to < 0) idx[n++] = i;
     return n;
 }
 
-/* A seed's trainable tensors: the seed's, then its gate's (SeedSlot.get_parameters). */
-static int seed_trainable(struct ksm_model_slot *ms, ksm_tensor **out)
+static int host_trainable(ksm_model *m, int *idx)
+{
+    return ksm_train_host_params(ksm_host_params(m->host), idx, MAX_HOST_P);
+}
+
+/* A seed's trainable parameters: the seed's, then its gate's (SeedSlot.get_parameters). */
+int ksm_train_seed_params(struct ksm_params *ps, struct ksm_params *g, struct ksm_param **out,
+                          int cap)
 {
     int n = 0;
-    struct ksm_params *ps = ksm_seed_params(ms->s.seed);
-    for (int i = 0; i < ps->n && n < MAX_SEED_P; i++)
-        if (!ps->p[i].buffer && ps->p[i].tied_to < 0) out[n++] = &ps->p[i].t;
-    if (ms->s.gate) {
-        struct ksm_params *g = ksm_gated_blend_params(ms->s.gate);
-        for (int i = 0; i < g->n && n < MAX_SEED_P; i++) out[n++] = &g->p[i].t;
-    }
+    for (int i = 0; i < ps->n && n < cap; i++)
+        if (!ps->p[i].buffer && ps->p[i].tied_to < 0) out[n++] = &ps->p[i];
+    for (int i = 0; g != NULL && i < g->n && n < cap; i++) out[n++] = &g->p[i];
+    return n;
+}
+
+static int seed_trainable(struct ksm_model_slot *ms, ksm_tensor **out)
+{
+    struct ksm_param *ps[MAX_SEED_P];
+    int n = ksm_train_seed_params(ksm_seed_params(ms->s.seed),
+                                  ms->s.gate ? ksm_gated_blend_params(ms->s.gate) : NULL, ps,
+                                  MAX_SEED_P);
+    for (int i = 0; i < n; i++) out[i] = &ps[i]->t;
     return n;
 }
 
@@ -353,6 +347,8 @@ static bool has_seed_module(const struct ksm_slot *s)
     default: return false;
     }
 }
+
+bool ksm_train_slot_has_seed(const struct ksm_slot *s) { return has_seed_module(s); }
 
 static bool bp_trains(const struct ksm_seed *sd)
 {

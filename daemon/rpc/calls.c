@@ -635,16 +635,64 @@ static int h_train_step(ksm_rpc_server *s, const ProtobufCMessage *req, struct r
     return 0;
 }
 
+/* One model's entry of a CheckpointResponse. */
+static int checkpoint_one(ksm_rpc_server *s, ksm_model *m, struct rpc_ctx *cx,
+                          Kasmina__V1__CheckpointResponse *out)
+{
+    uint64_t step = 0;
+    KSM_TRY(ksm_service_checkpoint(s->service, m, &step, cx->err, sizeof cx->err));
+    Kasmina__V1__CheckpointResponse__CheckpointStepEntry *e =
+        ksm_pb_arena_alloc(&cx->arena, sizeof *e);
+    char *id = ksm_pb_arena_strdup(&cx->arena, ksm_model_id(m));
+    if (e == NULL || id == NULL) return KSM_ENOMEM;
+    kasmina__v1__checkpoint_response__checkpoint_step_entry__init(e);
+    e->key = id;
+    e->value = step;
+    out->checkpoint_step[out->n_checkpoint_step++] = e;
+    return 0;
+}
+
 static int h_checkpoint(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
                         ProtobufCMessage **reply)
 {
     const Kasmina__V1__CheckpointRequest *r = (const void *)req;
     KSM_TRY(ksm_wire_check_model_id(r->model_id, "model_id", false, cx->err, sizeof cx->err));
-    (void)s;
-    (void)reply;
-    return ksm_errf(cx->err, sizeof cx->err, KSM_ENOSYS,
-                    "Checkpoint is not implemented yet: training progress is not made durable "
-                    "(lifecycle calls still are, per call).");
+    if (!ksm_service_persists(s->service))
+        return ksm_errf(cx->err, sizeof cx->err, KSM_ESTAGE,
+                        "kasminad runs with --no-persist: it keeps no state on disk, so there is "
+                        "nothing to checkpoint to.");
+    ALLOC(out, Kasmina__V1__CheckpointResponse, kasmina__v1__checkpoint_response__init);
+    if (r->model_id != NULL && r->model_id[0] != '\0') {
+        ksm_model *m;
+        KSM_TRY(get_model(s, r->model_id, cx, &m));
+        out->checkpoint_step = ksm_pb_arena_alloc(&cx->arena, sizeof *out->checkpoint_step);
+        if (out->checkpoint_step == NULL) return KSM_ENOMEM;
+        KSM_TRY(checkpoint_one(s, m, cx, out));
+    } else {
+        /* Every model, one after the other, each under its own lock. A model deleted meanwhile
+         * is left out; the first failure ends the call (those before it stay checkpointed). */
+        ksm_model **list = NULL;
+        size_t n = 0;
+        KSM_TRY(ksm_engine_model_list(s->engine, &list, &n));
+        int rc = 0;
+        out->checkpoint_step =
+            ksm_pb_arena_alloc(&cx->arena, (n ? n : 1) * sizeof *out->checkpoint_step);
+        if (out->checkpoint_step == NULL) rc = KSM_ENOMEM;
+        for (size_t i = 0; i < n; i++) {
+            if (rc == 0) {
+                rc = checkpoint_one(s, list[i], cx, out);
+                if (rc == KSM_ENOMODEL) {
+                    rc = 0;
+                    cx->err[0] = '\0';
+                }
+            }
+            ksm_model_unref(list[i]);
+        }
+        free(list);
+        if (rc != 0) return rc;
+    }
+    *reply = &out->base;
+    return 0;
 }
 
 static int h_get_memory_stats(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,

@@ -208,6 +208,30 @@ int ksm_service_train_step(ksm_service *s, ksm_model *m, const struct ksm_train_
     int rc = mutation_begin(s, m, &mu, err, errlen);
     if (rc != 0) return rc;
     rc = ksm_model_train_step(m, a, r, err, errlen);
+    uint64_t every = s->cfg.checkpoint_interval;
+    if (rc == 0 && every != 0 && s->persist != NULL && r->train_step % every == 0) {
+        char why[1024];
+        if (ksm_persist_checkpoint(mu.pm, m, NULL, why, sizeof why) != 0)
+            KSM_LOGE("service",
+                     "model %s: the checkpoint after train_step %llu (--checkpoint-interval %llu) "
+                     "failed: %s",
+                     ksm_model_id(m), (unsigned long long)r->train_step, (unsigned long long)every,
+                     why);
+    }
+    return mutation_end_in_memory(s, &mu, rc);
+}
+
+int ksm_service_checkpoint(ksm_service *s, ksm_model *m, uint64_t *train_step, char *err,
+                           size_t errlen)
+{
+    if (s->persist == NULL)
+        return ksm_errf(err, errlen, KSM_ESTAGE,
+                        "kasminad runs with --no-persist: it keeps no state on disk, so there is "
+                        "nothing to checkpoint to.");
+    struct mutation mu;
+    int rc = mutation_begin(s, m, &mu, err, errlen);
+    if (rc != 0) return rc;
+    rc = ksm_persist_checkpoint(mu.pm, m, train_step, err, errlen);
     return mutation_end_in_memory(s, &mu, rc);
 }
 

@@ -232,6 +232,18 @@ int ksm_client_configure_training(ksm_client *c, const char *model_id,
 int ksm_client_train_step(ksm_client *c, const char *model_id, const struct ksm_train_args *a,
                           struct ksm_train_result *r, struct ksm_client_error *err);
 
+/* A model's entry of a Checkpoint reply: the train_step now durable. */
+struct ksm_client_checkpoint {
+    char model_id[KSM_ID_MAX + 1];
+    uint64_t train_step;
+};
+/* Checkpoint: makes the training progress of model_id (NULL/"" = every model) durable (weights,
+ * BatchNorm buffers, momentum buffers, train_step). *out is malloc'd (free(*out)), one entry per
+ * model checkpointed, *n of them. FAILED_PRECONDITION (KSM_ESTAGE) from a daemon run with
+ * --no-persist. */
+int ksm_client_checkpoint(ksm_client *c, const char *model_id, struct ksm_client_checkpoint **out,
+                          size_t *n, struct ksm_client_error *err);
+
 /* ---- Statistics ---- */
 
 struct ksm_client_model_bytes {

@@ -566,16 +566,32 @@ int ksm_model_export_weights(ksm_model *m, void **buf, size_t *len, char *err, s
  *
  * The state of a model as one safetensors blob that ksm_model_restore_state() installs
  * atomically. slot_ids NULL: a snapshot (every host tensor, every slot's seed/gate tensors and
- * _extra_state); else only the listed slots' _extra_state and seed/gate tensors. Both carry
+ * _extra_state, and the training state: kasmina.train_step, kasmina.training and the momentum
+ * buffers _kasmina_optim.<parameter>.momentum_buffer, docs/training.md#durability-and-
+ * checkpoints); else only the listed slots' _extra_state and seed/gate tensors. Both carry
  * __metadata__ kasmina.generation (the model generation), kasmina.kind ("snapshot" | "slots")
  * and kasmina.device. *buf is malloc'd; *generation (may be NULL) = the generation exported.
  * KSM_ENOSLOT names an unknown slot. */
 int ksm_model_export_state(ksm_model *m, const char *const *slot_ids, int n_slot_ids, void **buf,
                            size_t *len, uint64_t *generation, char *err, size_t errlen);
-/* Installs a blob of ksm_model_export_state (a snapshot strictly: every tensor is required):
- * the slots it carries with their modules, host tensors when present, and the generation it
- * names (not a bump). Slots it does not carry are untouched. Emits no events. */
+/* ksm_model_export_state(m, NULL, ...), also giving the train_step the snapshot carries. */
+int ksm_model_export_snapshot(ksm_model *m, void **buf, size_t *len, uint64_t *generation,
+                              uint64_t *train_step, char *err, size_t errlen);
+/* Installs a blob of ksm_model_export_state atomically, with the generation it names (not a
+ * bump); emits no events.
+ * - A snapshot (strictly: every tensor is required) replaces every slot and module, the host
+ *   tensors and the training state (configuration, train_step, momentum buffers; none in the
+ *   blob: none, train_step 0), and makes its train_step the model's checkpoint_step.
+ * - A "slots" record installs the slots it carries; slots it does not carry are untouched. A
+ *   slot whose seed (and gate) module the model already holds -- the same blueprint and seed id
+ *   -- keeps that module, its tensors and its optimizer (dropped when the record fossilizes the
+ *   seed): the record's copies are ignored, so that a journal replayed over a checkpoint gives
+ *   the checkpoint's weights and a seed germinated after it its initial ones. */
 int ksm_model_restore_state(ksm_model *m, const void *buf, size_t len, char *err, size_t errlen);
+/* The train_step of the model's last checkpoint (Model.checkpoint_step): of the snapshot last
+ * restored, or as set by ksm_model_set_checkpoint_step once a snapshot is durable. */
+uint64_t ksm_model_checkpoint_step(ksm_model *m);
+void ksm_model_set_checkpoint_step(ksm_model *m, uint64_t step);
 
 /* device NULL/"" = keep; dtype -1 = keep. Invalidates every cache of the model. */
 int ksm_model_move(ksm_model *m, const char *device, int dtype, char *err, size_t errlen);

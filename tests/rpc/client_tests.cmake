@@ -48,11 +48,20 @@ if(KSM_HAVE_PYTHON_STUBS AND Python3_Interpreter_FOUND)
   set_tests_properties(rpc_attribution PROPERTIES LABELS rpc TIMEOUT 300
     ENVIRONMENT "PYTHONPATH=${KSM_PY_DIR}")
   # Training over the wire: ConfigureTraining, TrainStep (bad inputs change nothing; the loss
-  # falls), Checkpoint, kasminactl training / train.
+  # falls), Checkpoint without persistence, kasminactl training / train.
   add_test(NAME rpc_train
     COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/rpc/test_train.py
             $<TARGET_FILE:kasminad> $<TARGET_FILE:kasminactl> ${KSM_PY_DIR})
   set_tests_properties(rpc_train PROPERTIES LABELS rpc TIMEOUT 300
+    ENVIRONMENT "PYTHONPATH=${KSM_PY_DIR}")
+  # Checkpoints: SIGKILL during training, then the checkpoint's weights and momentum bit for bit
+  # (continuing gives bit-identical results), the journal replayed over a checkpoint,
+  # --checkpoint-interval, Checkpoint racing TrainStep, bad input, damaged checkpoints,
+  # kasminactl checkpoint and Client.checkpoint.
+  add_test(NAME rpc_checkpoint
+    COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/rpc/test_checkpoint.py
+            $<TARGET_FILE:kasminad> $<TARGET_FILE:kasminactl> ${KSM_PY_DIR})
+  set_tests_properties(rpc_checkpoint PROPERTIES LABELS rpc TIMEOUT 300
     ENVIRONMENT "PYTHONPATH=${KSM_PY_DIR}")
 endif()
 

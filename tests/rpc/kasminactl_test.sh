@@ -54,7 +54,7 @@ done
 "$CTL" --help | grep -q "Exit codes" || bad "kasminactl --help has no exit code table"
 for cmd in info health models create delete germinate advance prune schedule-prune set-alpha \
     set-alpha-target step metrics slots forward fused-forward evaluate load-weights \
-    export-weights move stats empty-cache events; do
+    export-weights move stats empty-cache events train training checkpoint; do
     out=$("$CTL" "$cmd" --help) || bad "$cmd --help exits $?"
     case "$out" in "usage: kasminactl $cmd"*) ;; *) bad "$cmd --help: $out" ;; esac
 done

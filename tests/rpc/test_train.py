@@ -10,7 +10,8 @@ Usage: test_train.py <kasminad> <kasminactl> <dir with the generated stubs>
   unchanged; on a learnable batch the loss falls over steps, train_step counts them, the model's
   generation bumps, Forward afterwards runs on the new weights, and the gradient statistics come
   back when asked for.
-- Checkpoint answers UNIMPLEMENTED with one sentence (training progress is not durable yet).
+- Checkpoint on this daemon (--no-persist) answers FAILED_PRECONDITION with one sentence naming
+  --no-persist (checkpoints themselves: test_checkpoint.py).
 - kasminactl training / train show and run the same through the C client.
 """
 import json
@@ -175,7 +176,8 @@ def main():
                   "folded telemetry %s, last step %s" % (g, q[1]))
 
             code, det = d.code("Checkpoint", pb.CheckpointRequest(model_id="m"))
-            check(code == SC.UNIMPLEMENTED and "Checkpoint" in det, "Checkpoint: %s %r" % (code, det))
+            check(code == SC.FAILED_PRECONDITION and "--no-persist" in det,
+                  "Checkpoint without persistence: %s %r" % (code, det))
 
             # kasminactl, through the C client.
             path = os.path.join(tmp, "batch.safetensors")

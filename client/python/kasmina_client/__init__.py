@@ -532,6 +532,14 @@ class Client:
             req.collect_gradients = bool(collect_gradients)
         return self._call("TrainStep", self._stub.TrainStep, req, timeout)
 
+    def checkpoint(self, model_id="", timeout=None):
+        """Makes training progress durable (weights, BatchNorm buffers, momentum buffers,
+        train_step) for model_id, or every model when it is "". Returns {model_id: train_step
+        now durable}. FAILED_PRECONDITION from a daemon run with --no-persist."""
+        r = self._call("Checkpoint", self._stub.Checkpoint,
+                       pb.CheckpointRequest(model_id=model_id), timeout)
+        return dict(r.checkpoint_step)
+
     # ---- statistics ----
 
     def memory_stats(self, device="", timeout=None):
