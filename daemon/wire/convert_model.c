@@ -39,6 +39,10 @@ void ksm_wire_transformer_spec_from_pb(const Kasmina__V1__TransformerHostSpec *p
     out->n_layer = pb->n_layer;
     out->block_size = pb->block_size;
     out->num_segments = pb->num_segments;
+    if (pb->opt_dropout_case == KASMINA__V1__TRANSFORMER_HOST_SPEC__OPT_DROPOUT_DROPOUT) {
+        out->dropout = pb->dropout; /* the range is the engine's check */
+        out->dropout_set = true;
+    }
 }
 
 int ksm_wire_model_spec_from_pb(const Kasmina__V1__CreateModelRequest *pb,
@@ -130,6 +134,10 @@ static int transformer_to_pb(const struct ksm_transformer_spec *t, struct ksm_pb
     pb->n_layer = t->n_layer;
     pb->block_size = t->block_size;
     pb->num_segments = t->num_segments;
+    if (t->dropout_set) {
+        pb->opt_dropout_case = KASMINA__V1__TRANSFORMER_HOST_SPEC__OPT_DROPOUT_DROPOUT;
+        pb->dropout = (float)t->dropout;
+    }
     *out = pb;
     return 0;
 }
