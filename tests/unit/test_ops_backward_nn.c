@@ -617,8 +617,8 @@ Test(dropout, sdpa_row_path_matches_block_path)
     env_init(&e);
     const int64_t b = 2, h = 2, t = 9, hd = 8;
     const int64_t big = b * h * t * hd;
-    float *buf = malloc(sizeof(float) * (size_t)big);
-    for (int64_t i = 0; i < big; i++) buf[i] = (float)((i * 29) % 17) / 8.0f - 1.0f;
+    float *buf = malloc(sizeof(float) * (size_t)(big + 8)); /* v reads from buf + 5 */
+    for (int64_t i = 0; i < big + 8; i++) buf[i] = (float)((i * 29) % 17) / 8.0f - 1.0f;
     ksm_tensor base = dev_from(&e, 1, &big, buf);
     /* q: rows 3 floats apart (overlapping), k and v contiguous */
     ksm_tensor q = base;
