@@ -267,10 +267,10 @@ json_t *ctl_json_model(const struct ksm_model_info *m)
     json_t *host;
     if (m->topology == KSM_TOPOLOGY_TRANSFORMER) {
         const struct ksm_transformer_spec *t = &m->transformer;
-        host =
-            json_pack("{s:i, s:i, s:i, s:i, s:i, s:i}", "vocab_size", (int)t->vocab_size, "n_embd",
-                      (int)t->n_embd, "n_head", (int)t->n_head, "n_layer", (int)t->n_layer,
-                      "block_size", (int)t->block_size, "num_segments", (int)t->num_segments);
+        host = json_pack("{s:i, s:i, s:i, s:i, s:i, s:i, s:f}", "vocab_size", (int)t->vocab_size,
+                         "n_embd", (int)t->n_embd, "n_head", (int)t->n_head, "n_layer",
+                         (int)t->n_layer, "block_size", (int)t->block_size, "num_segments",
+                         (int)t->num_segments, "dropout", t->dropout);
     } else {
         const struct ksm_cnn_spec *c = &m->cnn;
         host = json_pack("{s:i, s:i, s:i, s:i, s:i, s:i}", "num_classes", (int)c->num_classes,

@@ -325,6 +325,8 @@ struct ksm_transformer_spec {
     uint32_t n_layer;      /* 6 */
     uint32_t block_size;   /* 256 */
     uint32_t num_segments; /* 3; n_layer % num_segments == 0 */
+    double dropout;        /* 0.1 unless dropout_set; in [0, 1); applied by TrainStep only */
+    bool dropout_set;      /* dropout was given (0 is a valid value) */
 };
 
 struct ksm_model_spec {

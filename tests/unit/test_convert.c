@@ -220,6 +220,37 @@ Test(convert, model_ids_follow_the_pattern)
 
 /* ---- Requests ---- */
 
+/* A transformer's dropout: unset stays unset (the engine defaults it to 0.1), 0 is a value, and
+ * a float from the wire becomes the decimal the client wrote (0.1f -> 0.1). */
+Test(convert, transformer_dropout)
+{
+    Kasmina__V1__CreateModelRequest pb = KASMINA__V1__CREATE_MODEL_REQUEST__INIT;
+    Kasmina__V1__TransformerHostSpec tf = KASMINA__V1__TRANSFORMER_HOST_SPEC__INIT;
+    pb.host_case = KASMINA__V1__CREATE_MODEL_REQUEST__HOST_TRANSFORMER;
+    pb.transformer = &tf;
+    struct ksm_model_spec spec;
+    cr_assert_eq(ksm_wire_model_spec_from_pb(&pb, &spec, err, sizeof err), 0, "%s", err);
+    cr_expect_not(spec.transformer.dropout_set);
+    tf.opt_dropout_case = KASMINA__V1__TRANSFORMER_HOST_SPEC__OPT_DROPOUT_DROPOUT;
+    const float in[4] = {0.0f, 0.1f, 0.25f, 0.3f};
+    const double want[4] = {0.0, 0.1, 0.25, 0.3};
+    for (int i = 0; i < 4; i++) {
+        tf.dropout = in[i];
+        cr_assert_eq(ksm_wire_model_spec_from_pb(&pb, &spec, err, sizeof err), 0, "%s", err);
+        cr_expect(spec.transformer.dropout_set);
+        cr_expect_eq(spec.transformer.dropout, want[i], "%.17g from %.9g", spec.transformer.dropout,
+                     (double)in[i]);
+        struct ksm_pb_arena a;
+        ksm_pb_arena_init(&a);
+        Kasmina__V1__CreateModelRequest out;
+        cr_assert_eq(ksm_wire_model_spec_to_pb("m", &spec, &a, &out), 0);
+        cr_expect_eq(out.transformer->opt_dropout_case,
+                     KASMINA__V1__TRANSFORMER_HOST_SPEC__OPT_DROPOUT_DROPOUT);
+        cr_expect_eq(out.transformer->dropout, in[i]);
+        ksm_pb_arena_fini(&a);
+    }
+}
+
 Test(convert, create_model_defaults_and_validates)
 {
     Kasmina__V1__CreateModelRequest pb = KASMINA__V1__CREATE_MODEL_REQUEST__INIT;
