@@ -16,7 +16,9 @@
 #include "wire/convert.h"
 
 #define METHOD(name)  "/kasmina.v1.Kasmina/" name
-#define CHUNK_DEFAULT ((size_t)4 << 20)
+#define CHUNK_DEFAULT ((size_t)2 << 20)
+/* Room for a chunk's other fields beside its data. */
+#define CHUNK_OVERHEAD ((size_t)4096)
 /* Room for the request's other fields beside the blob in a unary LoadWeights. */
 #define UNARY_OVERHEAD ((size_t)1024)
 
@@ -105,10 +107,13 @@ static int load_stream(ksm_client *c, const char *model_id, const void *buf, siz
                        struct ksm_load_result *r, struct ksm_client_error *err)
 {
     if (len == 0) return ksmc_fail(err, KSM_EINVAL, 3, "the safetensors blob must not be empty");
+    size_t chunk = o && o->chunk_bytes ? o->chunk_bytes : CHUNK_DEFAULT;
+    if (chunk + CHUNK_OVERHEAD > c->max_message && c->max_message > 2 * CHUNK_OVERHEAD)
+        chunk = c->max_message - CHUNK_OVERHEAD;
     struct load_src s = {.model_id = model_id ? model_id : "",
                          .buf = buf,
                          .len = len,
-                         .chunk = o && o->chunk_bytes ? o->chunk_bytes : CHUNK_DEFAULT,
+                         .chunk = chunk,
                          .strict = strict,
                          .o = o};
     s.blob_crc = crc32_of(0, buf, len);
@@ -214,6 +219,11 @@ static int export_stream(ksm_client *c, const char *model_id,
         req.n_slots = o->n_slots;
         req.include_host = o->include_host;
     }
+    /* Chunks that fit this client's message limit. */
+    size_t chunk = o && o->chunk_bytes ? o->chunk_bytes : CHUNK_DEFAULT;
+    if (chunk + CHUNK_OVERHEAD > c->max_message && c->max_message > 2 * CHUNK_OVERHEAD)
+        chunk = c->max_message - CHUNK_OVERHEAD;
+    req.chunk_bytes = (uint32_t)chunk;
     struct export_dst d = {.o = o, .err = err};
     int rc =
         ksmc_server_stream(c, METHOD("ExportWeightsStream"), &req.base,

@@ -102,6 +102,9 @@ int rpc_limit_reply_export(ksm_rpc_server *s, ksm_model *m, bool with_host, stru
     if (ksm_model_get_info(m, info) != 0) return 0;
     size_t elem = ksm_dtype_size(info->dtype);
     uint64_t params = (with_host ? info->host_params : 0) + info->seed_params;
+    /* host_params counts the tied LM head once; the file holds it twice (as torch does). */
+    if (with_host && info->topology == KSM_TOPOLOGY_TRANSFORMER)
+        params += mul_sat(info->transformer.vocab_size, info->transformer.n_embd);
     return rpc_limit_reply_weights(s, mul_sat(params, elem ? elem : 4), cx);
 }
 

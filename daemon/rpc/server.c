@@ -655,6 +655,7 @@ void rpc_config_defaults(struct ksm_rpc_server_config *cfg)
     if (cfg->max_message_bytes == 0) cfg->max_message_bytes = 64u << 20;
     if (cfg->max_message_bytes > INT_MAX) cfg->max_message_bytes = INT_MAX;
     if (cfg->max_reply_bytes == 0) cfg->max_reply_bytes = 64u << 20;
+    if (cfg->max_weights_bytes == 0) cfg->max_weights_bytes = (size_t)1 << 30;
     if (cfg->workers <= 0) cfg->workers = 4;
     if (cfg->max_concurrent_calls <= 0) cfg->max_concurrent_calls = 256;
     if (cfg->subscriber_buffer == 0) cfg->subscriber_buffer = 1024;

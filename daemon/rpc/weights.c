@@ -38,8 +38,12 @@
 #include "rpc/server_impl.h"
 #include "wire/pbgather.h"
 
-/* The data of one ExportWeightsStream chunk. */
-#define CHUNK_BYTES ((size_t)4 << 20)
+/* The data of one ExportWeightsStream chunk: by default 2 MiB, below gRPC's default 4 MiB
+ * receive limit (a client that set none still reads it); ExportWeightsRequest.chunk_bytes asks
+ * for another size in [CHUNK_MIN, CHUNK_MAX]. */
+#define CHUNK_DEFAULT ((size_t)2 << 20)
+#define CHUNK_MIN     ((size_t)4096)
+#define CHUNK_MAX     ((size_t)64 << 20)
 
 /* An exported blob shared by the chunk slices that point into it: freed with the last. */
 struct wblob {
@@ -64,7 +68,7 @@ struct rpc_wstream {
     size_t reserved; /* bytes counted in srv->weights_bytes */
     /* export */
     struct wblob *blob;
-    size_t sent;
+    size_t sent, chunk;
     uint32_t blob_crc;
     char model_id[KSM_ID_MAX + 1];
     grpc_byte_buffer *out; /* the chunk in flight */
@@ -207,7 +211,7 @@ static void send_chunk(struct rpc_call *c)
 {
     struct rpc_wstream *w = c->ws;
     size_t off = w->sent, n = w->blob->len - off;
-    if (n > CHUNK_BYTES) n = CHUNK_BYTES;
+    if (n > w->chunk) n = w->chunk;
     const uint8_t *data = (const uint8_t *)w->blob->data + off;
     Kasmina__V1__WeightsChunk h = KASMINA__V1__WEIGHTS_CHUNK__INIT;
     h.model_id = off == 0 ? w->model_id : (char *)"";
@@ -244,15 +248,18 @@ static void send_chunk(struct rpc_call *c)
         finish(c, NULL, KSM_EINTERNAL, "The server could not send a weights chunk.");
 }
 
-/* The size an export will have, from the model's parameter counts (tied weights counted once:
- * the blob holds them twice, which the check of the real size catches). */
+/* The size an export will have, from the model's parameter counts (the file holds the tied LM
+ * head twice; headers and extra state are checked with the real size). */
 static uint64_t predict_export(ksm_model *m, bool partial, bool include_host)
 {
     struct ksm_model_info *info = malloc(sizeof *info);
     uint64_t bytes = 0;
     if (info != NULL && ksm_model_get_info(m, info) == 0) {
         size_t elem = ksm_dtype_size(info->dtype);
-        uint64_t params = info->seed_params + (!partial || include_host ? info->host_params : 0);
+        bool host = !partial || include_host;
+        uint64_t params = info->seed_params + (host ? info->host_params : 0);
+        if (host && info->topology == KSM_TOPOLOGY_TRANSFORMER)
+            params += (uint64_t)info->transformer.vocab_size * info->transformer.n_embd;
         bytes = params * (elem ? elem : 4);
     }
     free(info);
@@ -278,6 +285,12 @@ static void export_start(ksm_rpc_server *s, struct rpc_call *c)
         snprintf(f, sizeof f, "slots[%zu]", i);
         rc = ksm_wire_check_slot_id(r->slots[i], f, true, err, sizeof err);
     }
+    if (rc == 0 && r->chunk_bytes != 0 &&
+        (r->chunk_bytes < CHUNK_MIN || r->chunk_bytes > CHUNK_MAX))
+        rc = ksm_errf(err, sizeof err, KSM_EINVAL,
+                      "chunk_bytes must be 0 (2 MiB) or in [%zu, %zu], got %u.", CHUNK_MIN,
+                      CHUNK_MAX, r->chunk_bytes);
+    w->chunk = r->chunk_bytes ? r->chunk_bytes : CHUNK_DEFAULT;
     if (rc == 0 && r->n_slots > KSM_MAX_SLOTS)
         rc = ksm_errf(err, sizeof err, KSM_EINVAL, "slots lists %zu slots; a model has at most %d.",
                       r->n_slots, KSM_MAX_SLOTS);
@@ -292,6 +305,10 @@ static void export_start(ksm_rpc_server *s, struct rpc_call *c)
         rc = ksm_model_export_weights_subset(m, (const char *const *)r->slots, (int)r->n_slots,
                                              r->include_host, &buf, &len, err, sizeof err);
     if (rc == 0) rc = reserve(s, w, len, "The export holds", err, sizeof err);
+    if (rc == 0 && len < w->reserved) { /* the prediction was high: keep what the file holds */
+        atomic_fetch_sub(&s->weights_bytes, w->reserved - len);
+        w->reserved = len;
+    }
     if (rc == 0 && (w->blob = calloc(1, sizeof *w->blob)) == NULL) rc = KSM_ENOMEM;
     if (rc != 0) {
         free(buf);

@@ -174,7 +174,8 @@ struct ksm_client_weights_options {
     const char *const *slots;
     size_t n_slots;
     bool include_host;
-    size_t chunk_bytes; /* LoadWeightsStream chunk size; 0 = 4 MiB */
+    size_t chunk_bytes; /* data bytes per chunk of either stream; 0 = 2 MiB (less when the
+                         * client's max_message_bytes is smaller) */
     /* Streams: called after each chunk with the bytes moved so far and the total; a non-zero
      * return cancels the call (nothing is loaded) and becomes the return value (use a positive
      * value to tell it from an error). NULL = none. */

@@ -20,11 +20,11 @@ TestSuite(weights_client, .timeout = 240);
         cr_assert_eq(rc_, 0, "%s: %s (%s)", #call, e.message, ksm_err_name(rc_));                  \
     } while (0)
 
-/* base_channels 32, 3 blocks: ~0.4M parameters, a ~1.6 MB file. */
+/* base_channels 64, 3 blocks: ~0.4M parameters, a ~1.5 MB file. */
 static struct ksm_model_spec cnn(uint64_t seed)
 {
     struct ksm_model_spec s = {.topology = KSM_TOPOLOGY_CNN,
-                               .cnn = {.num_classes = 10, .base_channels = 32, .pool_layers = -1},
+                               .cnn = {.num_classes = 10, .base_channels = 64, .pool_layers = -1},
                                .init_seed = seed,
                                .permissive_gates = true};
     return s;

@@ -305,7 +305,7 @@ class Client:
         return self._call("DeleteModel", self._stub.DeleteModel,
                           pb.DeleteModelRequest(model_id=model_id), timeout).freed_bytes
 
-    def load_weights(self, model_id, safetensors, strict=False, stream=None, chunk_bytes=4 << 20,
+    def load_weights(self, model_id, safetensors, strict=False, stream=None, chunk_bytes=2 << 20,
                      timeout=None):
         """safetensors: the file's bytes or a path. stream: True sends it in CRC-32-checked
         chunks (LoadWeightsStream, any size), False in one LoadWeights message (at most the
@@ -326,6 +326,7 @@ class Client:
                         raise
                     stream = True
         if stream:
+            chunk_bytes = min(chunk_bytes, self.max_message - 4096)
             return self._call("LoadWeightsStream", self._stub.LoadWeightsStream,
                               _chunks(blob, model_id, strict, chunk_bytes), timeout)
         return self._call("LoadWeights", self._stub.LoadWeights,
@@ -344,6 +345,8 @@ class Client:
             return self._call("ExportWeights", self._stub.ExportWeights, req,
                               timeout).safetensors
         try:
+            # chunks that fit this client's message limit (2 MiB by default)
+            req.chunk_bytes = max(4096, min(2 << 20, self.max_message - 4096))
             chunks = self._stub.ExportWeightsStream(
                 req, timeout=timeout or self.timeout, metadata=self._metadata,
                 wait_for_ready=self.wait_for_ready)
