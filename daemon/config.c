@@ -79,6 +79,9 @@ static const struct cfg_option options[] = {
     {"max-reply-bytes", T_SIZE, 1024, 2147483647.0, "64M", NULL, OFF(max_reply_bytes),
      "largest reply (logits, exported weights) built; checked before compute where the size is "
      "known (RESOURCE_EXHAUSTED above it)"},
+    {"max-weights-bytes", T_SIZE, 1024, 1e12, "1G", NULL, OFF(max_weights_bytes),
+     "largest safetensors blob a LoadWeightsStream or ExportWeightsStream moves, and what all "
+     "weight streams in flight hold together (RESOURCE_EXHAUSTED above it)"},
     {"allow-compressed-requests", T_BOOL, 0, 0, "false", NULL, OFF(allow_compressed_requests),
      "accept gzip/deflate-compressed requests (inflated after authentication, at most "
      "max-message-bytes); otherwise they get UNIMPLEMENTED"},

@@ -53,6 +53,7 @@ struct ksm_config {
     int max_batch_rows, max_sequence_length, max_models, max_seeds_per_model;
     int max_queued_per_stream;
     size_t max_reply_bytes;
+    size_t max_weights_bytes;
     bool allow_compressed_requests, metrics_allow_remote;
 };
 

@@ -300,6 +300,7 @@ int main(int argc, char **argv)
         .allow_remote_tcp = d.cfg.allow_remote_tcp,
         .max_message_bytes = d.cfg.max_message_bytes,
         .max_reply_bytes = d.cfg.max_reply_bytes,
+        .max_weights_bytes = d.cfg.max_weights_bytes,
         .allow_compressed_requests = d.cfg.allow_compressed_requests,
         .workers = d.cfg.workers,
         .max_concurrent_calls = d.cfg.max_concurrent_calls,

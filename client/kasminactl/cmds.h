@@ -101,7 +101,7 @@ extern const struct ctl_cmd ctl_cmd_models, ctl_cmd_create, ctl_cmd_delete, ctl_
     ctl_cmd_export_weights, ctl_cmd_move;
 extern const struct ctl_cmd ctl_cmd_germinate, ctl_cmd_advance, ctl_cmd_prune,
     ctl_cmd_schedule_prune, ctl_cmd_set_alpha, ctl_cmd_set_alpha_target, ctl_cmd_step,
-    ctl_cmd_metrics, ctl_cmd_slots, ctl_cmd_events;
+    ctl_cmd_metrics, ctl_cmd_slots, ctl_cmd_events, ctl_cmd_configure_slot;
 extern const struct ctl_cmd ctl_cmd_forward, ctl_cmd_fused_forward, ctl_cmd_evaluate;
 extern const struct ctl_cmd ctl_cmd_train, ctl_cmd_training, ctl_cmd_checkpoint;
 extern const struct ctl_cmd ctl_cmd_top;
@@ -136,7 +136,8 @@ enum ctl_common_id {
     CTL_O_TLS,
     CTL_O_TLS_CA,
     CTL_O_TLS_CERT,
-    CTL_O_TLS_KEY
+    CTL_O_TLS_KEY,
+    CTL_O_MAX_MESSAGE
 };
 extern const struct option ctl_common_options[];
 

@@ -32,6 +32,8 @@ static void print_help(FILE *f)
                "  --tls-cert PATH    use TLS with this client certificate (PEM; with --tls-key)\n"
                "  --tls-key PATH     the client certificate's private key (PEM)\n"
                "  --wait             wait for the daemon to come up (up to the deadline)\n"
+               "  --max-message-bytes N  largest message sent or received (K, M, G; default 64M;\n"
+               "                     weights beyond it stream: load-weights/export-weights)\n"
                "  --json             JSON output for scripts (events: one object per line)\n"
                "  --help             this text; COMMAND --help: the command's\n"
                "  --version          print the version\n"

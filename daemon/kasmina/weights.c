@@ -54,13 +54,16 @@ static int collect(ksm_model *m, struct modset *sets, int cap, ksm_seed *const *
 
 /* ---- export ---- */
 
-/* The export behind ksm_model_export_weights (want NULL: everything, no kasmina.* keys) and
- * ksm_model_export_state (want[i]: slot i is exported; host tensors only when with_host). */
-static int export_common(ksm_model *m, const bool *want, bool with_host, void **buf, size_t *len,
-                         uint64_t *generation, uint64_t *train_step, char *err, size_t errlen)
+/* The export behind ksm_model_export_weights (want NULL: everything), its subset form (want[i]:
+ * slot i is exported; host tensors only when with_host) and, with state, ksm_model_export_state
+ * and ksm_model_export_snapshot (the kasmina.* keys and the seal; a snapshot, all slots with the
+ * host, also carries the training state: it is a checkpoint). */
+static int export_common(ksm_model *m, const bool *want, bool with_host, bool state, void **buf,
+                         size_t *len, uint64_t *generation, uint64_t *train_step, char *err,
+                         size_t errlen)
 {
     /* A snapshot also carries the training state (train_impl.h): it is a checkpoint. */
-    bool snapshot = want != NULL && with_host;
+    bool snapshot = state && want != NULL && with_host;
     struct ksm_train_export tx = {0};
     pthread_mutex_lock(&m->lock);
     ksm_seed *seeds[KSM_MAX_SLOTS];
@@ -142,7 +145,7 @@ static int export_common(ksm_model *m, const bool *want, bool with_host, void **
         meta[2 * nm + 1] = json[i];
         nm++;
     }
-    if (want != NULL) {
+    if (state) {
         snprintf(genbuf, sizeof genbuf, "%llu", (unsigned long long)gen);
         snprintf(devbuf, sizeof devbuf, "%s", ksm_device_name(m->dev));
         meta[2 * nm] = "kasmina.generation";
@@ -164,7 +167,7 @@ static int export_common(ksm_model *m, const bool *want, bool with_host, void **
         }
     }
     rc = ksm_st_serialize(ts, nt + tx.n, meta, nm, buf, len);
-    if (rc == 0 && want != NULL && (rc = ksm_st_crc32c_seal(*buf, *len, "kasmina.crc32c")) != 0) {
+    if (rc == 0 && state && (rc = ksm_st_crc32c_seal(*buf, *len, "kasmina.crc32c")) != 0) {
         free(*buf);
         *buf = NULL;
         *len = 0;
@@ -189,33 +192,55 @@ out:
 
 int ksm_model_export_weights(ksm_model *m, void **buf, size_t *len, char *err, size_t errlen)
 {
-    return export_common(m, NULL, true, buf, len, NULL, NULL, err, errlen);
+    return export_common(m, NULL, true, false, buf, len, NULL, NULL, err, errlen);
+}
+
+/* want[i] for each slot named in slot_ids; KSM_ENOSLOT for a name the model lacks, KSM_EINVAL for
+ * one named twice when !dup_ok. */
+static int want_slots(ksm_model *m, const char *const *slot_ids, int n_slot_ids, bool dup_ok,
+                      bool want[KSM_MAX_SLOTS], char *err, size_t errlen)
+{
+    pthread_mutex_lock(&m->lock);
+    int n_slots = m->n_slots;
+    int bad = -1, twice = -1;
+    for (int k = 0; slot_ids != NULL && k < n_slot_ids && bad < 0 && twice < 0; k++) {
+        bad = k;
+        for (int i = 0; i < n_slots; i++)
+            if (slot_ids[k] != NULL && strcmp(m->slots[i].s.id, slot_ids[k]) == 0) {
+                if (want[i] && !dup_ok) twice = k;
+                want[i] = true;
+                bad = -1;
+            }
+    }
+    pthread_mutex_unlock(&m->lock);
+    if (bad >= 0)
+        return ksm_errf(err, errlen, KSM_ENOSLOT, "slot \"%s\" is not a slot of model \"%s\"",
+                        slot_ids[bad] ? slot_ids[bad] : "", m->id);
+    if (twice >= 0)
+        return ksm_errf(err, errlen, KSM_EINVAL, "slots[%d] \"%s\" is listed twice", twice,
+                        slot_ids[twice]);
+    if (slot_ids == NULL)
+        for (int i = 0; i < n_slots; i++) want[i] = true;
+    return 0;
+}
+
+int ksm_model_export_weights_subset(ksm_model *m, const char *const *slot_ids, int n_slot_ids,
+                                    bool include_host, void **buf, size_t *len, char *err,
+                                    size_t errlen)
+{
+    if (slot_ids == NULL || n_slot_ids <= 0)
+        return ksm_model_export_weights(m, buf, len, err, errlen);
+    bool want[KSM_MAX_SLOTS] = {0};
+    KSM_TRY(want_slots(m, slot_ids, n_slot_ids, false, want, err, errlen));
+    return export_common(m, want, include_host, false, buf, len, NULL, NULL, err, errlen);
 }
 
 int ksm_model_export_state(ksm_model *m, const char *const *slot_ids, int n_slot_ids, void **buf,
                            size_t *len, uint64_t *generation, char *err, size_t errlen)
 {
     bool want[KSM_MAX_SLOTS] = {0};
-    pthread_mutex_lock(&m->lock);
-    int n_slots = m->n_slots;
-    int bad = -1;
-    for (int k = 0; slot_ids != NULL && k < n_slot_ids && bad < 0; k++) {
-        bad = k;
-        for (int i = 0; i < n_slots; i++)
-            if (slot_ids[k] != NULL && strcmp(m->slots[i].s.id, slot_ids[k]) == 0) {
-                want[i] = true;
-                bad = -1;
-            }
-    }
-    pthread_mutex_unlock(&m->lock);
-    if (bad >= 0) {
-        ksm_errf(err, errlen, 0, "slot \"%s\" is not a slot of model \"%s\"",
-                 slot_ids[bad] ? slot_ids[bad] : "", m->id);
-        return KSM_ENOSLOT;
-    }
-    if (slot_ids == NULL)
-        for (int i = 0; i < n_slots; i++) want[i] = true;
-    return export_common(m, want, slot_ids == NULL, buf, len, generation, NULL, err, errlen);
+    KSM_TRY(want_slots(m, slot_ids, n_slot_ids, true, want, err, errlen));
+    return export_common(m, want, slot_ids == NULL, true, buf, len, generation, NULL, err, errlen);
 }
 
 int ksm_model_export_snapshot(ksm_model *m, void **buf, size_t *len, uint64_t *generation,
@@ -223,7 +248,7 @@ int ksm_model_export_snapshot(ksm_model *m, void **buf, size_t *len, uint64_t *g
 {
     bool want[KSM_MAX_SLOTS];
     for (int i = 0; i < KSM_MAX_SLOTS; i++) want[i] = true;
-    return export_common(m, want, true, buf, len, generation, train_step, err, errlen);
+    return export_common(m, want, true, true, buf, len, generation, train_step, err, errlen);
 }
 
 uint64_t ksm_model_checkpoint_step(ksm_model *m)
@@ -430,7 +455,8 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
         rc = KSM_ENOMEM;
         goto fail;
     }
-    char full[192];
+    char full[192], incomplete[192] = "";
+    size_t n_incomplete = 0;
     for (int k = 0; k < ns; k++) {
         struct ksm_params *ps = sets[k].ps;
         if (restore && sets[k].slot >= 0 && !has_state[sets[k].slot]) continue;
@@ -458,6 +484,10 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
                 p = &ps->p[p->tied_to];
             }
             if (st == NULL) {
+                /* A module the file restores (its slot has an _extra_state entry) must be
+                 * complete; one it does not keeps its tensors, like the host. */
+                if (sets[k].slot >= 0 && has_state[sets[k].slot] && n_incomplete++ == 0)
+                    snprintf(incomplete, sizeof incomplete, "%s", full);
                 if ((rc = push(&r.missing, &r.n_missing, full)) < 0) goto fail;
                 continue;
             }
@@ -486,14 +516,13 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
         if (!used[i] && (rc = push(&r.unexpected, &r.n_unexpected, ksm_st_get(f, i)->name)) < 0)
             goto fail;
     /* New modules must be complete: a seed without its weights cannot run. */
-    for (size_t i = 0; i < r.n_missing; i++) {
-        if (strict || strncmp(r.missing[i], "seed_slots.", 11) == 0) {
-            ksm_errf(err, errlen, 0, "tensor %s is missing%s (%zu missing in all)", r.missing[i],
-                     strict ? " and the load is strict" : " and its seed or gate is restored",
-                     r.n_missing);
-            rc = KSM_EINVAL;
-            goto fail;
-        }
+    if (r.n_missing > 0 && (strict || n_incomplete > 0)) {
+        ksm_errf(err, errlen, 0, "tensor %s is missing%s (%zu missing in all)",
+                 strict ? r.missing[0] : incomplete,
+                 strict ? " and the load is strict" : " and its seed or gate is restored",
+                 r.n_missing);
+        rc = KSM_EINVAL;
+        goto fail;
     }
     if (strict && r.n_unexpected > 0) {
         ksm_errf(err, errlen, 0,

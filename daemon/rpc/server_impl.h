@@ -28,7 +28,16 @@ struct rpc_tag {
     void (*done)(struct rpc_tag *t, bool ok);
 };
 
-enum rpc_kind { RPC_UNARY, RPC_EVENTS, RPC_HEALTH_CHECK, RPC_HEALTH_WATCH, RPC_UNKNOWN };
+enum rpc_kind {
+    RPC_UNARY,
+    RPC_EVENTS,
+    RPC_HEALTH_CHECK,
+    RPC_HEALTH_WATCH,
+    RPC_UNKNOWN,
+    RPC_WEIGHTS_EXPORT, /* ExportWeightsStream (rpc/weights.c) */
+    RPC_WEIGHTS_LOAD,   /* LoadWeightsStream (rpc/weights.c) */
+};
+#define RPC_KIND_WEIGHTS(k) ((k) == RPC_WEIGHTS_EXPORT || (k) == RPC_WEIGHTS_LOAD)
 
 /* Per-call scratch for a handler: the reply's arena, the error sentence and deferred frees of
  * engine-allocated results the reply borrows from. */
@@ -86,6 +95,9 @@ struct rpc_call {
     int health_sent;   /* last status sent on a Health/Watch, -1 none */
     bool health_known; /* the watched service exists */
     int64_t start_ns;  /* CLOCK_MONOTONIC at arrival (rpc/stats) */
+    /* weight streams (rpc/weights.c): their state, and the tag of their RECV_MESSAGE */
+    struct rpc_wstream *ws;
+    struct rpc_tag recv_tag;
 };
 
 /* Call and event counters (stats.c), read by the metrics exporter through rpc/stats.h. */
@@ -140,6 +152,7 @@ struct ksm_rpc_server {
     pthread_mutex_t limits_lock; /* stream uses */
     struct rpc_stream_use *stream_uses;
     struct rpc_stats stats;
+    atomic_size_t weights_bytes;             /* rpc/weights.c: weight streams' blobs in flight */
     bool inline_call[KSM_RPC_STATS_METHODS]; /* by rpc_methods index: runs on the CQ thread */
     /* calllog.c: warn lines of failed calls and warnings, per method (rows as in stats) */
     struct ksm_log_ratelimit warn_log[KSM_RPC_STATS_METHODS];
@@ -147,6 +160,9 @@ struct ksm_rpc_server {
 
 /* server.c */
 void rpc_call_unref(struct rpc_call *c);
+/* Hands the call to a worker (rpc_weights_run for a weight stream); false once the workers
+ * stopped (shutdown): the caller answers the call itself. */
+bool rpc_enqueue(ksm_rpc_server *s, struct rpc_call *c);
 /* Sends status (with message and, on error, the kasmina-error trailing metadata) and optionally
  * a reply; the batch's completion drops the handling reference. Sends initial metadata unless the
  * stream already did. */
@@ -195,13 +211,15 @@ int rpc_limit_input(ksm_rpc_server *s, const ksm_tensor *input, struct rpc_ctx *
  * the model's classes (vocab_size x T for a transformer), out_dtype a kasmina.v1 DType, copies
  * the configs whose logits are returned (0: none); the _evaluate form an Evaluate reply (explicit
  * configs counted, the standard set as one); the _export form an ExportWeights reply from the
- * model's parameter count. Call them before the engine runs. */
+ * model's parameter count (the host's only when with_host). Call them before the engine runs. */
 int rpc_limit_reply(ksm_rpc_server *s, uint64_t bytes, const char *what, struct rpc_ctx *cx);
 int rpc_limit_reply_logits(ksm_rpc_server *s, ksm_model *m, const ksm_tensor *input, int out_dtype,
                            size_t copies, struct rpc_ctx *cx);
 int rpc_limit_reply_evaluate(ksm_rpc_server *s, ksm_model *m, const struct ksm_evaluate_args *ea,
                              struct rpc_ctx *cx);
-int rpc_limit_reply_export(ksm_rpc_server *s, ksm_model *m, struct rpc_ctx *cx);
+int rpc_limit_reply_export(ksm_rpc_server *s, ksm_model *m, bool with_host, struct rpc_ctx *cx);
+/* The max-reply-bytes sentence for an ExportWeights reply (it names ExportWeightsStream). */
+int rpc_limit_reply_weights(ksm_rpc_server *s, uint64_t bytes, struct rpc_ctx *cx);
 /* Counts a compute call on (model, stream) until the reply is sent (deferred release). */
 int rpc_limit_stream_enter(ksm_rpc_server *s, const char *model_id, const char *stream,
                            struct rpc_ctx *cx);
@@ -254,6 +272,16 @@ int rpc_method_index(const char *path);
 int rpc_server_offline_new(ksm_engine *e, const struct ksm_rpc_server_config *cfg,
                            ksm_rpc_server **out);
 void rpc_server_offline_free(ksm_rpc_server *s);
+
+/* weights.c: LoadWeightsStream and ExportWeightsStream. */
+/* A worker's turn on the stream: its start, or the chunk just received (c->payload). */
+void rpc_weights_run(ksm_rpc_server *s, struct rpc_call *c);
+/* A send batch of the stream completed (completion-queue thread): true when the stream went on
+ * (the next chunk, or the status, is on its way); false for the status batch, which the caller
+ * completes like a unary call's. */
+bool rpc_weights_sent(struct rpc_call *c, bool ok);
+/* Frees the stream's state and releases its share of max-weights-bytes (call_free). */
+void rpc_weights_free(struct rpc_call *c);
 
 /* events.c */
 int rpc_hub_new(ksm_rpc_server *s, struct rpc_hub **out);

@@ -355,3 +355,14 @@ int ksm_service_record_metrics(ksm_service *s, ksm_model *m, const char *slot_id
     rc = ksm_model_record_metrics(m, slot_id, u, report, err, errlen);
     return mutation_end(s, &mu, m, slot_id, rc, err, errlen);
 }
+
+int ksm_service_configure_slot(ksm_service *s, ksm_model *m, const char *slot_id,
+                               const struct ksm_slot_settings *set, struct ksm_slot_report *reports,
+                               size_t cap, size_t *n, char *err, size_t errlen)
+{
+    struct mutation mu;
+    int rc = mutation_begin(s, m, &mu, err, errlen);
+    if (rc != 0) return rc;
+    rc = ksm_model_configure_slot(m, slot_id, set, reports, cap, n, err, errlen);
+    return mutation_end(s, &mu, m, slot_id, rc, err, errlen);
+}

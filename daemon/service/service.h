@@ -132,6 +132,9 @@ int ksm_service_step_epoch(ksm_service *s, ksm_model *m, const char *slot_id,
 int ksm_service_record_metrics(ksm_service *s, ksm_model *m, const char *slot_id,
                                const struct ksm_metrics_update *u, struct ksm_slot_report *report,
                                char *err, size_t errlen);
+int ksm_service_configure_slot(ksm_service *s, ksm_model *m, const char *slot_id,
+                               const struct ksm_slot_settings *set, struct ksm_slot_report *reports,
+                               size_t cap, size_t *n, char *err, size_t errlen);
 
 // ---- Training (docs/training.md) ----
 

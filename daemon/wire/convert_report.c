@@ -196,6 +196,8 @@ int ksm_wire_slot_report_to_pb(const char *model_id, const struct ksm_slot_repor
     pb->metrics = m;
     KSM_TRY(gradients_to_pb(&r->telemetry, sm, a, &pb->gradients));
     pb->isolate_gradients = r->isolate_gradients;
+    KSM_TRY(ksm_wire_gate_levels_to_pb(r->auto_forward_gates, a, &pb->auto_forward_gates,
+                                       &pb->n_auto_forward_gates));
     pb->is_healthy = r->is_healthy;
     pb->seed_params = r->seed_params;
     pb->model_generation = r->model_generation;
@@ -289,6 +291,9 @@ int ksm_wire_slot_report_from_pb(const Kasmina__V1__SlotReport *pb, struct ksm_s
         }
     }
     r->isolate_gradients = pb->isolate_gradients;
+    for (size_t i = 0; i < pb->n_auto_forward_gates; i++)
+        if ((int)pb->auto_forward_gates[i] >= 0 && (int)pb->auto_forward_gates[i] <= 5)
+            r->auto_forward_gates |= 1u << (int)pb->auto_forward_gates[i];
     r->is_healthy = pb->is_healthy;
     r->seed_params = pb->seed_params;
     r->model_generation = pb->model_generation;

@@ -215,7 +215,8 @@ struct ksm_metrics_update {
     bool clear_auto_pruned;
 };
 
-/* SeedStateReport (docs/lifecycle.md#slot-reports) plus the slot settings the daemon reports. */
+/* SeedStateReport (docs/lifecycle.md#slot-reports) plus the slot settings the daemon reports
+ * (isolate_gradients and auto_forward_gates also for an empty slot). */
 struct ksm_slot_report {
     char slot_id[KSM_SLOT_ID_MAX];
     bool occupied; /* false: empty slot (no seed state); the rest is zero */
@@ -239,6 +240,8 @@ struct ksm_slot_report {
     bool has_gate;        /* a GatedBlend module exists */
     uint64_t seed_params; /* live seed + gate parameters */
     uint64_t model_generation;
+    /* The slot's auto-forward gates (ConfigureSlot): bit (1 << KSM_GATE_Gn) for G1, G2, G3. */
+    unsigned auto_forward_gates;
 };
 
 /* A lifecycle event (docs/lifecycle.md#events). values holds the remaining numeric payload fields.
@@ -430,6 +433,19 @@ int ksm_model_step_epoch(ksm_model *m, const char *slot_id, struct ksm_slot_repo
                          size_t cap, size_t *n, char *err, size_t errlen);
 int ksm_model_record_metrics(ksm_model *m, const char *slot_id, const struct ksm_metrics_update *u,
                              struct ksm_slot_report *report, char *err, size_t errlen);
+/* Per-slot settings esper changes at run time (SeedSlot attributes). A setting whose set_ flag is
+ * false keeps its value. */
+struct ksm_slot_settings {
+    bool set_isolate_gradients;
+    bool isolate_gradients;
+    bool set_auto_forward_gates;
+    unsigned auto_forward_gates; /* bit (1 << KSM_GATE_Gn); only G1, G2, G3 (else KSM_EINVAL) */
+};
+/* slot_id NULL/"" = every registered slot. reports (may be NULL, cap entries) receive the reports
+ * of the slots configured, row-major. */
+int ksm_model_configure_slot(ksm_model *m, const char *slot_id, const struct ksm_slot_settings *s,
+                             struct ksm_slot_report *reports, size_t cap, size_t *n, char *err,
+                             size_t errlen);
 /* slot_id NULL/"" = every registered slot, row-major. */
 int ksm_model_slot_reports(ksm_model *m, const char *slot_id, struct ksm_slot_report *reports,
                            size_t cap, size_t *n, char *err, size_t errlen);
@@ -563,6 +579,13 @@ int ksm_model_load_weights(ksm_model *m, const void *buf, size_t len, bool stric
                            struct ksm_load_result *r, char *err, size_t errlen);
 /* *buf is malloc'd. */
 int ksm_model_export_weights(ksm_model *m, void **buf, size_t *len, char *err, size_t errlen);
+/* A partial export (esper's Governor snapshots): only the listed slots' tensors and _extra_state,
+ * plus the host's tensors when include_host; no kasmina.* metadata, so it loads like any esper
+ * file (strict = false). n_slot_ids 0 is ksm_model_export_weights (everything; include_host is
+ * then ignored). KSM_ENOSLOT names an unknown slot, KSM_EINVAL one listed twice. */
+int ksm_model_export_weights_subset(ksm_model *m, const char *const *slot_ids, int n_slot_ids,
+                                    bool include_host, void **buf, size_t *len, char *err,
+                                    size_t errlen);
 
 /* ---- persistence (daemon/io/persist.c) ----
  *

@@ -25,6 +25,17 @@ add_dependencies(rpc_test_client kasminad kasminactl)
 add_test(NAME rpc_client COMMAND rpc_test_client --jobs=1)
 set_tests_properties(rpc_client PROPERTIES LABELS rpc TIMEOUT 300)
 
+# The client's weight streams (AUTO past its message limit, a cancelled stream, partial exports,
+# ConfigureSlot); under ASan the daemon's exit checks that a cancelled stream freed everything.
+add_executable(rpc_test_weights_client ${PROJECT_SOURCE_DIR}/tests/rpc/test_weights_client.c)
+target_compile_options(rpc_test_weights_client PRIVATE ${KSM_C_WARNINGS} -Wno-missing-prototypes)
+target_link_libraries(rpc_test_weights_client PRIVATE ksm_test_helpers kasmina_client
+  Threads::Threads)
+target_compile_definitions(rpc_test_weights_client PRIVATE KSM_KASMINAD="$<TARGET_FILE:kasminad>")
+add_dependencies(rpc_test_weights_client kasminad)
+add_test(NAME rpc_weights_client COMMAND rpc_test_weights_client --jobs=1)
+set_tests_properties(rpc_weights_client PROPERTIES LABELS rpc TIMEOUT 240)
+
 # kasminactl: every subcommand (tables and --json), --help everywhere, exit code classes.
 if(Python3_Interpreter_FOUND)
   add_test(NAME rpc_kasminactl
@@ -62,6 +73,17 @@ if(KSM_HAVE_PYTHON_STUBS AND Python3_Interpreter_FOUND)
     COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/rpc/test_checkpoint.py
             $<TARGET_FILE:kasminad> $<TARGET_FILE:kasminactl> ${KSM_PY_DIR})
   set_tests_properties(rpc_checkpoint PROPERTIES LABELS rpc TIMEOUT 300
+    ENVIRONMENT "PYTHONPATH=${KSM_PY_DIR}")
+endif()
+
+# Big weights (issue 16, part 3): an ~80 MB model through ExportWeightsStream/LoadWeightsStream
+# with the default limits, broken and cancelled streams, partial exports, ConfigureSlot across a
+# restart, kasminactl's flags.
+if(KSM_HAVE_PYTHON_STUBS AND Python3_Interpreter_FOUND)
+  add_test(NAME rpc_weights_stream
+    COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/rpc/test_weights_stream.py
+            $<TARGET_FILE:kasminad> ${KSM_PY_DIR} $<TARGET_FILE:kasminactl>)
+  set_tests_properties(rpc_weights_stream PROPERTIES LABELS rpc TIMEOUT 300
     ENVIRONMENT "PYTHONPATH=${KSM_PY_DIR}")
 endif()
 

@@ -61,7 +61,12 @@ Test(advice, zero_host_fields_name_the_defaults_the_model_took)
     ts.transformer.vocab_size = 256;
     struct ksm_model_info ti = {.topology = KSM_TOPOLOGY_TRANSFORMER};
     strcpy(ti.model_id, "t");
-    ti.transformer = (struct ksm_transformer_spec){256, 384, 6, 6, 256, 3};
+    ti.transformer = (struct ksm_transformer_spec){.vocab_size = 256,
+                                                   .n_embd = 384,
+                                                   .n_head = 6,
+                                                   .n_layer = 6,
+                                                   .block_size = 256,
+                                                   .num_segments = 3};
     ksm_advise_model_created(&ts, &ti, &a);
     cr_assert_eq(a.n, 2);
     cr_expect(strstr(a.item[1].text, "host.transformer") &&

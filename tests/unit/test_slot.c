@@ -1704,3 +1704,39 @@ Test(slot, refusals_explain_themselves)
     g = advance(KSM_STAGE_UNKNOWN);
     EXPECT_DETAIL(g, "no_valid_transition", "the seed's stage has no forward transition");
 }
+
+/* ConfigureSlot's per-slot auto-forward gates: kept as _kasmina_auto_forward_gates when they
+ * differ from the model's (env) gates; absent means the model's; only levels 1..3. */
+Test(slot, extra_state_keeps_per_slot_auto_forward_gates)
+{
+    setup_env(true, 1u << KSM_GATE_G1, KSM_TOPOLOGY_CNN);
+    cr_expect_eq(S.auto_forward, 1u << KSM_GATE_G1, "a new slot takes the model's gates");
+    char *plain = ksm_slot_extra_state_json(&S);
+    cr_expect_null(strstr(plain, "_kasmina_auto_forward_gates"), "%s", plain);
+    S.auto_forward = (1u << KSM_GATE_G2) | (1u << KSM_GATE_G3);
+    roundtrip_check();
+    char *js = ksm_slot_extra_state_json(&S);
+    cr_expect_not_null(strstr(js, "\"_kasmina_auto_forward_gates\":[2,3]"), "%s", js);
+    struct ksm_slot out;
+    char err[256] = "";
+    /* A document without the key (esper's, or one written at the default) resets to the model's. */
+    cr_assert_eq(ksm_slot_extra_state_parse(&S, plain, &out, NULL, NULL, err, sizeof err), 0, "%s",
+                 err);
+    cr_expect_eq(out.auto_forward, 1u << KSM_GATE_G1);
+    S.auto_forward = 0;
+    free(js);
+    js = ksm_slot_extra_state_json(&S);
+    cr_expect_not_null(strstr(js, "\"_kasmina_auto_forward_gates\":[]"), "%s", js);
+    roundtrip_check();
+    const char *bad[] = {"[0]", "[4]", "[1.5]", "\"G1\"", "[\"G1\"]"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char to[64];
+        snprintf(to, sizeof to, "\"_kasmina_auto_forward_gates\":%s", bad[i]);
+        char *doc = replace_once(js, "\"_kasmina_auto_forward_gates\":[]", to);
+        cr_expect_eq(ksm_slot_extra_state_parse(&S, doc, &out, NULL, NULL, err, sizeof err),
+                     KSM_EFORMAT, "%s accepted", bad[i]);
+        free(doc);
+    }
+    free(js);
+    free(plain);
+}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import os
 import warnings
+import zlib
 
 import numpy as np
 
@@ -248,6 +249,7 @@ class Client:
     def __init__(self, target=None, timeout=30.0, token=None, max_message=64 << 20,
                  wait_for_ready=False, credentials=None):
         self.target = target or default_target()
+        self.max_message = max_message
         self.timeout = timeout
         self.wait_for_ready = wait_for_ready
         opts = [
@@ -329,19 +331,56 @@ class Client:
         return self._call("DeleteModel", self._stub.DeleteModel,
                           pb.DeleteModelRequest(model_id=model_id), timeout).freed_bytes
 
-    def load_weights(self, model_id, safetensors, strict=False, timeout=None):
-        """safetensors: the file's bytes or a path."""
+    def load_weights(self, model_id, safetensors, strict=False, stream=None, chunk_bytes=2 << 20,
+                     timeout=None):
+        """safetensors: the file's bytes or a path. stream: True sends it in CRC-32-checked
+        chunks (LoadWeightsStream, any size), False in one LoadWeights message (at most the
+        daemon's max-message-bytes and this client's max_message), None (the default) streams
+        when one message is too small for it."""
         if isinstance(safetensors, (str, os.PathLike)):
             with open(safetensors, "rb") as f:
                 safetensors = f.read()
+        blob = bytes(safetensors)
+        if stream is None:
+            stream = len(blob) + 1024 > self.max_message
+            if not stream:
+                try:
+                    return self.load_weights(model_id, blob, strict, False, chunk_bytes, timeout)
+                except KasminaError as e:
+                    if e.code != grpc.StatusCode.RESOURCE_EXHAUSTED or \
+                            "max-message-bytes" not in (e.details or ""):
+                        raise
+                    stream = True
+        if stream:
+            chunk_bytes = min(chunk_bytes, self.max_message - 4096)
+            return self._call("LoadWeightsStream", self._stub.LoadWeightsStream,
+                              _chunks(blob, model_id, strict, chunk_bytes), timeout)
         return self._call("LoadWeights", self._stub.LoadWeights,
-                          pb.LoadWeightsRequest(model_id=model_id, safetensors=bytes(safetensors),
+                          pb.LoadWeightsRequest(model_id=model_id, safetensors=blob,
                                                 strict=strict), timeout)
 
-    def export_weights(self, model_id, timeout=None):
-        """The state_dict as safetensors bytes."""
-        return self._call("ExportWeights", self._stub.ExportWeights,
-                          pb.ExportWeightsRequest(model_id=model_id), timeout).safetensors
+    def export_weights(self, model_id, slots=(), include_host=False, stream=None, timeout=None):
+        """The state_dict as safetensors bytes. slots: only these slots' tensors and extra state
+        (esper's Governor snapshots), plus the host's when include_host. stream: True receives it
+        in CRC-32-checked chunks (ExportWeightsStream, any size), False in one ExportWeights
+        message (at most the daemon's max-reply-bytes and this client's max_message), None (the
+        default) streams, or uses the unary call with a daemon that lacks the stream."""
+        req = pb.ExportWeightsRequest(model_id=model_id, slots=list(slots),
+                                      include_host=include_host)
+        if stream is False:
+            return self._call("ExportWeights", self._stub.ExportWeights, req,
+                              timeout).safetensors
+        try:
+            # chunks that fit this client's message limit (2 MiB by default)
+            req.chunk_bytes = max(4096, min(2 << 20, self.max_message - 4096))
+            chunks = self._stub.ExportWeightsStream(
+                req, timeout=timeout or self.timeout, metadata=self._metadata,
+                wait_for_ready=self.wait_for_ready)
+            return _join_chunks(chunks)
+        except grpc.RpcError as e:
+            if stream is None and e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return self.export_weights(model_id, slots, include_host, False, timeout)
+            raise _error(e, "ExportWeightsStream") from None
 
     def move_model(self, model_id, device="", dtype=None, timeout=None):
         return self._call("MoveModel", self._stub.MoveModel,
@@ -429,6 +468,19 @@ class Client:
             if v is not None:
                 setattr(req.gradients, name, v)
         return self._call("RecordMetrics", self._stub.RecordMetrics, req, timeout)
+
+    def configure_slot(self, model_id, slot_id="", isolate_gradients=None,
+                       auto_forward_gates=None, timeout=None):
+        """Per-slot settings esper changes at run time (SeedSlot.isolate_gradients,
+        SeedSlot.auto_forward_gates: gates "G1", "G2", "G3"; () = none). None keeps a setting;
+        slot_id "" = every slot. Returns the configured slots' reports."""
+        req = pb.ConfigureSlotRequest(model_id=model_id, slot_id=slot_id)
+        if isolate_gradients is not None:
+            req.isolate_gradients = bool(isolate_gradients)
+        if auto_forward_gates is not None:
+            req.auto_forward_gates.SetInParent()
+            req.auto_forward_gates.gates.extend(_gate(g) for g in auto_forward_gates)
+        return list(self._call("ConfigureSlot", self._stub.ConfigureSlot, req, timeout).slots)
 
     def slot_reports(self, model_id, slot_id="", timeout=None):
         return list(self._call("GetSlotReports", self._stub.GetSlotReports,
@@ -553,6 +605,53 @@ class Client:
     def empty_cache(self, device="", timeout=None):
         return list(self._call("EmptyCache", self._stub.EmptyCache,
                                pb.EmptyCacheRequest(device=device), timeout).devices)
+
+
+def _chunks(blob, model_id, strict, chunk_bytes):
+    """The WeightsChunk messages of a LoadWeightsStream."""
+    if not blob:
+        raise KasminaError(grpc.StatusCode.INVALID_ARGUMENT,
+                           "the safetensors blob must not be empty", "KSM_EINVAL",
+                           "LoadWeightsStream")
+    total, crc = len(blob), zlib.crc32(blob)
+    view = memoryview(blob)
+    for off in range(0, total, max(1, int(chunk_bytes))):
+        data = bytes(view[off:off + chunk_bytes])
+        c = pb.WeightsChunk(offset=off, data=data, crc32=zlib.crc32(data))
+        if off == 0:
+            c.model_id, c.total_bytes, c.strict = model_id, total, strict
+        if off + len(data) == total:
+            c.blob_crc32 = crc
+        yield c
+
+
+def _join_chunks(chunks):
+    """The blob of an ExportWeightsStream, its chunks' order and CRC-32s checked."""
+    parts, have, total, crc, last = [], 0, None, 0, None
+    for c in chunks:
+        if total is None:
+            total = c.total_bytes
+        if c.offset != have or not c.data or have + len(c.data) > total:
+            raise KasminaError(grpc.StatusCode.INTERNAL,
+                               f"the export stream's chunk at {c.offset} does not follow the "
+                               f"{have} of {total} bytes received", "KSM_EFORMAT",
+                               "ExportWeightsStream")
+        if zlib.crc32(c.data) != c.crc32:
+            raise KasminaError(grpc.StatusCode.DATA_LOSS,
+                               f"the export stream's chunk at {c.offset} failed its CRC-32",
+                               "KSM_EBADMSG", "ExportWeightsStream")
+        parts.append(c.data)
+        crc = zlib.crc32(c.data, crc)
+        have += len(c.data)
+        last = c
+    if total is None or have != total:
+        raise KasminaError(grpc.StatusCode.INTERNAL,
+                           f"the export stream ended after {have} of {total} bytes",
+                           "KSM_EFORMAT", "ExportWeightsStream")
+    if crc != last.blob_crc32:
+        raise KasminaError(grpc.StatusCode.DATA_LOSS, "the exported blob failed its CRC-32",
+                           "KSM_EBADMSG", "ExportWeightsStream")
+    return b"".join(parts)
 
 
 class _EventStream:
