@@ -73,7 +73,8 @@ void ksm_rpc_server_method_stats(ksm_rpc_server *s, size_t i, struct ksm_rpc_met
         int svc_len = slash != NULL ? (int)(slash - path) : 0;
         snprintf(out->service, sizeof out->service, "%.*s", svc_len, path);
         snprintf(out->method, sizeof out->method, "%s", slash != NULL ? slash + 1 : path);
-        out->streaming = m->kind == RPC_EVENTS || m->kind == RPC_HEALTH_WATCH;
+        out->streaming =
+            m->kind == RPC_EVENTS || m->kind == RPC_HEALTH_WATCH || m->kind == RPC_REFLECTION;
     } else {
         snprintf(out->method, sizeof out->method, "unknown");
     }
