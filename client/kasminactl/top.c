@@ -4,14 +4,17 @@
  * (GetServerInfo, health Check, GetMemoryStats, GetCacheStats, ListModels, GetSlotReports per
  * model), rendered into a buffer and written at once.
  *
- * Live mode (the default on a terminal) draws on the alternate screen and redraws in place every
- * --interval seconds with ANSI escape sequences (cursor home, clear to end of line/screen), cut
- * to the terminal's size; Ctrl-C (or SIGTERM) restores the screen. Between frames the rate
- * columns (cache hits/s, allocations/s) are the differences over the interval. A failed call is
- * shown in the frame and retried at the next one.
+ * Live mode on a terminal draws on the alternate screen and redraws in place every --interval
+ * seconds with ANSI escape sequences (cursor home, clear to end of line/screen), cut to the
+ * terminal's size; Ctrl-C (or SIGTERM) restores the screen. When stdout is not a terminal the
+ * frames are written one after the other as plain text (no escape sequence at all). Between
+ * frames the rate columns (cache hits/s, allocations/s) are the differences over the interval. A
+ * failed call is shown in the frame and retried at the next one.
  *
- * --once prints a single frame as plain text (no escape sequences) and exits with the exit code
- * of the first failed call, so scripts and tests can read it.
+ * --once prints a single frame and exits with the exit code of the first failed call, so scripts
+ * and tests can read it. --model ID shows one model (its caches and slots; memory stays per
+ * device). Empty slots are hidden unless --all-slots. --json writes each frame as one JSON
+ * document instead (indented with --once; one line per frame in live mode, JSON Lines).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -49,6 +52,9 @@ struct top_prev_dev {
 };
 
 struct top_state {
+    const char *model; /* --model: only this model's caches, model row and slots */
+    bool all_slots;    /* --all-slots: empty slots too */
+    json_t *doc;       /* --json: the frame being built (the text goes nowhere) */
     double interval;
     struct timespec last;
     bool have_last;
@@ -83,25 +89,39 @@ static const char *top_rate(bool have, uint64_t now, uint64_t before, double dt,
     return buf;
 }
 
-/* One failed call: a line in the frame; the first one's exit code is kept. */
-static void top_fail(struct ctl *x, FILE *f, const char *what, int *exit_code)
+/* One failed call: a line in the frame (an entry of "errors" in JSON); the first one's exit
+ * code is kept. */
+static void top_fail_msg(struct top_state *s, FILE *f, const char *what, const char *message,
+                         int grpc_status, int *exit_code)
 {
-    fprintf(f, "%s: %s (%s)\n", what, x->err.message,
-            ksm_client_grpc_status_name(x->err.grpc_status));
+    const char *status = ksm_client_grpc_status_name(grpc_status);
+    if (s->doc != NULL) {
+        json_t *errs = json_object_get(s->doc, "errors");
+        json_array_append_new(
+            errs, json_pack("{s:s, s:s, s:s}", "call", what, "message", message, "status", status));
+    } else {
+        fprintf(f, "%s: %s (%s)\n", what, message, status);
+    }
     if (*exit_code == 0) {
-        int rc = ctl_exit_code(x->err.grpc_status);
+        int rc = ctl_exit_code(grpc_status);
         *exit_code = rc == CTL_EXIT_OK ? CTL_EXIT_OTHER : rc;
     }
+}
+
+static void top_fail(struct ctl *x, struct top_state *s, FILE *f, const char *what, int *exit_code)
+{
+    top_fail_msg(s, f, what, x->err.message, x->err.grpc_status, exit_code);
 }
 
 static void top_memory(struct ctl *x, struct top_state *s, double dt, FILE *f, int *exit_code)
 {
     struct ksm_client_memory_stats ms = {0};
-    fprintf(f, "\nMEMORY\n");
+    if (s->doc == NULL) fprintf(f, "\nMEMORY\n");
     if (ksm_client_memory_stats(x->client, NULL, &ms, &x->err) != 0) {
-        top_fail(x, f, "GetMemoryStats", exit_code);
+        top_fail(x, s, f, "GetMemoryStats", exit_code);
         return;
     }
+    json_t *jdev = s->doc != NULL ? json_object_get(s->doc, "memory") : NULL;
     static const char *const h[] = {"DEVICE", "ALLOCATED", "PEAK",      "RESERVED", "PEAK",
                                     "ACTIVE", "TOTAL",     "CAP",       "BLOCKS",   "ALLOCS/S",
                                     "OOMS",   "RETRIES",   "CACHE-HITS"};
@@ -135,6 +155,14 @@ static void top_memory(struct ctl *x, struct top_state *s, double dt, FILE *f, i
         ctl_table_cell(t, "%" PRIu64, d->stats.num_ooms);
         ctl_table_cell(t, "%" PRIu64, d->stats.num_alloc_retries);
         ctl_table_cell(t, "%" PRIu64, d->stats.cache_hits);
+        if (jdev != NULL) {
+            json_t *jd = ctl_json_mem_stats(&d->stats);
+            json_object_set_new(jd, "device", json_string(d->device));
+            if (prev != NULL && dt > 0 && allocs >= prev->allocs)
+                json_object_set_new(jd, "allocations_per_s",
+                                    json_real((double)(allocs - prev->allocs) / dt));
+            json_array_append_new(jdev, jd);
+        }
         if (n_next < 64) {
             snprintf(next[n_next].device, sizeof next[n_next].device, "%s", d->device);
             next[n_next].allocs = allocs;
@@ -142,7 +170,7 @@ static void top_memory(struct ctl *x, struct top_state *s, double dt, FILE *f, i
             n_next++;
         }
     }
-    ctl_table_print(t, f);
+    if (s->doc == NULL) ctl_table_print(t, f);
     ctl_table_free(t);
     memcpy(s->dev, next, n_next * sizeof next[0]);
     s->n_dev = n_next;
@@ -153,16 +181,19 @@ static void top_caches(struct ctl *x, struct top_state *s, double dt, FILE *f, i
 {
     struct ksm_client_cache_counters *cc = NULL;
     size_t n = 0;
-    fprintf(f, "\nCACHES\n");
-    if (ksm_client_cache_stats(x->client, NULL, &cc, &n, &x->err) != 0) {
-        top_fail(x, f, "GetCacheStats", exit_code);
+    if (s->doc == NULL) fprintf(f, "\nCACHES\n");
+    if (ksm_client_cache_stats(x->client, s->model, &cc, &n, &x->err) != 0) {
+        /* --model of a model that does not exist: said once, by the models section */
+        if (!(s->model != NULL && x->err.code == KSM_ENOMODEL))
+            top_fail(x, s, f, "GetCacheStats", exit_code);
         return;
     }
     if (n == 0) {
-        fprintf(f, "(no model)\n");
+        if (s->doc == NULL) fprintf(f, "(no model)\n");
         free(cc);
         return;
     }
+    json_t *jc = s->doc != NULL ? json_object_get(s->doc, "caches") : NULL;
     static const char *const h[] = {"MODEL",  "SLOT",    "CACHE", "HITS",    "MISSES",    "HIT%",
                                     "HITS/S", "ENTRIES", "BYTES", "EVICTED", "RECOMPILES"};
     struct ctl_table *t = ctl_table_new(11, h);
@@ -189,13 +220,20 @@ static void top_caches(struct ctl *x, struct top_state *s, double dt, FILE *f, i
         ctl_table_cell(t, "%s", ctl_bytes(c->bytes, b[2], 32));
         ctl_table_cell(t, "%" PRIu64, c->evictions);
         ctl_table_cell(t, "%" PRIu64, c->recompiles);
+        if (jc != NULL) {
+            json_t *o = ctl_json_cache_counters(cc[i].model_id, c);
+            if (prev != NULL && dt > 0 && c->hits >= prev->hits)
+                json_object_set_new(o, "hits_per_s",
+                                    json_real((double)(c->hits - prev->hits) / dt));
+            json_array_append_new(jc, o);
+        }
         if (next != NULL && i < cap) {
             snprintf(next[i].key, sizeof next[i].key, "%s", key);
             next[i].hits = c->hits;
             next[i].misses = c->misses;
         }
     }
-    ctl_table_print(t, f);
+    if (s->doc == NULL) ctl_table_print(t, f);
     ctl_table_free(t);
     free(s->cache);
     s->cache = next;
@@ -203,42 +241,71 @@ static void top_caches(struct ctl *x, struct top_state *s, double dt, FILE *f, i
     free(cc);
 }
 
-static void top_models(struct ctl *x, FILE *f, int *exit_code)
+static void top_models(struct ctl *x, struct top_state *s, FILE *f, int *exit_code)
 {
     struct ksm_model_info *m = NULL;
     size_t n = 0;
-    fprintf(f, "\nMODELS\n");
+    if (s->doc == NULL) fprintf(f, "\nMODELS\n");
     if (ksm_client_model_list(x->client, &m, &n, &x->err) != 0) {
-        top_fail(x, f, "ListModels", exit_code);
+        top_fail(x, s, f, "ListModels", exit_code);
         return;
     }
+    if (s->model != NULL) { /* keep the one asked for */
+        size_t k = 0;
+        for (size_t i = 0; i < n; i++)
+            if (!strcmp(m[i].model_id, s->model)) m[k++] = m[i];
+        n = k;
+        if (n == 0) {
+            char msg[KSM_ID_MAX + 64];
+            snprintf(msg, sizeof msg, "model '%s' not found", s->model);
+            top_fail_msg(s, f, "ListModels", msg, 5 /* NOT_FOUND */, exit_code);
+            free(m);
+            return;
+        }
+    }
     if (n == 0) {
-        fprintf(f, "(no model)\n");
+        if (s->doc == NULL) fprintf(f, "(no model)\n");
         free(m);
         return;
     }
-    ctl_print_models(m, n, f);
+    json_t *jm = s->doc != NULL ? json_object_get(s->doc, "models") : NULL;
+    json_t *js = s->doc != NULL ? json_object_get(s->doc, "slots") : NULL;
+    if (jm != NULL)
+        for (size_t i = 0; i < n; i++) json_array_append_new(jm, ctl_json_model(&m[i]));
+    else
+        ctl_print_models(m, n, f);
 
-    fprintf(f, "\nSLOTS\n");
+    if (s->doc == NULL) fprintf(f, "\nSLOTS\n");
     struct ksm_slot_report *r = calloc(KSM_MAX_SLOTS, sizeof *r);
     if (r == NULL) {
         free(m);
         return;
     }
-    static const char *const h[] = {"MODEL", "SLOT",  "STAGE",      "ALPHA",     "TARGET",
-                                    "MODE",  "EPOCH", "GENERATION", "BLUEPRINT", "SEED"};
-    struct ctl_table *t = ctl_table_new(10, h);
+    static const char *const h[] = {"MODEL", "SLOT",       "STAGE",     "ALPHA", "TARGET", "MODE",
+                                    "EPOCH", "GENERATION", "BLUEPRINT", "SEED",  "ACC"};
+    struct ctl_table *t = ctl_table_new(11, h);
     for (int c = 3; c < 8; c++) ctl_table_right(t, c);
+    ctl_table_right(t, 10);
+    size_t hidden = 0;
     for (size_t i = 0; i < n; i++) {
         size_t nr = 0;
         if (ksm_client_slot_reports(x->client, m[i].model_id, NULL, r, KSM_MAX_SLOTS, &nr,
                                     &x->err) != 0) {
             /* A model deleted between ListModels and here is not an error worth a line. */
-            if (x->err.code != KSM_ENOMODEL) top_fail(x, f, "GetSlotReports", exit_code);
+            if (x->err.code != KSM_ENOMODEL) top_fail(x, s, f, "GetSlotReports", exit_code);
             continue;
         }
         if (nr > KSM_MAX_SLOTS) nr = KSM_MAX_SLOTS;
         for (size_t k = 0; k < nr; k++) {
+            if (!r[k].occupied && !s->all_slots) {
+                hidden++;
+                continue;
+            }
+            if (js != NULL) {
+                json_t *o = ctl_json_slot_report(&r[k]);
+                json_object_set_new(o, "model_id", json_string(m[i].model_id));
+                json_array_append_new(js, o);
+            }
             ctl_table_row(t);
             ctl_table_cell(t, "%s", m[i].model_id);
             ctl_table_cell(t, "%s", r[k].slot_id);
@@ -254,9 +321,17 @@ static void top_models(struct ctl *x, FILE *f, int *exit_code)
             ctl_table_cell(t, "%" PRIu64, r[k].model_generation);
             ctl_table_cell(t, "%s", r[k].blueprint_id);
             ctl_table_cell(t, "%s", r[k].seed_id);
+            ctl_table_cell(t, "%.2f", r[k].metrics.current_val_accuracy);
         }
     }
-    ctl_table_print(t, f);
+    if (s->doc != NULL)
+        json_object_set_new(s->doc, "empty_slots_hidden", json_integer((json_int_t)hidden));
+    else {
+        ctl_table_print(t, f);
+        if (hidden > 0)
+            fprintf(f, "(%zu empty slot%s hidden; --all-slots shows them)\n", hidden,
+                    hidden == 1 ? "" : "s");
+    }
     ctl_table_free(t);
     free(r);
     free(m);
@@ -278,22 +353,40 @@ static int top_frame(struct ctl *x, struct top_state *s, FILE *f)
     struct ksm_client_server_info info = {0};
     enum ksm_health_status hs = KSM_HEALTH_UNKNOWN;
     bool have_info = ksm_client_server_info(x->client, &info, &x->err) == 0;
+    if (s->doc != NULL) {
+        json_object_set_new(s->doc, "target", json_string(x->target));
+        json_object_set_new(s->doc, "time", json_integer((json_int_t)wall));
+        if (s->model != NULL) json_object_set_new(s->doc, "model", json_string(s->model));
+        json_object_set_new(s->doc, "errors", json_array());
+    }
     if (!have_info) {
-        fprintf(f, "kasminactl top  %s  %s\n", x->target, when);
-        top_fail(x, f, "GetServerInfo", &exit_code);
+        if (s->doc == NULL) fprintf(f, "kasminactl top  %s  %s\n", x->target, when);
+        top_fail(x, s, f, "GetServerInfo", &exit_code);
         s->have_last = false; /* rates restart after an outage */
         return exit_code;
     }
     if (ksm_client_health(x->client, "", &hs, &x->err) != 0) hs = KSM_HEALTH_UNKNOWN;
-    fprintf(f, "%s %s  %s  %s  %s", info.name, info.version, x->target, ksm_health_status_name(hs),
-            when);
-    if (s->interval > 0) fprintf(f, "  every %.1f s", s->interval);
-    fputc('\n', f);
+    if (s->doc != NULL) {
+        json_object_set_new(s->doc, "server", json_string(info.name));
+        json_object_set_new(s->doc, "version", json_string(info.version));
+        json_object_set_new(s->doc, "health", json_string(ksm_health_status_name(hs)));
+        if (s->interval > 0) json_object_set_new(s->doc, "interval_s", json_real(s->interval));
+        json_object_set_new(s->doc, "memory", json_array());
+        json_object_set_new(s->doc, "caches", json_array());
+        json_object_set_new(s->doc, "models", json_array());
+        json_object_set_new(s->doc, "slots", json_array());
+    } else {
+        fprintf(f, "%s %s  %s  %s  %s", info.name, info.version, x->target,
+                ksm_health_status_name(hs), when);
+        if (s->model != NULL) fprintf(f, "  model %s", s->model);
+        if (s->interval > 0) fprintf(f, "  every %.1f s", s->interval);
+        fputc('\n', f);
+    }
     ksm_client_server_info_free(&info);
 
     top_memory(x, s, dt, f, &exit_code);
     top_caches(x, s, dt, f, &exit_code);
-    top_models(x, f, &exit_code);
+    top_models(x, s, f, &exit_code);
     s->last = now;
     s->have_last = true;
     return exit_code;
@@ -335,6 +428,8 @@ struct top_args {
     bool once;
     double interval;
     uint64_t count;
+    const char *model;
+    bool all_slots;
 };
 
 static int set_interval(void *args, const char *opt, const char *arg, char *err, size_t errlen)
@@ -355,6 +450,10 @@ static const struct ctl_opt top_opts[] = {
      "print one plain-text frame and exit (for scripts)"},
     {"count", "N", CTL_ARG_U64, offsetof(struct top_args, count), 0, NULL,
      "stop after N frames (default: until Ctrl-C)"},
+    {"model", "ID", CTL_ARG_STRING, offsetof(struct top_args, model), 0, NULL,
+     "show only this model's caches and slots (memory stays per device)"},
+    {"all-slots", NULL, CTL_ARG_FLAG, offsetof(struct top_args, all_slots), 0, NULL,
+     "show empty slots too (hidden by default)"},
     {0},
 };
 
@@ -367,13 +466,17 @@ static int run_top(struct ctl *x, void *args)
     double interval = a->interval;
     uint64_t count = a->count;
     int rc;
-    if (x->json) return ctl_usage_error(x, "--json is not supported by top (use stats, slots)");
+    if (a->model != NULL && a->model[0] == '\0')
+        return ctl_usage_error(x, "--model needs a model id");
     rc = ctl_connect(x);
     if (rc) return rc;
 
-    struct top_state s = {.interval = once ? 0 : interval};
+    struct top_state s = {
+        .interval = once ? 0 : interval, .model = a->model, .all_slots = a->all_slots};
     if (once) {
+        if (x->json) s.doc = json_object();
         rc = top_frame(x, &s, stdout);
+        if (s.doc != NULL) ctl_json_print(s.doc, stdout);
         free(s.cache);
         return rc;
     }
@@ -383,7 +486,7 @@ static int run_top(struct ctl *x, void *args)
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
-    bool tty = isatty(STDOUT_FILENO);
+    bool tty = isatty(STDOUT_FILENO) && !x->json;
     if (tty) fputs("\x1b[?1049h\x1b[?25l\x1b[2J", stdout);
     for (uint64_t frame = 0; !top_stop && (count == 0 || frame < count); frame++) {
         char *buf = NULL;
@@ -394,22 +497,32 @@ static int run_top(struct ctl *x, void *args)
          * line, not as a frozen screen. */
         ksm_client_set_deadline(x->client,
                                 (uint32_t)(interval * 1000 > 2000 ? interval * 1000 : 2000));
+        if (x->json) s.doc = json_object();
         top_frame(x, &s, m);
         fclose(m);
-        int rows = 10000, cols = 0;
-        struct winsize ws;
-        if (tty && ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_row > 0) {
-            rows = ws.ws_row;
-            cols = ws.ws_col;
+        if (s.doc != NULL) { /* JSON Lines: one compact document per frame */
+            json_dumpf(s.doc, stdout, JSON_COMPACT | JSON_SORT_KEYS | JSON_REAL_PRECISION(10));
+            fputc('\n', stdout);
+            fflush(stdout);
+            json_decref(s.doc);
+            s.doc = NULL;
+        } else if (tty) {
+            int rows = 10000, cols = 0;
+            struct winsize ws;
+            if (ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_row > 0) {
+                rows = ws.ws_row;
+                cols = ws.ws_col;
+            }
+            top_draw(buf, len, rows, cols);
+        } else { /* piped: plain frames, a blank line between them, no escape sequence */
+            if (frame > 0) fputc('\n', stdout);
+            fwrite(buf, 1, len, stdout);
+            fflush(stdout);
         }
-        top_draw(buf, len, rows, cols);
         free(buf);
         if (count == 0 || frame + 1 < count) top_sleep(interval);
     }
-    if (tty)
-        fputs("\x1b[?25h\x1b[?1049l", stdout);
-    else
-        fputc('\n', stdout);
+    if (tty) fputs("\x1b[?25h\x1b[?1049l", stdout);
     fflush(stdout);
     free(s.cache);
     return 0;

@@ -461,6 +461,7 @@ int ksm_model_forward(ksm_model *m, const struct ksm_forward_args *a, struct ksm
         return rc;
     }
     r->compute_ns = (uint64_t)(mono_ns() - t0);
+    ksm_model_add_compute_ns(m, KSM_COMPUTE_FORWARD, r->compute_ns);
     out.data = fa.out_host;
     r->output = out;
     return 0;
@@ -843,6 +844,7 @@ int ksm_model_evaluate(ksm_model *m, const struct ksm_evaluate_args *a,
         goto out;
     }
     r->compute_ns = (uint64_t)(mono_ns() - t0);
+    ksm_model_add_compute_ns(m, KSM_COMPUTE_EVALUATE, r->compute_ns);
     if (K > 0) {
         r->results = calloc((size_t)K, sizeof *r->results);
         if (r->results == NULL) {

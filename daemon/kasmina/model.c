@@ -35,6 +35,18 @@ static void env_emit(void *ud, struct ksm_slot *s, struct ksm_lifecycle_event *e
     snprintf(ev->model_id, sizeof ev->model_id, "%s", m->id);
     if (ev->slot_id[0] == '\0') snprintf(ev->slot_id, sizeof ev->slot_id, "%s", s->id);
     if (ev->timestamp_ns == 0) ev->timestamp_ns = ksm_now_ns();
+    if (ev->type == KSM_EV_SEED_GATE_EVALUATED) {
+        int g = (int)ev->gate.gate;
+        if (g >= 0 && g < KSM_GATE_LEVELS) m->gate_evals[g][ev->gate.passed ? 1 : 0]++;
+        struct ksm_model_slot *ms = ksm_model_find_slot(m, s->id);
+        if (ms != NULL) {
+            ms->has_last_gate = true;
+            snprintf(ms->last_gate.slot_id, sizeof ms->last_gate.slot_id, "%s", ev->slot_id);
+            ms->last_gate.target_stage = ev->target_stage;
+            ms->last_gate.timestamp_ns = ev->timestamp_ns;
+            ms->last_gate.result = ev->gate;
+        }
+    }
     ksm_lifecycle_cb cb = m->engine->event_cb;
     if (cb) cb(m->engine->event_ud, ev);
 }
@@ -348,6 +360,35 @@ static uint64_t resident_locked(ksm_model *m)
             b += ksm_alloc_block_size(m->alloc, ctx->plans[p].arena);
     }
     return b;
+}
+
+int ksm_model_run_stats(ksm_model *m, struct ksm_model_run_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    pthread_mutex_lock(&m->lock);
+    memcpy(out->gate_evaluations, m->gate_evals, sizeof out->gate_evaluations);
+    pthread_mutex_unlock(&m->lock);
+    for (int k = 0; k < KSM_COMPUTE_KINDS; k++) out->compute_ns[k] = atomic_load(&m->compute_ns[k]);
+    return 0;
+}
+
+int ksm_model_last_gates(ksm_model *m, struct ksm_slot_gate *out, size_t cap, size_t *n)
+{
+    size_t k = 0;
+    pthread_mutex_lock(&m->lock);
+    for (int i = 0; i < m->n_slots; i++) {
+        if (!m->slots[i].has_last_gate) continue;
+        if (k < cap) out[k] = m->slots[i].last_gate;
+        k++;
+    }
+    pthread_mutex_unlock(&m->lock);
+    *n = k;
+    return 0;
+}
+
+void ksm_model_add_compute_ns(ksm_model *m, enum ksm_compute_kind kind, uint64_t ns)
+{
+    if ((int)kind >= 0 && kind < KSM_COMPUTE_KINDS) atomic_fetch_add(&m->compute_ns[kind], ns);
 }
 
 int ksm_model_get_info(ksm_model *m, struct ksm_model_info *out)

@@ -82,6 +82,9 @@ struct ksm_model_slot {
     void *probe;
     size_t probe_bytes;
     struct ksm_cache_stat probe_stat;
+    /* The slot's last gate evaluation (ksm_model_last_gates), under the model's lock. */
+    bool has_last_gate;
+    struct ksm_slot_gate last_gate;
 };
 
 struct ksm_model {
@@ -112,6 +115,11 @@ struct ksm_model {
 
     struct ksm_train_state *train; /* train.c; NULL until configured or first stepped */
     uint64_t checkpoint_step;      /* train_step of the snapshot last restored or written */
+
+    /* Run statistics (ksm_model_run_stats): gate evaluations under the lock, compute time
+     * atomically (added after the lock is dropped). */
+    uint64_t gate_evals[KSM_GATE_LEVELS][2];
+    _Atomic uint64_t compute_ns[KSM_COMPUTE_KINDS];
 };
 
 /* train.c: the steps applied (0 before any), with the model's lock held. */

@@ -1356,6 +1356,7 @@ int ksm_model_train_step(ksm_model *m, const struct ksm_train_args *a, struct ks
     r->train_step = t->step;
     r->model_generation = m->generation;
     r->compute_ns = (uint64_t)(mono_ns() - t0);
+    ksm_model_add_compute_ns(m, KSM_COMPUTE_TRAIN, r->compute_ns);
     goto out;
 fail:
     ksm_errf(err, errlen, 0, "train step failed: %s", ksm_strerror(rc));

@@ -27,6 +27,9 @@ struct ksm_metrics_model {
     struct ksm_slot_report *slots; /* every registered slot, row-major */
     size_t n_caches;
     struct ksm_cache_counters *caches;
+    struct ksm_model_run_stats run; /* gate evaluations, compute time */
+    size_t n_gates;
+    struct ksm_slot_gate *gates; /* each slot's last gate evaluation (slots that had one) */
 };
 
 struct ksm_metrics_snapshot {

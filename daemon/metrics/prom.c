@@ -259,6 +259,77 @@ static void render_models(struct ksm_sbuf *b, const struct ksm_metrics_snapshot 
                 sample(b, sf[k].name, lv, 2, v);
             }
     }
+    /* Run gauges: occupied slots only, and only once the quantity was measured. */
+    static const struct {
+        const char *name, *help;
+    } rf[] = {
+        {"kasmina_slot_val_accuracy",
+         "Validation accuracy last recorded for the slot's seed (RecordMetrics val_accuracy)."},
+        {"kasmina_slot_epochs_in_stage", "Epochs the slot's seed has spent in its current stage."},
+        {"kasmina_slot_contribution",
+         "Counterfactual contribution of the slot's seed (accuracy points; once measured)."},
+        {"kasmina_slot_gradient_health",
+         "Gradient health of the slot's seed, 0..1 (once reported by RecordMetrics)."},
+        {"kasmina_slot_gradient_ratio",
+         "Seed-to-host gradient norm ratio of the slot's seed (once measured)."},
+    };
+    for (size_t k = 0; k < sizeof rf / sizeof rf[0]; k++) {
+        family(b, rf[k].name, "gauge", rf[k].help);
+        for (size_t i = 0; i < s->n_models; i++)
+            for (size_t j = 0; j < s->models[i].n_slots; j++) {
+                const struct ksm_slot_report *r = &s->models[i].slots[j];
+                if (!r->occupied) continue;
+                const struct ksm_seed_metrics *sm = &r->metrics;
+                double v;
+                if (k == 0)
+                    v = sm->current_val_accuracy;
+                else if (k == 1)
+                    v = (double)sm->epochs_in_current_stage;
+                else if (k == 2) {
+                    if (!sm->has_counterfactual) continue;
+                    v = sm->counterfactual_contribution;
+                } else if (k == 3) {
+                    if (!r->telemetry.has_gradient_health) continue;
+                    v = r->telemetry.gradient_health;
+                } else {
+                    if (!sm->has_grad_ratio) continue;
+                    v = sm->seed_gradient_norm_ratio;
+                }
+                const char *lv[] = {"model", s->models[i].info.model_id, "slot", r->slot_id};
+                sample(b, rf[k].name, lv, 2, v);
+            }
+    }
+    family(b, "kasmina_slot_last_gate_passed", "gauge",
+           "Outcome of the slot's last gate evaluation (1 passed, 0 failed), labelled by gate.");
+    for (size_t i = 0; i < s->n_models; i++)
+        for (size_t j = 0; j < s->models[i].n_gates; j++) {
+            const struct ksm_slot_gate *g = &s->models[i].gates[j];
+            const char *lv[] = {"model", s->models[i].info.model_id,         "slot", g->slot_id,
+                                "gate",  ksm_gate_level_name(g->result.gate)};
+            sample(b, "kasmina_slot_last_gate_passed", lv, 3, g->result.passed ? 1 : 0);
+        }
+    family(b, "kasmina_gate_evaluations_total", "counter",
+           "Gate evaluations (AdvanceStage and auto-forward gates), by gate and outcome.");
+    static const enum ksm_gate_level gates[] = {KSM_GATE_G0, KSM_GATE_G1, KSM_GATE_G2, KSM_GATE_G3,
+                                                KSM_GATE_G5};
+    for (size_t i = 0; i < s->n_models; i++)
+        for (size_t g = 0; g < sizeof gates / sizeof gates[0]; g++)
+            for (int o = 1; o >= 0; o--) {
+                const char *lv[] = {"model",   s->models[i].info.model_id,
+                                    "gate",    ksm_gate_level_name(gates[g]),
+                                    "outcome", o ? "passed" : "failed"};
+                sample(b, "kasmina_gate_evaluations_total", lv, 3,
+                       (double)s->models[i].run.gate_evaluations[gates[g]][o]);
+            }
+    family(b, "kasmina_model_compute_seconds_total", "counter",
+           "Compute time of successful Forward, Evaluate and TrainStep calls, by kind.");
+    static const char *const kinds[KSM_COMPUTE_KINDS] = {"forward", "evaluate", "train"};
+    for (size_t i = 0; i < s->n_models; i++)
+        for (int k = 0; k < KSM_COMPUTE_KINDS; k++) {
+            const char *lv[] = {"model", s->models[i].info.model_id, "kind", kinds[k]};
+            sample(b, "kasmina_model_compute_seconds_total", lv, 2,
+                   (double)s->models[i].run.compute_ns[k] * 1e-9);
+        }
     family(b, "kasmina_slot_stage_info", "gauge",
            "One series per slot naming its stage and blueprint; the value is 1.");
     for (size_t i = 0; i < s->n_models; i++)

@@ -25,6 +25,7 @@ void ksm_metrics_snapshot_free(struct ksm_metrics_snapshot *s)
     for (size_t i = 0; i < s->n_models; i++) {
         free(s->models[i].slots);
         free(s->models[i].caches);
+        free(s->models[i].gates);
     }
     free(s->models);
     free(s->devices);
@@ -54,6 +55,16 @@ static int take_model(ksm_model *m, struct ksm_metrics_model *out)
         size_t got = 0;
         if (ksm_model_cache_stats(m, out->caches, nc, &got) != 0) got = 0;
         out->n_caches = got < nc ? got : nc;
+    }
+    ksm_model_run_stats(m, &out->run);
+    size_t ng = 0;
+    if (ksm_model_last_gates(m, NULL, 0, &ng) != 0) ng = 0;
+    if (ng > 0) {
+        out->gates = calloc(ng, sizeof *out->gates);
+        if (out->gates == NULL) return KSM_ENOMEM;
+        size_t got = 0;
+        if (ksm_model_last_gates(m, out->gates, ng, &got) != 0) got = 0;
+        out->n_gates = got < ng ? got : ng;
     }
     return 0;
 }

@@ -3,6 +3,8 @@
  * built with jansson so every string is escaped correctly.
  */
 #include <jansson.h>
+#include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -31,12 +33,15 @@ static json_t *device_json(const struct ksm_metrics_device *d)
 
 static json_t *slot_json(const struct ksm_slot_report *r)
 {
-    return json_pack("{s:s, s:b, s:i, s:s, s:f, s:f, s:s, s:s, s:s, s:I}", "slot", r->slot_id,
-                     "occupied", r->occupied, "stage", (int)r->stage, "stage_name",
+    return json_pack("{s:s, s:b, s:i, s:s, s:f, s:f, s:s, s:s, s:s, s:I, s:f, s:i}", "slot",
+                     r->slot_id, "occupied", r->occupied, "stage", (int)r->stage, "stage_name",
                      r->occupied ? ksm_stage_name(r->stage) : "EMPTY", "alpha", r->controller.alpha,
                      "alpha_target", r->controller.alpha_target, "seed", r->seed_id, "blueprint",
                      r->blueprint_id, "alpha_mode", ksm_alpha_mode_name(r->controller.mode),
-                     "seed_params", (json_int_t)r->seed_params);
+                     "seed_params", (json_int_t)r->seed_params, "val_accuracy",
+                     isfinite(r->metrics.current_val_accuracy) ? r->metrics.current_val_accuracy
+                                                               : 0.0,
+                     "epochs_in_stage", (int)r->metrics.epochs_in_current_stage);
 }
 
 static json_t *cache_json(const char *model, const struct ksm_cache_counters *c)
@@ -48,6 +53,53 @@ static json_t *cache_json(const char *model, const struct ksm_cache_counters *c)
                      "entries", (json_int_t)c->entries, "capacity", (json_int_t)c->capacity,
                      "bytes", (json_int_t)c->bytes);
 }
+
+static json_t *gate_json(const struct ksm_slot_gate *g)
+{
+    const struct ksm_gate_result *r = &g->result;
+    json_t *failed = json_array();
+    for (int i = 0; failed != NULL && i < r->n_checks; i++) {
+        const struct ksm_gate_check *c = &r->checks[i];
+        if (c->passed) continue;
+        json_array_append_new(failed, json_pack("{s:s, s:s}", "name", c->name, "detail",
+                                                c->detail[0] ? c->detail : c->name));
+    }
+    return json_pack("{s:s, s:s, s:b, s:f, s:s, s:f, s:o*}", "slot", g->slot_id, "gate",
+                     ksm_gate_level_name(r->gate), "passed", r->passed, "score", r->score,
+                     "target_stage", ksm_stage_name(g->target_stage), "time",
+                     (double)g->timestamp_ns * 1e-9, "failed_checks", failed);
+}
+
+static json_t *event_json(const struct ksm_lifecycle_event *ev, uint64_t seq)
+{
+    char text[256] = "";
+    switch (ev->type) {
+    case KSM_EV_SEED_GERMINATED: snprintf(text, sizeof text, "%s", ev->blueprint_id); break;
+    case KSM_EV_SEED_STAGE_CHANGED:
+        snprintf(text, sizeof text, "%s -> %s", ksm_stage_name(ev->from_stage),
+                 ksm_stage_name(ev->to_stage));
+        break;
+    case KSM_EV_SEED_GATE_EVALUATED: {
+        size_t n = (size_t)snprintf(
+            text, sizeof text, "%s for %s: %s", ksm_gate_level_name(ev->gate.gate),
+            ksm_stage_name(ev->target_stage), ev->gate.passed ? "passed" : "failed");
+        for (int i = 0; i < ev->gate.n_checks && n < sizeof text; i++) {
+            const struct ksm_gate_check *c = &ev->gate.checks[i];
+            if (c->passed) continue;
+            n += (size_t)snprintf(text + n, sizeof text - n, "; %s",
+                                  c->detail[0] ? c->detail : c->name);
+        }
+        break;
+    }
+    case KSM_EV_SEED_PRUNED: snprintf(text, sizeof text, "%s", ev->reason); break;
+    default: break;
+    }
+    return json_pack("{s:I, s:f, s:s, s:s, s:s, s:s}", "seq", (json_int_t)seq, "time",
+                     (double)ev->timestamp_ns * 1e-9, "type", ksm_lifecycle_type_name(ev->type),
+                     "model", ev->model_id, "slot", ev->slot_id, "text", text);
+}
+
+#define STATUS_EVENTS 50 /* events in /status.json */
 
 /* json_array_append_new / json_object_set_new that remember a failure. */
 static void add(json_t *arr, json_t *v, bool *ok)
@@ -95,6 +147,15 @@ static json_t *rpc_json(ksm_rpc_server *rpc, bool *ok)
         set(evs, ksm_lifecycle_type_name((enum ksm_lifecycle_type)t),
             json_integer((json_int_t)ev[t]), ok);
     set(o, "events", evs, ok);
+    struct ksm_lifecycle_event *recent = calloc(STATUS_EVENTS, sizeof *recent);
+    uint64_t seqs[STATUS_EVENTS];
+    json_t *log = json_array();
+    if (recent != NULL && log != NULL) {
+        size_t n = ksm_rpc_server_recent_events(rpc, recent, seqs, STATUS_EVENTS);
+        for (size_t i = 0; i < n; i++) add(log, event_json(&recent[i], seqs[i]), ok);
+    }
+    free(recent);
+    set(o, "event_log", log, ok);
     return o;
 }
 
@@ -120,13 +181,16 @@ int ksm_metrics_render_status(const struct ksm_metrics_snapshot *s, ksm_rpc_serv
             json_t *slots = json_array();
             for (size_t j = 0; slots != NULL && j < m->n_slots; j++)
                 add(slots, slot_json(&m->slots[j]), &ok);
+            json_t *gates = json_array();
+            for (size_t j = 0; gates != NULL && j < m->n_gates; j++)
+                add(gates, gate_json(&m->gates[j]), &ok);
             json_t *mo = json_pack(
-                "{s:s, s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:o*}", "id", m->info.model_id,
+                "{s:s, s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:o*, s:o*}", "id", m->info.model_id,
                 "topology", ksm_topology_name(m->info.topology), "device", m->info.device, "dtype",
                 ksm_dtype_name(m->info.dtype), "generation", (json_int_t)m->info.generation,
                 "resident_bytes", (json_int_t)m->info.resident_bytes, "host_params",
                 (json_int_t)m->info.host_params, "seed_params", (json_int_t)m->info.seed_params,
-                "slots", slots);
+                "slots", slots, "last_gates", gates);
             add(models, mo, &ok);
             for (size_t j = 0; j < m->n_caches; j++)
                 add(caches, cache_json(m->info.model_id, &m->caches[j]), &ok);

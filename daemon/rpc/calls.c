@@ -12,6 +12,7 @@
 
 #include "kasmina/errors.h"
 #include "kasmina/log.h"
+#include "grpc/reflection/v1alpha/reflection.pb-c.h"
 #include "rpc/server_impl.h"
 
 #define ALLOC(var, type, init)                                                                     \
@@ -842,5 +843,10 @@ struct rpc_method rpc_methods[] = {
     {"/kasmina.v1.Kasmina/LoadWeightsStream", RPC_WEIGHTS_LOAD,
      &kasmina__v1__weights_chunk__descriptor, NULL, NULL},
     K("ConfigureSlot", configure_slot_request, h_configure_slot),
+    /* Server reflection (rpc/reflection.c): v1 has v1alpha's messages on the wire. */
+    {"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", RPC_REFLECTION,
+     &grpc__reflection__v1alpha__server_reflection_request__descriptor, NULL, NULL},
+    {"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", RPC_REFLECTION,
+     &grpc__reflection__v1alpha__server_reflection_request__descriptor, NULL, NULL},
 };
 const size_t rpc_n_methods = sizeof rpc_methods / sizeof rpc_methods[0];

@@ -58,6 +58,7 @@ static void call_free(struct rpc_call *c)
     if (c->have_details) grpc_slice_unref(c->status_details);
     for (int i = 0; i < c->n_warn_md; i++) grpc_slice_unref(c->warn_md[i].value);
     rpc_weights_free(c);
+    rpc_reflection_free(c);
     free(c);
     /* Only ksm_rpc_server_free waits for the count, after setting shutting_down: a call that
      * ends while serving wakes nobody (the workers wait on their own condition). */
@@ -283,8 +284,8 @@ static void payload_close(struct payload *pl)
 }
 
 /* Reads the request message; NULL with *why set when it is missing or malformed. */
-static ProtobufCMessage *decode(struct rpc_call *c, const ProtobufCMessageDescriptor *d, char *why,
-                                size_t whylen)
+ProtobufCMessage *rpc_decode(struct rpc_call *c, const ProtobufCMessageDescriptor *d, char *why,
+                             size_t whylen)
 {
     grpc_slice all;
     if (!read_payload(c, d, &all, why, whylen)) return NULL;
@@ -424,7 +425,7 @@ static void health_check(ksm_rpc_server *s, struct rpc_call *c)
 {
     char why[192];
     ProtobufCMessage *req =
-        decode(c, &grpc__health__v1__health_check_request__descriptor, why, sizeof why);
+        rpc_decode(c, &grpc__health__v1__health_check_request__descriptor, why, sizeof why);
     if (req == NULL) {
         rpc_call_finish(c, NULL, KSM_EINVAL, why, 0);
         return;
@@ -485,7 +486,7 @@ static void on_request(struct rpc_tag *t, bool ok)
      * here: the completion-queue thread serves every other call meanwhile. */
     bool zipped = rpc_payload_compressed(c);
     bool handoff = c->m != NULL && (c->m->kind == RPC_EVENTS || c->m->kind == RPC_HEALTH_WATCH ||
-                                    RPC_KIND_WEIGHTS(c->m->kind) ||
+                                    RPC_KIND_WEIGHTS(c->m->kind) || c->m->kind == RPC_REFLECTION ||
                                     (c->m->kind == RPC_UNARY && (zipped || !run_inline(s, c->m))));
     if (handoff) {
         atomic_store(&c->refs, 2); /* handling + close batch */
@@ -531,10 +532,16 @@ static void on_request(struct rpc_tag *t, bool ok)
     }
     switch (c->m->kind) {
     case RPC_HEALTH_CHECK: health_check(s, c); return;
+    case RPC_REFLECTION:
+        if (atomic_load(&s->draining))
+            rpc_call_finish(c, NULL, KSM_ESHUTDOWN, "The server is draining for shutdown.", 0);
+        else
+            rpc_reflection_start(s, c);
+        return;
     case RPC_EVENTS:
     case RPC_HEALTH_WATCH: {
         char why[192];
-        ProtobufCMessage *req = decode(c, c->m->req, why, sizeof why);
+        ProtobufCMessage *req = rpc_decode(c, c->m->req, why, sizeof why);
         if (req == NULL) {
             rpc_call_finish(c, NULL, KSM_EINVAL, why, 0);
             return;
@@ -594,6 +601,7 @@ static void on_send(struct rpc_tag *t, bool ok)
         return;
     }
     if (c->ws != NULL && rpc_weights_sent(c, ok)) return;
+    if (c->m != NULL && c->m->kind == RPC_REFLECTION && rpc_reflection_sent(c, ok)) return;
     if (c->counted) {
         c->counted = false;
         atomic_fetch_sub(&c->srv->inflight, 1);

@@ -36,6 +36,7 @@ enum rpc_kind {
     RPC_UNKNOWN,
     RPC_WEIGHTS_EXPORT, /* ExportWeightsStream (rpc/weights.c) */
     RPC_WEIGHTS_LOAD,   /* LoadWeightsStream (rpc/weights.c) */
+    RPC_REFLECTION,     /* ServerReflection/ServerReflectionInfo (rpc/reflection.c) */
 };
 #define RPC_KIND_WEIGHTS(k) ((k) == RPC_WEIGHTS_EXPORT || (k) == RPC_WEIGHTS_LOAD)
 
@@ -98,6 +99,9 @@ struct rpc_call {
     /* weight streams (rpc/weights.c): their state, and the tag of their RECV_MESSAGE */
     struct rpc_wstream *ws;
     struct rpc_tag recv_tag;
+    /* server reflection (rpc/reflection.c): an answer in flight, the next request's target */
+    bool refl_running;
+    grpc_byte_buffer *refl_out, *refl_in;
 };
 
 /* Call and event counters (stats.c), read by the metrics exporter through rpc/stats.h. */
@@ -282,6 +286,17 @@ void rpc_weights_run(ksm_rpc_server *s, struct rpc_call *c);
 bool rpc_weights_sent(struct rpc_call *c, bool ok);
 /* Frees the stream's state and releases its share of max-weights-bytes (call_free). */
 void rpc_weights_free(struct rpc_call *c);
+
+/* reflection.c: ServerReflectionInfo, answered on the completion-queue thread. */
+/* Answers the request that came with the call, then the next ones until the client ends. */
+void rpc_reflection_start(ksm_rpc_server *s, struct rpc_call *c);
+/* A send batch completed: true when the stream went on; false for the status batch. */
+bool rpc_reflection_sent(struct rpc_call *c, bool ok);
+void rpc_reflection_free(struct rpc_call *c);
+
+/* server.c: decodes c->payload as d; NULL with *why set when it is missing or malformed. */
+ProtobufCMessage *rpc_decode(struct rpc_call *c, const ProtobufCMessageDescriptor *d, char *why,
+                             size_t whylen);
 
 /* events.c */
 int rpc_hub_new(ksm_rpc_server *s, struct rpc_hub **out);

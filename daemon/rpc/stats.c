@@ -8,6 +8,7 @@
 #include <time.h>
 
 #include "rpc/server_impl.h"
+#include "service/service.h"
 
 const double ksm_rpc_latency_bounds[KSM_RPC_LATENCY_BUCKETS] = {
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
@@ -72,7 +73,8 @@ void ksm_rpc_server_method_stats(ksm_rpc_server *s, size_t i, struct ksm_rpc_met
         int svc_len = slash != NULL ? (int)(slash - path) : 0;
         snprintf(out->service, sizeof out->service, "%.*s", svc_len, path);
         snprintf(out->method, sizeof out->method, "%s", slash != NULL ? slash + 1 : path);
-        out->streaming = m->kind == RPC_EVENTS || m->kind == RPC_HEALTH_WATCH;
+        out->streaming =
+            m->kind == RPC_EVENTS || m->kind == RPC_HEALTH_WATCH || m->kind == RPC_REFLECTION;
     } else {
         snprintf(out->method, sizeof out->method, "unknown");
     }
@@ -90,6 +92,23 @@ void ksm_rpc_server_event_counts(ksm_rpc_server *s, uint64_t out[KSM_EV_COUNT])
 {
     for (int t = 0; t < KSM_EV_COUNT; t++)
         out[t] = atomic_load_explicit(&s->stats.events[t], memory_order_relaxed);
+}
+
+size_t ksm_rpc_server_recent_events(ksm_rpc_server *s, struct ksm_lifecycle_event *out,
+                                    uint64_t *seqs, size_t cap)
+{
+    struct ksm_event_log *log = ksm_service_events(s->service);
+    uint64_t oldest = 0, last = 0;
+    ksm_event_log_window(log, &oldest, &last);
+    if (last == 0 || oldest > last || cap == 0) return 0;
+    uint64_t from = last - oldest + 1 > cap ? last - cap + 1 : oldest;
+    size_t n = 0;
+    for (uint64_t q = from; q <= last && n < cap; q++) {
+        if (ksm_event_log_get(log, q, &out[n]) != 0) continue; /* overwritten meanwhile */
+        if (seqs != NULL) seqs[n] = q;
+        n++;
+    }
+    return n;
 }
 
 const char *ksm_rpc_code_name(int code)

@@ -40,6 +40,10 @@ size_t ksm_rpc_server_method_count(const ksm_rpc_server *s);
 void ksm_rpc_server_method_stats(ksm_rpc_server *s, size_t i, struct ksm_rpc_method_stats *out);
 /* Lifecycle events seen by the event sink since start, by enum ksm_lifecycle_type. */
 void ksm_rpc_server_event_counts(ksm_rpc_server *s, uint64_t out[KSM_EV_COUNT]);
+/* The last (at most cap) published lifecycle events, oldest first, with their sequence numbers
+ * (seqs may be NULL). Returns how many were copied. */
+size_t ksm_rpc_server_recent_events(ksm_rpc_server *s, struct ksm_lifecycle_event *out,
+                                    uint64_t *seqs, size_t cap);
 /* "OK", "CANCELLED", ... "UNAUTHENTICATED"; "UNKNOWN" outside 0..16. */
 const char *ksm_rpc_code_name(int code);
 

@@ -504,8 +504,8 @@ enum ksm_attribution_mode {
     KSM_ATTRIBUTION_EXACT = 2,       /* all 2^n coalitions, exact Shapley values */
     KSM_ATTRIBUTION_PERMUTATION = 3, /* esper's ablation configs + antithetic permutations */
 };
-#define KSM_ATTRIBUTION_EXACT_MAX_SEEDS 8    /* 2^8 = 256 coalitions */
-#define KSM_SHAPLEY_SAMPLES_DEFAULT     20   /* esper's CounterfactualConfig.shapley_samples */
+#define KSM_ATTRIBUTION_EXACT_MAX_SEEDS 8  /* 2^8 = 256 coalitions */
+#define KSM_SHAPLEY_SAMPLES_DEFAULT     20 /* esper's CounterfactualConfig.shapley_samples */
 #define KSM_SHAPLEY_SAMPLES_MAX         1000
 #define KSM_EVALUATE_MAX_CONFIGS        4096 /* requested + attribution configs in one pass */
 
@@ -632,6 +632,35 @@ struct ksm_cache_counters {
 
 /* Fills up to cap entries; *n = the number available. */
 int ksm_model_cache_stats(ksm_model *m, struct ksm_cache_counters *out, size_t cap, size_t *n);
+
+/* ---- run statistics (the metrics exporter, docs/metrics.md#run) ---- */
+
+#define KSM_GATE_LEVELS 6 /* gate_evaluations rows, indexed by enum ksm_gate_level (G4 unused) */
+enum ksm_compute_kind {
+    KSM_COMPUTE_FORWARD = 0,
+    KSM_COMPUTE_EVALUATE,
+    KSM_COMPUTE_TRAIN,
+    KSM_COMPUTE_KINDS
+};
+struct ksm_model_run_stats {
+    /* Gate evaluations since the model was created (or restored): [gate][0 failed, 1 passed].
+     * Counted when the engine evaluates, so a mutation rolled back afterwards still counts. */
+    uint64_t gate_evaluations[KSM_GATE_LEVELS][2];
+    uint64_t compute_ns[KSM_COMPUTE_KINDS]; /* sum of the calls' compute_ns, by kind */
+};
+int ksm_model_run_stats(ksm_model *m, struct ksm_model_run_stats *out);
+/* Adds a successful call's compute time (forward.c, train.c). */
+void ksm_model_add_compute_ns(ksm_model *m, enum ksm_compute_kind kind, uint64_t ns);
+
+/* A slot's last gate evaluation (AdvanceStage or an auto-forward gate). */
+struct ksm_slot_gate {
+    char slot_id[KSM_SLOT_ID_MAX];
+    enum ksm_stage target_stage;
+    int64_t timestamp_ns; /* unix ns */
+    struct ksm_gate_result result;
+};
+/* The last gate of every slot that has had one, row-major: *n of them (at most cap copied). */
+int ksm_model_last_gates(ksm_model *m, struct ksm_slot_gate *out, size_t cap, size_t *n);
 
 #ifdef __cplusplus
 }

@@ -8,9 +8,18 @@ BUILD=$1
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 cmake --install "$BUILD" --prefix "$tmp/prefix" >"$tmp/install.log"
-for f in include/kasmina/kasmina.h include/kasmina/client.h share/kasmina/proto/kasmina/v1/kasmina.proto; do
+for f in include/kasmina/kasmina.h include/kasmina/client.h share/kasmina/proto/kasmina/v1/kasmina.proto \
+  share/kasmina/proto/grpc/health/v1/health.proto \
+  share/kasmina/proto/grpc/reflection/v1alpha/reflection.proto \
+  share/kasmina/proto/grpc/reflection/v1/reflection.proto; do
   [ -f "$tmp/prefix/$f" ] || { echo "FAIL: $f not installed"; exit 1; }
 done
+# The installed .proto files are a usable set: protoc compiles them from the install tree alone.
+if command -v protoc >/dev/null; then
+  (cd "$tmp/prefix/share/kasmina/proto" && protoc -I. --descriptor_set_out="$tmp/installed.pb" \
+    kasmina/v1/kasmina.proto grpc/health/v1/health.proto grpc/reflection/v1/reflection.proto) ||
+    { echo "FAIL: protoc cannot compile the installed .proto files"; exit 1; }
+fi
 libdir=$(dirname "$(find "$tmp/prefix" -name 'libkasmina-client.so' | head -n1)")
 [ -n "$libdir" ] || { echo "FAIL: libkasmina-client.so not installed"; exit 1; }
 if nm -D --defined-only "$libdir/libkasmina-client.so" | grep -q ' ksm_engine_new$'; then

@@ -13,7 +13,8 @@
               configured listener with service names the health service knows (asked for real),
               state volume = state-dir, scrape annotations = metrics port.
   prometheus  scrape config and alert rules (promtool, when present).
-  grafana     dashboard JSON: panels for memory, caches, RPC, slots.
+  grafana     dashboard JSON: panels for memory, caches, RPC, slots, the run (accuracy,
+              contribution, epochs, gradients, gate outcomes, compute time).
   metrics     every kasmina_* name in the dashboard and the alerts is an exported family.
 
 Only loopback: listeners of the manifests are rewritten to 127.0.0.1 and temporary paths.
@@ -620,7 +621,13 @@ def test_grafana():
     for what, pat in (("memory", r"kasmina_memory_"), ("cache hit rate", r"kasmina_cache_hits_total"),
                       ("RPC rate", r"kasmina_rpc_requests_total"),
                       ("RPC latency", r"kasmina_rpc_duration_seconds"),
-                      ("slot stage", r"kasmina_slot_stage"), ("slot alpha", r"kasmina_slot_alpha")):
+                      ("slot stage", r"kasmina_slot_stage"), ("slot alpha", r"kasmina_slot_alpha"),
+                      ("val accuracy", r"kasmina_slot_val_accuracy"),
+                      ("contribution", r"kasmina_slot_contribution"),
+                      ("epochs in stage", r"kasmina_slot_epochs_in_stage"),
+                      ("gradient health", r"kasmina_slot_gradient_health"),
+                      ("gate outcomes", r"kasmina_gate_evaluations_total"),
+                      ("compute time", r"kasmina_model_compute_seconds_total")):
         check(any(re.search(pat, t["expr"]) for p in panels for t in p["targets"]),
               "a panel for %s" % what)
     for v in dash.get("templating", {}).get("list", []):

@@ -2,9 +2,12 @@
 """kasminactl top against a real kasminad on a temporary Unix socket.
 
 --once prints one plain frame; its numbers must equal what the daemon reports through the
-other subcommands' --json output (GetMemoryStats, GetCacheStats, GetSlotReports). The live mode
-(--count 2) redraws in place with ANSI sequences and fills the per-second rate columns from the
-second frame on. Error paths: no daemon (exit 6), bad options (exit 2).
+other subcommands' --json output (GetMemoryStats, GetCacheStats, GetSlotReports); empty slots
+are hidden unless --all-slots; --model ID keeps one model; --json --once is one JSON document
+with the same numbers. The live mode (--count 2) piped writes plain frames with no escape
+sequence and fills the per-second rate columns from the second frame on; with --json it writes
+one JSON document per frame. (The in-place redraw needs a terminal: a pty here.) Error paths: no
+daemon (exit 6), a missing --model (exit 4), bad options (exit 2).
 
 usage: test_top.py KASMINAD KASMINACTL
 """
@@ -54,7 +57,7 @@ def sections(frame):
     for line in frame.split("\n"):
         if line in ("MEMORY", "CACHES", "MODELS", "SLOTS"):
             cur = out.setdefault(line, [])
-        elif cur is not None and line.strip():
+        elif cur is not None and line.strip() and not line.startswith("("):
             cur.append(re.split(r"\s{2,}", line.strip()))
     return out
 
@@ -90,7 +93,7 @@ def main():
         for _ in range(3):
             ctl(sock, "forward", "demo", "--input", inp)
 
-        frame = ctl(sock, "top", "--once")
+        frame = ctl(sock, "top", "--once", "--all-slots")
         print(frame)
         check("\x1b" not in frame, "--once prints no escape sequence")
         first = frame.split("\n")[0]
@@ -157,24 +160,89 @@ def main():
         check(len(srow) == n_slots, "one slot row per slot (%d, %d)" % (len(srow), n_slots))
         check(srow.get(("demo", "r0c1"), [None] * 4)[3] == "0.2500", "alpha 0.25 shown for demo/r0c1")
 
-        # Live mode, two frames 0.3 s apart, stdout not a terminal: redrawn in place.
+        # Default: empty slots hidden (and said so); --model keeps one model.
+        plain = ctl(sock, "top", "--once")
+        ps = sections(plain)
+        shown = [(r[0], r[1]) for r in ps.get("SLOTS", [])[1:]]
+        check(shown == [("demo", "r0c1")], "only the occupied slot is shown: %s" % shown)
+        check("%d empty slots hidden; --all-slots shows them" % (n_slots - 1) in plain,
+              "the hidden empty slots are counted")
+        one = sections(ctl(sock, "top", "--once", "--model", "m2", "--all-slots"))
+        check({r[0] for r in one.get("MODELS", [])[1:]} == {"m2"} and
+              {r[0] for r in one.get("SLOTS", [])[1:]} == {"m2"} and
+              {r[0] for r in one.get("CACHES", [])[1:]} <= {"m2"} and
+              len(one.get("MEMORY", [])) == 3, "--model m2 shows m2 only (memory per device)")
+        ctl(sock, "top", "--once", "--model", "nope", want=4)
+
+        # --json --once: one document, the same numbers as the other subcommands.
+        doc = json.loads(ctl(sock, "--json", "top", "--once"))
+        check(doc.get("health") == "SERVING" and doc.get("errors") == [],
+              "json: health SERVING, no errors: %s" % {k: doc.get(k) for k in ("health", "errors")})
+        check(sorted(d["device"] for d in doc.get("memory", [])) == sorted(d["device"] for d in mem)
+              and all(d["all"] == m["all"] for d, m in zip(
+                  sorted(doc["memory"], key=lambda d: d["device"]),
+                  sorted(mem, key=lambda d: d["device"]))), "json memory == stats memory")
+        check(sorted((s["model_id"], s["slot_id"]) for s in doc.get("slots", [])) ==
+              [("demo", "r0c1")] and doc.get("empty_slots_hidden") == n_slots - 1,
+              "json slots: the occupied one, %d hidden" % (n_slots - 1))
+        jslot = doc["slots"][0] if doc.get("slots") else {}
+        check(jslot.get("controller", {}).get("alpha") == 0.25 and jslot.get("stage") ==
+              "GERMINATED", "json slot alpha/stage: %s" % jslot.get("stage"))
+        check({m["model_id"] for m in doc.get("models", [])} == {"demo", "m2"} and
+              len(doc.get("caches", [])) == len(caches), "json models and caches")
+        jm = json.loads(ctl(sock, "--json", "top", "--once", "--model", "nope", want=4))
+        check(jm.get("errors") and jm["errors"][0]["status"] == "NOT_FOUND",
+              "json --model nope: a NOT_FOUND error entry: %s" % jm.get("errors"))
+
+        # Live mode, two frames 0.3 s apart, stdout piped: plain frames, no escape sequence.
         p = subprocess.run([CTL, "--socket", sock, "top", "--count", "2", "--interval", "0.3"],
                            capture_output=True, text=True, timeout=30)
         check(p.returncode == 0, "top --count 2 exits 0 (%d)" % p.returncode)
         out = p.stdout
-        check(out.count("\x1b[H") == 2 and out.count("\x1b[J") == 2,
-              "two frames, each from the cursor home to clear-to-end")
-        check("\x1b[K" in out, "lines end with clear-to-end-of-line")
-        check("\x1b[?1049h" not in out, "no alternate screen when stdout is not a terminal")
-        second = out.split("\x1b[H")[2].replace("\x1b[K", "").replace("\x1b[J", "").replace("\r", "")
+        check("\x1b" not in out, "no escape sequence when stdout is not a terminal")
+        heads = [i for i, l in enumerate(out.split("\n")) if l.startswith("kasminad ")]
+        check(len(heads) == 2, "two frames: %s" % heads)
+        second = "\n".join(out.split("\n")[heads[-1]:]) if heads else ""
         s2 = sections(second)
         rates = [r[6] for r in s2.get("CACHES", [])[1:]]
         check(rates and all(re.fullmatch(r"\d+\.\d", x) for x in rates),
               "second frame has per-second hit rates: %s" % rates[:4])
         check("every 0.3 s" in second.split("\n")[0], "live header shows the interval")
 
+        # On a terminal (a pty): redrawn in place with ANSI sequences on the alternate screen.
+        import pty
+        mfd, sfd = pty.openpty()
+        tp = subprocess.Popen([CTL, "--socket", sock, "top", "--count", "2", "--interval", "0.3"],
+                              stdout=sfd, stderr=subprocess.DEVNULL)
+        os.close(sfd)
+        chunks = []
+        while True:
+            try:
+                b = os.read(mfd, 65536)
+            except OSError:
+                break
+            if not b:
+                break
+            chunks.append(b)
+        os.close(mfd)
+        tp.wait(timeout=30)
+        tout = b"".join(chunks).decode(errors="replace")
+        check(tp.returncode == 0 and tout.count("\x1b[H") == 2 and tout.count("\x1b[J") == 2
+              and "\x1b[?1049h" in tout and "\x1b[K" in tout,
+              "on a terminal: two frames redrawn in place on the alternate screen")
+
+        # --json live: one JSON document per frame (JSON Lines), rates from the second on.
+        p = subprocess.run([CTL, "--socket", sock, "--json", "top", "--count", "2", "--interval",
+                            "0.3"], capture_output=True, text=True, timeout=30)
+        lines = p.stdout.strip().split("\n")
+        docs = [json.loads(l) for l in lines]
+        check(p.returncode == 0 and len(docs) == 2 and "\x1b" not in p.stdout,
+              "--json live: two JSON lines")
+        check(docs and all("hits_per_s" in c for c in docs[-1].get("caches", [])) and
+              docs[-1].get("interval_s") == 0.3, "--json second frame has rates and interval")
+
         # Errors.
-        ctl(sock, "top", "--json", "--once", want=2)
+        ctl(sock, "top", "--model", "", "--once", want=2)
         ctl(sock, "top", "--interval", "0", want=2)
         ctl(sock, "top", "extra", want=2)
         ctl(os.path.join(tmp, "nobody.sock"), "--deadline", "1000", "top", "--once", want=6)

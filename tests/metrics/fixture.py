@@ -94,7 +94,8 @@ def f32(pb, shape, fill=0.1):
 
 def workload(d, pb):
     """Two models on two devices, seeds in different stages and alphas, forwards (allocator and
-    cache traffic), one failing call. Returns {model: [slot ids]}."""
+    cache traffic), a third model with strict gates (G1 passes, RecordMetrics, G2 fails), one
+    failing call. Returns {model: [slot ids]}."""
     import grpc
     cnn = pb.CnnHostSpec(num_classes=4, n_blocks=2, base_channels=8, in_channels=3)
     info = d.call("GetServerInfo", pb.GetServerInfoRequest(), pb.ServerInfo)
@@ -122,6 +123,24 @@ def workload(d, pb):
     for _ in range(3):
         for mid in models:
             d.call("Forward", pb.ForwardRequest(model_id=mid, input=x), pb.ForwardResponse)
+    # gamma-net (strict gates): G1 passes (GERMINATED -> TRAINING), RecordMetrics, then G2
+    # fails (too few epochs in TRAINING) -- a failed gate is an OK call, counted by the gate counters.
+    m = d.call("CreateModel", pb.CreateModelRequest(model_id="gamma-net", cnn=cnn, device="cpu:0",
+                                                    init_seed=7), pb.Model)
+    models["gamma-net"] = [s.slot_id for s in m.slots]
+    g0 = models["gamma-net"][0]
+    d.call("Germinate", pb.GerminateRequest(model_id="gamma-net", slot_id=g0, blueprint_id=bp),
+           pb.SlotReport)
+    r = d.call("AdvanceStage", pb.AdvanceStageRequest(model_id="gamma-net", slot_id=g0),
+               pb.AdvanceStageResponse)
+    check(r.gate.passed and r.gate.gate == pb.GATE_G1, "gamma-net G1 passes: %s" % r.gate)
+    d.call("RecordMetrics", pb.RecordMetricsRequest(model_id="gamma-net", slot_id=g0,
+                                                    val_accuracy=62.5,
+                                                    counterfactual_contribution=1.25),
+           pb.SlotReport)
+    r = d.call("AdvanceStage", pb.AdvanceStageRequest(model_id="gamma-net", slot_id=g0),
+               pb.AdvanceStageResponse)
+    check(not r.gate.passed and r.gate.gate == pb.GATE_G2, "gamma-net G2 fails: %s" % r.gate)
     try:
         d.call("GetModel", pb.GetModelRequest(model_id="no-such-model"), pb.Model)
     except grpc.RpcError as e:

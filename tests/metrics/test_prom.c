@@ -81,6 +81,22 @@ static struct ksm_metrics_snapshot *synthetic(void)
     strcpy(m->caches[1].cache, "alpha_scalar");
     strcpy(m->caches[1].slot_id, "r0c0");
     m->caches[1].misses = 2;
+    /* run: slot r0c0 measured accuracy and epochs (no contribution); one failed G2; compute */
+    m->slots[0].metrics.current_val_accuracy = 62.5;
+    m->slots[0].metrics.epochs_in_current_stage = 3;
+    m->run.gate_evaluations[KSM_GATE_G2][0] = 1;
+    m->run.gate_evaluations[KSM_GATE_G1][1] = 2;
+    m->run.compute_ns[KSM_COMPUTE_FORWARD] = 1500000000;
+    m->n_gates = 1;
+    m->gates = calloc(1, sizeof *m->gates);
+    strcpy(m->gates[0].slot_id, "r0c0");
+    m->gates[0].target_stage = KSM_STAGE_BLENDING;
+    m->gates[0].result.gate = KSM_GATE_G2;
+    m->gates[0].result.n_checks = 2;
+    strcpy(m->gates[0].result.checks[0].name, "germinated");
+    m->gates[0].result.checks[0].passed = true;
+    strcpy(m->gates[0].result.checks[1].name, "seed_not_ready");
+    strcpy(m->gates[0].result.checks[1].detail, "epochs_in_current_stage 3 < 10");
     return s;
 }
 
@@ -109,9 +125,25 @@ Test(prom, renders_families_with_help_and_type_before_their_samples)
         "kasmina_cache_misses_total{cache=\"alpha_scalar\",model=\"m\\\"1\",slot=\"r0c0\"} 2\n",
         "# TYPE kasmina_cache_hits_total counter\n",
         "# TYPE kasmina_slot_alpha gauge\n",
+        "kasmina_slot_val_accuracy{model=\"m\\\"1\",slot=\"r0c0\"} 62.5\n",
+        "kasmina_slot_epochs_in_stage{model=\"m\\\"1\",slot=\"r0c0\"} 3\n",
+        "kasmina_slot_last_gate_passed{model=\"m\\\"1\",slot=\"r0c0\",gate=\"G2\"} 0\n",
+        "kasmina_gate_evaluations_total{model=\"m\\\"1\",gate=\"G2\",outcome=\"failed\"} 1\n",
+        "kasmina_gate_evaluations_total{model=\"m\\\"1\",gate=\"G1\",outcome=\"passed\"} 2\n",
+        "kasmina_gate_evaluations_total{model=\"m\\\"1\",gate=\"G5\",outcome=\"passed\"} 0\n",
+        "kasmina_model_compute_seconds_total{model=\"m\\\"1\",kind=\"forward\"} 1.5\n",
+        "kasmina_model_compute_seconds_total{model=\"m\\\"1\",kind=\"train\"} 0\n",
+        "# TYPE kasmina_gate_evaluations_total counter\n",
+        "# TYPE kasmina_slot_contribution gauge\n",
     };
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++)
         cr_expect(strstr(b.p, want[i]) != NULL, "missing: %s", want[i]);
+    /* Unmeasured quantities and empty slots have no series (absent, never 0). */
+    const char *absent[] = {"kasmina_slot_contribution{", "kasmina_slot_gradient_health{",
+                            "kasmina_slot_val_accuracy{model=\"m\\\"1\",slot=\"r0c1\"}",
+                            "gate=\"G4\""};
+    for (size_t i = 0; i < sizeof absent / sizeof absent[0]; i++)
+        cr_expect(strstr(b.p, absent[i]) == NULL, "unexpected: %s", absent[i]);
 
     /* Every sample's family was announced by TYPE (and HELP) before it, and no family twice. */
     char *copy = strdup(b.p), *save = NULL;
@@ -161,6 +193,14 @@ Test(prom, status_json_carries_devices_models_slots_and_caches)
     sl = json_array_get(json_object_get(m, "slots"), 1);
     cr_expect_str_eq(json_string_value(json_object_get(sl, "stage_name")), "EMPTY");
     cr_expect_eq(json_array_size(json_object_get(doc, "caches")), 2);
+    json_t *g = json_array_get(json_object_get(m, "last_gates"), 0);
+    cr_expect_str_eq(json_string_value(json_object_get(g, "gate")), "G2");
+    cr_expect_str_eq(json_string_value(json_object_get(g, "target_stage")), "BLENDING");
+    cr_expect(json_is_false(json_object_get(g, "passed")));
+    json_t *fc = json_object_get(g, "failed_checks");
+    cr_expect_eq(json_array_size(fc), 1); /* the passed check is not listed */
+    cr_expect_str_eq(json_string_value(json_object_get(json_array_get(fc, 0), "detail")),
+                     "epochs_in_current_stage 3 < 10");
     json_decref(doc);
     ksm_sbuf_free(&b);
     ksm_metrics_snapshot_free(s);

@@ -6,7 +6,8 @@ Usage: test_prometheus.py <kasminad> <dir with the generated kasmina/v1/kasmina_
                           [docs/metrics.md]
 
 1. kasminad with --metrics-listen 127.0.0.1:0 (2 CPU devices); a workload over gRPC (two models,
-   seeds, alphas, forwards, one NOT_FOUND).
+   seeds, alphas, forwards, a strict-gate model whose G1 passes and G2 fails after
+   RecordMetrics, one NOT_FOUND).
 2. /metrics passes `promtool check metrics` (format and naming lint), and every family it
    exports is listed with its type in docs/metrics.md (the reference for dashboards).
 3. prometheus (Debian package) with a generated config scraping it every 1 s, storage in a
@@ -15,7 +16,9 @@ Usage: test_prometheus.py <kasminad> <dir with the generated kasmina/v1/kasmina_
    device: allocated/reserved/active current and peak, allocations, OOMs, retries, cache hits,
    deferred frees, device allocs/frees, cap, total) and GetCacheStats (every {cache, model, slot}:
    hits, misses, evictions, invalidations, entries, capacity, bytes), plus slot stage/alpha
-   (GetSlotReports), RPC counters and lifecycle event counters. Re-read and re-queried until they
+   (GetSlotReports), RPC counters and lifecycle event counters; the run metrics (per-slot
+   val accuracy, epochs in stage, contribution; gate evaluations by gate and outcome; the last
+   gate per slot; compute time per model). Re-read and re-queried until they
    agree or 60 s pass.
 Exits 77 (SKIP) when the prometheus binary is not installed.
 """
@@ -98,13 +101,19 @@ def expected(d):
                         ("kasmina_cache_capacity", c.capacity),
                         ("kasmina_cache_bytes", c.bytes)):
             exp[(name, lab)] = float(v)
-    for mid in ("alpha-net", "beta-net"):
+    for mid in ("alpha-net", "beta-net", "gamma-net"):
         reps = d.call("GetSlotReports", pb.GetSlotReportsRequest(model_id=mid), pb.SlotReports)
         for r in reps.slots:
             lab = (("model", mid), ("slot", r.slot_id))
             exp[("kasmina_slot_stage", lab)] = float(r.stage if r.occupied else 0)
             exp[("kasmina_slot_alpha", lab)] = float(r.controller.alpha)
             exp[("kasmina_slot_occupied", lab)] = 1.0 if r.occupied else 0.0
+            if r.occupied:
+                exp[("kasmina_slot_val_accuracy", lab)] = r.metrics.current_val_accuracy
+                exp[("kasmina_slot_epochs_in_stage", lab)] = float(
+                    r.metrics.epochs_in_current_stage)
+            if r.occupied and r.metrics.HasField("counterfactual_contribution"):
+                exp[("kasmina_slot_contribution", lab)] = r.metrics.counterfactual_contribution
     return exp, len(mem.devices), len(caches.caches)
 
 
@@ -121,7 +130,7 @@ def main():
     d = prom = None
     try:
         d = fixture.Daemon(BIN, tmp)
-        fixture.workload(d, pb)
+        models = fixture.workload(d, pb)
 
         # The exposition passes Prometheus's own linter.
         _, ctype, body = fixture.http_get(d.base + "/metrics")
@@ -193,7 +202,7 @@ def main():
         # Counters kept by the rpc layer and the event sink.
         got = prom_query(pbase, "kasmina_rpc_requests_total")
         key = lambda m, c: (("code", c), ("method", m), ("service", "kasmina.v1.Kasmina"))
-        check(got.get(key("CreateModel", "OK")) == 2.0, "CreateModel OK == 2: %s" %
+        check(got.get(key("CreateModel", "OK")) == 3.0, "CreateModel OK == 3: %s" %
               got.get(key("CreateModel", "OK")))
         check(got.get(key("Forward", "OK")) == 6.0, "Forward OK == 6")
         check(got.get(key("GetModel", "NOT_FOUND")) == 1.0, "GetModel NOT_FOUND == 1")
@@ -202,7 +211,37 @@ def main():
         inf = prom_query(pbase, 'kasmina_rpc_duration_seconds_bucket{method="Forward",le="+Inf"}')
         check(list(inf.values()) == [6.0], "Forward +Inf bucket == 6: %s" % inf)
         ev = prom_query(pbase, "kasmina_lifecycle_events_total")
-        check(ev.get((("type", "SEED_GERMINATED"),)) == 3.0, "3 SEED_GERMINATED events: %s" % ev)
+        check(ev.get((("type", "SEED_GERMINATED"),)) == 4.0, "4 SEED_GERMINATED events: %s" % ev)
+
+        # Run metrics: gamma-net's seed has the values RecordMetrics set; its gates were
+        # counted by gate and outcome (the failed G1 was an OK AdvanceStage call).
+        gslot = (("model", "gamma-net"), ("slot", models["gamma-net"][0]))
+        acc = prom_query(pbase, "kasmina_slot_val_accuracy")
+        check(acc.get(gslot) == 62.5, "gamma-net val_accuracy 62.5: %s" % acc)
+        cf = prom_query(pbase, "kasmina_slot_contribution")
+        check(cf == {gslot: 1.25}, "only gamma-net has a contribution, 1.25: %s" % cf)
+        gates = prom_query(pbase, "kasmina_gate_evaluations_total")
+        gk = lambda m, g, o: (("gate", g), ("model", m), ("outcome", o))
+        want = {gk("gamma-net", "G1", "passed"): 1.0, gk("gamma-net", "G2", "failed"): 1.0,
+                gk("alpha-net", "G1", "passed"): 1.0, gk("beta-net", "G1", "passed"): 1.0}
+        check(len(gates) == 3 * 5 * 2, "every model x gate x outcome series: %d" % len(gates))
+        check({k: v for k, v in gates.items() if v} == want,
+              "gate evaluations by model, gate, outcome: %s" %
+              {k: v for k, v in gates.items() if v})
+        check(got.get(key("AdvanceStage", "OK")) == 4.0, "AdvanceStage OK == 4 (one failed gate)")
+        last = prom_query(pbase, "kasmina_slot_last_gate_passed")
+        check(last == {(("gate", "G2"),) + gslot: 0.0,
+                       (("gate", "G1"), ("model", "alpha-net"),
+                        ("slot", models["alpha-net"][0])): 1.0,
+                       (("gate", "G1"), ("model", "beta-net"),
+                        ("slot", models["beta-net"][0])): 1.0}, "last gate per slot: %s" % last)
+        comp = prom_query(pbase, "kasmina_model_compute_seconds_total")
+        for mid in ("alpha-net", "beta-net"):
+            check(comp.get((("kind", "forward"), ("model", mid)), 0) > 0,
+                  "%s forward compute time > 0: %s" % (mid, comp))
+        check(comp.get((("kind", "forward"), ("model", "gamma-net"))) == 0.0 and
+              comp.get((("kind", "train"), ("model", "alpha-net"))) == 0.0,
+              "no compute time without calls: %s" % comp)
         bi = prom_query(pbase, "kasmina_build_info")
         check(len(bi) == 1 and dict(list(bi)[0]).get("version"), "build_info has a version")
     finally:

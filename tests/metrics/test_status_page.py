@@ -4,12 +4,14 @@
 Usage: test_status_page.py <kasminad> <dir with kasmina/v1/kasmina_pb2.py> [--screenshot PNG]
 
 1. kasminad with --metrics-listen 127.0.0.1:0 and a workload (two models, seeds in different
-   stages, alphas 0.375 and 0.8125, forwards).
+   stages, alphas 0.375 and 0.8125, forwards; a strict-gate model whose G2 fails).
 2. The page as served is self-contained (no external script, style, image or font) and holds
    no state: every row is drawn by its script from /status.json.
 3. chromium --headless --dump-dom (the script runs: fetch, render): every model id, device and
    slot appears, and each slot's stage and alpha (attribute and visible text) equal
-   GetSlotReports; the cache table has one row per GetCacheStats entry.
+   GetSlotReports; the cache table has one row per GetCacheStats entry; each slot shows its last
+   gate result (the failed G2 with its check details) and val accuracy; the event log lists
+   every event of /status.json newest first, the failed gate with its details.
 4. --screenshot PNG also writes a screenshot (docs/status-page.png is made this way).
 Exits 77 (SKIP) when chromium is not installed.
 """
@@ -158,6 +160,30 @@ def main():
               "every slot shown once (%d rows, %d slots)" % (len(shown), n))
         staged = sorted(r["attrs"]["data-stage"] for r in shown.values())
         check("TRAINING" in staged and "GERMINATED" in staged, "stages vary: %s" % staged)
+        # Each slot's last gate result, failed checks spelled out; val accuracy.
+        gam = shown.get(("gamma-net", models["gamma-net"][0]))
+        check(gam is not None and gam["attrs"].get("data-gate") == "G2 failed" and
+              "epochs_in_current_stage 1 < 10" in gam["text"].get("checks", "") and
+              gam["text"].get("val-accuracy", "").strip() == "62.50",
+              "gamma-net's slot shows G2 failed with its checks and val accuracy 62.50: %s" %
+              ((gam and (gam["attrs"], gam["text"])),))
+        alp = shown.get(("alpha-net", models["alpha-net"][0]))
+        check(alp is not None and alp["attrs"].get("data-gate") == "G1 passed",
+              "alpha-net's first slot shows G1 passed: %s" % (alp and alp["attrs"]))
+        check(shown[("alpha-net", models["alpha-net"][2])]["attrs"].get("data-gate") == "",
+              "a slot without a gate evaluation shows none")
+        # The live event log: every event so far (fewer than 50), newest first.
+        evs = json.loads(fixture.http_get(d.base + "/status.json")[2])["rpc"]["event_log"]
+        rows = dom.rows.get("events", [])
+        seqs = [int(r["attrs"]["data-seq"]) for r in rows]
+        check(len(rows) == len(evs) and seqs == sorted(seqs, reverse=True) and
+              seqs == [e["seq"] for e in reversed(evs)] and seqs[-1] == 1,
+              "event log rows %s == status.json event_log, newest first" % seqs)
+        failed = [r for r in rows if r["attrs"].get("data-type") == "SEED_GATE_EVALUATED" and
+                  "G2 for BLENDING: failed" in r["text"].get("text", "")]
+        check(len(failed) == 1 and "seed_not_ready" not in failed[0]["text"]["text"] and
+              "epochs_in_current_stage 1 < 10" in failed[0]["text"]["text"],
+              "the failed G2 is in the log with its check details: %s" % failed)
         check(len(dom.rows.get("caches", [])) == len(caches),
               "cache rows %d == GetCacheStats entries %d" % (len(dom.rows.get("caches", [])),
                                                               len(caches)))

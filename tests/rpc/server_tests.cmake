@@ -47,6 +47,12 @@ if(KSM_HAVE_PYTHON_STUBS AND Python3_Interpreter_FOUND)
     COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_SOURCE_DIR}/rpc/test_gates_logs.py
             $<TARGET_FILE:kasminad> ${py_out})
   set_tests_properties(rpc_gates_logs PROPERTIES LABELS rpc TIMEOUT 120)
+  # Server reflection (v1alpha and v1) as grpcurl uses it: list, describe, call from the
+  # reflected descriptors only.
+  add_test(NAME rpc_reflection
+    COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_SOURCE_DIR}/rpc/test_reflection.py
+            $<TARGET_FILE:kasminad> ${PROJECT_SOURCE_DIR}/proto)
+  set_tests_properties(rpc_reflection PROPERTIES LABELS rpc TIMEOUT 120 SKIP_RETURN_CODE 77)
 else()
   message(STATUS "kasmina: no Python stubs or interpreter: rpc server tests not registered")
 endif()
