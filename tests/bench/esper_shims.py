@@ -78,11 +78,12 @@ _causal_masks = {}
 
 
 def _causal_mask(L, S, device):
-    """True above the diagonal (the positions a causal query may not see), cached per shape."""
+    """True above the diagonal (the positions a causal query may not see; top-left aligned, as
+    torch 2's reference `ones(L, S).tril(diagonal=0)`), cached per shape."""
     key = (L, S, str(device))
     m = _causal_masks.get(key)
     if m is None:
-        m = torch.ones(L, S, dtype=torch.bool, device=device).triu(S - L + 1)
+        m = torch.ones(L, S, dtype=torch.bool, device=device).triu(1)
         _causal_masks[key] = m
     return m
 

@@ -122,16 +122,20 @@ if [ "$MODE" = model ] || [ "$MODE" = train ]; then
   for side in $SIDES; do mkfifo "$OUT/$side.in" "$OUT/$side.out"; done
   "${KSM_ENV[@]}" "$KSM" serve "$OUT" "unix:$OUT/kasminad.sock" <"$OUT/k.in" >"$OUT/k.out" &
   PIDS=$!
+  PID_k="$! $KPID" # the kasmina side's CPU time: bench_model and the daemon
   exec 3>"$OUT/k.in" 4<"$OUT/k.out"
   "${T1[@]}" /usr/bin/python3 tests/bench/torch_model.py "$OUT" <"$OUT/t1.in" >"$OUT/t1.out" &
   PIDS="$PIDS $!"
+  PID_t1=$!
   exec 5>"$OUT/t1.in" 6<"$OUT/t1.out"
   "${T2[@]}" /usr/bin/python3 tests/bench/torch_model.py "$OUT" <"$OUT/t2.in" >"$OUT/t2.out" &
   PIDS="$PIDS $!"
+  PID_t2=$!
   exec 7>"$OUT/t2.in" 8<"$OUT/t2.out"
   "${SHIPPED[@]}" /usr/bin/python3 tests/bench/torch_model.py "$OUT" <"$OUT/s.in" \
     >"$OUT/s.out" &
   PIDS="$PIDS $!"
+  PID_s=$!
   exec 9>"$OUT/s.in" 10<"$OUT/s.out"
   # ask <side> <command>: send one command, log the answer lines up to its last one.
   ask() {
@@ -155,6 +159,27 @@ if [ "$MODE" = model ] || [ "$MODE" = train ]; then
       *_train*) echo "$CNN_TRAIN_REPS" ;; *) echo "$CNN_REPS" ;;
     esac
   }
+  # CPU time (user + system, every thread) of a side's processes, in clock ticks: the timed
+  # calls also log "cpu name=<row> ms=<CPU ms per call>", which a shared machine's load
+  # disturbs far less than wall time.
+  TICK_MS=$(awk -v t="$(getconf CLK_TCK)" 'BEGIN{print 1000 / t}')
+  ticks() {
+    local p t=0 v pids
+    eval "pids=\$PID_$1"
+    for p in $pids; do
+      v=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)
+      t=$((t + v))
+    done
+    echo $t
+  }
+  timed() { # timed <side> <row> <reps>
+    local c0 c1
+    c0=$(ticks "$1")
+    ask "$1" "$2 $3"
+    c1=$(ticks "$1")
+    awk -v n="$2" -v d=$((c1 - c0)) -v r="$3" -v m="$TICK_MS" \
+      'BEGIN{printf "cpu name=%s ms=%.1f\n", n, d * m / r}' >>"$OUT/$1.txt"
+  }
   for side in $SIDES; do ask $side ""; done # "ready"
   for w in $ROWS; do
     for side in $SIDES; do
@@ -168,7 +193,7 @@ if [ "$MODE" = model ] || [ "$MODE" = train ]; then
       konly "$w" && sides=k
       for side in $sides; do
         sleep 0.2
-        ask $side "$w $(reps_of "$w")"
+        timed $side "$w" "$(reps_of "$w")"
       done
     done
   done
@@ -245,6 +270,15 @@ TABLE
       "$(col t2 "$n" ms | mid)" "$(col s "$n" ms | mid)"
   done
   echo
+  # CPU time per call (all threads; kasmina: bench_model + kasminad): less disturbed by the
+  # machine's other load than wall time, and what a side costs on a busy machine.
+  cpucol() { { grep "^cpu name=$2 " "$OUT/$1.txt" || true; } | sed "s/.*ms=//"; }
+  echo "median CPU ms per call, all threads (kasmina / torch 1t / torch ${NPROC}t / as shipped):"
+  for n in $ROWS; do
+    printf '  %-22s %10s %10s %10s %10s\n' "$n" "$(cpucol k "$n" | mid)" "$(cpucol t1 "$n" | mid)" \
+      "$(cpucol t2 "$n" | mid)" "$(cpucol s "$n" | mid)"
+  done
+  echo
   if [ "$MODE" = model ] && case " $(echo $ROWS) " in *" cnn_forward_rpc_wire "*) true ;; *) false ;; esac; then
     # The wire's cost per call: the Forward request to a missing model (everything but the
     # engine and the 5 KB reply), and the per-round difference of the rpc and in-process calls
@@ -258,9 +292,11 @@ TABLE
       printf "  rpc - in-process (median of per-round differences): %.3f ms = %.2f %%\n", d, 100*d/i}'
     echo
   fi
-  echo "numerics (torch 1t vs kasmina; max|torch-kasmina|/max|torch|, accuracy in points):"
-  grep '^check' "$OUT/t1.txt" | sed 's/^check name=/  /' || true
-  grep '^check' "$OUT/k.txt" | sed 's/^check name=/  (kasminad vs the in-process engine) /' || true
+  if grep -q '^check' "$OUT/t1.txt" "$OUT/k.txt"; then
+    echo "numerics (torch 1t vs kasmina; max|torch-kasmina|/max|torch|, accuracy in points):"
+    grep '^check' "$OUT/t1.txt" | sed 's/^check name=/  /' || true
+    grep '^check' "$OUT/k.txt" | sed 's/^check name=/  (kasminad vs the in-process engine) /' || true
+  fi
   if grep -q '^loss ' "$OUT/k.txt" "$OUT/t1.txt" 2>/dev/null; then
     echo
     echo "first training steps from the same weights on the same batch (loss; correct/total):"
