@@ -773,8 +773,9 @@ Test(train, transformer_refused)
     ksm_engine_free(e);
 }
 
-/* Steady state: after the first steps (arena sized, momentum buffers made) a step takes no new
- * device segment and leaves no block allocated. */
+/* Steady state: after the first steps (arena sized, momentum buffers made) a step makes no
+ * request to the caching allocator (the gradient norms' scratch lives in the step's arena), so
+ * it takes no new device segment and leaves no block allocated. */
 Test(train, steady_state_allocations)
 {
     ksm_engine *e = kt_engine_cpu(1);
@@ -798,6 +799,8 @@ Test(train, steady_state_allocations)
             (double)(b->allocation.allocated - a->allocation.allocated) / n,
             (long long)(b->segment.allocated - a->segment.allocated),
             (long long)(b->allocation.current - a->allocation.current));
+    cr_expect_eq(b->allocation.allocated, a->allocation.allocated,
+                 "a steady-state step asked the allocator for a block");
     cr_expect_eq(b->segment.allocated, a->segment.allocated, "a step took a new device segment");
     cr_expect_eq(b->allocation.current, a->allocation.current, "a step leaked a block");
     unload(&L);
