@@ -177,8 +177,10 @@ if [ "$MODE" = model ] || [ "$MODE" = train ]; then
     c0=$(ticks "$1")
     ask "$1" "$2 $3"
     c1=$(ticks "$1")
-    awk -v n="$2" -v d=$((c1 - c0)) -v r="$3" -v m="$TICK_MS" \
-      'BEGIN{printf "cpu name=%s ms=%.1f\n", n, d * m / r}' >>"$OUT/$1.txt"
+    case $(tail -n 1 "$OUT/$1.txt") in
+      row*) awk -v n="$2" -v d=$((c1 - c0)) -v r="$3" -v m="$TICK_MS" \
+              'BEGIN{printf "cpu name=%s ms=%.1f\n", n, d * m / r}' >>"$OUT/$1.txt" ;;
+    esac
   }
   for side in $SIDES; do ask $side ""; done # "ready"
   for w in $ROWS; do
