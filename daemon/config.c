@@ -47,6 +47,9 @@ static const struct cfg_option options[] = {
      "journal records of a model before it is compacted into a new snapshot"},
     {"journal-bytes", T_SIZE, 4096, 1e12, "64M", NULL, OFF(journal_bytes),
      "journal bytes of a model before it is compacted into a new snapshot"},
+    {"checkpoint-interval", T_INT, 0, 2147483647, "0", NULL, OFF(checkpoint_interval),
+     "checkpoint a model (weights, momentum, train_step) after each TrainStep that makes its "
+     "train_step a multiple of N, before that step answers (0 = only on Checkpoint calls)"},
     {"strict-restore", T_BOOL, 0, 0, "false", NULL, OFF(strict_restore),
      "refuse to start when a model's state is damaged (default: quarantine that model into "
      "STATE-DIR/quarantine and serve the others)"},
@@ -69,11 +72,16 @@ static const struct cfg_option options[] = {
      "log threshold"},
     {"log-file", T_STRING, 0, 0, NULL, NULL, OFF(log_file),
      "append log lines to PATH instead of stderr (SIGHUP reopens it)"},
+    {"log-format", T_CHOICE, 0, 0, "text", "text|json", OFF(log_format),
+     "log line format: text, or json (one object per line, for log collectors)"},
     {"max-message-bytes", T_SIZE, 1024, 2147483647.0, "64M", NULL, OFF(max_message_bytes),
      "largest request message accepted (RESOURCE_EXHAUSTED above it)"},
     {"max-reply-bytes", T_SIZE, 1024, 2147483647.0, "64M", NULL, OFF(max_reply_bytes),
      "largest reply (logits, exported weights) built; checked before compute where the size is "
      "known (RESOURCE_EXHAUSTED above it)"},
+    {"max-weights-bytes", T_SIZE, 1024, 1e12, "1G", NULL, OFF(max_weights_bytes),
+     "largest safetensors blob a LoadWeightsStream or ExportWeightsStream moves, and what all "
+     "weight streams in flight hold together (RESOURCE_EXHAUSTED above it)"},
     {"allow-compressed-requests", T_BOOL, 0, 0, "false", NULL, OFF(allow_compressed_requests),
      "accept gzip/deflate-compressed requests (inflated after authentication, at most "
      "max-message-bytes); otherwise they get UNIMPLEMENTED"},
@@ -406,6 +414,11 @@ static int config_load(struct ksm_config *c, int argc, char **argv, const char *
         fprintf(stderr, "kasminad: options --state-dir and --no-persist exclude each other\n");
         return KSM_EINVAL;
     }
+    if (c->checkpoint_interval != 0 && c->no_persist) {
+        fprintf(stderr, "kasminad: options --checkpoint-interval and --no-persist exclude each "
+                        "other (there is no state directory to checkpoint to)\n");
+        return KSM_EINVAL;
+    }
     return 0;
 }
 
@@ -418,6 +431,7 @@ void ksm_config_fini(struct ksm_config *c)
     free(c->fault_injection);
     free(c->log_level);
     free(c->log_file);
+    free(c->log_format);
     free(c->socket_group);
     free(c->tls_cert);
     free(c->tls_key);

@@ -29,6 +29,7 @@ struct ksm_config {
     int journal_records;
     size_t journal_bytes;
     bool strict_restore;
+    int checkpoint_interval;
     char *metrics_listen;
     int cpu_devices;
     bool no_cuda;
@@ -36,6 +37,7 @@ struct ksm_config {
     char *fault_injection; /* tests only */
     char *log_level;
     char *log_file;
+    char *log_format; /* "text" | "json" */
     size_t max_message_bytes;
     double drain_timeout;
     int workers;
@@ -51,6 +53,7 @@ struct ksm_config {
     int max_batch_rows, max_sequence_length, max_models, max_seeds_per_model;
     int max_queued_per_stream;
     size_t max_reply_bytes;
+    size_t max_weights_bytes;
     bool allow_compressed_requests, metrics_allow_remote;
 };
 

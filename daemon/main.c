@@ -235,6 +235,9 @@ int main(int argc, char **argv)
     enum ksm_log_level level = KSM_LOG_INFO;
     ksm_log_level_parse(d.cfg.log_level, &level);
     ksm_log_set_level(level);
+    enum ksm_log_format format = KSM_LOG_FORMAT_TEXT;
+    ksm_log_format_parse(d.cfg.log_format, &format);
+    ksm_log_set_format(format);
     if (d.cfg.log_file != NULL && (rc = ksm_log_open_file(d.cfg.log_file)) != 0) {
         fprintf(stderr, "kasminad: option --log-file: cannot open '%s': %s\n", d.cfg.log_file,
                 ksm_strerror(rc));
@@ -283,6 +286,7 @@ int main(int argc, char **argv)
         .max_models = (uint32_t)d.cfg.max_models,
         .max_seeds_per_model = (uint32_t)d.cfg.max_seeds_per_model,
         .memory_cap = d.cfg.memory_cap,
+        .checkpoint_interval = (uint64_t)d.cfg.checkpoint_interval,
     };
     if ((rc = ksm_service_new(&sc, &d.service)) != 0) {
         KSM_LOGE("main", "service: %s", ksm_strerror(rc));
@@ -296,6 +300,7 @@ int main(int argc, char **argv)
         .allow_remote_tcp = d.cfg.allow_remote_tcp,
         .max_message_bytes = d.cfg.max_message_bytes,
         .max_reply_bytes = d.cfg.max_reply_bytes,
+        .max_weights_bytes = d.cfg.max_weights_bytes,
         .allow_compressed_requests = d.cfg.allow_compressed_requests,
         .workers = d.cfg.workers,
         .max_concurrent_calls = d.cfg.max_concurrent_calls,

@@ -73,11 +73,11 @@ fi
 if [ "${KASMINA_SKIP_TSAN:-0}" != "1" ]; then
   echo "== concurrency tests under ThreadSanitizer (tests/tsan) =="
   cmake -S . -B build-tsan -DKASMINA_CUDA=OFF -DKASMINA_SANITIZE=thread -DKASMINA_BUILD_BENCH=OFF
-  cmake --build build-tsan -j"$JOBS" --target tsan_streams tsan_alloc tsan_engine tsan_persist tsan_daemon kasminad
+  cmake --build build-tsan -j"$JOBS" --target tsan_streams tsan_alloc tsan_engine tsan_persist tsan_train tsan_daemon kasminad
   # A race report makes the program exit 66 (tsan_daemon: its own or kasminad's); tests/tsan.supp
   # names third-party code only.
   OPENBLAS_NUM_THREADS=1 TSAN_OPTIONS="halt_on_error=0 exitcode=66 suppressions=$PWD/tests/tsan.supp" \
-    ctest --test-dir build-tsan --output-on-failure -j1 -R '^tsan_(streams|alloc|engine|persist|daemon)$' \
+    ctest --test-dir build-tsan --output-on-failure -j1 -R '^tsan_(streams|alloc|engine|persist|train|daemon)$' \
           --timeout 120
 fi
 echo "test.sh: all suites passed"

@@ -33,11 +33,13 @@ const struct ctl_cmd *const ctl_cmds[] = {
     &ctl_cmd_step,
     &ctl_cmd_metrics,
     &ctl_cmd_slots,
+    &ctl_cmd_configure_slot,
     &ctl_cmd_forward,
     &ctl_cmd_fused_forward,
     &ctl_cmd_evaluate,
     &ctl_cmd_train,
     &ctl_cmd_training,
+    &ctl_cmd_checkpoint,
     &ctl_cmd_load_weights,
     &ctl_cmd_export_weights,
     &ctl_cmd_move,
@@ -70,6 +72,7 @@ const struct option ctl_common_options[] = {
     {"tls-cert", required_argument, NULL, CTL_O_TLS_CERT},
     {"tls-key", required_argument, NULL, CTL_O_TLS_KEY},
     {"wait", no_argument, NULL, CTL_O_WAIT},
+    {"max-message-bytes", required_argument, NULL, CTL_O_MAX_MESSAGE},
     {"version", no_argument, NULL, CTL_O_VERSION},
     {NULL, 0, NULL, 0},
 };
@@ -117,6 +120,27 @@ int ctl_common_opt(struct ctl *x, int opt, const char *arg, int *exit_code)
             return CTL_OPT_EXIT;
         }
         return 1;
+    case CTL_O_MAX_MESSAGE: {
+        uint64_t v = 0;
+        char *end = NULL;
+        unsigned long long n = arg && *arg != '-' ? strtoull(arg, &end, 10) : 0;
+        uint64_t mul = end && (*end == 'K' || *end == 'k')   ? 1u << 10
+                       : end && (*end == 'M' || *end == 'm') ? 1u << 20
+                       : end && (*end == 'G' || *end == 'g') ? 1u << 30
+                                                             : 1;
+        if (end && mul > 1) end++;
+        v = (uint64_t)n * mul;
+        if (!end || end == arg || *end != '\0' || n == 0 || v > 2147483647u) {
+            *exit_code = ctl_usage_error(
+                x,
+                "--max-message-bytes must be a byte count in [1, 2147483647] (K, M, G "
+                "suffixes), got '%s'",
+                arg ? arg : "");
+            return CTL_OPT_EXIT;
+        }
+        x->opts.max_message_bytes = (size_t)v;
+        return 1;
+    }
     case CTL_O_VERSION:
         printf("kasminactl %s\n", KSM_VERSION);
         *exit_code = 0;
@@ -241,7 +265,10 @@ int ctl_cmd_main(struct ctl *x, const struct ctl_cmd *c, int argc, char **argv)
     if (!args) return CTL_EXIT_OTHER;
     if (c->init) c->init(args);
     int rc;
-    if (ctl_cmd_parse(x, c, argc, argv, args, &rc)) rc = c->run(x, args);
+    if (ctl_cmd_parse(x, c, argc, argv, args, &rc)) {
+        rc = c->run(x, args);
+        ctl_print_warnings(x);
+    }
     if (c->fini) c->fini(args);
     free(args);
     return rc;
@@ -293,6 +320,20 @@ int ctl_connect(struct ctl *x)
         return x->err.code == KSM_EINVAL ? CTL_EXIT_USAGE : CTL_EXIT_OTHER;
     }
     return 0;
+}
+
+void ctl_print_warnings(struct ctl *x)
+{
+    /* The last call's warnings (a failed call has none); each on its own line on stderr. */
+    const char *w = x->err.warnings;
+    if (*w) fflush(stdout); /* after the reply it is about */
+    while (*w) {
+        size_t n = strcspn(w, "\n");
+        fprintf(stderr, "%s %s: warning: %.*s\n", x->prog, x->cmd ? x->cmd : "", (int)n, w);
+        w += n;
+        if (*w == '\n') w++;
+    }
+    x->err.warnings[0] = '\0';
 }
 
 int ctl_call_failed(struct ctl *x)

@@ -101,9 +101,9 @@ extern const struct ctl_cmd ctl_cmd_models, ctl_cmd_create, ctl_cmd_delete, ctl_
     ctl_cmd_export_weights, ctl_cmd_move;
 extern const struct ctl_cmd ctl_cmd_germinate, ctl_cmd_advance, ctl_cmd_prune,
     ctl_cmd_schedule_prune, ctl_cmd_set_alpha, ctl_cmd_set_alpha_target, ctl_cmd_step,
-    ctl_cmd_metrics, ctl_cmd_slots, ctl_cmd_events;
+    ctl_cmd_metrics, ctl_cmd_slots, ctl_cmd_events, ctl_cmd_configure_slot;
 extern const struct ctl_cmd ctl_cmd_forward, ctl_cmd_fused_forward, ctl_cmd_evaluate;
-extern const struct ctl_cmd ctl_cmd_train, ctl_cmd_training;
+extern const struct ctl_cmd ctl_cmd_train, ctl_cmd_training, ctl_cmd_checkpoint;
 extern const struct ctl_cmd ctl_cmd_top;
 
 /* Runs subcommand c: argv[0] is its name, the rest its arguments and options (common options
@@ -136,7 +136,8 @@ enum ctl_common_id {
     CTL_O_TLS,
     CTL_O_TLS_CA,
     CTL_O_TLS_CERT,
-    CTL_O_TLS_KEY
+    CTL_O_TLS_KEY,
+    CTL_O_MAX_MESSAGE
 };
 extern const struct option ctl_common_options[];
 
@@ -152,3 +153,6 @@ int ctl_connect(struct ctl *x);
 /* Reports x->err of a failed call (stderr; and a JSON error object on stdout with --json);
  * returns the exit code of its status class. */
 int ctl_call_failed(struct ctl *x);
+/* Prints the warnings the server attached to the last successful call ("kasminactl CMD: warning:
+ * ..." on stderr, one per line) and forgets them. ctl_cmd_main calls it after run(). */
+void ctl_print_warnings(struct ctl *x);

@@ -5,6 +5,7 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "cmds.h"
 #include "kasmina/safetensors.h"
@@ -222,6 +223,19 @@ static int add_config(void *args, const char *opt, const char *arg, char *err, s
     return rc;
 }
 
+static int set_attribution(void *args, const char *opt, const char *arg, char *err, size_t errlen)
+{
+    struct evaluate_args *a = args;
+    static const char *const names[] = {"none", "auto", "exact", "permutation"};
+    for (int i = 0; i < 4; i++)
+        if (strcasecmp(arg, names[i]) == 0) {
+            a->a.attribution = (enum ksm_attribution_mode)i;
+            return 0;
+        }
+    snprintf(err, errlen, "%s must be none, auto, exact or permutation, got '%s'", opt, arg);
+    return KSM_EINVAL;
+}
+
 #define EVAL(f) offsetof(struct evaluate_args, f)
 static const struct ctl_opt evaluate_opts[] = {
     {"input", "FILE[:TENSOR]", CTL_ARG_STRING, EVAL(input), 0, NULL, "the input tensor (required)"},
@@ -235,6 +249,12 @@ static const struct ctl_opt evaluate_opts[] = {
      "also fetch the logits (one tensor per config)"},
     {"stream", "KEY", CTL_ARG_STRING, EVAL(a.stream), 0, NULL,
      "run on this stream of the model (calls with one key run in order)"},
+    {"attribution", "MODE", CTL_ARG_SETTER, 0, 0, set_attribution,
+     "seed attribution over the live seeds: auto, exact, permutation or none"},
+    {"shapley-samples", "N", CTL_ARG_U32, EVAL(a.shapley_samples), 0, NULL,
+     "permutation: permutations (default 20)"},
+    {"attribution-seed", "S", CTL_ARG_U64, EVAL(a.attribution_seed), 0, NULL,
+     "permutation: the sampling seed (default 0)"},
     {0},
 };
 #undef EVAL
@@ -294,6 +314,8 @@ const struct ctl_cmd ctl_cmd_evaluate = {
     .max_pos = 1,
     .opts = evaluate_opts,
     .notes = "  Without --config or --standard: one config 'main' (the model as it is).\n"
+             "  --attribution adds Shapley values, marginals and (exact) pairwise interactions of\n"
+             "  the live seeds, from the same pass (docs/evaluate.md#attribution).\n"
              "  Without TENSOR: input/x and targets/y are looked up by name.",
     .args_size = sizeof(struct evaluate_args),
     .run = run_evaluate,
@@ -460,4 +482,32 @@ const struct ctl_cmd ctl_cmd_training = {
     .notes = "  Without options: the configuration in force and the steps applied.",
     .args_size = sizeof(struct training_args),
     .run = run_training,
+};
+
+// ---- checkpoint (Checkpoint) ----
+
+static int run_checkpoint(struct ctl *x, void *args)
+{
+    const struct ctl_pos *p = args;
+    int rc = ctl_connect(x);
+    if (rc) return rc;
+    struct ksm_client_checkpoint *v = NULL;
+    size_t n = 0;
+    if (ksm_client_checkpoint(x->client, p->n > 0 ? p->v[0] : "", &v, &n, &x->err) != 0)
+        return ctl_call_failed(x);
+    ctl_show_checkpoint(x->json, v, n, stdout);
+    free(v);
+    return 0;
+}
+
+const struct ctl_cmd ctl_cmd_checkpoint = {
+    .name = "checkpoint",
+    .summary = "make training progress durable: weights, momentum, train_step (Checkpoint)",
+    .positionals = "[MODEL]",
+    .max_pos = 1,
+    .notes =
+        "  Without MODEL: every model. One line per model: the train_step now durable\n"
+        "  (--json: {\"checkpoint_step\": {model: step}}). Needs a daemon that persists state.",
+    .args_size = sizeof(struct ctl_pos),
+    .run = run_checkpoint,
 };

@@ -1,9 +1,10 @@
 /*
  * kasminactl subcommands of the seed lifecycle: germinate, advance, prune, schedule-prune,
- * set-alpha, set-alpha-target, step, metrics, slots, events.
+ * set-alpha, set-alpha-target, step, metrics, slots, configure-slot, events.
  */
 #include <stddef.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cmds.h"
 
@@ -59,11 +60,14 @@ const struct ctl_cmd ctl_cmd_germinate = {
 struct advance_args {
     struct ctl_pos pos;
     enum ksm_stage to;
+    bool allow_fail;
 };
 
 static const struct ctl_opt advance_opts[] = {
     {"to", "STAGE", CTL_ARG_STAGE, offsetof(struct advance_args, to), 0, NULL,
      "next (default), training, blending, holding, fossilized, ..."},
+    {"allow-fail", NULL, CTL_ARG_FLAG, offsetof(struct advance_args, allow_fail), 0, NULL,
+     "exit 0 when the gate fails (default: exit 9)"},
     {0},
 };
 
@@ -79,6 +83,14 @@ static int run_advance(struct ctl *x, void *args)
     if (ksm_client_advance(x->client, a->pos.v[0], a->pos.v[1], a->to, &g, &r, &x->err) != 0)
         return ctl_call_failed(x);
     ctl_show_advance(x->json, &g, &r, stdout);
+    if (!g.passed && !a->allow_fail) {
+        /* The call succeeded and the seed stayed where it was: a script must not read that as
+         * an advance. The failed checks were printed with their numbers above. */
+        fflush(stdout);
+        fprintf(stderr, "%s %s: gate %s failed; the seed stays in %s\n", x->prog, x->cmd,
+                ksm_gate_level_name(g.gate), ksm_stage_name(r.stage));
+        return CTL_EXIT_GATE_FAILED;
+    }
     return 0;
 }
 
@@ -89,6 +101,9 @@ const struct ctl_cmd ctl_cmd_advance = {
     .min_pos = 2,
     .max_pos = 2,
     .opts = advance_opts,
+    .notes = "Prints the gate's checks, each failed one with the value it read and the threshold\n"
+             "(\"- seed_not_ready: epochs_in_current_stage 3 < 10\"; docs/gates.md), then the\n"
+             "slot. Exits 9 when the gate fails (the seed does not move), unless --allow-fail.",
     .args_size = sizeof(struct advance_args),
     .init = init_advance,
     .run = run_advance,
@@ -307,6 +322,96 @@ const struct ctl_cmd ctl_cmd_slots = {
     .max_pos = 2,
     .args_size = sizeof(struct ctl_pos),
     .run = run_slots,
+};
+
+// ---- configure-slot ----
+
+struct configure_args {
+    struct ctl_pos pos;
+    struct ksm_slot_settings s;
+};
+
+static int set_isolate(void *args, const char *opt, const char *arg, char *err, size_t errlen)
+{
+    struct configure_args *a = args;
+    if (ctl_parse_bool(opt, arg, &a->s.isolate_gradients, err, errlen) != 0) return KSM_EINVAL;
+    a->s.set_isolate_gradients = true;
+    return 0;
+}
+
+static int set_auto_forward(void *args, const char *opt, const char *arg, char *err, size_t errlen)
+{
+    struct configure_args *a = args;
+    unsigned bits = 0;
+    if (arg == NULL || strcmp(arg, "none") != 0) {
+        if (ctl_parse_gates(opt, arg, &bits, err, errlen) != 0) return KSM_EINVAL;
+        if (bits & 1u) {
+            snprintf(err, errlen, "%s: only G1, G2 and G3 auto-advance (or 'none'), got '%s'", opt,
+                     arg);
+            return KSM_EINVAL;
+        }
+    }
+    a->s.auto_forward_gates = bits;
+    a->s.set_auto_forward_gates = true;
+    return 0;
+}
+
+static const struct ctl_opt configure_opts[] = {
+    {"isolate-gradients", "BOOL", CTL_ARG_SETTER, 0, 0, set_isolate,
+     "the seed sees detached host features (esper SeedSlot.isolate_gradients)"},
+    {"auto-forward", "G1,G2,G3|none", CTL_ARG_SETTER, 0, 0, set_auto_forward,
+     "gates StepEpoch may auto-advance the slot through (esper SeedSlot.auto_forward_gates)"},
+    {0},
+};
+
+static int run_configure_slot(struct ctl *x, void *args)
+{
+    struct configure_args *a = args;
+    int rc = ctl_connect(x);
+    if (rc) return rc;
+    struct ksm_slot_report *r = calloc(KSM_MAX_SLOTS, sizeof *r);
+    size_t n = 0;
+    if (!r) return CTL_EXIT_OTHER;
+    if (ksm_client_configure_slot(x->client, a->pos.v[0], a->pos.n > 1 ? a->pos.v[1] : NULL, &a->s,
+                                  r, KSM_MAX_SLOTS, &n, &x->err) != 0) {
+        free(r);
+        return ctl_call_failed(x);
+    }
+    if (n > KSM_MAX_SLOTS) n = KSM_MAX_SLOTS;
+    json_t *arr = x->json ? json_array() : NULL;
+    if (!x->json) printf("%-8s %-17s %s\n", "SLOT", "ISOLATE_GRADIENTS", "AUTO_FORWARD");
+    for (size_t i = 0; i < n; i++) {
+        char g[16] = "";
+        json_t *gj = x->json ? json_array() : NULL;
+        for (int lvl = KSM_GATE_G1; lvl <= KSM_GATE_G3; lvl++)
+            if (r[i].auto_forward_gates & (1u << lvl)) {
+                size_t l = strlen(g);
+                snprintf(g + l, sizeof g - l, "%sG%d", l ? "," : "", lvl);
+                if (gj) json_array_append_new(gj, json_sprintf("G%d", lvl));
+            }
+        if (arr)
+            json_array_append_new(arr, json_pack("{s:s, s:b, s:o}", "slot_id", r[i].slot_id,
+                                                 "isolate_gradients", r[i].isolate_gradients,
+                                                 "auto_forward_gates", gj));
+        else
+            printf("%-8s %-17s %s\n", r[i].slot_id, r[i].isolate_gradients ? "true" : "false",
+                   g[0] ? g : "none");
+    }
+    if (arr) ctl_json_print(arr, stdout);
+    free(r);
+    return 0;
+}
+
+const struct ctl_cmd ctl_cmd_configure_slot = {
+    .name = "configure-slot",
+    .summary = "per-slot settings: gradient isolation, auto-forward gates (ConfigureSlot)",
+    .positionals = "MODEL [SLOT]",
+    .min_pos = 1,
+    .max_pos = 2,
+    .opts = configure_opts,
+    .notes = "  No SLOT: every slot of MODEL. Options not given keep their value.",
+    .args_size = sizeof(struct configure_args),
+    .run = run_configure_slot,
 };
 
 // ---- metrics ----

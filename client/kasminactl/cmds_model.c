@@ -112,6 +112,9 @@ static const struct ctl_opt create_opts[] = {
      "context length in tokens (transformer)"},
     {"segments", "N", CTL_ARG_U32, CREATE(spec.transformer.num_segments), 0, NULL,
      "layer segments; --layers must be a multiple (transformer)"},
+    {"dropout", "P", CTL_ARG_DOUBLE, CREATE(spec.transformer.dropout),
+     CREATE(spec.transformer.dropout_set), NULL,
+     "dropout probability in [0, 1), applied by train only (transformer; default 0.1)"},
     {"slot", "ID", CTL_ARG_SETTER, 0, 0, add_slot,
      "register this slot (repeat; default every injection point)"},
     {"device", "NAME", CTL_ARG_STRING, CREATE(spec.device), 0, NULL,
@@ -228,25 +231,41 @@ static int read_whole(struct ctl *x, const char *path, void **buf, size_t *len)
 struct load_args {
     struct ctl_pos pos;
     bool strict;
+    bool stream, no_stream;
 };
 
 static const struct ctl_opt load_opts[] = {
     {"strict", NULL, CTL_ARG_FLAG, offsetof(struct load_args, strict), 0, NULL,
      "every tensor of the model must be in FILE with its shape, and no other"},
+    {"stream", NULL, CTL_ARG_FLAG, offsetof(struct load_args, stream), 0, NULL,
+     "send FILE in checksummed chunks (LoadWeightsStream); default: when it is too large for "
+     "one message"},
+    {"no-stream", NULL, CTL_ARG_FLAG, offsetof(struct load_args, no_stream), 0, NULL,
+     "one LoadWeights message only"},
     {0},
 };
+
+static enum ksm_client_stream_mode stream_mode(bool stream, bool no_stream)
+{
+    return stream      ? KSM_CLIENT_STREAM_ALWAYS
+           : no_stream ? KSM_CLIENT_STREAM_NEVER
+                       : KSM_CLIENT_STREAM_AUTO;
+}
 
 static int run_load_weights(struct ctl *x, void *args)
 {
     struct load_args *a = args;
     const char *model = a->pos.v[0];
+    if (a->stream && a->no_stream) return ctl_usage_error(x, "--stream and --no-stream conflict");
     void *buf;
     size_t len;
     int rc = read_whole(x, a->pos.v[1], &buf, &len);
     if (rc) return rc;
     struct ksm_load_result r;
+    struct ksm_client_weights_options o = {.stream = stream_mode(a->stream, a->no_stream)};
     rc = ctl_connect(x);
-    if (rc == 0 && ksm_client_load_weights(x->client, model, buf, len, a->strict, &r, &x->err) != 0)
+    if (rc == 0 &&
+        ksm_client_load_weights_ex(x->client, model, buf, len, a->strict, &o, &r, &x->err) != 0)
         rc = ctl_call_failed(x);
     free(buf);
     if (rc) return rc;
@@ -266,15 +285,56 @@ const struct ctl_cmd ctl_cmd_load_weights = {
     .run = run_load_weights,
 };
 
+struct export_args {
+    struct ctl_pos pos;
+    const char *slots[KSM_MAX_SLOTS];
+    size_t n_slots;
+    bool include_host;
+    bool stream, no_stream;
+};
+
+static int add_export_slot(void *args, const char *opt, const char *arg, char *err, size_t errlen)
+{
+    struct export_args *a = args;
+    if (a->n_slots == KSM_MAX_SLOTS) {
+        snprintf(err, errlen, "%s: at most %d slots", opt, KSM_MAX_SLOTS);
+        return KSM_EINVAL;
+    }
+    a->slots[a->n_slots++] = arg;
+    return 0;
+}
+
+static const struct ctl_opt export_opts[] = {
+    {"slot", "ID", CTL_ARG_SETTER, 0, 0, add_export_slot,
+     "export only this slot's tensors and extra state (repeat; default: everything)"},
+    {"include-host", NULL, CTL_ARG_FLAG, offsetof(struct export_args, include_host), 0, NULL,
+     "with --slot: the host's tensors too"},
+    {"stream", NULL, CTL_ARG_FLAG, offsetof(struct export_args, stream), 0, NULL,
+     "receive the file in checksummed chunks (ExportWeightsStream); default: when it is too large "
+     "for one message"},
+    {"no-stream", NULL, CTL_ARG_FLAG, offsetof(struct export_args, no_stream), 0, NULL,
+     "one ExportWeights message only"},
+    {0},
+};
+
 static int run_export_weights(struct ctl *x, void *args)
 {
-    const struct ctl_pos *p = args;
+    const struct export_args *a = args;
+    const struct ctl_pos *p = &a->pos;
     const char *path = p->v[1];
+    if (a->stream && a->no_stream) return ctl_usage_error(x, "--stream and --no-stream conflict");
+    if (a->include_host && a->n_slots == 0)
+        return ctl_usage_error(x, "--include-host needs --slot (without it the whole model is "
+                                  "exported)");
     int rc = ctl_connect(x);
     if (rc) return rc;
     void *buf;
     size_t len;
-    if (ksm_client_export_weights(x->client, p->v[0], &buf, &len, &x->err) != 0)
+    struct ksm_client_weights_options o = {.stream = stream_mode(a->stream, a->no_stream),
+                                           .slots = a->slots,
+                                           .n_slots = a->n_slots,
+                                           .include_host = a->include_host};
+    if (ksm_client_export_weights_ex(x->client, p->v[0], &o, &buf, &len, &x->err) != 0)
         return ctl_call_failed(x);
     bool to_stdout = !strcmp(path, "-");
     FILE *f = to_stdout ? stdout : fopen(path, "wb");
@@ -307,8 +367,9 @@ const struct ctl_cmd ctl_cmd_export_weights = {
     .positionals = "MODEL FILE",
     .min_pos = 2,
     .max_pos = 2,
+    .opts = export_opts,
     .notes = "  FILE '-' = stdout.",
-    .args_size = sizeof(struct ctl_pos),
+    .args_size = sizeof(struct export_args),
     .run = run_export_weights,
 };
 

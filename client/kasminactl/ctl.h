@@ -31,6 +31,7 @@ enum ctl_exit {
     CTL_EXIT_UNAVAILABLE = 6,
     CTL_EXIT_EXHAUSTED = 7,
     CTL_EXIT_AUTH = 8,
+    CTL_EXIT_GATE_FAILED = 9, /* advance: the call succeeded, the gate did not pass */
 };
 
 /* The exit code of a failed call from its gRPC status (grpc_status_code values). */
@@ -111,7 +112,10 @@ void ctl_json_print(json_t *j, FILE *f);
 void ctl_print_slot_reports(const struct ksm_slot_report *r, size_t n, FILE *f);
 void ctl_print_models(const struct ksm_model_info *m, size_t n, FILE *f);
 void ctl_print_gate(const struct ksm_gate_result *g, FILE *f);
-/* One line per event: "SEQ TIME TYPE model/slot seed from->to alpha ...". */
+/* One line per check, "<indent>+ name: detail" (passed) or "<indent>- name: detail" (failed). */
+void ctl_print_gate_checks(const struct ksm_gate_result *g, const char *indent, FILE *f);
+/* One line per event: "SEQ TIME TYPE model/slot seed from->to alpha ...", and for
+ * SEED_GATE_EVALUATED one indented line per check (ctl_print_gate_checks). */
 void ctl_print_event(uint64_t sequence, const struct ksm_lifecycle_event *e, FILE *f);
 /* The results of calls, as JSON objects with json, else as tables and lines (what each
  * subcommand prints). */
@@ -139,6 +143,8 @@ void ctl_show_forward(bool json, const struct ksm_forward_result *r, const char 
                       FILE *f);
 void ctl_show_evaluate(bool json, const struct ksm_evaluate_result *r, FILE *f);
 void ctl_show_train_step(bool json, uint32_t epoch, const struct ksm_train_result *r, FILE *f);
+/* Checkpoint's reply: one line per model (MODEL, CHECKPOINT_STEP), or {"checkpoint_step": {..}}. */
+void ctl_show_checkpoint(bool json, const struct ksm_client_checkpoint *v, size_t n, FILE *f);
 void ctl_show_training(bool json, const char *model_id, const struct ksm_training_config *c,
                        uint64_t train_step, FILE *f);
 /* Per device, then per model when any device reports models. */

@@ -32,6 +32,8 @@ static void print_help(FILE *f)
                "  --tls-cert PATH    use TLS with this client certificate (PEM; with --tls-key)\n"
                "  --tls-key PATH     the client certificate's private key (PEM)\n"
                "  --wait             wait for the daemon to come up (up to the deadline)\n"
+               "  --max-message-bytes N  largest message sent or received (K, M, G; default 64M;\n"
+               "                     weights beyond it stream: load-weights/export-weights)\n"
                "  --json             JSON output for scripts (events: one object per line)\n"
                "  --help             this text; COMMAND --help: the command's\n"
                "  --version          print the version\n"
@@ -45,7 +47,11 @@ static void print_help(FILE *f)
                "  5  failed precondition (FAILED_PRECONDITION, ALREADY_EXISTS, ABORTED)\n"
                "  6  unavailable (UNAVAILABLE, DEADLINE_EXCEEDED; health: not serving)\n"
                "  7  resource exhausted (RESOURCE_EXHAUSTED)\n"
-               "  8  authentication (UNAUTHENTICATED, PERMISSION_DENIED)\n");
+               "  8  authentication (UNAUTHENTICATED, PERMISSION_DENIED)\n"
+               "  9  advance: the gate failed and the seed did not move (--allow-fail: 0)\n"
+               "\n"
+               "Warnings the daemon attaches to a successful reply (a value it accepted but that\n"
+               "looks wrong, a default it took) are printed to stderr as 'warning: ...'.\n");
 }
 
 int main(int argc, char **argv)

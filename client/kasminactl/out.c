@@ -188,9 +188,18 @@ json_t *ctl_json_gate(const struct ksm_gate_result *g)
         json_array_append_new(pass, json_string(g->checks_passed[i]));
     for (int i = 0; i < g->n_failed && i < KSM_GATE_MAX_CHECKS; i++)
         json_array_append_new(fail, json_string(g->checks_failed[i]));
-    return json_pack("{s:s, s:b, s:o, s:o, s:o, s:s}", "gate", ksm_gate_level_name(g->gate),
+    json_t *checks = json_array();
+    for (int i = 0; i < g->n_checks && i < KSM_GATE_MAX_CHECKS; i++) {
+        const struct ksm_gate_check *c = &g->checks[i];
+        json_t *jc = json_pack("{s:s, s:b, s:s, s:s, s:s}", "name", c->name, "passed", c->passed,
+                               "quantity", c->quantity, "op", c->op, "detail", c->detail);
+        if (c->op[0]) json_object_set_new(jc, "threshold", jreal(c->threshold));
+        if (c->has_value) json_object_set_new(jc, "value", jreal(c->value));
+        json_array_append_new(checks, jc);
+    }
+    return json_pack("{s:s, s:b, s:o, s:o, s:o, s:s, s:o}", "gate", ksm_gate_level_name(g->gate),
                      "passed", g->passed, "score", jreal(g->score), "checks_passed", pass,
-                     "checks_failed", fail, "message", g->message);
+                     "checks_failed", fail, "message", g->message, "checks", checks);
 }
 
 json_t *ctl_json_slot_report(const struct ksm_slot_report *r)
@@ -258,10 +267,10 @@ json_t *ctl_json_model(const struct ksm_model_info *m)
     json_t *host;
     if (m->topology == KSM_TOPOLOGY_TRANSFORMER) {
         const struct ksm_transformer_spec *t = &m->transformer;
-        host =
-            json_pack("{s:i, s:i, s:i, s:i, s:i, s:i}", "vocab_size", (int)t->vocab_size, "n_embd",
-                      (int)t->n_embd, "n_head", (int)t->n_head, "n_layer", (int)t->n_layer,
-                      "block_size", (int)t->block_size, "num_segments", (int)t->num_segments);
+        host = json_pack("{s:i, s:i, s:i, s:i, s:i, s:i, s:f}", "vocab_size", (int)t->vocab_size,
+                         "n_embd", (int)t->n_embd, "n_head", (int)t->n_head, "n_layer",
+                         (int)t->n_layer, "block_size", (int)t->block_size, "num_segments",
+                         (int)t->num_segments, "dropout", t->dropout);
     } else {
         const struct ksm_cnn_spec *c = &m->cnn;
         host = json_pack("{s:i, s:i, s:i, s:i, s:i, s:i}", "num_classes", (int)c->num_classes,
@@ -270,13 +279,14 @@ json_t *ctl_json_model(const struct ksm_model_info *m)
                          "in_channels", (int)c->in_channels);
     }
     const char *dt = ksm_dtype_name(m->dtype);
-    return json_pack("{s:s, s:s, s:o, s:s, s:s, s:o, s:I, s:I, s:I, s:I}", "model_id", m->model_id,
-                     "topology", ksm_topology_name(m->topology),
+    return json_pack("{s:s, s:s, s:o, s:s, s:s, s:o, s:I, s:I, s:I, s:I, s:I, s:I}", "model_id",
+                     m->model_id, "topology", ksm_topology_name(m->topology),
                      m->topology == KSM_TOPOLOGY_TRANSFORMER ? "transformer" : "cnn", host,
                      "device", m->device, "dtype", dt ? dt : "?", "slots", slots, "host_params",
                      (json_int_t)m->host_params, "seed_params", (json_int_t)m->seed_params,
                      "generation", (json_int_t)m->generation, "resident_bytes",
-                     (json_int_t)m->resident_bytes);
+                     (json_int_t)m->resident_bytes, "train_step", (json_int_t)m->train_step,
+                     "checkpoint_step", (json_int_t)m->checkpoint_step);
 }
 
 json_t *ctl_json_event(uint64_t sequence, const struct ksm_lifecycle_event *e)
@@ -429,14 +439,29 @@ void ctl_print_models(const struct ksm_model_info *m, size_t n, FILE *f)
     ctl_table_free(t);
 }
 
+void ctl_print_gate_checks(const struct ksm_gate_result *g, const char *indent, FILE *f)
+{
+    if (g->n_checks > 0) {
+        /* In the gate's order, each with the numbers behind it. */
+        for (int i = 0; i < g->n_checks && i < KSM_GATE_MAX_CHECKS; i++) {
+            const struct ksm_gate_check *c = &g->checks[i];
+            fprintf(f, "%s%c %s%s%s\n", indent, c->passed ? '+' : '-', c->name,
+                    c->detail[0] ? ": " : "", c->detail);
+        }
+        return;
+    }
+    /* A server without the details: esper's strings alone. */
+    for (int i = 0; i < g->n_passed && i < KSM_GATE_MAX_CHECKS; i++)
+        fprintf(f, "%s+ %s\n", indent, g->checks_passed[i]);
+    for (int i = 0; i < g->n_failed && i < KSM_GATE_MAX_CHECKS; i++)
+        fprintf(f, "%s- %s\n", indent, g->checks_failed[i]);
+}
+
 void ctl_print_gate(const struct ksm_gate_result *g, FILE *f)
 {
     fprintf(f, "gate %s: %s (score %.4f)%s%s\n", ksm_gate_level_name(g->gate),
             g->passed ? "passed" : "FAILED", g->score, g->message[0] ? " - " : "", g->message);
-    for (int i = 0; i < g->n_passed && i < KSM_GATE_MAX_CHECKS; i++)
-        fprintf(f, "  + %s\n", g->checks_passed[i]);
-    for (int i = 0; i < g->n_failed && i < KSM_GATE_MAX_CHECKS; i++)
-        fprintf(f, "  - %s\n", g->checks_failed[i]);
+    ctl_print_gate_checks(g, "  ", f);
 }
 
 void ctl_print_event(uint64_t sequence, const struct ksm_lifecycle_event *e, FILE *f)
@@ -471,6 +496,7 @@ void ctl_print_event(uint64_t sequence, const struct ksm_lifecycle_event *e, FIL
     for (int i = 0; i < e->n_values && i < 12; i++)
         if (e->values[i].key) fprintf(f, " %s=%g", e->values[i].key, e->values[i].value);
     fputc('\n', f);
+    if (e->type == KSM_EV_SEED_GATE_EVALUATED) ctl_print_gate_checks(&e->gate, "        ", f);
 }
 
 // ---- Call results: JSON with --json, else tables and lines ----
@@ -700,10 +726,27 @@ void ctl_show_evaluate(bool json, const struct ksm_evaluate_result *r, FILE *f)
                                             c->loss, "accuracy", c->accuracy, "correct",
                                             (json_int_t)c->correct, "total", (json_int_t)c->total));
         }
-        ctl_json_print(json_pack("{s:o, s:I, s:I}", "results", res, "model_generation",
-                                 (json_int_t)r->model_generation, "compute_ns",
-                                 (json_int_t)r->compute_ns),
-                       f);
+        json_t *o =
+            json_pack("{s:o, s:I, s:I}", "results", res, "model_generation",
+                      (json_int_t)r->model_generation, "compute_ns", (json_int_t)r->compute_ns);
+        if (r->n_shapley > 0) {
+            json_t *sh = json_array(), *it = json_array();
+            for (size_t i = 0; i < r->n_shapley; i++) {
+                const struct ksm_shapley_estimate *e = &r->shapley[i];
+                json_array_append_new(
+                    sh, json_pack("{s:s, s:f, s:f, s:I, s:s, s:f}", "slot_id", e->slot_id, "mean",
+                                  e->mean, "std", e->std, "n_samples", (json_int_t)e->n_samples,
+                                  "algorithm", e->algorithm, "marginal", e->marginal));
+            }
+            for (size_t i = 0; i < r->n_interactions; i++)
+                json_array_append_new(it, json_pack("{s:s, s:s, s:f}", "slot_a",
+                                                    r->interactions[i].slot_a, "slot_b",
+                                                    r->interactions[i].slot_b, "interaction",
+                                                    r->interactions[i].interaction));
+            json_object_set_new(o, "shapley", sh);
+            json_object_set_new(o, "interactions", it);
+        }
+        ctl_json_print(o, f);
         return;
     }
     static const char *const h[] = {"CONFIG", "LOSS", "ACCURACY", "CORRECT", "TOTAL"};
@@ -717,8 +760,39 @@ void ctl_show_evaluate(bool json, const struct ksm_evaluate_result *r, FILE *f)
         ctl_table_cell(t, "%" PRIu64, r->results[i].correct);
         ctl_table_cell(t, "%" PRIu64, r->results[i].total);
     }
-    ctl_table_print(t, f);
+    if (r->n > 0) ctl_table_print(t, f);
     ctl_table_free(t);
+    if (r->n_shapley > 0) {
+        /* Attribution: accuracy points (docs/evaluate.md#attribution). */
+        static const char *const hs[] = {"SEED",    "SHAPLEY",  "STD",
+                                         "SAMPLES", "MARGINAL", "ALGORITHM"};
+        t = ctl_table_new(6, hs);
+        for (int c = 1; c < 5; c++) ctl_table_right(t, c);
+        for (size_t i = 0; i < r->n_shapley; i++) {
+            const struct ksm_shapley_estimate *e = &r->shapley[i];
+            ctl_table_row(t);
+            ctl_table_cell(t, "%s", e->slot_id);
+            ctl_table_cell(t, "%+.4f", e->mean);
+            ctl_table_cell(t, "%.4f", e->std);
+            ctl_table_cell(t, "%u", e->n_samples);
+            ctl_table_cell(t, "%+.4f", e->marginal);
+            ctl_table_cell(t, "%s", e->algorithm);
+        }
+        ctl_table_print(t, f);
+        ctl_table_free(t);
+    }
+    if (r->n_interactions > 0) {
+        static const char *const hi[] = {"PAIR", "INTERACTION"};
+        t = ctl_table_new(2, hi);
+        ctl_table_right(t, 1);
+        for (size_t i = 0; i < r->n_interactions; i++) {
+            ctl_table_row(t);
+            ctl_table_cell(t, "%s+%s", r->interactions[i].slot_a, r->interactions[i].slot_b);
+            ctl_table_cell(t, "%+.4f", r->interactions[i].interaction);
+        }
+        ctl_table_print(t, f);
+        ctl_table_free(t);
+    }
     fprintf(f, "generation %" PRIu64 ", compute %.3f ms\n", r->model_generation,
             (double)r->compute_ns / 1e6);
 }
@@ -846,6 +920,26 @@ void ctl_show_train_step(bool json, uint32_t epoch, const struct ksm_train_resul
         fprintf(f, "  %s |g| %.4g ratio %.3g health %.2f", r->seeds[i].slot_id,
                 r->seeds[i].grad_norm, r->seeds[i].normalized_ratio, r->seeds[i].gradient_health);
     fputc('\n', f);
+}
+
+void ctl_show_checkpoint(bool json, const struct ksm_client_checkpoint *v, size_t n, FILE *f)
+{
+    if (json) {
+        json_t *o = json_object();
+        for (size_t i = 0; i < n; i++) json_object_set_new(o, v[i].model_id, ju64(v[i].train_step));
+        ctl_json_print(json_pack("{s:o}", "checkpoint_step", o), f);
+        return;
+    }
+    static const char *const h[] = {"MODEL", "CHECKPOINT_STEP"};
+    struct ctl_table *t = ctl_table_new(2, h);
+    ctl_table_right(t, 1);
+    for (size_t i = 0; i < n; i++) {
+        ctl_table_row(t);
+        ctl_table_cell(t, "%s", v[i].model_id);
+        ctl_table_cell(t, "%" PRIu64, v[i].train_step);
+    }
+    ctl_table_print(t, f);
+    ctl_table_free(t);
 }
 
 void ctl_show_training(bool json, const char *model_id, const struct ksm_training_config *c,

@@ -3,6 +3,7 @@
  * layer's conversions (daemon/wire/convert.h); what only a client needs (server info, health,
  * the small request messages) is here.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -222,7 +223,8 @@ int ksm_client_model_delete(ksm_client *c, const char *model_id, uint64_t *freed
     return 0;
 }
 
-int ksm_client_load_weights(ksm_client *c, const char *model_id, const void *buf, size_t len,
+/* The unary LoadWeights and ExportWeights (client/lib/weights.c chooses them or the streams). */
+int ksmc_load_weights_unary(ksm_client *c, const char *model_id, const void *buf, size_t len,
                             bool strict, struct ksm_load_result *r, struct ksm_client_error *err)
 {
     if (r) memset(r, 0, sizeof *r);
@@ -242,7 +244,8 @@ int ksm_client_load_weights(ksm_client *c, const char *model_id, const void *buf
     return 0;
 }
 
-int ksm_client_export_weights(ksm_client *c, const char *model_id, void **buf, size_t *len,
+int ksmc_export_weights_unary(ksm_client *c, const char *model_id, const char *const *slots,
+                              size_t n_slots, bool include_host, void **buf, size_t *len,
                               struct ksm_client_error *err)
 {
     int rc;
@@ -251,6 +254,9 @@ int ksm_client_export_weights(ksm_client *c, const char *model_id, void **buf, s
     *len = 0;
     Kasmina__V1__ExportWeightsRequest req = KASMINA__V1__EXPORT_WEIGHTS_REQUEST__INIT;
     req.model_id = S(model_id);
+    req.slots = (char **)slots;
+    req.n_slots = slots ? n_slots : 0;
+    req.include_host = include_host;
     Kasmina__V1__ExportWeightsResponse *rep;
     if ((rc = UNARY("ExportWeights", req, kasmina__v1__export_weights_response, rep, err)))
         return rc;
@@ -474,6 +480,28 @@ int ksm_client_record_metrics(ksm_client *c, const char *model_id, const char *s
     return rc;
 }
 
+int ksm_client_configure_slot(ksm_client *c, const char *model_id, const char *slot_id,
+                              const struct ksm_slot_settings *s, struct ksm_slot_report *reports,
+                              size_t cap, size_t *n, struct ksm_client_error *err)
+{
+    int rc;
+    if (!need(err, s, "s", &rc)) return rc;
+    struct ksm_pb_arena a;
+    ksm_pb_arena_init(&a);
+    Kasmina__V1__ConfigureSlotRequest req;
+    if (ksm_wire_configure_slot_to_pb(model_id, slot_id, s, &a, &req) != 0) {
+        ksm_pb_arena_fini(&a);
+        return ksmc_fail(err, KSM_ENOMEM, 8, "out of memory");
+    }
+    Kasmina__V1__SlotReports *rep;
+    rc = UNARY("ConfigureSlot", req, kasmina__v1__slot_reports, rep, err);
+    ksm_pb_arena_fini(&a);
+    if (rc) return rc;
+    rc = reports_reply(rep->slots, rep->n_slots, reports, cap, n, err);
+    free_reply(rep);
+    return rc;
+}
+
 int ksm_client_slot_reports(ksm_client *c, const char *model_id, const char *slot_id,
                             struct ksm_slot_report *reports, size_t cap, size_t *n,
                             struct ksm_client_error *err)
@@ -518,8 +546,8 @@ int ksm_client_watch_events(ksm_client *c, const char *model_id, uint64_t after_
     req.after_sequence = after_sequence;
     struct watch_ctx w = {cb, ud, err};
     return ksmc_server_stream(c, METHOD("WatchEvents"), &req.base,
-                              &kasmina__v1__lifecycle_event__descriptor, idle_ms, on_event, &w,
-                              err);
+                              &kasmina__v1__lifecycle_event__descriptor, idle_ms, false, on_event,
+                              &w, err);
 }
 
 // ---- Compute ----
@@ -601,6 +629,34 @@ int ksm_client_train_step(ksm_client *c, const char *model_id, const struct ksm_
     ksm_pb_arena_fini(&ar);
     if (rc) return rc;
     ksm_wire_train_result_from_pb(rep, r);
+    free_reply(rep);
+    return 0;
+}
+
+int ksm_client_checkpoint(ksm_client *c, const char *model_id, struct ksm_client_checkpoint **out,
+                          size_t *n, struct ksm_client_error *err)
+{
+    int rc;
+    if (!need(err, out, "out", &rc) || !need(err, n, "n", &rc)) return rc;
+    *out = NULL;
+    *n = 0;
+    Kasmina__V1__CheckpointRequest req = KASMINA__V1__CHECKPOINT_REQUEST__INIT;
+    req.model_id = S(model_id);
+    Kasmina__V1__CheckpointResponse *rep;
+    if ((rc = UNARY("Checkpoint", req, kasmina__v1__checkpoint_response, rep, err))) return rc;
+    size_t k = rep->n_checkpoint_step;
+    struct ksm_client_checkpoint *v = calloc(k ? k : 1, sizeof *v);
+    if (!v) {
+        free_reply(rep);
+        return ksmc_fail(err, KSM_ENOMEM, 8, "out of memory");
+    }
+    for (size_t i = 0; i < k; i++) {
+        const Kasmina__V1__CheckpointResponse__CheckpointStepEntry *e = rep->checkpoint_step[i];
+        snprintf(v[i].model_id, sizeof v[i].model_id, "%s", e->key ? e->key : "");
+        v[i].train_step = e->value;
+    }
+    *out = v;
+    *n = k;
     free_reply(rep);
     return 0;
 }

@@ -40,6 +40,7 @@ void ksmc_ok(struct ksm_client_error *err)
     err->code = 0;
     err->grpc_status = 0;
     err->message[0] = '\0';
+    err->warnings[0] = '\0';
 }
 
 int ksmc_fail(struct ksm_client_error *err, int code, int grpc_status, const char *fmt, ...)
@@ -47,6 +48,7 @@ int ksmc_fail(struct ksm_client_error *err, int code, int grpc_status, const cha
     if (err) {
         err->code = code;
         err->grpc_status = grpc_status;
+        err->warnings[0] = '\0';
         va_list ap;
         va_start(ap, fmt);
         vsnprintf(err->message, sizeof err->message, fmt, ap);
@@ -116,19 +118,51 @@ static int code_from_status(grpc_status_code status, const grpc_metadata_array *
     return ksm_client_code_from_grpc(status);
 }
 
+/* The KSM_RPC_WARNING_MD entries of a successful call, one per line, into out. */
+static void collect_warnings(const grpc_metadata_array *trail, char *out, size_t outlen)
+{
+    size_t used = 0;
+    const size_t kl = strlen(KSM_RPC_WARNING_MD);
+    for (size_t i = 0; i < trail->count && used + 1 < outlen; i++) {
+        grpc_slice k = trail->metadata[i].key;
+        if (GRPC_SLICE_LENGTH(k) != kl || memcmp(GRPC_SLICE_START_PTR(k), KSM_RPC_WARNING_MD, kl))
+            continue;
+        grpc_slice v = trail->metadata[i].value;
+        int n = snprintf(out + used, outlen - used, "%s%.*s", used ? "\n" : "",
+                         (int)GRPC_SLICE_LENGTH(v), (const char *)GRPC_SLICE_START_PTR(v));
+        if (n < 0) break;
+        used += (size_t)n < outlen - used ? (size_t)n : outlen - used - 1;
+    }
+}
+
 static int status_to_err(grpc_status_code status, grpc_slice details, const char *error_string,
                          const grpc_metadata_array *trail, const char *method,
                          struct ksm_client_error *err)
 {
     if (status == GRPC_STATUS_OK) {
         ksmc_ok(err);
+        if (err) collect_warnings(trail, err->warnings, sizeof err->warnings);
         return 0;
     }
     char *d = grpc_slice_to_c_string(details);
     const char *msg = d ? d : "";
     int code = code_from_status(status, trail, &msg);
     if (!*msg) msg = error_string && *error_string ? error_string : ksm_strerror(code);
-    (void)method;
+    unsigned long got = 0, lim = 0;
+    if (status == GRPC_STATUS_RESOURCE_EXHAUSTED &&
+        sscanf(msg, "Received message larger than max (%lu vs. %lu)", &got, &lim) == 2) {
+        /* gRPC's own words when a reply passes the client's limit: name the option. */
+        bool weights = strstr(method, "/ExportWeights") != NULL;
+        ksmc_fail(err, code, (int)status,
+                  "The reply is %lu bytes, over the client's max message size %lu "
+                  "(ksm_client_options.max_message_bytes, kasminactl --max-message-bytes)%s",
+                  got, lim,
+                  weights ? "; ExportWeightsStream moves weights of any size "
+                            "(KSM_CLIENT_STREAM_AUTO, kasminactl export-weights --stream)"
+                          : "");
+        gpr_free(d);
+        return code;
+    }
     ksmc_fail(err, code, (int)status, "%s", msg);
     gpr_free(d);
     return code;
@@ -373,8 +407,14 @@ int ksmc_unary(ksm_client *c, const char *method, const ProtobufCMessage *req,
     size_t req_len = protobuf_c_message_get_packed_size(req);
     if (req_len > c->max_message)
         return ksmc_fail(err, KSM_ELIMIT, GRPC_STATUS_RESOURCE_EXHAUSTED,
-                         "the request is %zu bytes, more than the client's max message size %zu",
-                         req_len, c->max_message);
+                         "The request is %zu bytes, over the client's max message size %zu "
+                         "(ksm_client_options.max_message_bytes, kasminactl "
+                         "--max-message-bytes)%s",
+                         req_len, c->max_message,
+                         strstr(method, "/LoadWeights") != NULL
+                             ? "; LoadWeightsStream moves weights of any size "
+                               "(KSM_CLIENT_STREAM_AUTO, kasminactl load-weights --stream)"
+                             : "");
     grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
     uint32_t ms = atomic_load(&c->deadline_ms);
     gpr_timespec deadline =
@@ -450,12 +490,21 @@ int ksmc_unary(ksm_client *c, const char *method, const ProtobufCMessage *req,
     return rc;
 }
 
+static gpr_timespec call_deadline(ksm_client *c)
+{
+    uint32_t ms = atomic_load(&c->deadline_ms);
+    return gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                        gpr_time_from_millis((int64_t)ms, GPR_TIMESPAN));
+}
+
 int ksmc_server_stream(ksm_client *c, const char *method, const ProtobufCMessage *req,
                        const ProtobufCMessageDescriptor *reply_desc, uint32_t idle_ms,
-                       ksmc_stream_cb msg_cb, void *ud, struct ksm_client_error *err)
+                       bool with_deadline, ksmc_stream_cb msg_cb, void *ud,
+                       struct ksm_client_error *err)
 {
     grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
-    grpc_call *call = start_call(c, cq, method, gpr_inf_future(GPR_CLOCK_REALTIME));
+    grpc_call *call = start_call(
+        c, cq, method, with_deadline ? call_deadline(c) : gpr_inf_future(GPR_CLOCK_REALTIME));
     if (!call) {
         drain_cq(cq);
         return ksmc_fail(err, KSM_EINTERNAL, GRPC_STATUS_INTERNAL, "cannot create a call");
@@ -556,6 +605,125 @@ out:
     grpc_metadata_array_destroy(&init_md);
     grpc_metadata_array_destroy(&trail_md);
     grpc_byte_buffer_destroy(send_bb);
+    grpc_call_unref(call);
+    drain_cq(cq);
+    return rc;
+}
+
+int ksmc_client_stream(ksm_client *c, const char *method, ksmc_next_cb next_cb, void *ud,
+                       const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **reply,
+                       struct ksm_client_error *err)
+{
+    *reply = NULL;
+    grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
+    grpc_call *call = start_call(c, cq, method, call_deadline(c));
+    if (!call) {
+        drain_cq(cq);
+        return ksmc_fail(err, KSM_EINTERNAL, GRPC_STATUS_INTERNAL, "cannot create a call");
+    }
+    grpc_byte_buffer *recv_bb = NULL;
+    grpc_metadata_array init_md, trail_md;
+    grpc_metadata_array_init(&init_md);
+    grpc_metadata_array_init(&trail_md);
+    grpc_status_code status = GRPC_STATUS_UNKNOWN;
+    grpc_slice details = grpc_empty_slice();
+    const char *error_string = NULL;
+    grpc_metadata md[1];
+    size_t n_md;
+    fill_metadata(c, md, &n_md);
+    void *const tag_send = (void *)1, *const tag_status = (void *)2;
+    int rc = 0, cb_rc = 0;
+    bool status_started = false;
+
+    grpc_op ops[4];
+    memset(ops, 0, sizeof ops);
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[0].data.send_initial_metadata.count = n_md;
+    ops[0].data.send_initial_metadata.metadata = n_md ? md : NULL;
+    ops[0].flags = c->wait_for_ready ? GRPC_INITIAL_METADATA_WAIT_FOR_READY : 0;
+    if (grpc_call_start_batch(call, ops, 1, tag_send, NULL) != GRPC_CALL_OK) {
+        rc = ksmc_fail(err, KSM_EINTERNAL, GRPC_STATUS_INTERNAL, "grpc_call_start_batch failed");
+        goto out;
+    }
+    grpc_completion_queue_pluck(cq, tag_send, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    /* The reply and the status, whenever the server sends them (early, on an error). */
+    memset(ops, 0, sizeof ops);
+    ops[0].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[0].data.recv_initial_metadata.recv_initial_metadata = &init_md;
+    ops[1].op = GRPC_OP_RECV_MESSAGE;
+    ops[1].data.recv_message.recv_message = &recv_bb;
+    ops[2].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+    ops[2].data.recv_status_on_client.trailing_metadata = &trail_md;
+    ops[2].data.recv_status_on_client.status = &status;
+    ops[2].data.recv_status_on_client.status_details = &details;
+    ops[2].data.recv_status_on_client.error_string = &error_string;
+    if (grpc_call_start_batch(call, ops, 3, tag_status, NULL) != GRPC_CALL_OK) {
+        grpc_call_cancel(call, NULL);
+        rc = ksmc_fail(err, KSM_EINTERNAL, GRPC_STATUS_INTERNAL, "grpc_call_start_batch failed");
+        goto out;
+    }
+    status_started = true;
+    for (;;) {
+        grpc_byte_buffer *bb = NULL;
+        int more = next_cb(ud, &bb);
+        if (more != 1) {
+            if (bb) grpc_byte_buffer_destroy(bb);
+            if (more != 0) {
+                cb_rc = more;
+                grpc_call_cancel(call, NULL);
+            }
+            break;
+        }
+        if (grpc_byte_buffer_length(bb) > c->max_message) {
+            cb_rc = ksmc_fail(err, KSM_ELIMIT, GRPC_STATUS_RESOURCE_EXHAUSTED,
+                              "A chunk of %zu bytes is over the client's max message size %zu "
+                              "(ksm_client_options.max_message_bytes): send smaller chunks",
+                              grpc_byte_buffer_length(bb), c->max_message);
+            grpc_byte_buffer_destroy(bb);
+            grpc_call_cancel(call, NULL);
+            break;
+        }
+        memset(ops, 0, sizeof ops);
+        ops[0].op = GRPC_OP_SEND_MESSAGE;
+        ops[0].data.send_message.send_message = bb;
+        bool sent = grpc_call_start_batch(call, ops, 1, tag_send, NULL) == GRPC_CALL_OK;
+        if (sent) {
+            grpc_event ev =
+                grpc_completion_queue_pluck(cq, tag_send, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+            sent = ev.success != 0;
+        }
+        grpc_byte_buffer_destroy(bb);
+        if (!sent) break; /* the call ended: its status says why */
+    }
+    if (cb_rc == 0) {
+        memset(ops, 0, sizeof ops);
+        ops[0].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+        if (grpc_call_start_batch(call, ops, 1, tag_send, NULL) == GRPC_CALL_OK)
+            grpc_completion_queue_pluck(cq, tag_send, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    }
+out:
+    if (status_started) {
+        grpc_completion_queue_pluck(cq, tag_status, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+        if (cb_rc != 0) {
+            rc = cb_rc; /* err is filled for negative codes; positive ones are the caller's */
+            if (rc > 0) ksmc_ok(err);
+        } else {
+            rc = status_to_err(status, details, error_string, &trail_md, method, err);
+            if (rc == 0) {
+                if (!recv_bb)
+                    rc = ksmc_fail(err, KSM_EFORMAT, GRPC_STATUS_INTERNAL,
+                                   "the server sent no reply message");
+                else if (!(*reply = unpack_reply(recv_bb, reply_desc)))
+                    rc = ksmc_fail(err, KSM_EFORMAT, GRPC_STATUS_INTERNAL,
+                                   "the server's reply is not a valid %s", reply_desc->name);
+            }
+        }
+    }
+    grpc_slice_unref(details);
+    gpr_free((void *)error_string);
+    grpc_metadata_array_destroy(&init_md);
+    grpc_metadata_array_destroy(&trail_md);
+    if (recv_bb) grpc_byte_buffer_destroy(recv_bb);
     grpc_call_unref(call);
     drain_cq(cq);
     return rc;

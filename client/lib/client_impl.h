@@ -40,11 +40,30 @@ int ksmc_unary(ksm_client *c, const char *method, const ProtobufCMessage *req,
 
 /* A server-streaming call: msg_cb is called with each unpacked message (borrowed; freed after
  * the callback returns). A non-zero return cancels the stream and is returned. idle_ms > 0
- * cancels the stream after that long without a message and returns 0. */
+ * cancels the stream after that long without a message and returns 0. with_deadline: the whole
+ * stream has the client's call deadline (else none). */
 typedef int (*ksmc_stream_cb)(void *ud, const ProtobufCMessage *msg);
 int ksmc_server_stream(ksm_client *c, const char *method, const ProtobufCMessage *req,
                        const ProtobufCMessageDescriptor *reply_desc, uint32_t idle_ms,
-                       ksmc_stream_cb msg_cb, void *ud, struct ksm_client_error *err);
+                       bool with_deadline, ksmc_stream_cb msg_cb, void *ud,
+                       struct ksm_client_error *err);
+
+/* A client-streaming call under the client's deadline: next_cb packs the next request message
+ * into *bb (a byte buffer the caller then destroys) and returns 1, or returns 0 after the last,
+ * or a non-zero other value, which cancels the call and is returned. The reply is unpacked into
+ * *reply as for ksmc_unary. A server that ends the call early (an error status) stops the
+ * sending: its status is returned. */
+typedef int (*ksmc_next_cb)(void *ud, grpc_byte_buffer **bb);
+int ksmc_client_stream(ksm_client *c, const char *method, ksmc_next_cb next_cb, void *ud,
+                       const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **reply,
+                       struct ksm_client_error *err);
+
+/* The unary LoadWeights / ExportWeights (calls.c); weights.c adds the streams and the choice. */
+int ksmc_load_weights_unary(ksm_client *c, const char *model_id, const void *buf, size_t len,
+                            bool strict, struct ksm_load_result *r, struct ksm_client_error *err);
+int ksmc_export_weights_unary(ksm_client *c, const char *model_id, const char *const *slots,
+                              size_t n_slots, bool include_host, void **buf, size_t *len,
+                              struct ksm_client_error *err);
 
 /* Bounded string copy that always terminates (dst of size n > 0). NULL src gives "". */
 void ksmc_strlcpy(char *dst, const char *src, size_t n);

@@ -15,11 +15,17 @@ void ksm_host_tensor_free(ksm_tensor *t)
 
 void ksm_evaluate_result_free(struct ksm_evaluate_result *r)
 {
-    if (r == NULL || r->results == NULL) return;
-    for (size_t i = 0; i < r->n; i++) free(r->results[i].logits.data);
+    if (r == NULL) return;
+    for (size_t i = 0; r->results != NULL && i < r->n; i++) free(r->results[i].logits.data);
     free(r->results);
     r->results = NULL;
     r->n = 0;
+    free(r->shapley);
+    r->shapley = NULL;
+    r->n_shapley = 0;
+    free(r->interactions);
+    r->interactions = NULL;
+    r->n_interactions = 0;
 }
 
 void ksm_load_result_free(struct ksm_load_result *r)

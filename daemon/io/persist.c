@@ -425,15 +425,19 @@ static int check_usable(struct ksm_persist_model *pm, char *err, size_t errlen)
     return 0;
 }
 
-/* A new snapshot of m, then an empty journal. Returns 0 or a code (err set). */
-static int snapshot(struct ksm_persist_model *pm, ksm_model *m, char *err, size_t errlen)
+/* A new snapshot of m, then an empty journal. A snapshot carries the training state, so it is
+ * also the model's checkpoint: once it is durable its train_step is the model's checkpoint_step
+ * (*train_step, may be NULL). Returns 0 or a code (err set); on failure the previous snapshot
+ * and journal are left as they were. */
+static int snapshot(struct ksm_persist_model *pm, ksm_model *m, uint64_t *train_step, char *err,
+                    size_t errlen)
 {
     void *blob = NULL;
     size_t n = 0;
-    uint64_t gen = 0;
+    uint64_t gen = 0, step = 0;
     char dir[4200], why[256];
     ksm_persist__model_dir(pm->p, pm->id, dir, sizeof dir);
-    int rc = ksm_model_export_state(m, NULL, 0, &blob, &n, &gen, why, sizeof why);
+    int rc = ksm_model_export_snapshot(m, &blob, &n, &gen, &step, why, sizeof why);
     if (rc != 0) {
         ksm_errf(err, errlen, 0, "model %s: snapshot export failed: %s", pm->id, why);
         return rc;
@@ -447,6 +451,8 @@ static int snapshot(struct ksm_persist_model *pm, ksm_model *m, char *err, size_
     }
     /* Committed. Records left in the journal (if this truncate fails or a crash comes first) all
      * have generations <= gen and are skipped on restore. */
+    ksm_model_set_checkpoint_step(m, step);
+    if (train_step != NULL) *train_step = step;
     if (ftruncate(pm->jfd, 0) != 0 || fdatasync(pm->jfd) != 0) {
         KSM_LOGW("persist", "model %s: cannot empty the journal after a snapshot: %s", pm->id,
                  strerror(errno));
@@ -499,7 +505,7 @@ int ksm_persist_log_slots(ksm_persist_model *pm, ksm_model *m, const char *slot_
     pm->jrecords++;
     if (pm->jrecords >= pm->p->compact_records || pm->jsize >= pm->p->compact_bytes) {
         char e2[512];
-        if (snapshot(pm, m, e2, sizeof e2) != 0)
+        if (snapshot(pm, m, NULL, e2, sizeof e2) != 0)
             KSM_LOGW("persist", "compaction failed (the journal keeps growing): %s", e2);
     }
     return 0;
@@ -511,13 +517,33 @@ int ksm_persist_log_snapshot(ksm_persist_model *pm, ksm_model *m, char *err, siz
     int rc = check_usable(pm, err, errlen);
     if (rc != 0) return rc;
     char why[512];
-    if ((rc = snapshot(pm, m, why, sizeof why)) != 0) {
+    if ((rc = snapshot(pm, m, NULL, why, sizeof why)) != 0) {
         KSM_LOGE("persist", "%s: rolling the change back", why);
         roll_back(pm, m);
         ksm_errf(err, errlen, 0,
                  "the state of model %s could not be written to disk (%s); the change was not "
                  "applied",
                  pm->id, ksm_persist__io_reason(rc));
+        return ksm_persist__write_failure(rc);
+    }
+    return 0;
+}
+
+int ksm_persist_checkpoint(ksm_persist_model *pm, ksm_model *m, uint64_t *train_step, char *err,
+                           size_t errlen)
+{
+    if (pm == NULL) return 0;
+    int rc = check_usable(pm, err, errlen);
+    if (rc != 0) return rc;
+    char why[512];
+    if ((rc = snapshot(pm, m, train_step, why, sizeof why)) != 0) {
+        /* Nothing changed in memory and the previous checkpoint is still on disk: no rollback. */
+        KSM_LOGE("persist", "checkpoint failed: %s", why);
+        ksm_errf(err, errlen, 0,
+                 "the checkpoint of model %s could not be written to disk (%s); its previous "
+                 "checkpoint (train_step %llu) stays",
+                 pm->id, ksm_persist__io_reason(rc),
+                 (unsigned long long)ksm_model_checkpoint_step(m));
         return ksm_persist__write_failure(rc);
     }
     return 0;

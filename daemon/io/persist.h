@@ -7,7 +7,9 @@
  *     DIR/models/<id>.d/spec.json     how to rebuild the model (host spec, slots, init seed)
  *     DIR/models/<id>.d/snapshot.safetensors
  *                                     ksm_model_export_state(): every tensor, every slot's
- *                                     _extra_state, kasmina.generation, kasmina.device
+ *                                     _extra_state, kasmina.generation, kasmina.device, and the
+ *                                     training state (momentum buffers, train_step,
+ *                                     configuration): every snapshot is a checkpoint
  *     DIR/models/<id>.d/journal       records (io/journal.h) appended since the snapshot
  *
  * The journal is state-based, not a log of operations: each record holds the post-mutation
@@ -23,13 +25,23 @@
  * <id>.d; delete renames <id>.d to .<id>.del before the model leaves memory, then removes it.
  * LoadWeights and MoveModel write a new snapshot (write temp, fsync, rename, fsync dir) and
  * then empty the journal. Compaction does the same after compact_records records or
- * compact_bytes bytes. A crash at any point leaves either the old or the new state.
+ * compact_bytes bytes, and so does a checkpoint (ksm_persist_checkpoint). A crash at any point
+ * leaves either the old or the new state.
+ *
+ * Training (TrainStep, ConfigureTraining) is not journalled: it becomes durable with the next
+ * snapshot, which carries the weights, the momentum buffers, train_step and the configuration.
+ * So a restored model has its lifecycle as of its last journal record and its training state as
+ * of its snapshot: replaying a record keeps the modules the model already holds (the record's
+ * copies of their tensors may be trained past the snapshot; ksm_model_restore_state), a seed
+ * germinated after the snapshot comes back with its initial weights, and an optimizer dropped by
+ * a fossilization after it stays dropped (docs/training.md#durability-and-checkpoints).
  *
  * The rule between memory and disk: a mutation's reply is sent only after its record is
  * durable (fdatasync). The rpc layer holds the model's persist lock (ksm_persist_lock) across
  * the engine mutation and the write, so records are in mutation order. If the write fails, the
  * journal is truncated back to its last good record and the model is reloaded from disk (its
- * memory rolls back to the last acknowledged state); the call fails with KSM_EIO. If that
+ * memory rolls back to the last acknowledged state, its training to the last checkpoint); the
+ * call fails with KSM_EIO. If that
  * rollback fails too, the model is marked failed: every later mutation of it is refused
  * (KSM_EIO) until a restart restores the durable state, so memory is never served ahead of
  * disk for more than the one failed call.
@@ -38,7 +50,9 @@
  * followed through a symbolic link. The models directory is opened once (O_DIRECTORY |
  * O_NOFOLLOW) and every start-up read and cleanup goes through it with openat / fstatat
  * (AT_SYMLINK_NOFOLLOW) / unlinkat, so a planted link is skipped with a warning, or for a
- * leftover .<id>.tmp / .<id>.del name unlinked itself, never its target. A world-writable DIR or
+ * leftover .<id>.tmp / .<id>.del name unlinked itself, never its target; a file written (a new
+ * snapshot's temporary file) first unlinks whatever is at its name and is created O_EXCL |
+ * O_NOFOLLOW, so it is never written through a link. A world-writable DIR or
  * DIR/models stops start-up; a group-writable one, or one another user owns, is logged.
  * Every state blob carries kasmina.crc32c (safetensors.h: the CRC32C of the whole blob) and
  * journal records must have non-decreasing generations (a compaction's leftovers, <= the
@@ -127,6 +141,13 @@ int ksm_persist_log_slots(ksm_persist_model *pm, ksm_model *m, const char *slot_
                           size_t errlen);
 /* After LoadWeights / MoveModel: a new snapshot. */
 int ksm_persist_log_snapshot(ksm_persist_model *pm, ksm_model *m, char *err, size_t errlen);
+/* Checkpoint: a new snapshot, which carries the training state (weights, BatchNorm buffers,
+ * momentum buffers, train_step, the training configuration), then an empty journal; *train_step
+ * (may be NULL) = the step now durable, also the model's checkpoint_step. Memory is not changed:
+ * when the write fails (KSM_ENOSPC / KSM_EIO) the previous snapshot and journal stay as they
+ * were and nothing is rolled back. */
+int ksm_persist_checkpoint(ksm_persist_model *pm, ksm_model *m, uint64_t *train_step, char *err,
+                           size_t errlen);
 /* Deletion: delete_begin commits (rename) before the engine deletes; delete_end(ok) removes the
  * files, or renames them back when the engine refused. */
 int ksm_persist_delete_begin(ksm_persist_model *pm, char *err, size_t errlen);

@@ -67,10 +67,13 @@ int ksm_persist__fsync_dir(const char *path)
     return rc;
 }
 
-/* Creates path with buf, fsynced (no rename: the caller commits the directory). */
+/* Creates path with buf, fsynced (no rename: the caller commits the directory). Whatever was at
+ * path (a temporary file a crash left, or a link planted there) is unlinked first, never written
+ * through. */
 int ksm_persist__write_file(const char *path, const void *buf, size_t len)
 {
-    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (unlink(path) != 0 && errno != ENOENT) return -errno;
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0) return -errno;
     int rc = write_all(fd, buf, len);
     if (rc == 0 && fsync(fd) != 0) rc = -errno;
@@ -214,8 +217,8 @@ char *ksm_persist__spec_json(ksm_model *m, const struct ksm_model_spec *spec, ui
     for (int i = 0; i < info->n_slots; i++)
         json_array_append_new(slots, json_string(info->slots[i].slot_id));
     json_t *o = json_pack(
-        "{s:i, s:s, s:I, s:s, s:{s:I, s:I, s:I, s:I, s:I, s:I}, s:{s:I, s:I, s:I, s:I, s:I, s:I}, "
-        "s:o, s:s, s:b, s:I}",
+        "{s:i, s:s, s:I, s:s, s:{s:I, s:I, s:I, s:I, s:I, s:I}, s:{s:I, s:I, s:I, s:I, s:I, s:I, "
+        "s:f}, s:o, s:s, s:b, s:I}",
         "version", 1, "model_id", info->model_id, "seq", (json_int_t)seq, "topology",
         ksm_topology_name(info->topology), "cnn", "num_classes", (json_int_t)info->cnn.num_classes,
         "n_blocks", (json_int_t)info->cnn.n_blocks, "base_channels",
@@ -226,8 +229,8 @@ char *ksm_persist__spec_json(ksm_model *m, const struct ksm_model_spec *spec, ui
         "n_head", (json_int_t)info->transformer.n_head, "n_layer",
         (json_int_t)info->transformer.n_layer, "block_size",
         (json_int_t)info->transformer.block_size, "num_segments",
-        (json_int_t)info->transformer.num_segments, "slots", slots, "init_seed", seed,
-        "permissive_gates", info->permissive_gates, "auto_forward_gates",
+        (json_int_t)info->transformer.num_segments, "dropout", info->transformer.dropout, "slots",
+        slots, "init_seed", seed, "permissive_gates", info->permissive_gates, "auto_forward_gates",
         (json_int_t)info->auto_forward_gates);
     free(info);
     if (o == NULL) return NULL;
@@ -257,17 +260,18 @@ int ksm_persist__spec_parse(int dfd, const char *path, struct saved_spec *ss, ch
     memset(ss, 0, sizeof *ss);
     const char *id = NULL, *topo = NULL, *seed = NULL;
     json_int_t ver = 0, seq = 0, c[6] = {0}, t[6] = {0}, afg = 0;
+    double dropout = -1.0; /* absent (a spec written before it was recorded): the default */
     int perm = 0;
     json_t *slots = NULL;
     rc = json_unpack_ex(
         o, &je, JSON_STRICT,
-        "{s:I, s:s, s:I, s:s, s:{s:I, s:I, s:I, s:I, s:I, s:I}, s:{s:I, s:I, s:I, s:I, s:I, s:I}, "
-        "s:o, s:s, s:b, s:I}",
+        "{s:I, s:s, s:I, s:s, s:{s:I, s:I, s:I, s:I, s:I, s:I}, s:{s:I, s:I, s:I, s:I, s:I, s:I, "
+        "s?F}, s:o, s:s, s:b, s:I}",
         "version", &ver, "model_id", &id, "seq", &seq, "topology", &topo, "cnn", "num_classes",
         &c[0], "n_blocks", &c[1], "base_channels", &c[2], "pool_layers", &c[3], "kernel_size",
         &c[4], "in_channels", &c[5], "transformer", "vocab_size", &t[0], "n_embd", &t[1], "n_head",
-        &t[2], "n_layer", &t[3], "block_size", &t[4], "num_segments", &t[5], "slots", &slots,
-        "init_seed", &seed, "permissive_gates", &perm, "auto_forward_gates", &afg);
+        &t[2], "n_layer", &t[3], "block_size", &t[4], "num_segments", &t[5], "dropout", &dropout,
+        "slots", &slots, "init_seed", &seed, "permissive_gates", &perm, "auto_forward_gates", &afg);
     if (rc != 0 || ver != 1 || !json_is_array(slots) || json_array_size(slots) > KSM_MAX_SLOTS ||
         strlen(id) > KSM_ID_MAX) {
         ksm_errf(err, errlen, 0, "%s is not a kasmina model spec (version 1): %s", path,
@@ -281,9 +285,14 @@ int ksm_persist__spec_parse(int dfd, const char *path, struct saved_spec *ss, ch
     ss->spec.cnn = (struct ksm_cnn_spec){(uint32_t)c[0], (uint32_t)c[1], (uint32_t)c[2],
                                          (int32_t)c[3],  (uint32_t)c[4], (uint32_t)c[5]};
     ss->spec.pool_layers_set = true;
-    ss->spec.transformer =
-        (struct ksm_transformer_spec){(uint32_t)t[0], (uint32_t)t[1], (uint32_t)t[2],
-                                      (uint32_t)t[3], (uint32_t)t[4], (uint32_t)t[5]};
+    ss->spec.transformer = (struct ksm_transformer_spec){.vocab_size = (uint32_t)t[0],
+                                                         .n_embd = (uint32_t)t[1],
+                                                         .n_head = (uint32_t)t[2],
+                                                         .n_layer = (uint32_t)t[3],
+                                                         .block_size = (uint32_t)t[4],
+                                                         .num_segments = (uint32_t)t[5],
+                                                         .dropout = dropout,
+                                                         .dropout_set = dropout >= 0.0};
     for (size_t i = 0; i < json_array_size(slots); i++) {
         const char *s = json_string_value(json_array_get(slots, i));
         snprintf(ss->slots[i], sizeof ss->slots[i], "%s", s ? s : "");

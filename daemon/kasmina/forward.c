@@ -6,6 +6,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "kasmina/attribution.h"
 #include "kasmina/errors.h"
 #include "kasmina/exec.h"
 #include "kasmina/model_impl.h"
@@ -22,7 +23,6 @@ static int64_t mono_ns(void)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
-
 
 /* ---- one slot (docs/blending.md#forward-of-one-slot) ---- */
 
@@ -544,7 +544,8 @@ struct eval_arg {
     ksm_tensor ov_dev[KSM_MAX_SLOTS];
     float *loss_host;     /* [K] */
     int64_t *argmax_host; /* [K*B*per_row] */
-    float *logits_host;   /* optional */
+    float *logits_host;   /* optional: the first logits_bytes of the logits */
+    size_t logits_bytes;
     ksm_tensor logits;
 };
 
@@ -591,11 +592,10 @@ static int eval_body(struct fwd *f, void *argp)
                                         (size_t)ntot * sizeof(int64_t), KSM_COPY_D2H));
         if (a->logits_host)
             KSM_TRY(ksm_stream_memcpy_async(e->stream, a->logits_host, a->logits.data,
-                                            ksm_tensor_nbytes(&a->logits), KSM_COPY_D2H));
+                                            a->logits_bytes, KSM_COPY_D2H));
     }
     return 0;
 }
-
 
 static int check_targets(ksm_model *m, const ksm_tensor *x, const ksm_tensor *t, int64_t *per_row,
                          char *err, size_t errlen)
@@ -640,6 +640,15 @@ static int check_targets(ksm_model *m, const ksm_tensor *x, const ksm_tensor *t,
     return 0;
 }
 
+/* The live seeds of attribution: the active slots of the standard configs, row-major. */
+static int live_seeds(ksm_model *m, int *live)
+{
+    int n = 0;
+    for (int i = 0; i < m->n_slots; i++)
+        if (slot_active_for_cf(&m->slots[i].s)) live[n++] = i;
+    return n;
+}
+
 int ksm_model_evaluate(ksm_model *m, const struct ksm_evaluate_args *a,
                        struct ksm_evaluate_result *r, char *err, size_t errlen)
 {
@@ -653,8 +662,17 @@ int ksm_model_evaluate(ksm_model *m, const struct ksm_evaluate_args *a,
     if ((rc = ksm_host_check_input(m->host, a->input, err, errlen)) < 0) return rc;
     int64_t per_row;
     if ((rc = check_targets(m, a->input, a->targets, &per_row, err, errlen)) < 0) return rc;
-    if (a->n_configs == 0 && !a->generate_standard) {
-        ksm_errf(err, errlen, 0, "configs is empty and generate_standard is false");
+    if (a->attribution > KSM_ATTRIBUTION_PERMUTATION)
+        return ksm_errf(err, errlen, KSM_EINVAL,
+                        "attribution must be NONE, AUTO, EXACT or PERMUTATION, got %d",
+                        (int)a->attribution);
+    bool attr = a->attribution != KSM_ATTRIBUTION_NONE;
+    if (attr && a->shapley_samples > KSM_SHAPLEY_SAMPLES_MAX)
+        return ksm_errf(err, errlen, KSM_EINVAL, "shapley_samples is %u; at most %d are allowed",
+                        a->shapley_samples, KSM_SHAPLEY_SAMPLES_MAX);
+    if (a->n_configs == 0 && !a->generate_standard && !attr) {
+        ksm_errf(err, errlen, 0,
+                 "configs is empty, generate_standard is false and attribution is NONE");
         return KSM_EINVAL;
     }
     if (a->n_configs > KSM_MAX_CONFIGS) {
@@ -666,11 +684,16 @@ int ksm_model_evaluate(ksm_model *m, const struct ksm_evaluate_args *a,
     if (cfgs == NULL) return KSM_ENOMEM;
     struct eval_arg ea = {.x_host = a->input};
     int64_t *labels = NULL;
+    double *values = NULL;
+    struct ksm_attribution at;
+    memset(&at, 0, sizeof at);
+    char live_ids[KSM_MAX_SLOTS][KSM_SLOT_ID_MAX];
+    const char *live_ptr[KSM_MAX_SLOTS];
     if ((rc = lock_model(m, err, errlen)) < 0) {
         free(cfgs);
         return rc;
     }
-    int K = 0;
+    int K = 0; /* the configs asked for; attribution's coalitions follow them */
     if (a->n_configs > 0) {
         for (size_t c = 0; c < a->n_configs; c++) {
             const struct ksm_alpha_config *ac = &a->configs[c];
@@ -701,27 +724,66 @@ int ksm_model_evaluate(ksm_model *m, const struct ksm_evaluate_args *a,
                 g->alpha[ms - m->slots] = v;
             }
         }
-    } else {
+    } else if (a->generate_standard) {
         rc = build_standard(m, a->shapley, cfgs, &K);
         if (rc < 0) {
             ksm_errf(err, errlen, 0, "too many counterfactual configs");
             goto out_locked;
         }
     }
+    int K_all = K;
+    if (attr) {
+        /* docs/evaluate.md#attribution: coalition c has live seed j at alpha 1.0 if bit j of c
+         * is set, else 0.0; every other slot keeps its own alpha. */
+        int live[KSM_MAX_SLOTS], n_live = live_seeds(m, live);
+        rc = ksm_attribution_plan(&at, a->attribution, n_live, a->shapley_samples,
+                                  a->attribution_seed, (size_t)(KSM_EVALUATE_MAX_CONFIGS - K), err,
+                                  errlen);
+        if (rc < 0) goto out_locked;
+        K_all = K + (int)at.n_coalitions;
+        if (K_all > KSM_MAX_CONFIGS) {
+            struct cfg *g = realloc(cfgs, (size_t)K_all * sizeof *cfgs);
+            if (g == NULL) {
+                rc = KSM_ENOMEM;
+                goto out_locked;
+            }
+            cfgs = g;
+        }
+        for (int j = 0; j < n_live; j++) {
+            snprintf(live_ids[j], sizeof live_ids[j], "%s", m->slots[live[j]].s.id);
+            live_ptr[j] = live_ids[j];
+        }
+        for (size_t c = 0; c < at.n_coalitions; c++) {
+            struct cfg *g = &cfgs[K + (int)c];
+            memset(g, 0, sizeof *g);
+            snprintf(g->name, sizeof g->name, "coalition:%llx",
+                     (unsigned long long)at.coalitions[c]);
+            for (int j = 0; j < n_live; j++) {
+                g->forced[live[j]] = true;
+                g->alpha[live[j]] = (at.coalitions[c] >> j) & 1 ? 1.0f : 0.0f;
+            }
+        }
+    }
     int64_t B = a->input->shape[0];
-    if ((int64_t)K * B > KSM_MAX_ROWS) {
-        ksm_errf(err, errlen, 0, "%d configs x %lld rows exceed the limit of %d rows", K,
-                 (long long)B, KSM_MAX_ROWS);
+    if ((int64_t)K_all * B > KSM_MAX_ROWS) {
+        if (attr)
+            ksm_errf(err, errlen, 0,
+                     "%d configs (%d asked for + %zu attribution coalitions) x %lld rows exceed "
+                     "the limit of %d rows per Evaluate",
+                     K_all, K, at.n_coalitions, (long long)B, KSM_MAX_ROWS);
+        else
+            ksm_errf(err, errlen, 0, "%d configs x %lld rows exceed the limit of %d rows", K,
+                     (long long)B, KSM_MAX_ROWS);
         rc = KSM_ELIMIT;
         goto out_locked;
     }
-    ea.K = K;
+    ea.K = K_all;
     ea.B = B;
     ea.per_row = per_row;
     int64_t nl = B * per_row;
     labels = malloc((size_t)nl * sizeof *labels);
-    ea.loss_host = malloc((size_t)K * sizeof(float));
-    ea.argmax_host = malloc((size_t)(K * nl) * sizeof(int64_t));
+    ea.loss_host = malloc((size_t)K_all * sizeof(float));
+    ea.argmax_host = malloc((size_t)(K_all * nl) * sizeof(int64_t));
     if (!labels || !ea.loss_host || !ea.argmax_host) {
         rc = KSM_ENOMEM;
         goto out_locked;
@@ -730,19 +792,19 @@ int ksm_model_evaluate(ksm_model *m, const struct ksm_evaluate_args *a,
         labels[i] = a->targets->dtype == KSM_DTYPE_I64 ? ((const int64_t *)a->targets->data)[i]
                                                        : ((const int32_t *)a->targets->data)[i];
     ea.labels_host = labels;
-    struct plan_key k = {.kind = KIND_EVAL, .aux = (int64_t)K * 16 + a->input->dtype};
+    struct plan_key k = {.kind = KIND_EVAL, .aux = (int64_t)K_all * 16 + a->input->dtype};
     /* Overrides: every slot some config mentions, full of its current alpha
      * (docs/evaluate.md#standard-configs). */
     for (int i = 0; i < m->n_slots; i++) {
         bool any = false;
-        for (int c = 0; c < K; c++) any |= cfgs[c].forced[i];
+        for (int c = 0; c < K_all; c++) any |= cfgs[c].forced[i];
         if (!any) continue;
-        float *v = malloc((size_t)(K * B) * sizeof(float));
+        float *v = malloc((size_t)(K_all * B) * sizeof(float));
         if (v == NULL) {
             rc = KSM_ENOMEM;
             goto out_locked;
         }
-        for (int c = 0; c < K; c++)
+        for (int c = 0; c < K_all; c++)
             for (int64_t b = 0; b < B; b++)
                 v[c * B + b] =
                     cfgs[c].forced[i] ? cfgs[c].alpha[i] : (float)m->slots[i].s.state.alpha;
@@ -751,13 +813,15 @@ int ksm_model_evaluate(ksm_model *m, const struct ksm_evaluate_args *a,
     }
     struct ksm_stream_ctx *ctx;
     if ((rc = get_stream(m, a->stream, &ctx, err, errlen)) < 0) goto out_locked;
-    if (a->return_logits) {
+    if (a->return_logits && K > 0) {
+        /* Only the configs asked for: they lead the tiled batch. */
         int ond;
         int64_t oshape[KSM_MAX_DIMS];
         ksm_host_output_shape(m->host, a->input, &ond, oshape);
         size_t per = sizeof(float);
         for (int d = 0; d < ond; d++) per *= (size_t)oshape[d];
-        ea.logits_host = malloc(per * (size_t)K);
+        ea.logits_bytes = per * (size_t)K;
+        ea.logits_host = malloc(ea.logits_bytes);
         if (ea.logits_host == NULL) {
             rc = KSM_ENOMEM;
             goto out_locked;
@@ -779,10 +843,12 @@ int ksm_model_evaluate(ksm_model *m, const struct ksm_evaluate_args *a,
         goto out;
     }
     r->compute_ns = (uint64_t)(mono_ns() - t0);
-    r->results = calloc((size_t)K, sizeof *r->results);
-    if (r->results == NULL) {
-        rc = KSM_ENOMEM;
-        goto out;
+    if (K > 0) {
+        r->results = calloc((size_t)K, sizeof *r->results);
+        if (r->results == NULL) {
+            rc = KSM_ENOMEM;
+            goto out;
+        }
     }
     r->n = (size_t)K;
     for (int c = 0; c < K; c++) {
@@ -809,6 +875,25 @@ int ksm_model_evaluate(ksm_model *m, const struct ksm_evaluate_args *a,
             memcpy(cr->logits.data, (char *)ea.logits_host + nb * (size_t)c, nb);
         }
     }
+    if (attr) {
+        /* v(coalition) = its accuracy in percent, as the results' (esper's val_accuracy). */
+        values = malloc(at.n_coalitions * sizeof *values);
+        if (values == NULL) {
+            rc = KSM_ENOMEM;
+            ksm_evaluate_result_free(r);
+            goto out;
+        }
+        for (size_t j = 0; j < at.n_coalitions; j++) {
+            const int64_t *am = ea.argmax_host + (int64_t)(K + (int)j) * nl;
+            uint64_t correct = 0;
+            for (int64_t i = 0; i < nl; i++) correct += am[i] == labels[i];
+            values[j] = 100.0 * (double)correct / (double)nl;
+        }
+        if ((rc = ksm_attribution_estimate(&at, values, live_ptr, r)) < 0) {
+            ksm_evaluate_result_free(r);
+            goto out;
+        }
+    }
     goto out;
 out_locked:
     pthread_mutex_unlock(&m->lock);
@@ -818,6 +903,8 @@ out:
     free(ea.argmax_host);
     free(ea.logits_host);
     free(labels);
+    free(values);
     free(cfgs);
+    ksm_attribution_fini(&at);
     return rc;
 }

@@ -127,6 +127,8 @@ int ksm_host_resolve_transformer(struct ksm_transformer_spec *s, char *err, size
     if (r.n_layer == 0) r.n_layer = 6;
     if (r.block_size == 0) r.block_size = 256;
     if (r.num_segments == 0) r.num_segments = 3;
+    if (!r.dropout_set) r.dropout = 0.1; /* esper's TransformerHost(dropout=0.1) */
+    r.dropout_set = true;
 
     if (r.vocab_size < 1 || r.vocab_size > TF_MAX_VOCAB) {
         ksm_errf(err, errlen, 0, "transformer.vocab_size is %u; it must be between 1 and %u.",
@@ -160,6 +162,10 @@ int ksm_host_resolve_transformer(struct ksm_transformer_spec *s, char *err, size
     if (r.block_size < 1 || r.block_size > TF_MAX_BLOCK) {
         ksm_errf(err, errlen, 0, "transformer.block_size is %u; it must be between 1 and %d.",
                  r.block_size, TF_MAX_BLOCK);
+        return KSM_EINVAL;
+    }
+    if (!(r.dropout >= 0.0 && r.dropout < 1.0)) {
+        ksm_errf(err, errlen, 0, "transformer.dropout is %g; it must be in [0, 1).", r.dropout);
         return KSM_EINVAL;
     }
     *s = r;
@@ -830,3 +836,37 @@ void ksm_host_cnn_head_layout(const ksm_host *h, int *w, int *b)
     *w = h->cls_w;
     *b = h->cls_b;
 }
+
+void ksm_host_tf_layout(const ksm_host *h, struct ksm_tf_layout *out)
+{
+    *out = (struct ksm_tf_layout){.tok_emb = h->tok_emb,
+                                  .pos_emb = h->pos_emb,
+                                  .lnf_w = h->lnf_w,
+                                  .lnf_b = h->lnf_b,
+                                  .head_w = h->head_w,
+                                  .vocab = (int)h->tf.vocab_size,
+                                  .n_embd = (int)h->tf.n_embd,
+                                  .n_head = (int)h->tf.n_head,
+                                  .n_layer = (int)h->tf.n_layer,
+                                  .block_size = (int)h->tf.block_size,
+                                  .dropout = h->tf.dropout};
+}
+
+void ksm_host_tf_layer_layout(const ksm_host *h, int layer, struct ksm_tf_layer_layout *out)
+{
+    const struct tf_layer_params *p = &h->layers[layer];
+    *out = (struct ksm_tf_layer_layout){.ln1_w = p->ln1_w,
+                                        .ln1_b = p->ln1_b,
+                                        .attn_w = p->attn_w,
+                                        .attn_b = p->attn_b,
+                                        .proj_w = p->proj_w,
+                                        .proj_b = p->proj_b,
+                                        .ln2_w = p->ln2_w,
+                                        .ln2_b = p->ln2_b,
+                                        .fc_w = p->fc_w,
+                                        .fc_b = p->fc_b,
+                                        .mlp_w = p->mlp_w,
+                                        .mlp_b = p->mlp_b};
+}
+
+int ksm_host_boundary_op(const ksm_host *h, int k) { return bpos(h, k); }

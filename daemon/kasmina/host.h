@@ -78,3 +78,18 @@ int ksm_host_n_ops(const ksm_host *h);
 void ksm_host_cnn_op(const ksm_host *h, int t, int *block, bool *pool);
 void ksm_host_cnn_block_layout(const ksm_host *h, int block, struct ksm_cnn_block_layout *out);
 void ksm_host_cnn_head_layout(const ksm_host *h, int *w, int *b);
+
+/* The transformer host's layout (ksm_host_params() indices): the embeddings, the final norm,
+ * the head (tied to tok_emb), the sizes, and per layer its twelve tensors. Boundary k sits
+ * after timeline op ksm_host_boundary_op(k) (op 0 is the embedding, op l + 1 layer l). */
+struct ksm_tf_layout {
+    int tok_emb, pos_emb, lnf_w, lnf_b, head_w;
+    int vocab, n_embd, n_head, n_layer, block_size;
+    double dropout;
+};
+struct ksm_tf_layer_layout {
+    int ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, mlp_w, mlp_b;
+};
+void ksm_host_tf_layout(const ksm_host *h, struct ksm_tf_layout *out);
+void ksm_host_tf_layer_layout(const ksm_host *h, int layer, struct ksm_tf_layer_layout *out);
+int ksm_host_boundary_op(const ksm_host *h, int k);

@@ -376,6 +376,7 @@ int ksm_model_get_info(ksm_model *m, struct ksm_model_info *out)
     out->generation = m->generation;
     out->resident_bytes = resident_locked(m);
     out->train_step = ksm_model_train_step_locked(m);
+    out->checkpoint_step = m->checkpoint_step;
     out->permissive_gates = m->spec.permissive_gates;
     out->auto_forward_gates = m->spec.auto_forward_gates;
     pthread_mutex_unlock(&m->lock);

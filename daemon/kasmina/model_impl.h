@@ -111,6 +111,7 @@ struct ksm_model {
     struct ksm_cache_stat plan_stat;
 
     struct ksm_train_state *train; /* train.c; NULL until configured or first stepped */
+    uint64_t checkpoint_step;      /* train_step of the snapshot last restored or written */
 };
 
 /* train.c: the steps applied (0 before any), with the model's lock held. */
@@ -120,6 +121,11 @@ double ksm_model_grad_ratio_ema_beta_locked(const ksm_model *m);
 /* train.c: drops slot's seed optimizer (momentum included); frees the training state. */
 void ksm_train_drop_seed(ksm_model *m, int slot);
 void ksm_train_state_free(ksm_model *m);
+/* model_move.c: the momentum buffers that hold memory (every optimizer's; out NULL counts them),
+ * which a move replaces by copies on the new device. Then ksm_train_state_moved frees the step
+ * arena (from m->alloc, still the old device's) and makes the optimizers allocate from dalloc. */
+int ksm_train_momentum_buffers(ksm_model *m, ksm_tensor **out, int cap);
+void ksm_train_state_moved(ksm_model *m, ksm_allocator *dalloc);
 
 /* model.c */
 int ksm_model_new_internal(ksm_engine *e, const char *id, const struct ksm_model_spec *spec,

@@ -426,6 +426,56 @@ int ksm_model_record_metrics(ksm_model *m, const char *slot_id, const struct ksm
     return rc;
 }
 
+int ksm_model_configure_slot(ksm_model *m, const char *slot_id, const struct ksm_slot_settings *set,
+                             struct ksm_slot_report *reports, size_t cap, size_t *n, char *err,
+                             size_t errlen)
+{
+    if (n) *n = 0;
+    if (set == NULL) return ksm_errf(err, errlen, KSM_EINVAL, "slot settings are required");
+    const unsigned gates = (1u << KSM_GATE_G1) | (1u << KSM_GATE_G2) | (1u << KSM_GATE_G3);
+    if (set->set_auto_forward_gates && (set->auto_forward_gates & ~gates) != 0)
+        return ksm_errf(err, errlen, KSM_EINVAL,
+                        "auto_forward_gates may only hold G1, G2 and G3 (esper auto-advances "
+                        "through no other gate)");
+    pthread_mutex_lock(&m->lock);
+    int rc = 0;
+    size_t k = 0;
+    bool pick[KSM_MAX_SLOTS] = {0};
+    if (m->deleted) {
+        ksm_errf(err, errlen, 0, "model \"%s\" was deleted", m->id);
+        rc = KSM_ENOMODEL;
+        goto out;
+    }
+    if (slot_id && *slot_id) {
+        struct ksm_model_slot *ms = ksm_model_find_slot(m, slot_id);
+        if (ms == NULL) {
+            ksm_errf(err, errlen, 0, "slot_id \"%s\" is not a registered slot of model \"%s\"",
+                     slot_id, m->id);
+            rc = KSM_ENOSLOT;
+            goto out;
+        }
+        pick[ms - m->slots] = true;
+    } else {
+        for (int i = 0; i < m->n_slots; i++) pick[i] = true;
+    }
+    for (int i = 0; i < m->n_slots; i++) {
+        if (!pick[i]) continue;
+        if (set->set_isolate_gradients) m->slots[i].s.isolate_gradients = set->isolate_gradients;
+        if (set->set_auto_forward_gates) m->slots[i].s.auto_forward = set->auto_forward_gates;
+    }
+    /* Settings are not topology: plans stay valid. */
+    if (set->set_isolate_gradients || set->set_auto_forward_gates) m->generation++;
+    for (int i = 0; i < m->n_slots; i++) {
+        if (!pick[i]) continue;
+        if (reports && k < cap) report_locked(m, &m->slots[i], &reports[k]);
+        k++;
+    }
+out:
+    if (n) *n = k;
+    pthread_mutex_unlock(&m->lock);
+    return rc;
+}
+
 int ksm_model_slot_reports(ksm_model *m, const char *slot_id, struct ksm_slot_report *reports,
                            size_t cap, size_t *n, char *err, size_t errlen)
 {

@@ -13,39 +13,52 @@
 
 /* ---- move ---- */
 
-static int copy_params_to(ksm_model *m, struct ksm_params *ps, ksm_device *dst,
-                          ksm_allocator *dalloc, ksm_stream *ds, ksm_stream *ss, void ***newptrs)
+/* D2H through a host staging buffer, H2D on the destination (works across backends): *np
+ * receives t's copy in a block of dalloc (which the caller frees, also on failure). */
+static int copy_tensor_to(const ksm_tensor *t, ksm_allocator *dalloc, ksm_stream *ds,
+                          ksm_stream *ss, void **np)
 {
-    /* D2H through a host staging buffer, H2D on the destination (works across backends). */
-    void **np = calloc((size_t)(ps->n ? ps->n : 1), sizeof *np);
+    size_t nb = ksm_tensor_nbytes(t);
+    void *host = malloc(nb ? nb : 1);
+    if (host == NULL) return KSM_ENOMEM;
+    int rc = ksm_alloc_malloc(dalloc, nb ? nb : 1, ds, np);
+    if (rc == 0 && nb) rc = ksm_stream_memcpy_async(ss, host, t->data, nb, KSM_COPY_D2H);
+    if (rc == 0) rc = ksm_stream_synchronize(ss);
+    if (rc == 0 && nb) rc = ksm_stream_memcpy_async(ds, *np, host, nb, KSM_COPY_H2D);
+    if (rc == 0) rc = ksm_stream_synchronize(ds);
+    free(host);
+    return rc;
+}
+
+/* Copies of the n tensors ts[i] that hold memory (tied aliases and empty ones are NULL in ts):
+ * *newptrs (malloc'd, n entries) on success; nothing is left allocated on failure. */
+static int copy_tensors_to(ksm_tensor *const *ts, int n, ksm_allocator *dalloc, ksm_stream *ds,
+                           ksm_stream *ss, void ***newptrs)
+{
+    void **np = calloc((size_t)(n ? n : 1), sizeof *np);
     if (np == NULL) return KSM_ENOMEM;
     int rc = 0;
-    for (int i = 0; i < ps->n && rc == 0; i++) {
-        struct ksm_param *p = &ps->p[i];
-        if (p->tied_to >= 0 || p->t.data == NULL) continue;
-        size_t nb = ksm_tensor_nbytes(&p->t);
-        void *host = malloc(nb ? nb : 1);
-        if (host == NULL) {
-            rc = KSM_ENOMEM;
-            break;
-        }
-        rc = ksm_alloc_malloc(dalloc, nb ? nb : 1, ds, &np[i]);
-        if (rc == 0 && nb) rc = ksm_stream_memcpy_async(ss, host, p->t.data, nb, KSM_COPY_D2H);
-        if (rc == 0) rc = ksm_stream_synchronize(ss);
-        if (rc == 0 && nb) rc = ksm_stream_memcpy_async(ds, np[i], host, nb, KSM_COPY_H2D);
-        if (rc == 0) rc = ksm_stream_synchronize(ds);
-        free(host);
-    }
+    for (int i = 0; i < n && rc == 0; i++)
+        if (ts[i] && ts[i]->data) rc = copy_tensor_to(ts[i], dalloc, ds, ss, &np[i]);
     if (rc < 0) {
-        for (int i = 0; i < ps->n; i++)
+        for (int i = 0; i < n; i++)
             if (np[i]) ksm_alloc_free(dalloc, np[i]);
         free(np);
         return rc;
     }
-    (void)dst;
-    (void)m;
     *newptrs = np;
     return 0;
+}
+
+static int copy_params_to(struct ksm_params *ps, ksm_allocator *dalloc, ksm_stream *ds,
+                          ksm_stream *ss, void ***newptrs)
+{
+    ksm_tensor **ts = calloc((size_t)(ps->n ? ps->n : 1), sizeof *ts);
+    if (ts == NULL) return KSM_ENOMEM;
+    for (int i = 0; i < ps->n; i++) ts[i] = ps->p[i].tied_to >= 0 ? NULL : &ps->p[i].t;
+    int rc = copy_tensors_to(ts, ps->n, dalloc, ds, ss, newptrs);
+    free(ts);
+    return rc;
 }
 
 static void adopt_params(ksm_model *m, struct ksm_params *ps, void **np, ksm_device *dst)
@@ -107,10 +120,22 @@ int ksm_model_move(ksm_model *m, const char *device, int dtype, char *err, size_
     }
     int k;
     for (k = 0; k < ns; k++) {
-        rc = copy_params_to(m, sets[k], dst, dalloc, ds, sctx->stream, &np[k]);
+        rc = copy_params_to(sets[k], dalloc, ds, sctx->stream, &np[k]);
         if (rc < 0) break;
     }
+    /* The optimizers' momentum buffers follow the parameters (train.c). */
+    ksm_tensor **mt = NULL;
+    void **mnp = NULL;
+    int nmt = rc == 0 ? ksm_train_momentum_buffers(m, NULL, 0) : 0;
+    if (nmt > 0) {
+        if ((mt = calloc((size_t)nmt, sizeof *mt)) == NULL)
+            rc = KSM_ENOMEM;
+        else
+            ksm_train_momentum_buffers(m, mt, nmt);
+        if (rc == 0) rc = copy_tensors_to(mt, nmt, dalloc, ds, sctx->stream, &mnp);
+    }
     if (rc < 0) {
+        free(mt);
         for (int j = 0; j < k; j++) {
             for (int i = 0; i < sets[j]->n; i++)
                 if (np[j][i]) ksm_alloc_free(dalloc, np[j][i]);
@@ -124,6 +149,19 @@ int ksm_model_move(ksm_model *m, const char *device, int dtype, char *err, size_
     }
     ksm_stream_synchronize(ds);
     for (k = 0; k < ns; k++) adopt_params(m, sets[k], np[k], dst);
+    if (nmt > 0) {
+        ksm_stream *users[KSM_MAX_STREAMS_PER_MODEL];
+        int nu = ksm_model_users(m, users, KSM_MAX_STREAMS_PER_MODEL);
+        for (int i = 0; i < nmt; i++) {
+            for (int u = 0; u < nu; u++) ksm_alloc_record_stream(m->alloc, mt[i]->data, users[u]);
+            ksm_alloc_free(m->alloc, mt[i]->data);
+            mt[i]->data = mnp[i];
+            mt[i]->dev = dst;
+        }
+        free(mt);
+        free(mnp);
+    }
+    ksm_train_state_moved(m, dalloc);
     ksm_model_invalidate_caches(m);
     m->dev = dst;
     m->alloc = dalloc;

@@ -130,6 +130,9 @@ static void fill_host(const struct ksm_param *p, void *dst, uint64_t seed, uint6
     }
 }
 
+/* Staging offsets stay 8-byte aligned: an I64 tensor after an odd count of F32 values. */
+static size_t staging_bytes(size_t nb) { return (nb + 7) & ~(size_t)7; }
+
 int ksm_params_materialise(struct ksm_params *ps, ksm_allocator *a, ksm_stream *s, uint64_t seed,
                            const char *prefix)
 {
@@ -138,7 +141,7 @@ int ksm_params_materialise(struct ksm_params *ps, ksm_allocator *a, ksm_stream *
         const struct ksm_param *p = &ps->p[i];
         if (p->tied_to >= 0) continue;
         if (p->t.dtype != KSM_DTYPE_F32 && p->t.dtype != KSM_DTYPE_I64) return KSM_EDTYPE;
-        total += ksm_tensor_nbytes(&p->t);
+        total += staging_bytes(ksm_tensor_nbytes(&p->t));
     }
     char *host = malloc(total ? total : 1);
     if (host == NULL) return KSM_ENOMEM;
@@ -158,7 +161,7 @@ int ksm_params_materialise(struct ksm_params *ps, ksm_allocator *a, ksm_stream *
         snprintf(full, sizeof full, "%s%s", prefix ? prefix : "", p->name);
         fill_host(p, host + off, seed, ksm_fnv1a64(full));
         if (nb) rc = ksm_stream_memcpy_async(s, d, host + off, nb, KSM_COPY_H2D);
-        off += nb;
+        off += staging_bytes(nb);
         if (rc < 0) {
             i++;
             break;

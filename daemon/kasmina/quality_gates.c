@@ -19,39 +19,103 @@ static void gate_init(struct ksm_gate_result *r, enum ksm_gate_level g)
     r->gate = g;
 }
 
-static void check_add(char (*list)[KSM_CHECK_MAX], int *n, const char *fmt, ...)
+/* Adds check `name` (esper's string, printf'd) to checks_passed or checks_failed and to checks;
+ * returns its entry in checks for the numbers (NULL when the result is full). */
+static struct ksm_gate_check *check_add(struct ksm_gate_result *r, bool passed, const char *fmt,
+                                        ...) __attribute__((format(printf, 3, 4)));
+static struct ksm_gate_check *check_add(struct ksm_gate_result *r, bool passed, const char *fmt,
+                                        ...)
 {
-    if (*n >= KSM_GATE_MAX_CHECKS) return;
+    int *n = passed ? &r->n_passed : &r->n_failed;
+    if (*n >= KSM_GATE_MAX_CHECKS || r->n_checks >= KSM_GATE_MAX_CHECKS) return NULL;
+    char *name = passed ? r->checks_passed[*n] : r->checks_failed[*n];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(list[*n], KSM_CHECK_MAX, fmt, ap);
+    vsnprintf(name, KSM_CHECK_MAX, fmt, ap);
     va_end(ap);
     (*n)++;
+    struct ksm_gate_check *c = &r->checks[r->n_checks++];
+    memset(c, 0, sizeof *c);
+    memcpy(c->name, name, KSM_CHECK_MAX);
+    c->passed = passed;
+    return c;
+}
+
+/* The relation that holds when a check of op did not pass. */
+static const char *negated(const char *op)
+{
+    if (strcmp(op, ">=") == 0) return "<";
+    if (strcmp(op, "<=") == 0) return ">";
+    return "!";
+}
+
+/* A check `value op threshold`: "epochs_in_current_stage 3 < 10". */
+static void num(struct ksm_gate_check *c, const char *quantity, double value, const char *op,
+                double threshold)
+{
+    if (c == NULL) return;
+    ksm_utf8_copy(c->quantity, sizeof c->quantity, quantity);
+    ksm_utf8_copy(c->op, sizeof c->op, op);
+    c->threshold = threshold;
+    c->has_value = true;
+    c->value = value;
+    snprintf(c->detail, sizeof c->detail, "%s %.10g %s %.10g", quantity, value,
+             c->passed ? op : negated(op), threshold);
+}
+
+/* A threshold check whose quantity was never measured. */
+static void unmeasured(struct ksm_gate_check *c, const char *quantity, const char *op,
+                       double threshold, const char *set_by)
+{
+    if (c == NULL) return;
+    ksm_utf8_copy(c->quantity, sizeof c->quantity, quantity);
+    ksm_utf8_copy(c->op, sizeof c->op, op);
+    c->threshold = threshold;
+    snprintf(c->detail, sizeof c->detail, "%s never measured (needs %s %.10g; set by %s)", quantity,
+             op, threshold, set_by);
+}
+
+/* A presence or state check: the detail says what was found. */
+static void state(struct ksm_gate_check *c, const char *quantity, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void state(struct ksm_gate_check *c, const char *quantity, const char *fmt, ...)
+{
+    if (c == NULL) return;
+    ksm_utf8_copy(c->quantity, sizeof c->quantity, quantity);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->detail, sizeof c->detail, fmt, ap);
+    va_end(ap);
 }
 
 void ksm_gate_result_failed(struct ksm_gate_result *r, enum ksm_gate_level g, const char *check)
 {
     gate_init(r, g);
-    check_add(r->checks_failed, &r->n_failed, "%s", check);
+    struct ksm_gate_check *c = check_add(r, false, "%s", check);
+    if (strcmp(check, "no_active_seed") == 0)
+        state(c, "stage", "the slot holds no active seed");
+    else if (strcmp(check, "no_valid_transition") == 0)
+        state(c, "stage", "the seed's stage has no forward transition");
+    else if (strcmp(check, "no_gate_for_target") == 0)
+        state(c, "stage", "no gate leads into the target stage");
 }
 
-#define PASS(r, ...) check_add((r)->checks_passed, &(r)->n_passed, __VA_ARGS__)
-#define FAIL(r, ...) check_add((r)->checks_failed, &(r)->n_failed, __VA_ARGS__)
-
 /* Check strings are esper's f-strings; Python's "{x:.2f}" and C's "%.2f" both round the exact
- * binary value half-to-even, so they agree digit for digit. */
+ * binary value half-to-even, so they agree digit for digit. The details print numbers with
+ * "%.10g" (the exact operands to ten digits: 0.49999 never reads as 0.50). */
 
 static void gate_g0(const struct ksm_seed_state *st, struct ksm_gate_result *r)
 {
     gate_init(r, KSM_GATE_G0);
     if (st->seed_id[0])
-        PASS(r, "seed_id_present");
+        state(check_add(r, true, "seed_id_present"), "seed_id", "seed_id '%s'", st->seed_id);
     else
-        FAIL(r, "seed_id_missing");
+        state(check_add(r, false, "seed_id_missing"), "seed_id", "seed_id is empty");
     if (st->blueprint_id[0])
-        PASS(r, "blueprint_id_present");
+        state(check_add(r, true, "blueprint_id_present"), "blueprint_id", "blueprint_id '%s'",
+              st->blueprint_id);
     else
-        FAIL(r, "blueprint_id_missing");
+        state(check_add(r, false, "blueprint_id_missing"), "blueprint_id", "blueprint_id is empty");
     r->passed = r->n_failed == 0;
     r->score = r->passed ? 1.0 : 0.0;
     ksm_utf8_copy(r->message, sizeof r->message,
@@ -64,9 +128,10 @@ static void gate_g1(const struct ksm_seed_state *st, struct ksm_gate_result *r)
     r->passed = st->stage == KSM_STAGE_GERMINATED;
     r->score = r->passed ? 1.0 : 0.0;
     if (r->passed)
-        PASS(r, "germinated");
+        state(check_add(r, true, "germinated"), "stage", "stage GERMINATED");
     else
-        FAIL(r, "not_germinated");
+        state(check_add(r, false, "not_germinated"), "stage", "stage %s, needs GERMINATED",
+              ksm_stage_name(st->stage));
     ksm_utf8_copy(r->message, sizeof r->message,
                   r->passed ? "Ready for training" : "Not germinated");
 }
@@ -77,29 +142,37 @@ static void gate_g2(const struct ksm_seed_state *st, bool perm, struct ksm_gate_
     const struct ksm_seed_metrics *m = &st->metrics;
     double improvement = ksm_metrics_improvement_since_stage_start(m);
     r->score = improvement > 0 ? fmin(1.0, improvement / 5.0) : 0.0;
+    uint32_t epochs = m->epochs_in_current_stage;
 
     if (perm) {
-        bool epochs_ok = m->epochs_in_current_stage >= MIN_BLENDING_EPOCHS;
+        bool epochs_ok = epochs >= MIN_BLENDING_EPOCHS;
+        struct ksm_gate_check *c;
         if (epochs_ok)
-            PASS(r, "trained_%u_epochs", m->epochs_in_current_stage);
+            c = check_add(r, true, "trained_%u_epochs", epochs);
         else
-            FAIL(r, "insufficient_training_%u_of_%u", m->epochs_in_current_stage,
-                 MIN_BLENDING_EPOCHS);
+            c = check_add(r, false, "insufficient_training_%u_of_%u", epochs, MIN_BLENDING_EPOCHS);
+        num(c, "epochs_in_current_stage", epochs, ">=", MIN_BLENDING_EPOCHS);
         /* KTS-001: unmeasured gradient health is not healthy. */
         bool safe_ok = false;
         const struct ksm_seed_telemetry *t = &st->telemetry;
         if (!t->has_gradient_health) {
-            FAIL(r, "gradient_health_not_measured");
+            unmeasured(check_add(r, false, "gradient_health_not_measured"), "gradient_health",
+                       ">=", MIN_GRADIENT_HEALTH, "RecordMetrics gradients.gradient_health");
         } else if (t->has_exploding_flag && t->has_exploding) {
-            FAIL(r, "exploding_gradients");
+            state(check_add(r, false, "exploding_gradients"), "has_exploding",
+                  "has_exploding is true (needs false)");
         } else {
-            PASS(r, "no_exploding_gradients");
-            if (t->gradient_health >= MIN_GRADIENT_HEALTH) {
-                PASS(r, "gradient_health_%.2f", t->gradient_health);
+            state(check_add(r, true, "no_exploding_gradients"), "has_exploding",
+                  t->has_exploding_flag ? "has_exploding is false" : "has_exploding never set");
+            double h = t->gradient_health;
+            if (h >= MIN_GRADIENT_HEALTH) {
+                num(check_add(r, true, "gradient_health_%.2f", h), "gradient_health", h,
+                    ">=", MIN_GRADIENT_HEALTH);
                 safe_ok = true;
             } else {
-                FAIL(r, "gradient_health_low_%.2f_need_%.2f", t->gradient_health,
-                     MIN_GRADIENT_HEALTH);
+                num(check_add(r, false, "gradient_health_low_%.2f_need_%.2f", h,
+                              MIN_GRADIENT_HEALTH),
+                    "gradient_health", h, ">=", MIN_GRADIENT_HEALTH);
             }
         }
         r->passed = epochs_ok && safe_ok;
@@ -109,23 +182,28 @@ static void gate_g2(const struct ksm_seed_state *st, bool perm, struct ksm_gate_
     }
 
     bool perf_ok = improvement >= MIN_TRAINING_IMPROVEMENT;
+    struct ksm_gate_check *c;
     if (perf_ok)
-        PASS(r, "global_improvement_%.2f%%", improvement);
+        c = check_add(r, true, "global_improvement_%.2f%%", improvement);
     else
-        FAIL(r, "global_improvement_insufficient_%.2f%%", improvement);
-    bool seed_ok = m->epochs_in_current_stage >= MIN_BLENDING_EPOCHS;
-    if (seed_ok)
-        PASS(r, "seed_ready");
-    else
-        FAIL(r, "seed_not_ready");
+        c = check_add(r, false, "global_improvement_insufficient_%.2f%%", improvement);
+    num(c, "improvement_since_stage_start", improvement, ">=", MIN_TRAINING_IMPROVEMENT);
+    bool seed_ok = epochs >= MIN_BLENDING_EPOCHS;
+    num(check_add(r, seed_ok, seed_ok ? "seed_ready" : "seed_not_ready"), "epochs_in_current_stage",
+        epochs, ">=", MIN_BLENDING_EPOCHS);
     bool grad_ok = false;
+    double ratio = m->seed_gradient_norm_ratio;
     if (!m->has_grad_ratio) {
-        FAIL(r, "gradient_stats_never_measured");
-    } else if (m->seed_gradient_norm_ratio >= GRADIENT_RATIO_THRESHOLD) {
-        PASS(r, "seed_gradient_active_%.2f", m->seed_gradient_norm_ratio);
+        unmeasured(check_add(r, false, "gradient_stats_never_measured"), "seed_gradient_norm_ratio",
+                   ">=", GRADIENT_RATIO_THRESHOLD,
+                   "RecordMetrics gradients or use_collected_gradients");
+    } else if (ratio >= GRADIENT_RATIO_THRESHOLD) {
+        num(check_add(r, true, "seed_gradient_active_%.2f", ratio), "seed_gradient_norm_ratio",
+            ratio, ">=", GRADIENT_RATIO_THRESHOLD);
         grad_ok = true;
     } else {
-        FAIL(r, "seed_gradient_low_%.2f", m->seed_gradient_norm_ratio);
+        num(check_add(r, false, "seed_gradient_low_%.2f", ratio), "seed_gradient_norm_ratio", ratio,
+            ">=", GRADIENT_RATIO_THRESHOLD);
     }
     r->passed = perf_ok && seed_ok && grad_ok;
     snprintf(r->message, sizeof r->message, "Improvement: %.2f%%", improvement);
@@ -139,24 +217,36 @@ static void gate_g3(const struct ksm_seed_state *st, bool perm, struct ksm_gate_
     r->score = c->alpha;
     bool target_ok = c->alpha_target >= 1.0 - eps;
     if (target_ok)
-        PASS(r, "alpha_target_full");
+        num(check_add(r, true, "alpha_target_full"), "alpha_target", c->alpha_target,
+            ">=", 1.0 - eps);
     else
-        FAIL(r, "alpha_target_not_full_%.2f", c->alpha_target);
+        num(check_add(r, false, "alpha_target_not_full_%.2f", c->alpha_target), "alpha_target",
+            c->alpha_target, ">=", 1.0 - eps);
     bool reached_ok = c->mode == KSM_ALPHA_HOLD && fabs(c->alpha - c->alpha_target) <= eps;
+    struct ksm_gate_check *k;
     if (reached_ok)
-        PASS(r, "alpha_target_reached");
+        k = check_add(r, true, "alpha_target_reached");
     else
-        FAIL(r, "alpha_not_at_target_%.2f_target_%.2f_mode_%s", c->alpha, c->alpha_target,
-             ksm_alpha_mode_name(c->mode));
+        k = check_add(r, false, "alpha_not_at_target_%.2f_target_%.2f_mode_%s", c->alpha,
+                      c->alpha_target, ksm_alpha_mode_name(c->mode));
+    state(k, "alpha", "alpha %.10g, alpha_target %.10g, mode %s%s", c->alpha, c->alpha_target,
+          ksm_alpha_mode_name(c->mode),
+          reached_ok ? "" : " (needs mode HOLD with alpha within 1e-06 of alpha_target)");
+    if (k != NULL) {
+        k->has_value = true;
+        k->value = c->alpha;
+    }
     if (perm) {
         r->passed = target_ok && reached_ok;
         ksm_utf8_copy(r->message, sizeof r->message, "Permissive G3: alpha completion only");
         return;
     }
-    if (st->metrics.epochs_in_current_stage >= MIN_BLENDING_EPOCHS)
-        PASS(r, "blending_complete");
+    uint32_t epochs = st->metrics.epochs_in_current_stage;
+    if (epochs >= MIN_BLENDING_EPOCHS)
+        k = check_add(r, true, "blending_complete");
     else
-        FAIL(r, "blending_incomplete_%u", st->metrics.epochs_in_current_stage);
+        k = check_add(r, false, "blending_incomplete_%u", epochs);
+    num(k, "epochs_in_current_stage", epochs, ">=", MIN_BLENDING_EPOCHS);
     r->passed = r->n_failed == 0;
 }
 
@@ -164,17 +254,24 @@ static void gate_g5(const struct ksm_seed_state *st, bool perm, struct ksm_gate_
 {
     gate_init(r, KSM_GATE_G5);
     if (!st->metrics.has_counterfactual) {
-        FAIL(r, "counterfactual_not_available");
+        state(check_add(r, false, "counterfactual_not_available"), "counterfactual_contribution",
+              "counterfactual_contribution never measured (set by RecordMetrics "
+              "counterfactual_contribution)");
         return;
     }
     double c = st->metrics.counterfactual_contribution;
     r->score = c > 0 ? fmin(1.0, c / 10.0) : 0.0;
-    PASS(r, "counterfactual_available_%.2f%%", c);
+    struct ksm_gate_check *k = check_add(r, true, "counterfactual_available_%.2f%%", c);
+    state(k, "counterfactual_contribution", "counterfactual_contribution %.10g", c);
+    if (k != NULL) {
+        k->has_value = true;
+        k->value = c;
+    }
     bool health_ok = st->is_healthy;
     if (health_ok)
-        PASS(r, "healthy");
+        state(check_add(r, true, "healthy"), "is_healthy", "is_healthy is true");
     else
-        FAIL(r, "unhealthy");
+        state(check_add(r, false, "unhealthy"), "is_healthy", "is_healthy is false (needs true)");
     if (perm) {
         r->passed = health_ok;
         snprintf(r->message, sizeof r->message, "Permissive G5: %.2f%% contribution (no threshold)",
@@ -183,9 +280,10 @@ static void gate_g5(const struct ksm_seed_state *st, bool perm, struct ksm_gate_
     }
     /* f"..._below_{DEFAULT_MIN_FOSSILIZE_CONTRIBUTION}%": Python prints the float 1.0 as "1.0". */
     if (c >= MIN_FOSSILIZE_CONTRIB)
-        PASS(r, "sufficient_contribution_%.2f%%", c);
+        k = check_add(r, true, "sufficient_contribution_%.2f%%", c);
     else
-        FAIL(r, "insufficient_contribution_%.2f%%_below_1.0%%", c);
+        k = check_add(r, false, "insufficient_contribution_%.2f%%_below_1.0%%", c);
+    num(k, "counterfactual_contribution", c, ">=", MIN_FOSSILIZE_CONTRIB);
     r->passed = r->n_failed == 0;
 }
 
@@ -206,8 +304,8 @@ void ksm_slot_check_gate(const struct ksm_slot *s, enum ksm_stage target, struct
     enum ksm_gate_level g;
     if (!s->occupied || !gate_for_target(target, &g)) {
         /* esper raises "No gate defined for target stage ..."; this test helper says so. */
-        gate_init(r, KSM_GATE_G0);
-        FAIL(r, s->occupied ? "no_gate_for_target" : "no_active_seed");
+        ksm_gate_result_failed(r, KSM_GATE_G0,
+                               s->occupied ? "no_gate_for_target" : "no_active_seed");
         return;
     }
     bool perm = (s->env && s->env->permissive);

@@ -82,7 +82,7 @@ static bool is_valid_transition(enum ksm_stage from, enum ksm_stage to)
 
 static bool auto_forward(const struct ksm_slot *s, enum ksm_gate_level g)
 {
-    return s->env && (s->env->auto_forward & (1u << g));
+    return (s->auto_forward & (1u << g)) != 0;
 }
 
 static enum ksm_topology slot_topology(const struct ksm_slot *s)
@@ -255,6 +255,7 @@ void ksm_slot_init(struct ksm_slot *s, const char *id, int channels, const struc
     copy_str(s->id, sizeof s->id, id);
     s->channels = channels;
     s->env = env;
+    s->auto_forward = env ? env->auto_forward : 0;
     s->has_grad_ratio_ema = true; /* 0.0 */
 }
 

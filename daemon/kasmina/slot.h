@@ -38,7 +38,7 @@ struct ksm_slot;
 struct ksm_slot_env {
     void *ud;
     bool permissive;       /* QualityGates(permissive=...) */
-    unsigned auto_forward; /* bits (1 << KSM_GATE_Gn) */
+    unsigned auto_forward; /* bits (1 << KSM_GATE_Gn): the model's default for its slots */
     enum ksm_topology topology;
     void (*emit)(void *ud, struct ksm_slot *s, struct ksm_lifecycle_event *ev);
     void (*free_seed)(void *ud, struct ksm_slot *s);
@@ -109,6 +109,10 @@ struct ksm_slot {
     double blend_alpha_target;
     bool isolate_gradients;
     bool has_resolved_topology;
+    /* esper SeedSlot.auto_forward_gates: bits (1 << KSM_GATE_Gn), G1..G3. ksm_slot_init takes
+     * env->auto_forward; ConfigureSlot changes it. Kept in the extra state as
+     * _kasmina_auto_forward_gates when it differs from env->auto_forward. */
+    unsigned auto_forward;
 
     /* modules, owned by the model layer (opaque here; non-NULL = exists) */
     void *seed;

@@ -16,7 +16,9 @@
  * _kasmina_pending_prune_reason / _kasmina_pending_prune_initiator (written when set). A third
  * keeps RecordMetrics' gradient ratio EMA across a restart: _kasmina_gradient_ratio_ema, a number
  * (written when not 0.0) or null (the EMA was removed with the last seed); absent = 0.0 as at
- * creation (none for a seed in cooldown).
+ * creation (none for a seed in cooldown). A fourth keeps a slot's own auto-forward gates
+ * (ConfigureSlot): _kasmina_auto_forward_gates, a list of gate levels (1, 2, 3), written when it
+ * differs from the model's default; absent = the model's default.
  */
 #include <inttypes.h>
 #include <jansson.h>
@@ -297,6 +299,12 @@ char *ksm_slot_extra_state_json(const struct ksm_slot *s)
         json_object_set_new(o, "_kasmina_gradient_ratio_ema", json_null());
     else if (s->grad_ratio_ema != 0.0)
         json_object_set_new(o, "_kasmina_gradient_ratio_ema", json_real(s->grad_ratio_ema));
+    if (s->auto_forward != (s->env ? s->env->auto_forward : 0u)) {
+        json_t *g = json_array();
+        for (int lvl = KSM_GATE_G1; lvl <= KSM_GATE_G3; lvl++)
+            if (s->auto_forward & (1u << lvl)) json_array_append_new(g, json_integer(lvl));
+        json_object_set_new(o, "_kasmina_auto_forward_gates", g);
+    }
     char *text = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(17));
     json_decref(o);
     return text;
@@ -751,6 +759,22 @@ static int parse_extra_state(struct pctx *c, json_t *root, struct ksm_slot *t, b
         KSM_TRY(get_num(c, root, "_kasmina_gradient_ratio_ema", 0, HUGE_VAL, true, &is_null,
                         &t->grad_ratio_ema));
         t->has_grad_ratio_ema = !is_null;
+    }
+    t->auto_forward = t->env ? t->env->auto_forward : 0u; /* absent: the model's default */
+    json_t *afg = json_object_get(root, "_kasmina_auto_forward_gates");
+    if (afg != NULL) {
+        if (!json_is_array(afg))
+            return perr(c, "_kasmina_auto_forward_gates", "must be a list of gate levels");
+        t->auto_forward = 0;
+        size_t i;
+        json_t *g;
+        json_array_foreach(afg, i, g)
+        {
+            json_int_t lvl = json_is_integer(g) ? json_integer_value(g) : -1;
+            if (lvl != KSM_GATE_G1 && lvl != KSM_GATE_G2 && lvl != KSM_GATE_G3)
+                return perr(c, "_kasmina_auto_forward_gates", "may only hold 1, 2 and 3");
+            t->auto_forward |= 1u << lvl;
+        }
     }
     t->has_collected_grads = false; /* memory only: the next TrainStep collects again */
     return 0;

@@ -203,6 +203,8 @@ void ksm_slot_report(const struct ksm_slot *s, struct ksm_slot_report *r)
     memset(r, 0, sizeof *r);
     ksm_utf8_copy(r->slot_id, sizeof r->slot_id, s->id);
     r->blueprint_index = -1;
+    r->isolate_gradients = s->isolate_gradients; /* settings: also for an empty slot */
+    r->auto_forward_gates = s->auto_forward;
     if (!s->occupied) return;
     const struct ksm_seed_state *st = &s->state;
     const struct ksm_alpha_controller *c = &st->controller;

@@ -1,14 +1,15 @@
 /*
- * Training (docs/training.md): esper-lite's process_train_batch on a CNN host with seeds.
+ * Training (docs/training.md): esper-lite's process_train_batch on a host with seeds. This file
+ * has the step (validation, optimizers, statistics, clipping, SGD), the CNN host and its seeds,
+ * and the slots' blends for both topologies; train_tf.c the transformer host and its seeds.
  *
  * One step runs a train-mode forward that keeps every activation the backward needs in a bump
- * arena (the tape is the straight-line code itself: train_body enqueues the forward, then the
+ * arena (the tape is the straight-line code itself: the body enqueues the forward, then the
  * backward in reverse order, reading the saved tensors), so it runs twice the first time like
  * a forward plan: once in measure mode to size the arena, which the training state keeps, then
- * for real. No op writes in place over a tensor the backward reads later.
+ * for real. No op writes in place over a tensor the backward reads later (train_impl.h).
  *
- * Not implemented yet (refused up front with KSM_EUNSUPPORTED): the transformer host and its
- * blueprints; devices other than host memory.
+ * Not implemented yet (refused up front with KSM_EUNSUPPORTED): devices other than host memory.
  */
 #include <math.h>
 #include <stdio.h>
@@ -25,39 +26,15 @@
 #include "kasmina/ops.h"
 #include "kasmina/ops_backward.h"
 #include "kasmina/ops_backward_nn.h"
-/* optim.h has an internal struct of the same name as training.h's public one. */
-#define ksm_seed_grad_stats ksm_seed_grad_stats_internal
-#include "kasmina/optim.h"
-#undef ksm_seed_grad_stats
+#include "kasmina/train_impl.h" /* the training state, optim.h */
 
 #define BN_EPS         1e-5f
 #define BN_MOMENTUM    0.1
-#define MAX_HOST_P     64
-#define MAX_SEED_P     (KSM_SEED_MAX_PARAMS + 4)
+#define MAX_HOST_P     KSM_TRAIN_MAX_HOST_P
+#define MAX_SEED_P     KSM_TRAIN_MAX_SEED_P
 #define MAX_TRAIN_ROWS (1 << 20)
 /* doubles of gradient-norm scratch after the tape in the arena (one ksm_grad_sumsq at a time) */
 #define SQ_SCRATCH (MAX_HOST_P > MAX_SEED_P ? MAX_HOST_P : MAX_SEED_P)
-
-struct seed_opt {
-    bool live;
-    const void *seed; /* the module the optimizer was made for */
-    bool fossil;      /* made while FOSSILIZED (fossilizing drops the earlier one) */
-    struct ksm_sgd opt;
-};
-
-struct ksm_train_state {
-    struct ksm_training_config cfg;
-    uint64_t step;
-    bool host_live;
-    struct ksm_sgd host;
-    struct seed_opt seeds[KSM_MAX_SLOTS];
-    /* the arena of the last shape (reused while big enough) */
-    void *arena;
-    size_t arena_bytes;
-    /* host-side buffers of one step */
-    int64_t *labels, *argmax;
-    size_t cap_rows;
-};
 
 static int64_t mono_ns(void)
 {
@@ -144,6 +121,13 @@ static struct ksm_train_state *train_state(ksm_model *m)
     return m->train;
 }
 
+struct ksm_sgd_config ksm_train_sgd_config(const struct ksm_sgd_settings *s) { return sgd_cfg(s); }
+
+int ksm_train_check_config(const struct ksm_training_config *c, char *err, size_t errlen)
+{
+    return check_config(c, err, errlen);
+}
+
 static void drop_opt(ksm_model *m, struct ksm_sgd *o)
 {
     ksm_stream *users[KSM_MAX_STREAMS_PER_MODEL];
@@ -179,22 +163,66 @@ void ksm_train_state_free(ksm_model *m)
     m->train = NULL;
 }
 
-int ksm_model_configure_training(ksm_model *m, const struct ksm_training_config *c,
-                                 bool reset_optimizer_state, char *err, size_t errlen)
+static int opt_buffers(struct ksm_sgd *o, ksm_tensor **out, int cap, int n)
 {
-    if (m == NULL) return ksm_errf(err, errlen, KSM_EINVAL, "model is NULL");
-    KSM_TRY(check_config(c, err, errlen));
-    pthread_mutex_lock(&m->lock);
-    if (m->deleted) {
-        pthread_mutex_unlock(&m->lock);
-        return ksm_errf(err, errlen, KSM_ENOMODEL, "model \"%s\" was deleted", m->id);
+    for (int i = 0; i < o->n; i++) {
+        if (o->buf[i].data == NULL) continue;
+        if (out && n < cap) out[n] = &o->buf[i];
+        n++;
     }
+    return n;
+}
+
+int ksm_train_momentum_buffers(ksm_model *m, ksm_tensor **out, int cap)
+{
+    struct ksm_train_state *t = m->train;
+    if (t == NULL) return 0;
+    int n = t->host_live ? opt_buffers(&t->host, out, cap, 0) : 0;
+    for (int i = 0; i < KSM_MAX_SLOTS; i++)
+        if (t->seeds[i].live) n = opt_buffers(&t->seeds[i].opt, out, cap, n);
+    return n;
+}
+
+void ksm_train_state_moved(ksm_model *m, ksm_allocator *dalloc)
+{
+    struct ksm_train_state *t = m->train;
+    if (t == NULL) return;
+    if (t->arena) ksm_alloc_free(m->alloc, t->arena); /* made again by the next step */
+    t->arena = NULL;
+    t->arena_bytes = 0;
+    if (t->host_live) t->host.alloc = dalloc;
+    for (int i = 0; i < KSM_MAX_SLOTS; i++)
+        if (t->seeds[i].live) t->seeds[i].opt.alloc = dalloc;
+}
+
+int ksm_model_update_training(ksm_model *m, ksm_training_merge_fn merge, void *ud,
+                              bool reset_optimizer_state, struct ksm_training_config *out,
+                              uint64_t *train_step, char *err, size_t errlen)
+{
+    if (m == NULL || merge == NULL)
+        return ksm_errf(err, errlen, KSM_EINVAL, "model and merge function are required");
+    pthread_mutex_lock(&m->lock);
+    int rc = 0;
+    if (m->deleted) {
+        rc = ksm_errf(err, errlen, KSM_ENOMODEL, "model \"%s\" was deleted", m->id);
+        goto out;
+    }
+    /* read, merge and write under one hold of the lock: concurrent updates of different fields
+     * all stay */
+    struct ksm_training_config cur, c;
+    if (m->train)
+        cur = m->train->cfg;
+    else
+        ksm_training_config_defaults(&cur);
+    c = cur;
+    if ((rc = merge(ud, &cur, &c, err, errlen)) < 0 || (rc = check_config(&c, err, errlen)) < 0)
+        goto out;
     struct ksm_train_state *t = train_state(m);
     if (t == NULL) {
-        pthread_mutex_unlock(&m->lock);
-        return ksm_errf(err, errlen, KSM_ENOMEM, "out of host memory");
+        rc = ksm_errf(err, errlen, KSM_ENOMEM, "out of host memory");
+        goto out;
     }
-    struct ksm_sgd_config hc = sgd_cfg(&c->host), sc = sgd_cfg(&c->seed);
+    struct ksm_sgd_config hc = sgd_cfg(&c.host), sc = sgd_cfg(&c.seed);
     /* A buffer cannot outlive momentum 0 (ksm_op_sgd takes none then). */
     if (t->host_live) {
         if (reset_optimizer_state || hc.momentum == 0) reset_opt(m, &t->host);
@@ -205,10 +233,30 @@ int ksm_model_configure_training(ksm_model *m, const struct ksm_training_config 
         if (reset_optimizer_state || sc.momentum == 0) reset_opt(m, &t->seeds[i].opt);
         t->seeds[i].opt.cfg = sc;
     }
-    t->cfg = *c;
+    t->cfg = c;
     m->generation++;
+    if (out) *out = t->cfg;
+    if (train_step) *train_step = t->step;
+out:
     pthread_mutex_unlock(&m->lock);
+    return rc;
+}
+
+static int replace_config(void *ud, const struct ksm_training_config *in_force,
+                          struct ksm_training_config *next, char *err, size_t errlen)
+{
+    (void)in_force, (void)err, (void)errlen;
+    *next = *(const struct ksm_training_config *)ud;
     return 0;
+}
+
+int ksm_model_configure_training(ksm_model *m, const struct ksm_training_config *c,
+                                 bool reset_optimizer_state, char *err, size_t errlen)
+{
+    if (m == NULL) return ksm_errf(err, errlen, KSM_EINVAL, "model is NULL");
+    KSM_TRY(check_config(c, err, errlen));
+    return ksm_model_update_training(m, replace_config, (void *)c, reset_optimizer_state, NULL,
+                                     NULL, err, errlen);
 }
 
 uint64_t ksm_model_train_step_locked(const ksm_model *m) { return m->train ? m->train->step : 0; }
@@ -256,26 +304,37 @@ int ksm_model_training_momentum_bytes(ksm_model *m, const char *slot_id, size_t 
 /* ---- parameter lists ---- */
 
 /* Host trainable parameters (no buffer, no tied alias), in declaration order. */
-static int host_trainable(ksm_model *m, int *idx)
+int ksm_train_host_params(const struct ksm_params *ps, int *idx, int cap)
 {
-    const struct ksm_params *ps = ksm_host_params(m->host);
     int n = 0;
-    for (int i = 0; i < ps->n && n < MAX_HOST_P; i++)
+    for (int i = 0; i < ps->n && n < cap; i++)
         if (!ps->p[i].buffer && ps->p[i].tied_to < 0) idx[n++] = i;
     return n;
 }
 
-/* A seed's trainable tensors: the seed's, then its gate's (SeedSlot.get_parameters). */
-static int seed_trainable(struct ksm_model_slot *ms, ksm_tensor **out)
+static int host_trainable(ksm_model *m, int *idx)
+{
+    return ksm_train_host_params(ksm_host_params(m->host), idx, MAX_HOST_P);
+}
+
+/* A seed's trainable parameters: the seed's, then its gate's (SeedSlot.get_parameters). */
+int ksm_train_seed_params(struct ksm_params *ps, struct ksm_params *g, struct ksm_param **out,
+                          int cap)
 {
     int n = 0;
-    struct ksm_params *ps = ksm_seed_params(ms->s.seed);
-    for (int i = 0; i < ps->n && n < MAX_SEED_P; i++)
-        if (!ps->p[i].buffer && ps->p[i].tied_to < 0) out[n++] = &ps->p[i].t;
-    if (ms->s.gate) {
-        struct ksm_params *g = ksm_gated_blend_params(ms->s.gate);
-        for (int i = 0; i < g->n && n < MAX_SEED_P; i++) out[n++] = &g->p[i].t;
-    }
+    for (int i = 0; i < ps->n && n < cap; i++)
+        if (!ps->p[i].buffer && ps->p[i].tied_to < 0) out[n++] = &ps->p[i];
+    for (int i = 0; g != NULL && i < g->n && n < cap; i++) out[n++] = &g->p[i];
+    return n;
+}
+
+static int seed_trainable(struct ksm_model_slot *ms, ksm_tensor **out)
+{
+    struct ksm_param *ps[MAX_SEED_P];
+    int n = ksm_train_seed_params(ksm_seed_params(ms->s.seed),
+                                  ms->s.gate ? ksm_gated_blend_params(ms->s.gate) : NULL, ps,
+                                  MAX_SEED_P);
+    for (int i = 0; i < n; i++) out[i] = &ps[i]->t;
     return n;
 }
 
@@ -292,6 +351,8 @@ static bool has_seed_module(const struct ksm_slot *s)
     }
 }
 
+bool ksm_train_slot_has_seed(const struct ksm_slot *s) { return has_seed_module(s); }
+
 static bool bp_trains(const struct ksm_seed *sd)
 {
     switch (sd->bp->index) {
@@ -302,84 +363,32 @@ static bool bp_trains(const struct ksm_seed *sd)
     case KSM_BP_ATTENTION:
     case KSM_BP_DEPTHWISE:
     case KSM_BP_BOTTLENECK:
-    case KSM_BP_CONV_HEAVY: return true;
+    case KSM_BP_CONV_HEAVY:
+    case KSM_BP_LORA:
+    case KSM_BP_LORA_LARGE:
+    case KSM_BP_MLP_SMALL:
+    case KSM_BP_MLP:
+    case KSM_BP_FLEX_ATTENTION: return true;
     default: return false;
     }
 }
 
-/* ---- the step's tape ---- */
-
-struct seed_grads {
-    int n;
-    ksm_tensor *param[MAX_SEED_P];
-    ksm_tensor grad[MAX_SEED_P];
-    bool present[MAX_SEED_P];
-};
-
-struct slot_tape {
-    bool runs;
-    bool ste, isolate, frozen;
-    ksm_tensor h, sx, y;
-    /* seed internals */
-    ksm_tensor c, u;       /* conv_light/small: conv output, relu output; norm: t, d */
-    ksm_tensor ca;         /* clamp01(alpha) */
-    ksm_tensor T, v;       /* MULTIPLY: tanh, 1 + ca*T */
-    ksm_tensor gp, gh, gz; /* GATE: pooled, hidden (relu out), sigmoid out (= g) */
-    ksm_tensor cg, prod, aeff;
-    ksm_tensor alpha; /* the raw alpha scalar */
-    ksm_tensor v2[6]; /* more seed internals (SE, depthwise, bottleneck, conv_heavy) */
-};
-
-struct block_tape {
-    ksm_tensor x, z, mean, invstd, a;
-};
-
-struct tctx {
-    ksm_model *m;
-    struct ksm_train_state *t;
-    struct ksm_exec *e;
-    const ksm_tensor *x_host;
-    const int64_t *labels_host;
-    int64_t B;
-    /* outputs of the real pass */
-    float loss;
-    /* tape */
-    struct block_tape blocks[64];
-    ksm_tensor pool_in[64], pool_out[64];
-    ksm_tensor op_in[64], op_out[64];
-    struct slot_tape slots[KSM_MAX_SLOTS];
-    ksm_tensor feat, gpool, logits, labels;
-    /* gradients */
-    int n_host;
-    int host_idx[MAX_HOST_P];
-    ksm_tensor host_grad[MAX_HOST_P];
-    struct seed_grads sg[KSM_MAX_SLOTS];
-};
+/* ---- the step's tape (train_impl.h) ---- */
 
 #define S(c) ((c)->e->stream)
 
-static const ksm_tensor *HP(struct tctx *c, int i)
+static const ksm_tensor *HP(struct ksm_train_ctx *c, int i)
 {
     return ksm_params_tensor(ksm_host_params(c->m->host), i);
 }
 
-static ksm_tensor *HPW(struct tctx *c, int i) { return &ksm_host_params(c->m->host)->p[i].t; }
-
-static int like(struct tctx *c, ksm_tensor *t, const ksm_tensor *x)
+static ksm_tensor *HPW(struct ksm_train_ctx *c, int i)
 {
-    return ksm_exec_tensor(c->e, t, KSM_DTYPE_F32, x->ndim, x->shape);
+    return &ksm_host_params(c->m->host)->p[i].t;
 }
 
-/* The gradient tensor of host parameter p (allocated at the start of the pass). */
-static ksm_tensor *host_grad(struct tctx *c, int p)
-{
-    for (int i = 0; i < c->n_host; i++)
-        if (c->host_idx[i] == p) return &c->host_grad[i];
-    return NULL;
-}
-
-static int conv_fwd_g(struct tctx *c, ksm_tensor *y, const ksm_tensor *x, const ksm_tensor *w,
-                      int pad, int groups)
+static int conv_fwd_g(struct ksm_train_ctx *c, ksm_tensor *y, const ksm_tensor *x,
+                      const ksm_tensor *w, int pad, int groups)
 {
     struct ksm_exec *e = c->e;
     size_t ws_bytes = ksm_op_conv2d_workspace_size(x, w, pad, pad, groups);
@@ -391,7 +400,7 @@ static int conv_fwd_g(struct tctx *c, ksm_tensor *y, const ksm_tensor *x, const 
     return 0;
 }
 
-static int conv_bwd_g(struct tctx *c, ksm_tensor *dx, ksm_tensor *dw, const ksm_tensor *dy,
+static int conv_bwd_g(struct ksm_train_ctx *c, ksm_tensor *dx, ksm_tensor *dw, const ksm_tensor *dy,
                       const ksm_tensor *x, const ksm_tensor *w, int pad, int groups)
 {
     struct ksm_exec *e = c->e;
@@ -406,20 +415,20 @@ static int conv_bwd_g(struct tctx *c, ksm_tensor *dx, ksm_tensor *dw, const ksm_
     return 0;
 }
 
-static int conv_fwd(struct tctx *c, ksm_tensor *y, const ksm_tensor *x, const ksm_tensor *w,
-                    int pad)
+static int conv_fwd(struct ksm_train_ctx *c, ksm_tensor *y, const ksm_tensor *x,
+                    const ksm_tensor *w, int pad)
 {
     return conv_fwd_g(c, y, x, w, pad, 1);
 }
 
-static int conv_bwd(struct tctx *c, ksm_tensor *dx, ksm_tensor *dw, const ksm_tensor *dy,
+static int conv_bwd(struct ksm_train_ctx *c, ksm_tensor *dx, ksm_tensor *dw, const ksm_tensor *dy,
                     const ksm_tensor *x, const ksm_tensor *w, int pad)
 {
     return conv_bwd_g(c, dx, dw, dy, x, w, pad, 1);
 }
 
 /* A new [B,co,H,W] arena tensor (x's batch and spatial size). */
-static int act_like(struct tctx *c, ksm_tensor *t, const ksm_tensor *x, int64_t co)
+static int act_like(struct ksm_train_ctx *c, ksm_tensor *t, const ksm_tensor *x, int64_t co)
 {
     int64_t shape[4] = {x->shape[0], co, x->shape[2], x->shape[3]};
     return ksm_exec_tensor(c->e, t, KSM_DTYPE_F32, 4, shape);
@@ -427,11 +436,11 @@ static int act_like(struct tctx *c, ksm_tensor *t, const ksm_tensor *x, int64_t 
 
 /* ---- host ops ---- */
 
-static int block_fwd(struct tctx *c, int i, const ksm_tensor *x, ksm_tensor *y)
+static int block_fwd(struct ksm_train_ctx *c, int i, const ksm_tensor *x, ksm_tensor *y)
 {
     struct ksm_cnn_block_layout L;
     ksm_host_cnn_block_layout(c->m->host, i, &L);
-    struct block_tape *bt = &c->blocks[i];
+    struct ksm_train_block_tape *bt = &c->blocks[i];
     const ksm_tensor *w = HP(c, L.conv_w);
     int64_t shape[4] = {x->shape[0], w->shape[0], x->shape[2], x->shape[3]};
     int64_t ch = w->shape[0];
@@ -450,24 +459,26 @@ static int block_fwd(struct tctx *c, int i, const ksm_tensor *x, ksm_tensor *y)
 }
 
 /* dx (NULL for the network input) from dy, the block's output gradient (overwritten). */
-static int block_bwd(struct tctx *c, int i, ksm_tensor *dy, ksm_tensor *dx)
+static int block_bwd(struct ksm_train_ctx *c, int i, ksm_tensor *dy, ksm_tensor *dx)
 {
     struct ksm_cnn_block_layout L;
     ksm_host_cnn_block_layout(c->m->host, i, &L);
-    struct block_tape *bt = &c->blocks[i];
+    struct ksm_train_block_tape *bt = &c->blocks[i];
     const ksm_tensor *w = HP(c, L.conv_w);
     ksm_tensor dz;
     size_t mk = ksm_exec_mark(c->e);
-    KSM_TRY(like(c, &dz, &bt->z));
+    KSM_TRY(ksm_train_like(c, &dz, &bt->z));
     KSM_EXEC(c->e, ksm_op_relu_backward(S(c), dy, dy, &bt->a));
-    KSM_EXEC(c->e, ksm_op_batchnorm_backward(S(c), &dz, host_grad(c, L.bn_w), host_grad(c, L.bn_b),
-                                             dy, &bt->z, HP(c, L.bn_w), &bt->mean, &bt->invstd));
-    KSM_TRY(conv_bwd(c, dx, host_grad(c, L.conv_w), &dz, &bt->x, w, (int)(w->shape[2] / 2)));
+    KSM_EXEC(c->e, ksm_op_batchnorm_backward(S(c), &dz, ksm_train_host_grad(c, L.bn_w),
+                                             ksm_train_host_grad(c, L.bn_b), dy, &bt->z,
+                                             HP(c, L.bn_w), &bt->mean, &bt->invstd));
+    KSM_TRY(
+        conv_bwd(c, dx, ksm_train_host_grad(c, L.conv_w), &dz, &bt->x, w, (int)(w->shape[2] / 2)));
     ksm_exec_release(c->e, mk);
     return 0;
 }
 
-static int op_fwd(struct tctx *c, int t, const ksm_tensor *x, ksm_tensor *y)
+static int op_fwd(struct ksm_train_ctx *c, int t, const ksm_tensor *x, ksm_tensor *y)
 {
     int block;
     bool pool;
@@ -486,12 +497,12 @@ static int op_fwd(struct tctx *c, int t, const ksm_tensor *x, ksm_tensor *y)
 
 /* dx <- the gradient at op t's input from dy at its output (dy may be overwritten); dx NULL for
  * the network input. dx is allocated here (arena, kept). */
-static int op_bwd(struct tctx *c, int t, ksm_tensor *dy, ksm_tensor *dx, bool need_dx)
+static int op_bwd(struct ksm_train_ctx *c, int t, ksm_tensor *dy, ksm_tensor *dx, bool need_dx)
 {
     int block;
     bool pool;
     ksm_host_cnn_op(c->m->host, t, &block, &pool);
-    if (need_dx) KSM_TRY(like(c, dx, &c->op_in[t]));
+    if (need_dx) KSM_TRY(ksm_train_like(c, dx, &c->op_in[t]));
     if (pool) {
         if (need_dx) KSM_EXEC(c->e, ksm_op_maxpool2_backward(S(c), dx, dy, &c->op_in[t]));
         return 0;
@@ -501,20 +512,13 @@ static int op_bwd(struct tctx *c, int t, ksm_tensor *dy, ksm_tensor *dx, bool ne
 
 /* ---- seeds ---- */
 
-static ksm_tensor *seed_grad(struct tctx *c, int slot, int k)
-{
-    struct seed_grads *g = &c->sg[slot];
-    if (k >= g->n || !g->present[k]) return NULL;
-    return &g->grad[k];
-}
-
 /* SeedConvBlock k (params k, k+1, k+2): pre <- conv(x), u <- relu(GN(pre)). */
-static int sblock_fwd(struct tctx *c, struct ksm_seed *sd, int k, const ksm_tensor *x,
+static int sblock_fwd(struct ksm_train_ctx *c, struct ksm_seed *sd, int k, const ksm_tensor *x,
                       ksm_tensor *pre, ksm_tensor *u)
 {
     const ksm_tensor *w = ksm_seed_param(sd, k);
-    KSM_TRY(like(c, pre, x));
-    KSM_TRY(like(c, u, x));
+    KSM_TRY(ksm_train_like(c, pre, x));
+    KSM_TRY(ksm_train_like(c, u, x));
     KSM_TRY(conv_fwd(c, pre, x, w, (int)(w->shape[2] / 2)));
     KSM_EXEC(c->e, ksm_op_groupnorm(S(c), u, pre, sd->groups, ksm_seed_param(sd, k + 1),
                                     ksm_seed_param(sd, k + 2), KSM_NORM_EPS));
@@ -523,31 +527,34 @@ static int sblock_fwd(struct tctx *c, struct ksm_seed *sd, int k, const ksm_tens
 }
 
 /* Its backward: parameter gradients and dx (may be NULL) from du (read only). */
-static int sblock_bwd(struct tctx *c, int slot, int k, const ksm_tensor *du, const ksm_tensor *x,
-                      const ksm_tensor *pre, const ksm_tensor *u, ksm_tensor *dx)
+static int sblock_bwd(struct ksm_train_ctx *c, int slot, int k, const ksm_tensor *du,
+                      const ksm_tensor *x, const ksm_tensor *pre, const ksm_tensor *u,
+                      ksm_tensor *dx)
 {
     struct ksm_seed *sd = c->m->slots[slot].s.seed;
     const ksm_tensor *w = ksm_seed_param(sd, k);
     ksm_tensor dn, dc;
-    KSM_TRY(like(c, &dn, x));
-    KSM_TRY(like(c, &dc, x));
+    KSM_TRY(ksm_train_like(c, &dn, x));
+    KSM_TRY(ksm_train_like(c, &dc, x));
     KSM_EXEC(c->e, ksm_op_relu_backward(S(c), &dn, du, u));
-    KSM_EXEC(c->e, ksm_op_groupnorm_backward(S(c), &dc, seed_grad(c, slot, k + 1),
-                                             seed_grad(c, slot, k + 2), &dn, pre, sd->groups,
-                                             ksm_seed_param(sd, k + 1), KSM_NORM_EPS));
-    return conv_bwd(c, dx, seed_grad(c, slot, k), &dc, x, w, (int)(w->shape[2] / 2));
+    KSM_EXEC(c->e, ksm_op_groupnorm_backward(S(c), &dc, ksm_train_seed_grad(c, slot, k + 1),
+                                             ksm_train_seed_grad(c, slot, k + 2), &dn, pre,
+                                             sd->groups, ksm_seed_param(sd, k + 1), KSM_NORM_EPS));
+    return conv_bwd(c, dx, ksm_train_seed_grad(c, slot, k), &dc, x, w, (int)(w->shape[2] / 2));
 }
 
-static int seed_fwd(struct tctx *c, int slot, const ksm_tensor *x, ksm_tensor *y)
+static int seed_fwd(struct ksm_train_ctx *c, int slot, const ksm_tensor *x, ksm_tensor *y)
 {
+    if (c->m->spec.topology == KSM_TOPOLOGY_TRANSFORMER)
+        return ksm_train_tf_seed_fwd(c, slot, x, y);
     struct ksm_seed *sd = c->m->slots[slot].s.seed;
-    struct slot_tape *st = &c->slots[slot];
+    struct ksm_train_slot_tape *st = &c->slots[slot];
     struct ksm_exec *e = c->e;
-    KSM_TRY(like(c, y, x));
+    KSM_TRY(ksm_train_like(c, y, x));
     switch (sd->bp->index) {
     case KSM_BP_NOOP: KSM_EXEC(e, ksm_op_copy(S(c), y, x)); return 0;
     case KSM_BP_NORM: /* x + tanh(scale) * (GN(x) - x); c = tanh(scale), u = GN(x) - x */
-        KSM_TRY(like(c, &st->u, x));
+        KSM_TRY(ksm_train_like(c, &st->u, x));
         KSM_TRY(ksm_exec_tensor(e, &st->c, KSM_DTYPE_F32, 1, (const int64_t[]){1}));
         KSM_EXEC(e, ksm_op_groupnorm(S(c), &st->u, x, sd->groups, ksm_seed_param(sd, 1),
                                      ksm_seed_param(sd, 2), KSM_NORM_EPS));
@@ -559,8 +566,8 @@ static int seed_fwd(struct tctx *c, int slot, const ksm_tensor *x, ksm_tensor *y
     case KSM_BP_CONV_SMALL:
     case KSM_BP_CONV_LIGHT: { /* x + relu(GN(conv(x))); c = conv(x), u = relu(GN(c)) */
         const ksm_tensor *w = ksm_seed_param(sd, 0);
-        KSM_TRY(like(c, &st->c, x));
-        KSM_TRY(like(c, &st->u, x));
+        KSM_TRY(ksm_train_like(c, &st->c, x));
+        KSM_TRY(ksm_train_like(c, &st->u, x));
         KSM_TRY(conv_fwd(c, &st->c, x, w, (int)(w->shape[2] / 2)));
         KSM_EXEC(e, ksm_op_groupnorm(S(c), &st->u, &st->c, sd->groups, ksm_seed_param(sd, 1),
                                      ksm_seed_param(sd, 2), KSM_NORM_EPS));
@@ -591,7 +598,7 @@ static int seed_fwd(struct tctx *c, int slot, const ksm_tensor *x, ksm_tensor *y
     }
     case KSM_BP_DEPTHWISE: { /* x + relu(GN(pw(dw(x)))); v2 = a, b, u */
         const ksm_tensor *w0 = ksm_seed_param(sd, 0);
-        for (int i = 0; i < 3; i++) KSM_TRY(like(c, &st->v2[i], x));
+        for (int i = 0; i < 3; i++) KSM_TRY(ksm_train_like(c, &st->v2[i], x));
         KSM_TRY(conv_fwd_g(c, &st->v2[0], x, w0, (int)(w0->shape[2] / 2), sd->channels));
         KSM_TRY(conv_fwd(c, &st->v2[1], &st->v2[0], ksm_seed_param(sd, 1), 0));
         KSM_EXEC(e, ksm_op_groupnorm(S(c), &st->v2[2], &st->v2[1], sd->groups,
@@ -603,8 +610,8 @@ static int seed_fwd(struct tctx *c, int slot, const ksm_tensor *x, ksm_tensor *y
     case KSM_BP_BOTTLENECK: { /* x + GN(up(relu(conv(relu(down(x)))))); v2 = d, c2, u */
         KSM_TRY(act_like(c, &st->v2[0], x, sd->hidden));
         KSM_TRY(act_like(c, &st->v2[1], x, sd->hidden));
-        KSM_TRY(like(c, &st->v2[2], x));
-        KSM_TRY(like(c, &st->u, x));
+        KSM_TRY(ksm_train_like(c, &st->v2[2], x));
+        KSM_TRY(ksm_train_like(c, &st->u, x));
         KSM_TRY(conv_fwd(c, &st->v2[0], x, ksm_seed_param(sd, 0), 0));
         KSM_EXEC(e, ksm_op_relu(S(c), &st->v2[0], &st->v2[0]));
         KSM_TRY(conv_fwd(c, &st->v2[1], &st->v2[0], ksm_seed_param(sd, 1),
@@ -622,13 +629,15 @@ static int seed_fwd(struct tctx *c, int slot, const ksm_tensor *x, ksm_tensor *y
 
 /* Seed backward: parameter gradients (those present) and, when dx is given, the input gradient
  * (allocated here). dy is read only. */
-static int seed_bwd(struct tctx *c, int slot, const ksm_tensor *dy, ksm_tensor *dx)
+static int seed_bwd(struct ksm_train_ctx *c, int slot, const ksm_tensor *dy, ksm_tensor *dx)
 {
+    if (c->m->spec.topology == KSM_TOPOLOGY_TRANSFORMER)
+        return ksm_train_tf_seed_bwd(c, slot, dy, dx);
     struct ksm_seed *sd = c->m->slots[slot].s.seed;
-    struct slot_tape *st = &c->slots[slot];
+    struct ksm_train_slot_tape *st = &c->slots[slot];
     struct ksm_exec *e = c->e;
     const ksm_tensor *x = &st->h;
-    if (dx) KSM_TRY(like(c, dx, x));
+    if (dx) KSM_TRY(ksm_train_like(c, dx, x));
     size_t mk = ksm_exec_mark(e);
     switch (sd->bp->index) {
     case KSM_BP_NOOP:
@@ -638,12 +647,12 @@ static int seed_bwd(struct tctx *c, int slot, const ksm_tensor *dy, ksm_tensor *
         /* y = x + t*u, u = GN(x) - x: dt = sum(dy*u), du = dy*t; dx = dy - du + GN'(du) */
         ksm_tensor dt, du, dgx;
         KSM_TRY(ksm_exec_tensor(e, &dt, KSM_DTYPE_F32, 1, (const int64_t[]){1}));
-        KSM_TRY(like(c, &du, x));
+        KSM_TRY(ksm_train_like(c, &du, x));
         KSM_EXEC(e, ksm_op_mul_backward(S(c), &dt, &du, dy, &st->c, &st->u));
-        ksm_tensor *gs = seed_grad(c, slot, 0);
+        ksm_tensor *gs = ksm_train_seed_grad(c, slot, 0);
         if (gs) KSM_EXEC(e, ksm_op_tanh_backward(S(c), gs, &dt, &st->c));
-        ksm_tensor *gw = seed_grad(c, slot, 1), *gb = seed_grad(c, slot, 2);
-        if (dx) KSM_TRY(like(c, &dgx, x));
+        ksm_tensor *gw = ksm_train_seed_grad(c, slot, 1), *gb = ksm_train_seed_grad(c, slot, 2);
+        if (dx) KSM_TRY(ksm_train_like(c, &dgx, x));
         if (dx || gw || gb)
             KSM_EXEC(e, ksm_op_groupnorm_backward(S(c), dx ? &dgx : NULL, gw, gb, &du, x,
                                                   sd->groups, ksm_seed_param(sd, 1), KSM_NORM_EPS));
@@ -657,23 +666,23 @@ static int seed_bwd(struct tctx *c, int slot, const ksm_tensor *dy, ksm_tensor *
     case KSM_BP_CONV_LIGHT: {
         const ksm_tensor *w = ksm_seed_param(sd, 0);
         ksm_tensor dn, dc, dcx;
-        KSM_TRY(like(c, &dn, x));
-        KSM_TRY(like(c, &dc, x));
+        KSM_TRY(ksm_train_like(c, &dn, x));
+        KSM_TRY(ksm_train_like(c, &dc, x));
         KSM_EXEC(e, ksm_op_relu_backward(S(c), &dn, dy, &st->u));
-        ksm_tensor *gw = seed_grad(c, slot, 1), *gb = seed_grad(c, slot, 2);
-        ksm_tensor *gc = seed_grad(c, slot, 0);
+        ksm_tensor *gw = ksm_train_seed_grad(c, slot, 1), *gb = ksm_train_seed_grad(c, slot, 2);
+        ksm_tensor *gc = ksm_train_seed_grad(c, slot, 0);
         KSM_EXEC(e, ksm_op_groupnorm_backward(S(c), &dc, gw, gb, &dn, &st->c, sd->groups,
                                               ksm_seed_param(sd, 1), KSM_NORM_EPS));
-        if (dx) KSM_TRY(like(c, &dcx, x));
+        if (dx) KSM_TRY(ksm_train_like(c, &dcx, x));
         KSM_TRY(conv_bwd(c, dx ? &dcx : NULL, gc, &dc, x, w, (int)(w->shape[2] / 2)));
         if (dx) KSM_EXEC(e, ksm_op_add(S(c), dx, dy, &dcx));
         break;
     }
     case KSM_BP_CONV_HEAVY: {
         ksm_tensor du1, dcx;
-        KSM_TRY(like(c, &du1, x));
+        KSM_TRY(ksm_train_like(c, &du1, x));
         KSM_TRY(sblock_bwd(c, slot, 3, dy, &st->v2[1], &st->v2[2], &st->v2[3], &du1));
-        if (dx) KSM_TRY(like(c, &dcx, x));
+        if (dx) KSM_TRY(ksm_train_like(c, &dcx, x));
         KSM_TRY(sblock_bwd(c, slot, 0, &du1, x, &st->v2[0], &st->v2[1], dx ? &dcx : NULL));
         if (dx) KSM_EXEC(e, ksm_op_add(S(c), dx, dy, &dcx));
         break;
@@ -683,19 +692,21 @@ static int seed_bwd(struct tctx *c, int slot, const ksm_tensor *dy, ksm_tensor *
         int64_t B = x->shape[0], C = x->shape[1];
         ksm_tensor dz, dh, dp, dxm, dz2;
         KSM_TRY(ksm_exec_tensor(e, &dz, KSM_DTYPE_F32, 4, (const int64_t[]){B, C, 1, 1}));
-        KSM_TRY(like(c, &dh, &st->v2[1]));
-        KSM_TRY(like(c, &dp, &st->v2[0]));
+        KSM_TRY(ksm_train_like(c, &dh, &st->v2[1]));
+        KSM_TRY(ksm_train_like(c, &dp, &st->v2[0]));
         KSM_EXEC(e, ksm_op_mul_backward(S(c), dx, &dz, dy, x, &st->v2[2]));
         KSM_EXEC(e, ksm_op_sigmoid_backward(S(c), &dz, &dz, &st->v2[2]));
         KSM_TRY(ksm_tensor_reshape(&dz2, &dz, 2, (const int64_t[]){B, C}));
-        KSM_EXEC(e, ksm_op_linear_backward(S(c), &dh, seed_grad(c, slot, 1), seed_grad(c, slot, 2),
-                                           &dz2, &st->v2[1], ksm_seed_param(sd, 1)));
+        KSM_EXEC(e, ksm_op_linear_backward(S(c), &dh, ksm_train_seed_grad(c, slot, 1),
+                                           ksm_train_seed_grad(c, slot, 2), &dz2, &st->v2[1],
+                                           ksm_seed_param(sd, 1)));
         KSM_EXEC(e, ksm_op_relu_backward(S(c), &dh, &dh, &st->v2[1]));
-        if (dx || seed_grad(c, slot, 0))
-            KSM_EXEC(e, ksm_op_linear_backward(S(c), dx ? &dp : NULL, seed_grad(c, slot, 0), NULL,
-                                               &dh, &st->v2[0], ksm_seed_param(sd, 0)));
+        if (dx || ksm_train_seed_grad(c, slot, 0))
+            KSM_EXEC(e,
+                     ksm_op_linear_backward(S(c), dx ? &dp : NULL, ksm_train_seed_grad(c, slot, 0),
+                                            NULL, &dh, &st->v2[0], ksm_seed_param(sd, 0)));
         if (dx) {
-            KSM_TRY(like(c, &dxm, x));
+            KSM_TRY(ksm_train_like(c, &dxm, x));
             KSM_EXEC(e, ksm_op_mean_backward(S(c), &dxm, &dp, 2, 4));
             KSM_EXEC(e, ksm_op_add(S(c), dx, dx, &dxm));
         }
@@ -704,16 +715,17 @@ static int seed_bwd(struct tctx *c, int slot, const ksm_tensor *dy, ksm_tensor *
     case KSM_BP_DEPTHWISE: {
         const ksm_tensor *w0 = ksm_seed_param(sd, 0);
         ksm_tensor dn, db, da, dcx;
-        KSM_TRY(like(c, &dn, x));
-        KSM_TRY(like(c, &db, x));
-        KSM_TRY(like(c, &da, x));
+        KSM_TRY(ksm_train_like(c, &dn, x));
+        KSM_TRY(ksm_train_like(c, &db, x));
+        KSM_TRY(ksm_train_like(c, &da, x));
         KSM_EXEC(e, ksm_op_relu_backward(S(c), &dn, dy, &st->v2[2]));
-        KSM_EXEC(e, ksm_op_groupnorm_backward(S(c), &db, seed_grad(c, slot, 2),
-                                              seed_grad(c, slot, 3), &dn, &st->v2[1], sd->groups,
-                                              ksm_seed_param(sd, 2), KSM_NORM_EPS));
-        KSM_TRY(conv_bwd(c, &da, seed_grad(c, slot, 1), &db, &st->v2[0], ksm_seed_param(sd, 1), 0));
-        if (dx) KSM_TRY(like(c, &dcx, x));
-        KSM_TRY(conv_bwd_g(c, dx ? &dcx : NULL, seed_grad(c, slot, 0), &da, x, w0,
+        KSM_EXEC(e, ksm_op_groupnorm_backward(S(c), &db, ksm_train_seed_grad(c, slot, 2),
+                                              ksm_train_seed_grad(c, slot, 3), &dn, &st->v2[1],
+                                              sd->groups, ksm_seed_param(sd, 2), KSM_NORM_EPS));
+        KSM_TRY(conv_bwd(c, &da, ksm_train_seed_grad(c, slot, 1), &db, &st->v2[0],
+                         ksm_seed_param(sd, 1), 0));
+        if (dx) KSM_TRY(ksm_train_like(c, &dcx, x));
+        KSM_TRY(conv_bwd_g(c, dx ? &dcx : NULL, ksm_train_seed_grad(c, slot, 0), &da, x, w0,
                            (int)(w0->shape[2] / 2), sd->channels));
         if (dx) KSM_EXEC(e, ksm_op_add(S(c), dx, dy, &dcx));
         break;
@@ -721,21 +733,21 @@ static int seed_bwd(struct tctx *c, int slot, const ksm_tensor *dy, ksm_tensor *
     case KSM_BP_BOTTLENECK: {
         const ksm_tensor *w1 = ksm_seed_param(sd, 1);
         ksm_tensor du, dc2, dd, dcx;
-        KSM_TRY(like(c, &du, x));
-        KSM_TRY(like(c, &dc2, &st->v2[1]));
-        KSM_TRY(like(c, &dd, &st->v2[0]));
-        KSM_EXEC(e, ksm_op_groupnorm_backward(S(c), &du, seed_grad(c, slot, 3),
-                                              seed_grad(c, slot, 4), dy, &st->v2[2], sd->groups,
-                                              ksm_seed_param(sd, 3), KSM_NORM_EPS));
-        KSM_TRY(
-            conv_bwd(c, &dc2, seed_grad(c, slot, 2), &du, &st->v2[1], ksm_seed_param(sd, 2), 0));
+        KSM_TRY(ksm_train_like(c, &du, x));
+        KSM_TRY(ksm_train_like(c, &dc2, &st->v2[1]));
+        KSM_TRY(ksm_train_like(c, &dd, &st->v2[0]));
+        KSM_EXEC(e, ksm_op_groupnorm_backward(S(c), &du, ksm_train_seed_grad(c, slot, 3),
+                                              ksm_train_seed_grad(c, slot, 4), dy, &st->v2[2],
+                                              sd->groups, ksm_seed_param(sd, 3), KSM_NORM_EPS));
+        KSM_TRY(conv_bwd(c, &dc2, ksm_train_seed_grad(c, slot, 2), &du, &st->v2[1],
+                         ksm_seed_param(sd, 2), 0));
         KSM_EXEC(e, ksm_op_relu_backward(S(c), &dc2, &dc2, &st->v2[1]));
-        KSM_TRY(
-            conv_bwd(c, &dd, seed_grad(c, slot, 1), &dc2, &st->v2[0], w1, (int)(w1->shape[2] / 2)));
+        KSM_TRY(conv_bwd(c, &dd, ksm_train_seed_grad(c, slot, 1), &dc2, &st->v2[0], w1,
+                         (int)(w1->shape[2] / 2)));
         KSM_EXEC(e, ksm_op_relu_backward(S(c), &dd, &dd, &st->v2[0]));
-        if (dx) KSM_TRY(like(c, &dcx, x));
-        KSM_TRY(
-            conv_bwd(c, dx ? &dcx : NULL, seed_grad(c, slot, 0), &dd, x, ksm_seed_param(sd, 0), 0));
+        if (dx) KSM_TRY(ksm_train_like(c, &dcx, x));
+        KSM_TRY(conv_bwd(c, dx ? &dcx : NULL, ksm_train_seed_grad(c, slot, 0), &dd, x,
+                         ksm_seed_param(sd, 0), 0));
         if (dx) KSM_EXEC(e, ksm_op_add(S(c), dx, dy, &dcx));
         break;
     }
@@ -747,11 +759,24 @@ static int seed_bwd(struct tctx *c, int slot, const ksm_tensor *dy, ksm_tensor *
 
 /* ---- slots (docs/blending.md#forward-of-one-slot, in train mode) ---- */
 
-static int slot_fwd(struct tctx *c, int idx, const ksm_tensor *h, ksm_tensor *y)
+/* GatedBlend's geometry: it pools h over [d0, d1) (H, W of a CNN's [B,C,H,W]; T of a
+ * transformer's [B,T,C]) into [B, C] and its per-sample gate has shape b1 ([B,1,1,1] or
+ * [B,1,1], ndim *nd). */
+static void gate_geometry(const ksm_tensor *h, int *d0, int *d1, int64_t *C, int64_t *b1, int *nd)
+{
+    bool tf = h->ndim == 3;
+    *d0 = tf ? 1 : 2;
+    *d1 = tf ? 2 : 4;
+    *C = tf ? h->shape[2] : h->shape[1];
+    *nd = h->ndim;
+    for (int i = 0; i < h->ndim; i++) b1[i] = i == 0 ? h->shape[0] : 1;
+}
+
+int ksm_train_slot_fwd(struct ksm_train_ctx *c, int idx, const ksm_tensor *h, ksm_tensor *y)
 {
     struct ksm_model_slot *ms = &c->m->slots[idx];
     struct ksm_slot *s = &ms->s;
-    struct slot_tape *st = &c->slots[idx];
+    struct ksm_train_slot_tape *st = &c->slots[idx];
     struct ksm_exec *e = c->e;
     memset(st, 0, sizeof *st);
     st->runs = ksm_slot_runs_seed(s);
@@ -763,7 +788,7 @@ static int slot_fwd(struct tctx *c, int idx, const ksm_tensor *h, ksm_tensor *y)
     st->isolate = s->isolate_gradients;
     st->frozen = s->blend_out_freeze;
     KSM_TRY(seed_fwd(c, idx, h, &st->sx));
-    KSM_TRY(like(c, y, h));
+    KSM_TRY(ksm_train_like(c, y, h));
     st->ste = s->state.stage == KSM_STAGE_TRAINING && s->state.alpha == 0.0;
     if (st->ste) {
         KSM_EXEC(e, ksm_op_sub(S(c), y, &st->sx, &st->sx));
@@ -778,8 +803,8 @@ static int slot_fwd(struct tctx *c, int idx, const ksm_tensor *h, ksm_tensor *y)
     switch (s->state.alpha_algorithm) {
     case KSM_ALGO_ADD: KSM_EXEC(e, ksm_op_lerp(S(c), y, h, &st->sx, &st->ca)); break;
     case KSM_ALGO_MULTIPLY:
-        KSM_TRY(like(c, &st->T, h));
-        KSM_TRY(like(c, &st->v, h));
+        KSM_TRY(ksm_train_like(c, &st->T, h));
+        KSM_TRY(ksm_train_like(c, &st->v, h));
         KSM_EXEC(e, ksm_op_sub(S(c), &st->T, &st->sx, h));
         KSM_EXEC(e, ksm_op_tanh(S(c), &st->T, &st->T));
         KSM_EXEC(e, ksm_op_mul(S(c), &st->v, &st->T, &st->ca));
@@ -789,17 +814,18 @@ static int slot_fwd(struct tctx *c, int idx, const ksm_tensor *h, ksm_tensor *y)
     case KSM_ALGO_GATE: {
         if (s->gate == NULL) return KSM_ESTAGE;
         const struct ksm_params *gp = ksm_gated_blend_params(s->gate);
-        int64_t B = h->shape[0], C = h->shape[1], H = ksm_params_tensor(gp, 0)->shape[0];
-        int64_t b1[4] = {B, 1, 1, 1};
+        int64_t B = h->shape[0], C, H = ksm_params_tensor(gp, 0)->shape[0], b1[4];
+        int d0, d1, nd;
+        gate_geometry(h, &d0, &d1, &C, b1, &nd);
         KSM_TRY(ksm_exec_tensor(e, &st->gp, KSM_DTYPE_F32, 2, (const int64_t[]){B, C}));
         KSM_TRY(ksm_exec_tensor(e, &st->gh, KSM_DTYPE_F32, 2, (const int64_t[]){B, H}));
-        KSM_TRY(ksm_exec_tensor(e, &st->gz, KSM_DTYPE_F32, 4, b1));
-        KSM_TRY(ksm_exec_tensor(e, &st->cg, KSM_DTYPE_F32, 4, b1));
-        KSM_TRY(ksm_exec_tensor(e, &st->prod, KSM_DTYPE_F32, 4, b1));
-        KSM_TRY(ksm_exec_tensor(e, &st->aeff, KSM_DTYPE_F32, 4, b1));
+        KSM_TRY(ksm_exec_tensor(e, &st->gz, KSM_DTYPE_F32, nd, b1));
+        KSM_TRY(ksm_exec_tensor(e, &st->cg, KSM_DTYPE_F32, nd, b1));
+        KSM_TRY(ksm_exec_tensor(e, &st->prod, KSM_DTYPE_F32, nd, b1));
+        KSM_TRY(ksm_exec_tensor(e, &st->aeff, KSM_DTYPE_F32, nd, b1));
         ksm_tensor z2;
         KSM_TRY(ksm_tensor_reshape(&z2, &st->gz, 2, (const int64_t[]){B, 1}));
-        KSM_EXEC(e, ksm_op_mean(S(c), &st->gp, h, 2, 4));
+        KSM_EXEC(e, ksm_op_mean(S(c), &st->gp, h, d0, d1));
         KSM_EXEC(e, ksm_op_linear(S(c), &st->gh, &st->gp, ksm_params_tensor(gp, 0),
                                   ksm_params_tensor(gp, 1)));
         KSM_EXEC(e, ksm_op_relu(S(c), &st->gh, &st->gh));
@@ -820,9 +846,9 @@ static int slot_fwd(struct tctx *c, int idx, const ksm_tensor *h, ksm_tensor *y)
 
 /* dh <- the gradient at the slot's input h from dy at its output (a new arena tensor, or dy
  * itself when the seed does not run). */
-static int slot_bwd(struct tctx *c, int idx, ksm_tensor *dy, ksm_tensor *dh)
+int ksm_train_slot_bwd(struct ksm_train_ctx *c, int idx, ksm_tensor *dy, ksm_tensor *dh)
 {
-    struct slot_tape *st = &c->slots[idx];
+    struct ksm_train_slot_tape *st = &c->slots[idx];
     struct ksm_exec *e = c->e;
     if (!st->runs) {
         *dh = *dy;
@@ -830,8 +856,8 @@ static int slot_bwd(struct tctx *c, int idx, ksm_tensor *dy, ksm_tensor *dh)
     }
     struct ksm_slot *s = &c->m->slots[idx].s;
     ksm_tensor dsx, dxs;
-    KSM_TRY(like(c, dh, &st->h));
-    KSM_TRY(like(c, &dsx, &st->h));
+    KSM_TRY(ksm_train_like(c, dh, &st->h));
+    KSM_TRY(ksm_train_like(c, &dsx, &st->h));
     bool flow = !st->isolate; /* the seed input's gradient reaches the host */
     if (st->ste) {
         /* y = h + (s - stopgrad(s)): dh = dy, ds = dy */
@@ -847,8 +873,8 @@ static int slot_bwd(struct tctx *c, int idx, ksm_tensor *dy, ksm_tensor *dh)
     case KSM_ALGO_MULTIPLY: {
         /* y = h * v, v = 1 + ca*T, T = tanh(s - ref), ref = the seed input */
         ksm_tensor dv, dT;
-        KSM_TRY(like(c, &dv, &st->h));
-        KSM_TRY(like(c, &dT, &st->h));
+        KSM_TRY(ksm_train_like(c, &dv, &st->h));
+        KSM_TRY(ksm_train_like(c, &dT, &st->h));
         KSM_EXEC(e, ksm_op_mul_backward(S(c), dh, &dv, dy, &st->h, &st->v));
         KSM_EXEC(e, ksm_op_mul_backward(S(c), NULL, &dT, &dv, &st->ca, &st->T));
         KSM_EXEC(e, ksm_op_tanh_backward(S(c), &dsx, &dT, &st->T));
@@ -857,15 +883,16 @@ static int slot_bwd(struct tctx *c, int idx, ksm_tensor *dy, ksm_tensor *dh)
     }
     case KSM_ALGO_GATE: {
         const struct ksm_params *gp = ksm_gated_blend_params(s->gate);
-        int64_t B = st->h.shape[0];
-        int64_t b1[4] = {B, 1, 1, 1};
+        int64_t B = st->h.shape[0], C, b1[4];
+        int d0, d1, nd;
+        gate_geometry(&st->h, &d0, &d1, &C, b1, &nd);
         ksm_tensor daeff, dprod, dcg, dgz, dgh, dgp, dgx;
-        KSM_TRY(ksm_exec_tensor(e, &daeff, KSM_DTYPE_F32, 4, b1));
-        KSM_TRY(ksm_exec_tensor(e, &dprod, KSM_DTYPE_F32, 4, b1));
-        KSM_TRY(ksm_exec_tensor(e, &dcg, KSM_DTYPE_F32, 4, b1));
-        KSM_TRY(ksm_exec_tensor(e, &dgz, KSM_DTYPE_F32, 4, b1));
-        KSM_TRY(like(c, &dgh, &st->gh));
-        KSM_TRY(like(c, &dgp, &st->gp));
+        KSM_TRY(ksm_exec_tensor(e, &daeff, KSM_DTYPE_F32, nd, b1));
+        KSM_TRY(ksm_exec_tensor(e, &dprod, KSM_DTYPE_F32, nd, b1));
+        KSM_TRY(ksm_exec_tensor(e, &dcg, KSM_DTYPE_F32, nd, b1));
+        KSM_TRY(ksm_exec_tensor(e, &dgz, KSM_DTYPE_F32, nd, b1));
+        KSM_TRY(ksm_train_like(c, &dgh, &st->gh));
+        KSM_TRY(ksm_train_like(c, &dgp, &st->gp));
         KSM_EXEC(e, ksm_op_lerp_backward(S(c), dh, &dsx, &daeff, dy, &st->h, &st->sx, &st->aeff));
         KSM_EXEC(e, ksm_op_clamp01_backward(S(c), &dprod, &daeff, &st->prod));
         KSM_EXEC(e, ksm_op_mul_backward(S(c), NULL, &dcg, &dprod, &st->ca, &st->cg));
@@ -876,17 +903,18 @@ static int slot_bwd(struct tctx *c, int idx, ksm_tensor *dy, ksm_tensor *dh)
         KSM_TRY(ksm_tensor_reshape(&dz2, &dgz, 2, (const int64_t[]){B, 1}));
         KSM_TRY(ksm_tensor_reshape(&z2, &st->gz, 2, (const int64_t[]){B, 1}));
         (void)z2;
-        KSM_EXEC(e, ksm_op_linear_backward(S(c), &dgh, seed_grad(c, idx, ns + 2),
-                                           seed_grad(c, idx, ns + 3), &dz2, &st->gh,
+        KSM_EXEC(e, ksm_op_linear_backward(S(c), &dgh, ksm_train_seed_grad(c, idx, ns + 2),
+                                           ksm_train_seed_grad(c, idx, ns + 3), &dz2, &st->gh,
                                            ksm_params_tensor(gp, 2)));
         KSM_EXEC(e, ksm_op_relu_backward(S(c), &dgh, &dgh, &st->gh));
-        if (flow || seed_grad(c, idx, ns) || seed_grad(c, idx, ns + 1))
-            KSM_EXEC(e, ksm_op_linear_backward(S(c), flow ? &dgp : NULL, seed_grad(c, idx, ns),
-                                               seed_grad(c, idx, ns + 1), &dgh, &st->gp,
+        if (flow || ksm_train_seed_grad(c, idx, ns) || ksm_train_seed_grad(c, idx, ns + 1))
+            KSM_EXEC(e, ksm_op_linear_backward(S(c), flow ? &dgp : NULL,
+                                               ksm_train_seed_grad(c, idx, ns),
+                                               ksm_train_seed_grad(c, idx, ns + 1), &dgh, &st->gp,
                                                ksm_params_tensor(gp, 0)));
         if (flow) {
-            KSM_TRY(like(c, &dgx, &st->h));
-            KSM_EXEC(e, ksm_op_mean_backward(S(c), &dgx, &dgp, 2, 4));
+            KSM_TRY(ksm_train_like(c, &dgx, &st->h));
+            KSM_EXEC(e, ksm_op_mean_backward(S(c), &dgx, &dgp, d0, d1));
             KSM_EXEC(e, ksm_op_add(S(c), dh, dh, &dgx));
         }
         break;
@@ -900,17 +928,24 @@ static int slot_bwd(struct tctx *c, int idx, ksm_tensor *dy, ksm_tensor *dh)
 
 /* ---- the whole step ---- */
 
-static int train_body(struct tctx *c)
+int ksm_train_alloc_grads(struct ksm_train_ctx *c)
+{
+    for (int i = 0; i < c->n_host; i++)
+        KSM_TRY(ksm_train_like(c, &c->host_grad[i], HP(c, c->host_idx[i])));
+    for (int i = 0; i < c->m->n_slots; i++) {
+        struct ksm_train_seed_grads *g = &c->sg[i];
+        for (int k = 0; k < g->n; k++)
+            if (g->present[k]) KSM_TRY(ksm_train_like(c, &g->grad[k], g->param[k]));
+    }
+    return 0;
+}
+
+/* The CNN's whole step: forward, loss, backward. */
+static int cnn_body(struct ksm_train_ctx *c)
 {
     ksm_model *m = c->m;
     struct ksm_exec *e = c->e;
-    /* gradient buffers first */
-    for (int i = 0; i < c->n_host; i++) KSM_TRY(like(c, &c->host_grad[i], HP(c, c->host_idx[i])));
-    for (int i = 0; i < m->n_slots; i++) {
-        struct seed_grads *g = &c->sg[i];
-        for (int k = 0; k < g->n; k++)
-            if (g->present[k]) KSM_TRY(like(c, &g->grad[k], g->param[k]));
-    }
+    KSM_TRY(ksm_train_alloc_grads(c)); /* gradient buffers first */
     ksm_tensor x;
     KSM_TRY(ksm_exec_tensor(e, &x, KSM_DTYPE_F32, c->x_host->ndim, c->x_host->shape));
     KSM_TRY(ksm_exec_tensor(e, &c->labels, KSM_DTYPE_I64, 1, &c->B));
@@ -934,7 +969,7 @@ static int train_body(struct tctx *c)
         KSM_TRY(op_fwd(c, t, &cur, &y));
         cur = y;
         if (slot_after[t] >= 0) {
-            KSM_TRY(slot_fwd(c, slot_after[t], &cur, &y));
+            KSM_TRY(ksm_train_slot_fwd(c, slot_after[t], &cur, &y));
             cur = y;
         }
     }
@@ -955,22 +990,23 @@ static int train_body(struct tctx *c)
     KSM_EXEC(e, ksm_op_argmax(S(c), &amax, &c->logits));
     if (!e->measure) {
         KSM_TRY(ksm_stream_memcpy_async(S(c), &c->loss, loss.data, sizeof(float), KSM_COPY_D2H));
-        KSM_TRY(ksm_stream_memcpy_async(S(c), c->t->argmax, amax.data, (size_t)B * sizeof(int64_t),
-                                        KSM_COPY_D2H));
+        KSM_TRY(ksm_stream_memcpy_async(S(c), c->argmax_host, amax.data,
+                                        (size_t)B * sizeof(int64_t), KSM_COPY_D2H));
     }
     /* backward */
     ksm_tensor dlogits, dg, dcur;
-    KSM_TRY(like(c, &dlogits, &c->logits));
-    KSM_TRY(like(c, &dg, &c->gpool));
-    KSM_TRY(like(c, &dcur, &c->feat));
+    KSM_TRY(ksm_train_like(c, &dlogits, &c->logits));
+    KSM_TRY(ksm_train_like(c, &dg, &c->gpool));
+    KSM_TRY(ksm_train_like(c, &dcur, &c->feat));
     KSM_EXEC(e, ksm_op_cross_entropy_backward(S(c), &dlogits, &c->logits, &c->labels, -100, 1.0f));
-    KSM_EXEC(e, ksm_op_linear_backward(S(c), &dg, host_grad(c, cls_w), host_grad(c, cls_b),
-                                       &dlogits, &c->gpool, HP(c, cls_w)));
+    KSM_EXEC(e, ksm_op_linear_backward(S(c), &dg, ksm_train_host_grad(c, cls_w),
+                                       ksm_train_host_grad(c, cls_b), &dlogits, &c->gpool,
+                                       HP(c, cls_w)));
     KSM_EXEC(e, ksm_op_mean_backward(S(c), &dcur, &dg, 2, 4));
     for (int t = n_ops - 1; t >= 0; t--) {
         if (slot_after[t] >= 0) {
             ksm_tensor dh;
-            KSM_TRY(slot_bwd(c, slot_after[t], &dcur, &dh));
+            KSM_TRY(ksm_train_slot_bwd(c, slot_after[t], &dcur, &dh));
             dcur = dh;
         }
         ksm_tensor dx;
@@ -986,9 +1022,6 @@ static int check_args(ksm_model *m, const struct ksm_train_args *a, char *err, s
 {
     if (a == NULL || a->input == NULL || a->input->data == NULL)
         return ksm_errf(err, errlen, KSM_EINVAL, "input is required");
-    if (m->spec.topology != KSM_TOPOLOGY_CNN)
-        return ksm_errf(err, errlen, KSM_EUNSUPPORTED,
-                        "training a transformer host is not implemented yet");
     if (!ksm_tensor_is_contiguous(a->input))
         return ksm_errf(err, errlen, KSM_EINVAL, "input must be contiguous");
     if (a->stream && strlen(a->stream) > KSM_STREAM_KEY_MAX)
@@ -1002,6 +1035,10 @@ static int check_args(ksm_model *m, const struct ksm_train_args *a, char *err, s
     if (B > MAX_TRAIN_ROWS)
         return ksm_errf(err, errlen, KSM_ELIMIT, "input has %lld rows; at most %d are allowed",
                         (long long)B, MAX_TRAIN_ROWS);
+    if (a->n_slots < 0 || (a->n_slots > 0 && a->slots == NULL))
+        return ksm_errf(err, errlen, KSM_EINVAL, "slots is NULL or n_slots is negative");
+    if (m->spec.topology == KSM_TOPOLOGY_TRANSFORMER)
+        return ksm_train_tf_check_targets(m, a->input, a->targets, err, errlen);
     /* BatchNorm in train mode needs more than one value per channel at every block. */
     int64_t shape[4] = {B, a->input->shape[1], a->input->shape[2], a->input->shape[3]};
     for (int t = 0; t < ksm_host_n_ops(m->host); t++) {
@@ -1036,8 +1073,6 @@ static int check_args(ksm_model *m, const struct ksm_train_args *a, char *err, s
             return ksm_errf(err, errlen, KSM_EINVAL, "targets[%lld] = %lld is outside [0, %lld)",
                             (long long)i, (long long)v, (long long)limit);
     }
-    if (a->n_slots < 0 || (a->n_slots > 0 && a->slots == NULL))
-        return ksm_errf(err, errlen, KSM_EINVAL, "slots is NULL or n_slots is negative");
     return 0;
 }
 
@@ -1115,6 +1150,18 @@ static void seed_stats(const struct ksm_grad_sq *sq, int n, double hn, uint64_t 
     out->has_exploding = in.has_exploding;
 }
 
+/* A step writes the model's memory in place: BatchNorm's running statistics in the forward, then
+ * every parameter it steps. Forwards and evaluates on the model's other streams enqueue under the
+ * lock but run (and are synchronised) after releasing it, reading that memory: their work must be
+ * done before this stream writes it. (Work enqueued after the step sees its writes: the step
+ * synchronises its stream before it unlocks.) A stream's own failure is for its caller to report:
+ * once synchronised, it runs nothing. */
+static void wait_other_streams(ksm_model *m, const ksm_stream *s)
+{
+    for (int i = 0; i < m->n_streams; i++)
+        if (m->streams[i]->stream != s) (void)ksm_stream_synchronize(m->streams[i]->stream);
+}
+
 int ksm_model_train_step(ksm_model *m, const struct ksm_train_args *a, struct ksm_train_result *r,
                          char *err, size_t errlen)
 {
@@ -1125,7 +1172,7 @@ int ksm_model_train_step(ksm_model *m, const struct ksm_train_args *a, struct ks
     int64_t t0 = mono_ns();
     pthread_mutex_lock(&m->lock);
     int rc = 0;
-    struct tctx *c = NULL;
+    struct ksm_train_ctx *c = NULL;
     if (m->deleted) {
         rc = ksm_errf(err, errlen, KSM_ENOMODEL, "model \"%s\" was deleted", m->id);
         goto out;
@@ -1135,22 +1182,24 @@ int ksm_model_train_step(ksm_model *m, const struct ksm_train_args *a, struct ks
     struct ksm_train_state *t = train_state(m);
     c = calloc(1, sizeof *c);
     int64_t B = a->input->shape[0];
+    /* loss rows: one per image, or one per token ([B, T] targets, row-major) */
+    int64_t rows = ksm_tensor_numel(a->targets);
     if (t == NULL || c == NULL) {
         rc = ksm_errf(err, errlen, KSM_ENOMEM, "out of host memory");
         goto out;
     }
-    if ((size_t)B > t->cap_rows) {
-        int64_t *l = realloc(t->labels, (size_t)B * sizeof *l);
+    if ((size_t)rows > t->cap_rows) {
+        int64_t *l = realloc(t->labels, (size_t)rows * sizeof *l);
         if (l) t->labels = l;
-        int64_t *am = l ? realloc(t->argmax, (size_t)B * sizeof *am) : NULL;
+        int64_t *am = l ? realloc(t->argmax, (size_t)rows * sizeof *am) : NULL;
         if (am) t->argmax = am;
         if (l == NULL || am == NULL) {
             rc = ksm_errf(err, errlen, KSM_ENOMEM, "out of host memory");
             goto out;
         }
-        t->cap_rows = (size_t)B;
+        t->cap_rows = (size_t)rows;
     }
-    for (int64_t i = 0; i < B; i++)
+    for (int64_t i = 0; i < rows; i++)
         t->labels[i] = a->targets->dtype == KSM_DTYPE_I64 ? ((const int64_t *)a->targets->data)[i]
                                                           : ((const int32_t *)a->targets->data)[i];
     struct ksm_stream_ctx *ctx;
@@ -1160,12 +1209,15 @@ int ksm_model_train_step(ksm_model *m, const struct ksm_train_args *a, struct ks
         goto out;
     }
     ksm_stream *s = ctx->stream;
+    wait_other_streams(m, s);
     /* optimizers: the host's, then one per live seed of the selection */
     c->m = m;
-    c->t = t;
     c->x_host = a->input;
     c->labels_host = t->labels;
     c->B = B;
+    c->rows = rows;
+    c->argmax_host = t->argmax;
+    c->step = t->step;
     c->n_host = host_trainable(m, c->host_idx);
     if (!t->host_live) {
         struct ksm_sgd_config hc = sgd_cfg(&t->cfg.host);
@@ -1175,7 +1227,7 @@ int ksm_model_train_step(ksm_model *m, const struct ksm_train_args *a, struct ks
     bool step_seed[KSM_MAX_SLOTS] = {false};
     for (int i = 0; i < m->n_slots; i++) {
         struct ksm_model_slot *ms = &m->slots[i];
-        struct seed_grads *g = &c->sg[i];
+        struct ksm_train_seed_grads *g = &c->sg[i];
         bool live = has_seed_module(&ms->s);
         if (!live) {
             ksm_train_drop_seed(m, i); /* emptied, pruned */
@@ -1203,10 +1255,12 @@ int ksm_model_train_step(ksm_model *m, const struct ksm_train_args *a, struct ks
         step_seed[i] = true;
     }
     /* the tape: measure, then the real pass on the kept arena */
+    int (*body)(struct ksm_train_ctx *) =
+        m->spec.topology == KSM_TOPOLOGY_TRANSFORMER ? ksm_train_tf_body : cnn_body;
     struct ksm_exec e;
     c->e = &e;
     ksm_exec_init(&e, s, true, NULL, 0);
-    if ((rc = train_body(c)) < 0) goto fail;
+    if ((rc = body(c)) < 0) goto fail;
     size_t need = e.high ? e.high : KSM_EXEC_ALIGN;
     /* the gradient norms' scratch follows the tape: a steady-state step allocates nothing */
     const size_t sq_off = (need + KSM_EXEC_ALIGN - 1) / KSM_EXEC_ALIGN * KSM_EXEC_ALIGN;
@@ -1219,7 +1273,7 @@ int ksm_model_train_step(ksm_model *m, const struct ksm_train_args *a, struct ks
         t->arena_bytes = need;
     }
     ksm_exec_init(&e, s, false, t->arena, t->arena_bytes);
-    if ((rc = train_body(c)) < 0) goto fail;
+    if ((rc = body(c)) < 0) goto fail;
 
     /* statistics on the unclipped gradients */
     bool any_tb = false;
@@ -1231,19 +1285,19 @@ int ksm_model_train_step(ksm_model *m, const struct ksm_train_args *a, struct ks
                    (a->collect_gradients == -1 && t->cfg.gradient_telemetry_stride > 0 &&
                     t->step % t->cfg.gradient_telemetry_stride == 0);
     collect = collect && any_tb;
-    struct ksm_grad_sq hsq[MAX_HOST_P], ssq[KSM_MAX_SLOTS][MAX_SEED_P];
-    ksm_tensor *hg[MAX_HOST_P];
-    const ksm_tensor *hgc[MAX_HOST_P];
+    struct ksm_grad_sq hsq[KSM_TRAIN_MAX_HOST_P], ssq[KSM_MAX_SLOTS][KSM_TRAIN_MAX_SEED_P];
+    ksm_tensor *hg[KSM_TRAIN_MAX_HOST_P];
+    const ksm_tensor *hgc[KSM_TRAIN_MAX_HOST_P];
     for (int i = 0; i < c->n_host; i++) hgc[i] = hg[i] = &c->host_grad[i];
     bool need_sq = collect || t->cfg.max_grad_norm > 0;
     double *sq_dev = (double *)((char *)t->arena + sq_off), sq_host[SQ_SCRATCH];
     if (need_sq && (rc = ksm_grad_sumsq_scratch(s, sq_dev, sq_host, hgc, c->n_host, hsq)) < 0)
         goto fail;
-    ksm_tensor *sgp[KSM_MAX_SLOTS][MAX_SEED_P];
+    ksm_tensor *sgp[KSM_MAX_SLOTS][KSM_TRAIN_MAX_SEED_P];
     for (int i = 0; i < m->n_slots; i++) {
         if (!step_seed[i]) continue;
-        struct seed_grads *g = &c->sg[i];
-        const ksm_tensor *gc[MAX_SEED_P];
+        struct ksm_train_seed_grads *g = &c->sg[i];
+        const ksm_tensor *gc[KSM_TRAIN_MAX_SEED_P];
         for (int k = 0; k < g->n; k++) gc[k] = sgp[i][k] = g->present[k] ? &g->grad[k] : NULL;
         if (need_sq && (rc = ksm_grad_sumsq_scratch(s, sq_dev, sq_host, gc, g->n, ssq[i])) < 0)
             goto fail;
@@ -1276,24 +1330,24 @@ int ksm_model_train_step(ksm_model *m, const struct ksm_train_args *a, struct ks
                 goto fail;
     }
     /* SGD: the host's, then each seed's */
-    struct ksm_sgd_pair pairs[MAX_HOST_P];
+    struct ksm_sgd_pair pairs[KSM_TRAIN_MAX_HOST_P];
     for (int i = 0; i < c->n_host; i++)
         pairs[i] = (struct ksm_sgd_pair){HPW(c, c->host_idx[i]), &c->host_grad[i]};
     if ((rc = ksm_sgd_step(&t->host, s, pairs, c->n_host)) < 0) goto fail;
     for (int i = 0; i < m->n_slots; i++) {
         if (!step_seed[i]) continue;
-        struct seed_grads *g = &c->sg[i];
-        struct ksm_sgd_pair sp[MAX_SEED_P];
+        struct ksm_train_seed_grads *g = &c->sg[i];
+        struct ksm_sgd_pair sp[KSM_TRAIN_MAX_SEED_P];
         for (int k = 0; k < g->n; k++)
             sp[k] = (struct ksm_sgd_pair){g->param[k], g->present[k] ? &g->grad[k] : NULL};
         if ((rc = ksm_sgd_step(&t->seeds[i].opt, s, sp, g->n)) < 0) goto fail;
         snprintf(r->stepped[r->n_stepped++], KSM_SLOT_ID_MAX, "%s", m->slots[i].s.id);
     }
-    if ((rc = add_nbt(m, s)) < 0) goto fail;
+    if (m->spec.topology == KSM_TOPOLOGY_CNN && (rc = add_nbt(m, s)) < 0) goto fail;
     if ((rc = ksm_stream_synchronize(s)) < 0) goto fail;
     r->loss = c->loss;
-    r->total = (uint64_t)B;
-    for (int64_t i = 0; i < B; i++) r->correct += t->argmax[i] == t->labels[i];
+    r->total = (uint64_t)rows;
+    for (int64_t i = 0; i < rows; i++) r->correct += t->argmax[i] == t->labels[i];
     /* Each slot keeps the statistics of its last step that collected them (RecordMetrics). */
     for (int k = 0; k < r->n_seeds; k++) {
         struct ksm_slot *sl = &m->slots[stats_slot[k]].s;
@@ -1317,6 +1371,7 @@ fail:
     r->gradients_collected = false;
 out:
     pthread_mutex_unlock(&m->lock);
+    if (c) free(c->tf);
     free(c);
     return rc;
 }

@@ -6,7 +6,7 @@
 #include "kasmina/errors.h"
 #include "kasmina/model_impl.h"
 #include "kasmina/safetensors.h"
-
+#include "kasmina/train_impl.h"
 
 static int push(char ***v, size_t *n, const char *s)
 {
@@ -22,7 +22,8 @@ static int push(char ***v, size_t *n, const char *s)
 struct modset {
     struct ksm_params *ps;
     char prefix[64];
-    int slot; /* index into m->slots, -1 for the host */
+    int slot;  /* index into m->slots, -1 for the host */
+    bool gate; /* a slot's gate (else its seed) */
 };
 
 static int collect(ksm_model *m, struct modset *sets, int cap, ksm_seed *const *seeds,
@@ -30,17 +31,20 @@ static int collect(ksm_model *m, struct modset *sets, int cap, ksm_seed *const *
 {
     int n = 0;
     sets[n].slot = -1;
+    sets[n].gate = false;
     sets[n].ps = ksm_host_params(m->host);
     snprintf(sets[n++].prefix, sizeof sets[0].prefix, "host.");
     for (int i = 0; i < m->n_slots && n + 2 <= cap; i++) {
         const char *id = m->slots[i].s.id;
         if (seeds[i]) {
             sets[n].slot = i;
+            sets[n].gate = false;
             sets[n].ps = ksm_seed_params(seeds[i]);
             snprintf(sets[n++].prefix, sizeof sets[0].prefix, "seed_slots.%s.seed.", id);
         }
         if (gates[i]) {
             sets[n].slot = i;
+            sets[n].gate = true;
             sets[n].ps = ksm_gated_blend_params(gates[i]);
             snprintf(sets[n++].prefix, sizeof sets[0].prefix, "seed_slots.%s.alpha_schedule.", id);
         }
@@ -50,11 +54,17 @@ static int collect(ksm_model *m, struct modset *sets, int cap, ksm_seed *const *
 
 /* ---- export ---- */
 
-/* The export behind ksm_model_export_weights (want NULL: everything, no kasmina.* keys) and
- * ksm_model_export_state (want[i]: slot i is exported; host tensors only when with_host). */
-static int export_common(ksm_model *m, const bool *want, bool with_host, void **buf, size_t *len,
-                         uint64_t *generation, char *err, size_t errlen)
+/* The export behind ksm_model_export_weights (want NULL: everything), its subset form (want[i]:
+ * slot i is exported; host tensors only when with_host) and, with state, ksm_model_export_state
+ * and ksm_model_export_snapshot (the kasmina.* keys and the seal; a snapshot, all slots with the
+ * host, also carries the training state: it is a checkpoint). */
+static int export_common(ksm_model *m, const bool *want, bool with_host, bool state, void **buf,
+                         size_t *len, uint64_t *generation, uint64_t *train_step, char *err,
+                         size_t errlen)
 {
+    /* A snapshot also carries the training state (train_impl.h): it is a checkpoint. */
+    bool snapshot = state && want != NULL && with_host;
+    struct ksm_train_export tx = {0};
     pthread_mutex_lock(&m->lock);
     ksm_seed *seeds[KSM_MAX_SLOTS];
     ksm_gated_blend *gates[KSM_MAX_SLOTS];
@@ -80,7 +90,7 @@ static int export_common(ksm_model *m, const bool *want, bool with_host, void **
     struct ksm_st_tensor *ts = calloc(nt ? nt : 1, sizeof *ts);
     char(*names)[160] = calloc(nt ? nt : 1, sizeof *names);
     char *host = malloc(total ? total : 1);
-    const char **meta = calloc((size_t)(2 * m->n_slots + 8), sizeof *meta);
+    const char **meta = calloc((size_t)(2 * m->n_slots + 12), sizeof *meta);
     char **json = calloc((size_t)(m->n_slots + 1), sizeof *json);
     char(*mkeys)[96] = calloc((size_t)(m->n_slots + 1), sizeof *mkeys);
     int rc = 0;
@@ -111,7 +121,17 @@ static int export_common(ksm_model *m, const bool *want, bool with_host, void **
             t++;
         }
     }
+    if (snapshot && (rc = ksm_train_export_begin(m, ctx->stream, &tx)) < 0) goto out;
     if ((rc = ksm_stream_synchronize(ctx->stream)) < 0) goto out;
+    if (tx.n > 0) {
+        struct ksm_st_tensor *all = realloc(ts, (nt + tx.n) * sizeof *ts);
+        if (all == NULL) {
+            rc = KSM_ENOMEM;
+            goto out;
+        }
+        ts = all;
+        memcpy(ts + nt, tx.ts, tx.n * sizeof *ts);
+    }
     size_t nm = 0;
     for (int i = 0; i < m->n_slots; i++) {
         if (want != NULL && !want[i]) continue;
@@ -125,7 +145,7 @@ static int export_common(ksm_model *m, const bool *want, bool with_host, void **
         meta[2 * nm + 1] = json[i];
         nm++;
     }
-    if (want != NULL) {
+    if (state) {
         snprintf(genbuf, sizeof genbuf, "%llu", (unsigned long long)gen);
         snprintf(devbuf, sizeof devbuf, "%s", ksm_device_name(m->dev));
         meta[2 * nm] = "kasmina.generation";
@@ -138,16 +158,25 @@ static int export_common(ksm_model *m, const bool *want, bool with_host, void **
         meta[2 * nm + 6] = "kasmina.crc32c";
         meta[2 * nm + 7] = KSM_ST_CRC_PLACEHOLDER;
         nm += 4;
+        if (tx.json != NULL) {
+            meta[2 * nm] = "kasmina.train_step";
+            meta[2 * nm + 1] = tx.step;
+            meta[2 * nm + 2] = "kasmina.training";
+            meta[2 * nm + 3] = tx.json;
+            nm += 2;
+        }
     }
-    rc = ksm_st_serialize(ts, nt, meta, nm, buf, len);
-    if (rc == 0 && want != NULL && (rc = ksm_st_crc32c_seal(*buf, *len, "kasmina.crc32c")) != 0) {
+    rc = ksm_st_serialize(ts, nt + tx.n, meta, nm, buf, len);
+    if (rc == 0 && state && (rc = ksm_st_crc32c_seal(*buf, *len, "kasmina.crc32c")) != 0) {
         free(*buf);
         *buf = NULL;
         *len = 0;
     }
     if (rc == 0 && generation != NULL) *generation = gen;
+    if (rc == 0 && train_step != NULL) *train_step = snapshot && m->train ? m->train->step : 0;
 out:
     pthread_mutex_unlock(&m->lock);
+    ksm_train_export_free(&tx);
     if (rc < 0)
         ksm_errf(err, errlen, 0, "could not export model \"%s\": %s", m->id, ksm_strerror(rc));
     if (json)
@@ -163,33 +192,78 @@ out:
 
 int ksm_model_export_weights(ksm_model *m, void **buf, size_t *len, char *err, size_t errlen)
 {
-    return export_common(m, NULL, true, buf, len, NULL, err, errlen);
+    return export_common(m, NULL, true, false, buf, len, NULL, NULL, err, errlen);
+}
+
+/* want[i] for each slot named in slot_ids; KSM_ENOSLOT for a name the model lacks, KSM_EINVAL for
+ * one named twice when !dup_ok. */
+static int want_slots(ksm_model *m, const char *const *slot_ids, int n_slot_ids, bool dup_ok,
+                      bool want[KSM_MAX_SLOTS], char *err, size_t errlen)
+{
+    pthread_mutex_lock(&m->lock);
+    int n_slots = m->n_slots;
+    int bad = -1, twice = -1;
+    for (int k = 0; slot_ids != NULL && k < n_slot_ids && bad < 0 && twice < 0; k++) {
+        bad = k;
+        for (int i = 0; i < n_slots; i++)
+            if (slot_ids[k] != NULL && strcmp(m->slots[i].s.id, slot_ids[k]) == 0) {
+                if (want[i] && !dup_ok) twice = k;
+                want[i] = true;
+                bad = -1;
+            }
+    }
+    pthread_mutex_unlock(&m->lock);
+    if (bad >= 0)
+        return ksm_errf(err, errlen, KSM_ENOSLOT, "slot \"%s\" is not a slot of model \"%s\"",
+                        slot_ids[bad] ? slot_ids[bad] : "", m->id);
+    if (twice >= 0)
+        return ksm_errf(err, errlen, KSM_EINVAL, "slots[%d] \"%s\" is listed twice", twice,
+                        slot_ids[twice]);
+    if (slot_ids == NULL)
+        for (int i = 0; i < n_slots; i++) want[i] = true;
+    return 0;
+}
+
+int ksm_model_export_weights_subset(ksm_model *m, const char *const *slot_ids, int n_slot_ids,
+                                    bool include_host, void **buf, size_t *len, char *err,
+                                    size_t errlen)
+{
+    if (slot_ids == NULL || n_slot_ids <= 0)
+        return ksm_model_export_weights(m, buf, len, err, errlen);
+    bool want[KSM_MAX_SLOTS] = {0};
+    KSM_TRY(want_slots(m, slot_ids, n_slot_ids, false, want, err, errlen));
+    return export_common(m, want, include_host, false, buf, len, NULL, NULL, err, errlen);
 }
 
 int ksm_model_export_state(ksm_model *m, const char *const *slot_ids, int n_slot_ids, void **buf,
                            size_t *len, uint64_t *generation, char *err, size_t errlen)
 {
     bool want[KSM_MAX_SLOTS] = {0};
+    KSM_TRY(want_slots(m, slot_ids, n_slot_ids, true, want, err, errlen));
+    return export_common(m, want, slot_ids == NULL, true, buf, len, generation, NULL, err, errlen);
+}
+
+int ksm_model_export_snapshot(ksm_model *m, void **buf, size_t *len, uint64_t *generation,
+                              uint64_t *train_step, char *err, size_t errlen)
+{
+    bool want[KSM_MAX_SLOTS];
+    for (int i = 0; i < KSM_MAX_SLOTS; i++) want[i] = true;
+    return export_common(m, want, true, true, buf, len, generation, train_step, err, errlen);
+}
+
+uint64_t ksm_model_checkpoint_step(ksm_model *m)
+{
     pthread_mutex_lock(&m->lock);
-    int n_slots = m->n_slots;
-    int bad = -1;
-    for (int k = 0; slot_ids != NULL && k < n_slot_ids && bad < 0; k++) {
-        bad = k;
-        for (int i = 0; i < n_slots; i++)
-            if (slot_ids[k] != NULL && strcmp(m->slots[i].s.id, slot_ids[k]) == 0) {
-                want[i] = true;
-                bad = -1;
-            }
-    }
+    uint64_t s = m->checkpoint_step;
     pthread_mutex_unlock(&m->lock);
-    if (bad >= 0) {
-        ksm_errf(err, errlen, 0, "slot \"%s\" is not a slot of model \"%s\"",
-                 slot_ids[bad] ? slot_ids[bad] : "", m->id);
-        return KSM_ENOSLOT;
-    }
-    if (slot_ids == NULL)
-        for (int i = 0; i < n_slots; i++) want[i] = true;
-    return export_common(m, want, slot_ids == NULL, buf, len, generation, err, errlen);
+    return s;
+}
+
+void ksm_model_set_checkpoint_step(ksm_model *m, uint64_t step)
+{
+    pthread_mutex_lock(&m->lock);
+    m->checkpoint_step = step;
+    pthread_mutex_unlock(&m->lock);
 }
 
 /* ---- load ---- */
@@ -250,6 +324,11 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
     ksm_seed *seeds[KSM_MAX_SLOTS] = {0};
     ksm_gated_blend *gates[KSM_MAX_SLOTS] = {0};
     bool new_seed[KSM_MAX_SLOTS] = {0}, new_gate[KSM_MAX_SLOTS] = {0};
+    /* A journal record ("slots") keeps a slot's modules when they are the ones it had:
+     * training changed their tensors since the record was written (see below). */
+    bool keep_seed[KSM_MAX_SLOTS] = {0}, keep_gate[KSM_MAX_SLOTS] = {0};
+    bool snapshot_restore = restore && strict;
+    struct ksm_train_import *imp = NULL;
     struct pending *pend = NULL;
     bool *used = calloc(ksm_st_count(f) + 1, sizeof *used);
     size_t n_pend = 0;
@@ -313,6 +392,27 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
         has_state[i] = true;
         seeds[i] = NULL;
         gates[i] = NULL;
+        /* A record of a slot whose seed module this model already holds is about that same
+         * module: a seed is only made by Germinate, into a slot that holds none, and a gate only
+         * for a slot that holds none, each by a journalled call; so between two records of a
+         * slot (or its snapshot and a record) its modules cannot have been replaced unseen. The
+         * record's copies of their tensors are as of the record, trained past the last
+         * checkpoint when TrainSteps ran in between; the module's own are the checkpoint's (or
+         * the germination's, for a seed germinated after it), which is what a restore must give
+         * (docs/training.md#durability-and-checkpoints). The seed's identity (blueprint and
+         * seed id) is checked as well before it is kept. */
+        if (restore && !strict && need_seed && ms->s.seed != NULL && ms->s.occupied &&
+            strcmp(ms->s.state.blueprint_id, newst[i].state.blueprint_id) == 0 &&
+            strcmp(ms->s.state.seed_id, newst[i].state.seed_id) == 0) {
+            keep_seed[i] = true;
+            seeds[i] = ms->s.seed;
+            need_seed = false;
+            if (need_gate && ms->s.gate != NULL) {
+                keep_gate[i] = true;
+                gates[i] = ms->s.gate;
+                need_gate = false;
+            }
+        }
         if (need_seed) {
             const struct ksm_blueprint *bp =
                 ksm_blueprint_find(m->spec.topology, newst[i].state.blueprint_id);
@@ -340,6 +440,11 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
         }
     }
 
+    /* 1b. A snapshot's training state, validated and uploaded (nothing installed yet). */
+    if (snapshot_restore && (rc = ksm_train_import_prepare(m, f, seeds, gates, newst, used,
+                                                           ctx->stream, &imp, err, errlen)) < 0)
+        goto fail;
+
     /* 2. Match names: every declared tensor of the resulting model against the file. */
     struct modset sets[2 * KSM_MAX_SLOTS + 1];
     int ns = collect(m, sets, 2 * KSM_MAX_SLOTS + 1, seeds, gates);
@@ -350,10 +455,20 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
         rc = KSM_ENOMEM;
         goto fail;
     }
-    char full[192];
+    char full[192], incomplete[192] = "";
+    size_t n_incomplete = 0;
     for (int k = 0; k < ns; k++) {
         struct ksm_params *ps = sets[k].ps;
         if (restore && sets[k].slot >= 0 && !has_state[sets[k].slot]) continue;
+        if (sets[k].slot >= 0 && (sets[k].gate ? keep_gate : keep_seed)[sets[k].slot]) {
+            /* kept: the record's copies of its tensors are not loaded */
+            for (int i = 0; i < ps->n; i++) {
+                snprintf(full, sizeof full, "%s%s", sets[k].prefix, ps->p[i].name);
+                const struct ksm_st_tensor *st = ksm_st_find(f, full);
+                if (st != NULL) used[st - ksm_st_get(f, 0)] = true;
+            }
+            continue;
+        }
         for (int i = 0; i < ps->n; i++) {
             struct ksm_param *p = &ps->p[i];
             snprintf(full, sizeof full, "%s%s", sets[k].prefix, p->name);
@@ -369,6 +484,10 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
                 p = &ps->p[p->tied_to];
             }
             if (st == NULL) {
+                /* A module the file restores (its slot has an _extra_state entry) must be
+                 * complete; one it does not keeps its tensors, like the host. */
+                if (sets[k].slot >= 0 && has_state[sets[k].slot] && n_incomplete++ == 0)
+                    snprintf(incomplete, sizeof incomplete, "%s", full);
                 if ((rc = push(&r.missing, &r.n_missing, full)) < 0) goto fail;
                 continue;
             }
@@ -397,14 +516,13 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
         if (!used[i] && (rc = push(&r.unexpected, &r.n_unexpected, ksm_st_get(f, i)->name)) < 0)
             goto fail;
     /* New modules must be complete: a seed without its weights cannot run. */
-    for (size_t i = 0; i < r.n_missing; i++) {
-        if (strict || strncmp(r.missing[i], "seed_slots.", 11) == 0) {
-            ksm_errf(err, errlen, 0, "tensor %s is missing%s (%zu missing in all)", r.missing[i],
-                     strict ? " and the load is strict" : " and its seed or gate is restored",
-                     r.n_missing);
-            rc = KSM_EINVAL;
-            goto fail;
-        }
+    if (r.n_missing > 0 && (strict || n_incomplete > 0)) {
+        ksm_errf(err, errlen, 0, "tensor %s is missing%s (%zu missing in all)",
+                 strict ? r.missing[0] : incomplete,
+                 strict ? " and the load is strict" : " and its seed or gate is restored",
+                 r.n_missing);
+        rc = KSM_EINVAL;
+        goto fail;
     }
     if (strict && r.n_unexpected > 0) {
         ksm_errf(err, errlen, 0,
@@ -472,8 +590,9 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
     for (int i = 0; i < m->n_slots; i++) {
         if (!has_state[i]) continue;
         struct ksm_model_slot *ms = &m->slots[i];
-        ksm_model_free_gate(m, ms);
-        ksm_model_free_seed(m, ms);
+        if (!keep_gate[i]) ksm_model_free_gate(m, ms);
+        if (!keep_seed[i]) ksm_model_free_seed(m, ms);
+        enum ksm_stage was = ms->s.state.stage;
         const struct ksm_slot_env *env = ms->s.env;
         ms->s = newst[i];
         ms->s.env = env;
@@ -481,6 +600,18 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
         ms->s.gate = gates[i];
         ms->alpha_gen++;
         ms->alpha_stat.invalidations++;
+        /* A kept seed that fossilized since loses its optimizer, as ksm_model_advance drops it
+         * (a dropped optimizer is never brought back by a later record). */
+        if (keep_seed[i] && ms->s.state.stage == KSM_STAGE_FOSSILIZED &&
+            was != KSM_STAGE_FOSSILIZED)
+            ksm_train_drop_seed(m, i);
+    }
+    if (snapshot_restore) {
+        /* The snapshot is the model's last checkpoint: its training state replaces the
+         * model's (none in it: none, train_step 0). */
+        ksm_train_import_commit(m, imp);
+        imp = NULL;
+        m->checkpoint_step = ksm_model_train_step_locked(m);
     }
     m->topo_gen++;
     if (restore)
@@ -500,6 +631,7 @@ static int load_common(ksm_model *m, const void *blob, size_t len, bool strict, 
     return 0;
 
 fail:
+    ksm_train_import_abort(m, imp);
     if (pend)
         for (size_t i = 0; i < n_pend; i++)
             if (pend[i].buf) ksm_alloc_free(m->alloc, pend[i].buf);

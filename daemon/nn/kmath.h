@@ -84,6 +84,71 @@ KSM_HD float ksm_bgrad(int fn, float g, float s1, float s2, float s3)
     }
 }
 
+/* ---- Dropout masks (docs/training.md#dropout-masks) ----
+ *
+ * Counter-based, so a mask is a pure function of (seed, step, site, element index) and the CPU
+ * backend and the CUDA plugin draw the same one without sharing any state: Philox4x32-10
+ * (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11; Random123's
+ * philox4x32 with 10 rounds) with key (k0, k1) = (low, high 32 bits of seed) and counter
+ * (c0, c1, c2, c3) = (low 32 bits of b, site + 2^16 (b >> 32), low, high 32 bits of step) for
+ * the block b = n >> 2 (site < 2^16, n < 2^50); element n takes output word n & 3. Its 24 high bits
+ * r = word >> 8 keep the element when r >= ceil(p * 2^24), so the keep probability is 1 - p (to
+ * 2^-24); a kept element is multiplied by (float)(1 / (1 - p)) (in double, then rounded, as torch's
+ * native_dropout), a dropped one becomes 0. */
+
+#define KSM_PHILOX_M0         0xD2511F53u
+#define KSM_PHILOX_M1         0xCD9E8D57u
+#define KSM_PHILOX_W0         0x9E3779B9u
+#define KSM_PHILOX_W1         0xBB67AE85u
+#define KSM_DROPOUT_MAX_SITE  0xFFFFu
+#define KSM_DROPOUT_MAX_NUMEL (INT64_C(1) << 50)
+
+/* Philox4x32-10 of counter c under key (k0, k1), in place. */
+KSM_HD void ksm_philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1)
+{
+    for (int r = 0; r < 10; r++) {
+        if (r > 0) {
+            k0 += KSM_PHILOX_W0;
+            k1 += KSM_PHILOX_W1;
+        }
+        const uint64_t p0 = (uint64_t)KSM_PHILOX_M0 * c[0];
+        const uint64_t p1 = (uint64_t)KSM_PHILOX_M1 * c[2];
+        const uint32_t n0 = (uint32_t)(p1 >> 32) ^ c[1] ^ k0;
+        const uint32_t n2 = (uint32_t)(p0 >> 32) ^ c[3] ^ k1;
+        c[0] = n0;
+        c[1] = (uint32_t)p1;
+        c[2] = n2;
+        c[3] = (uint32_t)p0;
+    }
+}
+
+/* The four words of counter block `block` (elements 4 block .. 4 block + 3). */
+KSM_HD void ksm_dropout_words(uint64_t seed, uint64_t step, uint32_t site, uint64_t block,
+                              uint32_t w[4])
+{
+    w[0] = (uint32_t)block;
+    w[1] = site | (uint32_t)(block >> 32) << 16;
+    w[2] = (uint32_t)step;
+    w[3] = (uint32_t)(step >> 32);
+    ksm_philox4x32_10(w, (uint32_t)seed, (uint32_t)(seed >> 32));
+}
+
+/* The keep threshold of drop probability p in [0, 1): ceil(p * 2^24). */
+KSM_HD uint32_t ksm_dropout_threshold(double p) { return (uint32_t)ceil(p * 16777216.0); }
+
+/* The factor of a kept element: (float)(1 / (1 - p)). */
+KSM_HD float ksm_dropout_scale(double p) { return (float)(1.0 / (1.0 - p)); }
+
+/* The factor of element n: scale when kept, 0 when dropped (one Philox call; loops over
+ * consecutive elements use ksm_dropout_words once per four). */
+KSM_HD float ksm_dropout_factor(uint64_t seed, uint64_t step, uint32_t site, uint64_t n,
+                                uint32_t thr, float scale)
+{
+    uint32_t w[4];
+    ksm_dropout_words(seed, step, site, n >> 2, w);
+    return (w[n & 3] >> 8) >= thr ? scale : 0.0f;
+}
+
 /* ---- Conversions (round to nearest even, NaN preserved) ---- */
 
 KSM_HD uint32_t ksm_f32_bits(float f)

@@ -149,7 +149,10 @@ enum ksm_op_type {
      * dst [B,H,Tq,hd]; all four may have any strides with stride 1 in the last dim (so q/k/v
      * can be views into a fused qkv projection and dst a view into [B,T,H,hd]).
      * hd <= KSM_SDPA_MAX_HEAD_DIM. causal: query i attends keys j <= i (+ Tk - Tq offset: 0
-     * when Tq == Tk, as in PyTorch's is_causal with equal lengths). scale > 0. */
+     * when Tq == Tk, as in PyTorch's is_causal with equal lengths). scale > 0.
+     * With p.sdpa.drop.p > 0 (training: attention-weight dropout), each probability p_ij (the
+     * softmax over the visible keys, whose sum uses every term) is multiplied by the dropout
+     * factor of element n = ((b * H + h) * Tq + i) * Tk + j (kmath.h) before it weights v_j. */
     KSM_OP_SDPA,
     /* dst[..., D] <- src0[V, D][src1[...]]; src1 I64 or I32 indices. An index outside [0, V)
      * writes NaN for its row: callers validate token ids before they upload them. */
@@ -239,8 +242,15 @@ enum ksm_op_type {
     KSM_OP_CONV2D_BACKWARD,
     /* dst dq[B,H,Tq,hd] of KSM_OP_SDPA (p.sdpa causal and scale, the forward's rule) from src0
      * dout[B,H,Tq,hd], src1 q, src2 k[B,H,Tk,hd], src3 v; src4 dk (out), src5 dv (out), all
-     * required. Any strides with stride 1 in the last dim; probabilities are recomputed. */
+     * required. Any strides with stride 1 in the last dim; probabilities are recomputed.
+     * p.sdpa.drop as the forward's: the same factors scale p_ij in dv and dp_ij. */
     KSM_OP_SDPA_BACKWARD,
+    /* ---- training ---- */
+    /* dst <- src0 * f(n) for each element n in row-major order, f the dropout factor of
+     * p.dropout (kmath.h: (float)(1 / (1 - p)) kept, 0 dropped); dst and src0 F32,
+     * contiguous, one shape, dst == src0 exactly or disjoint. Dropout is linear: the same op
+     * with the same key is its backward. */
+    KSM_OP_DROPOUT,
     KSM_OP_COUNT
 };
 
@@ -264,6 +274,14 @@ enum ksm_bgrad_fn {
     KSM_BGRAD_LERP_B,  /* g * s3 */
     KSM_BGRAD_LERP_W,  /* g * (s2 - s1) */
     KSM_BGRAD_COUNT
+};
+
+/* A dropout mask (kmath.h, docs/training.md#dropout-masks): drop probability p in [0, 1)
+ * (0 = none) and the key (seed, step, site < 2^16). */
+struct ksm_op_dropout {
+    double p;
+    uint64_t seed, step;
+    uint32_t site;
 };
 
 struct ksm_op {
@@ -298,7 +316,9 @@ struct ksm_op {
         struct {
             int causal;
             float scale;
+            struct ksm_op_dropout drop; /* p 0: none */
         } sdpa;
+        struct ksm_op_dropout dropout; /* KSM_OP_DROPOUT */
         struct {
             int dim_begin, dim_end;
         } mean;

@@ -23,6 +23,7 @@
 #include "kasmina/backend.h"
 #include "kasmina/errors.h"
 #include "kasmina/ops.h"
+#include "nn/kmath.h"
 #include "nn/op.h"
 
 /* ---- Tensor helpers (local so that the invariants here are exactly the ones documented) ---- */
@@ -714,8 +715,21 @@ int ksm_op_softmax(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x)
 
 /* ---- Attention ---- */
 
-int ksm_op_sdpa(ksm_stream *s, ksm_tensor *out, const ksm_tensor *q, const ksm_tensor *k,
-                const ksm_tensor *v, bool causal, float scale)
+/* A dropout key's fields: p in [0, 1), site < 2^16. Copies it into *o (p 0 when d is NULL). */
+static int dropout_key(const struct ksm_dropout *d, struct ksm_op_dropout *o)
+{
+    memset(o, 0, sizeof *o);
+    if (d == NULL) return 0;
+    if (!(d->p >= 0.0 && d->p < 1.0) || d->site > KSM_DROPOUT_MAX_SITE) return KSM_EINVAL;
+    o->p = d->p;
+    o->seed = d->seed;
+    o->step = d->step;
+    o->site = d->site;
+    return 0;
+}
+
+static int sdpa_launch(ksm_stream *s, ksm_tensor *out, const ksm_tensor *q, const ksm_tensor *k,
+                       const ksm_tensor *v, bool causal, float scale, const struct ksm_dropout *d)
 {
     int rc;
     if (s == NULL) return KSM_EINVAL;
@@ -738,6 +752,9 @@ int ksm_op_sdpa(ksm_stream *s, ksm_tensor *out, const ksm_tensor *q, const ksm_t
     if (causal && tq > tk) return KSM_ESHAPE; /* the first rows would have no key */
     if (!isfinite(scale)) return KSM_EINVAL;
     if (scale <= 0.0f) scale = 1.0f / sqrtf((float)hd);
+    struct ksm_op_dropout drop;
+    if ((rc = dropout_key(d, &drop))) return rc;
+    if (drop.p > 0.0 && (tk > 0 && b * h * tq > KSM_DROPOUT_MAX_NUMEL / tk)) return KSM_EINVAL;
     struct ksm_op op;
     memset(&op, 0, sizeof op);
     op.type = KSM_OP_SDPA;
@@ -756,6 +773,36 @@ int ksm_op_sdpa(ksm_stream *s, ksm_tensor *out, const ksm_tensor *q, const ksm_t
         if (overlaps(&op.dst, &op.src[i])) return KSM_EINVAL;
     op.p.sdpa.causal = causal;
     op.p.sdpa.scale = scale;
+    op.p.sdpa.drop = drop;
+    return launch(s, &op);
+}
+
+int ksm_op_sdpa(ksm_stream *s, ksm_tensor *out, const ksm_tensor *q, const ksm_tensor *k,
+                const ksm_tensor *v, bool causal, float scale)
+{
+    return sdpa_launch(s, out, q, k, v, causal, scale, NULL);
+}
+
+int ksm_op_sdpa_dropout(ksm_stream *s, ksm_tensor *out, const ksm_tensor *q, const ksm_tensor *k,
+                        const ksm_tensor *v, bool causal, float scale, const struct ksm_dropout *d)
+{
+    return sdpa_launch(s, out, q, k, v, causal, scale, d);
+}
+
+/* ---- Dropout ---- */
+
+int ksm_op_dropout(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const struct ksm_dropout *d)
+{
+    int rc;
+    if (s == NULL || d == NULL) return KSM_EINVAL;
+    if ((rc = check_same_f32(s, y, x, 0))) return rc;
+    struct ksm_op_dropout drop;
+    if ((rc = dropout_key(d, &drop))) return rc;
+    if (numel_of(x) > KSM_DROPOUT_MAX_NUMEL) return KSM_EINVAL;
+    struct ksm_op op;
+    const ksm_tensor *srcs[1] = {x};
+    if ((rc = pack_op(&op, KSM_OP_DROPOUT, y, srcs, 1, true))) return rc;
+    op.p.dropout = drop;
     return launch(s, &op);
 }
 
@@ -907,6 +954,7 @@ const char *ksm_op_name(enum ksm_op_type type)
         [KSM_OP_LAYERNORM_BACKWARD] = "layernorm_backward",
         [KSM_OP_CONV2D_BACKWARD] = "conv2d_backward",
         [KSM_OP_SDPA_BACKWARD] = "sdpa_backward",
+        [KSM_OP_DROPOUT] = "dropout",
     };
     if ((int)type < 0 || (int)type >= (int)KSM_OP_COUNT || names[type] == NULL) return "unknown";
     return names[type];

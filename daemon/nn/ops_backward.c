@@ -271,6 +271,23 @@ int ksm_op_mul_backward(ksm_stream *s, ksm_tensor *da, ksm_tensor *db, const ksm
     return 0;
 }
 
+int ksm_op_add_backward(ksm_stream *s, ksm_tensor *da, ksm_tensor *db, const ksm_tensor *dy,
+                        const ksm_tensor *a, const ksm_tensor *b)
+{
+    struct ksm_op ops[2];
+    ksm_tensor *outs[2] = {da, db};
+    const ksm_tensor *ins[2] = {a, b};
+    int rc = prep_bgrad(s, ops, outs, dy, ins, 2);
+    if (rc) return rc;
+    for (int i = 0; i < 2; i++) {
+        if (!outs[i]) continue;
+        ops[i].n_src = 1; /* dy alone */
+        ops[i].p.bgrad.fn = KSM_BGRAD_SUM;
+        if ((rc = ksm_stream_launch(s, &ops[i]))) return rc;
+    }
+    return 0;
+}
+
 int ksm_op_lerp_backward(ksm_stream *s, ksm_tensor *da, ksm_tensor *db, ksm_tensor *dw,
                          const ksm_tensor *dy, const ksm_tensor *a, const ksm_tensor *b,
                          const ksm_tensor *w)

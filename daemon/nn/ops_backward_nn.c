@@ -15,6 +15,7 @@
 #include "kasmina/backend.h"
 #include "kasmina/errors.h"
 #include "kasmina/ops_backward_nn.h"
+#include "nn/kmath.h"
 #include "nn/op.h"
 
 // ---- Tensor helpers (as in ops.c) ----
@@ -356,9 +357,10 @@ int ksm_op_conv2d_backward(ksm_stream *s, ksm_tensor *dx, ksm_tensor *dw, ksm_te
 
 // ---- Attention backward ----
 
-int ksm_op_sdpa_backward(ksm_stream *s, ksm_tensor *dq, ksm_tensor *dk, ksm_tensor *dv,
+static int sdpa_backward(ksm_stream *s, ksm_tensor *dq, ksm_tensor *dk, ksm_tensor *dv,
                          const ksm_tensor *dout, const ksm_tensor *q, const ksm_tensor *k,
-                         const ksm_tensor *v, bool causal, float scale)
+                         const ksm_tensor *v, bool causal, float scale,
+                         const struct ksm_dropout *key)
 {
     int rc;
     if (s == NULL) return KSM_EINVAL;
@@ -382,6 +384,14 @@ int ksm_op_sdpa_backward(ksm_stream *s, ksm_tensor *dq, ksm_tensor *dk, ksm_tens
     if (causal && tq > tk) return KSM_ESHAPE;
     if (!isfinite(scale)) return KSM_EINVAL;
     if (scale <= 0.0f) scale = 1.0f / sqrtf((float)hd);
+    struct ksm_op_dropout drop;
+    memset(&drop, 0, sizeof drop);
+    if (key != NULL) {
+        if (!(key->p >= 0.0 && key->p < 1.0) || key->site > KSM_DROPOUT_MAX_SITE) return KSM_EINVAL;
+        if (key->p > 0.0 && tk > 0 && b * h * tq > KSM_DROPOUT_MAX_NUMEL / tk) return KSM_EINVAL;
+        drop = (struct ksm_op_dropout){
+            .p = key->p, .seed = key->seed, .step = key->step, .site = key->site};
+    }
     struct ksm_op op;
     memset(&op, 0, sizeof op);
     op.type = KSM_OP_SDPA_BACKWARD;
@@ -398,5 +408,21 @@ int ksm_op_sdpa_backward(ksm_stream *s, ksm_tensor *dq, ksm_tensor *dk, ksm_tens
     if ((rc = check_overlaps(&op, 1u << 4 | 1u << 5))) return rc;
     op.p.sdpa.causal = causal;
     op.p.sdpa.scale = scale;
+    op.p.sdpa.drop = drop;
     return ksm_stream_launch(s, &op);
+}
+
+int ksm_op_sdpa_backward(ksm_stream *s, ksm_tensor *dq, ksm_tensor *dk, ksm_tensor *dv,
+                         const ksm_tensor *dout, const ksm_tensor *q, const ksm_tensor *k,
+                         const ksm_tensor *v, bool causal, float scale)
+{
+    return sdpa_backward(s, dq, dk, dv, dout, q, k, v, causal, scale, NULL);
+}
+
+int ksm_op_sdpa_dropout_backward(ksm_stream *s, ksm_tensor *dq, ksm_tensor *dk, ksm_tensor *dv,
+                                 const ksm_tensor *dout, const ksm_tensor *q, const ksm_tensor *k,
+                                 const ksm_tensor *v, bool causal, float scale,
+                                 const struct ksm_dropout *d)
+{
+    return sdpa_backward(s, dq, dk, dv, dout, q, k, v, causal, scale, d);
 }

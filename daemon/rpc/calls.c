@@ -80,9 +80,10 @@ static struct ksm_slot_report *new_reports(ksm_model *m, const char *slot_id, st
 static int h_get_server_info(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
                              ProtobufCMessage **reply)
 {
-    static char *extensions[] = {"seed_lifecycle", "fused_forward", "counterfactual_evaluate",
-                                 "watch_events",   "weights_esper", "memory_stats",
-                                 "cache_stats",    "grpc_health_v1"};
+    static char *extensions[] = {"seed_lifecycle", "fused_forward",  "counterfactual_evaluate",
+                                 "watch_events",   "weights_esper",  "memory_stats",
+                                 "cache_stats",    "grpc_health_v1", "weights_stream",
+                                 "configure_slot"};
     ALLOC(out, Kasmina__V1__ServerInfo, kasmina__v1__server_info__init);
     out->name = "kasminad";
     out->version = (char *)s->cfg.version;
@@ -148,6 +149,9 @@ static int h_create_model(ksm_rpc_server *s, const ProtobufCMessage *req, struct
     ksm_model *m;
     KSM_TRY(ksm_service_model_create(s->service, r->model_id, &spec, &m, cx->err, sizeof cx->err));
     rpc_defer(cx, unref_model, m);
+    struct ksm_model_info *info = ksm_pb_arena_alloc(&cx->arena, sizeof *info);
+    if (info != NULL && ksm_model_get_info(m, info) == 0)
+        ksm_advise_model_created(&spec, info, &cx->advice);
     return model_reply(m, cx, reply);
 }
 
@@ -247,11 +251,23 @@ static int h_export_weights(ksm_rpc_server *s, const ProtobufCMessage *req, stru
     const Kasmina__V1__ExportWeightsRequest *r = (const void *)req;
     ksm_model *m;
     KSM_TRY(get_model(s, r->model_id, cx, &m));
-    KSM_TRY(rpc_limit_reply_export(s, m, cx));
+    for (size_t i = 0; i < r->n_slots; i++) {
+        char f[32];
+        snprintf(f, sizeof f, "slots[%zu]", i);
+        KSM_TRY(ksm_wire_check_slot_id(r->slots[i], f, true, cx->err, sizeof cx->err));
+    }
+    if (r->n_slots > KSM_MAX_SLOTS)
+        return ksm_errf(cx->err, sizeof cx->err, KSM_EINVAL,
+                        "slots lists %zu slots; a model has at most %d.", r->n_slots,
+                        KSM_MAX_SLOTS);
+    KSM_TRY(rpc_limit_reply_export(s, m, r->n_slots == 0 || r->include_host, cx));
     void *buf = NULL;
     size_t len = 0;
-    KSM_TRY(ksm_model_export_weights(m, &buf, &len, cx->err, sizeof cx->err));
+    KSM_TRY(ksm_model_export_weights_subset(m, (const char *const *)r->slots, (int)r->n_slots,
+                                            r->include_host, &buf, &len, cx->err, sizeof cx->err));
     rpc_defer(cx, free, buf);
+    /* The prediction counts a tied weight once; the blob holds it twice. */
+    KSM_TRY(rpc_limit_reply_weights(s, (uint64_t)len + 16, cx));
     ALLOC(out, Kasmina__V1__ExportWeightsResponse, kasmina__v1__export_weights_response__init);
     out->safetensors.data = buf;
     out->safetensors.len = len;
@@ -439,6 +455,7 @@ static int h_record_metrics(ksm_rpc_server *s, const ProtobufCMessage *req, stru
     if (rep == NULL) return KSM_ENOMEM;
     KSM_TRY(
         ksm_service_record_metrics(s->service, m, r->slot_id, &u, rep, cx->err, sizeof cx->err));
+    ksm_advise_metrics(&u, &cx->advice);
     Kasmina__V1__SlotReport *out;
     KSM_TRY(slot_report_reply(r->model_id, rep, cx, &out));
     *reply = &out->base;
@@ -457,6 +474,27 @@ static int h_get_slot_reports(ksm_rpc_server *s, const ProtobufCMessage *req, st
     if (reps == NULL) return KSM_ENOMEM;
     size_t n = 0;
     KSM_TRY(ksm_model_slot_reports(m, r->slot_id, reps, cap, &n, cx->err, sizeof cx->err));
+    if (n > cap) n = cap;
+    ALLOC(out, Kasmina__V1__SlotReports, kasmina__v1__slot_reports__init);
+    KSM_TRY(reports_reply(r->model_id, reps, n, cx, &out->slots, &out->n_slots));
+    *reply = &out->base;
+    return 0;
+}
+
+static int h_configure_slot(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
+                            ProtobufCMessage **reply)
+{
+    const Kasmina__V1__ConfigureSlotRequest *r = (const void *)req;
+    struct ksm_slot_settings set;
+    KSM_TRY(ksm_wire_configure_slot_from_pb(r, &set, cx->err, sizeof cx->err));
+    ksm_model *m;
+    KSM_TRY(get_model(s, r->model_id, cx, &m));
+    size_t cap;
+    struct ksm_slot_report *reps = new_reports(m, r->slot_id, cx, &cap);
+    if (reps == NULL) return KSM_ENOMEM;
+    size_t n = 0;
+    KSM_TRY(ksm_service_configure_slot(s->service, m, r->slot_id, &set, reps, cap, &n, cx->err,
+                                       sizeof cx->err));
     if (n > cap) n = cap;
     ALLOC(out, Kasmina__V1__SlotReports, kasmina__v1__slot_reports__init);
     KSM_TRY(reports_reply(r->model_id, reps, n, cx, &out->slots, &out->n_slots));
@@ -586,19 +624,26 @@ static int memory_stats(ksm_rpc_server *s, const char *device, bool empty, struc
 
 /* ---- training (docs/training.md) ---- */
 
+/* The request's fields over the configuration in force (the rest kept), under the model's lock:
+ * two clients changing different fields at once both keep theirs. */
+static int merge_training_pb(void *ud, const struct ksm_training_config *in_force,
+                             struct ksm_training_config *next, char *err, size_t errlen)
+{
+    bool reset;
+    return ksm_wire_training_config_from_pb(ud, in_force, next, &reset, err, errlen);
+}
+
 static int h_configure_training(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
                                 ProtobufCMessage **reply)
 {
     const Kasmina__V1__ConfigureTrainingRequest *r = (const void *)req;
     ksm_model *m;
     KSM_TRY(get_model(s, r->model_id, cx, &m));
-    struct ksm_training_config cur, next;
+    struct ksm_training_config cur;
     uint64_t step = 0;
-    KSM_TRY(ksm_model_training_config(m, &cur, &step));
-    bool reset = false;
-    KSM_TRY(ksm_wire_training_config_from_pb(r, &cur, &next, &reset, cx->err, sizeof cx->err));
-    KSM_TRY(ksm_service_configure_training(s->service, m, &next, reset, cx->err, sizeof cx->err));
-    KSM_TRY(ksm_model_training_config(m, &cur, &step));
+    KSM_TRY(ksm_service_configure_training(s->service, m, merge_training_pb, (void *)r,
+                                           r->reset_optimizer_state, &cur, &step, cx->err,
+                                           sizeof cx->err));
     ALLOC(out, Kasmina__V1__TrainingConfig, kasmina__v1__training_config__init);
     KSM_TRY(ksm_wire_training_config_to_pb(r->model_id, &cur, step, &cx->arena, out));
     *reply = &out->base;
@@ -624,16 +669,64 @@ static int h_train_step(ksm_rpc_server *s, const ProtobufCMessage *req, struct r
     return 0;
 }
 
+/* One model's entry of a CheckpointResponse. */
+static int checkpoint_one(ksm_rpc_server *s, ksm_model *m, struct rpc_ctx *cx,
+                          Kasmina__V1__CheckpointResponse *out)
+{
+    uint64_t step = 0;
+    KSM_TRY(ksm_service_checkpoint(s->service, m, &step, cx->err, sizeof cx->err));
+    Kasmina__V1__CheckpointResponse__CheckpointStepEntry *e =
+        ksm_pb_arena_alloc(&cx->arena, sizeof *e);
+    char *id = ksm_pb_arena_strdup(&cx->arena, ksm_model_id(m));
+    if (e == NULL || id == NULL) return KSM_ENOMEM;
+    kasmina__v1__checkpoint_response__checkpoint_step_entry__init(e);
+    e->key = id;
+    e->value = step;
+    out->checkpoint_step[out->n_checkpoint_step++] = e;
+    return 0;
+}
+
 static int h_checkpoint(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
                         ProtobufCMessage **reply)
 {
     const Kasmina__V1__CheckpointRequest *r = (const void *)req;
     KSM_TRY(ksm_wire_check_model_id(r->model_id, "model_id", false, cx->err, sizeof cx->err));
-    (void)s;
-    (void)reply;
-    return ksm_errf(cx->err, sizeof cx->err, KSM_ENOSYS,
-                    "Checkpoint is not implemented yet: training progress is not made durable "
-                    "(lifecycle calls still are, per call).");
+    if (!ksm_service_persists(s->service))
+        return ksm_errf(cx->err, sizeof cx->err, KSM_ESTAGE,
+                        "kasminad runs with --no-persist: it keeps no state on disk, so there is "
+                        "nothing to checkpoint to.");
+    ALLOC(out, Kasmina__V1__CheckpointResponse, kasmina__v1__checkpoint_response__init);
+    if (r->model_id != NULL && r->model_id[0] != '\0') {
+        ksm_model *m;
+        KSM_TRY(get_model(s, r->model_id, cx, &m));
+        out->checkpoint_step = ksm_pb_arena_alloc(&cx->arena, sizeof *out->checkpoint_step);
+        if (out->checkpoint_step == NULL) return KSM_ENOMEM;
+        KSM_TRY(checkpoint_one(s, m, cx, out));
+    } else {
+        /* Every model, one after the other, each under its own lock. A model deleted meanwhile
+         * is left out; the first failure ends the call (those before it stay checkpointed). */
+        ksm_model **list = NULL;
+        size_t n = 0;
+        KSM_TRY(ksm_engine_model_list(s->engine, &list, &n));
+        int rc = 0;
+        out->checkpoint_step =
+            ksm_pb_arena_alloc(&cx->arena, (n ? n : 1) * sizeof *out->checkpoint_step);
+        if (out->checkpoint_step == NULL) rc = KSM_ENOMEM;
+        for (size_t i = 0; i < n; i++) {
+            if (rc == 0) {
+                rc = checkpoint_one(s, list[i], cx, out);
+                if (rc == KSM_ENOMODEL) {
+                    rc = 0;
+                    cx->err[0] = '\0';
+                }
+            }
+            ksm_model_unref(list[i]);
+        }
+        free(list);
+        if (rc != 0) return rc;
+    }
+    *reply = &out->base;
+    return 0;
 }
 
 static int h_get_memory_stats(ksm_rpc_server *s, const ProtobufCMessage *req, struct rpc_ctx *cx,
@@ -743,5 +836,11 @@ struct rpc_method rpc_methods[] = {
      &grpc__health__v1__health_check_request__descriptor, NULL, NULL},
     {"/grpc.health.v1.Health/Watch", RPC_HEALTH_WATCH,
      &grpc__health__v1__health_check_request__descriptor, NULL, NULL},
+    /* Appended: the fuzzers' seeds name methods by their index in this table. */
+    {"/kasmina.v1.Kasmina/ExportWeightsStream", RPC_WEIGHTS_EXPORT,
+     &kasmina__v1__export_weights_request__descriptor, NULL, NULL},
+    {"/kasmina.v1.Kasmina/LoadWeightsStream", RPC_WEIGHTS_LOAD,
+     &kasmina__v1__weights_chunk__descriptor, NULL, NULL},
+    K("ConfigureSlot", configure_slot_request, h_configure_slot),
 };
 const size_t rpc_n_methods = sizeof rpc_methods / sizeof rpc_methods[0];

@@ -32,6 +32,14 @@ int rpc_dispatch_bytes(ksm_rpc_server *s, size_t method_index, const uint8_t *re
 int rpc_dispatch_pieces(ksm_rpc_server *s, size_t method_index, const struct ksm_pb_piece *req,
                         size_t n, uint8_t **reply, size_t *reply_len, char *err, size_t errlen)
 {
+    return rpc_dispatch_call(s, method_index, req, n, reply, reply_len, NULL, err, errlen);
+}
+
+int rpc_dispatch_call(ksm_rpc_server *s, size_t method_index, const struct ksm_pb_piece *req,
+                      size_t n, uint8_t **reply, size_t *reply_len, struct ksm_advice *advice,
+                      char *err, size_t errlen)
+{
+    if (advice != NULL) memset(advice, 0, sizeof *advice);
     *reply = NULL;
     *reply_len = 0;
     if (errlen > 0) err[0] = '\0';
@@ -72,6 +80,7 @@ int rpc_dispatch_pieces(ksm_rpc_server *s, size_t method_index, const struct ksm
         }
     }
     if (rc != 0 && errlen > 0) snprintf(err, errlen, "%s", cx.err);
+    if (rc == 0 && advice != NULL) *advice = cx.advice;
     for (int i = cx.n_defer - 1; i >= 0; i--) cx.defer[i].fn(cx.defer[i].p);
     ksm_pb_arena_fini(&cx.arena);
     protobuf_c_message_free_unpacked(msg, NULL);

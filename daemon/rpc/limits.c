@@ -95,14 +95,29 @@ int rpc_limit_reply_evaluate(ksm_rpc_server *s, ksm_model *m, const struct ksm_e
     return rpc_limit_reply_logits(s, m, ea->input, KASMINA__V1__DTYPE__DTYPE_F32, copies, cx);
 }
 
-int rpc_limit_reply_export(ksm_rpc_server *s, ksm_model *m, struct rpc_ctx *cx)
+int rpc_limit_reply_export(ksm_rpc_server *s, ksm_model *m, bool with_host, struct rpc_ctx *cx)
 {
     struct ksm_model_info *info = ksm_pb_arena_alloc(&cx->arena, sizeof *info);
     if (info == NULL) return KSM_ENOMEM;
     if (ksm_model_get_info(m, info) != 0) return 0;
     size_t elem = ksm_dtype_size(info->dtype);
-    uint64_t params = info->host_params + info->seed_params;
-    return rpc_limit_reply(s, mul_sat(params, elem ? elem : 4), "weights", cx);
+    uint64_t params = (with_host ? info->host_params : 0) + info->seed_params;
+    /* host_params counts the tied LM head once; the file holds it twice (as torch does). */
+    if (with_host && info->topology == KSM_TOPOLOGY_TRANSFORMER)
+        params += mul_sat(info->transformer.vocab_size, info->transformer.n_embd);
+    return rpc_limit_reply_weights(s, mul_sat(params, elem ? elem : 4), cx);
+}
+
+int rpc_limit_reply_weights(ksm_rpc_server *s, uint64_t bytes, struct rpc_ctx *cx)
+{
+    size_t max = s->cfg.max_reply_bytes;
+    if (max == 0 || bytes <= max) return 0;
+    snprintf(cx->err, sizeof cx->err,
+             "The reply would hold %llu bytes of weights; max-reply-bytes = %zu (use "
+             "ExportWeightsStream, kasminactl export-weights --stream, which moves any size in "
+             "chunks, or raise kasminad's --max-reply-bytes).",
+             (unsigned long long)bytes, max);
+    return KSM_ELIMIT;
 }
 
 static void stream_leave(void *p)

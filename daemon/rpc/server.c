@@ -30,6 +30,7 @@
 #include <grpc/grpc_security.h>
 #include <grpc/slice.h>
 #include <grpc/support/alloc.h>
+#include <grpc/support/log.h>
 #include <grpc/support/time.h>
 
 #include "kasmina/errors.h"
@@ -55,6 +56,8 @@ static void call_free(struct rpc_call *c)
     if (c->payload != NULL) grpc_byte_buffer_destroy(c->payload);
     if (c->reply != NULL) grpc_byte_buffer_destroy(c->reply);
     if (c->have_details) grpc_slice_unref(c->status_details);
+    for (int i = 0; i < c->n_warn_md; i++) grpc_slice_unref(c->warn_md[i].value);
+    rpc_weights_free(c);
     free(c);
     /* Only ksm_rpc_server_free waits for the count, after setting shutting_down: a call that
      * ends while serving wakes nobody (the workers wait on their own condition). */
@@ -177,11 +180,22 @@ void rpc_call_finish_bytes(struct rpc_call *c, uint8_t *buf, size_t len, int err
         }
     }
     rpc_stats_call_end(c, code);
+    char msg[320] = "";
+    if (code != GRPC_STATUS_OK) ksm_rpc_status_message(err, errmsg, msg, sizeof msg);
+    rpc_log_call(c, code, err, msg);
     ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
     ops[n].data.send_status_from_server.status = code;
+    if (code == GRPC_STATUS_OK && c->advice.n > 0 && c->n_warn_md == 0) {
+        /* The handler's advice rides on the OK status: one entry per sentence. */
+        for (int i = 0; i < c->advice.n && i < KSM_ADVICE_MAX; i++) {
+            c->warn_md[i].key = grpc_slice_from_static_string(KSM_RPC_WARNING_MD);
+            c->warn_md[i].value = grpc_slice_from_copied_string(c->advice.item[i].text);
+            c->n_warn_md++;
+        }
+        ops[n].data.send_status_from_server.trailing_metadata = c->warn_md;
+        ops[n].data.send_status_from_server.trailing_metadata_count = (size_t)c->n_warn_md;
+    }
     if (code != GRPC_STATUS_OK) {
-        char msg[320];
-        ksm_rpc_status_message(err, errmsg, msg, sizeof msg);
         c->status_details = grpc_slice_from_copied_string(msg);
         c->have_details = true;
         ops[n].data.send_status_from_server.status_details = &c->status_details;
@@ -327,8 +341,8 @@ static void run_unary(ksm_rpc_server *s, struct rpc_call *c)
      * request is read from the transport's slices in place, its tensors copied once. */
     uint8_t *reply = NULL;
     size_t reply_len = 0;
-    int rc = rpc_dispatch_pieces(s, (size_t)(c->m - rpc_methods), pl.p, pl.n, &reply, &reply_len,
-                                 why, sizeof why);
+    int rc = rpc_dispatch_call(s, (size_t)(c->m - rpc_methods), pl.p, pl.n, &reply, &reply_len,
+                               &c->advice, why, sizeof why);
     payload_close(&pl);
     if (rc == 0 && atomic_load(&c->closed))
         KSM_LOGI("rpc", "%s: the client cancelled the call while it ran", c->m->path);
@@ -346,7 +360,10 @@ static void *worker_main(void *arg)
         s->q_head = c->next;
         if (s->q_head == NULL) s->q_tail = NULL;
         pthread_mutex_unlock(&s->lock);
-        run_unary(s, c);
+        if (RPC_KIND_WEIGHTS(c->m->kind))
+            rpc_weights_run(s, c);
+        else
+            run_unary(s, c);
         pthread_mutex_lock(&s->lock);
     }
     pthread_mutex_unlock(&s->lock);
@@ -375,9 +392,13 @@ static bool run_inline(const ksm_rpc_server *s, const struct rpc_method *m)
     return i < KSM_RPC_STATS_METHODS && s->inline_call[i];
 }
 
-static void enqueue(ksm_rpc_server *s, struct rpc_call *c)
+bool rpc_enqueue(ksm_rpc_server *s, struct rpc_call *c)
 {
     pthread_mutex_lock(&s->lock);
+    if (s->workers_stop) { /* the workers may have exited: nobody would take the call */
+        pthread_mutex_unlock(&s->lock);
+        return false;
+    }
     c->next = NULL;
     if (s->q_tail != NULL)
         s->q_tail->next = c;
@@ -386,6 +407,7 @@ static void enqueue(ksm_rpc_server *s, struct rpc_call *c)
     s->q_tail = c;
     pthread_cond_signal(&s->q_cond);
     pthread_mutex_unlock(&s->lock);
+    return true;
 }
 
 int rpc_health_status(ksm_rpc_server *s, const char *service)
@@ -421,6 +443,26 @@ static void health_check(ksm_rpc_server *s, struct rpc_call *c)
     protobuf_c_message_free_unpacked(req, NULL);
 }
 
+/* A request over max-message-bytes (gRPC read it: its own limit is off). */
+static void too_big(ksm_rpc_server *s, struct rpc_call *c)
+{
+    char msg[320];
+    const char *name = strrchr(c->m->path, '/') + 1;
+    size_t n = grpc_byte_buffer_length(c->payload);
+    if (strcmp(name, "LoadWeights") == 0)
+        snprintf(msg, sizeof msg,
+                 "The LoadWeights request is %zu bytes, over max-message-bytes = %zu: send the "
+                 "weights with LoadWeightsStream (kasminactl load-weights --stream), which moves "
+                 "any size in chunks, or raise kasminad's --max-message-bytes.",
+                 n, s->cfg.max_message_bytes);
+    else
+        snprintf(msg, sizeof msg,
+                 "The %s request is %zu bytes; max-message-bytes = %zu (raise kasminad's "
+                 "--max-message-bytes).",
+                 name, n, s->cfg.max_message_bytes);
+    rpc_call_finish(c, NULL, KSM_ELIMIT, msg, 0);
+}
+
 static void on_request(struct rpc_tag *t, bool ok)
 {
     struct rpc_call *c = container_of(t, struct rpc_call, request_tag);
@@ -443,6 +485,7 @@ static void on_request(struct rpc_tag *t, bool ok)
      * here: the completion-queue thread serves every other call meanwhile. */
     bool zipped = rpc_payload_compressed(c);
     bool handoff = c->m != NULL && (c->m->kind == RPC_EVENTS || c->m->kind == RPC_HEALTH_WATCH ||
+                                    RPC_KIND_WEIGHTS(c->m->kind) ||
                                     (c->m->kind == RPC_UNARY && (zipped || !run_inline(s, c->m))));
     if (handoff) {
         atomic_store(&c->refs, 2); /* handling + close batch */
@@ -469,9 +512,16 @@ static void on_request(struct rpc_tag *t, bool ok)
         rpc_call_finish(c, NULL, KSM_ENOSYS, msg, GRPC_STATUS_UNIMPLEMENTED);
         return;
     }
+    /* gRPC's receive limit is off (it reads a whole message before refusing it, in words that
+     * do not name the option): the message is refused here, naming it. */
+    if (c->payload != NULL && grpc_byte_buffer_length(c->payload) > s->cfg.max_message_bytes) {
+        too_big(s, c);
+        return;
+    }
     /* Authorised (or a health check): a compressed request is refused now, before it is queued,
-     * unless allowed; a health or stream request (a few bytes) is inflated here, capped. */
-    if (zipped && (!s->cfg.allow_compressed_requests || c->m->kind != RPC_UNARY)) {
+     * unless allowed; a health or event-stream request (a few bytes) is inflated here, capped. */
+    if (zipped && (!s->cfg.allow_compressed_requests ||
+                   (c->m->kind != RPC_UNARY && !RPC_KIND_WEIGHTS(c->m->kind)))) {
         char why[256];
         int zrc = rpc_payload_inflate(s, c, RPC_SMALL_REQUEST_MAX, why, sizeof why);
         if (zrc != 0) {
@@ -522,7 +572,8 @@ static void on_request(struct rpc_tag *t, bool ok)
         run_unary(s, c);
         return;
     }
-    enqueue(s, c);
+    if (!rpc_enqueue(s, c))
+        rpc_call_finish(c, NULL, KSM_ESHUTDOWN, "The server is shutting down.", 0);
 }
 
 static void on_close(struct rpc_tag *t, bool ok)
@@ -542,6 +593,7 @@ static void on_send(struct rpc_tag *t, bool ok)
         rpc_hub_stream_sent(c, ok);
         return;
     }
+    if (c->ws != NULL && rpc_weights_sent(c, ok)) return;
     if (c->counted) {
         c->counted = false;
         atomic_fetch_sub(&c->srv->inflight, 1);
@@ -575,8 +627,21 @@ static void *cq_main(void *arg)
 
 /* ---- Server ---- */
 
+/* gRPC's own lines (transport errors, by default nothing below GPR_LOG_SEVERITY_ERROR) go
+ * through kasmina's log, so that --log-format json stays one object per line. */
+static void grpc_log(gpr_log_func_args *a)
+{
+    enum ksm_log_level lv = a->severity == GPR_LOG_SEVERITY_ERROR  ? KSM_LOG_ERROR
+                            : a->severity == GPR_LOG_SEVERITY_INFO ? KSM_LOG_INFO
+                                                                   : KSM_LOG_DEBUG;
+    const char *file = a->file != NULL ? strrchr(a->file, '/') : NULL;
+    KSM_LOG(lv, "grpc", "%s (%s:%d)", a->message != NULL ? a->message : "",
+            file != NULL ? file + 1 : (a->file != NULL ? a->file : "?"), a->line);
+}
+
 void ksm_rpc_runtime_init(void)
 {
+    gpr_set_log_function(grpc_log);
     /* absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore): kIgnore is 0 and the
      * enum is passed as an int. The inline namespace differs between builds of abseil. */
     static const char *const names[] = {
@@ -616,6 +681,7 @@ void rpc_config_defaults(struct ksm_rpc_server_config *cfg)
     if (cfg->max_message_bytes == 0) cfg->max_message_bytes = 64u << 20;
     if (cfg->max_message_bytes > INT_MAX) cfg->max_message_bytes = INT_MAX;
     if (cfg->max_reply_bytes == 0) cfg->max_reply_bytes = 64u << 20;
+    if (cfg->max_weights_bytes == 0) cfg->max_weights_bytes = (size_t)1 << 30;
     if (cfg->workers <= 0) cfg->workers = 4;
     if (cfg->max_concurrent_calls <= 0) cfg->max_concurrent_calls = 256;
     if (cfg->subscriber_buffer == 0) cfg->subscriber_buffer = 1024;
@@ -662,9 +728,11 @@ int ksm_rpc_server_start(ksm_service *svc, const struct ksm_rpc_server_config *c
     grpc_init();
     grpc_arg args[4];
     memset(args, 0, sizeof args);
+    /* max-message-bytes is checked by kasminad (on_request, rpc/weights.c), in a sentence that
+     * names it: gRPC 1.51 reads a whole message before its own limit refuses it anyway. */
     args[0].type = GRPC_ARG_INTEGER;
     args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
-    args[0].value.integer = (int)s->cfg.max_message_bytes;
+    args[0].value.integer = -1;
     args[1].type = GRPC_ARG_INTEGER;
     args[1].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
     args[1].value.integer = -1;

@@ -44,6 +44,9 @@ struct ksm_rpc_server_config {
     bool allow_remote_tcp;    /* plaintext on a non-loopback TCP address without TLS (insecure) */
     size_t max_message_bytes; /* largest request accepted (0 = 64 MiB) */
     size_t max_reply_bytes;   /* largest reply built (0 = 64 MiB), rpc/limits.c */
+    size_t max_weights_bytes; /* largest blob of a LoadWeightsStream / ExportWeightsStream, and
+                               * what all weight streams in flight hold together (0 = 1 GiB),
+                               * rpc/weights.c */
     bool allow_compressed_requests; /* inflate gzip/deflate requests (after authentication, at
                                      * most max_message_bytes); false: UNIMPLEMENTED */
     int workers;                    /* worker threads for unary calls (0 = 4) */
@@ -96,7 +99,8 @@ void ksm_rpc_server_free(ksm_rpc_server *s);
  * thread starts. Turns abseil's mutex deadlock detection off: Debian builds abseil without
  * NDEBUG, so every absl::Mutex lock taken inside gRPC (several per call) also updates a global
  * lock-order graph under a global lock, a debugging aid that cost about a tenth of a control
- * call's CPU. Harmless when the abseil symbol is not found (another build): nothing changes. */
+ * call's CPU. Harmless when the abseil symbol is not found (another build): nothing changes.
+ * Also routes gRPC's own log lines (gpr_log) through kasmina's log, module "grpc". */
 void ksm_rpc_runtime_init(void);
 
 #ifdef __cplusplus

@@ -19,6 +19,7 @@
 #include "rpc/server.h"
 #include "rpc/stats.h"
 #include "rpc/tsan.h"
+#include "service/advice.h"
 #include "service/service.h"
 
 /* A completion-queue tag: every event calls done(tag, ok) on the CQ thread. Whoever gives a tag
@@ -27,13 +28,23 @@ struct rpc_tag {
     void (*done)(struct rpc_tag *t, bool ok);
 };
 
-enum rpc_kind { RPC_UNARY, RPC_EVENTS, RPC_HEALTH_CHECK, RPC_HEALTH_WATCH, RPC_UNKNOWN };
+enum rpc_kind {
+    RPC_UNARY,
+    RPC_EVENTS,
+    RPC_HEALTH_CHECK,
+    RPC_HEALTH_WATCH,
+    RPC_UNKNOWN,
+    RPC_WEIGHTS_EXPORT, /* ExportWeightsStream (rpc/weights.c) */
+    RPC_WEIGHTS_LOAD,   /* LoadWeightsStream (rpc/weights.c) */
+};
+#define RPC_KIND_WEIGHTS(k) ((k) == RPC_WEIGHTS_EXPORT || (k) == RPC_WEIGHTS_LOAD)
 
 /* Per-call scratch for a handler: the reply's arena, the error sentence and deferred frees of
  * engine-allocated results the reply borrows from. */
 struct rpc_ctx {
     struct ksm_pb_arena arena;
     char err[256];
+    struct ksm_advice advice; /* sent with a successful reply and logged (rpc/calllog.c) */
     int n_defer;
     struct {
         void (*fn)(void *);
@@ -73,6 +84,9 @@ struct rpc_call {
     grpc_slice status_details;
     bool have_details;
     grpc_metadata trailing;
+    struct ksm_advice advice;              /* the handler's, for a successful reply */
+    grpc_metadata warn_md[KSM_ADVICE_MAX]; /* KSM_RPC_WARNING_MD entries (values copied) */
+    int n_warn_md;
     struct rpc_call *next; /* worker queue / subscriber list */
     /* streams (events.c), protected by the hub lock */
     bool writing, finishing, listed, started, end_pending;
@@ -81,6 +95,9 @@ struct rpc_call {
     int health_sent;   /* last status sent on a Health/Watch, -1 none */
     bool health_known; /* the watched service exists */
     int64_t start_ns;  /* CLOCK_MONOTONIC at arrival (rpc/stats) */
+    /* weight streams (rpc/weights.c): their state, and the tag of their RECV_MESSAGE */
+    struct rpc_wstream *ws;
+    struct rpc_tag recv_tag;
 };
 
 /* Call and event counters (stats.c), read by the metrics exporter through rpc/stats.h. */
@@ -135,11 +152,17 @@ struct ksm_rpc_server {
     pthread_mutex_t limits_lock; /* stream uses */
     struct rpc_stream_use *stream_uses;
     struct rpc_stats stats;
+    atomic_size_t weights_bytes;             /* rpc/weights.c: weight streams' blobs in flight */
     bool inline_call[KSM_RPC_STATS_METHODS]; /* by rpc_methods index: runs on the CQ thread */
+    /* calllog.c: warn lines of failed calls and warnings, per method (rows as in stats) */
+    struct ksm_log_ratelimit warn_log[KSM_RPC_STATS_METHODS];
 };
 
 /* server.c */
 void rpc_call_unref(struct rpc_call *c);
+/* Hands the call to a worker (rpc_weights_run for a weight stream); false once the workers
+ * stopped (shutdown): the caller answers the call itself. */
+bool rpc_enqueue(ksm_rpc_server *s, struct rpc_call *c);
 /* Sends status (with message and, on error, the kasmina-error trailing metadata) and optionally
  * a reply; the batch's completion drops the handling reference. Sends initial metadata unless the
  * stream already did. */
@@ -188,13 +211,15 @@ int rpc_limit_input(ksm_rpc_server *s, const ksm_tensor *input, struct rpc_ctx *
  * the model's classes (vocab_size x T for a transformer), out_dtype a kasmina.v1 DType, copies
  * the configs whose logits are returned (0: none); the _evaluate form an Evaluate reply (explicit
  * configs counted, the standard set as one); the _export form an ExportWeights reply from the
- * model's parameter count. Call them before the engine runs. */
+ * model's parameter count (the host's only when with_host). Call them before the engine runs. */
 int rpc_limit_reply(ksm_rpc_server *s, uint64_t bytes, const char *what, struct rpc_ctx *cx);
 int rpc_limit_reply_logits(ksm_rpc_server *s, ksm_model *m, const ksm_tensor *input, int out_dtype,
                            size_t copies, struct rpc_ctx *cx);
 int rpc_limit_reply_evaluate(ksm_rpc_server *s, ksm_model *m, const struct ksm_evaluate_args *ea,
                              struct rpc_ctx *cx);
-int rpc_limit_reply_export(ksm_rpc_server *s, ksm_model *m, struct rpc_ctx *cx);
+int rpc_limit_reply_export(ksm_rpc_server *s, ksm_model *m, bool with_host, struct rpc_ctx *cx);
+/* The max-reply-bytes sentence for an ExportWeights reply (it names ExportWeightsStream). */
+int rpc_limit_reply_weights(ksm_rpc_server *s, uint64_t bytes, struct rpc_ctx *cx);
 /* Counts a compute call on (model, stream) until the reply is sent (deferred release). */
 int rpc_limit_stream_enter(ksm_rpc_server *s, const char *model_id, const char *stream,
                            struct rpc_ctx *cx);
@@ -203,6 +228,13 @@ void rpc_limits_fini(ksm_rpc_server *s);
 void rpc_stats_call_start(struct rpc_call *c);
 void rpc_stats_call_end(struct rpc_call *c, grpc_status_code code);
 void rpc_stats_event(ksm_rpc_server *s, const struct ksm_lifecycle_event *ev);
+/* calllog.c: the log lines of a call whose status is being sent (docs/logging.md): at debug one
+ * line with method, status and latency; at warn a failed call's status and message and the
+ * call's advice (rate-limited per method: RPC_WARN_BURST lines, then RPC_WARN_PER_S a second,
+ * with a "suppressed N" line); advice of level info at info. msg: the status message sent. */
+void rpc_log_call(struct rpc_call *c, grpc_status_code code, int err, const char *msg);
+#define RPC_WARN_BURST 10.0
+#define RPC_WARN_PER_S 1.0
 /* Sends an already packed reply (buf malloc'd, owned from here on; NULL for none). */
 void rpc_call_finish_bytes(struct rpc_call *c, uint8_t *buf, size_t len, int err,
                            const char *errmsg, grpc_status_code code_override);
@@ -226,6 +258,11 @@ int rpc_dispatch_bytes(ksm_rpc_server *s, size_t method_index, const uint8_t *re
 struct ksm_pb_piece;
 int rpc_dispatch_pieces(ksm_rpc_server *s, size_t method_index, const struct ksm_pb_piece *req,
                         size_t n, uint8_t **reply, size_t *reply_len, char *err, size_t errlen);
+/* rpc_dispatch_pieces that also hands out the handler's advice (service/advice.h) for a call
+ * that succeeded (advice may be NULL; it is zeroed first). The server's workers call this. */
+int rpc_dispatch_call(ksm_rpc_server *s, size_t method_index, const struct ksm_pb_piece *req,
+                      size_t n, uint8_t **reply, size_t *reply_len, struct ksm_advice *advice,
+                      char *err, size_t errlen);
 /* KSM_PB_GATHER_MIN; the fuzzers lower it to 1 so that every input takes that path. */
 extern size_t rpc_gather_min;
 /* Index of a method path in rpc_methods, or -1. */
@@ -235,6 +272,16 @@ int rpc_method_index(const char *path);
 int rpc_server_offline_new(ksm_engine *e, const struct ksm_rpc_server_config *cfg,
                            ksm_rpc_server **out);
 void rpc_server_offline_free(ksm_rpc_server *s);
+
+/* weights.c: LoadWeightsStream and ExportWeightsStream. */
+/* A worker's turn on the stream: its start, or the chunk just received (c->payload). */
+void rpc_weights_run(ksm_rpc_server *s, struct rpc_call *c);
+/* A send batch of the stream completed (completion-queue thread): true when the stream went on
+ * (the next chunk, or the status, is on its way); false for the status batch, which the caller
+ * completes like a unary call's. */
+bool rpc_weights_sent(struct rpc_call *c, bool ok);
+/* Frees the stream's state and releases its share of max-weights-bytes (call_free). */
+void rpc_weights_free(struct rpc_call *c);
 
 /* events.c */
 int rpc_hub_new(ksm_rpc_server *s, struct rpc_hub **out);

@@ -8,10 +8,12 @@
  * published only once the mutation is durable; a rolled-back mutation's events are dropped.
  */
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kasmina/errors.h"
+#include "kasmina/log.h"
 #include "service/service.h"
 
 struct ksm_event_log {
@@ -68,8 +70,51 @@ void ksm_event_log_set_listener(struct ksm_event_log *l, ksm_event_listener_fn f
     pthread_mutex_unlock(&l->lock);
 }
 
+/* The log line of a published event (docs/logging.md#lifecycle): every stage transition at info
+ * (germination, each STAGE_CHANGED, a prune with its reason), gate evaluations at debug with
+ * their failed checks. Published events only: a rolled-back mutation's never happened. */
+static void log_event(const struct ksm_lifecycle_event *ev)
+{
+    enum ksm_log_level lv = ksm_log_get_level();
+    switch (ev->type) {
+    case KSM_EV_SEED_GERMINATED:
+        KSM_LOGI("lifecycle", "model %s slot %s: seed %s germinated (blueprint %s)", ev->model_id,
+                 ev->slot_id, ev->seed_id, ev->blueprint_id);
+        break;
+    case KSM_EV_SEED_STAGE_CHANGED:
+        KSM_LOGI("lifecycle", "model %s slot %s: seed %s %s -> %s (alpha %.4g)", ev->model_id,
+                 ev->slot_id, ev->seed_id, ksm_stage_name(ev->from_stage),
+                 ksm_stage_name(ev->to_stage), ev->alpha);
+        break;
+    case KSM_EV_SEED_PRUNED:
+        KSM_LOGI("lifecycle", "model %s slot %s: seed %s pruned by %s: %s", ev->model_id,
+                 ev->slot_id, ev->seed_id, ev->initiator[0] ? ev->initiator : "-",
+                 ev->reason[0] ? ev->reason : "(no reason)");
+        break;
+    case KSM_EV_SEED_GATE_EVALUATED: {
+        if (lv < KSM_LOG_DEBUG) break;
+        char why[512] = "";
+        size_t n = 0;
+        for (int i = 0; i < ev->gate.n_checks && i < KSM_GATE_MAX_CHECKS && n < sizeof why; i++) {
+            const struct ksm_gate_check *c = &ev->gate.checks[i];
+            if (c->passed) continue;
+            int w =
+                snprintf(why + n, sizeof why - n, "%s%s: %s", n ? "; " : "", c->name, c->detail);
+            if (w < 0) break;
+            n += (size_t)w;
+        }
+        KSM_LOG(KSM_LOG_DEBUG, "lifecycle", "model %s slot %s: gate %s for %s %s%s%s", ev->model_id,
+                ev->slot_id, ksm_gate_level_name(ev->gate.gate), ksm_stage_name(ev->target_stage),
+                ev->gate.passed ? "passed" : "failed", why[0] ? ": " : "", why);
+        break;
+    }
+    default: break;
+    }
+}
+
 static void publish(struct ksm_event_log *l, const struct ksm_lifecycle_event *ev)
 {
+    log_event(ev);
     pthread_mutex_lock(&l->lock);
     uint64_t q = ++l->last_seq;
     l->ring[(q - 1) % l->cap] = *ev;

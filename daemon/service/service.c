@@ -1,11 +1,13 @@
 /* service: durable, published daemon operations over the engine (service.h). */
 #include "service/service.h"
 
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kasmina/errors.h"
+#include "kasmina/log.h"
 
 struct ksm_service {
     struct ksm_service_config cfg;
@@ -74,6 +76,23 @@ void ksm_service_explain(const ksm_service *s, int rc, char *err, size_t errlen)
 
 // ---- Models ----
 
+/* "model m1 created: cnn host, 3 slots, 5.2M host parameters, on cpu:0 (F32), strict gates". */
+static void log_model(ksm_model *m, const char *what)
+{
+    if (ksm_log_get_level() < KSM_LOG_INFO) return;
+    struct ksm_model_info *i = malloc(sizeof *i);
+    if (i == NULL || ksm_model_get_info(m, i) != 0) {
+        KSM_LOGI("service", "model %s %s", ksm_model_id(m), what);
+        free(i);
+        return;
+    }
+    KSM_LOGI("service",
+             "model %s %s: %s host, %d slot(s), %" PRIu64 " host parameters, on %s (%s), %s gates",
+             i->model_id, what, ksm_topology_name(i->topology), i->n_slots, i->host_params,
+             i->device, ksm_dtype_name(i->dtype), i->permissive_gates ? "permissive" : "strict");
+    free(i);
+}
+
 int ksm_service_model_get(ksm_service *s, const char *id, ksm_model **out, char *err, size_t errlen)
 {
     int rc = ksm_engine_model_get(s->engine, id, out);
@@ -94,6 +113,7 @@ int ksm_service_model_create(ksm_service *s, const char *id, const struct ksm_mo
     }
     ksm_persist_create_end(s->persist);
     if (rc != 0) return rc;
+    log_model(m, "created");
     *out = m;
     return 0;
 }
@@ -111,6 +131,9 @@ int ksm_service_model_delete(ksm_service *s, const char *id, uint64_t *freed_byt
     }
     ksm_persist_unlock(pm);
     if (rc == KSM_ENOMODEL) return no_model(id, err, errlen);
+    if (rc == 0)
+        KSM_LOGI("service", "model %s deleted (%" PRIu64 " bytes freed)", id,
+                 freed_bytes != NULL ? *freed_bytes : 0);
     return rc;
 }
 
@@ -165,14 +188,16 @@ static int mutation_end_in_memory(ksm_service *s, struct mutation *mu, int rc)
     return rc;
 }
 
-int ksm_service_configure_training(ksm_service *s, ksm_model *m,
-                                   const struct ksm_training_config *c, bool reset_optimizer_state,
-                                   char *err, size_t errlen)
+int ksm_service_configure_training(ksm_service *s, ksm_model *m, ksm_training_merge_fn merge,
+                                   void *ud, bool reset_optimizer_state,
+                                   struct ksm_training_config *out, uint64_t *train_step, char *err,
+                                   size_t errlen)
 {
     struct mutation mu;
     int rc = mutation_begin(s, m, &mu, err, errlen);
     if (rc != 0) return rc;
-    rc = ksm_model_configure_training(m, c, reset_optimizer_state, err, errlen);
+    rc = ksm_model_update_training(m, merge, ud, reset_optimizer_state, out, train_step, err,
+                                   errlen);
     return mutation_end_in_memory(s, &mu, rc);
 }
 
@@ -183,6 +208,30 @@ int ksm_service_train_step(ksm_service *s, ksm_model *m, const struct ksm_train_
     int rc = mutation_begin(s, m, &mu, err, errlen);
     if (rc != 0) return rc;
     rc = ksm_model_train_step(m, a, r, err, errlen);
+    uint64_t every = s->cfg.checkpoint_interval;
+    if (rc == 0 && every != 0 && s->persist != NULL && r->train_step % every == 0) {
+        char why[1024];
+        if (ksm_persist_checkpoint(mu.pm, m, NULL, why, sizeof why) != 0)
+            KSM_LOGE("service",
+                     "model %s: the checkpoint after train_step %llu (--checkpoint-interval %llu) "
+                     "failed: %s",
+                     ksm_model_id(m), (unsigned long long)r->train_step, (unsigned long long)every,
+                     why);
+    }
+    return mutation_end_in_memory(s, &mu, rc);
+}
+
+int ksm_service_checkpoint(ksm_service *s, ksm_model *m, uint64_t *train_step, char *err,
+                           size_t errlen)
+{
+    if (s->persist == NULL)
+        return ksm_errf(err, errlen, KSM_ESTAGE,
+                        "kasminad runs with --no-persist: it keeps no state on disk, so there is "
+                        "nothing to checkpoint to.");
+    struct mutation mu;
+    int rc = mutation_begin(s, m, &mu, err, errlen);
+    if (rc != 0) return rc;
+    rc = ksm_persist_checkpoint(mu.pm, m, train_step, err, errlen);
     return mutation_end_in_memory(s, &mu, rc);
 }
 
@@ -193,7 +242,14 @@ int ksm_service_load_weights(ksm_service *s, ksm_model *m, const void *buf, size
     int rc = mutation_begin(s, m, &mu, err, errlen);
     if (rc != 0) return rc;
     rc = ksm_model_load_weights(m, buf, len, strict, res, err, errlen);
-    return mutation_end(s, &mu, m, SNAPSHOT, rc, err, errlen);
+    rc = mutation_end(s, &mu, m, SNAPSHOT, rc, err, errlen);
+    if (rc == 0)
+        KSM_LOGI("service",
+                 "model %s: weights loaded (%zu bytes, %s): %zu tensors loaded, %zu missing, %zu "
+                 "unexpected",
+                 ksm_model_id(m), len, strict ? "strict" : "not strict", res->n_loaded,
+                 res->n_missing, res->n_unexpected);
+    return rc;
 }
 
 int ksm_service_move(ksm_service *s, ksm_model *m, const char *device, int dtype, char *err,
@@ -203,7 +259,9 @@ int ksm_service_move(ksm_service *s, ksm_model *m, const char *device, int dtype
     int rc = mutation_begin(s, m, &mu, err, errlen);
     if (rc != 0) return rc;
     rc = ksm_model_move(m, device, dtype, err, errlen);
-    return mutation_end(s, &mu, m, SNAPSHOT, rc, err, errlen);
+    rc = mutation_end(s, &mu, m, SNAPSHOT, rc, err, errlen);
+    if (rc == 0) log_model(m, "moved");
+    return rc;
 }
 
 int ksm_service_germinate(ksm_service *s, ksm_model *m, const char *slot_id,
@@ -295,5 +353,16 @@ int ksm_service_record_metrics(ksm_service *s, ksm_model *m, const char *slot_id
     int rc = mutation_begin(s, m, &mu, err, errlen);
     if (rc != 0) return rc;
     rc = ksm_model_record_metrics(m, slot_id, u, report, err, errlen);
+    return mutation_end(s, &mu, m, slot_id, rc, err, errlen);
+}
+
+int ksm_service_configure_slot(ksm_service *s, ksm_model *m, const char *slot_id,
+                               const struct ksm_slot_settings *set, struct ksm_slot_report *reports,
+                               size_t cap, size_t *n, char *err, size_t errlen)
+{
+    struct mutation mu;
+    int rc = mutation_begin(s, m, &mu, err, errlen);
+    if (rc != 0) return rc;
+    rc = ksm_model_configure_slot(m, slot_id, set, reports, cap, n, err, errlen);
     return mutation_end(s, &mu, m, slot_id, rc, err, errlen);
 }

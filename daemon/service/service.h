@@ -70,6 +70,9 @@ struct ksm_service_config {
     uint32_t max_models;
     uint32_t max_seeds_per_model;
     size_t memory_cap;
+    /* --checkpoint-interval: checkpoint a model after each TrainStep that makes its train_step a
+     * multiple of this (0 = never; needs persist). */
+    uint64_t checkpoint_interval;
 };
 
 int ksm_service_new(const struct ksm_service_config *cfg, ksm_service **out);
@@ -129,17 +132,33 @@ int ksm_service_step_epoch(ksm_service *s, ksm_model *m, const char *slot_id,
 int ksm_service_record_metrics(ksm_service *s, ksm_model *m, const char *slot_id,
                                const struct ksm_metrics_update *u, struct ksm_slot_report *report,
                                char *err, size_t errlen);
+int ksm_service_configure_slot(ksm_service *s, ksm_model *m, const char *slot_id,
+                               const struct ksm_slot_settings *set, struct ksm_slot_report *reports,
+                               size_t cap, size_t *n, char *err, size_t errlen);
 
 // ---- Training (docs/training.md) ----
 
-/* The model's training configuration; a mutation in memory (not journalled: training state is
- * made durable by checkpoints), refused for a model deleted since its lookup. */
-int ksm_service_configure_training(ksm_service *s, ksm_model *m,
-                                   const struct ksm_training_config *c, bool reset_optimizer_state,
-                                   char *err, size_t errlen);
-/* One TrainStep, under the same rules. */
+/* The model's training configuration, updated by merge (ksm_model_update_training: the read,
+ * the merge and the write are one step, so concurrent partial updates all stay); a mutation in
+ * memory (not journalled: training state is made durable by checkpoints), refused for a model
+ * deleted since its lookup. out / train_step (may be NULL): as this call left them. */
+int ksm_service_configure_training(ksm_service *s, ksm_model *m, ksm_training_merge_fn merge,
+                                   void *ud, bool reset_optimizer_state,
+                                   struct ksm_training_config *out, uint64_t *train_step, char *err,
+                                   size_t errlen);
+/* One TrainStep, under the same rules. With a checkpoint_interval, a step that makes train_step a
+ * multiple of it is followed by a checkpoint before this returns, under the same lock; if that
+ * checkpoint cannot be written the step still succeeds (it was applied), the failure is logged
+ * and the model's checkpoint_step stays where it was. */
 int ksm_service_train_step(ksm_service *s, ksm_model *m, const struct ksm_train_args *a,
                            struct ksm_train_result *r, char *err, size_t errlen);
+/* Checkpoint: the model's training progress made durable (ksm_persist_checkpoint) under its
+ * lock, so that it never races a TrainStep; *train_step (may be NULL) = the step now durable.
+ * KSM_ESTAGE ("...--no-persist...") when the service keeps nothing on disk; KSM_ENOMODEL for a
+ * model deleted since its lookup; KSM_ENOSPC / KSM_EIO when the write fails (the previous
+ * checkpoint stays). */
+int ksm_service_checkpoint(ksm_service *s, ksm_model *m, uint64_t *train_step, char *err,
+                           size_t errlen);
 
 /* The daemon's sentence for an engine limit: rewrites err for KSM_EMAXMODELS, KSM_EMAXSEEDS
  * and (with a memory cap) KSM_EDEVMEM so that it names the option; other codes are unchanged.

@@ -166,6 +166,18 @@ void ksm_wire_set_alpha_target_to_pb(const struct ksm_lifecycle_args *l,
                                      Kasmina__V1__SetAlphaTargetRequest *pb);
 void ksm_wire_set_alpha_to_pb(const struct ksm_lifecycle_args *l, Kasmina__V1__SetAlphaRequest *pb);
 
+/* ConfigureSlotRequest -> settings (checks model_id; slot_id may be empty: every slot). */
+int ksm_wire_configure_slot_from_pb(const Kasmina__V1__ConfigureSlotRequest *pb,
+                                    struct ksm_slot_settings *out, char *err, size_t errlen);
+int ksm_wire_configure_slot_to_pb(const char *model_id, const char *slot_id,
+                                  const struct ksm_slot_settings *s, struct ksm_pb_arena *a,
+                                  Kasmina__V1__ConfigureSlotRequest *pb);
+/* Gate bits (1 << KSM_GATE_Gn) <-> repeated GateLevel (G1..G3 only; field names the list). */
+int ksm_wire_gate_levels_from_pb(const Kasmina__V1__GateLevel *v, size_t n, const char *field,
+                                 unsigned *out, char *err, size_t errlen);
+int ksm_wire_gate_levels_to_pb(unsigned bits, struct ksm_pb_arena *a, Kasmina__V1__GateLevel **v,
+                               size_t *n);
+
 int ksm_wire_gate_to_pb(const struct ksm_gate_result *g, struct ksm_pb_arena *a,
                         Kasmina__V1__GateResult *pb);
 int ksm_wire_gate_from_pb(const Kasmina__V1__GateResult *pb, struct ksm_gate_result *g, char *err,

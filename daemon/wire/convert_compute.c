@@ -246,9 +246,21 @@ int ksm_wire_evaluate_from_pb(const Kasmina__V1__EvaluateRequest *pb, struct ksm
         return ksm_errf(err, errlen, KSM_EINVAL, "targets.dtype must be DTYPE_I64 or DTYPE_I32.");
     KSM_TRY(ksm_wire_check_string(pb->stream, "stream", false, KSM_ID_MAX, err, errlen));
     out->stream = str_or_empty(pb->stream);
-    if (pb->n_configs == 0 && !pb->generate_standard)
+    int mode = (int)pb->attribution;
+    if (mode < KASMINA__V1__ATTRIBUTION_MODE__ATTRIBUTION_NONE ||
+        mode > KASMINA__V1__ATTRIBUTION_MODE__ATTRIBUTION_PERMUTATION)
         return ksm_errf(err, errlen, KSM_EINVAL,
-                        "configs must not be empty unless generate_standard is set.");
+                        "attribution must be ATTRIBUTION_NONE, ATTRIBUTION_AUTO, "
+                        "ATTRIBUTION_EXACT or ATTRIBUTION_PERMUTATION, got %d.",
+                        mode);
+    if (pb->shapley_samples > KSM_SHAPLEY_SAMPLES_MAX)
+        return ksm_errf(err, errlen, KSM_EINVAL, "shapley_samples is %u; at most %d are allowed.",
+                        pb->shapley_samples, KSM_SHAPLEY_SAMPLES_MAX);
+    if (pb->n_configs == 0 && !pb->generate_standard &&
+        mode == KASMINA__V1__ATTRIBUTION_MODE__ATTRIBUTION_NONE)
+        return ksm_errf(err, errlen, KSM_EINVAL,
+                        "configs must not be empty unless generate_standard or attribution is "
+                        "set.");
     if (pb->n_configs > 256)
         return ksm_errf(err, errlen, KSM_EINVAL,
                         "configs has %zu entries; at most 256 are allowed.", pb->n_configs);
@@ -265,6 +277,9 @@ int ksm_wire_evaluate_from_pb(const Kasmina__V1__EvaluateRequest *pb, struct ksm
     out->n_configs = pb->n_configs;
     out->generate_standard = pb->generate_standard;
     out->return_logits = pb->return_logits;
+    out->attribution = (enum ksm_attribution_mode)mode;
+    out->shapley_samples = pb->shapley_samples;
+    out->attribution_seed = pb->attribution_seed;
     return 0;
 }
 
@@ -288,6 +303,9 @@ int ksm_wire_evaluate_to_pb(const char *model_id, const struct ksm_evaluate_args
     pb->generate_standard = args->generate_standard;
     pb->return_logits = args->return_logits;
     pb->stream = pbstr(args->stream);
+    pb->attribution = (Kasmina__V1__AttributionMode)args->attribution;
+    pb->shapley_samples = args->shapley_samples;
+    pb->attribution_seed = args->attribution_seed;
     return 0;
 }
 
@@ -342,6 +360,36 @@ int ksm_wire_evaluate_result_to_pb(const struct ksm_evaluate_result *r, struct k
     }
     pb->model_generation = r->model_generation;
     pb->compute_ns = r->compute_ns;
+    if (r->n_shapley > 0) {
+        pb->shapley = ANEWN(a, Kasmina__V1__ShapleyEstimate *, r->n_shapley);
+        Kasmina__V1__ShapleyEstimate *e = ANEWN(a, Kasmina__V1__ShapleyEstimate, r->n_shapley);
+        if (pb->shapley == NULL || e == NULL) return KSM_ENOMEM;
+        for (size_t i = 0; i < r->n_shapley; i++) {
+            const struct ksm_shapley_estimate *s = &r->shapley[i];
+            kasmina__v1__shapley_estimate__init(&e[i]);
+            e[i].slot_id = (char *)s->slot_id;
+            e[i].mean = s->mean;
+            e[i].std = s->std;
+            e[i].n_samples = s->n_samples;
+            e[i].algorithm = (char *)s->algorithm;
+            e[i].marginal = s->marginal;
+            pb->shapley[i] = &e[i];
+        }
+        pb->n_shapley = r->n_shapley;
+    }
+    if (r->n_interactions > 0) {
+        pb->interactions = ANEWN(a, Kasmina__V1__InteractionTerm *, r->n_interactions);
+        Kasmina__V1__InteractionTerm *t = ANEWN(a, Kasmina__V1__InteractionTerm, r->n_interactions);
+        if (pb->interactions == NULL || t == NULL) return KSM_ENOMEM;
+        for (size_t i = 0; i < r->n_interactions; i++) {
+            kasmina__v1__interaction_term__init(&t[i]);
+            t[i].slot_a = (char *)r->interactions[i].slot_a;
+            t[i].slot_b = (char *)r->interactions[i].slot_b;
+            t[i].interaction = r->interactions[i].interaction;
+            pb->interactions[i] = &t[i];
+        }
+        pb->n_interactions = r->n_interactions;
+    }
     return 0;
 }
 
@@ -351,6 +399,32 @@ static int evaluate_result_from_pb(const Kasmina__V1__EvaluateResponse *pb, bool
     memset(r, 0, sizeof *r);
     r->model_generation = pb->model_generation;
     r->compute_ns = pb->compute_ns;
+    if (pb->n_shapley > 0) {
+        r->shapley = calloc(pb->n_shapley, sizeof *r->shapley);
+        if (r->shapley == NULL) return KSM_ENOMEM;
+        r->n_shapley = pb->n_shapley;
+        for (size_t i = 0; i < pb->n_shapley; i++) {
+            const Kasmina__V1__ShapleyEstimate *e = pb->shapley[i];
+            struct ksm_shapley_estimate *s = &r->shapley[i];
+            copy_str(s->slot_id, sizeof s->slot_id, e->slot_id);
+            s->mean = e->mean;
+            s->std = e->std;
+            s->n_samples = e->n_samples;
+            copy_str(s->algorithm, sizeof s->algorithm, e->algorithm);
+            s->marginal = e->marginal;
+        }
+    }
+    if (pb->n_interactions > 0) {
+        r->interactions = calloc(pb->n_interactions, sizeof *r->interactions);
+        if (r->interactions == NULL) return KSM_ENOMEM; /* the caller frees what was converted */
+        r->n_interactions = pb->n_interactions;
+        for (size_t i = 0; i < pb->n_interactions; i++) {
+            const Kasmina__V1__InteractionTerm *t = pb->interactions[i];
+            copy_str(r->interactions[i].slot_a, sizeof r->interactions[i].slot_a, t->slot_a);
+            copy_str(r->interactions[i].slot_b, sizeof r->interactions[i].slot_b, t->slot_b);
+            r->interactions[i].interaction = t->interaction;
+        }
+    }
     if (pb->n_results == 0) return 0;
     r->results = calloc(pb->n_results, sizeof *r->results);
     if (r->results == NULL) return KSM_ENOMEM;

@@ -217,3 +217,74 @@ void ksm_wire_set_alpha_to_pb(const struct ksm_lifecycle_args *l, Kasmina__V1__S
     pb->slot_id = pbstr(l->slot_id);
     pb->alpha = (float)l->alpha;
 }
+
+int ksm_wire_gate_levels_from_pb(const Kasmina__V1__GateLevel *v, size_t n, const char *field,
+                                 unsigned *out, char *err, size_t errlen)
+{
+    unsigned bits = 0;
+    for (size_t i = 0; i < n; i++) {
+        char f[96];
+        snprintf(f, sizeof f, "%s[%zu]", field, i);
+        enum ksm_gate_level g = KSM_GATE_G0;
+        KSM_TRY(ksm_wire_gate_level_from_pb((int)v[i], f, &g, err, errlen));
+        if (g != KSM_GATE_G1 && g != KSM_GATE_G2 && g != KSM_GATE_G3)
+            return ksm_errf(err, errlen, KSM_EINVAL, "%s must be GATE_G1, GATE_G2 or GATE_G3.", f);
+        bits |= 1u << g;
+    }
+    *out = bits;
+    return 0;
+}
+
+int ksm_wire_gate_levels_to_pb(unsigned bits, struct ksm_pb_arena *a, Kasmina__V1__GateLevel **v,
+                               size_t *n)
+{
+    Kasmina__V1__GateLevel *g = ANEWN(a, Kasmina__V1__GateLevel, 8);
+    if (g == NULL) return KSM_ENOMEM;
+    size_t k = 0;
+    for (int lvl = 0; lvl <= 5; lvl++)
+        if (bits & (1u << lvl)) g[k++] = (Kasmina__V1__GateLevel)lvl;
+    *v = g;
+    *n = k;
+    return 0;
+}
+
+int ksm_wire_configure_slot_from_pb(const Kasmina__V1__ConfigureSlotRequest *pb,
+                                    struct ksm_slot_settings *out, char *err, size_t errlen)
+{
+    memset(out, 0, sizeof *out);
+    KSM_TRY(ksm_wire_check_target(pb->model_id, pb->slot_id, false, err, errlen));
+    if (pb->opt_isolate_gradients_case ==
+        KASMINA__V1__CONFIGURE_SLOT_REQUEST__OPT_ISOLATE_GRADIENTS_ISOLATE_GRADIENTS) {
+        out->set_isolate_gradients = true;
+        out->isolate_gradients = pb->isolate_gradients;
+    }
+    if (pb->auto_forward_gates != NULL) {
+        out->set_auto_forward_gates = true;
+        KSM_TRY(ksm_wire_gate_levels_from_pb(
+            pb->auto_forward_gates->gates, pb->auto_forward_gates->n_gates,
+            "auto_forward_gates.gates", &out->auto_forward_gates, err, errlen));
+    }
+    return 0;
+}
+
+int ksm_wire_configure_slot_to_pb(const char *model_id, const char *slot_id,
+                                  const struct ksm_slot_settings *s, struct ksm_pb_arena *a,
+                                  Kasmina__V1__ConfigureSlotRequest *pb)
+{
+    kasmina__v1__configure_slot_request__init(pb);
+    pb->model_id = pbstr(model_id);
+    pb->slot_id = pbstr(slot_id);
+    if (s->set_isolate_gradients) {
+        pb->opt_isolate_gradients_case =
+            KASMINA__V1__CONFIGURE_SLOT_REQUEST__OPT_ISOLATE_GRADIENTS_ISOLATE_GRADIENTS;
+        pb->isolate_gradients = s->isolate_gradients;
+    }
+    if (s->set_auto_forward_gates) {
+        Kasmina__V1__GateLevels *g = ANEW(a, Kasmina__V1__GateLevels);
+        if (g == NULL) return KSM_ENOMEM;
+        kasmina__v1__gate_levels__init(g);
+        KSM_TRY(ksm_wire_gate_levels_to_pb(s->auto_forward_gates, a, &g->gates, &g->n_gates));
+        pb->auto_forward_gates = g;
+    }
+    return 0;
+}

@@ -28,6 +28,18 @@ void ksm_wire_cnn_spec_from_pb(const Kasmina__V1__CnnHostSpec *pb, struct ksm_cn
     }
 }
 
+/* The double nearest to the shortest decimal that reads back as f (a client's 0.1 arrives as the
+ * float 0.100000001; the engine then uses 0.1, what the client meant and what esper uses). */
+static double float_as_decimal(float f)
+{
+    char buf[32];
+    for (int prec = 1; prec <= 9; prec++) {
+        snprintf(buf, sizeof buf, "%.*g", prec, (double)f);
+        if ((float)strtod(buf, NULL) == f) return strtod(buf, NULL);
+    }
+    return (double)f;
+}
+
 void ksm_wire_transformer_spec_from_pb(const Kasmina__V1__TransformerHostSpec *pb,
                                        struct ksm_transformer_spec *out)
 {
@@ -39,6 +51,10 @@ void ksm_wire_transformer_spec_from_pb(const Kasmina__V1__TransformerHostSpec *p
     out->n_layer = pb->n_layer;
     out->block_size = pb->block_size;
     out->num_segments = pb->num_segments;
+    if (pb->opt_dropout_case == KASMINA__V1__TRANSFORMER_HOST_SPEC__OPT_DROPOUT_DROPOUT) {
+        out->dropout = float_as_decimal(pb->dropout); /* the range is the engine's check */
+        out->dropout_set = true;
+    }
 }
 
 int ksm_wire_model_spec_from_pb(const Kasmina__V1__CreateModelRequest *pb,
@@ -130,6 +146,10 @@ static int transformer_to_pb(const struct ksm_transformer_spec *t, struct ksm_pb
     pb->n_layer = t->n_layer;
     pb->block_size = t->block_size;
     pb->num_segments = t->num_segments;
+    if (t->dropout_set) {
+        pb->opt_dropout_case = KASMINA__V1__TRANSFORMER_HOST_SPEC__OPT_DROPOUT_DROPOUT;
+        pb->dropout = (float)t->dropout;
+    }
     *out = pb;
     return 0;
 }

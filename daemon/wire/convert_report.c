@@ -40,6 +40,29 @@ int ksm_wire_gate_to_pb(const struct ksm_gate_result *g, struct ksm_pb_arena *a,
     KSM_TRY(
         strv_to_pb(mg->checks_failed, g->n_failed, a, &pb->checks_failed, &pb->n_checks_failed));
     pb->message = (char *)g->message;
+    int n = g->n_checks < 0                     ? 0
+            : g->n_checks > KSM_GATE_MAX_CHECKS ? KSM_GATE_MAX_CHECKS
+                                                : g->n_checks;
+    if (n == 0) return 0;
+    pb->checks = ANEWN(a, Kasmina__V1__GateCheck *, (size_t)n);
+    Kasmina__V1__GateCheck *v = ANEWN(a, Kasmina__V1__GateCheck, (size_t)n);
+    if (pb->checks == NULL || v == NULL) return KSM_ENOMEM;
+    for (int i = 0; i < n; i++) {
+        const struct ksm_gate_check *c = &g->checks[i];
+        kasmina__v1__gate_check__init(&v[i]);
+        v[i].name = (char *)c->name;
+        v[i].passed = c->passed;
+        v[i].quantity = (char *)c->quantity;
+        v[i].op = (char *)c->op;
+        v[i].threshold = c->threshold;
+        if (c->has_value) {
+            v[i].opt_value_case = KASMINA__V1__GATE_CHECK__OPT_VALUE_VALUE;
+            v[i].value = c->value;
+        }
+        v[i].detail = (char *)c->detail;
+        pb->checks[i] = &v[i];
+    }
+    pb->n_checks = (size_t)n;
     return 0;
 }
 
@@ -62,6 +85,20 @@ int ksm_wire_gate_from_pb(const Kasmina__V1__GateResult *pb, struct ksm_gate_res
     g->n_passed = (int)np;
     g->n_failed = (int)nf;
     copy_str(g->message, sizeof g->message, pb->message);
+    size_t nc = pb->n_checks < KSM_GATE_MAX_CHECKS ? pb->n_checks : KSM_GATE_MAX_CHECKS;
+    for (size_t i = 0; i < nc; i++) {
+        const Kasmina__V1__GateCheck *p = pb->checks[i];
+        struct ksm_gate_check *c = &g->checks[i];
+        copy_str(c->name, sizeof c->name, p->name);
+        c->passed = p->passed;
+        copy_str(c->quantity, sizeof c->quantity, p->quantity);
+        copy_str(c->op, sizeof c->op, p->op);
+        c->threshold = p->threshold;
+        c->has_value = p->opt_value_case == KASMINA__V1__GATE_CHECK__OPT_VALUE_VALUE;
+        c->value = c->has_value ? p->value : 0.0;
+        copy_str(c->detail, sizeof c->detail, p->detail);
+    }
+    g->n_checks = (int)nc;
     return 0;
 }
 
@@ -159,6 +196,8 @@ int ksm_wire_slot_report_to_pb(const char *model_id, const struct ksm_slot_repor
     pb->metrics = m;
     KSM_TRY(gradients_to_pb(&r->telemetry, sm, a, &pb->gradients));
     pb->isolate_gradients = r->isolate_gradients;
+    KSM_TRY(ksm_wire_gate_levels_to_pb(r->auto_forward_gates, a, &pb->auto_forward_gates,
+                                       &pb->n_auto_forward_gates));
     pb->is_healthy = r->is_healthy;
     pb->seed_params = r->seed_params;
     pb->model_generation = r->model_generation;
@@ -252,6 +291,9 @@ int ksm_wire_slot_report_from_pb(const Kasmina__V1__SlotReport *pb, struct ksm_s
         }
     }
     r->isolate_gradients = pb->isolate_gradients;
+    for (size_t i = 0; i < pb->n_auto_forward_gates; i++)
+        if ((int)pb->auto_forward_gates[i] >= 0 && (int)pb->auto_forward_gates[i] <= 5)
+            r->auto_forward_gates |= 1u << (int)pb->auto_forward_gates[i];
     r->is_healthy = pb->is_healthy;
     r->seed_params = pb->seed_params;
     r->model_generation = pb->model_generation;

@@ -56,6 +56,7 @@ static const struct {
     {KSM_EPERM, GRPC_STATUS_PERMISSION_DENIED},
     {KSM_EACCES, GRPC_STATUS_PERMISSION_DENIED},
     {KSM_EAUTH, GRPC_STATUS_UNAUTHENTICATED}, /* no or wrong bearer token */
+    {KSM_EBADMSG, GRPC_STATUS_DATA_LOSS},     /* a weights chunk whose checksum does not match */
     /* ours */
     {KSM_EIO, GRPC_STATUS_INTERNAL},
     {KSM_EINTERNAL, GRPC_STATUS_INTERNAL},
@@ -94,9 +95,9 @@ int ksm_rpc_err_from_status(grpc_status_code code)
     case GRPC_STATUS_ABORTED: return KSM_EAGAIN;
     case GRPC_STATUS_UNIMPLEMENTED: return KSM_ENOSYS;
     case GRPC_STATUS_UNAVAILABLE: return KSM_ENOTREADY;
+    case GRPC_STATUS_DATA_LOSS: return KSM_EBADMSG;
     case GRPC_STATUS_UNKNOWN:
     case GRPC_STATUS_INTERNAL:
-    case GRPC_STATUS_DATA_LOSS:
     default: return KSM_EINTERNAL;
     }
 }

@@ -18,6 +18,10 @@ extern "C" {
 
 /* Trailing metadata key carrying ksm_err_name(code) of a failed call. */
 #define KSM_RPC_ERROR_MD "kasmina-error"
+/* Trailing metadata key of a successful call's warnings, one entry per sentence (a value that was
+ * accepted but looks wrong, a default that was taken: docs/logging.md#warnings). Printable ASCII.
+ */
+#define KSM_RPC_WARNING_MD "kasmina-warning"
 
 /* KSM_E* (or 0) -> grpc_status_code. Unknown codes give GRPC_STATUS_INTERNAL. */
 grpc_status_code ksm_rpc_status_from_err(int err);

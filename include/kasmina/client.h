@@ -69,6 +69,9 @@ struct ksm_client_error {
     int code;          /* KSM_E*, equal to the call's return value */
     int grpc_status;   /* grpc_status_code; 0 = OK */
     char message[512]; /* the server's status message, or a local sentence */
+    /* On success: the server's warnings about the request (trailing metadata "kasmina-warning",
+     * docs/logging.md#warnings), one per line; empty when there were none. */
+    char warnings[1024];
 };
 
 /* target: "unix:/path/to.sock", "unix:///path", "host:port" or "dns:///host:port". opts may be
@@ -146,12 +149,52 @@ int ksm_client_model_list(ksm_client *c, struct ksm_model_info **out, size_t *n,
 /* freed_bytes may be NULL. */
 int ksm_client_model_delete(ksm_client *c, const char *model_id, uint64_t *freed_bytes,
                             struct ksm_client_error *err);
-/* A safetensors blob (esper state_dict names). r may be NULL. */
+/* A safetensors blob (esper state_dict names). r may be NULL. Streams when the blob is large
+ * (as ksm_client_load_weights_ex with KSM_CLIENT_STREAM_AUTO). */
 int ksm_client_load_weights(ksm_client *c, const char *model_id, const void *buf, size_t len,
                             bool strict, struct ksm_load_result *r, struct ksm_client_error *err);
-/* *buf is malloc'd. */
+/* *buf is malloc'd. Streams when the blob is large (KSM_CLIENT_STREAM_AUTO). */
 int ksm_client_export_weights(ksm_client *c, const char *model_id, void **buf, size_t *len,
                               struct ksm_client_error *err);
+
+/* How weights travel: the unary LoadWeights / ExportWeights carry the whole blob in one message,
+ * bounded by the daemon's max-message-bytes / max-reply-bytes and the client's
+ * max_message_bytes (64 MiB each by default); LoadWeightsStream / ExportWeightsStream move any
+ * size in CRC-32-checked chunks (the daemon's max-weights-bytes bounds them, 1 GiB by default).
+ * AUTO: a load streams when the request would not fit the client's limit, and retries streamed
+ * when the daemon refuses it for its size; an export streams (its size is known only once the
+ * daemon exported), unary with a daemon that lacks ExportWeightsStream. */
+enum ksm_client_stream_mode {
+    KSM_CLIENT_STREAM_AUTO = 0,
+    KSM_CLIENT_STREAM_NEVER,  /* the unary call only */
+    KSM_CLIENT_STREAM_ALWAYS, /* the streaming call only */
+};
+
+struct ksm_client_weights_options {
+    enum ksm_client_stream_mode stream;
+    /* Export: n_slots > 0 exports only these slots' tensors and extra state, plus the host's
+     * tensors when include_host (esper's Governor snapshots); 0 exports everything. */
+    const char *const *slots;
+    size_t n_slots;
+    bool include_host;
+    size_t chunk_bytes; /* data bytes per chunk of either stream; 0 = 2 MiB (less when the
+                         * client's max_message_bytes is smaller) */
+    /* Streams: called after each chunk with the bytes moved so far and the total; a non-zero
+     * return cancels the call (nothing is loaded) and becomes the return value (use a positive
+     * value to tell it from an error). NULL = none. */
+    int (*progress)(void *ud, uint64_t done, uint64_t total);
+    void *progress_ud;
+};
+
+/* o may be NULL (AUTO, everything). Same results as ksm_client_load_weights /
+ * ksm_client_export_weights. A streamed load whose chunk fails its checksum on the way gives
+ * KSM_EBADMSG (DATA_LOSS); one whose stream ends early or is cancelled changes nothing. */
+int ksm_client_load_weights_ex(ksm_client *c, const char *model_id, const void *buf, size_t len,
+                               bool strict, const struct ksm_client_weights_options *o,
+                               struct ksm_load_result *r, struct ksm_client_error *err);
+int ksm_client_export_weights_ex(ksm_client *c, const char *model_id,
+                                 const struct ksm_client_weights_options *o, void **buf,
+                                 size_t *len, struct ksm_client_error *err);
 /* device NULL/"" = keep; dtype -1 = keep. out may be NULL. */
 int ksm_client_model_move(ksm_client *c, const char *model_id, const char *device, int dtype,
                           struct ksm_model_info *out, struct ksm_client_error *err);
@@ -188,6 +231,12 @@ int ksm_client_step_epoch(ksm_client *c, const char *model_id, const char *slot_
 int ksm_client_record_metrics(ksm_client *c, const char *model_id, const char *slot_id,
                               const struct ksm_metrics_update *u, struct ksm_slot_report *report,
                               struct ksm_client_error *err);
+/* ConfigureSlot: per-slot settings (isolate_gradients, auto_forward_gates; unset ones keep their
+ * value). slot_id NULL/"" = every slot. reports (cap entries, may be NULL) receive the configured
+ * slots' reports; *n (may be NULL) the number the server sent. */
+int ksm_client_configure_slot(ksm_client *c, const char *model_id, const char *slot_id,
+                              const struct ksm_slot_settings *s, struct ksm_slot_report *reports,
+                              size_t cap, size_t *n, struct ksm_client_error *err);
 /* slot_id NULL/"" = every slot, row-major. */
 int ksm_client_slot_reports(ksm_client *c, const char *model_id, const char *slot_id,
                             struct ksm_slot_report *reports, size_t cap, size_t *n,
@@ -211,7 +260,8 @@ int ksm_client_watch_events(ksm_client *c, const char *model_id, uint64_t after_
  * tensor (contiguous). r->output is malloc'd (ksm_host_tensor_free). */
 int ksm_client_forward(ksm_client *c, const char *model_id, const struct ksm_forward_args *a,
                        struct ksm_forward_result *r, struct ksm_client_error *err);
-/* a->shapley is not available over the wire (KSM_EINVAL). r: ksm_evaluate_result_free. */
+/* a->shapley is not available over the wire (KSM_EINVAL); a->attribution is
+ * (docs/evaluate.md#attribution). r: ksm_evaluate_result_free. */
 int ksm_client_evaluate(ksm_client *c, const char *model_id, const struct ksm_evaluate_args *a,
                         struct ksm_evaluate_result *r, struct ksm_client_error *err);
 
@@ -227,6 +277,18 @@ int ksm_client_configure_training(ksm_client *c, const char *model_id,
 /* One TrainStep: a->input and a->targets (I64) are host tensors (contiguous). */
 int ksm_client_train_step(ksm_client *c, const char *model_id, const struct ksm_train_args *a,
                           struct ksm_train_result *r, struct ksm_client_error *err);
+
+/* A model's entry of a Checkpoint reply: the train_step now durable. */
+struct ksm_client_checkpoint {
+    char model_id[KSM_ID_MAX + 1];
+    uint64_t train_step;
+};
+/* Checkpoint: makes the training progress of model_id (NULL/"" = every model) durable (weights,
+ * BatchNorm buffers, momentum buffers, train_step). *out is malloc'd (free(*out)), one entry per
+ * model checkpointed, *n of them. FAILED_PRECONDITION (KSM_ESTAGE) from a daemon run with
+ * --no-persist. */
+int ksm_client_checkpoint(ksm_client *c, const char *model_id, struct ksm_client_checkpoint **out,
+                          size_t *n, struct ksm_client_error *err);
 
 /* ---- Statistics ---- */
 

@@ -36,6 +36,7 @@ extern "C" {
     XX(ECANCELED, -ECANCELED, "operation canceled")                                                \
     XX(ETIMEDOUT, -ETIMEDOUT, "timed out")                                                         \
     XX(EAGAIN, -EAGAIN, "resource temporarily unavailable")                                        \
+    XX(EBADMSG, -EBADMSG, "data corrupted in transit (checksum mismatch)")                         \
     XX(EDEVMEM, -4000, "device out of memory")                                                     \
     XX(ENOMODEL, -4001, "no such model")                                                           \
     XX(ENOSLOT, -4002, "no such slot")                                                             \

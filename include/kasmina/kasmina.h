@@ -51,7 +51,8 @@ typedef struct ksm_model ksm_model;
 #define KSM_NAME_MAX        32 /* blueprint ids, initiators, curve names */
 #define KSM_REASON_MAX      64
 #define KSM_GATE_MAX_CHECKS 6
-#define KSM_CHECK_MAX       64 /* one gate check string */
+#define KSM_CHECK_MAX       64  /* one gate check string */
+#define KSM_GATE_DETAIL_MAX 128 /* one gate check's detail line */
 
 /* ======================= enums (values match esper-lite and kasmina.proto) ============== */
 
@@ -132,7 +133,21 @@ struct ksm_alpha_controller {
     uint32_t steps_total, steps_done;
 };
 
-/* GateResult (docs/gates.md#quality-gates). */
+/* One check of a gate with the numbers behind it (docs/gates.md#check-details). name is esper's
+ * check string, the same as in checks_passed or checks_failed. */
+struct ksm_gate_check {
+    char name[KSM_CHECK_MAX];
+    bool passed;
+    char quantity[32]; /* the seed field the check reads ("epochs_in_current_stage") */
+    char op[4];        /* what passes: value op threshold (">="); "" for presence/state checks */
+    double threshold;
+    bool has_value; /* false: the field was never measured, or the check reads no number */
+    double value;
+    char detail[KSM_GATE_DETAIL_MAX]; /* one line for people: "epochs_in_current_stage 3 < 10" */
+};
+
+/* GateResult (docs/gates.md#quality-gates). checks_passed / checks_failed are esper's strings;
+ * checks holds every one of them, in the order the gate made them, with its numbers. */
 struct ksm_gate_result {
     enum ksm_gate_level gate;
     bool passed;
@@ -141,6 +156,8 @@ struct ksm_gate_result {
     char checks_passed[KSM_GATE_MAX_CHECKS][KSM_CHECK_MAX];
     char checks_failed[KSM_GATE_MAX_CHECKS][KSM_CHECK_MAX];
     char message[128];
+    int n_checks;
+    struct ksm_gate_check checks[KSM_GATE_MAX_CHECKS];
 };
 
 /* SeedMetrics (docs/gates.md#recordmetrics, docs/lifecycle.md#slot-reports). has_* flags are "not
@@ -198,7 +215,8 @@ struct ksm_metrics_update {
     bool clear_auto_pruned;
 };
 
-/* SeedStateReport (docs/lifecycle.md#slot-reports) plus the slot settings the daemon reports. */
+/* SeedStateReport (docs/lifecycle.md#slot-reports) plus the slot settings the daemon reports
+ * (isolate_gradients and auto_forward_gates also for an empty slot). */
 struct ksm_slot_report {
     char slot_id[KSM_SLOT_ID_MAX];
     bool occupied; /* false: empty slot (no seed state); the rest is zero */
@@ -222,6 +240,8 @@ struct ksm_slot_report {
     bool has_gate;        /* a GatedBlend module exists */
     uint64_t seed_params; /* live seed + gate parameters */
     uint64_t model_generation;
+    /* The slot's auto-forward gates (ConfigureSlot): bit (1 << KSM_GATE_Gn) for G1, G2, G3. */
+    unsigned auto_forward_gates;
 };
 
 /* A lifecycle event (docs/lifecycle.md#events). values holds the remaining numeric payload fields.
@@ -308,6 +328,8 @@ struct ksm_transformer_spec {
     uint32_t n_layer;      /* 6 */
     uint32_t block_size;   /* 256 */
     uint32_t num_segments; /* 3; n_layer % num_segments == 0 */
+    double dropout;        /* 0.1 unless dropout_set; in [0, 1); applied by TrainStep only */
+    bool dropout_set;      /* dropout was given (0 is a valid value) */
 };
 
 struct ksm_model_spec {
@@ -411,6 +433,19 @@ int ksm_model_step_epoch(ksm_model *m, const char *slot_id, struct ksm_slot_repo
                          size_t cap, size_t *n, char *err, size_t errlen);
 int ksm_model_record_metrics(ksm_model *m, const char *slot_id, const struct ksm_metrics_update *u,
                              struct ksm_slot_report *report, char *err, size_t errlen);
+/* Per-slot settings esper changes at run time (SeedSlot attributes). A setting whose set_ flag is
+ * false keeps its value. */
+struct ksm_slot_settings {
+    bool set_isolate_gradients;
+    bool isolate_gradients;
+    bool set_auto_forward_gates;
+    unsigned auto_forward_gates; /* bit (1 << KSM_GATE_Gn); only G1, G2, G3 (else KSM_EINVAL) */
+};
+/* slot_id NULL/"" = every registered slot. reports (may be NULL, cap entries) receive the reports
+ * of the slots configured, row-major. */
+int ksm_model_configure_slot(ksm_model *m, const char *slot_id, const struct ksm_slot_settings *s,
+                             struct ksm_slot_report *reports, size_t cap, size_t *n, char *err,
+                             size_t errlen);
 /* slot_id NULL/"" = every registered slot, row-major. */
 int ksm_model_slot_reports(ksm_model *m, const char *slot_id, struct ksm_slot_report *reports,
                            size_t cap, size_t *n, char *err, size_t errlen);
@@ -460,6 +495,20 @@ struct ksm_alpha_config {
     size_t n;
 };
 
+/* Seed attribution over the live seeds, from the same fused pass (docs/evaluate.md#attribution;
+ * esper: simic/attribution/counterfactual.py). The value of a coalition is its accuracy in
+ * percent with its seeds at alpha 1.0 and the other live seeds at 0.0. */
+enum ksm_attribution_mode {
+    KSM_ATTRIBUTION_NONE = 0,
+    KSM_ATTRIBUTION_AUTO = 1,        /* EXACT with at most 8 live seeds, else PERMUTATION */
+    KSM_ATTRIBUTION_EXACT = 2,       /* all 2^n coalitions, exact Shapley values */
+    KSM_ATTRIBUTION_PERMUTATION = 3, /* esper's ablation configs + antithetic permutations */
+};
+#define KSM_ATTRIBUTION_EXACT_MAX_SEEDS 8    /* 2^8 = 256 coalitions */
+#define KSM_SHAPLEY_SAMPLES_DEFAULT     20   /* esper's CounterfactualConfig.shapley_samples */
+#define KSM_SHAPLEY_SAMPLES_MAX         1000
+#define KSM_EVALUATE_MAX_CONFIGS        4096 /* requested + attribution configs in one pass */
+
 struct ksm_evaluate_args {
     const ksm_tensor *input;   /* host, B rows (as for forward) */
     const ksm_tensor *targets; /* host I64/I32: CNN [B]; transformer [B,T] */
@@ -470,6 +519,11 @@ struct ksm_evaluate_args {
                                n_configs == 0 */
     bool shapley;           /* with generate_standard: add the 2^n factorial (n <= 4) */
     bool return_logits;
+    /* Attribution: its coalitions run in the same pass but are not listed in results; with
+     * attribution, configs may be empty without generate_standard. */
+    enum ksm_attribution_mode attribution;
+    uint32_t shapley_samples;  /* PERMUTATION: permutations; 0 = KSM_SHAPLEY_SAMPLES_DEFAULT */
+    uint64_t attribution_seed; /* PERMUTATION: seed of esper's random.Random(seed) */
 };
 
 struct ksm_config_result {
@@ -480,11 +534,32 @@ struct ksm_config_result {
     ksm_tensor logits; /* only with return_logits (malloc'd) */
 };
 
+/* One live seed's attribution (accuracy points). */
+struct ksm_shapley_estimate {
+    char slot_id[KSM_SLOT_ID_MAX];
+    double mean;        /* Shapley value */
+    double std;         /* sample std (ddof 1) of the permutation marginals; 0 for exact */
+    uint32_t n_samples; /* marginals averaged: n! for exact */
+    char algorithm[24]; /* "exact" | "permutation_antithetic" */
+    double marginal;    /* v(all) - v(all without this seed) */
+};
+
+/* v({a,b}) - v({a}) - v({b}) + v({}), a before b in row-major order. */
+struct ksm_interaction_term {
+    char slot_a[KSM_SLOT_ID_MAX];
+    char slot_b[KSM_SLOT_ID_MAX];
+    double interaction;
+};
+
 struct ksm_evaluate_result {
     struct ksm_config_result *results; /* malloc'd; ksm_evaluate_result_free */
     size_t n;
     uint64_t model_generation;
     uint64_t compute_ns;
+    struct ksm_shapley_estimate *shapley; /* with attribution: one per live seed, row-major */
+    size_t n_shapley;
+    struct ksm_interaction_term *interactions; /* EXACT: every pair of live seeds */
+    size_t n_interactions;
 };
 void ksm_evaluate_result_free(struct ksm_evaluate_result *r);
 
@@ -504,21 +579,44 @@ int ksm_model_load_weights(ksm_model *m, const void *buf, size_t len, bool stric
                            struct ksm_load_result *r, char *err, size_t errlen);
 /* *buf is malloc'd. */
 int ksm_model_export_weights(ksm_model *m, void **buf, size_t *len, char *err, size_t errlen);
+/* A partial export (esper's Governor snapshots): only the listed slots' tensors and _extra_state,
+ * plus the host's tensors when include_host; no kasmina.* metadata, so it loads like any esper
+ * file (strict = false). n_slot_ids 0 is ksm_model_export_weights (everything; include_host is
+ * then ignored). KSM_ENOSLOT names an unknown slot, KSM_EINVAL one listed twice. */
+int ksm_model_export_weights_subset(ksm_model *m, const char *const *slot_ids, int n_slot_ids,
+                                    bool include_host, void **buf, size_t *len, char *err,
+                                    size_t errlen);
 
 /* ---- persistence (daemon/io/persist.c) ----
  *
  * The state of a model as one safetensors blob that ksm_model_restore_state() installs
  * atomically. slot_ids NULL: a snapshot (every host tensor, every slot's seed/gate tensors and
- * _extra_state); else only the listed slots' _extra_state and seed/gate tensors. Both carry
+ * _extra_state, and the training state: kasmina.train_step, kasmina.training and the momentum
+ * buffers _kasmina_optim.<parameter>.momentum_buffer, docs/training.md#durability-and-
+ * checkpoints); else only the listed slots' _extra_state and seed/gate tensors. Both carry
  * __metadata__ kasmina.generation (the model generation), kasmina.kind ("snapshot" | "slots")
  * and kasmina.device. *buf is malloc'd; *generation (may be NULL) = the generation exported.
  * KSM_ENOSLOT names an unknown slot. */
 int ksm_model_export_state(ksm_model *m, const char *const *slot_ids, int n_slot_ids, void **buf,
                            size_t *len, uint64_t *generation, char *err, size_t errlen);
-/* Installs a blob of ksm_model_export_state (a snapshot strictly: every tensor is required):
- * the slots it carries with their modules, host tensors when present, and the generation it
- * names (not a bump). Slots it does not carry are untouched. Emits no events. */
+/* ksm_model_export_state(m, NULL, ...), also giving the train_step the snapshot carries. */
+int ksm_model_export_snapshot(ksm_model *m, void **buf, size_t *len, uint64_t *generation,
+                              uint64_t *train_step, char *err, size_t errlen);
+/* Installs a blob of ksm_model_export_state atomically, with the generation it names (not a
+ * bump); emits no events.
+ * - A snapshot (strictly: every tensor is required) replaces every slot and module, the host
+ *   tensors and the training state (configuration, train_step, momentum buffers; none in the
+ *   blob: none, train_step 0), and makes its train_step the model's checkpoint_step.
+ * - A "slots" record installs the slots it carries; slots it does not carry are untouched. A
+ *   slot whose seed (and gate) module the model already holds -- the same blueprint and seed id
+ *   -- keeps that module, its tensors and its optimizer (dropped when the record fossilizes the
+ *   seed): the record's copies are ignored, so that a journal replayed over a checkpoint gives
+ *   the checkpoint's weights and a seed germinated after it its initial ones. */
 int ksm_model_restore_state(ksm_model *m, const void *buf, size_t len, char *err, size_t errlen);
+/* The train_step of the model's last checkpoint (Model.checkpoint_step): of the snapshot last
+ * restored, or as set by ksm_model_set_checkpoint_step once a snapshot is durable. */
+uint64_t ksm_model_checkpoint_step(ksm_model *m);
+void ksm_model_set_checkpoint_step(ksm_model *m, uint64_t step);
 
 /* device NULL/"" = keep; dtype -1 = keep. Invalidates every cache of the model. */
 int ksm_model_move(ksm_model *m, const char *device, int dtype, char *err, size_t errlen);

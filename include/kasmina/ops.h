@@ -99,6 +99,31 @@ int ksm_op_softmax(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x);
 int ksm_op_sdpa(ksm_stream *s, ksm_tensor *out, const ksm_tensor *q, const ksm_tensor *k,
                 const ksm_tensor *v, bool causal, float scale);
 
+/* ---- Dropout (training) ----
+ *
+ * A dropout mask is a pure function of its key: element n of a tensor is kept with
+ * probability 1 - p and then multiplied by (float)(1 / (1 - p)), or set to 0, as decided by
+ * Philox4x32-10 of (seed, step, site, n) (docs/training.md#dropout-masks has the exact
+ * definition; daemon/nn/kmath.h the code both backends share). So the CPU and CUDA backends
+ * draw the same masks, and the backward regenerates the forward's mask from the key. */
+struct ksm_dropout {
+    double p;      /* drop probability in [0, 1); 0 = no dropout */
+    uint64_t seed; /* the model's init_seed */
+    uint64_t step; /* the model's train_step */
+    uint32_t site; /* which dropout of the network (< 65536) */
+};
+
+/* y <- dropout(x): y and x F32, contiguous, one shape (y may be x exactly); n counts the
+ * elements in row-major order (fewer than 2^50). Dropout is linear, so the same call on dy
+ * with the same key is its backward. */
+int ksm_op_dropout(ksm_stream *s, ksm_tensor *y, const ksm_tensor *x, const struct ksm_dropout *d);
+
+/* ksm_op_sdpa with dropout on the attention weights (softmax(q k^T * scale + mask), torch's
+ * F.scaled_dot_product_attention(dropout_p=p)): weight (b, h, i, j) is element
+ * n = ((b * H + h) * Tq + i) * Tk + j of the mask. d NULL or d->p 0: ksm_op_sdpa. */
+int ksm_op_sdpa_dropout(ksm_stream *s, ksm_tensor *out, const ksm_tensor *q, const ksm_tensor *k,
+                        const ksm_tensor *v, bool causal, float scale, const struct ksm_dropout *d);
+
 /* y[..., D] <- weight[V, D][idx[...]]; idx I64 or I32. Out-of-range indices give NaN rows:
  * validate ids on the host first. */
 int ksm_op_embedding(ksm_stream *s, ksm_tensor *y, const ksm_tensor *weight, const ksm_tensor *idx);

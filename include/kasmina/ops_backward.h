@@ -43,6 +43,10 @@ int ksm_op_tanh_backward(ksm_stream *s, ksm_tensor *dx, const ksm_tensor *dy, co
  * dy has the broadcast shape of a and b; da has a's shape, db b's; either may be NULL. */
 int ksm_op_mul_backward(ksm_stream *s, ksm_tensor *da, ksm_tensor *db, const ksm_tensor *dy,
                         const ksm_tensor *a, const ksm_tensor *b);
+/* y = a + b (broadcast): da <- sum_to(dy, a's shape), db <- sum_to(dy, b's shape) (double
+ * sums); either may be NULL. */
+int ksm_op_add_backward(ksm_stream *s, ksm_tensor *da, ksm_tensor *db, const ksm_tensor *dy,
+                        const ksm_tensor *a, const ksm_tensor *b);
 /* y = lerp(a, b, w) (broadcast): da <- sum_to(dy * (1 - w)), db <- sum_to(dy * w),
  * dw <- sum_to(dy * (b - a)), each to its input's shape (w: a 0-d scalar, [N,1,1,1], ...).
  * Any of da, db, dw may be NULL. */

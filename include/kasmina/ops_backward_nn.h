@@ -15,6 +15,7 @@
 #include <stddef.h>
 
 #include "kasmina/backend.h"
+#include "kasmina/ops.h"
 #include "kasmina/tensor.h"
 
 #ifdef __cplusplus
@@ -74,6 +75,11 @@ int ksm_op_conv2d_backward(ksm_stream *s, ksm_tensor *dx, ksm_tensor *dw, ksm_te
 int ksm_op_sdpa_backward(ksm_stream *s, ksm_tensor *dq, ksm_tensor *dk, ksm_tensor *dv,
                          const ksm_tensor *dout, const ksm_tensor *q, const ksm_tensor *k,
                          const ksm_tensor *v, bool causal, float scale);
+/* The same for ksm_op_sdpa_dropout with the same key d (NULL or p 0: ksm_op_sdpa_backward). */
+int ksm_op_sdpa_dropout_backward(ksm_stream *s, ksm_tensor *dq, ksm_tensor *dk, ksm_tensor *dv,
+                                 const ksm_tensor *dout, const ksm_tensor *q, const ksm_tensor *k,
+                                 const ksm_tensor *v, bool causal, float scale,
+                                 const struct ksm_dropout *d);
 
 #ifdef __cplusplus
 }

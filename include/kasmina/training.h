@@ -52,6 +52,17 @@ void ksm_training_config_defaults(struct ksm_training_config *c);
  * dampening 0, as torch). reset_optimizer_state drops every momentum buffer. */
 int ksm_model_configure_training(ksm_model *m, const struct ksm_training_config *c,
                                  bool reset_optimizer_state, char *err, size_t errlen);
+/* A partial update (ConfigureTraining with some fields): merge fills next, a copy of the
+ * configuration in force, and returns 0 or a negative code (with a sentence in err) that refuses
+ * the call. It runs under the model's lock, so updates of different fields from concurrent
+ * callers never undo each other; it must not call back into the model. next is then validated and
+ * applied as by ksm_model_configure_training. out and train_step (may be NULL) receive the
+ * configuration and the step count as this call left them. */
+typedef int (*ksm_training_merge_fn)(void *ud, const struct ksm_training_config *in_force,
+                                     struct ksm_training_config *next, char *err, size_t errlen);
+int ksm_model_update_training(ksm_model *m, ksm_training_merge_fn merge, void *ud,
+                              bool reset_optimizer_state, struct ksm_training_config *out,
+                              uint64_t *train_step, char *err, size_t errlen);
 /* The configuration in force and the number of steps applied. */
 int ksm_model_training_config(ksm_model *m, struct ksm_training_config *out, uint64_t *train_step);
 

@@ -1,7 +1,8 @@
 /*
  * Training (docs/training.md): the configuration, whole 5-step trajectories against the PyTorch
- * reference of esper's process_train_batch (tests/golden/train/, gen_train.py), refused requests
- * that change nothing, and eval-mode forwards after a step.
+ * reference of esper's process_train_batch (tests/golden/train/: CNNs from gen_train.py,
+ * transformers tf_* from gen_train_tf.py with esper's own TransformerHost and seeds), refused
+ * requests that change nothing, dropout's keyed masks, and eval-mode forwards after a step.
  */
 #include <criterion/criterion.h>
 #include <jansson.h>
@@ -89,6 +90,65 @@ Test(train, config_defaults_and_validation)
     cr_expect_eq(got.host.lr, 0.1);
     cr_expect(got.seed.nesterov);
     cr_expect_eq(got.gradient_telemetry_stride, 0);
+    ksm_model_unref(m);
+    ksm_engine_free(e);
+}
+
+/* ConfigureTraining with some fields: the merge starts from the configuration in force, a refused
+ * merge or an invalid result changes nothing, and the caller gets what its call left. */
+static int set_stride(void *ud, const struct ksm_training_config *in_force,
+                      struct ksm_training_config *next, char *err, size_t errlen)
+{
+    cr_expect_eq(memcmp(in_force, next, sizeof *next), 0, "next is not the config in force");
+    int v = *(int *)ud;
+    if (v < 0) return ksm_errf(err, errlen, KSM_EINVAL, "stride %d is negative", v);
+    next->gradient_telemetry_stride = (uint32_t)v;
+    next->host.lr = v == 7 ? -1.0 : next->host.lr; /* 7: an invalid result */
+    return 0;
+}
+
+static int set_ema(void *ud, const struct ksm_training_config *in_force,
+                   struct ksm_training_config *next, char *err, size_t errlen)
+{
+    (void)in_force, (void)err, (void)errlen;
+    next->gradient_ratio_ema = *(double *)ud;
+    return 0;
+}
+
+Test(train, partial_update_merges_the_config_in_force)
+{
+    ksm_engine *e = kt_engine_cpu(1);
+    ksm_model *m = small_cnn(e, "upd");
+    char err[256] = "";
+    struct ksm_training_config got, def;
+    ksm_training_config_defaults(&def);
+    uint64_t step = 99;
+    int v = 3;
+    cr_assert_eq(ksm_model_update_training(m, set_stride, &v, false, &got, &step, err, sizeof err),
+                 0, "%s", err);
+    cr_expect_eq(step, 0);
+    cr_expect_eq(got.gradient_telemetry_stride, 3);
+    cr_expect_eq(got.host.lr, def.host.lr);
+    double ema = 0.5;
+    cr_assert_eq(ksm_model_update_training(m, set_ema, &ema, false, &got, NULL, err, sizeof err), 0,
+                 "%s", err);
+    cr_expect_eq(got.gradient_telemetry_stride, 3, "the second update undid the first");
+    cr_expect_eq(got.gradient_ratio_ema, 0.5);
+    /* refused by the merge, or invalid once merged: nothing changes */
+    uint64_t gen = ksm_model_generation(m);
+    int bad[] = {-2, 7};
+    for (int i = 0; i < 2; i++) {
+        err[0] = '\0';
+        cr_expect_eq(
+            ksm_model_update_training(m, set_stride, &bad[i], true, NULL, NULL, err, sizeof err),
+            KSM_EINVAL);
+        cr_expect(err[0] != '\0', "refusal %d has no sentence", i);
+    }
+    cr_expect_eq(ksm_model_generation(m), gen);
+    cr_assert_eq(ksm_model_training_config(m, &got, NULL), 0);
+    cr_expect_eq(got.gradient_telemetry_stride, 3);
+    cr_expect_eq(got.gradient_ratio_ema, 0.5);
+    cr_expect_eq(got.host.lr, def.host.lr);
     ksm_model_unref(m);
     ksm_engine_free(e);
 }
@@ -381,6 +441,27 @@ Test(train, g2_from_collected_gradients)
 static void spec_from_json(json_t *j, struct ksm_model_spec *spec, const char **slots, int *n)
 {
     memset(spec, 0, sizeof *spec);
+    json_t *sl = json_object_get(j, "slots");
+    *n = (int)json_array_size(sl);
+    for (int i = 0; i < *n; i++) slots[i] = json_string_value(json_array_get(sl, (size_t)i));
+    spec->slots = slots;
+    spec->n_slots = *n;
+    json_t *seed = json_object_get(j, "init_seed");
+    if (seed) spec->init_seed = strtoull(json_string_value(seed), NULL, 10);
+    json_t *tf = json_object_get(j, "transformer");
+    if (tf) {
+        spec->topology = KSM_TOPOLOGY_TRANSFORMER;
+        struct ksm_transformer_spec *t = &spec->transformer;
+        t->vocab_size = (uint32_t)json_integer_value(json_object_get(tf, "vocab_size"));
+        t->n_embd = (uint32_t)json_integer_value(json_object_get(tf, "n_embd"));
+        t->n_head = (uint32_t)json_integer_value(json_object_get(tf, "n_head"));
+        t->n_layer = (uint32_t)json_integer_value(json_object_get(tf, "n_layer"));
+        t->block_size = (uint32_t)json_integer_value(json_object_get(tf, "block_size"));
+        t->num_segments = (uint32_t)json_integer_value(json_object_get(tf, "num_segments"));
+        t->dropout = json_number_value(json_object_get(tf, "dropout"));
+        t->dropout_set = true;
+        return;
+    }
     json_t *c = json_object_get(j, "cnn");
     spec->topology = KSM_TOPOLOGY_CNN;
     spec->cnn.num_classes = (uint32_t)json_integer_value(json_object_get(c, "num_classes"));
@@ -390,11 +471,6 @@ static void spec_from_json(json_t *j, struct ksm_model_spec *spec, const char **
     spec->pool_layers_set = true;
     spec->cnn.kernel_size = (uint32_t)json_integer_value(json_object_get(c, "kernel_size"));
     spec->cnn.in_channels = (uint32_t)json_integer_value(json_object_get(c, "in_channels"));
-    json_t *sl = json_object_get(j, "slots");
-    *n = (int)json_array_size(sl);
-    for (int i = 0; i < *n; i++) slots[i] = json_string_value(json_array_get(sl, (size_t)i));
-    spec->slots = slots;
-    spec->n_slots = *n;
 }
 
 struct loaded {
@@ -515,6 +591,9 @@ ParameterizedTest(struct kt_golden_case *gc, train, golden)
     float *loss = kt_golden_floats(kt_golden_need(L.io, "loss"));
     float *hn = kt_golden_floats(kt_golden_need(L.io, "host_grad_norm"));
     const struct ksm_st_tensor *ct = kt_golden_need(L.io, "correct");
+    const struct ksm_st_tensor *y0 = kt_golden_need(L.io, "y.0");
+    uint64_t rows = 1; /* loss rows: images, or B * T tokens */
+    for (int d = 0; d < y0->ndim; d++) rows *= (uint64_t)y0->shape[d];
     double worst_loss = 0, worst_norm = 0;
     char err[512];
     for (int k = 0; k < L.steps; k++) {
@@ -528,7 +607,7 @@ ParameterizedTest(struct kt_golden_case *gc, train, golden)
         int64_t corr;
         memcpy(&corr, (const char *)ct->data + 8 * k, 8);
         cr_expect_eq(r.correct, (uint64_t)corr, "%s step %d: correct", gc->name, k);
-        cr_expect_eq(r.total, 8);
+        cr_expect_eq(r.total, rows);
         cr_expect_eq(r.train_step, (uint64_t)k + 1);
         if (r.gradients_collected) {
             double ne = relerr(r.host_grad_norm, hn[k]);
@@ -551,7 +630,7 @@ ParameterizedTest(struct kt_golden_case *gc, train, golden)
         }
     }
     double wp = compare_final(&L, gc->name, 1e-4);
-    fprintf(stderr, "train %-16s loss rel %.2g, grad norm rel %.2g, final params rel %.2g\n",
+    fprintf(stderr, "train %-18s loss rel %.2g, grad norm rel %.2g, final params rel %.2g\n",
             gc->name, worst_loss, worst_norm, wp);
     free(loss);
     free(hn);
@@ -560,9 +639,10 @@ ParameterizedTest(struct kt_golden_case *gc, train, golden)
     ksm_engine_free(e);
 }
 
-Test(train, at_least_12_fixtures)
+Test(train, at_least_21_fixtures)
 {
-    cr_expect_geq(kt_golden_dir_count("train", ".io.safetensors"), 12);
+    /* 12 CNN, 9 transformer (tf_*) */
+    cr_expect_geq(kt_golden_dir_count("train", ".io.safetensors"), 21);
 }
 
 /* ---- refused requests change nothing ---- */
@@ -694,8 +774,8 @@ Test(train, batchnorm_needs_two_values_per_channel)
 Test(train, forward_after_step_equals_fresh_model)
 {
     ksm_engine *e = kt_engine_cpu(1);
-    const char *cases[] = {"host_clip", "add"};
-    for (int ci = 0; ci < 2; ci++) {
+    const char *cases[] = {"host_clip", "add", "tf_gate", "tf_dropout"};
+    for (int ci = 0; ci < 4; ci++) {
         struct loaded L;
         char id[32];
         snprintf(id, sizeof id, "trained-%d", ci);
@@ -744,9 +824,145 @@ Test(train, forward_after_step_equals_fresh_model)
     ksm_engine_free(e);
 }
 
-/* ---- what is not implemented is refused up front ---- */
+/* ---- the transformer host ---- */
 
-Test(train, transformer_refused)
+/* Targets of a transformer are [B, T] token ids below the vocabulary; anything else is refused
+ * with a sentence naming them, and nothing changes. */
+Test(train, transformer_targets_are_validated)
+{
+    ksm_engine *e = kt_engine_cpu(1);
+    struct loaded L;
+    load_case(e, "tf_add", "tfbad", &L);
+    char err[512];
+    struct ksm_train_result r;
+    cr_assert_eq(step_k(&L, 0, &r, err, sizeof err), 0, "%s", err);
+    cr_expect_eq(r.total, 21);
+    size_t len0;
+    void *w0 = export_all(L.m, &len0);
+    uint64_t gen0 = ksm_model_generation(L.m), step0;
+    ksm_model_training_config(L.m, NULL, &step0);
+    ksm_tensor x, y;
+    kt_golden_host_tensor(kt_golden_need(L.io, "x.1"), &x);
+    kt_golden_host_tensor(kt_golden_need(L.io, "y.1"), &y);
+    int64_t *yv = y.data;
+    struct ksm_train_args a = {.input = &x, .targets = &y, .collect_gradients = 1};
+    struct {
+        int64_t value;
+        const char *what;
+    } bad[] = {{17, "vocabulary"}, {-1, "vocabulary"}, {1 << 20, "vocabulary"}};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        int64_t keep = yv[9];
+        yv[9] = bad[i].value;
+        err[0] = '\0';
+        cr_expect_eq(ksm_model_train_step(L.m, &a, &r, err, sizeof err), KSM_EINVAL);
+        cr_expect(strstr(err, "targets[1][2]") && strstr(err, bad[i].what), "%s", err);
+        yv[9] = keep;
+    }
+    ksm_tensor y2 = y; /* one id per row: a CNN's targets */
+    y2.ndim = 1;
+    y2.shape[0] = 3;
+    err[0] = '\0';
+    cr_expect_eq(ksm_model_train_step(L.m, &(struct ksm_train_args){.input = &x, .targets = &y2},
+                                      &r, err, sizeof err),
+                 KSM_ESHAPE);
+    cr_expect(strstr(err, "targets") && strstr(err, "[3, 7]"), "%s", err);
+    y2 = y;
+    y2.shape[1] = 6;
+    cr_expect_eq(ksm_model_train_step(L.m, &(struct ksm_train_args){.input = &x, .targets = &y2},
+                                      &r, err, sizeof err),
+                 KSM_ESHAPE);
+    y2 = y;
+    y2.dtype = KSM_DTYPE_F32;
+    cr_expect_eq(ksm_model_train_step(L.m, &(struct ksm_train_args){.input = &x, .targets = &y2},
+                                      &r, err, sizeof err),
+                 KSM_EDTYPE);
+    size_t len1;
+    void *w1 = export_all(L.m, &len1);
+    cr_expect(len0 == len1 && memcmp(w0, w1, len0) == 0, "a refused step changed the model");
+    uint64_t step1;
+    ksm_model_training_config(L.m, NULL, &step1);
+    cr_expect_eq(step1, step0);
+    cr_expect_eq(ksm_model_generation(L.m), gen0);
+    /* the momentum is intact: the rest of the trajectory still follows PyTorch */
+    for (int k = 1; k < L.steps; k++)
+        cr_assert_eq(step_k(&L, k, &r, err, sizeof err), 0, "%s", err);
+    compare_final(&L, "tf_add after refusals", 1e-4);
+    free(w0);
+    free(w1);
+    free(x.data);
+    free(y.data);
+    unload(&L);
+    ksm_model_unref(L.m);
+    ksm_engine_free(e);
+}
+
+/* A small transformer with dropout p: a fresh model with the given init_seed and the weights
+ * of tf_host_clip; returns the losses of three steps on the fixture's batches. */
+static void dropout_run(ksm_engine *e, const char *id, double p, uint64_t init_seed, double *losses)
+{
+    struct loaded L;
+    load_case(e, "tf_host_clip", id, &L);
+    ksm_model_unref(L.m);
+    struct ksm_model_spec spec;
+    const char *slots[KSM_MAX_SLOTS];
+    int n_slots;
+    spec_from_json(L.spec_json, &spec, slots, &n_slots);
+    spec.transformer.dropout = p;
+    spec.init_seed = init_seed;
+    char err[512], id2[64];
+    snprintf(id2, sizeof id2, "%s-2", id);
+    cr_assert_eq(ksm_engine_model_create(e, id2, &spec, &L.m, err, sizeof err), 0, "%s", err);
+    size_t wlen;
+    void *w = kt_read_file(GDIR "/tf_host_clip.weights.safetensors", &wlen);
+    struct ksm_load_result lr;
+    cr_assert_eq(ksm_model_load_weights(L.m, w, wlen, true, &lr, err, sizeof err), 0, "%s", err);
+    ksm_load_result_free(&lr);
+    free(w);
+    struct ksm_training_config tc;
+    ksm_training_config_defaults(&tc);
+    tc.host.lr = tc.seed.lr = L.lr;
+    tc.max_grad_norm = L.max_grad_norm;
+    cr_assert_eq(ksm_model_configure_training(L.m, &tc, false, err, sizeof err), 0, "%s", err);
+    struct ksm_model_info info;
+    cr_assert_eq(ksm_model_get_info(L.m, &info), 0);
+    cr_expect_eq(info.transformer.dropout, p);
+    for (int k = 0; k < 3; k++) {
+        struct ksm_train_result r;
+        cr_assert_eq(step_k(&L, k, &r, err, sizeof err), 0, "%s", err);
+        losses[k] = r.loss;
+    }
+    unload(&L);
+    ksm_model_unref(L.m);
+}
+
+/* Dropout is deterministic: the masks are keyed by (init_seed, train_step, site, element), so
+ * the same model trains the same way twice; another init_seed or p draws other masks; p 0 is
+ * the reference (tf_host_clip's PyTorch losses). */
+Test(train, transformer_dropout_is_keyed_by_init_seed_and_step)
+{
+    ksm_engine *e = kt_engine_cpu(1);
+    double a[3], b[3], c[3], z[3];
+    dropout_run(e, "da", 0.3, 11, a);
+    dropout_run(e, "db", 0.3, 11, b);
+    dropout_run(e, "dc", 0.3, 12, c);
+    dropout_run(e, "dz", 0.0, 11, z);
+    for (int k = 0; k < 3; k++) {
+        cr_expect_eq(a[k], b[k], "step %d: %.9g vs %.9g with the same key", k, a[k], b[k]);
+        cr_expect_neq(a[k], c[k], "step %d: another init_seed gave the same loss", k);
+        cr_expect_neq(a[k], z[k], "step %d: dropout 0.3 changed nothing", k);
+    }
+    struct ksm_st_file *io;
+    char err[256];
+    cr_assert_eq(ksm_st_open(GDIR "/tf_host_clip.io.safetensors", &io, err, sizeof err), 0);
+    float *ref = kt_golden_floats(kt_golden_need(io, "loss"));
+    for (int k = 0; k < 3; k++) cr_expect_leq(relerr(z[k], ref[k]), 1e-5, "p 0, step %d", k);
+    free(ref);
+    ksm_st_close(io);
+    ksm_engine_free(e);
+}
+
+/* The default dropout is esper's 0.1; a value outside [0, 1) is refused at creation. */
+Test(train, transformer_dropout_spec)
 {
     ksm_engine *e = kt_engine_cpu(1);
     struct ksm_model_spec spec = {.topology = KSM_TOPOLOGY_TRANSFORMER};
@@ -758,51 +974,95 @@ Test(train, transformer_refused)
                                                      .num_segments = 2};
     ksm_model *m;
     char err[256];
-    cr_assert_eq(ksm_engine_model_create(e, "tf", &spec, &m, err, sizeof err), 0, "%s", err);
-    int64_t ids[8] = {1, 2, 3, 4, 5, 6, 7, 8};
-    ksm_tensor x, y;
-    ksm_tensor_init(&x, NULL, ids, KSM_DTYPE_I64, 2, (const int64_t[]){2, 4});
-    ksm_tensor_init(&y, NULL, ids, KSM_DTYPE_I64, 2, (const int64_t[]){2, 4});
-    struct ksm_train_result r;
-    err[0] = '\0';
-    cr_expect_eq(ksm_model_train_step(m, &(struct ksm_train_args){.input = &x, .targets = &y}, &r,
-                                      err, sizeof err),
-                 KSM_EUNSUPPORTED);
-    cr_expect(strstr(err, "transformer") != NULL, "%s", err);
+    cr_assert_eq(ksm_engine_model_create(e, "d0", &spec, &m, err, sizeof err), 0, "%s", err);
+    struct ksm_model_info info;
+    cr_assert_eq(ksm_model_get_info(m, &info), 0);
+    cr_expect_eq(info.transformer.dropout, 0.1);
     ksm_model_unref(m);
+    const double bad[] = {1.0, -0.5, NAN};
+    for (int i = 0; i < 3; i++) {
+        spec.transformer.dropout = bad[i];
+        spec.transformer.dropout_set = true;
+        err[0] = '\0';
+        cr_expect_eq(ksm_engine_model_create(e, "d1", &spec, &m, err, sizeof err), KSM_EINVAL);
+        cr_expect(strstr(err, "transformer.dropout") != NULL, "%s", err);
+    }
     ksm_engine_free(e);
 }
 
 /* Steady state: after the first steps (arena sized, momentum buffers made) a step makes no
- * request to the caching allocator (the gradient norms' scratch lives in the step's arena), so
- * it takes no new device segment and leaves no block allocated. */
+ * request to the caching allocator (the gradient norms' scratch lives in the step's arena), takes
+ * no new device segment and leaves no block allocated: a CNN with three blueprints, transformers
+ * with dropout and with a flex_attention seed. */
 Test(train, steady_state_allocations)
 {
-    ksm_engine *e = kt_engine_cpu(1);
+    const char *cases[] = {"blueprints_a", "tf_dropout", "tf_gate"};
+    for (int ci = 0; ci < 3; ci++) {
+        ksm_engine *e = kt_engine_cpu(1);
+        struct loaded L;
+        load_case(e, cases[ci], "alloc", &L);
+        ksm_allocator *al = ksm_engine_allocator(e, ksm_engine_default_device(e));
+        cr_assert(al != NULL);
+        char err[512];
+        struct ksm_train_result r;
+        for (int k = 0; k < 2; k++) cr_assert_eq(step_k(&L, k, &r, err, sizeof err), 0, "%s", err);
+        struct ksm_mem_stats s0, s1;
+        ksm_alloc_get_stats(al, &s0);
+        for (int k = 2; k < L.steps; k++)
+            cr_assert_eq(step_k(&L, k, &r, err, sizeof err), 0, "%s", err);
+        ksm_alloc_get_stats(al, &s1);
+        const struct ksm_pool_stats *a = &s0.pool[KSM_POOL_ALL], *b = &s1.pool[KSM_POOL_ALL];
+        int n = L.steps - 2;
+        fprintf(stderr,
+                "train steady state %s: %.1f block handouts/step (cached), %lld new segments, "
+                "%lld blocks still allocated\n",
+                cases[ci], (double)(b->allocation.allocated - a->allocation.allocated) / n,
+                (long long)(b->segment.allocated - a->segment.allocated),
+                (long long)(b->allocation.current - a->allocation.current));
+        cr_expect_eq(b->allocation.allocated, a->allocation.allocated,
+                     "%s: a steady-state step asked the allocator for a block", cases[ci]);
+        cr_expect_eq(b->segment.allocated, a->segment.allocated,
+                     "%s: a step took a new device segment", cases[ci]);
+        cr_expect_eq(b->allocation.current, a->allocation.current, "%s: a step leaked a block",
+                     cases[ci]);
+        unload(&L);
+        ksm_model_unref(L.m);
+        ksm_engine_free(e);
+    }
+}
+
+/* A move between steps is invisible to training: the momentum buffers follow the parameters (the
+ * trajectory still ends on PyTorch's), and nothing the training state held stays behind on the
+ * device the model left. */
+Test(train, momentum_follows_a_move)
+{
+    ksm_engine *e = kt_engine_cpu(2);
+    ksm_allocator *a0 = ksm_engine_allocator(e, ksm_engine_find_device(e, "cpu:0"));
+    ksm_allocator *a1 = ksm_engine_allocator(e, ksm_engine_find_device(e, "cpu:1"));
+    cr_assert(a0 != NULL && a1 != NULL);
     struct loaded L;
-    load_case(e, "blueprints_a", "alloc", &L);
-    ksm_allocator *al = ksm_engine_allocator(e, ksm_engine_default_device(e));
-    cr_assert(al != NULL);
+    load_case(e, "blueprints_a", "moved", &L);
     char err[512];
     struct ksm_train_result r;
-    for (int k = 0; k < 2; k++) cr_assert_eq(step_k(&L, k, &r, err, sizeof err), 0, "%s", err);
-    struct ksm_mem_stats s0, s1;
-    ksm_alloc_get_stats(al, &s0);
-    for (int k = 2; k < L.steps; k++)
-        cr_assert_eq(step_k(&L, k, &r, err, sizeof err), 0, "%s", err);
-    ksm_alloc_get_stats(al, &s1);
-    const struct ksm_pool_stats *a = &s0.pool[KSM_POOL_ALL], *b = &s1.pool[KSM_POOL_ALL];
-    int n = L.steps - 2;
-    fprintf(stderr,
-            "train steady state: %.1f block handouts/step (cached), %lld new segments, "
-            "%lld blocks still allocated\n",
-            (double)(b->allocation.allocated - a->allocation.allocated) / n,
-            (long long)(b->segment.allocated - a->segment.allocated),
-            (long long)(b->allocation.current - a->allocation.current));
-    cr_expect_eq(b->allocation.allocated, a->allocation.allocated,
-                 "a steady-state step asked the allocator for a block");
-    cr_expect_eq(b->segment.allocated, a->segment.allocated, "a step took a new device segment");
-    cr_expect_eq(b->allocation.current, a->allocation.current, "a step leaked a block");
+    for (int k = 0; k < L.steps; k++) {
+        if (k == 2 || k == 3) {
+            const char *to = k == 2 ? "cpu:1" : "cpu:0";
+            cr_assert_eq(ksm_model_move(L.m, to, -1, err, sizeof err), 0, "%s", err);
+        }
+        cr_assert_eq(step_k(&L, k, &r, err, sizeof err), 0, "step %d: %s", k, err);
+        cr_expect_eq(r.train_step, (uint64_t)k + 1);
+    }
+    compare_final(&L, "blueprints_a moved twice", 1e-4);
+    /* on cpu:1 after the last steps: cpu:0 keeps no block of the model */
+    cr_assert_eq(ksm_model_move(L.m, "cpu:1", -1, err, sizeof err), 0, "%s", err);
+    size_t hb;
+    cr_assert_eq(ksm_model_training_momentum_bytes(L.m, NULL, &hb), 0);
+    cr_expect_gt(hb, 0, "the host's momentum was dropped by the move");
+    struct ksm_mem_stats s0;
+    ksm_alloc_get_stats(a0, &s0);
+    cr_expect_eq(s0.pool[KSM_POOL_ALL].allocation.current, 0,
+                 "%lld blocks left on cpu:0 after the model moved away",
+                 (long long)s0.pool[KSM_POOL_ALL].allocation.current);
     unload(&L);
     ksm_model_unref(L.m);
     ksm_engine_free(e);

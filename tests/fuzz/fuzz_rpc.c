@@ -163,6 +163,8 @@ static void other_method(const struct rpc_method *m, const uint8_t *p, size_t n)
     if (m->kind == RPC_EVENTS) {
         const Kasmina__V1__WatchEventsRequest *r = (const void *)req;
         (void)ksm_wire_check_model_id(r->model_id, "model_id", false, err, sizeof err);
+    } else if (RPC_KIND_WEIGHTS(m->kind)) {
+        /* Weight streams need a call (rpc/weights.c): their messages only unpack here. */
     } else {
         const char *svc = ((Grpc__Health__V1__HealthCheckRequest *)req)->service;
         int st = rpc_health_status(server, svc);

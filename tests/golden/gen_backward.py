@@ -155,6 +155,13 @@ def misc_fixture():
         _, _, (dx,) = grads(lambda t: F.cross_entropy(t, labels, ignore_index=ign), [x], dy)
         fx.case(name, "cross_entropy_backward", {"x": x, "labels": labels, "ref_dx": dx},
                 ignore_index=ign, dloss=scale)
+
+    # add: the position embedding's [T, D] under [B, T, D], broadcasting both ways, a scalar
+    for name, sa, sb in (("add_bw_pos", (3, 7, 16), (7, 16)), ("add_bw_bcast", (4, 1, 13), (7, 1)),
+                         ("add_bw_scalar", (33,), ()), ("add_bw_same", (5, 7), (5, 7))):
+        a, b = randn(*sa), randn(*sb)
+        _, dy, (da, db) = grads(lambda p, q: p + q, [a, b])
+        fx.case(name, "add_backward", {"a": a, "b": b, "dy": dy, "ref_da": da, "ref_db": db})
     return fx
 
 

@@ -15,6 +15,10 @@ and the "<case>.<role>" / "__metadata__" conventions of gen_ops.py, whose writer
                                   groups 1, 2, depthwise (multiplier 1 and 2), odd sizes
     backward_nn_attn.safetensors  sdpa_backward: causal (T 7, 13, 37, 65; Tq < Tk), non-causal,
                                   default and explicit scale
+    backward_nn_dropout.safetensors  dropout (forward and backward: the same mask) and SDPA
+                                  with attention-weight dropout, forward and backward; masks
+                                  from philox.py (kasmina's generator, written from
+                                  docs/training.md), p 0 .. 0.9, 64-bit seeds and steps
 
 References are PyTorch autograd in float32 (F.batch_norm in training mode with momentum 0.1,
 F.group_norm, F.layer_norm, F.conv2d; attention as the math formula softmax(q k^T * scale +
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gen_ops import Fixture, randn  # noqa: E402
+import philox  # noqa: E402
 
 torch.manual_seed(20250611)
 torch.set_num_threads(2)
@@ -169,12 +174,64 @@ def attn_fixture():
     return fx
 
 
+# ---- dropout (kasmina's Philox masks, tests/golden/philox.py) ----
+
+def masked(seed, step, site, shape, p):
+    n = 1
+    for d in shape:
+        n *= d
+    return torch.from_numpy(philox.factors(seed, step, site, n, p)).view(*shape)
+
+
+def dropout_fixture():
+    fx = Fixture("backward_nn_dropout.safetensors")
+    # name, shape, p, seed, step, site
+    cases = [
+        ("drop_3x7x13_p01", (3, 7, 13), 0.1, 0x0123456789ABCDEF, 5, 0),
+        ("drop_2x5x16_p05_step_hi", (2, 5, 16), 0.5, 7, (1 << 32) + 3, 3),
+        ("drop_37_p09_site_max", (37,), 0.9, (1 << 63) + 11, 0, 65535),
+        ("drop_5x3_p0", (5, 3), 0.0, 1, 1, 1),
+    ]
+    for name, shape, p, seed, step, site in cases:
+        x, dy = randn(*shape), randn(*shape)
+        xg = x.clone().requires_grad_()
+        y = xg * masked(seed, step, site, shape, p)
+        (dx,) = grads(y, dy, xg)
+        fx.case(name, "dropout", {"x": x, "dy": dy, "y": y.detach(), "dx": dx}, p=repr(p),
+                seed=seed, step=step, site=site)
+    # torch's math SDPA with dropout_p: softmax(q k^T * scale + mask), dropout, @ v
+    # name, b, h, tq, tk, hd, causal, p, seed, step, site
+    cases = [
+        ("sdpa_drop_causal_t7", 2, 3, 7, 7, 4, True, 0.2, 42, 0, 1),
+        ("sdpa_drop_causal_t13_p05", 1, 2, 13, 13, 8, True, 0.5, 0xFEDCBA9876543210, 9, 4),
+        ("sdpa_drop_full_t13", 1, 2, 13, 13, 8, False, 0.3, 3, 1 << 33, 7),
+        ("sdpa_drop_causal_tq5_tk13", 1, 2, 5, 13, 8, True, 0.1, 5, 2, 10),
+        ("sdpa_drop_causal_t67", 1, 1, 67, 67, 4, True, 0.1, 11, 4, 2),
+    ]
+    for name, b, h, tq, tk, hd, causal, p, seed, step, site in cases:
+        q, k, v = randn(b, h, tq, hd), randn(b, h, tk, hd), randn(b, h, tk, hd)
+        dout = randn(b, h, tq, hd)
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        s = torch.matmul(qg, kg.transpose(-1, -2)) * (1.0 / hd ** 0.5)
+        if causal:
+            i = torch.arange(tq).unsqueeze(1)
+            j = torch.arange(tk).unsqueeze(0)
+            s = s.masked_fill(j > i + (tk - tq), float("-inf"))
+        w = torch.softmax(s, dim=-1) * masked(seed, step, site, (b, h, tq, tk), p)
+        out = torch.matmul(w, vg)
+        dq, dk, dv = grads(out, dout, qg, kg, vg)
+        fx.case(name, "sdpa_dropout",
+                {"q": q, "k": k, "v": v, "dout": dout, "out": out.detach(), "dq": dq, "dk": dk,
+                 "dv": dv}, causal=int(causal), p=repr(p), seed=seed, step=step, site=site)
+    return fx
+
+
 def main():
     total = 0
-    for fx in (norm_fixture(), conv_fixture(), attn_fixture()):
+    for fx in (norm_fixture(), conv_fixture(), attn_fixture(), dropout_fixture()):
         total += fx.write()
     print("total %d bytes" % total)
-    assert total < 300 * 1000
+    assert total < 360 * 1000
 
 
 if __name__ == "__main__":

@@ -1235,3 +1235,37 @@ Test(gpu_ops, conv_attention_backward_matches_cpu)
         expect_close(dv, TOL, "sdpa backward dv");
     }
 }
+
+/* Dropout masks are a pure function of their key (kmath.h): the CUDA kernels must drop exactly
+ * the CPU's elements, in the plain op (values bit-exact: one multiply each) and inside the
+ * attention, forward and backward. */
+Test(gpu_ops, dropout_masks_match_cpu)
+{
+    gpu_begin(105);
+    const double ps[3] = {0.1, 0.5, 0.9};
+    for (int k = 0; k < 3; k++) {
+        struct ksm_dropout d = {
+            .p = ps[k], .seed = 0xC0FFEE1234567ull, .step = (1ull << 32) + k, .site = 3u + k};
+        tpair x = tp_rand(3, SHAPE(5, 13, 37), -2, 2),
+              y = tp_out(KSM_DTYPE_F32, 3, SHAPE(5, 13, 37));
+        BOTH(ksm_op_dropout(S, T(y), T(x), &d));
+        expect_exact(y, "dropout");
+        BOTH(ksm_op_dropout(S, T(x), T(x), &d)); /* in place */
+        expect_exact(x, "dropout in place");
+    }
+    for (int causal = 0; causal < 2; causal++) {
+        const int64_t qs[] = {2, 3, 13, 40}, ks[] = {2, 3, 17, 40};
+        struct ksm_dropout d = {.p = 0.25, .seed = 77, .step = 5, .site = 11};
+        tpair q = tp_rand(4, qs, -1, 1), k = tp_rand(4, ks, -1, 1), v = tp_rand(4, ks, -1, 1);
+        tpair o = tp_out(KSM_DTYPE_F32, 4, qs), dout = tp_rand(4, qs, -1, 1);
+        tpair dq = tp_out(KSM_DTYPE_F32, 4, qs), dk = tp_out(KSM_DTYPE_F32, 4, ks);
+        tpair dv = tp_out(KSM_DTYPE_F32, 4, ks);
+        BOTH(ksm_op_sdpa_dropout(S, T(o), T(q), T(k), T(v), causal, 0.0f, &d));
+        expect_close(o, TOL, "sdpa dropout");
+        BOTH(ksm_op_sdpa_dropout_backward(S, T(dq), T(dk), T(dv), T(dout), T(q), T(k), T(v), causal,
+                                          0.158f, &d));
+        expect_close(dq, TOL, "sdpa dropout backward dq");
+        expect_close(dk, TOL, "sdpa dropout backward dk");
+        expect_close(dv, TOL, "sdpa dropout backward dv");
+    }
+}

@@ -54,7 +54,7 @@ done
 "$CTL" --help | grep -q "Exit codes" || bad "kasminactl --help has no exit code table"
 for cmd in info health models create delete germinate advance prune schedule-prune set-alpha \
     set-alpha-target step metrics slots forward fused-forward evaluate load-weights \
-    export-weights move stats empty-cache events; do
+    export-weights move stats empty-cache events train training checkpoint; do
     out=$("$CTL" "$cmd" --help) || bad "$cmd --help exits $?"
     case "$out" in "usage: kasminactl $cmd"*) ;; *) bad "$cmd --help: $out" ;; esac
 done
@@ -92,6 +92,20 @@ ctl 3 germinate m1 r9c9 conv_light
 ctl 5 germinate m1 "$S0" conv_light
 ctl 0 advance m1 "$S0"
 grep -q "gate G1: passed" "$TMP/out" || bad "advance: $(cat "$TMP/out")"
+# A gate that fails: the checks with their numbers, exit 9 unless --allow-fail.
+ctl 9 advance m1 "$S0"
+grep -q "gate G2: FAILED" "$TMP/out" || bad "failed advance: $(cat "$TMP/out")"
+grep -q "^  - insufficient_training_0_of_10: epochs_in_current_stage 0 < 10$" "$TMP/out" ||
+    bad "failed advance: no check with value and threshold: $(cat "$TMP/out")"
+grep -q "gate G2 failed; the seed stays in TRAINING" "$TMP/err" || bad "advance: $(cat "$TMP/err")"
+ctl 9 --json advance m1 "$S0"
+jcheck "not j['gate']['passed'] and [c['detail'] for c in j['gate']['checks'] if c['name'] == 'insufficient_training_0_of_10'] == ['epochs_in_current_stage 0 < 10']"
+ctl 0 advance m1 "$S0" --allow-fail
+grep -q "gate G2: FAILED" "$TMP/out" || bad "advance --allow-fail: $(cat "$TMP/out")"
+# An accepted value that looks wrong: the daemon's warning on stderr.
+ctl 0 metrics m1 "$S0" --val-accuracy 0.5
+grep -q "^kasminactl metrics: warning: val_accuracy 0.5 looks like a fraction" "$TMP/err" ||
+    bad "metrics 0.5: no warning: $(cat "$TMP/err")"
 for i in 0 1 2 3 4 5 6 7 8 9; do
     ctl 0 metrics m1 "$S0" --val-accuracy "5$i" --gradient-health 0.9 --exploding false
 done
@@ -193,7 +207,11 @@ assert sum(e["event_type"] == "SEED_STAGE_CHANGED" for e in ev) >= 4
 assert all(e["model_id"] == "m1" for e in ev)
 PYEOF
 ctl 0 events m1 --count 2
-[ "$(wc -l <"$TMP/out")" = 2 ] || bad "events --count 2: $(cat "$TMP/out")"
+[ "$(grep -c '^ *[0-9]' "$TMP/out")" = 2 ] || bad "events --count 2: $(cat "$TMP/out")"
+ctl 0 events m1 --idle 300
+grep -q "G2 failed" "$TMP/out" &&
+    grep -q "^ *- insufficient_training_0_of_10: epochs_in_current_stage 0 < 10$" "$TMP/out" ||
+    bad "events: no gate checks in the text output: $(cat "$TMP/out")"
 timeout 1 "$CTL" --socket "$SOCK" events --follow >/dev/null 2>&1
 [ $? = 124 ] || bad "events --follow returned before it was interrupted"
 

@@ -41,6 +41,12 @@ if(KSM_HAVE_PYTHON_STUBS AND Python3_Interpreter_FOUND)
     COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_SOURCE_DIR}/rpc/test_seed_metrics.py
             $<TARGET_FILE:kasminad> ${py_out})
   set_tests_properties(rpc_seed_metrics PROPERTIES LABELS rpc TIMEOUT 120)
+  # Gate checks with values and thresholds, kasmina-warning trailing metadata, and the JSON log
+  # of a daemon at --log-level debug (lifecycle lines, per-call lines, rate-limited failures).
+  add_test(NAME rpc_gates_logs
+    COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_SOURCE_DIR}/rpc/test_gates_logs.py
+            $<TARGET_FILE:kasminad> ${py_out})
+  set_tests_properties(rpc_gates_logs PROPERTIES LABELS rpc TIMEOUT 120)
 else()
   message(STATUS "kasmina: no Python stubs or interpreter: rpc server tests not registered")
 endif()

@@ -283,6 +283,69 @@ Test(ctl, slot_report_json_uses_proto_names)
     json_decref(j);
 }
 
+Test(ctl, gate_checks_print_with_their_numbers)
+{
+    struct ksm_gate_result g;
+    memset(&g, 0, sizeof g);
+    g.gate = KSM_GATE_G2;
+    g.n_passed = 1;
+    g.n_failed = 1;
+    strcpy(g.checks_passed[0], "seed_gradient_active_0.50");
+    strcpy(g.checks_failed[0], "seed_not_ready");
+    char *buf = NULL;
+    size_t len = 0;
+    /* A server without details: esper's strings alone. */
+    FILE *f = open_memstream(&buf, &len);
+    ctl_print_gate(&g, f);
+    fclose(f);
+    cr_expect(strstr(buf, "gate G2: FAILED") && strstr(buf, "  + seed_gradient_active_0.50\n") &&
+                  strstr(buf, "  - seed_not_ready\n"),
+              "%s", buf);
+    free(buf);
+    g.n_checks = 2;
+    g.checks[0] = (struct ksm_gate_check){.name = "seed_not_ready",
+                                          .quantity = "epochs_in_current_stage",
+                                          .op = ">=",
+                                          .threshold = 10,
+                                          .has_value = true,
+                                          .value = 3,
+                                          .detail = "epochs_in_current_stage 3 < 10"};
+    g.checks[1] = (struct ksm_gate_check){.name = "seed_gradient_active_0.50",
+                                          .passed = true,
+                                          .quantity = "seed_gradient_norm_ratio",
+                                          .op = ">=",
+                                          .threshold = 0.1,
+                                          .detail = "never"};
+    f = open_memstream(&buf, &len);
+    ctl_print_gate(&g, f);
+    fclose(f);
+    /* In the gate's order, each with its detail. */
+    const char *a = strstr(buf, "  - seed_not_ready: epochs_in_current_stage 3 < 10\n");
+    const char *b = strstr(buf, "  + seed_gradient_active_0.50: never\n");
+    cr_expect(a != NULL && b != NULL && a < b, "%s", buf);
+    free(buf);
+    json_t *j = ctl_json_gate(&g);
+    json_t *c0 = json_array_get(json_object_get(j, "checks"), 0);
+    cr_expect_str_eq(json_string_value(json_object_get(c0, "detail")),
+                     "epochs_in_current_stage 3 < 10");
+    cr_expect_float_eq(json_real_value(json_object_get(c0, "value")), 3.0, 0);
+    cr_expect_float_eq(json_real_value(json_object_get(c0, "threshold")), 10.0, 0);
+    cr_expect_null(json_object_get(json_array_get(json_object_get(j, "checks"), 1), "value"));
+    json_decref(j);
+
+    struct ksm_lifecycle_event e;
+    memset(&e, 0, sizeof e);
+    e.type = KSM_EV_SEED_GATE_EVALUATED;
+    e.gate = g;
+    f = open_memstream(&buf, &len);
+    ctl_print_event(7, &e, f);
+    fclose(f);
+    cr_expect(strstr(buf, "G2 failed") &&
+                  strstr(buf, "\n        - seed_not_ready: epochs_in_current_stage 3 < 10\n"),
+              "%s", buf);
+    free(buf);
+}
+
 Test(ctl, gate_event_and_tensor_json)
 {
     struct ksm_gate_result g;

@@ -167,6 +167,10 @@ def test_restart(tmp):
                   "restart: %s failed with %s: %s" % (method, e.code(), e.details()))
     d.call("CreateModel", pb.CreateModelRequest(model_id="gone", cnn=CNN))
     d.call("DeleteModel", pb.DeleteModelRequest(model_id="gone"))
+    # a transformer's spec, its dropout included (0 is a value, not "unset"), survives too
+    d.call("CreateModel", pb.CreateModelRequest(model_id="tf", transformer=pb.TransformerHostSpec(
+        vocab_size=13, n_embd=16, n_head=2, n_layer=2, block_size=8, num_segments=2,
+        dropout=0.0)))
     before = state_of(d)
     check(d.stop() == 0, "restart: SIGTERM exits 0")
     check(len(applied) >= 9, "restart: every mutation kind was applied (%s)" % sorted(applied))
@@ -174,8 +178,11 @@ def test_restart(tmp):
     after = state_of(d)
     check(after == before, "restart: state equal after SIGTERM + restart (%s)"
           % describe_diff(before, after))
-    check(list(after) == ["k0", "k1"], "restart: models in creation order, deleted one gone (%s)"
-          % list(after))
+    check(list(after) == ["k0", "k1", "tf"],
+          "restart: models in creation order, deleted one gone (%s)" % list(after))
+    t = d.call("GetModel", pb.GetModelRequest(model_id="tf")).transformer
+    check(t.HasField("dropout") and t.dropout == 0.0 and t.n_embd == 16,
+          "restart: the transformer's spec (dropout 0) came back as %s" % t)
     # 2. a second daemon on the same state directory (another socket) refuses to start
     p = subprocess.run([BIN, "--listen", "unix:" + tmp + "/second.sock", "--state-dir", state,
                         "--no-cuda"], capture_output=True, text=True, timeout=30)

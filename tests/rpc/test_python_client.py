@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 import unittest
+import warnings
 
 import numpy as np
 
@@ -202,6 +203,25 @@ class PythonClientTest(unittest.TestCase):
         to = [kc.stage_name(e.to_stage) for e in events if e.event_type == "SEED_STAGE_CHANGED"]
         for s in ["TRAINING", "BLENDING", "HOLDING", "FOSSILIZED"]:
             self.assertIn(s, to)
+
+    def test_warnings_reach_python(self):
+        c = self.c
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            m = c.create_model("warned", cnn={"num_classes": 4, "n_blocks": 2,
+                                              "base_channels": 8})
+            slot = m.slots[0].slot_id
+            c.germinate("warned", slot, "conv_light")
+            c.record_metrics("warned", slot, val_accuracy=55.0)
+            quiet = len(w)
+            c.record_metrics("warned", slot, val_accuracy=0.55)
+        got = [str(x.message) for x in w if issubclass(x.category, kc.KasminaWarning)]
+        self.assertEqual(quiet, 1, got)  # CreateModel: the defaults taken
+        self.assertIn("took kernel_size=3, in_channels=3", got[0])
+        self.assertEqual(len(got), 2, got)
+        self.assertTrue(got[1].startswith("RecordMetrics: val_accuracy 0.55 looks like a fraction"),
+                        got[1])
+        c.delete_model("warned")
 
     def test_other_rpcs_and_errors(self):
         c = self.c

@@ -10,7 +10,11 @@ Usage: test_train.py <kasminad> <kasminactl> <dir with the generated stubs>
   unchanged; on a learnable batch the loss falls over steps, train_step counts them, the model's
   generation bumps, Forward afterwards runs on the new weights, and the gradient statistics come
   back when asked for.
-- Checkpoint answers UNIMPLEMENTED with one sentence (training progress is not durable yet).
+- A transformer trains over the wire: its dropout spec (kept, defaulted, refused outside [0, 1)),
+  targets [B, T] validated (shape and range INVALID_ARGUMENT naming them), the loss falls on a
+  next-token task and Forward then predicts it, a seed steps, dropout 0.1 trains.
+- Checkpoint on this daemon (--no-persist) answers FAILED_PRECONDITION with one sentence naming
+  --no-persist (checkpoints themselves: test_checkpoint.py).
 - kasminactl training / train show and run the same through the C client.
 """
 import json
@@ -175,7 +179,8 @@ def main():
                   "folded telemetry %s, last step %s" % (g, q[1]))
 
             code, det = d.code("Checkpoint", pb.CheckpointRequest(model_id="m"))
-            check(code == SC.UNIMPLEMENTED and "Checkpoint" in det, "Checkpoint: %s %r" % (code, det))
+            check(code == SC.FAILED_PRECONDITION and "--no-persist" in det,
+                  "Checkpoint without persistence: %s %r" % (code, det))
 
             # kasminactl, through the C client.
             path = os.path.join(tmp, "batch.safetensors")
@@ -211,12 +216,80 @@ def main():
                     check(False, "Client.train_step with targets out of range succeeded")
                 except KasminaError as e:
                     check(e.code == SC.INVALID_ARGUMENT, "Client.train_step bad targets: %s" % e)
+
+            transformer(d, rng)
         finally:
             rc = d.stop()
         check(rc == 0, "kasminad exited %s" % rc)
     print("%d checks, %d failed" % (CHECKS, len(FAILS)))
     print("%d passed, %d failed" % (CHECKS - len(FAILS), len(FAILS)))
     sys.exit(1 if FAILS else 0)
+
+
+TF = dict(vocab_size=13, n_embd=16, n_head=2, n_layer=2, block_size=8, num_segments=2)
+
+
+def transformer(d, rng):
+    """A transformer over the wire: token ids [B, T] in, targets [B, T] (the next token)."""
+    d.call("CreateModel", pb.CreateModelRequest(
+        model_id="tf", transformer=pb.TransformerHostSpec(dropout=0.0, **TF), slots=["r0c0"],
+        init_seed=5))
+    d.call("CreateModel", pb.CreateModelRequest(
+        model_id="tfd", transformer=pb.TransformerHostSpec(**TF), init_seed=5))
+    m0 = d.call("GetModel", pb.GetModelRequest(model_id="tf")).transformer
+    m1 = d.call("GetModel", pb.GetModelRequest(model_id="tfd")).transformer
+    check(m0.HasField("dropout") and m0.dropout == 0.0, "dropout 0 not kept: %s" % m0)
+    check(abs(m1.dropout - 0.1) < 1e-7, "dropout default %r, expected 0.1" % m1.dropout)
+    code, det = d.code("CreateModel", pb.CreateModelRequest(
+        model_id="tfx", transformer=pb.TransformerHostSpec(dropout=1.0, **TF)))
+    check(code == SC.INVALID_ARGUMENT and "dropout" in det, "dropout 1.0: %s %r" % (code, det))
+
+    # a learnable task: the next token is the current one plus 1 (mod V)
+    V = TF["vocab_size"]
+    x = rng.integers(0, V, (6, 7)).astype(np.int64)
+    y = (x + 1) % V
+    before = state(d, "tf")
+    bads = [
+        ("targets [B]", step_req("tf", x, y[:, 0]), "targets"),
+        ("targets [B, T-1]", step_req("tf", x, y[:, :6]), "targets"),
+        ("a target id = vocab", step_req("tf", x, np.where(x == x[2, 3], V, y)), "targets"),
+        ("a negative target", step_req("tf", x, -y - 1), "targets"),
+        ("an input id = vocab", step_req("tf", np.full((6, 7), V, np.int64), y), "vocabulary"),
+    ]
+    for what, req, field in bads:
+        code, det = d.code("TrainStep", req)
+        check(code == SC.INVALID_ARGUMENT and field in det,
+              "transformer TrainStep %s: %s %r" % (what, code, det))
+    check(state(d, "tf") == before, "a refused transformer TrainStep changed the model")
+
+    d.call("ConfigureTraining", pb.ConfigureTrainingRequest(
+        model_id="tf", host=pb.SgdConfig(lr=0.1), gradient_telemetry_stride=1))
+    losses = []
+    for k in range(25):
+        r = d.call("TrainStep", step_req("tf", x, y))
+        losses.append(r.loss)
+        check(r.train_step == k + 1 and r.total == 42 and 0 <= r.correct <= 42,
+              "transformer step %d: train_step %d, %d/%d" % (k, r.train_step, r.correct, r.total))
+    print("train transformer: losses %s" % ["%.4f" % v for v in losses[::4]], flush=True)
+    check(losses[-1] < losses[0] * 0.7, "the transformer's loss did not fall: %s" % losses)
+    f = d.call("Forward", pb.ForwardRequest(model_id="tf", input=tensor_from_numpy(x)))
+    logits = np.frombuffer(f.output.data, np.float32).reshape(6, 7, V)
+    acc = float((logits.argmax(-1) == y).mean())
+    check(acc > 0.5, "Forward after training: next-token accuracy %.2f" % acc)
+
+    # a seed trains through the wire too (lora in TRAINING: the STE)
+    d.call("Germinate", pb.GerminateRequest(model_id="tf", slot_id="r0c0", blueprint_id="lora"))
+    d.call("AdvanceStage", pb.AdvanceStageRequest(model_id="tf", slot_id="r0c0",
+                                                  target=pb.STAGE_TRAINING))
+    r = d.call("TrainStep", step_req("tf", x, y))
+    check(r.gradients_collected and [s.slot_id for s in r.seeds] == ["r0c0"] and
+          r.seeds[0].param_count == 16 * 16 and list(r.stepped_slots) == ["r0c0"],
+          "a transformer seed's statistics: %s" % r)
+
+    # dropout 0.1 (the default): finite, and the eval-mode Forward is unaffected by it
+    for k in range(3):
+        r = d.call("TrainStep", step_req("tfd", x, y))
+        check(np.isfinite(r.loss) and r.train_step == k + 1, "dropout step %d: %s" % (k, r))
 
 
 def np_save_safetensors(path, arrays):

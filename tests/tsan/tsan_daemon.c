@@ -1,13 +1,15 @@
 /*
  * kasminad under 16 concurrent clients: starts the kasminad given (the ThreadSanitizer build),
  * drives it from 16 threads, each with its own libkasmina-client connection, mixing lifecycle
- * mutations, forwards on per-thread stream keys, evaluate, statistics and model create/delete,
- * plus one WatchEvents subscriber. Then it stops it with SIGTERM under load: 8 clients keep
- * calling and a second subscriber is listening while kasminad drains, ends the stream and shuts
- * its server down. The daemon must exit 0: ThreadSanitizer makes it exit 66 when it reported a
- * race (its reports go to the daemon's stderr, or to TSAN_OPTIONS log_path); this program's own
- * reports (the client library) make it exit 66 too.
- *     tsan_daemon <kasminad> <scratch dir>
+ * mutations, forwards on per-thread stream keys, evaluate, training (TrainStep on two shared
+ * models, ConfigureTraining, RecordMetrics(use_collected_gradients)), statistics and model
+ * create/train/delete, plus one WatchEvents subscriber. Each shared model's train_step must then
+ * be the number of TrainSteps that succeeded on it. Then it stops it with SIGTERM under load: 8
+ * clients keep calling and a second subscriber is listening while kasminad drains, ends the stream
+ * and shuts its server down. The daemon must exit 0: ThreadSanitizer makes it exit 66 when it
+ * reported a race (its reports go to the daemon's stderr, or to TSAN_OPTIONS log_path); this
+ * program's own reports (the client library) make it exit 66 too. tsan_daemon <kasminad> <scratch
+ * dir>
  */
 #include <signal.h>
 #include <spawn.h>
@@ -31,6 +33,8 @@
 extern char **environ;
 static char target[300];
 static atomic_int calls, errors, events_seen, stop_calls, stop_events;
+static const char *const shared_models[2] = {"shared", "trained"};
+static atomic_int trained[2], collected; /* successful TrainSteps on each shared model */
 
 static bool expected(int rc)
 {
@@ -73,7 +77,21 @@ static void *client(void *p)
         int rc = ksm_client_forward(c, "shared", &fa, &fr, &e);
         CALL(rc);
         if (rc == 0) ksm_host_tensor_free(&fr.output);
-        switch ((id + r) % 6) {
+        /* a TrainStep on one of the shared models, on this client's stream key, collecting the
+         * gradient statistics on some steps */
+        if ((id + r) % 2 == 0) {
+            int k = (id / 2 + r) % 2;
+            struct ksm_train_args ta = {
+                .input = &in, .targets = &tg, .stream = key, .collect_gradients = r % 3 - 1};
+            struct ksm_train_result tr;
+            rc = ksm_client_train_step(c, shared_models[k], &ta, &tr, &e);
+            CALL(rc);
+            if (rc == 0) {
+                atomic_fetch_add(&trained[k], 1);
+                if (tr.gradients_collected) atomic_fetch_add(&collected, 1);
+            }
+        }
+        switch ((id + r) % 9) {
         case 0: {
             struct ksm_germinate_args g = {.blueprint_id = "norm"};
             CALL(ksm_client_germinate(c, "shared", slot, &g, &rep, &e));
@@ -89,6 +107,33 @@ static void *client(void *p)
             break;
         }
         case 4: CALL(ksm_client_step_epoch(c, "shared", NULL, NULL, 0, NULL, &e)); break;
+        case 6: {
+            /* read (dropping the momentum on some), then change the learning rate and stride */
+            struct ksm_training_config tc;
+            uint64_t step;
+            const char *mid = shared_models[id % 2];
+            rc = ksm_client_configure_training(c, mid, NULL, id % 3 == 0, &tc, &step, &e);
+            CALL(rc);
+            if (rc != 0) break;
+            tc.host.lr = 0.005 + 0.001 * (id % 4);
+            tc.gradient_telemetry_stride = (uint32_t)(r % 3);
+            CALL(ksm_client_configure_training(c, mid, &tc, false, NULL, NULL, &e));
+            break;
+        }
+        case 7: {
+            struct ksm_metrics_update u = {.use_collected_gradients = true};
+            CALL(ksm_client_record_metrics(c, shared_models[id % 2], slot, &u, &rep, &e));
+            break;
+        }
+        case 8: {
+            struct ksm_model_info info;
+            CALL(ksm_client_model_get(c, shared_models[id % 2], &info, &e));
+            struct ksm_slot_report reps[KSM_MAX_SLOTS];
+            size_t n;
+            CALL(ksm_client_slot_reports(c, shared_models[id % 2], NULL, reps, KSM_MAX_SLOTS, &n,
+                                         &e));
+            break;
+        }
         default: {
             struct ksm_client_memory_stats ms;
             rc = ksm_client_memory_stats(c, NULL, &ms, &e);
@@ -108,6 +153,9 @@ static void *client(void *p)
             CALL(ksm_client_forward(c, own, &fa, &fr, &e) == 0
                      ? (ksm_host_tensor_free(&fr.output), 0)
                      : KSM_EINTERNAL);
+            struct ksm_train_args ta = {.input = &in, .targets = &tg, .collect_gradients = -1};
+            struct ksm_train_result tr;
+            CALL(ksm_client_train_step(c, own, &ta, &tr, &e));
             CALL(ksm_client_model_delete(c, own, NULL, &e));
         }
         if (r % 5 == 0) {
@@ -162,10 +210,17 @@ static void *stopper(void *p)
     for (size_t i = 0; i < sizeof x / sizeof x[0]; i++) x[i] = (float)((i + id) % 7) / 7.0f;
     ksm_tensor in;
     CHECK_OK(ksm_tensor_init(&in, NULL, x, KSM_DTYPE_F32, 4, (int64_t[]){2, 3, 8, 8}));
+    int64_t lab[2] = {0, 4};
+    ksm_tensor tg;
+    CHECK_OK(ksm_tensor_init(&tg, NULL, lab, KSM_DTYPE_I64, 1, (int64_t[]){2}));
     const char *slot = id % 2 ? "r0c1" : "r0c2";
     for (int r = 0; r < 100000; r++) {
         int rc;
-        if (r % 2 == 0) {
+        if (r % 6 == 5) {
+            struct ksm_train_args ta = {.input = &in, .targets = &tg, .stream = key};
+            struct ksm_train_result tr;
+            rc = ksm_client_train_step(c, shared_models[id % 2], &ta, &tr, &e);
+        } else if (r % 2 == 0) {
             struct ksm_forward_args fa = {.input = &in, .stream = key};
             struct ksm_forward_result fr;
             rc = ksm_client_forward(c, "shared", &fa, &fr, &e);
@@ -241,14 +296,27 @@ int main(int argc, char **argv)
     CHECK_OK(ksm_client_connect(target, &o, &c, &e));
     struct ksm_model_spec spec = {.topology = KSM_TOPOLOGY_CNN,
                                   .cnn = {.base_channels = 4, .num_classes = 5}};
-    int rc = ksm_client_model_create(c, "shared", &spec, NULL, &e);
-    CHECK(rc == 0, "create: %s", e.message);
+    for (int k = 0; k < 2; k++) {
+        int rc = ksm_client_model_create(c, shared_models[k], &spec, NULL, &e);
+        CHECK(rc == 0, "create %s: %s", shared_models[k], e.message);
+    }
+    /* "trained" has a seed in TRAINING on r0c1 from the start: its steps step it too */
+    struct ksm_germinate_args g = {.blueprint_id = "conv_light"};
+    CHECK_OK(ksm_client_germinate(c, "trained", "r0c1", &g, NULL, &e));
+    CHECK_OK(ksm_client_advance(c, "trained", "r0c1", KSM_STAGE_TRAINING, NULL, NULL, &e));
     pthread_t w;
     CHECK_OK(pthread_create(&w, NULL, watcher, NULL));
     int ids[CLIENTS];
     for (int i = 0; i < CLIENTS; i++) ids[i] = i;
     run_threads(CLIENTS, client, ids, sizeof ids[0]);
     CHECK_OK(pthread_join(w, NULL));
+    for (int k = 0; k < 2; k++) {
+        uint64_t step = 0;
+        CHECK_OK(ksm_client_configure_training(c, shared_models[k], NULL, false, NULL, &step, &e));
+        CHECK(step == (uint64_t)atomic_load(&trained[k]), "%s: train_step %llu after %d TrainSteps",
+              shared_models[k], (unsigned long long)step, atomic_load(&trained[k]));
+    }
+    CHECK(atomic_load(&collected) > 0, "no TrainStep collected gradient statistics");
     ksm_client_close(c);
 
     /* Stop under load: SIGTERM once the stoppers made BEFORE calls and the subscriber has
@@ -270,10 +338,11 @@ int main(int argc, char **argv)
     CHECK_OK(pthread_join(w, NULL));
     int st = 0;
     CHECK(waitpid(pid, &st, 0) == pid, "waitpid");
-    printf("tsan_daemon: %d calls from %d clients, %d events; then SIGTERM after %d calls of %d "
-           "clients, %d calls in all, %d events at stop; %d unexpected errors; kasminad exit "
-           "status %d\n",
-           atomic_load(&calls), CLIENTS, atomic_load(&events_seen), BEFORE, STOPPERS,
+    printf("tsan_daemon: %d calls from %d clients (TrainSteps: %d and %d on the shared models, %d "
+           "collected), %d events; then SIGTERM after %d calls of %d clients, %d calls in all, %d "
+           "events at stop; %d unexpected errors; kasminad exit status %d\n",
+           atomic_load(&calls), CLIENTS, atomic_load(&trained[0]), atomic_load(&trained[1]),
+           atomic_load(&collected), atomic_load(&events_seen), BEFORE, STOPPERS,
            atomic_load(&stop_calls), atomic_load(&stop_events), atomic_load(&errors),
            WIFEXITED(st) ? WEXITSTATUS(st) : -WTERMSIG(st));
     CHECK(atomic_load(&errors) == 0, "unexpected errors");

@@ -220,6 +220,37 @@ Test(convert, model_ids_follow_the_pattern)
 
 /* ---- Requests ---- */
 
+/* A transformer's dropout: unset stays unset (the engine defaults it to 0.1), 0 is a value, and
+ * a float from the wire becomes the decimal the client wrote (0.1f -> 0.1). */
+Test(convert, transformer_dropout)
+{
+    Kasmina__V1__CreateModelRequest pb = KASMINA__V1__CREATE_MODEL_REQUEST__INIT;
+    Kasmina__V1__TransformerHostSpec tf = KASMINA__V1__TRANSFORMER_HOST_SPEC__INIT;
+    pb.host_case = KASMINA__V1__CREATE_MODEL_REQUEST__HOST_TRANSFORMER;
+    pb.transformer = &tf;
+    struct ksm_model_spec spec;
+    cr_assert_eq(ksm_wire_model_spec_from_pb(&pb, &spec, err, sizeof err), 0, "%s", err);
+    cr_expect_not(spec.transformer.dropout_set);
+    tf.opt_dropout_case = KASMINA__V1__TRANSFORMER_HOST_SPEC__OPT_DROPOUT_DROPOUT;
+    const float in[4] = {0.0f, 0.1f, 0.25f, 0.3f};
+    const double want[4] = {0.0, 0.1, 0.25, 0.3};
+    for (int i = 0; i < 4; i++) {
+        tf.dropout = in[i];
+        cr_assert_eq(ksm_wire_model_spec_from_pb(&pb, &spec, err, sizeof err), 0, "%s", err);
+        cr_expect(spec.transformer.dropout_set);
+        cr_expect_eq(spec.transformer.dropout, want[i], "%.17g from %.9g", spec.transformer.dropout,
+                     (double)in[i]);
+        struct ksm_pb_arena a;
+        ksm_pb_arena_init(&a);
+        Kasmina__V1__CreateModelRequest out;
+        cr_assert_eq(ksm_wire_model_spec_to_pb("m", &spec, &a, &out), 0);
+        cr_expect_eq(out.transformer->opt_dropout_case,
+                     KASMINA__V1__TRANSFORMER_HOST_SPEC__OPT_DROPOUT_DROPOUT);
+        cr_expect_eq(out.transformer->dropout, in[i]);
+        ksm_pb_arena_fini(&a);
+    }
+}
+
 Test(convert, create_model_defaults_and_validates)
 {
     Kasmina__V1__CreateModelRequest pb = KASMINA__V1__CREATE_MODEL_REQUEST__INIT;
@@ -515,6 +546,79 @@ Test(convert, evaluate_request_needs_configs_and_integer_targets)
     ksm_pb_arena_fini(&a);
 }
 
+Test(convert, evaluate_attribution_fields_and_estimates_round_trip)
+{
+    float x[4] = {0};
+    int64_t xs[] = {2, 2};
+    int64_t y[2] = {1, 0};
+    int64_t ys[] = {2};
+    Kasmina__V1__Tensor in = mk_tensor(KASMINA__V1__DTYPE__DTYPE_F32, xs, 2, x, sizeof x);
+    Kasmina__V1__Tensor tg = mk_tensor(KASMINA__V1__DTYPE__DTYPE_I64, ys, 1, y, sizeof y);
+    Kasmina__V1__EvaluateRequest pb = KASMINA__V1__EVALUATE_REQUEST__INIT;
+    pb.model_id = "m";
+    pb.input = &in;
+    pb.targets = &tg;
+    struct ksm_pb_arena a;
+    ksm_pb_arena_init(&a);
+    struct ksm_evaluate_args ea;
+    /* Attribution alone needs no configs. */
+    pb.attribution = KASMINA__V1__ATTRIBUTION_MODE__ATTRIBUTION_PERMUTATION;
+    pb.shapley_samples = 40;
+    pb.attribution_seed = 0xfedcba9876543210ull;
+    cr_assert_eq(ksm_wire_evaluate_from_pb(&pb, &a, &ea, err, sizeof err), 0, "%s", err);
+    cr_expect_eq(ea.attribution, KSM_ATTRIBUTION_PERMUTATION);
+    cr_expect_eq(ea.shapley_samples, 40);
+    cr_expect_eq(ea.attribution_seed, 0xfedcba9876543210ull);
+    Kasmina__V1__EvaluateRequest back;
+    cr_assert_eq(ksm_wire_evaluate_to_pb("m", &ea, &a, &back), 0);
+    cr_expect_eq(back.attribution, KASMINA__V1__ATTRIBUTION_MODE__ATTRIBUTION_PERMUTATION);
+    cr_expect_eq(back.shapley_samples, 40);
+    cr_expect_eq(back.attribution_seed, 0xfedcba9876543210ull);
+    pb.shapley_samples = KSM_SHAPLEY_SAMPLES_MAX + 1;
+    cr_expect_eq(ksm_wire_evaluate_from_pb(&pb, &a, &ea, err, sizeof err), KSM_EINVAL);
+    cr_expect(strstr(err, "shapley_samples") != NULL, "%s", err);
+    pb.shapley_samples = 0;
+    pb.attribution = (Kasmina__V1__AttributionMode)9;
+    cr_expect_eq(ksm_wire_evaluate_from_pb(&pb, &a, &ea, err, sizeof err), KSM_EINVAL);
+    cr_expect(strstr(err, "attribution") != NULL, "%s", err);
+    pb.attribution = KASMINA__V1__ATTRIBUTION_MODE__ATTRIBUTION_NONE;
+    cr_expect_eq(ksm_wire_evaluate_from_pb(&pb, &a, &ea, err, sizeof err), KSM_EINVAL);
+    /* The estimates out and back. */
+    struct ksm_shapley_estimate sh[2] = {
+        {.slot_id = "r0c1", .mean = 1.5, .std = 0.25, .n_samples = 17, .marginal = -3.0},
+        {.slot_id = "r1c1", .mean = -2.0, .n_samples = 6, .marginal = 4.5}};
+    strcpy(sh[0].algorithm, "permutation_antithetic");
+    strcpy(sh[1].algorithm, "exact");
+    struct ksm_interaction_term it = {.slot_a = "r0c1", .slot_b = "r1c1", .interaction = 6.25};
+    struct ksm_evaluate_result r = {.model_generation = 3,
+                                    .shapley = sh,
+                                    .n_shapley = 2,
+                                    .interactions = &it,
+                                    .n_interactions = 1};
+    Kasmina__V1__EvaluateResponse rep;
+    cr_assert_eq(ksm_wire_evaluate_result_to_pb(&r, &a, &rep), 0);
+    cr_assert_eq(rep.n_shapley, 2);
+    cr_assert_eq(rep.n_interactions, 1);
+    struct ksm_evaluate_result got;
+    cr_assert_eq(ksm_wire_evaluate_result_from_pb(&rep, &got, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(got.n_shapley, 2);
+    for (int i = 0; i < 2; i++) {
+        cr_expect_str_eq(got.shapley[i].slot_id, sh[i].slot_id);
+        cr_expect_eq(got.shapley[i].mean, sh[i].mean);
+        cr_expect_eq(got.shapley[i].std, sh[i].std);
+        cr_expect_eq(got.shapley[i].n_samples, sh[i].n_samples);
+        cr_expect_str_eq(got.shapley[i].algorithm, sh[i].algorithm);
+        cr_expect_eq(got.shapley[i].marginal, sh[i].marginal);
+    }
+    cr_assert_eq(got.n_interactions, 1);
+    cr_expect_str_eq(got.interactions[0].slot_a, "r0c1");
+    cr_expect_str_eq(got.interactions[0].slot_b, "r1c1");
+    cr_expect_eq(got.interactions[0].interaction, 6.25);
+    cr_expect_eq(got.n, 0);
+    ksm_evaluate_result_free(&got);
+    ksm_pb_arena_fini(&a);
+}
+
 /* ---- Replies ---- */
 
 Test(convert, slot_report_round_trips_through_the_wire)
@@ -626,6 +730,58 @@ Test(convert, event_round_trips_with_gate_and_values)
     cr_expect_eq(ksm_wire_lifecycle_type_parse("SEED_PRUNED", &t), 0);
     cr_expect_eq(t, KSM_EV_SEED_PRUNED);
     cr_expect_eq(ksm_wire_lifecycle_type_parse("NOPE", &t), KSM_EINVAL);
+}
+
+Test(convert, gate_checks_round_trip_with_and_without_a_value)
+{
+    struct ksm_gate_result g;
+    memset(&g, 0, sizeof g);
+    g.gate = KSM_GATE_G2;
+    g.n_failed = 2;
+    strcpy(g.checks_failed[0], "seed_not_ready");
+    strcpy(g.checks_failed[1], "gradient_stats_never_measured");
+    g.n_checks = 2;
+    g.checks[0] = (struct ksm_gate_check){.name = "seed_not_ready",
+                                          .quantity = "epochs_in_current_stage",
+                                          .op = ">=",
+                                          .threshold = 10,
+                                          .has_value = true,
+                                          .value = 0, /* a measured 0 stays present */
+                                          .detail = "epochs_in_current_stage 0 < 10"};
+    g.checks[1] = (struct ksm_gate_check){.name = "gradient_stats_never_measured",
+                                          .quantity = "seed_gradient_norm_ratio",
+                                          .op = ">=",
+                                          .threshold = 0.1,
+                                          .detail = "never measured"};
+    struct ksm_pb_arena a;
+    ksm_pb_arena_init(&a);
+    Kasmina__V1__GateResult pb;
+    cr_assert_eq(ksm_wire_gate_to_pb(&g, &a, &pb), 0);
+    cr_assert_eq(pb.n_checks, 2);
+    cr_expect_eq(pb.checks[0]->opt_value_case, KASMINA__V1__GATE_CHECK__OPT_VALUE_VALUE);
+    cr_expect_eq(pb.checks[1]->opt_value_case, KASMINA__V1__GATE_CHECK__OPT_VALUE__NOT_SET);
+    size_t n = kasmina__v1__gate_result__get_packed_size(&pb);
+    uint8_t *buf = malloc(n);
+    kasmina__v1__gate_result__pack(&pb, buf);
+    ksm_pb_arena_fini(&a);
+    Kasmina__V1__GateResult *u = kasmina__v1__gate_result__unpack(NULL, n, buf);
+    cr_assert_not_null(u);
+    struct ksm_gate_result b;
+    cr_assert_eq(ksm_wire_gate_from_pb(u, &b, err, sizeof err), 0, "%s", err);
+    cr_expect_eq(b.n_checks, 2);
+    cr_expect_str_eq(b.checks[0].name, "seed_not_ready");
+    cr_expect_not(b.checks[0].passed);
+    cr_expect_str_eq(b.checks[0].quantity, "epochs_in_current_stage");
+    cr_expect_str_eq(b.checks[0].op, ">=");
+    cr_expect_eq(b.checks[0].threshold, 10);
+    cr_expect(b.checks[0].has_value);
+    cr_expect_eq(b.checks[0].value, 0);
+    cr_expect_str_eq(b.checks[0].detail, "epochs_in_current_stage 0 < 10");
+    cr_expect_not(b.checks[1].has_value);
+    cr_expect_eq(b.checks[1].threshold, 0.1);
+    cr_expect_str_eq(b.checks_failed[1], "gradient_stats_never_measured");
+    kasmina__v1__gate_result__free_unpacked(u, NULL);
+    free(buf);
 }
 
 Test(convert, model_info_round_trips)

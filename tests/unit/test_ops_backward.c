@@ -220,6 +220,13 @@ static void run_case(struct env *e, ksm_st_file *f, const char *cs, const char *
         cr_assert_eq(rc, 0, "%s: %s", cs, ksm_err_name(rc));
         check(e, f, cs, "da", &da);
         check(e, f, cs, "db", &db);
+    } else if (strcmp(op, "add_backward") == 0) {
+        ksm_tensor a = up(e, f, cs, "a"), b = up(e, f, cs, "b"), dy = up(e, f, cs, "dy");
+        ksm_tensor da = out_for(e, f, cs, "da", &h0), db = out_for(e, f, cs, "db", &h1);
+        rc = ksm_op_add_backward(e->s, &da, &db, &dy, &a, &b);
+        cr_assert_eq(rc, 0, "%s: %s", cs, ksm_err_name(rc));
+        check(e, f, cs, "da", &da);
+        check(e, f, cs, "db", &db);
     } else if (strcmp(op, "lerp_backward") == 0) {
         ksm_tensor a = up(e, f, cs, "a"), b = up(e, f, cs, "b"), w = up(e, f, cs, "w");
         ksm_tensor dy = up(e, f, cs, "dy");
@@ -306,6 +313,7 @@ Test(backward_golden, every_op_has_its_cases)
         {"backward_misc.safetensors", "maxpool2_backward", 3},
         {"backward_misc.safetensors", "embedding_backward", 3},
         {"backward_misc.safetensors", "cross_entropy_backward", 4},
+        {"backward_misc.safetensors", "add_backward", 4},
     };
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
         const char *files[] = {want[i].file, NULL};

@@ -128,6 +128,24 @@ static double param_num(const char *desc, const char *key)
     return strtod(p + strlen(pat), NULL);
 }
 
+/* A 64-bit unsigned "key=value" (seeds and steps do not fit a double). */
+static uint64_t param_u64(const char *desc, const char *key)
+{
+    char pat[64];
+    snprintf(pat, sizeof pat, " %s=", key);
+    const char *p = strstr(desc, pat);
+    cr_assert_not_null(p, "parameter %s missing in '%s'", key, desc);
+    return strtoull(p + strlen(pat), NULL, 10);
+}
+
+static struct ksm_dropout dropout_of(const char *desc)
+{
+    return (struct ksm_dropout){.p = param_num(desc, "p"),
+                                .seed = param_u64(desc, "seed"),
+                                .step = param_u64(desc, "step"),
+                                .site = (uint32_t)param_u64(desc, "site")};
+}
+
 /* The result t against the fixture's role; returns the relative error. */
 static double check(struct env *e, ksm_st_file *f, const char *cs, const char *role,
                     const ksm_tensor *t)
@@ -225,9 +243,62 @@ static void run_sdpa_backward(struct env *e, ksm_st_file *f, const char *cs, con
     check(e, f, cs, "dv", &dv);
 }
 
-static const char *const GOLDEN_FILES[] = {"backward_nn_norm.safetensors",
-                                           "backward_nn_conv.safetensors",
-                                           "backward_nn_attn.safetensors", NULL};
+/* Dropout with kasmina's masks (the fixture's from tests/golden/philox.py): forward, and the
+ * backward as the same op on dy. */
+static void run_dropout(struct env *e, ksm_st_file *f, const char *cs, const char *desc)
+{
+    ksm_tensor x = up(e, f, cs, "x"), dy = up(e, f, cs, "dy");
+    ksm_tensor y = dev_like(e, &x), dx = dev_like(e, &dy);
+    struct ksm_dropout d = dropout_of(desc);
+    cr_assert_eq(ksm_op_dropout(e->s, &y, &x, &d), 0);
+    cr_assert_eq(ksm_op_dropout(e->s, &dx, &dy, &d), 0);
+    check(e, f, cs, "y", &y);
+    check(e, f, cs, "dx", &dx);
+    /* in place gives the same values */
+    cr_assert_eq(ksm_op_dropout(e->s, &x, &x, &d), 0);
+    check(e, f, cs, "y", &x);
+}
+
+static void run_sdpa_dropout(struct env *e, ksm_st_file *f, const char *cs, const char *desc)
+{
+    ksm_tensor q = up(e, f, cs, "q"), k = up(e, f, cs, "k"), v = up(e, f, cs, "v");
+    ksm_tensor dout = up(e, f, cs, "dout"), out = dev_like(e, &q);
+    ksm_tensor dq = dev_like(e, &q), dk = dev_like(e, &k), dv = dev_like(e, &v);
+    struct ksm_dropout d = dropout_of(desc);
+    bool causal = param_num(desc, "causal") != 0;
+    cr_assert_eq(ksm_op_sdpa_dropout(e->s, &out, &q, &k, &v, causal, 0.0f, &d), 0);
+    check(e, f, cs, "out", &out);
+    cr_assert_eq(
+        ksm_op_sdpa_dropout_backward(e->s, &dq, &dk, &dv, &dout, &q, &k, &v, causal, 0.0f, &d), 0);
+    check(e, f, cs, "dq", &dq);
+    check(e, f, cs, "dk", &dk);
+    check(e, f, cs, "dv", &dv);
+    /* the output as a strided [B, T, H, hd] view gives the same values */
+    int64_t b = q.shape[0], h = q.shape[1], tq = q.shape[2], hd = q.shape[3];
+    ksm_tensor o2 = dev_empty(e, 4, (const int64_t[]){b, tq, h, hd});
+    ksm_tensor ov = o2;
+    ov.shape[1] = h, ov.shape[2] = tq;
+    ov.stride[0] = tq * h * hd, ov.stride[1] = hd, ov.stride[2] = h * hd, ov.stride[3] = 1;
+    cr_assert_eq(ksm_op_sdpa_dropout(e->s, &ov, &q, &k, &v, causal, 0.0f, &d), 0);
+    float *got = download(e, &o2), *want = kt_golden_floats(need(f, cs, "out"));
+    double worst = 0, top = 0;
+    for (int64_t bi = 0; bi < b; bi++)
+        for (int64_t hi = 0; hi < h; hi++)
+            for (int64_t i = 0; i < tq; i++)
+                for (int64_t dd = 0; dd < hd; dd++) {
+                    float g = got[((bi * tq + i) * h + hi) * hd + dd];
+                    float w = want[((bi * h + hi) * tq + i) * hd + dd];
+                    worst = fmax(worst, fabs((double)g - w));
+                    top = fmax(top, fabs((double)w));
+                }
+    cr_expect_leq(worst, GOLDEN_TOL * top, "%s: strided out differs by %g", cs, worst);
+    free(got);
+    free(want);
+}
+
+static const char *const GOLDEN_FILES[] = {
+    "backward_nn_norm.safetensors", "backward_nn_conv.safetensors", "backward_nn_attn.safetensors",
+    "backward_nn_dropout.safetensors", NULL};
 
 TestSuite(backward_nn_golden, .timeout = 120);
 
@@ -255,6 +326,10 @@ ParameterizedTest(struct kt_golden_case *c, backward_nn_golden, matches_pytorch)
         run_conv_backward(&e, f, c->name, d);
     else if (strcmp(c->op, "sdpa_backward") == 0)
         run_sdpa_backward(&e, f, c->name, d);
+    else if (strcmp(c->op, "dropout") == 0)
+        run_dropout(&e, f, c->name, d);
+    else if (strcmp(c->op, "sdpa_dropout") == 0)
+        run_sdpa_dropout(&e, f, c->name, d);
     else
         cr_assert_fail("%s: unknown op %s", c->name, c->op);
     ksm_st_close(f);
@@ -264,7 +339,8 @@ ParameterizedTest(struct kt_golden_case *c, backward_nn_golden, matches_pytorch)
 Test(backward_nn_golden, every_op_has_its_cases)
 {
     static const char *const ops[] = {"batchnorm_train", "groupnorm_backward", "layernorm_backward",
-                                      "conv2d_backward", "sdpa_backward"};
+                                      "conv2d_backward", "sdpa_backward",      "dropout",
+                                      "sdpa_dropout"};
     for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++)
         cr_expect_geq(kt_golden_count(GOLDEN_FILES, ops[i]), 4, "%s", ops[i]);
 }
@@ -433,5 +509,177 @@ Test(backward_nn_edge, sdpa_backward_rejects_bad_arguments)
     expect_untouched(&e, &dq, "dq");
     expect_untouched(&e, &dk, "dk");
     expect_untouched(&e, &dv, "dv");
+    env_fini(&e);
+}
+
+// ---- Dropout masks: statistics, determinism, the backward's mask, argument checks ----
+
+TestSuite(dropout, .timeout = 60);
+
+static float *run_dropout_host(struct env *e, const ksm_tensor *x, const struct ksm_dropout *d)
+{
+    ksm_tensor y = dev_like(e, x);
+    cr_assert_eq(ksm_op_dropout(e->s, &y, x, d), 0);
+    return download(e, &y);
+}
+
+/* 2^20 ones: the kept share is 1 - p within 6 standard deviations, kept values are exactly
+ * (float)(1 / (1 - p)), the rest exactly 0; the same key gives the same mask bit for bit, and
+ * another step, site or seed a different one. */
+Test(dropout, masks_keep_one_minus_p_and_follow_their_key)
+{
+    struct env e;
+    env_init(&e);
+    const int64_t n = 1 << 20;
+    float *ones = malloc(sizeof(float) * (size_t)n);
+    for (int64_t i = 0; i < n; i++) ones[i] = 1.0f;
+    ksm_tensor x = dev_from(&e, 1, &n, ones);
+    const double ps[3] = {0.1, 0.5, 0.9};
+    for (int k = 0; k < 3; k++) {
+        struct ksm_dropout d = {.p = ps[k], .seed = 0x9E3779B97F4A7C15ull, .step = 17, .site = 5};
+        float *y = run_dropout_host(&e, &x, &d);
+        const float scale = (float)(1.0 / (1.0 - ps[k]));
+        int64_t kept = 0, bad = 0;
+        for (int64_t i = 0; i < n; i++) {
+            if (y[i] == scale)
+                kept++;
+            else if (y[i] != 0.0f)
+                bad++;
+        }
+        cr_expect_eq(bad, 0, "p %g: %lld values neither 0 nor the scale", ps[k], (long long)bad);
+        double share = (double)kept / (double)n, sd = sqrt(ps[k] * (1 - ps[k]) / (double)n);
+        cr_expect_leq(fabs(share - (1 - ps[k])), 6 * sd, "p %g: kept %.5f", ps[k], share);
+        /* the same key again: identical */
+        float *y2 = run_dropout_host(&e, &x, &d);
+        cr_expect_eq(memcmp(y, y2, sizeof(float) * (size_t)n), 0, "p %g: not deterministic", ps[k]);
+        free(y2);
+        /* another step, site, seed: about p^2 + (1-p)^2 of the elements agree, not all */
+        struct ksm_dropout other[3] = {d, d, d};
+        other[0].step++;
+        other[1].site++;
+        other[2].seed ^= 1ull << 40;
+        for (int o = 0; o < 3; o++) {
+            float *z = run_dropout_host(&e, &x, &other[o]);
+            int64_t same = 0;
+            for (int64_t i = 0; i < n; i++) same += (z[i] == 0.0f) == (y[i] == 0.0f);
+            double agree = (double)same / (double)n;
+            double want = ps[k] * ps[k] + (1 - ps[k]) * (1 - ps[k]);
+            cr_expect_leq(fabs(agree - want), 0.01, "p %g, key change %d: agreement %.4f", ps[k], o,
+                          agree);
+            free(z);
+        }
+        free(y);
+    }
+    free(ones);
+    env_fini(&e);
+}
+
+/* The backward (the same op on dy) zeroes exactly what the forward dropped and scales the rest
+ * alike; p 0 is the identity bit for bit. */
+Test(dropout, backward_uses_the_forward_mask)
+{
+    struct env e;
+    env_init(&e);
+    const int64_t shape[3] = {3, 7, 13}, n = 3 * 7 * 13;
+    float xs[3 * 7 * 13], gs[3 * 7 * 13];
+    for (int64_t i = 0; i < n; i++) {
+        xs[i] = (float)((i * 37) % 23) / 7.0f + 0.25f; /* no zeros */
+        gs[i] = (float)((i * 11) % 19) / 5.0f - 1.7f;
+    }
+    ksm_tensor x = dev_from(&e, 3, shape, xs), dy = dev_from(&e, 3, shape, gs);
+    struct ksm_dropout d = {.p = 0.3, .seed = 7, .step = (1ull << 32) + 2, .site = 4};
+    float *y = run_dropout_host(&e, &x, &d), *dx = run_dropout_host(&e, &dy, &d);
+    const float scale = (float)(1.0 / 0.7);
+    int dropped = 0;
+    for (int64_t i = 0; i < n; i++) {
+        bool kept = y[i] != 0.0f;
+        dropped += !kept;
+        cr_expect_eq(y[i], kept ? xs[i] * scale : 0.0f);
+        cr_expect_eq(dx[i], kept ? gs[i] * scale : 0.0f, "dx[%lld] under another mask",
+                     (long long)i);
+    }
+    cr_expect_gt(dropped, 0);
+    cr_expect_lt(dropped, n);
+    free(y);
+    free(dx);
+    d.p = 0.0;
+    float *id = run_dropout_host(&e, &x, &d);
+    cr_expect_eq(memcmp(id, xs, sizeof xs), 0, "p 0 is not the identity");
+    free(id);
+    env_fini(&e);
+}
+
+/* The row path of the attention (views whose rows an sgemm cannot take: overlapping rows) and
+ * the block path draw the same attention-weight mask. */
+Test(dropout, sdpa_row_path_matches_block_path)
+{
+    struct env e;
+    env_init(&e);
+    const int64_t b = 2, h = 2, t = 9, hd = 8;
+    const int64_t big = b * h * t * hd;
+    float *buf = malloc(sizeof(float) * (size_t)(big + 8)); /* v reads from buf + 5 */
+    for (int64_t i = 0; i < big + 8; i++) buf[i] = (float)((i * 29) % 17) / 8.0f - 1.0f;
+    ksm_tensor base = dev_from(&e, 1, &big, buf);
+    /* q: rows 3 floats apart (overlapping), k and v contiguous */
+    ksm_tensor q = base;
+    q.ndim = 4;
+    q.shape[0] = b, q.shape[1] = h, q.shape[2] = t, q.shape[3] = hd;
+    q.stride[0] = h * t * 3 + hd, q.stride[1] = t * 3 + hd, q.stride[2] = 3, q.stride[3] = 1;
+    const int64_t qs[4] = {b, h, t, hd};
+    float *qh = malloc(sizeof(float) * (size_t)(b * h * t * hd));
+    for (int64_t i0 = 0; i0 < b; i0++)
+        for (int64_t i1 = 0; i1 < h; i1++)
+            for (int64_t i2 = 0; i2 < t; i2++)
+                for (int64_t i3 = 0; i3 < hd; i3++)
+                    qh[((i0 * h + i1) * t + i2) * hd + i3] =
+                        buf[i0 * q.stride[0] + i1 * q.stride[1] + i2 * 3 + i3];
+    ksm_tensor qc = dev_from(&e, 4, qs, qh);
+    ksm_tensor k = dev_from(&e, 4, qs, buf), v = dev_from(&e, 4, qs, buf + 5);
+    ksm_tensor o1 = dev_empty(&e, 4, qs), o2 = dev_empty(&e, 4, qs);
+    struct ksm_dropout d = {.p = 0.4, .seed = 99, .step = 3, .site = 2};
+    cr_assert_eq(ksm_op_sdpa_dropout(e.s, &o1, &q, &k, &v, true, 0.0f, &d), 0);
+    cr_assert_eq(ksm_op_sdpa_dropout(e.s, &o2, &qc, &k, &v, true, 0.0f, &d), 0);
+    float *a = download(&e, &o1), *c = download(&e, &o2);
+    double worst = 0;
+    for (int64_t i = 0; i < b * h * t * hd; i++) worst = fmax(worst, fabs((double)a[i] - c[i]));
+    cr_expect_leq(worst, 1e-5, "row path vs block path: %g", worst);
+    /* and dropout changed the result */
+    cr_assert_eq(ksm_op_sdpa(e.s, &o1, &qc, &k, &v, true, 0.0f), 0);
+    float *z = download(&e, &o1);
+    double diff = 0;
+    for (int64_t i = 0; i < b * h * t * hd; i++) diff = fmax(diff, fabs((double)z[i] - c[i]));
+    cr_expect_gt(diff, 1e-3);
+    free(a);
+    free(c);
+    free(z);
+    free(qh);
+    free(buf);
+    env_fini(&e);
+}
+
+Test(dropout, rejects_bad_keys)
+{
+    struct env e;
+    env_init(&e);
+    const int64_t shape[2] = {3, 5}, qs[4] = {1, 1, 4, 4};
+    ksm_tensor x = dev_empty(&e, 2, shape), y = dev_empty(&e, 2, shape);
+    const double bad_p[4] = {1.0, -0.1, NAN, 2.0};
+    for (int i = 0; i < 4; i++) {
+        struct ksm_dropout d = {.p = bad_p[i]};
+        cr_expect_eq(ksm_op_dropout(e.s, &y, &x, &d), KSM_EINVAL, "p %g", bad_p[i]);
+    }
+    struct ksm_dropout site = {.p = 0.5, .site = 65536};
+    cr_expect_eq(ksm_op_dropout(e.s, &y, &x, &site), KSM_EINVAL);
+    cr_expect_eq(ksm_op_dropout(e.s, &y, &x, NULL), KSM_EINVAL);
+    ksm_tensor q = dev_empty(&e, 4, qs), o = dev_empty(&e, 4, qs);
+    struct ksm_dropout one = {.p = 1.0};
+    cr_expect_eq(ksm_op_sdpa_dropout(e.s, &o, &q, &q, &q, true, 0.0f, &one), KSM_EINVAL);
+    ksm_tensor dq = dev_empty(&e, 4, qs), dk = dev_empty(&e, 4, qs), dv = dev_empty(&e, 4, qs);
+    cr_expect_eq(
+        ksm_op_sdpa_dropout_backward(e.s, &dq, &dk, &dv, &o, &q, &q, &q, true, 0.0f, &site),
+        KSM_EINVAL);
+    expect_untouched(&e, &y, "y");
+    expect_untouched(&e, &o, "o");
+    expect_untouched(&e, &dq, "dq");
     env_fini(&e);
 }

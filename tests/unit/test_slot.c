@@ -1525,3 +1525,218 @@ Test(slot, extra_state_rejects_malformed_documents)
     cr_expect_eq(memcmp(&before, &S, sizeof S), 0);
     free(good);
 }
+
+/* ---- check details (docs/gates.md#check-details) ---- */
+
+static const struct ksm_gate_check *check_of(const struct ksm_gate_result *g, const char *name)
+{
+    for (int i = 0; i < g->n_checks; i++)
+        if (!strcmp(g->checks[i].name, name)) return &g->checks[i];
+    return NULL;
+}
+
+/* checks[] holds exactly the strings of checks_passed and checks_failed, with their outcome. */
+static void expect_checks_mirror_lists(const struct ksm_gate_result *g)
+{
+    cr_expect_eq(g->n_checks, g->n_passed + g->n_failed, "%d checks for %d + %d strings",
+                 g->n_checks, g->n_passed, g->n_failed);
+    int p = 0, f = 0;
+    for (int i = 0; i < g->n_checks; i++) {
+        const struct ksm_gate_check *c = &g->checks[i];
+        if (c->passed)
+            cr_expect_str_eq(c->name, g->checks_passed[p++]);
+        else
+            cr_expect_str_eq(c->name, g->checks_failed[f++]);
+        cr_expect_neq(c->detail[0], '\0', "check %s has no detail", c->name);
+        cr_expect_neq(c->quantity[0], '\0', "check %s names no quantity", c->name);
+    }
+}
+
+#define EXPECT_DETAIL(g, name, want)                                                               \
+    do {                                                                                           \
+        const struct ksm_gate_check *c_ = check_of(&(g), name);                                    \
+        cr_assert_not_null(c_, "no check %s", name);                                               \
+        cr_expect_str_eq(c_->detail, want);                                                        \
+    } while (0)
+
+Test(slot, every_gate_lists_its_checks_with_details)
+{
+    for (int perm = 0; perm < 2; perm++) {
+        setup(perm);
+        germinate();
+        expect_checks_mirror_lists(&(struct ksm_gate_result){0});
+        struct ksm_gate_result g = gate(KSM_STAGE_GERMINATED);
+        expect_checks_mirror_lists(&g);
+        g = gate(KSM_STAGE_TRAINING);
+        expect_checks_mirror_lists(&g);
+        advance(KSM_STAGE_TRAINING);
+        g = gate(KSM_STAGE_TRAINING);
+        expect_checks_mirror_lists(&g);
+        EXPECT_DETAIL(g, "not_germinated", "stage TRAINING, needs GERMINATED");
+        for (int k = 0; k < 3; k++) {
+            g = gate(KSM_STAGE_BLENDING);
+            expect_checks_mirror_lists(&g);
+            if (k == 0) record_acc(50);
+            if (k == 1) record_grads(0.4, false, 0.01);
+        }
+        for (int i = 0; i < 10; i++) record_acc(50.0 + i * 0.25);
+        record_grads(0.9, false, 0.5);
+        g = gate(KSM_STAGE_BLENDING);
+        expect_checks_mirror_lists(&g);
+        cr_assert(advance(KSM_STAGE_BLENDING).passed);
+        g = gate(KSM_STAGE_HOLDING);
+        expect_checks_mirror_lists(&g);
+        for (uint32_t i = 0; i < S.state.blend_tempo_epochs; i++) step();
+        for (int i = 0; i < 10; i++) record_acc(60.0);
+        advance(KSM_STAGE_HOLDING);
+        g = gate(KSM_STAGE_FOSSILIZED);
+        expect_checks_mirror_lists(&g);
+        record_cf(0.25);
+        g = gate(KSM_STAGE_FOSSILIZED);
+        expect_checks_mirror_lists(&g);
+    }
+}
+
+Test(slot, g2_strict_failed_checks_carry_value_and_threshold)
+{
+    setup(false);
+    germinate();
+    advance(KSM_STAGE_TRAINING);
+    record_acc(50.0);
+    record_acc(50.25);
+    record_acc(50.25);
+    struct ksm_gate_result g = gate(KSM_STAGE_BLENDING);
+    /* The example: three epochs in the stage against the threshold of 10. */
+    const struct ksm_gate_check *c = check_of(&g, "seed_not_ready");
+    cr_assert_not_null(c);
+    cr_expect_not(c->passed);
+    cr_expect_str_eq(c->quantity, "epochs_in_current_stage");
+    cr_expect_str_eq(c->op, ">=");
+    cr_expect(c->has_value);
+    cr_expect_eq(c->value, 3.0);
+    cr_expect_eq(c->threshold, 10.0);
+    cr_expect_str_eq(c->detail, "epochs_in_current_stage 3 < 10");
+    EXPECT_DETAIL(g, "global_improvement_insufficient_0.25%",
+                  "improvement_since_stage_start 0.25 < 0.5");
+    c = check_of(&g, "gradient_stats_never_measured");
+    cr_assert_not_null(c);
+    cr_expect_not(c->has_value);
+    cr_expect_eq(c->threshold, 0.1);
+    cr_expect(strstr(c->detail, "seed_gradient_norm_ratio never measured (needs >= 0.1"), "%s",
+              c->detail);
+    record(&(struct ksm_metrics_update){.has_grad_ratio = true, .seed_gradient_norm_ratio = 0.05});
+    g = gate(KSM_STAGE_BLENDING);
+    EXPECT_DETAIL(g, "seed_gradient_low_0.05", "seed_gradient_norm_ratio 0.05 < 0.1");
+    for (int i = 0; i < 8; i++) record_acc(52.0);
+    record(&(struct ksm_metrics_update){.has_grad_ratio = true, .seed_gradient_norm_ratio = 0.5});
+    g = gate(KSM_STAGE_BLENDING);
+    cr_expect(g.passed);
+    EXPECT_DETAIL(g, "seed_ready", "epochs_in_current_stage 11 >= 10");
+    EXPECT_DETAIL(g, "global_improvement_2.00%", "improvement_since_stage_start 2 >= 0.5");
+    EXPECT_DETAIL(g, "seed_gradient_active_0.50", "seed_gradient_norm_ratio 0.5 >= 0.1");
+}
+
+Test(slot, g2_permissive_failed_checks_carry_value_and_threshold)
+{
+    setup(true);
+    germinate();
+    advance(KSM_STAGE_TRAINING);
+    for (int i = 0; i < 3; i++) record_acc(40.0);
+    struct ksm_gate_result g = gate(KSM_STAGE_BLENDING);
+    EXPECT_DETAIL(g, "insufficient_training_3_of_10", "epochs_in_current_stage 3 < 10");
+    const struct ksm_gate_check *c = check_of(&g, "gradient_health_not_measured");
+    cr_assert_not_null(c);
+    cr_expect_not(c->has_value);
+    cr_expect_str_eq(c->op, ">=");
+    cr_expect_eq(c->threshold, 0.7);
+    record_grads(0.5, false, 1);
+    g = gate(KSM_STAGE_BLENDING);
+    EXPECT_DETAIL(g, "gradient_health_low_0.50_need_0.70", "gradient_health 0.5 < 0.7");
+    EXPECT_DETAIL(g, "no_exploding_gradients", "has_exploding is false");
+    record_grads(0.95, true, 1);
+    g = gate(KSM_STAGE_BLENDING);
+    c = check_of(&g, "exploding_gradients");
+    cr_assert_not_null(c);
+    cr_expect_str_eq(c->op, "");
+    cr_expect_str_eq(c->detail, "has_exploding is true (needs false)");
+}
+
+Test(slot, g3_and_g5_checks_carry_value_and_threshold)
+{
+    setup(false);
+    germinate();
+    to_blending();
+    step();
+    step();
+    struct ksm_gate_result g = gate(KSM_STAGE_HOLDING);
+    EXPECT_DETAIL(g, "alpha_target_full", "alpha_target 1 >= 0.999999");
+    const struct ksm_gate_check *c = check_of(&g, "alpha_not_at_target_0.40_target_1.00_mode_UP");
+    cr_assert_not_null(c);
+    cr_expect(c->has_value);
+    cr_expect(fabs(c->value - 0.4) < 1e-12);
+    cr_expect(strstr(c->detail, "alpha 0.4, alpha_target 1, mode UP (needs mode HOLD"), "%s",
+              c->detail);
+    EXPECT_DETAIL(g, "blending_incomplete_0", "epochs_in_current_stage 0 < 10");
+
+    setup(false);
+    germinate();
+    to_holding();
+    g = gate(KSM_STAGE_FOSSILIZED);
+    c = check_of(&g, "counterfactual_not_available");
+    cr_assert_not_null(c);
+    cr_expect_not(c->has_value);
+    cr_expect_str_eq(c->quantity, "counterfactual_contribution");
+    record_cf(0.5);
+    g = gate(KSM_STAGE_FOSSILIZED);
+    EXPECT_DETAIL(g, "insufficient_contribution_0.50%_below_1.0%",
+                  "counterfactual_contribution 0.5 < 1");
+    EXPECT_DETAIL(g, "healthy", "is_healthy is true");
+}
+
+Test(slot, refusals_explain_themselves)
+{
+    setup(true);
+    struct ksm_gate_result g = advance(KSM_STAGE_UNKNOWN);
+    cr_expect_eq(g.n_checks, 1);
+    EXPECT_DETAIL(g, "no_active_seed", "the slot holds no active seed");
+    germinate();
+    to_fossilized();
+    g = advance(KSM_STAGE_UNKNOWN);
+    EXPECT_DETAIL(g, "no_valid_transition", "the seed's stage has no forward transition");
+}
+
+/* ConfigureSlot's per-slot auto-forward gates: kept as _kasmina_auto_forward_gates when they
+ * differ from the model's (env) gates; absent means the model's; only levels 1..3. */
+Test(slot, extra_state_keeps_per_slot_auto_forward_gates)
+{
+    setup_env(true, 1u << KSM_GATE_G1, KSM_TOPOLOGY_CNN);
+    cr_expect_eq(S.auto_forward, 1u << KSM_GATE_G1, "a new slot takes the model's gates");
+    char *plain = ksm_slot_extra_state_json(&S);
+    cr_expect_null(strstr(plain, "_kasmina_auto_forward_gates"), "%s", plain);
+    S.auto_forward = (1u << KSM_GATE_G2) | (1u << KSM_GATE_G3);
+    roundtrip_check();
+    char *js = ksm_slot_extra_state_json(&S);
+    cr_expect_not_null(strstr(js, "\"_kasmina_auto_forward_gates\":[2,3]"), "%s", js);
+    struct ksm_slot out;
+    char err[256] = "";
+    /* A document without the key (esper's, or one written at the default) resets to the model's. */
+    cr_assert_eq(ksm_slot_extra_state_parse(&S, plain, &out, NULL, NULL, err, sizeof err), 0, "%s",
+                 err);
+    cr_expect_eq(out.auto_forward, 1u << KSM_GATE_G1);
+    S.auto_forward = 0;
+    free(js);
+    js = ksm_slot_extra_state_json(&S);
+    cr_expect_not_null(strstr(js, "\"_kasmina_auto_forward_gates\":[]"), "%s", js);
+    roundtrip_check();
+    const char *bad[] = {"[0]", "[4]", "[1.5]", "\"G1\"", "[\"G1\"]"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char to[64];
+        snprintf(to, sizeof to, "\"_kasmina_auto_forward_gates\":%s", bad[i]);
+        char *doc = replace_once(js, "\"_kasmina_auto_forward_gates\":[]", to);
+        cr_expect_eq(ksm_slot_extra_state_parse(&S, doc, &out, NULL, NULL, err, sizeof err),
+                     KSM_EFORMAT, "%s accepted", bad[i]);
+        free(doc);
+    }
+    free(js);
+    free(plain);
+}

@@ -46,6 +46,7 @@ Test(status, maps_the_documented_classes)
         {KSM_ETIMEDOUT, GRPC_STATUS_DEADLINE_EXCEEDED},
         {KSM_ECANCELED, GRPC_STATUS_CANCELLED},
         {KSM_EINTERNAL, GRPC_STATUS_INTERNAL},
+        {KSM_EBADMSG, GRPC_STATUS_DATA_LOSS},
     };
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++)
         cr_expect_eq(ksm_rpc_status_from_err(want[i].err), want[i].code, "%s -> %d, want %d",
@@ -71,7 +72,7 @@ Test(status, reverse_maps_back_into_the_same_class)
     cr_expect_eq(ksm_rpc_err_from_status(GRPC_STATUS_OK), 0);
     cr_expect_eq(ksm_rpc_err_from_status(GRPC_STATUS_NOT_FOUND), KSM_ENOMODEL);
     cr_expect_eq(ksm_rpc_err_from_status(GRPC_STATUS_UNKNOWN), KSM_EINTERNAL);
-    cr_expect_eq(ksm_rpc_err_from_status(GRPC_STATUS_DATA_LOSS), KSM_EINTERNAL);
+    cr_expect_eq(ksm_rpc_err_from_status(GRPC_STATUS_DATA_LOSS), KSM_EBADMSG);
     cr_expect_eq(ksm_rpc_err_from_status((grpc_status_code)99), KSM_EINTERNAL);
 }
 

@@ -13,13 +13,18 @@ package), so put that directory on ``PYTHONPATH`` and use Debian's ``/usr/bin/py
 
 Errors raise :class:`KasminaError` (a ``grpc.RpcError`` is never leaked), whose ``code`` is the
 ``grpc.StatusCode`` and ``ksm_error`` the engine's code name (``"KSM_ENOSLOT"``) when the server
-sent one.
+sent one. A value the server accepted but that looks wrong (a ``val_accuracy`` of 0.87 where a
+percentage is taken) or a default it took for a zero field comes back as a
+:class:`KasminaWarning` (Python's ``warnings``; the server's ``kasmina-warning`` trailing
+metadata).
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import warnings
+import zlib
 
 import numpy as np
 
@@ -38,9 +43,12 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 __all__ = [
     "Client",
     "KasminaError",
+    "KasminaWarning",
     "ForwardResult",
     "ConfigResult",
     "EvaluateResult",
+    "ShapleyEstimate",
+    "InteractionTerm",
     "tensor_from_numpy",
     "tensor_to_numpy",
     "default_target",
@@ -180,6 +188,10 @@ def _gate(v):
     return _enum(pb.GateLevel, "GATE_", v, "gate")
 
 
+def _attribution(v):
+    return _enum(pb.AttributionMode, "ATTRIBUTION_", v, "attribution")
+
+
 def stage_name(v):
     """STAGE_TRAINING -> "TRAINING"."""
     return pb.Stage.Name(v).replace("STAGE_", "")
@@ -200,9 +212,19 @@ class KasminaError(Exception):
         super().__init__(f"{method or 'call'}: {details} ({ksm_error or '-'}, {name})")
 
 
+class KasminaWarning(UserWarning):
+    """The server accepted a call and said something about it (docs/logging.md#warnings)."""
+
+
 ForwardResult = collections.namedtuple("ForwardResult", "output model_generation compute_ns")
 ConfigResult = collections.namedtuple("ConfigResult", "name loss accuracy correct total logits")
-EvaluateResult = collections.namedtuple("EvaluateResult", "results model_generation compute_ns")
+EvaluateResult = collections.namedtuple(
+    "EvaluateResult", "results model_generation compute_ns shapley interactions",
+    defaults=((), ()))
+# Attribution (docs/evaluate.md#attribution), accuracy points.
+ShapleyEstimate = collections.namedtuple("ShapleyEstimate",
+                                         "slot_id mean std n_samples algorithm marginal")
+InteractionTerm = collections.namedtuple("InteractionTerm", "slot_a slot_b interaction")
 
 
 def default_target():
@@ -227,6 +249,7 @@ class Client:
     def __init__(self, target=None, timeout=30.0, token=None, max_message=64 << 20,
                  wait_for_ready=False, credentials=None):
         self.target = target or default_target()
+        self.max_message = max_message
         self.timeout = timeout
         self.wait_for_ready = wait_for_ready
         opts = [
@@ -256,10 +279,15 @@ class Client:
 
     def _call(self, name, fn, req, timeout=None):
         try:
-            return fn(req, timeout=timeout or self.timeout, metadata=self._metadata,
-                      wait_for_ready=self.wait_for_ready)
+            reply, call = fn.with_call(req, timeout=timeout or self.timeout,
+                                       metadata=self._metadata,
+                                       wait_for_ready=self.wait_for_ready)
         except grpc.RpcError as e:
             raise _error(e, name) from None
+        for k, v in call.trailing_metadata() or ():
+            if k == "kasmina-warning":
+                warnings.warn(f"{name}: {v}", KasminaWarning, stacklevel=3)
+        return reply
 
     # ---- server ----
 
@@ -303,19 +331,56 @@ class Client:
         return self._call("DeleteModel", self._stub.DeleteModel,
                           pb.DeleteModelRequest(model_id=model_id), timeout).freed_bytes
 
-    def load_weights(self, model_id, safetensors, strict=False, timeout=None):
-        """safetensors: the file's bytes or a path."""
+    def load_weights(self, model_id, safetensors, strict=False, stream=None, chunk_bytes=2 << 20,
+                     timeout=None):
+        """safetensors: the file's bytes or a path. stream: True sends it in CRC-32-checked
+        chunks (LoadWeightsStream, any size), False in one LoadWeights message (at most the
+        daemon's max-message-bytes and this client's max_message), None (the default) streams
+        when one message is too small for it."""
         if isinstance(safetensors, (str, os.PathLike)):
             with open(safetensors, "rb") as f:
                 safetensors = f.read()
+        blob = bytes(safetensors)
+        if stream is None:
+            stream = len(blob) + 1024 > self.max_message
+            if not stream:
+                try:
+                    return self.load_weights(model_id, blob, strict, False, chunk_bytes, timeout)
+                except KasminaError as e:
+                    if e.code != grpc.StatusCode.RESOURCE_EXHAUSTED or \
+                            "max-message-bytes" not in (e.details or ""):
+                        raise
+                    stream = True
+        if stream:
+            chunk_bytes = min(chunk_bytes, self.max_message - 4096)
+            return self._call("LoadWeightsStream", self._stub.LoadWeightsStream,
+                              _chunks(blob, model_id, strict, chunk_bytes), timeout)
         return self._call("LoadWeights", self._stub.LoadWeights,
-                          pb.LoadWeightsRequest(model_id=model_id, safetensors=bytes(safetensors),
+                          pb.LoadWeightsRequest(model_id=model_id, safetensors=blob,
                                                 strict=strict), timeout)
 
-    def export_weights(self, model_id, timeout=None):
-        """The state_dict as safetensors bytes."""
-        return self._call("ExportWeights", self._stub.ExportWeights,
-                          pb.ExportWeightsRequest(model_id=model_id), timeout).safetensors
+    def export_weights(self, model_id, slots=(), include_host=False, stream=None, timeout=None):
+        """The state_dict as safetensors bytes. slots: only these slots' tensors and extra state
+        (esper's Governor snapshots), plus the host's when include_host. stream: True receives it
+        in CRC-32-checked chunks (ExportWeightsStream, any size), False in one ExportWeights
+        message (at most the daemon's max-reply-bytes and this client's max_message), None (the
+        default) streams, or uses the unary call with a daemon that lacks the stream."""
+        req = pb.ExportWeightsRequest(model_id=model_id, slots=list(slots),
+                                      include_host=include_host)
+        if stream is False:
+            return self._call("ExportWeights", self._stub.ExportWeights, req,
+                              timeout).safetensors
+        try:
+            # chunks that fit this client's message limit (2 MiB by default)
+            req.chunk_bytes = max(4096, min(2 << 20, self.max_message - 4096))
+            chunks = self._stub.ExportWeightsStream(
+                req, timeout=timeout or self.timeout, metadata=self._metadata,
+                wait_for_ready=self.wait_for_ready)
+            return _join_chunks(chunks)
+        except grpc.RpcError as e:
+            if stream is None and e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return self.export_weights(model_id, slots, include_host, False, timeout)
+            raise _error(e, "ExportWeightsStream") from None
 
     def move_model(self, model_id, device="", dtype=None, timeout=None):
         return self._call("MoveModel", self._stub.MoveModel,
@@ -404,6 +469,19 @@ class Client:
                 setattr(req.gradients, name, v)
         return self._call("RecordMetrics", self._stub.RecordMetrics, req, timeout)
 
+    def configure_slot(self, model_id, slot_id="", isolate_gradients=None,
+                       auto_forward_gates=None, timeout=None):
+        """Per-slot settings esper changes at run time (SeedSlot.isolate_gradients,
+        SeedSlot.auto_forward_gates: gates "G1", "G2", "G3"; () = none). None keeps a setting;
+        slot_id "" = every slot. Returns the configured slots' reports."""
+        req = pb.ConfigureSlotRequest(model_id=model_id, slot_id=slot_id)
+        if isolate_gradients is not None:
+            req.isolate_gradients = bool(isolate_gradients)
+        if auto_forward_gates is not None:
+            req.auto_forward_gates.SetInParent()
+            req.auto_forward_gates.gates.extend(_gate(g) for g in auto_forward_gates)
+        return list(self._call("ConfigureSlot", self._stub.ConfigureSlot, req, timeout).slots)
+
     def slot_reports(self, model_id, slot_id="", timeout=None):
         return list(self._call("GetSlotReports", self._stub.GetSlotReports,
                                pb.GetSlotReportsRequest(model_id=model_id, slot_id=slot_id),
@@ -444,21 +522,34 @@ class Client:
         return ForwardResult(out, r.model_generation, r.compute_ns) if full else out
 
     def evaluate(self, model_id, x, targets, configs=None, generate_standard=False,
-                 return_logits=False, stream="", timeout=None):
+                 return_logits=False, stream="", attribution=None, shapley_samples=0,
+                 attribution_seed=0, timeout=None):
         """Counterfactual evaluation. configs: {name: {slot_id: alpha}} (or a list of (name,
         dict) pairs to keep an order). Returns an EvaluateResult whose results are
-        ConfigResult(name, loss, accuracy, correct, total, logits-or-None)."""
+        ConfigResult(name, loss, accuracy, correct, total, logits-or-None).
+
+        attribution ("auto", "exact", "permutation", or None) adds seed attribution over the
+        live seeds from the same pass: EvaluateResult.shapley is a list of
+        ShapleyEstimate(slot_id, mean, std, n_samples, algorithm, marginal) and .interactions
+        (exact only) of InteractionTerm(slot_a, slot_b, interaction), in accuracy points.
+        shapley_samples (0 = 20) and attribution_seed drive "permutation"
+        (docs/evaluate.md#attribution)."""
         items = configs.items() if isinstance(configs, dict) else (configs or [])
         req = pb.EvaluateRequest(
             model_id=model_id, input=tensor_from_numpy(x), targets=tensor_from_numpy(targets),
             configs=[pb.AlphaConfig(name=n, alpha={k: float(v) for k, v in (a or {}).items()})
                      for n, a in items],
-            generate_standard=generate_standard, return_logits=return_logits, stream=stream)
+            generate_standard=generate_standard, return_logits=return_logits, stream=stream,
+            attribution=_attribution(attribution), shapley_samples=shapley_samples,
+            attribution_seed=attribution_seed)
         r = self._call("Evaluate", self._stub.Evaluate, req, timeout)
         res = [ConfigResult(c.name, c.loss, c.accuracy, c.correct, c.total,
                             tensor_to_numpy(c.logits) if c.HasField("logits") else None)
                for c in r.results]
-        return EvaluateResult(res, r.model_generation, r.compute_ns)
+        sh = [ShapleyEstimate(e.slot_id, e.mean, e.std, e.n_samples, e.algorithm, e.marginal)
+              for e in r.shapley]
+        it = [InteractionTerm(t.slot_a, t.slot_b, t.interaction) for t in r.interactions]
+        return EvaluateResult(res, r.model_generation, r.compute_ns, sh, it)
 
     # ---- training (docs/training.md) ----
 
@@ -493,6 +584,14 @@ class Client:
             req.collect_gradients = bool(collect_gradients)
         return self._call("TrainStep", self._stub.TrainStep, req, timeout)
 
+    def checkpoint(self, model_id="", timeout=None):
+        """Makes training progress durable (weights, BatchNorm buffers, momentum buffers,
+        train_step) for model_id, or every model when it is "". Returns {model_id: train_step
+        now durable}. FAILED_PRECONDITION from a daemon run with --no-persist."""
+        r = self._call("Checkpoint", self._stub.Checkpoint,
+                       pb.CheckpointRequest(model_id=model_id), timeout)
+        return dict(r.checkpoint_step)
+
     # ---- statistics ----
 
     def memory_stats(self, device="", timeout=None):
@@ -506,6 +605,53 @@ class Client:
     def empty_cache(self, device="", timeout=None):
         return list(self._call("EmptyCache", self._stub.EmptyCache,
                                pb.EmptyCacheRequest(device=device), timeout).devices)
+
+
+def _chunks(blob, model_id, strict, chunk_bytes):
+    """The WeightsChunk messages of a LoadWeightsStream."""
+    if not blob:
+        raise KasminaError(grpc.StatusCode.INVALID_ARGUMENT,
+                           "the safetensors blob must not be empty", "KSM_EINVAL",
+                           "LoadWeightsStream")
+    total, crc = len(blob), zlib.crc32(blob)
+    view = memoryview(blob)
+    for off in range(0, total, max(1, int(chunk_bytes))):
+        data = bytes(view[off:off + chunk_bytes])
+        c = pb.WeightsChunk(offset=off, data=data, crc32=zlib.crc32(data))
+        if off == 0:
+            c.model_id, c.total_bytes, c.strict = model_id, total, strict
+        if off + len(data) == total:
+            c.blob_crc32 = crc
+        yield c
+
+
+def _join_chunks(chunks):
+    """The blob of an ExportWeightsStream, its chunks' order and CRC-32s checked."""
+    parts, have, total, crc, last = [], 0, None, 0, None
+    for c in chunks:
+        if total is None:
+            total = c.total_bytes
+        if c.offset != have or not c.data or have + len(c.data) > total:
+            raise KasminaError(grpc.StatusCode.INTERNAL,
+                               f"the export stream's chunk at {c.offset} does not follow the "
+                               f"{have} of {total} bytes received", "KSM_EFORMAT",
+                               "ExportWeightsStream")
+        if zlib.crc32(c.data) != c.crc32:
+            raise KasminaError(grpc.StatusCode.DATA_LOSS,
+                               f"the export stream's chunk at {c.offset} failed its CRC-32",
+                               "KSM_EBADMSG", "ExportWeightsStream")
+        parts.append(c.data)
+        crc = zlib.crc32(c.data, crc)
+        have += len(c.data)
+        last = c
+    if total is None or have != total:
+        raise KasminaError(grpc.StatusCode.INTERNAL,
+                           f"the export stream ended after {have} of {total} bytes",
+                           "KSM_EFORMAT", "ExportWeightsStream")
+    if crc != last.blob_crc32:
+        raise KasminaError(grpc.StatusCode.DATA_LOSS, "the exported blob failed its CRC-32",
+                           "KSM_EBADMSG", "ExportWeightsStream")
+    return b"".join(parts)
 
 
 class _EventStream:

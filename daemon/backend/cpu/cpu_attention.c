@@ -22,6 +22,9 @@
  * does not see it. The output rows are the accumulator; no workspace. The blocking is a pure
  * function of the shapes, so results do not depend on the number of threads.
  *
+ * With attention dropout (p.sdpa.drop) each term, once it has joined its row's sum l, is
+ * multiplied by its dropout factor before it weights v (kmath.h; nn/op.h).
+ *
  * Views whose row strides an sgemm cannot take (a row stride below the head dim) go one query
  * row at a time instead (sdpa_row: online softmax over blocks of SDPA_KEY_BLOCK keys, dot
  * products with eight partial sums).
@@ -39,8 +42,11 @@ static float dot_f32(const float *KSM_RESTRICT a, const float *KSM_RESTRICT b, i
     return r;
 }
 
+/* One query row; drop (NULL: none) scales each term after it joined the softmax sum, n0 the
+ * mask element of key 0 of this row. */
 static void sdpa_row(const float *KSM_RESTRICT qr, const float *kb, int64_t ks, const float *vb,
-                     int64_t vs, int64_t nkeys, int64_t hd, float scale, float *KSM_RESTRICT out)
+                     int64_t vs, int64_t nkeys, int64_t hd, float scale, float *KSM_RESTRICT out,
+                     const struct ksm_op_dropout *drop, uint64_t n0)
 {
     float acc[KSM_SDPA_MAX_HEAD_DIM];
     float sc[SDPA_KEY_BLOCK];
@@ -61,11 +67,12 @@ static void sdpa_row(const float *KSM_RESTRICT qr, const float *kb, int64_t ks, 
             m = bm;
         }
         for (int64_t j = 0; j < nb; j++) sc[j] = ksm_cpu_expf(sc[j] - m);
+        for (int64_t j = 0; j < nb; j++) l += sc[j];
+        if (drop) ksm_cpu_dropout_apply(sc, nb, drop, n0 + (uint64_t)j0);
         for (int64_t j = 0; j < nb; j++) {
             const float p = sc[j];
             const float *KSM_RESTRICT vr = vb + (j0 + j) * vs;
             int64_t d = 0;
-            l += p;
             for (; d + 8 <= hd; d += 8) /* fixed-width blocks vectorise at -O2 */
                 for (int k = 0; k < 8; k++) acc[d + k] += p * vr[d + k];
             for (; d < hd; d++) acc[d] += p * vr[d];
@@ -89,8 +96,9 @@ static void sdpa_rows(void *ctx, int64_t b, int64_t e)
         float *ob = (float *)o->data + bi * o->stride[0] + h * o->stride[1];
         int64_t nkeys = op->p.sdpa.causal ? i + (tk - tq) + 1 : tk;
         if (nkeys > tk) nkeys = tk;
+        const struct ksm_op_dropout *drop = op->p.sdpa.drop.p > 0.0 ? &op->p.sdpa.drop : NULL;
         sdpa_row(qb + i * q->stride[2], kb, k->stride[2], vb, v->stride[2], nkeys, hd,
-                 op->p.sdpa.scale, ob + i * o->stride[2]);
+                 op->p.sdpa.scale, ob + i * o->stride[2], drop, (uint64_t)(r * tk));
     }
 }
 
@@ -184,6 +192,7 @@ static void sdpa_blocks(void *ctx, int64_t b, int64_t e)
     const ksm_tensor *q = &op->src[0], *k = &op->src[1], *v = &op->src[2], *o = &op->dst;
     const int64_t nh = q->shape[1], tq = q->shape[2], hd = q->shape[3], tk = k->shape[2];
     const bool causal = op->p.sdpa.causal;
+    const struct ksm_op_dropout *drop = op->p.sdpa.drop.p > 0.0 ? &op->p.sdpa.drop : NULL;
     const int64_t off = causal ? tk - tq : 0; /* row i sees keys j <= i + off */
     float sbuf[SDPA_QB * SDPA_KC];
     float m[SDPA_QB];
@@ -231,6 +240,8 @@ static void sdpa_blocks(void *ctx, int64_t b, int64_t e)
                     m[r] = bm;
                 }
                 l[r] += sdpa_exp_row(sr, kn, m[r]);
+                if (drop) /* after the sum: dropout scales the normalised weights */
+                    ksm_cpu_dropout_apply(sr, n, drop, (uint64_t)((bh * tq + i0 + r) * tk + c0));
             }
             /* keys [c0, c0 + kf) are seen by every row: one sgemm; the rest row by row */
             const int64_t kf = full - c0 < kn ? (full - c0 > 0 ? full - c0 : 0) : kn;

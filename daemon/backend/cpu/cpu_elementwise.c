@@ -338,6 +338,41 @@ static int exec_fill(const struct ksm_op *op)
     return 0;
 }
 
+/* ---- Dropout: y = x * factor(n), four elements per Philox call (kmath.h) ---- */
+
+static void dropout_blocks(void *ctx, int64_t b, int64_t e)
+{
+    const struct ksm_op *op = ctx;
+    const struct ksm_op_dropout *d = &op->p.dropout;
+    const int64_t n = ksm_cpu_numel(&op->dst);
+    const float *x = (const float *)op->src[0].data;
+    float *y = (float *)op->dst.data;
+    const uint32_t thr = ksm_dropout_threshold(d->p);
+    const float scale = ksm_dropout_scale(d->p);
+    for (int64_t blk = b; blk < e; blk++) {
+        uint32_t w[4];
+        ksm_dropout_words(d->seed, d->step, d->site, (uint64_t)blk, w);
+        for (int k = 0; k < 4; k++) {
+            const int64_t i = 4 * blk + k;
+            if (i >= n) break;
+            y[i] = x[i] * ((w[k] >> 8) >= thr ? scale : 0.0f);
+        }
+    }
+}
+
+int ksm_cpu_exec_dropout(const struct ksm_op *op)
+{
+    const int64_t n = ksm_cpu_numel(&op->dst);
+    if (n == 0) return 0;
+    if (op->p.dropout.p == 0.0) { /* the identity (factor 1 everywhere) */
+        if (op->dst.data != op->src[0].data)
+            memcpy(op->dst.data, op->src[0].data, (size_t)n * sizeof(float));
+        return 0;
+    }
+    ksm_cpu_parallel_for((n + 3) / 4, ksm_cpu_grain(64), dropout_blocks, (void *)op);
+    return 0;
+}
+
 int ksm_cpu_exec_elementwise(const struct ksm_op *op)
 {
     switch (op->type) {

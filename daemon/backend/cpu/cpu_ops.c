@@ -41,6 +41,8 @@ int ksm_cpu_op_exec(const struct ksm_op *op)
     case KSM_OP_LAYERNORM_BACKWARD: return ksm_cpu_exec_layernorm_backward(op);
     case KSM_OP_CONV2D_BACKWARD: return ksm_cpu_exec_conv2d_backward(op);
     case KSM_OP_SDPA_BACKWARD: return ksm_cpu_exec_sdpa_backward(op);
+    /* ---- training ---- */
+    case KSM_OP_DROPOUT: return ksm_cpu_exec_dropout(op);
     default: return KSM_EUNSUPPORTED;
     }
 }

@@ -67,6 +67,25 @@ void ksm_cpu_bn_scales(const struct ksm_op *op, int64_t co, float *a);
 /* The maximum of x[0..n), the first NaN if there is one. */
 float ksm_cpu_row_max(const float *x, int64_t n);
 
+/* x[j] <- x[j] * the dropout factor of element n0 + j (kmath.h), j < n: four elements per
+ * Philox call. A dropped element becomes x * 0 (NaN stays NaN, as torch's x * mask). */
+static inline void ksm_cpu_dropout_apply(float *x, int64_t n, const struct ksm_op_dropout *d,
+                                         uint64_t n0)
+{
+    const uint32_t thr = ksm_dropout_threshold(d->p);
+    const float scale = ksm_dropout_scale(d->p);
+    uint32_t w[4] = {0, 0, 0, 0};
+    uint64_t have = UINT64_MAX;
+    for (int64_t j = 0; j < n; j++) {
+        const uint64_t e = n0 + (uint64_t)j;
+        if ((e >> 2) != have) {
+            have = e >> 2;
+            ksm_dropout_words(d->seed, d->step, d->site, have, w);
+        }
+        x[j] *= (w[e & 3] >> 8) >= thr ? scale : 0.0f;
+    }
+}
+
 // ---- Families (each returns 0 or KSM_EUNSUPPORTED) ----
 
 int ksm_cpu_exec_elementwise(const struct ksm_op *op); /* COPY, FILL, UNARY, BINARY, LERP */
@@ -82,6 +101,7 @@ int ksm_cpu_exec_groupnorm(const struct ksm_op *op);
 int ksm_cpu_exec_layernorm(const struct ksm_op *op);
 int ksm_cpu_exec_softmax(const struct ksm_op *op);
 int ksm_cpu_exec_sdpa(const struct ksm_op *op);
+int ksm_cpu_exec_dropout(const struct ksm_op *op); /* cpu_elementwise.c */
 int ksm_cpu_exec_embedding(const struct ksm_op *op);
 int ksm_cpu_exec_mean(const struct ksm_op *op);
 int ksm_cpu_exec_maxpool2(const struct ksm_op *op);

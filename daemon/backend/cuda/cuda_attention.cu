@@ -11,7 +11,8 @@
  * Causal: query i sees keys j <= i + (Tk - Tq). A block stops loading tiles after the last key
  * its last query can see. A query that sees no key gets 0/0 = NaN, as PyTorch.
  * q, k, v and dst are strided (stride 1 in the last dim), so views into a fused QKV projection
- * and a [B, T, H, hd] output need no copies.
+ * and a [B, T, H, hd] output need no copies. Attention dropout (p.sdpa.drop) scales each weight
+ * by its mask factor (kmath.h) once it has joined the softmax sum, as the CPU kernel does.
  */
 #include "cuda_common.cuh"
 
@@ -28,6 +29,12 @@ struct sdpa_args {
     int64_t B, H, Tq, Tk;
     int hd, hdp, kt, causal;
     float scale;
+    /* attention dropout (drop.p > 0): the weight of key j in row (b, h, i) is scaled by the
+     * factor of mask element ((b * H + h) * Tq + i) * Tk + j after it joined the sum l */
+    int has_drop;
+    struct ksm_op_dropout drop;
+    uint32_t drop_thr;
+    float drop_scale;
 };
 
 __global__ void __launch_bounds__(SDPA_WARPS * 32) sdpa_k(sdpa_args a)
@@ -105,7 +112,12 @@ __global__ void __launch_bounds__(SDPA_WARPS * 32) sdpa_k(sdpa_args a)
             const float corr = expf(m - mn); /* m = -inf on the first tile: 0 */
             const float p = valid ? expf(s - mn) : 0.0f;
             l = l * corr + warp_sum(p);
-            ps[warp * 32 + lane] = p;
+            float pw_l = p;
+            if (a.has_drop && valid)
+                pw_l *= ksm_dropout_factor(a.drop.seed, a.drop.step, a.drop.site,
+                                           (uint64_t)((bh * a.Tq + i) * a.Tk + t0 + lane),
+                                           a.drop_thr, a.drop_scale);
+            ps[warp * 32 + lane] = pw_l;
             __syncwarp();
             const float *pw = ps + warp * 32;
 #pragma unroll
@@ -155,6 +167,10 @@ int launch_attention(stream_ctx *sc, const struct ksm_op *op)
     a.kt = a.hd <= 128 ? 32 : 16;
     a.causal = op->p.sdpa.causal != 0;
     a.scale = op->p.sdpa.scale > 0.0f ? op->p.sdpa.scale : 1.0f / sqrtf((float)a.hd);
+    a.drop = op->p.sdpa.drop;
+    a.has_drop = a.drop.p > 0.0;
+    a.drop_thr = ksm_dropout_threshold(a.drop.p);
+    a.drop_scale = ksm_dropout_scale(a.drop.p);
     size_t smem = sizeof(float) * ((size_t)a.kt * a.hdp + (size_t)a.kt * a.hd +
                                    (size_t)SDPA_WARPS * a.hd + (size_t)SDPA_WARPS * 32);
     int64_t qblocks = (a.Tq + SDPA_WARPS - 1) / SDPA_WARPS;

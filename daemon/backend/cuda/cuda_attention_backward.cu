@@ -8,6 +8,8 @@
  * (m_i, sum_i, D_i) go to scratch. Kernel 2, one warp per key j: dk_j = scale sum_i ds_ij q_i and
  * dv_j = sum_i p_ij dout_i over the rows that see j, in row order, with p and ds recomputed from
  * the row statistics. Every sum has a fixed order (no atomics); a key no row sees gets 0.
+ * Attention dropout (p.sdpa.drop): f_ij (kmath.h) scales p_ij where it weights v_j, so
+ * dp_ij = f_ij dout_i . v_j (in D_i and ds_ij) and dv_j gathers p_ij f_ij dout_i.
  */
 #include "cuda_common.cuh"
 
@@ -25,7 +27,21 @@ struct sdpa_bw_args {
     double scale;
     int causal;
     double *stats; /* [B * H * Tq][3]: m, sum, D */
+    /* attention dropout: f_ij scales p_ij where it weights v_j (1 without dropout) */
+    int has_drop;
+    struct ksm_op_dropout drop;
+    uint32_t drop_thr;
+    float drop_scale;
 };
+
+/* The dropout factor of weight (bh, i, j). */
+__device__ __forceinline__ double drop_f(const sdpa_bw_args &a, int64_t bh, int64_t i, int64_t j)
+{
+    if (!a.has_drop) return 1.0;
+    return (double)ksm_dropout_factor(a.drop.seed, a.drop.step, a.drop.site,
+                                      (uint64_t)((bh * a.tq + i) * a.tk + j), a.drop_thr,
+                                      a.drop_scale);
+}
 
 __device__ __forceinline__ double warp_sum_d(double v)
 {
@@ -76,9 +92,9 @@ __global__ void sdpa_bw_rows_k(sdpa_bw_args a)
         sum += exp(dot_row(qi, row_at(a.k, a.s_k, b, h, j), lane, a.hd) * a.scale - m);
     double dsum = 0.0;
     for (int64_t j = 0; j <= last; ++j) {
-        const double p = exp(dot_row(qi, row_at(a.k, a.s_k, b, h, j), lane, a.hd) * a.scale - m) /
-                         sum;
-        dsum += p * dot_row(doi, row_at(a.v, a.s_v, b, h, j), lane, a.hd);
+        const double p =
+            exp(dot_row(qi, row_at(a.k, a.s_k, b, h, j), lane, a.hd) * a.scale - m) / sum;
+        dsum += p * drop_f(a, bh, i, j) * dot_row(doi, row_at(a.v, a.s_v, b, h, j), lane, a.hd);
     }
     double dq[AB_PER_LANE];
 #pragma unroll
@@ -86,8 +102,10 @@ __global__ void sdpa_bw_rows_k(sdpa_bw_args a)
     for (int64_t j = 0; j <= last; ++j) {
         const float *kj = row_at(a.k, a.s_k, b, h, j);
         const double p = exp(dot_row(qi, kj, lane, a.hd) * a.scale - m) / sum;
-        const double ds = p * (dot_row(doi, row_at(a.v, a.s_v, b, h, j), lane, a.hd) - dsum) *
-                          a.scale;
+        const double ds =
+            p *
+            (drop_f(a, bh, i, j) * dot_row(doi, row_at(a.v, a.s_v, b, h, j), lane, a.hd) - dsum) *
+            a.scale;
 #pragma unroll
         for (int k = 0; k < AB_PER_LANE; ++k) {
             const int64_t d = lane + 32 * k;
@@ -131,17 +149,20 @@ __global__ void sdpa_bw_keys_k(sdpa_bw_args a)
         const float *qi = row_at(a.q, a.s_q, b, h, i), *doi = row_at(a.dout, a.s_do, b, h, i);
         const double *st = a.stats + (bh * a.tq + i) * 3;
         const double p = exp(dot_row(kj, qi, lane, a.hd) * a.scale - st[0]) / st[1];
-        const double ds = p * (dot_row(vj, doi, lane, a.hd) - st[2]) * a.scale;
+        const double f = drop_f(a, bh, i, j);
+        const double ds = p * (f * dot_row(vj, doi, lane, a.hd) - st[2]) * a.scale;
+        const double pf = p * f;
 #pragma unroll
         for (int k = 0; k < AB_PER_LANE; ++k) {
             const int64_t d = lane + 32 * k;
             if (d < a.hd) {
                 dk[k] += ds * qi[d];
-                dv[k] += p * doi[d];
+                dv[k] += pf * doi[d];
             }
         }
     }
-    float *dkr = (float *)row_at(a.dk, a.s_dk, b, h, j), *dvr = (float *)row_at(a.dv, a.s_dv, b, h, j);
+    float *dkr = (float *)row_at(a.dk, a.s_dk, b, h, j),
+          *dvr = (float *)row_at(a.dv, a.s_dv, b, h, j);
 #pragma unroll
     for (int k = 0; k < AB_PER_LANE; ++k) {
         const int64_t d = lane + 32 * k;
@@ -157,10 +178,7 @@ static void strides3(int64_t *out, const ksm_tensor *t)
     for (int d = 0; d < 3; ++d) out[d] = t->stride[d];
 }
 
-static unsigned warps_grid(int64_t n)
-{
-    return (unsigned)((n + AB_WARPS - 1) / AB_WARPS);
-}
+static unsigned warps_grid(int64_t n) { return (unsigned)((n + AB_WARPS - 1) / AB_WARPS); }
 
 int launch_attention_backward(stream_ctx *sc, const struct ksm_op *op)
 {
@@ -191,6 +209,10 @@ int launch_attention_backward(stream_ctx *sc, const struct ksm_op *op)
     a.nrows_k = bh * a.tk;
     a.scale = op->p.sdpa.scale;
     a.causal = op->p.sdpa.causal;
+    a.drop = op->p.sdpa.drop;
+    a.has_drop = a.drop.p > 0.0;
+    a.drop_thr = ksm_dropout_threshold(a.drop.p);
+    a.drop_scale = ksm_dropout_scale(a.drop.p);
     if (bh == 0 || a.tk == 0) return 0;
     if (a.hd > KSM_SDPA_MAX_HEAD_DIM) return KSM_EUNSUPPORTED;
     if ((a.nrows_q + AB_WARPS - 1) / AB_WARPS > INT32_MAX ||

@@ -198,8 +198,8 @@ int op_supported(const struct ksm_op *op)
               op->p.unary.fn == KSM_UNARY_CLAMP01);
         break;
     case KSM_OP_BROADCAST_GRAD:
-        ok = op->dst.dtype == F32 && op->n_src >= 1 && op->n_src <= 4 &&
-             (int)op->p.bgrad.fn >= 0 && op->p.bgrad.fn < KSM_BGRAD_COUNT;
+        ok = op->dst.dtype == F32 && op->n_src >= 1 && op->n_src <= 4 && (int)op->p.bgrad.fn >= 0 &&
+             op->p.bgrad.fn < KSM_BGRAD_COUNT;
         for (int i = 0; i < op->n_src; ++i) ok = ok && s[i].dtype == F32;
         break;
     case KSM_OP_SUM_ROWS:
@@ -227,6 +227,7 @@ int op_supported(const struct ksm_op *op)
         ok = op->dst.dtype == F32 && op->dst.ndim == 4 && s[1].shape[3] <= KSM_SDPA_MAX_HEAD_DIM;
         for (int i = 0; i < 6; ++i) ok = ok && s[i].dtype == F32;
         break;
+    case KSM_OP_DROPOUT: ok = op->dst.dtype == F32 && s[0].dtype == F32; break;
     default: ok = false; break;
     }
     return ok ? 0 : KSM_EUNSUPPORTED;
@@ -386,7 +387,8 @@ static int st_launch(ksm_stream *s, const struct ksm_op *op)
     case KSM_OP_BINARY:
     case KSM_OP_LERP:
     case KSM_OP_EMBEDDING:
-    case KSM_OP_BATCHNORM: rc = launch_elementwise(sc, op); break;
+    case KSM_OP_BATCHNORM:
+    case KSM_OP_DROPOUT: rc = launch_elementwise(sc, op); break;
     case KSM_OP_GEMM:
     case KSM_OP_LINEAR:
     case KSM_OP_CONV2D: rc = launch_gemm(sc, op); break;

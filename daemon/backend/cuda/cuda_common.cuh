@@ -3,7 +3,7 @@
  *
  * Files of the plugin:
  *   cuda_backend.cu     plugin entry point; backend, device, stream and event vtables
- *   cuda_elementwise.cu COPY, FILL, UNARY, BINARY, LERP, EMBEDDING, BATCHNORM
+ *   cuda_elementwise.cu COPY, FILL, UNARY, BINARY, LERP, EMBEDDING, BATCHNORM, DROPOUT
  *   cuda_gemm.cu        GEMM, LINEAR, CONV2D (cuBLAS + im2col / depthwise kernels)
  *   cuda_reduce.cu      GROUPNORM, LAYERNORM, SOFTMAX, MEAN, MAXPOOL2, CROSS_ENTROPY, ARGMAX
  *   cuda_attention.cu   SDPA (tiled online softmax)

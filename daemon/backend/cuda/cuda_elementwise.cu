@@ -429,6 +429,37 @@ static int op_batchnorm(stream_ctx *sc, const struct ksm_op *op)
     return 0;
 }
 
+/* ---- DROPOUT: one thread per block of four elements (one Philox call, kmath.h) ---- */
+
+__global__ void dropout_k(float *y, const float *x, int64_t n, struct ksm_op_dropout d,
+                          uint32_t thr, float scale)
+{
+    const int64_t nblk = (n + 3) / 4;
+    for (int64_t blk = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; blk < nblk;
+         blk += (int64_t)gridDim.x * blockDim.x) {
+        uint32_t w[4];
+        ksm_dropout_words(d.seed, d.step, d.site, (uint64_t)blk, w);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const int64_t i = 4 * blk + k;
+            if (i < n) y[i] = x[i] * ((w[k] >> 8) >= thr ? scale : 0.0f);
+        }
+    }
+}
+
+static int op_dropout(stream_ctx *sc, const struct ksm_op *op)
+{
+    const int64_t n = numel(&op->dst);
+    if (n == 0) return 0;
+    float *y = (float *)op->dst.data;
+    const float *x = (const float *)op->src[0].data;
+    const struct ksm_op_dropout d = op->p.dropout;
+    dropout_k<<<grid_for((n + 3) / 4, EW_BLOCK), EW_BLOCK, 0, sc->stream>>>(
+        y, x, n, d, ksm_dropout_threshold(d.p), ksm_dropout_scale(d.p));
+    KSM_CUDA_LAUNCH_CHECK(sc, "dropout");
+    return 0;
+}
+
 int launch_elementwise(stream_ctx *sc, const struct ksm_op *op)
 {
     switch (op->type) {
@@ -445,6 +476,7 @@ int launch_elementwise(stream_ctx *sc, const struct ksm_op *op)
     case KSM_OP_LERP: return launch_ew<3>(sc, op, lerp_f{});
     case KSM_OP_EMBEDDING: return op_embedding(sc, op);
     case KSM_OP_BATCHNORM: return op_batchnorm(sc, op);
+    case KSM_OP_DROPOUT: return op_dropout(sc, op);
     default: return KSM_EUNSUPPORTED;
     }
 }
