@@ -16,8 +16,9 @@
  *       training row, each printing "loss name=<row> step=<k> loss=... correct=... total=...")
  *       and prints "ok <row>"; otherwise it prints the median of reps timed calls:
  *           row name=cnn_forward ms=12.3 per_s=10406.5 unit=img/s
- *       In-process rows: cnn_forward, cnn_eval_k8, tf_forward, tf_eval_k2, cnn8_forward and
- *       cnn_train_inproc (ksm_model_train_step on a model of its own, on cpu:2).
+ *       In-process rows: cnn_forward, cnn_eval_k8, tf_forward, tf_eval_k2, cnn8_forward,
+ *       cnn_train_inproc and tf_train_inproc (ksm_model_train_step on models of their own, on
+ *       cpu:2 and cpu:3).
  *       With TARGET (a kasminad address, "unix:/path/to.sock"; the daemon started with
  *       --cpu-devices 3 and --max-message-bytes of at least 256M), the rows over the wire, each
  *       model built in that daemon on first use through libkasmina-client (CreateModel, the same
@@ -31,9 +32,10 @@
  *                               0.9 weight decay 5e-4, seeds lr 0.01 momentum 0.9, clip 1.0,
  *                               gradient statistics every 10 steps), every slot, batch 128
  *         tf_train              the same on the transformer (model "tf_train", cpu:2), batch
- *                               8 x 256 tokens. While the daemon answers UNIMPLEMENTED, the
- *                               warm-up prints "unimplemented name=tf_train msg=..." and the
- *                               row answers "skip tf_train".
+ *                               8 x 256 tokens. Where the daemon answers UNIMPLEMENTED (a
+ *                               device it does not train on), the warm-up prints
+ *                               "unimplemented name=tf_train msg=..." and the row answers
+ *                               "skip tf_train".
  *       The command "mem" prints, per row, the device allocator's figures over that row's
  *       timed calls (steady state: after the warm-up), then "ok mem":
  *           mem name=cnn_forward device=cpu:0 calls=8 allocs=0 cache_hits=0 device_allocs=0
@@ -42,15 +44,14 @@
  *       memory; mallocs: glibc malloc/calloc/realloc/memalign calls of this process during the
  *       calls (every thread; in-process rows only, -1 otherwise or in sanitizer builds). The
  *       engine's devices: the CNNs on cpu:0, the transformer on cpu:1, the in-process training
- *       model on cpu:2 (logical CPU devices, one compute pool), so each workload has an
- *       allocator of its own; the peaks are the high-water marks over the row's calls
- *       (ksm_alloc_reset_peak_stats before each batch of calls). The rpc rows' figures are the
- *       daemon's allocator of the model's device, through MemoryStats (no reset over the wire:
- *       the peaks since the daemon started; each device holds one model).
- *       tests/bench/run.sh model|train drives this and torch_model.py's same protocol call by
- *       call, alternating the two sides (the VM's speed drifts).
- *   Both modes first print "info openblas_core=<core>": the OpenBLAS kernels the engine's CPU
- *   backend runs (run.sh gives PyTorch's configurations the same).
+ *       models on cpu:2 (CNN) and cpu:3 (TF) (logical CPU devices, one compute pool), so each
+ *       workload has an allocator of its own; the peaks are the high-water marks over the row's
+ *       calls (ksm_alloc_reset_peak_stats before each batch of calls). The rpc rows' figures are
+ * the daemon's allocator of the model's device, through MemoryStats (no reset over the wire: the
+ * peaks since the daemon started; each device holds one model). tests/bench/run.sh model|train
+ * drives this and torch_model.py's same protocol call by call, alternating the two sides (the VM's
+ * speed drifts). Both modes first print "info openblas_core=<core>": the OpenBLAS kernels the
+ * engine's CPU backend runs (run.sh gives PyTorch's configurations the same).
  *
  * Models (issue 7 a-c, issue 14 part 9):
  *   cnn:  base 32, 3 blocks, all 6 slots; conv_light r0c1, attention r1c1, bottleneck r0c2,
@@ -58,8 +59,8 @@
  *         Evaluate: K = 8 explicit configs (every on/off combination of the three seeds,
  *         on = 1, off = 0; config c sets seed j on when bit j of c is set) x 128 rows.
  *   cnn8: esper's cifar_baseline host (base 8, 3 blocks), the same slots and seeds.
- *   tf:   TinyStories preset (V 50257, D 384, 6 layers, 6 heads, block 256, 3 segments);
- *         lora r0c0 and mlp r0c1, ADD, BLENDING at alpha 0.5; batch 8 x 256 tokens.
+ *   tf:   TinyStories preset (V 50257, D 384, 6 layers, 6 heads, block 256, 3 segments), dropout
+ *         0; lora r0c0 and mlp r0c1, ADD, BLENDING at alpha 0.5; batch 8 x 256 tokens.
  *         Evaluate: K = 2 configs ("main": both 0.5, "all_off": both 0), loss in the engine.
  */
 #include <errno.h>
@@ -183,6 +184,11 @@ static void model_spec(enum cfg c, const char *device, struct ksm_model_spec *sp
     spec->device = device;
     if (c == CFG_TF) {
         spec->topology = KSM_TOPOLOGY_TRANSFORMER; /* zero fields = the TinyStories preset */
+        /* dropout 0 (esper's preset and kasmina's default: 0.1): the training steps of both
+         * sides are then deterministic and their losses comparable (torch_model.py builds
+         * esper's host with dropout 0 too); Forward and Evaluate never apply it */
+        spec->transformer.dropout = 0.0;
+        spec->transformer.dropout_set = true;
         return;
     }
     spec->topology = KSM_TOPOLOGY_CNN;
@@ -252,10 +258,10 @@ static void grow(ksm_model *m, const char *slot, const char *bp, uint64_t seed)
 }
 
 /* Device names of the engine side: the CNNs on cpu:0, the transformer on cpu:1, the in-process
- * training model on cpu:2 (three logical CPU devices sharing one compute pool), so that each
+ * training models on cpu:2 and cpu:3 (logical CPU devices sharing one compute pool), so that each
  * workload has an allocator of its own (the "mem" figures). On another default device
  * (KASMINA_BENCH_DEVICE) everything shares it (NULL). */
-static const char *dev_cnn, *dev_tf, *dev_train;
+static const char *dev_cnn, *dev_tf, *dev_train, *dev_train_tf;
 
 static ksm_model *make_model(ksm_engine *e, const char *id, enum cfg c, const char *device)
 {
@@ -701,6 +707,7 @@ enum row_id {
     R_TF_EVAL,
     R_CNN8_FWD,
     R_CNN_TRAIN_INPROC,
+    R_TF_TRAIN_INPROC,
     R_CNN_RPC, /* the rows from here on need TARGET */
     R_CNN_WIRE,
     R_CNN_TRAIN,
@@ -718,6 +725,7 @@ static const struct {
     [R_TF_EVAL] = {"tf_eval_k2", "tok/s", (double)TF_K *TF_B *TF_T},
     [R_CNN8_FWD] = {"cnn8_forward", "img/s", CNN_B},
     [R_CNN_TRAIN_INPROC] = {"cnn_train_inproc", "img/s", CNN_B},
+    [R_TF_TRAIN_INPROC] = {"tf_train_inproc", "tok/s", (double)TF_B *TF_T},
     [R_CNN_RPC] = {"cnn_forward_rpc", "img/s", CNN_B},
     [R_CNN_WIRE] = {"cnn_forward_rpc_wire", "req/s", 1},
     [R_CNN_TRAIN] = {"cnn_train", "img/s", CNN_B},
@@ -727,7 +735,7 @@ static const struct {
 struct server {
     ksm_engine *e;
     const char *dir;
-    ksm_model *cnn, *cnn8, *tf, *train; /* train: made on first use */
+    ksm_model *cnn, *cnn8, *tf, *train[2]; /* the training models (CNN, TF): on first use */
     struct inputs in;
     struct configs ccf, tcf;
     struct rpc_side rs; /* rs.c NULL: no daemon */
@@ -760,7 +768,8 @@ static void row_mem_src(struct server *sv, int w, struct mem_src *src, char *dev
     case R_CNN8_FWD: m = sv->cnn8; break;
     case R_TF_FWD:
     case R_TF_EVAL: m = sv->tf; break;
-    case R_CNN_TRAIN_INPROC: m = sv->train; break;
+    case R_CNN_TRAIN_INPROC: m = sv->train[0]; break;
+    case R_TF_TRAIN_INPROC: m = sv->train[1]; break;
     default: break;
     }
     if (m != NULL) {
@@ -786,17 +795,22 @@ static double run_row(struct server *sv, int w, bool warm)
     case R_TF_EVAL: return time_evaluate(sv->tf, &sv->in.ttf_x, &sv->in.ttf_y, &sv->tcf, NULL);
     case R_CNN8_FWD: return time_forward(sv->cnn8, &sv->in.tcnn_x, NULL);
     case R_CNN_TRAIN_INPROC:
-        if (sv->train == NULL) {
-            sv->train = load_model(sv->e, sv->dir, "cnn_train", CFG_CNN, dev_train);
+    case R_TF_TRAIN_INPROC: {
+        const int k = w == R_TF_TRAIN_INPROC;
+        if (sv->train[k] == NULL) {
+            sv->train[k] = load_model(sv->e, sv->dir, k ? "tf_train" : "cnn_train",
+                                      k ? CFG_TF : CFG_CNN, k ? dev_train_tf : dev_train);
             struct ksm_training_config tc = esper_training();
-            CHECKE(ksm_model_configure_training(sv->train, &tc, true, err, sizeof err));
+            CHECKE(ksm_model_configure_training(sv->train[k], &tc, true, err, sizeof err));
         }
-        for (int k = 0; k < (warm ? 2 : 1); k++) {
-            if ((dt = time_train(sv->train, ROWS[w].name, &sv->in.tcnn_x, &sv->in.tcnn_y, &tr)) < 0)
-                return dt;
-            if (warm) print_loss(ROWS[w].name, k, &tr);
+        const ksm_tensor *x = k ? &sv->in.ttf_x : &sv->in.tcnn_x;
+        const ksm_tensor *y = k ? &sv->in.ttf_y : &sv->in.tcnn_y;
+        for (int s = 0; s < (warm ? 2 : 1); s++) {
+            if ((dt = time_train(sv->train[k], ROWS[w].name, x, y, &tr)) < 0) return dt;
+            if (warm) print_loss(ROWS[w].name, s, &tr);
         }
         return dt;
+    }
     case R_CNN_RPC:
         if (!sv->rs.made[RM_CNN]) {
             rpc_model(&sv->rs, RM_CNN);
@@ -908,7 +922,8 @@ static void serve(ksm_engine *e, const char *dir, const char *target)
     ksm_model_unref(sv.cnn);
     ksm_model_unref(sv.cnn8);
     ksm_model_unref(sv.tf);
-    if (sv.train) ksm_model_unref(sv.train);
+    for (int k = 0; k < 2; k++)
+        if (sv.train[k]) ksm_model_unref(sv.train[k]);
     free_inputs(&sv.in);
     free(out_buf);
 }
@@ -1031,8 +1046,9 @@ int main(int argc, char **argv)
         dev_cnn = "cpu:0";
         dev_tf = "cpu:1";
         dev_train = "cpu:2";
+        dev_train_tf = "cpu:3";
     }
-    struct ksm_engine_config cfg = {.cpu_devices = 3,
+    struct ksm_engine_config cfg = {.cpu_devices = 4,
                                     .enable_cuda = dev && strncmp(dev, "cuda", 4) == 0,
                                     .cuda_plugin = getenv("KASMINA_CUDA_PLUGIN"),
                                     .default_device = dev};

@@ -98,7 +98,7 @@ if [ "$MODE" = model ] || [ "$MODE" = train ]; then
     DEF_ROWS="cnn_forward cnn_forward_rpc cnn_forward_rpc_wire cnn_eval_k8 cnn_eval_k8_seq
               cnn8_forward tf_forward tf_eval_k2"
   else
-    DEF_ROWS="cnn_train cnn_train_inproc tf_train"
+    DEF_ROWS="cnn_train cnn_train_inproc tf_train tf_train_inproc"
   fi
   ROWS=${ROWS:-$DEF_ROWS} # ROWS="cnn_train" runs a subset
   cmake --build "$BUILD" -j"$NPROC" --target bench_model kasminad >/dev/null
@@ -152,10 +152,10 @@ if [ "$MODE" = model ] || [ "$MODE" = train ]; then
     done
   }
   # kasmina only: compared with torch's row of the same work (KTORCH below)
-  konly() { case $1 in *_rpc* | cnn_train_inproc) return 0 ;; *) return 1 ;; esac; }
+  konly() { case $1 in *_rpc* | *_inproc) return 0 ;; *) return 1 ;; esac; }
   reps_of() {
     case $1 in
-      tf_train) echo "$TF_TRAIN_REPS" ;; tf_*) echo "$TF_REPS" ;; *_wire) echo "$WIRE_REPS" ;;
+      tf_train*) echo "$TF_TRAIN_REPS" ;; tf_*) echo "$TF_REPS" ;; *_wire) echo "$WIRE_REPS" ;;
       *_train*) echo "$CNN_TRAIN_REPS" ;; *) echo "$CNN_REPS" ;;
     esac
   }
@@ -264,6 +264,7 @@ model|c. TF Evaluate K=2 vs esper fused|tf_eval_k2|tf_eval_k2|-
 train|CNN TrainStep over gRPC b128|cnn_train|cnn_train|>= 2
 train|CNN train step in-process b128|cnn_train_inproc|cnn_train|-
 train|TF TrainStep over gRPC 8x256 lora+mlp|tf_train|tf_train|>= 1.5
+train|TF train step in-process 8x256|tf_train_inproc|tf_train|-
 TABLE
   echo
   echo "median ms per call (kasmina / torch 1t / torch ${NPROC}t / as shipped):"
