@@ -102,6 +102,37 @@ size_t ksm_sgd_bytes(const struct ksm_sgd *o)
 
 // ---- Gradient norms ----
 
+int ksm_grad_sumsq_scratch(ksm_stream *s, double *dev, double *host, const ksm_tensor *const *grads,
+                           int n, struct ksm_grad_sq *out)
+{
+    if (s == NULL || n < 0 ||
+        (n > 0 && (grads == NULL || out == NULL || dev == NULL || host == NULL)))
+        return KSM_EINVAL;
+    memset(out, 0, (size_t)n * sizeof *out);
+    if (n == 0) return 0;
+    int rc = 0;
+    for (int i = 0; i < n; i++) {
+        if (grads[i] == NULL) continue;
+        ksm_tensor cell;
+        const int64_t one = 1;
+        ksm_tensor_init(&cell, ksm_stream_device(s), dev + i, KSM_DTYPE_I64, 1, &one);
+        if ((rc = ksm_op_sumsq(s, &cell, grads[i]))) goto out;
+        out[i].numel = ksm_tensor_numel(grads[i]);
+        out[i].present = true;
+    }
+    if ((rc = ksm_stream_memcpy_async(s, host, dev, (size_t)n * sizeof(double), KSM_COPY_D2H)))
+        goto out;
+    rc = ksm_stream_synchronize(s);
+    for (int i = 0; i < n && rc == 0; i++)
+        if (out[i].present) out[i].sumsq = host[i];
+out:
+    if (rc) {
+        ksm_stream_synchronize(s); /* ops already enqueued still write dev */
+        memset(out, 0, (size_t)n * sizeof *out);
+    }
+    return rc;
+}
+
 int ksm_grad_sumsq(ksm_stream *s, ksm_allocator *a, const ksm_tensor *const *grads, int n,
                    struct ksm_grad_sq *out)
 {
@@ -113,27 +144,11 @@ int ksm_grad_sumsq(ksm_stream *s, ksm_allocator *a, const ksm_tensor *const *gra
     if (host == NULL) return KSM_ENOMEM;
     void *dev = NULL;
     int rc = ksm_alloc_malloc(a, (size_t)n * sizeof(double), s, &dev);
-    if (rc) goto out_host;
-    for (int i = 0; i < n; i++) {
-        if (grads[i] == NULL) continue;
-        ksm_tensor cell;
-        const int64_t one = 1;
-        ksm_tensor_init(&cell, ksm_stream_device(s), (double *)dev + i, KSM_DTYPE_I64, 1, &one);
-        if ((rc = ksm_op_sumsq(s, &cell, grads[i]))) goto out_dev;
-        out[i].numel = ksm_tensor_numel(grads[i]);
-        out[i].present = true;
+    if (rc == 0) {
+        rc = ksm_grad_sumsq_scratch(s, dev, host, grads, n, out);
+        ksm_alloc_free(a, dev);
     }
-    if ((rc = ksm_stream_memcpy_async(s, host, dev, (size_t)n * sizeof(double), KSM_COPY_D2H)))
-        goto out_dev;
-    rc = ksm_stream_synchronize(s);
-    for (int i = 0; i < n && rc == 0; i++)
-        if (out[i].present) out[i].sumsq = host[i];
-out_dev:
-    if (rc) ksm_stream_synchronize(s); /* ops already enqueued still write dev */
-    ksm_alloc_free(a, dev);
-out_host:
     free(host);
-    if (rc) memset(out, 0, (size_t)n * sizeof *out);
     return rc;
 }
 

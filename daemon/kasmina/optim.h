@@ -71,6 +71,11 @@ struct ksm_grad_sq {
  * scratch buffer from a, one copy back and one synchronisation of s. */
 int ksm_grad_sumsq(ksm_stream *s, ksm_allocator *a, const ksm_tensor *const *grads, int n,
                    struct ksm_grad_sq *out);
+/* The same with the caller's scratch, allocating nothing: dev holds n doubles of device memory
+ * of s's device that nothing else touches until the call returns (it synchronises s), host n
+ * doubles (the training step passes a region of its kept arena: no allocation per step). */
+int ksm_grad_sumsq_scratch(ksm_stream *s, double *dev, double *host, const ksm_tensor *const *grads,
+                           int n, struct ksm_grad_sq *out);
 
 /* clip_grad_norm_(max_norm) over the present gradients: total = sqrt(sum sumsq) (float64),
  * coef = min(1, max_norm / (total + 1e-6)) (NaN stays NaN, as torch.clamp), and every present

@@ -33,6 +33,8 @@
 #define MAX_HOST_P     KSM_TRAIN_MAX_HOST_P
 #define MAX_SEED_P     KSM_TRAIN_MAX_SEED_P
 #define MAX_TRAIN_ROWS (1 << 20)
+/* doubles of gradient-norm scratch after the tape in the arena (one ksm_grad_sumsq at a time) */
+#define SQ_SCRATCH (MAX_HOST_P > MAX_SEED_P ? MAX_HOST_P : MAX_SEED_P)
 
 static int64_t mono_ns(void)
 {
@@ -1260,6 +1262,9 @@ int ksm_model_train_step(ksm_model *m, const struct ksm_train_args *a, struct ks
     ksm_exec_init(&e, s, true, NULL, 0);
     if ((rc = body(c)) < 0) goto fail;
     size_t need = e.high ? e.high : KSM_EXEC_ALIGN;
+    /* the gradient norms' scratch follows the tape: a steady-state step allocates nothing */
+    const size_t sq_off = (need + KSM_EXEC_ALIGN - 1) / KSM_EXEC_ALIGN * KSM_EXEC_ALIGN;
+    need = sq_off + SQ_SCRATCH * sizeof(double);
     if (t->arena_bytes < need) {
         if (t->arena) ksm_alloc_free(m->alloc, t->arena);
         t->arena = NULL;
@@ -1285,14 +1290,17 @@ int ksm_model_train_step(ksm_model *m, const struct ksm_train_args *a, struct ks
     const ksm_tensor *hgc[KSM_TRAIN_MAX_HOST_P];
     for (int i = 0; i < c->n_host; i++) hgc[i] = hg[i] = &c->host_grad[i];
     bool need_sq = collect || t->cfg.max_grad_norm > 0;
-    if (need_sq && (rc = ksm_grad_sumsq(s, m->alloc, hgc, c->n_host, hsq)) < 0) goto fail;
+    double *sq_dev = (double *)((char *)t->arena + sq_off), sq_host[SQ_SCRATCH];
+    if (need_sq && (rc = ksm_grad_sumsq_scratch(s, sq_dev, sq_host, hgc, c->n_host, hsq)) < 0)
+        goto fail;
     ksm_tensor *sgp[KSM_MAX_SLOTS][KSM_TRAIN_MAX_SEED_P];
     for (int i = 0; i < m->n_slots; i++) {
         if (!step_seed[i]) continue;
         struct ksm_train_seed_grads *g = &c->sg[i];
         const ksm_tensor *gc[KSM_TRAIN_MAX_SEED_P];
         for (int k = 0; k < g->n; k++) gc[k] = sgp[i][k] = g->present[k] ? &g->grad[k] : NULL;
-        if (need_sq && (rc = ksm_grad_sumsq(s, m->alloc, gc, g->n, ssq[i])) < 0) goto fail;
+        if (need_sq && (rc = ksm_grad_sumsq_scratch(s, sq_dev, sq_host, gc, g->n, ssq[i])) < 0)
+            goto fail;
     }
     int stats_slot[KSM_MAX_SLOTS];
     if (collect) {

@@ -1,43 +1,56 @@
 #!/usr/bin/python3
-"""PyTorch eager reference for bench_model: the same models, weights, inputs and workloads.
+"""PyTorch side of bench_model: esper-lite's own code on the same models, weights and inputs.
 
-    torch_model.py DIR        then one command per stdin line, as `bench_model serve DIR`
+    ESPER_SRC=/path/to/esper-lite torch_model.py DIR    then one command per stdin line, as
+                                                         `bench_model serve DIR`
 
-DIR holds what `bench_model export DIR` wrote: cnn.safetensors / tf.safetensors (esper state_dict
-names; each slot's _extra_state JSON in __metadata__ says blueprint, stage, alpha, algorithm) and
-io.safetensors (inputs, targets and kasmina's outputs). The modules are the spec-derived esper
-re-implementation in tests/golden/gen_kasmina.py (MorphogeneticModel, SeedSlot, hosts,
-blueprints), in eval mode under torch.no_grad(). Commands "<row> <reps>": reps 0 = one untimed
-warm-up call, whose output is checked against kasmina's ("check name=... max_rel_err=...":
-max|torch - kasmina| / max|torch|; accuracies in points), then "ok <row>"; otherwise the median
-of reps calls in bench_model's line format ("row name=... ms=... per_s=... unit=..."). Rows:
+DIR holds what `bench_model export DIR` wrote: cnn.safetensors, cnn8.safetensors,
+tf.safetensors (esper state_dict names; each slot's _extra_state JSON in __metadata__) and
+io.safetensors (inputs, targets and kasmina's outputs). The models are esper's own
+MorphogeneticModel, CNNHost / TransformerHost, SeedSlot and blueprints from the ESPER_SRC
+checkout, loaded with esper's load_state_dict (esper_shims.py: the torch 1.13 shims and the
+model construction), built on a row's first use. Commands "<row> <reps>": reps 0 = the
+row's untimed warm-up, whose output is checked against kasmina's ("check name=...
+max_rel_err=...": max|torch - kasmina| / max|torch|; accuracies in points; for a training row
+two steps, each printing "loss name=<row> step=<k> loss=... correct=... total=..."), then
+"ok <row>"; otherwise the median of reps calls in bench_model's line format ("row name=...
+ms=... per_s=... unit=..."). Rows (what esper itself runs for each):
 
-    cnn_forward      model(x), batch 128
-    cnn_eval_k8      esper-style fused forward: x tiled K=8 times, per-row alpha tensors
-                     [K*B,1,1,1] as alpha overrides, per-config mean cross-entropy and accuracy
-    cnn_eval_k8_seq  eight sequential forwards, alphas set on the slots, loss/accuracy each
+    cnn_forward      model(x), eval mode, torch.no_grad(), batch 128 (base-32 CNN)
+    cnn8_forward     the same on esper's cifar_baseline host (base 8)
+    cnn_eval_k8      vectorized_trainer's fused counterfactual validation: per-slot alpha
+                     override vectors [K*B,1,1,1] (torch.full, then each config's rows filled),
+                     process_fused_val_batch (x tiled K = 8 times, model.fused_forward,
+                     loss_and_correct elementwise with CrossEntropyLoss(reduction="none"),
+                     per-config loss and correct counts)
+    cnn_eval_k8_seq  eight sequential validations: SeedSlot.force_alpha on the three seeds,
+                     process_val_batch (model(x), loss_and_correct)
     tf_forward, tf_eval_k2, tf_eval_k2_seq   the same for the transformer (K = 2)
+    cnn_train        process_train_batch on batch 128 with the optimizers of esper's trainer
+                     (esper_shims.Trainer: env_factory's host SGD, batch_ops' seed SGDs, clip
+                     1.0, gradient telemetry every 10 batches), then loss/correct read back
+    tf_train         the same on the transformer, 8 x 256 tokens (lora + mlp seeds)
 
 Threads: torch.set_num_threads(TORCH_THREADS) when that is set, else torch's default.
+TORCH_DEVICE=cuda runs on the GPU (tests/bench/gpu.sh); default cpu.
 """
-import json
+import contextlib
 import os
 import statistics
-import struct
 import sys
 import time
+import types
 
-import numpy as np
+import torch
+import torch.nn as nn
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-DEFAULT_THREADS = torch.get_num_threads()  # as shipped (gen_kasmina sets 1 at import)
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "golden"))
-import gen_kasmina as gk  # noqa: E402
+sys.path.insert(0, HERE)
+import esper_shims as es  # noqa: E402
 
+DEFAULT_THREADS = torch.get_num_threads()  # as shipped
 torch.set_num_threads(int(os.environ.get("TORCH_THREADS") or DEFAULT_THREADS))
+es.install()
 
 
 def openblas_core():
@@ -51,63 +64,13 @@ def openblas_core():
     lib.openblas_get_corename.restype = ctypes.c_char_p
     return lib.openblas_get_corename().decode()
 
-NP = {"F32": "<f4", "I64": "<i8", "I32": "<i4", "F64": "<f8"}
 
-# The same configs as bench_model.c.
+# The same configs as bench_model.c (on = 1, off = 0; config c sets seed j on when bit j is set).
 CNN_SEEDS = ["r0c1", "r1c1", "r0c2"]
 CNN_CONFIGS = [[1.0 if (c >> j) & 1 else 0.0 for j in range(3)] for c in range(8)]
 TF_SEEDS = ["r0c0", "r0c1"]
 TF_CONFIGS = [[0.5, 0.5], [0.0, 0.0]]
-TF_SPEC = dict(vocab_size=50257, n_embd=384, n_head=6, n_layer=6, block_size=256,
-               num_segments=3)
 
-
-def read_safetensors(path):
-    """-> (dict name -> torch tensor, metadata dict)."""
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        data = f.read()
-    meta = header.pop("__metadata__", {}) or {}
-    out = {}
-    for name, d in header.items():
-        b, e = d["data_offsets"]
-        a = np.frombuffer(data, dtype=NP[d["dtype"]], count=(e - b) // np.dtype(NP[d["dtype"]])
-                          .itemsize, offset=b).reshape(d["shape"])
-        out[name] = torch.from_numpy(a.astype(a.dtype.newbyteorder("="), copy=True))
-    return out, meta
-
-
-def build(topology, path):
-    tensors, meta = read_safetensors(path)
-    if topology == "cnn":
-        host = gk.CNNHost(num_classes=10, n_blocks=3, base_channels=32, pool_layers=None,
-                          kernel_size=3, in_channels=3)
-        table = gk.CNN_BLUEPRINTS
-    else:
-        host = gk.TransformerHost(**TF_SPEC)
-        table = gk.TF_BLUEPRINTS
-    pre, suf = "seed_slots.", "._extra_state"
-    slots = sorted(k[len(pre):-len(suf)] for k in meta if k.startswith(pre) and k.endswith(suf))
-    model = gk.MorphogeneticModel(host, slots)
-    for sid in slots:
-        slot = model.seed_slots[sid]
-        slot.extra = json.loads(meta[pre + sid + suf])
-        st = slot.extra["seed_state"]
-        if st is not None and st["stage"] in gk.SEED_MODULE_STAGES:
-            slot.seed = table[st["blueprint_id"]](slot.channels)
-        assert slot.extra.get("alpha_schedule_config") is None, "gated blends are not benched"
-    res = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in res.missing_keys if not k.endswith("num_batches_tracked")]
-    assert not missing and not res.unexpected_keys, (missing, res.unexpected_keys)
-    if "host.head.weight" in tensors:  # tied: both names carry the same bytes
-        assert torch.equal(tensors["host.head.weight"], tensors["host.tok_emb.weight"])
-    assert model.host.head.weight is model.host.tok_emb.weight if topology == "tf" else True
-    model.eval()
-    return model
-
-
-# TORCH_DEVICE=cuda runs the PyTorch side on the GPU (tests/bench/gpu.sh); default cpu.
 DEV = torch.device(os.environ.get("TORCH_DEVICE") or "cpu")
 
 
@@ -122,7 +85,7 @@ def row(name, sec, items, unit):
 
 
 def rel(a, ref):
-    a = a.cpu()
+    a = a.detach().cpu().to(ref.dtype)
     return ((a - ref).abs().max() / ref.abs().max()).item()
 
 
@@ -136,59 +99,110 @@ def acc_check(name, acc, ref):
     check(name, (torch.tensor(acc) - ref.double()).abs().max().item(), 1.0, "max_abs_diff_pts")
 
 
-def loss_acc(logits, y, k):
-    """Per-config mean cross-entropy and accuracy (%), rows of config c contiguous."""
-    v = logits.shape[-1]
-    lg = logits.reshape(-1, v)
-    yt = y.reshape(-1)
-    loss = F.cross_entropy(lg, yt, reduction="none").view(k, -1).mean(1)
-    acc = (lg.argmax(-1) == yt).view(k, -1).double().mean(1) * 100
-    return loss.tolist(), acc.tolist()
+class Side:
+    """One topology's esper model, its inputs and its environment state (esper_shims)."""
 
+    def __init__(self, config, path, x, y, seeds, configs, train):
+        self.model = es.build_model(config, path, device=DEV)
+        self.task_type = es.CONFIGS[config][1]
+        self.topology = es.CONFIGS[config][0]
+        self.x, self.y, self.seeds, self.configs = x, y, seeds, configs
+        self.t = es.training()
+        if train:
+            self.trainer = es.Trainer(self.model, self.task_type)
+            self.env = self.trainer.env
+        else:
+            self.env = es.ParallelEnvState(model=self.model, env_device=str(DEV), stream=None)
+        self.task_spec = types.SimpleNamespace(task_type=self.task_type,
+                                                  topology=self.topology)
+        self.val_criterion = nn.CrossEntropyLoss(reduction="none")
+        self.criterion = nn.CrossEntropyLoss()
 
-def eval_fused(model, x, y, seeds, configs):
-    k, b = len(configs), x.shape[0]
-    xt = x.repeat((k,) + (1,) * (x.dim() - 1))
-    yt = y.repeat((k,) + (1,) * (y.dim() - 1))
-    extra = (1, 1, 1) if x.dim() == 4 else (1, 1)
-    ov = {s: torch.tensor([c[j] for c in configs for _ in range(b)]).view(-1, *extra).to(x.device)
-          for j, s in enumerate(seeds)}
-    logits = model(xt, ov)
-    return (logits,) + loss_acc(logits, yt, k)
+    def forward(self):
+        self.model.eval()
+        with torch.no_grad():
+            return self.model(self.x)
 
+    def overrides(self):
+        """vectorized_trainer's alpha override vectors: each seed slot's current alpha, then
+        each configuration's rows set to that configuration's alpha."""
+        k, b = len(self.configs), self.x.shape[0]
+        shape = (k * b, 1, 1, 1) if self.topology == "cnn" else (k * b, 1, 1)
+        ov = {}
+        for j, sid in enumerate(self.seeds):
+            v = torch.full(shape, self.model.seed_slots[sid].alpha, device=DEV,
+                           dtype=torch.float32)
+            for c, cfg in enumerate(self.configs):
+                v[c * b:(c + 1) * b].fill_(cfg[j])
+            ov[sid] = v
+        return ov
 
-def eval_seq(model, x, y, seeds, configs):
-    states = [model.seed_slots[s].extra["seed_state"] for s in seeds]
-    keep = [st["alpha"] for st in states]
-    losses, accs = [], []
-    for c in configs:
-        for st, a in zip(states, c):
-            st["alpha"] = a
-        l, a = loss_acc(model(x), y, 1)
-        losses += l
-        accs += a
-    for st, a in zip(states, keep):
-        st["alpha"] = a
-    return losses, accs
+    def eval_fused(self):
+        """-> (per-config losses, accuracies in %)."""
+        k = len(self.configs)
+        loss, correct, total = self.t.process_fused_val_batch(
+            self.env, self.x, self.y, self.val_criterion, self.overrides(), k,
+            task_spec=self.task_spec, loss_and_correct_fn=self.t.loss_and_correct)
+        return loss.tolist(), (correct.double() * 100 / total).tolist()
+
+    def fused_logits(self):
+        k = len(self.configs)
+        xt = self.x.repeat(k, *([1] * (self.x.dim() - 1)))
+        if self.x.is_contiguous(memory_format=torch.channels_last):
+            xt = xt.contiguous(memory_format=torch.channels_last)
+        self.model.eval()
+        with torch.inference_mode():
+            return self.model.fused_forward(xt, self.overrides())
+
+    def eval_seq(self):
+        losses, accs = [], []
+        for cfg in self.configs:
+            with contextlib.ExitStack() as st:
+                for sid, a in zip(self.seeds, cfg):
+                    st.enter_context(self.model.seed_slots[sid].force_alpha(a))
+                loss, correct, total = self.t.process_val_batch(
+                    self.env, self.x, self.y, self.criterion, slots=list(self.seeds),
+                    task_spec=self.task_spec, loss_and_correct_fn=self.t.loss_and_correct)
+                losses.append(loss.item())
+                accs.append(correct.item() * 100.0 / total)
+        return losses, accs
+
+    def train_step(self):
+        return self.trainer.step(self.x, self.y)
 
 
 def main():
     d = sys.argv[1]
-    io, _ = read_safetensors(os.path.join(d, "io.safetensors"))
-    cnn = build("cnn", os.path.join(d, "cnn.safetensors"))
-    tf = build("tf", os.path.join(d, "tf.safetensors"))
-    cnn.to(DEV)
-    tf.to(DEV)
+    io, _ = es.read_safetensors(os.path.join(d, "io.safetensors"))
     cx, cy, tx, ty = (io[k].to(DEV) for k in ("cnn.x", "cnn.y", "tf.x", "tf.y"))
     kc, kt = len(CNN_CONFIGS), len(TF_CONFIGS)
+    sides = {}
+
+    def side(key):
+        """Models are built on a row's first use (a server runs only some rows); the training
+        rows have models of their own (they change their weights)."""
+        if key not in sides:
+            path = os.path.join(d, {"cnn": "cnn", "cnn8": "cnn8", "tf": "tf", "cnn_train": "cnn",
+                                    "tf_train": "tf"}[key] + ".safetensors")
+            cfg = {"cnn": "cnn32", "cnn8": "cifar_base8", "tf": "tinystories",
+                   "cnn_train": "cnn32", "tf_train": "tinystories"}[key]
+            tf = cfg == "tinystories"
+            sides[key] = Side(cfg, path, tx if tf else cx, ty if tf else cy,
+                              TF_SEEDS if tf else CNN_SEEDS, TF_CONFIGS if tf else CNN_CONFIGS,
+                              key.endswith("_train"))
+        return sides[key]
 
     def check_cnn_forward(out):
         check("cnn_forward_logits", rel(out, io["ksm.cnn.logits"]))
 
+    def check_cnn8_forward(out):
+        check("cnn8_forward_logits", rel(out, io["ksm.cnn8.logits"]))
+
     def check_cnn_eval(out):
-        check("cnn_eval_logits", rel(out[0].view(kc, -1, 10), io["ksm.cnn.eval_logits"]))
-        check("cnn_eval_loss", rel(torch.tensor(out[1]), io["ksm.cnn.eval_loss"].double()))
-        acc_check("cnn_eval_acc", out[2], io["ksm.cnn.eval_acc"])
+        check("cnn_eval_logits", rel(side("cnn").fused_logits().view(kc, -1, 10),
+                                     io["ksm.cnn.eval_logits"]))
+        check("cnn_eval_loss", rel(torch.tensor(out[0]), io["ksm.cnn.eval_loss"].double()))
+        acc_check("cnn_eval_acc", out[1], io["ksm.cnn.eval_acc"])
 
     def check_cnn_seq(out):
         check("cnn_eval_seq_loss", rel(torch.tensor(out[0]), io["ksm.cnn.eval_loss"].double()))
@@ -201,46 +215,61 @@ def main():
         check("tf_eval_loss", rel(torch.tensor(out[0]), io["ksm.tf.eval_loss"].double()))
         acc_check("tf_eval_acc", out[1], io["ksm.tf.eval_acc"])
 
+    def check_tf_seq(out):
+        check("tf_eval_seq_loss", rel(torch.tensor(out[0]), io["ksm.tf.eval_loss"].double()))
+        acc_check("tf_eval_seq_acc", out[1], io["ksm.tf.eval_acc"])
+
     # name -> (call, items, unit, check of the warm-up call's output)
     rows = {
-        "cnn_forward": (lambda: cnn(cx), cx.shape[0], "img/s", check_cnn_forward),
-        "cnn_eval_k8": (lambda: eval_fused(cnn, cx, cy, CNN_SEEDS, CNN_CONFIGS),
-                        kc * cx.shape[0], "rows/s", check_cnn_eval),
-        "cnn_eval_k8_seq": (lambda: eval_seq(cnn, cx, cy, CNN_SEEDS, CNN_CONFIGS),
-                            kc * cx.shape[0], "rows/s", check_cnn_seq),
-        "tf_forward": (lambda: tf(tx), tx.numel(), "tok/s", check_tf_forward),
-        "tf_eval_k2": (lambda: eval_fused(tf, tx, ty, TF_SEEDS, TF_CONFIGS)[1:],
-                       kt * tx.numel(), "tok/s", check_tf_eval),
-        "tf_eval_k2_seq": (lambda: eval_seq(tf, tx, ty, TF_SEEDS, TF_CONFIGS),
-                           kt * tx.numel(), "tok/s", None),
+        "cnn_forward": (lambda: side("cnn").forward(), cx.shape[0], "img/s", check_cnn_forward),
+        "cnn8_forward": (lambda: side("cnn8").forward(), cx.shape[0], "img/s",
+                         check_cnn8_forward),
+        "cnn_eval_k8": (lambda: side("cnn").eval_fused(), kc * cx.shape[0], "rows/s",
+                        check_cnn_eval),
+        "cnn_eval_k8_seq": (lambda: side("cnn").eval_seq(), kc * cx.shape[0], "rows/s",
+                            check_cnn_seq),
+        "tf_forward": (lambda: side("tf").forward(), tx.numel(), "tok/s", check_tf_forward),
+        "tf_eval_k2": (lambda: side("tf").eval_fused(), kt * tx.numel(), "tok/s", check_tf_eval),
+        "tf_eval_k2_seq": (lambda: side("tf").eval_seq(), kt * tx.numel(), "tok/s",
+                           check_tf_seq),
+        "cnn_train": (lambda: side("cnn_train").train_step(), cx.shape[0], "img/s", None),
+        "tf_train": (lambda: side("tf_train").train_step(), tx.numel(), "tok/s", None),
     }
-    print("info torch=%s threads=%d device=%s openblas_core=%s"
-          % (torch.__version__, torch.get_num_threads(), DEV, openblas_core()))
+    print("info torch=%s threads=%d device=%s openblas_core=%s esper=%s"
+          % (torch.__version__, torch.get_num_threads(), DEV, openblas_core(), es.ESPER_COMMIT))
     print("ready", flush=True)
     for line in sys.stdin:
         if line.startswith("quit"):
             break
+        if line.startswith("mem"):
+            print("ok mem", flush=True)
+            continue
         name, reps = line.split()
         reps = int(reps)
         if name not in rows:
             print("skip %s" % name, flush=True)
             continue
         fn, items, unit, chk = rows[name]
-        with torch.no_grad():
-            if reps == 0:
+        if reps == 0:
+            if name.endswith("_train"):
+                for k in range(2):
+                    loss, correct, total = fn()
+                    print("loss name=%s step=%d loss=%.9g correct=%d total=%d"
+                          % (name, k, loss, correct, total), flush=True)
+            else:
                 out = fn()
                 sync()
                 if chk:
                     chk(out)
                 del out
-                print("ok %s" % name, flush=True)
-                continue
-            s = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                s.append(time.perf_counter() - t0)
+            print("ok %s" % name, flush=True)
+            continue
+        s = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            s.append(time.perf_counter() - t0)
         row(name, statistics.median(s), items, unit)
 
 

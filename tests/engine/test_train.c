@@ -990,9 +990,10 @@ Test(train, transformer_dropout_spec)
     ksm_engine_free(e);
 }
 
-/* Steady state: after the first steps (arena sized, momentum buffers made) a step takes no new
- * device segment and leaves no block allocated: a CNN with three blueprints, transformers with
- * dropout and with a flex_attention seed. */
+/* Steady state: after the first steps (arena sized, momentum buffers made) a step makes no
+ * request to the caching allocator (the gradient norms' scratch lives in the step's arena), takes
+ * no new device segment and leaves no block allocated: a CNN with three blueprints, transformers
+ * with dropout and with a flex_attention seed. */
 Test(train, steady_state_allocations)
 {
     const char *cases[] = {"blueprints_a", "tf_dropout", "tf_gate"};
@@ -1018,6 +1019,8 @@ Test(train, steady_state_allocations)
                 cases[ci], (double)(b->allocation.allocated - a->allocation.allocated) / n,
                 (long long)(b->segment.allocated - a->segment.allocated),
                 (long long)(b->allocation.current - a->allocation.current));
+        cr_expect_eq(b->allocation.allocated, a->allocation.allocated,
+                     "%s: a steady-state step asked the allocator for a block", cases[ci]);
         cr_expect_eq(b->segment.allocated, a->segment.allocated,
                      "%s: a step took a new device segment", cases[ci]);
         cr_expect_eq(b->allocation.current, a->allocation.current, "%s: a step leaked a block",
