@@ -7,6 +7,7 @@
  * element in one fixed order, so results do not depend on the number of threads.
  */
 #include <math.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -72,6 +73,11 @@ struct bgrad_job {
     int64_t nred;
 };
 
+/* One source value set at offsets off[] (sources beyond ns read as 0). */
+#define BG_TERM(fn, ns, src, off)                                                                  \
+    ksm_bgrad(fn, (src)[0][(off)[0]], (ns) > 1 ? (src)[1][(off)[1]] : 0.0f,                        \
+              (ns) > 2 ? (src)[2][(off)[2]] : 0.0f, (ns) > 3 ? (src)[3][(off)[3]] : 0.0f)
+
 static void bgrad_outputs(void *ctx, int64_t b, int64_t e)
 {
     const struct bgrad_job *j = ctx;
@@ -87,13 +93,21 @@ static void bgrad_outputs(void *ctx, int64_t b, int64_t e)
             rem /= j->kshape[d];
             for (int k = 0; k < ns; k++) base[k] += i * j->kst[k][d];
         }
-        int64_t idx[KSM_MAX_DIMS] = {0}, off[BG_SRC];
+        int64_t off[BG_SRC] = {0};
         for (int k = 0; k < ns; k++) off[k] = base[k];
         double acc = 0.0;
+        if (j->nr == 1) { /* one (collapsed) reduced dim: a strided walk */
+            const int64_t n = j->rshape[0];
+            for (int64_t r = 0; r < n; r++) {
+                acc += (double)BG_TERM(fn, ns, src, off);
+                for (int k = 0; k < ns; k++) off[k] += j->rst[k][0];
+            }
+            dst[o] = (float)acc;
+            continue;
+        }
+        int64_t idx[KSM_MAX_DIMS] = {0};
         for (int64_t r = 0; r < j->nred; r++) {
-            float v[BG_SRC] = {0.0f, 0.0f, 0.0f, 0.0f};
-            for (int k = 0; k < ns; k++) v[k] = src[k][off[k]];
-            acc += (double)ksm_bgrad(fn, v[0], v[1], v[2], v[3]);
+            acc += (double)BG_TERM(fn, ns, src, off);
             for (int d = j->nr - 1; d >= 0; d--) { /* next reduced index */
                 for (int k = 0; k < ns; k++) off[k] += j->rst[k][d];
                 if (++idx[d] < j->rshape[d]) break;
@@ -105,6 +119,39 @@ static void bgrad_outputs(void *ctx, int64_t b, int64_t e)
     }
 }
 
+/* No reduced dim and one (collapsed) kept dim: dst[o] is the term at o (0.0 + (double)t rounds
+ * back to t exactly, so this equals the general path bit for bit). */
+static void bgrad_elementwise(void *ctx, int64_t b, int64_t e)
+{
+    const struct bgrad_job *j = ctx;
+    const struct ksm_op *op = j->op;
+    const int ns = op->n_src, fn = (int)op->p.bgrad.fn;
+    const float *src[BG_SRC] = {0};
+    int64_t st[BG_SRC] = {0};
+    for (int k = 0; k < ns; k++) {
+        src[k] = (const float *)op->src[k].data;
+        st[k] = j->nk ? j->kst[k][0] : 0;
+    }
+    float *dst = (float *)op->dst.data;
+    bool unit = true;
+    for (int k = 0; k < ns; k++) unit = unit && st[k] == 1;
+    if (unit && fn == 0) {
+        memcpy(dst + b, src[0] + b, (size_t)(e - b) * sizeof *dst);
+        return;
+    }
+    if (unit) {
+        for (int64_t o = b; o < e; o++) {
+            const int64_t off[BG_SRC] = {o, o, o, o};
+            dst[o] = BG_TERM(fn, ns, src, off);
+        }
+        return;
+    }
+    for (int64_t o = b; o < e; o++) {
+        const int64_t off[BG_SRC] = {o * st[0], o * st[1], o * st[2], o * st[3]};
+        dst[o] = BG_TERM(fn, ns, src, off);
+    }
+}
+
 static int exec_broadcast_grad(const struct ksm_op *op)
 {
     if ((int)op->p.bgrad.fn < 0 || op->p.bgrad.fn >= KSM_BGRAD_COUNT || op->n_src > BG_SRC ||
@@ -113,18 +160,36 @@ static int exec_broadcast_grad(const struct ksm_op *op)
     const ksm_tensor *g = &op->src[0];
     struct bgrad_job j = {.op = op, .nred = 1};
     const int off = g->ndim - op->dst.ndim;
+    int last = -1; /* 0: the previous dim was kept, 1: reduced, -1: none yet */
     for (int d = 0; d < g->ndim; d++) {
         const int64_t ds = d < off ? 1 : op->dst.shape[d - off];
         if (g->shape[d] == 1) continue; /* contributes nothing either way */
         const bool keep = ds == g->shape[d];
-        int at = keep ? j.nk++ : j.nr++;
-        (keep ? j.kshape : j.rshape)[at] = g->shape[d];
-        for (int k = 0; k < op->n_src; k++) (keep ? j.kst : j.rst)[k][at] = op->src[k].stride[d];
+        int64_t *shape = keep ? j.kshape : j.rshape;
+        int64_t(*st)[KSM_MAX_DIMS] = keep ? j.kst : j.rst;
+        int *count = keep ? &j.nk : &j.nr;
+        /* Adjacent dims of the same kind whose strides chain in every source are one dim
+         * (same element order, fewer index steps). */
+        bool merge = last == (keep ? 0 : 1) && *count > 0;
+        for (int k = 0; merge && k < op->n_src; k++)
+            merge = st[k][*count - 1] == op->src[k].stride[d] * g->shape[d];
+        if (merge) {
+            shape[*count - 1] *= g->shape[d];
+            for (int k = 0; k < op->n_src; k++) st[k][*count - 1] = op->src[k].stride[d];
+        } else {
+            shape[*count] = g->shape[d];
+            for (int k = 0; k < op->n_src; k++) st[k][*count] = op->src[k].stride[d];
+            (*count)++;
+        }
+        last = keep ? 0 : 1;
         if (!keep) j.nred *= g->shape[d];
     }
     const int64_t n = ksm_cpu_numel(&op->dst);
     if (n == 0) return 0;
-    ksm_cpu_parallel_for(n, ksm_cpu_grain(j.nred), bgrad_outputs, &j);
+    if (j.nr == 0 && j.nk <= 1)
+        ksm_cpu_parallel_for(n, PAR_GRAIN, bgrad_elementwise, &j);
+    else
+        ksm_cpu_parallel_for(n, ksm_cpu_grain(j.nred), bgrad_outputs, &j);
     return 0;
 }
 
