@@ -5,8 +5,9 @@
  * lives in the op's workspace: dW_g += dy_g [Co/g x HoWo] @ im2col(x_g)^T (one sgemm, images in
  * order, so dW is the float sum over images that a sequential PyTorch would form), then the same
  * buffer receives W_g^T @ dy_g, which col2im adds into dx_g. db is the per-channel sum of dy in
- * double. The Winograd forward is not mirrored. The kernel runs on the calling thread (sgemm
- * single-threaded): the workspace is one slice. Shared conventions: cpu_ops_impl.h.
+ * double. The Winograd forward is not mirrored. One image and group at a time (the workspace
+ * is one slice), its im2col / col2im split over channels and its sgemms over fixed column blocks
+ * (single-threaded sgemm each) on the compute pool. Shared conventions: cpu_ops_impl.h.
  */
 #include <stdint.h>
 #include <string.h>
@@ -15,10 +16,10 @@
 #include "backend/cpu/cpu_ops_impl.h"
 
 /* col[(c * kh + i) * kw + j][oh * wo + ow] <- x[c][oh + i - ph][ow + j - pw] (0 outside). */
-static void im2col(float *col, const float *x, int64_t cg, int64_t h, int64_t w, int64_t kh,
-                   int64_t kw, int64_t ph, int64_t pw, int64_t ho, int64_t wo)
+static void im2col(float *col, const float *x, int64_t c0, int64_t c1, int64_t h, int64_t w,
+                   int64_t kh, int64_t kw, int64_t ph, int64_t pw, int64_t ho, int64_t wo)
 {
-    for (int64_t c = 0; c < cg; c++)
+    for (int64_t c = c0; c < c1; c++)
         for (int64_t i = 0; i < kh; i++)
             for (int64_t j = 0; j < kw; j++) {
                 float *row = col + ((c * kh + i) * kw + j) * ho * wo;
@@ -39,10 +40,10 @@ static void im2col(float *col, const float *x, int64_t cg, int64_t h, int64_t w,
 }
 
 /* dx[c][oh + i - ph][ow + j - pw] += col[(c * kh + i) * kw + j][oh * wo + ow], in (i, j) order. */
-static void col2im(float *dx, const float *col, int64_t cg, int64_t h, int64_t w, int64_t kh,
-                   int64_t kw, int64_t ph, int64_t pw, int64_t ho, int64_t wo)
+static void col2im(float *dx, const float *col, int64_t c0, int64_t c1, int64_t h, int64_t w,
+                   int64_t kh, int64_t kw, int64_t ph, int64_t pw, int64_t ho, int64_t wo)
 {
-    for (int64_t c = 0; c < cg; c++)
+    for (int64_t c = c0; c < c1; c++)
         for (int64_t i = 0; i < kh; i++)
             for (int64_t j = 0; j < kw; j++) {
                 const float *row = col + ((c * kh + i) * kw + j) * ho * wo;
@@ -57,6 +58,55 @@ static void col2im(float *dx, const float *col, int64_t cg, int64_t h, int64_t w
                     }
                 }
             }
+}
+
+/* One image and group of the backward, spread over the compute pool: the channels of im2col and
+ * col2im (disjoint rows and planes) and fixed column blocks of each sgemm (every element of C is
+ * one single-threaded sgemm over the whole K), so results do not depend on the thread count. */
+enum { GEMM_COLS = 128 };
+
+struct cbw_job {
+    float *col, *dx, *dw;
+    const float *x, *dy, *w;
+    int64_t cig, cog, kdim, h, wd, kh, kw, ph, pw, ho, wo;
+};
+
+static void im2col_run(void *ctx, int64_t b, int64_t e)
+{
+    const struct cbw_job *j = ctx;
+    im2col(j->col, j->x, b, e, j->h, j->wd, j->kh, j->kw, j->ph, j->pw, j->ho, j->wo);
+}
+
+static void col2im_run(void *ctx, int64_t b, int64_t e)
+{
+    const struct cbw_job *j = ctx;
+    col2im(j->dx, j->col, b, e, j->h, j->wd, j->kh, j->kw, j->ph, j->pw, j->ho, j->wo);
+}
+
+/* dW_g[:, cols] += dy_g @ col[cols, :]^T */
+static void dw_run(void *ctx, int64_t b, int64_t e)
+{
+    const struct cbw_job *j = ctx;
+    const int64_t howo = j->ho * j->wo;
+    for (int64_t t = b; t < e; t++) {
+        const int64_t c0 = t * GEMM_COLS, c1 = c0 + GEMM_COLS < j->kdim ? c0 + GEMM_COLS : j->kdim;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)j->cog, (int)(c1 - c0), (int)howo,
+                    1.0f, j->dy, (int)howo, j->col + c0 * howo, (int)howo, 1.0f, j->dw + c0,
+                    (int)j->kdim);
+    }
+}
+
+/* col[:, cols] = W_g^T @ dy_g[:, cols] */
+static void dcol_run(void *ctx, int64_t b, int64_t e)
+{
+    const struct cbw_job *j = ctx;
+    const int64_t howo = j->ho * j->wo;
+    for (int64_t t = b; t < e; t++) {
+        const int64_t c0 = t * GEMM_COLS, c1 = c0 + GEMM_COLS < howo ? c0 + GEMM_COLS : howo;
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)j->kdim, (int)(c1 - c0),
+                    (int)j->cog, 1.0f, j->w, (int)j->kdim, j->dy + c0, (int)howo, 0.0f, j->col + c0,
+                    (int)howo);
+    }
 }
 
 int ksm_cpu_exec_conv2d_backward(const struct ksm_op *op)
@@ -83,20 +133,33 @@ int ksm_cpu_exec_conv2d_backward(const struct ksm_op *op)
     if (dw) memset(dw, 0, sizeof(float) * (size_t)(co * kdim));
     if (dx) memset(dx, 0, sizeof(float) * (size_t)(nb * ci * h * wd));
     if (kdim == 0 || cog == 0) return 0;
+    const int64_t per_ch = kh * kw * howo;
     for (int64_t n = 0; n < nb; n++)
         for (int64_t gi = 0; gi < g; gi++) {
-            const float *dyg = dy + (n * co + gi * cog) * howo;
+            struct cbw_job j = {.col = col,
+                                .dx = dx ? dx + (n * ci + gi * cig) * h * wd : NULL,
+                                .dw = dw ? dw + gi * cog * kdim : NULL,
+                                .x = x + (n * ci + gi * cig) * h * wd,
+                                .dy = dy + (n * co + gi * cog) * howo,
+                                .w = w + gi * cog * kdim,
+                                .cig = cig,
+                                .cog = cog,
+                                .kdim = kdim,
+                                .h = h,
+                                .wd = wd,
+                                .kh = kh,
+                                .kw = kw,
+                                .ph = ph,
+                                .pw = pw,
+                                .ho = ho,
+                                .wo = wo};
             if (dw) {
-                im2col(col, x + (n * ci + gi * cig) * h * wd, cig, h, wd, kh, kw, ph, pw, ho, wo);
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)cog, (int)kdim, (int)howo,
-                            1.0f, dyg, (int)howo, col, (int)howo, 1.0f, dw + gi * cog * kdim,
-                            (int)kdim);
+                ksm_cpu_parallel_for(cig, ksm_cpu_grain(per_ch), im2col_run, &j);
+                ksm_cpu_parallel_for((kdim + GEMM_COLS - 1) / GEMM_COLS, 1, dw_run, &j);
             }
             if (dx) {
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)kdim, (int)howo, (int)cog,
-                            1.0f, w + gi * cog * kdim, (int)kdim, dyg, (int)howo, 0.0f, col,
-                            (int)howo);
-                col2im(dx + (n * ci + gi * cig) * h * wd, col, cig, h, wd, kh, kw, ph, pw, ho, wo);
+                ksm_cpu_parallel_for((howo + GEMM_COLS - 1) / GEMM_COLS, 1, dcol_run, &j);
+                ksm_cpu_parallel_for(cig, ksm_cpu_grain(per_ch), col2im_run, &j);
             }
         }
     return 0;
