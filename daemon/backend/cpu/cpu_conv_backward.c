@@ -15,6 +15,19 @@
 #include "backend/cpu/cpu_blas.h" /* cblas_sgemm: the OpenBLAS the backend loaded */
 #include "backend/cpu/cpu_ops_impl.h"
 
+/* The output columns ow in [ow_lo, ow_hi) read input column iw = ow + j - pw inside [0, w). */
+static inline int64_t ow_lo(int64_t j, int64_t pw, int64_t wo)
+{
+    const int64_t lo = pw - j;
+    return lo < 0 ? 0 : lo > wo ? wo : lo;
+}
+
+static inline int64_t ow_hi(int64_t j, int64_t pw, int64_t w, int64_t wo)
+{
+    const int64_t hi = w - j + pw;
+    return hi < 0 ? 0 : hi > wo ? wo : hi;
+}
+
 /* col[(c * kh + i) * kw + j][oh * wo + ow] <- x[c][oh + i - ph][ow + j - pw] (0 outside). */
 static void im2col(float *col, const float *x, int64_t c0, int64_t c1, int64_t h, int64_t w,
                    int64_t kh, int64_t kw, int64_t ph, int64_t pw, int64_t ho, int64_t wo)
@@ -31,10 +44,11 @@ static void im2col(float *col, const float *x, int64_t c0, int64_t c1, int64_t h
                         continue;
                     }
                     const float *xr = x + (c * h + ih) * w;
-                    for (int64_t ow = 0; ow < wo; ow++) {
-                        const int64_t iw = ow + j - pw;
-                        r[ow] = iw >= 0 && iw < w ? xr[iw] : 0.0f;
-                    }
+                    const int64_t lo = ow_lo(j, pw, wo), hi = ow_hi(j, pw, w, wo);
+                    for (int64_t ow = 0; ow < lo; ow++) r[ow] = 0.0f;
+                    if (hi > lo)
+                        memcpy(r + lo, xr + lo + j - pw, sizeof(float) * (size_t)(hi - lo));
+                    for (int64_t ow = hi > lo ? hi : lo; ow < wo; ow++) r[ow] = 0.0f;
                 }
             }
 }
@@ -52,10 +66,9 @@ static void col2im(float *dx, const float *col, int64_t c0, int64_t c1, int64_t 
                     if (ih < 0 || ih >= h) continue;
                     float *xr = dx + (c * h + ih) * w;
                     const float *r = row + oh * wo;
-                    for (int64_t ow = 0; ow < wo; ow++) {
-                        const int64_t iw = ow + j - pw;
-                        if (iw >= 0 && iw < w) xr[iw] += r[ow];
-                    }
+                    const int64_t lo = ow_lo(j, pw, wo), hi = ow_hi(j, pw, w, wo);
+                    const int64_t d = j - pw; /* iw = ow + d */
+                    for (int64_t ow = lo; ow < hi; ow++) xr[ow + d] += r[ow];
                 }
             }
 }
