@@ -363,7 +363,7 @@ static int get_int(struct pctx *c, json_t *o, const char *key, int64_t lo, int64
 
 static int get_u32(struct pctx *c, json_t *o, const char *key, uint32_t *out)
 {
-    int64_t x;
+    int64_t x = 0;
     int rc = get_int(c, o, key, 0, UINT32_MAX, false, NULL, &x);
     if (!rc) *out = (uint32_t)x;
     return rc;
@@ -452,7 +452,7 @@ static bool stage_value_ok(int64_t v) { return v >= 0 && v <= 10 && ksm_stage_va
 
 static int get_stage(struct pctx *c, json_t *o, const char *key, bool allow_null, int *out)
 {
-    int64_t v;
+    int64_t v = 0;
     bool is_null;
     int rc = get_int(c, o, key, INT32_MIN, INT32_MAX, allow_null, &is_null, &v);
     if (rc) return rc;
@@ -662,7 +662,7 @@ static bool stage_has_seed(enum ksm_stage s)
 
 static int parse_extra_state(struct pctx *c, json_t *root, struct ksm_slot *t, bool *needs_gate)
 {
-    int64_t v;
+    int64_t v = 0;
     bool is_null;
     if (!json_is_object(root)) return perr(c, "", "must be an object");
     KSM_TRY(get_int(c, root, "_extra_state_version", INT64_MIN, INT64_MAX, false, NULL, &v));
