@@ -28,6 +28,7 @@ static const float *at(const ksm_tensor *t, int64_t b, int64_t h, int64_t i)
     return (const float *)t->data + b * t->stride[0] + h * t->stride[1] + i * t->stride[2];
 }
 
+KSM_VEC_CLONES
 static void sdpa_bw_heads(void *ctx, int slot, int64_t begin, int64_t end)
 {
     const struct sdpa_bw_job *j = ctx;
@@ -55,11 +56,11 @@ static void sdpa_bw_heads(void *ctx, int slot, int64_t begin, int64_t end)
                 p[jj] = s * scale;
                 if (p[jj] > m) m = p[jj];
             }
+            /* e^(s - m) in double (cpu_math.h; terms below e^-700 vanish in the sum), a loop
+             * the compiler vectorises, then summed in key order */
+            for (int64_t jj = 0; jj <= last; jj++) p[jj] = ksm_cpu_exp_d_neg(p[jj] - m);
             double sum = 0.0;
-            for (int64_t jj = 0; jj <= last; jj++) {
-                p[jj] = exp(p[jj] - m);
-                sum += p[jj];
-            }
+            for (int64_t jj = 0; jj <= last; jj++) sum += p[jj];
             if (drop) {
                 for (int64_t jj = 0; jj <= last; jj++) fac[jj] = 1.0f;
                 ksm_cpu_dropout_apply(fac, last + 1, drop, (uint64_t)((bh * tq + i) * tk));

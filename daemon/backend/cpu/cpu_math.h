@@ -140,7 +140,7 @@ static inline float ksm_cpu_expf_normal(float x)
     return p * ksm_cm_bitsf((uint32_t)(n + 127) << 23);
 }
 
-/* e^y in double for finite y in [-1000, 1000] (callers clamp), relative error < 1e-13: the
+/* e^y in double for finite y in [-700, 700] (callers clamp), relative error < 1e-12: the
  * internal exp of the functions below, which evaluate in double and round once. */
 static inline double ksm_cpu_exp_d(double y)
 {
@@ -163,6 +163,21 @@ static inline double ksm_cpu_exp_d(double y)
     const uint64_t e =
         ksm_cm_dbits(t) - ksm_cm_dbits(shift) + 1023u; /* n + bias, n in [-1443, 1443] */
     return p * ksm_cm_bitsd(e << 52);
+}
+
+/* e^y in double for y <= 0 (NaN stays NaN): y below -700 is taken as -700, whose e^y (about
+ * 1e-304) vanishes in any sum that also holds e^0. The clamp compares the ordered integer keys of
+ * the bits, as ksm_cm_clampf, so loops calling this vectorise (a floating-point select would not
+ * be if-converted under the default -ftrapping-math). */
+static inline double ksm_cpu_exp_d_neg(double y)
+{
+    int64_t k = (int64_t)ksm_cm_dbits(y);
+    k ^= (int64_t)((uint64_t)(k >> 63) >> 1);
+    int64_t kl = (int64_t)ksm_cm_dbits(-700.0);
+    kl ^= (int64_t)((uint64_t)(kl >> 63) >> 1);
+    k = k < kl ? kl : k;
+    k ^= (int64_t)((uint64_t)(k >> 63) >> 1);
+    return ksm_cpu_exp_d(ksm_cm_bitsd((uint64_t)k));
 }
 
 /* erf(x) in float, within 1.32 ulp (every float checked against libm's double erf).
