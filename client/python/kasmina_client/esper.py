@@ -59,7 +59,14 @@ def preset_host(preset: str) -> Dict[str, Dict[str, Any]]:
     key = preset.lower()
     if key not in PRESETS:
         raise ValueError(f"preset {preset!r} is not one of {', '.join(sorted(PRESETS))}")
-    return {k: dict(v) for k, v in PRESETS[key].items()}
+    out = {k: dict(v) for k, v in PRESETS[key].items()}
+    if "cnn" in out:  # esper's CNNHost defaults, sent explicitly (0 would mean "default")
+        c = out["cnn"]
+        c.setdefault("n_blocks", 3)
+        c.setdefault("kernel_size", 3)
+        c.setdefault("in_channels", 3)
+        c.setdefault("pool_layers", c["n_blocks"])
+    return out
 
 
 def create_from_preset(client, model_id: str, preset: str, slots: Iterable[str],
@@ -112,7 +119,7 @@ def _to_numpy(name: str, t: Any) -> np.ndarray:
         if str(t.dtype) == "torch.bfloat16":
             raise TypeError(f"{name}: bfloat16 tensors are not supported here; .float() them")
         t = t.numpy()
-    a = np.ascontiguousarray(np.asarray(t))
+    a = np.array(t, copy=False, order="C")  # keeps 0-d tensors 0-d (num_batches_tracked)
     if a.dtype.newbyteorder("<") not in _ST_DTYPE and a.dtype not in _ST_DTYPE:
         raise TypeError(f"{name}: dtype {a.dtype} has no safetensors name here")
     return a
