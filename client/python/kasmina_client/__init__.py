@@ -1,9 +1,9 @@
 """kasmina_client: a thin Python client for kasminad (kasmina.v1 over gRPC).
 
 Tensors go in and come out as numpy arrays; everything else is the protobuf messages of
-kasmina.v1 (``kasmina.v1.kasmina_pb2``), whose fields are the proto's. The stubs are generated at
-build time (``cmake --build build`` writes them to ``build/client/python``, next to a copy of this
-package), so put that directory on ``PYTHONPATH`` and use Debian's ``/usr/bin/python3``::
+kasmina.v1 (``kasmina_client.pb``, generated into ``kasmina_client._proto``), whose fields are
+the proto's. Install it with ``pip install ./client/python`` (client/python/README.md), or put
+``build/client/python`` (the CMake build fills it) on ``PYTHONPATH``::
 
     from kasmina_client import Client
     with Client("unix:/run/kasmina/kasminad.sock") as c:
