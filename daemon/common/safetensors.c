@@ -277,6 +277,13 @@ static int parse_image(ksm_st_file *f, const uint8_t *img, size_t len, char *err
         return ksm_errf(errbuf, errlen, KSM_EFORMAT,
                         "file is %zu bytes, too short for the 8-byte header length", len);
     uint64_t hlen = load_le64(img);
+    /* A torch.save file (zip archive "PK\3\4" since torch 1.6, or a pickle starting with the
+     * PROTO opcode 0x80 before that) reads as a header length over the limit: say what it is. */
+    if (hlen > ST_HEADER_MAX && (memcmp(img, "PK\x03\x04", 4) == 0 || img[0] == 0x80))
+        return ksm_errf(errbuf, errlen, KSM_EFORMAT,
+                        "this looks like a PyTorch torch.save file (zip/pickle), not safetensors; "
+                        "convert it with "
+                        "kasmina_client.esper.state_dict_to_safetensors(torch.load(path))");
     if (hlen > ST_HEADER_MAX)
         return ksm_errf(errbuf, errlen, KSM_EFORMAT,
                         "header length %llu exceeds the limit of %u bytes",

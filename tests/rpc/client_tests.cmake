@@ -87,7 +87,16 @@ if(KSM_HAVE_PYTHON_STUBS AND Python3_Interpreter_FOUND)
     ENVIRONMENT "PYTHONPATH=${KSM_PY_DIR}")
 endif()
 
-# The README's kasminactl walkthrough, run as written.
+# kasmina_client.esper: presets against esper's tasks.py, state_dict round trips, torch.save
+# files refused by the helper and by LoadWeights.
+if(KSM_HAVE_PYTHON_STUBS)
+  add_test(NAME rpc_python_esper
+    COMMAND /usr/bin/python3 ${PROJECT_SOURCE_DIR}/tests/rpc/test_python_esper.py
+            $<TARGET_FILE:kasminad> ${KSM_PY_DIR})
+  set_tests_properties(rpc_python_esper PROPERTIES LABELS rpc TIMEOUT 120)
+endif()
+
+# The README's walkthroughs (kasminactl, then the Python package in a fresh virtualenv), as written.
 add_test(NAME rpc_readme_walkthrough
   COMMAND bash ${PROJECT_SOURCE_DIR}/tests/rpc/readme_walkthrough.sh ${PROJECT_SOURCE_DIR} ${PROJECT_BINARY_DIR})
 set_tests_properties(rpc_readme_walkthrough PROPERTIES LABELS rpc TIMEOUT 120)

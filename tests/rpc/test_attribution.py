@@ -289,9 +289,13 @@ class AttributionTest(unittest.TestCase):
             c.evaluate("none", x, y, attribution="permutation", shapley_samples=1001)
         self.assertEqual(e.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
         self.assertIn("shapley_samples", e.exception.details)
-        with self.assertRaises(kc.KasminaError) as e:
-            c.evaluate("none", x, y)  # no configs, no standard set, no attribution
-        self.assertEqual(e.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
+        # No configs, no standard set, no attribution: the client sends "main" (the model as it
+        # is, like kasminactl); the daemon refuses an empty request.
+        self.assertEqual([r.name for r in c.evaluate("none", x, y).results], ["main"])
+        with self.assertRaises(grpc.RpcError) as e:
+            c._stub.Evaluate(kc.pb.EvaluateRequest(model_id="none", input=kc.tensor_from_numpy(x),
+                                                   targets=kc.tensor_from_numpy(y)))
+        self.assertEqual(e.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
 
         # Nine live seeds on 1x1 images.
         c.create_model("wide", cnn={"n_blocks": 9, "base_channels": 1, "pool_layers": 0,

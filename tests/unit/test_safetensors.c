@@ -741,3 +741,33 @@ Test(safetensors, crc32c_seal_catches_a_flipped_bit_anywhere)
     cr_expect_eq(ksm_st_crc32c_check(buf, 4, "kasmina.crc32c", NULL, NULL), KSM_EFORMAT);
     free(buf);
 }
+
+// The first 16 bytes torch 1.13's torch.save writes for {'w': torch.ones(2)}: the zip format
+// (the default since torch 1.6) and the legacy pickle (_use_new_zipfile_serialization=False).
+Test(safetensors, names_a_torch_save_file_instead_of_an_impossible_header_length)
+{
+    static const uint8_t zip[64] = {'P', 'K', 3, 4, 0, 0, 8, 8};
+    static const uint8_t pickle[64] = {0x80, 0x02, 0x8a, '\n', 'l', 0xfc, 0x9c, 'F',
+                                       0xf9, ' ',  'j',  0xa8, 'P', 0x19, '.',  0x80};
+    const uint8_t *files[] = {zip, pickle};
+    for (size_t i = 0; i < 2; i++) {
+        char err[512] = "";
+        ksm_st_file *f = NULL;
+        cr_assert_eq(ksm_st_parse(files[i], 64, &f, err, sizeof err), KSM_EFORMAT);
+        cr_expect_null(f);
+        cr_expect_not_null(strstr(err, "PyTorch torch.save file"), "%zu: %s", i, err);
+        cr_expect_not_null(strstr(err, "state_dict_to_safetensors(torch.load(path))"), "%s", err);
+    }
+    // A real safetensors file whose header length is 128 also starts with 0x80: it still loads.
+    uint8_t ok[8 + 128];
+    memset(ok, ' ', sizeof ok);
+    memcpy(ok, "\x80\0\0\0\0\0\0\0", 8);
+    memcpy(ok + 8, "{\"__metadata__\":{\"k\":\"v\"}}", 26);
+    char err[512] = "";
+    ksm_st_file *f = NULL;
+    cr_assert_eq(ksm_st_parse(ok, sizeof ok, &f, err, sizeof err), 0, "%s", err);
+    ksm_st_close(f);
+    // Truncated so that 128 exceeds what follows: the ordinary message, not the torch one.
+    cr_assert_eq(ksm_st_parse(ok, 100, &f, err, sizeof err), KSM_EFORMAT);
+    cr_expect_not_null(strstr(err, "header length 128 exceeds"), "%s", err);
+}

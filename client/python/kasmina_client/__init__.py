@@ -1,9 +1,9 @@
 """kasmina_client: a thin Python client for kasminad (kasmina.v1 over gRPC).
 
 Tensors go in and come out as numpy arrays; everything else is the protobuf messages of
-kasmina.v1 (``kasmina.v1.kasmina_pb2``), whose fields are the proto's. The stubs are generated at
-build time (``cmake --build build`` writes them to ``build/client/python``, next to a copy of this
-package), so put that directory on ``PYTHONPATH`` and use Debian's ``/usr/bin/python3``::
+kasmina.v1 (``kasmina_client.pb``, generated into ``kasmina_client._proto``), whose fields are
+the proto's. Install it with ``pip install ./client/python`` (client/python/README.md), or put
+``build/client/python`` (the CMake build fills it) on ``PYTHONPATH``::
 
     from kasmina_client import Client
     with Client("unix:/run/kasmina/kasminad.sock") as c:
@@ -28,19 +28,22 @@ import zlib
 
 import numpy as np
 
+__version__ = "0.16.0"
+
 try:
     import grpc
-    from kasmina.v1 import kasmina_pb2 as pb
-    from kasmina.v1 import kasmina_pb2_grpc as pb_grpc
-    import health_pb2
+    from kasmina_client._proto.kasmina.v1 import kasmina_pb2 as pb
+    from kasmina_client._proto.kasmina.v1 import kasmina_pb2_grpc as pb_grpc
+    from kasmina_client._proto.grpc.health.v1 import health_pb2
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "kasmina_client needs python3-grpcio, python3-protobuf and the generated stubs: build "
-        "the project and put build/client/python on PYTHONPATH (and use /usr/bin/python3): "
-        + str(e)
+        "kasmina_client needs grpcio, protobuf and its generated stubs "
+        "(kasmina_client._proto): install the wheel (pip install ./client/python) or build the "
+        "project and put build/client/python on PYTHONPATH: " + str(e)
     ) from e
 
 __all__ = [
+    "__version__",
     "Client",
     "KasminaError",
     "KasminaWarning",
@@ -341,6 +344,9 @@ class Client:
             with open(safetensors, "rb") as f:
                 safetensors = f.read()
         blob = bytes(safetensors)
+        from kasmina_client.esper import check_not_torch_save
+
+        check_not_torch_save(blob)  # TorchSaveFileError (a ValueError) names the conversion
         if stream is None:
             stream = len(blob) + 1024 > self.max_message
             if not stream:
@@ -525,7 +531,8 @@ class Client:
                  return_logits=False, stream="", attribution=None, shapley_samples=0,
                  attribution_seed=0, timeout=None):
         """Counterfactual evaluation. configs: {name: {slot_id: alpha}} (or a list of (name,
-        dict) pairs to keep an order). Returns an EvaluateResult whose results are
+        dict) pairs to keep an order); neither configs nor generate_standard = one config
+        "main", the model as it is (as kasminactl evaluate). Returns an EvaluateResult whose results are
         ConfigResult(name, loss, accuracy, correct, total, logits-or-None).
 
         attribution ("auto", "exact", "permutation", or None) adds seed attribution over the
@@ -534,6 +541,8 @@ class Client:
         (exact only) of InteractionTerm(slot_a, slot_b, interaction), in accuracy points.
         shapley_samples (0 = 20) and attribution_seed drive "permutation"
         (docs/evaluate.md#attribution)."""
+        if configs is None and not generate_standard:
+            configs = {"main": {}}  # the model as it is, like kasminactl evaluate
         items = configs.items() if isinstance(configs, dict) else (configs or [])
         req = pb.EvaluateRequest(
             model_id=model_id, input=tensor_from_numpy(x), targets=tensor_from_numpy(targets),
