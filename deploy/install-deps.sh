@@ -17,6 +17,7 @@ PKGS=(
   python3-grpcio python3-protobuf           # rpc tests and the Python client (/usr/bin/python3)
   python3-numpy                             # the Python client's array wrapper
   python3-yaml                              # deploy tests parse the Kubernetes/Prometheus YAML
+  dataset-fashion-mnist                     # the Fashion-MNIST example and its CI run
   openssl                                   # rpc security tests make their certificates
   libmicrohttpd-dev                         # metrics listener (/metrics, status page)
   prometheus                                # integration test: a real Prometheus scrapes kasminad
