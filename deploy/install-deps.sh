@@ -18,6 +18,7 @@ PKGS=(
   python3-numpy                             # the Python client's array wrapper
   python3-yaml                              # deploy tests parse the Kubernetes/Prometheus YAML
   python3-setuptools python3-wheel python3-venv  # building and installing the Python wheel
+  dataset-fashion-mnist                     # the Fashion-MNIST example and its CI run
   openssl                                   # rpc security tests make their certificates
   libmicrohttpd-dev                         # metrics listener (/metrics, status page)
   prometheus                                # integration test: a real Prometheus scrapes kasminad

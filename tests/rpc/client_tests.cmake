@@ -74,6 +74,13 @@ if(KSM_HAVE_PYTHON_STUBS AND Python3_Interpreter_FOUND)
             $<TARGET_FILE:kasminad> $<TARGET_FILE:kasminactl> ${KSM_PY_DIR})
   set_tests_properties(rpc_checkpoint PROPERTIES LABELS rpc TIMEOUT 300
     ENVIRONMENT "PYTHONPATH=${KSM_PY_DIR}")
+  # The Fashion-MNIST example, short: a base-8 host, 260 TrainSteps, the whole lifecycle through
+  # strict gates, a falling loss (needs Debian's dataset-fashion-mnist: missing data fails).
+  add_test(NAME rpc_example_fashion_mnist
+    COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/rpc/test_fashion_mnist.py
+            $<TARGET_FILE:kasminad> ${PROJECT_SOURCE_DIR})
+  set_tests_properties(rpc_example_fashion_mnist PROPERTIES LABELS rpc TIMEOUT 300
+    ENVIRONMENT "PYTHONPATH=${KSM_PY_DIR}")
 endif()
 
 # Big weights (issue 16, part 3): an ~80 MB model through ExportWeightsStream/LoadWeightsStream
