@@ -307,7 +307,10 @@ def run(args, c, log):
     model = args.model_id
     if args.replace and any(m.model_id == model for m in c.list_models()):
         c.delete_model(model)
-    c.create_model(model, cnn={"num_classes": 10, "base_channels": args.base_channels},
+    # esper's CNNHost, every field given (a 0 would mean "default", and the daemon would say so)
+    cnn = {"num_classes": 10, "base_channels": args.base_channels, "n_blocks": 3,
+           "kernel_size": 3, "in_channels": 3}
+    c.create_model(model, cnn=cnn,
                    slots=slots, device=args.device, init_seed=args.init_seed,
                    permissive_gates=args.permissive_gates)
     info = c.get_model(model)
